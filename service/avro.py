@@ -1,0 +1,116 @@
+"""Avro contract between producer and consumer: the schemas in ``schemas/`` and the wire format.
+
+Wire format: Avro single-object encoding (spec, "Single object encoding"):
+``C3 01`` + the writer schema's CRC-64-AVRO fingerprint (8 bytes, little-endian) + the body.
+fastavro has no helper for it; the fingerprint is computed once per schema because it is slow.
+
+Layout: ``schemas/<kind>/v<N>.avsc``. Every released version stays; the producer writes the
+newest, the consumer reads any known version and resolves it into the newest.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fastavro
+from fastavro.schema import (
+    SchemaParseException,
+    UnknownType,
+    fingerprint,
+    to_parsing_canonical_form,
+)
+
+from service.errors import ConfigError, DecodeError, UnknownSchema
+
+MAGIC = b"\xc3\x01"
+HEADER_LEN = 10
+
+
+@dataclass(frozen=True)
+class SchemaVersion:
+    kind: str
+    version: int
+    parsed: Any
+    fingerprint: bytes
+    path: Path
+
+
+def schema_fingerprint(parsed: Any) -> bytes:
+    # fastavro returns the CRC-64-AVRO value as little-endian hex already.
+    return bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
+
+
+class SchemaRegistry:
+    """Every schema version found in ``schemas/``, by kind and by fingerprint."""
+
+    def __init__(self, versions: list[SchemaVersion]) -> None:
+        self._by_fingerprint = {v.fingerprint: v for v in versions}
+        self._latest: dict[str, SchemaVersion] = {}
+        for v in sorted(versions, key=lambda v: v.version):
+            self._latest[v.kind] = v
+
+    @classmethod
+    def load(cls, directory: Path) -> SchemaRegistry:
+        versions = []
+        for path in sorted(directory.glob("*/v*.avsc")):
+            try:
+                version = int(path.stem[1:])
+                parsed = fastavro.parse_schema(json.loads(path.read_text("utf-8")))
+            except (ValueError, SchemaParseException, UnknownType) as exc:
+                raise ConfigError(str(path), f"not a valid versioned Avro schema: {exc}") from exc
+            versions.append(
+                SchemaVersion(path.parent.name, version, parsed, schema_fingerprint(parsed), path)
+            )
+        if not versions:
+            raise ConfigError(str(directory), "no schemas found (expected <kind>/v<N>.avsc)")
+        return cls(versions)
+
+    @property
+    def kinds(self) -> list[str]:
+        return sorted(self._latest)
+
+    def latest(self, kind: str) -> SchemaVersion:
+        try:
+            return self._latest[kind]
+        except KeyError:
+            raise ConfigError("schemas", f"no schema for event kind {kind!r}") from None
+
+    def encode(self, kind: str, record: dict[str, Any]) -> bytes:
+        writer = self.latest(kind)
+        buf = io.BytesIO()
+        buf.write(MAGIC)
+        buf.write(writer.fingerprint)
+        fastavro.schemaless_writer(buf, writer.parsed, record)
+        return buf.getvalue()
+
+    def writer_of(self, data: bytes) -> SchemaVersion:
+        if len(data) < HEADER_LEN or data[:2] != MAGIC:
+            raise DecodeError("not Avro single-object encoding (missing C3 01 marker)")
+        fp = bytes(data[2:HEADER_LEN])
+        try:
+            return self._by_fingerprint[fp]
+        except KeyError:
+            raise UnknownSchema(fp) from None
+
+    def decode(self, data: bytes) -> tuple[str, dict[str, Any]]:
+        """Decode with the writer's schema, resolved into the newest schema of its kind."""
+        writer = self.writer_of(data)
+        reader = self._latest[writer.kind]
+        try:
+            record = fastavro.schemaless_reader(
+                io.BytesIO(data[HEADER_LEN:]),
+                writer.parsed,
+                None if reader is writer else reader.parsed,
+            )
+        except Exception as exc:  # fastavro raises many types for corrupt bodies
+            raise DecodeError(
+                f"body does not match writer schema {writer.kind} v{writer.version}: "
+                f"{type(exc).__name__}"
+            ) from exc
+        if not isinstance(record, dict):
+            raise DecodeError(f"{writer.kind}: body is not a record")
+        return writer.kind, record

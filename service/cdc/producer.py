@@ -1,0 +1,445 @@
+"""The CDC producer: CRM write-ahead log -> Avro events on Kafka, nothing lost.
+
+Why the SQL interface: psycopg 3 has no streaming-replication protocol (psycopg issue #71),
+and ``pg_logical_slot_peek_binary_changes`` + ``pg_replication_slot_advance`` give exactly the
+delivery rule we want: peek a batch of whole transactions, publish every event, wait for the
+broker to acknowledge all of them (acks=all, idempotent producer), and only then advance the
+slot past their commits. A crash anywhere re-peeks the same transactions and re-sends the same
+events with the same ids; nothing committed is skipped.
+
+One producer captures at a time: the active one holds a session-level advisory lock; a
+standby polls for it and takes over when the active one's session ends.
+
+Snapshots follow DBLog's watermarks: write a low watermark, read a chunk, write a high
+watermark; rows that change between the two in the log are dropped from the chunk (the log's
+event is newer); the rest are published as READ events positioned at the high watermark.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import structlog
+from kafka.errors import KafkaError
+
+from service.avro import SchemaRegistry
+from service.cdc import pgoutput
+from service.cdc.capture import (
+    CAPTURED,
+    OWN_SCHEMA,
+    SNAPSHOT_TABLES,
+    WATERMARK_TABLE,
+    ensure_capture_objects,
+)
+from service.cdc.events import (
+    CREATE,
+    DELETE,
+    READ,
+    UPDATE,
+    CommittedTxn,
+    Outgoing,
+    RowChange,
+    build_events,
+    converter_for,
+    row_key,
+)
+from service.errors import PgOutputError, Retryable, StackUnavailable
+from service.kafka_io import make_producer
+from service.settings import Settings
+
+log = structlog.get_logger("producer")
+
+HEARTBEAT_PREFIX = "crm-erp-sync.heartbeat"
+PgConn = psycopg.Connection[Any]
+
+
+def connect(dsn: str, *, autocommit: bool = True) -> PgConn:
+    try:
+        conn = psycopg.connect(dsn, autocommit=autocommit, connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        raise StackUnavailable(f"CRM database unreachable: {type(exc).__name__}") from exc
+    conn.execute("SET TimeZone = 'UTC'")
+    return conn
+
+
+def lock_key(slot_name: str) -> str:
+    return f"crm-erp-sync:{slot_name}"
+
+
+@dataclass
+class _Relation:
+    table: str
+    columns: list[tuple[str, Callable[[str], Any]]]
+
+
+class ChangeDecoder:
+    """Turns peeked pgoutput rows into committed transactions with typed rows."""
+
+    def __init__(self) -> None:
+        self._relations: dict[int, _Relation] = {}
+        self._txn: CommittedTxn | None = None
+        self.watermarks: list[tuple[CommittedTxn, int, str]] = []
+
+    def _row(self, relation_id: int, tuple_data: Any) -> dict[str, Any] | None:
+        if tuple_data is None:
+            return None
+        rel = self._relations.get(relation_id)
+        if rel is None:
+            raise PgOutputError(f"change for unknown relation id {relation_id}")
+        row: dict[str, Any] = {}
+        for (name, convert), value in zip(rel.columns, tuple_data, strict=True):
+            if value is pgoutput.UNCHANGED_TOAST:
+                raise PgOutputError(
+                    f"{rel.table}.{name}: unchanged TOASTed value; the table needs "
+                    "REPLICA IDENTITY FULL"
+                )
+            row[name] = None if value is pgoutput.NULL else convert(value)
+        return row
+
+    def feed(self, data: bytes) -> CommittedTxn | None:
+        """Feed one message; returns the transaction when its Commit arrives."""
+        msg = pgoutput.decode_message(data)
+        if isinstance(msg, pgoutput.Begin):
+            self._txn = CommittedTxn(msg.xid, msg.final_lsn, 0, msg.commit_time)
+            return None
+        if isinstance(msg, pgoutput.Relation):
+            self._relations[msg.relation_id] = _Relation(
+                f"{msg.namespace}.{msg.name}",
+                [(c.name, converter_for(c.type_oid)) for c in msg.columns],
+            )
+            return None
+        txn = self._txn
+        if isinstance(msg, pgoutput.Commit):
+            if txn is None:
+                raise PgOutputError("Commit without Begin")
+            txn.end_lsn = msg.end_lsn
+            txn.commit_lsn = msg.commit_lsn
+            self._txn = None
+            return txn
+        if txn is None:
+            if isinstance(msg, pgoutput.Message):
+                return None  # a non-transactional logical message: not ours to publish
+            raise PgOutputError(f"{type(msg).__name__} outside a transaction")
+        if isinstance(msg, pgoutput.Insert):
+            after = self._row(msg.relation_id, msg.new)
+            table = self._relations[msg.relation_id].table
+            txn.changes.append(RowChange(table, CREATE, None, after))
+        elif isinstance(msg, pgoutput.Update):
+            table = self._relations[msg.relation_id].table
+            txn.changes.append(RowChange(table, UPDATE, self._row(msg.relation_id, msg.old),
+                                         self._row(msg.relation_id, msg.new)))
+        elif isinstance(msg, pgoutput.Delete):
+            table = self._relations[msg.relation_id].table
+            before = self._row(msg.relation_id, msg.old if msg.old is not None else msg.key)
+            txn.changes.append(RowChange(table, DELETE, before, None))
+        elif isinstance(msg, pgoutput.Truncate):
+            # Never silently: a truncate has no per-row events; say so loudly.
+            log.error("crm_truncate_not_propagated", relation_ids=list(msg.relation_ids),
+                      hint="run `crm-erp-sync reconcile` after a CRM truncate")
+        return None
+
+
+@dataclass
+class _Chunk:
+    snapshot_id: int
+    chunk_no: int
+    table: str
+    rows: dict[tuple[str, tuple[Any, ...]], dict[str, Any]]
+    last_key: int | None
+    low_id: int = 0
+    high_id: int = 0
+    window_open: bool = False
+
+
+@dataclass
+class ProducerStats:
+    transactions: int = 0
+    events: int = 0
+    snapshot_rows: int = 0
+    batches: int = 0
+    heartbeats: int = 0
+    last_commit_lsn: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class CdcProducer:
+    def __init__(self, settings: Settings, registry: SchemaRegistry,
+                 kafka_producer: Any | None = None) -> None:
+        self.settings = settings
+        self.registry = registry
+        self._kafka = kafka_producer
+        self._stop = threading.Event()
+        self.stats = ProducerStats()
+        self._decoder = ChangeDecoder()
+        self._chunk: _Chunk | None = None
+        self._pending_progress: list[tuple[_Chunk, int]] = []
+        self._last_advance = time.monotonic()
+        self._topics = {"customer": settings.sales_topic, "order": settings.sales_topic,
+                        "market_demand": settings.market_topic}
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def kafka(self) -> Any:
+        if self._kafka is None:
+            self._kafka = make_producer(self.settings)
+        return self._kafka
+
+    # ---- leadership -------------------------------------------------------------------
+    def acquire_leadership(self, conn: PgConn, wait: bool = True) -> bool:
+        """Block until this process holds the capture lock (or stop() is called)."""
+        waited = False
+        while not self._stop.is_set():
+            row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))",
+                               (lock_key(self.settings.slot_name),)).fetchone()
+            if row and row[0]:
+                log.info("capture_lock_acquired", slot=self.settings.slot_name,
+                         after_standby=waited)
+                return True
+            if not wait:
+                return False
+            if not waited:
+                log.info("standby", reason="another producer holds the capture lock")
+            waited = True
+            self._stop.wait(1.0)
+        return False
+
+    # ---- setup ------------------------------------------------------------------------
+    def ensure_slot(self, conn: PgConn) -> bool:
+        """Create the slot if missing; on first creation request the initial snapshot."""
+        ensure_capture_objects(conn, self.settings)
+        exists = conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s",
+                              (self.settings.slot_name,)).fetchone()
+        if exists:
+            return False
+        # Requests first, then the slot: a crash in between leaves requests that run once the
+        # slot exists, never a slot without its initial snapshot.
+        pending = conn.execute(
+            f"SELECT count(*) FROM {OWN_SCHEMA}.snapshots WHERE reason = 'initial' "
+            "AND state = 'pending'").fetchone()
+        if not pending or not pending[0]:
+            for table in SNAPSHOT_TABLES:
+                conn.execute(f"INSERT INTO {OWN_SCHEMA}.snapshots (table_name, reason) "
+                             "VALUES (%s, 'initial')", (table,))
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')",
+                     (self.settings.slot_name,))
+        log.info("slot_created", slot=self.settings.slot_name, initial_snapshot=True)
+        return True
+
+    # ---- main loop --------------------------------------------------------------------
+    def run(self, *, until_idle: bool = False) -> ProducerStats:
+        """Capture until stop(); with until_idle, return once the slot has nothing pending
+        and no snapshot is left."""
+        lock_conn = connect(self.settings.crm_dsn)
+        conn = connect(self.settings.crm_dsn)
+        try:
+            if not self.acquire_leadership(lock_conn):
+                return self.stats
+            self.ensure_slot(conn)
+            backoff = 0.2
+            while not self._stop.is_set():
+                try:
+                    lock_conn.execute("SELECT 1")  # lose the session, lose the lock: stop
+                    moved = self.step(conn)
+                    backoff = 0.2
+                except Retryable as exc:
+                    log.warning("retrying", error=str(exc), backoff_s=backoff)
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, 10.0)
+                    conn = self._reconnect(conn)
+                    continue
+                except psycopg.OperationalError as exc:
+                    log.warning("crm_connection_lost", error=type(exc).__name__)
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, 10.0)
+                    if lock_conn.closed or lock_conn.broken:
+                        raise StackUnavailable("lost the capture lock's session") from exc
+                    conn = self._reconnect(conn)
+                    continue
+                if not moved:
+                    if until_idle and self._chunk is None and not self._has_pending_snapshot(conn):
+                        break
+                    self._maybe_heartbeat(conn)
+                    self._stop.wait(self.settings.producer_poll_ms / 1000)
+        finally:
+            if self._kafka is not None:
+                self._kafka.flush()
+            conn.close()
+            lock_conn.close()
+        return self.stats
+
+    def _reconnect(self, conn: PgConn) -> PgConn:
+        try:
+            conn.close()
+        finally:
+            self._decoder = ChangeDecoder()
+            self._chunk = None  # the chunk's watermarks are re-read; the chunk is redone
+            self._pending_progress.clear()
+        try:
+            return connect(self.settings.crm_dsn)
+        except StackUnavailable:
+            return conn  # next step fails again and backs off
+
+    def step(self, conn: PgConn) -> bool:
+        """One batch: maybe open a snapshot chunk, peek, publish, wait for acks, advance."""
+        if self._chunk is None:
+            self._open_chunk(conn)
+        rows = conn.execute(
+            "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, %s, "
+            "'proto_version', '1', 'publication_names', %s, 'messages', 'true')",
+            (self.settings.slot_name, self.settings.producer_max_changes,
+             self.settings.publication_name),
+        ).fetchall()
+        if not rows:
+            return False
+        self._decoder = ChangeDecoder()  # relations are re-sent at the start of every peek
+        outgoing: list[Outgoing] = []
+        last_end = 0
+        txns = 0
+        for (data,) in rows:
+            txn = self._decoder.feed(bytes(data))
+            if txn is None:
+                continue
+            txns += 1
+            last_end = txn.end_lsn
+            outgoing.extend(self._events_for(txn))
+        if last_end == 0:
+            return False  # only a partial transaction: wait for its commit
+        self._publish(outgoing)
+        self._commit_progress(conn)
+        conn.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)",
+                     (self.settings.slot_name, pgoutput.lsn_to_str(last_end)))
+        self._last_advance = time.monotonic()
+        self.stats.transactions += txns
+        self.stats.batches += 1
+        self.stats.last_commit_lsn = last_end
+        return True
+
+    def _events_for(self, txn: CommittedTxn) -> list[Outgoing]:
+        changes: list[RowChange] = []
+        high_closed = False
+        chunk = self._chunk
+        for change in txn.changes:
+            if change.table == WATERMARK_TABLE:
+                if chunk is not None and change.after is not None:
+                    wid = change.after["watermark_id"]
+                    if wid == chunk.low_id:
+                        chunk.window_open = True
+                    elif wid == chunk.high_id:
+                        high_closed = True
+                continue
+            if change.table not in CAPTURED:
+                continue
+            changes.append(change)
+            if chunk is not None and chunk.window_open:
+                row = change.after if change.after is not None else change.before
+                assert row is not None
+                chunk.rows.pop((change.table, row_key(change.table, row)), None)
+        events = build_events(changes, lsn=txn.commit_lsn, xid=txn.xid,
+                              commit_time=txn.commit_time)
+        if high_closed and chunk is not None:
+            reads = [RowChange(table, READ, None, row)
+                     for (table, _key), row in chunk.rows.items()]
+            events.extend(build_events(reads, lsn=txn.commit_lsn, xid=0,
+                                       commit_time=txn.commit_time, snapshot=True,
+                                       first_seq=len(txn.changes)))
+            self._pending_progress.append((chunk, len(reads)))
+            self.stats.snapshot_rows += len(reads)
+            self._chunk = None
+        return events
+
+    def _publish(self, outgoing: list[Outgoing]) -> None:
+        if not outgoing:
+            return
+        producer = self.kafka
+        futures = []
+        try:
+            for event in outgoing:
+                value = self.registry.encode(event.kind, event.record)
+                futures.append(producer.send(
+                    self._topics[event.kind], key=event.key, value=value,
+                    headers=[("event_id", event.event_id.encode()),
+                             ("event_kind", event.kind.encode())]))
+            producer.flush(timeout=self.settings.heartbeat_interval_s * 6)
+        except KafkaError as exc:
+            raise Retryable(f"publishing failed: {type(exc).__name__}") from exc
+        failed = [f for f in futures if not f.is_done or f.failed()]
+        if failed:
+            first = failed[0].exception if failed[0].is_done else "not acknowledged in time"
+            raise Retryable(f"{len(failed)} of {len(futures)} events not acknowledged: {first}")
+        self.stats.events += len(futures)
+
+    # ---- snapshots --------------------------------------------------------------------
+    def _has_pending_snapshot(self, conn: PgConn) -> bool:
+        row = conn.execute(
+            f"SELECT 1 FROM {OWN_SCHEMA}.snapshots WHERE state = 'pending' LIMIT 1").fetchone()
+        return row is not None
+
+    def _open_chunk(self, conn: PgConn) -> None:
+        request = conn.execute(
+            f"SELECT snapshot_id, table_name, keys, chunk_size, last_key, chunks_done "
+            f"FROM {OWN_SCHEMA}.snapshots WHERE state = 'pending' "
+            "ORDER BY snapshot_id LIMIT 1").fetchone()
+        if request is None:
+            return
+        snapshot_id, table, keys, chunk_size, last_key, chunks_done = request
+        pk = CAPTURED[table].key[0]
+        low = conn.execute(
+            f"INSERT INTO {WATERMARK_TABLE} (snapshot_id, chunk_no, kind) "
+            "VALUES (%s, %s, 'low') RETURNING watermark_id", (snapshot_id, chunks_done)
+        ).fetchone()
+        where = f"{pk} > %s" if last_key is not None else "TRUE"
+        params: list[Any] = [last_key] if last_key is not None else []
+        if keys is not None:
+            where += f" AND {pk} = ANY(%s)"
+            params.append(list(keys))
+        cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+        head = cur.execute(f"SELECT * FROM {table} WHERE {where} ORDER BY {pk} LIMIT %s",
+                           [*params, chunk_size]).fetchall()
+        rows: dict[tuple[str, tuple[Any, ...]], dict[str, Any]] = {
+            (table, row_key(table, r)): r for r in head}
+        if table == "crm.sales_orders" and head:
+            order_ids = [r["order_id"] for r in head]
+            for line in cur.execute("SELECT * FROM crm.order_lines WHERE order_id = ANY(%s) "
+                                    "ORDER BY order_id, line_no", (order_ids,)).fetchall():
+                rows[("crm.order_lines", row_key("crm.order_lines", line))] = line
+        if not head:
+            conn.execute(f"UPDATE {OWN_SCHEMA}.snapshots SET state = 'done', "
+                         "finished_at = now() WHERE snapshot_id = %s", (snapshot_id,))
+            log.info("snapshot_done", snapshot_id=snapshot_id, table=table)
+            return
+        high = conn.execute(
+            f"INSERT INTO {WATERMARK_TABLE} (snapshot_id, chunk_no, kind) "
+            "VALUES (%s, %s, 'high') RETURNING watermark_id", (snapshot_id, chunks_done)
+        ).fetchone()
+        assert low is not None and high is not None
+        self._chunk = _Chunk(snapshot_id, chunks_done, table, rows,
+                             last_key=head[-1][pk], low_id=low[0], high_id=high[0])
+
+    def _commit_progress(self, conn: PgConn) -> None:
+        for chunk, emitted in self._pending_progress:
+            conn.execute(
+                f"UPDATE {OWN_SCHEMA}.snapshots SET last_key = %s, chunks_done = chunks_done + 1,"
+                " rows_emitted = rows_emitted + %s WHERE snapshot_id = %s",
+                (chunk.last_key, emitted, chunk.snapshot_id))
+            log.info("snapshot_chunk_published", snapshot_id=chunk.snapshot_id,
+                     table=chunk.table, chunk_no=chunk.chunk_no, rows=emitted)
+        if self._pending_progress:
+            conn.execute(f"DELETE FROM {WATERMARK_TABLE} "
+                         "WHERE written_at < now() - interval '1 hour'")
+        self._pending_progress.clear()
+
+    def _maybe_heartbeat(self, conn: PgConn) -> None:
+        """A quiet slot on a busy database retains WAL; a logical message moves it on."""
+        if time.monotonic() - self._last_advance < self.settings.heartbeat_interval_s:
+            return
+        conn.execute("SELECT pg_logical_emit_message(true, %s, now()::text)",
+                     (HEARTBEAT_PREFIX,))
+        self._last_advance = time.monotonic()
+        self.stats.heartbeats += 1

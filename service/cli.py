@@ -1,0 +1,202 @@
+"""`crm-erp-sync`: a thin command-line layer over the service.
+
+Exit codes: 0 success; 1 something needs attention (status, drift); 2 bad arguments or
+configuration; 3 the broker or a database is unreachable; 4 the circuit breaker stopped the
+consumer; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import structlog
+
+from service import __version__, log
+from service.errors import CircuitOpen, ConfigError, StackUnavailable, SyncError
+from service.settings import Settings
+
+EXIT_OK, EXIT_ATTENTION, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_CIRCUIT = 0, 1, 2, 3, 4
+
+
+def _on_sigterm(stop: Callable[[], None]) -> None:
+    def handler(signum: int, _frame: Any) -> None:
+        structlog.get_logger("cli").info("stopping", signal=signal.Signals(signum).name)
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def cmd_setup(settings: Settings, args: argparse.Namespace) -> int:
+    from service.setup import run_setup
+
+    report = run_setup(settings, demo_crm=not args.no_demo_schema)
+    print(json.dumps({"topics_created": report.topics_created,
+                      "demo_crm_schema_created": report.demo_crm_schema}, ensure_ascii=False))
+    return EXIT_OK
+
+
+def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
+    from service.avro import SchemaRegistry
+    from service.cdc.producer import CdcProducer
+
+    producer = CdcProducer(settings, SchemaRegistry.load(settings.schemas_dir))
+    _on_sigterm(producer.stop)
+    stats = producer.run(until_idle=args.until_idle)
+    structlog.get_logger("cli").info("producer_stopped", transactions=stats.transactions,
+                                     events=stats.events, snapshot_rows=stats.snapshot_rows)
+    return EXIT_OK
+
+
+def cmd_consume(settings: Settings, args: argparse.Namespace) -> int:
+    from service.consumer.pipeline import ErpConsumer
+
+    consumer = ErpConsumer(settings)
+    _on_sigterm(consumer.stop)
+    stats = consumer.run(until_idle_s=args.until_idle)
+    structlog.get_logger("cli").info("consumer_stopped", batches=stats.batches,
+                                     messages=stats.messages, retries=stats.retries,
+                                     applied=consumer.applier.applied,
+                                     dead_lettered=consumer.applier.dead_lettered,
+                                     held=consumer.applier.held)
+    return EXIT_OK
+
+
+def cmd_snapshot(settings: Settings, args: argparse.Namespace) -> int:
+    import psycopg
+
+    from service.cdc.capture import ensure_capture_objects, request_snapshot
+
+    table = args.table if "." in args.table else f"crm.{args.table}"
+    with psycopg.connect(settings.crm_dsn, autocommit=True) as conn:
+        ensure_capture_objects(conn, settings)
+        try:
+            snapshot_id = request_snapshot(conn, table, args.key or None, args.chunk_size)
+        except ValueError as exc:
+            raise ConfigError("--table", str(exc)) from exc
+    print(json.dumps({"snapshot_id": snapshot_id, "table": table, "keys": args.key or "all"}))
+    return EXIT_OK
+
+
+def cmd_demo_load(settings: Settings, args: argparse.Namespace) -> int:
+    from service.demo.load import load_demo
+
+    report = load_demo(settings.crm_dsn, customers=args.customers, orders=args.orders,
+                       rate=args.rate, seed=args.seed, changes=args.changes)
+    print(json.dumps(_as_jsonable(report), ensure_ascii=False))
+    return EXIT_OK
+
+
+def cmd_demo_run(settings: Settings, args: argparse.Namespace) -> int:
+    from service.demo.run import run_demo
+
+    return run_demo(settings, customers=args.customers, orders=args.orders)
+
+
+def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
+    shown = settings.redacted()
+    if args.json:
+        print(json.dumps(shown, indent=2))
+    else:
+        width = max(map(len, shown))
+        for name, value in shown.items():
+            print(f"{name:<{width}}  {value}")
+    return EXIT_OK
+
+
+def _as_jsonable(value: Any) -> Any:
+    import dataclasses
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: _as_jsonable(v) for k, v in dataclasses.asdict(value).items()}
+    if isinstance(value, dict):
+        return {str(k): _as_jsonable(v) for k, v in value.items()}
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crm-erp-sync",
+        description="Real-time CRM -> ERP synchronisation over Apache Kafka. Every setting is an "
+                    "environment variable (see `crm-erp-sync config`); the defaults point at the "
+                    "local stack started by `make up`.",
+        epilog="Exit codes: 0 ok, 1 needs attention, 2 bad arguments or configuration, "
+               "3 broker or database unreachable, 4 circuit breaker open.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("setup", help="create topics, the CRM capture objects and the ERP schema")
+    p.add_argument("--no-demo-schema", action="store_true",
+                   help="do not create the demo CRM tables when the CRM has none")
+    p.set_defaults(func=cmd_setup)
+
+    p = sub.add_parser("produce", help="capture CRM changes from the WAL and publish them")
+    p.add_argument("--until-idle", action="store_true",
+                   help="exit once the slot is drained and no snapshot is pending")
+    p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser("consume", help="apply CRM events to the ERP (a consumer-group member)")
+    p.add_argument("--until-idle", type=float, metavar="SECONDS",
+                   help="exit after this many seconds without messages")
+    p.set_defaults(func=cmd_consume)
+
+    p = sub.add_parser("snapshot", help="re-snapshot a CRM table (or some keys) while streaming")
+    p.add_argument("--table", required=True, help="customers, sales_orders or market_demand")
+    p.add_argument("--key", type=int, action="append", help="only this primary key (repeatable)")
+    p.add_argument("--chunk-size", type=int, default=1000)
+    p.set_defaults(func=cmd_snapshot)
+
+    demo = sub.add_parser("demo", help="the demo CRM: load data, or run the whole pipeline")
+    demo_sub = demo.add_subparsers(dest="demo_command", required=True, metavar="DEMO_COMMAND")
+    p = demo_sub.add_parser("load", help="write realistic CRM data, then a mix of changes")
+    p.add_argument("--customers", type=int, default=1000)
+    p.add_argument("--orders", type=int, default=2000)
+    p.add_argument("--rate", type=float, help="changes per second (default: as fast as possible)")
+    p.add_argument("--changes", type=int, help="follow-up changes (default: about a third)")
+    p.add_argument("--seed", type=int, default=2023)
+    p.set_defaults(func=cmd_demo_load)
+    p = demo_sub.add_parser("run", help="load, produce, consume with two replicas, report")
+    p.add_argument("--customers", type=int, default=500)
+    p.add_argument("--orders", type=int, default=1000)
+    p.set_defaults(func=cmd_demo_run)
+
+    p = sub.add_parser("config", help="print the effective configuration, secrets hidden")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"crm-erp-sync: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    log.configure(settings.log_level, settings.log_format)
+    try:
+        code: int = args.func(settings, args)
+        return code
+    except ConfigError as exc:
+        print(f"crm-erp-sync: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StackUnavailable as exc:
+        print(f"crm-erp-sync: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except CircuitOpen as exc:
+        print(f"crm-erp-sync: circuit breaker open, consumer stopped: {exc}", file=sys.stderr)
+        return EXIT_CIRCUIT
+    except SyncError as exc:
+        print(f"crm-erp-sync: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_ATTENTION
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

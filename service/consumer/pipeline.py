@@ -1,0 +1,486 @@
+"""The ERP applier: poll -> decode -> transform -> apply -> commit.
+
+Stages share one small interface (``Stage.submit(batch)`` then ``next_step``), as in arroyo.
+A message that fails permanently is marked on its envelope and carried to the end, where the
+dead letters are flushed to the broker before the ERP transaction commits, and the offsets
+are committed only after that. A transient failure (``Retryable``) rolls the ERP transaction
+back, pauses the partitions, waits with backoff and re-processes the same messages.
+
+Per-key order and gaps ("hold the key"): when a message of a key (a customer) is
+dead-lettered, the events of that key that follow are not applied over the gap: they are held
+in ``sync.held_events`` (in the same ERP transaction, so nothing is lost) until the dead letter
+is redriven or discarded. An order whose customer is not in the ERP yet is held the same way
+and applied when the customer arrives, or dead-lettered after ``orphan_hold_s``.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import psycopg
+import structlog
+from kafka import OffsetAndMetadata, TopicPartition
+from kafka.errors import CommitFailedError, KafkaError
+
+from service.avro import SchemaRegistry
+from service.consumer import dlq
+from service.consumer.policy import BatchPolicy, CircuitBreaker, DlqLimit, RetryPolicy
+from service.erp.apply import apply_changes, existing_customers, load_status_effects
+from service.erp.changes import ErpChange, to_erp
+from service.erp.mappings import Mappings
+from service.errors import ApplyError, DecodeError, Permanent, Retryable, StackUnavailable
+from service.kafka_io import make_consumer, make_producer
+from service.settings import Settings
+
+log = structlog.get_logger("consumer")
+PgConn = psycopg.Connection[Any]
+
+# Transient by class: the connection, deadlocks and serialization failures are all
+# OperationalError subclasses in psycopg 3.
+TRANSIENT_PG = (psycopg.OperationalError, psycopg.errors.DeadlockDetected,
+                psycopg.errors.SerializationFailure, psycopg.errors.LockNotAvailable)
+# A constraint or a value the ERP refuses: retrying the same row cannot help.
+PERMANENT_PG = (psycopg.errors.IntegrityError, psycopg.errors.DataError)
+
+
+@dataclass(slots=True)
+class Message:
+    """What we need of a consumed record (kafka-python's ConsumerRecord, or a held one)."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    key: bytes | None
+    value: bytes | None
+    held_id: int | None = None
+
+
+@dataclass(slots=True)
+class Envelope:
+    msg: Message
+    kind: str = ""
+    record: dict[str, Any] | None = None
+    change: ErpChange | None = None
+    error: Permanent | None = None
+    held: str | None = None  # reason when held back instead of applied
+
+
+@dataclass
+class Batch:
+    envelopes: list[Envelope]
+    dead_letters: list[dlq.DeadLetter] = field(default_factory=list)
+
+
+class Stage(Protocol):
+    def submit(self, batch: Batch) -> None: ...
+
+
+class Decode:
+    def __init__(self, registry: SchemaRegistry, next_step: Stage) -> None:
+        self.registry = registry
+        self.next_step = next_step
+
+    def submit(self, batch: Batch) -> None:
+        for env in batch.envelopes:
+            if env.msg.value is None:
+                env.error = DecodeError("message has no value (a tombstone?)")
+                continue
+            try:
+                env.kind, env.record = self.registry.decode(env.msg.value)
+            except Permanent as exc:
+                env.error = exc
+        self.next_step.submit(batch)
+
+
+class Transform:
+    def __init__(self, mappings: Mappings, next_step: Stage) -> None:
+        self.mappings = mappings
+        self.next_step = next_step
+
+    def submit(self, batch: Batch) -> None:
+        for env in batch.envelopes:
+            if env.error is not None or env.record is None:
+                continue
+            try:
+                env.change = to_erp(env.kind, env.record, self.mappings)
+            except Permanent as exc:
+                env.error = exc
+        self.next_step.submit(batch)
+
+
+class Apply:
+    """One ERP transaction per batch; dead letters flushed before it commits."""
+
+    def __init__(self, applier: ErpApplier, next_step: Stage) -> None:
+        self.applier = applier
+        self.next_step = next_step
+
+    def submit(self, batch: Batch) -> None:
+        self.applier.apply_batch(batch)
+        self.next_step.submit(batch)
+
+
+class CommitOffsets:
+    def __init__(self, consumer: Any) -> None:
+        self.consumer = consumer
+
+    def submit(self, batch: Batch) -> None:
+        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        for env in batch.envelopes:
+            if env.msg.held_id is not None:
+                continue
+            tp = TopicPartition(env.msg.topic, env.msg.partition)
+            if tp not in offsets or offsets[tp].offset <= env.msg.offset:
+                offsets[tp] = OffsetAndMetadata(env.msg.offset + 1, "", -1)
+        if not offsets or self.consumer is None:
+            return
+        try:
+            self.consumer.commit(offsets)
+        except CommitFailedError as exc:
+            # Rebalanced away: the new owner re-applies; positions make that harmless.
+            log.warning("commit_failed_after_rebalance", error=str(exc))
+
+
+class ErpApplier:
+    """Applies envelopes to the ERP in one transaction, holding and dead-lettering."""
+
+    def __init__(self, settings: Settings, registry: SchemaRegistry, mappings: Mappings,
+                 dlq_producer: Any | None = None) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.mappings = mappings
+        self._dlq_producer = dlq_producer
+        self.conn: PgConn | None = None
+        self.applied = 0
+        self.dead_lettered = 0
+        self.held = 0
+
+    @property
+    def dlq_producer(self) -> Any:
+        if self._dlq_producer is None:
+            self._dlq_producer = make_producer(self.settings, client_id="crm-erp-sync-dlq")
+        return self._dlq_producer
+
+    def connect(self) -> PgConn:
+        if self.conn is None or self.conn.closed or self.conn.broken:
+            try:
+                self.conn = psycopg.connect(self.settings.erp_dsn, connect_timeout=10)
+            except psycopg.OperationalError as exc:
+                raise Retryable(f"ERP database unreachable: {type(exc).__name__}") from exc
+            with self.conn.transaction():
+                load_status_effects(self.conn, self.mappings)
+        return self.conn
+
+    def apply_batch(self, batch: Batch) -> None:
+        try:
+            conn = self.connect()
+            with conn.transaction():
+                self._apply_in_txn(conn, batch)
+                self._publish_dead_letters(conn, batch)
+        except TRANSIENT_PG as exc:
+            raise Retryable(f"ERP: {type(exc).__name__}: {exc}".strip()) from exc
+        except KafkaError as exc:
+            raise Retryable(f"dead-letter topic: {type(exc).__name__}") from exc
+        self.applied += sum(1 for e in batch.envelopes if e.error is None and not e.held)
+        self.held += sum(1 for e in batch.envelopes if e.held)
+
+    def _apply_in_txn(self, conn: PgConn, batch: Batch) -> None:
+        envs = batch.envelopes
+        blocked = self._blocked_keys(conn, [e.msg for e in envs])
+        # Keys that get a dead letter in this batch block what follows them in it too.
+        runnable: list[Envelope] = []
+        for env in envs:
+            key = (env.msg.topic, env.msg.key)
+            if env.error is not None:
+                blocked.add(key)
+            elif key in blocked:
+                env.held = "key_blocked"
+            else:
+                runnable.append(env)
+        customers_here = {e.change.partner.crm_customer_id for e in runnable
+                          if e.change and e.change.partner}
+        needed = {e.change.needs_customer for e in runnable
+                  if e.change and e.change.needs_customer is not None}
+        present = existing_customers(conn, needed - customers_here) | customers_here
+        waiting_keys: set[tuple[str, bytes | None]] = set()
+        to_apply: list[Envelope] = []
+        for env in runnable:
+            assert env.change is not None
+            key = (env.msg.topic, env.msg.key)
+            need = env.change.needs_customer
+            if (need is not None and need not in present) or key in waiting_keys:
+                env.held = "awaiting_customer"
+                waiting_keys.add(key)
+            else:
+                to_apply.append(env)
+        self._apply_or_isolate(conn, to_apply)
+        self._hold(conn, [e for e in envs if e.held and e.msg.held_id is None])
+        for env in envs:
+            if env.error is not None:
+                batch.dead_letters.append(dlq.DeadLetter(
+                    env.msg.topic, env.msg.partition, env.msg.offset, env.msg.timestamp,
+                    env.msg.key, env.msg.value, env.error))
+        if customers_here:
+            self._release_awaiting(conn, sorted(customers_here), batch)
+
+    def _apply_or_isolate(self, conn: PgConn, envs: list[Envelope]) -> None:
+        changes = [e.change for e in envs if e.change is not None]
+        if not changes:
+            return
+        try:
+            with conn.transaction():  # a savepoint: the bulk attempt
+                apply_changes(conn, changes)
+            return
+        except PERMANENT_PG:
+            pass
+        # Some row is refused: apply one by one to find it; the rest still apply.
+        for env in envs:
+            assert env.change is not None
+            try:
+                with conn.transaction():
+                    apply_changes(conn, [env.change])
+            except PERMANENT_PG as exc:
+                env.error = ApplyError(f"{type(exc).__name__}: {exc.diag.message_primary}")
+
+    def _blocked_keys(self, conn: PgConn, msgs: list[Message]) -> set[tuple[str, bytes | None]]:
+        keys = sorted({m.key for m in msgs if m.key is not None})
+        if not keys:
+            return set()
+        rows = conn.execute(
+            "SELECT DISTINCT topic, msg_key FROM sync.dead_letters "
+            "WHERE state = 'open' AND msg_key = ANY(%s)", (keys,)).fetchall()
+        rows += conn.execute(
+            "SELECT DISTINCT topic, msg_key FROM sync.held_events "
+            "WHERE reason = 'key_blocked' AND msg_key = ANY(%s)", (keys,)).fetchall()
+        return {(r[0], bytes(r[1]) if r[1] is not None else None) for r in rows}
+
+    def _hold(self, conn: PgConn, envs: list[Envelope]) -> None:
+        if not envs:
+            return
+        with conn.cursor() as cur:
+            cur.executemany(
+                'INSERT INTO sync.held_events (topic, partition, "offset", msg_key, msg_value, '
+                "msg_timestamp, reason, waits_for) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+                'ON CONFLICT (topic, partition, "offset") DO NOTHING',
+                [(e.msg.topic, e.msg.partition, e.msg.offset, e.msg.key, e.msg.value,
+                  e.msg.timestamp, e.held,
+                  e.change.needs_customer if e.change and e.held == "awaiting_customer"
+                  else None) for e in envs])
+        log.info("events_held", count=len(envs), reasons=sorted({e.held or "" for e in envs}))
+
+    def _release_awaiting(self, conn: PgConn, customer_ids: list[int], batch: Batch) -> None:
+        rows = conn.execute(
+            'SELECT held_id, topic, partition, "offset", msg_key, msg_value, msg_timestamp '
+            "FROM sync.held_events WHERE reason = 'awaiting_customer' AND waits_for = ANY(%s) "
+            "ORDER BY held_id FOR UPDATE", (customer_ids,)).fetchall()
+        if not rows:
+            return
+        released = Batch([Envelope(Message(r[1], r[2], r[3], r[6],
+                                           bytes(r[4]) if r[4] is not None else None,
+                                           bytes(r[5]) if r[5] is not None else None,
+                                           held_id=r[0])) for r in rows])
+        Decode(self.registry, Transform(self.mappings, _Collect())).submit(released)
+        self._apply_in_txn(conn, released)
+        conn.execute("DELETE FROM sync.held_events WHERE held_id = ANY(%s)",
+                     ([e.msg.held_id for e in released.envelopes if not e.held],))
+        batch.dead_letters.extend(released.dead_letters)
+        log.info("held_events_released", count=len(rows))
+
+    def expire_orphans(self) -> int:
+        """Dead-letter orders whose customer did not arrive within ``orphan_hold_s``."""
+        conn = self.connect()
+        with conn.transaction():
+            rows = conn.execute(
+                'SELECT held_id, topic, partition, "offset", msg_key, msg_value, msg_timestamp,'
+                " waits_for FROM sync.held_events WHERE reason = 'awaiting_customer' "
+                "AND held_at < clock_timestamp() - make_interval(secs => %s) "
+                "ORDER BY held_id FOR UPDATE SKIP LOCKED",
+                (self.settings.orphan_hold_s,)).fetchall()
+            if not rows:
+                return 0
+            batch = Batch([])
+            for r in rows:
+                err = ApplyError(f"customer {r[7]} did not arrive in the ERP within "
+                                 f"{self.settings.orphan_hold_s:g}s")
+                batch.dead_letters.append(dlq.DeadLetter(
+                    r[1], r[2], r[3], r[6], bytes(r[4]) if r[4] is not None else None,
+                    bytes(r[5]) if r[5] is not None else None, err))
+            conn.execute("DELETE FROM sync.held_events WHERE held_id = ANY(%s)",
+                         ([r[0] for r in rows],))
+            self._publish_dead_letters(conn, batch)
+        return len(rows)
+
+    def _publish_dead_letters(self, conn: PgConn, batch: Batch) -> None:
+        letters = batch.dead_letters
+        if not letters:
+            return
+        metas = dlq.publish(self.dlq_producer, self.settings.dlq_topic,
+                            self.settings.consumer_group, letters)
+        with conn.cursor() as cur:
+            cur.executemany(
+                'INSERT INTO sync.dead_letters (topic, partition, "offset", msg_key, stage, '
+                "error_class, error_message, dlq_partition, dlq_offset) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                'ON CONFLICT (topic, partition, "offset") DO NOTHING',
+                [(d.topic, d.partition, d.offset, d.key, d.error.stage,
+                  type(d.error).__name__, d.error.reason, m.partition, m.offset)
+                 for d, m in zip(letters, metas, strict=True)])
+        self.dead_lettered += len(letters)
+        for d in letters:
+            log.warning("dead_lettered", topic=d.topic, partition=d.partition, offset=d.offset,
+                        stage=d.error.stage, error=type(d.error).__name__, reason=d.error.reason)
+
+
+class _Collect:
+    def submit(self, batch: Batch) -> None:
+        return None
+
+
+class Breaker:
+    """Stops the pipeline before a flood of invalid messages reaches the DLQ."""
+
+    def __init__(self, limit: DlqLimit, next_step: Stage) -> None:
+        self.breaker = CircuitBreaker(limit)
+        self.next_step = next_step
+
+    def submit(self, batch: Batch) -> None:
+        self.breaker.record([e.error is not None for e in batch.envelopes])
+        self.next_step.submit(batch)
+
+
+@dataclass
+class ConsumerStats:
+    batches: int = 0
+    messages: int = 0
+    retries: int = 0
+
+
+class ErpConsumer:
+    """A member of the consumer group; run one or many."""
+
+    def __init__(self, settings: Settings, *, batch: BatchPolicy | None = None,
+                 retry: RetryPolicy | None = None, dlq_limit: DlqLimit | None = None) -> None:
+        self.settings = settings
+        self.batch_policy = batch or BatchPolicy(settings.batch_max_events,
+                                                 settings.batch_max_wait_ms)
+        self.retry = retry or RetryPolicy()
+        self.registry = SchemaRegistry.load(settings.schemas_dir)
+        self.mappings = Mappings.load(settings.mappings_file)
+        self.applier = ErpApplier(settings, self.registry, self.mappings)
+        self.dlq_limit = dlq_limit or DlqLimit.DEFAULT
+        self.stats = ConsumerStats()
+        self._stop = threading.Event()
+        self.consumer: Any = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _pipeline(self) -> Stage:
+        return Decode(self.registry, Transform(self.mappings, Breaker(
+            self.dlq_limit, Apply(self.applier, CommitOffsets(self.consumer)))))
+
+    def run(self, *, until_idle_s: float | None = None) -> ConsumerStats:
+        """Consume until stop(); with until_idle_s, return after that long without messages."""
+        try:
+            self.consumer = make_consumer(self.settings, self.settings.sales_topic,
+                                          self.settings.market_topic)
+        except StackUnavailable:
+            raise
+        pipeline = self._pipeline()
+        idle_since = time.monotonic()
+        last_maintenance = 0.0
+        try:
+            while not self._stop.is_set():
+                msgs = self._poll()
+                now = time.monotonic()
+                if now - last_maintenance > 5:
+                    self._retrying(self.applier.expire_orphans)
+                    last_maintenance = now
+                if not msgs:
+                    if until_idle_s is not None and now - idle_since > until_idle_s:
+                        break
+                    continue
+                idle_since = now
+                # A fresh batch per attempt: a failed attempt leaves marks on its envelopes.
+                self._retrying(functools.partial(_submit_fresh, pipeline, msgs), msgs)
+                self.stats.batches += 1
+                self.stats.messages += len(msgs)
+        finally:
+            self.consumer.close(autocommit=False)
+            if self.applier.conn is not None:
+                self.applier.conn.close()
+            if self.applier._dlq_producer is not None:
+                self.applier._dlq_producer.close()
+        return self.stats
+
+    def _poll(self) -> list[Message]:
+        policy = self.batch_policy
+        deadline = time.monotonic() + policy.max_wait_ms / 1000
+        out: list[Message] = []
+        while True:
+            remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            polled = self.consumer.poll(timeout_ms=remaining_ms if out else max(remaining_ms, 200),
+                                        max_records=policy.max_events - len(out))
+            out.extend(_messages(polled.values()))
+            if len(out) >= policy.max_events or time.monotonic() >= deadline or (
+                    not out and policy.max_wait_ms == 0):
+                break
+            if self._stop.is_set():
+                break
+        out.sort(key=lambda m: (m.topic, m.partition, m.offset))
+        return out
+
+    def _retrying(self, action: Any, msgs: list[Message] | None = None) -> None:
+        delays = self.retry.delays()
+        while True:
+            try:
+                action()
+                return
+            except Retryable as exc:
+                if self._stop.is_set():
+                    raise
+                delay = next(delays)
+                self.stats.retries += 1
+                log.warning("transient_failure_retrying", error=str(exc), attempt=delays.attempts,
+                            backoff_s=delay)
+                self._pause_and_wait(delay, msgs or [])
+
+    def _pause_and_wait(self, delay: float, msgs: list[Message]) -> None:
+        """Pause everything we own, keep the group membership alive, then rewind."""
+        assigned = list(self.consumer.assignment())
+        self.consumer.pause(*assigned)
+        stray = self.consumer.poll(timeout_ms=int(delay * 1000))
+        firsts: dict[TopicPartition, int] = {}
+        # The batch itself is retried by the caller; only records polled meanwhile (from
+        # partitions assigned during the wait) must be rewound, or they would be skipped.
+        for m in _messages(stray.values()):
+            tp = TopicPartition(m.topic, m.partition)
+            firsts[tp] = min(firsts.get(tp, m.offset), m.offset)
+        self.consumer.resume(*assigned)
+        owned = set(self.consumer.assignment())
+        for tp, offset in firsts.items():
+            if tp in owned:
+                self.consumer.seek(tp, offset)
+
+
+def _submit_fresh(pipeline: Stage, msgs: list[Message]) -> None:
+    pipeline.submit(Batch([Envelope(m) for m in msgs]))
+
+
+def _messages(groups: Iterable[list[Any]]) -> list[Message]:
+    return [Message(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value)
+            for records in groups for r in records]
+
+
+def by_partition(msgs: list[Message]) -> dict[tuple[str, int], list[Message]]:
+    out: dict[tuple[str, int], list[Message]] = defaultdict(list)
+    for m in msgs:
+        out[(m.topic, m.partition)].append(m)
+    return out

@@ -1,0 +1,138 @@
+-- The ERP's side, created by `crm-erp-sync setup`. The ERP speaks its own vocabulary; every
+-- synced row records the source position (commit LSN, seq) of the change it reflects and is
+-- only ever overwritten by a newer one. Deletes are soft (deleted = true) so that the
+-- position survives: an older event replayed later cannot resurrect a deleted row.
+CREATE SCHEMA IF NOT EXISTS erp;
+
+CREATE TABLE IF NOT EXISTS erp.business_partners (
+    crm_customer_id    bigint PRIMARY KEY,
+    partner_no         text GENERATED ALWAYS AS ('BP' || lpad(crm_customer_id::text, 10, '0')) STORED,
+    full_name          text NOT NULL,
+    gender_code        text NOT NULL,
+    birth_date         date,
+    age                integer,            -- at the CRM commit time of the change
+    phone_e164         text,
+    email              text,
+    province           text,
+    city               text,
+    district           text,
+    street             text,
+    purchase_frequency text,
+    purchase_amount    numeric(14, 2),
+    amount_currency    char(3),
+    product_preference text,
+    notes              text,
+    deleted            boolean NOT NULL DEFAULT false,
+    source_lsn         bigint NOT NULL,
+    source_seq         integer NOT NULL,
+    event_id           text NOT NULL,
+    crm_commit_time    timestamptz NOT NULL,
+    applied_at         timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+
+CREATE TABLE IF NOT EXISTS erp.sales_orders (
+    crm_order_id    bigint PRIMARY KEY,
+    order_no        text NOT NULL,
+    crm_customer_id bigint NOT NULL,
+    order_date      date NOT NULL,
+    status_code     text NOT NULL,
+    currency        char(3) NOT NULL,
+    deleted         boolean NOT NULL DEFAULT false,
+    source_lsn      bigint NOT NULL,
+    source_seq      integer NOT NULL,
+    event_id        text NOT NULL,
+    crm_commit_time timestamptz NOT NULL,
+    applied_at      timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX IF NOT EXISTS sales_orders_customer ON erp.sales_orders (crm_customer_id);
+
+CREATE TABLE IF NOT EXISTS erp.sales_order_items (
+    crm_order_id  bigint NOT NULL,
+    line_no       integer NOT NULL,
+    sku           text NOT NULL,
+    product_name  text NOT NULL,
+    quantity      numeric(14, 3) NOT NULL CHECK (quantity > 0),
+    unit_code     text NOT NULL,
+    unit_price    numeric(14, 2) NOT NULL CHECK (unit_price >= 0),
+    deleted       boolean NOT NULL DEFAULT false,
+    source_lsn    bigint NOT NULL,
+    source_seq    integer NOT NULL,
+    PRIMARY KEY (crm_order_id, line_no)
+);
+
+-- The stock effect of each ERP status, loaded from the mappings file at start-up.
+CREATE TABLE IF NOT EXISTS erp.status_effects (
+    status_code text PRIMARY KEY,
+    effect      text NOT NULL CHECK (effect IN ('none', 'reserve', 'issue', 'release'))
+);
+
+-- Each order's current contribution to stock, derived from its status and items: recomputed
+-- whenever the order changes, so duplicates and replays cannot count twice.
+CREATE TABLE IF NOT EXISTS erp.order_stock_effects (
+    crm_order_id bigint NOT NULL,
+    sku          text NOT NULL,
+    effect       text NOT NULL,
+    quantity     numeric(16, 3) NOT NULL,
+    PRIMARY KEY (crm_order_id, sku, effect)
+);
+
+CREATE TABLE IF NOT EXISTS erp.stock (
+    sku             text PRIMARY KEY,
+    opening_on_hand numeric(16, 3) NOT NULL DEFAULT 1000000,
+    reserved        numeric(16, 3) NOT NULL DEFAULT 0,
+    issued          numeric(16, 3) NOT NULL DEFAULT 0,
+    on_hand         numeric(16, 3) GENERATED ALWAYS AS (opening_on_hand - issued) STORED
+);
+
+CREATE TABLE IF NOT EXISTS erp.demand_signals (
+    crm_demand_id    bigint PRIMARY KEY,
+    signal_type      text NOT NULL,
+    product_category text NOT NULL,
+    content          text NOT NULL,
+    observed_at      timestamptz NOT NULL,
+    deleted          boolean NOT NULL DEFAULT false,
+    source_lsn       bigint NOT NULL,
+    source_seq       integer NOT NULL,
+    event_id         text NOT NULL,
+    crm_commit_time  timestamptz NOT NULL,
+    applied_at       timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+
+-- Service state kept beside the data it protects (same transaction as the apply).
+CREATE SCHEMA IF NOT EXISTS sync;
+
+-- Events held back, in arrival order per key: an order whose customer has not arrived yet
+-- ('awaiting_customer'), or any event of a key that has an open dead letter ('key_blocked').
+CREATE TABLE IF NOT EXISTS sync.held_events (
+    held_id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    topic        text NOT NULL,
+    partition    integer NOT NULL,
+    "offset"     bigint NOT NULL,
+    msg_key      bytea,
+    msg_value    bytea,
+    msg_timestamp bigint NOT NULL,
+    reason       text NOT NULL CHECK (reason IN ('awaiting_customer', 'key_blocked')),
+    waits_for    bigint,            -- the customer id awaited
+    held_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+    UNIQUE (topic, partition, "offset")
+);
+
+-- Every dead letter and what became of it; the DLQ topic holds the bytes, this the state.
+CREATE TABLE IF NOT EXISTS sync.dead_letters (
+    dead_letter_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    topic          text NOT NULL,
+    partition      integer NOT NULL,
+    "offset"       bigint NOT NULL,
+    msg_key        bytea,
+    stage          text NOT NULL,
+    error_class    text NOT NULL,
+    error_message  text NOT NULL,
+    state          text NOT NULL DEFAULT 'open'
+                   CHECK (state IN ('open', 'redriven', 'discarded', 'failed_again')),
+    dlq_partition  integer,
+    dlq_offset     bigint,
+    created_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
+    UNIQUE (topic, partition, "offset")
+);
+CREATE INDEX IF NOT EXISTS dead_letters_open_key ON sync.dead_letters (msg_key) WHERE state = 'open';
+CREATE INDEX IF NOT EXISTS order_stock_effects_sku ON erp.order_stock_effects (sku);

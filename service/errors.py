@@ -1,0 +1,92 @@
+"""One exception root for the package; errors are control signals that carry identity.
+
+Library errors (kafka-python, psycopg, fastavro) are translated at the boundary with
+``raise ... from exc`` so callers only ever catch these classes.
+"""
+
+from __future__ import annotations
+
+
+class SyncError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class ConfigError(SyncError):
+    """A setting is missing or malformed; the message names the variable."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+        self.problem = problem
+
+
+class StackUnavailable(SyncError):
+    """The broker or a database cannot be reached."""
+
+
+class Retryable(SyncError):
+    """A transient failure: retry with backoff, pause the partition, never dead-letter."""
+
+
+class Permanent(SyncError):
+    """A failure no retry can fix: the message goes to the dead-letter topic.
+
+    ``stage`` names the pipeline stage that failed (decode, transform, apply).
+    """
+
+    stage = "unknown"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class DecodeError(Permanent):
+    """Bytes that are not our Avro single-object encoding, or do not match their schema."""
+
+    stage = "decode"
+
+
+class UnknownSchema(DecodeError):
+    """The writer-schema fingerprint is not among the schemas in ``schemas/``."""
+
+    def __init__(self, fingerprint: bytes) -> None:
+        super().__init__(f"unknown writer schema fingerprint {fingerprint.hex()}")
+        self.fingerprint = fingerprint
+
+
+class MappingError(Permanent):
+    """A value cannot be translated to the ERP's vocabulary; names the field."""
+
+    stage = "transform"
+
+    def __init__(self, field: str, value: object, reason: str) -> None:
+        # The value is deliberately not rendered: it may be personal data.
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.value = value
+
+
+class ApplyError(Permanent):
+    """The ERP refused the change in a way retries cannot fix (a constraint, say)."""
+
+    stage = "apply"
+
+
+class InvalidMessage(SyncError):
+    """A consumed message that must go to the dead-letter topic, with its identity."""
+
+    def __init__(self, topic: str, partition: int, offset: int, cause: Permanent) -> None:
+        super().__init__(f"{topic}[{partition}]@{offset}: {cause.stage}: {cause.reason}")
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self.cause = cause
+
+
+class PgOutputError(SyncError):
+    """A pgoutput message that does not follow the documented format."""
+
+
+class CircuitOpen(SyncError):
+    """Too many messages failed in a window: stop instead of draining into the DLQ."""

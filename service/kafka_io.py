@@ -1,0 +1,112 @@
+"""The boundary with kafka-python: clients built from settings, its errors translated."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, NoBrokersAvailable, TopicAlreadyExistsError
+
+from service.errors import Retryable, StackUnavailable
+from service.settings import Settings
+
+
+def security_options(settings: Settings) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap.split(","),
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_ssl_cafile:
+        options["ssl_cafile"] = settings.kafka_ssl_cafile
+    if settings.kafka_sasl_mechanism:
+        options["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        options["sasl_plain_username"] = settings.kafka_sasl_username
+        options["sasl_plain_password"] = settings.kafka_sasl_password
+    return options
+
+
+def _unreachable(settings: Settings, exc: Exception) -> StackUnavailable:
+    return StackUnavailable(
+        f"Kafka broker at {settings.kafka_bootstrap} is unreachable ({type(exc).__name__}); "
+        "is the stack up? (make up)"
+    )
+
+
+def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
+    """Idempotent producer that waits for every in-sync replica (acks=all)."""
+    options: dict[str, Any] = {
+        **security_options(settings),
+        "acks": "all",
+        "enable_idempotence": True,
+        "linger_ms": 5,
+        "batch_size": 256 * 1024,
+        "max_request_size": 4 * 1024 * 1024,
+        "retries": 2**31 - 1,
+        "delivery_timeout_ms": 120_000,
+        "client_id": "crm-erp-sync-producer",
+        **overrides,
+    }
+    try:
+        return KafkaProducer(**options)
+    except NoBrokersAvailable as exc:
+        raise _unreachable(settings, exc) from exc
+
+
+def make_consumer(settings: Settings, *topics: str, **overrides: Any) -> KafkaConsumer:
+    options: dict[str, Any] = {
+        **security_options(settings),
+        "group_id": settings.consumer_group,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "isolation_level": "read_committed",
+        "max_poll_records": settings.batch_max_events,
+        "client_id": "crm-erp-sync-consumer",
+        **overrides,
+    }
+    try:
+        return KafkaConsumer(*topics, **options)
+    except NoBrokersAvailable as exc:
+        raise _unreachable(settings, exc) from exc
+
+
+def make_admin(settings: Settings) -> KafkaAdminClient:
+    try:
+        return KafkaAdminClient(**security_options(settings), client_id="crm-erp-sync-admin")
+    except NoBrokersAvailable as exc:
+        raise _unreachable(settings, exc) from exc
+
+
+def ensure_topics(settings: Settings) -> list[str]:
+    """Create the service's topics if missing; returns those created. Never auto-created."""
+    wanted = {
+        settings.sales_topic: {"retention.ms": "-1"},
+        settings.market_topic: {"retention.ms": "-1"},
+        settings.dlq_topic: {"retention.ms": "-1"},
+    }
+    admin = make_admin(settings)
+    created: list[str] = []
+    try:
+        existing = set(admin.list_topics())
+        for name, config in wanted.items():
+            if name in existing:
+                continue
+            try:
+                admin.create_topics(
+                    [
+                        NewTopic(
+                            name,
+                            num_partitions=settings.topic_partitions,
+                            replication_factor=settings.topic_replication,
+                            topic_configs=config,
+                        )
+                    ]
+                )
+                created.append(name)
+            except TopicAlreadyExistsError:
+                pass  # another process created it between list and create
+    except KafkaError as exc:
+        raise Retryable(f"creating topics failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        admin.close()
+    return created

@@ -1,0 +1,82 @@
+"""structlog configuration: one JSON object per line, personal data and secrets redacted.
+
+structlog has no built-in redaction, so a processor walks the event dict before the renderer.
+Tracebacks are rendered without local variables: frame locals would leak personal data.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+from service.settings import hide_secret
+
+# Keys whose values are personal data or secrets, wherever they appear.
+SENSITIVE_KEYS = frozenset(
+    {
+        "family_name", "given_name", "middle_name", "full_name", "name", "phone", "email",
+        "address", "street", "birth_date", "notes", "password", "secret", "token",
+        "sasl_password", "crm_dsn", "erp_dsn", "dsn",
+    }
+)
+REDACTED = "***"
+_MOBILE = re.compile(r"(?<!\d)(?:\+?86[- ]?)?1[3-9]\d[- ]?\d{4}[- ]?\d{4}(?!\d)")
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+_URL_PASSWORD = re.compile(r"://[^:/@\s]+:[^@\s]+@")
+
+
+def redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        if "://" in value and _URL_PASSWORD.search(value):
+            value = hide_secret(value)
+        return _EMAIL.sub(REDACTED, _MOBILE.sub(REDACTED, value))
+    if isinstance(value, dict):
+        return {
+            k: REDACTED if k in SENSITIVE_KEYS and v is not None else redact_value(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [redact_value(v) for v in value]
+    return value
+
+
+def redact_processor(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for key in list(event_dict):
+        value = event_dict[key]
+        if key in SENSITIVE_KEYS and value is not None:
+            event_dict[key] = REDACTED
+        else:
+            event_dict[key] = redact_value(value)
+    return event_dict
+
+
+def configure(level: str = "info", fmt: str = "json") -> None:
+    renderer: Any
+    if fmt == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+    else:
+        renderer = structlog.processors.JSONRenderer(ensure_ascii=False)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            ),
+            redact_processor,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+        ),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )

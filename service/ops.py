@@ -1,0 +1,71 @@
+"""Read-only views of the pipeline's state, shared by `status`, the demo and the tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from kafka import TopicPartition
+
+from service.kafka_io import make_admin, make_consumer
+from service.settings import Settings
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    topic: str
+    partition: int
+    committed: int | None
+    end: int
+
+    @property
+    def lag(self) -> int:
+        return self.end - (self.committed or 0)
+
+
+def group_lag(settings: Settings, topics: list[str] | None = None) -> list[PartitionLag]:
+    topics = topics or [settings.sales_topic, settings.market_topic]
+    admin = make_admin(settings)
+    probe = make_consumer(settings, group_id=None)
+    try:
+        committed = admin.list_consumer_group_offsets(settings.consumer_group)
+        tps = [TopicPartition(t, p) for t in topics
+               for p in sorted(probe.partitions_for_topic(t) or ())]
+        ends = probe.end_offsets(tps)
+    finally:
+        probe.close()
+        admin.close()
+    return [PartitionLag(tp.topic, tp.partition,
+                         committed[tp].offset if tp in committed else None, ends[tp])
+            for tp in tps]
+
+
+def slot_state(settings: Settings) -> dict[str, Any] | None:
+    """The producer's slot: active or not, and how much WAL it keeps and has not confirmed."""
+    with psycopg.connect(settings.crm_dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT active, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, "
+            "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint "
+            "FROM pg_replication_slots WHERE slot_name = %s", (settings.slot_name,)).fetchone()
+    if row is None:
+        return None
+    return {"active": row[0], "retained_wal_bytes": row[1], "unconfirmed_bytes": row[2]}
+
+
+def caught_up(settings: Settings, crm_lsn: str) -> bool:
+    """True when the slot has confirmed past crm_lsn and the group has no lag."""
+    with psycopg.connect(settings.crm_dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots "
+            "WHERE slot_name = %s", (crm_lsn, settings.slot_name)).fetchone()
+    if not row or not row[0]:
+        return False
+    return all(p.lag == 0 for p in group_lag(settings))
+
+
+def current_lsn(settings: Settings) -> str:
+    with psycopg.connect(settings.crm_dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    assert row is not None
+    return str(row[0])

@@ -1,0 +1,177 @@
+"""The one place that provides real services to the tests.
+
+Order of preference:
+1. environment variables naming a broker and databases (CRM_ERP_SYNC_KAFKA_BOOTSTRAP,
+   CRM_ERP_SYNC_CRM_DSN, CRM_ERP_SYNC_ERP_DSN): used as they are;
+2. the local stack (`make up`) on its default ports;
+3. a Docker engine: Apache Kafka 4.x (KRaft) and PostgreSQL 15 (wal_level=logical) started
+   with testcontainers, once per session;
+4. otherwise integration tests are skipped with a reason that says how to bring the stack up.
+
+Each integration test gets its own CRM and ERP databases and its own topics, group, slot and
+publication names, so tests never see each other's data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+
+from service.settings import Settings
+
+SKIP_REASON = (
+    "no Kafka broker and PostgreSQL reachable: run `make up` (local stack, no Docker needed), "
+    "or set CRM_ERP_SYNC_KAFKA_BOOTSTRAP / CRM_ERP_SYNC_CRM_DSN / CRM_ERP_SYNC_ERP_DSN"
+)
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=3).ping()
+        return True
+    except Exception:
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class Stack:
+    kafka_bootstrap: str
+    admin_dsn: str  # a DSN whose database we can use to CREATE/DROP DATABASE
+
+    def dsn_for(self, database: str) -> str:
+        parts = urlsplit(self.admin_dsn)
+        return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+def _start_containers() -> tuple[Stack, list[Any]]:
+    from testcontainers.core.container import DockerContainer
+    from testcontainers.core.waiting_utils import wait_for_logs
+    from testcontainers.postgres import PostgresContainer
+
+    pg = PostgresContainer("postgres:15", username="sync", password="sync", dbname="crm")
+    pg.with_command("postgres -c wal_level=logical -c max_replication_slots=20")
+    pg.start()
+    kafka = (
+        DockerContainer("apache/kafka:4.1.1")
+        .with_bind_ports(9092, 9092)
+        .with_env("KAFKA_NODE_ID", "1")
+        .with_env("KAFKA_PROCESS_ROLES", "broker,controller")
+        .with_env("KAFKA_LISTENERS", "PLAINTEXT://:9092,CONTROLLER://:9093")
+        .with_env("KAFKA_ADVERTISED_LISTENERS", "PLAINTEXT://localhost:9092")
+        .with_env("KAFKA_CONTROLLER_LISTENER_NAMES", "CONTROLLER")
+        .with_env("KAFKA_CONTROLLER_QUORUM_VOTERS", "1@localhost:9093")
+        .with_env("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "1")
+        .with_env("KAFKA_AUTO_CREATE_TOPICS_ENABLE", "false")
+    )
+    kafka.start()
+    wait_for_logs(kafka, "Kafka Server started", timeout=120)
+    host, port = pg.get_container_host_ip(), pg.get_exposed_port(5432)
+    return Stack("localhost:9092", f"postgresql://sync:sync@{host}:{port}/crm"), [kafka, pg]
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    env = os.environ
+    if "CRM_ERP_SYNC_KAFKA_BOOTSTRAP" in env and "CRM_ERP_SYNC_CRM_DSN" in env:
+        yield Stack(env["CRM_ERP_SYNC_KAFKA_BOOTSTRAP"], env["CRM_ERP_SYNC_CRM_DSN"])
+        return
+    defaults = Settings()
+    kafka_host, kafka_port = defaults.kafka_bootstrap.split(":")
+    pg = urlsplit(defaults.crm_dsn)
+    if _reachable(kafka_host, int(kafka_port)) and _reachable(pg.hostname or "", pg.port or 0):
+        yield Stack(defaults.kafka_bootstrap, defaults.crm_dsn)
+        return
+    if _docker_answers():
+        started, containers = _start_containers()
+        try:
+            yield started
+        finally:
+            for c in containers:
+                c.stop()
+        return
+    pytest.skip(SKIP_REASON)
+
+
+_counter = itertools.count()
+
+
+@dataclasses.dataclass
+class SyncEnv:
+    """A private sync world for one test: its own databases, topics, group, slot."""
+
+    settings: Settings
+    stack: Stack
+
+    def with_(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self.settings, **changes)
+
+    def crm(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.settings.crm_dsn, autocommit=True)
+
+    def erp(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.settings.erp_dsn, autocommit=True)
+
+
+def _create_database(stack: Stack, name: str) -> None:
+    with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def _drop_database(stack: Stack, name: str) -> None:
+    with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def sync_env(stack: Stack) -> Iterator[SyncEnv]:
+    """Fresh CRM and ERP databases and names; `setup` already run."""
+    from service.setup import run_setup
+
+    tag = f"t{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
+    crm_db, erp_db = f"crm_{tag}", f"erp_{tag}"
+    _create_database(stack, crm_db)
+    _create_database(stack, erp_db)
+    settings = dataclasses.replace(
+        Settings(),
+        kafka_bootstrap=stack.kafka_bootstrap,
+        crm_dsn=stack.dsn_for(crm_db),
+        erp_dsn=stack.dsn_for(erp_db),
+        sales_topic=f"{tag}.crm.sales",
+        market_topic=f"{tag}.crm.market-demand",
+        dlq_topic=f"{tag}.dlq",
+        topic_partitions=3,
+        consumer_group=f"{tag}.erp",
+        slot_name=f"slot_{tag}",
+        publication_name=f"pub_{tag}",
+        heartbeat_interval_s=2.0,
+        orphan_hold_s=300.0,
+    )
+    run_setup(settings)
+    try:
+        yield SyncEnv(settings, stack)
+    finally:
+        with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                "WHERE slot_name = %s AND NOT active", (settings.slot_name,))
+        _drop_database(stack, crm_db)
+        _drop_database(stack, erp_db)

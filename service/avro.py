@@ -60,7 +60,7 @@ class SchemaRegistry:
             try:
                 version = int(path.stem[1:])
                 parsed = fastavro.parse_schema(json.loads(path.read_text("utf-8")))
-            except (ValueError, SchemaParseException, UnknownType) as exc:
+            except (ValueError, KeyError, SchemaParseException, UnknownType) as exc:
                 raise ConfigError(str(path), f"not a valid versioned Avro schema: {exc}") from exc
             versions.append(
                 SchemaVersion(path.parent.name, version, parsed, schema_fingerprint(parsed), path)
@@ -88,8 +88,10 @@ class SchemaRegistry:
         return buf.getvalue()
 
     def writer_of(self, data: bytes) -> SchemaVersion:
-        if len(data) < HEADER_LEN or data[:2] != MAGIC:
+        if data[:2] != MAGIC:
             raise DecodeError("not Avro single-object encoding (missing C3 01 marker)")
+        if len(data) < HEADER_LEN:
+            raise DecodeError(f"truncated header: {len(data)} bytes, need {HEADER_LEN}")
         fp = bytes(data[2:HEADER_LEN])
         try:
             return self._by_fingerprint[fp]
@@ -100,9 +102,10 @@ class SchemaRegistry:
         """Decode with the writer's schema, resolved into the newest schema of its kind."""
         writer = self.writer_of(data)
         reader = self._latest[writer.kind]
+        body = io.BytesIO(data[HEADER_LEN:])
         try:
             record = fastavro.schemaless_reader(
-                io.BytesIO(data[HEADER_LEN:]),
+                body,
                 writer.parsed,
                 None if reader is writer else reader.parsed,
             )
@@ -113,4 +116,6 @@ class SchemaRegistry:
             ) from exc
         if not isinstance(record, dict):
             raise DecodeError(f"{writer.kind}: body is not a record")
+        if body.tell() != len(data) - HEADER_LEN:
+            raise DecodeError(f"{writer.kind} v{writer.version}: trailing bytes after the body")
         return writer.kind, record

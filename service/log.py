@@ -19,15 +19,20 @@ from service.settings import hide_secret
 # Keys whose values are personal data or secrets, wherever they appear.
 SENSITIVE_KEYS = frozenset(
     {
-        "family_name", "given_name", "middle_name", "full_name", "name", "phone", "email",
-        "address", "street", "birth_date", "notes", "password", "secret", "token",
-        "sasl_password", "crm_dsn", "erp_dsn", "dsn",
+        "family_name", "given_name", "middle_name", "full_name", "phone", "phone_e164",
+        "email", "address", "street", "birth_date", "notes", "password", "secret", "token",
+        "kafka_sasl_password", "sasl_password", "crm_dsn", "erp_dsn", "dsn",
     }
 )
 REDACTED = "***"
 _MOBILE = re.compile(r"(?<!\d)(?:\+?86[- ]?)?1[3-9]\d[- ]?\d{4}[- ]?\d{4}(?!\d)")
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 _URL_PASSWORD = re.compile(r"://[^:/@\s]+:[^@\s]+@")
+
+
+def is_sensitive(key: object) -> bool:
+    return isinstance(key, str) and (
+        key in SENSITIVE_KEYS or key.endswith(("password", "_dsn", "secret", "token")))
 
 
 def redact_value(value: Any) -> Any:
@@ -37,7 +42,7 @@ def redact_value(value: Any) -> Any:
         return _EMAIL.sub(REDACTED, _MOBILE.sub(REDACTED, value))
     if isinstance(value, dict):
         return {
-            k: REDACTED if k in SENSITIVE_KEYS and v is not None else redact_value(v)
+            k: REDACTED if is_sensitive(k) and v is not None else redact_value(v)
             for k, v in value.items()
         }
     if isinstance(value, list | tuple):
@@ -50,7 +55,7 @@ def redact_processor(
 ) -> MutableMapping[str, Any]:
     for key in list(event_dict):
         value = event_dict[key]
-        if key in SENSITIVE_KEYS and value is not None:
+        if is_sensitive(key) and value is not None:
             event_dict[key] = REDACTED
         else:
             event_dict[key] = redact_value(value)

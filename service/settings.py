@@ -115,6 +115,7 @@ class Settings:
 
 
 _URL_PASSWORD = re.compile(r"(://[^:/@]+:)([^@]+)(@)")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*")
 
 
 def hide_secret(value: str) -> str:
@@ -122,7 +123,8 @@ def hide_secret(value: str) -> str:
     if not value:
         return value
     if "://" in value:
-        return _URL_PASSWORD.sub(r"\1***\3", value)
+        value = _URL_PASSWORD.sub(r"\1***\3", value)
+        return _QUERY_PASSWORD.sub(r"\1***", value)
     return "***"
 
 

@@ -18,3 +18,84 @@ def wait_until(condition: Callable[[], Any], timeout: float = 60.0, interval: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {message}")
         time.sleep(interval)
+
+
+def read_topic(settings: Any, topic: str, timeout: float = 30.0) -> list[Any]:
+    """Every record currently in the topic (all partitions, from the beginning)."""
+    from kafka import TopicPartition
+
+    from service.kafka_io import make_consumer
+
+    consumer = make_consumer(settings, group_id=None, enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps)
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while any(consumer.position(tp) < ends[tp] for tp in tps):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"could not read {topic} to its end within {timeout}s")
+            for records in consumer.poll(timeout_ms=500, max_records=10_000).values():
+                out.extend(records)
+        return out
+    finally:
+        consumer.close()
+
+
+def decoded_events(
+    settings: Any, topic: str | None = None
+) -> list[tuple[bytes, str, dict[str, Any], Any]]:
+    """(key, kind, event, record) for every record of the topic, in partition order."""
+    from service.avro import SchemaRegistry
+
+    registry = SchemaRegistry.load(settings.schemas_dir)
+    out = []
+    for record in read_topic(settings, topic or settings.sales_topic):
+        kind, event = registry.decode(record.value)
+        out.append((record.key, kind, event, record))
+    return out
+
+
+def settings_env(settings: Any) -> dict[str, str]:
+    """The environment that gives a child process these settings."""
+    import dataclasses
+
+    return {type(settings).env_var(f.name): str(getattr(settings, f.name))
+            for f in dataclasses.fields(settings)}
+
+
+def expected_erp(crm: Any, mappings: Any) -> dict[str, Any]:
+    """What the ERP must hold, computed from the CRM's tables directly (not from events)."""
+    from decimal import Decimal
+
+    from service.erp import transform as tf
+
+    partners = {cid for (cid,) in crm.execute("SELECT customer_id FROM crm.customers")}
+    orders = {oid: tf.order_status(status, mappings) for oid, status in
+              crm.execute("SELECT order_id, status FROM crm.sales_orders")}
+    items: dict[tuple[int, int], tuple[str, Decimal]] = {}
+    reserved: dict[str, Decimal] = {}
+    for oid, line_no, code, qty_text in crm.execute(
+            "SELECT order_id, line_no, product_code, quantity FROM crm.order_lines"):
+        sku = tf.sku_for(code, mappings)
+        qty = tf.parse_quantity(qty_text, mappings).value
+        items[(oid, line_no)] = (sku, qty)
+        if mappings.status_stock_effect[orders[oid]] == "reserve":
+            reserved[sku] = reserved.get(sku, Decimal(0)) + qty
+    return {"partners": partners, "orders": orders, "items": items,
+            "reserved": {k: v for k, v in reserved.items() if v}}
+
+
+def actual_erp(erp: Any) -> dict[str, Any]:
+    partners = {cid for (cid,) in erp.execute(
+        "SELECT crm_customer_id FROM erp.business_partners WHERE NOT deleted")}
+    orders = dict(erp.execute(
+        "SELECT crm_order_id, status_code FROM erp.sales_orders WHERE NOT deleted").fetchall())
+    items = {(o, n): (sku, qty) for o, n, sku, qty in erp.execute(
+        "SELECT i.crm_order_id, i.line_no, i.sku, i.quantity FROM erp.sales_order_items i "
+        "JOIN erp.sales_orders o USING (crm_order_id) WHERE NOT i.deleted AND NOT o.deleted")}
+    reserved = {sku: qty for sku, qty in erp.execute(
+        "SELECT sku, reserved FROM erp.stock WHERE reserved <> 0")}
+    return {"partners": partners, "orders": orders, "items": items, "reserved": reserved}

@@ -46,6 +46,9 @@ class DelayIter:
         self._next = policy.initial_s
         self.attempts = 0
 
+    def __iter__(self) -> DelayIter:
+        return self
+
     def __next__(self) -> float:
         delay = self._next
         self._next = min(self._next * self._policy.multiplier, self._policy.max_s)

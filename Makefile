@@ -1,0 +1,63 @@
+# crm-erp-sync developer entry points. The local stack (Kafka KRaft + PostgreSQL 15, no Docker)
+# is deploy/local/stack.sh; state and logs go to .stack/.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+STACK  := deploy/local/stack.sh
+
+.PHONY: help venv up down stack-status clean-stack lint test demo bench-produce bench-apply
+
+help:
+	@echo "make venv          create .venv (pinned by requirements.lock) with the test extras"
+	@echo "make up            start the local stack (Kafka 127.0.0.1:19092, PostgreSQL 127.0.0.1:15432)"
+	@echo "make down          stop the local stack (data in .stack/ is kept)"
+	@echo "make stack-status  health, port and version of each service"
+	@echo "make clean-stack   stop the stack and delete .stack/"
+	@echo "make lint          ruff + mypy"
+	@echo "make test          lint, then pytest (integration tests use the stack when it is up)"
+	@echo "make demo          bring the stack up and run the demo"
+	@echo "make bench-produce / bench-apply   benchmarks"
+
+# ---- python environment -------------------------------------------------------------------
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[test]'
+	@touch $@
+
+# ---- local stack ----------------------------------------------------------------------------
+up:
+	bash $(STACK) up
+
+down:
+	bash $(STACK) down
+
+stack-status:
+	bash $(STACK) status
+
+clean-stack: down
+	rm -rf .stack
+
+# ---- checks ---------------------------------------------------------------------------------
+lint: venv
+	$(BIN)/ruff check service tests bench
+	$(BIN)/mypy
+
+test: venv lint
+	$(BIN)/pytest -q
+
+# ---- demo and benchmarks (commands to be filled in) -----------------------------------------
+demo: venv up
+	$(BIN)/crm-erp-sync demo
+
+bench-produce: venv up
+	$(BIN)/python bench/produce.py
+
+bench-apply: venv up
+	$(BIN)/python bench/apply.py

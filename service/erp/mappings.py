@@ -1,0 +1,161 @@
+"""The CRM -> ERP vocabulary, loaded from ``mappings.toml`` (operators edit that file).
+
+Everything is checked at load time, so a typo stops the service at start-up with a
+``ConfigError`` naming the file and the key instead of dead-lettering events later.
+
+CRM words are matched after :func:`normalise_word` (NFKC, surrounding spaces stripped, inner
+runs of spaces collapsed, case-folded), so ``"KG"``, ``" kg "`` and ``"ｋｇ"`` are one word.
+The tables held by :class:`Mappings` are keyed by the normalised word; look words up with
+:meth:`Mappings.lookup`. ERP codes (the values) are used exactly as written.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final
+
+from service.errors import ConfigError
+
+DEFAULT_PATH: Final = Path(__file__).resolve().parent / "mappings.toml"
+
+STOCK_EFFECTS: Final = frozenset({"none", "reserve", "issue", "release"})
+
+_CODE = re.compile(r"[A-Z][A-Z0-9_]*")
+_CURRENCY = re.compile(r"[A-Z]{3}")
+_SKU = re.compile(r"\S+")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+# section -> (what the values must look like, description used in error messages)
+_SECTIONS: Final[dict[str, tuple[re.Pattern[str], str]]] = {
+    "order_status": (_CODE, "an ERP status code (UPPER_CASE letters, digits, _)"),
+    "status_stock_effect": (_CODE, "a stock effect"),  # values checked against STOCK_EFFECTS
+    "gender": (_CODE, "an ERP gender code (UPPER_CASE letters, digits, _)"),
+    "units": (_CODE, "an ERP unit code (UPPER_CASE letters, digits, _)"),
+    "currencies": (_CURRENCY, "a three-letter ISO 4217 code such as CNY"),
+    "products": (_SKU, "an ERP SKU (text without spaces)"),
+    "demand_kind": (_CODE, "an ERP demand-signal type (UPPER_CASE letters, digits, _)"),
+}
+
+
+def normalise_word(word: str) -> str:
+    """The form a CRM word is matched in: NFKC, trimmed, single-spaced, case-folded."""
+    return " ".join(unicodedata.normalize("NFKC", word).split()).casefold()
+
+
+@dataclass(frozen=True, slots=True)
+class Mappings:
+    """The validated vocabulary. Read-only; build it with :meth:`load` or :meth:`from_dict`."""
+
+    source: str
+    order_status: Mapping[str, str]
+    """normalised CRM status word -> ERP status code"""
+    status_stock_effect: Mapping[str, str]
+    """ERP status code (exact) -> one of ``STOCK_EFFECTS``"""
+    gender: Mapping[str, str]
+    units: Mapping[str, str]
+    currencies: Mapping[str, str]
+    products: Mapping[str, str]
+    demand_kind: Mapping[str, str]
+
+    @classmethod
+    def load(cls, path: str | Path = DEFAULT_PATH) -> Mappings:
+        """Read and validate a mappings file; any problem raises ``ConfigError``."""
+        source = str(path)
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(source, f"cannot read the mappings file: "
+                                      f"{exc.strerror or exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(source, f"not valid TOML: {exc}") from exc
+        return cls.from_dict(data, source=source)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<mappings>") -> Mappings:
+        """Validate already-parsed TOML content (``source`` names it in errors)."""
+        for name in data:
+            if name not in _SECTIONS:
+                raise ConfigError(f"{source}: [{name}]", "unknown section; expected "
+                                  + ", ".join(f"[{s}]" for s in _SECTIONS))
+        tables = {name: _section(source, name, data) for name in _SECTIONS}
+
+        effects = tables["status_stock_effect"]
+        for status, effect in effects.items():
+            if effect not in STOCK_EFFECTS:
+                raise ConfigError(_where(source, "status_stock_effect", status),
+                                  f"must be one of {', '.join(sorted(STOCK_EFFECTS))}")
+        produced = set(tables["order_status"].values())
+        missing = sorted(produced - effects.keys())
+        if missing:
+            raise ConfigError(_where(source, "status_stock_effect", missing[0]),
+                              "missing: every ERP status in [order_status] needs a stock effect")
+        unused = sorted(effects.keys() - produced)
+        if unused:
+            raise ConfigError(_where(source, "status_stock_effect", unused[0]),
+                              "not an ERP status produced by [order_status] (a typo?)")
+
+        normalised = {
+            name: _normalised_keys(source, name, table)
+            for name, table in tables.items() if name != "status_stock_effect"
+        }
+        return cls(
+            source=source,
+            order_status=normalised["order_status"],
+            status_stock_effect=MappingProxyType(dict(effects)),
+            gender=normalised["gender"],
+            units=normalised["units"],
+            currencies=normalised["currencies"],
+            products=normalised["products"],
+            demand_kind=normalised["demand_kind"],
+        )
+
+    @staticmethod
+    def lookup(table: Mapping[str, str], word: str | None) -> str | None:
+        """The ERP code for a CRM word in one of the tables, or None (``None`` reads as "")."""
+        return table.get(normalise_word(word or ""))
+
+
+def _where(source: str, section: str, key: str) -> str:
+    shown = key if _BARE_KEY.fullmatch(key) else '"' + key.replace('"', '\\"') + '"'
+    return f"{source}: {section}.{shown}"
+
+
+def _section(source: str, name: str, data: Mapping[str, Any]) -> dict[str, str]:
+    if name not in data:
+        raise ConfigError(f"{source}: [{name}]", "section is missing")
+    table = data[name]
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: [{name}]", 'must be a table of  word = "CODE"  lines')
+    if not table:
+        raise ConfigError(f"{source}: [{name}]", "section is empty")
+    pattern, what = _SECTIONS[name]
+    out: dict[str, str] = {}
+    for key, value in table.items():
+        if not isinstance(value, str):
+            raise ConfigError(_where(source, name, key),
+                              f"must be a quoted string ({what}), not {type(value).__name__}")
+        if name != "status_stock_effect" and not pattern.fullmatch(value):
+            raise ConfigError(_where(source, name, key), f"must be {what}")
+        out[key] = value
+    return out
+
+
+def _normalised_keys(source: str, name: str, table: dict[str, str]) -> Mapping[str, str]:
+    out: dict[str, str] = {}
+    first: dict[str, str] = {}
+    for key, value in table.items():
+        word = normalise_word(key)
+        if word in out and out[word] != value:
+            raise ConfigError(_where(source, name, key),
+                              f"same word as {first[word]!r} (matching ignores case and "
+                              f"spaces) but a different ERP code")
+        out[word] = value
+        first.setdefault(word, key)
+    return MappingProxyType(out)

@@ -1,0 +1,259 @@
+"""The ERP applier against the real broker and the real ERP database: effects, order,
+idempotency, poison messages, the circuit breaker, crashes and restarts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kafka import TopicPartition
+from service.demo.load import load_demo
+from service.erp.mappings import Mappings
+
+from service.avro import SchemaRegistry
+from service.cdc.producer import CdcProducer
+from service.consumer.pipeline import ErpConsumer
+from service.consumer.policy import DlqLimit
+from service.errors import CircuitOpen
+from service.kafka_io import make_admin, make_producer
+from service.ops import group_lag
+from tests.conftest import SyncEnv
+from tests.helpers import (
+    actual_erp,
+    expected_erp,
+    read_topic,
+    settings_env,
+    wait_until,
+)
+
+
+def produce_all(sync_env: SyncEnv) -> None:
+    CdcProducer(sync_env.settings, SchemaRegistry.load(sync_env.settings.schemas_dir)).run(
+        until_idle=True)
+
+
+def consume_all(sync_env: SyncEnv, **kwargs: Any) -> ErpConsumer:
+    consumer = ErpConsumer(sync_env.settings, **kwargs)
+    consumer.run(until_idle_s=3)
+    return consumer
+
+
+def assert_erp_matches_crm(sync_env: SyncEnv) -> None:
+    mappings = Mappings.load(sync_env.settings.mappings_file)
+    with sync_env.crm() as crm, sync_env.erp() as erp:
+        assert actual_erp(erp) == expected_erp(crm, mappings)
+
+
+def erp_fingerprint(sync_env: SyncEnv) -> list[Any]:
+    with sync_env.erp() as erp:
+        return [erp.execute(f"SELECT md5(string_agg(t::text, '|' ORDER BY t::text)) FROM "
+                            f"(SELECT {cols} FROM {table}) t").fetchone()
+                for table, cols in (
+                    ("erp.business_partners", "crm_customer_id, full_name, phone_e164, deleted, "
+                     "source_lsn, source_seq"),
+                    ("erp.sales_orders", "crm_order_id, status_code, deleted, source_lsn"),
+                    ("erp.sales_order_items", "crm_order_id, line_no, quantity, deleted"),
+                    ("erp.stock", "sku, reserved, issued"))]
+
+
+@pytest.fixture
+def loaded(sync_env: SyncEnv) -> SyncEnv:
+    load_demo(sync_env.settings.crm_dsn, customers=150, orders=300, rate=None, seed=11,
+              changes=200)
+    produce_all(sync_env)
+    return sync_env
+
+
+def test_a_clean_pass_matches_the_crm_and_keeps_the_stock_invariant(loaded: SyncEnv) -> None:
+    consumer = consume_all(loaded)
+    assert consumer.applier.dead_lettered == 0
+    assert_erp_matches_crm(loaded)
+    with loaded.erp() as erp:
+        (name, phone, province), = erp.execute(
+            "SELECT full_name, phone_e164, province FROM erp.business_partners "
+            "WHERE NOT deleted ORDER BY crm_customer_id LIMIT 1").fetchall()
+    assert phone.startswith("+") and province and name
+
+
+def test_replay_from_the_beginning_and_duplicates_change_nothing(loaded: SyncEnv) -> None:
+    consume_all(loaded)
+    before = erp_fingerprint(loaded)
+    # Duplicates: publish every event a second time; replay: rewind the group to the start.
+    producer = make_producer(loaded.settings)
+    for record in read_topic(loaded.settings, loaded.settings.sales_topic):
+        producer.send(record.topic, key=record.key, value=record.value)
+    producer.flush()
+    admin = make_admin(loaded.settings)
+    parts = [TopicPartition(t, p) for t in (loaded.settings.sales_topic,
+                                            loaded.settings.market_topic)
+             for p in range(loaded.settings.topic_partitions)]
+    admin.reset_group_offsets(loaded.settings.consumer_group, {tp: 0 for tp in parts})
+    admin.close()
+    consume_all(loaded)
+    assert erp_fingerprint(loaded) == before
+    assert_erp_matches_crm(loaded)
+
+
+def test_poison_messages_go_to_the_dlq_beside_good_ones(sync_env: SyncEnv) -> None:
+    settings = sync_env.settings
+    produce_all(sync_env)
+    with sync_env.crm() as crm:
+        good = crm.execute("INSERT INTO crm.customers (family_name, given_name, phone) VALUES "
+                           "('李', '四', '13912345678') RETURNING customer_id").fetchone()[0]
+        masked = crm.execute("INSERT INTO crm.customers (family_name, given_name, phone) "
+                             "VALUES ('张', '三', '138xxxx5678') RETURNING customer_id"
+                             ).fetchone()[0]
+        with crm.transaction():
+            crm.execute("INSERT INTO crm.sales_orders (order_id, order_no, customer_id, "
+                        "order_date, status) VALUES (900, 'X900', %s, '2023-01-01', '已付款')",
+                        (good,))
+            crm.execute("INSERT INTO crm.order_lines VALUES (900, 1, %s, 'P-UNKNOWN', '平衡车', "
+                        "'10台', 5000)", (good,))
+    produce_all(sync_env)
+    producer = make_producer(settings)
+    producer.send(settings.sales_topic, key=b"777", value=b"not avro at all")
+    producer.send(settings.sales_topic, key=b"778", value=b"\xc3\x01" + b"\x00" * 8 + b"x")
+    producer.flush()
+    consumer = consume_all(sync_env, dlq_limit=DlqLimit.DISABLED)
+    assert consumer.applier.dead_lettered == 4
+    letters = read_topic(settings, settings.dlq_topic)
+    by_key = {r.key: dict((k, v.decode()) for k, v in r.headers) for r in letters}
+    assert by_key[str(masked).encode()]["crm_erp_sync-stage"] == "transform"
+    assert "phone" in by_key[str(masked).encode()]["kafka_dlt-exception-message"]
+    assert "product" in by_key[str(good).encode()]["kafka_dlt-exception-message"].lower() or \
+        "sku" in by_key[str(good).encode()]["kafka_dlt-exception-message"].lower()
+    assert by_key[b"777"]["crm_erp_sync-stage"] == "decode"
+    assert "UnknownSchema" in by_key[b"778"]["kafka_dlt-exception-fqcn"]
+    for headers in by_key.values():
+        assert headers["kafka_dlt-original-topic"] == settings.sales_topic
+        assert headers["kafka_dlt-original-consumer-group"] == settings.consumer_group
+    original = {(r.key, r.value) for r in read_topic(settings, settings.sales_topic)}
+    assert {(r.key, r.value) for r in letters} <= original  # bytes unchanged
+    with sync_env.erp() as erp:
+        assert erp.execute("SELECT count(*) FROM erp.business_partners").fetchone() == (1,)
+        assert erp.execute("SELECT count(*) FROM sync.dead_letters WHERE state = 'open'"
+                           ).fetchone() == (4,)
+    assert all(p.lag == 0 for p in group_lag(settings))
+
+
+def test_events_after_a_dead_letter_of_the_same_key_are_held(sync_env: SyncEnv) -> None:
+    produce_all(sync_env)
+    with sync_env.crm() as crm:
+        cid = crm.execute("INSERT INTO crm.customers (family_name, given_name, phone) VALUES "
+                          "('张', '三', '138xxxx5678') RETURNING customer_id").fetchone()[0]
+        crm.execute("UPDATE crm.customers SET phone = '13812345678' WHERE customer_id = %s",
+                    (cid,))
+    produce_all(sync_env)
+    consume_all(sync_env)
+    with sync_env.erp() as erp:
+        assert erp.execute("SELECT count(*) FROM erp.business_partners").fetchone() == (0,)
+        assert erp.execute("SELECT reason FROM sync.held_events").fetchall() == [
+            ("key_blocked",)]
+
+
+def test_an_order_before_its_customer_is_held_then_applied(sync_env: SyncEnv) -> None:
+    settings = sync_env.settings
+    produce_all(sync_env)
+    with sync_env.crm() as crm, crm.transaction():
+        cid = crm.execute("INSERT INTO crm.customers (family_name, given_name) VALUES "
+                          "('王', '五') RETURNING customer_id").fetchone()[0]
+        crm.execute("INSERT INTO crm.sales_orders (order_id, order_no, customer_id, "
+                    "order_date, status) VALUES (5, 'O5', %s, '2023-01-01', '已付款')", (cid,))
+        crm.execute("INSERT INTO crm.order_lines VALUES (5, 1, %s, 'P-PHONE-5G', '手机', "
+                    "'10台', 5000)", (cid,))
+    produce_all(sync_env)
+    records = read_topic(settings, settings.sales_topic)
+    registry = SchemaRegistry.load(settings.schemas_dir)
+    kinds = [registry.decode(r.value)[0] for r in records]
+    customer_record = records[kinds.index("customer")]
+    order_record = records[kinds.index("order")]
+    # Re-publish in the wrong order on a fresh pair of topics: the order first.
+    other = sync_env.with_(sales_topic=settings.sales_topic + ".reordered")
+    from service.kafka_io import ensure_topics
+
+    ensure_topics(other)
+    producer = make_producer(other)
+    producer.send(other.sales_topic, key=order_record.key, value=order_record.value).get(30)
+    ErpConsumer(other).run(until_idle_s=3)
+    with sync_env.erp() as erp:
+        assert erp.execute("SELECT reason, waits_for FROM sync.held_events").fetchall() == [
+            ("awaiting_customer", cid)]
+        assert erp.execute("SELECT count(*) FROM erp.sales_orders").fetchone() == (0,)
+    producer.send(other.sales_topic, key=customer_record.key,
+                  value=customer_record.value).get(30)
+    ErpConsumer(other).run(until_idle_s=3)
+    with sync_env.erp() as erp:
+        assert erp.execute("SELECT count(*) FROM sync.held_events").fetchone() == (0,)
+        assert erp.execute("SELECT status_code FROM erp.sales_orders").fetchall() == [("PAID",)]
+        assert erp.execute("SELECT reserved FROM erp.stock").fetchone()[0] == 10
+
+
+def test_the_circuit_breaker_stops_instead_of_draining_into_the_dlq(sync_env: SyncEnv) -> None:
+    settings = sync_env.settings
+    producer = make_producer(settings)
+    for i in range(60):
+        producer.send(settings.sales_topic, key=str(i).encode(), value=b"garbage")
+    producer.flush()
+    consumer = ErpConsumer(settings, dlq_limit=DlqLimit.STRICT)
+    with pytest.raises(CircuitOpen, match="invalid"):
+        consumer.run(until_idle_s=3)
+    assert consumer.applier.dead_lettered == 0
+    lag = sum(p.lag for p in group_lag(settings))
+    assert lag == 60  # nothing committed, nothing drained
+
+
+def _spawn_consumer(sync_env: SyncEnv, log: Any) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "service.cli", "consume"],
+                            env={**os.environ, **settings_env(sync_env.settings)},
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture
+def consumer_log(tmp_path: Any) -> Iterator[Any]:
+    with (tmp_path / "consumers.log").open("ab") as log:
+        yield log
+
+
+def _caught_up(sync_env: SyncEnv) -> bool:
+    return all(p.lag == 0 for p in group_lag(sync_env.settings))
+
+
+def test_kill_9_consumers_mid_batch_repeatedly(loaded: SyncEnv, consumer_log: Any) -> None:
+    procs = [_spawn_consumer(loaded, consumer_log) for _ in range(3)]
+    try:
+        for round_ in range(3):
+            time.sleep(1.5 + round_)
+            victim = procs[round_ % len(procs)]
+            victim.send_signal(signal.SIGKILL)
+            victim.wait()
+            procs[round_ % len(procs)] = _spawn_consumer(loaded, consumer_log)
+        wait_until(lambda: _caught_up(loaded), timeout=180, message="consumers to catch up")
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=60)
+    assert_erp_matches_crm(loaded)
+
+
+def test_erp_database_restarted_mid_run(loaded: SyncEnv, consumer_log: Any) -> None:
+    proc = _spawn_consumer(loaded, consumer_log)
+    try:
+        time.sleep(2)
+        # What a restart does to clients: every session dropped at once.
+        erp_db = loaded.settings.erp_dsn.rsplit("/", 1)[1]
+        with loaded.crm() as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = %s AND pid <> pg_backend_pid()", (erp_db,))
+        wait_until(lambda: _caught_up(loaded), timeout=180, message="consumer to recover")
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    assert_erp_matches_crm(loaded)

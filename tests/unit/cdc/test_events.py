@@ -1,0 +1,318 @@
+"""service.cdc.events: a CRM transaction's row changes -> the events the producer sends."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.avro import SchemaRegistry
+from service.cdc.events import (
+    CREATE,
+    DELETE,
+    READ,
+    UPDATE,
+    Outgoing,
+    RowChange,
+    build_events,
+    converter_for,
+    event_id,
+    row_key,
+)
+from service.errors import PgOutputError
+
+SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"
+LSN = 0x16B374D848
+XID = 7001
+COMMIT = datetime(2026, 11, 28, 12, 0, 0, 123456, tzinfo=UTC)
+T0 = COMMIT - timedelta(minutes=5)
+
+
+def customer(cid: int = 42, **overrides: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "customer_id": cid, "family_name": "张", "given_name": "三", "middle_name": None,
+        "name_order": "eastern", "gender": "男", "birth_date": date(1990, 5, 17),
+        "phone": "13812345678", "email": None, "address": "北京市朝阳区建国路88号",
+        "purchase_frequency": "每月1次", "purchase_amount": Decimal("5000.00"),
+        "product_preference": "电子产品", "notes": None, "updated_at": T0,
+    }
+    row.update(overrides)
+    return row
+
+
+def header(order_id: int = 9001, cid: int = 42, **overrides: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "order_id": order_id, "order_no": "20230101", "customer_id": cid,
+        "order_date": date(2023, 1, 1), "status": "待付款", "currency": "元", "updated_at": T0,
+    }
+    row.update(overrides)
+    return row
+
+
+def line(line_no: int, order_id: int = 9001, cid: int = 42, price: str = "5000.00",
+         **overrides: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "order_id": order_id, "line_no": line_no, "customer_id": cid,
+        "product_code": f"P-{line_no:03d}", "product_name": "手机", "quantity": "10台",
+        "unit_price": Decimal(price),
+    }
+    row.update(overrides)
+    return row
+
+
+def demand(did: int = 7) -> dict[str, Any]:
+    return {"demand_id": did, "kind": "市场趋势", "product_category": "手机",
+            "content": "5G手机市场增长迅速", "observed_at": T0}
+
+
+def mixed_transaction() -> list[RowChange]:
+    """customer insert, order header insert + 2 lines, customer update, market demand insert."""
+    return [
+        RowChange("crm.customers", CREATE, None, customer()),                       # seq 0
+        RowChange("crm.sales_orders", CREATE, None, header()),                      # seq 1
+        RowChange("crm.order_lines", CREATE, None, line(1)),                        # seq 2
+        RowChange("crm.order_lines", CREATE, None, line(2, price="12345678901.23")),  # seq 3
+        RowChange("crm.customers", UPDATE, customer(),
+                  customer(phone="13912345678", updated_at=COMMIT)),                # seq 4
+        RowChange("crm.market_demand", CREATE, None, demand()),                     # seq 5
+    ]
+
+
+def build(changes: list[RowChange], **kw: Any) -> list[Outgoing]:
+    return build_events(changes, lsn=LSN, xid=XID, commit_time=COMMIT, **kw)
+
+
+def test_mixed_transaction_kinds_keys_and_order() -> None:
+    events = build(mixed_transaction())
+    assert [(e.kind, e.record["op"]) for e in events] == [
+        ("customer", CREATE), ("order", CREATE), ("customer", UPDATE),
+        ("market_demand", CREATE)]
+    assert [e.key for e in events] == [b"42", b"42", b"42", b"7"]
+    assert all(isinstance(e.key, bytes) for e in events)
+    seqs = [e.record["source"]["seq"] for e in events]
+    assert seqs == [0, 1, 4, 5]  # the order takes the position of its first change
+    assert seqs == sorted(seqs)
+
+
+def test_event_ids_are_lsn_hex_and_seq() -> None:
+    events = build(mixed_transaction())
+    assert [e.event_id for e in events] == [
+        "16B374D848/0", "16B374D848/1", "16B374D848/4", "16B374D848/5"]
+    for e in events:
+        assert e.record["event_id"] == e.event_id
+        assert e.event_id == f"{LSN:X}/{e.record['source']['seq']}"
+
+
+def test_building_twice_gives_identical_events() -> None:
+    first, second = build(mixed_transaction()), build(mixed_transaction())
+    assert first == second
+    assert [e.event_id for e in first] == [e.event_id for e in second]
+
+
+def test_a_later_transaction_gets_different_ids() -> None:
+    ids = {e.event_id for e in build(mixed_transaction())}
+    later = build_events(mixed_transaction(), lsn=LSN + 1, xid=XID + 1, commit_time=COMMIT)
+    assert ids.isdisjoint(e.event_id for e in later)
+
+
+def test_source_block() -> None:
+    events = build(mixed_transaction())
+    assert [e.record["source"]["table"] for e in events] == [
+        "crm.customers", "crm.sales_orders", "crm.customers", "crm.market_demand"]
+    for e in events:
+        src = e.record["source"]
+        assert (src["lsn"], src["txid"], src["commit_time"], src["snapshot"]) == (
+            LSN, XID, COMMIT, False)
+
+
+def test_customer_events_carry_before_and_after() -> None:
+    changes = mixed_transaction()
+    _, _, update, _ = build(changes)
+    assert update.record["before"] == changes[4].before
+    assert update.record["after"]["phone"] == "13912345678"
+    assert update.record["after"]["updated_at"] == COMMIT
+
+
+def test_order_header_and_lines_become_one_event() -> None:
+    order = build(mixed_transaction())[1]
+    rec = order.record
+    assert (rec["order_id"], rec["customer_id"]) == (9001, 42)
+    assert rec["before"] is None and rec["after"] == header()
+    assert [(ln["op"], ln["after"]["line_no"]) for ln in rec["lines"]] == [
+        (CREATE, 1), (CREATE, 2)]
+    assert rec["lines"][1]["after"]["unit_price"] == Decimal("12345678901.23")
+    assert all(ln["before"] is None for ln in rec["lines"])
+
+
+def test_two_orders_of_two_customers_in_one_transaction() -> None:
+    changes = [
+        RowChange("crm.order_lines", UPDATE, line(1, 9002, 43), line(1, 9002, 43,
+                                                                     quantity="5台")),
+        RowChange("crm.sales_orders", CREATE, None, header(9001, 42)),
+        RowChange("crm.order_lines", CREATE, None, line(1, 9001, 42)),
+        RowChange("crm.order_lines", DELETE, line(2, 9002, 43), None),
+    ]
+    first, second = build(changes)
+    assert (first.record["order_id"], first.key, first.event_id) == (9002, b"43", f"{LSN:X}/0")
+    assert (second.record["order_id"], second.key, second.event_id) == (
+        9001, b"42", f"{LSN:X}/1")
+    assert [ln["op"] for ln in first.record["lines"]] == [UPDATE, DELETE]
+    assert first.record["lines"][1]["after"] is None
+    assert len(second.record["lines"]) == 1
+
+
+def test_order_inserted_then_deleted_in_one_transaction_is_a_delete() -> None:
+    changes = [
+        RowChange("crm.sales_orders", CREATE, None, header()),
+        RowChange("crm.order_lines", CREATE, None, line(1)),
+        RowChange("crm.order_lines", DELETE, line(1), None),
+        RowChange("crm.sales_orders", DELETE, header(), None),
+    ]
+    (event,) = build(changes)
+    assert event.kind == "order"
+    assert event.record["op"] == DELETE
+    assert event.record["after"] is None
+    assert event.record["order_id"] == 9001 and event.key == b"42"
+    assert [ln["op"] for ln in event.record["lines"]] == [CREATE, DELETE]
+
+
+def test_order_updated_then_deleted_keeps_the_first_before() -> None:
+    paid = header(status="已付款")
+    changes = [
+        RowChange("crm.sales_orders", UPDATE, header(), paid),
+        RowChange("crm.sales_orders", DELETE, paid, None),
+    ]
+    (event,) = build(changes)
+    assert event.record["op"] == DELETE
+    assert event.record["before"] == header()
+    assert event.record["after"] is None
+
+
+def test_order_inserted_then_updated_is_a_create_with_the_last_after() -> None:
+    paid = header(status="已付款", updated_at=COMMIT)
+    changes = [
+        RowChange("crm.sales_orders", CREATE, None, header()),
+        RowChange("crm.sales_orders", UPDATE, header(), paid),
+    ]
+    (event,) = build(changes)
+    assert event.record["op"] == CREATE
+    assert event.record["before"] is None
+    assert event.record["after"] == paid
+
+
+def test_lines_only_change_is_an_order_update_without_header() -> None:
+    changes = [
+        RowChange("crm.order_lines", UPDATE, line(1), line(1, quantity="12台")),
+        RowChange("crm.order_lines", CREATE, None, line(3)),
+    ]
+    (event,) = build(changes)
+    rec = event.record
+    assert event.kind == "order" and event.key == b"42"
+    assert rec["op"] == UPDATE
+    assert rec["before"] is None and rec["after"] is None
+    assert (rec["order_id"], rec["customer_id"]) == (9001, 42)
+    assert rec["source"]["table"] == "crm.order_lines"
+    assert [ln["op"] for ln in rec["lines"]] == [UPDATE, CREATE]
+    assert rec["lines"][0]["after"]["quantity"] == "12台"
+
+
+def test_customer_delete_is_keyed_by_the_before_row() -> None:
+    (event,) = build([RowChange("crm.customers", DELETE, customer(77), None)])
+    assert event.key == b"77"
+    assert event.record["op"] == DELETE and event.record["after"] is None
+
+
+def test_market_demand_is_keyed_by_demand_id() -> None:
+    (event,) = build([RowChange("crm.market_demand", UPDATE, demand(123), demand(123))])
+    assert event.kind == "market_demand" and event.key == b"123"
+
+
+def test_snapshot_reads() -> None:
+    reads = [
+        RowChange("crm.customers", READ, None, customer(1)),
+        RowChange("crm.customers", READ, None, customer(2)),
+        RowChange("crm.sales_orders", READ, None, header(9001, 2)),
+        RowChange("crm.market_demand", READ, None, demand(5)),
+    ]
+    events = build_events(reads, lsn=LSN, xid=0, commit_time=COMMIT, snapshot=True,
+                          first_seq=10)
+    assert [e.event_id for e in events] == [f"snap/{LSN:X}/{s}" for s in (10, 11, 12, 13)]
+    assert all(e.event_id.startswith("snap/") for e in events)
+    assert [e.record["op"] for e in events] == [READ] * 4
+    assert all(e.record["source"]["snapshot"] is True for e in events)
+    assert all(e.record["source"]["txid"] == 0 for e in events)
+    assert [e.key for e in events] == [b"1", b"2", b"2", b"5"]
+    # Snapshot ids never collide with the ids of the change that carried the watermark.
+    changes = {e.event_id for e in build(mixed_transaction())}
+    assert changes.isdisjoint(e.event_id for e in events)
+
+
+def test_event_id_format() -> None:
+    assert event_id(0x16B374D848, 3, False) == "16B374D848/3"
+    assert event_id(0x16B374D848, 3, True) == "snap/16B374D848/3"
+    assert event_id(0, 0, False) == "0/0"
+
+
+def test_change_without_row_data_is_refused() -> None:
+    with pytest.raises(PgOutputError, match=r"crm\.customers"):
+        build([RowChange("crm.customers", DELETE, None, None)])
+
+
+def test_row_key() -> None:
+    assert row_key("crm.customers", customer(42)) == (42,)
+    assert row_key("crm.order_lines", line(2, 9001)) == (9001, 2)
+
+
+def test_every_event_encodes_with_the_schemas() -> None:
+    registry = SchemaRegistry.load(SCHEMAS)
+    changes = [*mixed_transaction(),
+               RowChange("crm.order_lines", UPDATE, line(1, 9009), line(1, 9009, price="1.50"))]
+    for event in build(changes):
+        kind, decoded = registry.decode(registry.encode(event.kind, event.record))
+        assert kind == event.kind
+        assert decoded == event.record
+
+
+# ---- text values from pgoutput -> Python ----------------------------------------------------
+
+def test_numeric_is_an_exact_decimal() -> None:
+    value = converter_for(1700)("5000.00")
+    assert isinstance(value, Decimal)
+    assert value == Decimal("5000.00") and str(value) == "5000.00"
+    assert converter_for(1700)("12345678901.23") == Decimal("12345678901.23")
+
+
+def test_timestamptz_is_aware_utc() -> None:
+    value = converter_for(1184)("2026-11-28 12:00:00.123456+00")
+    assert value == datetime(2026, 11, 28, 12, 0, 0, 123456, tzinfo=UTC)
+    assert value.utcoffset() == timedelta(0)
+
+
+def test_timestamptz_with_an_offset_keeps_its_instant() -> None:
+    value = converter_for(1184)("2026-11-28 20:00:00.5+08")
+    assert value.tzinfo is not None
+    assert value == datetime(2026, 11, 28, 12, 0, 0, 500000, tzinfo=UTC)
+    assert value.utcoffset() == timedelta(hours=8)
+    assert value.astimezone(UTC).hour == 12
+
+
+def test_timestamp_without_zone_is_taken_as_utc() -> None:
+    value = converter_for(1114)("2026-11-28 12:00:00")
+    assert value == datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(("oid", "text", "expected"), [
+    (16, "t", True), (16, "f", False),
+    (20, "9007199254740993", 9007199254740993), (21, "-7", -7), (23, "42", 42),
+    (1082, "2023-01-01", date(2023, 1, 1)),
+    (25, "北京市朝阳区建国路88号", "北京市朝阳区建国路88号"),  # text
+    (1043, "10台", "10台"),  # varchar
+    (99999, "anything", "anything"),  # unknown types stay text
+])
+def test_converters(oid: int, text: str, expected: Any) -> None:
+    value = converter_for(oid)(text)
+    assert value == expected
+    assert type(value) is type(expected)

@@ -1,0 +1,168 @@
+"""service.settings: frozen Settings, CRM_ERP_SYNC_<FIELD> environment, hidden secrets."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+import service.settings
+from service.errors import ConfigError
+from service.settings import Settings, hide_secret
+
+
+def fresh_settings_module(monkeypatch: pytest.MonkeyPatch, **stack_env: str) -> ModuleType:
+    """service/settings.py imported anew (its port defaults are read at import time)."""
+    for var in ("STACK_KAFKA_PORT", "STACK_PG_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in stack_env.items():
+        monkeypatch.setenv(var, value)
+    name = "_fresh_service_settings"
+    spec = importlib.util.spec_from_file_location(name, service.settings.__file__)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_defaults_point_at_the_local_stack(monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = fresh_settings_module(monkeypatch).Settings()
+    assert defaults.kafka_bootstrap == "127.0.0.1:19092"
+    assert defaults.crm_dsn == "postgresql://sync:sync@127.0.0.1:15432/crm"
+    assert defaults.erp_dsn == "postgresql://sync:sync@127.0.0.1:15432/erp"
+    assert defaults.kafka_security_protocol == "PLAINTEXT"
+    assert (defaults.sales_topic, defaults.market_topic, defaults.dlq_topic) == (
+        "crm.sales", "crm.market-demand", "crm-erp-sync.dlq")
+    assert defaults.schemas_dir.is_dir()
+    assert (defaults.schemas_dir / "customer" / "v1.avsc").is_file()
+    defaults.validate()
+
+
+def test_stack_ports_move_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    moved = fresh_settings_module(
+        monkeypatch, STACK_KAFKA_PORT="29092", STACK_PG_PORT="25432").Settings()
+    assert moved.kafka_bootstrap == "127.0.0.1:29092"
+    assert moved.crm_dsn.endswith("@127.0.0.1:25432/crm")
+
+
+def test_empty_environment_gives_the_defaults() -> None:
+    assert Settings.from_env({}) == Settings()
+
+
+def test_env_var_names() -> None:
+    assert Settings.env_var("kafka_bootstrap") == "CRM_ERP_SYNC_KAFKA_BOOTSTRAP"
+    assert Settings.env_var("crm_dsn") == "CRM_ERP_SYNC_CRM_DSN"
+
+
+def test_env_overrides_each_type() -> None:
+    settings = Settings.from_env({
+        "CRM_ERP_SYNC_KAFKA_BOOTSTRAP": "broker-1:9092,broker-2:9092",
+        "CRM_ERP_SYNC_TOPIC_PARTITIONS": "12",
+        "CRM_ERP_SYNC_HEARTBEAT_INTERVAL_S": "2.5",
+        "CRM_ERP_SYNC_ORPHAN_HOLD_S": "60",
+        "CRM_ERP_SYNC_SCHEMAS_DIR": "/srv/schemas",
+        "CRM_ERP_SYNC_LOG_FORMAT": "console",
+        "UNRELATED_TOPIC_PARTITIONS": "99",
+    })
+    assert settings.kafka_bootstrap == "broker-1:9092,broker-2:9092"
+    assert settings.topic_partitions == 12 and type(settings.topic_partitions) is int
+    assert settings.heartbeat_interval_s == 2.5
+    assert settings.orphan_hold_s == 60.0 and type(settings.orphan_hold_s) is float
+    assert settings.schemas_dir == Path("/srv/schemas")
+    assert isinstance(settings.schemas_dir, Path)
+    assert settings.log_format == "console"
+    assert settings.topic_replication == Settings().topic_replication  # untouched
+
+
+def test_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRM_ERP_SYNC_SALES_TOPIC", "crm.sales.test")
+    assert Settings.from_env().sales_topic == "crm.sales.test"
+
+
+@pytest.mark.parametrize(("variable", "raw"), [
+    ("CRM_ERP_SYNC_TOPIC_PARTITIONS", "six"),
+    ("CRM_ERP_SYNC_BATCH_MAX_EVENTS", "1.5"),
+    ("CRM_ERP_SYNC_HTTP_PORT", ""),
+    ("CRM_ERP_SYNC_HEARTBEAT_INTERVAL_S", "ten"),
+])
+def test_malformed_number_names_the_variable(variable: str, raw: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({variable: raw})
+    assert info.value.variable == variable
+    assert str(info.value).startswith(f"{variable}: ")
+    assert repr(raw) in str(info.value)
+
+
+@pytest.mark.parametrize(("variable", "raw"), [
+    ("CRM_ERP_SYNC_TOPIC_PARTITIONS", "0"),
+    ("CRM_ERP_SYNC_BATCH_MAX_EVENTS", "-1"),
+    ("CRM_ERP_SYNC_LOG_FORMAT", "xml"),
+    ("CRM_ERP_SYNC_CRM_DSN", "mysql://sync:sync@db/crm"),
+    ("CRM_ERP_SYNC_ERP_DSN", "host=db dbname=erp"),
+])
+def test_invalid_value_names_the_variable(variable: str, raw: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({variable: raw})
+    assert info.value.variable == variable
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.kafka_bootstrap = "elsewhere:9092"  # type: ignore[misc]
+
+
+SECRET_ENV = {
+    "CRM_ERP_SYNC_CRM_DSN": "postgresql://sync:s3cr3t-crm@db.internal:5432/crm",
+    "CRM_ERP_SYNC_ERP_DSN": "postgres://erp_writer:p4ss:word/x@erp.internal/erp",
+    "CRM_ERP_SYNC_KAFKA_SASL_USERNAME": "sync-user",
+    "CRM_ERP_SYNC_KAFKA_SASL_PASSWORD": "hunter2-sasl",
+}
+
+
+def test_redacted_hides_passwords_and_keeps_the_rest() -> None:
+    shown = Settings.from_env(SECRET_ENV).redacted()
+    assert shown["CRM_ERP_SYNC_CRM_DSN"] == "postgresql://sync:***@db.internal:5432/crm"
+    assert shown["CRM_ERP_SYNC_ERP_DSN"] == "postgres://erp_writer:***@erp.internal/erp"
+    assert shown["CRM_ERP_SYNC_KAFKA_SASL_PASSWORD"] == "***"
+    assert shown["CRM_ERP_SYNC_KAFKA_SASL_USERNAME"] == "sync-user"
+    assert shown["CRM_ERP_SYNC_TOPIC_PARTITIONS"] == "6"
+    # Every field is listed, keyed by its environment variable.
+    assert set(shown) == {Settings.env_var(f.name) for f in dataclasses.fields(Settings)}
+    text = repr(shown)
+    for secret in ("s3cr3t-crm", "p4ss", "word/x", "hunter2-sasl"):
+        assert secret not in text
+
+
+def test_default_dsns_are_shown_without_password() -> None:
+    shown = Settings().redacted()
+    assert shown["CRM_ERP_SYNC_CRM_DSN"].startswith("postgresql://sync:***@127.0.0.1:")
+    assert shown["CRM_ERP_SYNC_KAFKA_SASL_PASSWORD"] == ""  # nothing to hide, nothing shown
+
+
+def test_repr_and_str_do_not_contain_passwords() -> None:
+    settings = Settings.from_env(SECRET_ENV)
+    for text in (repr(settings), str(settings), f"{settings}", repr([settings])):
+        assert "s3cr3t-crm" not in text
+        assert "hunter2-sasl" not in text
+        assert "p4ss" not in text
+        assert "db.internal" in text  # the rest is still readable
+
+
+def test_hide_secret() -> None:
+    assert hide_secret("") == ""
+    assert hide_secret("plain-token") == "***"
+    assert hide_secret("postgresql://u:pw@h:1/d") == "postgresql://u:***@h:1/d"
+    assert hide_secret("postgresql://u@h:1/d") == "postgresql://u@h:1/d"
+
+
+def test_redacted_hides_a_password_given_as_query_parameter() -> None:
+    dsn = "postgresql://sync@db.internal:5432/crm?sslmode=require&password=s3cr3t-q"
+    settings = Settings.from_env({"CRM_ERP_SYNC_CRM_DSN": dsn})
+    assert "s3cr3t-q" not in settings.redacted()["CRM_ERP_SYNC_CRM_DSN"]
+    assert "s3cr3t-q" not in repr(settings)

@@ -6,10 +6,18 @@ from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, NoBrokersAvailable, TopicAlreadyExistsError
+from kafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    TopicAlreadyExistsError,
+)
 
 from service.errors import Retryable, StackUnavailable
 from service.settings import Settings
+
+# kafka-python 3 raises KafkaTimeoutError("Unable to bootstrap from ...") when no broker
+# answers; we say which broker and what to do.
 
 
 def security_options(settings: Settings) -> dict[str, Any]:
@@ -49,7 +57,7 @@ def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
     }
     try:
         return KafkaProducer(**options)
-    except NoBrokersAvailable as exc:
+    except (KafkaTimeoutError, KafkaConnectionError) as exc:
         raise _unreachable(settings, exc) from exc
 
 
@@ -66,14 +74,14 @@ def make_consumer(settings: Settings, *topics: str, **overrides: Any) -> KafkaCo
     }
     try:
         return KafkaConsumer(*topics, **options)
-    except NoBrokersAvailable as exc:
+    except (KafkaTimeoutError, KafkaConnectionError) as exc:
         raise _unreachable(settings, exc) from exc
 
 
 def make_admin(settings: Settings) -> KafkaAdminClient:
     try:
         return KafkaAdminClient(**security_options(settings), client_id="crm-erp-sync-admin")
-    except NoBrokersAvailable as exc:
+    except (KafkaTimeoutError, KafkaConnectionError) as exc:
         raise _unreachable(settings, exc) from exc
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 import psycopg
 
@@ -19,7 +20,7 @@ class SetupReport:
     demo_crm_schema: bool
 
 
-def _connect(dsn: str, what: str) -> psycopg.Connection[object]:
+def _connect(dsn: str, what: str) -> psycopg.Connection[Any]:
     try:
         return psycopg.connect(dsn, autocommit=True, connect_timeout=10)
     except psycopg.OperationalError as exc:

@@ -320,9 +320,11 @@ pg_check_bin() {
 # /root). Adds only the search (x) bit for others, and only where it is missing.
 pg_make_traversable() {
     [[ "$(id -u)" == 0 ]] || return 0
-    local d="$PG_DIR"
-    while [[ "$d" != "/" && -n "$d" ]]; do
-        d="$(dirname "$d")"
+    local d="" part
+    local -a parts
+    IFS=/ read -r -a parts <<<"${STACK#/}"
+    for part in "${parts[@]}"; do  # top-down: / first, .stack last
+        d="$d/$part"
         if ! runuser -u postgres -- test -x "$d"; then
             log "chmod o+x $d (so the postgres user can reach .stack/pg)"
             chmod o+x "$d"
@@ -458,7 +460,7 @@ pg_status() {
         return 0
     fi
     printf '%-10s %-8s 127.0.0.1:%-6s version %s\n' postgresql down "$PG_PORT" \
-        "$("$PG_BIN/postgres" --version 2>/dev/null | awk '{print $NF}') (binary)"
+        "$("$PG_BIN/postgres" --version 2>/dev/null | awk '{print $3}') (binary)"
     return 1
 }
 

@@ -135,17 +135,19 @@ def build_events(
                                     "after": change.after})
             continue
         key_value = row["customer_id"] if kind == "customer" else row["demand_id"]
-        record = {
-            "event_id": event_id(lsn, seq, snapshot),
+        eid = event_id(lsn, seq, snapshot)
+        record: dict[str, Any] = {
+            "event_id": eid,
             "op": change.op,
             "source": _source(lsn, seq, xid, commit_time, change.table, snapshot),
             "before": change.before,
             "after": change.after,
         }
-        out.append((seq, Outgoing(kind, str(key_value).encode(), record["event_id"], record)))
+        out.append((seq, Outgoing(kind, str(key_value).encode(), eid, record)))
     for group in orders.values():
-        record = {
-            "event_id": event_id(lsn, group.seq, snapshot),
+        eid = event_id(lsn, group.seq, snapshot)
+        order_record: dict[str, Any] = {
+            "event_id": eid,
             "op": _order_op(group.header_ops) if group.header_ops or not snapshot else READ,
             "source": _source(lsn, group.seq, xid, commit_time,
                               "crm.sales_orders" if group.header_ops else "crm.order_lines",
@@ -156,7 +158,7 @@ def build_events(
             "after": group.after,
             "lines": group.lines,
         }
-        out.append((group.seq, Outgoing("order", str(group.customer_id).encode(),
-                                        record["event_id"], record)))
+        out.append((group.seq, Outgoing("order", str(group.customer_id).encode(), eid,
+                                        order_record)))
     out.sort(key=lambda pair: pair[0])
     return [o for _, o in out]

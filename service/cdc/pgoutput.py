@@ -15,9 +15,10 @@ no per-message xid; those are reported as errors rather than guessed at.
 Column values in :data:`TupleData` are one of:
 
 * :data:`NULL` -- the column is SQL NULL (tuple kind ``'n'``);
-* :data:`UNCHANGED_TOAST` -- a TOASTed value the update did not change, so the server did not
-  send it (kind ``'u'``); with ``REPLICA IDENTITY FULL`` this does not occur in old tuples, but
-  it can in new tuples of an UPDATE, see :func:`has_unchanged_toast`;
+* :data:`UNCHANGED_TOAST` -- an out-of-line TOASTed value an UPDATE did not change, so the
+  server did not send it (kind ``'u'``). Verified against PostgreSQL 15: this happens in the
+  *new* tuple even with ``REPLICA IDENTITY FULL`` (the *old* tuple then has the full value);
+  see :func:`has_unchanged_toast` and :func:`fill_unchanged_toast`;
 * ``str`` -- the column's text output, decoded as UTF-8 (kind ``'t'``);
 * ``bytes`` -- the column's binary send format (kind ``'b'``, only with the ``binary`` option).
 
@@ -58,6 +59,7 @@ __all__ = [
     "UnchangedToastError",
     "Update",
     "decode_message",
+    "fill_unchanged_toast",
     "has_unchanged_toast",
     "lsn_to_str",
     "pg_timestamp_to_datetime",
@@ -91,6 +93,27 @@ TupleData: TypeAlias = tuple[ColumnValue, ...]
 def has_unchanged_toast(values: TupleData) -> bool:
     """Whether any column of ``values`` is :data:`UNCHANGED_TOAST` (its value is unknown)."""
     return UNCHANGED_TOAST in values
+
+
+def fill_unchanged_toast(new: TupleData, old: TupleData | None) -> TupleData:
+    """``new`` with every :data:`UNCHANGED_TOAST` replaced by the same column of ``old``.
+
+    Even with REPLICA IDENTITY FULL, PostgreSQL 15 sends an UPDATE's unchanged out-of-line
+    TOASTed columns as ``'u'`` in the *new* tuple; the *old* tuple (FULL) carries them in
+    full. Returns ``new`` itself when nothing is missing. Raises PgOutputError when a value
+    cannot be recovered (no old tuple, a column-count mismatch, or old lacks it too).
+    """
+    if UNCHANGED_TOAST not in new:
+        return new
+    if old is None or len(old) != len(new):
+        raise PgOutputError(
+            "unchanged TOASTed value in new tuple and no matching old tuple to take it from "
+            "(the table needs REPLICA IDENTITY FULL)"
+        )
+    merged = tuple(o if n is UNCHANGED_TOAST else n for n, o in zip(new, old, strict=True))
+    if UNCHANGED_TOAST in merged:
+        raise PgOutputError("unchanged TOASTed value missing from the old tuple too")
+    return merged
 
 
 # --------------------------------------------------------------------------- LSNs and time
@@ -508,12 +531,12 @@ def decode_message(data: bytes | bytearray | memoryview) -> PgOutputMessage:
 
 
 class UnchangedToastError(PgOutputError):
-    """A column value was not sent (unchanged TOAST); the table needs REPLICA IDENTITY FULL."""
+    """A column value was not sent (unchanged TOAST): fill it from the old tuple first."""
 
     def __init__(self, relation: Relation, column: str) -> None:
         super().__init__(
-            f"{relation.qualified_name}.{column}: unchanged TOASTed value was not sent; "
-            "the table needs REPLICA IDENTITY FULL"
+            f"{relation.qualified_name}.{column}: unchanged TOASTed value was not sent; take it "
+            "from the old tuple (fill_unchanged_toast; needs REPLICA IDENTITY FULL)"
         )
         self.relation = relation
         self.column = column

@@ -131,8 +131,11 @@ class ChangeDecoder:
             txn.changes.append(RowChange(table, CREATE, None, after))
         elif isinstance(msg, pgoutput.Update):
             table = self._relations[msg.relation_id].table
+            # Even with REPLICA IDENTITY FULL, PostgreSQL 15 sends an unchanged out-of-line
+            # (TOASTed) column of the new row as 'u'; the old row carries its full value.
+            new = pgoutput.fill_unchanged_toast(msg.new, msg.old)
             txn.changes.append(RowChange(table, UPDATE, self._row(msg.relation_id, msg.old),
-                                         self._row(msg.relation_id, msg.new)))
+                                         self._row(msg.relation_id, new)))
         elif isinstance(msg, pgoutput.Delete):
             table = self._relations[msg.relation_id].table
             before = self._row(msg.relation_id, msg.old if msg.old is not None else msg.key)

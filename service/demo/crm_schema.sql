@@ -1,8 +1,9 @@
 -- Demo CRM schema, modelled on the brief (../shared/seed): the service does not own a real
 -- CRM's schema; this one exists for the demo, the tests and the benchmarks.
--- REPLICA IDENTITY FULL: updates and deletes carry the whole old row, and an unchanged
--- TOASTed column is sent in full instead of as "unchanged" (pgoutput's 'u' marker), so the
--- producer never has to publish a placeholder or re-read the row.
+-- REPLICA IDENTITY FULL: updates and deletes carry the whole old row. PostgreSQL 15 still
+-- sends an unchanged out-of-line (TOASTed) column of the NEW row as "unchanged" (pgoutput's
+-- 'u'), but the old row has its full value: the producer fills it from there, so it never
+-- publishes a placeholder and never re-reads the row.
 CREATE SCHEMA IF NOT EXISTS crm;
 
 CREATE TABLE IF NOT EXISTS crm.customers (

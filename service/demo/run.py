@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import psycopg
-from service.demo.load import load_demo
 
 from service import ops
+from service.demo.load import load_demo
 from service.settings import REPO_ROOT, Settings
 from service.setup import run_setup
 

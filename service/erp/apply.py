@@ -16,9 +16,9 @@ from collections.abc import Iterable
 from typing import Any, TypeVar
 
 import psycopg
-from service.erp.mappings import Mappings
 
 from service.erp.changes import DemandRow, ErpChange, OrderHeaderRow, OrderItemRow, PartnerRow
+from service.erp.mappings import Mappings
 
 PgConn = psycopg.Connection[Any]
 T = TypeVar("T", PartnerRow, OrderHeaderRow, OrderItemRow, DemandRow)

@@ -11,9 +11,8 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from service.erp.mappings import Mappings
-
 from service.erp import transform as tf
+from service.erp.mappings import Mappings
 from service.errors import MappingError
 
 

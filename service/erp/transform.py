@@ -149,8 +149,9 @@ def age_on(birth_date: date | None, on_date: date) -> int | None:
 #
 # Hand-written rules, not the `phonenumbers` library: the CRM holds Chinese numbers (mobiles,
 # landlines with an area code) and a few already-international ones, and what we must catch
-# is what libphonenumber does not (masked numbers such as 138xxxx5678). Foreign numbers are
-# only checked for E.164 shape (country code + number, 7..15 digits), not per country.
+# is what libphonenumber does not: a masked number such as 138xxxx5678 (its vanity-number
+# rule reads letters as keypad digits). Foreign numbers are only checked for E.164 shape
+# (country code + number, 7..15 digits), not per country; add the library if that changes.
 
 _MASKED = re.compile(r"[xX*?×…]")
 _EXTENSION = re.compile(r"(转|分机|ext\.?)\s*\d+\s*$", re.IGNORECASE)
@@ -191,10 +192,10 @@ def phone_e164(raw: str | None, default_region: str = "CN", *,
     text = _nfkc(raw).strip()
     if not text:
         raise MappingError(field, raw, "phone number is empty")
-    if _MASKED.search(text) or _MASKED.search(raw):
-        raise MappingError(field, raw, "masked or incomplete number (digits replaced by x or *)")
     if _EXTENSION.search(text):
         raise MappingError(field, raw, "has an extension, which E.164 cannot hold")
+    if _MASKED.search(text) or _MASKED.search(raw):
+        raise MappingError(field, raw, "masked or incomplete number (digits replaced by x or *)")
     if not _PHONE_TEXT.fullmatch(text):
         raise MappingError(field, raw, "contains characters that are not part of a phone number")
     compact = _PHONE_SEPARATORS.sub("", text)

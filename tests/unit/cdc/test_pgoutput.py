@@ -25,6 +25,7 @@ from service.cdc.pgoutput import (
     UnchangedToastError,
     Update,
     decode_message,
+    fill_unchanged_toast,
     has_unchanged_toast,
     lsn_to_str,
     str_to_lsn,
@@ -489,3 +490,32 @@ def test_big_transaction_stream() -> None:
     assert len(rows) == 2000
     assert rows[-1]["customer_id"] == "1999"
     assert lsn_to_str(0x20_0000_0030) == "20/30"
+
+
+# --------------------------------------------------------------------------- unchanged TOAST
+
+
+def test_fill_unchanged_toast_from_full_old_tuple() -> None:
+    # What PostgreSQL 15 really sends for REPLICA IDENTITY FULL when a TOASTed column is unchanged.
+    big = "备注" * 5000
+    msg = decode_message(
+        update(16390, old=("42", "张三", "北京", big), new=("42", "李四", "北京", UNCHANGED_TOAST))
+    )
+    assert isinstance(msg, Update)
+    filled = fill_unchanged_toast(msg.new, msg.old)
+    assert filled == ("42", "李四", "北京", big)
+    assert _cache().to_dict(16390, filled)["note"] == big
+
+
+def test_fill_unchanged_toast_is_identity_without_markers() -> None:
+    new = ("1", NULL)
+    assert fill_unchanged_toast(new, None) is new
+
+
+def test_fill_unchanged_toast_cannot_recover() -> None:
+    with pytest.raises(PgOutputError, match="no matching old tuple"):
+        fill_unchanged_toast(("1", UNCHANGED_TOAST), None)
+    with pytest.raises(PgOutputError, match="no matching old tuple"):
+        fill_unchanged_toast(("1", UNCHANGED_TOAST), ("1",))
+    with pytest.raises(PgOutputError, match="old tuple too"):
+        fill_unchanged_toast(("1", UNCHANGED_TOAST), ("1", UNCHANGED_TOAST))

@@ -1,0 +1,431 @@
+"""CRM values -> ERP vocabulary, starting from the brief's own examples."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from decimal import Decimal
+
+import pytest
+
+from service.erp import transform as tf
+from service.erp.mappings import Mappings
+from service.erp.transform import Address, Money, Quantity
+from service.errors import MappingError, Permanent
+
+
+@pytest.fixture(scope="module")
+def m() -> Mappings:
+    return Mappings.load()
+
+
+def fails(field: str, call: object, *args: object, reason: str = "",
+          secret: str | None = None) -> MappingError:
+    """Assert the call raises MappingError for ``field``; the message never shows ``secret``."""
+    assert callable(call)
+    with pytest.raises(MappingError) as info:
+        call(*args)
+    err = info.value
+    assert err.field == field
+    assert reason in err.reason
+    assert str(err).startswith(f"{field}: ")
+    if secret:
+        assert secret not in str(err)
+    assert isinstance(err, Permanent) and err.stage == "transform"
+    return err
+
+
+# --- the brief's examples ----------------------------------------------------------------
+
+def test_brief_customer_example(m: Mappings) -> None:
+    assert tf.full_name("张", "三", None, "eastern") == "张三"
+    assert tf.gender_code("男", m) == "M"
+    fails("phone", tf.phone_e164, "138xxxx5678", reason="masked", secret="5678")
+    assert tf.parse_cn_address("北京市朝阳区XX路XX号") == Address("北京市", "北京市", "朝阳区",
+                                                               "XX路XX号")
+    assert tf.parse_money("1000元", None, m) == Money(Decimal("1000.00"), "CNY")
+
+
+def test_brief_order_example(m: Mappings) -> None:
+    assert tf.parse_quantity("10台", m) == Quantity(Decimal(10), "UNIT")
+    assert tf.parse_money("5000元", None, m) == Money(Decimal("5000.00"), "CNY")
+    assert tf.order_status("已发货", m) == "SHIPPED"
+    assert m.status_stock_effect[tf.order_status("已发货", m)] == "issue"
+
+
+def test_brief_market_demand_kinds(m: Mappings) -> None:
+    assert [tf.demand_kind(k, m) for k in ["市场趋势", "客户需求反馈", "竞争对手分析"]] == [
+        "MARKET_TREND", "CUSTOMER_FEEDBACK", "COMPETITOR"]
+
+
+# --- names -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("family", "given", "middle", "order", "expected"), [
+    ("张", "三", None, "eastern", "张三"),
+    (" 欧阳 ", " 娜娜\u3000", "", "eastern", "欧阳娜娜"),
+    ("Smith", "John", None, "western", "John Smith"),
+    ("Kennedy", "John", "Fitzgerald", "western", "John Fitzgerald Kennedy"),
+    ("Tolkien", "John", "Ronald  Reuel", "western", "John Ronald Reuel Tolkien"),
+    ("  van  der Berg ", " Anna ", None, "Western", "Anna van der Berg"),
+    ("Nguyen", "An", "Van", "eastern", "Nguyen Van An"),
+    ("金", "智秀", None, "eastern", "金智秀"),
+    ("김", "민준", None, "eastern", "김민준"),
+    ("买买提", "阿依古丽·", None, "eastern", "买买提阿依古丽·"),
+])
+def test_full_name(family: str, given: str, middle: str | None, order: str,
+                   expected: str) -> None:
+    assert tf.full_name(family, given, middle, order) == expected
+
+
+def test_full_name_eastern_middle_goes_between_without_space() -> None:
+    assert tf.full_name("司马", "光", "君", "eastern") == "司马君光"
+
+
+@pytest.mark.parametrize(("family", "given", "field"), [
+    ("", "三", "family_name"), ("  ", "三", "family_name"), (None, "三", "family_name"),
+    ("张", "", "given_name"), ("张", "\u3000", "given_name"), ("张", None, "given_name"),
+])
+def test_full_name_needs_family_and_given(family: str | None, given: str | None,
+                                          field: str) -> None:
+    fails(field, tf.full_name, family, given, None, "eastern", reason="empty")
+
+
+def test_full_name_unknown_order() -> None:
+    fails("name_order", tf.full_name, "张", "三", None, "southern", reason="eastern or western")
+
+
+# --- gender and age ----------------------------------------------------------------------
+
+@pytest.mark.parametrize(("word", "code"), [
+    ("男", "M"), ("女", "F"), ("未知", "U"), ("male", "M"), ("Female", "F"), ("M", "M"),
+    ("f", "F"), (" 男 ", "M"), ("", "U"), (None, "U"),
+])
+def test_gender_code(m: Mappings, word: str | None, code: str) -> None:
+    assert tf.gender_code(word, m) == code
+
+
+def test_unknown_gender_word_is_not_echoed(m: Mappings) -> None:
+    fails("gender", tf.gender_code, "中性人", m, reason="not a gender word", secret="中性人")
+
+
+@pytest.mark.parametrize(("born", "on", "age"), [
+    (date(1995, 6, 15), date(2023, 6, 14), 27),
+    (date(1995, 6, 15), date(2023, 6, 15), 28),
+    (date(1995, 6, 15), date(2023, 6, 16), 28),
+    (date(1995, 12, 31), date(2024, 1, 1), 28),
+    (date(2000, 2, 29), date(2001, 2, 28), 0),
+    (date(2000, 2, 29), date(2001, 3, 1), 1),
+    (date(2000, 2, 29), date(2004, 2, 28), 3),
+    (date(2000, 2, 29), date(2004, 2, 29), 4),
+    (date(2023, 1, 1), date(2023, 1, 1), 0),
+])
+def test_age_on(born: date, on: date, age: int) -> None:
+    assert tf.age_on(born, on) == age
+
+
+def test_age_on_accepts_a_datetime_reference() -> None:
+    assert tf.age_on(date(1995, 6, 15), datetime(2023, 6, 15, 0, 0).date()) == 28
+
+
+def test_age_unknown_birth_date() -> None:
+    assert tf.age_on(None, date(2023, 1, 1)) is None
+
+
+def test_age_birth_in_the_future() -> None:
+    fails("birth_date", tf.age_on, date(2030, 1, 1), date(2023, 1, 1), reason="after")
+
+
+def test_age_implausible() -> None:
+    fails("birth_date", tf.age_on, date(1800, 1, 1), date(2023, 1, 1), reason="over 150")
+
+
+# --- phone -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("raw", "e164"), [
+    ("13812345678", "+8613812345678"),
+    ("138 1234 5678", "+8613812345678"),
+    ("138-1234-5678", "+8613812345678"),
+    ("+86 138 1234 5678", "+8613812345678"),
+    ("+86-138-1234-5678", "+8613812345678"),
+    ("0086-13812345678", "+8613812345678"),
+    ("(+86)13812345678", "+8613812345678"),
+    ("8613812345678", "+8613812345678"),
+    ("１３８ １２３４ ５６７８", "+8613812345678"),
+    ("＋８６１３８１２３４５６７８", "+8613812345678"),
+    (" 19912345678 ", "+8619912345678"),
+    ("010-12345678", "+861012345678"),
+    ("(010) 1234 5678", "+861012345678"),
+    ("+86 10 12345678", "+861012345678"),
+    ("+86 (0)10 1234 5678", "+861012345678"),
+    ("021-6123 4567", "+862161234567"),
+    ("0755-86013388", "+8675586013388"),
+    ("0571-8888888", "+865718888888"),
+    ("+1 415 555 2671", "+14155552671"),
+    ("0044 20 7946 0958", "+442079460958"),
+])
+def test_phone_e164(raw: str, e164: str) -> None:
+    assert tf.phone_e164(raw) == e164
+
+
+def test_phone_none_stays_none() -> None:
+    assert tf.phone_e164(None) is None
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    ("138xxxx5678", "masked"),
+    ("138XXXX5678", "masked"),
+    ("138****5678", "masked"),
+    ("138＊＊＊＊5678", "masked"),
+    ("138…5678", "masked"),
+    ("", "empty"),
+    ("   ", "empty"),
+    ("call me", "not part of a phone number"),
+    ("138-1234-567a", "not part of a phone number"),
+    ("010-12345678转123", "extension"),
+    ("010-12345678 ext. 9", "extension"),
+    ("138+12345678", "'+'"),
+    ("1381234567", "not a Chinese mobile"),
+    ("23812345678", "not a Chinese mobile"),
+    ("12812345678", "not a Chinese mobile"),
+    ("400-123-4567", "not a Chinese mobile"),
+    ("12345678", "without its area code"),
+    ("010-1234", "wrong length"),
+    ("010-123456789", "wrong length"),
+    ("+86 12345", "+86"),
+    ("+86 138 1234 56789", "+86"),
+    ("+0 123456789", "7 to 15 digits"),
+    ("+1 23", "7 to 15 digits"),
+])
+def test_phone_rejected(raw: str, reason: str) -> None:
+    fails("phone", tf.phone_e164, raw, reason=reason, secret=raw.strip() or None)
+
+
+def test_phone_field_name_can_be_given() -> None:
+    with pytest.raises(MappingError) as info:
+        tf.phone_e164("nope", field="mobile")
+    assert info.value.field == "mobile"
+
+
+def test_phone_only_cn_region() -> None:
+    with pytest.raises(ValueError, match="CN"):
+        tf.phone_e164("13812345678", default_region="US")
+
+
+# --- e-mail ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("zhangsan@example.com", "zhangsan@example.com"),
+    ("  ZhangSan@Example.COM ", "zhangsan@example.com"),
+    ("zhang.san+crm@mail.example.com.cn", "zhang.san+crm@mail.example.com.cn"),
+    ("zhangsan＠example．com", "zhangsan@example.com"),
+    ("user@xn--fiqs8s.cn", "user@xn--fiqs8s.cn"),
+    ("用户@例子.中国", "用户@例子.中国"),
+    (None, None),
+    ("", None),
+    ("   ", None),
+])
+def test_normalise_email(raw: str | None, expected: str | None) -> None:
+    assert tf.normalise_email(raw) == expected
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    ("zhang san@example.com", "spaces"),
+    ("zhangsan@exa mple.com", "spaces"),
+    ("zhangsan.example.com", "exactly one @"),
+    ("zhang@san@example.com", "exactly one @"),
+    ("@example.com", "nothing before"),
+    (".zhangsan@example.com", "dot"),
+    ("zhang..san@example.com", "dot"),
+    ("zhangsan@localhost", "no dot"),
+    ("zhangsan@example..com", "not a valid domain"),
+    ("zhangsan@example,com.cn", "not a valid domain"),
+    ("zhangsan@-example.com", "not a valid domain"),
+    ("zhangsan@example.c", "too short"),
+    ("a" * 65 + "@example.com", "too long"),
+])
+def test_normalise_email_rejected(raw: str, reason: str) -> None:
+    fails("email", tf.normalise_email, raw, reason=reason, secret=raw.split("@")[0] or None)
+
+
+# --- addresses ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("北京市朝阳区XX路XX号", ("北京市", "北京市", "朝阳区", "XX路XX号")),
+    ("北京市朝阳区建国路88号", ("北京市", "北京市", "朝阳区", "建国路88号")),
+    ("北京朝阳区建国路88号", ("北京市", "北京市", "朝阳区", "建国路88号")),
+    ("上海市浦东新区世纪大道100号", ("上海市", "上海市", "浦东新区", "世纪大道100号")),
+    ("重庆市巫山县广东中路1号", ("重庆市", "重庆市", "巫山县", "广东中路1号")),
+    ("天津市和平区南京路", ("天津市", "天津市", "和平区", "南京路")),
+    ("广东省深圳市南山区科技园路1号", ("广东省", "深圳市", "南山区", "科技园路1号")),
+    ("广东深圳市南山区科技园路1号", ("广东省", "深圳市", "南山区", "科技园路1号")),
+    ("广西壮族自治区南宁市青秀区民族大道100号",
+     ("广西壮族自治区", "南宁市", "青秀区", "民族大道100号")),
+    ("广西南宁市青秀区民族大道100号", ("广西壮族自治区", "南宁市", "青秀区", "民族大道100号")),
+    ("内蒙古自治区呼伦贝尔市鄂温克族自治旗巴彦托海镇",
+     ("内蒙古自治区", "呼伦贝尔市", "鄂温克族自治旗", "巴彦托海镇")),
+    ("内蒙古锡林郭勒盟锡林浩特市额尔敦路",
+     ("内蒙古自治区", "锡林郭勒盟", "锡林浩特市", "额尔敦路")),
+    ("新疆维吾尔自治区乌鲁木齐市新市区北京南路", ("新疆维吾尔自治区", "乌鲁木齐市", "新市区",
+                                               "北京南路")),
+    ("西藏阿里地区噶尔县", ("西藏自治区", "阿里地区", "噶尔县", None)),
+    ("吉林省延边朝鲜族自治州延吉市人民路", ("吉林省", "延边朝鲜族自治州", "延吉市", "人民路")),
+    ("吉林省吉林市船营区北京路", ("吉林省", "吉林市", "船营区", "北京路")),
+    ("河北省保定市涞水县城关路1号", ("河北省", "保定市", "涞水县", "城关路1号")),
+    ("江苏省苏州市昆山市前进中路", ("江苏省", "苏州市", "昆山市", "前进中路")),
+    ("山东省济南市市中区经七路", ("山东省", "济南市", "市中区", "经七路")),
+    ("黑龙江省哈尔滨市道里区中央大街", ("黑龙江省", "哈尔滨市", "道里区", "中央大街")),
+    ("广东省东莞市南城街道鸿福路", ("广东省", "东莞市", None, "南城街道鸿福路")),
+    ("湖北省仙桃市干河街道", ("湖北省", "仙桃市", None, "干河街道")),
+    ("湖北省神农架林区松柏镇", ("湖北省", "神农架林区", None, "松柏镇")),
+    ("广东省深圳市", ("广东省", "深圳市", None, None)),
+    ("中国北京市朝阳区建国路88号", ("北京市", "北京市", "朝阳区", "建国路88号")),
+    ("100020 北京市 朝阳区 建国路 88号", ("北京市", "北京市", "朝阳区", "建国路 88号")),
+    ("  广东省 深圳市 南山区 科技园路1号 ", ("广东省", "深圳市", "南山区", "科技园路1号")),
+])
+def test_parse_cn_address(raw: str, expected: tuple[str, str, str | None, str | None]) -> None:
+    assert tf.parse_cn_address(raw) == Address(*expected)
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    ("", "empty"),
+    ("   ", "empty"),
+    ("深圳市南山区科技园路1号", "does not start with a Chinese province"),
+    ("吉林市船营区北京路", "does not start with a Chinese province"),
+    ("123 Main Street, Springfield", "does not start with a Chinese province"),
+    ("香港特别行政区中西区皇后大道中1号", "does not start with a Chinese province"),
+    ("广东省科技园路1号", "no city"),
+])
+def test_parse_cn_address_rejected(raw: str, reason: str) -> None:
+    fails("address", tf.parse_cn_address, raw, reason=reason, secret=raw.strip() or None)
+
+
+# --- money -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("value", "word", "expected"), [
+    ("5000元", None, Money(Decimal("5000.00"), "CNY")),
+    ("5000 元", "元", Money(Decimal("5000.00"), "CNY")),
+    ("5,000.00", "元", Money(Decimal("5000.00"), "CNY")),
+    ("1,234,567.5", "人民币", Money(Decimal("1234567.50"), "CNY")),
+    ("¥5000", None, Money(Decimal("5000.00"), "CNY")),
+    ("￥5,000.00", None, Money(Decimal("5000.00"), "CNY")),
+    ("５０００元", None, Money(Decimal("5000.00"), "CNY")),
+    ("USD 99.90", None, Money(Decimal("99.90"), "USD")),
+    ("99.9美元", "USD", Money(Decimal("99.90"), "USD")),
+    ("0", "RMB", Money(Decimal("0.00"), "CNY")),
+    (Decimal("5000"), "元", Money(Decimal("5000.00"), "CNY")),
+    (Decimal("5000.000"), "元", Money(Decimal("5000.00"), "CNY")),
+    (5000, "CNY", Money(Decimal("5000.00"), "CNY")),
+])
+def test_parse_money(m: Mappings, value: str | Decimal | int, word: str | None,
+                     expected: Money) -> None:
+    money = tf.parse_money(value, word, m)
+    assert money == expected
+    assert str(money.amount) == str(expected.amount)  # exactly two places, not just equal
+
+
+@pytest.mark.parametrize(("value", "word", "field", "reason"), [
+    ("-5000元", None, "amount", "negative"),
+    (Decimal("-0.01"), "元", "amount", "negative"),
+    ("5000.001元", None, "amount", "more than two decimal places"),
+    (Decimal("0.001"), "元", "amount", "more than two decimal places"),
+    ("5,00", "元", "amount", "not an amount"),
+    ("50,00.00", "元", "amount", "not an amount"),
+    ("5.000.00", "元", "amount", "not an amount"),
+    ("五千元", None, "amount", "not an amount"),
+    ("", "元", "amount", "not an amount"),
+    ("5000", None, "amount", "no currency"),
+    (Decimal("5000"), None, "amount", "no currency"),
+    ("5000日元", None, "currency", "unknown currency 日元"),
+    ("5000", "日元", "currency", "unknown currency 日元"),
+    ("5000美元", "元", "amount", "(USD) differs from the currency field (CNY)"),
+    ("¥5000元", None, "amount", "both before and after"),
+    (Decimal("NaN"), "元", "amount", "not a finite number"),
+    (Decimal("Infinity"), "元", "amount", "not a finite number"),
+    (Decimal("1000000000000"), "元", "amount", "too large"),
+])
+def test_parse_money_rejected(m: Mappings, value: str | Decimal, word: str | None, field: str,
+                              reason: str) -> None:
+    fails(field, tf.parse_money, value, word, m, reason=reason)
+
+
+def test_parse_money_refuses_floats(m: Mappings) -> None:
+    fails("amount", tf.parse_money, 5000.0, "元", m, reason="floating-point")
+    fails("amount", tf.parse_money, True, "元", m, reason="text or Decimal")
+
+
+def test_parse_money_does_not_echo_the_amount(m: Mappings) -> None:
+    fails("amount", tf.parse_money, "-98765元", None, m, secret="98765")
+
+
+# --- quantities --------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("10台", Quantity(Decimal(10), "UNIT")),
+    ("2.5kg", Quantity(Decimal("2.5"), "KGM")),
+    (" 3 箱 ", Quantity(Decimal(3), "BOX")),
+    ("1个", Quantity(Decimal(1), "PCE")),
+    ("4件", Quantity(Decimal(4), "PCE")),
+    ("2套", Quantity(Decimal(2), "SET")),
+    ("0.125 KG", Quantity(Decimal("0.125"), "KGM")),
+    ("1,000台", Quantity(Decimal(1000), "UNIT")),
+    ("１０台", Quantity(Decimal(10), "UNIT")),
+    ("3公斤", Quantity(Decimal(3), "KGM")),
+])
+def test_parse_quantity(m: Mappings, raw: str, expected: Quantity) -> None:
+    assert tf.parse_quantity(raw, m) == expected
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    ("10吨", "unknown unit 吨"),
+    ("0台", "greater than zero"),
+    ("-3箱", "greater than zero"),
+    ("0.0kg", "greater than zero"),
+    ("1.2345kg", "more than three decimal places"),
+    ("10", "no unit"),
+    ("台", "does not start with a number"),
+    ("十台", "does not start with a number"),
+    ("", "does not start with a number"),
+    ("1.2.3台", "not a valid number"),
+    ("100000000000台", "too large"),
+])
+def test_parse_quantity_rejected(m: Mappings, raw: str, reason: str) -> None:
+    fails("quantity", tf.parse_quantity, raw, m, reason=reason)
+
+
+def test_unknown_unit_reason_is_shortened(m: Mappings) -> None:
+    err = fails("quantity", tf.parse_quantity, "1" + "很长的单位" * 20, m, reason="unknown unit")
+    assert len(err.reason) < 60 and err.reason.endswith("…")
+
+
+# --- vocabulary look-ups -----------------------------------------------------------------
+
+@pytest.mark.parametrize(("word", "code"), [
+    ("待付款", "PENDING_PAYMENT"), ("已付款", "PAID"), ("已发货", "SHIPPED"),
+    ("已完成", "COMPLETED"), ("已取消", "CANCELLED"), (" 已发货 ", "SHIPPED"),
+])
+def test_order_status(m: Mappings, word: str, code: str) -> None:
+    assert tf.order_status(word, m) == code
+
+
+@pytest.mark.parametrize(("word", "code"), [
+    ("元", "CNY"), ("人民币", "CNY"), ("RMB", "CNY"), ("rmb", "CNY"), ("CNY", "CNY"),
+    ("USD", "USD"), ("美元", "USD"),
+])
+def test_currency_code(m: Mappings, word: str, code: str) -> None:
+    assert tf.currency_code(word, m) == code
+
+
+def test_sku_for(m: Mappings) -> None:
+    assert tf.sku_for("P-PHONE-5G", m) == "SKU-100001"
+    assert tf.sku_for(" p-phone-5g ", m) == "SKU-100001"
+
+
+@pytest.mark.parametrize(("call", "word", "field", "reason"), [
+    (tf.order_status, "已退款", "status", "unknown order status 已退款"),
+    (tf.order_status, "", "status", "unknown order status (empty)"),
+    (tf.sku_for, "P-HOVERBOARD", "product_code", "P-HOVERBOARD"),
+    (tf.currency_code, "日元", "currency", "unknown currency 日元"),
+    (tf.demand_kind, "供应商评价", "kind", "unknown market-demand kind 供应商评价"),
+])
+def test_unmapped_words_name_the_field(m: Mappings, call: object, word: str, field: str,
+                                       reason: str) -> None:
+    fails(field, call, word, m, reason=reason)

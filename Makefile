@@ -52,12 +52,12 @@ lint: venv
 test: venv lint
 	$(BIN)/pytest -q
 
-# ---- demo and benchmarks (commands to be filled in) -----------------------------------------
+# ---- demo and benchmarks -------------------------------------------------------------------
 demo: venv up
-	$(BIN)/crm-erp-sync demo
+	$(BIN)/crm-erp-sync demo run
 
 bench-produce: venv up
-	$(BIN)/python bench/produce.py
+	$(BIN)/python -m bench.produce
 
 bench-apply: venv up
-	$(BIN)/python bench/apply.py
+	$(BIN)/python -m bench.apply

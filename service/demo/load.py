@@ -1,0 +1,376 @@
+"""`crm-erp-sync demo load`: fill the demo CRM with realistic data, then keep changing it.
+
+1. The schema (crm_schema.sql) is created when a table is missing.
+2. Customers, then orders with their lines, then market-demand records are inserted with
+   COPY in transactions of a few thousand rows (ids are reserved from the tables' identity
+   sequences first, so the rows can reference each other without a round trip per row).
+3. A mix of follow-up changes, one CRM transaction each, as users make them: contact edits,
+   orders moving 待付款 -> 已付款 -> 已发货 -> 已完成 (or 已取消), quantity corrections, new
+   market-demand records, a few deleted orders and customers. `rate` caps the changes per
+   second with a deadline schedule (change i is due at start + i / rate, so sleeping never
+   accumulates drift); without it the changes are pipelined, still one transaction each.
+
+Only counts are logged: the rows are personal data.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import resources
+from itertools import islice
+from typing import Any, TypeVar
+
+import psycopg
+import structlog
+from psycopg import sql
+from psycopg.pq import TransactionStatus
+
+from service.demo.generator import (
+    UPDATABLE_CUSTOMER_COLUMNS,
+    Change,
+    Customer,
+    CustomerDelete,
+    CustomerUpdate,
+    DemoGenerator,
+    LineQuantityChange,
+    MarketDemand,
+    MarketDemandInsert,
+    OrderDelete,
+    OrderLine,
+    OrderStatusChange,
+    SalesOrder,
+)
+from service.errors import ConfigError, StackUnavailable
+
+T = TypeVar("T")
+Query = str | sql.Composed
+Statement = tuple[Query, tuple[object, ...]]
+
+CRM_TABLES = ("customers", "sales_orders", "order_lines", "market_demand")
+CUSTOMER_BATCH = 2000  # rows per insert transaction
+ORDER_BATCH = 1000     # orders (with their 1-4 lines) per insert transaction
+DEMAND_BATCH = 2000
+PIPELINE_SYNC_EVERY = 500  # changes sent before waiting for the server's results
+PROGRESS_EVERY_S = 5.0
+
+
+@dataclass(frozen=True)
+class TableCounts:
+    inserted: int = 0
+    updated: int = 0
+    deleted: int = 0  # including rows removed by ON DELETE CASCADE
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What `load_demo` wrote (row counts per table) and how long it took."""
+
+    customers: TableCounts
+    sales_orders: TableCounts
+    order_lines: TableCounts
+    market_demand: TableCounts
+    changes: int              # follow-up change transactions committed
+    schema_created: bool
+    insert_seconds: float
+    change_seconds: float
+
+    def __str__(self) -> str:
+        tables = ", ".join(
+            f"{name} +{c.inserted} ~{c.updated} -{c.deleted}"
+            for name, c in (("customers", self.customers), ("sales_orders", self.sales_orders),
+                            ("order_lines", self.order_lines),
+                            ("market_demand", self.market_demand)))
+        return (f"{tables}; {self.changes} changes; inserts {self.insert_seconds:.1f} s, "
+                f"changes {self.change_seconds:.1f} s")
+
+
+class _Tally:
+    def __init__(self) -> None:
+        self.counts = {t: [0, 0, 0] for t in CRM_TABLES}  # inserted, updated, deleted
+        self.changes = 0
+
+    def add(self, table: str, inserted: int = 0, updated: int = 0, deleted: int = 0) -> None:
+        c = self.counts[table]
+        c[0] += inserted
+        c[1] += updated
+        c[2] += deleted
+
+    def table(self, name: str) -> TableCounts:
+        return TableCounts(*self.counts[name])
+
+
+def schema_sql() -> str:
+    return resources.files("service.demo").joinpath("crm_schema.sql").read_text("utf-8")
+
+
+def ensure_crm_schema(conn: psycopg.Connection[Any]) -> bool:
+    """Create the demo CRM tables unless they all exist; True when the script ran.
+
+    The script is idempotent, but it is not re-run needlessly: its ALTER TABLE statements
+    take an exclusive lock on tables the producer may be reading.
+    """
+    row = conn.execute("SELECT count(to_regclass(t)) FROM unnest(%s::text[]) AS t",
+                       ([f"crm.{t}" for t in CRM_TABLES],)).fetchone()
+    if row is not None and row[0] == len(CRM_TABLES):
+        return False
+    with conn.transaction():
+        conn.execute(schema_sql())
+    return True
+
+
+def load_demo(
+    conn_or_dsn: str | psycopg.Connection[Any],
+    customers: int,
+    orders: int,
+    rate: float | None,
+    seed: int,
+    changes: int | None,
+    *,
+    market_demand: int | None = None,
+) -> LoadReport:
+    """Insert `customers` customers, `orders` orders (1-4 lines each) and some market-demand
+    records (default: one per 50 customers and orders, at least 10), then apply `changes`
+    follow-up changes (default: a third of customers + orders) at most `rate` per second
+    (None: as fast as possible). Deterministic for a seed, given the same starting ids.
+
+    `conn_or_dsn`: a DSN, or an idle connection (its autocommit setting is restored after).
+    """
+    _check_arguments(customers, orders, rate, changes, market_demand)
+    n_changes = (customers + orders) // 3 if changes is None else changes
+    n_demand = market_demand if market_demand is not None else (
+        max(10, (customers + orders) // 50) if customers + orders else 0)
+    log = structlog.get_logger()
+    log.info("demo_load_started", customers=customers, orders=orders,
+             market_demand=n_demand, changes=n_changes, rate=rate, seed=seed)
+    gen = DemoGenerator(seed)
+    planner = gen.change_planner()
+    tally = _Tally()
+    with _session(conn_or_dsn) as conn:
+        started = time.monotonic()
+        created = ensure_crm_schema(conn)
+
+        customer_ids = _reserve_ids(conn, "customers", "customer_id", customers)
+        for chunk in _chunks(customer_ids, CUSTOMER_BATCH):
+            rows = [gen.customer(cid) for cid in chunk]
+            with conn.transaction():
+                _copy(conn, "customers", Customer._fields, rows)
+            tally.add("customers", inserted=len(rows))
+            for c in rows:
+                planner.add_customer(c)
+
+        order_ids = _reserve_ids(conn, "sales_orders", "order_id", orders)
+        for batch in _chunks(gen.orders(order_ids, customer_ids), ORDER_BATCH):
+            lines = [line for o in batch for line in o.lines]
+            with conn.transaction():
+                _copy(conn, "sales_orders", SalesOrder._fields, [o.header for o in batch])
+                _copy(conn, "order_lines", OrderLine._fields, lines)
+            tally.add("sales_orders", inserted=len(batch))
+            tally.add("order_lines", inserted=len(lines))
+            for o in batch:
+                planner.add_order(o)
+
+        for demand in _chunks((gen.market_demand() for _ in range(n_demand)), DEMAND_BATCH):
+            with conn.transaction():
+                _copy(conn, "market_demand", MarketDemand._fields, demand)
+            tally.add("market_demand", inserted=len(demand))
+
+        inserted_at = time.monotonic()
+        log.info("demo_load_inserted", customers=customers, orders=orders,
+                 order_lines=tally.counts["order_lines"][0], market_demand=n_demand,
+                 seconds=round(inserted_at - started, 3))
+
+        planned = planner.plan(n_changes)
+        if rate is None:
+            _apply_pipelined(conn, planned, tally, n_changes)
+        else:
+            _apply_paced(conn, planned, tally, n_changes, rate)
+        finished = time.monotonic()
+
+    report = LoadReport(
+        customers=tally.table("customers"),
+        sales_orders=tally.table("sales_orders"),
+        order_lines=tally.table("order_lines"),
+        market_demand=tally.table("market_demand"),
+        changes=tally.changes,
+        schema_created=created,
+        insert_seconds=round(inserted_at - started, 3),
+        change_seconds=round(finished - inserted_at, 3),
+    )
+    log.info("demo_load_finished", changes=report.changes,
+             insert_seconds=report.insert_seconds, change_seconds=report.change_seconds,
+             **{f"{t}_{k}": v for t in CRM_TABLES
+                for k, v in zip(("inserted", "updated", "deleted"), tally.counts[t],
+                                strict=True)})
+    return report
+
+
+def _check_arguments(customers: int, orders: int, rate: float | None, changes: int | None,
+                     market_demand: int | None) -> None:
+    if customers < 0:
+        raise ConfigError("--customers", "must be 0 or more")
+    if orders < 0:
+        raise ConfigError("--orders", "must be 0 or more")
+    if orders and not customers:
+        raise ConfigError("--orders", "orders need customers: give --customers 1 or more")
+    if rate is not None and not (rate > 0 and math.isfinite(rate)):
+        raise ConfigError("--rate", "must be a positive number of changes per second")
+    if changes is not None and changes < 0:
+        raise ConfigError("--changes", "must be 0 or more")
+    if market_demand is not None and market_demand < 0:
+        raise ConfigError("market_demand", "must be 0 or more")
+
+
+@contextmanager
+def _session(conn_or_dsn: str | psycopg.Connection[Any]) -> Iterator[psycopg.Connection[Any]]:
+    """An autocommit connection: every transaction below is explicit."""
+    if isinstance(conn_or_dsn, str):
+        try:
+            conn: psycopg.Connection[Any] = psycopg.connect(conn_or_dsn, autocommit=True,
+                                                            connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            raise StackUnavailable(f"CRM database unreachable ({type(exc).__name__}); "
+                                   "is the stack up? (make up)") from exc
+        with conn:
+            yield conn
+        return
+    conn = conn_or_dsn
+    if conn.info.transaction_status != TransactionStatus.IDLE:
+        raise ValueError("load_demo needs an idle connection (commit or roll back first)")
+    saved = conn.autocommit
+    conn.autocommit = True
+    try:
+        yield conn
+    finally:
+        if not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE:
+            conn.autocommit = saved
+
+
+def _reserve_ids(conn: psycopg.Connection[Any], table: str, column: str, n: int) -> list[int]:
+    """n fresh values of the table's identity sequence (not necessarily contiguous)."""
+    if n <= 0:
+        return []
+    rows = conn.execute("SELECT nextval(pg_get_serial_sequence(%s, %s)) "
+                        "FROM generate_series(1, %s)", (f"crm.{table}", column, n)).fetchall()
+    return [r[0] for r in rows]
+
+
+def _copy(conn: psycopg.Connection[Any], table: str, columns: Sequence[str],
+          rows: Iterable[Sequence[object]]) -> None:
+    stmt = sql.SQL("COPY {} ({}) FROM STDIN").format(
+        sql.Identifier("crm", table), sql.SQL(", ").join(map(sql.Identifier, columns)))
+    with conn.cursor() as cur, cur.copy(stmt) as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+# --- follow-up changes -------------------------------------------------------------------
+
+_SET_STATUS = ("UPDATE crm.sales_orders SET status = %s, updated_at = now() "
+               "WHERE order_id = %s")
+_SET_QUANTITY = "UPDATE crm.order_lines SET quantity = %s WHERE order_id = %s AND line_no = %s"
+_TOUCH_ORDER = "UPDATE crm.sales_orders SET updated_at = now() WHERE order_id = %s"
+_DELETE_ORDER = "DELETE FROM crm.sales_orders WHERE order_id = %s"  # lines: ON DELETE CASCADE
+_DELETE_CUSTOMER = "DELETE FROM crm.customers WHERE customer_id = %s"  # orders too
+_INSERT_DEMAND = ("INSERT INTO crm.market_demand (kind, product_category, content, observed_at) "
+                  "VALUES (%s, %s, %s, %s)")
+_customer_updates: dict[tuple[str, ...], sql.Composed] = {}
+
+
+def _customer_update_query(columns: tuple[str, ...]) -> sql.Composed:
+    query = _customer_updates.get(columns)
+    if query is None:
+        unknown = set(columns) - UPDATABLE_CUSTOMER_COLUMNS
+        if unknown or not columns:
+            raise ValueError(f"not an updatable customer column set: {sorted(columns)}")
+        query = sql.SQL("UPDATE crm.customers SET {}, updated_at = now() "
+                        "WHERE customer_id = %s").format(
+            sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(c)) for c in columns))
+        _customer_updates[columns] = query
+    return query
+
+
+def _statements(change: Change, tally: _Tally) -> list[Statement]:
+    """The statements of one change's transaction; counts what they will write."""
+    if isinstance(change, CustomerUpdate):
+        tally.add("customers", updated=1)
+        columns = tuple(c for c, _ in change.values)
+        return [(_customer_update_query(columns),
+                 (*(v for _, v in change.values), change.customer_id))]
+    if isinstance(change, OrderStatusChange):
+        tally.add("sales_orders", updated=1)
+        return [(_SET_STATUS, (change.status, change.order_id))]
+    if isinstance(change, LineQuantityChange):
+        tally.add("order_lines", updated=1)
+        stmts: list[Statement] = [(_SET_QUANTITY, (change.quantity, change.order_id,
+                                                   change.line_no))]
+        if change.touch_order:
+            tally.add("sales_orders", updated=1)
+            stmts.append((_TOUCH_ORDER, (change.order_id,)))
+        return stmts
+    if isinstance(change, OrderDelete):
+        tally.add("sales_orders", deleted=1)
+        tally.add("order_lines", deleted=change.lines)
+        return [(_DELETE_ORDER, (change.order_id,))]
+    if isinstance(change, CustomerDelete):
+        tally.add("customers", deleted=1)
+        tally.add("sales_orders", deleted=change.orders)
+        tally.add("order_lines", deleted=change.lines)
+        return [(_DELETE_CUSTOMER, (change.customer_id,))]
+    if isinstance(change, MarketDemandInsert):
+        tally.add("market_demand", inserted=1)
+        return [(_INSERT_DEMAND, tuple(change.row))]
+    raise TypeError(f"unknown change {type(change).__name__}")
+
+
+def _apply_pipelined(conn: psycopg.Connection[Any], planned: Iterable[Change], tally: _Tally,
+                     total: int) -> None:
+    """Each change in its own explicit transaction, many transactions per round trip."""
+    log = structlog.get_logger()
+    next_progress = time.monotonic() + PROGRESS_EVERY_S
+    done = 0
+    with conn.pipeline() as pipeline, conn.cursor() as cur:
+        for change in planned:
+            cur.execute("BEGIN")
+            for query, params in _statements(change, tally):
+                cur.execute(query, params)
+            cur.execute("COMMIT")
+            done += 1
+            if done % PIPELINE_SYNC_EVERY == 0:
+                pipeline.sync()  # raises here if one of these transactions failed
+                tally.changes = done
+                if time.monotonic() >= next_progress:
+                    log.info("demo_load_progress", changes_done=done, changes_planned=total)
+                    next_progress = time.monotonic() + PROGRESS_EVERY_S
+        pipeline.sync()
+    tally.changes = done
+
+
+def _apply_paced(conn: psycopg.Connection[Any], planned: Iterable[Change], tally: _Tally,
+                 total: int, rate: float) -> None:
+    """At most `rate` changes per second: change i is due at start + i / rate. Falling
+    behind (a slow database) is caught up without sleeping, never carried forward."""
+    log = structlog.get_logger()
+    start = time.monotonic()
+    next_progress = start + PROGRESS_EVERY_S
+    for i, change in enumerate(planned):
+        delay = start + i / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        with conn.transaction():
+            for query, params in _statements(change, tally):
+                conn.execute(query, params)
+        tally.changes = i + 1
+        now = time.monotonic()
+        if now >= next_progress:
+            log.info("demo_load_progress", changes_done=i + 1, changes_planned=total)
+            next_progress = now + PROGRESS_EVERY_S

@@ -29,7 +29,8 @@ def group_lag(settings: Settings, topics: list[str] | None = None) -> list[Parti
     admin = make_admin(settings)
     probe = make_consumer(settings, group_id=None)
     try:
-        committed = admin.list_consumer_group_offsets(settings.consumer_group)
+        committed = admin.list_group_offsets(settings.consumer_group).get(
+            settings.consumer_group, {})
         tps = [TopicPartition(t, p) for t in topics
                for p in sorted(probe.partitions_for_topic(t) or ())]
         ends = probe.end_offsets(tps)

@@ -29,7 +29,7 @@ T = TypeVar("T")
 CENT: Final = Decimal("0.01")
 WESTERN_SHARE: Final = 0.10
 LONG_NOTES_SHARE: Final = 0.01  # customers whose notes exceed 4 KB (TOASTed)
-LONG_NOTES_MIN_BYTES: Final = 4500
+LONG_NOTES_MIN_BYTES: Final = 6000
 
 FIRST_ORDER_DATE: Final = date(2023, 1, 1)
 LAST_ORDER_DATE: Final = date(2025, 6, 30)
@@ -283,7 +283,7 @@ _NOTE_EVENTS: Final = (
 def _long_notes(rng: random.Random) -> str:
     """A service log longer than 4 KB whose numbers keep it from compressing well, so
     PostgreSQL stores it out of line (TOAST)."""
-    target = LONG_NOTES_MIN_BYTES + rng.randrange(4000)
+    target = LONG_NOTES_MIN_BYTES + rng.randrange(6000)
     parts: list[str] = []
     size = 0
     day = FIRST_ORDER_DATE + timedelta(days=rng.randrange(300))

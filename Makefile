@@ -61,3 +61,4 @@ bench-produce: venv up
 
 bench-apply: venv up
 	$(BIN)/python -m bench.apply
+	$(BIN)/python -m bench.e2e

@@ -36,6 +36,8 @@ CREATE TABLE IF NOT EXISTS crm.sales_orders (
     updated_at   timestamptz NOT NULL DEFAULT now()
 );
 ALTER TABLE crm.sales_orders REPLICA IDENTITY FULL;
+-- Customer deletes cascade to their orders: without this index each one scans all orders.
+CREATE INDEX IF NOT EXISTS sales_orders_customer ON crm.sales_orders (customer_id);
 
 CREATE TABLE IF NOT EXISTS crm.order_lines (
     order_id     bigint NOT NULL REFERENCES crm.sales_orders (order_id) ON DELETE CASCADE,

@@ -61,6 +61,14 @@ def run_demo(settings: Settings, *, customers: int, orders: int) -> int:
     procs = [_spawn(["produce"], logs / "producer.log", {})]
     procs += [_spawn(["consume"], logs / f"consumer-{i}.log", {}) for i in (1, 2)]
     try:
+        # Changes made before the slot exists would reach the ERP only as snapshot reads.
+        deadline = time.monotonic() + 60
+        while ops.slot_state(settings) is None:
+            if time.monotonic() > deadline or procs[0].poll() is not None:
+                print(f"demo: the producer did not create its slot; see {logs}",
+                      file=sys.stderr)
+                return 1
+            time.sleep(0.2)
         started = time.monotonic()
         report = load_demo(settings.crm_dsn, customers=customers, orders=orders, rate=None,
                            seed=int(time.time()), changes=None)
@@ -107,7 +115,7 @@ def print_erp_summary(settings: Settings) -> None:
                 "purchase_amount, amount_currency FROM erp.business_partners "
                 "WHERE NOT deleted ORDER BY crm_customer_id LIMIT 5"):
             print(f"  {_mask(name)}  gender={gender}  phone={_mask(phone, 4)}  "
-                  f"{province or '-'} {district or '-'}  {amount} {ccy or ''}")
+                  f"{province or '-'} {district or '-'}  {amount or '-'} {ccy or ''}")
         print("\norders -> ERP status and items:")
         for order_no, status, items in conn.execute(
                 "SELECT o.order_no, o.status_code, string_agg(i.quantity::text || ' ' || "

@@ -7,19 +7,20 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from kafka import TopicPartition
-from service.demo.load import load_demo
-from service.erp.mappings import Mappings
 
 from service.avro import SchemaRegistry
 from service.cdc.producer import CdcProducer
 from service.consumer.pipeline import ErpConsumer
 from service.consumer.policy import DlqLimit
+from service.demo.load import load_demo
+from service.erp.mappings import Mappings
 from service.errors import CircuitOpen
 from service.kafka_io import make_admin, make_producer
 from service.ops import group_lag
@@ -257,3 +258,58 @@ def test_erp_database_restarted_mid_run(loaded: SyncEnv, consumer_log: Any) -> N
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     assert_erp_matches_crm(loaded)
+
+
+def test_a_row_the_erp_refuses_is_isolated_and_dead_lettered(sync_env: SyncEnv) -> None:
+    produce_all(sync_env)
+    with sync_env.erp() as erp:  # an ERP rule the CRM does not know about
+        erp.execute("ALTER TABLE erp.business_partners ADD CONSTRAINT short_names "
+                    "CHECK (deleted OR char_length(full_name) <= 3)")
+    with sync_env.crm() as crm:
+        crm.execute("INSERT INTO crm.customers (family_name, given_name) VALUES "
+                    "('张', '三'), ('欧阳', '娜娜'), ('李', '四')")
+    produce_all(sync_env)
+    consumer = consume_all(sync_env)
+    with sync_env.erp() as erp:
+        names = sorted(r[0] for r in erp.execute("SELECT full_name FROM erp.business_partners"))
+        letters = erp.execute("SELECT stage, error_class, error_message FROM sync.dead_letters"
+                              ).fetchall()
+    assert names == ["张三", "李四"]
+    assert consumer.applier.dead_lettered == 1
+    assert letters[0][:2] == ("apply", "ApplyError")
+    assert "CheckViolation" in letters[0][2] and "short_names" in letters[0][2]
+
+
+def test_an_order_whose_customer_never_arrives_is_dead_lettered_after_the_hold(
+        sync_env: SyncEnv) -> None:
+    settings = sync_env.with_(orphan_hold_s=1.0)
+    produce_all(sync_env)
+    with sync_env.crm() as crm, crm.transaction():
+        cid = crm.execute("INSERT INTO crm.customers (family_name, given_name) VALUES "
+                          "('王', '五') RETURNING customer_id").fetchone()[0]
+        crm.execute("INSERT INTO crm.sales_orders (order_id, order_no, customer_id, "
+                    "order_date, status) VALUES (7, 'O7', %s, '2023-01-01', '待付款')", (cid,))
+    produce_all(sync_env)
+    registry = SchemaRegistry.load(settings.schemas_dir)
+    order = next(r for r in read_topic(settings, settings.sales_topic)
+                 if registry.decode(r.value)[0] == "order")
+    lonely = sync_env.with_(sales_topic=settings.sales_topic + ".orphans", orphan_hold_s=1.0)
+    from service.kafka_io import ensure_topics
+
+    ensure_topics(lonely)
+    make_producer(lonely).send(lonely.sales_topic, key=order.key, value=order.value).get(30)
+    consumer = ErpConsumer(lonely)
+    thread = threading.Thread(target=consumer.run)
+    thread.start()
+    try:
+        wait_until(lambda: consumer.applier.dead_lettered == 1, timeout=60,
+                   message="the orphan to be dead-lettered")
+    finally:
+        consumer.stop()
+        thread.join()
+    with sync_env.erp() as erp:
+        assert erp.execute("SELECT count(*) FROM sync.held_events").fetchone() == (0,)
+        (message,), = erp.execute("SELECT error_message FROM sync.dead_letters").fetchall()
+    assert f"customer {cid} did not arrive" in message
+    letters = read_topic(lonely, lonely.dlq_topic)
+    assert [r.value for r in letters] == [order.value]

@@ -1,0 +1,96 @@
+"""End-to-end benchmark: CRM commit -> ERP commit through the producer and two consumers.
+
+Throughput: N changes committed as fast as PostgreSQL takes them, time until the ERP holds
+them all. Latency: a fixed rate (1,000 changes a second by default); for each change, the ERP
+row's applied_at minus the CRM commit time it carries (both clocks are the same machine's).
+Run: python -m bench.e2e (from the repo root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+import psycopg
+
+from bench.common import bench_settings, percentile
+from service.avro import SchemaRegistry
+from service.cdc.producer import CdcProducer
+from service.consumer.pipeline import ErpConsumer
+from service.settings import Settings
+
+INSERT = ("INSERT INTO crm.customers (family_name, given_name, gender, phone, email, address, "
+          "purchase_amount) SELECT '张', '三' || g, '男', '138' || lpad(g::text, 8, '0'), "
+          "'u' || g || '@example.com', '北京市朝阳区建国路' || g || '号', 1000.00 "
+          "FROM generate_series(%s, %s) g")
+
+
+def erp_count(settings: Settings) -> int:
+    with psycopg.connect(settings.erp_dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM erp.business_partners").fetchone()
+    return int(row[0]) if row else 0
+
+
+def wait_for(settings: Settings, n: int, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while erp_count(settings) < n:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"ERP did not reach {n} rows within {timeout}s")
+        time.sleep(0.05)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--changes", type=int, default=50_000)
+    parser.add_argument("--rate", type=int, default=1000)
+    parser.add_argument("--seconds", type=int, default=10)
+    args = parser.parse_args()
+    with bench_settings(producer_poll_ms=10) as settings:
+        registry = SchemaRegistry.load(settings.schemas_dir)
+        producer = CdcProducer(settings, registry)
+        consumers = [ErpConsumer(settings) for _ in range(2)]
+        threads = [threading.Thread(target=producer.run)]
+        threads += [threading.Thread(target=c.run) for c in consumers]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(5)  # slot, group, assignment
+            started = time.perf_counter()
+            with psycopg.connect(settings.crm_dsn, autocommit=True) as conn:
+                for lo in range(1, args.changes + 1, 1000):
+                    conn.execute(INSERT, (lo, min(args.changes, lo + 999)))
+            wait_for(settings, args.changes)
+            elapsed = time.perf_counter() - started
+            print(f"end to end, {args.changes:,} changes committed as fast as possible "
+                  f"(1,000 per transaction): {args.changes / elapsed:,.0f} changes/s "
+                  f"CRM commit -> ERP commit ({elapsed:.1f}s)")
+            base = args.changes
+            total = args.rate * args.seconds
+            with psycopg.connect(settings.crm_dsn, autocommit=True) as conn:
+                start = time.perf_counter()
+                for i in range(total):
+                    delay = start + i / args.rate - time.perf_counter()
+                    if delay > 0:
+                        time.sleep(delay)
+                    conn.execute(INSERT, (base + i + 1, base + i + 1))
+                achieved = total / (time.perf_counter() - start)
+            wait_for(settings, base + total)
+            with psycopg.connect(settings.erp_dsn, autocommit=True) as conn:
+                lat = [float(r[0]) for r in conn.execute(
+                    "SELECT extract(epoch FROM applied_at - crm_commit_time) * 1000 "
+                    "FROM erp.business_partners WHERE crm_customer_id > %s", (base,))]
+            print(f"end to end at {args.rate:,} changes/s for {args.seconds}s (achieved "
+                  f"{achieved:,.0f}/s): CRM commit -> ERP commit p50 "
+                  f"{percentile(lat, 50):.1f} ms, p99 {percentile(lat, 99):.1f} ms, "
+                  f"max {max(lat):.1f} ms")
+        finally:
+            producer.stop()
+            for c in consumers:
+                c.stop()
+            for t in threads:
+                t.join()
+
+
+if __name__ == "__main__":
+    main()

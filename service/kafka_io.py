@@ -69,6 +69,10 @@ def make_consumer(settings: Settings, *topics: str, **overrides: Any) -> KafkaCo
         "auto_offset_reset": "earliest",
         "isolation_level": "read_committed",
         "max_poll_records": settings.batch_max_events,
+        # A replica killed without leaving the group holds its partitions until the session
+        # times out: 10 s instead of kafka-python's 45 s default bounds that stall.
+        "session_timeout_ms": 10_000,
+        "heartbeat_interval_ms": 3_000,
         "client_id": "crm-erp-sync-consumer",
         **overrides,
     }

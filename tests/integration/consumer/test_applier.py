@@ -210,8 +210,9 @@ def test_the_circuit_breaker_stops_instead_of_draining_into_the_dlq(sync_env: Sy
 
 
 def _spawn_consumer(sync_env: SyncEnv, log: Any) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "service.cli", "consume"],
-                            env={**os.environ, **settings_env(sync_env.settings)},
+    # Small batches make a run last long enough for the faults to land mid-run.
+    env = {**os.environ, **settings_env(sync_env.settings), "CRM_ERP_SYNC_BATCH_MAX_EVENTS": "10"}
+    return subprocess.Popen([sys.executable, "-m", "service.cli", "consume"], env=env,
                             stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -221,43 +222,77 @@ def consumer_log(tmp_path: Any) -> Iterator[Any]:
         yield log
 
 
+@pytest.fixture
+def loaded_large(sync_env: SyncEnv) -> SyncEnv:
+    load_demo(sync_env.settings.crm_dsn, customers=1500, orders=3000, rate=None, seed=13,
+              changes=1500)
+    produce_all(sync_env)
+    return sync_env
+
+
+def _lag(sync_env: SyncEnv) -> int:
+    return sum(p.lag for p in group_lag(sync_env.settings))
+
+
 def _caught_up(sync_env: SyncEnv) -> bool:
-    return all(p.lag == 0 for p in group_lag(sync_env.settings))
+    return _lag(sync_env) == 0
 
 
-def test_kill_9_consumers_mid_batch_repeatedly(loaded: SyncEnv, consumer_log: Any) -> None:
-    procs = [_spawn_consumer(loaded, consumer_log) for _ in range(3)]
+def _started(sync_env: SyncEnv) -> bool:
+    return any(p.committed for p in group_lag(sync_env.settings))
+
+
+def test_kill_9_consumers_mid_batch_repeatedly(loaded_large: SyncEnv,
+                                                consumer_log: Any) -> None:
+    procs = [_spawn_consumer(loaded_large, consumer_log) for _ in range(3)]
+    kills_mid_run = 0
     try:
         for round_ in range(3):
-            time.sleep(1.5 + round_)
+            wait_until(lambda: _started(loaded_large), timeout=60, message="progress")
+            time.sleep(0.5)
+            kills_mid_run += _lag(loaded_large) > 0
             victim = procs[round_ % len(procs)]
             victim.send_signal(signal.SIGKILL)
             victim.wait()
-            procs[round_ % len(procs)] = _spawn_consumer(loaded, consumer_log)
-        wait_until(lambda: _caught_up(loaded), timeout=180, message="consumers to catch up")
+            procs[round_ % len(procs)] = _spawn_consumer(loaded_large, consumer_log)
+        wait_until(lambda: _caught_up(loaded_large), timeout=240,
+                   message="consumers to catch up")
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
         for p in procs:
             p.wait(timeout=60)
-    assert_erp_matches_crm(loaded)
+    assert kills_mid_run >= 2, "the kills came after the work was done: the test proves nothing"
+    assert_erp_matches_crm(loaded_large)
 
 
-def test_erp_database_restarted_mid_run(loaded: SyncEnv, consumer_log: Any) -> None:
-    proc = _spawn_consumer(loaded, consumer_log)
+def test_erp_database_connections_dropped_mid_run(loaded_large: SyncEnv, consumer_log: Any,
+                                                 tmp_path: Any) -> None:
+    """What an ERP restart does to its clients: every session dropped, repeatedly."""
+    proc = _spawn_consumer(loaded_large, consumer_log)
+    erp_db = loaded_large.settings.erp_dsn.rsplit("/", 1)[1]
+    drops_mid_run = 0
     try:
-        time.sleep(2)
-        # What a restart does to clients: every session dropped at once.
-        erp_db = loaded.settings.erp_dsn.rsplit("/", 1)[1]
-        with loaded.crm() as admin:
-            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                          "WHERE datname = %s AND pid <> pg_backend_pid()", (erp_db,))
-        wait_until(lambda: _caught_up(loaded), timeout=180, message="consumer to recover")
+        wait_until(lambda: _started(loaded_large), timeout=60, message="progress")
+        with loaded_large.crm() as admin:
+            for _ in range(5):
+                if _lag(loaded_large) == 0:
+                    break
+                dropped = admin.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = %s AND pid <> pg_backend_pid()", (erp_db,)).fetchone()
+                drops_mid_run += bool(dropped and dropped[0])
+                time.sleep(0.4)
+        wait_until(lambda: _caught_up(loaded_large), timeout=180,
+                   message="consumer to recover")
         assert proc.poll() is None
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
-    assert_erp_matches_crm(loaded)
+    assert drops_mid_run >= 1
+    consumer_log.flush()
+    assert b"transient_failure_retrying" in (tmp_path / "consumers.log").read_bytes()
+    assert_erp_matches_crm(loaded_large)
 
 
 def test_a_row_the_erp_refuses_is_isolated_and_dead_lettered(sync_env: SyncEnv) -> None:

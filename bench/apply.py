@@ -35,9 +35,11 @@ TABLES = ("business_partners", "sales_orders", "sales_order_items", "demand_sign
 
 def fill_topic(settings: Settings, events: int) -> int:
     """Demo CRM data through the real producer until about `events` events are in Kafka."""
-    customers = max(100, events // 4)
+    # Measured: an order with its lines is one event, and changes to one order inside one
+    # transaction merge; these proportions give about `events` events.
+    customers = max(100, events * 35 // 100)
     load_demo(settings.crm_dsn, customers=customers, orders=customers * 2, rate=None,
-              seed=5, changes=events - customers * 3 if events > customers * 3 else 0)
+              seed=5, changes=customers)
     producer = CdcProducer(settings, SchemaRegistry.load(settings.schemas_dir))
     producer.run(until_idle=True)
     return producer.stats.events
@@ -98,7 +100,7 @@ def executemany_vs_copy(settings: Settings) -> tuple[float, float, int]:
             many_s = time.perf_counter() - started
         started = time.perf_counter()
         with conn.transaction(force_rollback=True), conn.cursor() as cur:
-            cur.execute("CREATE TEMP TABLE staging (LIKE erp.business_partners) ON COMMIT DROP")
+            cur.execute("CREATE TEMP TABLE staging (LIKE erp.business_partners INCLUDING DEFAULTS) ON COMMIT DROP")
             cols = ("crm_customer_id, full_name, gender_code, birth_date, age, phone_e164, "
                     "email, province, city, district, street, purchase_frequency, "
                     "purchase_amount, amount_currency, product_preference, notes, deleted, "

@@ -23,7 +23,7 @@ from service.settings import Settings
 INSERT = ("INSERT INTO crm.customers (family_name, given_name, gender, phone, email, address, "
           "purchase_amount) SELECT '张', '三' || g, '男', '138' || lpad(g::text, 8, '0'), "
           "'u' || g || '@example.com', '北京市朝阳区建国路' || g || '号', 1000.00 "
-          "FROM generate_series(%s, %s) g")
+          "FROM generate_series(%s::int, %s::int) g")
 
 
 def erp_count(settings: Settings) -> int:

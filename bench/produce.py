@@ -25,7 +25,7 @@ from tests.helpers import read_topic
 INSERT = ("INSERT INTO crm.customers (family_name, given_name, gender, phone, email, address, "
           "purchase_amount) SELECT '张', '三' || g, '男', '138' || lpad(g::text, 8, '0'), "
           "'u' || g || '@example.com', '北京市朝阳区建国路' || g || '号', 1000.00 "
-          "FROM generate_series(%s, %s) g")
+          "FROM generate_series(%s::int, %s::int) g")
 
 
 def throughput(n: int) -> None:

@@ -19,12 +19,12 @@ import sys
 import time
 
 import psycopg
-from service.demo.load import load_demo
 
 from bench.common import bench_settings
 from service.avro import SchemaRegistry
 from service.cdc.producer import CdcProducer
 from service.consumer.pipeline import ErpConsumer
+from service.demo.load import load_demo
 from service.kafka_io import make_consumer
 from service.ops import group_lag
 from service.settings import Settings
@@ -100,7 +100,8 @@ def executemany_vs_copy(settings: Settings) -> tuple[float, float, int]:
             many_s = time.perf_counter() - started
         started = time.perf_counter()
         with conn.transaction(force_rollback=True), conn.cursor() as cur:
-            cur.execute("CREATE TEMP TABLE staging (LIKE erp.business_partners INCLUDING DEFAULTS) ON COMMIT DROP")
+            cur.execute("CREATE TEMP TABLE staging (LIKE erp.business_partners "
+                        "INCLUDING DEFAULTS) ON COMMIT DROP")
             cols = ("crm_customer_id, full_name, gender_code, birth_date, age, phone_e164, "
                     "email, province, city, district, street, purchase_frequency, "
                     "purchase_amount, amount_currency, product_preference, notes, deleted, "

@@ -23,10 +23,18 @@ from service.settings import Settings
 EXIT_OK, EXIT_ATTENTION, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_CIRCUIT = 0, 1, 2, 3, 4
 
 
-def _on_sigterm(stop: Callable[[], None]) -> None:
+def _on_sigterm(stop: Callable[[], None], shutdown_timeout_s: float | None = None) -> None:
+    """SIGTERM/SIGINT call stop(); with a timeout, a watchdog exits non-zero if the process
+    has not stopped by then (CRM_ERP_SYNC_SHUTDOWN_TIMEOUT_S)."""
+    armed: list[object] = []
+
     def handler(signum: int, _frame: Any) -> None:
         structlog.get_logger("cli").info("stopping", signal=signal.Signals(signum).name)
         stop()
+        if shutdown_timeout_s and not armed:
+            from service.health import start_shutdown_watchdog
+
+            armed.append(start_shutdown_watchdog(shutdown_timeout_s))
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
@@ -46,7 +54,7 @@ def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
     from service.cdc.producer import CdcProducer
 
     producer = CdcProducer(settings, SchemaRegistry.load(settings.schemas_dir))
-    _on_sigterm(producer.stop)
+    _on_sigterm(producer.stop, settings.shutdown_timeout_s)
     stats = producer.run(until_idle=args.until_idle)
     structlog.get_logger("cli").info("producer_stopped", transactions=stats.transactions,
                                      events=stats.events, snapshot_rows=stats.snapshot_rows)
@@ -57,7 +65,7 @@ def cmd_consume(settings: Settings, args: argparse.Namespace) -> int:
     from service.consumer.pipeline import ErpConsumer
 
     consumer = ErpConsumer(settings)
-    _on_sigterm(consumer.stop)
+    _on_sigterm(consumer.stop, settings.shutdown_timeout_s)
     stats = consumer.run(until_idle_s=args.until_idle)
     structlog.get_logger("cli").info("consumer_stopped", batches=stats.batches,
                                      messages=stats.messages, retries=stats.retries,
@@ -164,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--customers", type=int, default=500)
     p.add_argument("--orders", type=int, default=1000)
     p.set_defaults(func=cmd_demo_run)
+
+    from service.operator.commands import register as register_operator_commands
+
+    register_operator_commands(sub)  # status, replay, dlq, reconcile
 
     p = sub.add_parser("config", help="print the effective configuration, secrets hidden")
     p.add_argument("--json", action="store_true")

@@ -35,7 +35,9 @@ from service.erp.apply import apply_changes, existing_customers, load_status_eff
 from service.erp.changes import ErpChange, to_erp
 from service.erp.mappings import Mappings
 from service.errors import ApplyError, DecodeError, Permanent, Retryable, StackUnavailable
+from service.health import Health, serve
 from service.kafka_io import make_consumer, make_producer
+from service.metrics import UNKNOWN_KIND, ConsumerMetrics
 from service.settings import Settings
 
 log = structlog.get_logger("consumer")
@@ -152,11 +154,13 @@ class ErpApplier:
     """Applies envelopes to the ERP in one transaction, holding and dead-lettering."""
 
     def __init__(self, settings: Settings, registry: SchemaRegistry, mappings: Mappings,
-                 dlq_producer: Any | None = None) -> None:
+                 dlq_producer: Any | None = None,
+                 metrics: ConsumerMetrics | None = None) -> None:
         self.settings = settings
         self.registry = registry
         self.mappings = mappings
         self._dlq_producer = dlq_producer
+        self.metrics = metrics or ConsumerMetrics()
         self.conn: PgConn | None = None
         self.applied = 0
         self.dead_lettered = 0
@@ -174,11 +178,15 @@ class ErpApplier:
                 self.conn = psycopg.connect(self.settings.erp_dsn, connect_timeout=10)
             except psycopg.OperationalError as exc:
                 raise Retryable(f"ERP database unreachable: {type(exc).__name__}") from exc
-            with self.conn.transaction():
-                load_status_effects(self.conn, self.mappings)
+            try:
+                with self.conn.transaction():
+                    load_status_effects(self.conn, self.mappings)
+            except TRANSIENT_PG as exc:
+                raise Retryable(f"ERP: {type(exc).__name__}") from exc
         return self.conn
 
     def apply_batch(self, batch: Batch) -> None:
+        started = time.monotonic()
         try:
             conn = self.connect()
             with conn.transaction():
@@ -190,6 +198,61 @@ class ErpApplier:
             raise Retryable(f"dead-letter topic: {type(exc).__name__}") from exc
         self.applied += sum(1 for e in batch.envelopes if e.error is None and not e.held)
         self.held += sum(1 for e in batch.envelopes if e.held)
+        self._observe(batch, time.monotonic() - started)
+
+    def _observe(self, batch: Batch, duration_s: float) -> None:
+        """Metrics of a committed batch: counts by topic and kind, the batch's duration, and
+        each applied event's delay from its CRM commit to this ERP commit."""
+        m = self.metrics
+        now = time.time()
+        m.batch_duration.observe(duration_s)
+        consumed: list[tuple[str, str]] = []
+        applied: list[tuple[str, str]] = []
+        held: list[tuple[str, str]] = []
+        for env in batch.envelopes:
+            labels = (env.msg.topic, env.kind or UNKNOWN_KIND)
+            if env.msg.held_id is None:
+                consumed.append(labels)
+            if env.held:
+                held.append(labels)
+            elif env.error is None:
+                applied.append(labels)
+                commit_time = (env.record or {}).get("source", {}).get("commit_time")
+                if commit_time is not None:
+                    m.end_to_end.labels(env.msg.topic).observe(
+                        max(0.0, now - commit_time.timestamp()))
+        m.count(m.consumed, consumed)
+        m.count(m.applied, applied)
+        m.count(m.held, held)
+        self._count_dead_letters(batch.dead_letters)
+
+    def _count_dead_letters(self, letters: list[dlq.DeadLetter]) -> None:
+        self.metrics.count(self.metrics.dead_lettered, (
+            (d.topic, self._kind_of(d.value), d.error.stage) for d in letters))
+
+    def _kind_of(self, value: bytes | None) -> str:
+        try:
+            return self.registry.writer_of(value).kind if value else UNKNOWN_KIND
+        except Permanent:
+            return UNKNOWN_KIND
+
+    def _event_id(self, value: bytes | None) -> str | None:
+        try:
+            return str(self.registry.decode(value)[1]["event_id"]) if value else None
+        except (Permanent, KeyError):
+            return None
+
+    def count_open_dead_letters(self) -> int:
+        conn = self.connect()
+        try:
+            with conn.transaction():
+                row = conn.execute("SELECT count(*) FROM sync.dead_letters "
+                                   "WHERE state IN ('open', 'failed_again')").fetchone()
+        except TRANSIENT_PG as exc:
+            raise Retryable(f"ERP: {type(exc).__name__}") from exc
+        count = int(row[0]) if row else 0
+        self.metrics.open_dead_letters.set(count)
+        return count
 
     def _apply_in_txn(self, conn: PgConn, batch: Batch) -> None:
         envs = batch.envelopes
@@ -255,7 +318,8 @@ class ErpApplier:
             return set()
         rows = conn.execute(
             "SELECT DISTINCT topic, msg_key FROM sync.dead_letters "
-            "WHERE state = 'open' AND msg_key = ANY(%s)", (keys,)).fetchall()
+            "WHERE state IN ('open', 'failed_again') AND msg_key = ANY(%s)",
+            (keys,)).fetchall()
         rows += conn.execute(
             "SELECT DISTINCT topic, msg_key FROM sync.held_events "
             "WHERE reason = 'key_blocked' AND msg_key = ANY(%s)", (keys,)).fetchall()
@@ -293,8 +357,73 @@ class ErpApplier:
         batch.dead_letters.extend(released.dead_letters)
         log.info("held_events_released", count=len(rows))
 
+    # ---- operator actions (crm-erp-sync dlq redrive/discard) ------------------------------
+    def redrive_message(self, conn: PgConn, msg: Message) -> Envelope:
+        """Re-process one dead-lettered message (decode -> transform -> apply, with the
+        current mappings) inside the caller's transaction, then the events held behind its
+        key, in (partition, offset) order.
+
+        The caller has already marked its dead letter resolved (so that it no longer blocks
+        its own key). Returns the envelope: ``error`` set when it failed again (then nothing
+        was written: the savepoint is rolled back), ``held`` set when it was held (its
+        customer is not in the ERP yet, or the key has another unresolved dead letter).
+        """
+        batch = Batch([Envelope(msg)])
+        Decode(self.registry, Transform(self.mappings, _Collect())).submit(batch)
+        env = batch.envelopes[0]
+        if env.error is not None:
+            return env
+        try:
+            with conn.transaction():
+                self._reapply_key(conn, msg.topic, msg.key, env)
+        except _RolledBack:
+            pass
+        return env
+
+    def release_key(self, conn: PgConn, topic: str, key: bytes | None) -> int:
+        """Re-apply the events held behind a key ('key_blocked'), in order, once the key has
+        no unresolved dead letter (after a discard); returns how many were released."""
+        return self._reapply_key(conn, topic, key, None)
+
+    def _reapply_key(self, conn: PgConn, topic: str, key: bytes | None,
+                     first: Envelope | None) -> int:
+        unresolved = conn.execute(
+            "SELECT 1 FROM sync.dead_letters WHERE topic = %s AND msg_key IS NOT DISTINCT FROM %s"
+            " AND state IN ('open', 'failed_again') LIMIT 1", (topic, key)).fetchone()
+        rows: list[Any] = []
+        if unresolved is None:
+            # Taken out of the hold; whatever still cannot be applied is held again below.
+            rows = conn.execute(
+                "DELETE FROM sync.held_events WHERE reason = 'key_blocked' AND topic = %s "
+                'AND msg_key IS NOT DISTINCT FROM %s RETURNING topic, partition, "offset", '
+                "msg_key, msg_value, msg_timestamp", (topic, key)).fetchall()
+        if first is None and not rows:
+            return 0
+        held = sorted((Message(r[0], r[1], r[2], r[5],
+                               bytes(r[3]) if r[3] is not None else None,
+                               bytes(r[4]) if r[4] is not None else None) for r in rows),
+                      key=lambda m: (m.partition, m.offset))
+        released = Batch([Envelope(m) for m in held])
+        Decode(self.registry, Transform(self.mappings, _Collect())).submit(released)
+        batch = Batch(([first] if first is not None else []) + released.envelopes)
+        self._apply_in_txn(conn, batch)
+        if first is not None and first.error is not None:
+            raise _RolledBack
+        self._publish_dead_letters(conn, batch)
+        if rows:
+            log.info("held_events_released", count=len(rows), reason="key_blocked")
+        return len(rows)
+
     def expire_orphans(self) -> int:
         """Dead-letter orders whose customer did not arrive within ``orphan_hold_s``."""
+        try:
+            return self._expire_orphans()
+        except TRANSIENT_PG as exc:
+            raise Retryable(f"ERP: {type(exc).__name__}") from exc
+        except KafkaError as exc:
+            raise Retryable(f"dead-letter topic: {type(exc).__name__}") from exc
+
+    def _expire_orphans(self) -> int:
         conn = self.connect()
         with conn.transaction():
             rows = conn.execute(
@@ -315,6 +444,7 @@ class ErpApplier:
             conn.execute("DELETE FROM sync.held_events WHERE held_id = ANY(%s)",
                          ([r[0] for r in rows],))
             self._publish_dead_letters(conn, batch)
+        self._count_dead_letters(batch.dead_letters)
         return len(rows)
 
     def _publish_dead_letters(self, conn: PgConn, batch: Batch) -> None:
@@ -335,7 +465,12 @@ class ErpApplier:
         self.dead_lettered += len(letters)
         for d in letters:
             log.warning("dead_lettered", topic=d.topic, partition=d.partition, offset=d.offset,
+                        key=_key_text(d.key), event_id=self._event_id(d.value),
                         stage=d.error.stage, error=type(d.error).__name__, reason=d.error.reason)
+
+
+class _RolledBack(Exception):
+    """Rolls a savepoint back (a redriven message failed again)."""
 
 
 class _Collect:
@@ -373,9 +508,12 @@ class ErpConsumer:
         self.retry = retry or RetryPolicy()
         self.registry = SchemaRegistry.load(settings.schemas_dir)
         self.mappings = Mappings.load(settings.mappings_file)
-        self.applier = ErpApplier(settings, self.registry, self.mappings)
+        self.metrics = ConsumerMetrics()
+        self.health = Health(settings, self.metrics)
+        self.applier = ErpApplier(settings, self.registry, self.mappings, metrics=self.metrics)
         self.dlq_limit = dlq_limit or DlqLimit.DEFAULT
         self.stats = ConsumerStats()
+        self._last_lag_update = 0.0
         self._stop = threading.Event()
         self.consumer: Any = None
 
@@ -388,20 +526,26 @@ class ErpConsumer:
 
     def run(self, *, until_idle_s: float | None = None) -> ConsumerStats:
         """Consume until stop(); with until_idle_s, return after that long without messages."""
+        http = serve(self.settings, self.health)
         try:
             self.consumer = make_consumer(self.settings, self.settings.sales_topic,
                                           self.settings.market_topic)
         except StackUnavailable:
+            if http is not None:
+                http.close()
             raise
         pipeline = self._pipeline()
         idle_since = time.monotonic()
         last_maintenance = 0.0
         try:
             while not self._stop.is_set():
+                self.health.beat()
                 msgs = self._poll()
+                self._observe_assignment()
                 now = time.monotonic()
                 if now - last_maintenance > 5:
                     self._retrying(self.applier.expire_orphans)
+                    self._retrying(self.applier.count_open_dead_letters)
                     last_maintenance = now
                 if not msgs:
                     if until_idle_s is not None and now - idle_since > until_idle_s:
@@ -413,6 +557,11 @@ class ErpConsumer:
                 self.stats.batches += 1
                 self.stats.messages += len(msgs)
         finally:
+            # Graceful: the batch in flight was committed (offsets too) or rolled back;
+            # close() leaves the group, so its partitions move on at once.
+            self.health.set_ready(False, "stopping")
+            if http is not None:
+                http.close()
             self.consumer.close(autocommit=False)
             if self.applier.conn is not None:
                 self.applier.conn.close()
@@ -437,15 +586,47 @@ class ErpConsumer:
         out.sort(key=lambda m: (m.topic, m.partition, m.offset))
         return out
 
+    def _observe_assignment(self) -> None:
+        """Readiness (partitions assigned) every loop; lag at most once a second."""
+        assigned = self.consumer.assignment() or set()
+        if assigned:
+            self.health.set_ready(True, "consuming", assigned_partitions=len(assigned))
+        else:
+            self.health.set_ready(False, "no partitions assigned")
+        now = time.monotonic()
+        if now - self._last_lag_update < 1.0:
+            return
+        self._last_lag_update = now
+        lags: dict[tuple[str, int], int] = {}
+        for tp in assigned:
+            high = self.consumer.highwater(tp)
+            if high is None:
+                continue
+            try:
+                position = self.consumer.position(tp, timeout_ms=200)
+            except KafkaError:
+                continue
+            if position is not None:
+                lags[(tp.topic, tp.partition)] = max(0, high - position)
+        self.metrics.set_lag(lags)
+        self.metrics.assigned.set(len(assigned))
+
     def _retrying(self, action: Any, msgs: list[Message] | None = None) -> None:
         delays = self.retry.delays()
         while True:
             try:
                 action()
+                self.health.recovered()
                 return
             except Retryable as exc:
                 if self._stop.is_set():
-                    raise
+                    # Stopping: the ERP transaction was rolled back and no offset committed;
+                    # these messages are consumed again after the restart.
+                    log.warning("batch_rolled_back_on_stop", error=str(exc),
+                                messages=len(msgs or []))
+                    return
+                self.health.failing()
+                self.metrics.retries.inc()
                 delay = next(delays)
                 self.stats.retries += 1
                 log.warning("transient_failure_retrying", error=str(exc), attempt=delays.attempts,
@@ -456,11 +637,19 @@ class ErpConsumer:
         """Pause everything we own, keep the group membership alive, then rewind."""
         assigned = list(self.consumer.assignment())
         self.consumer.pause(*assigned)
-        stray = self.consumer.poll(timeout_ms=int(delay * 1000))
+        polled: list[Message] = []
+        deadline = time.monotonic() + delay
+        while True:  # in slices: a stop request ends the wait, and liveness is kept
+            self.health.beat()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stop.is_set():
+                break
+            stray = self.consumer.poll(timeout_ms=int(min(remaining, 0.5) * 1000))
+            polled.extend(_messages(stray.values()))
         firsts: dict[TopicPartition, int] = {}
         # The batch itself is retried by the caller; only records polled meanwhile (from
         # partitions assigned during the wait) must be rewound, or they would be skipped.
-        for m in _messages(stray.values()):
+        for m in polled:
             tp = TopicPartition(m.topic, m.partition)
             firsts[tp] = min(firsts.get(tp, m.offset), m.offset)
         self.consumer.resume(*assigned)
@@ -468,6 +657,11 @@ class ErpConsumer:
         for tp, offset in firsts.items():
             if tp in owned:
                 self.consumer.seek(tp, offset)
+
+
+def _key_text(key: bytes | None) -> str | None:
+    """Keys are record ids (customer_id, demand_id) as decimal ASCII, not personal data."""
+    return None if key is None else key.decode("utf-8", "replace")
 
 
 def _submit_fresh(pipeline: Stage, msgs: list[Message]) -> None:

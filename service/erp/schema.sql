@@ -136,3 +136,23 @@ CREATE TABLE IF NOT EXISTS sync.dead_letters (
 );
 CREATE INDEX IF NOT EXISTS dead_letters_open_key ON sync.dead_letters (msg_key) WHERE state = 'open';
 CREATE INDEX IF NOT EXISTS order_stock_effects_sku ON erp.order_stock_effects (sku);
+
+-- Operator toolkit (`crm-erp-sync dlq ...`): what became of each dead letter, and an audit
+-- record of every action taken on one (who, when, why, outcome). A letter that failed again
+-- still blocks its key, like an open one.
+ALTER TABLE sync.dead_letters ADD COLUMN IF NOT EXISTS resolved_at timestamptz;
+ALTER TABLE sync.dead_letters ADD COLUMN IF NOT EXISTS last_error text;
+ALTER TABLE sync.dead_letters ADD COLUMN IF NOT EXISTS redrive_attempts integer NOT NULL DEFAULT 0;
+CREATE INDEX IF NOT EXISTS dead_letters_unresolved_key ON sync.dead_letters (msg_key)
+    WHERE state IN ('open', 'failed_again');
+CREATE TABLE IF NOT EXISTS sync.dead_letter_actions (
+    action_id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    dead_letter_id bigint NOT NULL REFERENCES sync.dead_letters (dead_letter_id),
+    action         text NOT NULL CHECK (action IN ('redrive', 'discard')),
+    actor          text NOT NULL,
+    reason         text,
+    outcome        text NOT NULL,   -- redriven | held | failed_again | discarded
+    detail         text,            -- the new error when it failed again
+    at             timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX IF NOT EXISTS dead_letter_actions_letter ON sync.dead_letter_actions (dead_letter_id);

@@ -1,0 +1,363 @@
+"""The operator subcommands of `crm-erp-sync`: argument parsers and output.
+
+``service.cli`` calls ``register(subparsers)``; each handler parses nothing itself beyond
+argparse, calls the operator module, renders a table (or ``--json``) and returns the exit
+code (0 ok, 1 needs attention / drift / refused, 2 bad arguments, 3 unreachable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from service.errors import ConfigError
+from service.operator import render
+from service.operator.common import actor, parse_time
+from service.settings import Settings
+
+EXIT_OK, EXIT_ATTENTION, EXIT_USAGE = 0, 1, 2
+EPILOG = ("Exit codes: 0 ok, 1 needs attention (or drift, or refused), 2 bad arguments or "
+          "configuration, 3 broker or database unreachable.")
+
+
+def _fmt_s(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value < 120:
+        return f"{value:.1f}s"
+    if value < 7200:
+        return f"{value / 60:.1f}min"
+    return f"{value / 3600:.1f}h"
+
+
+# ---- status --------------------------------------------------------------------------------
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from service.operator.status import collect
+
+    st = collect(settings, max_lag=args.max_lag)
+    if args.json:
+        print(render.dumps({**render.jsonable(st), "total_lag": st.total_lag,
+                            "lag": [{**render.jsonable(p), "lag": p.lag} for p in st.lag],
+                            "ok": not st.attention}))
+        return EXIT_ATTENTION if st.attention else EXIT_OK
+    print("Consumer group", settings.consumer_group)
+    print(render.table(["topic", "partition", "committed", "end", "lag"],
+                       [(p.topic, p.partition, p.committed, p.end, p.lag) for p in st.lag]))
+    print(f"total lag: {st.total_lag}\n")
+    slot = st.slot
+    print(f"Producer: {'running' if st.producer_running else 'NOT RUNNING'}; "
+          f"slot {settings.slot_name}: " + (
+        "MISSING" if slot is None else
+        f"{'reading' if slot['active'] else 'idle'}, retains "
+        f"{slot['retained_wal_bytes']} bytes of WAL, {slot['unconfirmed_bytes']} bytes "
+        "not yet confirmed"))
+    print(f"Pending snapshots: {len(st.pending_snapshots)}" + "".join(
+        f"\n  #{s['snapshot_id']} {s['table']} ({s['reason']}), {s['rows_emitted']} rows so far"
+        for s in st.pending_snapshots))
+    print()
+    if st.dead_letters:
+        print(render.table(["unresolved dead letters", "count"], sorted(st.dead_letters.items())))
+    else:
+        print("Unresolved dead letters: none")
+    if st.held:
+        print(render.table(["held events", "count", "oldest held for"],
+                           [(k, v["count"], _fmt_s(v["oldest_age_s"]))
+                            for k, v in st.held.items()]))
+    else:
+        print("Held events: none")
+    la = st.last_applied
+    print(f"\nLast applied: {render.cell(la['applied_at'])} "
+          f"({_fmt_s(la['seconds_since_last_apply'])} ago); newest CRM commit applied: "
+          f"{render.cell(la['crm_commit_time'])}; end-to-end delay of the last change: "
+          f"{_fmt_s(la['end_to_end_delay_s'])}")
+    if st.attention:
+        print("\nNEEDS ATTENTION:")
+        for item in st.attention:
+            print(f"  - {item}")
+        return EXIT_ATTENTION
+    print("\nOK")
+    return EXIT_OK
+
+
+# ---- replay --------------------------------------------------------------------------------
+def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    from service.operator.replay import GroupActive, parse_offsets, replay
+
+    try:
+        plan = replay(settings, args.topic, from_beginning=args.from_beginning,
+                      from_time=parse_time(args.from_time, "--from-time")
+                      if args.from_time else None,
+                      from_offsets=parse_offsets(args.from_offset) if args.from_offset else None,
+                      partitions=args.partition, dry_run=args.dry_run)
+    except GroupActive as exc:
+        print(f"crm-erp-sync: replay refused: {exc}", file=sys.stderr)
+        return EXIT_ATTENTION
+    if args.json:
+        print(render.dumps({**render.jsonable(plan), "to_reprocess": plan.to_reprocess,
+                            "partitions": [{**render.jsonable(p), "to_reprocess": p.to_reprocess}
+                                           for p in plan.partitions]}))
+        return EXIT_OK
+    print(render.table(["topic", "partition", "committed", "", "new offset", "end",
+                        "to reprocess"],
+                       [(p.topic, p.partition, p.committed, "->", p.new_offset, p.end,
+                         p.to_reprocess) for p in plan.partitions]))
+    verb = "would reprocess" if plan.dry_run else "will reprocess"
+    print(f"{'DRY RUN: nothing changed. ' if plan.dry_run else ''}Group {plan.group} "
+          f"{verb} {plan.to_reprocess} event(s) of {plan.topic} from {plan.target}"
+          + ("" if plan.dry_run else " when its consumers start."))
+    return EXIT_OK
+
+
+# ---- dlq -----------------------------------------------------------------------------------
+def cmd_dlq_list(settings: Settings, args: argparse.Namespace) -> int:
+    from service.operator.dlq import STATES, list_letters
+
+    states = None
+    if args.state:
+        states = list(STATES) if args.state == ["all"] else args.state
+    letters = list_letters(settings, since=parse_time(args.since, "--since") if args.since
+                           else None, error_type=args.error_type, topic=args.topic,
+                           key=args.key, states=states)
+    if args.json:
+        print(render.dumps([{**render.jsonable(d), "key": d.key_text} for d in letters]))
+        return EXIT_OK
+    if not letters:
+        print("No dead letters match.")
+        return EXIT_OK
+    print(render.table(
+        ["id", "state", "created", "topic[partition]@offset", "key", "stage", "error",
+         "reason"],
+        [(d.dead_letter_id, d.state, d.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+          f"{d.topic}[{d.partition}]@{d.offset}", d.key_text, d.stage, d.error_class,
+          d.last_error or d.error_message) for d in letters], max_width=70))
+    print(f"{len(letters)} dead letter(s). `crm-erp-sync dlq show ID` for the payload and "
+          "trace.")
+    return EXIT_OK
+
+
+def cmd_dlq_show(settings: Settings, args: argparse.Namespace) -> int:
+    from service.operator.dlq import show
+
+    info = show(settings, args.id)
+    if args.json:
+        print(render.dumps(info))
+        return EXIT_OK
+    d = info["letter"]
+    print(f"Dead letter {d.dead_letter_id}: {d.state}" + (
+        f" (resolved {render.cell(d.resolved_at)})" if d.resolved_at else ""))
+    print(render.table(["field", "value"], [
+        ("original", f"{d.topic}[{d.partition}]@{d.offset}"), ("key", d.key_text),
+        ("dead-letter topic", f"{settings.dlq_topic}[{d.dlq_partition}]@{d.dlq_offset}"),
+        ("created", d.created_at), ("stage", d.stage), ("error", d.error_class),
+        ("reason", d.error_message), ("redrive attempts", d.redrive_attempts),
+        ("last error", d.last_error)], max_width=100))
+    headers = dict(info["headers"])
+    trace = headers.pop("kafka_dlt-exception-stacktrace", "")
+    print("\nHeaders:")
+    print(render.table(["header", "value"], sorted(headers.items()), max_width=100))
+    print("\nPayload" + (f" ({info.get('kind')} event, decoded from Avro):"
+                         if info["payload"] is not None else ":"))
+    if info["payload"] is not None:
+        print(render.dumps(info["payload"]))
+    else:
+        print(f"  (not decodable: {info['payload_error']})")
+        if info.get("payload_raw") is not None:
+            print("  raw:", render.jsonable(info["payload_raw"]))
+    print("\nTrace:")
+    print(trace.rstrip() or "  (none recorded)")
+    if info["actions"]:
+        print("\nActions:")
+        print(render.table(["at", "action", "actor", "outcome", "reason", "detail"],
+                           [(a["at"], a["action"], a["actor"], a["outcome"], a["reason"],
+                             a["detail"]) for a in info["actions"]], max_width=70))
+    return EXIT_OK
+
+
+def _print_report(report: Any, as_json: bool) -> int:
+    if as_json:
+        print(render.dumps({**render.jsonable(report), "ok": report.ok}))
+    elif not report.outcomes:
+        print(f"Nothing to {report.action}.")
+    else:
+        print(render.table(["id", "key", "outcome", "detail"],
+                           [(o.dead_letter_id, o.key, o.outcome, o.detail)
+                            for o in report.outcomes], max_width=90))
+        counts: dict[str, int] = {}
+        for o in report.outcomes:
+            counts[o.outcome] = counts.get(o.outcome, 0) + 1
+        print(("DRY RUN, nothing changed: " if report.dry_run else "") +
+              ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    return EXIT_OK if report.ok else EXIT_ATTENTION
+
+
+def cmd_dlq_redrive(settings: Settings, args: argparse.Namespace) -> int:
+    from service.operator.dlq import redrive, select_letters
+
+    if not (args.ids or args.error_type or args.all):
+        raise ConfigError("dlq redrive", "name dead letters: ID ..., --error-type X or --all")
+    letters, refused = select_letters(settings, args.ids, args.error_type, args.all)
+    report = redrive(settings, letters, actor=actor(args.actor), reason=args.reason,
+                     dry_run=args.dry_run)
+    report.outcomes[:0] = refused
+    return _print_report(report, args.json)
+
+
+def cmd_dlq_discard(settings: Settings, args: argparse.Namespace) -> int:
+    from service.operator.dlq import discard, select_letters
+
+    letters, refused = select_letters(settings, args.ids, None, False)
+    report = discard(settings, letters, actor=actor(args.actor), reason=args.reason)
+    report.outcomes[:0] = refused
+    return _print_report(report, args.json)
+
+
+# ---- reconcile -----------------------------------------------------------------------------
+def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    from service.operator.reconcile import reconcile
+
+    result = reconcile(settings, args.entity, repair=args.repair, chunk_size=args.chunk_size,
+                       wait_s=args.wait)
+    if args.json:
+        print(render.dumps({**render.jsonable(result), "drift": result.drift}))
+        return EXIT_ATTENTION if result.drift else EXIT_OK
+    print(render.table(["entity", "crm rows", "erp rows", "missing", "extra", "differing",
+                        "unmappable", "seconds"],
+                       [(e.entity, e.crm_rows, e.erp_rows, len(e.missing), len(e.extra),
+                         len(e.differing), len(e.unmappable), e.seconds)
+                        for e in result.entities]))
+    shown = 20
+    for e in result.entities:
+        for label, keys in (("missing in the ERP", e.missing), ("extra in the ERP", e.extra)):
+            if keys:
+                more = f" … and {len(keys) - shown} more" if len(keys) > shown else ""
+                print(f"{e.entity} {label}: {', '.join(map(str, keys[:shown]))}{more}")
+        for key, fields in list(e.differing.items())[:shown]:
+            print(f"{e.entity} {key} differs in: {', '.join(fields)}")
+        for key, why in list(e.unmappable.items())[:shown]:
+            print(f"{e.entity} {key} cannot be mapped (dead letter): {why}")
+    rep = result.repair
+    if rep is not None:
+        print("\nRepair:")
+        for entity, sid in rep.snapshots.items():
+            print(f"  requested snapshot #{sid} of the drifted {entity} keys")
+        for entity, keys in rep.marked_deleted.items():
+            print(f"  marked {len(keys)} extra {entity} row(s) deleted in the ERP: "
+                  f"{', '.join(map(str, keys[:shown]))}")
+        left = sum(r.drift for r in rep.remaining)
+        print(f"  {'converged' if rep.converged else 'NOT converged'} after {rep.waited_s}s; "
+              f"{left} key(s) still drifting" + ("" if rep.converged else
+              " (is the producer running? are consumers running? unmappable keys need a "
+              "mapping fix or a CRM correction)"))
+    if result.drift:
+        print(f"\nDRIFT: {result.drift} key(s)")
+        return EXIT_ATTENTION
+    print("\nNo drift.")
+    return EXIT_OK
+
+
+# ---- parsers -------------------------------------------------------------------------------
+def register(sub: Any) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    def parser(name: str, parent: Any, help_: str, doc: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help_, description=doc,
+                                                       epilog=EPILOG, formatter_class=fmt)
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        return p
+
+    p = parser("status", sub, "lag, producer slot, dead letters, held events, last apply",
+               "Is the sync healthy? Shows per topic/partition the consumer group's committed\n"
+               "offset, end offset and lag; the producer's replication slot; pending\n"
+               "snapshots; unresolved dead letters by error class; held events by reason; the\n"
+               "last applied change and its end-to-end delay.\n\n"
+               "Exit 1 (needs attention) when a dead letter is unresolved, the slot is missing\n"
+               "or inactive (no producer), an event is held longer than ORPHAN_HOLD_S, events\n"
+               "are held behind a key with no dead letter, or the total lag exceeds --max-lag.")
+    p.add_argument("--max-lag", type=int, default=10_000, metavar="EVENTS",
+                   help="total lag above which status needs attention (default 10000)")
+    p.set_defaults(func=cmd_status)
+
+    p = parser("replay", sub, "resync the ERP: rewind the consumer group's offsets",
+               "Rewind the consumer group so the ERP is re-applied from what Kafka holds.\n\n"
+               "Safe: offsets are reset only while the group has no members; with consumers\n"
+               "running it refuses (exit 1) and names them. Procedure: stop the consumers,\n"
+               "replay, start them. Re-applying never corrupts the ERP: each row keeps the\n"
+               "source position of its change and never takes an older one.")
+    p.add_argument("--topic", required=True, help="the topic to replay (e.g. crm.sales)")
+    start = p.add_mutually_exclusive_group(required=True)
+    start.add_argument("--from-beginning", action="store_true")
+    start.add_argument("--from-time", metavar="ISO8601",
+                       help="the first event at or after this time (zone-less = UTC)")
+    start.add_argument("--from-offset", action="append", metavar="PARTITION:OFFSET",
+                       help="an explicit offset per partition (repeatable)")
+    p.add_argument("--partition", type=int, action="append",
+                   help="only this partition (repeatable; default all)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="show committed -> new offset and what would be reprocessed")
+    p.set_defaults(func=cmd_replay)
+
+    dlq = sub.add_parser("dlq", help="dead letters: list, show, redrive, discard",
+                         description="Dead letters: what could not be applied, and why.",
+                         epilog=EPILOG)
+    dsub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="DLQ_COMMAND")
+    p = parser("list", dsub, "list dead letters (unresolved by default)",
+               "List dead letters from sync.dead_letters, oldest first. By default the\n"
+               "unresolved ones (open, failed_again).")
+    p.add_argument("--since", metavar="ISO8601", help="created at or after this time")
+    p.add_argument("--error-type", help="error class (MappingError, DecodeError, ...) or stage "
+                                        "(decode, transform, apply)")
+    p.add_argument("--topic")
+    p.add_argument("--key", help="message key (the customer id for crm.sales)")
+    p.add_argument("--state", action="append",
+                   help="open, redriven, discarded, failed_again, or all (repeatable)")
+    p.set_defaults(func=cmd_dlq_list)
+
+    p = parser("show", dsub, "one dead letter: headers, payload as JSON, error and trace",
+               "Everything about one dead letter: its state, all headers, the payload decoded\n"
+               "from Avro to JSON (read from the dead-letter topic), the error, its trace and\n"
+               "the actions taken. The payload holds personal data: it is printed for the\n"
+               "operator, never logged; do not paste it into tickets.")
+    p.add_argument("id", type=int, metavar="ID")
+    p.set_defaults(func=cmd_dlq_show)
+
+    p = parser("redrive", dsub, "re-process dead letters through the apply path",
+               "Re-process dead letters through the consumer's own decode -> transform ->\n"
+               "apply stages, with the mappings file as it is now (fix mappings.toml, then\n"
+               "redrive). Per key in the original order; then the events held behind the key\n"
+               "are applied in order. Outcome recorded: redriven, held (its customer is not in\n"
+               "the ERP yet), or failed_again (with the new error); every action audited.\n"
+               "Already redriven or discarded letters are refused. Exit 1 unless all succeed.")
+    p.add_argument("ids", type=int, nargs="*", metavar="ID")
+    p.add_argument("--error-type", help="all unresolved letters of this error class or stage")
+    p.add_argument("--all", action="store_true", help="all unresolved letters")
+    p.add_argument("--dry-run", action="store_true",
+                   help="only check that each decodes and maps with the current mappings")
+    p.add_argument("--actor", help="who (default: the login name)")
+    p.add_argument("--reason", help="why (recorded in the audit)")
+    p.set_defaults(func=cmd_dlq_redrive)
+
+    p = parser("discard", dsub, "give up on dead letters (audited), releasing their key",
+               "Mark dead letters discarded (the change will not reach the ERP) and apply the\n"
+               "events held behind their key. Audited with actor and reason.")
+    p.add_argument("ids", type=int, nargs="+", metavar="ID")
+    p.add_argument("--reason", required=True, help="why (required, audited)")
+    p.add_argument("--actor", help="who (default: the login name)")
+    p.set_defaults(func=cmd_dlq_discard)
+
+    p = parser("reconcile", sub, "compare CRM and ERP on the mapped fields; --repair drift",
+               "Compare the CRM and the ERP entity by entity on the mapped fields, in key-\n"
+               "ordered chunks, computing the CRM side with the pipeline's own transforms.\n"
+               "Reports missing (in the CRM, not the ERP), extra (in the ERP, gone from the\n"
+               "CRM), differing (with the fields) and unmappable (dead-lettered) keys.\n"
+               "Exit 0 no drift, 1 drift.\n\n"
+               "--repair requests an ad-hoc snapshot of the missing/differing keys (a running\n"
+               "producer and consumers apply it), marks extra rows deleted in the ERP (only\n"
+               "if unchanged since compared), then re-checks until converged or --wait.")
+    p.add_argument("--entity", action="append", choices=["customers", "orders", "demand"],
+                   help="only this entity (repeatable; default all)")
+    p.add_argument("--repair", action="store_true")
+    p.add_argument("--chunk-size", type=int, default=5000, metavar="N")
+    p.add_argument("--wait", type=float, default=120.0, metavar="SECONDS",
+                   help="with --repair, how long to wait for convergence (default 120)")
+    p.set_defaults(func=cmd_reconcile)

@@ -1,0 +1,426 @@
+"""Dead letters for operators: list, show, redrive, discard.
+
+State lives in ``sync.dead_letters`` (open -> redriven | discarded | failed_again; a letter
+that failed again can be redriven again); the original bytes live in the dead-letter topic
+at (dlq_partition, dlq_offset). Every redrive and discard is audited in
+``sync.dead_letter_actions`` (who, when, why, outcome).
+
+Redrive re-processes the original bytes through the consumer's own stages (decode ->
+transform -> apply, ``ErpApplier.redrive_message``) with the mappings file as it is NOW, so
+a letter that failed on an unknown product succeeds once the product is added. Per key, the
+letters go in their original (partition, offset) order, and a letter is never applied while
+an earlier one of its key is unresolved; once a key has no unresolved letter, the events
+held behind it ('key_blocked') are applied, in order, in the same transaction.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from kafka import TopicPartition
+
+from service.avro import SchemaRegistry
+from service.consumer import dlq as dlq_headers
+from service.consumer.pipeline import Batch, Decode, Envelope, ErpApplier, Message, Transform
+from service.erp.mappings import Mappings
+from service.errors import ConfigError, SyncError
+from service.kafka_io import make_consumer
+from service.operator.common import PgConn, connect
+from service.settings import Settings
+
+UNRESOLVED = ("open", "failed_again")
+STATES = ("open", "redriven", "discarded", "failed_again")
+
+_COLUMNS = ('dead_letter_id, topic, partition, "offset", msg_key, stage, error_class, '
+            "error_message, state, dlq_partition, dlq_offset, created_at, resolved_at, "
+            "last_error, redrive_attempts")
+
+
+@dataclass(frozen=True)
+class Letter:
+    dead_letter_id: int
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    stage: str
+    error_class: str
+    error_message: str
+    state: str
+    dlq_partition: int | None
+    dlq_offset: int | None
+    created_at: datetime
+    resolved_at: datetime | None
+    last_error: str | None
+    redrive_attempts: int
+
+    @property
+    def key_text(self) -> str:
+        return self.key.decode("utf-8", "replace") if self.key is not None else "-"
+
+
+@dataclass
+class Outcome:
+    dead_letter_id: int
+    key: str
+    outcome: str  # redriven | held | failed_again | discarded | refused | skipped | would_*
+    detail: str = ""
+    released: int = 0
+
+
+@dataclass
+class ActionReport:
+    action: str
+    dry_run: bool
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(o.outcome in ("redriven", "held", "discarded", "would_redrive")
+                   for o in self.outcomes)
+
+
+def _letter(row: Any) -> Letter:
+    values = list(row)
+    values[4] = bytes(values[4]) if values[4] is not None else None
+    return Letter(*values)
+
+
+def list_letters(settings: Settings, *, since: datetime | None = None,
+                 error_type: str | None = None, topic: str | None = None,
+                 key: str | None = None, states: list[str] | None = None) -> list[Letter]:
+    """Dead letters, oldest first; ``states`` None means the unresolved ones."""
+    states = list(UNRESOLVED) if states is None else states
+    bad = sorted(set(states) - set(STATES))
+    if bad:
+        raise ConfigError("--state", f"unknown state {', '.join(bad)}: choose from "
+                                     f"{', '.join(STATES)} or all")
+    where, params = ["state = ANY(%s)"], [states]
+    if since is not None:
+        where.append("created_at >= %s")
+        params.append(since)  # type: ignore[arg-type]
+    if error_type:
+        where.append("(error_class = %s OR stage = %s)")
+        params += [error_type, error_type]  # type: ignore[list-item]
+    if topic:
+        where.append("topic = %s")
+        params.append(topic)  # type: ignore[arg-type]
+    if key is not None:
+        where.append("msg_key = %s")
+        params.append(key.encode())  # type: ignore[arg-type]
+    with connect(settings, "erp") as conn:
+        rows = conn.execute(
+            f"SELECT {_COLUMNS} FROM sync.dead_letters WHERE {' AND '.join(where)} "
+            'ORDER BY topic, partition, "offset"', params).fetchall()
+    return [_letter(r) for r in rows]
+
+
+def get_letters(conn: PgConn, ids: list[int]) -> dict[int, Letter]:
+    rows = conn.execute(f"SELECT {_COLUMNS} FROM sync.dead_letters "
+                        "WHERE dead_letter_id = ANY(%s)", (ids,)).fetchall()
+    return {r[0]: _letter(r) for r in rows}
+
+
+def actions_of(conn: PgConn, letter_id: int) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        "SELECT action, actor, reason, outcome, detail, at FROM sync.dead_letter_actions "
+        "WHERE dead_letter_id = %s ORDER BY action_id", (letter_id,)).fetchall()
+    return [dict(zip(("action", "actor", "reason", "outcome", "detail", "at"), r, strict=True))
+            for r in rows]
+
+
+def fetch_records(settings: Settings, topic: str, wanted: set[tuple[int, int]],
+                  timeout_s: float = 30.0) -> dict[tuple[int, int], Any]:
+    """Records of a topic at the given (partition, offset) pairs; missing ones are absent."""
+    if not wanted:
+        return {}
+    by_partition: dict[int, list[int]] = defaultdict(list)
+    for p, o in wanted:
+        by_partition[p].append(o)
+    consumer = make_consumer(settings, group_id=None, isolation_level="read_uncommitted")
+    found: dict[tuple[int, int], Any] = {}
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(by_partition)]
+        consumer.assign(tps)
+        ends = consumer.end_offsets(tps)
+        pending = set()
+        for tp in tps:
+            consumer.seek(tp, min(by_partition[tp.partition]))
+            top = max(by_partition[tp.partition])
+            if top < ends[tp]:
+                pending.add(tp)
+        last = {tp: max(by_partition[tp.partition]) for tp in tps}
+        deadline = time.monotonic() + timeout_s
+        while pending and time.monotonic() < deadline:
+            for tp, records in consumer.poll(timeout_ms=500, max_records=5000).items():
+                for r in records:
+                    if (r.partition, r.offset) in wanted:
+                        found[(r.partition, r.offset)] = r
+                if records and records[-1].offset >= last[tp]:
+                    pending.discard(tp)
+                    consumer.pause(tp)
+    finally:
+        consumer.close()
+    return found
+
+
+def _original_bytes(settings: Settings, letters: list[Letter]) -> dict[int, Any]:
+    """The dead-lettered records (key, value, timestamp, headers) by letter id: from the DLQ
+    topic, or from the original topic when the DLQ no longer has them."""
+    dlq = fetch_records(settings, settings.dlq_topic,
+                        {(d.dlq_partition, d.dlq_offset) for d in letters
+                         if d.dlq_partition is not None and d.dlq_offset is not None})
+    out: dict[int, Any] = {}
+    missing: dict[str, list[Letter]] = defaultdict(list)
+    for d in letters:
+        rec = dlq.get((d.dlq_partition, d.dlq_offset))  # type: ignore[arg-type]
+        if rec is not None:
+            out[d.dead_letter_id] = rec
+        else:
+            missing[d.topic].append(d)
+    for topic, group in missing.items():
+        originals = fetch_records(settings, topic, {(d.partition, d.offset) for d in group})
+        for d in group:
+            if (d.partition, d.offset) in originals:
+                out[d.dead_letter_id] = originals[(d.partition, d.offset)]
+    return out
+
+
+def show(settings: Settings, letter_id: int) -> dict[str, Any]:
+    """Everything about one letter: state, error, all headers, the payload as JSON, audit."""
+    with connect(settings, "erp") as conn:
+        letters = get_letters(conn, [letter_id])
+        if letter_id not in letters:
+            raise ConfigError("ID", f"no dead letter {letter_id} (see `crm-erp-sync dlq list "
+                                    "--state all`)")
+        letter = letters[letter_id]
+        actions = actions_of(conn, letter_id)
+    record = _original_bytes(settings, [letter]).get(letter_id)
+    out: dict[str, Any] = {"letter": letter, "actions": actions, "headers": {},
+                           "payload": None, "payload_error": None}
+    if record is None:
+        out["payload_error"] = "the record is no longer in the dead-letter or original topic"
+        return out
+    out["headers"] = dlq_headers.decode_headers(record.headers)
+    if record.value is None:
+        out["payload_error"] = "the record has no value"
+        return out
+    registry = SchemaRegistry.load(settings.schemas_dir)
+    try:
+        kind, payload = registry.decode(record.value)
+        out["kind"], out["payload"] = kind, payload
+    except SyncError as exc:
+        out["payload_error"] = f"{type(exc).__name__}: {exc}"
+        out["payload_raw"] = record.value
+    return out
+
+
+def select_letters(settings: Settings, ids: list[int] | None, error_type: str | None,
+                   all_open: bool) -> tuple[list[Letter], list[Outcome]]:
+    """The letters an action targets, and refusals for ids that do not exist."""
+    with connect(settings, "erp") as conn:
+        if ids:
+            found = get_letters(conn, ids)
+            refused = [Outcome(i, "-", "refused", "no such dead letter")
+                       for i in ids if i not in found]
+            return [found[i] for i in ids if i in found], refused
+        where, params = "state = ANY(%s)", [list(UNRESOLVED)]
+        if error_type and not all_open:
+            where += " AND (error_class = %s OR stage = %s)"
+            params += [error_type, error_type]  # type: ignore[list-item]
+        rows = conn.execute(f"SELECT {_COLUMNS} FROM sync.dead_letters WHERE {where}",
+                            params).fetchall()
+    return [_letter(r) for r in rows], []
+
+
+def _audit(conn: PgConn, letter_id: int, action: str, actor: str, reason: str | None,
+           outcome: str, detail: str | None) -> None:
+    conn.execute("INSERT INTO sync.dead_letter_actions (dead_letter_id, action, actor, reason, "
+                 "outcome, detail) VALUES (%s, %s, %s, %s, %s, %s)",
+                 (letter_id, action, actor, reason, outcome, detail))
+
+
+def _lock(conn: PgConn, letter_id: int) -> str | None:
+    row = conn.execute("SELECT state FROM sync.dead_letters WHERE dead_letter_id = %s "
+                       "FOR UPDATE", (letter_id,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _refusal(letter_id: int, state: str | None) -> str:
+    if state is None:
+        return "no such dead letter"
+    return f"already {state}; nothing to do (see `crm-erp-sync dlq show {letter_id}`)"
+
+
+def _earlier_unresolved(conn: PgConn, d: Letter) -> int | None:
+    row = conn.execute(
+        "SELECT dead_letter_id FROM sync.dead_letters WHERE topic = %s "
+        "AND msg_key IS NOT DISTINCT FROM %s AND state IN ('open', 'failed_again') "
+        'AND (partition, "offset") < (%s, %s) ORDER BY partition, "offset" LIMIT 1',
+        (d.topic, d.key, d.partition, d.offset)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _key_groups(letters: list[Letter]) -> list[list[Letter]]:
+    groups: dict[tuple[str, bytes | None], list[Letter]] = defaultdict(list)
+    for d in sorted(letters, key=lambda d: (d.topic, d.partition, d.offset)):
+        groups[(d.topic, d.key)].append(d)
+    return list(groups.values())
+
+
+def redrive(settings: Settings, letters: list[Letter], *, actor: str, reason: str | None = None,
+            dry_run: bool = False) -> ActionReport:
+    report = ActionReport("redrive", dry_run)
+    registry = SchemaRegistry.load(settings.schemas_dir)
+    mappings = Mappings.load(settings.mappings_file)
+    todo: list[Letter] = []
+    for d in letters:
+        if d.state in UNRESOLVED:
+            todo.append(d)
+        else:
+            report.outcomes.append(Outcome(d.dead_letter_id, d.key_text, "refused",
+                                           _refusal(d.dead_letter_id, d.state)))
+    records = _original_bytes(settings, todo)
+    if dry_run:
+        for group in _key_groups(todo):
+            for d in group:
+                report.outcomes.append(_dry_run(registry, mappings, d,
+                                                records.get(d.dead_letter_id)))
+        return report
+    applier = ErpApplier(settings, registry, mappings)
+    try:
+        conn = applier.connect()
+        for group in _key_groups(todo):
+            for d in group:
+                report.outcomes.append(_redrive_one(applier, conn, d,
+                                                    records.get(d.dead_letter_id), actor,
+                                                    reason))
+        _sweep(applier, conn)
+    finally:
+        _close(applier)
+    return report
+
+
+def _dry_run(registry: SchemaRegistry, mappings: Mappings, d: Letter, record: Any) -> Outcome:
+    if record is None:
+        return Outcome(d.dead_letter_id, d.key_text, "would_fail_again",
+                       "the original bytes are no longer in the dead-letter or original topic")
+    batch = Batch([Envelope(Message(d.topic, d.partition, d.offset, record.timestamp, d.key,
+                                    record.value))])
+    Decode(registry, Transform(mappings, _Nothing())).submit(batch)
+    err = batch.envelopes[0].error
+    if err is not None:
+        return Outcome(d.dead_letter_id, d.key_text, "would_fail_again",
+                       f"{type(err).__name__}: {err.reason}")
+    return Outcome(d.dead_letter_id, d.key_text, "would_redrive",
+                   "decodes and maps with the current mappings (the ERP may still refuse it)")
+
+
+class _Nothing:
+    def submit(self, batch: Batch) -> None:
+        return None
+
+
+def _held_count(conn: PgConn, d: Letter) -> int:
+    row = conn.execute("SELECT count(*) FROM sync.held_events WHERE reason = 'key_blocked' "
+                       "AND topic = %s AND msg_key IS NOT DISTINCT FROM %s",
+                       (d.topic, d.key)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _redrive_one(applier: ErpApplier, conn: PgConn, d: Letter, record: Any, actor: str,
+                 reason: str | None) -> Outcome:
+    with conn.transaction():
+        state = _lock(conn, d.dead_letter_id)
+        if state not in UNRESOLVED:
+            return Outcome(d.dead_letter_id, d.key_text, "refused",
+                           _refusal(d.dead_letter_id, state))
+        earlier = _earlier_unresolved(conn, d)
+        if earlier is not None:
+            return Outcome(d.dead_letter_id, d.key_text, "skipped",
+                           f"dead letter {earlier} of the same key comes first and is "
+                           "unresolved: redrive or discard it first")
+        conn.execute("UPDATE sync.dead_letters SET state = 'redriven', resolved_at = "
+                     "clock_timestamp(), redrive_attempts = redrive_attempts + 1 "
+                     "WHERE dead_letter_id = %s", (d.dead_letter_id,))
+        held_before = _held_count(conn, d)
+        error: str | None = None
+        held: str | None = None
+        if record is None:
+            error = "the original bytes are no longer in the dead-letter or original topic"
+        else:
+            env = applier.redrive_message(conn, Message(d.topic, d.partition, d.offset,
+                                                        record.timestamp, d.key, record.value))
+            held = env.held
+            if env.error is not None:
+                error = f"{type(env.error).__name__}: {env.error.reason}"
+        released = 0
+        if error is not None:
+            outcome = "failed_again"
+            conn.execute("UPDATE sync.dead_letters SET state = 'failed_again', "
+                         "resolved_at = NULL, last_error = %s WHERE dead_letter_id = %s",
+                         (error, d.dead_letter_id))
+        else:
+            outcome = "held" if held else "redriven"
+            released = max(0, held_before - _held_count(conn, d)
+                           + (1 if held == "key_blocked" else 0))
+        detail = error or (f"held: {held}" if held else "")
+        if released:
+            detail = (detail + "; " if detail else "") + \
+                f"released {released} held event(s) of the key"
+        _audit(conn, d.dead_letter_id, "redrive", actor, reason, outcome, detail or None)
+    return Outcome(d.dead_letter_id, d.key_text, outcome, detail, released)
+
+
+def discard(settings: Settings, letters: list[Letter], *, actor: str,
+            reason: str) -> ActionReport:
+    if not reason or not reason.strip():
+        raise ConfigError("--reason", "say why the dead letters are discarded")
+    report = ActionReport("discard", False)
+    registry = SchemaRegistry.load(settings.schemas_dir)
+    applier = ErpApplier(settings, registry, Mappings.load(settings.mappings_file))
+    try:
+        conn = applier.connect()
+        for d in sorted(letters, key=lambda d: (d.topic, d.partition, d.offset)):
+            with conn.transaction():
+                state = _lock(conn, d.dead_letter_id)
+                if state not in UNRESOLVED:
+                    report.outcomes.append(Outcome(d.dead_letter_id, d.key_text, "refused",
+                                                   _refusal(d.dead_letter_id, state)))
+                    continue
+                conn.execute("UPDATE sync.dead_letters SET state = 'discarded', resolved_at = "
+                             "clock_timestamp() WHERE dead_letter_id = %s", (d.dead_letter_id,))
+                released = applier.release_key(conn, d.topic, d.key)
+                detail = f"released {released} held event(s) of the key" if released else ""
+                _audit(conn, d.dead_letter_id, "discard", actor, reason, "discarded",
+                       detail or None)
+                report.outcomes.append(Outcome(d.dead_letter_id, d.key_text, "discarded",
+                                               detail, released))
+        _sweep(applier, conn)
+    finally:
+        _close(applier)
+    return report
+
+
+def _sweep(applier: ErpApplier, conn: PgConn) -> int:
+    """Release events held behind keys that no longer have an unresolved dead letter (a
+    consumer that held one while an operator resolved its letter)."""
+    with conn.transaction():
+        keys = conn.execute(
+            "SELECT DISTINCT h.topic, h.msg_key FROM sync.held_events h "
+            "WHERE h.reason = 'key_blocked' AND NOT EXISTS (SELECT 1 FROM sync.dead_letters d "
+            "WHERE d.topic = h.topic AND d.msg_key IS NOT DISTINCT FROM h.msg_key "
+            "AND d.state IN ('open', 'failed_again'))").fetchall()
+        return sum(applier.release_key(conn, t, bytes(k) if k is not None else None)
+                   for t, k in keys)
+
+
+def _close(applier: ErpApplier) -> None:
+    if applier.conn is not None:
+        applier.conn.close()
+    if applier._dlq_producer is not None:
+        applier._dlq_producer.close()

@@ -1,0 +1,122 @@
+"""`crm-erp-sync status`: is the sync healthy, and if not, what needs attention.
+
+Needs attention (exit 1) when any of:
+- a dead letter is unresolved (open or failed again);
+- the producer's replication slot is missing, or no producer holds the capture lock (the
+  producer reads its slot in short SQL calls, so "slot active" is not a liveness signal; the
+  advisory lock every active producer holds is);
+- an event has been held longer than ``orphan_hold_s`` (awaiting its customer), or events are
+  held behind a key that has no unresolved dead letter (stuck);
+- the group's total lag exceeds ``--max-lag`` (default 10000 events).
+Lag alone below that is normal under load and is only reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+
+from service.cdc.capture import OWN_SCHEMA
+from service.cdc.producer import lock_key
+from service.errors import StackUnavailable
+from service.operator.common import connect
+from service.ops import PartitionLag, group_lag, slot_state
+from service.settings import Settings
+
+
+@dataclass
+class Status:
+    lag: list[PartitionLag]
+    slot: dict[str, Any] | None
+    pending_snapshots: list[dict[str, Any]]
+    dead_letters: dict[str, int]  # error class -> unresolved count
+    held: dict[str, dict[str, Any]]  # reason -> {count, oldest_held_at, oldest_age_s}
+    stuck_keys: int
+    producer_running: bool
+    last_applied: dict[str, Any]
+    attention: list[str] = field(default_factory=list)
+
+    @property
+    def total_lag(self) -> int:
+        return sum(p.lag for p in self.lag)
+
+
+def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
+    lag = group_lag(settings)
+    try:
+        slot = slot_state(settings)
+        with connect(settings, "crm") as crm:
+            pending = [dict(zip(("snapshot_id", "table", "reason", "chunks_done", "rows_emitted",
+                                 "requested_at"), r, strict=True)) for r in crm.execute(
+                f"SELECT snapshot_id, table_name, reason, chunks_done, rows_emitted, "
+                f"requested_at FROM {OWN_SCHEMA}.snapshots WHERE state = 'pending' "
+                "ORDER BY snapshot_id").fetchall()]
+            locked = crm.execute(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND objsubid = 1 AND database = (SELECT oid FROM pg_database "
+                "WHERE datname = current_database()) "
+                "AND ((classid::bigint << 32) | objid::bigint) = hashtext(%s)::bigint)",
+                (lock_key(settings.slot_name),)).fetchone()
+    except psycopg.errors.UndefinedTable:
+        pending, locked = [], None
+    except psycopg.OperationalError as exc:
+        raise StackUnavailable(f"CRM database unreachable: {type(exc).__name__}") from exc
+    with connect(settings, "erp") as erp:
+        letters = dict(erp.execute(
+            "SELECT error_class, count(*) FROM sync.dead_letters "
+            "WHERE state IN ('open', 'failed_again') GROUP BY 1 ORDER BY 1").fetchall())
+        held = {r[0]: {"count": r[1], "oldest_held_at": r[2], "oldest_age_s": float(r[3])}
+                for r in erp.execute(
+                    "SELECT reason, count(*), min(held_at), "
+                    "extract(epoch FROM clock_timestamp() - min(held_at)) "
+                    "FROM sync.held_events GROUP BY 1 ORDER BY 1").fetchall()}
+        stuck_row = erp.execute(
+            "SELECT count(DISTINCT (h.topic, h.msg_key)) FROM sync.held_events h "
+            "WHERE h.reason = 'key_blocked' AND NOT EXISTS (SELECT 1 FROM sync.dead_letters d "
+            "WHERE d.topic = h.topic AND d.msg_key IS NOT DISTINCT FROM h.msg_key "
+            "AND d.state IN ('open', 'failed_again'))").fetchone()
+        last = erp.execute(
+            "SELECT max(applied_at), max(crm_commit_time), "
+            "extract(epoch FROM clock_timestamp() - max(applied_at)) FROM ("
+            "SELECT applied_at, crm_commit_time FROM erp.business_partners UNION ALL "
+            "SELECT applied_at, crm_commit_time FROM erp.sales_orders UNION ALL "
+            "SELECT applied_at, crm_commit_time FROM erp.demand_signals) t").fetchone()
+        delay = erp.execute(
+            "SELECT extract(epoch FROM applied_at - crm_commit_time) FROM ("
+            "SELECT applied_at, crm_commit_time, event_id FROM erp.business_partners UNION ALL "
+            "SELECT applied_at, crm_commit_time, event_id FROM erp.sales_orders UNION ALL "
+            "SELECT applied_at, crm_commit_time, event_id FROM erp.demand_signals) t "
+            "WHERE event_id NOT LIKE 'snap/%%' ORDER BY applied_at DESC LIMIT 1").fetchone()
+    assert last is not None
+    applied_at: datetime | None = last[0]
+    status = Status(
+        lag=lag, slot=slot, pending_snapshots=pending, dead_letters=letters, held=held,
+        stuck_keys=int(stuck_row[0]) if stuck_row else 0,
+        producer_running=bool(locked and locked[0]),
+        last_applied={"applied_at": applied_at, "crm_commit_time": last[1],
+                      "seconds_since_last_apply": float(last[2]) if last[2] is not None
+                      else None,
+                      "end_to_end_delay_s": float(delay[0]) if delay else None})
+    if letters:
+        status.attention.append(f"{sum(letters.values())} dead letter(s) unresolved: "
+                                "see `crm-erp-sync dlq list`")
+    if slot is None:
+        status.attention.append(f"replication slot {settings.slot_name} is missing: "
+                                "the producer has never run or the slot was dropped")
+    elif not status.producer_running:
+        status.attention.append(f"no producer is running (nobody holds the capture lock of "
+                                f"slot {settings.slot_name}); WAL is retained meanwhile")
+    awaiting = held.get("awaiting_customer")
+    if awaiting and awaiting["oldest_age_s"] > settings.orphan_hold_s:
+        status.attention.append(f"events held awaiting their customer for more than "
+                                f"{settings.orphan_hold_s:g}s: is a consumer running?")
+    if status.stuck_keys:
+        status.attention.append(f"{status.stuck_keys} key(s) have held events but no "
+                                "unresolved dead letter: run `crm-erp-sync dlq redrive --all` "
+                                "to release them")
+    if status.total_lag > max_lag:
+        status.attention.append(f"consumer lag {status.total_lag} exceeds {max_lag}")
+    return status

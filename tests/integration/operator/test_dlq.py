@@ -1,0 +1,144 @@
+"""`crm-erp-sync dlq`: list, show, redrive after a mapping fix, discard, audit, refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.avro import SchemaRegistry
+from service.cdc.producer import CdcProducer
+from tests.conftest import SyncEnv
+from tests.helpers import wait_until
+from tests.integration.operator.conftest import Cli, Running
+
+
+def produce_all(sync_env: SyncEnv) -> None:
+    CdcProducer(sync_env.settings, SchemaRegistry.load(sync_env.settings.schemas_dir)).run(
+        until_idle=True)
+
+
+def test_redrive_after_a_mapping_fix_then_discard(sync_env: SyncEnv, cli: Cli,
+                                                   running: Running, tmp_path: Path) -> None:
+    default = sync_env.settings.mappings_file.read_text("utf-8")
+    bad, fixed = tmp_path / "bad.toml", tmp_path / "fixed.toml"
+    bad.write_text(default, "utf-8")
+    fixed.write_text(default.replace("[products]\n", '[products]\nP-NEW = "SKU-999999"\n'),
+                     "utf-8")
+    s_bad = sync_env.with_(mappings_file=bad)
+    s_fixed = sync_env.with_(mappings_file=fixed)
+    produce_all(sync_env)  # creates the slot: what follows is streamed, not snapshotted
+    with sync_env.crm() as crm:
+        buyer = crm.execute("INSERT INTO crm.customers (family_name, given_name, phone) VALUES "
+                            "('李', '四', '13912345678') RETURNING customer_id").fetchone()[0]
+        with crm.transaction():
+            crm.execute("INSERT INTO crm.sales_orders (order_id, order_no, customer_id, "
+                        "order_date, status, currency) VALUES (900, 'X900', %s, '2023-01-01', "
+                        "'已付款', '元')", (buyer,))
+            crm.execute("INSERT INTO crm.order_lines VALUES (900, 1, %s, 'P-NEW', '平衡车', "
+                        "'10台', 5000)", (buyer,))
+        # After the failing order, on the same key: must wait for the redrive.
+        crm.execute("UPDATE crm.customers SET phone = '13900000000' WHERE customer_id = %s",
+                    (buyer,))
+        masked = crm.execute("INSERT INTO crm.customers (family_name, given_name, phone) "
+                             "VALUES ('张', '三', '138xxxx5678') RETURNING customer_id"
+                             ).fetchone()[0]
+        crm.execute("UPDATE crm.customers SET phone = '13812345678' WHERE customer_id = %s",
+                    (masked,))
+    produce_all(sync_env)
+    consumer = running.start_consumer(s_bad)
+    with sync_env.erp() as erp:
+        wait_until(lambda: erp.execute("SELECT count(*) FROM sync.held_events").fetchone()[0]
+                   == 2, message="two dead letters and two held events")
+    running.stop(consumer)
+
+    listed = cli(s_bad, "dlq", "list", "--json")
+    assert listed.code == 0, listed.err
+    letters = {int(d["key"]): d for d in listed.json}
+    assert set(letters) == {buyer, masked}
+    order_id, masked_id = letters[buyer]["dead_letter_id"], letters[masked]["dead_letter_id"]
+    assert letters[buyer]["error_class"] == "MappingError"
+    assert "product" in letters[buyer]["error_message"]
+    table = cli(s_bad, "dlq", "list", "--key", str(masked))
+    assert table.code == 0 and "MappingError" in table.out and "phone" in table.out
+    assert cli(s_bad, "dlq", "list", "--error-type", "DecodeError").out.startswith("No dead")
+    with sync_env.erp() as erp:
+        assert erp.execute("SELECT count(*) FROM sync.held_events WHERE reason = 'key_blocked'"
+                           ).fetchone() == (2,)
+
+    status = cli(s_bad, "status")
+    assert status.code == 1 and "MappingError" in status.out
+
+    shown = cli(s_bad, "dlq", "show", str(order_id), "--json").json
+    assert "kafka_dlt-original-topic" in shown["headers"], shown["headers"]
+    assert shown["headers"]["kafka_dlt-original-topic"] == sync_env.settings.sales_topic
+    assert "MappingError" in shown["headers"]["kafka_dlt-exception-fqcn"]
+    assert shown["kind"] == "order"
+    assert shown["payload"]["lines"][0]["after"]["product_code"] == "P-NEW"
+    text = cli(s_bad, "dlq", "show", str(order_id))
+    assert text.code == 0 and "P-NEW" in text.out and "Trace:" in text.out
+
+    # Still the old mappings: a dry run says it would fail; a redrive fails again.
+    dry = cli(s_bad, "dlq", "redrive", str(order_id), "--dry-run", "--json")
+    assert dry.code == 1 and dry.json["outcomes"][0]["outcome"] == "would_fail_again"
+    again = cli(s_bad, "dlq", "redrive", str(order_id), "--actor", "ops-1", "--json")
+    assert again.code == 1 and again.json["outcomes"][0]["outcome"] == "failed_again"
+    with sync_env.erp() as erp:
+        assert erp.execute("SELECT state, last_error FROM sync.dead_letters "
+                           "WHERE dead_letter_id = %s", (order_id,)).fetchone()[0] == \
+            "failed_again"
+        assert erp.execute("SELECT count(*) FROM erp.sales_orders").fetchone() == (0,)
+
+    # The operator fixed the mapping file: dry run says it maps, then the redrive works and
+    # the customer update held behind it is applied after it.
+    assert cli(s_fixed, "dlq", "redrive", "--all", "--dry-run").code == 1  # masked still fails
+    done = cli(s_fixed, "dlq", "redrive", "--error-type", "MappingError", "--actor", "ops-1",
+               "--reason", "added P-NEW to mappings", "--json")
+    by_id = {o["dead_letter_id"]: o for o in done.json["outcomes"]}
+    assert by_id[order_id]["outcome"] == "redriven"
+    assert by_id[order_id]["released"] == 1
+    assert by_id[masked_id]["outcome"] == "failed_again"
+    with sync_env.erp() as erp:
+        assert erp.execute("SELECT status_code FROM erp.sales_orders WHERE crm_order_id = 900"
+                           ).fetchone() == ("PAID",)
+        assert erp.execute("SELECT sku FROM erp.sales_order_items").fetchall() == [
+            ("SKU-999999",)]
+        assert erp.execute("SELECT reserved FROM erp.stock WHERE sku = 'SKU-999999'"
+                           ).fetchone()[0] == 10
+        assert erp.execute("SELECT phone_e164 FROM erp.business_partners "
+                           "WHERE crm_customer_id = %s", (buyer,)).fetchone() == (
+            "+8613900000000",)
+        assert erp.execute("SELECT action, actor, outcome FROM sync.dead_letter_actions "
+                           "WHERE dead_letter_id = %s ORDER BY action_id", (order_id,)
+                           ).fetchall() == [("redrive", "ops-1", "failed_again"),
+                                            ("redrive", "ops-1", "redriven")]
+    refused = cli(s_fixed, "dlq", "redrive", str(order_id))
+    assert refused.code == 1 and "already redriven" in refused.out
+
+    # The masked phone cannot be fixed by a mapping: discard it; the update is released.
+    with pytest.raises(SystemExit) as no_reason:
+        cli(s_fixed, "dlq", "discard", str(masked_id))
+    assert no_reason.value.code == 2
+    assert cli(s_fixed, "dlq", "discard", str(masked_id), "--reason", " ").code == 2
+    gone = cli(s_fixed, "dlq", "discard", str(masked_id), "--reason",
+               "masked phone; the corrected record follows", "--actor", "ops-2")
+    assert gone.code == 0, gone.out + gone.err
+    assert "discarded" in gone.out
+    with sync_env.erp() as erp:
+        assert erp.execute("SELECT state, resolved_at IS NOT NULL FROM sync.dead_letters "
+                           "WHERE dead_letter_id = %s", (masked_id,)).fetchone() == (
+            "discarded", True)
+        assert erp.execute("SELECT action, actor, reason, outcome FROM "
+                           "sync.dead_letter_actions WHERE dead_letter_id = %s ORDER BY action_id",
+                           (masked_id,)).fetchall() == [
+            ("redrive", "ops-1", "added P-NEW to mappings", "failed_again"),
+            ("discard", "ops-2", "masked phone; the corrected record follows", "discarded")]
+        assert erp.execute("SELECT phone_e164 FROM erp.business_partners "
+                           "WHERE crm_customer_id = %s", (masked,)).fetchone() == (
+            "+8613812345678",)
+        assert erp.execute("SELECT count(*) FROM sync.held_events").fetchone() == (0,)
+    assert cli(s_fixed, "dlq", "discard", str(masked_id), "--reason", "x").code == 1
+    assert cli(s_fixed, "dlq", "list", "--json").json == []
+    history = cli(s_fixed, "dlq", "list", "--state", "all", "--json").json
+    assert {d["state"] for d in history} == {"redriven", "discarded"}
+    assert cli(s_fixed, "dlq", "show", "424242").code == 2

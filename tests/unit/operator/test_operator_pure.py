@@ -1,0 +1,72 @@
+"""Pure parts of the operator toolkit: argument parsing, rendering, the reconcile mapping."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from decimal import Decimal
+
+import pytest
+
+from service.cli import build_parser
+from service.erp.mappings import Mappings
+from service.errors import ConfigError
+from service.operator import render
+from service.operator.common import parse_time
+from service.operator.reconcile import ENTITIES, EntityReport, _compare, _expected
+from service.operator.replay import parse_offsets
+
+
+def test_parse_offsets_and_times() -> None:
+    assert parse_offsets(["0:10", "2:0"]) == {0: 10, 2: 0}
+    for bad in ("3", "a:1", "1:-4"):
+        with pytest.raises(ConfigError, match="--from-offset"):
+            parse_offsets([bad])
+    assert parse_time("2024-05-01T08:00:00", "--since") == datetime(2024, 5, 1, 8, tzinfo=UTC)
+    assert parse_time("2024-05-01T08:00:00Z", "--since").tzinfo is not None
+    with pytest.raises(ConfigError, match="--since"):
+        parse_time("last tuesday", "--since")
+
+
+def test_table_aligns_cjk_and_json_handles_service_types() -> None:
+    out = render.table(["name", "n"], [("张三", 1), ("Smith", 22)]).splitlines()
+    # 张三 is four columns wide on a terminal: the numbers line up on screen.
+    assert render._width(out[2][:out[2].index("1")]) == out[3].index("22")
+    assert render.jsonable({"d": date(2024, 1, 2), "x": Decimal("1.50"), "b": b"\xff",
+                            "k": b"42"}) == {"d": "2024-01-02", "x": "1.50",
+                                             "b": "base64:/w==", "k": "42"}
+
+
+def test_every_operator_command_has_help() -> None:
+    parser = build_parser()
+    for argv in (["status"], ["replay"], ["dlq", "list"], ["dlq", "show"], ["dlq", "redrive"],
+                 ["dlq", "discard"], ["reconcile"]):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args([*argv, "--help"])
+        assert exc.value.code == 0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["replay", "--topic", "t"])  # a start position is required
+
+
+def test_reconcile_compares_mapped_fields_with_the_pipeline_transform() -> None:
+    mappings = Mappings.load()
+    entity = ENTITIES["orders"]
+    report = EntityReport("orders")
+    crm = [{"order_id": 1, "order_no": "A1", "customer_id": 7, "order_date": date(2023, 1, 1),
+            "status": "已付款", "currency": "元", "updated_at": datetime.now(UTC)},
+           {"order_id": 2, "order_no": "A2", "customer_id": 7, "order_date": date(2023, 1, 1),
+            "status": "不存在", "currency": "元", "updated_at": datetime.now(UTC)}]
+    lines = [{"order_id": 1, "line_no": 1, "customer_id": 7, "product_code": "P-LAPTOP",
+              "product_name": "笔记本电脑", "quantity": "2台", "unit_price": Decimal("10")}]
+    expected = _expected(entity, crm, lines, mappings, report)
+    assert set(expected) == {1}
+    assert "status" in report.unmappable[2]
+    assert expected[1]["status_code"] == "PAID"
+    assert expected[1]["items"] == {1: ("SKU-100003", "笔记本电脑", Decimal(2), "UNIT",
+                                        Decimal("10"))}
+    have = {1: {**expected[1], "status_code": "CANCELLED", "deleted": False, "source_lsn": 5,
+                "source_seq": 0},
+            3: {**expected[1], "deleted": False, "source_lsn": 9, "source_seq": 1}}
+    positions: dict[int, tuple[int, int]] = {}
+    _compare(entity, expected, have, report, positions)
+    assert report.differing == {1: ["status_code"]}
+    assert report.extra == [3] and positions == {3: (9, 1)}

@@ -11,6 +11,7 @@ STAMP  := $(VENV)/.installed
 STACK  := deploy/local/stack.sh
 
 .PHONY: help venv up down stack-status clean-stack lint test demo bench-produce bench-apply
+.PHONY: validate-deploy
 
 help:
 	@echo "make venv          create .venv (pinned by requirements.lock) with the test extras"
@@ -21,6 +22,7 @@ help:
 	@echo "make lint          ruff + mypy"
 	@echo "make test          lint, then pytest (integration tests use the stack when it is up)"
 	@echo "make demo          bring the stack up and run the demo"
+	@echo "make validate-deploy   kustomize + kubeconform on deploy/k8s, compose checks"
 	@echo "make bench-produce / bench-apply   benchmarks"
 
 # ---- python environment -------------------------------------------------------------------
@@ -51,6 +53,9 @@ lint: venv
 
 test: venv lint
 	$(BIN)/pytest -q
+
+validate-deploy: venv
+	bash .ci/validate-deploy
 
 # ---- demo and benchmarks -------------------------------------------------------------------
 demo: venv up

@@ -56,6 +56,10 @@ class Settings:
     log_level: str = "info"
     log_format: str = "json"
     http_port: int = 0
+    http_host: str = "0.0.0.0"
+    shutdown_timeout_s: float = 30.0
+    liveness_timeout_s: float = 120.0
+    readiness_stall_s: float = 60.0
 
     @classmethod
     def env_var(cls, field_name: str) -> str:
@@ -64,12 +68,17 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
+        from_file = _read_config_file(env, {f.name for f in dataclasses.fields(cls)})
         values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
             name = cls.env_var(field.name)
-            if name not in env:
+            if name in env:  # the environment wins over the config file
+                raw = env[name]
+            elif field.name in from_file:
+                raw = from_file[field.name]
+                name = f"{name} (key {field.name!r} in {env[CONFIG_FILE_VAR]})"
+            else:
                 continue
-            raw = env[name]
             default = field.default
             try:
                 if isinstance(default, bool):
@@ -91,9 +100,43 @@ class Settings:
         return settings
 
     def validate(self) -> None:
-        for name in ("topic_partitions", "topic_replication", "batch_max_events"):
+        for name in ("topic_partitions", "topic_replication", "batch_max_events",
+                     "producer_max_changes"):
             if getattr(self, name) < 1:
                 raise ConfigError(self.env_var(name), "must be at least 1")
+        for name in ("batch_max_wait_ms", "producer_poll_ms", "orphan_hold_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(self.env_var(name), "must not be negative")
+        for name in ("heartbeat_interval_s", "shutdown_timeout_s", "liveness_timeout_s",
+                     "readiness_stall_s"):
+            if not getattr(self, name) > 0:  # also refuses nan
+                raise ConfigError(self.env_var(name), "must be a positive number of seconds")
+        if not 0 <= self.http_port <= 65535:
+            raise ConfigError(self.env_var("http_port"),
+                              "must be a TCP port 1-65535, or 0 for no HTTP endpoints")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+            raise ConfigError(self.env_var("log_level"),
+                              "must be one of debug, info, warning, error, critical")
+        if self.kafka_security_protocol not in KAFKA_SECURITY_PROTOCOLS:
+            raise ConfigError(self.env_var("kafka_security_protocol"),
+                              f"must be one of {', '.join(KAFKA_SECURITY_PROTOCOLS)}")
+        if self.kafka_sasl_mechanism and not self.kafka_security_protocol.startswith("SASL_"):
+            raise ConfigError(self.env_var("kafka_sasl_mechanism"),
+                              "needs CRM_ERP_SYNC_KAFKA_SECURITY_PROTOCOL SASL_SSL or "
+                              "SASL_PLAINTEXT")
+        for address in self.kafka_bootstrap.split(","):
+            host, _, port = address.strip().rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(self.env_var("kafka_bootstrap"),
+                                  f"expected host:port[,host:port...], got {address!r}")
+        for name in ("sales_topic", "market_topic", "dlq_topic"):
+            if not _KAFKA_TOPIC.fullmatch(getattr(self, name)):
+                raise ConfigError(self.env_var(name),
+                                  "a topic name is 1-249 of a-z A-Z 0-9 . _ -")
+        for name in ("slot_name", "publication_name"):
+            if not _PG_NAME.fullmatch(getattr(self, name)):
+                raise ConfigError(self.env_var(name),
+                                  "must be 1-63 of lower-case letters, digits and _")
         if self.log_format not in ("json", "console"):
             raise ConfigError(self.env_var("log_format"), "must be 'json' or 'console'")
         for name in ("crm_dsn", "erp_dsn"):
@@ -112,6 +155,40 @@ class Settings:
 
     def __repr__(self) -> str:
         return f"Settings({self.redacted()!r})"
+
+
+CONFIG_FILE_VAR = ENV_PREFIX + "CONFIG_FILE"
+KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+_KAFKA_TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+_PG_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def _read_config_file(env: Mapping[str, str], known: set[str]) -> dict[str, str]:
+    """The optional TOML file named by CRM_ERP_SYNC_CONFIG_FILE: keys are field names,
+    values as the environment variables would spell them (the environment wins)."""
+    path = env.get(CONFIG_FILE_VAR)
+    if not path:
+        return {}
+    import tomllib
+
+    try:
+        data = tomllib.loads(Path(path).read_text("utf-8"))
+    except OSError as exc:
+        raise ConfigError(CONFIG_FILE_VAR, f"cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(CONFIG_FILE_VAR, f"{path} is not valid TOML: {exc}") from exc
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(CONFIG_FILE_VAR, f"{path}: unknown setting {key!r}")
+        if isinstance(value, bool):
+            out[key] = "true" if value else "false"
+        elif isinstance(value, str | int | float):
+            out[key] = str(value)
+        else:
+            raise ConfigError(f"{ENV_PREFIX}{key.upper()} (key {key!r} in {path})",
+                              f"expected a string or a number, got {type(value).__name__}")
+    return out
 
 
 _URL_PASSWORD = re.compile(r"(://[^:/@]+:)([^@]+)(@)")

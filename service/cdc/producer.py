@@ -49,7 +49,9 @@ from service.cdc.events import (
     row_key,
 )
 from service.errors import PgOutputError, Retryable, StackUnavailable
+from service.health import Health, serve
 from service.kafka_io import make_producer
+from service.metrics import ProducerMetrics
 from service.settings import Settings
 
 log = structlog.get_logger("producer")
@@ -178,6 +180,9 @@ class CdcProducer:
         self._kafka = kafka_producer
         self._stop = threading.Event()
         self.stats = ProducerStats()
+        self.metrics = ProducerMetrics()
+        self.health = Health(settings, self.metrics)
+        self._last_slot_check = 0.0
         self._decoder = ChangeDecoder()
         self._chunk: _Chunk | None = None
         self._pending_progress: list[tuple[_Chunk, int]] = []
@@ -204,14 +209,19 @@ class CdcProducer:
         while not self._stop.is_set():
             row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))",
                                (lock_key(self.settings.slot_name),)).fetchone()
+            self.health.beat()
             if row and row[0]:
                 log.info("capture_lock_acquired", slot=self.settings.slot_name,
                          after_standby=waited)
+                self.metrics.active.set(1)
+                self.health.set_ready(True, "active", role="active")
                 return True
             if not wait:
                 return False
             if not waited:
                 log.info("standby", reason="another producer holds the capture lock")
+                self.metrics.active.set(0)
+                self.health.set_ready(True, "standby", role="standby")
             waited = True
             self._stop.wait(1.0)
         return False
@@ -242,25 +252,38 @@ class CdcProducer:
     def run(self, *, until_idle: bool = False) -> ProducerStats:
         """Capture until stop(); with until_idle, return once the slot has nothing pending
         and no snapshot is left."""
-        lock_conn = connect(self.settings.crm_dsn)
-        conn = connect(self.settings.crm_dsn)
+        http = serve(self.settings, self.health)
+        try:
+            lock_conn = connect(self.settings.crm_dsn)
+            conn = connect(self.settings.crm_dsn)
+        except StackUnavailable:
+            if http is not None:
+                http.close()
+            raise
         try:
             if not self.acquire_leadership(lock_conn):
                 return self.stats
             self.ensure_slot(conn)
             backoff = 0.2
             while not self._stop.is_set():
+                self.health.beat()
                 try:
                     lock_conn.execute("SELECT 1")  # lose the session, lose the lock: stop
                     moved = self.step(conn)
+                    self._observe_slot(conn)
                     backoff = 0.2
+                    self.health.recovered()
                 except Retryable as exc:
+                    self.health.failing()
+                    self.metrics.retries.inc()
                     log.warning("retrying", error=str(exc), backoff_s=backoff)
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, 10.0)
                     conn = self._reconnect(conn)
                     continue
                 except psycopg.OperationalError as exc:
+                    self.health.failing()
+                    self.metrics.retries.inc()
                     log.warning("crm_connection_lost", error=type(exc).__name__)
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, 10.0)
@@ -274,11 +297,30 @@ class CdcProducer:
                     self._maybe_heartbeat(conn)
                     self._stop.wait(self.settings.producer_poll_ms / 1000)
         finally:
+            self.health.set_ready(False, "stopping")
+            self.metrics.active.set(0)
+            if http is not None:
+                http.close()
             if self._kafka is not None:
                 self._kafka.flush()
             conn.close()
-            lock_conn.close()
+            lock_conn.close()  # releases the capture lock: a standby takes over
         return self.stats
+
+    def _observe_slot(self, conn: PgConn) -> None:
+        """The slot's retained WAL, at most every few seconds (one catalog query)."""
+        now = time.monotonic()
+        if now - self._last_slot_check < 5.0:
+            return
+        self._last_slot_check = now
+        row = conn.execute(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, "
+            "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint "
+            "FROM pg_replication_slots WHERE slot_name = %s",
+            (self.settings.slot_name,)).fetchone()
+        if row is not None:
+            self.metrics.retained_wal.set(row[0] or 0)
+            self.metrics.unconfirmed_wal.set(row[1] or 0)
 
     def _reconnect(self, conn: PgConn) -> PgConn:
         try:
@@ -323,6 +365,7 @@ class CdcProducer:
                      (self.settings.slot_name, pgoutput.lsn_to_str(last_end)))
         self._last_advance = time.monotonic()
         self.stats.transactions += txns
+        self.metrics.transactions.inc(txns)
         self.stats.batches += 1
         self.stats.last_commit_lsn = last_end
         return True
@@ -380,6 +423,7 @@ class CdcProducer:
             first = failed[0].exception if failed[0].is_done else "not acknowledged in time"
             raise Retryable(f"{len(failed)} of {len(futures)} events not acknowledged: {first}")
         self.stats.events += len(futures)
+        self.metrics.count_published((self._topics[e.kind], e.kind) for e in outgoing)
         if self.on_acknowledged is not None:
             self.on_acknowledged(outgoing)
 

@@ -1,0 +1,167 @@
+"""Health of a long-running process and its HTTP endpoints; the shutdown watchdog.
+
+Every long-running command (``produce``, ``consume``) serves, on CRM_ERP_SYNC_HTTP_PORT
+(0: none), from a daemon thread:
+
+- ``/healthz`` alive: the main loop iterated within CRM_ERP_SYNC_LIVENESS_TIMEOUT_S. A stuck
+  process (a hung query, a dead lock) fails it and is restarted by its supervisor.
+- ``/readyz`` doing its job:
+  - consume: connected to the group with partitions assigned, and not stalled (a transient
+    failure, ERP or broker, has not kept it retrying for CRM_ERP_SYNC_READINESS_STALL_S);
+  - produce: the active producer holds the capture lock and is not stalled; a standby that
+    is connected to the CRM and waiting for the lock is ready too (it is doing what a
+    standby must; were it "not ready", every rollout and node drain would wait on it
+    forever). ``crm_erp_sync_producer_active`` tells the two apart.
+- ``/metrics`` Prometheus text format, from the process's own registry.
+
+The probes read state that the main loop writes (plain attribute stores); they never call
+into the Kafka or database clients, which are not thread-safe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from service.metrics import CONTENT_TYPE, ProcessMetrics
+from service.settings import Settings
+
+
+class Health:
+    def __init__(self, settings: Settings, metrics: ProcessMetrics) -> None:
+        self.metrics = metrics
+        self.liveness_timeout_s = settings.liveness_timeout_s
+        self.stall_s = settings.readiness_stall_s
+        self._last_beat = time.monotonic()
+        self._ready = False
+        self._why = "starting"
+        self._detail: dict[str, Any] = {}
+        self._failing_since: float | None = None
+
+    def beat(self) -> None:
+        """The main loop is alive (call once per iteration, and while waiting)."""
+        self._last_beat = time.monotonic()
+        self.metrics.last_loop.set(time.time())
+
+    def set_ready(self, ready: bool, why: str, **detail: Any) -> None:
+        self._ready, self._why, self._detail = ready, why, detail
+
+    def failing(self) -> None:
+        """A transient failure: retrying. Stalled once it lasts readiness_stall_s."""
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+
+    def recovered(self) -> None:
+        self._failing_since = None
+
+    def liveness(self) -> tuple[bool, dict[str, Any]]:
+        age = time.monotonic() - self._last_beat
+        return age <= self.liveness_timeout_s, {"last_loop_s_ago": round(age, 3)}
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        alive, body = self.liveness()
+        body = {**body, **self._detail, "state": self._why}
+        if self._failing_since is not None:
+            failing_s = time.monotonic() - self._failing_since
+            body["failing_for_s"] = round(failing_s, 3)
+            if failing_s > self.stall_s:
+                body["state"] = "stalled"
+                return False, body
+        return alive and self._ready, body
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def do_GET(self) -> None:
+        health = self.server.health
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            self._send(200, health.metrics.exposition(), CONTENT_TYPE)
+            return
+        if path in ("/healthz", "/livez"):
+            ok, body = health.liveness()
+        elif path == "/readyz":
+            ok, body = health.readiness()
+        else:
+            self._send(404, b'{"error": "not found"}\n', "application/json")
+            return
+        body["ok"] = ok
+        self._send(200 if ok else 503, (json.dumps(body) + "\n").encode(), "application/json")
+
+    def _send(self, status: int, payload: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None  # probes every few seconds are not news; logs stay JSON
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    health: Health
+
+
+class HealthServer:
+    """The endpoints, served from a daemon thread until close()."""
+
+    def __init__(self, health: Health, host: str, port: int) -> None:
+        self._server = _Server((host, port), _Handler)
+        self._server.health = health
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.2},
+                                        name="crm-erp-sync-http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> HealthServer:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def serve(settings: Settings, health: Health) -> HealthServer | None:
+    """Start the endpoints when CRM_ERP_SYNC_HTTP_PORT is set; None when it is 0."""
+    if not settings.http_port:
+        return None
+    import structlog
+
+    server = HealthServer(health, settings.http_host, settings.http_port).start()
+    structlog.get_logger("http").info("http_endpoints", host=settings.http_host,
+                                      port=server.port)
+    return server
+
+
+SHUTDOWN_TIMEOUT_EXIT = 1
+
+
+def start_shutdown_watchdog(timeout_s: float,
+                            exit_code: int = SHUTDOWN_TIMEOUT_EXIT) -> threading.Timer:
+    """After a stop request: exit the process, non-zero, if it has not exited by itself
+    within timeout_s (CRM_ERP_SYNC_SHUTDOWN_TIMEOUT_S). Nothing is lost: uncommitted offsets
+    are re-consumed and ERP positions make that harmless; the slot only moves past what the
+    broker acknowledged."""
+
+    def expire() -> None:
+        line = {"event": "shutdown_timeout", "level": "error", "timeout_s": timeout_s,
+                "exit_code": exit_code}
+        print(json.dumps(line), file=sys.stderr, flush=True)
+        os._exit(exit_code)
+
+    timer = threading.Timer(timeout_s, expire)
+    timer.daemon = True
+    timer.start()
+    return timer

@@ -1,0 +1,110 @@
+"""Prometheus metrics of one process, in a registry of its own (not the global one), so that
+several producers and consumers can live in one process (the tests do) without clashing.
+
+Names follow Prometheus conventions (``_total`` counters, base units: seconds, bytes). The
+metrics worth alerting on, and thresholds, are in the README's "Deployment" section.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+PREFIX = "crm_erp_sync"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+UNKNOWN_KIND = "unknown"  # a message that could not be decoded has no kind
+
+# Batches take milliseconds to seconds; the delay from a CRM commit to the ERP commit is
+# sub-second when all is well, minutes when something is behind.
+BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0,
+                 3600.0)
+
+
+class ProcessMetrics:
+    """What every long-running process has: its registry and a loop-iteration timestamp."""
+
+    def __init__(self, role: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.up = Gauge(f"{PREFIX}_up", "1 while the process runs, labelled with its role",
+                        ["role"], registry=self.registry)
+        self.up.labels(role).set(1)
+        self.last_loop = Gauge(f"{PREFIX}_last_loop_timestamp_seconds",
+                               "Unix time of the main loop's last iteration",
+                               registry=self.registry)
+
+    def exposition(self) -> bytes:
+        return bytes(generate_latest(self.registry))
+
+
+class ConsumerMetrics(ProcessMetrics):
+    def __init__(self) -> None:
+        super().__init__("consume")
+        r = self.registry
+        self.consumed = Counter(f"{PREFIX}_events_consumed", "Events taken from Kafka and "
+                                "processed in a committed batch", ["topic", "kind"], registry=r)
+        self.applied = Counter(f"{PREFIX}_events_applied", "Events applied to the ERP",
+                               ["topic", "kind"], registry=r)
+        self.held = Counter(f"{PREFIX}_events_held", "Events held back (their customer is not "
+                            "in the ERP yet, or their key is blocked by a dead letter)",
+                            ["topic", "kind"], registry=r)
+        self.dead_lettered = Counter(f"{PREFIX}_events_dead_lettered", "Events sent to the "
+                                     "dead-letter topic", ["topic", "kind", "stage"], registry=r)
+        self.batch_duration = Histogram(f"{PREFIX}_apply_batch_duration_seconds",
+                                        "Time to apply one batch to the ERP (one transaction)",
+                                        buckets=BATCH_BUCKETS, registry=r)
+        self.end_to_end = Histogram(f"{PREFIX}_end_to_end_delay_seconds",
+                                    "From the CRM commit (event source.commit_time) to the ERP "
+                                    "commit that applied the event", ["topic"],
+                                    buckets=DELAY_BUCKETS, registry=r)
+        self.lag = Gauge(f"{PREFIX}_consumer_lag", "Messages behind the partition's high "
+                         "watermark, per assigned partition", ["topic", "partition"], registry=r)
+        self.assigned = Gauge(f"{PREFIX}_consumer_assigned_partitions",
+                              "Partitions assigned to this group member", registry=r)
+        self.open_dead_letters = Gauge(f"{PREFIX}_dead_letters_open", "Dead letters not yet "
+                                       "redriven or discarded (open or failed again)",
+                                       registry=r)
+        self.retries = Counter(f"{PREFIX}_transient_failures", "Batches retried after a "
+                               "transient failure", registry=r)
+        self._lag_labels: set[tuple[str, str]] = set()
+
+    def count(self, counter: Counter, items: Iterable[tuple[str, ...]]) -> None:
+        """Increment by label tuple, one call per distinct tuple (cheap for big batches)."""
+        for labels, n in Tally(items).items():
+            counter.labels(*labels).inc(n)
+
+    def set_lag(self, lags: dict[tuple[str, int], int]) -> None:
+        current = {(t, str(p)) for t, p in lags}
+        for gone in self._lag_labels - current:
+            self.lag.remove(*gone)
+        for (topic, partition), value in lags.items():
+            self.lag.labels(topic, str(partition)).set(value)
+        self._lag_labels = current
+        self.assigned.set(len(lags))
+
+
+class ProducerMetrics(ProcessMetrics):
+    def __init__(self) -> None:
+        super().__init__("produce")
+        r = self.registry
+        self.published = Counter(f"{PREFIX}_events_published", "Events acknowledged by the "
+                                 "broker", ["topic", "kind"], registry=r)
+        self.transactions = Counter(f"{PREFIX}_transactions_published", "CRM transactions "
+                                    "whose events were all acknowledged", registry=r)
+        self.active = Gauge(f"{PREFIX}_producer_active", "1 while this producer holds the "
+                            "capture lock, 0 while it stands by", registry=r)
+        self.retained_wal = Gauge(f"{PREFIX}_slot_retained_wal_bytes", "WAL the replication "
+                                  "slot keeps on the CRM server (current LSN - restart_lsn)",
+                                  registry=r)
+        self.unconfirmed_wal = Gauge(f"{PREFIX}_slot_unconfirmed_wal_bytes", "WAL not yet "
+                                     "published and confirmed (current LSN - "
+                                     "confirmed_flush_lsn)", registry=r)
+        self.retries = Counter(f"{PREFIX}_transient_failures", "Producer steps retried after "
+                               "a transient failure", registry=r)
+
+    def count_published(self, items: Iterable[tuple[str, str]]) -> None:
+        for (topic, kind), n in Tally(items).items():
+            self.published.labels(topic, kind).inc(n)

@@ -1,0 +1,73 @@
+"""service.health and service.metrics without a broker: liveness, readiness, stalls, the HTTP
+server, and registries that do not clash when several processes' metrics share one process."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import urllib.error
+import urllib.request
+
+from service.health import Health, HealthServer
+from service.metrics import ConsumerMetrics, ProducerMetrics
+from service.settings import Settings
+
+
+def fetch(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_liveness_goes_stale_and_readiness_stalls() -> None:
+    settings = dataclasses.replace(Settings(), liveness_timeout_s=0.2, readiness_stall_s=0.2)
+    health = Health(settings, ConsumerMetrics())
+    assert health.readiness()[0] is False  # starting
+    health.set_ready(True, "consuming", assigned_partitions=3)
+    health.beat()
+    assert health.liveness()[0] and health.readiness()[0]
+    health.failing()
+    assert health.readiness()[0]  # a short retry is not a stall
+    time.sleep(0.3)
+    health.beat()
+    ready, body = health.readiness()
+    assert not ready and body["state"] == "stalled"
+    health.recovered()
+    assert health.readiness()[0]
+    time.sleep(0.3)  # no beat: the loop is stuck
+    assert not health.liveness()[0] and not health.readiness()[0]
+
+
+def test_endpoints_over_http() -> None:
+    metrics = ConsumerMetrics()
+    health = Health(Settings(), metrics)
+    server = HealthServer(health, "127.0.0.1", 0).start()
+    try:
+        status, body = fetch(server.port, "/readyz")
+        assert status == 503 and json.loads(body)["state"] == "starting"
+        health.set_ready(True, "consuming")
+        assert fetch(server.port, "/readyz")[0] == 200
+        assert fetch(server.port, "/healthz")[0] == 200
+        assert fetch(server.port, "/other")[0] == 404
+        metrics.count(metrics.applied, [("crm.sales", "order")] * 3)
+        metrics.set_lag({("crm.sales", 0): 7, ("crm.sales", 1): 0})
+        metrics.set_lag({("crm.sales", 1): 2})  # partition 0 revoked: its series goes
+        status, text = fetch(server.port, "/metrics")
+        assert status == 200
+        assert 'crm_erp_sync_events_applied_total{kind="order",topic="crm.sales"} 3.0' in text
+        assert 'crm_erp_sync_consumer_lag{partition="1",topic="crm.sales"} 2.0' in text
+        assert 'partition="0"' not in text
+    finally:
+        server.close()
+
+
+def test_registries_are_per_process_object() -> None:
+    first, second, producer = ConsumerMetrics(), ConsumerMetrics(), ProducerMetrics()
+    first.applied.labels("t", "customer").inc()
+    assert b"events_applied_total" in first.exposition()
+    assert b'kind="customer"' not in second.exposition()
+    assert b"events_published_total" not in first.exposition()
+    assert b"slot_retained_wal_bytes" in producer.exposition()

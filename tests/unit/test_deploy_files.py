@@ -1,0 +1,238 @@
+"""docker-compose.yml, deploy/k8s and deploy/Dockerfile agree with the service: every
+CRM_ERP_SYNC_* variable they set is a setting and valid, every command exists, endpoints,
+ports, probes, labels and names line up. No network needed (.ci/validate-deploy adds
+kubeconform against the Kubernetes schemas, and `docker compose config` where it can)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from service.cli import build_parser
+from service.settings import CONFIG_FILE_VAR, ENV_PREFIX, Settings
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "deploy" / "k8s" / "base"
+SETTINGS_VARS = {Settings.env_var(f.name) for f in dataclasses.fields(Settings)}
+SECRET_VARS = {Settings.env_var(f.name) for f in dataclasses.fields(Settings)
+               if f.metadata.get("secret")}
+
+
+def sync_vars(env: dict[str, Any]) -> dict[str, str]:
+    return {k: str(v) for k, v in env.items() if k.startswith(ENV_PREFIX)}
+
+
+def assert_known_and_valid(env: dict[str, str], where: str) -> Settings:
+    unknown = set(env) - SETTINGS_VARS - {CONFIG_FILE_VAR}
+    assert not unknown, f"{where} sets variables that are no setting: {sorted(unknown)}"
+    return Settings.from_env(env)  # raises ConfigError naming a bad one
+
+
+def assert_command(args: list[str], where: str) -> None:
+    try:
+        build_parser().parse_args(args)
+    except SystemExit as exc:
+        raise AssertionError(f"{where}: `crm-erp-sync {' '.join(args)}` is no command") from exc
+
+
+# ---- docker-compose.yml ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    return data
+
+
+def test_compose_has_the_whole_sync(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert {"kafka", "crm-db", "erp-db", "setup", "producer", "consumer",
+            "crm-writer"} <= set(services)
+    assert services["kafka"]["image"].startswith("apache/kafka:")
+    assert services["crm-db"]["image"] == services["erp-db"]["image"] == "postgres:15"
+    assert "wal_level=logical" in services["crm-db"]["command"]
+    assert services["consumer"]["deploy"]["replicas"] == 2
+    assert services["producer"]["deploy"]["replicas"] == 2
+    for name in ("kafka", "crm-db", "erp-db", "producer", "consumer"):
+        assert "healthcheck" in services[name], name
+    for name in ("producer", "consumer", "crm-writer"):
+        assert services[name]["depends_on"]["setup"]["condition"] == \
+            "service_completed_successfully"
+
+
+def test_compose_environment_matches_the_settings(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    own = {n: s for n, s in services.items() if s.get("image") == "crm-erp-sync:local"}
+    assert set(own) == {"setup", "producer", "consumer", "crm-writer"}
+    for name, service in own.items():
+        assert service["build"]["dockerfile"] == "deploy/Dockerfile"
+        assert (REPO / service["build"]["dockerfile"]).is_file()
+        assert_command(service["command"], f"compose service {name}")
+        settings = assert_known_and_valid(sync_vars(service["environment"]), name)
+        # The endpoints name services of this file, with their ports and credentials.
+        host, port = settings.kafka_bootstrap.split(":")
+        kafka_env = services[host]["environment"]
+        assert f"PLAINTEXT://{host}:{port}" in kafka_env["KAFKA_ADVERTISED_LISTENERS"]
+        assert f":{port}" in kafka_env["KAFKA_LISTENERS"]
+        for dsn in (settings.crm_dsn, settings.erp_dsn):
+            url = urlsplit(dsn)
+            db = services[url.hostname or ""]
+            assert url.port == 5432
+            assert db["environment"]["POSTGRES_USER"] == url.username
+            assert db["environment"]["POSTGRES_PASSWORD"] == url.password
+            assert db["environment"]["POSTGRES_DB"] == url.path.lstrip("/")
+        assert urlsplit(settings.crm_dsn).hostname == "crm-db"
+        assert urlsplit(settings.erp_dsn).hostname == "erp-db"
+        if name in ("producer", "consumer"):
+            assert settings.http_port > 0
+            probe = " ".join(service["healthcheck"]["test"])
+            assert f":{settings.http_port}/readyz" in probe
+            grace = service["stop_grace_period"]
+            assert int(grace.rstrip("s")) > settings.shutdown_timeout_s
+
+
+def test_compose_file_is_valid_for_docker_compose() -> None:
+    docker = shutil.which("docker")
+    if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True,
+                                        check=False).returncode != 0:
+        pytest.skip("no docker compose client here (validated structurally above)")
+    done = subprocess.run([docker, "compose", "-f", "docker-compose.yml", "config", "-q"],
+                          cwd=REPO, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+def test_dockerfile_runs_the_cli_as_a_non_root_user() -> None:
+    text = (REPO / "deploy" / "Dockerfile").read_text()
+    assert re.search(r"^USER (?!root)\w+", text, re.M)
+    assert 'ENTRYPOINT ["crm-erp-sync"]' in text
+    env = dict(re.findall(r"(CRM_ERP_SYNC_\w+)=(\S+)", text))
+    assert set(env) <= SETTINGS_VARS
+
+
+# ---- deploy/k8s --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def kustomization() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    return data
+
+
+@pytest.fixture(scope="module")
+def manifests(kustomization: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for resource in kustomization["resources"]:
+        for doc in yaml.safe_load_all((K8S / resource).read_text()):
+            assert {"apiVersion", "kind", "metadata"} <= set(doc), resource
+            key = (doc["kind"], doc["metadata"]["name"])
+            assert key not in out, f"{key} twice"
+            out[key] = doc
+    return out
+
+
+def env_file(path: Path) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines()
+             if line.strip() and not line.startswith("#"))
+    return {k: v for k, v in pairs}
+
+
+@pytest.fixture(scope="module")
+def k8s_settings(kustomization: dict[str, Any],
+                 manifests: dict[tuple[str, str], dict[str, Any]]) -> Settings:
+    (generator,) = kustomization["configMapGenerator"]
+    config = {k: v for f in generator["envs"] for k, v in env_file(K8S / f).items()}
+    secret = manifests[("Secret", "crm-erp-sync-secrets")]["stringData"]
+    assert set(secret) <= SECRET_VARS, "a Secret key is no secret setting"
+    assert not set(config) & SECRET_VARS, "a secret in the ConfigMap"
+    return assert_known_and_valid({**config, **secret}, "deploy/k8s")
+
+
+def test_every_resource_file_is_in_the_kustomization(kustomization: dict[str, Any]) -> None:
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == files
+
+
+def pod_spec(manifests: dict[tuple[str, str], dict[str, Any]], kind: str,
+             name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    obj = manifests[(kind, name)]
+    return obj, obj["spec"]["template"]
+
+
+@pytest.mark.parametrize(("name", "command"), [("crm-erp-sync-producer", "produce"),
+                                               ("crm-erp-sync-consumer", "consume")])
+def test_deployments_probe_and_configure_the_service(
+        manifests: dict[tuple[str, str], dict[str, Any]], k8s_settings: Settings,
+        name: str, command: str) -> None:
+    deployment, template = pod_spec(manifests, "Deployment", name)
+    labels = template["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    spec = template["spec"]
+    assert ("ServiceAccount", spec["serviceAccountName"]) in manifests
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["terminationGracePeriodSeconds"] > k8s_settings.shutdown_timeout_s
+    (container,) = spec["containers"]
+    assert container["args"][0] == command
+    assert_command(container["args"], name)
+    refs = {next(iter(r)): next(iter(r.values()))["name"] for r in container["envFrom"]}
+    assert refs == {"configMapRef": "crm-erp-sync-config", "secretRef": "crm-erp-sync-secrets"}
+    (port,) = container["ports"]
+    assert port["name"] == "http" and port["containerPort"] == k8s_settings.http_port
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    resources = container["resources"]
+    assert {"cpu", "memory"} <= set(resources["requests"]) and "memory" in resources["limits"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    if command == "produce":
+        assert deployment["spec"]["replicas"] == 2  # one active, one standby
+    else:
+        assert deployment["spec"]["replicas"] == k8s_settings.topic_partitions
+
+
+def test_budgets_and_service_select_the_pods(
+        manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
+    pods = {name: pod_spec(manifests, "Deployment", name)[1]["metadata"]["labels"]
+            for name in ("crm-erp-sync-producer", "crm-erp-sync-consumer")}
+    budgets = [m for (kind, _), m in manifests.items() if kind == "PodDisruptionBudget"]
+    covered = set()
+    for budget in budgets:
+        selector = budget["spec"]["selector"]["matchLabels"]
+        matched = [n for n, labels in pods.items() if selector.items() <= labels.items()]
+        assert len(matched) == 1, budget["metadata"]["name"]
+        covered.update(matched)
+    assert covered == set(pods)
+    service = manifests[("Service", "crm-erp-sync-metrics")]
+    assert all(service["spec"]["selector"].items() <= labels.items() for labels in pods.values())
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+
+
+def test_setup_job_runs_setup(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
+    _, template = pod_spec(manifests, "Job", "crm-erp-sync-setup")
+    (container,) = template["spec"]["containers"]
+    assert container["args"][0] == "setup"
+    assert_command(container["args"], "setup job")
+    assert template["spec"]["restartPolicy"] in ("OnFailure", "Never")
+
+
+def test_the_placeholder_secret_says_so(
+        manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
+    secret = manifests[("Secret", "crm-erp-sync-secrets")]["stringData"]
+    for var in ("CRM_ERP_SYNC_CRM_DSN", "CRM_ERP_SYNC_ERP_DSN"):
+        assert "CHANGE-ME" in secret[var]
+        assert "sslmode=verify-full" in secret[var]
+
+
+def test_kustomize_builds_when_kubectl_is_here() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("no kubectl (the CI script installs kustomize)")
+    done = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    kinds = [d["kind"] for d in yaml.safe_load_all(done.stdout)]
+    assert sorted(kinds) == sorted(["Namespace", "ServiceAccount", "ConfigMap", "Secret", "Job",
+                                    "Deployment", "Deployment", "PodDisruptionBudget",
+                                    "PodDisruptionBudget", "Service"])

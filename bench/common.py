@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import statistics
 import uuid
@@ -53,3 +54,20 @@ def percentile(values: list[float], pct: float) -> float:
     if len(values) == 1:
         return values[0]
     return statistics.quantiles(values, n=100, method="inclusive")[int(pct) - 1]
+
+
+# N synthetic customers in one statement (ids lo..hi): the benchmarks' unit of CRM change.
+CUSTOMER_INSERT = (
+    "INSERT INTO crm.customers (family_name, given_name, gender, phone, email, address, "
+    "purchase_amount) SELECT '张', '三' || g, '男', '138' || lpad(g::text, 8, '0'), "
+    "'u' || g || '@example.com', '北京市朝阳区建国路' || g || '号', 1000.00 "
+    "FROM generate_series(%s::int, %s::int) g")
+
+
+def load_arguments(description: str | None) -> argparse.Namespace:
+    """--changes for the burst, --rate and --seconds for the fixed-rate latency run."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--changes", type=int, default=50_000)
+    parser.add_argument("--rate", type=int, default=1000)
+    parser.add_argument("--seconds", type=int, default=10)
+    return parser.parse_args()

@@ -9,7 +9,6 @@ Run: python -m bench.e2e (from the repo root).
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import subprocess
@@ -18,14 +17,10 @@ import time
 
 import psycopg
 
-from bench.common import bench_settings, percentile
+from bench.common import CUSTOMER_INSERT as INSERT
+from bench.common import bench_settings, load_arguments, percentile
 from service.settings import Settings
 from tests.helpers import settings_env
-
-INSERT = ("INSERT INTO crm.customers (family_name, given_name, gender, phone, email, address, "
-          "purchase_amount) SELECT '张', '三' || g, '男', '138' || lpad(g::text, 8, '0'), "
-          "'u' || g || '@example.com', '北京市朝阳区建国路' || g || '号', 1000.00 "
-          "FROM generate_series(%s::int, %s::int) g")
 
 
 def erp_count(settings: Settings) -> int:
@@ -43,11 +38,7 @@ def wait_for(settings: Settings, n: int, timeout: float = 600) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--changes", type=int, default=50_000)
-    parser.add_argument("--rate", type=int, default=1000)
-    parser.add_argument("--seconds", type=int, default=10)
-    args = parser.parse_args()
+    args = load_arguments(__doc__)
     with bench_settings(producer_poll_ms=10) as settings:
         # The pipeline runs as in production: one producer and two consumer processes.
         env = {**os.environ, **settings_env(settings), "CRM_ERP_SYNC_LOG_LEVEL": "warning"}

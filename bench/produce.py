@@ -8,24 +8,19 @@
 
 from __future__ import annotations
 
-import argparse
 import threading
 import time
 from datetime import UTC, datetime
 
 import psycopg
 
-from bench.common import bench_settings, percentile
+from bench.common import CUSTOMER_INSERT as INSERT
+from bench.common import bench_settings, load_arguments, percentile
 from service.avro import SchemaRegistry
 from service.cdc.events import Outgoing
 from service.cdc.producer import CdcProducer
 from service.kafka_io import make_producer
 from tests.helpers import read_topic
-
-INSERT = ("INSERT INTO crm.customers (family_name, given_name, gender, phone, email, address, "
-          "purchase_amount) SELECT '张', '三' || g, '男', '138' || lpad(g::text, 8, '0'), "
-          "'u' || g || '@example.com', '北京市朝阳区建国路' || g || '号', 1000.00 "
-          "FROM generate_series(%s::int, %s::int) g")
 
 
 def throughput(n: int) -> None:
@@ -96,11 +91,7 @@ def latency(rate: int, seconds: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--changes", type=int, default=50_000)
-    parser.add_argument("--rate", type=int, default=1000)
-    parser.add_argument("--seconds", type=int, default=10)
-    args = parser.parse_args()
+    args = load_arguments(__doc__)
     throughput(args.changes)
     latency(args.rate, args.seconds)
 

@@ -125,10 +125,14 @@ def assert_every_audited_change_published_in_order(sync_env: SyncEnv) -> None:
         assert got == changes, f"customer {customer_id}: published {got}, committed {changes}"
 
 
-def test_kill_9_during_a_load_loses_nothing(sync_env: SyncEnv, tmp_path: Any) -> None:
+def audited_writer(sync_env: SyncEnv, seed: int) -> Writer:
     with sync_env.crm() as crm:
         crm.execute(AUDIT)
-    writer = Writer(sync_env, 1)
+    return Writer(sync_env, seed)
+
+
+def test_kill_9_during_a_load_loses_nothing(sync_env: SyncEnv, tmp_path: Any) -> None:
+    writer = audited_writer(sync_env, 1)
     with (tmp_path / "producer.log").open("ab") as log:
         proc = spawn_producer(sync_env, log)
         # Changes before the slot exists reach Kafka only through the initial snapshot.
@@ -168,9 +172,7 @@ def _active_pid(sync_env: SyncEnv) -> int | None:
 
 
 def test_failover_between_two_producers(sync_env: SyncEnv, tmp_path: Any) -> None:
-    with sync_env.crm() as crm:
-        crm.execute(AUDIT)
-    writer = Writer(sync_env, 2)
+    writer = audited_writer(sync_env, 2)
     with (tmp_path / "producers.log").open("ab") as log:
         first = spawn_producer(sync_env, log)
         wait_until(lambda: _active_pid(sync_env), timeout=30, message="a leader")

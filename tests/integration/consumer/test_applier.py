@@ -63,12 +63,16 @@ def erp_fingerprint(sync_env: SyncEnv) -> list[Any]:
                     ("erp.stock", "sku, reserved, issued"))]
 
 
-@pytest.fixture
-def loaded(sync_env: SyncEnv) -> SyncEnv:
-    load_demo(sync_env.settings.crm_dsn, customers=150, orders=300, rate=None, seed=11,
-              changes=200)
+def load_and_produce(sync_env: SyncEnv, customers: int, seed: int) -> SyncEnv:
+    load_demo(sync_env.settings.crm_dsn, customers=customers, orders=customers * 2, rate=None,
+              seed=seed, changes=customers)
     produce_all(sync_env)
     return sync_env
+
+
+@pytest.fixture
+def loaded(sync_env: SyncEnv) -> SyncEnv:
+    return load_and_produce(sync_env, customers=150, seed=11)
 
 
 def test_a_clean_pass_matches_the_crm_and_keeps_the_stock_invariant(loaded: SyncEnv) -> None:
@@ -224,10 +228,7 @@ def consumer_log(tmp_path: Any) -> Iterator[Any]:
 
 @pytest.fixture
 def loaded_large(sync_env: SyncEnv) -> SyncEnv:
-    load_demo(sync_env.settings.crm_dsn, customers=1500, orders=3000, rate=None, seed=13,
-              changes=1500)
-    produce_all(sync_env)
-    return sync_env
+    return load_and_produce(sync_env, customers=1500, seed=13)
 
 
 def _lag(sync_env: SyncEnv) -> int:

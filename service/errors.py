@@ -24,6 +24,20 @@ class StackUnavailable(SyncError):
     """The broker or a database cannot be reached."""
 
 
+class SlotLost(SyncError):
+    """PostgreSQL removed WAL the replication slot still needed (max_slot_wal_keep_size):
+    changes in the gap cannot be read any more; only a new snapshot can resync."""
+
+    def __init__(self, slot: str) -> None:
+        super().__init__(
+            f"replication slot {slot!r} is lost: PostgreSQL removed WAL it still needed, so "
+            "changes made while no producer ran cannot be read. Resync: restart the producer "
+            "with CRM_ERP_SYNC_ON_SLOT_LOST=resnapshot (new slot, full snapshot), then run "
+            "`crm-erp-sync reconcile --repair` for rows deleted in the gap."
+        )
+        self.slot = slot
+
+
 class Retryable(SyncError):
     """A transient failure: retry with backoff, pause the partition, never dead-letter."""
 

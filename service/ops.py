@@ -47,11 +47,12 @@ def slot_state(settings: Settings) -> dict[str, Any] | None:
     with psycopg.connect(settings.crm_dsn, autocommit=True) as conn:
         row = conn.execute(
             "SELECT active, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, "
-            "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint "
+            "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, wal_status "
             "FROM pg_replication_slots WHERE slot_name = %s", (settings.slot_name,)).fetchone()
     if row is None:
         return None
-    return {"active": row[0], "retained_wal_bytes": row[1], "unconfirmed_bytes": row[2]}
+    return {"active": row[0], "retained_wal_bytes": row[1], "unconfirmed_bytes": row[2],
+            "wal_status": row[3]}
 
 
 def caught_up(settings: Settings, crm_lsn: str) -> bool:

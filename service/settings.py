@@ -52,6 +52,7 @@ class Settings:
     producer_max_changes: int = 5000
     producer_poll_ms: int = 100
     heartbeat_interval_s: float = 10.0
+    on_slot_lost: str = "fail"
     orphan_hold_s: float = 300.0
     log_level: str = "info"
     log_format: str = "json"
@@ -137,6 +138,8 @@ class Settings:
             if not _PG_NAME.fullmatch(getattr(self, name)):
                 raise ConfigError(self.env_var(name),
                                   "must be 1-63 of lower-case letters, digits and _")
+        if self.on_slot_lost not in ("fail", "resnapshot"):
+            raise ConfigError(self.env_var("on_slot_lost"), "must be 'fail' or 'resnapshot'")
         if self.log_format not in ("json", "console"):
             raise ConfigError(self.env_var("log_format"), "must be 'json' or 'console'")
         for name in ("crm_dsn", "erp_dsn"):

@@ -48,7 +48,7 @@ from service.cdc.events import (
     converter_for,
     row_key,
 )
-from service.errors import PgOutputError, Retryable, StackUnavailable
+from service.errors import PgOutputError, Retryable, SlotLost, StackUnavailable
 from service.health import Health, serve
 from service.kafka_io import make_producer
 from service.metrics import ProducerMetrics
@@ -230,8 +230,11 @@ class CdcProducer:
     def ensure_slot(self, conn: PgConn) -> bool:
         """Create the slot if missing; on first creation request the initial snapshot."""
         ensure_capture_objects(conn, self.settings)
-        exists = conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s",
+        exists = conn.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s",
                               (self.settings.slot_name,)).fetchone()
+        if exists and exists[0] == "lost":
+            self._slot_lost(conn)
+            exists = None
         if exists:
             return False
         # Requests first, then the slot: a crash in between leaves requests that run once the
@@ -247,6 +250,16 @@ class CdcProducer:
                      (self.settings.slot_name,))
         log.info("slot_created", slot=self.settings.slot_name, initial_snapshot=True)
         return True
+
+    def _slot_lost(self, conn: PgConn) -> None:
+        """The slot's WAL is gone: fail (default), or start over with a new full snapshot."""
+        if self.settings.on_slot_lost != "resnapshot":
+            raise SlotLost(self.settings.slot_name)
+        log.error("slot_lost_resnapshotting", slot=self.settings.slot_name,
+                  hint="rows deleted while the slot was lost: crm-erp-sync reconcile --repair")
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (self.settings.slot_name,))
+        conn.execute(f"UPDATE {OWN_SCHEMA}.snapshots SET state = 'done', finished_at = now() "
+                     "WHERE state = 'pending' AND reason = 'initial'")
 
     # ---- main loop --------------------------------------------------------------------
     def run(self, *, until_idle: bool = False) -> ProducerStats:
@@ -280,6 +293,12 @@ class CdcProducer:
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, 10.0)
                     conn = self._reconnect(conn)
+                    continue
+                except psycopg.errors.ObjectNotInPrerequisiteState:
+                    # Peeking a slot whose WAL was removed: not transient.
+                    self.ensure_slot(conn)
+                    self._chunk = None
+                    self._pending_progress.clear()
                     continue
                 except psycopg.OperationalError as exc:
                     self.health.failing()

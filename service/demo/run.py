@@ -58,12 +58,14 @@ def run_demo(settings: Settings, *, customers: int, orders: int) -> int:
     logs = REPO_ROOT / ".stack" / "demo"
     print(f"setup: topics, CRM capture objects, ERP schema (logs in {logs})")
     run_setup(settings)
-    procs = [_spawn(["produce"], logs / "producer.log", {})]
+    # A dev stack's slot may have been lost to other work's WAL: start over with a snapshot.
+    resync = {"CRM_ERP_SYNC_ON_SLOT_LOST": "resnapshot"}
+    procs = [_spawn(["produce"], logs / "producer.log", resync)]
     procs += [_spawn(["consume"], logs / f"consumer-{i}.log", {}) for i in (1, 2)]
     try:
         # Changes made before the slot exists would reach the ERP only as snapshot reads.
         deadline = time.monotonic() + 60
-        while ops.slot_state(settings) is None:
+        while (ops.slot_state(settings) or {}).get("wal_status") in (None, "lost"):
             if time.monotonic() > deadline or procs[0].poll() is not None:
                 print(f"demo: the producer did not create its slot; see {logs}",
                       file=sys.stderr)

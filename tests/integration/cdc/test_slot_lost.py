@@ -1,0 +1,65 @@
+"""A slot whose WAL PostgreSQL removed (max_slot_wal_keep_size): fail loudly, or resync."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from service.avro import SchemaRegistry
+from service.cdc.producer import CdcProducer
+from service.errors import SlotLost
+from tests.conftest import SyncEnv
+from tests.helpers import decoded_events
+
+
+@pytest.fixture
+def small_wal_keep(sync_env: SyncEnv) -> Iterator[None]:
+    """Let the server drop WAL a slot needs after 16 MB (a cluster-wide setting, restored)."""
+    with sync_env.crm() as crm:
+        crm.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '16MB'")
+        crm.execute("SELECT pg_reload_conf()")
+    try:
+        yield
+    finally:
+        with sync_env.crm() as crm:
+            crm.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
+            crm.execute("SELECT pg_reload_conf()")
+
+
+def lose_the_slot(sync_env: SyncEnv) -> None:
+    with sync_env.crm() as crm:
+        crm.execute("CREATE TEMP TABLE pad (t text)")
+        for _ in range(4):
+            crm.execute("INSERT INTO pad SELECT repeat('x', 1000) FROM generate_series(1, 20000)")
+            crm.execute("SELECT pg_switch_wal()")
+        crm.execute("CHECKPOINT")
+        (status,) = crm.execute("SELECT wal_status FROM pg_replication_slots "
+                                "WHERE slot_name = %s", (sync_env.settings.slot_name,)).fetchone()
+    assert status == "lost"
+
+
+def producer(sync_env: SyncEnv, **overrides: str) -> CdcProducer:
+    settings = sync_env.with_(**overrides)
+    return CdcProducer(settings, SchemaRegistry.load(settings.schemas_dir))
+
+
+def test_a_lost_slot_fails_loudly_or_resyncs_with_a_new_snapshot(
+        sync_env: SyncEnv, small_wal_keep: None) -> None:
+    producer(sync_env).run(until_idle=True)
+    with sync_env.crm() as crm:
+        crm.execute("INSERT INTO crm.customers (family_name, given_name) VALUES ('张', '三')")
+    producer(sync_env).run(until_idle=True)
+    lose_the_slot(sync_env)
+    with sync_env.crm() as crm:  # a change nobody captured: its WAL is gone too
+        crm.execute("INSERT INTO crm.customers (family_name, given_name) VALUES ('李', '四')")
+
+    with pytest.raises(SlotLost, match="resnapshot"):
+        producer(sync_env).run(until_idle=True)
+
+    resync = producer(sync_env, on_slot_lost="resnapshot")
+    resync.run(until_idle=True)
+    assert resync.stats.snapshot_rows == 2
+    reads = sorted(ev["after"]["given_name"] for _, _, ev, _ in decoded_events(sync_env.settings)
+                   if ev["op"] == "READ")
+    assert reads == ["三", "四"]

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psycopg
 
@@ -115,15 +115,30 @@ def executemany_vs_copy(settings: Settings) -> tuple[float, float, int]:
     return many_s, copy_s, len(rows)
 
 
-def peak_memory(settings: Settings, backlog: int) -> tuple[int, int]:
-    """Max RSS (KiB) of a consumer process draining the backlog in a fresh group."""
+def peak_memory(settings: Settings) -> int:
+    """Peak RSS (KiB) of a consumer process draining the backlog in a fresh group.
+
+    Read from the child's own /proc/<pid>/status VmHWM while it runs: ru_maxrss of children
+    would count the pages a forked child shares with this (large) process before exec.
+    """
     env = {**os.environ, **settings_env(settings),
            "CRM_ERP_SYNC_CONSUMER_GROUP": settings.consumer_group + ".memory",
            "CRM_ERP_SYNC_LOG_LEVEL": "warning"}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run([sys.executable, "-m", "service.cli", "consume", "--until-idle", "5"],
-                   env=env, check=True)
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before
+    child = subprocess.Popen([sys.executable, "-m", "service.cli", "consume", "--until-idle",
+                              "5"], env=env)
+    status = Path(f"/proc/{child.pid}/status")
+    peak = 0
+    while child.poll() is None:
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]))
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        time.sleep(0.2)
+    if child.wait() != 0:
+        raise SystemExit(f"the measured consumer exited with {child.returncode}")
+    return peak
 
 
 def main() -> None:
@@ -153,7 +168,7 @@ def main() -> None:
         many_s, staged_s, n = executemany_vs_copy(settings)
         print(f"bulk upsert of {n:,} partners: executemany {n / many_s:,.0f} rows/s, "
               f"COPY to staging + INSERT..SELECT {n / staged_s:,.0f} rows/s")
-        peak, _ = peak_memory(settings, total)
+        peak = peak_memory(settings)
         print(f"consumer peak RSS draining a backlog of {total:,} events: {peak / 1024:.0f} MiB")
 
 

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 
-from service.settings import Settings
+from service.settings import REPO_ROOT, Settings
 
 SKIP_REASON = (
     "no Kafka broker and PostgreSQL reachable: run `make up` (local stack, no Docker needed), "
@@ -56,6 +56,7 @@ def _docker_answers() -> bool:
 class Stack:
     kafka_bootstrap: str
     admin_dsn: str  # a DSN whose database we can use to CREATE/DROP DATABASE
+    local: bool = False  # the no-Docker stack of deploy/local (tests may restart its server)
 
     def dsn_for(self, database: str) -> str:
         parts = urlsplit(self.admin_dsn)
@@ -98,7 +99,8 @@ def stack() -> Iterator[Stack]:
     kafka_host, kafka_port = defaults.kafka_bootstrap.split(":")
     pg = urlsplit(defaults.crm_dsn)
     if _reachable(kafka_host, int(kafka_port)) and _reachable(pg.hostname or "", pg.port or 0):
-        yield Stack(defaults.kafka_bootstrap, defaults.crm_dsn)
+        yield Stack(defaults.kafka_bootstrap, defaults.crm_dsn,
+                    local=(REPO_ROOT / ".stack" / "pg" / "data").is_dir())
         return
     if _docker_answers():
         started, containers = _start_containers()

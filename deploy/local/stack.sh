@@ -490,12 +490,20 @@ cmd_status() {
     return "$rc"
 }
 
+# Restart PostgreSQL in place (tests use it to show the consumer riding out an ERP restart).
+cmd_restart_pg() {
+    pg_running || die "postgresql is not running"
+    log "restarting postgresql"
+    as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -m fast -w -t 60 restart >/dev/null
+}
+
 case "${1:-}" in
     up) cmd_up ;;
     down) cmd_down ;;
     status) cmd_status ;;
+    restart-pg) cmd_restart_pg ;;
     *)
-        echo "usage: $0 up|down|status" >&2
+        echo "usage: $0 up|down|status|restart-pg" >&2
         exit 2
         ;;
 esac

@@ -24,6 +24,7 @@ from service.erp.mappings import Mappings
 from service.errors import CircuitOpen
 from service.kafka_io import make_admin, make_producer
 from service.ops import group_lag
+from service.settings import REPO_ROOT
 from tests.conftest import SyncEnv
 from tests.helpers import (
     actual_erp,
@@ -291,6 +292,28 @@ def test_erp_database_connections_dropped_mid_run(loaded_large: SyncEnv, consume
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     assert drops_mid_run >= 1
+    consumer_log.flush()
+    assert b"transient_failure_retrying" in (tmp_path / "consumers.log").read_bytes()
+    assert_erp_matches_crm(loaded_large)
+
+
+def test_erp_database_restarted_mid_run(loaded_large: SyncEnv, consumer_log: Any,
+                                       tmp_path: Any) -> None:
+    """A real restart of the local stack's PostgreSQL while the consumer works."""
+    if not loaded_large.stack.local:
+        pytest.skip("restarts the server: only on the local stack (make up)")
+    proc = _spawn_consumer(loaded_large, consumer_log)
+    try:
+        wait_until(lambda: _started(loaded_large), timeout=60, message="progress")
+        assert _lag(loaded_large) > 0, "the restart would come after the work was done"
+        subprocess.run(["bash", str(REPO_ROOT / "deploy/local/stack.sh"), "restart-pg"],
+                       check=True, capture_output=True)
+        wait_until(lambda: _caught_up(loaded_large), timeout=180,
+                   message="consumer to recover")
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
     consumer_log.flush()
     assert b"transient_failure_retrying" in (tmp_path / "consumers.log").read_bytes()
     assert_erp_matches_crm(loaded_large)

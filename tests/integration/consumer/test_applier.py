@@ -22,9 +22,9 @@ from service.consumer.policy import DlqLimit
 from service.demo.load import load_demo
 from service.erp.mappings import Mappings
 from service.errors import CircuitOpen
-from service.kafka_io import make_admin, make_producer
+from service.kafka_io import ensure_topics, make_admin, make_producer
 from service.ops import group_lag
-from service.settings import REPO_ROOT
+from service.settings import REPO_ROOT, Settings
 from tests.conftest import SyncEnv
 from tests.helpers import (
     actual_erp,
@@ -163,27 +163,36 @@ def test_events_after_a_dead_letter_of_the_same_key_are_held(sync_env: SyncEnv) 
             ("key_blocked",)]
 
 
-def test_an_order_before_its_customer_is_held_then_applied(sync_env: SyncEnv) -> None:
-    settings = sync_env.settings
+def customer_and_order_records(sync_env: SyncEnv, order_id: int,
+                               status: str) -> tuple[int, Any, Any]:
+    """Commit a customer and an order together; return the id and both Kafka records."""
     produce_all(sync_env)
     with sync_env.crm() as crm, crm.transaction():
         cid = crm.execute("INSERT INTO crm.customers (family_name, given_name) VALUES "
                           "('王', '五') RETURNING customer_id").fetchone()[0]
         crm.execute("INSERT INTO crm.sales_orders (order_id, order_no, customer_id, "
-                    "order_date, status) VALUES (5, 'O5', %s, '2023-01-01', '已付款')", (cid,))
-        crm.execute("INSERT INTO crm.order_lines VALUES (5, 1, %s, 'P-PHONE-5G', '手机', "
-                    "'10台', 5000)", (cid,))
+                    "order_date, status) VALUES (%s, %s, %s, '2023-01-01', %s)",
+                    (order_id, f"O{order_id}", cid, status))
+        crm.execute("INSERT INTO crm.order_lines VALUES (%s, 1, %s, 'P-PHONE-5G', '手机', "
+                    "'10台', 5000)", (order_id, cid))
     produce_all(sync_env)
-    records = read_topic(settings, settings.sales_topic)
-    registry = SchemaRegistry.load(settings.schemas_dir)
-    kinds = [registry.decode(r.value)[0] for r in records]
-    customer_record = records[kinds.index("customer")]
-    order_record = records[kinds.index("order")]
-    # Re-publish in the wrong order on a fresh pair of topics: the order first.
-    other = sync_env.with_(sales_topic=settings.sales_topic + ".reordered")
-    from service.kafka_io import ensure_topics
+    registry = SchemaRegistry.load(sync_env.settings.schemas_dir)
+    records = {registry.decode(r.value)[0]: r
+               for r in read_topic(sync_env.settings, sync_env.settings.sales_topic)}
+    return cid, records["customer"], records["order"]
 
+
+def on_fresh_topic(sync_env: SyncEnv, suffix: str, **overrides: Any) -> Settings:
+    """The same world with its own sales topic, to publish records in an order of our own."""
+    other = sync_env.with_(sales_topic=f"{sync_env.settings.sales_topic}.{suffix}", **overrides)
     ensure_topics(other)
+    return other
+
+
+def test_an_order_before_its_customer_is_held_then_applied(sync_env: SyncEnv) -> None:
+    cid, customer_record, order_record = customer_and_order_records(sync_env, 5, "已付款")
+    # Re-published in the wrong order: the order first.
+    other = on_fresh_topic(sync_env, "reordered")
     producer = make_producer(other)
     producer.send(other.sales_topic, key=order_record.key, value=order_record.value).get(30)
     ErpConsumer(other).run(until_idle_s=3)
@@ -341,21 +350,8 @@ def test_a_row_the_erp_refuses_is_isolated_and_dead_lettered(sync_env: SyncEnv) 
 
 def test_an_order_whose_customer_never_arrives_is_dead_lettered_after_the_hold(
         sync_env: SyncEnv) -> None:
-    settings = sync_env.with_(orphan_hold_s=1.0)
-    produce_all(sync_env)
-    with sync_env.crm() as crm, crm.transaction():
-        cid = crm.execute("INSERT INTO crm.customers (family_name, given_name) VALUES "
-                          "('王', '五') RETURNING customer_id").fetchone()[0]
-        crm.execute("INSERT INTO crm.sales_orders (order_id, order_no, customer_id, "
-                    "order_date, status) VALUES (7, 'O7', %s, '2023-01-01', '待付款')", (cid,))
-    produce_all(sync_env)
-    registry = SchemaRegistry.load(settings.schemas_dir)
-    order = next(r for r in read_topic(settings, settings.sales_topic)
-                 if registry.decode(r.value)[0] == "order")
-    lonely = sync_env.with_(sales_topic=settings.sales_topic + ".orphans", orphan_hold_s=1.0)
-    from service.kafka_io import ensure_topics
-
-    ensure_topics(lonely)
+    cid, _, order = customer_and_order_records(sync_env, 7, "待付款")
+    lonely = on_fresh_topic(sync_env, "orphans", orphan_hold_s=1.0)
     make_producer(lonely).send(lonely.sales_topic, key=order.key, value=order.value).get(30)
     consumer = ErpConsumer(lonely)
     thread = threading.Thread(target=consumer.run)

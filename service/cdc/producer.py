@@ -294,11 +294,15 @@ class CdcProducer:
                     backoff = min(backoff * 2, 10.0)
                     conn = self._reconnect(conn)
                     continue
-                except psycopg.errors.ObjectNotInPrerequisiteState:
-                    # Peeking a slot whose WAL was removed: not transient.
+                except psycopg.errors.ObjectNotInPrerequisiteState as exc:
+                    # Peeking a slot whose WAL was removed: not transient. ensure_slot fails
+                    # (SlotLost) or starts over; anything else is retried with backoff.
+                    log.warning("slot_not_readable", error=exc.diag.message_primary)
                     self.ensure_slot(conn)
                     self._chunk = None
                     self._pending_progress.clear()
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, 10.0)
                     continue
                 except psycopg.OperationalError as exc:
                     self.health.failing()

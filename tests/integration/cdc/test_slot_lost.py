@@ -15,7 +15,8 @@ from tests.helpers import decoded_events
 
 @pytest.fixture
 def small_wal_keep(sync_env: SyncEnv) -> Iterator[None]:
-    """Let the server drop WAL a slot needs after 16 MB (a cluster-wide setting, restored)."""
+    """Let the server drop WAL a slot needs after 16 MB. Cluster-wide, restored afterwards:
+    the CHECKPOINT also invalidates any other idle slot far behind (e.g. a stopped demo's)."""
     with sync_env.crm() as crm:
         crm.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '16MB'")
         crm.execute("SELECT pg_reload_conf()")

@@ -76,12 +76,11 @@ def cmd_consume(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(settings: Settings, args: argparse.Namespace) -> int:
-    import psycopg
-
+    from service import pg
     from service.cdc.capture import ensure_capture_objects, request_snapshot
 
     table = args.table if "." in args.table else f"crm.{args.table}"
-    with psycopg.connect(settings.crm_dsn, autocommit=True) as conn:
+    with pg.connect(settings.crm_dsn, "CRM") as conn:
         ensure_capture_objects(conn, settings)
         try:
             snapshot_id = request_snapshot(conn, table, args.key or None, args.chunk_size)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
 from kafka import TopicPartition
 
+from service import pg
 from service.kafka_io import make_admin, make_consumer
 from service.settings import Settings
 
@@ -44,7 +44,7 @@ def group_lag(settings: Settings, topics: list[str] | None = None) -> list[Parti
 
 def slot_state(settings: Settings) -> dict[str, Any] | None:
     """The producer's slot: active or not, and how much WAL it keeps and has not confirmed."""
-    with psycopg.connect(settings.crm_dsn, autocommit=True) as conn:
+    with pg.connect(settings.crm_dsn, "CRM") as conn:
         row = conn.execute(
             "SELECT active, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, "
             "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, wal_status "
@@ -57,7 +57,7 @@ def slot_state(settings: Settings) -> dict[str, Any] | None:
 
 def caught_up(settings: Settings, crm_lsn: str) -> bool:
     """True when the slot has confirmed past crm_lsn and the group has no lag."""
-    with psycopg.connect(settings.crm_dsn, autocommit=True) as conn:
+    with pg.connect(settings.crm_dsn, "CRM") as conn:
         row = conn.execute(
             "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots "
             "WHERE slot_name = %s", (crm_lsn, settings.slot_name)).fetchone()
@@ -67,7 +67,7 @@ def caught_up(settings: Settings, crm_lsn: str) -> bool:
 
 
 def current_lsn(settings: Settings) -> str:
-    with psycopg.connect(settings.crm_dsn, autocommit=True) as conn:
+    with pg.connect(settings.crm_dsn, "CRM") as conn:
         row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
     assert row is not None
     return str(row[0])

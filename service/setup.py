@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
-
-import psycopg
 
 from service.cdc.capture import ensure_capture_objects
-from service.errors import StackUnavailable
 from service.kafka_io import ensure_topics
+from service.pg import connect
 from service.settings import Settings
 
 
@@ -20,22 +17,14 @@ class SetupReport:
     demo_crm_schema: bool
 
 
-def _connect(dsn: str, what: str) -> psycopg.Connection[Any]:
-    try:
-        return psycopg.connect(dsn, autocommit=True, connect_timeout=10)
-    except psycopg.OperationalError as exc:
-        raise StackUnavailable(f"{what} database unreachable ({type(exc).__name__}); "
-                               "is the stack up? (make up)") from exc
-
-
 def ensure_erp_schema(settings: Settings) -> None:
-    with _connect(settings.erp_dsn, "ERP") as conn:
+    with connect(settings.erp_dsn, "ERP") as conn:
         conn.execute(resources.files("service.erp").joinpath("schema.sql").read_text("utf-8"))
 
 
 def ensure_demo_crm_schema(settings: Settings) -> bool:
     """On a CRM without our demo tables (the local stack), create them."""
-    with _connect(settings.crm_dsn, "CRM") as conn:
+    with connect(settings.crm_dsn, "CRM") as conn:
         present = conn.execute("SELECT to_regclass('crm.customers') IS NOT NULL").fetchone()
         if present and present[0]:
             return False
@@ -46,7 +35,7 @@ def ensure_demo_crm_schema(settings: Settings) -> bool:
 
 def run_setup(settings: Settings, *, demo_crm: bool = True) -> SetupReport:
     created_demo = ensure_demo_crm_schema(settings) if demo_crm else False
-    with _connect(settings.crm_dsn, "CRM") as conn:
+    with connect(settings.crm_dsn, "CRM") as conn:
         ensure_capture_objects(conn, settings)
     ensure_erp_schema(settings)
     return SetupReport(ensure_topics(settings), created_demo)

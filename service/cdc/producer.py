@@ -27,6 +27,7 @@ import psycopg
 import structlog
 from kafka.errors import KafkaError
 
+from service import pg
 from service.avro import SchemaRegistry
 from service.cdc import pgoutput
 from service.cdc.capture import (
@@ -52,19 +53,17 @@ from service.errors import PgOutputError, Retryable, SlotLost, StackUnavailable
 from service.health import Health, serve
 from service.kafka_io import make_producer
 from service.metrics import ProducerMetrics
+from service.pg import PgConn
 from service.settings import Settings
 
 log = structlog.get_logger("producer")
 
 HEARTBEAT_PREFIX = "crm-erp-sync.heartbeat"
-PgConn = psycopg.Connection[Any]
 
 
-def connect(dsn: str, *, autocommit: bool = True) -> PgConn:
-    try:
-        conn = psycopg.connect(dsn, autocommit=autocommit, connect_timeout=10)
-    except psycopg.OperationalError as exc:
-        raise StackUnavailable(f"CRM database unreachable: {type(exc).__name__}") from exc
+def connect(dsn: str) -> PgConn:
+    """A CRM session whose text output of timestamps is UTC (pgoutput sends text)."""
+    conn = pg.connect(dsn, "CRM")
     conn.execute("SET TimeZone = 'UTC'")
     return conn
 

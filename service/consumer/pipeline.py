@@ -38,10 +38,10 @@ from service.errors import ApplyError, DecodeError, Permanent, Retryable, StackU
 from service.health import Health, serve
 from service.kafka_io import make_consumer, make_producer
 from service.metrics import UNKNOWN_KIND, ConsumerMetrics
+from service.pg import PgConn
 from service.settings import Settings
 
 log = structlog.get_logger("consumer")
-PgConn = psycopg.Connection[Any]
 
 # Transient by class: the connection, deadlocks and serialization failures are all
 # OperationalError subclasses in psycopg 3.
@@ -148,6 +148,29 @@ class CommitOffsets:
         except CommitFailedError as exc:
             # Rebalanced away: the new owner re-applies; positions make that harmless.
             log.warning("commit_failed_after_rebalance", error=str(exc))
+
+
+# The message columns of sync.held_events, in the order _held_message reads them.
+HELD_MESSAGE = 'topic, partition, "offset", msg_timestamp, msg_key, msg_value'
+
+
+def _held_message(row: Any, held_id: int | None = None) -> Message:
+    """A held (or dead-lettered) message back from a row that starts with HELD_MESSAGE."""
+    topic, partition, offset, timestamp, key, value = row[:6]
+    return Message(topic, partition, offset, timestamp, key, value, held_id=held_id)
+
+
+def prepare(registry: SchemaRegistry, mappings: Mappings, msgs: list[Message]) -> Batch:
+    """Messages outside a poll (held, redriven, dry-run) through the same decode and
+    transform stages as the live pipeline."""
+    batch = Batch([Envelope(m) for m in msgs])
+    Decode(registry, Transform(mappings, _Collect())).submit(batch)
+    return batch
+
+
+def _dead_letter(msg: Message, error: Permanent) -> dlq.DeadLetter:
+    return dlq.DeadLetter(msg.topic, msg.partition, msg.offset, msg.timestamp, msg.key,
+                          msg.value, error)
 
 
 class ErpApplier:
@@ -287,9 +310,7 @@ class ErpApplier:
         self._hold(conn, [e for e in envs if e.held and e.msg.held_id is None])
         for env in envs:
             if env.error is not None:
-                batch.dead_letters.append(dlq.DeadLetter(
-                    env.msg.topic, env.msg.partition, env.msg.offset, env.msg.timestamp,
-                    env.msg.key, env.msg.value, env.error))
+                batch.dead_letters.append(_dead_letter(env.msg, env.error))
         if customers_here:
             self._release_awaiting(conn, sorted(customers_here), batch)
 
@@ -323,7 +344,7 @@ class ErpApplier:
         rows += conn.execute(
             "SELECT DISTINCT topic, msg_key FROM sync.held_events "
             "WHERE reason = 'key_blocked' AND msg_key = ANY(%s)", (keys,)).fetchall()
-        return {(r[0], bytes(r[1]) if r[1] is not None else None) for r in rows}
+        return {(r[0], r[1]) for r in rows}
 
     def _hold(self, conn: PgConn, envs: list[Envelope]) -> None:
         if not envs:
@@ -339,18 +360,17 @@ class ErpApplier:
                   else None) for e in envs])
         log.info("events_held", count=len(envs), reasons=sorted({e.held or "" for e in envs}))
 
+    def _prepared(self, msgs: list[Message]) -> Batch:
+        return prepare(self.registry, self.mappings, msgs)
+
     def _release_awaiting(self, conn: PgConn, customer_ids: list[int], batch: Batch) -> None:
         rows = conn.execute(
-            'SELECT held_id, topic, partition, "offset", msg_key, msg_value, msg_timestamp '
-            "FROM sync.held_events WHERE reason = 'awaiting_customer' AND waits_for = ANY(%s) "
+            f"SELECT {HELD_MESSAGE}, held_id FROM sync.held_events "
+            "WHERE reason = 'awaiting_customer' AND waits_for = ANY(%s) "
             "ORDER BY held_id FOR UPDATE", (customer_ids,)).fetchall()
         if not rows:
             return
-        released = Batch([Envelope(Message(r[1], r[2], r[3], r[6],
-                                           bytes(r[4]) if r[4] is not None else None,
-                                           bytes(r[5]) if r[5] is not None else None,
-                                           held_id=r[0])) for r in rows])
-        Decode(self.registry, Transform(self.mappings, _Collect())).submit(released)
+        released = self._prepared([_held_message(r, held_id=r[6]) for r in rows])
         self._apply_in_txn(conn, released)
         conn.execute("DELETE FROM sync.held_events WHERE held_id = ANY(%s)",
                      ([e.msg.held_id for e in released.envelopes if not e.held],))
@@ -368,9 +388,7 @@ class ErpApplier:
         was written: the savepoint is rolled back), ``held`` set when it was held (its
         customer is not in the ERP yet, or the key has another unresolved dead letter).
         """
-        batch = Batch([Envelope(msg)])
-        Decode(self.registry, Transform(self.mappings, _Collect())).submit(batch)
-        env = batch.envelopes[0]
+        env = self._prepared([msg]).envelopes[0]
         if env.error is not None:
             return env
         try:
@@ -395,16 +413,12 @@ class ErpApplier:
             # Taken out of the hold; whatever still cannot be applied is held again below.
             rows = conn.execute(
                 "DELETE FROM sync.held_events WHERE reason = 'key_blocked' AND topic = %s "
-                'AND msg_key IS NOT DISTINCT FROM %s RETURNING topic, partition, "offset", '
-                "msg_key, msg_value, msg_timestamp", (topic, key)).fetchall()
+                f"AND msg_key IS NOT DISTINCT FROM %s RETURNING {HELD_MESSAGE}",
+                (topic, key)).fetchall()
         if first is None and not rows:
             return 0
-        held = sorted((Message(r[0], r[1], r[2], r[5],
-                               bytes(r[3]) if r[3] is not None else None,
-                               bytes(r[4]) if r[4] is not None else None) for r in rows),
-                      key=lambda m: (m.partition, m.offset))
-        released = Batch([Envelope(m) for m in held])
-        Decode(self.registry, Transform(self.mappings, _Collect())).submit(released)
+        released = self._prepared(sorted((_held_message(r) for r in rows),
+                                         key=lambda m: (m.partition, m.offset)))
         batch = Batch(([first] if first is not None else []) + released.envelopes)
         self._apply_in_txn(conn, batch)
         if first is not None and first.error is not None:
@@ -427,8 +441,8 @@ class ErpApplier:
         conn = self.connect()
         with conn.transaction():
             rows = conn.execute(
-                'SELECT held_id, topic, partition, "offset", msg_key, msg_value, msg_timestamp,'
-                " waits_for FROM sync.held_events WHERE reason = 'awaiting_customer' "
+                f"SELECT {HELD_MESSAGE}, held_id, waits_for FROM sync.held_events "
+                "WHERE reason = 'awaiting_customer' "
                 "AND held_at < clock_timestamp() - make_interval(secs => %s) "
                 "ORDER BY held_id FOR UPDATE SKIP LOCKED",
                 (self.settings.orphan_hold_s,)).fetchall()
@@ -438,11 +452,9 @@ class ErpApplier:
             for r in rows:
                 err = ApplyError(f"customer {r[7]} did not arrive in the ERP within "
                                  f"{self.settings.orphan_hold_s:g}s")
-                batch.dead_letters.append(dlq.DeadLetter(
-                    r[1], r[2], r[3], r[6], bytes(r[4]) if r[4] is not None else None,
-                    bytes(r[5]) if r[5] is not None else None, err))
+                batch.dead_letters.append(_dead_letter(_held_message(r), err))
             conn.execute("DELETE FROM sync.held_events WHERE held_id = ANY(%s)",
-                         ([r[0] for r in rows],))
+                         ([r[6] for r in rows],))
             self._publish_dead_letters(conn, batch)
         self._count_dead_letters(batch.dead_letters)
         return len(rows)

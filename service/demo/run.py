@@ -15,9 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-import psycopg
-
-from service import ops
+from service import ops, pg
 from service.demo.load import load_demo
 from service.settings import REPO_ROOT, Settings
 from service.setup import run_setup
@@ -74,7 +72,7 @@ def run_demo(settings: Settings, *, customers: int, orders: int) -> int:
         started = time.monotonic()
         report = load_demo(settings.crm_dsn, customers=customers, orders=orders, rate=None,
                            seed=int(time.time()), changes=None)
-        with psycopg.connect(settings.crm_dsn, autocommit=True) as conn:
+        with pg.connect(settings.crm_dsn, "CRM") as conn:
             conn.execute(MESSY_RECORDS)
         target = ops.current_lsn(settings)
         print(f"CRM: loaded {report}")
@@ -103,7 +101,7 @@ def run_demo(settings: Settings, *, customers: int, orders: int) -> int:
 
 
 def print_erp_summary(settings: Settings) -> None:
-    with psycopg.connect(settings.erp_dsn, autocommit=True) as conn:
+    with pg.connect(settings.erp_dsn, "ERP") as conn:
         print("ERP tables (rows live / deleted):")
         for table in ("business_partners", "sales_orders", "sales_order_items",
                       "demand_signals"):

@@ -22,8 +22,8 @@ import psycopg
 
 from service.erp.changes import DemandRow, ErpChange, OrderHeaderRow, OrderItemRow, PartnerRow
 from service.erp.mappings import Mappings
+from service.pg import PgConn
 
-PgConn = psycopg.Connection[Any]
 T = TypeVar("T", PartnerRow, OrderHeaderRow, OrderItemRow, DemandRow)
 
 _GUARD = "({t}.source_lsn, {t}.source_seq) < (EXCLUDED.source_lsn, EXCLUDED.source_seq)"

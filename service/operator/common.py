@@ -5,26 +5,19 @@ from __future__ import annotations
 import getpass
 import os
 from datetime import UTC, datetime
-from typing import Any
 
-import psycopg
+from service import pg
+from service.errors import ConfigError
+from service.pg import PgConn
+from service.settings import Settings
 
-from service.errors import ConfigError, StackUnavailable
-from service.settings import Settings, hide_secret
-
-PgConn = psycopg.Connection[Any]
+__all__ = ["PgConn", "actor", "connect", "parse_time"]
 
 
 def connect(settings: Settings, which: str, *, autocommit: bool = True) -> PgConn:
     """``which`` is 'crm' or 'erp'."""
     dsn = settings.crm_dsn if which == "crm" else settings.erp_dsn
-    try:
-        return psycopg.connect(dsn, autocommit=autocommit, connect_timeout=10)
-    except psycopg.OperationalError as exc:
-        raise StackUnavailable(
-            f"{which.upper()} database at {hide_secret(dsn)} is unreachable: "
-            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
-        ) from exc
+    return pg.connect(dsn, which.upper(), autocommit=autocommit)
 
 
 def actor(explicit: str | None = None) -> str:

@@ -25,7 +25,7 @@ from kafka import TopicPartition
 
 from service.avro import SchemaRegistry
 from service.consumer import dlq as dlq_headers
-from service.consumer.pipeline import Batch, Decode, Envelope, ErpApplier, Message, Transform
+from service.consumer.pipeline import ErpApplier, Message, prepare
 from service.erp.mappings import Mappings
 from service.errors import ConfigError, SyncError
 from service.kafka_io import make_consumer
@@ -309,20 +309,14 @@ def _dry_run(registry: SchemaRegistry, mappings: Mappings, d: Letter, record: An
     if record is None:
         return Outcome(d.dead_letter_id, d.key_text, "would_fail_again",
                        "the original bytes are no longer in the dead-letter or original topic")
-    batch = Batch([Envelope(Message(d.topic, d.partition, d.offset, record.timestamp, d.key,
-                                    record.value))])
-    Decode(registry, Transform(mappings, _Nothing())).submit(batch)
+    batch = prepare(registry, mappings, [Message(d.topic, d.partition, d.offset,
+                                                 record.timestamp, d.key, record.value)])
     err = batch.envelopes[0].error
     if err is not None:
         return Outcome(d.dead_letter_id, d.key_text, "would_fail_again",
                        f"{type(err).__name__}: {err.reason}")
     return Outcome(d.dead_letter_id, d.key_text, "would_redrive",
                    "decodes and maps with the current mappings (the ERP may still refuse it)")
-
-
-class _Nothing:
-    def submit(self, batch: Batch) -> None:
-        return None
 
 
 def _held_count(conn: PgConn, d: Letter) -> int:

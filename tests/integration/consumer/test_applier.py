@@ -3,6 +3,7 @@ idempotency, poison messages, the circuit breaker, crashes and restarts."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -277,33 +278,41 @@ def test_kill_9_consumers_mid_batch_repeatedly(loaded_large: SyncEnv,
     assert_erp_matches_crm(loaded_large)
 
 
-def test_erp_database_connections_dropped_mid_run(loaded_large: SyncEnv, consumer_log: Any,
-                                                 tmp_path: Any) -> None:
-    """What an ERP restart does to its clients: every session dropped, repeatedly."""
-    proc = _spawn_consumer(loaded_large, consumer_log)
-    erp_db = loaded_large.settings.erp_dsn.rsplit("/", 1)[1]
-    drops_mid_run = 0
+@contextlib.contextmanager
+def consumer_riding_out_erp_faults(sync_env: SyncEnv, log: Any,
+                                   log_path: Any) -> Iterator[None]:
+    """A consumer process runs the block's faults; afterwards it must have retried, caught
+    up without exiting, stopped cleanly on SIGTERM, and left the ERP equal to the CRM."""
+    proc = _spawn_consumer(sync_env, log)
     try:
-        wait_until(lambda: _started(loaded_large), timeout=60, message="progress")
-        with loaded_large.crm() as admin:
-            for _ in range(5):
-                if _lag(loaded_large) == 0:
-                    break
-                dropped = admin.execute(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE datname = %s AND pid <> pg_backend_pid()", (erp_db,)).fetchone()
-                drops_mid_run += bool(dropped and dropped[0])
-                time.sleep(0.4)
-        wait_until(lambda: _caught_up(loaded_large), timeout=180,
-                   message="consumer to recover")
+        wait_until(lambda: _started(sync_env), timeout=60, message="progress")
+        yield
+        wait_until(lambda: _caught_up(sync_env), timeout=180, message="consumer to recover")
         assert proc.poll() is None
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+    log.flush()
+    assert b"transient_failure_retrying" in log_path.read_bytes()
+    assert_erp_matches_crm(sync_env)
+
+
+def test_erp_database_connections_dropped_mid_run(loaded_large: SyncEnv, consumer_log: Any,
+                                                 tmp_path: Any) -> None:
+    """What an ERP restart does to its clients: every session dropped, repeatedly."""
+    erp_db = loaded_large.settings.erp_dsn.rsplit("/", 1)[1]
+    drops_mid_run = 0
+    with consumer_riding_out_erp_faults(loaded_large, consumer_log,
+                                        tmp_path / "consumers.log"), loaded_large.crm() as admin:
+        for _ in range(5):
+            if _lag(loaded_large) == 0:
+                break
+            dropped = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()", (erp_db,)).fetchone()
+            drops_mid_run += bool(dropped and dropped[0])
+            time.sleep(0.4)
     assert drops_mid_run >= 1
-    consumer_log.flush()
-    assert b"transient_failure_retrying" in (tmp_path / "consumers.log").read_bytes()
-    assert_erp_matches_crm(loaded_large)
 
 
 def test_erp_database_restarted_mid_run(loaded_large: SyncEnv, consumer_log: Any,
@@ -311,21 +320,11 @@ def test_erp_database_restarted_mid_run(loaded_large: SyncEnv, consumer_log: Any
     """A real restart of the local stack's PostgreSQL while the consumer works."""
     if not loaded_large.stack.local:
         pytest.skip("restarts the server: only on the local stack (make up)")
-    proc = _spawn_consumer(loaded_large, consumer_log)
-    try:
-        wait_until(lambda: _started(loaded_large), timeout=60, message="progress")
+    with consumer_riding_out_erp_faults(loaded_large, consumer_log,
+                                        tmp_path / "consumers.log"):
         assert _lag(loaded_large) > 0, "the restart would come after the work was done"
         subprocess.run(["bash", str(REPO_ROOT / "deploy/local/stack.sh"), "restart-pg"],
                        check=True, capture_output=True)
-        wait_until(lambda: _caught_up(loaded_large), timeout=180,
-                   message="consumer to recover")
-        assert proc.poll() is None
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-    consumer_log.flush()
-    assert b"transient_failure_retrying" in (tmp_path / "consumers.log").read_bytes()
-    assert_erp_matches_crm(loaded_large)
 
 
 def test_a_row_the_erp_refuses_is_isolated_and_dead_lettered(sync_env: SyncEnv) -> None:

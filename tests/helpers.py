@@ -71,6 +71,7 @@ def expected_erp(crm: Any, mappings: Any) -> dict[str, Any]:
     from decimal import Decimal
 
     from service.erp import transform as tf
+    from service.erp.units import to_base
 
     partners = {cid for (cid,) in crm.execute("SELECT customer_id FROM crm.customers")}
     orders = {oid: tf.order_status(status, mappings) for oid, status in
@@ -80,10 +81,11 @@ def expected_erp(crm: Any, mappings: Any) -> dict[str, Any]:
     for oid, line_no, code, qty_text in crm.execute(
             "SELECT order_id, line_no, product_code, quantity FROM crm.order_lines"):
         sku = tf.sku_for(code, mappings)
-        qty = tf.parse_quantity(qty_text, mappings).value
-        items[(oid, line_no)] = (sku, qty)
-        if mappings.status_stock_effect[orders[oid]] == "reserve":
-            reserved[sku] = reserved.get(sku, Decimal(0)) + qty
+        qty = tf.parse_quantity(qty_text, mappings)
+        items[(oid, line_no)] = (sku, qty.value)
+        if mappings.status_stock_effect[orders[oid]] == "reserve":  # in the SKU's base unit
+            reserved[sku] = reserved.get(sku, Decimal(0)) + to_base(sku, qty.value, qty.unit,
+                                                                    mappings)
     return {"partners": partners, "orders": orders, "items": items,
             "reserved": {k: v for k, v in reserved.items() if v}}
 

@@ -12,6 +12,7 @@ from decimal import Decimal
 from typing import Any
 
 from service.erp import transform as tf
+from service.erp import units
 from service.erp.mappings import Mappings
 from service.errors import MappingError
 
@@ -69,6 +70,8 @@ class OrderItemRow:
     unit_price: Decimal
     deleted: bool
     pos: Position
+    base_quantity: Decimal = Decimal(1)  # quantity in the SKU's base unit (units.to_base)
+    base_unit: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,9 +179,11 @@ def order_change(record: dict[str, Any], mappings: Mappings) -> ErpChange:
         price = la["unit_price"]
         if price is None or price < 0:
             raise MappingError("lines.unit_price", price, "missing or negative")
-        items.append(OrderItemRow(la["order_id"], la["line_no"],
-                                  tf.sku_for(la["product_code"], mappings), la["product_name"],
-                                  qty.value, qty.unit, price, False, line_pos))
+        sku = tf.sku_for(la["product_code"], mappings)
+        base = units.to_base(sku, qty.value, qty.unit, mappings, raw=la["quantity"])
+        items.append(OrderItemRow(la["order_id"], la["line_no"], sku, la["product_name"],
+                                  qty.value, qty.unit, price, False, line_pos, base,
+                                  mappings.sku_units[sku].base))
     return ErpChange("order", record["customer_id"], header=header, items=items)
 
 

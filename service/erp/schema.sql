@@ -156,3 +156,12 @@ CREATE TABLE IF NOT EXISTS sync.dead_letter_actions (
     at             timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX IF NOT EXISTS dead_letter_actions_letter ON sync.dead_letter_actions (dead_letter_id);
+
+-- Stock in each SKU's base unit (mappings.toml [sku_units]): every line keeps its quantity as
+-- typed (quantity, unit_code) and in its SKU's base unit; stock totals are in that unit only.
+-- Lines written before these columns existed hold NULL, and count nowhere, until
+-- `crm-erp-sync stock recount` converts them (consumers refuse to start until then).
+ALTER TABLE erp.sales_order_items ADD COLUMN IF NOT EXISTS base_quantity numeric(16, 3)
+    CHECK (base_quantity > 0);
+ALTER TABLE erp.sales_order_items ADD COLUMN IF NOT EXISTS base_unit text;
+ALTER TABLE erp.stock ADD COLUMN IF NOT EXISTS base_unit text;

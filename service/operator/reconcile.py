@@ -30,7 +30,7 @@ from psycopg.rows import dict_row
 
 from service.cdc.capture import ensure_capture_objects, request_snapshot
 from service.cdc.events import READ, RowChange, build_events
-from service.erp.apply import recompute_stock
+from service.erp.apply import apply_stock_delta
 from service.erp.changes import to_erp
 from service.erp.mappings import Mappings
 from service.errors import ConfigError, Permanent
@@ -298,7 +298,7 @@ class Reconciler:
                 erp.execute("UPDATE erp.sales_order_items SET deleted = true "
                             "WHERE crm_order_id = ANY(%s)", (done,))
                 with erp.cursor() as cur:
-                    recompute_stock(cur, done)
+                    apply_stock_delta(cur, done)
         return done
 
 

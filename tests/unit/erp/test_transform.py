@@ -375,7 +375,7 @@ def test_parse_quantity(m: Mappings, raw: str, expected: Quantity) -> None:
 
 
 @pytest.mark.parametrize(("raw", "reason"), [
-    ("10吨", "unknown unit 吨"),
+    ("10斤", "unknown unit 斤"),
     ("0台", "greater than zero"),
     ("-3箱", "greater than zero"),
     ("0.0kg", "greater than zero"),

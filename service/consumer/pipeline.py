@@ -31,7 +31,12 @@ from kafka.errors import CommitFailedError, KafkaError
 from service.avro import SchemaRegistry
 from service.consumer import dlq
 from service.consumer.policy import BatchPolicy, CircuitBreaker, DlqLimit, RetryPolicy
-from service.erp.apply import apply_changes, existing_customers, load_status_effects
+from service.erp.apply import (
+    apply_changes,
+    check_stock_units,
+    existing_customers,
+    load_status_effects,
+)
 from service.erp.changes import ErpChange, to_erp
 from service.erp.mappings import Mappings
 from service.errors import ApplyError, DecodeError, Permanent, Retryable, StackUnavailable
@@ -204,6 +209,7 @@ class ErpApplier:
             try:
                 with self.conn.transaction():
                     load_status_effects(self.conn, self.mappings)
+                    check_stock_units(self.conn, self.mappings)
             except TRANSIENT_PG as exc:
                 raise Retryable(f"ERP: {type(exc).__name__}") from exc
         return self.conn

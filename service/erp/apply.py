@@ -25,6 +25,7 @@ import psycopg
 
 from service.erp.changes import DemandRow, ErpChange, OrderHeaderRow, OrderItemRow, PartnerRow
 from service.erp.mappings import Mappings
+from service.errors import ConfigError
 from service.pg import PgConn
 
 T = TypeVar("T", PartnerRow, OrderHeaderRow, OrderItemRow, DemandRow)
@@ -117,7 +118,7 @@ WHERE {_GUARD.format(t="erp.demand_signals")}
 
 # An order's effect on stock: its live lines' base quantities per SKU, under the effect of its
 # status; an order whose status does nothing to stock, or a deleted one, has no effect rows.
-_ORDER_EFFECTS = """
+ORDER_EFFECTS = """
     SELECT o.crm_order_id, i.sku, e.effect, sum(i.base_quantity) AS quantity,
            min(i.base_unit) AS base_unit
     FROM erp.sales_orders o
@@ -129,13 +130,17 @@ _ORDER_EFFECTS = """
     GROUP BY 1, 2, 3
 """
 
-# Stored effect -> new effect of the touched orders, written where they differ; the result
-# rows are the differences, per (order, SKU, effect).
-_EFFECT_DIFF = f"""
-WITH new AS ({_ORDER_EFFECTS.format(scope="AND o.crm_order_id = ANY(%(orders)s)")}
+
+def effect_diff(orders: str | None) -> str:
+    """``WITH ...`` that rewrites the stored effect of ``orders`` (an SQL array of order ids;
+    None: every order) where it differs from the order as it now is; its ``diff`` holds the
+    differences per (order, SKU, effect): ``new_q``/``old_q`` (NULL = no such row)."""
+    scope = "TRUE" if orders is None else f"crm_order_id = ANY({orders})"
+    return f"""
+WITH new AS ({ORDER_EFFECTS.format(scope="" if orders is None else "AND o." + scope)}
 ), old AS (
     SELECT crm_order_id, sku, effect, quantity FROM erp.order_stock_effects
-    WHERE crm_order_id = ANY(%(orders)s)
+    WHERE {scope}
 ), diff AS (
     SELECT crm_order_id, sku, effect, n.quantity AS new_q, o.quantity AS old_q, n.base_unit
     FROM new n FULL JOIN old o USING (crm_order_id, sku, effect)
@@ -149,6 +154,9 @@ WITH new AS ({_ORDER_EFFECTS.format(scope="AND o.crm_order_id = ANY(%(orders)s)"
     SELECT crm_order_id, sku, effect, new_q FROM diff WHERE new_q IS NOT NULL
     ON CONFLICT (crm_order_id, sku, effect) DO UPDATE SET quantity = EXCLUDED.quantity
 )"""
+
+
+_EFFECT_DIFF = effect_diff("%(orders)s")
 
 # One statement, one round trip: rewrite the touched orders' effects where they changed and
 # add the difference to the SKU totals. The difference is taken from the stored effect, so an
@@ -230,6 +238,25 @@ def load_status_effects(conn: PgConn, mappings: Mappings) -> None:
             "ON CONFLICT (status_code) DO UPDATE SET effect = EXCLUDED.effect",
             list(mappings.status_stock_effect.items()),
         )
+
+
+def check_stock_units(conn: PgConn, mappings: Mappings) -> None:
+    """Refuse to add to stock totals kept in another unit than the mappings' base unit.
+
+    Deltas are only exact while every total is in its SKU's current base unit. A stock row
+    without a unit was written before base units existed; one with another unit means a base
+    unit was changed in the mappings. Both need ``crm-erp-sync stock recount`` first: raises
+    ``ConfigError`` naming the SKUs and both units.
+    """
+    wrong = [(sku, unit, mappings.sku_units[sku].base) for sku, unit in conn.execute(
+        "SELECT sku, base_unit FROM erp.stock ORDER BY sku").fetchall()
+        if sku in mappings.sku_units and unit != mappings.sku_units[sku].base]
+    if wrong:
+        shown = ", ".join(f"{sku} {unit or 'no unit'} -> {base}" for sku, unit, base in wrong[:5])
+        raise ConfigError(
+            "erp.stock", f"{len(wrong)} SKU total(s) are not in the base unit of "
+            f"{mappings.source} ({shown}{' ...' if len(wrong) > 5 else ''}): run "
+            "`crm-erp-sync stock recount` before starting consumers")
 
 
 def existing_customers(conn: PgConn, ids: Iterable[int]) -> set[int]:

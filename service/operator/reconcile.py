@@ -10,6 +10,9 @@ Each key ends in one of: ``missing`` (in the CRM, not live in the ERP), ``extra`
 ERP, gone from the CRM), ``differing`` (with the fields that differ) or ``unmappable`` (the
 CRM row cannot be mapped: its event is a dead letter; fix the mapping or the CRM record).
 
+With orders, stock is recounted from the ERP's own orders (``service.operator.stock``) and
+SKUs whose totals drift are reported; ``--repair`` corrects them.
+
 ``--repair`` requests an ad-hoc snapshot of the missing and differing keys (the running
 producer re-emits them, the consumers apply them: the normal path, with its position guard)
 and marks extra rows deleted directly in the ERP, but only if the row still has the position
@@ -36,6 +39,7 @@ from service.erp.mappings import Mappings
 from service.errors import ConfigError, Permanent
 from service.operator.common import PgConn, connect
 from service.operator.render import Progress
+from service.operator.stock import StockRecount, recount
 from service.settings import Settings
 
 
@@ -63,7 +67,8 @@ ENTITIES = {
                ("signal_type", "product_category", "content", "observed_at")),
     )
 }
-ITEM_FIELDS = ("sku", "product_name", "quantity", "unit_code", "unit_price")
+ITEM_FIELDS = ("sku", "product_name", "quantity", "unit_code", "unit_price", "base_quantity",
+               "base_unit")
 
 
 @dataclass
@@ -103,12 +108,22 @@ class RepairReport:
 class ReconcileReport:
     entities: list[EntityReport]
     repair: RepairReport | None = None
+    stock: StockRecount | None = None
+    """the stock recount, with orders: SKU totals against the ERP's own orders"""
+
+    @property
+    def stock_drift(self) -> int:
+        """SKUs whose totals drift (0 once repaired), plus line groups that count nowhere."""
+        if self.stock is None:
+            return 0
+        return len(self.stock.unconvertible) + (0 if self.stock.repaired
+                                                else len(self.stock.drift))
 
     @property
     def drift(self) -> int:
         if self.repair is not None:
-            return sum(e.drift for e in self.repair.remaining)
-        return sum(e.drift for e in self.entities)
+            return sum(e.drift for e in self.repair.remaining) + self.stock_drift
+        return sum(e.drift for e in self.entities) + self.stock_drift
 
 
 def _expected(entity: Entity, crm_rows: list[dict[str, Any]],
@@ -322,6 +337,10 @@ def reconcile(settings: Settings, entities: list[str] | None = None, *, repair: 
     result = ReconcileReport(reports)
     if repair and any(r.drift for r in reports):
         result.repair = rec.repair([r for r in reports if r.drift], wait_s=wait_s)
+    if "orders" in names:
+        # After the order repair (if any): totals are recounted from what the ERP now holds.
+        with connect(settings, "erp") as erp:
+            result.stock = recount(erp, rec.mappings, repair=repair)
     return result
 
 

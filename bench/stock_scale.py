@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +36,7 @@ from service.erp.apply import ORDER_EFFECTS, apply_changes, load_status_effects
 from service.erp.mappings import Mappings
 from service.operator.stock import recount
 from service.settings import Settings
+from tests.helpers import wait_until
 
 # Far above the demo's ids, so the prebuilt orders and the applied ones never meet. Plain
 # integers: they go into bigint or text key columns alike.
@@ -70,8 +72,9 @@ def build_big_erp(dsn: str, mappings: Mappings, orders: int) -> float:
             "JOIN unnest(%s::text[], %s::text[]) WITH ORDINALITY AS s(sku, base, n) "
             "ON s.n = 1 + (g + l) %% %s",
             (BASE_ID, orders, skus, [mappings.sku_units[s].base for s in skus], len(skus)))
+        effects = ORDER_EFFECTS.format(scope="")
         conn.execute("INSERT INTO erp.order_stock_effects (crm_order_id, sku, effect, quantity) "
-                     f"SELECT crm_order_id, sku, effect, quantity FROM ({ORDER_EFFECTS.format(scope='')}) e")
+                     f"SELECT crm_order_id, sku, effect, quantity FROM ({effects}) e")
         conn.execute(
             "INSERT INTO erp.stock (sku, reserved, issued, base_unit) "
             "SELECT sku, coalesce(sum(quantity) FILTER (WHERE effect = 'reserve'), 0), "
@@ -131,10 +134,16 @@ def apply_all(settings: Settings, label: str, erp_db: str, *, full_recount: bool
     original = pipeline.apply_changes
     if full_recount:
         pipeline.apply_changes = functools.partial(apply_changes, full_recount=True)  # type: ignore[assignment]
+    thread = threading.Thread(target=consumer.run)
     try:
-        stats = consumer.run(until_idle_s=15)  # the first poll waits for the group join
+        thread.start()
+        wait_until(lambda: consumer.stats.messages >= total or not thread.is_alive(),
+                   timeout=900, message=f"{label}: all events applied")
     finally:
+        consumer.stop()
+        thread.join()
         pipeline.apply_changes = original  # type: ignore[assignment]
+    stats = consumer.stats
     assert stats.messages == total, (label, stats.messages, total)
     assert consumer.applier.dead_lettered == 0, label
     in_erp = consumer.metrics.batch_duration._sum.get()
@@ -165,6 +174,8 @@ def main() -> None:
             print(f"big ERP: {args.orders:,} orders built with generate_series in {built:.0f}s")
             copies = [f"{big}_{i}" for i in range(1, len(modes))]
             with databases(settings, copies, big):
+                # Warm-up (not reported): the first run pays for cold caches.
+                apply_all(settings, "warm-up", template, full_recount=False, total=total)
                 runs: list[tuple[Run, Run]] = []
                 for mode, empty, full in zip(modes, empties, [big, *copies], strict=True):
                     name = "old: full recount of touched SKUs" if mode else \

@@ -189,7 +189,8 @@ def main() -> None:
                         print(f"  into {erp:<28} {r.rate:>8,.0f} events/s  ({r.wall_s:.1f}s; "
                               f"{r.in_erp_s:.1f}s in {r.batches} ERP transactions, "
                               f"{1000 * r.in_erp_s / r.batches:.1f} ms each)")
-                    print(f"  big / empty throughput: {b.rate / e.rate:.2f}")
+                    print(f"  big / empty: throughput {b.rate / e.rate:.2f}, time in ERP "
+                          f"transactions {b.in_erp_s / e.in_erp_s:.2f}")
                 if len(runs) == 2:
                     (_, new_big), (_, old_big) = runs
                     print(f"\nnew vs old into the big ERP: {new_big.rate / old_big.rate:.1f}x "

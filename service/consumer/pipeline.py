@@ -343,13 +343,12 @@ class ErpApplier:
         keys = sorted({m.key for m in msgs if m.key is not None})
         if not keys:
             return set()
+        # One round trip per batch; both sides are read through partial indexes on msg_key.
         rows = conn.execute(
-            "SELECT DISTINCT topic, msg_key FROM sync.dead_letters "
-            "WHERE state IN ('open', 'failed_again') AND msg_key = ANY(%s)",
-            (keys,)).fetchall()
-        rows += conn.execute(
-            "SELECT DISTINCT topic, msg_key FROM sync.held_events "
-            "WHERE reason = 'key_blocked' AND msg_key = ANY(%s)", (keys,)).fetchall()
+            "SELECT topic, msg_key FROM sync.dead_letters "
+            "WHERE state IN ('open', 'failed_again') AND msg_key = ANY(%(keys)s) "
+            "UNION SELECT topic, msg_key FROM sync.held_events "
+            "WHERE reason = 'key_blocked' AND msg_key = ANY(%(keys)s)", {"keys": keys}).fetchall()
         return {(r[0], r[1]) for r in rows}
 
     def _hold(self, conn: PgConn, envs: list[Envelope]) -> None:

@@ -165,3 +165,10 @@ ALTER TABLE erp.sales_order_items ADD COLUMN IF NOT EXISTS base_quantity numeric
     CHECK (base_quantity > 0);
 ALTER TABLE erp.sales_order_items ADD COLUMN IF NOT EXISTS base_unit text;
 ALTER TABLE erp.stock ADD COLUMN IF NOT EXISTS base_unit text;
+
+-- Read by every batch (the blocked keys of its messages, the orders awaiting its customers):
+-- index lookups, not scans of everything held.
+CREATE INDEX IF NOT EXISTS held_events_blocked_key ON sync.held_events (msg_key)
+    WHERE reason = 'key_blocked';
+CREATE INDEX IF NOT EXISTS held_events_awaiting ON sync.held_events (waits_for)
+    WHERE reason = 'awaiting_customer';

@@ -163,3 +163,14 @@ def test_an_unconvertible_line_fails_the_order_naming_both_units(m: Mappings) ->
     with pytest.raises(MappingError) as info:
         order_change(_order([(1, "P-CHARGER", "2箱"), (2, "P-CHARGER", "3kg")]), m)
     assert "KGM" in info.value.reason and "PCE" in info.value.reason
+
+
+def test_every_unit_the_demo_crm_types_converts_for_its_sku(m: Mappings) -> None:
+    from service.demo.generator import PRODUCTS
+    from service.erp import transform as tf
+
+    for product in PRODUCTS:
+        sku = tf.sku_for(product.code, m)
+        for word in product.units:
+            qty = tf.parse_quantity(f"3{word}", m)
+            assert units.to_base(sku, qty.value, qty.unit, m) == 3, (product.code, word)

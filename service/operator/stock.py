@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+import psycopg
+
 from service.erp.apply import ORDER_EFFECTS, effect_diff, load_status_effects
 from service.erp.mappings import Mappings
 from service.erp.units import conversions
@@ -86,6 +88,16 @@ WHERE i.sku = c.sku AND i.unit_code = c.unit_code AND NOT i.deleted
        OR i.base_unit IS DISTINCT FROM c.base_unit)
 """
 
+# Lines whose quantity x factor is finer than 0.001, or a fraction of a counted unit.
+_INEXACT = """
+{head} unnest(%(skus)s::text[], %(units)s::text[], %(factors)s::numeric[], %(bases)s::text[],
+            %(counted)s::boolean[]) AS c(sku, unit_code, factor, base_unit, counted)
+WHERE i.sku = c.sku AND i.unit_code = c.unit_code AND NOT i.deleted
+  AND (round(i.quantity * c.factor, 3) <> i.quantity * c.factor
+       OR (c.counted AND trunc(i.quantity * c.factor) <> i.quantity * c.factor))
+{tail}
+"""
+
 # Totals as the orders say they are, beside the stored ones, for the SKUs that differ.
 _DRIFT = f"""
 WITH effects AS ({ORDER_EFFECTS.format(scope="")}
@@ -136,44 +148,14 @@ def recount(conn: PgConn, mappings: Mappings, *, repair: bool) -> StockRecount:
     """
     started = time.monotonic()
     out = StockRecount(repaired=repair)
-    with conn.transaction():
-        load_status_effects(conn, mappings)  # the current mappings' effects, as consumers do
-        pairs = conn.execute("SELECT sku, unit_code, count(*) FROM erp.sales_order_items "
-                             "WHERE NOT deleted GROUP BY 1, 2 ORDER BY 1, 2").fetchall()
-        out.lines = sum(n for _, _, n in pairs)
-        counts = {(sku, unit): n for sku, unit, n in pairs}
-        ok, bad = conversions(mappings, list(counts))
-        params = _conversion_params(mappings, ok)
-        inexact = conn.execute(
-            "SELECT i.sku, i.unit_code, count(*) FROM erp.sales_order_items i "
-            "JOIN unnest(%(skus)s::text[], %(units)s::text[], %(factors)s::numeric[], "
-            "%(bases)s::text[], %(counted)s::boolean[]) AS c(sku, unit_code, factor, "
-            "base_unit, counted) ON i.sku = c.sku AND i.unit_code = c.unit_code "
-            "WHERE NOT i.deleted AND (round(i.quantity * c.factor, 3) <> i.quantity * c.factor"
-            " OR (c.counted AND trunc(i.quantity * c.factor) <> i.quantity * c.factor)) "
-            "GROUP BY 1, 2 ORDER BY 1, 2", params).fetchall()
-        out.unconvertible = [Unconvertible(sku, unit, counts[(sku, unit)], why)
-                             for (sku, unit), why in sorted(bad.items())]
-        out.unconvertible += [
-            Unconvertible(sku, unit, n, f"some quantities in {unit} are not a whole number "
-                          f"or finer than 0.001 in {ok[(sku, unit)][1]}")
-            for sku, unit, n in inexact]
-        if repair:
-            out.lines_converted = conn.execute(_LINE_CHANGES.format(
-                head="UPDATE erp.sales_order_items i SET base_quantity = i.quantity * c.factor,"
-                " base_unit = c.base_unit FROM"), params).rowcount
-            gone = [(u.sku, u.unit) for u in out.unconvertible]
-            if gone:
-                conn.execute(
-                    "UPDATE erp.sales_order_items i SET base_quantity = NULL, base_unit = NULL "
-                    "FROM unnest(%s::text[], %s::text[]) AS g(sku, unit_code) "
-                    "WHERE i.sku = g.sku AND i.unit_code = g.unit_code AND NOT i.deleted "
-                    "AND i.base_quantity IS NOT NULL", ([s for s, _ in gone],
-                                                        [u for _, u in gone]))
-        else:
-            row = conn.execute(_LINE_CHANGES.format(
-                head="SELECT count(*) FROM erp.sales_order_items i,"), params).fetchone()
-            out.lines_converted = int(row[0]) if row else 0
+    for attempt in range(1, 4):
+        try:
+            _convert_lines(conn, mappings, out, repair=repair)
+            break
+        except psycopg.errors.DeadlockDetected:
+            # Rows a consumer was writing meanwhile, locked in another order: try again.
+            if attempt == 3:
+                raise
     units = {"skus": list(mappings.sku_units),
              "bases": [t.base for t in mappings.sku_units.values()]}
     with conn.transaction():
@@ -193,6 +175,50 @@ def recount(conn: PgConn, mappings: Mappings, *, repair: bool) -> StockRecount:
             out.orders_fixed = int(row[0]) if row else 0
     out.seconds = round(time.monotonic() - started, 3)
     return out
+
+
+
+def _convert_lines(conn: PgConn, mappings: Mappings, out: StockRecount, *, repair: bool
+                   ) -> None:
+    """Step 1, its own transaction: every live line's base quantity, current mappings."""
+    out.unconvertible = []
+    with conn.transaction():
+        load_status_effects(conn, mappings)  # the current mappings' effects, as consumers do
+        pairs = conn.execute("SELECT sku, unit_code, count(*) FROM erp.sales_order_items "
+                             "WHERE NOT deleted GROUP BY 1, 2 ORDER BY 1, 2").fetchall()
+        out.lines = sum(n for _, _, n in pairs)
+        counts = {(sku, unit): n for sku, unit, n in pairs}
+        ok, bad = conversions(mappings, list(counts))
+        params = _conversion_params(mappings, ok)
+        inexact = conn.execute(_INEXACT.format(
+            head="SELECT i.sku, i.unit_code, count(*) FROM erp.sales_order_items i,",
+            tail="GROUP BY 1, 2 ORDER BY 1, 2"), params).fetchall()
+        out.unconvertible = [Unconvertible(sku, unit, counts[(sku, unit)], why)
+                             for (sku, unit), why in sorted(bad.items())]
+        out.unconvertible += [
+            Unconvertible(sku, unit, n, f"some quantities in {unit} are not a whole number "
+                          f"or finer than 0.001 in {ok[(sku, unit)][1]}")
+            for sku, unit, n in inexact]
+        if repair:
+            out.lines_converted = conn.execute(_LINE_CHANGES.format(
+                head="UPDATE erp.sales_order_items i SET base_quantity = i.quantity * c.factor,"
+                " base_unit = c.base_unit FROM"), params).rowcount
+            # What cannot be converted (exactly) counts nowhere rather than in a wrong unit.
+            if bad:
+                conn.execute(
+                    "UPDATE erp.sales_order_items i SET base_quantity = NULL, base_unit = NULL "
+                    "FROM unnest(%s::text[], %s::text[]) AS g(sku, unit_code) "
+                    "WHERE i.sku = g.sku AND i.unit_code = g.unit_code AND NOT i.deleted "
+                    "AND i.base_quantity IS NOT NULL", ([s for s, _ in sorted(bad)],
+                                                        [u for _, u in sorted(bad)]))
+            if inexact:
+                conn.execute(_INEXACT.format(
+                    head="UPDATE erp.sales_order_items i SET base_quantity = NULL, "
+                    "base_unit = NULL FROM", tail="AND i.base_quantity IS NOT NULL"), params)
+        else:
+            row = conn.execute(_LINE_CHANGES.format(
+                head="SELECT count(*) FROM erp.sales_order_items i,"), params).fetchone()
+            out.lines_converted = int(row[0]) if row else 0
 
 
 def _effects_to_fix() -> str:

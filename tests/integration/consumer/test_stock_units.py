@@ -51,10 +51,11 @@ def stock(sync_env: SyncEnv) -> dict[str, tuple[Decimal, Decimal, str]]:
             "SELECT sku, reserved, issued, base_unit FROM erp.stock ORDER BY sku")}
 
 
-def recounted(sync_env: SyncEnv, *, repair: bool) -> Any:
+def recounted(sync_env: SyncEnv, *, repair: bool, mappings: Mappings | None = None) -> Any:
     with sync_env.erp() as erp:
         erp.autocommit = True
-        return recount(erp, Mappings.load(sync_env.settings.mappings_file), repair=repair)
+        return recount(erp, mappings or Mappings.load(sync_env.settings.mappings_file),
+                       repair=repair)
 
 
 @pytest.fixture
@@ -142,3 +143,20 @@ def test_recount_finds_and_repairs_drift_and_upgrades_old_rows(ordered: SyncEnv)
     again = recounted(ordered, repair=False)
     assert (again.drift, again.lines_converted, again.orders_fixed) == ([], 0, 0)
     consume(ordered)  # starts again
+
+
+def test_recount_after_a_factor_change_counts_unconvertible_lines_nowhere(
+        ordered: SyncEnv, tmp_path: Any) -> None:
+    path = tmp_path / "mappings.toml"
+    path.write_text(ordered.settings.mappings_file.read_text("utf-8").replace(
+        'SKU-100011 = { base = "PCE", BOX = 12 }', 'SKU-100011 = { base = "PCE", BOX = 0.25 }'),
+        "utf-8")
+    changed = Mappings.load(path)  # 2 boxes would now be half a charger
+    fixed = recounted(ordered, repair=True, mappings=changed)
+    assert [(u.sku, u.unit, u.lines) for u in fixed.unconvertible] == [("SKU-100011", "BOX", 1)]
+    assert fixed.needs_attention
+    assert stock(ordered)["SKU-100011"] == (0, 5, "PCE")  # the 5 pieces; the boxes nowhere
+    with ordered.erp() as erp:
+        assert erp.execute("SELECT line_no, base_quantity FROM erp.sales_order_items "
+                           "WHERE crm_order_id = 101 ORDER BY 1").fetchall() == [(1, None),
+                                                                               (2, 5)]

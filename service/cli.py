@@ -77,16 +77,27 @@ def cmd_consume(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_snapshot(settings: Settings, args: argparse.Namespace) -> int:
     from service import pg
-    from service.cdc.capture import ensure_capture_objects, request_snapshot
+    from service.cdc.capture import ensure_capture_objects, request_snapshot, snapshot_entity
+    from service.cdc.profile import load_profile
 
-    table = args.table if "." in args.table else f"crm.{args.table}"
-    with pg.connect(settings.crm_dsn, "CRM") as conn:
-        ensure_capture_objects(conn, settings)
+    profile = load_profile(settings.source_profile)
+    try:
+        entity = snapshot_entity(profile, args.table)
+    except ValueError:
+        # The demo profile's tables were once named without their schema (customers).
         try:
-            snapshot_id = request_snapshot(conn, table, args.key or None, args.chunk_size)
+            entity = snapshot_entity(profile, f"crm.{args.table}")
         except ValueError as exc:
             raise ConfigError("--table", str(exc)) from exc
-    print(json.dumps({"snapshot_id": snapshot_id, "table": table, "keys": args.key or "all"}))
+    with pg.connect(settings.crm_dsn, "CRM") as conn:
+        ensure_capture_objects(conn, settings, profile)
+        try:
+            snapshot_id = request_snapshot(conn, profile, entity.entity, args.key or None,
+                                           args.chunk_size)
+        except ValueError as exc:
+            raise ConfigError("--key" if args.key else "--chunk-size", str(exc)) from exc
+    print(json.dumps({"snapshot_id": snapshot_id, "table": entity.table,
+                      "keys": args.key or "all"}, ensure_ascii=False))
     return EXIT_OK
 
 
@@ -153,8 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_consume)
 
     p = sub.add_parser("snapshot", help="re-snapshot a CRM table (or some keys) while streaming")
-    p.add_argument("--table", required=True, help="customers, sales_orders or market_demand")
-    p.add_argument("--key", type=int, action="append", help="only this primary key (repeatable)")
+    p.add_argument("--table", required=True,
+                   help="an entity (customer, order, market_demand) or its CRM table")
+    p.add_argument("--key", action="append",
+                   help="only this key, as text (repeatable; a composite key is a JSON array)")
     p.add_argument("--chunk-size", type=int, default=1000)
     p.set_defaults(func=cmd_snapshot)
 

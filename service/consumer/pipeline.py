@@ -363,7 +363,7 @@ class ErpApplier:
     def _prepared(self, msgs: list[Message]) -> Batch:
         return prepare(self.registry, self.mappings, msgs)
 
-    def _release_awaiting(self, conn: PgConn, customer_ids: list[int], batch: Batch) -> None:
+    def _release_awaiting(self, conn: PgConn, customer_ids: list[str], batch: Batch) -> None:
         rows = conn.execute(
             f"SELECT {HELD_MESSAGE}, held_id FROM sync.held_events "
             "WHERE reason = 'awaiting_customer' AND waits_for = ANY(%s) "

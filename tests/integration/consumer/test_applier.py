@@ -61,7 +61,7 @@ def erp_fingerprint(sync_env: SyncEnv) -> list[Any]:
                     ("erp.business_partners", "crm_customer_id, full_name, phone_e164, deleted, "
                      "source_lsn, source_seq"),
                     ("erp.sales_orders", "crm_order_id, status_code, deleted, source_lsn"),
-                    ("erp.sales_order_items", "crm_order_id, line_no, quantity, deleted"),
+                    ("erp.sales_order_items", "crm_order_id, crm_line_id, quantity, deleted"),
                     ("erp.stock", "sku, reserved, issued"))]
 
 
@@ -199,7 +199,7 @@ def test_an_order_before_its_customer_is_held_then_applied(sync_env: SyncEnv) ->
     ErpConsumer(other).run(until_idle_s=3)
     with sync_env.erp() as erp:
         assert erp.execute("SELECT reason, waits_for FROM sync.held_events").fetchall() == [
-            ("awaiting_customer", cid)]
+            ("awaiting_customer", str(cid))]
         assert erp.execute("SELECT count(*) FROM erp.sales_orders").fetchone() == (0,)
     producer.send(other.sales_topic, key=customer_record.key,
                   value=customer_record.value).get(30)

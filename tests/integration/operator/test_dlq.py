@@ -99,14 +99,14 @@ def test_redrive_after_a_mapping_fix_then_discard(sync_env: SyncEnv, cli: Cli,
     assert by_id[order_id]["released"] == 1
     assert by_id[masked_id]["outcome"] == "failed_again"
     with sync_env.erp() as erp:
-        assert erp.execute("SELECT status_code FROM erp.sales_orders WHERE crm_order_id = 900"
+        assert erp.execute("SELECT status_code FROM erp.sales_orders WHERE crm_order_id = '900'"
                            ).fetchone() == ("PAID",)
         assert erp.execute("SELECT sku FROM erp.sales_order_items").fetchall() == [
             ("SKU-999999",)]
         assert erp.execute("SELECT reserved FROM erp.stock WHERE sku = 'SKU-999999'"
                            ).fetchone()[0] == 10
         assert erp.execute("SELECT phone_e164 FROM erp.business_partners "
-                           "WHERE crm_customer_id = %s", (buyer,)).fetchone() == (
+                           "WHERE crm_customer_id = %s", (str(buyer),)).fetchone() == (
             "+8613900000000",)
         assert erp.execute("SELECT action, actor, outcome FROM sync.dead_letter_actions "
                            "WHERE dead_letter_id = %s ORDER BY action_id", (order_id,)
@@ -134,7 +134,7 @@ def test_redrive_after_a_mapping_fix_then_discard(sync_env: SyncEnv, cli: Cli,
             ("redrive", "ops-1", "added P-NEW to mappings", "failed_again"),
             ("discard", "ops-2", "masked phone; the corrected record follows", "discarded")]
         assert erp.execute("SELECT phone_e164 FROM erp.business_partners "
-                           "WHERE crm_customer_id = %s", (masked,)).fetchone() == (
+                           "WHERE crm_customer_id = %s", (str(masked),)).fetchone() == (
             "+8613812345678",)
         assert erp.execute("SELECT count(*) FROM sync.held_events").fetchone() == (0,)
     assert cli(s_fixed, "dlq", "discard", str(masked_id), "--reason", "x").code == 1

@@ -121,6 +121,10 @@ SQL
     log "template $TEMPLATE ready"
 }
 
+# One run at a time per state directory (two test sessions in one worktree, say).
+mkdir -p "$STATE"
+exec 9> "$STATE/.install.lock"
+flock 9
 install_venv
 build_template
 log "done in $(since "$T0")"

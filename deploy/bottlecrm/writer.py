@@ -127,7 +127,8 @@ class Writer:
         return {"id": str(org.id)}
 
     def op_create_account(self, org: str, name: str, **fields: Any) -> dict[str, Any]:
-        account = self.Account.objects.create(org_id=org, name=name, **fields)
+        account = self.Account.objects.create(org_id=org, name=name,
+                                              **_by_id(self.Account, fields))
         return {"id": str(account.id)}
 
     def op_update_account(self, org: str, account: str, fields: dict[str, Any]) -> dict[str, Any]:
@@ -140,13 +141,15 @@ class Writer:
     def op_create_contact(self, org: str, first_name: str, last_name: str,
                           account: str | None = None, **fields: Any) -> dict[str, Any]:
         contact = self.Contact.objects.create(org_id=org, first_name=first_name,
-                                              last_name=last_name, account_id=account, **fields)
+                                              last_name=last_name, account_id=account,
+                                              **_by_id(self.Contact, fields))
         return {"id": str(contact.id)}
 
     def op_create_product(self, org: str, sku: str, name: str, price: Any,
                           **fields: Any) -> dict[str, Any]:
         product = self.Product.objects.create(org_id=org, sku=sku, name=name,
-                                              price=_decimal(price), **fields)
+                                              price=_decimal(price),
+                                              **_by_id(self.Product, fields))
         return {"id": str(product.id)}
 
     # ---- orders and lines ------------------------------------------------------------------
@@ -157,7 +160,7 @@ class Writer:
         if "order_date" in fields and isinstance(fields["order_date"], str):
             fields["order_date"] = dt.date.fromisoformat(fields["order_date"])
         order = self.Order.objects.create(org_id=org, account_id=account, status=status,
-                                          name=name or "Order", **fields)
+                                          name=name or "Order", **_by_id(self.Order, fields))
         line_ids = [self._add_line(order, i, line) for i, line in enumerate(lines or [])]
         self._recompute_totals(order)
         return {"id": str(order.id), "lines": line_ids}
@@ -185,8 +188,6 @@ class Writer:
         for money in ("quantity", "unit_price", "discount_amount"):
             if money in fields:
                 fields[money] = _decimal(fields[money])
-        if "product" in fields:
-            fields["product_id"] = fields.pop("product")
         result = self._update(row, fields)
         self._recompute_totals(row.order)
         return result
@@ -234,10 +235,26 @@ class Writer:
 
     @staticmethod
     def _update(row: Any, fields: dict[str, Any]) -> dict[str, Any]:
-        for name, value in fields.items():
+        for name, value in _by_id(type(row), fields).items():
             setattr(row, name, value)
         row.save()
         return {"id": str(row.id)}
+
+
+def _by_id(model: Any, fields: dict[str, Any]) -> dict[str, Any]:
+    """Foreign keys arrive as UUID strings: ``contact`` becomes ``contact_id``."""
+    from django.core.exceptions import FieldDoesNotExist
+
+    out = {}
+    for name, value in fields.items():
+        try:
+            field = model._meta.get_field(name)
+        except FieldDoesNotExist:
+            field = None
+        if field is not None and field.many_to_one:
+            name = field.attname
+        out[name] = value
+    return out
 
 
 def _decimal(value: Any) -> Decimal:

@@ -76,7 +76,8 @@ class Writer:
         self._stderr = tempfile.TemporaryFile()
         self._proc = subprocess.Popen(
             [str(venv_python()), str(WRITER_PY), "--dsn", dsn],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr)
+            # BottleCRM's logging writes server.log and security_audit.log in its cwd
+            cwd=state_dir(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr)
         assert self._proc.stdout is not None and self._proc.stdin is not None
         self._stdin = self._proc.stdin
         self._selector = selectors.DefaultSelector()

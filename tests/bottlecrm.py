@@ -73,7 +73,7 @@ class Writer:
     """One writer process on one BottleCRM database; every call waits with a deadline."""
 
     def __init__(self, dsn: str, *, ready_timeout_s: float = 120.0) -> None:
-        self._stderr = tempfile.TemporaryFile()
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115  (lives until close())
         self._proc = subprocess.Popen(
             [str(venv_python()), str(WRITER_PY), "--dsn", dsn],
             # BottleCRM's logging writes server.log and security_audit.log in its cwd

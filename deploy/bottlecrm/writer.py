@@ -51,8 +51,9 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from decimal import Decimal
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 # stdout is the protocol channel: keep Django's and the app's prints off it.

@@ -1,0 +1,153 @@
+"""`setup --check` on a real CRM: BottleCRM forces row-level security, so a capture role
+without BYPASSRLS would snapshot zero rows; the check refuses it and prints the SQL that fixes
+it, and after that SQL it passes. The demo CRM passes as it is."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Iterator
+from importlib import resources
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+
+from service import cli
+from service.cdc.capture import CAPTURED
+from service.cdc.prerequisites import Check, check_prerequisites, fix_script
+from tests.conftest import BottleCrmDb, Stack
+
+pytestmark = pytest.mark.timeout(1500)  # the first test of a session may build the template
+
+TABLES = ["public.accounts", "public.contacts", "public.orders", "public.order_line_item",
+          "public.product"]
+ROW_FILTER = {"public.orders": ["org_id"], "public.order_line_item": ["org_id"]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Role:
+    name: str
+    password: str
+
+    def dsn(self, database_dsn: str) -> str:
+        parts = urlsplit(database_dsn)
+        netloc = f"{self.name}:{self.password}@{parts.hostname}:{parts.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+
+
+@pytest.fixture
+def capture_role(stack: Stack) -> Iterator[Role]:
+    """A LOGIN REPLICATION role and nothing more (roles are cluster-wide: a unique name)."""
+    role = Role(f"cap_{uuid.uuid4().hex[:10]}", uuid.uuid4().hex)
+    with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role.name} LOGIN REPLICATION PASSWORD '{role.password}'")
+    yield role
+    with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+        dbs = [r[0] for r in conn.execute(
+            "SELECT datname FROM pg_database WHERE datallowconn AND has_database_privilege("
+            "%s, datname, 'CONNECT') AND datname LIKE 'bottlecrm_t%%'", (role.name,))]
+    for db in dbs:  # grants inside a clone still alive (the clone is dropped after us)
+        with psycopg.connect(stack.dsn_for(db), autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role.name}")
+    with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+        conn.execute(f"DROP ROLE {role.name}")
+
+
+def _by_name(checks: list[Check]) -> dict[str, Check]:
+    return {c.name: c for c in checks}
+
+
+def _check(conn: Any, tables: list[str], row_filter: dict[str, list[str]],
+           tag: str) -> list[Check]:
+    return check_prerequisites(conn, capture_role=None, tables=tables,
+                               row_filter_columns=row_filter, publication=f"pub_{tag}",
+                               slot=f"slot_{tag}")
+
+
+def test_a_capture_role_without_bypassrls_is_refused_until_the_printed_sql_is_run(
+        bottlecrm_db: BottleCrmDb, capture_role: Role, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    w = bottlecrm_db.writer
+    org = w.create_org("演示贸易有限公司")
+    account = w.create_account(org, "张三五金店")
+    product = w.create_product(org, "SKU-1", "服务器", 5000)
+    w.create_order(org, account, [{"product": product, "quantity": 10}])
+    role_dsn = capture_role.dsn(bottlecrm_db.dsn)
+    q = f'"{capture_role.name}"'
+
+    with psycopg.connect(role_dsn, autocommit=True) as conn:  # checked as the role itself
+        before = _by_name(_check(conn, TABLES, ROW_FILTER, capture_role.name))
+    assert before["wal_level"].ok and before[f"capture role {capture_role.name}"].ok
+    rls = before["row-level security"]
+    assert not rls.ok
+    assert rls.fix_sql == f"ALTER ROLE {q} BYPASSRLS;"
+    assert "silently reads zero rows" in rls.detail
+    assert all(f"{t} (forced)" in rls.detail for t in TABLES)
+    for table in TABLES:
+        assert not before[f"replica identity {table}"].ok
+        assert before[f"replica identity {table}"].fix_sql == (
+            f'ALTER TABLE "public"."{table.split(".")[1]}" REPLICA IDENTITY FULL;')
+        assert not before[f"read access {table}"].ok
+    assert before["read access public.orders"].fix_sql == (
+        f'GRANT SELECT ON TABLE "public"."orders" TO {q};')  # PUBLIC has USAGE on public
+    assert not before["row filter public.orders"].ok
+
+    # The CLI prints the same and exits 1.
+    monkeypatch.setenv("CRM_ERP_SYNC_CRM_DSN", role_dsn)
+    assert cli.main(["setup", "--check", "--tables", ",".join(TABLES)]) == cli.EXIT_ATTENTION
+    printed = capsys.readouterr().out
+    assert f"✗ row-level security: {capture_role.name} is subject to row-level security" \
+        in printed
+    assert f"    ALTER ROLE {q} BYPASSRLS;" in printed.splitlines()
+
+    # The DBA runs exactly the printed SQL; then everything passes.
+    with psycopg.connect(bottlecrm_db.dsn, autocommit=True) as admin:
+        for statement in fix_script(list(before.values())).splitlines():
+            admin.execute(statement)
+    with psycopg.connect(role_dsn, autocommit=True) as conn:
+        after = _check(conn, TABLES, ROW_FILTER, capture_role.name)
+        assert [c for c in after if not c.ok] == []
+        # ...and what the check was about: the role now reads the rows a snapshot needs.
+        assert conn.execute("SELECT count(*) FROM orders").fetchone() == (1,)
+    assert cli.main(["setup", "--check", "--tables", ",".join(TABLES)]) == cli.EXIT_OK
+
+
+def test_without_bypassrls_the_snapshot_would_read_nothing(
+        bottlecrm_db: BottleCrmDb, capture_role: Role) -> None:
+    """What the RLS check guards against, shown on the real CRM: SELECT rights alone give
+    zero rows and no error."""
+    w = bottlecrm_db.writer
+    org = w.create_org("演示贸易有限公司")
+    w.create_account(org, "张三五金店")
+    with psycopg.connect(bottlecrm_db.dsn, autocommit=True) as admin:
+        admin.execute(f'GRANT SELECT ON TABLE public.accounts TO "{capture_role.name}"')
+    with psycopg.connect(capture_role.dsn(bottlecrm_db.dsn), autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM accounts").fetchone() == (0,)
+        checks = _by_name(_check(conn, ["public.accounts"], {}, capture_role.name))
+    assert checks["read access public.accounts"].ok
+    assert not checks["row-level security"].ok
+
+
+def test_the_demo_crm_passes(stack: Stack, capture_role: Role) -> None:
+    tag = f"demo_{uuid.uuid4().hex[:8]}"
+    name = f"bottlecrm_t{tag}"  # the capture_role fixture cleans grants in bottlecrm_t*
+    with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        with psycopg.connect(stack.dsn_for(name), autocommit=True) as conn:
+            conn.execute(resources.files("service.demo").joinpath("crm_schema.sql")
+                         .read_text("utf-8"))
+            checks = _check(conn, list(CAPTURED), {}, tag)  # as the stack's superuser
+            assert [c for c in checks if not c.ok] == []
+            conn.execute(f'GRANT USAGE ON SCHEMA crm TO "{capture_role.name}"')
+            conn.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA crm TO "{capture_role.name}"')
+        with psycopg.connect(capture_role.dsn(stack.dsn_for(name)), autocommit=True) as conn:
+            checks = _check(conn, list(CAPTURED), {}, tag)  # as a least-privilege role
+        assert [c for c in checks if not c.ok] == []
+        assert _by_name(checks)["row-level security"].detail == (
+            "no captured table has row-level security enabled")
+    finally:
+        with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

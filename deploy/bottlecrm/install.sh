@@ -5,8 +5,9 @@
 #   deploy/bottlecrm/install.sh            venv + template (each step skipped when already done)
 #
 # The venv is <repo>/.stack/bottlecrm/venv (git-ignored; BOTTLECRM_HOME moves .stack/bottlecrm).
-# BottleCRM needs Python >= 3.12: BOTTLECRM_PYTHON, else the image's pyenv 3.12.1, else a
-# python3.12 on PATH. Without one the script exits 3 (tests skip on that code).
+# BottleCRM needs Python >= 3.12: BOTTLECRM_PYTHON, else pyenv's 3.12.1 ($PYENV_ROOT, default
+# /root/.pyenv as in this machine image), else a python3.12 on PATH. Without one the script
+# exits 3 (the tests skip on that code).
 #
 # The template is `bottlecrm_template` (BOTTLECRM_TEMPLATE) on the local stack PostgreSQL
 # (127.0.0.1:STACK_PG_PORT, default 15432, role sync/sync; STACK_PG_HOST/USER/PASSWORD override).
@@ -33,7 +34,7 @@ LOCK_KEY=738112204  # advisory lock id shared by every run against this cluster
 
 T0=$EPOCHREALTIME
 log() { printf '[bottlecrm %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "ERROR: $*"; exit "${2:-1}"; }
+die() { log "ERROR: $1"; exit "${2:-1}"; }
 since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f s", b - a }'; }
 
 REQ_HASH="$(sha256sum "$REQ" | cut -c1-16)"
@@ -44,7 +45,7 @@ is_py312() { [[ -x "$1" ]] && "$1" -c 'import sys; sys.exit(sys.version_info[:2]
 
 find_python() {
     local c
-    for c in "${BOTTLECRM_PYTHON:-}" /root/.pyenv/versions/3.12.1/bin/python \
+    for c in "${BOTTLECRM_PYTHON:-}" "${PYENV_ROOT:-/root/.pyenv}/versions/3.12.1/bin/python" \
              "$(command -v python3.12 || true)"; do
         if [[ -n "$c" ]] && is_py312 "$c"; then printf '%s\n' "$c"; return 0; fi
     done

@@ -9,6 +9,7 @@ BottleCRM's own Django models (one JSON line per command each way).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import selectors
@@ -18,7 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from service.settings import REPO_ROOT
 
@@ -38,6 +39,19 @@ class WriterError(Exception):
     def __init__(self, op: str, error: str, message: str) -> None:
         super().__init__(f"{op}: {error}: {message}")
         self.op, self.error, self.message = op, error, message
+
+
+@dataclasses.dataclass(frozen=True)
+class Role:
+    """A PostgreSQL login role made for one test."""
+
+    name: str
+    password: str
+
+    def dsn(self, database_dsn: str) -> str:
+        parts = urlsplit(database_dsn)
+        netloc = f"{self.name}:{self.password}@{parts.hostname}:{parts.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
 
 
 def state_dir() -> Path:

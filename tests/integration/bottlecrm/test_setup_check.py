@@ -4,12 +4,9 @@ it, and after that SQL it passes. The demo CRM passes as it is."""
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
-from collections.abc import Iterator
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -17,6 +14,7 @@ import pytest
 from service import cli
 from service.cdc.capture import CAPTURED
 from service.cdc.prerequisites import Check, check_prerequisites, fix_script
+from tests.bottlecrm import Role
 from tests.conftest import BottleCrmDb, Stack
 
 pytestmark = pytest.mark.timeout(1500)  # the first test of a session may build the template
@@ -24,35 +22,6 @@ pytestmark = pytest.mark.timeout(1500)  # the first test of a session may build 
 TABLES = ["public.accounts", "public.contacts", "public.orders", "public.order_line_item",
           "public.product"]
 ROW_FILTER = {"public.orders": ["org_id"], "public.order_line_item": ["org_id"]}
-
-
-@dataclasses.dataclass(frozen=True)
-class Role:
-    name: str
-    password: str
-
-    def dsn(self, database_dsn: str) -> str:
-        parts = urlsplit(database_dsn)
-        netloc = f"{self.name}:{self.password}@{parts.hostname}:{parts.port}"
-        return urlunsplit(parts._replace(netloc=netloc))
-
-
-@pytest.fixture
-def capture_role(stack: Stack) -> Iterator[Role]:
-    """A LOGIN REPLICATION role and nothing more (roles are cluster-wide: a unique name)."""
-    role = Role(f"cap_{uuid.uuid4().hex[:10]}", uuid.uuid4().hex)
-    with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
-        conn.execute(f"CREATE ROLE {role.name} LOGIN REPLICATION PASSWORD '{role.password}'")
-    yield role
-    with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
-        dbs = [r[0] for r in conn.execute(
-            "SELECT datname FROM pg_database WHERE datallowconn AND has_database_privilege("
-            "%s, datname, 'CONNECT') AND datname LIKE 'bottlecrm_t%%'", (role.name,))]
-    for db in dbs:  # grants inside a clone still alive (the clone is dropped after us)
-        with psycopg.connect(stack.dsn_for(db), autocommit=True) as conn:
-            conn.execute(f"DROP OWNED BY {role.name}")
-    with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
-        conn.execute(f"DROP ROLE {role.name}")
 
 
 def _by_name(checks: list[Check]) -> dict[str, Check]:

@@ -8,9 +8,11 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
+import psycopg
 import pytest
 
 from tests import bottlecrm
+from tests.bottlecrm import Role
 from tests.conftest import BottleCrmDb
 
 pytestmark = pytest.mark.timeout(1500)  # the first test of a session may build the template
@@ -90,3 +92,32 @@ def test_status_changes_line_edits_and_deactivation(bottlecrm_db: BottleCrmDb) -
         assert conn.execute("SELECT id::text, quantity, total FROM order_line_item"
                             ).fetchall() == [(first, Decimal("11.00"), Decimal("55000.00"))]
         assert conn.execute("SELECT is_active, city FROM accounts").fetchone() == (False, "上海市")
+
+
+def test_the_writer_works_under_a_role_that_rls_binds(bottlecrm_db: BottleCrmDb,
+                                                      app_role: Role) -> None:
+    """BottleCRM's policies refuse an insert whose org_id is not ``app.current_org``; the
+    writer sets the context per command, as BottleCRM's Celery tasks and middleware do."""
+    with bottlecrm_db.connect() as admin:
+        admin.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public'
+                      f' TO "{app_role.name}"')
+        assert admin.execute("SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = %s",
+                             (app_role.name,)).fetchone() == (False,)
+    writer = bottlecrm.Writer(app_role.dsn(bottlecrm_db.dsn))
+    try:
+        org = writer.create_org("演示贸易有限公司")
+        other = writer.create_org("另一家公司")
+        account = writer.create_account(org, "张三五金店")
+        product = writer.create_product(org, "SKU-1", "服务器", 5000)
+        order, (line,) = writer.create_order(org, account, [{"product": product, "quantity": 3}])
+        writer.set_order_status(org, order, "COMPLETED")
+        with pytest.raises(bottlecrm.WriterError):  # another tenant's context sees no order
+            writer.set_order_status(other, order, "CANCELLED")
+    finally:
+        writer.close()
+    with bottlecrm_db.connect() as conn:
+        assert conn.execute("SELECT o.org_id::text, o.status, l.id::text FROM orders o"
+                            " JOIN order_line_item l ON l.order_id = o.id").fetchall() == [
+            (org, "COMPLETED", line)]
+    with psycopg.connect(app_role.dsn(bottlecrm_db.dsn), autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM orders").fetchone() == (0,)  # no context

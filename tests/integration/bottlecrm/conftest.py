@@ -1,0 +1,40 @@
+"""Roles for the BottleCRM tests (roles are cluster-wide: each gets a unique name)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from tests.bottlecrm import Role
+from tests.conftest import Stack
+
+
+def _role(stack: Stack, prefix: str, attributes: str) -> Iterator[Role]:
+    role = Role(f"{prefix}_{uuid.uuid4().hex[:10]}", uuid.uuid4().hex)
+    with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role.name} {attributes} PASSWORD '{role.password}'")
+    yield role
+    with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+        dbs = [r[0] for r in conn.execute(
+            "SELECT datname FROM pg_database WHERE datallowconn AND has_database_privilege("
+            "%s, datname, 'CONNECT') AND datname LIKE 'bottlecrm_t%%'", (role.name,))]
+    for db in dbs:  # grants inside a clone still alive (the clone is dropped after us)
+        with psycopg.connect(stack.dsn_for(db), autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role.name}")
+    with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+        conn.execute(f"DROP ROLE {role.name}")
+
+
+@pytest.fixture
+def capture_role(stack: Stack) -> Iterator[Role]:
+    """A LOGIN REPLICATION role and nothing more."""
+    yield from _role(stack, "cap", "LOGIN REPLICATION")
+
+
+@pytest.fixture
+def app_role(stack: Stack) -> Iterator[Role]:
+    """A plain LOGIN role, as BottleCRM's RLS_SETUP asks the app to use (no BYPASSRLS)."""
+    yield from _role(stack, "app", "LOGIN")

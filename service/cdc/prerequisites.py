@@ -21,6 +21,8 @@ from typing import Any, LiteralString
 import psycopg
 from psycopg import sql
 
+from service.cdc.capture import OWN_SCHEMA
+
 MARK_OK, MARK_FAIL = "✓", "✗"
 
 _IDENTITY = {
@@ -116,6 +118,7 @@ def check_prerequisites(
         checks.extend(_check_table(conn, table, role))
     if role.exists:
         checks.append(_check_rls(found, role))
+        checks.append(_check_own_schema(conn, role))
     by_given = {t.given: t for t in found}
     for given, columns in row_filter_columns.items():
         if given in by_given:
@@ -258,6 +261,38 @@ def _check_rls(tables: Sequence[_Table], role: _Role) -> Check:
         f"CREATE POLICY crm_erp_sync_read ON <table> FOR SELECT TO {q} USING (true) "
         "on each of them",
         f"ALTER ROLE {q} BYPASSRLS;")
+
+
+def _check_own_schema(conn: psycopg.Connection[Any], role: _Role) -> Check:
+    """The producer declares its own schema (watermarks, snapshots) at every start:
+    ``CREATE SCHEMA IF NOT EXISTS`` needs CREATE on the database even when the schema exists,
+    and then it writes both tables."""
+    row = conn.execute(
+        "SELECT current_database(), has_database_privilege(%(r)s, current_database(), 'CREATE'),"
+        " to_regnamespace(%(s)s) IS NOT NULL,"
+        " coalesce(has_schema_privilege(%(r)s, to_regnamespace(%(s)s), 'USAGE'), false),"
+        " (SELECT bool_and(has_table_privilege(%(r)s, c.oid, 'SELECT, INSERT, UPDATE'))"
+        "    FROM pg_class c WHERE c.relnamespace = to_regnamespace(%(s)s)"
+        "     AND c.relkind = 'r')",
+        {"r": role.name, "s": OWN_SCHEMA}).fetchone()
+    assert row is not None
+    database, create, exists, usage, tables_ok = row
+    name = f"producer schema {OWN_SCHEMA}"
+    q = quote_ident(role.name)
+    fixes = []
+    if not create:
+        fixes.append(f"GRANT CREATE ON DATABASE {quote_ident(database)} TO {q};")
+    if exists and not (usage and tables_ok is not False):
+        fixes.append(f"GRANT USAGE ON SCHEMA {quote_ident(OWN_SCHEMA)} TO {q};")
+        fixes.append(f"GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA "
+                     f"{quote_ident(OWN_SCHEMA)} TO {q};")
+    if not fixes:
+        state = "exists and" if exists else "does not exist yet;"
+        return Check(name, True, f"{state} {role.name} can declare it and write its tables")
+    return Check(name, False,
+                 f"{role.name} cannot declare or write the producer's own schema (watermarks "
+                 "and snapshot progress; the producer runs CREATE SCHEMA IF NOT EXISTS at "
+                 "every start)", "\n".join(fixes))
 
 
 def _check_row_filter(conn: psycopg.Connection[Any], table: _Table,

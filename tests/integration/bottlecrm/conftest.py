@@ -18,13 +18,16 @@ def _role(stack: Stack, prefix: str, attributes: str) -> Iterator[Role]:
         conn.execute(f"CREATE ROLE {role.name} {attributes} PASSWORD '{role.password}'")
     yield role
     with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+        # Databases where the role still holds grants (the clone is dropped after us).
         dbs = [r[0] for r in conn.execute(
-            "SELECT datname FROM pg_database WHERE datallowconn AND has_database_privilege("
-            "%s, datname, 'CONNECT') AND datname LIKE 'bottlecrm_t%%'", (role.name,))]
-    for db in dbs:  # grants inside a clone still alive (the clone is dropped after us)
+            "SELECT DISTINCT d.datname FROM pg_shdepend s JOIN pg_database d ON d.oid = s.dbid"
+            " WHERE s.refclassid = 'pg_authid'::regclass AND s.refobjid = %s::regrole",
+            (role.name,))]
+    for db in dbs:
         with psycopg.connect(stack.dsn_for(db), autocommit=True) as conn:
             conn.execute(f"DROP OWNED BY {role.name}")
     with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+        conn.execute(f"DROP OWNED BY {role.name}")  # grants on databases themselves
         conn.execute(f"DROP ROLE {role.name}")
 
 

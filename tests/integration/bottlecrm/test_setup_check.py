@@ -21,7 +21,8 @@ pytestmark = pytest.mark.timeout(1500)  # the first test of a session may build 
 
 TABLES = ["public.accounts", "public.contacts", "public.orders", "public.order_line_item",
           "public.product"]
-ROW_FILTER = {"public.orders": ["org_id"], "public.order_line_item": ["org_id"]}
+ROW_FILTER = {"public.orders": ["org_id"], "public.order_line_item": ["org_id"],
+              "public.accounts": ["id"]}  # the primary key: in the DEFAULT identity too
 
 
 def _by_name(checks: list[Check]) -> dict[str, Check]:
@@ -62,6 +63,20 @@ def test_a_capture_role_without_bypassrls_is_refused_until_the_printed_sql_is_ru
     assert before["read access public.orders"].fix_sql == (
         f'GRANT SELECT ON TABLE "public"."orders" TO {q};')  # PUBLIC has USAGE on public
     assert not before["row filter public.orders"].ok
+    assert before["row filter public.accounts"].ok
+    assert not before["producer schema crm_erp_sync"].ok
+    assert before["producer schema crm_erp_sync"].fix_sql == (
+        f'GRANT CREATE ON DATABASE "{bottlecrm_db.name}" TO {q};')
+
+    # An administrator checking on the role's behalf sees the same.
+    with bottlecrm_db.connect() as admin:
+        on_behalf = check_prerequisites(
+            admin, capture_role=capture_role.name, tables=TABLES,
+            row_filter_columns={"public.orders": ["no_such_column"]},
+            publication="p", slot="s")
+    assert _by_name(on_behalf)["row-level security"] == rls
+    assert _by_name(on_behalf)["row filter public.orders"] == Check(
+        "row filter public.orders", False, "no column(s) no_such_column on the table")
 
     # The CLI prints the same and exits 1.
     monkeypatch.setenv("CRM_ERP_SYNC_CRM_DSN", role_dsn)
@@ -112,6 +127,7 @@ def test_the_demo_crm_passes(stack: Stack, capture_role: Role) -> None:
             assert [c for c in checks if not c.ok] == []
             conn.execute(f'GRANT USAGE ON SCHEMA crm TO "{capture_role.name}"')
             conn.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA crm TO "{capture_role.name}"')
+            conn.execute(f'GRANT CREATE ON DATABASE "{name}" TO "{capture_role.name}"')
         with psycopg.connect(capture_role.dsn(stack.dsn_for(name)), autocommit=True) as conn:
             checks = _check(conn, list(CAPTURED), {}, tag)  # as a least-privilege role
         assert [c for c in checks if not c.ok] == []

@@ -212,7 +212,8 @@ def _check_table(conn: psycopg.Connection[Any], table: _Table, role: _Role) -> l
         checks.append(Check(
             f"replica identity {qualified}", False,
             f"is {_IDENTITY.get(table.identity, table.identity)}: a DELETE would carry only "
-            "the key (a deleted line without its order) and an UPDATE no old row",
+            "the key columns (a deleted order line, say, without its order) and an UPDATE "
+            "no old row",
             f"ALTER TABLE {quoted} REPLICA IDENTITY FULL;"))
     if role.exists:
         checks.append(_check_read(conn, table, role))
@@ -364,8 +365,10 @@ def render_checks(checks: Sequence[Check]) -> str:
             lines.extend(f"    {sql_line}" for sql_line in check.fix_sql.splitlines())
     failed = [c for c in checks if not c.ok]
     if failed:
-        advice = ("run the SQL above as a superuser (or the tables' owner), fix the rest, "
-                  "then check again" if any(c.fix_sql for c in failed)
+        with_sql = sum(1 for c in failed if c.fix_sql)
+        run = "run the SQL above as a superuser (or the tables' owner)"
+        advice = (f"{run}, then check again" if with_sql == len(failed)
+                  else f"{run}, fix the rest, then check again" if with_sql
                   else "fix them, then check again")
         lines.append(f"{len(failed)} of {len(checks)} checks failed; {advice}.")
     else:

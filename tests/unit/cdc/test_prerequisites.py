@@ -45,7 +45,7 @@ def test_a_failed_check_prints_its_sql_indented_under_it() -> None:
         '    GRANT USAGE ON SCHEMA "public" TO "cdc";',
         '    GRANT SELECT ON TABLE "public"."orders" TO "cdc";',
         "2 of 3 checks failed; run the SQL above as a superuser (or the tables' owner), "
-        "fix the rest, then check again.",
+        "then check again.",
     ]
     assert fix_script(checks) == (
         'ALTER ROLE "cdc" BYPASSRLS;\n'
@@ -55,6 +55,11 @@ def test_a_failed_check_prints_its_sql_indented_under_it() -> None:
 
 
 def test_a_failure_without_sql_says_so() -> None:
-    report = render_checks([Check("table public.nope", False, "no such table")])
-    assert report.splitlines() == ["✗ table public.nope: no such table",
-                                   "1 of 1 checks failed; fix them, then check again."]
+    missing = Check("table public.nope", False, "no such table")
+    assert render_checks([missing]).splitlines() == [
+        "✗ table public.nope: no such table",
+        "1 of 1 checks failed; fix them, then check again."]
+    fixable = Check("capture role cdc", False, "lacks REPLICATION", 'ALTER ROLE "cdc" REPLICATION;')
+    assert render_checks([missing, fixable]).splitlines()[-1] == (
+        "2 of 2 checks failed; run the SQL above as a superuser (or the tables' owner), "
+        "fix the rest, then check again.")

@@ -43,10 +43,29 @@ def _on_sigterm(stop: Callable[[], None], shutdown_timeout_s: float | None = Non
 def cmd_setup(settings: Settings, args: argparse.Namespace) -> int:
     from service.setup import run_setup
 
+    if args.check:
+        return cmd_setup_check(settings, args)
     report = run_setup(settings, demo_crm=not args.no_demo_schema)
     print(json.dumps({"topics_created": report.topics_created,
                       "demo_crm_schema_created": report.demo_crm_schema}, ensure_ascii=False))
     return EXIT_OK
+
+
+def cmd_setup_check(settings: Settings, args: argparse.Namespace) -> int:
+    """Report the CRM's capture prerequisites (changes nothing); exit 1 if one fails."""
+    from service import pg
+    from service.cdc.capture import CAPTURED
+    from service.cdc.prerequisites import check_prerequisites, render_checks
+
+    tables = [t.strip() for t in args.tables.split(",") if t.strip()] if args.tables \
+        else list(CAPTURED)
+    with pg.connect(settings.crm_dsn, "CRM") as conn:
+        checks = check_prerequisites(conn, capture_role=args.role, tables=tables,
+                                     row_filter_columns={},
+                                     publication=settings.publication_name,
+                                     slot=settings.slot_name)
+    print(render_checks(checks))
+    return EXIT_OK if all(c.ok for c in checks) else EXIT_ATTENTION
 
 
 def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
@@ -151,6 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("setup", help="create topics, the CRM capture objects and the ERP schema")
     p.add_argument("--no-demo-schema", action="store_true",
                    help="do not create the demo CRM tables when the CRM has none")
+    p.add_argument("--check", action="store_true",
+                   help="only check the CRM's capture prerequisites (wal_level, slots, replica "
+                        "identity, the capture role's rights, row-level security) and print "
+                        "the SQL that fixes each failure; changes nothing; exit 1 if one fails")
+    p.add_argument("--tables", metavar="A,B",
+                   help="with --check: the captured tables (schema.table, comma-separated); "
+                        "default: the demo CRM's")
+    p.add_argument("--role", metavar="ROLE",
+                   help="with --check: the capture role to check (default: the CRM DSN's user)")
     p.set_defaults(func=cmd_setup)
 
     p = sub.add_parser("produce", help="capture CRM changes from the WAL and publish them")

@@ -54,14 +54,17 @@ def cmd_setup(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_setup_check(settings: Settings, args: argparse.Namespace) -> int:
     """Report the CRM's capture prerequisites (changes nothing); exit 1 if one fails."""
     from service import pg
-    from service.cdc.capture import CAPTURED
     from service.cdc.prerequisites import check_prerequisites, render_checks
+    from service.cdc.profile import load_profile
 
+    profile = load_profile(settings.source_profile)
     tables = [t.strip() for t in args.tables.split(",") if t.strip()] if args.tables \
-        else list(CAPTURED)
+        else profile.tables
+    filters = {e.table: e.filter_columns for e in profile.entities.values()
+               if e.row_filter is not None and e.table in tables}
     with pg.connect(settings.crm_dsn, "CRM") as conn:
         checks = check_prerequisites(conn, capture_role=args.role, tables=tables,
-                                     row_filter_columns={},
+                                     row_filter_columns=filters,
                                      publication=settings.publication_name,
                                      slot=settings.slot_name)
     print(render_checks(checks))

@@ -191,7 +191,10 @@ class Writer:
             if money in fields:
                 fields[money] = _decimal(fields[money])
         result = self._update(row, fields)
-        self._recompute_totals(row.order)
+        # Only a change that moves money moves the order's totals (a description or the
+        # sort order does not): such a transaction touches the line alone.
+        if {"quantity", "unit_price", "discount_amount"} & set(fields):
+            self._recompute_totals(row.order)
         return result
 
     def op_delete_line(self, org: str, line: str) -> dict[str, Any]:

@@ -74,7 +74,7 @@ def _timestamptz(text: str) -> datetime:
 
 
 _BY_TYPE_OID: dict[int, Callable[[str], Any]] = {
-    16: lambda s: s == "t",
+    16: lambda s: s in ("t", "true"),  # pgoutput sends t/f; a boolean cast to text is true
     20: int,
     21: int,
     23: int,

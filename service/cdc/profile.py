@@ -74,6 +74,9 @@ REQUIRED_ENTITIES = ("customer", "order", "order_line")
 # Which event kind (schemas/<kind>/) each entity's changes are published as.
 EVENT_KIND = {"customer": "customer", "order": "order", "order_line": "order",
               "market_demand": "market_demand"}
+_SQL_WORDS = {"and", "or", "not", "is", "null", "true", "false", "in", "like", "ilike",
+              "between", "any", "all", "distinct", "from", "text", "uuid", "int", "integer",
+              "bigint", "boolean", "date", "timestamp", "timestamptz", "varchar", "numeric"}
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
 
 
@@ -136,6 +139,18 @@ class EntityMapping:
             elif isinstance(source, str):
                 cols.append(source)
         return tuple(dict.fromkeys(cols))
+
+    @property
+    def filter_columns(self) -> list[str]:
+        """Columns the row filter names (for ``setup --check``): its identifiers outside
+        quoted literals, less SQL words and function names. A heuristic, not a SQL parser:
+        the filter is the operator's own small boolean expression (org_id = '…')."""
+        if self.row_filter is None:
+            return []
+        bare = re.sub(r"'(?:[^']|'')*'", " ", self.row_filter)
+        words = re.findall(r'"([^"]+)"|([A-Za-z_][A-Za-z0-9_$]*)(\s*\()?', bare)
+        out = [quoted or word for quoted, word, call in words if not call]
+        return list(dict.fromkeys(w for w in out if w.casefold() not in _SQL_WORDS))
 
     def key_text(self, row: Mapping[str, Any]) -> str:
         """The entity's key as text (see module doc). Raises KeyError for a missing column."""

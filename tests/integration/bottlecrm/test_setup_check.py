@@ -12,8 +12,8 @@ import psycopg
 import pytest
 
 from service import cli
-from service.cdc.capture import CAPTURED
 from service.cdc.prerequisites import Check, check_prerequisites, fix_script
+from service.cdc.profile import load_profile
 from tests.bottlecrm import Role
 from tests.conftest import BottleCrmDb, Stack
 
@@ -123,13 +123,13 @@ def test_the_demo_crm_passes(stack: Stack, capture_role: Role) -> None:
         with psycopg.connect(stack.dsn_for(name), autocommit=True) as conn:
             conn.execute(resources.files("service.demo").joinpath("crm_schema.sql")
                          .read_text("utf-8"))
-            checks = _check(conn, list(CAPTURED), {}, tag)  # as the stack's superuser
+            checks = _check(conn, load_profile("demo").tables, {}, tag)  # as the stack's superuser
             assert [c for c in checks if not c.ok] == []
             conn.execute(f'GRANT USAGE ON SCHEMA crm TO "{capture_role.name}"')
             conn.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA crm TO "{capture_role.name}"')
             conn.execute(f'GRANT CREATE ON DATABASE "{name}" TO "{capture_role.name}"')
         with psycopg.connect(capture_role.dsn(stack.dsn_for(name)), autocommit=True) as conn:
-            checks = _check(conn, list(CAPTURED), {}, tag)  # as a least-privilege role
+            checks = _check(conn, load_profile("demo").tables, {}, tag)  # as a least-privilege role
         assert [c for c in checks if not c.ok] == []
         assert _by_name(checks)["row-level security"].detail == (
             "no captured table has row-level security enabled")

@@ -10,7 +10,7 @@ from service.avro import SchemaRegistry
 from service.cdc.producer import CdcProducer
 from tests.conftest import SyncEnv
 from tests.helpers import wait_until
-from tests.integration.operator.conftest import Cli, Running
+from tests.integration.conftest import Cli, Running
 
 
 def produce_all(sync_env: SyncEnv) -> None:

@@ -7,7 +7,7 @@ from service import ops
 from service.demo.load import load_demo
 from tests.conftest import SyncEnv
 from tests.helpers import wait_until
-from tests.integration.operator.conftest import Cli, Running
+from tests.integration.conftest import Cli, Running
 
 
 def test_reconcile_finds_and_repairs_drift_and_status_says_so(

@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 STACK  := deploy/local/stack.sh
 
-.PHONY: help venv up down stack-status clean-stack lint test demo bench-produce bench-apply
+.PHONY: help venv up down stack-status clean-stack lint test demo demo-bottlecrm bench-produce bench-apply
 .PHONY: validate-deploy bottlecrm
 
 help:
@@ -22,6 +22,7 @@ help:
 	@echo "make lint          ruff + mypy"
 	@echo "make test          lint, then pytest (integration tests use the stack when it is up)"
 	@echo "make demo          bring the stack up and run the demo"
+	@echo "make demo-bottlecrm   the same on a real CRM, BottleCRM (installed in .stack/)"
 	@echo "make validate-deploy   kustomize + kubeconform on deploy/k8s, compose checks"
 	@echo "make bench-produce / bench-apply   benchmarks"
 	@echo "make bottlecrm     install BottleCRM (Python 3.12 venv in .stack/bottlecrm) and build its"
@@ -57,7 +58,7 @@ lint: venv
 	$(BIN)/ruff check service tests bench
 	$(BIN)/mypy
 
-test: venv lint
+test: venv lint bottlecrm
 	$(BIN)/pytest -q
 
 validate-deploy: venv
@@ -66,6 +67,9 @@ validate-deploy: venv
 # ---- demo and benchmarks -------------------------------------------------------------------
 demo: venv up
 	$(BIN)/crm-erp-sync demo run
+
+demo-bottlecrm: venv up bottlecrm
+	$(BIN)/crm-erp-sync demo bottlecrm
 
 bench-produce: venv up
 	$(BIN)/python -m bench.produce

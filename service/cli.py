@@ -138,6 +138,12 @@ def cmd_demo_run(settings: Settings, args: argparse.Namespace) -> int:
     return run_demo(settings, customers=args.customers, orders=args.orders)
 
 
+def cmd_demo_bottlecrm(settings: Settings, args: argparse.Namespace) -> int:
+    from service.demo.run import run_bottlecrm_demo
+
+    return run_bottlecrm_demo(settings)
+
+
 def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
     shown = settings.redacted()
     if args.json:
@@ -215,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--customers", type=int, default=500)
     p.add_argument("--orders", type=int, default=1000)
     p.set_defaults(func=cmd_demo_run)
+    p = demo_sub.add_parser("bottlecrm", help="the pipeline on a real BottleCRM (installs it)")
+    p.set_defaults(func=cmd_demo_bottlecrm)
 
     from service.operator.commands import register as register_operator_commands
 

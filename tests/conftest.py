@@ -192,7 +192,7 @@ class BottleCrmDb:
 
     dsn: str  # as the stack's administrator (a superuser: reads past BottleCRM's RLS)
     name: str
-    writer: Any  # tests.bottlecrm.Writer
+    writer: Any  # service.demo.bottlecrm.Writer
 
     def connect(self) -> psycopg.Connection[Any]:
         return psycopg.connect(self.dsn, autocommit=True)
@@ -201,7 +201,7 @@ class BottleCrmDb:
 @pytest.fixture(scope="session")
 def bottlecrm_installed(stack: Stack) -> BottleCrmInstall:
     """deploy/bottlecrm/install.sh has run (idempotent); skips without Python 3.12."""
-    from tests import bottlecrm
+    from service.demo import bottlecrm
 
     try:
         seconds = bottlecrm.ensure_installed(stack.admin_dsn)
@@ -213,7 +213,7 @@ def bottlecrm_installed(stack: Stack) -> BottleCrmInstall:
 @pytest.fixture
 def bottlecrm_db(stack: Stack, bottlecrm_installed: BottleCrmInstall) -> Iterator[BottleCrmDb]:
     """A fresh BottleCRM database (its 149 tables, no data) and a started writer on it."""
-    from tests import bottlecrm
+    from service.demo import bottlecrm
 
     name = f"bottlecrm_t{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
     with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:

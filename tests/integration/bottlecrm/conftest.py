@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from tests.bottlecrm import Role
+from service.demo.bottlecrm import Role
 from tests.conftest import Stack
 
 

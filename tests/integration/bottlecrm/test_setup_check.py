@@ -14,7 +14,7 @@ import pytest
 from service import cli
 from service.cdc.prerequisites import Check, check_prerequisites, fix_script
 from service.cdc.profile import load_profile
-from tests.bottlecrm import Role
+from service.demo.bottlecrm import Role
 from tests.conftest import BottleCrmDb, Stack
 
 pytestmark = pytest.mark.timeout(1500)  # the first test of a session may build the template

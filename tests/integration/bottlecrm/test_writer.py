@@ -11,8 +11,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests import bottlecrm
-from tests.bottlecrm import Role
+from service.demo import bottlecrm
+from service.demo.bottlecrm import Role
 from tests.conftest import BottleCrmDb
 
 pytestmark = pytest.mark.timeout(1500)  # the first test of a session may build the template

@@ -1,4 +1,4 @@
-"""Drive a real BottleCRM (PyPI django-crm 1.35.0) from the tests.
+"""Drive a real BottleCRM (PyPI django-crm 1.35.0): the tests and `make demo-bottlecrm`.
 
 BottleCRM needs Python 3.12 and 85 packages of its own, so it lives in a venv of its own that
 ``deploy/bottlecrm/install.sh`` builds, with a migrated template database; each test clones

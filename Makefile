@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 STACK  := deploy/local/stack.sh
 
 .PHONY: help venv up down stack-status clean-stack lint test demo demo-bottlecrm bench-produce bench-apply
-.PHONY: validate-deploy bottlecrm
+.PHONY: validate-deploy bottlecrm bottlecrm-if-possible
 
 help:
 	@echo "make venv          create .venv (pinned by requirements.lock) with the test extras"
@@ -53,12 +53,18 @@ clean-stack: down
 bottlecrm:
 	bash deploy/bottlecrm/install.sh
 
+# `make test` on a machine without Python 3.12 (install.sh exits 3): the BottleCRM tests skip
+# and say why; CI (.ci/run) runs `make bottlecrm` first, where that is a failure.
+bottlecrm-if-possible:
+	@bash deploy/bottlecrm/install.sh || { rc=$$?; [ $$rc -eq 3 ] && \
+	    echo "make: no Python 3.12 here: the BottleCRM tests will be skipped" >&2 || exit $$rc; }
+
 # ---- checks ---------------------------------------------------------------------------------
 lint: venv
 	$(BIN)/ruff check service tests bench
 	$(BIN)/mypy
 
-test: venv lint bottlecrm
+test: venv lint bottlecrm-if-possible
 	$(BIN)/pytest -q
 
 validate-deploy: venv

@@ -44,6 +44,9 @@ class PartnerRow:
     product_preference: str | None
     notes: str | None
     pos: Position
+    phone_extension: str | None = None
+    phone_others: tuple[str, ...] = ()
+    division_code: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +124,7 @@ def partner_row(record: dict[str, Any], mappings: Mappings) -> PartnerRow:
         return PartnerRow(before.get("customer_id", 0), True, "", "U", None, None, None, None,
                           None, None, None, None, None, None, None, None, None, pos)
     address = tf.parse_cn_address(after["address"]) if after["address"] else None
+    phones = tf.parse_phones(after["phone"], mappings)
     amount = after["purchase_amount"]
     return PartnerRow(
         crm_customer_id=after["customer_id"],
@@ -131,7 +135,7 @@ def partner_row(record: dict[str, Any], mappings: Mappings) -> PartnerRow:
         birth_date=after["birth_date"],
         age=tf.age_on(after["birth_date"], pos.commit_time.date()) if after["birth_date"]
         else None,
-        phone_e164=tf.phone_e164(after["phone"]) if after["phone"] else None,
+        phone_e164=phones.primary if phones else None,
         email=tf.normalise_email(after["email"]),
         province=address.province if address else None,
         city=address.city if address else None,
@@ -143,6 +147,9 @@ def partner_row(record: dict[str, Any], mappings: Mappings) -> PartnerRow:
         product_preference=after["product_preference"],
         notes=after["notes"],
         pos=pos,
+        phone_extension=phones.extension if phones else None,
+        phone_others=phones.others if phones else (),
+        division_code=address.division_code if address else None,
     )
 
 
@@ -153,7 +160,8 @@ def order_change(record: dict[str, Any], mappings: Mappings) -> ErpChange:
     currency = None
     if after is not None:
         currency = tf.currency_code(after["currency"], mappings)
-        header = OrderHeaderRow(after["order_id"], after["order_no"], after["customer_id"],
+        header = OrderHeaderRow(after["order_id"], tf.order_number(after["order_no"]),
+                                after["customer_id"],
                                 after["order_date"], tf.order_status(after["status"], mappings),
                                 currency, False, pos)
     elif before is not None or record["op"] == "DELETE":

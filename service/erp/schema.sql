@@ -30,6 +30,12 @@ CREATE TABLE IF NOT EXISTS erp.business_partners (
     applied_at         timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 
+-- Issue #12: a phone's extension and further numbers, and the address's GB/T 2260 code.
+-- Added, not recreated, so that an existing ERP database upgrades in place.
+ALTER TABLE erp.business_partners ADD COLUMN IF NOT EXISTS phone_extension text;
+ALTER TABLE erp.business_partners ADD COLUMN IF NOT EXISTS phone_others text[];
+ALTER TABLE erp.business_partners ADD COLUMN IF NOT EXISTS division_code char(6);
+
 CREATE TABLE IF NOT EXISTS erp.sales_orders (
     crm_order_id    bigint PRIMARY KEY,
     order_no        text NOT NULL,

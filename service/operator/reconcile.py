@@ -55,7 +55,8 @@ ENTITIES = {
                "crm_customer_id",
                ("full_name", "gender_code", "birth_date", "phone_e164", "email", "province",
                 "city", "district", "street", "purchase_frequency", "purchase_amount",
-                "amount_currency", "product_preference", "notes")),
+                "amount_currency", "product_preference", "notes", "phone_extension",
+                "phone_others", "division_code")),
         Entity("orders", "crm.sales_orders", "order_id", "erp.sales_orders", "crm_order_id",
                ("order_no", "crm_customer_id", "order_date", "status_code", "currency")),
         Entity("demand", "crm.market_demand", "demand_id", "erp.demand_signals",
@@ -147,6 +148,9 @@ def _actual(conn: PgConn, entity: Entity, where: str, params: list[Any]
                         f"ORDER BY {entity.erp_key}", params).fetchall()
     out = {r[0]: dict(zip((*entity.fields, "deleted", "source_lsn", "source_seq"), r[1:],
                           strict=True)) for r in rows}
+    for values in out.values():
+        if "phone_others" in values:  # text[] (NULL when none) vs the mapped tuple
+            values["phone_others"] = tuple(values["phone_others"] or ())
     if entity.name == "orders" and out:
         for values in out.values():
             values["items"] = {}

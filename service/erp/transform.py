@@ -328,11 +328,11 @@ def parse_phones(raw: str | None, mappings: Mappings | None = None, *,
     text = _nfkc(raw).strip()
     if not text or normalise_word(text) in no_number:
         return None
-    if _MASKED.search(text):
+    if _MASKED.search(text) or _MASKED.search(raw):
         raise MappingError(field, raw, "masked or incomplete number (digits replaced by x or *)")
     text = _LABEL.sub("", _NOTE.sub(" ", text))
     text = _EXTENSION_WORD.sub(" ext. ", text)
-    text = _CJK_TEXT.sub(" ", text).strip()
+    text = _CJK_TEXT.sub(" ", text.replace("或", "/")).strip()
     if not text:
         return None if normalise_word(_nfkc(raw)) in no_number else _no_digits(raw, field)
     parts = [p for p in _SEPARATOR.split(text) if p.strip()]

@@ -81,13 +81,15 @@ class Divisions:
 
     def __init__(self, data_dir: Path = DATA_DIR) -> None:
         self.by_code: dict[str, Division] = {}
-        self.provinces: list[Division] = []
+        self.all: list[Division] = []
         self.children: dict[tuple[str, str], list[Division]] = {}
         self._load(data_dir)
-        self.cities = [d for d in self.by_code.values() if d.level == 2]
-        self.counties = [d for d in self.by_code.values() if d.level == 3]
+        self.provinces = [d for d in self.all if d.level == 1]
+        self.cities = [d for d in self.all if d.level == 2]
+        self.counties = [d for d in self.all if d.level == 3]
 
     def _add(self, d: Division) -> Division:
+        self.all.append(d)
         if d.parent is not None:
             self.children.setdefault(_key(d.parent), []).append(d)
         if d.code not in self.by_code or d.level < self.by_code[d.code].level:
@@ -151,10 +153,6 @@ class Divisions:
                 for name in names:
                     clean = re.sub(r"（.*?）", "", name)
                     self._add(Division(p.code, clean, 3, pname, parent.city or group, parent))
-        self.provinces = self.provinces_list()
-
-    def provinces_list(self) -> list[Division]:
-        return [d for d in self.by_code.values() if d.level == 1]
 
     # --- parsing --------------------------------------------------------------------------
 
@@ -191,7 +189,7 @@ class Divisions:
         unique: dict[tuple[str, str], Match] = {}
         for m in found:
             if m.end == best:
-                unique.setdefault((m.division.code, m.division.name), m)
+                unique.setdefault((m.division.code, m.division.path), m)
         return list(unique.values()), pos
 
     def _below_province(self, text: str, pos: int, p: Division) -> list[Match]:

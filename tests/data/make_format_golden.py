@@ -17,6 +17,7 @@ dead-letter reason (a substring). Several inputs in one cell are separated by ``
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -196,6 +197,9 @@ areas = [
 ]
 city_names = [c["name"] for c in cities.values()]
 area_names = [a["name"] for a in areas]
+with open(DATA / "HK-MO-TW.json", encoding="utf-8") as _fh:
+    # Districts of Hong Kong, Macao and Taiwan share names with mainland ones (大安区).
+    area_names += [d for groups in json.load(_fh).values() for ds in groups.values() for d in ds]
 MUNICIPAL = {"11", "12", "31", "50"}
 STREETS = ["人民路1号", "解放大道88号", "建设街3号", "中山路100号", "幸福小区5栋"]
 SHORT = {
@@ -307,6 +311,9 @@ SPECIAL = [
         addr("澳门特别行政区", "澳门特别行政区", "大堂区", "新马路", "820000"),
     ),
     ("台湾省台北市信义区市府路1号", addr("台湾省", "台北市", "信义区", "市府路1号", "710000")),
+    ("台北市信义区市府路1号", addr("台湾省", "台北市", "信义区", "市府路1号", "710000")),
+    ("信义区市府路1号", "!ambiguous"),
+    ("中西区皇后大道中1号", "!ambiguous"),
     ("ＮＯ.５ 广东省深圳市南山区", "!no Chinese province"),
     ("北京东路100号", "!no Chinese province"),
     ("南京路100号", "!no Chinese province"),

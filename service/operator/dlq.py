@@ -33,7 +33,7 @@ from service.operator.common import PgConn, connect
 from service.settings import Settings
 
 UNRESOLVED = ("open", "failed_again")
-STATES = ("open", "redriven", "discarded", "failed_again")
+STATES = ("open", "redriven", "discarded", "failed_again", "superseded")
 
 _COLUMNS = ('dead_letter_id, topic, partition, "offset", msg_key, stage, error_class, '
             "error_message, state, dlq_partition, dlq_offset, created_at, resolved_at, "

@@ -218,6 +218,8 @@ class ErpApplier:
             with conn.transaction():
                 self._apply_in_txn(conn, batch)
                 self._publish_dead_letters(conn, batch)
+                self._supersede_held(conn, {(e.msg.topic, e.msg.key) for e in batch.envelopes
+                                            if e.held == "key_blocked"})
         except TRANSIENT_PG as exc:
             raise Retryable(f"ERP: {type(exc).__name__}: {exc}".strip()) from exc
         except KafkaError as exc:
@@ -347,10 +349,10 @@ class ErpApplier:
         (the same row, an older state of it), those letters become ``superseded`` (audited
         in ``sync.dead_letter_actions``, actor ``consumer``) and the events held behind the
         key are released: returned, in their original order, for the caller to apply before
-        the batch. Held events of the same kind are older states of the row the new event
-        replaces whole, so they are dropped rather than applied. Orders are never superseding
-        (an order event carries only the lines its transaction changed: a newer one does not
-        repair an older one's line); their letters wait for the operator.
+        the batch. Only letters older than the event are superseded (a newer failure is not
+        repaired by an older fix). Orders are never superseding (an order event carries only
+        the lines its transaction changed: a newer one does not repair an older one's line);
+        their letters wait for the operator.
         """
         released: list[Envelope] = []
         failed: set[tuple[str, bytes | None]] = set()
@@ -364,10 +366,13 @@ class ErpApplier:
                     or env.kind not in FULL_STATE_KINDS):
                 continue
             letters = conn.execute(
-                "SELECT dead_letter_id, event_kind FROM sync.dead_letters WHERE topic = %s "
-                "AND msg_key IS NOT DISTINCT FROM %s AND state IN ('open', 'failed_again') "
-                "ORDER BY dead_letter_id FOR UPDATE", key).fetchall()
-            if not letters or any(kind != env.kind for _, kind in letters):
+                'SELECT dead_letter_id, event_kind, partition, "offset" FROM sync.dead_letters '
+                "WHERE topic = %s AND msg_key IS NOT DISTINCT FROM %s "
+                "AND state IN ('open', 'failed_again') ORDER BY dead_letter_id FOR UPDATE",
+                key).fetchall()
+            if not letters or any(kind != env.kind or (part, off) >= (env.msg.partition,
+                                                                      env.msg.offset)
+                                  for _, kind, part, off in letters):
                 continue
             done.add(key)
             ids = [r[0] for r in letters]
@@ -387,11 +392,25 @@ class ErpApplier:
                 key).fetchall()
             held = self._prepared(sorted((_held_message(r) for r in rows),
                                          key=lambda m: (m.partition, m.offset)))
-            kept = [e for e in held.envelopes if e.kind != env.kind]
-            released += kept
+            released += held.envelopes
             log.info("dead_letters_superseded", key=_key_text(env.msg.key), letters=len(ids),
-                     released=len(kept), replaced=len(rows) - len(kept))
+                     released=len(rows))
         return released
+
+    def _supersede_held(self, conn: PgConn, keys: set[tuple[str, bytes | None]]) -> None:
+        """The same, when the fix arrived in the batch that dead-lettered the old state: it
+        was held behind the new letter; supersede from the held events and apply them."""
+        for topic, key in sorted(keys, key=lambda k: (k[0], k[1] or b"")):
+            rows = conn.execute(
+                f"SELECT {HELD_MESSAGE} FROM sync.held_events WHERE reason = 'key_blocked' "
+                "AND topic = %s AND msg_key IS NOT DISTINCT FROM %s", (topic, key)).fetchall()
+            held = self._prepared(sorted((_held_message(r) for r in rows),
+                                         key=lambda m: (m.partition, m.offset)))
+            released = self._supersede(conn, held.envelopes)
+            if released:
+                batch = Batch(released)
+                self._apply_in_txn(conn, batch)
+                self._publish_dead_letters(conn, batch)
 
     def _blocked_keys(self, conn: PgConn, msgs: list[Message]) -> set[tuple[str, bytes | None]]:
         keys = sorted({m.key for m in msgs if m.key is not None})

@@ -199,6 +199,35 @@ def test_a_fixed_crm_row_supersedes_its_dead_letter_and_releases_the_key(
                            ).fetchall() == [("supersede", "consumer", "superseded")]
 
 
+def test_a_fix_in_the_same_batch_supersedes_too(sync_env: SyncEnv) -> None:
+    produce_all(sync_env)
+    with sync_env.crm() as crm:
+        fixed = crm.execute("INSERT INTO crm.customers (family_name, given_name, phone) VALUES "
+                            "('张', '三', '138****5678') RETURNING customer_id").fetchone()[0]
+        crm.execute("UPDATE crm.customers SET phone = '13812345678' WHERE customer_id = %s",
+                    (fixed,))
+        # Fixed, then broken again: a fix older than an open letter does not supersede it.
+        again = crm.execute("INSERT INTO crm.customers (family_name, given_name, phone) VALUES "
+                            "('李', '四', '139****5678') RETURNING customer_id").fetchone()[0]
+        crm.execute("UPDATE crm.customers SET phone = '13912345678' WHERE customer_id = %s",
+                    (again,))
+        crm.execute("UPDATE crm.customers SET phone = '139xxxx5678' WHERE customer_id = %s",
+                    (again,))
+    produce_all(sync_env)
+    consume_all(sync_env)
+    with sync_env.erp() as erp:
+        assert erp.execute("SELECT crm_customer_id, phone_e164 FROM erp.business_partners"
+                           ).fetchall() == [(fixed, "+8613812345678")]
+        letters = erp.execute('SELECT msg_key, "offset", state FROM sync.dead_letters'
+                              ).fetchall()
+        assert sorted((int(k), o, state) for k, o, state in letters)[0][2] == "superseded"
+        assert [(k, state) for k, _, state in sorted((int(k), o, st) for k, o, st in letters)
+                ] == [
+            (fixed, "superseded"), (again, "open"), (again, "open")]
+        assert erp.execute("SELECT msg_key FROM sync.held_events").fetchall() == [
+            (str(again).encode(),)]
+
+
 def customer_and_order_records(sync_env: SyncEnv, order_id: int,
                                status: str) -> tuple[int, Any, Any]:
     """Commit a customer and an order together; return the id and both Kafka records."""

@@ -68,6 +68,11 @@ def test_redrive_after_a_mapping_fix_then_discard(sync_env: SyncEnv, cli: Cli,
     table = cli(s_bad, "dlq", "list", "--key", str(masked))
     assert table.code == 0 and "MappingError" in table.out and "phone" in table.out
     assert cli(s_bad, "dlq", "list", "--error-type", "DecodeError").out.startswith("No dead")
+    by_field = cli(s_bad, "dlq", "list", "--field", "phone", "--json")
+    assert [d["dead_letter_id"] for d in by_field.json] == [masked_id]
+    assert [d["dead_letter_id"] for d in cli(s_bad, "dlq", "list", "--field", "product_code",
+                                             "--json").json] == [order_id]
+    assert cli(s_bad, "dlq", "redrive", "--field", "phone", "--dry-run").code == 1
     with sync_env.erp() as erp:
         assert erp.execute("SELECT count(*) FROM sync.held_events WHERE reason = 'key_blocked'"
                            ).fetchone() == (2,)

@@ -87,6 +87,9 @@ class Divisions:
         self.provinces = [d for d in self.all if d.level == 1]
         self.cities = [d for d in self.all if d.level == 2]
         self.counties = [d for d in self.all if d.level == 3]
+        # By first character: an address without its province is matched against these.
+        self._cities_by_first = _by_first(self.cities)
+        self._counties_by_first = _by_first(self.counties)
 
     def _add(self, d: Division) -> Division:
         self.all.append(d)
@@ -175,13 +178,15 @@ class Divisions:
                 found.append(Match(p, end))
         if not found:
             # No province written: a city or a county named in full, anywhere in the country.
-            for c, end, short in self._names(text, pos, self.cities):
+            first = text[pos:pos + 1]
+            for c, end, short in self._names(text, pos, self._cities_by_first.get(first, [])):
                 below = self._below_city(text, end, c)
                 if below:
                     found += below
                 elif not short:
                     found.append(Match(c, end))
-            for d, end, _ in self._names(text, pos, self.counties, abbreviations=False):
+            for d, end, _ in self._names(text, pos, self._counties_by_first.get(first, []),
+                                         abbreviations=False):
                 found.append(Match(d, end))
         if not found:
             return [], pos
@@ -231,6 +236,14 @@ class Divisions:
             elif abbreviations and d.short and text.startswith(d.short, pos):
                 out.append((d, pos + len(d.short), True))
         return out
+
+
+def _by_first(divisions: list[Division]) -> dict[str, list[Division]]:
+    out: dict[str, list[Division]] = {}
+    for d in divisions:
+        for form in {d.name[:1], (d.short or d.name)[:1]}:
+            out.setdefault(form, []).append(d)
+    return out
 
 
 def _key(d: Division) -> tuple[str, str]:

@@ -32,8 +32,9 @@ PARTNER_UPSERT = f"""
 INSERT INTO erp.business_partners (crm_customer_id, full_name, gender_code, birth_date, age,
     phone_e164, email, province, city, district, street, purchase_frequency, purchase_amount,
     amount_currency, product_preference, notes, deleted, source_lsn, source_seq, event_id,
-    crm_commit_time)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+    crm_commit_time, phone_extension, phone_others, division_code)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
+        %s, %s, %s)
 ON CONFLICT (crm_customer_id) DO UPDATE SET
     full_name = CASE WHEN EXCLUDED.deleted THEN erp.business_partners.full_name
                      ELSE EXCLUDED.full_name END,
@@ -47,7 +48,9 @@ ON CONFLICT (crm_customer_id) DO UPDATE SET
     product_preference = EXCLUDED.product_preference, notes = EXCLUDED.notes,
     deleted = EXCLUDED.deleted, source_lsn = EXCLUDED.source_lsn,
     source_seq = EXCLUDED.source_seq, event_id = EXCLUDED.event_id,
-    crm_commit_time = EXCLUDED.crm_commit_time, applied_at = clock_timestamp()
+    crm_commit_time = EXCLUDED.crm_commit_time, applied_at = clock_timestamp(),
+    phone_extension = EXCLUDED.phone_extension, phone_others = EXCLUDED.phone_others,
+    division_code = EXCLUDED.division_code
 WHERE {_GUARD.format(t="erp.business_partners")}
 """
 
@@ -207,7 +210,8 @@ def apply_changes(conn: PgConn, changes: list[ErpChange]) -> None:
                 (p.crm_customer_id, p.full_name, p.gender_code, p.birth_date, p.age,
                  p.phone_e164, p.email, p.province, p.city, p.district, p.street,
                  p.purchase_frequency, p.purchase_amount, p.amount_currency,
-                 p.product_preference, p.notes, p.deleted, *_pos(p.pos))
+                 p.product_preference, p.notes, p.deleted, *_pos(p.pos), p.phone_extension,
+                 list(p.phone_others) or None, p.division_code)
                 for p in sorted(partners, key=lambda p: p.crm_customer_id)])
         if headers:
             bulk_upsert(cur, HEADER_UPSERT, [

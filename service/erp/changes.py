@@ -12,6 +12,7 @@ that arrives later (a replay, a rebalance overlap) cannot bring the row back.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
@@ -50,6 +51,9 @@ class PartnerRow:
     product_preference: str | None
     notes: str | None
     pos: Position
+    phone_extension: str | None = None
+    phone_others: tuple[str, ...] = ()
+    division_code: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,20 +140,31 @@ def _full_name(after: dict[str, Any]) -> str:
     if after.get("family_name") or after.get("given_name"):
         return tf.full_name(after.get("family_name"), after.get("given_name"),
                             after.get("middle_name"), after.get("name_order") or "eastern")
-    whole = " ".join((after.get("full_name") or "").split())
+    whole = " ".join(unicodedata.normalize("NFKC", after.get("full_name") or "").split())
     if not whole:
         raise MappingError("full_name", after.get("full_name"), "the customer has no name")
     return whole
 
 
+_CHINA = {"", "cn", "chn", "china", "中国", "中华人民共和国"}
+
+
 def _address(after: dict[str, Any]) -> tf.Address | None:
+    """Free text is parsed; a structured address in China is read as its parts written
+    together (so it is checked against the division list and coded the same way); one
+    elsewhere is kept as typed, without a division code."""
     if after.get("address"):
         return tf.parse_cn_address(after["address"])
     parts = [after.get(k) for k in ("region", "city", "street")]
     if not any(parts):
         return None
     region, city, street = (" ".join(p.split()) if p else None for p in parts)
-    return tf.Address(region or "", city or "", None, street)
+    if (after.get("country") or "").strip().casefold() in _CHINA:
+        if region and city and (city.startswith(region) or region.startswith(city)):
+            city = city if len(city) >= len(region) else region  # a municipality: 北京 + 北京市
+            region = None
+        return tf.parse_cn_address("".join(p for p in (region, city, street) if p))
+    return tf.Address(region or "", city, None, street, "")
 
 
 def partner_row(record: dict[str, Any], mappings: Mappings) -> PartnerRow:
@@ -159,6 +174,7 @@ def partner_row(record: dict[str, Any], mappings: Mappings) -> PartnerRow:
         return PartnerRow(record["key"], True, "", "U", None, None, None, None,
                           None, None, None, None, None, None, None, None, None, pos)
     address = _address(after)
+    phones = tf.parse_phones(after.get("phone"), mappings)
     amount = _decimal(after.get("purchase_amount"), "purchase_amount")
     birth_date = after.get("birth_date")
     return PartnerRow(
@@ -168,7 +184,7 @@ def partner_row(record: dict[str, Any], mappings: Mappings) -> PartnerRow:
         gender_code=tf.gender_code(after.get("gender") or "", mappings),
         birth_date=birth_date,
         age=tf.age_on(birth_date, pos.commit_time.date()) if birth_date else None,
-        phone_e164=tf.phone_e164(after["phone"]) if after.get("phone") else None,
+        phone_e164=phones.primary if phones else None,
         email=tf.normalise_email(after.get("email")),
         province=address.province or None if address else None,
         city=address.city or None if address else None,
@@ -181,6 +197,9 @@ def partner_row(record: dict[str, Any], mappings: Mappings) -> PartnerRow:
         product_preference=after.get("product_preference"),
         notes=after.get("notes"),
         pos=pos,
+        phone_extension=phones.extension if phones else None,
+        phone_others=phones.others if phones else (),
+        division_code=address.division_code or None if address else None,
     )
 
 
@@ -191,8 +210,8 @@ def order_change(record: dict[str, Any], mappings: Mappings) -> ErpChange:
     if after is not None:
         if after.get("order_date") is None:
             raise MappingError("order_date", None, "the order has no order date")
-        header = OrderHeaderRow(record["key"], " ".join((after.get("order_no") or "").split())
-                                or record["key"], record["customer_key"], after["order_date"],
+        header = OrderHeaderRow(record["key"], tf.order_number(after.get("order_no")),
+                                record["customer_key"], after["order_date"],
                                 tf.order_status(after.get("status") or "", mappings),
                                 tf.currency_code(after.get("currency") or "", mappings),
                                 False, pos)
@@ -211,6 +230,10 @@ def order_change(record: dict[str, Any], mappings: Mappings) -> ErpChange:
                                       "", "", Decimal(1), "", Decimal(0), True, pos))
             continue
         quantity = la.get("quantity") or ""
+        if la.get("unit"):
+            # A numeric column's scale is not the count's precision: 10.00 个 is 10 个.
+            number = _decimal(quantity, "lines.quantity")
+            quantity = "" if number is None else format(number.normalize(), "f")
         qty = tf.parse_quantity(quantity + (la.get("unit") or ""), mappings,
                                 field="lines.quantity")
         price = _decimal(la.get("unit_price"), "lines.unit_price")

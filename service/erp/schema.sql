@@ -53,6 +53,12 @@ CREATE TABLE IF NOT EXISTS erp.business_partners (
     applied_at         timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 
+-- Issue #12: a phone's extension and further numbers, and the address's GB/T 2260 code.
+-- Added, not recreated, so that an existing ERP database upgrades in place.
+ALTER TABLE erp.business_partners ADD COLUMN IF NOT EXISTS phone_extension text;
+ALTER TABLE erp.business_partners ADD COLUMN IF NOT EXISTS phone_others text[];
+ALTER TABLE erp.business_partners ADD COLUMN IF NOT EXISTS division_code char(6);
+
 CREATE TABLE IF NOT EXISTS erp.sales_orders (
     crm_order_id    text PRIMARY KEY,
     order_no        text NOT NULL,
@@ -179,3 +185,14 @@ CREATE TABLE IF NOT EXISTS sync.dead_letter_actions (
     at             timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX IF NOT EXISTS dead_letter_actions_letter ON sync.dead_letter_actions (dead_letter_id);
+
+-- Issue #12 item 7: a newer event of the same row that maps supersedes its dead letter (the
+-- consumer marks it 'superseded' and audits it as action 'supersede'). event_kind (customer,
+-- order, market_demand) tells which row a letter is about; NULL for letters from before.
+ALTER TABLE sync.dead_letters ADD COLUMN IF NOT EXISTS event_kind text;
+ALTER TABLE sync.dead_letters DROP CONSTRAINT IF EXISTS dead_letters_state_check;
+ALTER TABLE sync.dead_letters ADD CONSTRAINT dead_letters_state_check
+    CHECK (state IN ('open', 'redriven', 'discarded', 'failed_again', 'superseded'));
+ALTER TABLE sync.dead_letter_actions DROP CONSTRAINT IF EXISTS dead_letter_actions_action_check;
+ALTER TABLE sync.dead_letter_actions ADD CONSTRAINT dead_letter_actions_action_check
+    CHECK (action IN ('redrive', 'discard', 'supersede'));

@@ -33,7 +33,7 @@ from service.operator.common import PgConn, connect
 from service.settings import Settings
 
 UNRESOLVED = ("open", "failed_again")
-STATES = ("open", "redriven", "discarded", "failed_again")
+STATES = ("open", "redriven", "discarded", "failed_again", "superseded")
 
 _COLUMNS = ('dead_letter_id, topic, partition, "offset", msg_key, stage, error_class, '
             "error_message, state, dlq_partition, dlq_offset, created_at, resolved_at, "
@@ -92,8 +92,10 @@ def _letter(row: Any) -> Letter:
 
 def list_letters(settings: Settings, *, since: datetime | None = None,
                  error_type: str | None = None, topic: str | None = None,
-                 key: str | None = None, states: list[str] | None = None) -> list[Letter]:
-    """Dead letters, oldest first; ``states`` None means the unresolved ones."""
+                 key: str | None = None, states: list[str] | None = None,
+                 field: str | None = None) -> list[Letter]:
+    """Dead letters, oldest first; ``states`` None means the unresolved ones; ``field``
+    keeps the mapping failures of that CRM field."""
     states = list(UNRESOLVED) if states is None else states
     bad = sorted(set(states) - set(STATES))
     if bad:
@@ -112,6 +114,9 @@ def list_letters(settings: Settings, *, since: datetime | None = None,
     if key is not None:
         where.append("msg_key = %s")
         params.append(key.encode())  # type: ignore[arg-type]
+    if field:
+        where.append(_FIELD_CLAUSE)
+        params.append(field + ": ")  # type: ignore[arg-type]
     with connect(settings, "erp") as conn:
         rows = conn.execute(
             f"SELECT {_COLUMNS} FROM sync.dead_letters WHERE {' AND '.join(where)} "
@@ -219,8 +224,13 @@ def show(settings: Settings, letter_id: int) -> dict[str, Any]:
     return out
 
 
+# A MappingError's message is "<field>: <reason>" (service.errors.MappingError).
+_FIELD_CLAUSE = "(error_class = 'MappingError' AND starts_with(error_message, %s))"
+
+
 def select_letters(settings: Settings, ids: list[int] | None, error_type: str | None,
-                   all_open: bool) -> tuple[list[Letter], list[Outcome]]:
+                   all_open: bool, *, field: str | None = None
+                   ) -> tuple[list[Letter], list[Outcome]]:
     """The letters an action targets, and refusals for ids that do not exist."""
     with connect(settings, "erp") as conn:
         if ids:
@@ -232,6 +242,9 @@ def select_letters(settings: Settings, ids: list[int] | None, error_type: str | 
         if error_type and not all_open:
             where += " AND (error_class = %s OR stage = %s)"
             params += [error_type, error_type]  # type: ignore[list-item]
+        if field and not all_open:
+            where += " AND " + _FIELD_CLAUSE
+            params.append(field + ": ")  # type: ignore[arg-type]
         rows = conn.execute(f"SELECT {_COLUMNS} FROM sync.dead_letters WHERE {where}",
                             params).fetchall()
     return [_letter(r) for r in rows], []

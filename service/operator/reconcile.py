@@ -66,7 +66,8 @@ ENTITIES = {
         Entity("customers", "customer", "erp.business_partners", "crm_customer_id",
                ("full_name", "gender_code", "birth_date", "phone_e164", "email", "province",
                 "city", "district", "street", "purchase_frequency", "purchase_amount",
-                "amount_currency", "product_preference", "notes")),
+                "amount_currency", "product_preference", "notes", "phone_extension",
+                "phone_others", "division_code")),
         Entity("orders", "order", "erp.sales_orders", "crm_order_id",
                ("order_no", "crm_customer_id", "order_date", "status_code", "currency")),
         Entity("demand", "market_demand", "erp.demand_signals", "crm_demand_id",
@@ -167,6 +168,9 @@ def _actual(conn: PgConn, entity: Entity, where: str, params: list[Any]
                         params).fetchall()
     out = {r[0]: dict(zip((*entity.fields, "deleted", "source_lsn", "source_seq"), r[1:],
                           strict=True)) for r in rows}
+    for values in out.values():
+        if "phone_others" in values:  # text[] (NULL when none) vs the mapped tuple
+            values["phone_others"] = tuple(values["phone_others"] or ())
     if entity.name == "orders" and out:
         for values in out.values():
             values["items"] = {}

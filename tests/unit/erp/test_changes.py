@@ -100,7 +100,8 @@ def test_company_from_full_name_and_structured_address(mappings: Mappings) -> No
     assert partner.gender_code == "U" and partner.birth_date is None and partner.age is None
     assert partner.email == "info@xingchen.cn"
     assert (partner.city, partner.street, partner.district) == ("北京市", "建国路88号", None)
-    assert partner.province == "北京"
+    # Read against the division list like free text: the official name and its code.
+    assert (partner.province, partner.division_code) == ("北京市", "110000")
     assert partner.purchase_amount is None and partner.amount_currency is None
 
 
@@ -143,7 +144,7 @@ def test_amount_that_is_not_a_finite_number_is_refused(mappings: Mappings, text:
 def test_order_lines_are_keyed_by_the_crm_line_key(mappings: Mappings) -> None:
     change = to_erp("order", order_event(
         [{"op": "CREATE", "before": None, "after": line(1)},
-         {"op": "CREATE", "before": None, "after": line(2, quantity="2.5", unit="个",
+         {"op": "CREATE", "before": None, "after": line(2, quantity="2.50", unit="kg",
                                                        unit_price="0.10")},
          {"op": "DELETE", "before": line(3), "after": None}],
         after=header()), mappings)
@@ -155,9 +156,27 @@ def test_order_lines_are_keyed_by_the_crm_line_key(mappings: Mappings) -> None:
     first, second, _ = change.items
     assert (first.sku, first.quantity, first.unit_code, first.unit_price) == (
         "SKU-100001", Decimal(10), "UNIT", Decimal("5000.00"))
-    # A unit kept apart from the quantity (BottleCRM: a constant) counts as written after it.
+    # A unit kept apart from the quantity (BottleCRM: a constant) counts as written after it;
+    # the numeric column's scale is not the count's precision (2.50 -> 2.5).
     assert (second.quantity, second.unit_code, second.unit_price) == (
-        Decimal("2.5"), "PCE", Decimal("0.10"))
+        Decimal("2.5"), "KGM", Decimal("0.10"))
+
+
+@pytest.mark.parametrize(("quantity", "expected"), [("10.00", Decimal(10)), ("3", Decimal(3))])
+def test_a_whole_count_in_a_numeric_column_is_whole(mappings: Mappings, quantity: str,
+                                                     expected: Decimal) -> None:
+    record = order_event(lines=[{"op": "CREATE", "before": None,
+                                 "after": line(1, quantity=quantity, unit="个")}])
+    (item,) = to_erp("order", record, mappings).items
+    assert (item.quantity, item.unit_code) == (expected, "PCE")
+
+
+def test_a_fraction_of_a_countable_unit_is_refused(mappings: Mappings) -> None:
+    record = order_event(lines=[{"op": "CREATE", "before": None,
+                                 "after": line(1, quantity="2.50", unit="个")}])
+    with pytest.raises(MappingError) as info:
+        to_erp("order", record, mappings)
+    assert info.value.field == "lines.quantity"
 
 
 @pytest.mark.parametrize("price", ["NaN", "-1.00", None])

@@ -8,7 +8,7 @@
 #
 # The database must exist (clone it: CREATE DATABASE x TEMPLATE tryton_template). Starting
 # with -d loads the database's pool before the first call; without it the first login fails
-# with KeyError 'res.user'. State: .stack/tryton/server-<db>.{pid,log}.
+# with KeyError 'res.user'. State: .stack/tryton/server-<db>.{conf,pid,log}.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -23,10 +23,11 @@ die() { log "ERROR: $*"; exit 1; }
 
 alive() { [[ -s "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
-# 0 when the server answers a JSON-RPC call on /<db>/rpc/ (any JSON reply, even an error).
+# 0 when the server answers HTTP on /<db>/rpc/ (401 counts: without a session every method
+# but login is refused, and an answer is all this checks).
 answers() {
     "$VENV/bin/python" - "$1" "$2" <<'EOF'
-import json, sys, urllib.request
+import json, sys, urllib.error, urllib.request
 db, port = sys.argv[1:]
 req = urllib.request.Request(
     f"http://127.0.0.1:{port}/{db}/rpc/",
@@ -34,7 +35,9 @@ req = urllib.request.Request(
     headers={"Content-Type": "application/json"})
 try:
     with urllib.request.urlopen(req, timeout=3) as r:
-        json.load(r)
+        r.read()
+except urllib.error.HTTPError:
+    pass
 except Exception:
     sys.exit(1)
 EOF
@@ -46,8 +49,9 @@ start() {
     if alive "$pidf"; then
         log "already running for $db (pid $(cat "$pidf"))"
     else
-        TRYTOND_WEB__LISTEN="127.0.0.1:$port" nohup "$VENV/bin/trytond" -c "$CONF" -d "$db" \
-            >"$logf" 2>&1 </dev/null &
+        # Its own config file: trytond reads TRYTOND_WEB__LISTEN before the file, which wins.
+        sed "s/^listen = .*/listen = 127.0.0.1:$port/" "$CONF" >"$STATE/server-$db.conf"
+        nohup "$VENV/bin/trytond" -c "$STATE/server-$db.conf" -d "$db" >"$logf" 2>&1 </dev/null &
         echo $! >"$pidf"
     fi
     local deadline=$((SECONDS + WAIT_S))

@@ -154,7 +154,8 @@ def main() -> None:
         template = Template(name=name, type="goods", salable=True, default_uom=unit,
                             sale_uom=unit, list_price=Decimal("100"),
                             account_category=category)
-        template.products[0].code = sku
+        # product.product.code is computed: the template's code (none here) + suffix_code.
+        template.products[0].suffix_code = sku
         template.save()
 
     sale_config = SaleConfig(1)

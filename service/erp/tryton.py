@@ -603,7 +603,8 @@ class TrytonTarget:
                             f"{state}: {EDIT_ACTION}")
                 continue
             if want is not None and _RANK[want] < _RANK[state]:
-                if _RANK[state] >= _RANK["confirmed"]:
+                # "confirmed" means at least confirmed: processing and done are past it.
+                if _RANK[want] < _RANK["confirmed"] <= _RANK[state]:
                     refuse(key, f"moved back to {h.status_code if h else '?'} in the CRM but "
                                 f"the Tryton sale is {state}: {BACK_ACTION}")
                     continue

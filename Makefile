@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 STACK  := deploy/local/stack.sh
 
 .PHONY: help venv up down stack-status clean-stack lint test demo bench-produce bench-apply
-.PHONY: validate-deploy
+.PHONY: validate-deploy tryton tryton-rebuild test-tryton bench-tryton
 
 help:
 	@echo "make venv          create .venv (pinned by requirements.lock) with the test extras"
@@ -24,6 +24,9 @@ help:
 	@echo "make demo          bring the stack up and run the demo"
 	@echo "make validate-deploy   kustomize + kubeconform on deploy/k8s, compose checks"
 	@echo "make bench-produce / bench-apply   benchmarks"
+	@echo "make tryton        Tryton 8.2 in .stack/tryton/venv + template database tryton_template"
+	@echo "make test-tryton   the tryton target's tests against a real Tryton server"
+	@echo "make bench-tryton  sales/s applied into Tryton beside the sql target"
 
 # ---- python environment -------------------------------------------------------------------
 venv: $(STAMP)
@@ -67,3 +70,16 @@ bench-produce: venv up
 bench-apply: venv up
 	$(BIN)/python -m bench.apply
 	$(BIN)/python -m bench.e2e
+
+# ---- Tryton (the `tryton` ERP target) -------------------------------------------------------
+tryton: up
+	bash deploy/tryton/install.sh
+
+tryton-rebuild: up
+	bash deploy/tryton/install.sh rebuild
+
+test-tryton: venv tryton
+	$(BIN)/pytest -q tests/unit/erp/test_tryton_rpc.py tests/integration/erp/test_tryton.py
+
+bench-tryton: venv tryton
+	$(BIN)/python -m bench.apply_tryton

@@ -21,6 +21,7 @@ import pytest
 from service.erp.changes import OrderHeaderRow, OrderItemRow, PartnerRow, Position
 from service.erp.tryton import Outcome, PositionStore, Status, TrytonTarget
 from service.erp.tryton_rpc import TrytonRPC
+from service.errors import TargetRefused
 from tests.conftest import Stack, TrytonServer
 
 _keys = itertools.count(1)
@@ -239,3 +240,15 @@ def test_a_batch_of_orders_is_applied_with_one_call_per_step(world: World) -> No
     assert world.rpc.calls - calls <= 9
     sales = world.target.read_sales([o.key for o in outcomes])
     assert {s.state for s in sales.values()} == {"processing"}
+
+
+def test_trytons_own_refusal_arrives_as_a_typed_error_with_its_message(world: World) -> None:
+    cid = world.key()
+    world.target.apply_customers([customer(cid, 100)])
+
+    with pytest.raises(TargetRefused) as caught:
+        world.rpc.execute("party.party", "create", [{"code": f"CRM-{cid}", "name": "重复"}])
+
+    assert caught.value.error_class == "UserError"
+    assert "unique" in caught.value.detail  # Tryton's own words, for the dead letter
+    assert "重复" not in str(caught.value)

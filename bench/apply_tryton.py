@@ -144,7 +144,8 @@ def main() -> None:
     print(f"{n} paid orders x 2 lines, batches of {args.batch}")
     print(f"  sql target            {n / sql_s:9.1f} sales/s  {1000 * sql_s / n:8.1f} ms/sale")
     print(f"  tryton target         {n / tryton_s:9.1f} sales/s  {1000 * tryton_s / n:8.1f} "
-          f"ms/sale  {tryton_calls} RPC calls  outcomes {sorted(s.value for s in first)}  states {sorted(states)}")
+          f"ms/sale  {tryton_calls} RPC calls  outcomes {sorted(s.value for s in first)}  "
+          f"states {sorted(states)}")
     print(f"  tryton, all stale     {n / stale_s:9.1f} sales/s  {1000 * stale_s / n:8.1f} "
           f"ms/sale  {stale_calls} RPC calls  outcomes {sorted(s.value for s in second)}")
     print(f"  (tryton customers: {n / customers_s:.1f} parties/s)")

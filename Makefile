@@ -72,10 +72,11 @@ bench-apply: venv up
 	$(BIN)/python -m bench.e2e
 
 # ---- Tryton (the `tryton` ERP target) -------------------------------------------------------
-tryton: up
+# Needs the stack's PostgreSQL (make up); install.sh says so when it is not reachable.
+tryton:
 	bash deploy/tryton/install.sh
 
-tryton-rebuild: up
+tryton-rebuild:
 	bash deploy/tryton/install.sh rebuild
 
 test-tryton: venv tryton

@@ -16,7 +16,8 @@
 # install.log. PostgreSQL is the local stack's (127.0.0.1:${STACK_PG_PORT:-15432}, role
 # sync/sync, a development-only superuser).
 #
-# Environment: STACK_PG_PORT (15432), TRYTON_PYTHON (python3.11), TRYTON_TEMPLATE_DB
+# Environment: STACK_PG_PORT (15432), TRYTON_PYTHON (python3.11, else python3; >= 3.10),
+# TRYTON_TEMPLATE_DB
 # (tryton_template).
 set -euo pipefail
 
@@ -27,7 +28,7 @@ VENV="$STATE/venv"
 CONF="$STATE/trytond.conf"
 LOG="$STATE/install.log"
 PG_PORT="${STACK_PG_PORT:-15432}"
-PY="${TRYTON_PYTHON:-python3.11}"
+PY="${TRYTON_PYTHON:-$(command -v python3.11 || command -v python3 || echo python3)}"
 TEMPLATE="${TRYTON_TEMPLATE_DB:-tryton_template}"
 BUILD="${TEMPLATE}_build"
 PG_ADMIN_DSN="postgresql://sync:sync@127.0.0.1:${PG_PORT}/postgres"
@@ -71,7 +72,7 @@ install_venv() {
 }
 
 write_conf() {
-    local pass
+    local user
     for user in admin sync; do
         if [[ ! -s "$STATE/$user.pass" ]]; then
             (umask 077; "$VENV/bin/python" -c \
@@ -119,6 +120,8 @@ drop_template() {
 
 template() {
     [[ -x "$VENV/bin/trytond-admin" ]] || die "no Tryton venv: run $0 venv first"
+    psql_admin "SELECT 1" >/dev/null 2>&1 \
+        || die "PostgreSQL at 127.0.0.1:$PG_PORT (role sync) is not reachable: run make up"
     write_conf
     if template_exists; then
         log "template $TEMPLATE exists"

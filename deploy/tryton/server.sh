@@ -79,8 +79,8 @@ stop() {
         fi
         sleep 0.2
     done
-    rm -f "$pidf"
-    log "trytond for $db stopped"
+    rm -f "$pidf" "$STATE/server-$db.conf"
+    log "trytond for $db stopped (log kept: $STATE/server-$db.log)"
 }
 
 case "${1:-}" in

@@ -43,7 +43,7 @@ import psycopg
 from service import pg
 from service.erp.changes import OrderHeaderRow, OrderItemRow, PartnerRow, Position
 from service.erp.tryton_rpc import TrytonRPC
-from service.errors import TargetError, TargetRefused, TargetUnavailable
+from service.errors import StackUnavailable, TargetError, TargetRefused, TargetUnavailable
 
 SHOP_NAME = "CRM"
 
@@ -125,8 +125,13 @@ class PositionStore:
 
     def _db(self) -> pg.PgConn:
         if self._conn is None or self._conn.closed:
-            self._conn = pg.connect(self._dsn, "sync-state")
-            self._conn.execute(POSITIONS_DDL)
+            try:
+                self._conn = pg.connect(self._dsn, "sync-state")
+                self._conn.execute(POSITIONS_DDL)
+            except (StackUnavailable, psycopg.OperationalError) as exc:
+                self.close()
+                raise TargetUnavailable("tryton_positions", "sync-state database unreachable") \
+                    from exc
         return self._conn
 
     def close(self) -> None:

@@ -76,7 +76,9 @@ class World:
 def world(stack: Stack, tryton_server: TrytonServer) -> Iterator[World]:
     state_db = f"sync_state_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{state_db}"')
+        # template0: nobody connects to it, so concurrent CREATE DATABASEs elsewhere on the
+        # shared stack cannot make this one fail ("source database is being accessed").
+        conn.execute(f'CREATE DATABASE "{state_db}" TEMPLATE template0')
     rpc = TrytonRPC(tryton_server.url, tryton_server.database, tryton_server.login,
                     tryton_server.password)
     target = TrytonTarget(rpc, PositionStore(stack.dsn_for(state_db)))
@@ -252,3 +254,11 @@ def test_trytons_own_refusal_arrives_as_a_typed_error_with_its_message(world: Wo
     assert caught.value.error_class == "UserError"
     assert "unique" in caught.value.detail  # Tryton's own words, for the dead letter
     assert "重复" not in str(caught.value)
+
+
+def test_an_expired_session_is_renewed_without_failing_the_call(world: World) -> None:
+    cid = world.key()
+    world.target.apply_customers([customer(cid, 100)])
+    world.rpc.call("common.db.logout")  # the server forgets the session token
+
+    assert world.target.read_parties([str(cid)])[str(cid)].name == "张三"

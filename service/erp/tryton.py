@@ -58,6 +58,13 @@ STATUS_TARGET: dict[str, str] = {
 }
 _RANK = {"draft": 0, "quotation": 1, "confirmed": 2, "processing": 3, "done": 4}
 _EDITABLE = ("draft", "quotation")
+# The state a workflow call leaves a sale in, then the states past it.
+_REACHED: dict[str, tuple[str, ...]] = {
+    "draft": ("draft",),
+    "quote": ("quotation", "confirmed", "processing", "done"),
+    "confirm": ("confirmed", "processing", "done"),
+    "cancel": ("cancelled",),
+}
 # ERP unit code -> Tryton product.uom symbol (Tryton's own data: "u" is its Unit).
 UNIT_SYMBOLS: dict[str, str] = {"UNIT": "u", "PCE": "u", "KGM": "kg"}
 
@@ -412,6 +419,7 @@ class TrytonTarget:
         if creates:
             created = self._batched("party.party", "create", creates,
                                     lambda batch: [list(batch.values())], refused)
+            self._created_meanwhile("party", [k for k in creates if k in refused])
             for key, new_id in created.items():
                 erp_ids[key] = new_id
         if writes:
@@ -627,39 +635,30 @@ class TrytonTarget:
 
         refused: dict[str, TargetRefused] = {}
         sale_ids = {key: s["id"] for key, s in sales.items()}
+        states = {key: str(s["state"]) for key, s in sales.items()}
         if creates:
             created = self._batched("sale.sale", "create", creates,
                                     lambda batch: [list(batch.values())], refused)
+            self._created_meanwhile("sale", [k for k in creates if k in refused])
             sale_ids.update(created)
-            for key in created:
-                sales[key] = {"state": "draft"}
-        if to_draft:
-            self._step("draft", {k: v for k, v in to_draft.items() if k not in refused},
-                       refused)
-            for key in to_draft:
-                sales[key]["state"] = "draft"
-        if writes:
-            live = {k: v for k, v in writes.items() if k not in refused}
-            if live:
-                self._batched("sale.sale", "write", live,
-                              lambda batch: [x for sid, vals in batch.values()
-                                             for x in ([sid], vals)], refused)
+            states.update({key: "draft" for key in created})
+        self._step("draft", {k: v for k, v in to_draft.items() if k not in refused},
+                   refused, states)
+        live = {k: v for k, v in writes.items() if k not in refused}
+        if live:
+            self._batched("sale.sale", "write", live,
+                          lambda batch: [x for sid, vals in batch.values()
+                                         for x in ([sid], vals)], refused)
 
-        def state_of(key: str) -> str:
-            return str(sales[key]["state"])
+        def ready(step_targets: tuple[str, ...], from_states: tuple[str, ...]
+                  ) -> dict[str, int]:
+            return {k: sale_ids[k] for k, t in target.items()
+                    if k not in refused and k in sale_ids and t in step_targets
+                    and states[k] in from_states}
 
-        quote = {k: sale_ids[k] for k, t in target.items()
-                 if k not in refused and k in sale_ids and t in ("quotation", "confirmed")
-                 and state_of(k) == "draft"}
-        self._step("quote", quote, refused)
-        confirm = {k: sale_ids[k] for k, t in target.items()
-                   if k not in refused and k in sale_ids and t == "confirmed"
-                   and state_of(k) in ("draft", "quotation")}
-        self._step("confirm", confirm, refused)
-        cancel = {k: sale_ids[k] for k, t in target.items()
-                  if k not in refused and k in sale_ids and t == "cancelled"
-                  and state_of(k) in _EDITABLE}
-        self._step("cancel", cancel, refused)
+        self._step("quote", ready(("quotation", "confirmed"), ("draft",)), refused, states)
+        self._step("confirm", ready(("confirmed",), ("draft", "quotation")), refused, states)
+        self._step("cancel", ready(("cancelled",), _EDITABLE), refused, states)
 
         done = []
         for key, o in orders.items():
@@ -701,25 +700,60 @@ class TrytonTarget:
             return [("create", op[1][0]) for op in ops if op[0] == "create"], ""
         return ops, ""
 
-    def _step(self, method: str, ids: dict[str, int], refused: dict[str, TargetRefused]
-              ) -> None:
-        """One workflow call (draft/quote/confirm/cancel) for all ``ids``, isolating
-        refusals per sale. ``confirm`` returns after Tryton processed the sales: with no
-        worker the server runs the queued ``process`` task before answering."""
+    def _sale_states(self, ids: Sequence[int]) -> dict[int, str]:
+        rows = self.rpc.execute("sale.sale", "read", list(ids), ["state"])
+        return {r["id"]: r["state"] for r in rows}
+
+    def _step(self, method: str, ids: dict[str, int], refused: dict[str, TargetRefused],
+              states: dict[str, str]) -> None:
+        """One workflow call (draft/quote/confirm/cancel) for all ``ids``; ``states`` (key ->
+        sale state) is updated.
+
+        Tryton refuses a button on a sale whose state does not allow it ("You can not call
+        quote on ..."). That happens when another writer moved the sale after we read it (a
+        killed consumer's last call still runs on the server): sales found already at or
+        past the step are fine; the rest are tried one by one so only a real refusal is
+        refused. ``confirm`` returns after Tryton processed the sales: with no worker the
+        server runs the queued ``process`` task before answering.
+        """
         if not ids:
             return
+        reached = _REACHED[method]
         try:
             self.rpc.execute("sale.sale", method, list(ids.values()))
+            states.update({key: reached[0] for key in ids})
             return
-        except TargetRefused as exc:
-            if len(ids) == 1:
-                refused[next(iter(ids))] = exc
-                return
+        except TargetRefused:
+            pass
+        fresh = self._sale_states(list(ids.values()))
         for key, sale_id in ids.items():
+            states[key] = fresh.get(sale_id, states[key])
+            if states[key] in reached:
+                continue
             try:
                 self.rpc.execute("sale.sale", method, [sale_id])
+                states[key] = reached[0]
             except TargetRefused as exc:
-                refused[key] = exc
+                now = self._sale_states([sale_id]).get(sale_id, states[key])
+                states[key] = now
+                if now not in reached:
+                    refused[key] = exc
+
+    def _created_meanwhile(self, kind: str, keys: Sequence[str]) -> None:
+        """A create refused because the record exists now: another writer (a killed
+        consumer's last call) created it after our read. Retrying the batch finds it."""
+        if not keys:
+            return
+        if kind == "sale":
+            found = self._search_read("sale.sale", [("web_shop", "=", self.shop_id),
+                                                    ("web_id", "in", list(keys))], ["id"])
+        else:
+            found = self._search_read("party.party",
+                                      [("code", "in", [self.party_code(k) for k in keys])],
+                                      ["id"], inactive=True)
+        if found:
+            raise TargetUnavailable(f"{kind} create",
+                                    "created meanwhile by another writer: retry the batch")
 
     # -- reads for reconcile and the demo ----------------------------------------------------
     def read_parties(self, keys: Iterable[str]) -> dict[str, PartyState]:

@@ -21,7 +21,7 @@ import pytest
 from service.erp.changes import OrderHeaderRow, OrderItemRow, PartnerRow, Position
 from service.erp.tryton import Outcome, PositionStore, Status, TrytonTarget
 from service.erp.tryton_rpc import TrytonRPC
-from service.errors import TargetRefused
+from service.errors import TargetRefused, TargetUnavailable
 from tests.conftest import Stack, TrytonServer
 
 _keys = itertools.count(1)
@@ -262,3 +262,66 @@ def test_an_expired_session_is_renewed_without_failing_the_call(world: World) ->
     world.rpc.call("common.db.logout")  # the server forgets the session token
 
     assert world.target.read_parties([str(cid)])[str(cid)].name == "张三"
+
+
+CHILD = """
+import sys
+from tests.integration.erp.test_tryton import order
+from service.erp.tryton import PositionStore, TrytonTarget
+from service.erp.tryton_rpc import TrytonRPC
+url, db, login, password, state_dsn, first, count, cid = sys.argv[1:]
+target = TrytonTarget(TrytonRPC(url, db, login, password), PositionStore(state_dsn))
+for start in range(int(first), int(first) + int(count), 5):
+    rows = [order(oid, int(cid), 500) for oid in range(start, start + 5)]
+    target.apply_orders([h for h, _ in rows], [i for _, its in rows for i in its])
+"""
+
+
+def test_a_consumer_killed_mid_batch_converges_with_no_duplicate_on_restart(
+        world: World, tryton_server: TrytonServer) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from service.settings import REPO_ROOT
+
+    cid = world.key()
+    world.target.apply_customers([customer(cid, 100)])
+    first = 80_000 + 100 * next(_keys)
+    keys = [str(k) for k in range(first, first + 20)]
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, tryton_server.url, tryton_server.database,
+         tryton_server.login, tryton_server.password, world.target.positions._dsn,
+         str(first), "20", str(cid)], cwd=REPO_ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while not world.target.read_sales(keys):  # the first batch's sales exist (draft)
+            assert child.poll() is None, "the child ended before creating a sale"
+            assert time.monotonic() < deadline, "no sale within 120 s"
+            time.sleep(0.05)
+        child.kill()  # SIGKILL: no cleanup, positions not written for the batch
+    finally:
+        child.wait(30)
+    at_kill = world.target.read_sales(keys)
+    assert len(at_kill) < 20 or {s.state for s in at_kill.values()} != {"processing"}
+
+    # The restarted consumer re-applies the batch, retrying transient errors as the
+    # pipeline does (the killed child's last call may still be running on the server).
+    rows = [order(int(k), cid, 500) for k in keys]
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            outcomes = world.target.apply_orders([h for h, _ in rows],
+                                                 [i for _, its in rows for i in its])
+            break
+        except TargetUnavailable:
+            assert time.monotonic() < deadline, "still transient after 120 s"
+            time.sleep(0.5)
+
+    assert statuses(outcomes) == [Status.APPLIED] * 20, [o.detail for o in outcomes]
+    web_ids = world.rpc.execute("sale.sale", "search_read", [("web_id", "in", keys)], 0, None,
+                                None, ["web_id", "state"])
+    assert sorted(s["web_id"] for s in web_ids) == sorted(keys)  # one sale per order
+    assert {s["state"] for s in web_ids} == {"processing"}
+    sales = world.target.read_sales(keys)
+    assert all(len(s.moves) == 2 for s in sales.values())

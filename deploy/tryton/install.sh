@@ -122,10 +122,17 @@ template() {
     [[ -x "$VENV/bin/trytond-admin" ]] || die "no Tryton venv: run $0 venv first"
     psql_admin "SELECT 1" >/dev/null 2>&1 \
         || die "PostgreSQL at 127.0.0.1:$PG_PORT (role sync) is not reachable: run make up"
+    local had_passwords=1
+    [[ -s "$STATE/admin.pass" && -s "$STATE/sync.pass" ]] || had_passwords=0
     write_conf
     if template_exists; then
-        log "template $TEMPLATE exists"
-        return
+        if ((had_passwords)); then
+            log "template $TEMPLATE exists"
+            return
+        fi
+        # The template holds the passwords of files that are gone: build it again.
+        log "template $TEMPLATE exists but its password files do not: rebuilding"
+        drop_template
     fi
     build_template
 }

@@ -127,13 +127,13 @@ class PositionStore:
     """
 
     def __init__(self, dsn: str) -> None:
-        self._dsn = dsn
+        self.dsn = dsn
         self._conn: pg.PgConn | None = None
 
     def _db(self) -> pg.PgConn:
         if self._conn is None or self._conn.closed:
             try:
-                self._conn = pg.connect(self._dsn, "sync-state")
+                self._conn = pg.connect(self.dsn, "sync-state")
                 self._conn.execute(POSITIONS_DDL)
             except (StackUnavailable, psycopg.OperationalError) as exc:
                 self.close()

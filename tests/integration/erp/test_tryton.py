@@ -159,7 +159,7 @@ def test_reapplied_and_older_events_change_nothing(world: World, stack: Stack) -
 
     # A crash after Tryton committed but before the positions did: the same events are
     # applied again with no positions at all, and still change nothing in Tryton.
-    with psycopg.connect(world.target.positions._dsn, autocommit=True) as conn:
+    with psycopg.connect(world.target.positions.dsn, autocommit=True) as conn:
         conn.execute("DELETE FROM tryton_positions")
     assert statuses(world.target.apply_customers([cust])) == [Status.APPLIED]
     assert statuses(world.target.apply_orders([paid], paid_items)) == [Status.APPLIED]
@@ -291,7 +291,7 @@ def test_a_consumer_killed_mid_batch_converges_with_no_duplicate_on_restart(
     keys = [str(k) for k in range(first, first + 20)]
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, tryton_server.url, tryton_server.database,
-         tryton_server.login, tryton_server.password, world.target.positions._dsn,
+         tryton_server.login, tryton_server.password, world.target.positions.dsn,
          str(first), "20", str(cid)], cwd=REPO_ROOT)
     try:
         deadline = time.monotonic() + 120

@@ -608,8 +608,12 @@ class TrytonTarget:
                 target[key] = "cancelled"
                 continue
             if state == "cancelled":
-                refuse(key, "changed in the CRM but the Tryton sale is cancelled: reset it "
-                            "to draft in Tryton (Draft button) if the order is live again")
+                if editing or want is not None:
+                    refuse(key, "changed in the CRM but the Tryton sale is cancelled: reset "
+                                "it to draft in Tryton (Draft button) if the order is live "
+                                "again")
+                else:
+                    out[key] = Outcome("order", key, Status.APPLIED)
                 continue
             if editing and state not in _EDITABLE:
                 refuse(key, f"lines or customer changed in the CRM but the Tryton sale is "
@@ -621,7 +625,7 @@ class TrytonTarget:
                     refuse(key, f"moved back to {h.status_code if h else '?'} in the CRM but "
                                 f"the Tryton sale is {state}: {BACK_ACTION}")
                     continue
-                want = state  # quotation -> draft is not a CRM intent we follow
+                want = state  # already past the CRM's step (processing, done)
             if editing:
                 if state == "quotation":
                     to_draft[key] = sale["id"]

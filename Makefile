@@ -80,7 +80,8 @@ tryton-rebuild:
 	bash deploy/tryton/install.sh rebuild
 
 test-tryton: venv tryton
-	$(BIN)/pytest -q tests/unit/erp/test_tryton_rpc.py tests/integration/erp/test_tryton.py
+	$(BIN)/pytest -q tests/unit/erp/test_tryton_rpc.py tests/unit/erp/test_tryton_target.py \
+	    tests/integration/erp/test_tryton.py
 
 bench-tryton: venv tryton
 	$(BIN)/python -m bench.apply_tryton

@@ -231,6 +231,16 @@ class _Order:
     indexes: list[int] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What one order needs from Tryton: the state to reach, and a create or a write."""
+
+    target: str  # draft | quotation | confirmed | cancelled | the sale's current state
+    create: dict[str, Any] | None = None
+    write: dict[str, Any] | None = None
+    draft_first: bool = False  # a quotation goes back to draft before its write
+
+
 class TrytonTarget:
     """Apply customer and order changes to one Tryton database.
 
@@ -540,102 +550,22 @@ class TrytonTarget:
         products = {p["code"]: p for p in self._search_read(
             "product.product", [("code", "in", skus)], ["id", "code"])} if skus else {}
 
-        def refuse(key: str, reason: str, detail: str | None = None) -> None:
-            out[key] = Outcome("order", key, Status.REFUSED, reason, detail)
-
         creates: dict[str, dict[str, Any]] = {}
         writes: dict[str, tuple[int, dict[str, Any]]] = {}
         to_draft: dict[str, int] = {}
         target: dict[str, str] = {}
         for key, o in orders.items():
-            sale, h = sales.get(key), o.header
-            if h is not None and not h.deleted and h.status_code not in STATUS_TARGET:
-                refuse(key, f"ERP status {h.status_code} has no Tryton sale state "
-                            "(STATUS_TARGET)")
+            plan = self._plan_order(o, sales.get(key), parties, products)
+            if isinstance(plan, Outcome):
+                out[key] = plan
                 continue
-            want = "cancelled" if h is not None and h.deleted else (
-                STATUS_TARGET[h.status_code] if h is not None else None)
-            party = None
-            if h is not None and not h.deleted:
-                party = parties.get(self.party_code(str(h.crm_customer_id)))
-                if party is None:
-                    out[key] = Outcome("order", key, Status.HELD,
-                                       f"customer {h.crm_customer_id} is not in Tryton yet")
-                    continue
-            line_ops, bad = self._line_ops(o, sale, products)
-            if bad:
-                refuse(key, bad)
-                continue
-            if sale is None:
-                if h is None:
-                    out[key] = Outcome("order", key, Status.HELD,
-                                       "order lines before the order header")
-                    continue
-                if want == "cancelled":
-                    out[key] = Outcome("order", key, Status.APPLIED,
-                                       "cancelled before it reached Tryton: nothing to do")
-                    continue
-                assert party is not None
-                address = party["address"]["id"] if party["address"] else None
-                creates[key] = {
-                    "web_shop": self.shop_id, "web_id": key, "party": party["id"],
-                    "invoice_address": address, "shipment_address": address,
-                    "sale_date": h.order_date, "reference": h.order_no,
-                    "lines": [["create", [op[1] for op in line_ops if op[0] == "create"]]],
-                }
-                target[key] = want or "draft"
-                continue
-            state = sale["state"]
-            header_vals: dict[str, Any] = {}
-            if h is not None and not h.deleted and party is not None:
-                if sale["party"] != party["id"]:
-                    address = party["address"]["id"] if party["address"] else None
-                    header_vals.update(party=party["id"], invoice_address=address,
-                                       shipment_address=address)
-                if sale["reference"] != h.order_no:
-                    header_vals["reference"] = h.order_no
-                if sale["sale_date"] != h.order_date:
-                    header_vals["sale_date"] = h.order_date
-            editing = bool(line_ops) or bool(header_vals)
-            if want == "cancelled":
-                if state == "cancelled":
-                    out[key] = Outcome("order", key, Status.APPLIED)
-                    continue
-                if state not in _EDITABLE:
-                    refuse(key, f"cancelled in the CRM but the Tryton sale is {state}: "
-                                f"{CANCEL_ACTION}")
-                    continue
-                target[key] = "cancelled"
-                continue
-            if state == "cancelled":
-                if editing or want is not None:
-                    refuse(key, "changed in the CRM but the Tryton sale is cancelled: reset "
-                                "it to draft in Tryton (Draft button) if the order is live "
-                                "again")
-                else:
-                    out[key] = Outcome("order", key, Status.APPLIED)
-                continue
-            if editing and state not in _EDITABLE:
-                refuse(key, f"lines or customer changed in the CRM but the Tryton sale is "
-                            f"{state}: {EDIT_ACTION}")
-                continue
-            if want is not None and _RANK[want] < _RANK[state]:
-                # "confirmed" means at least confirmed: processing and done are past it.
-                if _RANK[want] < _RANK["confirmed"] <= _RANK[state]:
-                    refuse(key, f"moved back to {h.status_code if h else '?'} in the CRM but "
-                                f"the Tryton sale is {state}: {BACK_ACTION}")
-                    continue
-                want = state  # already past the CRM's step (processing, done)
-            if editing:
-                if state == "quotation":
-                    to_draft[key] = sale["id"]
-                vals = dict(header_vals)
-                if line_ops:
-                    vals["lines"] = [list(op) for op in line_ops]
-                writes[key] = (sale["id"], vals)
-                if want is None:
-                    want = state  # a quotation edited goes back to quotation
-            target[key] = want or state
+            if plan.create is not None:
+                creates[key] = plan.create
+            if plan.write is not None:
+                writes[key] = (sales[key]["id"], plan.write)
+                if plan.draft_first:
+                    to_draft[key] = sales[key]["id"]
+            target[key] = plan.target
 
         refused: dict[str, TargetRefused] = {}
         sale_ids = {key: s["id"] for key, s in sales.items()}
@@ -668,8 +598,9 @@ class TrytonTarget:
         for key, o in orders.items():
             if key not in out:
                 if key in refused:
-                    refuse(key, f"Tryton refused the sale: {refused[key].error_class}",
-                           refused[key].detail)
+                    out[key] = Outcome("order", key, Status.REFUSED,
+                                       f"Tryton refused the sale: {refused[key].error_class}",
+                                       refused[key].detail)
                 else:
                     out[key] = Outcome("order", key, Status.APPLIED)
             if out[key].status is Status.APPLIED:
@@ -677,6 +608,81 @@ class TrytonTarget:
                 done.append((key, sale_ids.get(key), o.pos))
         self.positions.advance("order", done)
         return [out[k] for k in order_keys]
+
+    def _plan_order(self, o: _Order, sale: dict[str, Any] | None,
+                    parties: dict[str, dict[str, Any]], products: dict[str, dict[str, Any]]
+                    ) -> _Plan | Outcome:
+        """What one order's changes ask of Tryton, or the outcome when Tryton is not to be
+        called (held, refused, nothing to do). Makes no call: decides from what was read."""
+        key, h = o.key, o.header
+
+        def refuse(reason: str) -> Outcome:
+            return Outcome("order", key, Status.REFUSED, reason)
+
+        if h is not None and not h.deleted and h.status_code not in STATUS_TARGET:
+            return refuse(f"ERP status {h.status_code} has no Tryton sale state (STATUS_TARGET)")
+        want = "cancelled" if h is not None and h.deleted else (
+            STATUS_TARGET[h.status_code] if h is not None else None)
+        party = None
+        if h is not None and not h.deleted:
+            party = parties.get(self.party_code(str(h.crm_customer_id)))
+            if party is None:
+                return Outcome("order", key, Status.HELD,
+                               f"customer {h.crm_customer_id} is not in Tryton yet")
+        line_ops, bad = self._line_ops(o, sale, products)
+        if bad:
+            return refuse(bad)
+        if sale is None:
+            if h is None:
+                return Outcome("order", key, Status.HELD, "order lines before the order header")
+            if want == "cancelled":
+                return Outcome("order", key, Status.APPLIED,
+                               "cancelled before it reached Tryton: nothing to do")
+            assert party is not None and want is not None
+            address = party["address"]["id"] if party["address"] else None
+            return _Plan(want, create={
+                "web_shop": self.shop_id, "web_id": key, "party": party["id"],
+                "invoice_address": address, "shipment_address": address,
+                "sale_date": h.order_date, "reference": h.order_no,
+                "lines": [["create", [op[1] for op in line_ops]]],
+            })
+        state = str(sale["state"])
+        values: dict[str, Any] = {}
+        if h is not None and party is not None:
+            if sale["party"] != party["id"]:
+                address = party["address"]["id"] if party["address"] else None
+                values.update(party=party["id"], invoice_address=address,
+                              shipment_address=address)
+            if sale["reference"] != h.order_no:
+                values["reference"] = h.order_no
+            if sale["sale_date"] != h.order_date:
+                values["sale_date"] = h.order_date
+        if line_ops:
+            values["lines"] = [list(op) for op in line_ops]
+        if want == "cancelled":
+            if state == "cancelled":
+                return Outcome("order", key, Status.APPLIED)
+            if state not in _EDITABLE:
+                return refuse(f"cancelled in the CRM but the Tryton sale is {state}: "
+                              f"{CANCEL_ACTION}")
+            return _Plan("cancelled")
+        if state == "cancelled":
+            if values or want is not None:
+                return refuse("changed in the CRM but the Tryton sale is cancelled: reset it "
+                              "to draft in Tryton (Draft button) if the order is live again")
+            return Outcome("order", key, Status.APPLIED)
+        if values and state not in _EDITABLE:
+            return refuse(f"lines or customer changed in the CRM but the Tryton sale is "
+                          f"{state}: {EDIT_ACTION}")
+        if want is not None and _RANK[want] < _RANK[state]:
+            # "confirmed" means at least confirmed: processing and done are past it.
+            if _RANK[want] < _RANK["confirmed"] <= _RANK[state]:
+                return refuse(f"moved back to {h.status_code if h else '?'} in the CRM but "
+                              f"the Tryton sale is {state}: {BACK_ACTION}")
+            want = state  # already past the CRM's step (processing, done)
+        # An edited quotation goes back to draft for the edit, then is quoted again.
+        return _Plan(want or state, write=values or None,
+                     draft_first=bool(values) and state == "quotation")
 
     def _line_ops(self, o: _Order, sale: dict[str, Any] | None,
                   products: dict[str, dict[str, Any]]) -> tuple[list[tuple[Any, ...]], str]:

@@ -66,3 +66,42 @@ def test_line_changes_are_keyed_by_line_number_and_only_real_differences_count()
 
     ops, bad = t._line_ops(_Order("5", items={1: replace(item, sku="SKU-X")}), sale, products)
     assert ops == [] and "no product with code SKU-X" in bad
+
+
+def plan(state: str | None, status: str = "PAID", *, deleted: bool = False,
+         items: dict[int, OrderItemRow] | None = None) -> Any:
+    from service.erp.changes import OrderHeaderRow
+
+    t = target()
+    t._shop = {"id": 1}
+    header = OrderHeaderRow(5, "SO-5", 42, POS.commit_time.date(), status, "CNY", deleted, POS)
+    sale = None if state is None else {"id": 8, "state": state, "party": 9,
+                                       "reference": "SO-5", "sale_date": header.order_date,
+                                       "lines": {}}
+    parties = {"CRM-42": {"id": 9, "address": {"id": 11}}}
+    return t._plan_order(_Order("5", header=header, items=items or {}, pos=POS), sale,
+                         parties, {"SKU-1": {"id": 4}})
+
+
+def test_order_plans_follow_the_ownership_rules() -> None:
+    from service.erp.tryton import Outcome, Status, _Plan
+
+    assert plan("quotation").target == "confirmed"
+    assert plan("processing") == _Plan("processing")  # re-applied PAID: nothing to do
+    assert plan("quotation", "CANCELLED") == _Plan("cancelled")
+    cancelled = plan(None, deleted=True)
+    assert isinstance(cancelled, Outcome) and cancelled.status is Status.APPLIED
+
+    for state, status, words in (("processing", "CANCELLED", "Handle Shipment Exception"),
+                                 ("processing", "PENDING_PAYMENT", "moved back"),
+                                 ("quotation", "REFUNDED", "no Tryton sale state")):
+        refused = plan(state, status)
+        assert isinstance(refused, Outcome) and refused.status is Status.REFUSED
+        assert refused.reason is not None and words in refused.reason
+
+    item = OrderItemRow(5, 1, "SKU-1", "手机", Decimal(1), "UNIT", Decimal(1), False, POS)
+    edited = plan("quotation", items={1: item})
+    assert edited.draft_first and edited.target == "confirmed"
+    assert edited.write == {"lines": [["create", [
+        {"type": "line", "sequence": 1, "product": 4, "quantity": 1.0, "unit": 1,
+         "unit_price": Decimal(1), "description": "手机"}]]]}

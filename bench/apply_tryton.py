@@ -130,7 +130,9 @@ def main() -> None:
                 seen |= {o.status for o in outcomes}
             return time.perf_counter() - started, rpc.calls - calls, seen
 
+        rpc.seconds.clear()
         tryton_s, tryton_calls, first = apply_all()
+        per_call = sorted(rpc.seconds.items(), key=lambda kv: -kv[1])
         stale_s, stale_calls, second = apply_all()
         states = {s.state for s in target.read_sales([str(h.crm_order_id) for h in headers])
                   .values()}
@@ -149,6 +151,8 @@ def main() -> None:
     print(f"  tryton, all stale     {n / stale_s:9.1f} sales/s  {1000 * stale_s / n:8.1f} "
           f"ms/sale  {stale_calls} RPC calls  outcomes {sorted(s.value for s in second)}")
     print(f"  (tryton customers: {n / customers_s:.1f} parties/s)")
+    print("  tryton wall time per call: " + ", ".join(
+        f"{method.removeprefix('model.')} {seconds:.1f} s" for method, seconds in per_call))
 
 
 if __name__ == "__main__":

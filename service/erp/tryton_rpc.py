@@ -28,6 +28,7 @@ import http.client
 import itertools
 import json
 import socket
+import time
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit
@@ -136,6 +137,7 @@ class TrytonRPC:
         self._ids = itertools.count(1)
         self.context: dict[str, Any] = {}
         self.calls = 0  # HTTP requests made (for benchmarks and tests)
+        self.seconds: dict[str, float] = {}  # wall time per method, summed (benchmarks)
 
     # -- transport --------------------------------------------------------------------------
     def _connection(self) -> http.client.HTTPConnection:
@@ -157,6 +159,7 @@ class TrytonRPC:
             headers["Authorization"] = self._auth
         # A kept-alive connection the server closed in the meantime fails on first use: one
         # reconnect is normal, a second failure is the server being down.
+        started = time.perf_counter()
         for attempt in (1, 2):
             conn = self._connection()
             try:
@@ -164,6 +167,8 @@ class TrytonRPC:
                 response = conn.getresponse()
                 data = response.read()
                 self.calls += 1
+                self.seconds[method] = (self.seconds.get(method, 0.0)
+                                        + time.perf_counter() - started)
                 break
             except (http.client.RemoteDisconnected, BrokenPipeError,
                     ConnectionResetError) as exc:

@@ -87,6 +87,34 @@ class ApplyError(Permanent):
     stage = "apply"
 
 
+class TargetError(SyncError):
+    """An ERP target (Tryton over JSON-RPC, say) failed a call; ``method`` names the call."""
+
+    def __init__(self, method: str, reason: str) -> None:
+        super().__init__(f"{method}: {reason}")
+        self.method = method
+
+
+class TargetUnavailable(TargetError, Retryable):
+    """Transient: the target cannot be reached, answered 5xx, timed out or reported a
+    concurrent access; retrying the same call later can succeed."""
+
+
+class TargetRefused(TargetError, ApplyError):
+    """Permanent: the target's business rules refused the call (Tryton UserError,
+    ValidationError, SQLConstraintError).
+
+    ``detail`` is the target's own message for the dead letter; it may name records (a
+    party's name), so ``str()`` and ``reason`` carry only the error class and the call.
+    """
+
+    def __init__(self, method: str, error_class: str, detail: str) -> None:
+        TargetError.__init__(self, method, f"refused by the ERP ({error_class})")
+        self.reason = f"{method}: refused by the ERP ({error_class})"
+        self.error_class = error_class
+        self.detail = detail
+
+
 class InvalidMessage(SyncError):
     """A consumed message that must go to the dead-letter topic, with its identity."""
 

@@ -32,6 +32,8 @@ a sale already past a workflow step is not moved.
 from __future__ import annotations
 
 import enum
+import json
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -218,6 +220,26 @@ class SaleState:
 
 
 # ---- the target ---------------------------------------------------------------------------
+
+
+def line_sequence(crm_line_id: str) -> int:
+    """The Tryton sale line's ``sequence`` that identifies a CRM line within its sale.
+
+    Tryton's sale.line has no external key, so the line is found by its sequence: the line
+    number where the CRM key ends in one (demo: ``["9001","2"]`` -> 2), else a stable 31-bit
+    CRC-32 of the key (BottleCRM's UUIDs); two lines of one sale colliding is a 1 in ~10^8
+    chance per pair, and would be refused by the target as a duplicate sequence, not merged.
+    """
+    text = crm_line_id
+    if text.startswith("["):
+        try:
+            parts = json.loads(text)
+            text = str(parts[-1]) if isinstance(parts, list) and parts else text
+        except ValueError:
+            pass
+    if text.isdigit() and len(text) < 10:
+        return int(text)
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF
 
 
 @dataclass
@@ -491,7 +513,7 @@ class TrytonTarget:
             if key in stored and stored[key] >= _pos(it.pos):
                 continue
             o = orders.setdefault(key, _Order(key))
-            o.items[it.line_no] = it
+            o.items[line_sequence(it.crm_line_id)] = it
             o.pos = it.pos if o.pos is None or _pos(o.pos) < _pos(it.pos) else o.pos
         for key in seen - set(orders):
             out[key] = Outcome("order", key, Status.STALE)
@@ -522,7 +544,8 @@ class TrytonTarget:
         unit = self._uoms.get(UNIT_SYMBOLS.get(it.unit_code, ""))
         if unit is None:
             return f"unit {it.unit_code} has no Tryton unit of measure (UNIT_SYMBOLS)"
-        return {"type": "line", "sequence": it.line_no, "product": product["id"],
+        return {"type": "line", "sequence": line_sequence(it.crm_line_id),
+                "product": product["id"],
                 "quantity": float(it.quantity), "unit": unit, "unit_price": it.unit_price,
                 "description": it.product_name}
 

@@ -33,7 +33,7 @@ def pos(lsn: int, seq: int = 0) -> Position:
 
 def customer(cid: int, lsn: int, **changes: Any) -> PartnerRow:
     row = PartnerRow(
-        crm_customer_id=cid, deleted=False, full_name="张三", gender_code="M",
+        crm_customer_id=str(cid), deleted=False, full_name="张三", gender_code="M",
         birth_date=None, age=None, phone_e164="+8613800005678", email="zhangsan@example.cn",
         province="北京市", city="北京市", district="朝阳区", street="建国路88号",
         purchase_frequency=None, purchase_amount=None, amount_currency=None,
@@ -45,9 +45,10 @@ def order(oid: int, cid: int, lsn: int, status: str = "PAID",
           lines: tuple[tuple[int, str, int, int], ...] = ((1, "SKU-100001", 10, 5000),
                                                            (2, "SKU-100005", 2, 300)),
           ) -> tuple[OrderHeaderRow, list[OrderItemRow]]:
-    header = OrderHeaderRow(oid, f"SO-{oid}", cid, date(2026, 11, 29), status, "CNY", False,
-                            pos(lsn))
-    items = [OrderItemRow(oid, n, sku, "商品", Decimal(q), "UNIT", Decimal(p), False, pos(lsn))
+    header = OrderHeaderRow(str(oid), f"SO-{oid}", str(cid), date(2026, 11, 29), status,
+                            "CNY", False, pos(lsn))
+    items = [OrderItemRow(str(oid), f'["{oid}","{n}"]', sku, "商品", Decimal(q), "UNIT",
+                          Decimal(p), False, pos(lsn))
              for n, sku, q, p in lines]
     return header, items
 

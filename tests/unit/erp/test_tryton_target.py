@@ -12,7 +12,7 @@ from service.erp.tryton import PositionStore, TrytonTarget, _Order
 from service.erp.tryton_rpc import TrytonRPC
 
 POS = Position(100, 0, "64/0", datetime(2026, 11, 29, tzinfo=UTC))
-ROW = PartnerRow(42, False, "张三", "M", None, None, "+8613800005678", "z@example.cn", "北京市",
+ROW = PartnerRow("42", False, "张三", "M", None, None, "+8613800005678", "z@example.cn", "北京市",
                  "北京市", "朝阳区", "建国路88号", None, None, None, None, None, POS)
 
 
@@ -47,9 +47,9 @@ def test_only_what_differs_is_written() -> None:
 
 
 def test_line_changes_are_keyed_by_line_number_and_only_real_differences_count() -> None:
-    item = OrderItemRow(5, 1, "SKU-1", "手机", Decimal(10), "UNIT", Decimal("5000.00"), False,
-                        POS)
-    gone = replace(item, line_no=2, deleted=True)
+    item = OrderItemRow("5", '["5","1"]', "SKU-1", "手机", Decimal(10), "UNIT",
+                        Decimal("5000.00"), False, POS)
+    gone = replace(item, crm_line_id='["5","2"]', deleted=True)
     sale = {"lines": {1: {"id": 31, "product": 4, "quantity": 10.0, "unit": 1,
                           "unit_price": Decimal("5000")},
                       2: {"id": 32, "product": 4, "quantity": 1.0, "unit": 1,
@@ -74,7 +74,7 @@ def plan(state: str | None, status: str = "PAID", *, deleted: bool = False,
 
     t = target()
     t._shop = {"id": 1}
-    header = OrderHeaderRow(5, "SO-5", 42, POS.commit_time.date(), status, "CNY", deleted, POS)
+    header = OrderHeaderRow("5", "SO-5", "42", POS.commit_time.date(), status, "CNY", deleted, POS)
     sale = None if state is None else {"id": 8, "state": state, "party": 9,
                                        "reference": "SO-5", "sale_date": header.order_date,
                                        "lines": {}}
@@ -99,7 +99,7 @@ def test_order_plans_follow_the_ownership_rules() -> None:
         assert isinstance(refused, Outcome) and refused.status is Status.REFUSED
         assert refused.reason is not None and words in refused.reason
 
-    item = OrderItemRow(5, 1, "SKU-1", "手机", Decimal(1), "UNIT", Decimal(1), False, POS)
+    item = OrderItemRow("5", '["5","1"]', "SKU-1", "手机", Decimal(1), "UNIT", Decimal(1), False, POS)
     edited = plan("quotation", items={1: item})
     assert edited.draft_first and edited.target == "confirmed"
     assert edited.write == {"lines": [["create", [

@@ -99,7 +99,8 @@ def test_order_plans_follow_the_ownership_rules() -> None:
         assert isinstance(refused, Outcome) and refused.status is Status.REFUSED
         assert refused.reason is not None and words in refused.reason
 
-    item = OrderItemRow("5", '["5","1"]', "SKU-1", "手机", Decimal(1), "UNIT", Decimal(1), False, POS)
+    item = OrderItemRow("5", '["5","1"]', "SKU-1", "手机", Decimal(1), "UNIT", Decimal(1), False,
+                        POS)
     edited = plan("quotation", items={1: item})
     assert edited.draft_first and edited.target == "confirmed"
     assert edited.write == {"lines": [["create", [

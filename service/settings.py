@@ -182,11 +182,14 @@ def unknown_env_vars(environ: Mapping[str, str] | None = None) -> list[tuple[str
 
     env = os.environ if environ is None else environ
     valid = [Settings.env_var(f.name) for f in dataclasses.fields(Settings)] + [CONFIG_FILE_VAR]
+    # Compared without the shared prefix, which would make every name look "close".
+    suffixes = {v.removeprefix(ENV_PREFIX): v for v in valid}
     out: list[tuple[str, str | None]] = []
     for name in sorted(env):
         if name.startswith(ENV_PREFIX) and name not in valid:
-            close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
-            out.append((name, close[0] if close else None))
+            close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), list(suffixes),
+                                              n=1, cutoff=0.6)
+            out.append((name, suffixes[close[0]] if close else None))
     return out
 KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 _KAFKA_TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")

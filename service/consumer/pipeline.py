@@ -613,19 +613,21 @@ class ErpConsumer:
                     self._retrying(self.applier.expire_orphans)
                     self._retrying(self.applier.count_open_dead_letters)
                     last_maintenance = now
+                if msgs:
+                    idle_since = now
+                    # A fresh batch per attempt: a failed attempt leaves marks on its envelopes.
+                    self._retrying(functools.partial(_submit_fresh, pipeline, msgs), msgs)
+                    self.stats.batches += 1
+                    self.stats.messages += len(msgs)
+                elif until_idle_s is not None and now - idle_since > until_idle_s:
+                    break
+                if self._stop.is_set():
+                    break  # the batch may have been rolled back: positions would overstate
+                # Only after the batch: positions already count what was polled.
                 if until_caught_up and (not msgs or now - last_target_check > 1.0):
                     last_target_check = now
                     if self._reached(targets):
                         break
-                if not msgs:
-                    if until_idle_s is not None and now - idle_since > until_idle_s:
-                        break
-                    continue
-                idle_since = now
-                # A fresh batch per attempt: a failed attempt leaves marks on its envelopes.
-                self._retrying(functools.partial(_submit_fresh, pipeline, msgs), msgs)
-                self.stats.batches += 1
-                self.stats.messages += len(msgs)
         finally:
             # Graceful: the batch in flight was committed (offsets too) or rolled back;
             # close() leaves the group, so its partitions move on at once.

@@ -87,12 +87,51 @@ def cmd_snapshot(settings: Settings, args: argparse.Namespace) -> int:
     table = args.table if "." in args.table else f"crm.{args.table}"
     with pg.connect(settings.crm_dsn, "CRM") as conn:
         ensure_capture_objects(conn, settings)
+        keys = _existing_keys(conn, table, args.key) if args.key else None
         try:
-            snapshot_id = request_snapshot(conn, table, args.key or None, args.chunk_size)
+            snapshot_id = request_snapshot(conn, table, keys, args.chunk_size)
         except ValueError as exc:
             raise ConfigError("--table", str(exc)) from exc
     print(json.dumps({"snapshot_id": snapshot_id, "table": table, "keys": args.key or "all"}))
     return EXIT_OK
+
+
+def _existing_keys(conn: Any, table: str, wanted: list[str]) -> list[Any]:
+    """The requested keys as the CRM stores them (whatever the key column's type); a key
+    that is not in the table is refused (ConfigError) rather than snapshotted as nothing."""
+    from psycopg import sql
+
+    from service.cdc.capture import CAPTURED, SNAPSHOT_TABLES
+
+    if table not in SNAPSHOT_TABLES:
+        raise ConfigError("--table", f"cannot snapshot {table!r}: choose one of "
+                                     f"{', '.join(SNAPSHOT_TABLES)}")
+    column = sql.Identifier(CAPTURED[table].key[0])
+    schema, name = table.split(".", 1)
+    rows = conn.execute(sql.SQL("SELECT {k}, {k}::text FROM {t} WHERE {k}::text = ANY(%s)")
+                        .format(k=column, t=sql.Identifier(schema, name)),
+                        (sorted(set(wanted)),)).fetchall()
+    found = {text: native for native, text in rows}
+    missing = [k for k in dict.fromkeys(wanted) if k not in found]
+    if missing:
+        raise ConfigError("--key", f"no {table} row with {CAPTURED[table].key[0]} "
+                                   f"{', '.join(missing)}")
+    return [found[k] for k in dict.fromkeys(wanted)]
+
+
+SNAPSHOT_MAX_CHUNK = 100_000
+
+
+def _chunk_size(text: str) -> int:
+    """Rows per snapshot chunk: 1..SNAPSHOT_MAX_CHUNK (a chunk is one query and one window
+    between watermarks; 0 or less would never finish, a huge one holds a long snapshot)."""
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from exc
+    if not 1 <= value <= SNAPSHOT_MAX_CHUNK:
+        raise argparse.ArgumentTypeError(f"must be 1-{SNAPSHOT_MAX_CHUNK}, got {value}")
+    return value
 
 
 def cmd_demo_load(settings: Settings, args: argparse.Namespace) -> int:
@@ -163,8 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("snapshot", help="re-snapshot a CRM table (or some keys) while streaming")
     p.add_argument("--table", required=True, help="customers, sales_orders or market_demand")
-    p.add_argument("--key", type=int, action="append", help="only this primary key (repeatable)")
-    p.add_argument("--chunk-size", type=int, default=1000)
+    p.add_argument("--key", action="append",
+                   help="only this primary key (repeatable); a key not in the table is refused")
+    p.add_argument("--chunk-size", type=_chunk_size, default=1000,
+                   help=f"rows per chunk, 1-{SNAPSHOT_MAX_CHUNK} (default 1000)")
     p.set_defaults(func=cmd_snapshot)
 
     demo = sub.add_parser("demo", help="the demo CRM: load data, or run the whole pipeline")

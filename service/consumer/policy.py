@@ -116,8 +116,8 @@ class Trip:
     def message(self) -> str:
         return (f"tripped: {percent(self.ratio)} of the last {self.messages} messages on "
                 f"{self.topic}[{self.partition}] were dead letters, limit "
-                f"{percent(self.limit.max_ratio)} (over {self.limit.window_s:g}s, judged from "
-                f"{self.limit.min_messages} messages)")
+                f"{percent(self.limit.max_ratio)} (window {self.limit.window_s:g}s, judged from "
+                f"{self.limit.min_messages} messages on)")
 
 
 Partition = tuple[str, int]

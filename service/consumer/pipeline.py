@@ -624,7 +624,7 @@ class ErpConsumer:
                 if self._stop.is_set():
                     break  # the batch may have been rolled back: positions would overstate
                 # Only after the batch: positions already count what was polled.
-                if until_caught_up and (not msgs or now - last_target_check > 1.0):
+                if until_caught_up and now - last_target_check > (0.5 if not msgs else 1.0):
                     last_target_check = now
                     if self._reached(targets):
                         break

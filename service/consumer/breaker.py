@@ -22,7 +22,7 @@ import structlog
 from kafka import TopicPartition
 
 from service.consumer.policy import CircuitBreaker, DlqLimit, Partition, Trip
-from service.errors import Permanent, Retryable
+from service.errors import ConfigError, Permanent, Retryable
 from service.health import Health
 from service.metrics import ConsumerMetrics
 from service.pg import PgConn
@@ -130,6 +130,10 @@ class BreakerControl:
                     "from_offset, through_offset, message FROM sync.breaker_trips "
                     "WHERE consumer_group = %s ORDER BY topic, partition, trip_id DESC",
                     (self.settings.consumer_group,)).fetchall()
+        except psycopg.errors.UndefinedTable as exc:
+            raise ConfigError("CRM_ERP_SYNC_ERP_DSN", "the ERP has no sync.breaker_trips "
+                              "table: run `crm-erp-sync setup` (idempotent) after an "
+                              "upgrade") from exc
         except psycopg.OperationalError as exc:
             raise Retryable(f"ERP: reading the breaker state: {type(exc).__name__}") from exc
         tripped: dict[Partition, OpenTrip] = {}

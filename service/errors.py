@@ -24,6 +24,20 @@ class StackUnavailable(SyncError):
     """The broker or a database cannot be reached."""
 
 
+class DatabaseUnreachable(StackUnavailable):
+    """No PostgreSQL server answered at the DSN's host and port, or it is starting up or
+    shutting down: transient, a consumer retries it."""
+
+
+class DatabaseAuthFailed(ConfigError):
+    """The server answered but refused the DSN's user (password, pg_hba.conf, or no CONNECT
+    privilege on the database): retrying cannot help."""
+
+
+class DatabaseMissing(ConfigError):
+    """The server accepted the credentials but the DSN's database does not exist."""
+
+
 class SlotLost(SyncError):
     """PostgreSQL removed WAL the replication slot still needed (max_slot_wal_keep_size):
     changes in the gap cannot be read any more; only a new snapshot can resync."""
@@ -128,10 +142,6 @@ class InvalidMessage(SyncError):
 
 class PgOutputError(SyncError):
     """A pgoutput message that does not follow the documented format."""
-
-
-class CircuitOpen(SyncError):
-    """Too many messages failed in a window: stop instead of draining into the DLQ."""
 
 
 class SourceContractError(SyncError):

@@ -38,8 +38,8 @@ from service.operator.stock import recount
 from service.settings import Settings
 from tests.helpers import wait_until
 
-# Far above the demo's ids, so the prebuilt orders and the applied ones never meet. Plain
-# integers: they go into bigint or text key columns alike.
+# Far above the demo's ids, so the prebuilt orders and the applied ones never meet (written as
+# text, the ERP's key type; a line's key is the JSON array of its order's and its number).
 BASE_ID = 100_000_000
 
 
@@ -65,13 +65,15 @@ def build_big_erp(dsn: str, mappings: Mappings, orders: int) -> float:
             "[1 + g %% 5], 'CNY', 1, 0, 'bench/' || g, now() FROM generate_series(1, %s) g",
             (BASE_ID, BASE_ID, customers, orders))
         conn.execute(
-            "INSERT INTO erp.sales_order_items (crm_order_id, line_no, sku, product_name, "
+            "INSERT INTO erp.sales_order_items (crm_order_id, crm_line_id, sku, product_name, "
             "quantity, unit_code, unit_price, source_lsn, source_seq, base_quantity, base_unit) "
-            "SELECT %s + g, l, s.sku, '商品', 1 + g %% 5, s.base, 100, 1, 0, 1 + g %% 5, s.base "
+            "SELECT %s + g, format('[\"%%s\",\"%%s\"]', %s + g, l), s.sku, '商品', 1 + g %% 5, "
+            "s.base, 100, 1, 0, 1 + g %% 5, s.base "
             "FROM generate_series(1, %s) g CROSS JOIN generate_series(1, 2) l "
             "JOIN unnest(%s::text[], %s::text[]) WITH ORDINALITY AS s(sku, base, n) "
             "ON s.n = 1 + (g + l) %% %s",
-            (BASE_ID, orders, skus, [mappings.sku_units[s].base for s in skus], len(skus)))
+            (BASE_ID, BASE_ID, orders, skus, [mappings.sku_units[s].base for s in skus],
+             len(skus)))
         effects = ORDER_EFFECTS.format(scope="")
         conn.execute("INSERT INTO erp.order_stock_effects (crm_order_id, sku, effect, quantity) "
                      f"SELECT crm_order_id, sku, effect, quantity FROM ({effects}) e")

@@ -132,7 +132,7 @@ def to_base(sku: str, quantity: Decimal, unit: str, mappings: Mappings, *,
     """``quantity`` of ``unit`` (ERP codes) -> the same amount in ``sku``'s base unit.
 
     Exact: the result must fit the ERP's three decimal places and, for a counted base unit
-    (one not in ``[measures]``), be a whole number. Raises ``MappingError(field, raw, ...)``
+    (``countable`` in ``[unit_kind]``), be a whole number. Raises ``MappingError(field, raw, ...)``
     naming both units when the unit cannot be converted for this SKU, or the result is not
     representable; ``raw`` is the value as typed (defaults to ``quantity`` and ``unit``).
     """
@@ -151,11 +151,17 @@ def to_base(sku: str, quantity: Decimal, unit: str, mappings: Mappings, *,
         raise MappingError(field, shown, f"{quantity} {unit} is {value.normalize():f} "
                                          f"{table.base}, finer than the ERP's 0.001 "
                                          f"{table.base}")
-    if table.base not in mappings.measures and exact != exact.to_integral_value():
+    if is_counted(mappings, table.base) and exact != exact.to_integral_value():
         raise MappingError(field, shown, f"{quantity} {unit} is {value.normalize():f} "
                                          f"{table.base} of {sku}: not a whole number of a "
                                          f"counted unit")
     return exact
+
+
+def is_counted(mappings: Mappings, unit: str) -> bool:
+    """Whether ``unit`` counts whole things: ``[unit_kind]`` says so, else not a measure."""
+    kind = mappings.unit_kind.get(unit)
+    return kind == "countable" if kind is not None else unit not in mappings.measures
 
 
 def _why_not(sku: str, unit: str, table: SkuUnits, mappings: Mappings) -> str:

@@ -33,7 +33,7 @@ import psycopg
 
 from service.erp.apply import ORDER_EFFECTS, effect_diff, load_status_effects
 from service.erp.mappings import Mappings
-from service.erp.units import conversions
+from service.erp.units import conversions, is_counted
 from service.pg import PgConn
 
 __all__ = ["SkuDrift", "StockRecount", "recount"]
@@ -237,4 +237,4 @@ def _conversion_params(mappings: Mappings, ok: dict[tuple[str, str], tuple[Decim
     keys = sorted(ok)
     return {"skus": [s for s, _ in keys], "units": [u for _, u in keys],
             "factors": [ok[k][0] for k in keys], "bases": [ok[k][1] for k in keys],
-            "counted": [ok[k][1] not in mappings.measures for k in keys]}
+            "counted": [is_counted(mappings, ok[k][1]) for k in keys]}

@@ -79,16 +79,18 @@ def test_stock_is_kept_in_base_units_and_unconvertible_lines_are_dead_lettered(
     assert stock(ordered) == {"SKU-100011": (0, 29, "PCE"),          # 2 x 12 + 5, not 2 + 5
                               "SKU-100013": (D("500.25"), 0, "KGM")}  # 0.5 t + 250 g
     with ordered.erp() as erp:
-        lines = erp.execute("SELECT crm_order_id, line_no, quantity, unit_code, base_quantity, "
-                            "base_unit FROM erp.sales_order_items ORDER BY 1, 2").fetchall()
+        lines = erp.execute("SELECT crm_order_id, crm_line_id, quantity, unit_code, "
+                            "base_quantity, base_unit FROM erp.sales_order_items "
+                            "ORDER BY 1, 2").fetchall()
         letters = dict(erp.execute("SELECT msg_key, error_message FROM sync.dead_letters "
                                    "WHERE state = 'open'").fetchall())
         keys = dict(erp.execute("SELECT o.crm_order_id, b.crm_customer_id FROM erp.sales_orders"
                                 " o JOIN erp.business_partners b USING (crm_customer_id)"))
     assert [tuple(r) for r in lines] == [
-        (101, 1, 2, "BOX", 24, "PCE"), (101, 2, 5, "PCE", 5, "PCE"),
-        (103, 1, D("0.5"), "TNE", 500, "KGM"), (103, 2, 250, "GRM", D("0.25"), "KGM")]
-    assert set(keys) == {101, 103}
+        ("101", '["101","1"]', 2, "BOX", 24, "PCE"), ("101", '["101","2"]', 5, "PCE", 5, "PCE"),
+        ("103", '["103","1"]', D("0.5"), "TNE", 500, "KGM"),
+        ("103", '["103","2"]', 250, "GRM", D("0.25"), "KGM")]
+    assert set(keys) == {"101", "103"}
     assert len(letters) == 2
     reasons = sorted(letters.values())
     assert "KGM cannot be converted to PCE, the base unit of SKU-100011" in reasons[1]
@@ -157,6 +159,6 @@ def test_recount_after_a_factor_change_counts_unconvertible_lines_nowhere(
     assert fixed.needs_attention
     assert stock(ordered)["SKU-100011"] == (0, 5, "PCE")  # the 5 pieces; the boxes nowhere
     with ordered.erp() as erp:
-        assert erp.execute("SELECT line_no, base_quantity FROM erp.sales_order_items "
-                           "WHERE crm_order_id = 101 ORDER BY 1").fetchall() == [(1, None),
-                                                                               (2, 5)]
+        assert erp.execute("SELECT crm_line_id, base_quantity FROM erp.sales_order_items "
+                           "WHERE crm_order_id = '101' ORDER BY 1").fetchall() == [
+            ('["101","1"]', None), ('["101","2"]', 5)]

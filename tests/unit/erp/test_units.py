@@ -137,18 +137,11 @@ def test_broken_unit_sections_name_the_key(tmp_path: Path, old: str, new: str, w
 # --- an order event: each line as typed and in its SKU's base unit -------------------------
 
 def _order(lines: list[tuple[int, str, str]]) -> dict[str, Any]:
-    from datetime import UTC, date, datetime
+    from tests.unit.erp.test_changes import header, line, order_event
 
-    return {
-        "event_id": "0/1", "op": "CREATE", "order_id": 9, "customer_id": 1,
-        "source": {"lsn": 1, "seq": 1, "commit_time": datetime(2024, 1, 1, tzinfo=UTC)},
-        "before": None,
-        "after": {"order_id": 9, "order_no": "O9", "customer_id": 1,
-                  "order_date": date(2024, 1, 1), "status": "已发货", "currency": "CNY"},
-        "lines": [{"before": None, "after": {
-            "order_id": 9, "line_no": n, "product_code": code, "product_name": "充电器",
-            "quantity": qty, "unit_price": D(10)}} for n, code, qty in lines],
-    }
+    return order_event([{"op": "CREATE", "before": None,
+                         "after": line(n, product_code=code, quantity=qty)}
+                        for n, code, qty in lines], after=header())
 
 
 def test_order_lines_carry_typed_and_base_quantities(m: Mappings) -> None:

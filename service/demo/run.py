@@ -37,6 +37,12 @@ INSERT INTO crm.order_lines (order_id, line_no, customer_id, product_code, produ
                              quantity, unit_price)
 SELECT order_id, 1, customer_id, 'P-HOVERBOARD', '平衡车', '10台', 5000.00 FROM o
 """
+# An office landline with its extension (kept in phone_extension), a full address (its
+# GB/T 2260 division code).
+OFFICE_RECORD = """
+INSERT INTO crm.customers (family_name, given_name, gender, phone, email, address)
+VALUES ('王', '五', '女', '010-65521234转123', 'wangwu@example.com', '北京市朝阳区建国路88号')
+"""
 
 
 def _mask(text: str | None, keep: int = 1) -> str:
@@ -77,6 +83,7 @@ def run_demo(settings: Settings, *, customers: int, orders: int) -> int:
                            seed=int(time.time()), changes=None)
         with pg.connect(settings.crm_dsn, "CRM") as conn:
             conn.execute(MESSY_RECORDS)
+            conn.execute(OFFICE_RECORD)
         target = ops.current_lsn(settings)
         print(f"CRM: loaded {report}")
         print("waiting for the producer and both consumers to catch up ...")
@@ -112,13 +119,19 @@ def print_erp_summary(settings: Settings) -> None:
                                f"count(*) FILTER (WHERE deleted) FROM erp.{table}").fetchone()
             assert row is not None
             print(f"  erp.{table:<20} {row[0]:>7} / {row[1]}")
-        print("\nmapped partners (personal data masked):")
-        for key, name, gender, phone, province, district, amount, ccy in conn.execute(
-                "SELECT crm_customer_id, full_name, gender_code, phone_e164, province, "
-                "district, purchase_amount, amount_currency FROM erp.business_partners "
-                "WHERE NOT deleted ORDER BY crm_customer_id LIMIT 5"):
-            print(f"  CRM key {key}: {_mask(name)}  gender={gender}  phone={_mask(phone, 4)}  "
-                  f"{province or '-'} {district or '-'}  {amount or '-'} {ccy or ''}")
+        print("\nmapped partners (personal data masked; one with an extension first):")
+        for (key, name, gender, phone, extension, province, district, division, amount,
+             ccy) in conn.execute(
+                "SELECT crm_customer_id, full_name, gender_code, phone_e164, phone_extension, "
+                "province, district, division_code, purchase_amount, amount_currency "
+                "FROM erp.business_partners WHERE NOT deleted "
+                "ORDER BY phone_extension IS NULL, crm_customer_id LIMIT 5"):
+            # An extension alone identifies no one (the number is masked); the division code
+            # is the district's, already shown by name.
+            print(f"  CRM key {key}: {_mask(name)}  gender={gender}  phone={_mask(phone, 4)}"
+                  f"{' ext ' + extension if extension else ''}  {province or '-'} "
+                  f"{district or '-'} ({division or '-'})"
+                  f"{f'  {amount} {ccy}' if amount is not None else ''}")
         print("\norders -> ERP status and items:")
         for order_no, status, items in conn.execute(
                 "SELECT o.order_no, o.status_code, string_agg(i.quantity::text || ' ' || "

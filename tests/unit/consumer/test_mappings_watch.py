@@ -149,5 +149,5 @@ def test_a_consumer_does_not_start_on_a_bad_file(tmp_path: Path) -> None:
 
 
 def test_parse_names_the_source_for_bytes_that_are_not_toml() -> None:
-    with pytest.raises(ConfigError, match="^x.toml: not valid TOML"):
+    with pytest.raises(ConfigError, match=r"^x\.toml: not valid TOML"):
         Mappings.parse(b"[order_status\n", "x.toml")

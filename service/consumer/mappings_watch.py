@@ -220,6 +220,18 @@ class MappingsWatcher:
         self._report_dirty = False
         self._last_report = self._clock()
 
+    def forget(self, conn: PgConn | None, consumer_group: str) -> None:
+        """On a clean stop: delete this member's row, so that ``status`` stops listing it at
+        once (not after ``STALE_AFTER_S``). Best effort: an ERP that is gone is no error."""
+        if conn is None or conn.closed or conn.broken or not self._reporting:
+            return
+        try:
+            with conn.transaction():
+                conn.execute("DELETE FROM sync.consumers WHERE consumer_group = %s "
+                             "AND member_id = %s", (consumer_group, self.member_id))
+        except psycopg.Error:  # the root class: whatever failed, the row goes stale anyway
+            pass
+
 
 _UPSERT = """
 INSERT INTO sync.consumers (consumer_group, member_id, host, pid, mappings_file,

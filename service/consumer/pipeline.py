@@ -733,6 +733,7 @@ class ErpConsumer:
             if http is not None:
                 http.close()
             self.consumer.close(autocommit=False)
+            self.watcher.forget(self.applier.conn, self.settings.consumer_group)
             if self.applier.conn is not None:
                 self.applier.conn.close()
             if self.applier._dlq_producer is not None:

@@ -70,11 +70,15 @@ def run_demo(settings: Settings, *, customers: int, orders: int) -> int:
     procs = [_spawn(["produce"], logs / "producer.log", resync)]
     procs += [_spawn(["consume"], logs / f"consumer-{i}.log", {}) for i in (1, 2)]
     try:
-        # Changes made before the slot exists would reach the ERP only as snapshot reads.
+        # Changes made before the slot exists, or while the initial snapshot still reads,
+        # would reach the ERP as snapshot reads (rows deleted meanwhile not at all, and a bad
+        # row dead-lettered twice): load once the snapshot of the (empty) tables is done.
         deadline = time.monotonic() + 60
-        while (ops.slot_state(settings) or {}).get("wal_status") in (None, "lost"):
+        while (ops.slot_state(settings) or {}).get("wal_status") in (None, "lost") \
+                or ops.pending_snapshots(settings):
             if time.monotonic() > deadline or procs[0].poll() is not None:
-                print(f"demo: the producer did not create its slot; see {logs}",
+                print(f"demo: the producer did not create its slot or finish its initial "
+                      f"snapshot; see {logs}",
                       file=sys.stderr)
                 return 1
             time.sleep(0.2)

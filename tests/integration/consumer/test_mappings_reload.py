@@ -135,7 +135,8 @@ def test_a_new_word_applies_without_restart_and_a_broken_file_is_refused(
         path.write_text(added, "utf-8")
         wait_until(lambda: member(erp, group) == (second, None, None),
                    message="the refusal cleared")
-    running.stop(consumer)
+        running.stop(consumer)
+        assert member(erp, group) is None  # a clean stop takes the member off the list
 
 
 def test_sighup_reloads_a_consume_process(sync_env: SyncEnv, tmp_path: Path) -> None:
@@ -171,3 +172,5 @@ def test_sighup_reloads_a_consume_process(sync_env: SyncEnv, tmp_path: Path) -> 
     assert proc.returncode == 0, (tmp_path / "consume.log").read_text("utf-8")[-2000:]
     text = (tmp_path / "consume.log").read_text("utf-8")
     assert '"mappings_reloaded"' in text and '"trigger": "SIGHUP"' in text
+    with sync_env.erp() as erp:
+        assert member(erp, settings.consumer_group) is None

@@ -196,7 +196,8 @@ class MappingsWatcher:
         """Upsert this member's row (version, refusal, seen_at) in its own ERP transaction.
 
         Raises ``Retryable`` when the ERP is unreachable. An ERP whose schema predates the
-        table (``setup`` not re-run) is logged once and not reported to again."""
+        table (``setup`` not re-run), or a role without a grant on it, is logged once and not
+        reported to again: the consumer runs on, ``status`` just does not list it."""
         conn = connect()
         refusal = self.refusal or Refusal(None, "")
         try:
@@ -210,10 +211,12 @@ class MappingsWatcher:
                 conn.execute("DELETE FROM sync.consumers WHERE consumer_group = %s AND "
                              "seen_at < clock_timestamp() - make_interval(secs => %s)",
                              (consumer_group, FORGET_AFTER_S))
-        except psycopg.errors.UndefinedTable:
+        except (psycopg.errors.UndefinedTable, psycopg.errors.InsufficientPrivilege) as exc:
             self._reporting = False
-            log.warning("mappings_version_not_reported",
-                        reason="the ERP has no sync.consumers table: run `crm-erp-sync setup`")
+            log.warning("mappings_version_not_reported", error=type(exc).__name__,
+                        reason="the ERP has no sync.consumers table (run `crm-erp-sync setup`)"
+                               " or the consumer's role may not write it (grant SELECT, "
+                               "INSERT, UPDATE, DELETE on it)")
             return
         except psycopg.OperationalError as exc:
             raise Retryable(f"ERP: {type(exc).__name__}") from exc

@@ -44,6 +44,7 @@ from service.erp.changes import ErpChange, to_erp
 from service.erp.mappings import Mappings
 from service.errors import (
     ApplyError,
+    ConfigError,
     DatabaseUnreachable,
     DecodeError,
     Permanent,
@@ -236,6 +237,12 @@ class ErpApplier:
         try:
             with conn.transaction():
                 load_status_effects(conn, mappings)
+                try:
+                    check_stock_units(conn, mappings)
+                except ConfigError as exc:
+                    # A base unit changed: the database refuses differences in the new unit
+                    # (stock_delta_in_base_unit) until `stock recount` has run.
+                    log.error("stock_units_differ", problem=exc.problem)
         except TRANSIENT_PG as exc:
             raise Retryable(f"ERP: {type(exc).__name__}") from exc
 

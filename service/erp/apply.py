@@ -164,16 +164,19 @@ _EFFECT_DIFF = effect_diff("%(orders)s")
 # One statement, one round trip: rewrite the touched orders' effects where they changed and
 # add the difference to the SKU totals. The difference is taken from the stored effect, so an
 # event applied twice (or a stale one the position guard refused) finds nothing changed and
-# adds nothing. SKU rows are written in SKU order: two consumers cannot deadlock on them.
+# adds nothing. SKU rows are written in SKU order: two consumers cannot deadlock on them. A
+# difference in another unit than the total's violates stock_delta_in_base_unit (the event
+# is isolated and dead-lettered as an ApplyError) instead of being added.
 STOCK_DELTA = _EFFECT_DIFF + """
-INSERT INTO erp.stock AS s (sku, reserved, issued, base_unit)
+INSERT INTO erp.stock AS s (sku, reserved, issued, base_unit, delta_unit)
 SELECT sku,
        coalesce(sum(coalesce(new_q, 0) - coalesce(old_q, 0)) FILTER (WHERE effect = 'reserve'), 0),
        coalesce(sum(coalesce(new_q, 0) - coalesce(old_q, 0)) FILTER (WHERE effect = 'issue'), 0),
-       min(base_unit)
+       min(base_unit), min(base_unit)
 FROM diff GROUP BY sku ORDER BY sku
 ON CONFLICT (sku) DO UPDATE SET reserved = s.reserved + EXCLUDED.reserved,
-    issued = s.issued + EXCLUDED.issued, base_unit = coalesce(s.base_unit, EXCLUDED.base_unit)
+    issued = s.issued + EXCLUDED.issued, base_unit = coalesce(s.base_unit, EXCLUDED.base_unit),
+    delta_unit = EXCLUDED.delta_unit
 """
 
 # The old way, kept for the benchmark's before/after (apply_changes(..., full_recount=True)):

@@ -194,6 +194,12 @@ ALTER TABLE erp.sales_order_items ADD COLUMN IF NOT EXISTS base_quantity numeric
     CHECK (base_quantity > 0);
 ALTER TABLE erp.sales_order_items ADD COLUMN IF NOT EXISTS base_unit text;
 ALTER TABLE erp.stock ADD COLUMN IF NOT EXISTS base_unit text;
+-- The unit of the last difference added (STOCK_DELTA): a difference in another unit than the
+-- total's (a base unit changed under running consumers) is refused by the database itself.
+ALTER TABLE erp.stock ADD COLUMN IF NOT EXISTS delta_unit text;
+ALTER TABLE erp.stock DROP CONSTRAINT IF EXISTS stock_delta_in_base_unit;
+ALTER TABLE erp.stock ADD CONSTRAINT stock_delta_in_base_unit
+    CHECK (delta_unit IS NULL OR base_unit IS NULL OR delta_unit = base_unit);
 
 -- Read by every batch (the blocked keys of its messages, the orders awaiting its customers):
 -- index lookups, not scans of everything held.

@@ -131,9 +131,10 @@ WITH totals AS (
 INSERT INTO erp.stock AS s (sku, reserved, issued, base_unit)
 SELECT sku, reserved, issued, base FROM fixed ORDER BY sku
 ON CONFLICT (sku) DO UPDATE SET reserved = EXCLUDED.reserved, issued = EXCLUDED.issued,
-    base_unit = coalesce(EXCLUDED.base_unit, s.base_unit)
+    base_unit = coalesce(EXCLUDED.base_unit, s.base_unit), delta_unit = NULL
 WHERE (s.reserved, s.issued) <> (EXCLUDED.reserved, EXCLUDED.issued)
    OR s.base_unit IS DISTINCT FROM coalesce(EXCLUDED.base_unit, s.base_unit)
+   OR s.delta_unit IS NOT NULL
 """
 
 

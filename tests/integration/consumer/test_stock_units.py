@@ -6,6 +6,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+import psycopg
 import pytest
 
 from service.avro import SchemaRegistry
@@ -121,6 +122,14 @@ def test_stock_is_kept_in_base_units_and_unconvertible_lines_are_dead_lettered(
     check = recounted(ordered, repair=False)
     assert (check.drift, check.lines_converted, check.orders_fixed) == ([], 0, 0)
     assert check.unconvertible == []  # dead-lettered lines never reached the ERP
+
+    # The database itself refuses a difference in another unit than the total's.
+    with ordered.erp() as erp:
+        assert erp.execute("SELECT delta_unit FROM erp.stock WHERE sku = 'SKU-100011'"
+                           ).fetchone() == ("PCE",)
+        with pytest.raises(psycopg.errors.CheckViolation, match="stock_delta_in_base_unit"):
+            erp.execute("UPDATE erp.stock SET issued = issued + 1, delta_unit = 'BOX' "
+                        "WHERE sku = 'SKU-100011'")
 
 
 def test_recount_finds_and_repairs_drift_and_upgrades_old_rows(ordered: SyncEnv) -> None:

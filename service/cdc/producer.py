@@ -1,11 +1,11 @@
 """The CDC producer: CRM write-ahead log -> Avro events on Kafka, nothing lost.
 
-Why the SQL interface: psycopg 3 has no streaming-replication protocol (psycopg issue #71),
-and ``pg_logical_slot_peek_binary_changes`` + ``pg_replication_slot_advance`` give exactly the
-delivery rule we want: peek a batch of whole transactions, publish every event, wait for the
-broker to acknowledge all of them (acks=all, idempotent producer), and only then advance the
-slot past their commits. A crash anywhere re-peeks the same transactions and re-sends the same
-events with the same ids; nothing committed is skipped.
+Transactions come from a :class:`~service.cdc.source.ChangeSource`: by default the streaming
+replication protocol, or the SQL decoding interface (``capture_transport``). The delivery rule
+is the same for both: take a batch of whole transactions, publish every event, wait for the
+broker to acknowledge all of them (acks=all, idempotent producer), and only then confirm the
+slot past their commits. A crash anywhere re-reads the same transactions and re-sends the
+same events with the same ids; nothing committed is skipped.
 
 One producer captures at a time: the active one holds a session-level advisory lock; a
 standby polls for it and takes over when the active one's session ends.
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+import psycopg2.errors
 import structlog
 from kafka.errors import KafkaError
 
@@ -49,6 +50,7 @@ from service.cdc.events import (
     converter_for,
     row_key,
 )
+from service.cdc.source import ChangeSource, source_for
 from service.errors import PgOutputError, Retryable, SlotLost, StackUnavailable
 from service.health import Health, serve
 from service.kafka_io import make_producer
@@ -103,7 +105,10 @@ class ChangeDecoder:
         return row
 
     def feed(self, data: bytes) -> CommittedTxn | None:
-        """Feed one message; returns the transaction when its Commit arrives."""
+        """Feed one pgoutput message; returns the transaction when its Commit arrives.
+
+        Relations are remembered across transactions (a replication stream sends each one
+        once); raises :class:`PgOutputError` on a malformed or out-of-order message."""
         msg = pgoutput.decode_message(data)
         if isinstance(msg, pgoutput.Begin):
             self._txn = CommittedTxn(msg.xid, msg.final_lsn, 0, msg.commit_time)
@@ -182,7 +187,7 @@ class CdcProducer:
         self.metrics = ProducerMetrics()
         self.health = Health(settings, self.metrics)
         self._last_slot_check = 0.0
-        self._decoder = ChangeDecoder()
+        self._source: ChangeSource | None = None
         self._chunk: _Chunk | None = None
         self._pending_progress: list[tuple[_Chunk, int]] = []
         self._last_advance = time.monotonic()
@@ -293,7 +298,8 @@ class CdcProducer:
                     backoff = min(backoff * 2, 10.0)
                     conn = self._reconnect(conn)
                     continue
-                except psycopg.errors.ObjectNotInPrerequisiteState as exc:
+                except (psycopg.errors.ObjectNotInPrerequisiteState,
+                        psycopg2.errors.ObjectNotInPrerequisiteState) as exc:
                     # Peeking a slot whose WAL was removed: not transient. ensure_slot fails
                     # (SlotLost) or starts over; anything else is retried with backoff.
                     log.warning("slot_not_readable", error=exc.diag.message_primary)
@@ -314,10 +320,10 @@ class CdcProducer:
                     conn = self._reconnect(conn)
                     continue
                 if not moved:
-                    if until_idle and self._chunk is None and not self._has_pending_snapshot(conn):
+                    if (until_idle and self._chunk is None and self._caught_up(conn)
+                            and not self._has_pending_snapshot(conn)):
                         break
                     self._maybe_heartbeat(conn)
-                    self._stop.wait(self.settings.producer_poll_ms / 1000)
         finally:
             self.health.set_ready(False, "stopping")
             self.metrics.active.set(0)
@@ -325,6 +331,9 @@ class CdcProducer:
                 http.close()
             if self._kafka is not None:
                 self._kafka.flush()
+            if self._source is not None:
+                self._source.close()
+                self._source = None
             conn.close()
             lock_conn.close()  # releases the capture lock: a standby takes over
         return self.stats
@@ -348,7 +357,6 @@ class CdcProducer:
         try:
             conn.close()
         finally:
-            self._decoder = ChangeDecoder()
             self._chunk = None  # the chunk's watermarks are re-read; the chunk is redone
             self._pending_progress.clear()
         try:
@@ -357,40 +365,35 @@ class CdcProducer:
             return conn  # next step fails again and backs off
 
     def step(self, conn: PgConn) -> bool:
-        """One batch: maybe open a snapshot chunk, peek, publish, wait for acks, advance."""
+        """One batch: maybe open a snapshot chunk, read whole transactions (waiting up to
+        ``producer_poll_ms`` for the first), publish, wait for acks, confirm."""
         if self._chunk is None:
             self._open_chunk(conn)
-        rows = conn.execute(
-            "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, %s, "
-            "'proto_version', '1', 'publication_names', %s, 'messages', 'true')",
-            (self.settings.slot_name, self.settings.producer_max_changes,
-             self.settings.publication_name),
-        ).fetchall()
-        if not rows:
+        source = self._change_source()
+        txns = source.next_transactions(conn, self.settings.producer_poll_ms / 1000)
+        if not txns:
             return False
-        self._decoder = ChangeDecoder()  # relations are re-sent at the start of every peek
         outgoing: list[Outgoing] = []
-        last_end = 0
-        txns = 0
-        for (data,) in rows:
-            txn = self._decoder.feed(bytes(data))
-            if txn is None:
-                continue
-            txns += 1
-            last_end = txn.end_lsn
+        for txn in txns:
             outgoing.extend(self._events_for(txn))
-        if last_end == 0:
-            return False  # only a partial transaction: wait for its commit
         self._publish(outgoing)
         self._commit_progress(conn)
-        conn.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)",
-                     (self.settings.slot_name, pgoutput.lsn_to_str(last_end)))
+        last_end = txns[-1].end_lsn
+        source.confirm(conn, last_end)
         self._last_advance = time.monotonic()
-        self.stats.transactions += txns
-        self.metrics.transactions.inc(txns)
+        self.stats.transactions += len(txns)
+        self.metrics.transactions.inc(len(txns))
         self.stats.batches += 1
         self.stats.last_commit_lsn = last_end
         return True
+
+    def _change_source(self) -> ChangeSource:
+        if self._source is None:
+            self._source = source_for(self.settings, ChangeDecoder, self._stop)
+        return self._source
+
+    def _caught_up(self, conn: PgConn) -> bool:
+        return self._change_source().caught_up(conn)
 
     def _events_for(self, txn: CommittedTxn) -> list[Outgoing]:
         changes: list[RowChange] = []

@@ -172,6 +172,11 @@ class StreamSource:
     # ---- the seam ---------------------------------------------------------------------
     def next_transactions(self, conn: PgConn, max_wait_s: float) -> list[CommittedTxn]:
         if self._handed:  # the last batch was not confirmed: its publish failed
+            if self._cur is not None:
+                # Nothing is read while it is retried; a status update still tells the
+                # walsender we are alive (it drops a client silent for wal_sender_timeout).
+                with contextlib.suppress(psycopg2.OperationalError, psycopg2.InterfaceError):
+                    _send_feedback(self._cur, force=True)
             return list(self._handed)
         try:
             if self._cur is None:

@@ -61,6 +61,11 @@ from service.settings import Settings
 log = structlog.get_logger("producer")
 
 HEARTBEAT_PREFIX = "crm-erp-sync.heartbeat"
+# Each query costs the CRM a little CPU; at one batch per transaction (a steady low rate on the
+# streaming transport) per-batch checks would cost it more than decoding does. So the capture
+# lock's session is checked, and new snapshot requests are looked for, at most this often.
+LOCK_CHECK_S = 1.0
+SNAPSHOT_POLL_S = 1.0
 
 
 def connect(dsn: str) -> PgConn:
@@ -188,6 +193,7 @@ class CdcProducer:
         self.health = Health(settings, self.metrics)
         self._last_slot_check = 0.0
         self._source: ChangeSource | None = None
+        self._next_snapshot_poll = 0.0
         self._chunk: _Chunk | None = None
         self._pending_progress: list[tuple[_Chunk, int]] = []
         self._last_advance = time.monotonic()
@@ -282,10 +288,13 @@ class CdcProducer:
                 return self.stats
             self.ensure_slot(conn)
             backoff = 0.2
+            lock_checked = 0.0
             while not self._stop.is_set():
                 self.health.beat()
                 try:
-                    lock_conn.execute("SELECT 1")  # lose the session, lose the lock: stop
+                    if time.monotonic() >= lock_checked + LOCK_CHECK_S:
+                        lock_conn.execute("SELECT 1")  # lose the session, lose the lock: stop
+                        lock_checked = time.monotonic()
                     moved = self.step(conn)
                     self._observe_slot(conn)
                     backoff = 0.2
@@ -367,8 +376,9 @@ class CdcProducer:
     def step(self, conn: PgConn) -> bool:
         """One batch: maybe open a snapshot chunk, read whole transactions (waiting up to
         ``producer_poll_ms`` for the first), publish, wait for acks, confirm."""
-        if self._chunk is None:
-            self._open_chunk(conn)
+        if (self._chunk is None and time.monotonic() >= self._next_snapshot_poll
+                and not self._open_chunk(conn)):
+            self._next_snapshot_poll = time.monotonic() + SNAPSHOT_POLL_S
         source = self._change_source()
         txns = source.next_transactions(conn, self.settings.producer_poll_ms / 1000)
         if not txns:
@@ -458,13 +468,14 @@ class CdcProducer:
             f"SELECT 1 FROM {OWN_SCHEMA}.snapshots WHERE state = 'pending' LIMIT 1").fetchone()
         return row is not None
 
-    def _open_chunk(self, conn: PgConn) -> None:
+    def _open_chunk(self, conn: PgConn) -> bool:
+        """Open the next chunk of the oldest pending snapshot; False when none is pending."""
         request = conn.execute(
             f"SELECT snapshot_id, table_name, keys, chunk_size, last_key, chunks_done "
             f"FROM {OWN_SCHEMA}.snapshots WHERE state = 'pending' "
             "ORDER BY snapshot_id LIMIT 1").fetchone()
         if request is None:
-            return
+            return False
         snapshot_id, table, keys, chunk_size, last_key, chunks_done = request
         pk = CAPTURED[table].key[0]
         low = conn.execute(
@@ -490,7 +501,7 @@ class CdcProducer:
             conn.execute(f"UPDATE {OWN_SCHEMA}.snapshots SET state = 'done', "
                          "finished_at = now() WHERE snapshot_id = %s", (snapshot_id,))
             log.info("snapshot_done", snapshot_id=snapshot_id, table=table)
-            return
+            return True
         high = conn.execute(
             f"INSERT INTO {WATERMARK_TABLE} (snapshot_id, chunk_no, kind) "
             "VALUES (%s, %s, 'high') RETURNING watermark_id", (snapshot_id, chunks_done)
@@ -498,6 +509,7 @@ class CdcProducer:
         assert low is not None and high is not None
         self._chunk = _Chunk(snapshot_id, chunks_done, table, rows,
                              last_key=head[-1][pk], low_id=low[0], high_id=high[0])
+        return True
 
     def _commit_progress(self, conn: PgConn) -> None:
         for chunk, emitted in self._pending_progress:

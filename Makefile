@@ -11,6 +11,7 @@ STAMP  := $(VENV)/.installed
 STACK  := deploy/local/stack.sh
 
 .PHONY: help venv up down stack-status clean-stack lint test demo bench-produce bench-apply
+.PHONY: bench-capture
 .PHONY: validate-deploy
 
 help:
@@ -24,6 +25,7 @@ help:
 	@echo "make demo          bring the stack up and run the demo"
 	@echo "make validate-deploy   kustomize + kubeconform on deploy/k8s, compose checks"
 	@echo "make bench-produce / bench-apply   benchmarks"
+	@echo "make bench-capture  CRM CPU of capture: SQL peek vs streaming replication"
 
 # ---- python environment -------------------------------------------------------------------
 venv: $(STAMP)
@@ -67,3 +69,6 @@ bench-produce: venv up
 bench-apply: venv up
 	$(BIN)/python -m bench.apply
 	$(BIN)/python -m bench.e2e
+
+bench-capture: venv up
+	$(BIN)/python -m bench.capture_cpu --burst 20000

@@ -6,10 +6,11 @@ replication protocol), in its own CRM/ERP databases and topics, with the produce
 1. a steady load of one-change transactions (none, 200/s, then 1,000/s by default; "none"
    shows what the rest of the cluster's WAL costs a walsender to read): after a short
    warm-up, for ``--seconds`` seconds, the CPU seconds (user + system, from
-   ``/proc/<pid>/stat``) of the CRM backends that serve the producer (its session, its
-   capture-lock session and, when streaming, its walsender), beside the CPU of the backend
-   that commits the load (what the CRM spends on its own writes), and commit -> broker
-   acknowledgement latency of the changes committed in the window;
+   ``/proc/<pid>/stat``) of the CRM backends that serve the producer process (its session,
+   its capture-lock session and, when streaming, its walsender), beside the CPU of the
+   backends that commit the load (what the CRM spends on its own writes), the cluster's WAL
+   volume meanwhile (a walsender reads all of it), and commit -> broker latency of the
+   changes committed in the window;
 2. with ``--burst N``: N one-change transactions as fast as one session commits them, then,
    once the producer has caught up, the first steady rate again ("after the burst").
 
@@ -36,11 +37,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
+from kafka import TopicPartition
+from kafka.admin import ConfigResource, ConfigResourceType
 
 from bench.common import CUSTOMER_INSERT, bench_settings, percentile
 from service.avro import SchemaRegistry
-from service.cdc.events import Outgoing
-from service.cdc.producer import CdcProducer
+from service.kafka_io import make_admin, make_consumer
 from service.settings import Settings
 from tests.helpers import settings_env
 
@@ -72,29 +74,37 @@ class Phase:
 
 
 class Capture:
-    """A producer (in this process) for one transport, and what the CRM spends on it."""
+    """A producer process for one transport, and what the CRM spends on it.
+
+    The producer runs as its own process (as in production, and so that it does not compete
+    with the load for this process's interpreter lock). The sales topic stamps records with
+    the broker's append time, so a record's timestamp minus the commit time it carries is
+    commit -> broker latency (acks=all on one broker: appended is acknowledged)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.producer = CdcProducer(settings, SchemaRegistry.load(settings.schemas_dir))
-        self.acked: list[tuple[datetime, float]] = []  # (commit time, commit -> ack ms)
-        self.acked_events = 0
-        self.producer.on_acknowledged = self._on_acked
-        self.thread = threading.Thread(target=self.producer.run, daemon=True)
+        self.registry = SchemaRegistry.load(settings.schemas_dir)
+        admin = make_admin(settings)
+        try:
+            admin.alter_configs([ConfigResource(
+                ConfigResourceType.TOPIC, settings.sales_topic,
+                configs={"message.timestamp.type": "LogAppendTime", "retention.ms": "-1"})])
+        finally:
+            admin.close()
+        env = {**os.environ, **settings_env(settings), "CRM_ERP_SYNC_LOG_LEVEL": "warning"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "produce"], env=env)
         self.monitor = psycopg.connect(settings.crm_dsn, autocommit=True)
-
-    def _on_acked(self, events: list[Outgoing]) -> None:
-        now = datetime.now(UTC)
-        for event in events:
-            committed = event.record["source"]["commit_time"]
-            self.acked.append((committed, (now - committed).total_seconds() * 1000))
-        self.acked_events += len(events)
+        self.consumer = make_consumer(settings, group_id=None, enable_auto_commit=False)
+        self.partitions = [TopicPartition(settings.sales_topic, p) for p in
+                           sorted(self.consumer.partitions_for_topic(settings.sales_topic))]
+        self.consumer.assign(self.partitions)
+        self.consumer.seek_to_beginning(*self.partitions)
+        self.acked: list[tuple[datetime, float]] = []  # (commit time, commit -> broker ms)
 
     def start(self) -> None:
-        self.thread.start()
         deadline = time.monotonic() + 120
         while not self._ready():
-            if time.monotonic() > deadline or not self.thread.is_alive():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
                 raise SystemExit(f"{self.settings.capture_transport}: producer not capturing")
             time.sleep(0.1)
 
@@ -102,9 +112,28 @@ class Capture:
         row = self.monitor.execute(
             "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s "
             "AND confirmed_flush_lsn IS NOT NULL), "
-            "(SELECT count(*) FROM crm_erp_sync.snapshots WHERE state = 'pending')",
-            (self.settings.slot_name,)).fetchone()
-        return row == (1, 0)
+            "(SELECT count(*) FROM pg_tables WHERE schemaname = 'crm_erp_sync' "
+            " AND tablename = 'snapshots')", (self.settings.slot_name,)).fetchone()
+        if row != (1, 1):
+            return False
+        pending = self.monitor.execute(
+            "SELECT count(*) FROM crm_erp_sync.snapshots WHERE state = 'pending'").fetchone()
+        return pending == (0,)
+
+    def published(self) -> int:
+        return sum(self.consumer.end_offsets(self.partitions).values())
+
+    def collect(self) -> None:
+        """Read what the producer published since the last call."""
+        ends = self.consumer.end_offsets(self.partitions)
+        while any(self.consumer.position(tp) < ends[tp] for tp in self.partitions):
+            for records in self.consumer.poll(timeout_ms=500, max_records=10_000).values():
+                for record in records:
+                    _, event = self.registry.decode(record.value)
+                    committed = event["source"]["commit_time"]
+                    appended = datetime.fromtimestamp(record.timestamp / 1000, UTC)
+                    self.acked.append((committed,
+                                       (appended - committed).total_seconds() * 1000))
 
     def backends(self, exclude: set[int]) -> tuple[list[int], list[int]]:
         """(every backend of this CRM database serving the producer, its walsenders)."""
@@ -121,8 +150,9 @@ class Capture:
         return int(row[0])
 
     def stop(self) -> None:
-        self.producer.stop()
-        self.thread.join(timeout=60)
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+        self.consumer.close()
         self.monitor.close()
 
 
@@ -185,10 +215,11 @@ def steady(capture: Capture, name: str, rate: int, seconds: float, done: int,
 
 def wait_for_acks(capture: Capture, events: int, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
-    while capture.acked_events < events:
+    while (published := capture.published()) < events:
         if time.monotonic() > deadline:
-            raise SystemExit(f"only {capture.acked_events:,} of {events:,} events acknowledged")
+            raise SystemExit(f"only {published:,} of {events:,} events published")
         time.sleep(0.05)
+    capture.collect()
 
 
 def erp_latencies(settings: Settings, start: datetime, end: datetime, expected: int,
@@ -266,7 +297,7 @@ def print_phase(transport: str, p: Phase) -> None:
     line = (f"  {transport:6} {p.name:>17} (achieved {p.achieved:5,.0f}/s): CRM CPU for capture "
             f"{p.producer_cpu:5.2f} s (walsender {p.walsender_cpu:5.2f} s), load's own "
             f"backend(s) {p.writer_cpu:5.2f} s, cluster WAL {p.cluster_wal_mb:5.1f} MB; "
-            f"commit->ack p50 {percentile(p.ack_ms, 50):6.1f} ms "
+            f"commit->broker p50 {percentile(p.ack_ms, 50):6.1f} ms "
             f"p99 {percentile(p.ack_ms, 99):6.1f} ms")
     if p.erp_ms:
         line += (f"; commit->ERP p50 {percentile(p.erp_ms, 50):6.1f} ms "

@@ -1,8 +1,6 @@
 """`crm-erp-sync`: a thin command-line layer over the service.
 
-Exit codes: 0 success; 1 something needs attention (status, drift); 2 bad arguments or
-configuration; 3 the broker or a database is unreachable; 4 the circuit breaker stopped the
-consumer; 130 interrupted.
+Exit codes: service/exit_codes.py (one table for every command).
 """
 
 from __future__ import annotations
@@ -16,11 +14,12 @@ from typing import Any
 
 import structlog
 
-from service import __version__, log
-from service.errors import CircuitOpen, ConfigError, StackUnavailable, SyncError
-from service.settings import Settings
+from service import __version__, exit_codes, log
+from service.errors import ConfigError, StackUnavailable, SyncError
+from service.settings import Settings, unknown_env_vars
 
-EXIT_OK, EXIT_ATTENTION, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_CIRCUIT = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_ATTENTION, EXIT_USAGE, EXIT_UNAVAILABLE = (
+    exit_codes.OK, exit_codes.ATTENTION, exit_codes.USAGE, exit_codes.UNAVAILABLE)
 
 
 def _on_sigterm(stop: Callable[[], None], shutdown_timeout_s: float | None = None) -> None:
@@ -43,10 +42,32 @@ def _on_sigterm(stop: Callable[[], None], shutdown_timeout_s: float | None = Non
 def cmd_setup(settings: Settings, args: argparse.Namespace) -> int:
     from service.setup import run_setup
 
+    if args.check:
+        return cmd_setup_check(settings, args)
     report = run_setup(settings, demo_crm=not args.no_demo_schema)
     print(json.dumps({"topics_created": report.topics_created,
                       "demo_crm_schema_created": report.demo_crm_schema}, ensure_ascii=False))
     return EXIT_OK
+
+
+def cmd_setup_check(settings: Settings, args: argparse.Namespace) -> int:
+    """Report the CRM's capture prerequisites (changes nothing); exit 1 if one fails."""
+    from service import pg
+    from service.cdc.prerequisites import check_prerequisites, render_checks
+    from service.cdc.profile import load_profile
+
+    profile = load_profile(settings.source_profile)
+    tables = [t.strip() for t in args.tables.split(",") if t.strip()] if args.tables \
+        else profile.tables
+    filters = {e.table: e.filter_columns for e in profile.entities.values()
+               if e.row_filter is not None and e.table in tables}
+    with pg.connect(settings.crm_dsn, "CRM") as conn:
+        checks = check_prerequisites(conn, capture_role=args.role, tables=tables,
+                                     row_filter_columns=filters,
+                                     publication=settings.publication_name,
+                                     slot=settings.slot_name)
+    print(render_checks(checks))
+    return EXIT_OK if all(c.ok for c in checks) else EXIT_ATTENTION
 
 
 def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
@@ -66,28 +87,90 @@ def cmd_consume(settings: Settings, args: argparse.Namespace) -> int:
 
     consumer = ErpConsumer(settings)
     _on_sigterm(consumer.stop, settings.shutdown_timeout_s)
-    stats = consumer.run(until_idle_s=args.until_idle)
+    stats = consumer.run(until_idle_s=args.until_idle, until_caught_up=args.until_caught_up)
     structlog.get_logger("cli").info("consumer_stopped", batches=stats.batches,
                                      messages=stats.messages, retries=stats.retries,
                                      applied=consumer.applier.applied,
                                      dead_lettered=consumer.applier.dead_lettered,
-                                     held=consumer.applier.held)
+                                     held=consumer.applier.held,
+                                     caught_up=stats.caught_up, blocked=stats.blocked)
+    if stats.blocked:
+        print("crm-erp-sync: not caught up: the circuit breaker keeps "
+              f"{', '.join(stats.blocked)} paused (see `crm-erp-sync status`, then "
+              "`crm-erp-sync resume`)", file=sys.stderr)
+        return EXIT_ATTENTION
     return EXIT_OK
 
 
 def cmd_snapshot(settings: Settings, args: argparse.Namespace) -> int:
     from service import pg
-    from service.cdc.capture import ensure_capture_objects, request_snapshot
+    from service.cdc.capture import ensure_capture_objects, request_snapshot, snapshot_entity
+    from service.cdc.profile import load_profile
 
-    table = args.table if "." in args.table else f"crm.{args.table}"
-    with pg.connect(settings.crm_dsn, "CRM") as conn:
-        ensure_capture_objects(conn, settings)
+    profile = load_profile(settings.source_profile)
+    try:
+        entity = snapshot_entity(profile, args.table)
+    except ValueError:
+        # The demo profile's tables were once named without their schema (customers).
         try:
-            snapshot_id = request_snapshot(conn, table, args.key or None, args.chunk_size)
+            entity = snapshot_entity(profile, f"crm.{args.table}")
         except ValueError as exc:
             raise ConfigError("--table", str(exc)) from exc
-    print(json.dumps({"snapshot_id": snapshot_id, "table": table, "keys": args.key or "all"}))
+    with pg.connect(settings.crm_dsn, "CRM") as conn:
+        ensure_capture_objects(conn, settings, profile)
+        keys = _existing_keys(conn, profile, entity.entity, args.key) if args.key else None
+        try:
+            snapshot_id = request_snapshot(conn, profile, entity.entity, keys, args.chunk_size)
+        except ValueError as exc:
+            raise ConfigError("--key" if args.key else "--chunk-size", str(exc)) from exc
+    print(json.dumps({"snapshot_id": snapshot_id, "table": entity.table,
+                      "keys": args.key or "all"}, ensure_ascii=False))
     return EXIT_OK
+
+
+def _existing_keys(conn: Any, profile: Any, entity: str, wanted: list[str]) -> list[str]:
+    """The requested keys (text, as the CRM's own type reads them); a key that is not in the
+    table (or outside the profile's row filter) is refused rather than snapshotted as
+    nothing. Raises ConfigError naming the missing keys."""
+    import psycopg
+
+    from service.cdc.capture import chunk_query, read_table_info
+    from service.cdc.profile import key_values
+
+    ent = profile.entities[entity]
+    info = read_table_info(conn, profile)[ent.table]
+    for key in wanted:
+        try:
+            key_values(ent, key)
+        except ValueError as exc:
+            raise ConfigError("--key", str(exc)) from exc
+    unique = list(dict.fromkeys(wanted))
+    try:
+        query, params = chunk_query(info, after=None, keys=unique, limit=len(unique))
+        found = {ent.key_text({c: r[i] for i, c in enumerate(ent.columns)})
+                 for r in conn.execute(query, params).fetchall()}
+    except psycopg.errors.DataError as exc:  # not a value of the key's type (a UUID typo)
+        raise ConfigError("--key", f"not a key of {ent.table}: "
+                                   f"{exc.diag.message_primary}") from exc
+    missing = [k for k in unique if k not in found]
+    if missing:
+        raise ConfigError("--key", f"no {ent.table} row with key {', '.join(missing)}")
+    return unique
+
+
+SNAPSHOT_MAX_CHUNK = 100_000
+
+
+def _chunk_size(text: str) -> int:
+    """Rows per snapshot chunk: 1..SNAPSHOT_MAX_CHUNK (a chunk is one query and one window
+    between watermarks; 0 or less would never finish, a huge one holds a long snapshot)."""
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from exc
+    if not 1 <= value <= SNAPSHOT_MAX_CHUNK:
+        raise argparse.ArgumentTypeError(f"must be 1-{SNAPSHOT_MAX_CHUNK}, got {value}")
+    return value
 
 
 def cmd_demo_load(settings: Settings, args: argparse.Namespace) -> int:
@@ -103,6 +186,12 @@ def cmd_demo_run(settings: Settings, args: argparse.Namespace) -> int:
     from service.demo.run import run_demo
 
     return run_demo(settings, customers=args.customers, orders=args.orders)
+
+
+def cmd_demo_bottlecrm(settings: Settings, args: argparse.Namespace) -> int:
+    from service.demo.run import run_bottlecrm_demo
+
+    return run_bottlecrm_demo(settings)
 
 
 def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
@@ -132,14 +221,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Real-time CRM -> ERP synchronisation over Apache Kafka. Every setting is an "
                     "environment variable (see `crm-erp-sync config`); the defaults point at the "
                     "local stack started by `make up`.",
-        epilog="Exit codes: 0 ok, 1 needs attention, 2 bad arguments or configuration, "
-               "3 broker or database unreachable, 4 circuit breaker open.")
+        epilog=exit_codes.EPILOG)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("setup", help="create topics, the CRM capture objects and the ERP schema")
     p.add_argument("--no-demo-schema", action="store_true",
                    help="do not create the demo CRM tables when the CRM has none")
+    p.add_argument("--check", action="store_true",
+                   help="only check the CRM's capture prerequisites (wal_level, slots, replica "
+                        "identity, the capture role's rights, row-level security) and print "
+                        "the SQL that fixes each failure; changes nothing; exit 1 if one fails")
+    p.add_argument("--tables", metavar="A,B",
+                   help="with --check: the captured tables (schema.table, comma-separated); "
+                        "default: the demo CRM's")
+    p.add_argument("--role", metavar="ROLE",
+                   help="with --check: the capture role to check (default: the CRM DSN's user)")
     p.set_defaults(func=cmd_setup)
 
     p = sub.add_parser("produce", help="capture CRM changes from the WAL and publish them")
@@ -148,14 +245,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_produce)
 
     p = sub.add_parser("consume", help="apply CRM events to the ERP (a consumer-group member)")
-    p.add_argument("--until-idle", type=float, metavar="SECONDS",
-                   help="exit after this many seconds without messages")
+    until = p.add_mutually_exclusive_group()
+    until.add_argument("--until-idle", type=float, metavar="SECONDS",
+                       help="exit after this many seconds without messages")
+    until.add_argument("--until-caught-up", action="store_true",
+                       help="apply everything up to the end offsets seen at start, then exit 0 "
+                            "(for an hourly or daily sync from a scheduler); exit 1 if the "
+                            "circuit breaker keeps a partition paused")
     p.set_defaults(func=cmd_consume)
 
     p = sub.add_parser("snapshot", help="re-snapshot a CRM table (or some keys) while streaming")
-    p.add_argument("--table", required=True, help="customers, sales_orders or market_demand")
-    p.add_argument("--key", type=int, action="append", help="only this primary key (repeatable)")
-    p.add_argument("--chunk-size", type=int, default=1000)
+    p.add_argument("--table", required=True,
+                   help="an entity (customer, order, market_demand) or its CRM table")
+    p.add_argument("--key", action="append",
+                   help="only this key, as text (repeatable; a composite key is a JSON array)")
+    p.add_argument("--chunk-size", type=_chunk_size, default=1000,
+                   help=f"rows per chunk, 1-{SNAPSHOT_MAX_CHUNK} (default 1000)")
     p.set_defaults(func=cmd_snapshot)
 
     demo = sub.add_parser("demo", help="the demo CRM: load data, or run the whole pipeline")
@@ -171,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--customers", type=int, default=500)
     p.add_argument("--orders", type=int, default=1000)
     p.set_defaults(func=cmd_demo_run)
+    p = demo_sub.add_parser("bottlecrm", help="the pipeline on a real BottleCRM (installs it)")
+    p.set_defaults(func=cmd_demo_bottlecrm)
 
     from service.operator.commands import register as register_operator_commands
 
@@ -190,6 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"crm-erp-sync: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     log.configure(settings.log_level, settings.log_format)
+    for name, closest in unknown_env_vars():
+        structlog.get_logger("cli").warning(
+            "unknown_setting_ignored", variable=name, did_you_mean=closest,
+            hint="see `crm-erp-sync config` for every setting")
     try:
         code: int = args.func(settings, args)
         return code
@@ -199,14 +310,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StackUnavailable as exc:
         print(f"crm-erp-sync: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    except CircuitOpen as exc:
-        print(f"crm-erp-sync: circuit breaker open, consumer stopped: {exc}", file=sys.stderr)
-        return EXIT_CIRCUIT
     except SyncError as exc:
         print(f"crm-erp-sync: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_ATTENTION
     except KeyboardInterrupt:
-        return 130
+        return exit_codes.INTERRUPTED
 
 
 if __name__ == "__main__":

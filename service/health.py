@@ -7,7 +7,9 @@ Every long-running command (``produce``, ``consume``) serves, on CRM_ERP_SYNC_HT
   process (a hung query, a dead lock) fails it and is restarted by its supervisor.
 - ``/readyz`` doing its job:
   - consume: connected to the group with partitions assigned, and not stalled (a transient
-    failure, ERP or broker, has not kept it retrying for CRM_ERP_SYNC_READINESS_STALL_S);
+    failure, ERP or broker, has not kept it retrying for CRM_ERP_SYNC_READINESS_STALL_S),
+    and not degraded (the dead-letter circuit breaker keeps a partition paused: 503 with
+    state "degraded" and the breaker's messages, until `crm-erp-sync resume`);
   - produce: the active producer holds the capture lock and is not stalled; a standby that
     is connected to the CRM and waiting for the lock is ready too (it is doing what a
     standby must; were it "not ready", every rollout and node drain would wait on it
@@ -42,6 +44,7 @@ class Health:
         self._why = "starting"
         self._detail: dict[str, Any] = {}
         self._failing_since: float | None = None
+        self._degraded: list[str] = []
 
     def beat(self) -> None:
         """The main loop is alive (call once per iteration, and while waiting)."""
@@ -50,6 +53,10 @@ class Health:
 
     def set_ready(self, ready: bool, why: str, **detail: Any) -> None:
         self._ready, self._why, self._detail = ready, why, detail
+
+    def set_degraded(self, reasons: list[str]) -> None:
+        """Partitions paused by the circuit breaker (one message each); [] when none."""
+        self._degraded = list(reasons)
 
     def failing(self) -> None:
         """A transient failure: retrying. Stalled once it lasts readiness_stall_s."""
@@ -72,6 +79,10 @@ class Health:
             if failing_s > self.stall_s:
                 body["state"] = "stalled"
                 return False, body
+        if self._degraded:
+            body["state"] = "degraded"
+            body["breaker_open"] = self._degraded
+            return False, body
         return alive and self._ready, body
 
 

@@ -20,6 +20,7 @@ import os
 import socket
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -177,3 +178,125 @@ def sync_env(stack: Stack) -> Iterator[SyncEnv]:
                 "WHERE slot_name = %s AND NOT active", (settings.slot_name,))
         _drop_database(stack, crm_db)
         _drop_database(stack, erp_db)
+
+
+# ---- a real CRM: BottleCRM (deploy/bottlecrm) -------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BottleCrmInstall:
+    template: str
+    install_s: float  # wall time of install.sh in this session (near 0 when already built)
+
+
+@dataclasses.dataclass
+class BottleCrmDb:
+    """One test's BottleCRM database, cloned from the migrated template, and its writer."""
+
+    dsn: str  # as the stack's administrator (a superuser: reads past BottleCRM's RLS)
+    name: str
+    writer: Any  # service.demo.bottlecrm.Writer
+
+    def connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.dsn, autocommit=True)
+
+
+@pytest.fixture(scope="session")
+def bottlecrm_installed(stack: Stack) -> BottleCrmInstall:
+    """deploy/bottlecrm/install.sh has run (idempotent); skips without Python 3.12."""
+    from service.demo import bottlecrm
+
+    try:
+        seconds = bottlecrm.ensure_installed(stack.admin_dsn)
+    except bottlecrm.BottleCrmUnavailable as exc:
+        pytest.skip(f"BottleCRM cannot be installed here: {exc}")
+    return BottleCrmInstall(bottlecrm.TEMPLATE, seconds)
+
+
+@pytest.fixture
+def bottlecrm_db(stack: Stack, bottlecrm_installed: BottleCrmInstall) -> Iterator[BottleCrmDb]:
+    """A fresh BottleCRM database (its 149 tables, no data) and a started writer on it."""
+    from service.demo import bottlecrm
+
+    name = f"bottlecrm_t{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{bottlecrm_installed.template}"')
+    writer = None
+    try:
+        writer = bottlecrm.Writer(stack.dsn_for(name))
+        yield BottleCrmDb(stack.dsn_for(name), name, writer)
+    finally:
+        if writer is not None:
+            writer.close()
+        _drop_database(stack, name)
+
+# ---- Tryton (the `tryton` ERP target) -------------------------------------------------------
+
+TRYTON_TEMPLATE = "tryton_template"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrytonServer:
+    """A running trytond on a database cloned from the template, for one test module."""
+
+    url: str
+    database: str
+    login: str
+    password: str
+
+
+def _tryton_stack_ok(stack: Stack) -> str | None:
+    """Why deploy/tryton/install.sh cannot use this stack's PostgreSQL, or None."""
+    parts = urlsplit(stack.admin_dsn)
+    port = int(os.environ.get("STACK_PG_PORT", "15432"))
+    if (parts.hostname, parts.port, parts.username) != ("127.0.0.1", port, "sync"):
+        return ("the Tryton tests build their template on the local stack's PostgreSQL "
+                f"(127.0.0.1:{port}, role sync): run `make up`")
+    return None
+
+
+@pytest.fixture(scope="session")
+def tryton_install(stack: Stack) -> Path:
+    """Tryton's venv and the template database (deploy/tryton/install.sh; idempotent)."""
+    import subprocess
+
+    reason = _tryton_stack_ok(stack)
+    if reason:
+        pytest.skip(reason)
+    script = REPO_ROOT / "deploy" / "tryton" / "install.sh"
+    venv = subprocess.run(["bash", str(script), "venv"], capture_output=True, text=True,
+                          timeout=900)
+    if venv.returncode != 0:
+        # Only this is a reason to skip: no Python 3.10+ or no package index here.
+        pytest.skip("Tryton cannot be installed here (deploy/tryton/install.sh venv): "
+                    + venv.stderr.strip()[-400:])
+    template = subprocess.run(["bash", str(script), "template"], capture_output=True,
+                              text=True, timeout=1800)
+    assert template.returncode == 0, f"Tryton template build failed:\n{template.stderr}"
+    return REPO_ROOT / ".stack" / "tryton"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def tryton_server(stack: Stack, tryton_install: Path) -> Iterator[TrytonServer]:
+    """trytond on 127.0.0.1 for a database cloned from the template (~1 s) for one module."""
+    import subprocess
+
+    database = f"tryton_t{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{database}" TEMPLATE "{TRYTON_TEMPLATE}"')
+    script = REPO_ROOT / "deploy" / "tryton" / "server.sh"
+    port = _free_port()
+    try:
+        started = subprocess.run(["bash", str(script), "start", database, str(port)],
+                                 capture_output=True, text=True, timeout=300)
+        assert started.returncode == 0, f"trytond did not start:\n{started.stderr[-2000:]}"
+        yield TrytonServer(f"http://127.0.0.1:{port}", database, "crm_sync",
+                           (tryton_install / "sync.pass").read_text().strip())
+    finally:
+        subprocess.run(["bash", str(script), "stop", database], capture_output=True,
+                       timeout=60)
+        _drop_database(stack, database)

@@ -32,11 +32,14 @@ from service import pg
 from service.avro import SchemaRegistry
 from service.cdc import pgoutput
 from service.cdc.capture import (
-    CAPTURED,
     OWN_SCHEMA,
-    SNAPSHOT_TABLES,
     WATERMARK_TABLE,
+    TableInfo,
+    chunk_query,
     ensure_capture_objects,
+    read_chunk,
+    read_table_info,
+    typed_row,
 )
 from service.cdc.events import (
     CREATE,
@@ -45,11 +48,13 @@ from service.cdc.events import (
     UPDATE,
     CommittedTxn,
     Outgoing,
+    References,
     RowChange,
     build_events,
+    canonical,
     converter_for,
-    row_key,
 )
+from service.cdc.profile import SourceProfile, load_profile
 from service.cdc.source import ChangeSource, source_for
 from service.errors import PgOutputError, Retryable, SlotLost, StackUnavailable
 from service.health import Health, serve
@@ -163,8 +168,8 @@ class _Chunk:
     snapshot_id: int
     chunk_no: int
     table: str
-    rows: dict[tuple[str, tuple[Any, ...]], dict[str, Any]]
-    last_key: int | None
+    rows: dict[tuple[str, str], dict[str, Any]]
+    last_key: str | None
     low_id: int = 0
     high_id: int = 0
     window_open: bool = False
@@ -183,9 +188,14 @@ class ProducerStats:
 
 class CdcProducer:
     def __init__(self, settings: Settings, registry: SchemaRegistry,
-                 kafka_producer: Any | None = None) -> None:
+                 kafka_producer: Any | None = None,
+                 profile: SourceProfile | None = None) -> None:
         self.settings = settings
         self.registry = registry
+        self.profile = profile if profile is not None else load_profile(settings.source_profile)
+        self._tables: dict[str, TableInfo] = {}
+        self._conn: PgConn | None = None
+        self.refs = References(self._load_reference)
         self._kafka = kafka_producer
         self._stop = threading.Event()
         self.stats = ProducerStats()
@@ -239,7 +249,12 @@ class CdcProducer:
     # ---- setup ------------------------------------------------------------------------
     def ensure_slot(self, conn: PgConn) -> bool:
         """Create the slot if missing; on first creation request the initial snapshot."""
-        ensure_capture_objects(conn, self.settings)
+        added = ensure_capture_objects(conn, self.settings, self.profile)
+        if added:
+            log.warning("publication_repaired", publication=self.settings.publication_name,
+                        tables_added=added)
+        self._tables = read_table_info(conn, self.profile)
+        self._conn = conn
         exists = conn.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s",
                               (self.settings.slot_name,)).fetchone()
         if exists and exists[0] == "lost":
@@ -253,9 +268,10 @@ class CdcProducer:
             f"SELECT count(*) FROM {OWN_SCHEMA}.snapshots WHERE reason = 'initial' "
             "AND state = 'pending'").fetchone()
         if not pending or not pending[0]:
-            for table in SNAPSHOT_TABLES:
-                conn.execute(f"INSERT INTO {OWN_SCHEMA}.snapshots (table_name, reason) "
-                             "VALUES (%s, 'initial')", (table,))
+            for ent in self.profile.snapshot_entities:
+                if ent.kind is not None:
+                    conn.execute(f"INSERT INTO {OWN_SCHEMA}.snapshots (table_name, reason) "
+                                 "VALUES (%s, 'initial')", (ent.table,))
         conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')",
                      (self.settings.slot_name,))
         log.info("slot_created", slot=self.settings.slot_name, initial_snapshot=True)
@@ -369,7 +385,8 @@ class CdcProducer:
             self._chunk = None  # the chunk's watermarks are re-read; the chunk is redone
             self._pending_progress.clear()
         try:
-            return connect(self.settings.crm_dsn)
+            self._conn = connect(self.settings.crm_dsn)
+            return self._conn
         except StackUnavailable:
             return conn  # next step fails again and backs off
 
@@ -405,6 +422,19 @@ class CdcProducer:
     def _caught_up(self, conn: PgConn) -> bool:
         return self._change_source().caught_up(conn)
 
+    def _load_reference(self, entity: str, key: str) -> dict[str, Any] | None:
+        """A referenced order/product the producer has not seen: read its current CRM row."""
+        ent = self.profile.entity(entity)
+        if ent is None or self._conn is None or ent.table not in self._tables:
+            return None
+        info = self._tables[ent.table]
+        query, params = chunk_query(info, after=None, keys=[key], limit=1)
+        cur = self._conn.cursor(row_factory=psycopg.rows.dict_row)
+        found = cur.execute(query, params).fetchone()
+        if found is None:
+            return None
+        return canonical(ent, typed_row(info, found), self.refs)
+
     def _events_for(self, txn: CommittedTxn) -> list[Outgoing]:
         changes: list[RowChange] = []
         high_closed = False
@@ -418,19 +448,21 @@ class CdcProducer:
                     elif wid == chunk.high_id:
                         high_closed = True
                 continue
-            if change.table not in CAPTURED:
+            ent = self.profile.table(change.table)
+            if ent is None:
                 continue
             changes.append(change)
             if chunk is not None and chunk.window_open:
                 row = change.after if change.after is not None else change.before
                 assert row is not None
-                chunk.rows.pop((change.table, row_key(change.table, row)), None)
-        events = build_events(changes, lsn=txn.commit_lsn, xid=txn.xid,
-                              commit_time=txn.commit_time)
+                chunk.rows.pop((change.table, ent.key_text(row)), None)
+        events = build_events(changes, profile=self.profile, refs=self.refs,
+                              lsn=txn.commit_lsn, xid=txn.xid, commit_time=txn.commit_time)
         if high_closed and chunk is not None:
             reads = [RowChange(table, READ, None, row)
                      for (table, _key), row in chunk.rows.items()]
-            events.extend(build_events(reads, lsn=txn.commit_lsn, xid=0,
+            events.extend(build_events(reads, profile=self.profile, refs=self.refs,
+                                       lsn=txn.commit_lsn, xid=0,
                                        commit_time=txn.commit_time, snapshot=True,
                                        first_seq=len(txn.changes)))
             self._pending_progress.append((chunk, len(reads)))
@@ -477,26 +509,28 @@ class CdcProducer:
         if request is None:
             return False
         snapshot_id, table, keys, chunk_size, last_key, chunks_done = request
-        pk = CAPTURED[table].key[0]
+        info = self._tables.get(table)
+        if info is None:
+            # A request for a table this profile does not capture (the profile changed):
+            # finish it rather than block every later snapshot behind it.
+            conn.execute(f"UPDATE {OWN_SCHEMA}.snapshots SET state = 'done', "
+                         "finished_at = now() WHERE snapshot_id = %s", (snapshot_id,))
+            log.error("snapshot_table_not_captured", snapshot_id=snapshot_id, table=table,
+                      profile=self.profile.name)
+            return True
         low = conn.execute(
             f"INSERT INTO {WATERMARK_TABLE} (snapshot_id, chunk_no, kind) "
             "VALUES (%s, %s, 'low') RETURNING watermark_id", (snapshot_id, chunks_done)
         ).fetchone()
-        where = f"{pk} > %s" if last_key is not None else "TRUE"
-        params: list[Any] = [last_key] if last_key is not None else []
-        if keys is not None:
-            where += f" AND {pk} = ANY(%s)"
-            params.append(list(keys))
-        cur = conn.cursor(row_factory=psycopg.rows.dict_row)
-        head = cur.execute(f"SELECT * FROM {table} WHERE {where} ORDER BY {pk} LIMIT %s",
-                           [*params, chunk_size]).fetchall()
-        rows: dict[tuple[str, tuple[Any, ...]], dict[str, Any]] = {
-            (table, row_key(table, r)): r for r in head}
-        if table == "crm.sales_orders" and head:
-            order_ids = [r["order_id"] for r in head]
-            for line in cur.execute("SELECT * FROM crm.order_lines WHERE order_id = ANY(%s) "
-                                    "ORDER BY order_id, line_no", (order_ids,)).fetchall():
-                rows[("crm.order_lines", row_key("crm.order_lines", line))] = line
+        head, lines = read_chunk(conn, self._tables, self.profile, info.entity, after=last_key,
+                                 keys=keys, limit=chunk_size)
+        ent = info.entity
+        rows: dict[tuple[str, str], dict[str, Any]] = {
+            (table, ent.key_text(r)): r for r in head}
+        line_ent = self.profile.entity("order_line")
+        if line_ent is not None:
+            for line in lines:
+                rows[(line_ent.table, line_ent.key_text(line))] = line
         if not head:
             conn.execute(f"UPDATE {OWN_SCHEMA}.snapshots SET state = 'done', "
                          "finished_at = now() WHERE snapshot_id = %s", (snapshot_id,))
@@ -508,7 +542,7 @@ class CdcProducer:
         ).fetchone()
         assert low is not None and high is not None
         self._chunk = _Chunk(snapshot_id, chunks_done, table, rows,
-                             last_key=head[-1][pk], low_id=low[0], high_id=high[0])
+                             last_key=ent.key_text(head[-1]), low_id=low[0], high_id=high[0])
         return True
 
     def _commit_progress(self, conn: PgConn) -> None:

@@ -28,13 +28,22 @@ import structlog
 from kafka import OffsetAndMetadata, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError
 
+from service import pg
 from service.avro import SchemaRegistry
 from service.consumer import dlq
-from service.consumer.policy import BatchPolicy, CircuitBreaker, DlqLimit, RetryPolicy
+from service.consumer.breaker import BreakerControl
+from service.consumer.policy import BatchPolicy, DlqLimit, RetryPolicy
 from service.erp.apply import apply_changes, existing_customers, load_status_effects
 from service.erp.changes import ErpChange, to_erp
 from service.erp.mappings import Mappings
-from service.errors import ApplyError, DecodeError, Permanent, Retryable, StackUnavailable
+from service.errors import (
+    ApplyError,
+    DatabaseUnreachable,
+    DecodeError,
+    Permanent,
+    Retryable,
+    StackUnavailable,
+)
 from service.health import Health, serve
 from service.kafka_io import make_consumer, make_producer
 from service.metrics import UNKNOWN_KIND, ConsumerMetrics
@@ -150,6 +159,9 @@ class CommitOffsets:
             log.warning("commit_failed_after_rebalance", error=str(exc))
 
 
+# Event kinds whose event carries the whole row: a newer one that maps replaces an older one.
+FULL_STATE_KINDS = frozenset({"customer", "market_demand"})
+
 # The message columns of sync.held_events, in the order _held_message reads them.
 HELD_MESSAGE = 'topic, partition, "offset", msg_timestamp, msg_key, msg_value'
 
@@ -198,9 +210,10 @@ class ErpApplier:
     def connect(self) -> PgConn:
         if self.conn is None or self.conn.closed or self.conn.broken:
             try:
-                self.conn = psycopg.connect(self.settings.erp_dsn, connect_timeout=10)
-            except psycopg.OperationalError as exc:
-                raise Retryable(f"ERP database unreachable: {type(exc).__name__}") from exc
+                # Wrong credentials or a missing database (ConfigError) are not retried.
+                self.conn = pg.connect(self.settings.erp_dsn, "ERP", autocommit=False)
+            except DatabaseUnreachable as exc:
+                raise Retryable(str(exc)) from exc
             try:
                 with self.conn.transaction():
                     load_status_effects(self.conn, self.mappings)
@@ -215,6 +228,8 @@ class ErpApplier:
             with conn.transaction():
                 self._apply_in_txn(conn, batch)
                 self._publish_dead_letters(conn, batch)
+                self._supersede_held(conn, {(e.msg.topic, e.msg.key) for e in batch.envelopes
+                                            if e.held == "key_blocked"})
         except TRANSIENT_PG as exc:
             raise Retryable(f"ERP: {type(exc).__name__}: {exc}".strip()) from exc
         except KafkaError as exc:
@@ -278,6 +293,9 @@ class ErpApplier:
         return count
 
     def _apply_in_txn(self, conn: PgConn, batch: Batch) -> None:
+        released = self._supersede(conn, batch.envelopes)
+        if released:  # older than everything in the batch: they go first
+            batch.envelopes[:0] = released
         envs = batch.envelopes
         blocked = self._blocked_keys(conn, [e.msg for e in envs])
         # Keys that get a dead letter in this batch block what follows them in it too.
@@ -333,6 +351,77 @@ class ErpApplier:
             except PERMANENT_PG as exc:
                 env.error = ApplyError(f"{type(exc).__name__}: {exc.diag.message_primary}")
 
+    def _supersede(self, conn: PgConn, envs: list[Envelope]) -> list[Envelope]:
+        """A fixed CRM row supersedes its dead letter (issue #12 item 7).
+
+        When an event of a full-state kind (customer, market_demand: the event carries the
+        whole row) maps, and every unresolved dead letter of its key is of that same kind
+        (the same row, an older state of it), those letters become ``superseded`` (audited
+        in ``sync.dead_letter_actions``, actor ``consumer``) and the events held behind the
+        key are released: returned, in their original order, for the caller to apply before
+        the batch. Only letters older than the event are superseded (a newer failure is not
+        repaired by an older fix). Orders are never superseding (an order event carries only
+        the lines its transaction changed: a newer one does not repair an older one's line);
+        their letters wait for the operator.
+        """
+        released: list[Envelope] = []
+        failed: set[tuple[str, bytes | None]] = set()
+        done: set[tuple[str, bytes | None]] = set()
+        for env in envs:
+            key = (env.msg.topic, env.msg.key)
+            if env.error is not None:
+                failed.add(key)
+                continue
+            if (key in failed or key in done or env.msg.held_id is not None
+                    or env.kind not in FULL_STATE_KINDS):
+                continue
+            letters = conn.execute(
+                'SELECT dead_letter_id, event_kind, partition, "offset" FROM sync.dead_letters '
+                "WHERE topic = %s AND msg_key IS NOT DISTINCT FROM %s "
+                "AND state IN ('open', 'failed_again') ORDER BY dead_letter_id FOR UPDATE",
+                key).fetchall()
+            if not letters or any(kind != env.kind or (part, off) >= (env.msg.partition,
+                                                                      env.msg.offset)
+                                  for _, kind, part, off in letters):
+                continue
+            done.add(key)
+            ids = [r[0] for r in letters]
+            conn.execute("UPDATE sync.dead_letters SET state = 'superseded', "
+                         "resolved_at = clock_timestamp() WHERE dead_letter_id = ANY(%s)",
+                         (ids,))
+            why = (f"a newer {env.kind} event of the same key maps "
+                   f"({env.msg.topic}[{env.msg.partition}]@{env.msg.offset})")
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO sync.dead_letter_actions (dead_letter_id, action, actor, "
+                    "reason, outcome) VALUES (%s, 'supersede', 'consumer', %s, 'superseded')",
+                    [(i, why) for i in ids])
+            rows = conn.execute(
+                "DELETE FROM sync.held_events WHERE reason = 'key_blocked' AND topic = %s "
+                f"AND msg_key IS NOT DISTINCT FROM %s RETURNING {HELD_MESSAGE}",
+                key).fetchall()
+            held = self._prepared(sorted((_held_message(r) for r in rows),
+                                         key=lambda m: (m.partition, m.offset)))
+            released += held.envelopes
+            log.info("dead_letters_superseded", key=_key_text(env.msg.key), letters=len(ids),
+                     released=len(rows))
+        return released
+
+    def _supersede_held(self, conn: PgConn, keys: set[tuple[str, bytes | None]]) -> None:
+        """The same, when the fix arrived in the batch that dead-lettered the old state: it
+        was held behind the new letter; supersede from the held events and apply them."""
+        for topic, key in sorted(keys, key=lambda k: (k[0], k[1] or b"")):
+            rows = conn.execute(
+                f"SELECT {HELD_MESSAGE} FROM sync.held_events WHERE reason = 'key_blocked' "
+                "AND topic = %s AND msg_key IS NOT DISTINCT FROM %s", (topic, key)).fetchall()
+            held = self._prepared(sorted((_held_message(r) for r in rows),
+                                         key=lambda m: (m.partition, m.offset)))
+            released = self._supersede(conn, held.envelopes)
+            if released:
+                batch = Batch(released)
+                self._apply_in_txn(conn, batch)
+                self._publish_dead_letters(conn, batch)
+
     def _blocked_keys(self, conn: PgConn, msgs: list[Message]) -> set[tuple[str, bytes | None]]:
         keys = sorted({m.key for m in msgs if m.key is not None})
         if not keys:
@@ -363,7 +452,7 @@ class ErpApplier:
     def _prepared(self, msgs: list[Message]) -> Batch:
         return prepare(self.registry, self.mappings, msgs)
 
-    def _release_awaiting(self, conn: PgConn, customer_ids: list[int], batch: Batch) -> None:
+    def _release_awaiting(self, conn: PgConn, customer_ids: list[str], batch: Batch) -> None:
         rows = conn.execute(
             f"SELECT {HELD_MESSAGE}, held_id FROM sync.held_events "
             "WHERE reason = 'awaiting_customer' AND waits_for = ANY(%s) "
@@ -468,11 +557,12 @@ class ErpApplier:
         with conn.cursor() as cur:
             cur.executemany(
                 'INSERT INTO sync.dead_letters (topic, partition, "offset", msg_key, stage, '
-                "error_class, error_message, dlq_partition, dlq_offset) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "error_class, error_message, dlq_partition, dlq_offset, event_kind) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
                 'ON CONFLICT (topic, partition, "offset") DO NOTHING',
                 [(d.topic, d.partition, d.offset, d.key, d.error.stage,
-                  type(d.error).__name__, d.error.reason, m.partition, m.offset)
+                  type(d.error).__name__, d.error.reason, m.partition, m.offset,
+                  self._kind_of(d.value))
                  for d, m in zip(letters, metas, strict=True)])
         self.dead_lettered += len(letters)
         for d in letters:
@@ -491,15 +581,40 @@ class _Collect:
 
 
 class Breaker:
-    """Stops the pipeline before a flood of invalid messages reaches the DLQ."""
+    """Judges each partition's slice of a batch before anything of it is dead-lettered: a
+    partition whose dead-letter share reaches the limit is taken out of the batch, paused and
+    rewound (``BreakerControl.trip``); the other partitions go on. A partition already open
+    (tripped here, by another member, or before a restart) is taken out the same way. The
+    slices that went through are counted once the batch has committed."""
 
-    def __init__(self, limit: DlqLimit, next_step: Stage) -> None:
-        self.breaker = CircuitBreaker(limit)
+    def __init__(self, control: BreakerControl, consumer: Any, next_step: Stage) -> None:
+        self.control = control
+        self.consumer = consumer
         self.next_step = next_step
 
     def submit(self, batch: Batch) -> None:
-        self.breaker.record([e.error is not None for e in batch.envelopes])
+        now = time.monotonic()
+        kept: list[Envelope] = []
+        passed: list[tuple[tuple[str, int], list[tuple[int, bool]]]] = []
+        for partition, envs in by_partition_envelopes(batch.envelopes).items():
+            first, last = envs[0].msg.offset, envs[-1].msg.offset
+            if self.control.is_open(partition):
+                self.control.hold_back(self.consumer, partition, first)
+                continue
+            outcomes = [(e.msg.offset, e.error is not None) for e in envs]
+            trip = self.control.breaker.would_trip(partition, outcomes, now)
+            if trip is not None:
+                self.control.trip(self.consumer, trip, first, last,
+                                  [e.error for e in envs if e.error is not None])
+                continue
+            kept.extend(envs)
+            passed.append((partition, outcomes))
+        if not kept:
+            return
+        batch.envelopes = kept
         self.next_step.submit(batch)
+        for partition, outcomes in passed:
+            self.control.breaker.record(partition, outcomes, now)
 
 
 @dataclass
@@ -507,6 +622,10 @@ class ConsumerStats:
     batches: int = 0
     messages: int = 0
     retries: int = 0
+    # With until_caught_up: True once every partition reached its end offset seen at start;
+    # the partitions that could not, because the circuit breaker keeps them paused.
+    caught_up: bool = False
+    blocked: list[str] = field(default_factory=list)
 
 
 class ErpConsumer:
@@ -523,7 +642,9 @@ class ErpConsumer:
         self.metrics = ConsumerMetrics()
         self.health = Health(settings, self.metrics)
         self.applier = ErpApplier(settings, self.registry, self.mappings, metrics=self.metrics)
-        self.dlq_limit = dlq_limit or DlqLimit.DEFAULT
+        self.dlq_limit = dlq_limit or DlqLimit.from_settings(settings)
+        self.breaker = BreakerControl(settings, self.dlq_limit, self.metrics, self.health,
+                                      self.applier.connect)
         self.stats = ConsumerStats()
         self._last_lag_update = 0.0
         self._stop = threading.Event()
@@ -534,10 +655,17 @@ class ErpConsumer:
 
     def _pipeline(self) -> Stage:
         return Decode(self.registry, Transform(self.mappings, Breaker(
-            self.dlq_limit, Apply(self.applier, CommitOffsets(self.consumer)))))
+            self.breaker, self.consumer, Apply(self.applier, CommitOffsets(self.consumer)))))
 
-    def run(self, *, until_idle_s: float | None = None) -> ConsumerStats:
-        """Consume until stop(); with until_idle_s, return after that long without messages."""
+    def run(self, *, until_idle_s: float | None = None,
+            until_caught_up: bool = False) -> ConsumerStats:
+        """Consume until stop(). With until_idle_s, return after that long without messages.
+        With until_caught_up, return once the group has consumed every partition up to its
+        end offset as seen at start (``stats.caught_up``), or when only partitions paused by
+        the circuit breaker are left (``stats.blocked`` names them).
+
+        Raises ConfigError (bad ERP credentials, missing database) and StackUnavailable
+        (broker unreachable at start); transient failures are retried, never raised."""
         http = serve(self.settings, self.health)
         try:
             self.consumer = make_consumer(self.settings, self.settings.sales_topic,
@@ -549,25 +677,37 @@ class ErpConsumer:
         pipeline = self._pipeline()
         idle_since = time.monotonic()
         last_maintenance = 0.0
+        last_target_check = 0.0
         try:
+            # Before the first poll: a wrong password fails here, at once, not after a join;
+            # partitions left tripped (before a restart) are known before anything is applied.
+            self._retrying(functools.partial(self.breaker.refresh, self.consumer, force=True))
+            targets = self._end_offsets() if until_caught_up else {}
             while not self._stop.is_set():
                 self.health.beat()
                 msgs = self._poll()
                 self._observe_assignment()
                 now = time.monotonic()
+                self._retrying(functools.partial(self.breaker.refresh, self.consumer))
                 if now - last_maintenance > 5:
                     self._retrying(self.applier.expire_orphans)
                     self._retrying(self.applier.count_open_dead_letters)
                     last_maintenance = now
-                if not msgs:
-                    if until_idle_s is not None and now - idle_since > until_idle_s:
+                if msgs:
+                    idle_since = now
+                    # A fresh batch per attempt: a failed attempt leaves marks on its envelopes.
+                    self._retrying(functools.partial(_submit_fresh, pipeline, msgs), msgs)
+                    self.stats.batches += 1
+                    self.stats.messages += len(msgs)
+                elif until_idle_s is not None and now - idle_since > until_idle_s:
+                    break
+                if self._stop.is_set():
+                    break  # the batch may have been rolled back: positions would overstate
+                # Only after the batch: positions already count what was polled.
+                if until_caught_up and now - last_target_check > (0.5 if not msgs else 1.0):
+                    last_target_check = now
+                    if self._reached(targets):
                         break
-                    continue
-                idle_since = now
-                # A fresh batch per attempt: a failed attempt leaves marks on its envelopes.
-                self._retrying(functools.partial(_submit_fresh, pipeline, msgs), msgs)
-                self.stats.batches += 1
-                self.stats.messages += len(msgs)
         finally:
             # Graceful: the batch in flight was committed (offsets too) or rolled back;
             # close() leaves the group, so its partitions move on at once.
@@ -580,6 +720,37 @@ class ErpConsumer:
             if self.applier._dlq_producer is not None:
                 self.applier._dlq_producer.close()
         return self.stats
+
+    def _end_offsets(self) -> dict[TopicPartition, int]:
+        """The end offset of every partition of our topics, now (the --until-caught-up goal)."""
+        tps = [TopicPartition(t, p)
+               for t in (self.settings.sales_topic, self.settings.market_topic)
+               for p in sorted(self.consumer.partitions_for_topic(t) or ())]
+        ends: dict[TopicPartition, int] = self.consumer.end_offsets(tps)
+        return {tp: end for tp, end in ends.items() if end > 0}
+
+    def _reached(self, targets: dict[TopicPartition, int]) -> bool:
+        """Drops the partitions that reached their target; True when none is left, or only
+        breaker-paused ones (then stats.blocked names them). Our own partitions count by
+        position (every polled message was processed and committed before this check, and
+        a position also passes transaction markers); the others by the group's commits."""
+        assigned = set(self.consumer.assignment() or ())
+        for tp, end in list(targets.items()):
+            try:
+                done = (self.consumer.position(tp, timeout_ms=2000) if tp in assigned
+                        else self.consumer.committed(tp))
+            except KafkaError:
+                continue
+            if done is not None and done >= end:
+                del targets[tp]
+        if not targets:
+            self.stats.caught_up = True
+            return True
+        blocked = [tp for tp in targets if self.breaker.is_open((tp.topic, tp.partition))]
+        if len(blocked) == len(targets):
+            self.stats.blocked = [f"{tp.topic}[{tp.partition}]" for tp in sorted(blocked)]
+            return True
+        return False
 
     def _poll(self) -> list[Message]:
         policy = self.batch_policy
@@ -665,6 +836,7 @@ class ErpConsumer:
             tp = TopicPartition(m.topic, m.partition)
             firsts[tp] = min(firsts.get(tp, m.offset), m.offset)
         self.consumer.resume(*assigned)
+        self.breaker.repause(self.consumer)
         owned = set(self.consumer.assignment())
         for tp, offset in firsts.items():
             if tp in owned:
@@ -683,6 +855,16 @@ def _submit_fresh(pipeline: Stage, msgs: list[Message]) -> None:
 def _messages(groups: Iterable[list[Any]]) -> list[Message]:
     return [Message(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value)
             for records in groups for r in records]
+
+
+def by_partition_envelopes(envs: list[Envelope]) -> dict[tuple[str, int], list[Envelope]]:
+    """Live envelopes by (topic, partition), in offset order (held ones are not live)."""
+    out: dict[tuple[str, int], list[Envelope]] = defaultdict(list)
+    for env in envs:
+        out[(env.msg.topic, env.msg.partition)].append(env)
+    for group in out.values():
+        group.sort(key=lambda e: e.msg.offset)
+    return out
 
 
 def by_partition(msgs: list[Message]) -> dict[tuple[str, int], list[Message]]:

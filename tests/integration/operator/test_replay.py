@@ -13,7 +13,7 @@ from service.operator.replay import group_members
 from service.ops import group_lag
 from tests.conftest import SyncEnv
 from tests.helpers import read_topic, wait_until
-from tests.integration.operator.conftest import Cli, Running
+from tests.integration.conftest import Cli, Running
 
 
 def produce_all(sync_env: SyncEnv) -> None:
@@ -61,6 +61,11 @@ def test_replay_from_a_timestamp_and_refused_while_the_group_is_active(
     refused = cli(settings, "replay", "--topic", topic, "--from-beginning")
     assert refused.code == 1
     assert "Stop the consumers" in refused.err and "member" in refused.err
+    # A dry run changes nothing, so it is allowed while consumers run, and says who runs.
+    live_dry = cli(settings, "replay", "--topic", topic, "--from-beginning", "--dry-run")
+    assert live_dry.code == 0, live_dry.err
+    assert "would reprocess 21 event(s)" in live_dry.out and "member" in live_dry.out
+    assert all(p.lag == 0 for p in group_lag(settings))
     running.stop(consumer)
     before = partners(sync_env)
 

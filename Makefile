@@ -11,6 +11,7 @@ STAMP  := $(VENV)/.installed
 STACK  := deploy/local/stack.sh
 
 .PHONY: help venv up down stack-status clean-stack lint test demo demo-bottlecrm bench-produce bench-apply
+.PHONY: bench-capture
 .PHONY: validate-deploy bottlecrm bottlecrm-if-possible tryton tryton-rebuild test-tryton bench-tryton
 .PHONY: bench-stock
 
@@ -27,6 +28,7 @@ help:
 	@echo "make validate-deploy   kustomize + kubeconform on deploy/k8s, compose checks"
 	@echo "make bench-produce / bench-apply   benchmarks"
 	@echo "make bench-stock   apply into an empty ERP vs one holding 1M orders (new vs old stock)"
+	@echo "make bench-capture  CRM CPU of capture: SQL peek vs streaming replication"
 	@echo "make bottlecrm     install BottleCRM (Python 3.12 venv in .stack/bottlecrm) and build its"
 	@echo "                   migrated template database on the local stack (once: ~2-5 min)"
 	@echo "make tryton        Tryton 8.2 in .stack/tryton/venv + template database tryton_template"
@@ -91,6 +93,9 @@ bench-apply: venv up
 
 bench-stock: venv up
 	$(BIN)/python -m bench.stock_scale
+
+bench-capture: venv up
+	$(BIN)/python -m bench.capture_cpu --burst 20000
 
 # ---- Tryton (the `tryton` ERP target) -------------------------------------------------------
 # Needs the stack's PostgreSQL (make up); install.sh says so when it is not reachable.

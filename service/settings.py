@@ -51,6 +51,7 @@ class Settings:
     batch_max_events: int = 500
     batch_max_wait_ms: int = 0
     producer_max_changes: int = 5000
+    capture_transport: str = "stream"
     producer_poll_ms: int = 100
     heartbeat_interval_s: float = 10.0
     on_slot_lost: str = "fail"
@@ -154,6 +155,9 @@ class Settings:
             if not _PG_NAME.fullmatch(getattr(self, name)):
                 raise ConfigError(self.env_var(name),
                                   "must be 1-63 of lower-case letters, digits and _")
+        if self.capture_transport not in CAPTURE_TRANSPORTS:
+            raise ConfigError(self.env_var("capture_transport"),
+                              f"must be one of {', '.join(CAPTURE_TRANSPORTS)}")
         if self.on_slot_lost not in ("fail", "resnapshot"):
             raise ConfigError(self.env_var("on_slot_lost"), "must be 'fail' or 'resnapshot'")
         if self.log_format not in ("json", "console"):
@@ -195,6 +199,10 @@ def unknown_env_vars(environ: Mapping[str, str] | None = None) -> list[tuple[str
                                               n=1, cutoff=0.6)
             out.append((name, suffixes[close[0]] if close else None))
     return out
+
+
+# stream: the replication protocol (a walsender); sql: pg_logical_slot_peek_binary_changes.
+CAPTURE_TRANSPORTS = ("stream", "sql")
 KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 _KAFKA_TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 _PG_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")

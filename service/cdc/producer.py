@@ -1,11 +1,11 @@
 """The CDC producer: CRM write-ahead log -> Avro events on Kafka, nothing lost.
 
-Why the SQL interface: psycopg 3 has no streaming-replication protocol (psycopg issue #71),
-and ``pg_logical_slot_peek_binary_changes`` + ``pg_replication_slot_advance`` give exactly the
-delivery rule we want: peek a batch of whole transactions, publish every event, wait for the
-broker to acknowledge all of them (acks=all, idempotent producer), and only then advance the
-slot past their commits. A crash anywhere re-peeks the same transactions and re-sends the same
-events with the same ids; nothing committed is skipped.
+Transactions come from a :class:`~service.cdc.source.ChangeSource`: by default the streaming
+replication protocol, or the SQL decoding interface (``capture_transport``). The delivery rule
+is the same for both: take a batch of whole transactions, publish every event, wait for the
+broker to acknowledge all of them (acks=all, idempotent producer), and only then confirm the
+slot past their commits. A crash anywhere re-reads the same transactions and re-sends the
+same events with the same ids; nothing committed is skipped.
 
 One producer captures at a time: the active one holds a session-level advisory lock; a
 standby polls for it and takes over when the active one's session ends.
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+import psycopg2.errors
 import structlog
 from kafka.errors import KafkaError
 
@@ -54,6 +55,7 @@ from service.cdc.events import (
     converter_for,
 )
 from service.cdc.profile import SourceProfile, load_profile
+from service.cdc.source import ChangeSource, source_for
 from service.errors import PgOutputError, Retryable, SlotLost, StackUnavailable
 from service.health import Health, serve
 from service.kafka_io import make_producer
@@ -64,6 +66,11 @@ from service.settings import Settings
 log = structlog.get_logger("producer")
 
 HEARTBEAT_PREFIX = "crm-erp-sync.heartbeat"
+# Each query costs the CRM a little CPU; at one batch per transaction (a steady low rate on the
+# streaming transport) per-batch checks would cost it more than decoding does. So the capture
+# lock's session is checked, and new snapshot requests are looked for, at most this often.
+LOCK_CHECK_S = 1.0
+SNAPSHOT_POLL_S = 1.0
 
 
 def connect(dsn: str) -> PgConn:
@@ -108,7 +115,10 @@ class ChangeDecoder:
         return row
 
     def feed(self, data: bytes) -> CommittedTxn | None:
-        """Feed one message; returns the transaction when its Commit arrives."""
+        """Feed one pgoutput message; returns the transaction when its Commit arrives.
+
+        Relations are remembered across transactions (a replication stream sends each one
+        once); raises :class:`PgOutputError` on a malformed or out-of-order message."""
         msg = pgoutput.decode_message(data)
         if isinstance(msg, pgoutput.Begin):
             self._txn = CommittedTxn(msg.xid, msg.final_lsn, 0, msg.commit_time)
@@ -192,7 +202,8 @@ class CdcProducer:
         self.metrics = ProducerMetrics()
         self.health = Health(settings, self.metrics)
         self._last_slot_check = 0.0
-        self._decoder = ChangeDecoder()
+        self._source: ChangeSource | None = None
+        self._next_snapshot_poll = 0.0
         self._chunk: _Chunk | None = None
         self._pending_progress: list[tuple[_Chunk, int]] = []
         self._last_advance = time.monotonic()
@@ -293,10 +304,13 @@ class CdcProducer:
                 return self.stats
             self.ensure_slot(conn)
             backoff = 0.2
+            lock_checked = 0.0
             while not self._stop.is_set():
                 self.health.beat()
                 try:
-                    lock_conn.execute("SELECT 1")  # lose the session, lose the lock: stop
+                    if time.monotonic() >= lock_checked + LOCK_CHECK_S:
+                        lock_conn.execute("SELECT 1")  # lose the session, lose the lock: stop
+                        lock_checked = time.monotonic()
                     moved = self.step(conn)
                     self._observe_slot(conn)
                     backoff = 0.2
@@ -309,7 +323,8 @@ class CdcProducer:
                     backoff = min(backoff * 2, 10.0)
                     conn = self._reconnect(conn)
                     continue
-                except psycopg.errors.ObjectNotInPrerequisiteState as exc:
+                except (psycopg.errors.ObjectNotInPrerequisiteState,
+                        psycopg2.errors.ObjectNotInPrerequisiteState) as exc:
                     # Peeking a slot whose WAL was removed: not transient. ensure_slot fails
                     # (SlotLost) or starts over; anything else is retried with backoff.
                     log.warning("slot_not_readable", error=exc.diag.message_primary)
@@ -330,10 +345,10 @@ class CdcProducer:
                     conn = self._reconnect(conn)
                     continue
                 if not moved:
-                    if until_idle and self._chunk is None and not self._has_pending_snapshot(conn):
+                    if (until_idle and self._chunk is None and self._caught_up(conn)
+                            and not self._has_pending_snapshot(conn)):
                         break
                     self._maybe_heartbeat(conn)
-                    self._stop.wait(self.settings.producer_poll_ms / 1000)
         finally:
             self.health.set_ready(False, "stopping")
             self.metrics.active.set(0)
@@ -341,6 +356,9 @@ class CdcProducer:
                 http.close()
             if self._kafka is not None:
                 self._kafka.flush()
+            if self._source is not None:
+                self._source.close()
+                self._source = None
             conn.close()
             lock_conn.close()  # releases the capture lock: a standby takes over
         return self.stats
@@ -364,7 +382,6 @@ class CdcProducer:
         try:
             conn.close()
         finally:
-            self._decoder = ChangeDecoder()
             self._chunk = None  # the chunk's watermarks are re-read; the chunk is redone
             self._pending_progress.clear()
         try:
@@ -374,40 +391,36 @@ class CdcProducer:
             return conn  # next step fails again and backs off
 
     def step(self, conn: PgConn) -> bool:
-        """One batch: maybe open a snapshot chunk, peek, publish, wait for acks, advance."""
-        if self._chunk is None:
-            self._open_chunk(conn)
-        rows = conn.execute(
-            "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, %s, "
-            "'proto_version', '1', 'publication_names', %s, 'messages', 'true')",
-            (self.settings.slot_name, self.settings.producer_max_changes,
-             self.settings.publication_name),
-        ).fetchall()
-        if not rows:
+        """One batch: maybe open a snapshot chunk, read whole transactions (waiting up to
+        ``producer_poll_ms`` for the first), publish, wait for acks, confirm."""
+        if (self._chunk is None and time.monotonic() >= self._next_snapshot_poll
+                and not self._open_chunk(conn)):
+            self._next_snapshot_poll = time.monotonic() + SNAPSHOT_POLL_S
+        source = self._change_source()
+        txns = source.next_transactions(conn, self.settings.producer_poll_ms / 1000)
+        if not txns:
             return False
-        self._decoder = ChangeDecoder()  # relations are re-sent at the start of every peek
         outgoing: list[Outgoing] = []
-        last_end = 0
-        txns = 0
-        for (data,) in rows:
-            txn = self._decoder.feed(bytes(data))
-            if txn is None:
-                continue
-            txns += 1
-            last_end = txn.end_lsn
+        for txn in txns:
             outgoing.extend(self._events_for(txn))
-        if last_end == 0:
-            return False  # only a partial transaction: wait for its commit
         self._publish(outgoing)
         self._commit_progress(conn)
-        conn.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)",
-                     (self.settings.slot_name, pgoutput.lsn_to_str(last_end)))
+        last_end = txns[-1].end_lsn
+        source.confirm(conn, last_end)
         self._last_advance = time.monotonic()
-        self.stats.transactions += txns
-        self.metrics.transactions.inc(txns)
+        self.stats.transactions += len(txns)
+        self.metrics.transactions.inc(len(txns))
         self.stats.batches += 1
         self.stats.last_commit_lsn = last_end
         return True
+
+    def _change_source(self) -> ChangeSource:
+        if self._source is None:
+            self._source = source_for(self.settings, ChangeDecoder, self._stop)
+        return self._source
+
+    def _caught_up(self, conn: PgConn) -> bool:
+        return self._change_source().caught_up(conn)
 
     def _load_reference(self, entity: str, key: str) -> dict[str, Any] | None:
         """A referenced order/product the producer has not seen: read its current CRM row."""
@@ -487,13 +500,14 @@ class CdcProducer:
             f"SELECT 1 FROM {OWN_SCHEMA}.snapshots WHERE state = 'pending' LIMIT 1").fetchone()
         return row is not None
 
-    def _open_chunk(self, conn: PgConn) -> None:
+    def _open_chunk(self, conn: PgConn) -> bool:
+        """Open the next chunk of the oldest pending snapshot; False when none is pending."""
         request = conn.execute(
             f"SELECT snapshot_id, table_name, keys, chunk_size, last_key, chunks_done "
             f"FROM {OWN_SCHEMA}.snapshots WHERE state = 'pending' "
             "ORDER BY snapshot_id LIMIT 1").fetchone()
         if request is None:
-            return
+            return False
         snapshot_id, table, keys, chunk_size, last_key, chunks_done = request
         info = self._tables.get(table)
         if info is None:
@@ -503,7 +517,7 @@ class CdcProducer:
                          "finished_at = now() WHERE snapshot_id = %s", (snapshot_id,))
             log.error("snapshot_table_not_captured", snapshot_id=snapshot_id, table=table,
                       profile=self.profile.name)
-            return
+            return True
         low = conn.execute(
             f"INSERT INTO {WATERMARK_TABLE} (snapshot_id, chunk_no, kind) "
             "VALUES (%s, %s, 'low') RETURNING watermark_id", (snapshot_id, chunks_done)
@@ -521,7 +535,7 @@ class CdcProducer:
             conn.execute(f"UPDATE {OWN_SCHEMA}.snapshots SET state = 'done', "
                          "finished_at = now() WHERE snapshot_id = %s", (snapshot_id,))
             log.info("snapshot_done", snapshot_id=snapshot_id, table=table)
-            return
+            return True
         high = conn.execute(
             f"INSERT INTO {WATERMARK_TABLE} (snapshot_id, chunk_no, kind) "
             "VALUES (%s, %s, 'high') RETURNING watermark_id", (snapshot_id, chunks_done)
@@ -529,6 +543,7 @@ class CdcProducer:
         assert low is not None and high is not None
         self._chunk = _Chunk(snapshot_id, chunks_done, table, rows,
                              last_key=ent.key_text(head[-1]), low_id=low[0], high_id=high[0])
+        return True
 
     def _commit_progress(self, conn: PgConn) -> None:
         for chunk, emitted in self._pending_progress:

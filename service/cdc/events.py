@@ -16,7 +16,7 @@ from decimal import Decimal
 from typing import Any
 
 from service.cdc.capture import CAPTURED
-from service.errors import PgOutputError
+from service.errors import PgOutputError, UnrepresentableValue
 
 Row = dict[str, Any]
 
@@ -38,6 +38,9 @@ class CommittedTxn:
     end_lsn: int
     commit_time: datetime
     changes: list[RowChange] = field(default_factory=list)
+    # position in ``changes`` -> why that change cannot become an event (its RowChange there
+    # is a placeholder without rows); filled by the producer's decoder
+    rejected: dict[int, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +54,37 @@ class Outgoing:
 
 
 # Text output of PostgreSQL types (pgoutput sends text) -> Python values Avro expects.
+# PostgreSQL's special values have no counterpart in Python's date/datetime or in an Avro
+# decimal: they raise UnrepresentableValue (a capture dead letter), never a guess
+# (docs/DESIGN.md, "Special values").
+def _special(text: str, kind: str) -> UnrepresentableValue | None:
+    if text in ("infinity", "-infinity"):
+        return UnrepresentableValue(f"{text} {kind} has no counterpart in the event schema")
+    if text.endswith(" BC"):
+        return UnrepresentableValue(f"BC {kind} is outside the event schema's range (year 1+)")
+    if len(text) > 4 and text[4:5] != "-" and text[:5].isdigit():
+        return UnrepresentableValue(f"{kind} past year 9999 is outside the event schema's range")
+    return None
+
+
 def _timestamptz(text: str) -> datetime:
+    if (err := _special(text, "timestamp")) is not None:
+        raise err
     value = datetime.fromisoformat(text)
     return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _date(text: str) -> date:
+    if (err := _special(text, "date")) is not None:
+        raise err
+    return date.fromisoformat(text)
+
+
+def _numeric(text: str) -> Decimal:
+    value = Decimal(text)
+    if not value.is_finite():
+        raise UnrepresentableValue(f"numeric {text} has no counterpart in an Avro decimal")
+    return value
 
 
 _BY_TYPE_OID: dict[int, Callable[[str], Any]] = {
@@ -61,8 +92,8 @@ _BY_TYPE_OID: dict[int, Callable[[str], Any]] = {
     20: int,
     21: int,
     23: int,
-    1700: Decimal,
-    1082: date.fromisoformat,
+    1700: _numeric,
+    1082: _date,
     1114: _timestamptz,
     1184: _timestamptz,
 }

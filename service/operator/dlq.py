@@ -15,6 +15,7 @@ held behind it ('key_blocked') are applied, in order, in the same transaction.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -208,6 +209,14 @@ def show(settings: Settings, letter_id: int) -> dict[str, Any]:
     out["headers"] = dlq_headers.decode_headers(record.headers)
     if record.value is None:
         out["payload_error"] = "the record has no value"
+        return out
+    if out["headers"].get(dlq_headers.STAGE) == "capture":
+        # a capture dead letter is JSON (the change never became an Avro event), its values
+        # as text: shown to the operator who asked, never logged
+        try:
+            out["kind"], out["payload"] = "capture_dead_letter", json.loads(record.value)
+        except ValueError as exc:
+            out["payload_error"] = f"capture dead letter is not JSON: {type(exc).__name__}"
         return out
     registry = SchemaRegistry.load(settings.schemas_dir)
     try:

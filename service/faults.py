@@ -22,7 +22,8 @@ from kafka import errors as kafka_errors
 from service.errors import ConnectionLost, Retryable, StackUnavailable
 
 # In-transaction conflicts: the session is fine, the statement can be retried.
-PG_CONFLICT = (psycopg.errors.TransactionRollback, psycopg.errors.LockNotAvailable,
+PG_CONFLICT = (psycopg.errors.TransactionRollback, psycopg.errors.DeadlockDetected,
+               psycopg.errors.SerializationFailure, psycopg.errors.LockNotAvailable,
                psycopg.errors.QueryCanceled)
 # The broker is gone or not answering: reconnect.
 KAFKA_CONNECTION = (kafka_errors.KafkaConnectionError, kafka_errors.KafkaTimeoutError,

@@ -196,3 +196,11 @@ def test_strict_trips_sooner_than_default() -> None:
     batch = [OK] * 20 + [BAD] * 11 + [OK] * 9  # never over 35% invalid, 11 in a row
     assert CircuitBreaker(DlqLimit.STRICT).would_trip(batch) is not None
     assert CircuitBreaker(DlqLimit.DEFAULT).would_trip(batch) is None
+
+
+def test_reconnect_preset_backs_off_exponentially_up_to_its_cap() -> None:
+    delays = RetryPolicy.RECONNECT.delays()
+    taken = [next(delays) for _ in range(8)]
+    assert taken[:4] == [0.5, 1.0, 2.0, 4.0]
+    assert max(taken) == RetryPolicy.RECONNECT.max_s == 15.0
+    assert RetryPolicy() == RetryPolicy.DEFAULT

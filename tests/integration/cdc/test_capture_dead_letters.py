@@ -11,10 +11,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from kafka.admin import ConfigResource, ConfigResourceType
+
 from service.avro import SchemaRegistry
 from service.cdc.producer import CdcProducer
 from service.consumer import dlq as dlq_headers
 from service.consumer.pipeline import ErpConsumer
+from service.kafka_io import make_admin
 from service.operator import dlq as operator_dlq
 from tests.conftest import SyncEnv
 from tests.helpers import read_topic, wait_until
@@ -187,3 +190,31 @@ def test_special_values_read_by_a_snapshot_are_capture_dead_letters(sync_env: Sy
     letters = _letters(sync_env)
     assert letters[f"c{caesar}"][:2] == ("capture", "UnrepresentableValue")
     assert letters[f"d{infinite}"][2].startswith("observed_at: -infinity")
+
+
+def test_a_send_the_broker_refuses_rebuilds_the_producer_and_rereads_the_limit(
+        sync_env: SyncEnv) -> None:
+    """The topic's limit lowered under a running producer: the broker refuses the send
+    (MessageSizeTooLargeError, which poisons kafka-python's idempotent producer); the
+    producer is dropped and rebuilt, reads the new limit, dead-letters the change, and the
+    rebuilt producer carries the later changes."""
+    with pipeline(sync_env) as producer, sync_env.crm() as crm:
+        first = _insert(crm, "crm.customers", family_name="张", given_name="三", notes="ok")
+        wait_until(lambda: first in _partners(sync_env), timeout=60, message="a first event")
+        assert producer._limits[sync_env.settings.sales_topic] > 1_000_000
+        admin = make_admin(sync_env.settings)
+        try:
+            admin.alter_configs([ConfigResource(
+                ConfigResourceType.TOPIC, sync_env.settings.sales_topic,
+                {"max.message.bytes": "100000"})])
+        finally:
+            admin.close()
+        big = _insert(crm, "crm.customers", family_name="李", given_name="四",
+                      notes=base64.b64encode(os.urandom(300_000)).decode())
+        after = _insert(crm, "crm.customers", family_name="王", given_name="五", notes="ok")
+        wait_until(lambda: after in _partners(sync_env), timeout=120,
+                   message="a later change through the rebuilt producer")
+        assert producer._limits[sync_env.settings.sales_topic] == 100_000
+        assert producer.metrics.retries._value.get() >= 1  # the refused send was retried
+    assert f"c{big}" in _letters(sync_env)
+    assert big not in _partners(sync_env)

@@ -25,6 +25,7 @@ from typing import Any
 from kafka import TopicPartition
 
 from service.avro import SchemaRegistry
+from service.cdc.capture import request_snapshot
 from service.consumer import dlq as dlq_headers
 from service.consumer.pipeline import ErpApplier, Message, prepare
 from service.erp.mappings import Mappings
@@ -318,6 +319,9 @@ def _dry_run(registry: SchemaRegistry, mappings: Mappings, d: Letter, record: An
     if record is None:
         return Outcome(d.dead_letter_id, d.key_text, "would_fail_again",
                        "the original bytes are no longer in the dead-letter or original topic")
+    if d.stage == "capture":
+        return Outcome(d.dead_letter_id, d.key_text, "would_redrive",
+                       "re-reads the CRM row (an ad-hoc snapshot of its key)")
     batch = prepare(registry, mappings, [Message(d.topic, d.partition, d.offset,
                                                  record.timestamp, d.key, record.value)])
     err = batch.envelopes[0].error
@@ -355,6 +359,15 @@ def _redrive_one(applier: ErpApplier, conn: PgConn, d: Letter, record: Any, acto
         held: str | None = None
         if record is None:
             error = "the original bytes are no longer in the dead-letter or original topic"
+        elif d.stage == "capture":
+            resnapshot = ""
+            try:
+                error, resnapshot = None, _resnapshot(applier.settings, record)
+            except CaptureRedriveError as exc:
+                error, resnapshot = str(exc), ""
+            if error is None:
+                # the row's state now comes as a READ event; what was held follows
+                applier.release_key(conn, d.topic, d.key)
         else:
             env = applier.redrive_message(conn, Message(d.topic, d.partition, d.offset,
                                                         record.timestamp, d.key, record.value))
@@ -372,11 +385,44 @@ def _redrive_one(applier: ErpApplier, conn: PgConn, d: Letter, record: Any, acto
             released = max(0, held_before - _held_count(conn, d)
                            + (1 if held == "key_blocked" else 0))
         detail = error or (f"held: {held}" if held else "")
+        if d.stage == "capture" and error is None:
+            detail = resnapshot
         if released:
             detail = (detail + "; " if detail else "") + \
                 f"released {released} held event(s) of the key"
         _audit(conn, d.dead_letter_id, "redrive", actor, reason, outcome, detail or None)
     return Outcome(d.dead_letter_id, d.key_text, outcome, detail, released)
+
+
+class CaptureRedriveError(SyncError):
+    """A capture dead letter whose row cannot be re-read (says why)."""
+
+
+def _resnapshot(settings: Settings, record: Any) -> str:
+    """Redrive of a capture dead letter: its change never became an event, so there are no
+    bytes to re-run; the CRM row is read again instead (an ad-hoc snapshot of that key, the
+    producer publishes it as a READ event positioned after everything held). A row still
+    unrepresentable becomes a new capture dead letter. Returns the outcome's detail."""
+    try:
+        doc = json.loads(record.value)
+        table, primary_key = str(doc["table"]), dict(doc["primary_key"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CaptureRedriveError(f"not a capture dead letter ({type(exc).__name__})") from exc
+    column = "order_id" if table in ("crm.sales_orders", "crm.order_lines") else \
+        next(iter(primary_key), "")
+    if table == "crm.order_lines":
+        table = "crm.sales_orders"  # lines are read with their order
+    try:
+        key = int(primary_key[column])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CaptureRedriveError(f"{table}: no usable primary key in the letter") from exc
+    with connect(settings, "crm") as crm:
+        try:
+            snapshot_id = request_snapshot(crm, table, [key], reason="redrive")
+        except ValueError as exc:
+            raise CaptureRedriveError(str(exc)) from exc
+    return (f"re-read of {table} {column}={key} requested (snapshot {snapshot_id}); "
+            "its current state follows as a READ event")
 
 
 def discard(settings: Settings, letters: list[Letter], *, actor: str,

@@ -218,3 +218,35 @@ def test_a_send_the_broker_refuses_rebuilds_the_producer_and_rereads_the_limit(
         assert producer.metrics.retries._value.get() >= 1  # the refused send was retried
     assert f"c{big}" in _letters(sync_env)
     assert big not in _partners(sync_env)
+
+
+def test_redrive_of_capture_letters_rereads_the_fixed_row(sync_env: SyncEnv) -> None:
+    """The fix of a NaN row is a letter too (its old row carries the NaN); redriving the
+    key's letters, in order, re-reads the row as it is now and releases what was held."""
+    with pipeline(sync_env), sync_env.crm() as crm:
+        cid = _insert(crm, "crm.customers", family_name="李", given_name="娜",
+                      purchase_amount="NaN")
+        crm.execute("UPDATE crm.customers SET purchase_amount = 5000 WHERE customer_id = %s",
+                    (cid,))
+        crm.execute("UPDATE crm.customers SET notes = '已发货' WHERE customer_id = %s", (cid,))
+        wait_until(lambda: _held(sync_env) == 1, timeout=60,
+                   message="the good update held behind the letters")
+        letters = operator_dlq.list_letters(sync_env.settings, key=str(cid))
+        assert [d.stage for d in letters] == ["capture", "capture"]
+        report = operator_dlq.redrive(sync_env.settings, letters, actor="test",
+                                      reason="NaN fixed in the CRM")
+        assert report.ok, report.outcomes
+        assert "re-read of crm.customers customer_id=" in report.outcomes[0].detail
+        wait_until(lambda: _partners(sync_env).get(cid) == "已发货", timeout=90,
+                   message="the re-read row in the ERP")
+    with sync_env.erp() as erp:
+        amount = erp.execute("SELECT purchase_amount FROM erp.business_partners "
+                             "WHERE crm_customer_id = %s", (cid,)).fetchone()
+    assert amount is not None and amount[0] == 5000
+    assert _held(sync_env) == 0
+
+
+def _held(sync_env: SyncEnv) -> int:
+    with sync_env.erp() as erp:
+        row = erp.execute("SELECT count(*) FROM sync.held_events").fetchone()
+    return int(row[0]) if row else 0

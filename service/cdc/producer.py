@@ -765,6 +765,8 @@ class CdcProducer:
         for letter, future in zip(letters, futures, strict=True):
             meta = future.get(timeout=0.1)
             places[id(letter)] = (meta.partition, meta.offset)
+            self.metrics.capture_dead_letters.labels(letter.table,
+                                                     type(letter.error).__name__).inc()
             # identity and reason only: the values are in the letter, never in a log line
             log.error("capture_dead_letter", table=letter.table, key=letter.primary_key,
                       commit_lsn=letter.commit_lsn, xid=letter.xid, event_id=letter.event_id,

@@ -164,6 +164,8 @@ def test_oversized_events_are_dead_lettered_and_later_changes_flow(
         wait_until(lambda: f"c{big}" in _letters(sync_env), timeout=60,
                    message="the oversized insert in sync.dead_letters")
         assert producer.stats.dead_letters == 1, producer.stats
+        assert producer.metrics.capture_dead_letters.labels(
+            "crm.customers", "CaptureRejected")._value.get() == 1
     partners = _partners(sync_env)
     assert partners[long] == long_note + "!"  # the edit got through, compressed
     assert big not in partners

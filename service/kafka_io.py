@@ -14,6 +14,7 @@ from kafka.errors import (
 )
 
 from service.errors import Retryable, StackUnavailable
+from service.faults import transient
 from service.settings import Settings
 
 # kafka-python 3 raises KafkaTimeoutError("Unable to bootstrap from ...") when no broker
@@ -150,29 +151,37 @@ KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
 def max_message_bytes(settings: Settings, topics: list[str]) -> dict[str, int]:
     """The largest record batch each topic accepts, in bytes: the topic's
     ``max.message.bytes`` (which reflects the broker default when not set on the topic),
-    falling back to the broker's ``message.max.bytes`` (then Kafka's default) for a topic
-    whose configuration cannot be read. Raises StackUnavailable/Retryable as make_admin."""
+    falling back to the broker's ``message.max.bytes``, then to Kafka's default, for a topic
+    whose configuration cannot be read (no DescribeConfigs permission, say). Raises
+    Retryable (ConnectionLost) when the broker does not answer."""
     admin = make_admin(settings)
+
+    def describe(kind: ConfigResourceType, name: str, key: str) -> dict[str, Any]:
+        try:
+            found: dict[str, Any] = admin.describe_configs(
+                [ConfigResource(kind, name, {key: None})], config_filter="all")
+        except KafkaError as exc:
+            fault = transient(exc, "broker")
+            if fault is not None:
+                raise fault from exc
+            return {}  # not allowed or not supported: the next fallback
+        return dict(found.get(kind.name.lower(), {}).get(name, {}))
+
     try:
-        found = admin.describe_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, t, {"max.message.bytes": None})
-             for t in topics], config_filter="all").get("topic", {})
-        limits = {t: int(found[t]["max.message.bytes"]["value"]) for t in topics
-                  if "max.message.bytes" in found.get(t, {})}
+        limits = {t: int(c["max.message.bytes"]["value"]) for t in topics
+                  if "max.message.bytes" in (c := describe(ConfigResourceType.TOPIC, t,
+                                                           "max.message.bytes"))}
         if len(limits) < len(topics):
             broker = KAFKA_DEFAULT_MAX_MESSAGE_BYTES
             ids = [b["broker_id"] for b in admin.describe_cluster()["brokers"]]
             if ids:
-                configs = admin.describe_configs(
-                    [ConfigResource(ConfigResourceType.BROKER, str(ids[0]),
-                                    {"message.max.bytes": None})],
-                    config_filter="all").get("broker", {}).get(str(ids[0]), {})
-                if "message.max.bytes" in configs:
-                    broker = int(configs["message.max.bytes"]["value"])
+                config = describe(ConfigResourceType.BROKER, str(ids[0]), "message.max.bytes")
+                if "message.max.bytes" in config:
+                    broker = int(config["message.max.bytes"]["value"])
             limits.update({t: broker for t in topics if t not in limits})
         return limits
     except KafkaError as exc:
-        raise Retryable(f"reading the topics' max.message.bytes failed: "
-                        f"{type(exc).__name__}") from exc
+        raise (transient(exc, "broker") or Retryable(
+            f"reading the topics' max.message.bytes failed: {type(exc).__name__}")) from exc
     finally:
         admin.close()

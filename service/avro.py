@@ -25,6 +25,7 @@ from fastavro.schema import (
 )
 
 from service.errors import ConfigError, DecodeError, UnknownSchema
+from service.upcast import UPCASTERS
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = 10
@@ -99,9 +100,28 @@ class SchemaRegistry:
             raise UnknownSchema(fp) from None
 
     def decode(self, data: bytes) -> tuple[str, dict[str, Any]]:
-        """Decode with the writer's schema, resolved into the newest schema of its kind."""
+        """Decode with the writer's schema, resolved into the newest schema of its kind.
+
+        A writer from before a breaking version (a different record name: v1's demo rows vs
+        v2's canonical events) is read with its own schema and upcast (``service.upcast``).
+        """
         writer = self.writer_of(data)
         reader = self._latest[writer.kind]
+        if writer.parsed["name"] != reader.parsed["name"]:
+            upcast = UPCASTERS.get((writer.kind, writer.version))
+            if upcast is None:
+                raise DecodeError(f"{writer.kind} v{writer.version}: no upcast to "
+                                  f"v{reader.version}")
+            _kind, record = self._read(data, writer, writer)
+            try:
+                return writer.kind, upcast(record)
+            except (KeyError, TypeError) as exc:
+                raise DecodeError(f"{writer.kind} v{writer.version}: cannot upcast: "
+                                  f"{type(exc).__name__}") from exc
+        return self._read(data, writer, reader)
+
+    def _read(self, data: bytes, writer: SchemaVersion, reader: SchemaVersion
+              ) -> tuple[str, dict[str, Any]]:
         body = io.BytesIO(data[HEADER_LEN:])
         try:
             record = fastavro.schemaless_reader(

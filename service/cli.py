@@ -43,10 +43,32 @@ def _on_sigterm(stop: Callable[[], None], shutdown_timeout_s: float | None = Non
 def cmd_setup(settings: Settings, args: argparse.Namespace) -> int:
     from service.setup import run_setup
 
+    if args.check:
+        return cmd_setup_check(settings, args)
     report = run_setup(settings, demo_crm=not args.no_demo_schema)
     print(json.dumps({"topics_created": report.topics_created,
                       "demo_crm_schema_created": report.demo_crm_schema}, ensure_ascii=False))
     return EXIT_OK
+
+
+def cmd_setup_check(settings: Settings, args: argparse.Namespace) -> int:
+    """Report the CRM's capture prerequisites (changes nothing); exit 1 if one fails."""
+    from service import pg
+    from service.cdc.prerequisites import check_prerequisites, render_checks
+    from service.cdc.profile import load_profile
+
+    profile = load_profile(settings.source_profile)
+    tables = [t.strip() for t in args.tables.split(",") if t.strip()] if args.tables \
+        else profile.tables
+    filters = {e.table: e.filter_columns for e in profile.entities.values()
+               if e.row_filter is not None and e.table in tables}
+    with pg.connect(settings.crm_dsn, "CRM") as conn:
+        checks = check_prerequisites(conn, capture_role=args.role, tables=tables,
+                                     row_filter_columns=filters,
+                                     publication=settings.publication_name,
+                                     slot=settings.slot_name)
+    print(render_checks(checks))
+    return EXIT_OK if all(c.ok for c in checks) else EXIT_ATTENTION
 
 
 def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
@@ -77,16 +99,27 @@ def cmd_consume(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_snapshot(settings: Settings, args: argparse.Namespace) -> int:
     from service import pg
-    from service.cdc.capture import ensure_capture_objects, request_snapshot
+    from service.cdc.capture import ensure_capture_objects, request_snapshot, snapshot_entity
+    from service.cdc.profile import load_profile
 
-    table = args.table if "." in args.table else f"crm.{args.table}"
-    with pg.connect(settings.crm_dsn, "CRM") as conn:
-        ensure_capture_objects(conn, settings)
+    profile = load_profile(settings.source_profile)
+    try:
+        entity = snapshot_entity(profile, args.table)
+    except ValueError:
+        # The demo profile's tables were once named without their schema (customers).
         try:
-            snapshot_id = request_snapshot(conn, table, args.key or None, args.chunk_size)
+            entity = snapshot_entity(profile, f"crm.{args.table}")
         except ValueError as exc:
             raise ConfigError("--table", str(exc)) from exc
-    print(json.dumps({"snapshot_id": snapshot_id, "table": table, "keys": args.key or "all"}))
+    with pg.connect(settings.crm_dsn, "CRM") as conn:
+        ensure_capture_objects(conn, settings, profile)
+        try:
+            snapshot_id = request_snapshot(conn, profile, entity.entity, args.key or None,
+                                           args.chunk_size)
+        except ValueError as exc:
+            raise ConfigError("--key" if args.key else "--chunk-size", str(exc)) from exc
+    print(json.dumps({"snapshot_id": snapshot_id, "table": entity.table,
+                      "keys": args.key or "all"}, ensure_ascii=False))
     return EXIT_OK
 
 
@@ -103,6 +136,12 @@ def cmd_demo_run(settings: Settings, args: argparse.Namespace) -> int:
     from service.demo.run import run_demo
 
     return run_demo(settings, customers=args.customers, orders=args.orders)
+
+
+def cmd_demo_bottlecrm(settings: Settings, args: argparse.Namespace) -> int:
+    from service.demo.run import run_bottlecrm_demo
+
+    return run_bottlecrm_demo(settings)
 
 
 def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
@@ -140,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("setup", help="create topics, the CRM capture objects and the ERP schema")
     p.add_argument("--no-demo-schema", action="store_true",
                    help="do not create the demo CRM tables when the CRM has none")
+    p.add_argument("--check", action="store_true",
+                   help="only check the CRM's capture prerequisites (wal_level, slots, replica "
+                        "identity, the capture role's rights, row-level security) and print "
+                        "the SQL that fixes each failure; changes nothing; exit 1 if one fails")
+    p.add_argument("--tables", metavar="A,B",
+                   help="with --check: the captured tables (schema.table, comma-separated); "
+                        "default: the demo CRM's")
+    p.add_argument("--role", metavar="ROLE",
+                   help="with --check: the capture role to check (default: the CRM DSN's user)")
     p.set_defaults(func=cmd_setup)
 
     p = sub.add_parser("produce", help="capture CRM changes from the WAL and publish them")
@@ -153,8 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_consume)
 
     p = sub.add_parser("snapshot", help="re-snapshot a CRM table (or some keys) while streaming")
-    p.add_argument("--table", required=True, help="customers, sales_orders or market_demand")
-    p.add_argument("--key", type=int, action="append", help="only this primary key (repeatable)")
+    p.add_argument("--table", required=True,
+                   help="an entity (customer, order, market_demand) or its CRM table")
+    p.add_argument("--key", action="append",
+                   help="only this key, as text (repeatable; a composite key is a JSON array)")
     p.add_argument("--chunk-size", type=int, default=1000)
     p.set_defaults(func=cmd_snapshot)
 
@@ -171,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--customers", type=int, default=500)
     p.add_argument("--orders", type=int, default=1000)
     p.set_defaults(func=cmd_demo_run)
+    p = demo_sub.add_parser("bottlecrm", help="the pipeline on a real BottleCRM (installs it)")
+    p.set_defaults(func=cmd_demo_bottlecrm)
 
     from service.operator.commands import register as register_operator_commands
 

@@ -135,3 +135,23 @@ class PgOutputError(SyncError):
 
 class CircuitOpen(SyncError):
     """Too many messages failed in a window: stop instead of draining into the DLQ."""
+
+
+class SourceContractError(SyncError):
+    """The CRM no longer matches the source profile (a table, column or type the events need).
+
+    Carries identity only (table, column, problem), never row values: capture stops with it
+    rather than publish a wrong value.
+    """
+
+    def __init__(self, table: str, column: str, problem: str) -> None:
+        self.table, self.column, self.problem = table, column, problem
+        super().__init__(f"source contract broken: {table}.{column}: {problem}")
+
+
+class UnresolvedReference(SyncError):
+    """A row names another entity by key (a line's order or product) that cannot be found."""
+
+    def __init__(self, table: str, column: str, entity: str) -> None:
+        self.table, self.column, self.entity = table, column, entity
+        super().__init__(f"{table}.{column}: the {entity} it names is not in the CRM")

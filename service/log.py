@@ -20,6 +20,7 @@ from service.settings import hide_secret
 SENSITIVE_KEYS = frozenset(
     {
         "family_name", "given_name", "middle_name", "full_name", "phone", "phone_e164",
+        "phone_extension", "phone_others",
         "email", "address", "street", "birth_date", "notes", "password", "secret", "token",
         "kafka_sasl_password", "sasl_password", "crm_dsn", "erp_dsn", "dsn",
     }

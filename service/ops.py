@@ -71,3 +71,15 @@ def current_lsn(settings: Settings) -> str:
         row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
     assert row is not None
     return str(row[0])
+
+
+def pending_snapshots(settings: Settings) -> int:
+    """Snapshots requested and not finished (0 before the producer created its tables)."""
+    with pg.connect(settings.crm_dsn, "CRM") as conn:
+        row = conn.execute("SELECT to_regclass('crm_erp_sync.snapshots') IS NOT NULL"
+                           ).fetchone()
+        if not row or not row[0]:
+            return 0
+        count = conn.execute("SELECT count(*) FROM crm_erp_sync.snapshots "
+                             "WHERE state = 'pending'").fetchone()
+    return int(count[0]) if count else 0

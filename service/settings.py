@@ -46,6 +46,7 @@ class Settings:
     slot_name: str = "crm_erp_sync"
     publication_name: str = "crm_erp_sync"
     schemas_dir: Path = REPO_ROOT / "schemas"
+    source_profile: str = "demo"
     mappings_file: Path = Path(__file__).resolve().parent / "erp" / "mappings.toml"
     batch_max_events: int = 500
     batch_max_wait_ms: int = 0

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from service.cdc.capture import ensure_capture_objects
+from service.cdc.profile import load_profile
 from service.kafka_io import ensure_topics
 from service.pg import connect
 from service.settings import Settings
@@ -34,8 +35,9 @@ def ensure_demo_crm_schema(settings: Settings) -> bool:
 
 
 def run_setup(settings: Settings, *, demo_crm: bool = True) -> SetupReport:
+    demo_crm = demo_crm and settings.source_profile == "demo"
     created_demo = ensure_demo_crm_schema(settings) if demo_crm else False
     with connect(settings.crm_dsn, "CRM") as conn:
-        ensure_capture_objects(conn, settings)
+        ensure_capture_objects(conn, settings, load_profile(settings.source_profile))
     ensure_erp_schema(settings)
     return SetupReport(ensure_topics(settings), created_demo)

@@ -214,3 +214,52 @@ def sync_env(stack: Stack) -> Iterator[SyncEnv]:
                 "WHERE slot_name = %s AND NOT active", (settings.slot_name,))
         _drop_database(stack, crm_db)
         _drop_database(stack, erp_db)
+
+
+# ---- a real CRM: BottleCRM (deploy/bottlecrm) -------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BottleCrmInstall:
+    template: str
+    install_s: float  # wall time of install.sh in this session (near 0 when already built)
+
+
+@dataclasses.dataclass
+class BottleCrmDb:
+    """One test's BottleCRM database, cloned from the migrated template, and its writer."""
+
+    dsn: str  # as the stack's administrator (a superuser: reads past BottleCRM's RLS)
+    name: str
+    writer: Any  # service.demo.bottlecrm.Writer
+
+    def connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.dsn, autocommit=True)
+
+
+@pytest.fixture(scope="session")
+def bottlecrm_installed(stack: Stack) -> BottleCrmInstall:
+    """deploy/bottlecrm/install.sh has run (idempotent); skips without Python 3.12."""
+    from service.demo import bottlecrm
+
+    try:
+        seconds = bottlecrm.ensure_installed(stack.admin_dsn)
+    except bottlecrm.BottleCrmUnavailable as exc:
+        pytest.skip(f"BottleCRM cannot be installed here: {exc}")
+    return BottleCrmInstall(bottlecrm.TEMPLATE, seconds)
+
+
+@pytest.fixture
+def bottlecrm_db(stack: Stack, bottlecrm_installed: BottleCrmInstall) -> Iterator[BottleCrmDb]:
+    """A fresh BottleCRM database (its 149 tables, no data) and a started writer on it."""
+    from service.demo import bottlecrm
+
+    name = f"bottlecrm_t{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{bottlecrm_installed.template}"')
+    writer = None
+    try:
+        writer = bottlecrm.Writer(stack.dsn_for(name))
+        yield BottleCrmDb(stack.dsn_for(name), name, writer)
+    finally:
+        if writer is not None:
+            writer.close()
+        _drop_database(stack, name)

@@ -72,17 +72,19 @@ def expected_erp(crm: Any, mappings: Any) -> dict[str, Any]:
 
     from service.erp import transform as tf
 
-    partners = {cid for (cid,) in crm.execute("SELECT customer_id FROM crm.customers")}
-    orders = {oid: tf.order_status(status, mappings) for oid, status in
+    # Keys as the ERP holds them: the CRM's keys as text; a line's composite key (order_id,
+    # line_no) as a compact JSON array of their text forms.
+    partners = {str(cid) for (cid,) in crm.execute("SELECT customer_id FROM crm.customers")}
+    orders = {str(oid): tf.order_status(status, mappings) for oid, status in
               crm.execute("SELECT order_id, status FROM crm.sales_orders")}
-    items: dict[tuple[int, int], tuple[str, Decimal]] = {}
+    items: dict[tuple[str, str], tuple[str, Decimal]] = {}
     reserved: dict[str, Decimal] = {}
     for oid, line_no, code, qty_text in crm.execute(
             "SELECT order_id, line_no, product_code, quantity FROM crm.order_lines"):
         sku = tf.sku_for(code, mappings)
         qty = tf.parse_quantity(qty_text, mappings).value
-        items[(oid, line_no)] = (sku, qty)
-        if mappings.status_stock_effect[orders[oid]] == "reserve":
+        items[(str(oid), f'["{oid}","{line_no}"]')] = (sku, qty)
+        if mappings.status_stock_effect[orders[str(oid)]] == "reserve":
             reserved[sku] = reserved.get(sku, Decimal(0)) + qty
     return {"partners": partners, "orders": orders, "items": items,
             "reserved": {k: v for k, v in reserved.items() if v}}
@@ -94,7 +96,7 @@ def actual_erp(erp: Any) -> dict[str, Any]:
     orders = dict(erp.execute(
         "SELECT crm_order_id, status_code FROM erp.sales_orders WHERE NOT deleted").fetchall())
     items = {(o, n): (sku, qty) for o, n, sku, qty in erp.execute(
-        "SELECT i.crm_order_id, i.line_no, i.sku, i.quantity FROM erp.sales_order_items i "
+        "SELECT i.crm_order_id, i.crm_line_id, i.sku, i.quantity FROM erp.sales_order_items i "
         "JOIN erp.sales_orders o USING (crm_order_id) WHERE NOT i.deleted AND NOT o.deleted")}
     reserved = {sku: qty for sku, qty in erp.execute(
         "SELECT sku, reserved FROM erp.stock WHERE reserved <> 0")}

@@ -1,43 +1,36 @@
-"""What the producer captures, and the objects it owns in the CRM database.
+"""What the producer captures (compiled from the source profile), and the objects it owns.
 
 The producer owns a schema ``crm_erp_sync`` in the CRM database with two tables:
 ``watermarks`` (written around each snapshot chunk; it is in the publication, so its rows come
 back through the log and mark where a chunk's window opens and closes, as in DBLog) and
-``snapshots`` (requested, running and finished snapshots, so a snapshot resumes after a crash).
+``snapshots`` (requested, running and finished snapshots, so a snapshot resumes after a crash;
+keys are kept as text, whatever their type in the CRM).
+
+Everything about the CRM's own tables comes from the source profile: the publication's
+tables and row filters, the columns each snapshot reads (as text, converted exactly as
+pgoutput's text is, so a snapshot read and a streamed change of the same row give the same
+event), and the source contract checked before anything is published.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import dict_row
 
+from service.cdc.events import converter_for
+from service.cdc.profile import EntityMapping, SourceProfile, key_values
+from service.errors import SourceContractError
 from service.settings import Settings
 
 OWN_SCHEMA = "crm_erp_sync"
 WATERMARK_TABLE = f"{OWN_SCHEMA}.watermarks"
-
-
-@dataclass(frozen=True)
-class CapturedTable:
-    name: str  # schema-qualified
-    kind: str  # event kind: the schema directory in schemas/
-    key: tuple[str, ...]  # primary key columns
-    snapshottable: bool = True  # order lines are snapshotted with their order
-
-
-CAPTURED = {
-    t.name: t
-    for t in (
-        CapturedTable("crm.customers", "customer", ("customer_id",)),
-        CapturedTable("crm.sales_orders", "order", ("order_id",)),
-        CapturedTable("crm.order_lines", "order", ("order_id", "line_no"), snapshottable=False),
-        CapturedTable("crm.market_demand", "market_demand", ("demand_id",)),
-    )
-}
-SNAPSHOT_TABLES = [t.name for t in CAPTURED.values() if t.snapshottable]
 
 OWN_DDL = f"""
 CREATE SCHEMA IF NOT EXISTS {OWN_SCHEMA};
@@ -51,49 +44,258 @@ CREATE TABLE IF NOT EXISTS {WATERMARK_TABLE} (
 CREATE TABLE IF NOT EXISTS {OWN_SCHEMA}.snapshots (
     snapshot_id  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     table_name   text NOT NULL,
-    keys         bigint[],
+    keys         text[],
     reason       text NOT NULL DEFAULT 'ad-hoc',
     chunk_size   integer NOT NULL DEFAULT 1000,
-    last_key     bigint,
+    last_key     text,
     chunks_done  integer NOT NULL DEFAULT 0,
     rows_emitted bigint NOT NULL DEFAULT 0,
     state        text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'done')),
     requested_at timestamptz NOT NULL DEFAULT now(),
     finished_at  timestamptz
 );
+-- Before keys were text (up to 0.2): integer keys keep their meaning as text.
+DO $$ BEGIN
+    IF (SELECT data_type FROM information_schema.columns WHERE table_schema = '{OWN_SCHEMA}'
+        AND table_name = 'snapshots' AND column_name = 'last_key') <> 'text' THEN
+        ALTER TABLE {OWN_SCHEMA}.snapshots ALTER COLUMN keys TYPE text[] USING keys::text[],
+            ALTER COLUMN last_key TYPE text USING last_key::text;
+    END IF;
+END $$;
 """
 
 
-def ensure_capture_objects(conn: psycopg.Connection[Any], settings: Settings) -> None:
-    """Own schema, publication (idempotent). The slot is created by the producer itself."""
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type_oid: int
+    type_sql: str  # format_type(): numeric(14,2), uuid, timestamp without time zone
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """A captured table as the CRM has it now, checked against what the profile needs."""
+
+    entity: EntityMapping
+    columns: dict[str, Column]
+
+    @cached_property
+    def converters(self) -> dict[str, Callable[[str], Any]]:
+        return {c.name: converter_for(c.type_oid) for c in self.columns.values()}
+
+    def key_casts(self) -> list[str]:
+        return [self.columns[k].type_sql for k in self.entity.key]
+
+
+def _ident(table: str) -> sql.Composable:
+    return sql.Identifier(*table.split("."))
+
+
+def read_table_info(conn: psycopg.Connection[Any], profile: SourceProfile) -> dict[str, TableInfo]:
+    """Columns and types of every captured table.
+
+    Raises SourceContractError naming the table and column when a table or a column the
+    profile maps is missing.
+    """
+    out: dict[str, TableInfo] = {}
+    for ent in profile.entities.values():
+        exists = conn.execute("SELECT to_regclass(%s)", (ent.table,)).fetchone()
+        if exists is None or exists[0] is None:
+            raise SourceContractError(ent.table, "*", "table does not exist (or is not visible "
+                                      "to the capture role)")
+        rows = conn.execute(
+            "SELECT attname, atttypid::int, format_type(atttypid, atttypmod) FROM pg_attribute "
+            "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            (ent.table,)).fetchall()
+        columns = {r[0]: Column(r[0], r[1], r[2]) for r in rows}
+        for needed in ent.columns:
+            if needed not in columns:
+                raise SourceContractError(ent.table, needed,
+                                          "column is mapped by the source profile but missing")
+        out[ent.table] = TableInfo(ent, columns)
+    return out
+
+
+def ensure_capture_objects(conn: psycopg.Connection[Any], settings: Settings,
+                           profile: SourceProfile) -> list[str]:
+    """Own schema and publication, idempotently; returns the tables it (re)added.
+
+    The publication is the producer's own: a captured table missing from it (dropped by
+    hand) is added back, with its row filter. The slot is created by the producer itself.
+    """
+    pub = sql.Identifier(settings.publication_name)
+    added: list[str] = []
     with conn.transaction():
         conn.execute(OWN_DDL)
         exists = conn.execute(
             "SELECT 1 FROM pg_publication WHERE pubname = %s", (settings.publication_name,)
         ).fetchone()
+        members = [_member(e) for e in profile.entities.values()]
         if not exists:
-            tables = [*CAPTURED, WATERMARK_TABLE]
-            conn.execute(
-                sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
-                    sql.Identifier(settings.publication_name),
-                    sql.SQL(", ").join(sql.Identifier(*t.split(".")) for t in tables),
-                )
-            )
+            conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+                pub, sql.SQL(", ").join([*members, _ident(WATERMARK_TABLE)])))
+            return added
+        present = {f"{r[0]}.{r[1]}" for r in conn.execute(
+            "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s",
+            (settings.publication_name,)).fetchall()}
+        for ent, member in zip(profile.entities.values(), members, strict=True):
+            if ent.table not in present:
+                conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(pub, member))
+                added.append(ent.table)
+        if WATERMARK_TABLE not in present:
+            conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
+                pub, _ident(WATERMARK_TABLE)))
+            added.append(WATERMARK_TABLE)
+    return added
+
+
+def _member(ent: EntityMapping) -> sql.Composable:
+    if ent.row_filter is None:
+        return _ident(ent.table)
+    # The row filter is the operator's SQL from the profile file (trusted configuration).
+    return sql.SQL("{} WHERE ({})").format(_ident(ent.table), sql.SQL(ent.row_filter))
+
+
+def snapshot_entity(profile: SourceProfile, name_or_table: str) -> EntityMapping:
+    """The snapshottable entity named by entity name or table (lines go with their order).
+
+    Raises ValueError listing what can be snapshotted.
+    """
+    choices = [e for e in profile.snapshot_entities if e.kind is not None]
+    for ent in choices:
+        if name_or_table in (ent.entity, ent.table):
+            return ent
+    names = ", ".join(f"{e.entity} ({e.table})" for e in choices)
+    raise ValueError(f"cannot snapshot {name_or_table!r}: choose one of {names}")
 
 
 def request_snapshot(
     conn: psycopg.Connection[Any],
-    table: str,
-    keys: list[int] | None = None,
+    profile: SourceProfile,
+    entity: str,
+    keys: Sequence[str] | None = None,
     chunk_size: int = 1000,
     reason: str = "ad-hoc",
 ) -> int:
-    if table not in SNAPSHOT_TABLES:
-        raise ValueError(f"cannot snapshot {table!r}: choose one of {', '.join(SNAPSHOT_TABLES)}")
+    """Queue a snapshot of one entity (all rows, or the given keys as text). Returns its id.
+
+    Raises ValueError for an entity that cannot be snapshotted, a chunk size below 1 or a
+    malformed composite key.
+    """
+    ent = snapshot_entity(profile, entity)
+    if chunk_size < 1:
+        raise ValueError(f"chunk size must be at least 1, not {chunk_size}")
+    for key in keys or []:
+        key_values(ent, key)
     row = conn.execute(
         f"INSERT INTO {OWN_SCHEMA}.snapshots (table_name, keys, chunk_size, reason) "
         "VALUES (%s, %s, %s, %s) RETURNING snapshot_id",
-        (table, keys, chunk_size, reason),
+        (ent.table, list(keys) if keys else None, chunk_size, reason),
     ).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def _select_list(info: TableInfo) -> sql.Composable:
+    cols = info.entity.columns
+    return sql.SQL(", ").join(
+        sql.SQL("{}::text AS {}").format(sql.Identifier(c), sql.Identifier(c)) for c in cols)
+
+
+def _key_match(info: TableInfo, keys: Sequence[str], params: list[Any]) -> sql.Composable:
+    ent = info.entity
+    casts = info.key_casts()
+    if len(ent.key) == 1:
+        params.append(list(keys))
+        return sql.SQL("{} = ANY(%s::{}[])").format(sql.Identifier(ent.key[0]),
+                                                     sql.SQL(casts[0]))
+    alternatives = []
+    for key in keys:
+        values = key_values(ent, key)
+        params.extend(values)
+        alternatives.append(sql.SQL("({})").format(sql.SQL(" AND ").join(
+            sql.SQL("{} = %s::{}").format(sql.Identifier(c), sql.SQL(t))
+            for c, t in zip(ent.key, casts, strict=True))))
+    return sql.SQL("({})").format(sql.SQL(" OR ").join(alternatives))
+
+
+def chunk_query(info: TableInfo, *, after: str | None, keys: Sequence[str] | None,
+                limit: int) -> tuple[sql.Composed, list[Any]]:
+    """One snapshot chunk: rows in key order after ``after`` (a key's text), within the row
+    filter, optionally only ``keys``. Every column comes back as text."""
+    ent = info.entity
+    casts = info.key_casts()
+    where: list[sql.Composable] = []
+    params: list[Any] = []
+    if ent.row_filter is not None:
+        where.append(sql.SQL("({})").format(sql.SQL(ent.row_filter)))
+    if after is not None:
+        values = key_values(ent, after)
+        where.append(sql.SQL("({}) > ({})").format(
+            sql.SQL(", ").join(sql.Identifier(k) for k in ent.key),
+            sql.SQL(", ").join(sql.SQL("%s::{}").format(sql.SQL(t)) for t in casts)))
+        params.extend(values)
+    if keys is not None:
+        where.append(_key_match(info, keys, params))
+    # ORDER BY names the table's columns, not the text output columns of the same name:
+    # keys are ordered by their own type (numbers numerically), as the keyset condition is.
+    query = sql.SQL("SELECT {} FROM {} AS src WHERE {} ORDER BY {} LIMIT %s").format(
+        _select_list(info), _ident(ent.table),
+        sql.SQL(" AND ").join(where) if where else sql.SQL("TRUE"),
+        sql.SQL(", ").join(sql.Identifier("src", k) for k in ent.key))
+    params.append(limit)
+    return query, params
+
+
+def lines_query(info: TableInfo, parent: TableInfo, order_keys: Sequence[str]
+                ) -> tuple[sql.Composed, list[Any]]:
+    """The lines of the given orders (keys as text), every column as text."""
+    ent = info.entity
+    assert ent.order_column is not None
+    order_type = parent.key_casts()[0]
+    where: list[sql.Composable] = [sql.SQL("{} = ANY(%s::{}[])").format(
+        sql.Identifier(ent.order_column), sql.SQL(order_type))]
+    if ent.row_filter is not None:
+        where.append(sql.SQL("({})").format(sql.SQL(ent.row_filter)))
+    query = sql.SQL("SELECT {} FROM {} AS src WHERE {} ORDER BY {}").format(
+        _select_list(info), _ident(ent.table), sql.SQL(" AND ").join(where),
+        sql.SQL(", ").join(sql.Identifier("src", k) for k in ent.key))
+    return query, [list(order_keys)]
+
+
+def read_chunk(conn: psycopg.Connection[Any], tables: dict[str, TableInfo], profile: SourceProfile,
+               ent: EntityMapping, *, after: str | None, keys: Sequence[str] | None,
+               limit: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One chunk of an entity's rows in key order (and, for orders, their lines), typed as
+    the decoder types pgoutput's text: what snapshots and reconcile read."""
+    info = tables[ent.table]
+    query, params = chunk_query(info, after=after, keys=keys, limit=limit)
+    with conn.cursor(row_factory=dict_row) as cur:
+        head = [typed_row(info, r) for r in cur.execute(query, params).fetchall()]
+        lines: list[dict[str, Any]] = []
+        line_ent = profile.entity("order_line")
+        if ent.entity == "order" and head and line_ent is not None:
+            line_info = tables[line_ent.table]
+            lq, lp = lines_query(line_info, info, [ent.key_text(r) for r in head])
+            lines = [typed_row(line_info, r) for r in cur.execute(lq, lp).fetchall()]
+    return head, lines
+
+
+def typed_row(info: TableInfo, text_row: dict[str, str | None]) -> dict[str, Any]:
+    """A row read as text, converted exactly as the decoder converts pgoutput's text."""
+    conv = info.converters
+    return {k: None if v is None else conv[k](v) for k, v in text_row.items()}
+
+
+def describe(profile: SourceProfile) -> dict[str, Any]:
+    """The compiled profile for `config`/`status`: tables, keys, filters, missing fields."""
+    return {
+        "profile": profile.name,
+        "path": str(profile.path),
+        "entities": {
+            e.entity: {"table": e.table, "key": list(e.key), "row_filter": e.row_filter,
+                       "deleted_when": None if e.deleted_when is None else
+                       f"{e.deleted_when.column} = {json.dumps(e.deleted_when.equals)}",
+                       "fields_not_in_crm": e.missing()}
+            for e in profile.entities.values()},
+    }

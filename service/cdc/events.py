@@ -1,22 +1,43 @@
-"""From committed CRM transactions to event records (pure: no database, no broker).
+"""From committed CRM transactions to canonical event records (pure: no database, no broker).
 
-A transaction's row changes become events in commit order. Customer and market-demand rows
-give one event per change. An order's header and its lines changed in one transaction give
-one ``OrderEvent`` (the header's before/after and the changed lines), so the consumer applies
-an order with its lines atomically. Every event gets a deterministic id from its commit LSN
-and position, so a change re-sent after a crash is recognisably the same event.
+A transaction's row changes become events in commit order, mapped by the source profile
+(``service.cdc.profile``) from the CRM's columns to canonical fields (``schemas/*/v2.avsc``).
+Customer and market-demand rows give one event per change. An order's header and its lines
+changed in one transaction give one order event (the header's before/after and the changed
+lines), so the consumer applies an order with its lines atomically. Every event gets a
+deterministic id from its commit LSN and position, so a change re-sent after a crash is
+recognisably the same event.
+
+Lines are partitioned by their order's customer: from the header when it changed in the same
+transaction, else through ``References`` (the producer's order -> customer map, fed by every
+order event and snapshot read, falling back to a read of the CRM's order row).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, time
 from decimal import Decimal
 from typing import Any
 
-from service.cdc.capture import CAPTURED
-from service.errors import PgOutputError, UnrepresentableValue
+from service.cdc.profile import (
+    CANONICAL_FIELDS,
+    DATE,
+    TIMESTAMP,
+    Const,
+    EntityMapping,
+    Reference,
+    SourceProfile,
+    text_of,
+)
+from service.errors import (
+    PgOutputError,
+    SourceContractError,
+    UnrepresentableValue,
+    UnresolvedReference,
+)
 
 Row = dict[str, Any]
 
@@ -53,7 +74,8 @@ class Outgoing:
     record: dict[str, Any]
 
 
-# Text output of PostgreSQL types (pgoutput sends text) -> Python values Avro expects.
+# Text output of PostgreSQL types (pgoutput sends text) -> Python values. Anything else stays
+# text (uuid, varchar, json …), which is what a canonical text field carries anyway.
 # PostgreSQL's special values have no counterpart in Python's date/datetime or in an Avro
 # decimal: they raise UnrepresentableValue (a capture dead letter), never a guess
 # (docs/DESIGN.md, "Special values").
@@ -83,12 +105,12 @@ def _date(text: str) -> date:
 def _numeric(text: str) -> Decimal:
     value = Decimal(text)
     if not value.is_finite():
-        raise UnrepresentableValue(f"numeric {text} has no counterpart in an Avro decimal")
+        raise UnrepresentableValue(f"numeric {text} is not a finite number: no event carries it")
     return value
 
 
 _BY_TYPE_OID: dict[int, Callable[[str], Any]] = {
-    16: lambda s: s == "t",
+    16: lambda s: s in ("t", "true"),  # pgoutput sends t/f; a boolean cast to text is true
     20: int,
     21: int,
     23: int,
@@ -103,14 +125,101 @@ def converter_for(type_oid: int) -> Callable[[str], Any]:
     return _BY_TYPE_OID.get(type_oid, str)
 
 
-def row_key(table: str, row: Row) -> tuple[Any, ...]:
-    return tuple(row[c] for c in CAPTURED[table].key)
+class References:
+    """Canonical records of orders and products by key, for lines that name them by key.
+
+    Fed in commit order by ``build_events`` (every order/product change and snapshot read);
+    a miss asks ``loader`` (the producer reads the CRM's current row). Bounded: the oldest
+    entries are forgotten past ``capacity`` (a miss is only a read, never a wrong value).
+    """
+
+    def __init__(self, loader: Callable[[str, str], Row | None] | None = None,
+                 capacity: int = 200_000) -> None:
+        self._loader = loader
+        self._capacity = capacity
+        self._known: OrderedDict[tuple[str, str], Row] = OrderedDict()
+
+    def remember(self, entity: str, key: str, record: Row) -> None:
+        self._known[(entity, key)] = record
+        self._known.move_to_end((entity, key))
+        while len(self._known) > self._capacity:
+            self._known.popitem(last=False)
+
+    def lookup(self, entity: str, key: str) -> Row | None:
+        found = self._known.get((entity, key))
+        if found is None and self._loader is not None:
+            found = self._loader(entity, key)
+            if found is not None:
+                self.remember(entity, key, found)
+        return found
+
+
+def _value(ent: EntityMapping, name: str, kind: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if kind == DATE:
+        if isinstance(value, datetime):
+            return value.date()
+        if isinstance(value, date):
+            return value
+    elif kind == TIMESTAMP:
+        if isinstance(value, datetime):
+            return value
+        if isinstance(value, date):
+            return datetime.combine(value, time(), UTC)
+    else:
+        return text_of(value)
+    raise SourceContractError(ent.table, str(ent.fields[name]),
+                              f"feeds canonical {ent.entity}.{name} ({kind}) but holds "
+                              f"{type(value).__name__} values")
+
+
+def canonical(ent: EntityMapping, row: Row, refs: References) -> Row:
+    """The canonical record (schemas/<kind>/v2.avsc) of one CRM row.
+
+    Raises SourceContractError when a mapped column is missing or holds an incompatible type,
+    UnresolvedReference when a referenced row (a line's product) cannot be found.
+    """
+    try:
+        record: Row = {"key": ent.key_text(row)}
+        for name, kind in CANONICAL_FIELDS[ent.entity].items():
+            source = ent.fields.get(name)
+            if source is None:
+                record[name] = None
+            elif isinstance(source, Const):
+                record[name] = source.value
+            elif isinstance(source, Reference):
+                ref_key = row[source.column]
+                if ref_key is None:
+                    record[name] = None
+                    continue
+                target = refs.lookup(source.entity, text_of(ref_key))
+                if target is None:
+                    raise UnresolvedReference(ent.table, source.column, source.entity)
+                record[name] = target.get(source.field)
+            else:
+                record[name] = _value(ent, name, kind, row[source])
+        if ent.entity == "order" and ent.customer_column is not None:
+            record["customer_key"] = _required_key(ent, ent.customer_column, row)
+        if ent.order_column is not None:
+            record["order_key"] = _required_key(ent, ent.order_column, row)
+    except KeyError as exc:
+        raise SourceContractError(ent.table, str(exc.args[0]),
+                                  "column is missing from the captured row") from None
+    return record
+
+
+def _required_key(ent: EntityMapping, column: str, row: Row) -> str:
+    value = row[column]
+    if value is None:
+        raise SourceContractError(ent.table, column, "reference key is NULL")
+    return text_of(value)
 
 
 def _source(txn_lsn: int, seq: int, xid: int, commit_time: datetime, table: str,
-            snapshot: bool) -> dict[str, Any]:
+            snapshot: bool, profile: str) -> dict[str, Any]:
     return {"lsn": txn_lsn, "seq": seq, "txid": xid, "commit_time": commit_time,
-            "table": table, "snapshot": snapshot}
+            "table": table, "snapshot": snapshot, "profile": profile}
 
 
 def event_id(lsn: int, seq: int, snapshot: bool) -> str:
@@ -121,8 +230,9 @@ def event_id(lsn: int, seq: int, snapshot: bool) -> str:
 @dataclass(slots=True)
 class _OrderGroup:
     seq: int
-    order_id: int
-    customer_id: int
+    order_key: str
+    customer_key: str
+    table: str
     header_ops: list[str] = field(default_factory=list)
     before: Row | None = None
     after: Row | None = None
@@ -139,57 +249,106 @@ def _order_op(ops: list[str]) -> str:
     return UPDATE
 
 
+def _effective(ent: EntityMapping, change: RowChange) -> RowChange:
+    """Apply the profile's soft-delete flag: a row that now counts as deleted is a DELETE."""
+    flag = ent.deleted_when
+    if flag is None or change.after is None:
+        return change
+    if flag.column not in change.after:
+        raise SourceContractError(ent.table, flag.column,
+                                  "the delete flag column is missing from the captured row")
+    if not flag.matches(change.after):
+        return change
+    before = change.before if change.before is not None else change.after
+    return RowChange(change.table, DELETE, before, None)
+
+
 def build_events(
-    changes: Iterable[RowChange], *, lsn: int, xid: int, commit_time: datetime,
-    snapshot: bool = False, first_seq: int = 0,
+    changes: Iterable[RowChange], *, profile: SourceProfile, refs: References, lsn: int,
+    xid: int, commit_time: datetime, snapshot: bool = False, first_seq: int = 0,
 ) -> list[Outgoing]:
-    """Events for the changes of one transaction (or one snapshot chunk), in commit order."""
+    """Events for the changes of one transaction (or one snapshot chunk), in commit order.
+
+    ``changes`` are of the profile's tables only. Raises SourceContractError /
+    UnresolvedReference (see ``canonical``) and PgOutputError for a change without a row.
+    """
+    listed = [(seq, c) for seq, c in enumerate(changes, start=first_seq)]
+    # Orders and products first: a line may precede its header (or product) in the log.
+    txn_orders: dict[str, str] = {}
+    for _seq, change in listed:
+        ent = profile.table(change.table)
+        row = change.after if change.after is not None else change.before
+        if ent is None or row is None:
+            continue
+        if ent.entity == "product":
+            # A deleted product is remembered too: a line deleted with it still names it.
+            refs.remember("product", ent.key_text(row), canonical(ent, row, refs))
+        elif ent.entity == "order":
+            record = canonical(ent, row, refs)
+            txn_orders[record["key"]] = record["customer_key"]
+            refs.remember("order", record["key"], record)
     out: list[tuple[int, Outgoing]] = []
-    orders: dict[int, _OrderGroup] = {}
-    for seq, change in enumerate(changes, start=first_seq):
+    orders: dict[str, _OrderGroup] = {}
+    for seq, raw in listed:
+        ent = profile.table(raw.table)
+        if ent is None or ent.entity == "product":
+            continue
+        change = _effective(ent, raw)
         row = change.after if change.after is not None else change.before
         if row is None:
             raise PgOutputError(f"{change.table}: {change.op} without row data")
-        kind = CAPTURED[change.table].kind
-        if kind == "order":
-            order_id = row["order_id"]
-            group = orders.get(order_id)
+        before = canonical(ent, change.before, refs) if change.before is not None else None
+        after = canonical(ent, change.after, refs) if change.after is not None else None
+        current = after if after is not None else before
+        assert current is not None
+        if ent.entity in ("order", "order_line"):
+            order_key = current["key"] if ent.entity == "order" else current["order_key"]
+            group = orders.get(order_key)
             if group is None:
-                group = orders[order_id] = _OrderGroup(seq, order_id, row["customer_id"])
-            if change.table == "crm.sales_orders":
+                customer = txn_orders.get(order_key)
+                if customer is None and ent.entity == "order_line" \
+                        and ent.customer_column is not None:
+                    customer = _required_key(ent, ent.customer_column, row)
+                if customer is None:
+                    known = refs.lookup("order", order_key)
+                    if known is None:
+                        raise UnresolvedReference(ent.table, ent.order_column or "", "order")
+                    customer = str(known["customer_key"])
+                group = orders[order_key] = _OrderGroup(seq, order_key, customer, ent.table)
+            if ent.entity == "order":
                 if not group.header_ops:
-                    group.before = change.before
+                    group.before = before
                 group.header_ops.append(change.op)
-                group.after = change.after
+                group.after = after
+                group.table = ent.table
             else:
-                group.lines.append({"op": change.op, "before": change.before,
-                                    "after": change.after})
+                group.lines.append({"op": change.op, "before": before, "after": after})
             continue
-        key_value = row["customer_id"] if kind == "customer" else row["demand_id"]
+        assert ent.kind is not None
         eid = event_id(lsn, seq, snapshot)
-        record: dict[str, Any] = {
+        event: dict[str, Any] = {
             "event_id": eid,
             "op": change.op,
-            "source": _source(lsn, seq, xid, commit_time, change.table, snapshot),
-            "before": change.before,
-            "after": change.after,
+            "source": _source(lsn, seq, xid, commit_time, change.table, snapshot, profile.name),
+            "key": current["key"],
+            "before": before,
+            "after": after,
         }
-        out.append((seq, Outgoing(kind, str(key_value).encode(), eid, record)))
+        out.append((seq, Outgoing(ent.kind, current["key"].encode(), eid, event)))
     for group in orders.values():
         eid = event_id(lsn, group.seq, snapshot)
         order_record: dict[str, Any] = {
             "event_id": eid,
             "op": _order_op(group.header_ops) if group.header_ops or not snapshot else READ,
-            "source": _source(lsn, group.seq, xid, commit_time,
-                              "crm.sales_orders" if group.header_ops else "crm.order_lines",
-                              snapshot),
-            "order_id": group.order_id,
-            "customer_id": group.customer_id,
+            "source": _source(lsn, group.seq, xid, commit_time, group.table, snapshot,
+                              profile.name),
+            "key": group.order_key,
+            "customer_key": group.customer_key,
             "before": group.before,
             "after": group.after,
             "lines": group.lines,
         }
-        out.append((group.seq, Outgoing("order", str(group.customer_id).encode(), eid,
+        out.append((group.seq, Outgoing("order", group.customer_key.encode(), eid,
                                         order_record)))
     out.sort(key=lambda pair: pair[0])
     return [o for _, o in out]

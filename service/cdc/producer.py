@@ -33,11 +33,14 @@ from service import pg
 from service.avro import SchemaRegistry
 from service.cdc import pgoutput
 from service.cdc.capture import (
-    CAPTURED,
     OWN_SCHEMA,
-    SNAPSHOT_TABLES,
     WATERMARK_TABLE,
+    TableInfo,
+    chunk_query,
     ensure_capture_objects,
+    lines_query,
+    read_table_info,
+    typed_row,
 )
 from service.cdc.dead_letters import CaptureLetter, TextRow, as_text, text_row
 from service.cdc.events import (
@@ -47,12 +50,14 @@ from service.cdc.events import (
     UPDATE,
     CommittedTxn,
     Outgoing,
+    References,
     RowChange,
     build_events,
+    canonical,
     converter_for,
     event_id,
-    row_key,
 )
+from service.cdc.profile import EntityMapping, SourceProfile, load_profile
 from service.consumer.policy import RetryPolicy
 from service.errors import (
     CaptureRejected,
@@ -91,9 +96,9 @@ def lock_key(slot_name: str) -> str:
     return f"crm-erp-sync:{slot_name}"
 
 
-# What build_events and the converters raise for a change they cannot turn into an event:
-# our typed errors, and a row without a column the event needs (a dropped column).
-BUILD_ERRORS = (CaptureRejected, PgOutputError, KeyError)
+# What build_events raises for one change that cannot become an event. Not SourceContractError
+# (the CRM no longer matches the profile: capture stops, named) nor UnresolvedReference.
+BUILD_ERRORS = (CaptureRejected, PgOutputError)
 # fastavro's writer raises these for a value its schema cannot take (a NaN decimal, a scale
 # that no longer fits, a wrong type)
 AVRO_ERRORS = (TypeError, ValueError, ArithmeticError, AttributeError)
@@ -105,50 +110,37 @@ MAX_REQUEST_BYTES = 16 * 1024 * 1024
 COMPRESSION = "zstd"
 
 
-# Loaded as text in snapshot reads, then converted like pgoutput's text: psycopg cannot load
-# PostgreSQL's special values (infinity, BC dates) into Python's types and would fail the chunk.
-_SNAPSHOT_TEXT_OIDS = (1700, 1082, 1114, 1184)
-
-
-def _snapshot_rows(conn: PgConn, query: str,
-                   params: list[Any]) -> list[tuple[dict[str, Any], Rejection | None]]:
-    """A snapshot chunk's rows, converted like the log's values; a row with a value that
-    cannot become an event comes with its Rejection (and its values as text)."""
-    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
-    for oid in _SNAPSHOT_TEXT_OIDS:
-        cur.adapters.register_loader(oid, psycopg.types.string.TextLoader)
-    cur.execute(query, params)
-    converters = {c.name: converter_for(c.type_code) for c in cur.description or []
-                  if c.type_code in _SNAPSHOT_TEXT_OIDS}
-    out: list[tuple[dict[str, Any], Rejection | None]] = []
-    for row in cur.fetchall():
-        rejection = None
-        raw = dict(row)
-        for name, convert in converters.items():
-            if row[name] is None:
-                continue
-            try:
-                row[name] = convert(row[name])
-            except CaptureRejected as exc:
-                rejection = Rejection(UnrepresentableValue(exc.detail, name), None,
-                                      text_row(raw))
-                break
-            except (ValueError, ArithmeticError) as exc:
-                rejection = Rejection(UnrepresentableValue(
-                    f"cannot be read ({type(exc).__name__})", name), None, text_row(raw))
-                break
-        out.append((row, rejection))
-    return out
+def _typed(info: TableInfo, raw: dict[str, Any]) -> tuple[dict[str, Any], Rejection | None]:
+    """A snapshot row (read as text) converted like the log's values, or its Rejection."""
+    try:
+        return typed_row(info, raw), None
+    except CaptureRejected as exc:
+        error = exc
+    except (ValueError, ArithmeticError) as exc:
+        error = CaptureRejected(f"cannot be read ({type(exc).__name__})")
+    # which column: convert one by one (rare path)
+    for name, text in raw.items():
+        try:
+            if text is not None:
+                info.converters[name](text)
+        except CaptureRejected as exc:
+            error = UnrepresentableValue(exc.detail, name)
+            break
+        except (ValueError, ArithmeticError) as exc:
+            error = UnrepresentableValue(f"cannot be read ({type(exc).__name__})", name)
+            break
+    return {}, Rejection(error, None, text_row(raw))
 
 
 def _rejected(exc: Exception) -> CaptureRejected:
     if isinstance(exc, CaptureRejected):
         return exc
-    if isinstance(exc, KeyError):
-        column = exc.args[0] if exc.args and isinstance(exc.args[0], str) else None
-        return CaptureRejected("the row lacks a column the event needs", column)
     # PgOutputError messages are ours: table and operation, never a value
     return CaptureRejected(f"cannot become an event: {exc}")
+
+
+# A snapshot row: its entity, the row as text, typed (empty when rejected), its Rejection.
+_Read = tuple[EntityMapping, dict[str, Any], dict[str, Any], "Rejection | None"]
 
 
 @dataclass(frozen=True)
@@ -235,9 +227,8 @@ class ChangeDecoder:
             change = RowChange(table, op, self._row(msg.relation_id, old),
                                self._row(msg.relation_id, new))
         except CaptureRejected as exc:
-            if table in CAPTURED:
-                txn.rejected[len(txn.changes)] = Rejection(
-                    exc, self._raw(msg.relation_id, old), self._raw(msg.relation_id, new))
+            txn.rejected[len(txn.changes)] = Rejection(
+                exc, self._raw(msg.relation_id, old), self._raw(msg.relation_id, new))
             change = RowChange(table, op, None, None)
         txn.changes.append(change)
 
@@ -281,13 +272,13 @@ class _Chunk:
     snapshot_id: int
     chunk_no: int
     table: str
-    rows: dict[tuple[str, tuple[Any, ...]], dict[str, Any]]
-    last_key: int | None
+    rows: dict[tuple[str, str], dict[str, Any]]
+    last_key: str | None
     low_id: int = 0
     high_id: int = 0
     window_open: bool = False
     # rows whose values cannot become an event (NaN, infinity, BC dates): capture letters
-    rejected: dict[tuple[str, tuple[Any, ...]], Rejection] = field(default_factory=dict)
+    rejected: dict[tuple[str, str], Rejection] = field(default_factory=dict)
 
 
 @dataclass
@@ -304,11 +295,15 @@ class ProducerStats:
 
 class CdcProducer:
     def __init__(self, settings: Settings, registry: SchemaRegistry,
-                 kafka_producer: Any | None = None) -> None:
+                 kafka_producer: Any | None = None,
+                 profile: SourceProfile | None = None) -> None:
         self.settings = settings
         self.registry = registry
-        self._kafka = kafka_producer
+        self.profile = profile if profile is not None else load_profile(settings.source_profile)
+        self._tables: dict[str, TableInfo] = {}
         self._conn: PgConn | None = None
+        self.refs = References(self._load_reference)
+        self._kafka = kafka_producer
         self._limits: dict[str, int] = {}
         self._lock_conn: PgConn | None = None
         self._reconnect_delays = RetryPolicy.RECONNECT.delays()
@@ -370,7 +365,12 @@ class CdcProducer:
     # ---- setup ------------------------------------------------------------------------
     def ensure_slot(self, conn: PgConn) -> bool:
         """Create the slot if missing; on first creation request the initial snapshot."""
-        ensure_capture_objects(conn, self.settings)
+        added = ensure_capture_objects(conn, self.settings, self.profile)
+        if added:
+            log.warning("publication_repaired", publication=self.settings.publication_name,
+                        tables_added=added)
+        self._tables = read_table_info(conn, self.profile)
+        self._conn = conn
         exists = conn.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s",
                               (self.settings.slot_name,)).fetchone()
         if exists and exists[0] == "lost":
@@ -384,9 +384,10 @@ class CdcProducer:
             f"SELECT count(*) FROM {OWN_SCHEMA}.snapshots WHERE reason = 'initial' "
             "AND state = 'pending'").fetchone()
         if not pending or not pending[0]:
-            for table in SNAPSHOT_TABLES:
-                conn.execute(f"INSERT INTO {OWN_SCHEMA}.snapshots (table_name, reason) "
-                             "VALUES (%s, 'initial')", (table,))
+            for ent in self.profile.snapshot_entities:
+                if ent.kind is not None:
+                    conn.execute(f"INSERT INTO {OWN_SCHEMA}.snapshots (table_name, reason) "
+                                 "VALUES (%s, 'initial')", (ent.table,))
         conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')",
                      (self.settings.slot_name,))
         log.info("slot_created", slot=self.settings.slot_name, initial_snapshot=True)
@@ -574,6 +575,19 @@ class CdcProducer:
         self.stats.last_commit_lsn = last_end
         return True
 
+    def _load_reference(self, entity: str, key: str) -> dict[str, Any] | None:
+        """A referenced order/product the producer has not seen: read its current CRM row."""
+        ent = self.profile.entity(entity)
+        if ent is None or self._conn is None or ent.table not in self._tables:
+            return None
+        info = self._tables[ent.table]
+        query, params = chunk_query(info, after=None, keys=[key], limit=1)
+        cur = self._conn.cursor(row_factory=psycopg.rows.dict_row)
+        found = cur.execute(query, params).fetchone()
+        if found is None:
+            return None
+        return canonical(ent, typed_row(info, found), self.refs)
+
     def _events_for(self, txn: CommittedTxn) -> list[Outgoing | CaptureLetter]:
         """The transaction's events in commit order, with a capture dead letter in place of
         each change that cannot become one (and the snapshot chunk it closes, if any)."""
@@ -590,15 +604,16 @@ class CdcProducer:
                     elif wid == chunk.high_id:
                         high_closed = True
                 continue
-            if change.table not in CAPTURED:
+            ent = self.profile.table(change.table)
+            if ent is None:
                 continue
             if position in txn.rejected:
                 rejected[len(changes)] = txn.rejected[position]
             changes.append(change)
             row = change.after if change.after is not None else change.before
             if chunk is not None and chunk.window_open and row is not None:
-                chunk.rows.pop((change.table, row_key(change.table, row)), None)
-                chunk.rejected.pop((change.table, row_key(change.table, row)), None)
+                chunk.rows.pop((change.table, ent.key_text(row)), None)
+                chunk.rejected.pop((change.table, ent.key_text(row)), None)
         at = _Position(txn.commit_lsn, txn.xid, txn.commit_time)
         items = self._build(changes, rejected, at)
         if high_closed and chunk is not None:
@@ -624,8 +639,9 @@ class CdcProducer:
             if stop > start:
                 items.extend(self._isolated(changes[start:stop], at, at.first_seq + start))
             if stop < len(changes):
-                items.append(self._letter(changes[stop], rejected[stop], at,
-                                          at.first_seq + stop))
+                letter = self._letter(changes[stop], rejected[stop], at, at.first_seq + stop)
+                if letter is not None:
+                    items.append(letter)
             start = stop + 1
         return items
 
@@ -634,50 +650,69 @@ class CdcProducer:
         """build_events on the run; when it refuses a change, change by change, so that only
         the refused ones become letters (an order's header and lines then travel apart)."""
         try:
-            return list(build_events(changes, lsn=at.lsn, xid=at.xid,
-                                     commit_time=at.commit_time, snapshot=at.snapshot,
-                                     first_seq=first_seq))
+            return list(build_events(changes, profile=self.profile, refs=self.refs,
+                                     lsn=at.lsn, xid=at.xid, commit_time=at.commit_time,
+                                     snapshot=at.snapshot, first_seq=first_seq))
         except BUILD_ERRORS:
             pass
         out: list[Outgoing | CaptureLetter] = []
         for offset, change in enumerate(changes):
             try:
-                out.extend(build_events([change], lsn=at.lsn, xid=at.xid,
-                                        commit_time=at.commit_time, snapshot=at.snapshot,
-                                        first_seq=first_seq + offset))
+                out.extend(build_events([change], profile=self.profile, refs=self.refs,
+                                        lsn=at.lsn, xid=at.xid, commit_time=at.commit_time,
+                                        snapshot=at.snapshot, first_seq=first_seq + offset))
             except BUILD_ERRORS as exc:
-                out.append(self._letter(change, Rejection(
+                letter = self._letter(change, Rejection(
                     _rejected(exc), text_row(change.before), text_row(change.after)),
-                    at, first_seq + offset))
+                    at, first_seq + offset)
+                if letter is not None:
+                    out.append(letter)
         return out
 
     def _letter(self, change: RowChange, rejection: Rejection, at: _Position,
-                seq: int) -> CaptureLetter:
-        table = CAPTURED[change.table]
+                seq: int) -> CaptureLetter | None:
+        """The letter in place of a change (None for an entity that is not published:
+        products only feed references)."""
+        ent = self.profile.table(change.table)
+        if ent is None or ent.kind is None:
+            return None
         row = rejection.after or rejection.before or {}
-        key_column = "demand_id" if table.kind == "market_demand" else "customer_id"
-        key = row.get(key_column)
         return CaptureLetter(
-            topic=self._topics[table.kind], key=key.encode() if key is not None else None,
+            topic=self._topics[ent.kind], key=self._letter_key(ent, row),
             table=change.table, op=change.op,
-            primary_key={c: row.get(c) for c in table.key}, commit_lsn=at.lsn, xid=at.xid,
+            primary_key={c: row.get(c) for c in ent.key}, commit_lsn=at.lsn, xid=at.xid,
             commit_time=at.commit_time, event_id=event_id(at.lsn, seq, at.snapshot),
             error=rejection.error, before=rejection.before, after=rejection.after)
+
+    def _letter_key(self, ent: EntityMapping, row: TextRow) -> bytes | None:
+        """The key the change's event would have had (so its partition and its hold): the
+        customer's for orders and lines, the entity's own otherwise; None when the row does
+        not say (then the letter is still recorded, on some partition)."""
+        try:
+            if ent.entity == "order" and ent.customer_column:
+                value = row.get(ent.customer_column)
+            elif ent.entity == "order_line":
+                value = row.get(ent.customer_column) if ent.customer_column else None
+                order_key = row.get(ent.order_column) if ent.order_column else None
+                if value is None and order_key is not None:
+                    known = self.refs.lookup("order", order_key)
+                    value = None if known is None else str(known["customer_key"])
+            else:
+                value = ent.key_text(row)
+        except (KeyError, TypeError, psycopg.Error):
+            return None  # a key we cannot name from the letter's row: no hold, still a letter
+        return None if value is None else str(value).encode()
 
     def _letter_for_event(self, event: Outgoing, error: CaptureRejected) -> CaptureLetter:
         """A letter for an event that was built but cannot be sent (schema, size)."""
         record = event.record
         source = record["source"]
-        before, after = text_row(record.get("before")), text_row(record.get("after"))
-        row = after or before or {}
-        if "order_id" in record:
-            row = {"order_id": as_text(record["order_id"]), **row}
-        table = source["table"]
         return CaptureLetter(
-            topic=self._topics[event.kind], key=event.key, table=table, op=record["op"],
-            primary_key={c: row.get(c) for c in CAPTURED[table].key},
+            topic=self._topics[event.kind], key=event.key, table=source["table"],
+            op=record["op"], primary_key={"key": as_text(record.get("key"))},
             commit_lsn=source["lsn"], xid=source["txid"], commit_time=source["commit_time"],
-            event_id=event.event_id, error=error, before=before, after=after)
+            event_id=event.event_id, error=error, before=text_row(record.get("before")),
+            after=text_row(record.get("after")))
 
     def _encoded(self, event: Outgoing) -> bytes | CaptureLetter:
         """The event's bytes, or its letter when it does not fit its schema or its topic."""
@@ -788,34 +823,29 @@ class CdcProducer:
         if request is None:
             return
         snapshot_id, table, keys, chunk_size, last_key, chunks_done = request
-        pk = CAPTURED[table].key[0]
+        info = self._tables.get(table)
+        if info is None:
+            # A request for a table this profile does not capture (the profile changed):
+            # finish it rather than block every later snapshot behind it.
+            conn.execute(f"UPDATE {OWN_SCHEMA}.snapshots SET state = 'done', "
+                         "finished_at = now() WHERE snapshot_id = %s", (snapshot_id,))
+            log.error("snapshot_table_not_captured", snapshot_id=snapshot_id, table=table,
+                      profile=self.profile.name)
+            return
         low = conn.execute(
             f"INSERT INTO {WATERMARK_TABLE} (snapshot_id, chunk_no, kind) "
             "VALUES (%s, %s, 'low') RETURNING watermark_id", (snapshot_id, chunks_done)
         ).fetchone()
-        where = f"{pk} > %s" if last_key is not None else "TRUE"
-        params: list[Any] = [last_key] if last_key is not None else []
-        if keys is not None:
-            where += f" AND {pk} = ANY(%s)"
-            params.append(list(keys))
-        rows: dict[tuple[str, tuple[Any, ...]], dict[str, Any]] = {}
-        rejected: dict[tuple[str, tuple[Any, ...]], Rejection] = {}
-        head = _snapshot_rows(conn, f"SELECT * FROM {table} WHERE {where} ORDER BY {pk} "
-                                    "LIMIT %s", [*params, chunk_size])
-        for row, rejection in head:
+        ent = info.entity
+        rows: dict[tuple[str, str], dict[str, Any]] = {}
+        rejected: dict[tuple[str, str], Rejection] = {}
+        head, lines = self._read_chunk(conn, info, after=last_key, keys=keys, limit=chunk_size)
+        for item_ent, text, row, rejection in [*head, *lines]:
+            key = (item_ent.table, item_ent.key_text(text))
             if rejection is None:
-                rows[(table, row_key(table, row))] = row
+                rows[key] = row
             else:
-                rejected[(table, row_key(table, row))] = rejection
-        if table == "crm.sales_orders" and head:
-            order_ids = [r["order_id"] for r, _ in head]
-            for line, rejection in _snapshot_rows(
-                    conn, "SELECT * FROM crm.order_lines WHERE order_id = ANY(%s) "
-                          "ORDER BY order_id, line_no", [order_ids]):
-                if rejection is None:
-                    rows[("crm.order_lines", row_key("crm.order_lines", line))] = line
-                else:
-                    rejected[("crm.order_lines", row_key("crm.order_lines", line))] = rejection
+                rejected[key] = rejection
         if not head:
             conn.execute(f"UPDATE {OWN_SCHEMA}.snapshots SET state = 'done', "
                          "finished_at = now() WHERE snapshot_id = %s", (snapshot_id,))
@@ -827,8 +857,25 @@ class CdcProducer:
         ).fetchone()
         assert low is not None and high is not None
         self._chunk = _Chunk(snapshot_id, chunks_done, table, rows,
-                             last_key=head[-1][0][pk], low_id=low[0], high_id=high[0],
-                             rejected=rejected)
+                             last_key=ent.key_text(head[-1][1]), low_id=low[0],
+                             high_id=high[0], rejected=rejected)
+
+    def _read_chunk(self, conn: PgConn, info: TableInfo, *, after: str | None,
+                    keys: list[str] | None, limit: int) -> tuple[list[_Read], list[_Read]]:
+        """capture.read_chunk, row by row: a row whose values cannot become an event (NaN,
+        infinity, BC dates) comes with its Rejection instead of failing the whole chunk."""
+        ent = info.entity
+        query, params = chunk_query(info, after=after, keys=keys, limit=limit)
+        with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+            head = [(ent, r, *_typed(info, r)) for r in cur.execute(query, params).fetchall()]
+            lines: list[_Read] = []
+            line_ent = self.profile.entity("order_line")
+            if ent.entity == "order" and head and line_ent is not None:
+                line_info = self._tables[line_ent.table]
+                lq, lp = lines_query(line_info, info, [ent.key_text(r[1]) for r in head])
+                lines = [(line_ent, r, *_typed(line_info, r))
+                         for r in cur.execute(lq, lp).fetchall()]
+        return head, lines
 
     def _commit_progress(self, conn: PgConn) -> None:
         for chunk, emitted in self._pending_progress:

@@ -172,6 +172,9 @@ class CommitOffsets:
             log.warning("offset_commit_failed", error=type(exc).__name__)
 
 
+# Event kinds whose event carries the whole row: a newer one that maps replaces an older one.
+FULL_STATE_KINDS = frozenset({"customer", "market_demand"})
+
 # The message columns of sync.held_events, in the order _held_message reads them.
 HELD_MESSAGE = 'topic, partition, "offset", msg_timestamp, msg_key, msg_value'
 
@@ -237,6 +240,8 @@ class ErpApplier:
             with conn.transaction():
                 self._apply_in_txn(conn, batch)
                 self._publish_dead_letters(conn, batch)
+                self._supersede_held(conn, {(e.msg.topic, e.msg.key) for e in batch.envelopes
+                                            if e.held == "key_blocked"})
         except TRANSIENT_PG as exc:
             raise Retryable(f"ERP: {type(exc).__name__}: {exc}".strip()) from exc
         except KafkaError as exc:
@@ -304,6 +309,9 @@ class ErpApplier:
         return count
 
     def _apply_in_txn(self, conn: PgConn, batch: Batch) -> None:
+        released = self._supersede(conn, batch.envelopes)
+        if released:  # older than everything in the batch: they go first
+            batch.envelopes[:0] = released
         envs = batch.envelopes
         blocked = self._blocked_keys(conn, [e.msg for e in envs])
         # Keys that get a dead letter in this batch block what follows them in it too.
@@ -359,6 +367,77 @@ class ErpApplier:
             except PERMANENT_PG as exc:
                 env.error = ApplyError(f"{type(exc).__name__}: {exc.diag.message_primary}")
 
+    def _supersede(self, conn: PgConn, envs: list[Envelope]) -> list[Envelope]:
+        """A fixed CRM row supersedes its dead letter (issue #12 item 7).
+
+        When an event of a full-state kind (customer, market_demand: the event carries the
+        whole row) maps, and every unresolved dead letter of its key is of that same kind
+        (the same row, an older state of it), those letters become ``superseded`` (audited
+        in ``sync.dead_letter_actions``, actor ``consumer``) and the events held behind the
+        key are released: returned, in their original order, for the caller to apply before
+        the batch. Only letters older than the event are superseded (a newer failure is not
+        repaired by an older fix). Orders are never superseding (an order event carries only
+        the lines its transaction changed: a newer one does not repair an older one's line);
+        their letters wait for the operator.
+        """
+        released: list[Envelope] = []
+        failed: set[tuple[str, bytes | None]] = set()
+        done: set[tuple[str, bytes | None]] = set()
+        for env in envs:
+            key = (env.msg.topic, env.msg.key)
+            if env.error is not None:
+                failed.add(key)
+                continue
+            if (key in failed or key in done or env.msg.held_id is not None
+                    or env.kind not in FULL_STATE_KINDS):
+                continue
+            letters = conn.execute(
+                'SELECT dead_letter_id, event_kind, partition, "offset" FROM sync.dead_letters '
+                "WHERE topic = %s AND msg_key IS NOT DISTINCT FROM %s "
+                "AND state IN ('open', 'failed_again') ORDER BY dead_letter_id FOR UPDATE",
+                key).fetchall()
+            if not letters or any(kind != env.kind or (part, off) >= (env.msg.partition,
+                                                                      env.msg.offset)
+                                  for _, kind, part, off in letters):
+                continue
+            done.add(key)
+            ids = [r[0] for r in letters]
+            conn.execute("UPDATE sync.dead_letters SET state = 'superseded', "
+                         "resolved_at = clock_timestamp() WHERE dead_letter_id = ANY(%s)",
+                         (ids,))
+            why = (f"a newer {env.kind} event of the same key maps "
+                   f"({env.msg.topic}[{env.msg.partition}]@{env.msg.offset})")
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO sync.dead_letter_actions (dead_letter_id, action, actor, "
+                    "reason, outcome) VALUES (%s, 'supersede', 'consumer', %s, 'superseded')",
+                    [(i, why) for i in ids])
+            rows = conn.execute(
+                "DELETE FROM sync.held_events WHERE reason = 'key_blocked' AND topic = %s "
+                f"AND msg_key IS NOT DISTINCT FROM %s RETURNING {HELD_MESSAGE}",
+                key).fetchall()
+            held = self._prepared(sorted((_held_message(r) for r in rows),
+                                         key=lambda m: (m.partition, m.offset)))
+            released += held.envelopes
+            log.info("dead_letters_superseded", key=_key_text(env.msg.key), letters=len(ids),
+                     released=len(rows))
+        return released
+
+    def _supersede_held(self, conn: PgConn, keys: set[tuple[str, bytes | None]]) -> None:
+        """The same, when the fix arrived in the batch that dead-lettered the old state: it
+        was held behind the new letter; supersede from the held events and apply them."""
+        for topic, key in sorted(keys, key=lambda k: (k[0], k[1] or b"")):
+            rows = conn.execute(
+                f"SELECT {HELD_MESSAGE} FROM sync.held_events WHERE reason = 'key_blocked' "
+                "AND topic = %s AND msg_key IS NOT DISTINCT FROM %s", (topic, key)).fetchall()
+            held = self._prepared(sorted((_held_message(r) for r in rows),
+                                         key=lambda m: (m.partition, m.offset)))
+            released = self._supersede(conn, held.envelopes)
+            if released:
+                batch = Batch(released)
+                self._apply_in_txn(conn, batch)
+                self._publish_dead_letters(conn, batch)
+
     def _blocked_keys(self, conn: PgConn, msgs: list[Message]) -> set[tuple[str, bytes | None]]:
         keys = sorted({m.key for m in msgs if m.key is not None})
         if not keys:
@@ -389,7 +468,7 @@ class ErpApplier:
     def _prepared(self, msgs: list[Message]) -> Batch:
         return prepare(self.registry, self.mappings, msgs)
 
-    def _release_awaiting(self, conn: PgConn, customer_ids: list[int], batch: Batch) -> None:
+    def _release_awaiting(self, conn: PgConn, customer_ids: list[str], batch: Batch) -> None:
         rows = conn.execute(
             f"SELECT {HELD_MESSAGE}, held_id FROM sync.held_events "
             "WHERE reason = 'awaiting_customer' AND waits_for = ANY(%s) "
@@ -512,12 +591,12 @@ class ErpApplier:
         with conn.cursor() as cur:
             cur.executemany(
                 'INSERT INTO sync.dead_letters (topic, partition, "offset", msg_key, stage, '
-                "error_class, error_message, dlq_partition, dlq_offset) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "error_class, error_message, dlq_partition, dlq_offset, event_kind) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
                 'ON CONFLICT (topic, partition, "offset") DO NOTHING',
                 [(d.topic, d.partition, d.offset, d.key, d.error.stage,
                   getattr(d.error, "error_class", "") or type(d.error).__name__,
-                  d.error.reason, m.partition, m.offset)
+                  d.error.reason, m.partition, m.offset, self._kind_of(d.value))
                  for d, m in zip(letters, metas, strict=True)])
         self.dead_lettered += len(letters)
         for d in letters:

@@ -151,10 +151,14 @@ def _mobile(rng: random.Random) -> str:
 
 
 def _foreign_e164(rng: random.Random) -> str:
-    """A fictional US (555-01xx) or UK (07700 900xxx) number in strict E.164."""
+    """A fictional US (555-01xx) or UK (020 7946 0xxx) number in strict E.164.
+
+    Both are ranges set aside for fiction that libphonenumber still finds valid; Ofcom's
+    mobile drama range 07700 900xxx is not (it is unallocated, so the mapping refuses it).
+    """
     if rng.random() < 0.6:
         return f"+1{rng.choice(('212', '415', '617', '312', '206'))}55501{rng.randrange(100):02d}"
-    return f"+447700900{rng.randrange(1000):03d}"
+    return f"+442079460{rng.randrange(1000):03d}"
 
 
 _EMAIL_DOMAINS_CN: Final = Weighted([

@@ -8,14 +8,17 @@ tables, a few mapped examples with personal data masked, and the dead letters wi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from service import ops, pg
+from service.demo import bottlecrm
 from service.demo.load import load_demo
 from service.settings import REPO_ROOT, Settings
 from service.setup import run_setup
@@ -110,11 +113,11 @@ def print_erp_summary(settings: Settings) -> None:
             assert row is not None
             print(f"  erp.{table:<20} {row[0]:>7} / {row[1]}")
         print("\nmapped partners (personal data masked):")
-        for name, gender, phone, province, district, amount, ccy in conn.execute(
-                "SELECT full_name, gender_code, phone_e164, province, district, "
-                "purchase_amount, amount_currency FROM erp.business_partners "
+        for key, name, gender, phone, province, district, amount, ccy in conn.execute(
+                "SELECT crm_customer_id, full_name, gender_code, phone_e164, province, "
+                "district, purchase_amount, amount_currency FROM erp.business_partners "
                 "WHERE NOT deleted ORDER BY crm_customer_id LIMIT 5"):
-            print(f"  {_mask(name)}  gender={gender}  phone={_mask(phone, 4)}  "
+            print(f"  CRM key {key}: {_mask(name)}  gender={gender}  phone={_mask(phone, 4)}  "
                   f"{province or '-'} {district or '-'}  {amount or '-'} {ccy or ''}")
         print("\norders -> ERP status and items:")
         for order_no, status, items in conn.execute(
@@ -138,3 +141,133 @@ def print_erp_summary(settings: Settings) -> None:
         held = conn.execute("SELECT reason, count(*) FROM sync.held_events GROUP BY 1").fetchall()
         for reason, count in held:
             print(f"  held: {count} event(s) {reason}")
+
+
+# ---- the same pipeline on a real CRM: BottleCRM ------------------------------------------------
+BOTTLECRM_DB = "bottlecrm_demo"
+BOTTLECRM_TABLES = ("accounts", "orders", "order_line_item", "product")
+
+
+def _environment(settings: Settings) -> dict[str, str]:
+    """The environment that gives a child process exactly these settings."""
+    return {Settings.env_var(f.name): str(getattr(settings, f.name))
+            for f in dataclasses.fields(settings)}
+
+
+def _bottlecrm_data(writer: bottlecrm.Writer) -> tuple[str, dict[str, str]]:
+    """The brief's data, written through BottleCRM's own models: one tenant's accounts,
+    products and orders, and a second tenant whose rows must never reach the ERP."""
+    org = writer.create_org("演示贸易有限公司")
+    other = writer.create_org("另一家公司")
+    ids = {"org": org}
+    ids["zhang"] = writer.create_account(
+        org, "张三五金店", phone="138 1234 5678", email="Zhang.San@Example.cn ",
+        address_line="建国路88号", city="北京市", state="北京市", country="CN", currency="CNY")
+    ids["li"] = writer.create_account(org, "李四电器", phone="010-65521234",
+                                      city="上海市", state="上海市", country="CN")
+    phone = writer.create_product(org, "P-PHONE-5G", "5G手机", "5000")
+    laptop = writer.create_product(org, "P-LAPTOP", "笔记本电脑", "8000")
+    ids["order"], lines = writer.create_order(
+        org, ids["zhang"], [{"product": phone, "quantity": 10},
+                            {"product": laptop, "quantity": 2}],
+        status="ACTIVATED", order_number="SO-0001", currency="CNY", order_date="2023-01-01")
+    ids["line"] = lines[1]
+    writer.create_order(org, ids["li"], [{"product": phone, "quantity": 3}], status="DRAFT",
+                        order_number="SO-0002", currency="CNY", order_date="2023-01-02")
+    stranger = writer.create_account(other, "别家客户", phone="139 0000 0000")
+    tablet = writer.create_product(other, "P-TABLET", "平板电脑", "3000")
+    writer.create_order(other, stranger, [{"product": tablet, "quantity": 1}],
+                        status="ACTIVATED", order_number="X-1", currency="CNY",
+                        order_date="2023-01-01")
+    return org, ids
+
+
+def run_bottlecrm_demo(settings: Settings) -> int:
+    """`make demo-bottlecrm`: install BottleCRM (its own venv, a migrated template), write
+    data through its models, capture it with the shipped ``bottlecrm`` profile (one tenant),
+    apply it to the ERP with one producer and two consumers, then change things while it
+    runs, and print what the ERP holds."""
+    logs = REPO_ROOT / ".stack" / "demo-bottlecrm"
+    print("installing BottleCRM (django-crm 1.35.0; minutes the first time) ...")
+    bottlecrm.ensure_installed(settings.crm_dsn)
+    with pg.connect(settings.crm_dsn, "CRM") as admin:
+        for db in (BOTTLECRM_DB, f"erp_{BOTTLECRM_DB}"):
+            admin.execute(f"SELECT pg_drop_replication_slot(slot_name) FROM "
+                          f"pg_replication_slots WHERE database = '{db}' AND NOT active")
+            admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{BOTTLECRM_DB}" TEMPLATE "{bottlecrm.TEMPLATE}"')
+        admin.execute(f'CREATE DATABASE "erp_{BOTTLECRM_DB}"')
+    crm_dsn = _with_database(settings.crm_dsn, BOTTLECRM_DB)
+    writer = bottlecrm.Writer(crm_dsn)
+    try:
+        org, ids = _bottlecrm_data(writer)
+        logs.mkdir(parents=True, exist_ok=True)
+        profile = logs / "bottlecrm.toml"
+        shipped = (REPO_ROOT / "service" / "profiles" / "bottlecrm.toml").read_text("utf-8")
+        profile.write_text(shipped.replace("00000000-0000-0000-0000-000000000000", org),
+                           "utf-8")
+        with pg.connect(crm_dsn, "CRM") as conn:  # what `setup --check` asks the DBA for
+            for table in BOTTLECRM_TABLES:
+                conn.execute(f"ALTER TABLE public.{table} REPLICA IDENTITY FULL")
+        demo = dataclasses.replace(
+            settings, crm_dsn=crm_dsn, erp_dsn=_with_database(settings.erp_dsn,
+                                                              f"erp_{BOTTLECRM_DB}"),
+            source_profile=str(profile), sales_topic="bottlecrm.crm.sales",
+            market_topic="bottlecrm.crm.market-demand", dlq_topic="bottlecrm.dlq",
+            consumer_group="bottlecrm-demo-erp", slot_name="bottlecrm_demo",
+            publication_name="bottlecrm_demo")
+        print(f"BottleCRM database {BOTTLECRM_DB}: tenant {org} captured, another tenant not")
+        run_setup(demo)
+        env = _environment(demo)
+        procs = [_spawn(["produce"], logs / "producer.log", env)]
+        procs += [_spawn(["consume"], logs / f"consumer-{i}.log", env) for i in (1, 2)]
+        try:
+            if not _wait_caught_up(demo, procs, logs, "the initial snapshot"):
+                return 1
+            print("initial snapshot applied; now changing BottleCRM while the sync runs:")
+            print("  SO-0001 completed, one of its lines deleted; 李四电器 deactivated")
+            writer.delete_line(org, ids["line"])
+            writer.set_order_status(org, ids["order"], "COMPLETED")
+            writer.deactivate_account(org, ids["li"])
+            if not _wait_caught_up(demo, procs, logs, "the changes"):
+                return 1
+            print_erp_summary(demo)
+            return 0
+        finally:
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            for p in procs:
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    finally:
+        writer.close()
+
+
+def _with_database(dsn: str, database: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+def _wait_caught_up(settings: Settings, procs: list[subprocess.Popen[bytes]], logs: Path,
+                    what: str) -> bool:
+    started = time.monotonic()
+    deadline = started + 300
+    while (ops.slot_state(settings) or {}).get("wal_status") in (None, "lost"):
+        if time.monotonic() > deadline or procs[0].poll() is not None:
+            print(f"demo: the producer did not create its slot; see {logs}", file=sys.stderr)
+            return False
+        time.sleep(0.2)
+    target = ops.current_lsn(settings)
+    while not (ops.caught_up(settings, target) and not ops.pending_snapshots(settings)):
+        if time.monotonic() > deadline:
+            print(f"demo: {what} did not come through within 300 s; see {logs}",
+                  file=sys.stderr)
+            return False
+        if any(p.poll() is not None for p in procs):
+            print(f"demo: a pipeline process exited early; see {logs}", file=sys.stderr)
+            return False
+        time.sleep(0.5)
+    print(f"  {what}: through in {time.monotonic() - started:.1f} s")
+    return True

@@ -32,8 +32,9 @@ PARTNER_UPSERT = f"""
 INSERT INTO erp.business_partners (crm_customer_id, full_name, gender_code, birth_date, age,
     phone_e164, email, province, city, district, street, purchase_frequency, purchase_amount,
     amount_currency, product_preference, notes, deleted, source_lsn, source_seq, event_id,
-    crm_commit_time)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+    crm_commit_time, phone_extension, phone_others, division_code)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
+        %s, %s, %s)
 ON CONFLICT (crm_customer_id) DO UPDATE SET
     full_name = CASE WHEN EXCLUDED.deleted THEN erp.business_partners.full_name
                      ELSE EXCLUDED.full_name END,
@@ -47,7 +48,9 @@ ON CONFLICT (crm_customer_id) DO UPDATE SET
     product_preference = EXCLUDED.product_preference, notes = EXCLUDED.notes,
     deleted = EXCLUDED.deleted, source_lsn = EXCLUDED.source_lsn,
     source_seq = EXCLUDED.source_seq, event_id = EXCLUDED.event_id,
-    crm_commit_time = EXCLUDED.crm_commit_time, applied_at = clock_timestamp()
+    crm_commit_time = EXCLUDED.crm_commit_time, applied_at = clock_timestamp(),
+    phone_extension = EXCLUDED.phone_extension, phone_others = EXCLUDED.phone_others,
+    division_code = EXCLUDED.division_code
 WHERE {_GUARD.format(t="erp.business_partners")}
 """
 
@@ -72,10 +75,10 @@ WHERE {_GUARD.format(t="erp.sales_orders")}
 """
 
 ITEM_UPSERT = f"""
-INSERT INTO erp.sales_order_items (crm_order_id, line_no, sku, product_name, quantity,
+INSERT INTO erp.sales_order_items (crm_order_id, crm_line_id, sku, product_name, quantity,
     unit_code, unit_price, deleted, source_lsn, source_seq)
 VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-ON CONFLICT (crm_order_id, line_no) DO UPDATE SET
+ON CONFLICT (crm_order_id, crm_line_id) DO UPDATE SET
     sku = CASE WHEN EXCLUDED.deleted THEN erp.sales_order_items.sku ELSE EXCLUDED.sku END,
     product_name = CASE WHEN EXCLUDED.deleted THEN erp.sales_order_items.product_name
                         ELSE EXCLUDED.product_name END,
@@ -182,7 +185,7 @@ def load_status_effects(conn: PgConn, mappings: Mappings) -> None:
         )
 
 
-def existing_customers(conn: PgConn, ids: Iterable[int]) -> set[int]:
+def existing_customers(conn: PgConn, ids: Iterable[str]) -> set[str]:
     wanted = sorted(set(ids))
     if not wanted:
         return set()
@@ -199,7 +202,7 @@ def apply_changes(conn: PgConn, changes: list[ErpChange]) -> None:
                               lambda r: r.crm_customer_id)
     headers = newest_per_key((c.header for c in changes if c.header), lambda r: r.crm_order_id)
     items = newest_per_key((i for c in changes for i in c.items),
-                           lambda r: (r.crm_order_id, r.line_no))
+                           lambda r: (r.crm_order_id, r.crm_line_id))
     demands = newest_per_key((c.demand for c in changes if c.demand), lambda r: r.crm_demand_id)
     with conn.cursor() as cur:
         if partners:
@@ -207,7 +210,8 @@ def apply_changes(conn: PgConn, changes: list[ErpChange]) -> None:
                 (p.crm_customer_id, p.full_name, p.gender_code, p.birth_date, p.age,
                  p.phone_e164, p.email, p.province, p.city, p.district, p.street,
                  p.purchase_frequency, p.purchase_amount, p.amount_currency,
-                 p.product_preference, p.notes, p.deleted, *_pos(p.pos))
+                 p.product_preference, p.notes, p.deleted, *_pos(p.pos), p.phone_extension,
+                 list(p.phone_others) or None, p.division_code)
                 for p in sorted(partners, key=lambda p: p.crm_customer_id)])
         if headers:
             bulk_upsert(cur, HEADER_UPSERT, [
@@ -216,9 +220,9 @@ def apply_changes(conn: PgConn, changes: list[ErpChange]) -> None:
                 for h in sorted(headers, key=lambda h: h.crm_order_id)])
         if items:
             bulk_upsert(cur, ITEM_UPSERT, [
-                (i.crm_order_id, i.line_no, i.sku, i.product_name, i.quantity, i.unit_code,
+                (i.crm_order_id, i.crm_line_id, i.sku, i.product_name, i.quantity, i.unit_code,
                  i.unit_price, i.deleted, i.pos.lsn, i.pos.seq)
-                for i in sorted(items, key=lambda i: (i.crm_order_id, i.line_no))])
+                for i in sorted(items, key=lambda i: (i.crm_order_id, i.crm_line_id))])
         if demands:
             bulk_upsert(cur, DEMAND_UPSERT, [
                 (d.crm_demand_id, d.signal_type, d.product_category, d.content, d.observed_at,
@@ -229,7 +233,7 @@ def apply_changes(conn: PgConn, changes: list[ErpChange]) -> None:
             recompute_stock(cur, order_ids)
 
 
-def recompute_stock(cur: psycopg.Cursor[Any], order_ids: list[int]) -> None:
+def recompute_stock(cur: psycopg.Cursor[Any], order_ids: list[str]) -> None:
     old = cur.execute("DELETE FROM erp.order_stock_effects WHERE crm_order_id = ANY(%s) "
                       "RETURNING sku", (order_ids,)).fetchall()
     new = cur.execute(RECOMPUTE_EFFECTS, (order_ids,)).fetchall()

@@ -1,4 +1,10 @@
-"""CRM event records -> ERP rows (pure). Every mapping failure names its field.
+"""Canonical event records (schemas/*/v2.avsc) -> ERP rows (pure). Every mapping failure
+names its canonical field. Keys are the CRM's keys as text.
+
+A CRM that lacks a canonical field sends null for it: a customer known only by one name
+field (``full_name``: a company, or a person's name typed into one field) keeps that name;
+a structured address (street / city / region / postcode / country) is taken as it is
+instead of being parsed from free text.
 
 A delete becomes a tombstone (deleted = true) carrying the event's position, so an older event
 that arrives later (a replay, a rebalance overlap) cannot bring the row back.
@@ -6,6 +12,7 @@ that arrives later (a replay, a rebalance overlap) cannot bring the row back.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
@@ -26,7 +33,7 @@ class Position:
 
 @dataclass(frozen=True, slots=True)
 class PartnerRow:
-    crm_customer_id: int
+    crm_customer_id: str
     deleted: bool
     full_name: str
     gender_code: str
@@ -44,13 +51,16 @@ class PartnerRow:
     product_preference: str | None
     notes: str | None
     pos: Position
+    phone_extension: str | None = None
+    phone_others: tuple[str, ...] = ()
+    division_code: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class OrderHeaderRow:
-    crm_order_id: int
+    crm_order_id: str
     order_no: str
-    crm_customer_id: int
+    crm_customer_id: str
     order_date: date
     status_code: str
     currency: str
@@ -60,8 +70,8 @@ class OrderHeaderRow:
 
 @dataclass(frozen=True, slots=True)
 class OrderItemRow:
-    crm_order_id: int
-    line_no: int
+    crm_order_id: str
+    crm_line_id: str
     sku: str
     product_name: str
     quantity: Decimal
@@ -73,7 +83,7 @@ class OrderItemRow:
 
 @dataclass(frozen=True, slots=True)
 class DemandRow:
-    crm_demand_id: int
+    crm_demand_id: str
     signal_type: str
     product_category: str
     content: str
@@ -87,20 +97,20 @@ class ErpChange:
     """What one event does to the ERP."""
 
     kind: str
-    customer_id: int | None  # the customer this event needs to exist (orders), or is
+    customer_id: str | None  # the customer this event needs to exist (orders), or is
     partner: PartnerRow | None = None
     header: OrderHeaderRow | None = None
     items: list[OrderItemRow] = field(default_factory=list)
     demand: DemandRow | None = None
 
     @property
-    def order_id(self) -> int | None:
+    def order_id(self) -> str | None:
         if self.header is not None:
             return self.header.crm_order_id
         return self.items[0].crm_order_id if self.items else None
 
     @property
-    def needs_customer(self) -> int | None:
+    def needs_customer(self) -> str | None:
         """An order (not a delete) needs its customer in the ERP first."""
         if self.header is not None and not self.header.deleted:
             return self.header.crm_customer_id
@@ -113,36 +123,83 @@ def _position(record: dict[str, Any], seq: int | None = None) -> Position:
                     source["commit_time"])
 
 
+def _decimal(text: str | None, field: str) -> Decimal | None:
+    """The CRM's exact decimal text -> Decimal; NaN and infinities are refused."""
+    if text is None:
+        return None
+    try:
+        value = Decimal(text.strip())
+    except ArithmeticError:
+        raise MappingError(field, text, "not a decimal number") from None
+    if not value.is_finite():
+        raise MappingError(field, text, "not a finite number (NaN or infinity in the CRM)")
+    return value
+
+
+def _full_name(after: dict[str, Any]) -> str:
+    if after.get("family_name") or after.get("given_name"):
+        return tf.full_name(after.get("family_name"), after.get("given_name"),
+                            after.get("middle_name"), after.get("name_order") or "eastern")
+    whole = " ".join(unicodedata.normalize("NFKC", after.get("full_name") or "").split())
+    if not whole:
+        raise MappingError("full_name", after.get("full_name"), "the customer has no name")
+    return whole
+
+
+_CHINA = {"", "cn", "chn", "china", "中国", "中华人民共和国"}
+
+
+def _address(after: dict[str, Any]) -> tf.Address | None:
+    """Free text is parsed; a structured address in China is read as its parts written
+    together (so it is checked against the division list and coded the same way); one
+    elsewhere is kept as typed, without a division code."""
+    if after.get("address"):
+        return tf.parse_cn_address(after["address"])
+    parts = [after.get(k) for k in ("region", "city", "street")]
+    if not any(parts):
+        return None
+    region, city, street = (" ".join(p.split()) if p else None for p in parts)
+    if (after.get("country") or "").strip().casefold() in _CHINA:
+        if region and city and (city.startswith(region) or region.startswith(city)):
+            city = city if len(city) >= len(region) else region  # a municipality: 北京 + 北京市
+            region = None
+        return tf.parse_cn_address("".join(p for p in (region, city, street) if p))
+    return tf.Address(region or "", city, None, street, "")
+
+
 def partner_row(record: dict[str, Any], mappings: Mappings) -> PartnerRow:
     pos = _position(record)
     after = record["after"]
     if after is None:
-        before = record["before"] or {}
-        return PartnerRow(before.get("customer_id", 0), True, "", "U", None, None, None, None,
+        return PartnerRow(record["key"], True, "", "U", None, None, None, None,
                           None, None, None, None, None, None, None, None, None, pos)
-    address = tf.parse_cn_address(after["address"]) if after["address"] else None
-    amount = after["purchase_amount"]
+    address = _address(after)
+    phones = tf.parse_phones(after.get("phone"), mappings)
+    amount = _decimal(after.get("purchase_amount"), "purchase_amount")
+    birth_date = after.get("birth_date")
     return PartnerRow(
-        crm_customer_id=after["customer_id"],
+        crm_customer_id=record["key"],
         deleted=False,
-        full_name=tf.full_name(after["family_name"], after["given_name"], after["middle_name"],
-                               after["name_order"]),
-        gender_code=tf.gender_code(after["gender"], mappings),
-        birth_date=after["birth_date"],
-        age=tf.age_on(after["birth_date"], pos.commit_time.date()) if after["birth_date"]
-        else None,
-        phone_e164=tf.phone_e164(after["phone"]) if after["phone"] else None,
-        email=tf.normalise_email(after["email"]),
-        province=address.province if address else None,
-        city=address.city if address else None,
+        full_name=_full_name(after),
+        gender_code=tf.gender_code(after.get("gender") or "", mappings),
+        birth_date=birth_date,
+        age=tf.age_on(birth_date, pos.commit_time.date()) if birth_date else None,
+        phone_e164=phones.primary if phones else None,
+        email=tf.normalise_email(after.get("email")),
+        province=address.province or None if address else None,
+        city=address.city or None if address else None,
         district=address.district if address else None,
         street=address.street if address else None,
-        purchase_frequency=after["purchase_frequency"],
+        purchase_frequency=after.get("purchase_frequency"),
         purchase_amount=amount,
-        amount_currency="CNY" if amount is not None else None,
-        product_preference=after["product_preference"],
-        notes=after["notes"],
+        amount_currency=(tf.currency_code(after["currency"], mappings) if after.get("currency")
+                         else "CNY") if amount is not None else None,
+        product_preference=after.get("product_preference"),
+        notes=after.get("notes"),
         pos=pos,
+        phone_extension=phones.extension if phones else None,
+        phone_others=phones.others if phones else (),
+        division_code=address.division_code or None if address else None,
     )
 
 
@@ -150,47 +207,55 @@ def order_change(record: dict[str, Any], mappings: Mappings) -> ErpChange:
     pos = _position(record)
     header: OrderHeaderRow | None = None
     after, before = record["after"], record["before"]
-    currency = None
     if after is not None:
-        currency = tf.currency_code(after["currency"], mappings)
-        header = OrderHeaderRow(after["order_id"], after["order_no"], after["customer_id"],
-                                after["order_date"], tf.order_status(after["status"], mappings),
-                                currency, False, pos)
+        if after.get("order_date") is None:
+            raise MappingError("order_date", None, "the order has no order date")
+        header = OrderHeaderRow(record["key"], tf.order_number(after.get("order_no")),
+                                record["customer_key"], after["order_date"],
+                                tf.order_status(after.get("status") or "", mappings),
+                                tf.currency_code(after.get("currency") or "", mappings),
+                                False, pos)
     elif before is not None or record["op"] == "DELETE":
-        header = OrderHeaderRow(record["order_id"], (before or {}).get("order_no", ""),
-                                record["customer_id"], (before or {}).get("order_date")
+        header = OrderHeaderRow(record["key"], (before or {}).get("order_no") or "",
+                                record["customer_key"], (before or {}).get("order_date")
                                 or date(1970, 1, 1), "", "", True, pos)
     items: list[OrderItemRow] = []
     # Lines share the event's position: the event is one CRM transaction's effect on the
     # order. A line changed twice in one transaction: the applier keeps the last.
     for line in record["lines"]:
-        line_pos = pos
         la = line["after"]
         if la is None:
             lb = line["before"] or {}
-            items.append(OrderItemRow(lb.get("order_id", record["order_id"]),
-                                      lb.get("line_no", 0), "", "", Decimal(1), "", Decimal(0),
-                                      True, line_pos))
+            items.append(OrderItemRow(lb.get("order_key", record["key"]), lb.get("key", ""),
+                                      "", "", Decimal(1), "", Decimal(0), True, pos))
             continue
-        qty = tf.parse_quantity(la["quantity"], mappings)
-        price = la["unit_price"]
+        quantity = la.get("quantity") or ""
+        if la.get("unit"):
+            # A numeric column's scale is not the count's precision: 10.00 个 is 10 个.
+            number = _decimal(quantity, "lines.quantity")
+            quantity = "" if number is None else format(number.normalize(), "f")
+        qty = tf.parse_quantity(quantity + (la.get("unit") or ""), mappings,
+                                field="lines.quantity")
+        price = _decimal(la.get("unit_price"), "lines.unit_price")
         if price is None or price < 0:
             raise MappingError("lines.unit_price", price, "missing or negative")
-        items.append(OrderItemRow(la["order_id"], la["line_no"],
-                                  tf.sku_for(la["product_code"], mappings), la["product_name"],
-                                  qty.value, qty.unit, price, False, line_pos))
-    return ErpChange("order", record["customer_id"], header=header, items=items)
+        items.append(OrderItemRow(la["order_key"], la["key"],
+                                  tf.sku_for(la.get("product_code") or "", mappings),
+                                  la.get("product_name") or "", qty.value, qty.unit, price,
+                                  False, pos))
+    return ErpChange("order", record["customer_key"], header=header, items=items)
 
 
 def demand_row(record: dict[str, Any], mappings: Mappings) -> DemandRow:
     pos = _position(record)
     after = record["after"]
     if after is None:
-        before = record["before"] or {}
-        return DemandRow(before.get("demand_id", 0), "", "", "", pos.commit_time, True, pos)
-    return DemandRow(after["demand_id"], tf.demand_kind(after["kind"], mappings),
-                     after["product_category"], after["content"], after["observed_at"], False,
-                     pos)
+        return DemandRow(record["key"], "", "", "", pos.commit_time, True, pos)
+    if after.get("observed_at") is None:
+        raise MappingError("observed_at", None, "the signal has no observation time")
+    return DemandRow(record["key"], tf.demand_kind(after.get("kind") or "", mappings),
+                     after.get("product_category") or "", after.get("content") or "",
+                     after["observed_at"], False, pos)
 
 
 def to_erp(kind: str, record: dict[str, Any], mappings: Mappings) -> ErpChange:

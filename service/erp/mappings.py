@@ -15,7 +15,7 @@ import re
 import tomllib
 import unicodedata
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
@@ -25,6 +25,9 @@ from service.errors import ConfigError
 DEFAULT_PATH: Final = Path(__file__).resolve().parent / "mappings.toml"
 
 STOCK_EFFECTS: Final = frozenset({"none", "reserve", "issue", "release"})
+UNIT_KINDS: Final = frozenset({"countable", "measured"})
+DEFAULT_PHONE_REGION: Final = "CN"
+DEFAULT_NO_NUMBER: Final = ("无", "暂无", "没有", "-", "—", "/", "n/a", "none")
 
 _CODE = re.compile(r"[A-Z][A-Z0-9_]*")
 _CURRENCY = re.compile(r"[A-Z]{3}")
@@ -41,6 +44,9 @@ _SECTIONS: Final[dict[str, tuple[re.Pattern[str], str]]] = {
     "products": (_SKU, "an ERP SKU (text without spaces)"),
     "demand_kind": (_CODE, "an ERP demand-signal type (UPPER_CASE letters, digits, _)"),
 }
+# Optional sections with their own shapes (checked in _phone and _unit_kinds).
+_OTHER_SECTIONS: Final = ("phone", "unit_kind")
+_REGION = re.compile(r"[A-Z]{2}")
 
 
 def normalise_word(word: str) -> str:
@@ -62,6 +68,13 @@ class Mappings:
     currencies: Mapping[str, str]
     products: Mapping[str, str]
     demand_kind: Mapping[str, str]
+    unit_kind: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    """ERP unit code (exact) -> "countable" (whole numbers only) or "measured"; a unit not
+    listed (only possible when the section is absent) accepts decimals"""
+    phone_region: str = DEFAULT_PHONE_REGION
+    """ISO 3166 region a number without a country code is read in (``[phone]``)"""
+    no_number: frozenset[str] = frozenset(DEFAULT_NO_NUMBER)
+    """normalised words that mean "no phone number" (``[phone] no_number``)"""
 
     @classmethod
     def load(cls, path: str | Path = DEFAULT_PATH) -> Mappings:
@@ -81,9 +94,9 @@ class Mappings:
     def from_dict(cls, data: Mapping[str, Any], source: str = "<mappings>") -> Mappings:
         """Validate already-parsed TOML content (``source`` names it in errors)."""
         for name in data:
-            if name not in _SECTIONS:
+            if name not in _SECTIONS and name not in _OTHER_SECTIONS:
                 raise ConfigError(f"{source}: [{name}]", "unknown section; expected "
-                                  + ", ".join(f"[{s}]" for s in _SECTIONS))
+                                  + ", ".join(f"[{s}]" for s in (*_SECTIONS, *_OTHER_SECTIONS)))
         tables = {name: _section(source, name, data) for name in _SECTIONS}
 
         effects = tables["status_stock_effect"]
@@ -114,6 +127,8 @@ class Mappings:
             currencies=normalised["currencies"],
             products=normalised["products"],
             demand_kind=normalised["demand_kind"],
+            unit_kind=_unit_kinds(source, data, set(tables["units"].values())),
+            **_phone(source, data),
         )
 
     @staticmethod
@@ -159,3 +174,44 @@ def _normalised_keys(source: str, name: str, table: dict[str, str]) -> Mapping[s
         out[word] = value
         first.setdefault(word, key)
     return MappingProxyType(out)
+
+
+def _phone(source: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    """``[phone]``: ``default_region = "CN"``, ``no_number = ["无", "-", ...]`` (optional)."""
+    table = data.get("phone", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: [phone]", "must be a table")
+    for key in table:
+        if key not in ("default_region", "no_number"):
+            raise ConfigError(_where(source, "phone", key),
+                              "unknown key; expected default_region, no_number")
+    region = table.get("default_region", DEFAULT_PHONE_REGION)
+    if not isinstance(region, str) or not _REGION.fullmatch(region):
+        raise ConfigError(_where(source, "phone", "default_region"),
+                          'must be a two-letter ISO 3166 region code such as "CN"')
+    words = table.get("no_number", list(DEFAULT_NO_NUMBER))
+    if not isinstance(words, list) or not all(isinstance(w, str) and w.strip() for w in words):
+        raise ConfigError(_where(source, "phone", "no_number"),
+                          "must be a list of non-empty quoted words")
+    return {"phone_region": region, "no_number": frozenset(normalise_word(w) for w in words)}
+
+
+def _unit_kinds(source: str, data: Mapping[str, Any], units: set[str]) -> Mapping[str, str]:
+    """``[unit_kind]``: every ERP unit code of ``[units]`` -> countable | measured."""
+    if "unit_kind" not in data:
+        return MappingProxyType({})
+    table = data["unit_kind"]
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: [unit_kind]", 'must be a table of  UNIT = "countable"')
+    for unit, kind in table.items():
+        if kind not in UNIT_KINDS:
+            raise ConfigError(_where(source, "unit_kind", unit),
+                              f"must be one of {', '.join(sorted(UNIT_KINDS))}")
+        if unit not in units:
+            raise ConfigError(_where(source, "unit_kind", unit),
+                              "not an ERP unit produced by [units] (a typo?)")
+    missing = sorted(units - table.keys())
+    if missing:
+        raise ConfigError(_where(source, "unit_kind", missing[0]),
+                          "missing: every ERP unit in [units] needs a kind")
+    return MappingProxyType(dict(table))

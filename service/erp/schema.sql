@@ -4,9 +4,32 @@
 -- position survives: an older event replayed later cannot resurrect a deleted row.
 CREATE SCHEMA IF NOT EXISTS erp;
 
+-- Up to 0.2 CRM keys were bigint: an ERP created then is migrated to text keys in place.
+DO $$ BEGIN
+    IF (SELECT data_type FROM information_schema.columns WHERE table_schema = 'erp'
+        AND table_name = 'business_partners' AND column_name = 'crm_customer_id') = 'bigint' THEN
+        ALTER TABLE erp.business_partners DROP COLUMN partner_no;
+        ALTER TABLE erp.business_partners ALTER COLUMN crm_customer_id TYPE text;
+        ALTER TABLE erp.business_partners ADD COLUMN partner_no text GENERATED ALWAYS AS
+            ('BP' || CASE WHEN crm_customer_id ~ '^[0-9]{1,10}$'
+             THEN lpad(crm_customer_id, 10, '0') ELSE crm_customer_id END) STORED;
+        ALTER TABLE erp.sales_orders ALTER COLUMN crm_order_id TYPE text,
+            ALTER COLUMN crm_customer_id TYPE text;
+        -- Demo CRM lines were keyed (order_id, line_no): the line key is that pair as text.
+        ALTER TABLE erp.sales_order_items ALTER COLUMN crm_order_id TYPE text,
+            ALTER COLUMN line_no TYPE text
+                USING '["' || crm_order_id::text || '","' || line_no::text || '"]';
+        ALTER TABLE erp.sales_order_items RENAME COLUMN line_no TO crm_line_id;
+        ALTER TABLE erp.order_stock_effects ALTER COLUMN crm_order_id TYPE text;
+        ALTER TABLE erp.demand_signals ALTER COLUMN crm_demand_id TYPE text;
+        ALTER TABLE sync.held_events ALTER COLUMN waits_for TYPE text;
+    END IF;
+END $$;
+
 CREATE TABLE IF NOT EXISTS erp.business_partners (
-    crm_customer_id    bigint PRIMARY KEY,
-    partner_no         text GENERATED ALWAYS AS ('BP' || lpad(crm_customer_id::text, 10, '0')) STORED,
+    crm_customer_id    text PRIMARY KEY,     -- the CRM's key as text (42, a UUID)
+    partner_no         text GENERATED ALWAYS AS ('BP' || CASE WHEN crm_customer_id ~ '^[0-9]{1,10}$'
+                       THEN lpad(crm_customer_id, 10, '0') ELSE crm_customer_id END) STORED,
     full_name          text NOT NULL,
     gender_code        text NOT NULL,
     birth_date         date,
@@ -30,10 +53,16 @@ CREATE TABLE IF NOT EXISTS erp.business_partners (
     applied_at         timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 
+-- Issue #12: a phone's extension and further numbers, and the address's GB/T 2260 code.
+-- Added, not recreated, so that an existing ERP database upgrades in place.
+ALTER TABLE erp.business_partners ADD COLUMN IF NOT EXISTS phone_extension text;
+ALTER TABLE erp.business_partners ADD COLUMN IF NOT EXISTS phone_others text[];
+ALTER TABLE erp.business_partners ADD COLUMN IF NOT EXISTS division_code char(6);
+
 CREATE TABLE IF NOT EXISTS erp.sales_orders (
-    crm_order_id    bigint PRIMARY KEY,
+    crm_order_id    text PRIMARY KEY,
     order_no        text NOT NULL,
-    crm_customer_id bigint NOT NULL,
+    crm_customer_id text NOT NULL,
     order_date      date NOT NULL,
     status_code     text NOT NULL,
     currency        char(3) NOT NULL,
@@ -47,8 +76,8 @@ CREATE TABLE IF NOT EXISTS erp.sales_orders (
 CREATE INDEX IF NOT EXISTS sales_orders_customer ON erp.sales_orders (crm_customer_id);
 
 CREATE TABLE IF NOT EXISTS erp.sales_order_items (
-    crm_order_id  bigint NOT NULL,
-    line_no       integer NOT NULL,
+    crm_order_id  text NOT NULL,
+    crm_line_id   text NOT NULL,         -- the line's CRM key as text (JSON array if composite)
     sku           text NOT NULL,
     product_name  text NOT NULL,
     quantity      numeric(14, 3) NOT NULL CHECK (quantity > 0),
@@ -57,7 +86,7 @@ CREATE TABLE IF NOT EXISTS erp.sales_order_items (
     deleted       boolean NOT NULL DEFAULT false,
     source_lsn    bigint NOT NULL,
     source_seq    integer NOT NULL,
-    PRIMARY KEY (crm_order_id, line_no)
+    PRIMARY KEY (crm_order_id, crm_line_id)
 );
 
 -- The stock effect of each ERP status, loaded from the mappings file at start-up.
@@ -69,7 +98,7 @@ CREATE TABLE IF NOT EXISTS erp.status_effects (
 -- Each order's current contribution to stock, derived from its status and items: recomputed
 -- whenever the order changes, so duplicates and replays cannot count twice.
 CREATE TABLE IF NOT EXISTS erp.order_stock_effects (
-    crm_order_id bigint NOT NULL,
+    crm_order_id text NOT NULL,
     sku          text NOT NULL,
     effect       text NOT NULL,
     quantity     numeric(16, 3) NOT NULL,
@@ -85,7 +114,7 @@ CREATE TABLE IF NOT EXISTS erp.stock (
 );
 
 CREATE TABLE IF NOT EXISTS erp.demand_signals (
-    crm_demand_id    bigint PRIMARY KEY,
+    crm_demand_id    text PRIMARY KEY,
     signal_type      text NOT NULL,
     product_category text NOT NULL,
     content          text NOT NULL,
@@ -112,7 +141,7 @@ CREATE TABLE IF NOT EXISTS sync.held_events (
     msg_value    bytea,
     msg_timestamp bigint NOT NULL,
     reason       text NOT NULL CHECK (reason IN ('awaiting_customer', 'key_blocked')),
-    waits_for    bigint,            -- the customer id awaited
+    waits_for    text,              -- the customer key awaited
     held_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
     UNIQUE (topic, partition, "offset")
 );
@@ -156,3 +185,14 @@ CREATE TABLE IF NOT EXISTS sync.dead_letter_actions (
     at             timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX IF NOT EXISTS dead_letter_actions_letter ON sync.dead_letter_actions (dead_letter_id);
+
+-- Issue #12 item 7: a newer event of the same row that maps supersedes its dead letter (the
+-- consumer marks it 'superseded' and audits it as action 'supersede'). event_kind (customer,
+-- order, market_demand) tells which row a letter is about; NULL for letters from before.
+ALTER TABLE sync.dead_letters ADD COLUMN IF NOT EXISTS event_kind text;
+ALTER TABLE sync.dead_letters DROP CONSTRAINT IF EXISTS dead_letters_state_check;
+ALTER TABLE sync.dead_letters ADD CONSTRAINT dead_letters_state_check
+    CHECK (state IN ('open', 'redriven', 'discarded', 'failed_again', 'superseded'));
+ALTER TABLE sync.dead_letter_actions DROP CONSTRAINT IF EXISTS dead_letter_actions_action_check;
+ALTER TABLE sync.dead_letter_actions ADD CONSTRAINT dead_letter_actions_action_check
+    CHECK (action IN ('redrive', 'discard', 'supersede'));

@@ -18,14 +18,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
-from typing import Final, overload
+from functools import cache
+from typing import Final, NoReturn, overload
 
-from service.erp.mappings import Mappings
+import cn2an
+import opencc
+import phonenumbers
+from nameparser import HumanName
+
+from service.erp.divisions import divisions
+from service.erp.mappings import DEFAULT_NO_NUMBER, Mappings, normalise_word
 from service.errors import MappingError
 
 __all__ = [
+    "COMPOUND_SURNAMES",
     "Address",
     "Money",
+    "Phones",
     "Quantity",
     "age_on",
     "currency_code",
@@ -33,21 +42,25 @@ __all__ = [
     "full_name",
     "gender_code",
     "normalise_email",
+    "order_number",
     "order_status",
     "parse_cn_address",
     "parse_money",
+    "parse_phones",
     "parse_quantity",
-    "phone_e164",
     "sku_for",
+    "split_cjk_name",
 ]
 
 
 @dataclass(frozen=True, slots=True)
 class Address:
     province: str           # 北京市 / 广东省 / 广西壮族自治区 (full official form)
-    city: str               # 北京市 for a municipality; 深圳市 / 延边朝鲜族自治州 / 阿里地区
+    city: str | None        # 北京市 for a municipality; 深圳市 / 延边朝鲜族自治州 / 阿里地区;
+                            # None when only the province is written
     district: str | None    # 朝阳区 / 涞水县 / 鄂温克族自治旗 / 昆山市; None if not written
     street: str | None      # the rest: 建国路88号; None if nothing follows
+    division_code: str      # GB/T 2260, six digits: 110105
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +87,26 @@ def _shown(word: str | None, limit: int = 24) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def _lookup(table: Mapping[str, str], word: str | None, field: str, what: str) -> str:
+@cache
+def _converter() -> opencc.OpenCC:
+    return opencc.OpenCC("t2s")
+
+
+def _t2s(text: str) -> str:
+    """Traditional -> simplified Chinese (OpenCC's t2s profile: 已發貨 -> 已发货, 臺 -> 台)."""
+    return text if text.isascii() else str(_converter().convert(text))
+
+
+def _lookup_word(table: Mapping[str, str], word: str | None) -> str | None:
+    """The word as written, else its simplified form (the mappings file is in simplified)."""
     code = Mappings.lookup(table, word)
+    if code is None and word:
+        code = Mappings.lookup(table, _t2s(word))
+    return code
+
+
+def _lookup(table: Mapping[str, str], word: str | None, field: str, what: str) -> str:
+    code = _lookup_word(table, word)
     if code is None:
         raise MappingError(field, word, f"unknown {what} {_shown(word)}")
     return code
@@ -86,42 +117,112 @@ def _lookup(table: Mapping[str, str], word: str | None, field: str, what: str) -
 # Han (incl. extensions), kana, Hangul and the middle dots used inside transliterated names.
 _CJK_NAME = re.compile(
     "[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
-    "\U00020000-\U0003134f\u00b7\u30fb]+"
+    "\U00020000-\U0003134f\u00b7]+"
 )
+# The separators people type for the middle dot of 阿依古丽·买买提: all become U+00B7.
+_NAME_DOTS = re.compile("[\u00b7\u30fb\u2022\u2027\u2219\u22c5\u0387\u16eb\u2e31•・]")
+
+# Two-character Chinese surnames, from the 《百家姓》 list of compound surnames (复姓) as
+# commonly printed, limited to the ones still in use; a full name typed into one field is
+# split after the compound surname when it starts with one, else after its first character.
+COMPOUND_SURNAMES: Final = frozenset({
+    "欧阳", "司马", "诸葛", "上官", "东方", "皇甫", "尉迟", "公孙", "慕容", "长孙", "宇文",
+    "司徒", "夏侯", "令狐", "独孤", "端木", "南宫", "西门", "轩辕", "万俟", "闻人", "呼延",
+    "澹台", "公冶", "太史", "申屠", "钟离", "宗政", "濮阳", "淳于", "单于", "仲孙", "赫连",
+    "拓跋", "百里", "东郭", "公羊", "司空", "司寇", "左丘", "子车", "第五", "梁丘", "谷梁",
+})
+
+
+def _name_part(value: str | None) -> str:
+    """NFKC (Ｊｏｈｎ -> John), one space between words, one kind of middle dot."""
+    text = " ".join(_nfkc(value or "").split())
+    return _NAME_DOTS.sub("\u00b7", text)
+
+
+def split_cjk_name(full: str) -> tuple[str, str]:
+    """张三 -> (张, 三); 欧阳娜娜 -> (欧阳, 娜娜); 阿依古丽·买买提 -> ("", 阿依古丽·买买提).
+
+    A name with a middle dot is a transliterated name (given·father's name for Uyghur names)
+    with no family name to split off: it stays whole, as the given part. A one-character
+    name has no family part either.
+    """
+    if "\u00b7" in full or len(full) < 2:
+        return "", full
+    if full[:2] in COMPOUND_SURNAMES and len(full) > 2:
+        return full[:2], full[2:]
+    return full[:1], full[1:]
 
 
 def full_name(family: str | None, given: str | None, middle: str | None = None,
               name_order: str = "eastern") -> str:
-    """The ERP's one full-name field from the CRM's parts.
+    """The ERP's one full-name field from the CRM's parts (NFKC-normalised, trimmed).
 
     ``eastern``: family, middle, given - written without spaces when every part is in a CJK
     script (张 + 三 -> 张三), with single spaces otherwise (a romanised eastern-order name:
-    Nguyen Van An). ``western``: "Given Middle Family" with single spaces. Runs of white
-    space inside a part (including the ideographic space) become one space.
+    Nguyen Van An). ``western``: "Given Middle Family" with single spaces.
+
+    When only one of family/given is filled in, it is taken as the whole name: a single name
+    (Madonna, 买买提), a transliterated name kept whole (阿依古丽·买买提), or a full name typed
+    into one field - a CJK one is written as typed (its family part is found with
+    :data:`COMPOUND_SURNAMES` when it must be compared), a Western one is read with
+    ``nameparser`` (``Smith, John`` -> John Smith; honorifics such as Dr. dropped, particles
+    and suffixes kept: Juan de la Vega III). A given name that repeats the family name typed
+    beside it (张 + 张三) is not doubled. Raises MappingError when no part holds a name, or
+    for an unknown ``name_order``.
     """
-    family_s = " ".join((family or "").split())
-    given_s = " ".join((given or "").split())
-    middle_s = " ".join((middle or "").split())
-    if not family_s:
-        raise MappingError("family_name", family, "family name is empty")
-    if not given_s:
-        raise MappingError("given_name", given, "given name is empty")
+    family_s, given_s, middle_s = _name_part(family), _name_part(given), _name_part(middle)
     order = (name_order or "").strip().casefold()
+    if order not in ("eastern", "western"):
+        raise MappingError("name_order", name_order,
+                           f"name order must be eastern or western, not {_shown(name_order)}")
+    if not family_s and not given_s:
+        raise MappingError("given_name" if middle_s else "family_name", family,
+                           "name is empty (no family or given name)")
+    if not family_s or not given_s:
+        whole = " ".join(p for p in (family_s or given_s, middle_s) if p) \
+            if order == "western" else (family_s or given_s)
+        if not family_s and middle_s and order == "eastern":
+            whole = _join_eastern([middle_s, given_s])
+        return _one_field_name(whole)
+    dot = "\u00b7"
+    if dot in family_s + given_s and not middle_s:
+        # A transliterated name is written given·family: 阿依古丽· + 买买提, or the whole name
+        # in one part with the other part repeated.
+        if family_s in given_s:
+            return given_s
+        if given_s in family_s:
+            return family_s
+        return f"{given_s.rstrip(dot)}{dot}{family_s.lstrip(dot)}"
+    if _CJK_NAME.fullmatch(given_s) and not middle_s:
+        fam, rest = split_cjk_name(given_s)
+        if fam and fam == family_s and rest:
+            return given_s  # 张 + 张三: the full name typed into the given-name field
     if order == "eastern":
-        parts = [p for p in (family_s, middle_s, given_s) if p]
-        joiner = "" if all(_CJK_NAME.fullmatch(p) for p in parts) else " "
-        return joiner.join(parts)
-    if order == "western":
-        return " ".join(p for p in (given_s, middle_s, family_s) if p)
-    raise MappingError("name_order", name_order,
-                       f"name order must be eastern or western, not {_shown(name_order)}")
+        return _join_eastern([family_s, middle_s, given_s])
+    return " ".join(p for p in (given_s, middle_s, family_s) if p)
+
+
+def _join_eastern(parts: list[str]) -> str:
+    parts = [p for p in parts if p]
+    joiner = "" if all(_CJK_NAME.fullmatch(p) for p in parts) else " "
+    return joiner.join(parts)
+
+
+def _one_field_name(whole: str) -> str:
+    compact = whole.replace(" ", "")
+    if _CJK_NAME.fullmatch(compact):
+        return compact  # 张 三 typed with a space: a CJK name has none
+    parsed = HumanName(whole)
+    parts = [parsed.first, parsed.middle, parsed.last, parsed.suffix]
+    rebuilt = " ".join(p for p in parts if p)
+    return rebuilt or whole
 
 
 # --- gender and age ----------------------------------------------------------------------
 
 def gender_code(value: str | None, mappings: Mappings) -> str:
     """男/女/未知 (or male/female/M/F, any case) -> the ERP code from ``[gender]``."""
-    code = Mappings.lookup(mappings.gender, value)
+    code = _lookup_word(mappings.gender, value)
     if code is None:
         # The word itself is left out: a person's gender is personal data.
         raise MappingError("gender", value, "not a gender word listed in the mappings file")
@@ -147,89 +248,113 @@ def age_on(birth_date: date | None, on_date: date) -> int | None:
 
 # --- phone -------------------------------------------------------------------------------
 #
-# Hand-written rules, not the `phonenumbers` library: the CRM holds Chinese numbers (mobiles,
-# landlines with an area code) and a few already-international ones, and what we must catch
-# is what libphonenumber does not: a masked number such as 138xxxx5678 (its vanity-number
-# rule reads letters as keypad digits). Foreign numbers are only checked for E.164 shape
-# (country code + number, 7..15 digits), not per country; add the library if that changes.
+# Parsing, validity and E.164 come from libphonenumber (``phonenumbers``). What stays ours is
+# the CRM-side clean-up the library has no notion of: masked numbers (its vanity-number rule
+# would read 138xxxx5678 as keypad letters), notes in brackets (微信同号), several numbers in
+# one field, the "/8" shorthand for a neighbouring line, and Chinese extension words (转, 分机).
 
-_MASKED = re.compile(r"[xX*?×…]")
-_EXTENSION = re.compile(r"(转|分机|ext\.?)\s*\d+\s*$", re.IGNORECASE)
-_PHONE_TEXT = re.compile(r"[0-9+\s().\-/]+")
-_PHONE_SEPARATORS = re.compile(r"[\s().\-/]")
-_CN_MOBILE = re.compile(r"1[3-9]\d{9}")
-
-
-def _cn_number(digits: str) -> str | None:
-    """E.164 for a Chinese number written without the trunk 0, or None."""
-    if _CN_MOBILE.fullmatch(digits):
-        return "+86" + digits
-    # Landline: area code + subscriber number. 10 and 2X are two-digit area codes with
-    # eight-digit numbers; the others (3XX..9XX) are three digits with seven or eight.
-    if len(digits) == 10 and (digits.startswith("10") or digits.startswith("2")):
-        return "+86" + digits
-    if len(digits) in (10, 11) and digits[0] in "3456789":
-        return "+86" + digits
-    return None
+_MASKED = re.compile(r"[xX*?×]{2,}|[…*?×]")
+_NOTE = re.compile(r"\([^()]*[^\d\s()+\-.][^()]*\)|\[[^\]]*\]|【[^】]*】")
+_LABEL = re.compile(r"^\s*(?:电话|手机|座机|固话|联系电话|tel|phone|mobile|mob|call)\s*[:.]?\s*",
+                    re.IGNORECASE)
+_EXTENSION_WORD = re.compile(r"\s*(?:转|分机号?|分|ext\.?|extn\.?|x)\s*(?=\d+\s*$)",
+                             re.IGNORECASE)
+_CJK_TEXT = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]+")
+_SEPARATOR = re.compile(r"\s*(?:[/、,;|]|或|\bor\b)\s*", re.IGNORECASE)
+_DASH_EXTENSION = re.compile(r"^(?P<number>.*\d)\s*-\s*(?P<ext>\d{1,5})$")
 
 
-@overload
-def phone_e164(raw: str, default_region: str = "CN", *, field: str = "phone") -> str: ...
-@overload
-def phone_e164(raw: None, default_region: str = "CN", *, field: str = "phone") -> None: ...
-def phone_e164(raw: str | None, default_region: str = "CN", *,
-               field: str = "phone") -> str | None:
-    """A phone number as typed -> E.164 (``+8613812345678``); None stays None.
+@dataclass(frozen=True, slots=True)
+class Phones:
+    primary: str                   # E.164: +8613812345678
+    extension: str | None          # digits only: 123
+    others: tuple[str, ...] = ()   # E.164 of the further numbers; ";ext=NNN" if they had one
 
-    Accepts spaces, dashes, dots, brackets, ``+86``/``0086``/``(+86)`` prefixes, a trunk 0
-    (``010-12345678``, ``+86 (0)10 12345678``) and full-width digits. Rejects masked numbers
-    (``138xxxx5678``), extensions, letters, and lengths no Chinese number has.
+
+def _one_phone(text: str, region: str, raw: str, field: str) -> tuple[str, str | None]:
+    """One number (no separators left) -> (E.164, extension or None)."""
+    try:
+        number = phonenumbers.parse(text, region)
+    except phonenumbers.NumberParseException as exc:
+        raise MappingError(field, raw, "not a phone number (libphonenumber: "
+                                       f"{_PARSE_ERRORS.get(exc.error_type, 'unreadable')})"
+                           ) from None
+    if not phonenumbers.is_valid_number(number):
+        dash = _DASH_EXTENSION.match(text)
+        if dash and number.extension is None:
+            head, ext = _one_phone(dash["number"], region, raw, field)
+            if ext is None:
+                return head, dash["ext"]  # 0755-12345678-8001: a trailing extension
+        reason = _POSSIBLE.get(phonenumbers.is_possible_number_with_reason(number),
+                               "not a number in use in its region's numbering plan")
+        raise MappingError(field, raw, f"invalid phone number: {reason}")
+    return (phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164),
+            number.extension or None)
+
+
+_PARSE_ERRORS: Final = {
+    phonenumbers.NumberParseException.INVALID_COUNTRY_CODE: "unknown country code",
+    phonenumbers.NumberParseException.NOT_A_NUMBER: "no number found",
+    phonenumbers.NumberParseException.TOO_SHORT_AFTER_IDD: "too short after the 00 prefix",
+    phonenumbers.NumberParseException.TOO_SHORT_NSN: "too short",
+    phonenumbers.NumberParseException.TOO_LONG: "too long",
+}
+_POSSIBLE: Final = {
+    phonenumbers.ValidationResult.TOO_SHORT: "too short for its region",
+    phonenumbers.ValidationResult.TOO_LONG: "too long for its region",
+    phonenumbers.ValidationResult.INVALID_LENGTH: "wrong length for its region",
+    phonenumbers.ValidationResult.INVALID_COUNTRY_CODE: "unknown country code",
+}
+
+
+def parse_phones(raw: str | None, mappings: Mappings | None = None, *,
+                 field: str = "phone") -> Phones | None:
+    """A phone field as typed -> its numbers in E.164, or None for "no number".
+
+    None, blank and the ``[phone] no_number`` words (无, 暂无, -, —) give None. Numbers without
+    a country code are read in ``[phone] default_region`` (CN). Several numbers separated by
+    / 、 , ; or 或 are split: the first is the primary, the rest ``others``; ``0891-6834567/8``
+    is two lines, 6834567 and 6834568 (a short tail replaces the last digits). Notes in
+    brackets (（微信同号）) and Chinese words are dropped; 转 / 分机 / ext / x / # and a
+    trailing ``-8001`` after a complete landline are extensions. CN 400/800 numbers are kept in
+    E.164 although they cannot be dialled from abroad (libphonenumber: SHARED_COST / TOLL_FREE,
+    valid). Raises MappingError for masked numbers (138xxxx5678, 138****5678), text that holds
+    no number, and numbers libphonenumber finds invalid; the reason never shows the number.
     """
-    if default_region != "CN":
-        raise ValueError(f"unsupported default_region {default_region!r}: only CN is")
+    region = mappings.phone_region if mappings is not None else "CN"
+    no_number = mappings.no_number if mappings is not None else frozenset(DEFAULT_NO_NUMBER)
     if raw is None:
         return None
     text = _nfkc(raw).strip()
-    if not text:
-        raise MappingError(field, raw, "phone number is empty")
-    if _EXTENSION.search(text):
-        raise MappingError(field, raw, "has an extension, which E.164 cannot hold")
+    if not text or normalise_word(text) in no_number:
+        return None
     if _MASKED.search(text) or _MASKED.search(raw):
         raise MappingError(field, raw, "masked or incomplete number (digits replaced by x or *)")
-    if not _PHONE_TEXT.fullmatch(text):
-        raise MappingError(field, raw, "contains characters that are not part of a phone number")
-    compact = _PHONE_SEPARATORS.sub("", text)
-    if "+" in compact[1:]:
-        raise MappingError(field, raw, "'+' may only start the number")
-    if compact.startswith("+") or compact.startswith("00"):
-        international = compact[1:] if compact.startswith("+") else compact[2:]
-        if international.startswith("86"):
-            national = international[2:]
-            national = national[1:] if national.startswith("0") else national
-            e164 = _cn_number(national)
-            if e164 is None:
-                raise MappingError(field, raw, "not a valid Chinese mobile or landline number "
-                                               "after the +86 country code")
-            return e164
-        if not international or international[0] == "0" or not 7 <= len(international) <= 15:
-            raise MappingError(field, raw, "international number must be a country code and "
-                                           "number of 7 to 15 digits in all")
-        return "+" + international
-    digits = compact
-    if _CN_MOBILE.fullmatch(digits):
-        return "+86" + digits
-    if len(digits) == 13 and digits.startswith("86") and _CN_MOBILE.fullmatch(digits[2:]):
-        return "+" + digits  # 86 typed without + or 00
-    if digits.startswith("0"):
-        e164 = _cn_number(digits[1:])
-        if e164 is None:
-            raise MappingError(field, raw, "landline number has the wrong length for its "
-                                           "area code")
-        return e164
-    if len(digits) in (7, 8):
-        raise MappingError(field, raw, "landline number without its area code")
-    raise MappingError(field, raw, "not a Chinese mobile number (11 digits starting 13-19) or "
-                                   "landline (0, area code, number)")
+    text = _LABEL.sub("", _NOTE.sub(" ", text))
+    text = _EXTENSION_WORD.sub(" ext. ", text)
+    text = _CJK_TEXT.sub(" ", text.replace("或", "/")).strip()
+    if not text:
+        return None if normalise_word(_nfkc(raw)) in no_number else _no_digits(raw, field)
+    parts = [p for p in _SEPARATOR.split(text) if p.strip()]
+    numbers: list[tuple[str, str | None]] = []
+    previous = ""
+    for part in parts:
+        digits = re.sub(r"\D", "", part)
+        if not digits:
+            _no_digits(raw, field)
+        if numbers and len(digits) <= 4 and re.fullmatch(r"\d+", part.strip()):
+            # 0891-6834567/8: the neighbouring line, written as its last digit(s).
+            part = previous[:len(previous) - len(digits)] + digits
+        numbers.append(_one_phone(part, region, raw, field))
+        previous = part
+    (primary, extension), rest = numbers[0], numbers[1:]
+    others = tuple(e164 + (f";ext={ext}" if ext else "") for e164, ext in rest
+                   if e164 != primary)
+    return Phones(primary, extension, tuple(dict.fromkeys(others)))
+
+
+def _no_digits(raw: str, field: str) -> NoReturn:
+    raise MappingError(field, raw, "contains no phone number")
 
 
 # --- e-mail ------------------------------------------------------------------------------
@@ -276,79 +401,42 @@ def normalise_email(raw: str | None, *, field: str = "email") -> str | None:
 
 # --- Chinese addresses -------------------------------------------------------------------
 
-_MUNICIPALITIES: Final = ("北京", "天津", "上海", "重庆")
-_PROVINCES: Final = ("河北", "山西", "辽宁", "吉林", "黑龙江", "江苏", "浙江", "安徽", "福建",
-                     "江西", "山东", "河南", "湖北", "湖南", "广东", "海南", "四川", "贵州",
-                     "云南", "陕西", "甘肃", "青海", "台湾")
-_AUTONOMOUS: Final = {"内蒙古": "内蒙古自治区", "广西": "广西壮族自治区", "西藏": "西藏自治区",
-                      "宁夏": "宁夏回族自治区", "新疆": "新疆维吾尔自治区"}
-
-
-def _region_forms() -> dict[str, tuple[str, bool]]:
-    """Written form -> (official name, is a municipality)."""
-    forms: dict[str, tuple[str, bool]] = {}
-    for name in _MUNICIPALITIES:
-        forms[name + "市"] = forms[name] = (name + "市", True)
-    for name in _PROVINCES:
-        forms[name + "省"] = forms[name] = (name + "省", False)
-    for short, official in _AUTONOMOUS.items():
-        forms[official] = forms[short + "自治区"] = forms[short] = (official, False)
-    return forms
-
-
-_REGION_FORMS: Final = _region_forms()
-# Longest form first; a bare short name must not be the start of a city (吉林市 is a city).
-_REGION = re.compile(
-    r"(?:\d{6}\s*)?(?:中华人民共和国|中国)?\s*(?P<region>"
-    + "|".join(re.escape(f) + ("(?!市)" if f.isalpha() and f in _PROVINCES + tuple(_AUTONOMOUS)
-                               else "")
-               for f in sorted(_REGION_FORMS, key=len, reverse=True))
-    + r")\s*"
-)
-# Administrative names hold no digits, Latin letters or street words (路 街 号 巷 弄 村).
-_NAME_CHARS = r"[^\s\dA-Za-z路街号巷弄村]"
-# 林区: 神农架林区 sits directly under 湖北省, in the city's place.
-_CITY = re.compile(_NAME_CHARS + r"{1,15}?(?:自治州|地区|林区|盟|市)\s*")
-_DISTRICT = re.compile(_NAME_CHARS + r"{1,15}?(?:自治县|自治旗|林区|特区|区|县|旗|市)")
-
-
 def parse_cn_address(raw: str, *, field: str = "address") -> Address:
-    """A free-text mainland Chinese address -> province / city / district / street.
+    """A free-text Chinese address -> province / city / district / street + division code.
 
-    Province-level: the 23 provinces, 5 autonomous regions and 4 municipalities, written in
-    full (广东省, 广西壮族自治区, 北京市) or short (广东, 广西, 北京); a leading 中国 or six-digit
-    postcode is skipped. A municipality is its own city. The city level ends in 市/自治州/
-    地区/盟; the district level (optional: 东莞市 has none) in 区/县/旗/市/自治县/自治旗/林区/特区.
-    Whatever follows is the street. Hong Kong and Macao addresses are not supported.
+    Matched against the official division list (:mod:`service.erp.divisions`, GB/T 2260
+    codes): province, city and district in full (广东省深圳市南山区) or abbreviated where the
+    next level confirms it (广东深圳南山区; 北京东路 is a street, never 北京市); a leading 中国
+    or postcode is skipped; a municipality's repeated name or 市辖区 (上海市上海市浦东新区,
+    北京市市辖区朝阳区) is its city level; autonomous prefectures, 盟, counties directly under
+    a province (仙桃市), Hong Kong, Macao and Taiwan are covered; a province left out is found
+    from an unambiguous city or district (深圳市南山区 -> 广东省). Traditional characters are
+    read as simplified for matching. ``division_code`` is the most specific level matched
+    (district, else city, else province; Hong Kong, Macao and Taiwan have codes at the province
+    level only). Towns (镇, 街道) stay in ``street``.
+
+    Raises MappingError when no division starts the text, or when it fits several places
+    (the reason names the candidates, e.g. 北京市朝阳区 (110105), 长春市朝阳区 (220104)).
     """
     text = " ".join(_nfkc(raw or "").split())
     if not text:
         raise MappingError(field, raw, "address is empty")
-    m = _REGION.match(text)
-    if m is None:
-        raise MappingError(field, raw, "does not start with a Chinese province, autonomous "
-                                       "region or municipality")
-    province, municipality = _REGION_FORMS[m["region"]]
-    pos = m.end()
-    if municipality:
-        city = province
-    else:
-        c = _CITY.match(text, pos)
-        if c is None:
-            raise MappingError(field, raw, "no city (…市, …自治州, …地区 or …盟) after the "
-                                           "province")
-        city = c.group().strip()
-        pos = c.end()
-    district: str | None = None
-    d = _DISTRICT.match(text, pos)
-    if d is not None:
-        end = d.end()
-        if text.endswith("市", pos, end) and text.startswith("区", end):
-            end += 1  # 新市区, not the county-level city 新市
-        district = text[pos:end]
-        pos = end
-    street = text[pos:].strip() or None
-    return Address(province, city, district, street)
+    simplified = _t2s(text)
+    matching = simplified if len(simplified) == len(text) else text
+    found, _ = divisions().parse(matching)
+    if not found:
+        raise MappingError(field, raw, "no Chinese province, city or district at the start "
+                                       "of the address")
+    if len(found) > 1:
+        names = ", ".join(sorted(repr(m.division) for m in found))
+        raise MappingError(field, raw, f"ambiguous: the place fits {names}")
+    match = found[0]
+    d = match.division
+    street = text[match.end:].strip(" ,，、") or None
+    province = d.province
+    city = d.city if d.level >= 2 or d.city else None
+    district = d.name if d.level == 3 else None
+    return Address(province, city, district, street, d.code)
 
 
 # --- numbers: money and quantities -------------------------------------------------------
@@ -416,19 +504,40 @@ def parse_money(value: str | Decimal | int, currency_word: str | None, mappings:
     return Money(exact, codes[0])
 
 
+_CN_NUMERAL = re.compile(r"[零〇一二两三四五六七八九十廿百千万亿壹贰叁肆伍陆柒捌玖拾佰仟点]+")
+
+
 def parse_quantity(raw: str, mappings: Mappings, *, field: str = "quantity") -> Quantity:
-    """``10台`` -> Quantity(10, UNIT); ``2.5kg``, `` 3 箱 ``; positive, <= 3 decimals."""
+    """``10台`` / ``十台`` / ``2.5kg`` / ``3 箱`` -> Quantity(value, ERP unit code).
+
+    The number is Arabic (thousands separators allowed) or Chinese numerals, read by
+    ``cn2an`` in its "normal" mode (十 -> 10, 一百二十 -> 120, 两 -> 2, 三万五 -> 35000,
+    十点五 -> 10.5); the unit is looked up in
+    ``[units]`` (traditional characters read as simplified: 臺 -> 台). Positive, at most three
+    decimals, and whole for a unit ``[unit_kind]`` declares countable (10.5台 is refused,
+    2.5kg is not). Raises MappingError naming the problem.
+    """
     text = _nfkc(raw or "").strip()
     m = _QUANTITY_TEXT.fullmatch(text)
-    if m is None:
-        raise MappingError(field, raw, "does not start with a number (expected e.g. 10台)")
-    value = _decimal(m["num"])
-    if value is None:
-        raise MappingError(field, raw, "not a valid number (expected e.g. 10台 or 2.5kg)")
-    unit_word = m["unit"].strip()
+    if m is not None:
+        value = _decimal(m["num"])
+        if value is None:
+            raise MappingError(field, raw, "not a valid number (expected e.g. 10台 or 2.5kg)")
+        unit_word = m["unit"].strip()
+    else:
+        cn = _CN_NUMERAL.match(text)
+        if cn is None:
+            raise MappingError(field, raw, "does not start with a number (expected e.g. 10台)")
+        try:
+            number = cn2an.cn2an(cn.group(), "normal")
+        except ValueError:
+            raise MappingError(field, raw, "not a valid Chinese numeral") from None
+        # cn2an returns int, or float for 点 (十点五): its decimal text is what was written.
+        value = Decimal(str(number))
+        unit_word = text[cn.end():].strip()
     if not unit_word:
         raise MappingError(field, raw, "no unit after the number (expected e.g. 10台)")
-    unit = Mappings.lookup(mappings.units, unit_word)
+    unit = _lookup_word(mappings.units, unit_word)
     if unit is None:
         raise MappingError(field, raw, f"unknown unit {_shown(unit_word)}")
     if value <= 0:
@@ -437,10 +546,21 @@ def parse_quantity(raw: str, mappings: Mappings, *, field: str = "quantity") -> 
         raise MappingError(field, raw, "quantity is too large for the ERP")
     if value.quantize(_MILLI) != value:
         raise MappingError(field, raw, "quantity has more than three decimal places")
+    if mappings.unit_kind.get(unit) == "countable" and value != value.to_integral_value():
+        raise MappingError(field, raw, f"{unit} is counted in whole units: a quantity with "
+                                       "decimals is not accepted")
     return Quantity(value, unit)
 
 
 # --- vocabulary look-ups -----------------------------------------------------------------
+
+def order_number(raw: str | None, *, field: str = "order_no") -> str:
+    """The CRM's order number, NFKC-normalised (ＳＯ－２０２４ -> SO-2024) and trimmed."""
+    text = " ".join(_nfkc(raw or "").split())
+    if not text:
+        raise MappingError(field, raw, "order number is empty")
+    return text
+
 
 def order_status(word: str, mappings: Mappings) -> str:
     """已发货 -> SHIPPED (``[order_status]``)."""

@@ -118,7 +118,7 @@ def cmd_dlq_list(settings: Settings, args: argparse.Namespace) -> int:
         states = list(STATES) if args.state == ["all"] else args.state
     letters = list_letters(settings, since=parse_time(args.since, "--since") if args.since
                            else None, error_type=args.error_type, topic=args.topic,
-                           key=args.key, states=states)
+                           key=args.key, states=states, field=args.field)
     if args.json:
         print(render.dumps([{**render.jsonable(d), "key": d.key_text} for d in letters]))
         return EXIT_OK
@@ -194,9 +194,11 @@ def _print_report(report: Any, as_json: bool) -> int:
 def cmd_dlq_redrive(settings: Settings, args: argparse.Namespace) -> int:
     from service.operator.dlq import redrive, select_letters
 
-    if not (args.ids or args.error_type or args.all):
-        raise ConfigError("dlq redrive", "name dead letters: ID ..., --error-type X or --all")
-    letters, refused = select_letters(settings, args.ids, args.error_type, args.all)
+    if not (args.ids or args.error_type or args.field or args.all):
+        raise ConfigError("dlq redrive", "name dead letters: ID ..., --error-type X, "
+                                         "--field F or --all")
+    letters, refused = select_letters(settings, args.ids, args.error_type, args.all,
+                                      field=args.field)
     report = redrive(settings, letters, actor=actor(args.actor), reason=args.reason,
                      dry_run=args.dry_run)
     report.outcomes[:0] = refused
@@ -310,7 +312,9 @@ def register(sub: Any) -> None:
     p.add_argument("--topic")
     p.add_argument("--key", help="message key (the customer id for crm.sales)")
     p.add_argument("--state", action="append",
-                   help="open, redriven, discarded, failed_again, or all (repeatable)")
+                   help="open, redriven, discarded, failed_again, superseded, or all "
+                        "(repeatable)")
+    p.add_argument("--field", help="the CRM field a mapping failed on (phone, address, ...)")
     p.set_defaults(func=cmd_dlq_list)
 
     p = parser("show", dsub, "one dead letter: headers, payload as JSON, error and trace",
@@ -330,6 +334,8 @@ def register(sub: Any) -> None:
                "Already redriven or discarded letters are refused. Exit 1 unless all succeed.")
     p.add_argument("ids", type=int, nargs="*", metavar="ID")
     p.add_argument("--error-type", help="all unresolved letters of this error class or stage")
+    p.add_argument("--field", help="all unresolved letters whose mapping failed on this CRM "
+                                   "field (phone, address, ...)")
     p.add_argument("--all", action="store_true", help="all unresolved letters")
     p.add_argument("--dry-run", action="store_true",
                    help="only check that each decodes and maps with the current mappings")

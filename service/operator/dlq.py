@@ -35,7 +35,7 @@ from service.operator.common import PgConn, connect
 from service.settings import Settings
 
 UNRESOLVED = ("open", "failed_again")
-STATES = ("open", "redriven", "discarded", "failed_again")
+STATES = ("open", "redriven", "discarded", "failed_again", "superseded")
 
 _COLUMNS = ('dead_letter_id, topic, partition, "offset", msg_key, stage, error_class, '
             "error_message, state, dlq_partition, dlq_offset, created_at, resolved_at, "
@@ -94,8 +94,10 @@ def _letter(row: Any) -> Letter:
 
 def list_letters(settings: Settings, *, since: datetime | None = None,
                  error_type: str | None = None, topic: str | None = None,
-                 key: str | None = None, states: list[str] | None = None) -> list[Letter]:
-    """Dead letters, oldest first; ``states`` None means the unresolved ones."""
+                 key: str | None = None, states: list[str] | None = None,
+                 field: str | None = None) -> list[Letter]:
+    """Dead letters, oldest first; ``states`` None means the unresolved ones; ``field``
+    keeps the mapping failures of that CRM field."""
     states = list(UNRESOLVED) if states is None else states
     bad = sorted(set(states) - set(STATES))
     if bad:
@@ -114,6 +116,9 @@ def list_letters(settings: Settings, *, since: datetime | None = None,
     if key is not None:
         where.append("msg_key = %s")
         params.append(key.encode())  # type: ignore[arg-type]
+    if field:
+        where.append(_FIELD_CLAUSE)
+        params.append(field + ": ")  # type: ignore[arg-type]
     with connect(settings, "erp") as conn:
         rows = conn.execute(
             f"SELECT {_COLUMNS} FROM sync.dead_letters WHERE {' AND '.join(where)} "
@@ -229,8 +234,13 @@ def show(settings: Settings, letter_id: int) -> dict[str, Any]:
     return out
 
 
+# A MappingError's message is "<field>: <reason>" (service.errors.MappingError).
+_FIELD_CLAUSE = "(error_class = 'MappingError' AND starts_with(error_message, %s))"
+
+
 def select_letters(settings: Settings, ids: list[int] | None, error_type: str | None,
-                   all_open: bool) -> tuple[list[Letter], list[Outcome]]:
+                   all_open: bool, *, field: str | None = None
+                   ) -> tuple[list[Letter], list[Outcome]]:
     """The letters an action targets, and refusals for ids that do not exist."""
     with connect(settings, "erp") as conn:
         if ids:
@@ -242,6 +252,9 @@ def select_letters(settings: Settings, ids: list[int] | None, error_type: str | 
         if error_type and not all_open:
             where += " AND (error_class = %s OR stage = %s)"
             params += [error_type, error_type]  # type: ignore[list-item]
+        if field and not all_open:
+            where += " AND " + _FIELD_CLAUSE
+            params.append(field + ": ")  # type: ignore[arg-type]
         rows = conn.execute(f"SELECT {_COLUMNS} FROM sync.dead_letters WHERE {where}",
                             params).fetchall()
     return [_letter(r) for r in rows], []
@@ -403,24 +416,35 @@ def _resnapshot(settings: Settings, record: Any) -> str:
     bytes to re-run; the CRM row is read again instead (an ad-hoc snapshot of that key, the
     producer publishes it as a READ event positioned after everything held). A row still
     unrepresentable becomes a new capture dead letter. Returns the outcome's detail."""
+    from service.cdc.profile import load_profile
+
     try:
         doc = json.loads(record.value)
         table, primary_key = str(doc["table"]), dict(doc["primary_key"])
+        row = doc.get("after") or doc.get("before") or {}
     except (ValueError, KeyError, TypeError) as exc:
         raise CaptureRedriveError(f"not a capture dead letter ({type(exc).__name__})") from exc
-    column = "order_id" if table in ("crm.sales_orders", "crm.order_lines") else \
-        next(iter(primary_key), "")
-    if table == "crm.order_lines":
-        table = "crm.sales_orders"  # lines are read with their order
+    profile = load_profile(settings.source_profile)
+    ent = profile.table(table)
+    if ent is None:
+        raise CaptureRedriveError(f"{table} is not captured by profile {profile.name}")
     try:
-        key = int(primary_key[column])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CaptureRedriveError(f"{table}: no usable primary key in the letter") from exc
+        if ent.entity == "order_line":  # lines are read with their order
+            column = ent.order_column or ""
+            key = str(row[column])
+            ent = profile.entity("order") or ent
+        elif "key" in primary_key:  # a letter for an event that was built but not sent
+            column, key = "key", str(primary_key["key"])
+        else:
+            column, key = ",".join(ent.key), ent.key_text(row or primary_key)
+    except (KeyError, TypeError) as exc:
+        raise CaptureRedriveError(f"{table}: no usable key in the letter") from exc
     with connect(settings, "crm") as crm:
         try:
-            snapshot_id = request_snapshot(crm, table, [key], reason="redrive")
+            snapshot_id = request_snapshot(crm, profile, ent.entity, [key], reason="redrive")
         except ValueError as exc:
             raise CaptureRedriveError(str(exc)) from exc
+    table = ent.table
     return (f"re-read of {table} {column}={key} requested (snapshot {snapshot_id}); "
             "its current state follows as a READ event")
 

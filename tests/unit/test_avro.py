@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import avro.schema
+import fastavro
 import pytest
 
 from service.avro import HEADER_LEN, MAGIC, SchemaRegistry
@@ -24,14 +26,17 @@ def registry() -> SchemaRegistry:
 
 
 def source(table: str, *, lsn: int = 0x16B374D848, seq: int = 0, snapshot: bool = False,
-           commit_time: datetime = TS) -> dict[str, Any]:
+           commit_time: datetime = TS, profile: str = "demo") -> dict[str, Any]:
     return {"lsn": lsn, "seq": seq, "txid": 0 if snapshot else 7001,
-            "commit_time": commit_time, "table": table, "snapshot": snapshot}
+            "commit_time": commit_time, "table": table, "snapshot": snapshot,
+            "profile": profile}
 
 
 def customer(**overrides: Any) -> dict[str, Any]:
+    """A canonical customer (schemas/customer/v2.avsc)."""
     row: dict[str, Any] = {
-        "customer_id": 42,
+        "key": "42",
+        "full_name": None,
         "family_name": "张",
         "given_name": "三",
         "middle_name": None,
@@ -41,11 +46,16 @@ def customer(**overrides: Any) -> dict[str, Any]:
         "phone": "13812345678",
         "email": "zhangsan@example.com",
         "address": "北京市朝阳区建国路88号",
+        "street": None,
+        "city": None,
+        "region": None,
+        "postcode": None,
+        "country": None,
+        "currency": None,
         "purchase_frequency": "每月1次",
-        "purchase_amount": Decimal("5000.00"),
+        "purchase_amount": "5000.00",
         "product_preference": "电子产品",
         "notes": "老客户，喜欢5G手机。" * 50,
-        "updated_at": TS,
     }
     row.update(overrides)
     return row
@@ -56,27 +66,27 @@ def customer_event(**overrides: Any) -> dict[str, Any]:
         "event_id": "16B374D848/0",
         "op": "UPDATE",
         "source": source("crm.customers"),
+        "key": "42",
         "before": customer(),
-        "after": customer(purchase_amount=Decimal("12345678901.23"),
-                          updated_at=TS + timedelta(seconds=1)),
+        "after": customer(purchase_amount="12345678901.23"),
         **overrides,
     }
 
 
 def order_header(**overrides: Any) -> dict[str, Any]:
     row: dict[str, Any] = {
-        "order_id": 9001, "order_no": "20230101", "customer_id": 42,
+        "key": "9001", "customer_key": "42", "order_no": "20230101",
         "order_date": date(2023, 1, 1), "status": "已付款", "currency": "元",
-        "updated_at": TS,
+        "total_amount": None,
     }
     row.update(overrides)
     return row
 
 
 def order_line(line_no: int, price: str) -> dict[str, Any]:
-    return {"order_id": 9001, "line_no": line_no, "customer_id": 42,
+    return {"key": f'["9001","{line_no}"]', "order_key": "9001",
             "product_code": f"P-{line_no:03d}", "product_name": "手机",
-            "quantity": "10台", "unit_price": Decimal(price)}
+            "quantity": "10台", "unit": None, "unit_price": price}
 
 
 def order_event() -> dict[str, Any]:
@@ -84,8 +94,8 @@ def order_event() -> dict[str, Any]:
         "event_id": "16B374D848/1",
         "op": "CREATE",
         "source": source("crm.sales_orders", seq=1),
-        "order_id": 9001,
-        "customer_id": 42,
+        "key": "9001",
+        "customer_key": "42",
         "before": None,
         "after": order_header(),
         "lines": [
@@ -104,22 +114,23 @@ def test_registry_knows_every_kind_in_schemas_dir(registry: SchemaRegistry) -> N
 
 
 def test_customer_event_round_trips_exactly(registry: SchemaRegistry) -> None:
-    event = customer_event()
+    event = customer_event(source=source("crm.customers", commit_time=TS))
     kind, decoded = registry.decode(registry.encode("customer", event))
     assert kind == "customer"
     assert decoded == event
+    assert decoded["key"] == "42" and decoded["after"]["key"] == "42"
     after = decoded["after"]
     assert after["family_name"] == "张"
     assert after["address"] == "北京市朝阳区建国路88号"
-    # Exact decimals, not floats: same value and same scale.
-    assert isinstance(after["purchase_amount"], Decimal)
-    assert str(decoded["before"]["purchase_amount"]) == "5000.00"
-    assert str(after["purchase_amount"]) == "12345678901.23"
+    # Exact decimal text, not floats: same digits, same scale.
+    assert decoded["before"]["purchase_amount"] == "5000.00"
+    assert after["purchase_amount"] == "12345678901.23"
     # timestamp-micros comes back aware, in UTC, to the microsecond.
-    assert after["updated_at"] == TS + timedelta(seconds=1)
-    assert after["updated_at"].utcoffset() == timedelta(0)
-    assert after["updated_at"].microsecond == 123456
-    assert decoded["source"]["commit_time"] == TS
+    commit_time = decoded["source"]["commit_time"]
+    assert commit_time == TS
+    assert commit_time.utcoffset() == timedelta(0)
+    assert commit_time.microsecond == 123456
+    assert decoded["source"]["profile"] == "demo"
     assert after["birth_date"] == date(1990, 5, 17)
     assert type(after["birth_date"]) is date
 
@@ -142,31 +153,84 @@ def test_delete_event_with_nulls_round_trips(registry: SchemaRegistry) -> None:
     assert registry.decode(registry.encode("customer", event)) == ("customer", event)
 
 
+def test_customer_of_a_crm_with_one_name_field_and_a_structured_address(
+        registry: SchemaRegistry) -> None:
+    company = customer(key="0b6e9f5c-8c1e-4e8a-9a3b-1f2e3d4c5b6a", full_name="北京星辰科技有限公司",
+                       family_name=None, given_name=None, name_order=None, gender=None,
+                       birth_date=None, address=None, street="建国路88号", city="北京市",
+                       region="北京", postcode="100022", country="CN", currency="CNY",
+                       purchase_frequency=None, purchase_amount=None, product_preference=None,
+                       notes=None)
+    event = customer_event(op="CREATE", key=company["key"], before=None, after=company,
+                           source=source("public.accounts", profile="bottlecrm"))
+    assert registry.decode(registry.encode("customer", event)) == ("customer", event)
+
+
 def test_order_event_with_lines_round_trips(registry: SchemaRegistry) -> None:
     event = order_event()
     kind, decoded = registry.decode(registry.encode("order", event))
     assert kind == "order"
     assert decoded == event
-    assert [line["after"]["line_no"] for line in decoded["lines"]] == [1, 2]
-    assert decoded["lines"][0]["after"]["unit_price"] == Decimal("5000.00")
-    assert str(decoded["lines"][1]["after"]["unit_price"]) == "0.01"
+    assert (decoded["key"], decoded["customer_key"]) == ("9001", "42")
+    assert [line["after"]["key"] for line in decoded["lines"]] == [
+        '["9001","1"]', '["9001","2"]']
+    assert decoded["lines"][0]["after"]["unit_price"] == "5000.00"
+    assert decoded["lines"][1]["after"]["unit_price"] == "0.01"
     assert decoded["after"]["order_date"] == date(2023, 1, 1)
 
 
 def test_market_demand_event_round_trips(registry: SchemaRegistry) -> None:
-    row = {"demand_id": 7, "kind": "市场趋势", "product_category": "手机",
+    row = {"key": "7", "kind": "市场趋势", "product_category": "手机",
            "content": "5G手机市场增长迅速", "observed_at": TS}
     event = {"event_id": "snap/16B374D848/3", "op": "READ",
              "source": source("crm.market_demand", seq=3, snapshot=True),
-             "before": None, "after": row}
+             "key": "7", "before": None, "after": row}
     assert registry.decode(registry.encode("market_demand", event)) == ("market_demand", event)
+    observed = registry.decode(registry.encode("market_demand", event))[1]["after"]["observed_at"]
+    assert (observed.utcoffset(), observed.microsecond) == (timedelta(0), 123456)
 
 
-def test_decimal_with_more_scale_than_schema_is_refused(registry: SchemaRegistry) -> None:
-    # A silent rounding of money would be worse than an error.
+def _leaf_types(schema: Any) -> list[Any]:
+    if isinstance(schema, list):
+        return [t for s in schema for t in _leaf_types(s)]
+    if isinstance(schema, dict):
+        if schema.get("type") == "record":
+            return [t for f in schema["fields"] for t in _leaf_types(f["type"])]
+        if schema.get("type") == "array":
+            return _leaf_types(schema["items"])
+        if "logicalType" in schema:
+            return [schema["logicalType"]]
+        return _leaf_types(schema["type"]) if schema.get("type") != "enum" else ["enum"]
+    return [schema]
+
+
+@pytest.mark.parametrize("kind", ["customer", "order", "market_demand"])
+def test_newest_schemas_carry_money_as_exact_text(registry: SchemaRegistry, kind: str) -> None:
+    # No float can lose a cent and no fixed scale can round one: amounts are the CRM's text.
+    leaves = _leaf_types(json.loads(registry.latest(kind).path.read_text("utf-8")))
+    assert not {"float", "double", "decimal"} & set(leaves)
+
+
+def test_money_text_keeps_every_digit(registry: SchemaRegistry) -> None:
+    # v1 refused 5000.001 (decimal, scale 2); the CRM's text now travels exactly as typed.
+    for amount in ("5000.001", "0.000001", "12345678901234567890.123456789", "NaN"):
+        event = customer_event(after=customer(purchase_amount=amount))
+        assert registry.decode(registry.encode("customer", event))[1]["after"][
+            "purchase_amount"] == amount
+
+
+def test_v1_writer_still_refuses_a_decimal_with_more_scale() -> None:
+    # A silent rounding of money would be worse than an error (the v1 contract, kept).
+    v1 = fastavro.parse_schema(json.loads((SCHEMAS / "customer" / "v1.avsc").read_text("utf-8")))
+    row = {"customer_id": 42, "family_name": "张", "given_name": "三", "name_order": "eastern",
+           "gender": "男", "purchase_amount": Decimal("5000.001"), "updated_at": TS}
+    event = {"event_id": "1/0", "op": "CREATE",
+             "source": {k: v for k, v in source("crm.customers").items() if k != "profile"},
+             "before": None, "after": row}
     with pytest.raises(ValueError):
-        registry.encode("customer", customer_event(after=customer(
-            purchase_amount=Decimal("5000.001"))))
+        fastavro.schemaless_writer(io.BytesIO(), v1, event)
+    row["purchase_amount"] = Decimal("5000.00")
+    fastavro.schemaless_writer(io.BytesIO(), v1, event)  # the same event at scale 2 is fine
 
 
 def test_unknown_kind_is_a_config_error(registry: SchemaRegistry) -> None:
@@ -298,7 +362,7 @@ def test_unknown_fingerprint_names_it(registry: SchemaRegistry) -> None:
 @pytest.mark.parametrize("cut", [1, 5, 40])
 def test_truncated_body_is_a_decode_error(registry: SchemaRegistry, cut: int) -> None:
     data = registry.encode("order", order_event())
-    with pytest.raises(DecodeError, match="order v1"):
+    with pytest.raises(DecodeError, match="order v2"):
         registry.decode(data[:-cut])
 
 

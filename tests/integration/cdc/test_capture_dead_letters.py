@@ -69,13 +69,13 @@ def _letters(sync_env: SyncEnv) -> dict[str, tuple[Any, ...]]:
 
 def _partners(sync_env: SyncEnv) -> dict[int, Any]:
     with sync_env.erp() as erp:
-        return dict(erp.execute("SELECT crm_customer_id, notes FROM erp.business_partners "
-                                "WHERE NOT deleted").fetchall())
+        return {int(k): v for k, v in erp.execute(
+            "SELECT crm_customer_id, notes FROM erp.business_partners WHERE NOT deleted")}
 
 
 def _demands(sync_env: SyncEnv) -> set[int]:
     with sync_env.erp() as erp:
-        return {r[0] for r in erp.execute("SELECT crm_demand_id FROM erp.demand_signals")}
+        return {int(r[0]) for r in erp.execute("SELECT crm_demand_id FROM erp.demand_signals")}
 
 
 def test_special_values_are_capture_dead_letters_and_later_changes_flow(
@@ -243,7 +243,7 @@ def test_redrive_of_capture_letters_rereads_the_fixed_row(sync_env: SyncEnv) -> 
                    message="the re-read row in the ERP")
     with sync_env.erp() as erp:
         amount = erp.execute("SELECT purchase_amount FROM erp.business_partners "
-                             "WHERE crm_customer_id = %s", (cid,)).fetchone()
+                             "WHERE crm_customer_id = %s", (str(cid),)).fetchone()
     assert amount is not None and amount[0] == 5000
     assert _held(sync_env) == 0
 

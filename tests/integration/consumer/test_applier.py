@@ -61,7 +61,7 @@ def erp_fingerprint(sync_env: SyncEnv) -> list[Any]:
                     ("erp.business_partners", "crm_customer_id, full_name, phone_e164, deleted, "
                      "source_lsn, source_seq"),
                     ("erp.sales_orders", "crm_order_id, status_code, deleted, source_lsn"),
-                    ("erp.sales_order_items", "crm_order_id, line_no, quantity, deleted"),
+                    ("erp.sales_order_items", "crm_order_id, crm_line_id, quantity, deleted"),
                     ("erp.stock", "sku, reserved, issued"))]
 
 
@@ -149,19 +149,83 @@ def test_poison_messages_go_to_the_dlq_beside_good_ones(sync_env: SyncEnv) -> No
     assert all(p.lag == 0 for p in group_lag(settings))
 
 
+def _masked_customer_with_an_order(crm: Any, order_id: int) -> int:
+    """A customer the mapping refuses (the brief's masked phone) and an order of theirs."""
+    cid = crm.execute("INSERT INTO crm.customers (family_name, given_name, phone) VALUES "
+                      "('张', '三', '138xxxx5678') RETURNING customer_id").fetchone()[0]
+    with crm.transaction():
+        crm.execute("INSERT INTO crm.sales_orders (order_id, order_no, customer_id, "
+                    "order_date, status) VALUES (%s, %s, %s, '2023-01-01', '已付款')",
+                    (order_id, f"O{order_id}", cid))
+        crm.execute("INSERT INTO crm.order_lines VALUES (%s, 1, %s, 'P-PHONE-5G', '手机', "
+                    "'10台', 5000)", (order_id, cid))
+    return int(cid)
+
+
 def test_events_after_a_dead_letter_of_the_same_key_are_held(sync_env: SyncEnv) -> None:
     produce_all(sync_env)
     with sync_env.crm() as crm:
-        cid = crm.execute("INSERT INTO crm.customers (family_name, given_name, phone) VALUES "
-                          "('张', '三', '138xxxx5678') RETURNING customer_id").fetchone()[0]
-        crm.execute("UPDATE crm.customers SET phone = '13812345678' WHERE customer_id = %s",
-                    (cid,))
+        _masked_customer_with_an_order(crm, 31)
     produce_all(sync_env)
     consume_all(sync_env)
     with sync_env.erp() as erp:
         assert erp.execute("SELECT count(*) FROM erp.business_partners").fetchone() == (0,)
         assert erp.execute("SELECT reason FROM sync.held_events").fetchall() == [
             ("key_blocked",)]
+
+
+def test_a_fixed_crm_row_supersedes_its_dead_letter_and_releases_the_key(
+        sync_env: SyncEnv) -> None:
+    produce_all(sync_env)
+    with sync_env.crm() as crm:
+        cid = _masked_customer_with_an_order(crm, 32)
+    produce_all(sync_env)
+    consume_all(sync_env)  # the customer is dead-lettered, its order held behind it
+    with sync_env.crm() as crm:  # the operator corrects the CRM
+        crm.execute("UPDATE crm.customers SET phone = '010-65521234转123' "
+                    "WHERE customer_id = %s", (cid,))
+    produce_all(sync_env)
+    consume_all(sync_env)
+    with sync_env.erp() as erp:
+        assert erp.execute("SELECT phone_e164, phone_extension FROM erp.business_partners "
+                           "WHERE crm_customer_id = %s", (cid,)).fetchall() == [
+            ("+861065521234", "123")]
+        assert erp.execute("SELECT crm_order_id, status_code FROM erp.sales_orders"
+                           ).fetchall() == [(32, "PAID")]
+        assert erp.execute("SELECT count(*) FROM sync.held_events").fetchone() == (0,)
+        assert erp.execute("SELECT state, event_kind FROM sync.dead_letters").fetchall() == [
+            ("superseded", "customer")]
+        assert erp.execute("SELECT action, actor, outcome FROM sync.dead_letter_actions"
+                           ).fetchall() == [("supersede", "consumer", "superseded")]
+
+
+def test_a_fix_in_the_same_batch_supersedes_too(sync_env: SyncEnv) -> None:
+    produce_all(sync_env)
+    with sync_env.crm() as crm:
+        fixed = crm.execute("INSERT INTO crm.customers (family_name, given_name, phone) VALUES "
+                            "('张', '三', '138****5678') RETURNING customer_id").fetchone()[0]
+        crm.execute("UPDATE crm.customers SET phone = '13812345678' WHERE customer_id = %s",
+                    (fixed,))
+        # Fixed, then broken again: a fix older than an open letter does not supersede it.
+        again = crm.execute("INSERT INTO crm.customers (family_name, given_name, phone) VALUES "
+                            "('李', '四', '139****5678') RETURNING customer_id").fetchone()[0]
+        crm.execute("UPDATE crm.customers SET phone = '13912345678' WHERE customer_id = %s",
+                    (again,))
+        crm.execute("UPDATE crm.customers SET phone = '139xxxx5678' WHERE customer_id = %s",
+                    (again,))
+    produce_all(sync_env)
+    consume_all(sync_env)
+    with sync_env.erp() as erp:
+        assert erp.execute("SELECT crm_customer_id, phone_e164 FROM erp.business_partners"
+                           ).fetchall() == [(fixed, "+8613812345678")]
+        letters = erp.execute('SELECT msg_key, "offset", state FROM sync.dead_letters'
+                              ).fetchall()
+        assert sorted((int(k), o, state) for k, o, state in letters)[0][2] == "superseded"
+        assert [(k, state) for k, _, state in sorted((int(k), o, st) for k, o, st in letters)
+                ] == [
+            (fixed, "superseded"), (again, "open"), (again, "open")]
+        assert erp.execute("SELECT msg_key FROM sync.held_events").fetchall() == [
+            (str(again).encode(),)]
 
 
 def customer_and_order_records(sync_env: SyncEnv, order_id: int,
@@ -199,7 +263,7 @@ def test_an_order_before_its_customer_is_held_then_applied(sync_env: SyncEnv) ->
     ErpConsumer(other).run(until_idle_s=3)
     with sync_env.erp() as erp:
         assert erp.execute("SELECT reason, waits_for FROM sync.held_events").fetchall() == [
-            ("awaiting_customer", cid)]
+            ("awaiting_customer", str(cid))]
         assert erp.execute("SELECT count(*) FROM erp.sales_orders").fetchone() == (0,)
     producer.send(other.sales_topic, key=customer_record.key,
                   value=customer_record.value).get(30)

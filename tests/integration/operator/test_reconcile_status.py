@@ -7,7 +7,7 @@ from service import ops
 from service.demo.load import load_demo
 from tests.conftest import SyncEnv
 from tests.helpers import wait_until
-from tests.integration.operator.conftest import Cli, Running
+from tests.integration.conftest import Cli, Running
 
 
 def test_reconcile_finds_and_repairs_drift_and_status_says_so(
@@ -37,13 +37,13 @@ def test_reconcile_finds_and_repairs_drift_and_status_says_so(
                     "WHERE crm_order_id = %s", (changed,))
         erp.execute("INSERT INTO erp.business_partners (crm_customer_id, full_name, gender_code, "
                     "source_lsn, source_seq, event_id, crm_commit_time) "
-                    "VALUES (999999, '假 人', 'U', 1, 0, 'by-hand', now())")
+                    "VALUES ('999999', '假 人', 'U', 1, 0, 'by-hand', now())")
 
     drift = cli(settings, "reconcile", "--json", "--chunk-size", "25")
     assert drift.code == 1
     by_entity = {e["entity"]: e for e in drift.json["entities"]}
     assert by_entity["customers"]["missing"] == [gone]
-    assert by_entity["customers"]["extra"] == [999999]
+    assert by_entity["customers"]["extra"] == ["999999"]
     assert by_entity["orders"]["differing"] == {str(changed): ["status_code"]}
     assert by_entity["demand"]["missing"] == by_entity["demand"]["extra"] == []
     only_orders = cli(settings, "reconcile", "--entity", "orders")
@@ -56,7 +56,7 @@ def test_reconcile_finds_and_repairs_drift_and_status_says_so(
     assert again.code == 0 and again.json["drift"] == 0
     with sync_env.erp() as erp:
         assert erp.execute("SELECT deleted FROM erp.business_partners "
-                           "WHERE crm_customer_id = 999999").fetchone() == (True,)
+                           "WHERE crm_customer_id = '999999'").fetchone() == (True,)
 
     running.stop(producer)
     stopped = cli(settings, "status", "--json")

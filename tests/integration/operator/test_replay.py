@@ -13,7 +13,7 @@ from service.operator.replay import group_members
 from service.ops import group_lag
 from tests.conftest import SyncEnv
 from tests.helpers import read_topic, wait_until
-from tests.integration.operator.conftest import Cli, Running
+from tests.integration.conftest import Cli, Running
 
 
 def produce_all(sync_env: SyncEnv) -> None:

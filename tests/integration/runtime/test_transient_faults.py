@@ -100,8 +100,8 @@ def _crm_state(sync_env: SyncEnv) -> dict[int, str | None]:
 
 def _erp_state(sync_env: SyncEnv) -> dict[int, str | None]:
     with psycopg.connect(sync_env.settings.erp_dsn, autocommit=True) as erp:
-        return dict(erp.execute("SELECT crm_customer_id, notes FROM erp.business_partners "
-                                "WHERE NOT deleted").fetchall())
+        return {int(k): v for k, v in erp.execute(
+            "SELECT crm_customer_id, notes FROM erp.business_partners WHERE NOT deleted")}
 
 
 def _readiness(port: int) -> tuple[int, dict[str, Any]]:

@@ -75,8 +75,9 @@ def through_the_producer(table: str, columns: dict[str, tuple[int, Any]],
     except CaptureRejected:
         return "dead letter"  # the decoder's path: UnrepresentableValue, a letter
     try:
-        (event,) = build_events([RowChange(table, CREATE, None, row)], lsn=0x16B374D848,
-                                xid=7, commit_time=COMMIT)
+        (event,) = build_events([RowChange(table, CREATE, None, row)],
+                                profile=PRODUCER.profile, refs=PRODUCER.refs,
+                                lsn=0x16B374D848, xid=7, commit_time=COMMIT)
     except CaptureRejected:
         return "dead letter"
     encoded = PRODUCER._encoded(event)
@@ -85,7 +86,7 @@ def through_the_producer(table: str, columns: dict[str, tuple[int, Any]],
         return "dead letter"
     kind, decoded = REGISTRY.decode(encoded)
     assert kind == event.kind
-    assert decoded["after"] == row  # what was sent is what the CRM holds
+    assert decoded["after"] == event.record["after"]  # sent as built from the CRM's row
     return "event"
 
 
@@ -110,9 +111,8 @@ def test_the_special_values_take_the_dead_letter_path() -> None:
         "customer_id": "1", "family_name": "李", "given_name": "娜", "gender": "女",
         "name_order": "eastern", "updated_at": "2026-11-28 12:00:00+00"}
     assert through_the_producer("crm.customers", CUSTOMER_COLUMNS, base) == "event"
-    for column, text in [("purchase_amount", "NaN"), ("purchase_amount", "1.234"),
+    for column, text in [("purchase_amount", "NaN"), ("purchase_amount", "Infinity"),
                          ("birth_date", "0044-03-15 BC"), ("birth_date", "infinity"),
-                         ("updated_at", "-infinity"), ("purchase_amount",
-                                                       "123456789012345678.12")]:
+                         ("birth_date", "10000-01-01"), ("updated_at", "-infinity")]:
         assert through_the_producer("crm.customers", CUSTOMER_COLUMNS,
                                     {**base, column: text}) == "dead letter", (column, text)

@@ -1,7 +1,9 @@
-"""service.cdc.events: a CRM transaction's row changes -> the events the producer sends."""
+"""service.cdc.events: a CRM transaction's row changes -> the canonical events the producer
+sends, mapped by the demo source profile (the demo CRM's rows, as pgoutput gives them)."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -16,19 +18,34 @@ from service.cdc.events import (
     READ,
     UPDATE,
     Outgoing,
+    References,
     RowChange,
     build_events,
+    canonical,
     converter_for,
     event_id,
-    row_key,
 )
-from service.errors import PgOutputError
+from service.cdc.profile import SourceProfile, load_profile
+from service.errors import PgOutputError, UnresolvedReference
 
 SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"
 LSN = 0x16B374D848
 XID = 7001
 COMMIT = datetime(2026, 11, 28, 12, 0, 0, 123456, tzinfo=UTC)
 T0 = COMMIT - timedelta(minutes=5)
+DEMO = load_profile("demo")
+
+
+def _without_line_customer(profile: SourceProfile) -> SourceProfile:
+    """The demo profile as for a CRM whose lines do not carry their customer (BottleCRM):
+    line-only changes must then be partitioned through their order."""
+    lines = dataclasses.replace(profile.entities["order_line"], customer_column=None)
+    entities = {**profile.entities, "order_line": lines}
+    return dataclasses.replace(profile, entities=entities,
+                               by_table={e.table: e for e in entities.values()})
+
+
+LINES_WITHOUT_CUSTOMER = _without_line_customer(DEMO)
 
 
 def customer(cid: int = 42, **overrides: Any) -> dict[str, Any]:
@@ -68,6 +85,41 @@ def demand(did: int = 7) -> dict[str, Any]:
             "content": "5G手机市场增长迅速", "observed_at": T0}
 
 
+# The canonical records (schemas/*/v2.avsc) the demo profile makes of those rows.
+def canonical_customer(cid: int = 42, **overrides: Any) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "key": str(cid), "full_name": None, "family_name": "张", "given_name": "三",
+        "middle_name": None, "name_order": "eastern", "gender": "男",
+        "birth_date": date(1990, 5, 17), "phone": "13812345678", "email": None,
+        "address": "北京市朝阳区建国路88号", "street": None, "city": None, "region": None,
+        "postcode": None, "country": None, "currency": None, "purchase_frequency": "每月1次",
+        "purchase_amount": "5000.00", "product_preference": "电子产品", "notes": None,
+    }
+    record.update(overrides)
+    return record
+
+
+def canonical_header(order_id: int = 9001, cid: int = 42, **overrides: Any) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "key": str(order_id), "order_no": "20230101", "order_date": date(2023, 1, 1),
+        "status": "待付款", "currency": "元", "total_amount": None,
+        "customer_key": str(cid),
+    }
+    record.update(overrides)
+    return record
+
+
+def canonical_line(line_no: int, order_id: int = 9001, price: str = "5000.00",
+                   **overrides: Any) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "key": f'["{order_id}","{line_no}"]', "product_code": f"P-{line_no:03d}",
+        "product_name": "手机", "quantity": "10台", "unit": None, "unit_price": price,
+        "order_key": str(order_id),
+    }
+    record.update(overrides)
+    return record
+
+
 def mixed_transaction() -> list[RowChange]:
     """customer insert, order header insert + 2 lines, customer update, market demand insert."""
     return [
@@ -81,8 +133,28 @@ def mixed_transaction() -> list[RowChange]:
     ]
 
 
-def build(changes: list[RowChange], **kw: Any) -> list[Outgoing]:
-    return build_events(changes, lsn=LSN, xid=XID, commit_time=COMMIT, **kw)
+class OrderBook:
+    """The producer's order lookup for lines without their header: the CRM's current orders
+    (a reference miss reads the CRM's row), counting what was asked."""
+
+    def __init__(self, *orders: dict[str, Any]) -> None:
+        self.rows = {str(o["order_id"]): o for o in orders}
+        self.asked: list[tuple[str, str]] = []
+
+    def __call__(self, entity: str, key: str) -> dict[str, Any] | None:
+        self.asked.append((entity, key))
+        row = self.rows.get(key) if entity == "order" else None
+        return None if row is None else canonical(DEMO.entities["order"], row, References())
+
+
+def build(changes: list[RowChange], refs: References | None = None, *,
+          profile: SourceProfile = DEMO, **kw: Any) -> list[Outgoing]:
+    if refs is None:
+        refs = References(OrderBook(header(9001, 42), header(9002, 43)))
+    kw.setdefault("lsn", LSN)
+    kw.setdefault("xid", XID)
+    kw.setdefault("commit_time", COMMIT)
+    return build_events(changes, profile=profile, refs=refs, **kw)
 
 
 def test_mixed_transaction_kinds_keys_and_order() -> None:
@@ -92,6 +164,7 @@ def test_mixed_transaction_kinds_keys_and_order() -> None:
         ("market_demand", CREATE)]
     assert [e.key for e in events] == [b"42", b"42", b"42", b"7"]
     assert all(isinstance(e.key, bytes) for e in events)
+    assert [e.record["key"] for e in events] == ["42", "9001", "42", "7"]
     seqs = [e.record["source"]["seq"] for e in events]
     assert seqs == [0, 1, 4, 5]  # the order takes the position of its first change
     assert seqs == sorted(seqs)
@@ -110,11 +183,14 @@ def test_building_twice_gives_identical_events() -> None:
     first, second = build(mixed_transaction()), build(mixed_transaction())
     assert first == second
     assert [e.event_id for e in first] == [e.event_id for e in second]
+    # The same References already fed by the first build change nothing either.
+    refs = References()
+    assert build(mixed_transaction(), refs) == build(mixed_transaction(), refs) == first
 
 
 def test_a_later_transaction_gets_different_ids() -> None:
     ids = {e.event_id for e in build(mixed_transaction())}
-    later = build_events(mixed_transaction(), lsn=LSN + 1, xid=XID + 1, commit_time=COMMIT)
+    later = build(mixed_transaction(), lsn=LSN + 1, xid=XID + 1)
     assert ids.isdisjoint(e.event_id for e in later)
 
 
@@ -124,26 +200,29 @@ def test_source_block() -> None:
         "crm.customers", "crm.sales_orders", "crm.customers", "crm.market_demand"]
     for e in events:
         src = e.record["source"]
-        assert (src["lsn"], src["txid"], src["commit_time"], src["snapshot"]) == (
-            LSN, XID, COMMIT, False)
+        assert (src["lsn"], src["txid"], src["commit_time"], src["snapshot"],
+                src["profile"]) == (LSN, XID, COMMIT, False, "demo")
 
 
 def test_customer_events_carry_before_and_after() -> None:
-    changes = mixed_transaction()
-    _, _, update, _ = build(changes)
-    assert update.record["before"] == changes[4].before
-    assert update.record["after"]["phone"] == "13912345678"
-    assert update.record["after"]["updated_at"] == COMMIT
+    _, _, update, _ = build(mixed_transaction())
+    assert update.record["key"] == "42"
+    assert update.record["before"] == canonical_customer()
+    assert update.record["after"] == canonical_customer(phone="13912345678")
+    # Only canonical fields travel: the demo CRM's bookkeeping column does not.
+    assert "updated_at" not in update.record["after"]
 
 
 def test_order_header_and_lines_become_one_event() -> None:
     order = build(mixed_transaction())[1]
     rec = order.record
-    assert (rec["order_id"], rec["customer_id"]) == (9001, 42)
-    assert rec["before"] is None and rec["after"] == header()
-    assert [(ln["op"], ln["after"]["line_no"]) for ln in rec["lines"]] == [
-        (CREATE, 1), (CREATE, 2)]
-    assert rec["lines"][1]["after"]["unit_price"] == Decimal("12345678901.23")
+    assert (rec["key"], rec["customer_key"], order.key) == ("9001", "42", b"42")
+    assert rec["before"] is None and rec["after"] == canonical_header()
+    assert [(ln["op"], ln["after"]["key"]) for ln in rec["lines"]] == [
+        (CREATE, '["9001","1"]'), (CREATE, '["9001","2"]')]
+    assert rec["lines"][0]["after"] == canonical_line(1)
+    # Exact decimal text: no float, no lost digit.
+    assert rec["lines"][1]["after"]["unit_price"] == "12345678901.23"
     assert all(ln["before"] is None for ln in rec["lines"])
 
 
@@ -155,13 +234,21 @@ def test_two_orders_of_two_customers_in_one_transaction() -> None:
         RowChange("crm.order_lines", CREATE, None, line(1, 9001, 42)),
         RowChange("crm.order_lines", DELETE, line(2, 9002, 43), None),
     ]
-    first, second = build(changes)
-    assert (first.record["order_id"], first.key, first.event_id) == (9002, b"43", f"{LSN:X}/0")
-    assert (second.record["order_id"], second.key, second.event_id) == (
-        9001, b"42", f"{LSN:X}/1")
+    book = OrderBook(header(9002, 43))
+    first, second = build(changes, References(book), profile=LINES_WITHOUT_CUSTOMER)
+    assert (first.record["key"], first.key, first.event_id) == ("9002", b"43", f"{LSN:X}/0")
+    assert (second.record["key"], second.key, second.event_id) == (
+        "9001", b"42", f"{LSN:X}/1")
     assert [ln["op"] for ln in first.record["lines"]] == [UPDATE, DELETE]
     assert first.record["lines"][1]["after"] is None
+    assert first.record["lines"][1]["before"] == canonical_line(2, 9002)
     assert len(second.record["lines"]) == 1
+    # Only the order without its header in the transaction was looked up, once.
+    assert book.asked == [("order", "9002")]
+    # Where the lines carry their customer (the demo CRM), nothing is looked up.
+    book = OrderBook(header(9002, 43))
+    assert build(changes, References(book)) == [first, second]
+    assert book.asked == []
 
 
 def test_order_inserted_then_deleted_in_one_transaction_is_a_delete() -> None:
@@ -175,7 +262,7 @@ def test_order_inserted_then_deleted_in_one_transaction_is_a_delete() -> None:
     assert event.kind == "order"
     assert event.record["op"] == DELETE
     assert event.record["after"] is None
-    assert event.record["order_id"] == 9001 and event.key == b"42"
+    assert event.record["key"] == "9001" and event.key == b"42"
     assert [ln["op"] for ln in event.record["lines"]] == [CREATE, DELETE]
 
 
@@ -187,7 +274,7 @@ def test_order_updated_then_deleted_keeps_the_first_before() -> None:
     ]
     (event,) = build(changes)
     assert event.record["op"] == DELETE
-    assert event.record["before"] == header()
+    assert event.record["before"] == canonical_header()
     assert event.record["after"] is None
 
 
@@ -200,7 +287,7 @@ def test_order_inserted_then_updated_is_a_create_with_the_last_after() -> None:
     (event,) = build(changes)
     assert event.record["op"] == CREATE
     assert event.record["before"] is None
-    assert event.record["after"] == paid
+    assert event.record["after"] == canonical_header(status="已付款")
 
 
 def test_lines_only_change_is_an_order_update_without_header() -> None:
@@ -213,21 +300,44 @@ def test_lines_only_change_is_an_order_update_without_header() -> None:
     assert event.kind == "order" and event.key == b"42"
     assert rec["op"] == UPDATE
     assert rec["before"] is None and rec["after"] is None
-    assert (rec["order_id"], rec["customer_id"]) == (9001, 42)
+    assert (rec["key"], rec["customer_key"]) == ("9001", "42")
     assert rec["source"]["table"] == "crm.order_lines"
     assert [ln["op"] for ln in rec["lines"]] == [UPDATE, CREATE]
     assert rec["lines"][0]["after"]["quantity"] == "12台"
 
 
+def test_an_order_seen_before_partitions_its_later_lines_without_a_lookup() -> None:
+    book = OrderBook()  # the CRM would not find it: the remembered order must be used
+    refs = References(book)
+    build([RowChange("crm.sales_orders", CREATE, None, header(9005, 77))], refs,
+          profile=LINES_WITHOUT_CUSTOMER)
+    (event,) = build([RowChange("crm.order_lines", CREATE, None, line(1, 9005, 77))], refs,
+                     lsn=LSN + 1, profile=LINES_WITHOUT_CUSTOMER)
+    assert (event.key, event.record["customer_key"]) == (b"77", "77")
+    assert book.asked == []
+
+
+def test_lines_of_an_order_the_crm_does_not_have_are_refused() -> None:
+    with pytest.raises(UnresolvedReference) as info:
+        build([RowChange("crm.order_lines", CREATE, None, line(1, 9999, 42))],
+              References(OrderBook()), profile=LINES_WITHOUT_CUSTOMER)
+    assert (info.value.table, info.value.column, info.value.entity) == (
+        "crm.order_lines", "order_id", "order")
+
+
 def test_customer_delete_is_keyed_by_the_before_row() -> None:
     (event,) = build([RowChange("crm.customers", DELETE, customer(77), None)])
-    assert event.key == b"77"
+    assert event.key == b"77" and event.record["key"] == "77"
     assert event.record["op"] == DELETE and event.record["after"] is None
+    assert event.record["before"] == canonical_customer(77)
 
 
 def test_market_demand_is_keyed_by_demand_id() -> None:
     (event,) = build([RowChange("crm.market_demand", UPDATE, demand(123), demand(123))])
     assert event.kind == "market_demand" and event.key == b"123"
+    assert event.record["after"] == {
+        "key": "123", "kind": "市场趋势", "product_category": "手机",
+        "content": "5G手机市场增长迅速", "observed_at": T0}
 
 
 def test_snapshot_reads() -> None:
@@ -237,8 +347,7 @@ def test_snapshot_reads() -> None:
         RowChange("crm.sales_orders", READ, None, header(9001, 2)),
         RowChange("crm.market_demand", READ, None, demand(5)),
     ]
-    events = build_events(reads, lsn=LSN, xid=0, commit_time=COMMIT, snapshot=True,
-                          first_seq=10)
+    events = build(reads, xid=0, snapshot=True, first_seq=10)
     assert [e.event_id for e in events] == [f"snap/{LSN:X}/{s}" for s in (10, 11, 12, 13)]
     assert all(e.event_id.startswith("snap/") for e in events)
     assert [e.record["op"] for e in events] == [READ] * 4
@@ -248,6 +357,17 @@ def test_snapshot_reads() -> None:
     # Snapshot ids never collide with the ids of the change that carried the watermark.
     changes = {e.event_id for e in build(mixed_transaction())}
     assert changes.isdisjoint(e.event_id for e in events)
+
+
+def test_snapshot_of_an_order_with_its_lines_is_one_read() -> None:
+    reads = [RowChange("crm.sales_orders", READ, None, header()),
+             RowChange("crm.order_lines", READ, None, line(1)),
+             RowChange("crm.order_lines", READ, None, line(2))]
+    (event,) = build(reads, xid=0, snapshot=True)
+    assert event.record["op"] == READ
+    assert [ln["op"] for ln in event.record["lines"]] == [READ, READ]
+    assert [ln["after"]["key"] for ln in event.record["lines"]] == [
+        '["9001","1"]', '["9001","2"]']
 
 
 def test_event_id_format() -> None:
@@ -261,16 +381,20 @@ def test_change_without_row_data_is_refused() -> None:
         build([RowChange("crm.customers", DELETE, None, None)])
 
 
-def test_row_key() -> None:
-    assert row_key("crm.customers", customer(42)) == (42,)
-    assert row_key("crm.order_lines", line(2, 9001)) == (9001, 2)
+def test_entity_key_text() -> None:
+    assert DEMO.entities["customer"].key_text(customer(42)) == "42"
+    assert DEMO.entities["order_line"].key_text(line(2, 9001)) == '["9001","2"]'
 
 
 def test_every_event_encodes_with_the_schemas() -> None:
     registry = SchemaRegistry.load(SCHEMAS)
     changes = [*mixed_transaction(),
-               RowChange("crm.order_lines", UPDATE, line(1, 9009), line(1, 9009, price="1.50"))]
-    for event in build(changes):
+               RowChange("crm.order_lines", UPDATE, line(1, 9002, 43),
+                         line(1, 9002, 43, price="1.50"))]
+    events = build(changes)
+    assert [e.kind for e in events] == ["customer", "order", "customer", "market_demand",
+                                        "order"]
+    for event in events:
         kind, decoded = registry.decode(registry.encode(event.kind, event.record))
         assert kind == event.kind
         assert decoded == event.record
@@ -310,6 +434,8 @@ def test_timestamp_without_zone_is_taken_as_utc() -> None:
     (1082, "2023-01-01", date(2023, 1, 1)),
     (25, "北京市朝阳区建国路88号", "北京市朝阳区建国路88号"),  # text
     (1043, "10台", "10台"),  # varchar
+    (2950, "0b6e9f5c-8c1e-4e8a-9a3b-1f2e3d4c5b6a",
+     "0b6e9f5c-8c1e-4e8a-9a3b-1f2e3d4c5b6a"),  # uuid stays its text
     (99999, "anything", "anything"),  # unknown types stay text
 ])
 def test_converters(oid: int, text: str, expected: Any) -> None:

@@ -201,3 +201,36 @@ def _as_dict() -> dict[str, dict[str, str]]:
 
     with open(DEFAULT_PATH, "rb") as fh:
         return tomllib.load(fh)
+
+
+# --- [unit_kind] and [phone] -------------------------------------------------------------
+
+def test_shipped_unit_kinds(shipped: Mappings) -> None:
+    assert set(shipped.unit_kind) == set(shipped.units.values())
+    assert {u for u, k in shipped.unit_kind.items() if k == "countable"} == {
+        "UNIT", "PCE", "BOX", "SET"}
+
+
+def test_unknown_unit_kind(tmp_path: Path) -> None:
+    err = load_error(broken(tmp_path, 'KGM = "measured"', 'KGM = "weighed"'))
+    assert "unit_kind.KGM" in err.variable and "countable, measured" in err.problem
+
+
+def test_unit_without_kind(tmp_path: Path) -> None:
+    err = load_error(broken(tmp_path, 'MTR = "measured"\n', ""))
+    assert "unit_kind.MTR" in err.variable and "missing" in err.problem
+
+
+def test_shipped_phone_settings(shipped: Mappings) -> None:
+    assert shipped.phone_region == "CN"
+    assert {"无", "-", "暂无"} <= shipped.no_number
+
+
+def test_phone_region_must_be_iso_3166(tmp_path: Path) -> None:
+    err = load_error(broken(tmp_path, 'default_region = "CN"', 'default_region = "China"'))
+    assert "phone.default_region" in err.variable and "ISO 3166" in err.problem
+
+
+def test_phone_section_unknown_key(tmp_path: Path) -> None:
+    err = load_error(broken(tmp_path, 'default_region = "CN"', 'region = "CN"'))
+    assert "phone.region" in err.variable

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
+from service.cdc.events import References
+from service.cdc.profile import load_profile
 from service.cli import build_parser
 from service.erp.mappings import Mappings
 from service.errors import ConfigError
 from service.operator import render
 from service.operator.common import parse_time
-from service.operator.reconcile import ENTITIES, EntityReport, _compare, _expected
+from service.operator.reconcile import ENTITIES, EntityReport, Reconciler, _compare, _expected
 from service.operator.replay import parse_offsets
 
 
@@ -49,6 +53,7 @@ def test_every_operator_command_has_help() -> None:
 
 def test_reconcile_compares_mapped_fields_with_the_pipeline_transform() -> None:
     mappings = Mappings.load()
+    profile = load_profile("demo")
     entity = ENTITIES["orders"]
     report = EntityReport("orders")
     crm = [{"order_id": 1, "order_no": "A1", "customer_id": 7, "order_date": date(2023, 1, 1),
@@ -57,16 +62,47 @@ def test_reconcile_compares_mapped_fields_with_the_pipeline_transform() -> None:
             "status": "不存在", "currency": "元", "updated_at": datetime.now(UTC)}]
     lines = [{"order_id": 1, "line_no": 1, "customer_id": 7, "product_code": "P-LAPTOP",
               "product_name": "笔记本电脑", "quantity": "2台", "unit_price": Decimal("10")}]
-    expected = _expected(entity, crm, lines, mappings, report)
-    assert set(expected) == {1}
-    assert "status" in report.unmappable[2]
-    assert expected[1]["status_code"] == "PAID"
-    assert expected[1]["items"] == {1: ("SKU-100003", "笔记本电脑", Decimal(2), "UNIT",
-                                        Decimal("10"))}
-    have = {1: {**expected[1], "status_code": "CANCELLED", "deleted": False, "source_lsn": 5,
-                "source_seq": 0},
-            3: {**expected[1], "deleted": False, "source_lsn": 9, "source_seq": 1}}
-    positions: dict[int, tuple[int, int]] = {}
-    _compare(entity, expected, have, report, positions)
-    assert report.differing == {1: ["status_code"]}
-    assert report.extra == [3] and positions == {3: (9, 1)}
+    expected = _expected(entity, profile, References(), crm, lines, mappings, report)
+    assert set(expected) == {"1"}
+    assert "status" in report.unmappable["2"]
+    assert expected["1"]["status_code"] == "PAID"
+    assert expected["1"]["crm_customer_id"] == "7"
+    assert expected["1"]["items"] == {'["1","1"]': ("SKU-100003", "笔记本电脑", Decimal(2),
+                                                    "UNIT", Decimal("10"))}
+    have = {"1": {**expected["1"], "status_code": "CANCELLED", "deleted": False,
+                  "source_lsn": 5, "source_seq": 0},
+            "3": {**expected["1"], "deleted": False, "source_lsn": 9, "source_seq": 1},
+            "2": {**expected["1"], "deleted": False, "source_lsn": 4, "source_seq": 0}}
+    _compare(expected, have, report)
+    assert report.differing == {"1": ["status_code"]}
+    # Pass 1 judges only CRM keys: "3" (ERP only) is left to pass 2, "2" is unmappable.
+    assert report.missing == [] and report.extra == []
+
+    # Pass 2: live ERP rows, in key order and in chunks, whose CRM row is gone.
+    class Erp:
+        def __init__(self, rows: list[tuple[str, int, int]]) -> None:
+            self.rows = sorted(rows)
+
+        def execute(self, query: str, params: list[Any]) -> Any:
+            assert "NOT deleted" in query and "ORDER BY crm_order_id" in query
+            after = params[0] if len(params) == 2 else None
+            limit = params[-1]
+            rows = [r for r in self.rows if after is None or r[0] > after][:limit]
+            return SimpleNamespace(fetchall=lambda: rows)
+
+    asked: list[list[str]] = []
+
+    class Rec(Reconciler):
+        def _live_in_crm(self, crm: Any, ent: Any, keys: list[str]) -> set[str]:
+            asked.append(keys)
+            return {k for k in keys if k in ("1", "2")}
+
+    rec = object.__new__(Rec)
+    rec.chunk_size, rec.positions = 2, {}
+    erp = Erp([("1", 5, 0), ("2", 4, 0), ("3", 9, 1), ("4", 11, 2), ("5", 12, 0)])
+    report.unmappable["5"] = "MappingError: status"  # judged already: not also extra
+    rec._extra_pass(cast(Any, None), cast(Any, erp), entity, profile.entities["order"], report,
+                    None)
+    assert asked == [["1", "2"], ["3", "4"], ["5"]]
+    assert report.extra == ["3", "4"]
+    assert rec.positions == {"orders": {"3": (9, 1), "4": (11, 2)}}

@@ -1,0 +1,1 @@
+"""Shipped source profiles (TOML): which CRM tables and columns feed the canonical events."""

@@ -1,0 +1,138 @@
+"""`setup --check` on a real CRM: BottleCRM forces row-level security, so a capture role
+without BYPASSRLS would snapshot zero rows; the check refuses it and prints the SQL that fixes
+it, and after that SQL it passes. The demo CRM passes as it is."""
+
+from __future__ import annotations
+
+import uuid
+from importlib import resources
+from typing import Any
+
+import psycopg
+import pytest
+
+from service import cli
+from service.cdc.prerequisites import Check, check_prerequisites, fix_script
+from service.cdc.profile import load_profile
+from service.demo.bottlecrm import Role
+from tests.conftest import BottleCrmDb, Stack
+
+pytestmark = pytest.mark.timeout(1500)  # the first test of a session may build the template
+
+TABLES = ["public.accounts", "public.contacts", "public.orders", "public.order_line_item",
+          "public.product"]
+ROW_FILTER = {"public.orders": ["org_id"], "public.order_line_item": ["org_id"],
+              "public.accounts": ["id"]}  # the primary key: in the DEFAULT identity too
+
+
+def _by_name(checks: list[Check]) -> dict[str, Check]:
+    return {c.name: c for c in checks}
+
+
+def _check(conn: Any, tables: list[str], row_filter: dict[str, list[str]],
+           tag: str) -> list[Check]:
+    return check_prerequisites(conn, capture_role=None, tables=tables,
+                               row_filter_columns=row_filter, publication=f"pub_{tag}",
+                               slot=f"slot_{tag}")
+
+
+def test_a_capture_role_without_bypassrls_is_refused_until_the_printed_sql_is_run(
+        bottlecrm_db: BottleCrmDb, capture_role: Role, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    w = bottlecrm_db.writer
+    org = w.create_org("演示贸易有限公司")
+    account = w.create_account(org, "张三五金店")
+    product = w.create_product(org, "SKU-1", "服务器", 5000)
+    w.create_order(org, account, [{"product": product, "quantity": 10}])
+    role_dsn = capture_role.dsn(bottlecrm_db.dsn)
+    q = f'"{capture_role.name}"'
+
+    with psycopg.connect(role_dsn, autocommit=True) as conn:  # checked as the role itself
+        before = _by_name(_check(conn, TABLES, ROW_FILTER, capture_role.name))
+    assert before["wal_level"].ok and before[f"capture role {capture_role.name}"].ok
+    rls = before["row-level security"]
+    assert not rls.ok
+    assert rls.fix_sql == f"ALTER ROLE {q} BYPASSRLS;"
+    assert "silently reads zero rows" in rls.detail
+    assert all(f"{t} (forced)" in rls.detail for t in TABLES)
+    for table in TABLES:
+        assert not before[f"replica identity {table}"].ok
+        assert before[f"replica identity {table}"].fix_sql == (
+            f'ALTER TABLE "public"."{table.split(".")[1]}" REPLICA IDENTITY FULL;')
+        assert not before[f"read access {table}"].ok
+    assert before["read access public.orders"].fix_sql == (
+        f'GRANT SELECT ON TABLE "public"."orders" TO {q};')  # PUBLIC has USAGE on public
+    assert not before["row filter public.orders"].ok
+    assert before["row filter public.accounts"].ok
+    assert not before["producer schema crm_erp_sync"].ok
+    assert before["producer schema crm_erp_sync"].fix_sql == (
+        f'GRANT CREATE ON DATABASE "{bottlecrm_db.name}" TO {q};')
+
+    # An administrator checking on the role's behalf sees the same.
+    with bottlecrm_db.connect() as admin:
+        on_behalf = check_prerequisites(
+            admin, capture_role=capture_role.name, tables=TABLES,
+            row_filter_columns={"public.orders": ["no_such_column"]},
+            publication="p", slot="s")
+    assert _by_name(on_behalf)["row-level security"] == rls
+    assert _by_name(on_behalf)["row filter public.orders"] == Check(
+        "row filter public.orders", False, "no column(s) no_such_column on the table")
+
+    # The CLI prints the same and exits 1.
+    monkeypatch.setenv("CRM_ERP_SYNC_CRM_DSN", role_dsn)
+    assert cli.main(["setup", "--check", "--tables", ",".join(TABLES)]) == cli.EXIT_ATTENTION
+    printed = capsys.readouterr().out
+    assert f"✗ row-level security: {capture_role.name} is subject to row-level security" \
+        in printed
+    assert f"    ALTER ROLE {q} BYPASSRLS;" in printed.splitlines()
+
+    # The DBA runs exactly the printed SQL; then everything passes.
+    with psycopg.connect(bottlecrm_db.dsn, autocommit=True) as admin:
+        for statement in fix_script(list(before.values())).splitlines():
+            admin.execute(statement)
+    with psycopg.connect(role_dsn, autocommit=True) as conn:
+        after = _check(conn, TABLES, ROW_FILTER, capture_role.name)
+        assert [c for c in after if not c.ok] == []
+        # ...and what the check was about: the role now reads the rows a snapshot needs.
+        assert conn.execute("SELECT count(*) FROM orders").fetchone() == (1,)
+    assert cli.main(["setup", "--check", "--tables", ",".join(TABLES)]) == cli.EXIT_OK
+
+
+def test_without_bypassrls_the_snapshot_would_read_nothing(
+        bottlecrm_db: BottleCrmDb, capture_role: Role) -> None:
+    """What the RLS check guards against, shown on the real CRM: SELECT rights alone give
+    zero rows and no error."""
+    w = bottlecrm_db.writer
+    org = w.create_org("演示贸易有限公司")
+    w.create_account(org, "张三五金店")
+    with psycopg.connect(bottlecrm_db.dsn, autocommit=True) as admin:
+        admin.execute(f'GRANT SELECT ON TABLE public.accounts TO "{capture_role.name}"')
+    with psycopg.connect(capture_role.dsn(bottlecrm_db.dsn), autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM accounts").fetchone() == (0,)
+        checks = _by_name(_check(conn, ["public.accounts"], {}, capture_role.name))
+    assert checks["read access public.accounts"].ok
+    assert not checks["row-level security"].ok
+
+
+def test_the_demo_crm_passes(stack: Stack, capture_role: Role) -> None:
+    tag = f"demo_{uuid.uuid4().hex[:8]}"
+    name = f"bottlecrm_t{tag}"  # the capture_role fixture cleans grants in bottlecrm_t*
+    with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        with psycopg.connect(stack.dsn_for(name), autocommit=True) as conn:
+            conn.execute(resources.files("service.demo").joinpath("crm_schema.sql")
+                         .read_text("utf-8"))
+            checks = _check(conn, load_profile("demo").tables, {}, tag)  # as the stack's superuser
+            assert [c for c in checks if not c.ok] == []
+            conn.execute(f'GRANT USAGE ON SCHEMA crm TO "{capture_role.name}"')
+            conn.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA crm TO "{capture_role.name}"')
+            conn.execute(f'GRANT CREATE ON DATABASE "{name}" TO "{capture_role.name}"')
+        with psycopg.connect(capture_role.dsn(stack.dsn_for(name)), autocommit=True) as conn:
+            checks = _check(conn, load_profile("demo").tables, {}, tag)  # as a least-privilege role
+        assert [c for c in checks if not c.ok] == []
+        assert _by_name(checks)["row-level security"].detail == (
+            "no captured table has row-level security enabled")
+    finally:
+        with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -1,0 +1,222 @@
+"""service.erp.changes: canonical event records (schemas/*/v2.avsc) -> ERP rows."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from service.erp.changes import to_erp
+from service.erp.mappings import Mappings
+from service.errors import MappingError
+
+COMMIT = datetime(2026, 11, 29, 9, 0, tzinfo=UTC)
+ACCOUNT = "0b6e9f5c-8c1e-4e8a-9a3b-1f2e3d4c5b6a"
+
+
+@pytest.fixture(scope="module")
+def mappings() -> Mappings:
+    return Mappings.load()
+
+
+def source(table: str, profile: str = "demo") -> dict[str, Any]:
+    return {"lsn": 0x5A, "seq": 3, "txid": 9, "commit_time": COMMIT, "table": table,
+            "snapshot": False, "profile": profile}
+
+
+def customer(**overrides: Any) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "key": "42", "full_name": None, "family_name": "张", "given_name": "三",
+        "middle_name": None, "name_order": "eastern", "gender": "男",
+        "birth_date": date(1990, 5, 17), "phone": "138 1234 5678", "email": None,
+        "address": "北京市朝阳区建国路88号", "street": None, "city": None, "region": None,
+        "postcode": None, "country": None, "currency": None, "purchase_frequency": "每月1次",
+        "purchase_amount": "5000.00", "product_preference": "电子产品", "notes": None,
+    }
+    record.update(overrides)
+    return record
+
+
+def company(**overrides: Any) -> dict[str, Any]:
+    """A BottleCRM account: one name field, a structured address, no person's details."""
+    return customer(**{
+        "key": ACCOUNT, "full_name": "  北京星辰科技 有限公司 ", "family_name": None,
+        "given_name": None, "name_order": None, "gender": None, "birth_date": None,
+        "email": " Info@Xingchen.CN ", "address": None, "street": "建国路88号",
+        "city": "北京市", "region": "北京", "postcode": "100022", "country": "CN",
+        "currency": "CNY", "purchase_frequency": None, "purchase_amount": None,
+        "product_preference": None, **overrides})
+
+
+def customer_event(after: dict[str, Any] | None, before: dict[str, Any] | None = None,
+                   op: str = "CREATE") -> dict[str, Any]:
+    key = (after or before or {})["key"]
+    return {"event_id": "5A/3", "op": op, "source": source("crm.customers"), "key": key,
+            "before": before, "after": after}
+
+
+def line(line_no: int, **overrides: Any) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "key": f'["9001","{line_no}"]', "order_key": "9001", "product_code": "P-PHONE-5G",
+        "product_name": "手机", "quantity": "10台", "unit": None, "unit_price": "5000.00"}
+    record.update(overrides)
+    return record
+
+
+def order_event(lines: list[dict[str, Any]], after: dict[str, Any] | None = None,
+                before: dict[str, Any] | None = None, op: str = "CREATE") -> dict[str, Any]:
+    return {"event_id": "5A/3", "op": op, "source": source("crm.sales_orders"), "key": "9001",
+            "customer_key": "42", "before": before, "after": after, "lines": lines}
+
+
+def header(**overrides: Any) -> dict[str, Any]:
+    record: dict[str, Any] = {"key": "9001", "customer_key": "42", "order_no": "20230101",
+                              "order_date": date(2023, 1, 1), "status": "已发货",
+                              "currency": "元", "total_amount": None}
+    record.update(overrides)
+    return record
+
+
+def test_person_from_name_parts_and_free_text_address(mappings: Mappings) -> None:
+    change = to_erp("customer", customer_event(customer()), mappings)
+    partner = change.partner
+    assert partner is not None and change.customer_id == "42"
+    assert (partner.crm_customer_id, partner.full_name, partner.gender_code) == ("42", "张三", "M")
+    assert partner.phone_e164 == "+8613812345678"
+    assert (partner.province, partner.city, partner.district, partner.street) == (
+        "北京市", "北京市", "朝阳区", "建国路88号")
+    assert partner.purchase_amount == Decimal("5000.00")
+    assert partner.amount_currency == "CNY"  # an amount without a currency is in yuan
+    assert (partner.pos.lsn, partner.pos.seq, partner.pos.event_id) == (0x5A, 3, "5A/3")
+
+
+def test_company_from_full_name_and_structured_address(mappings: Mappings) -> None:
+    partner = to_erp("customer", customer_event(company()), mappings).partner
+    assert partner is not None
+    assert partner.crm_customer_id == ACCOUNT
+    assert partner.full_name == "北京星辰科技 有限公司"  # white space runs collapsed
+    assert partner.gender_code == "U" and partner.birth_date is None and partner.age is None
+    assert partner.email == "info@xingchen.cn"
+    assert (partner.city, partner.street, partner.district) == ("北京市", "建国路88号", None)
+    # Read against the division list like free text: the official name and its code.
+    assert (partner.province, partner.division_code) == ("北京市", "110000")
+    assert partner.purchase_amount is None and partner.amount_currency is None
+
+
+def test_name_parts_win_over_full_name(mappings: Mappings) -> None:
+    partner = to_erp("customer", customer_event(customer(full_name="Zhang San")),
+                     mappings).partner
+    assert partner is not None and partner.full_name == "张三"
+
+
+@pytest.mark.parametrize("name", [None, "", "   "])
+def test_customer_without_any_name_is_refused(mappings: Mappings, name: str | None) -> None:
+    with pytest.raises(MappingError) as info:
+        to_erp("customer", customer_event(company(full_name=name)), mappings)
+    assert info.value.field == "full_name"
+
+
+def test_customer_delete_is_a_tombstone(mappings: Mappings) -> None:
+    partner = to_erp("customer", customer_event(None, company(), op="DELETE"), mappings).partner
+    assert partner is not None
+    assert (partner.crm_customer_id, partner.deleted) == (ACCOUNT, True)
+
+
+@pytest.mark.parametrize(("text", "value"), [("5000.00", Decimal("5000.00")),
+                                             (" 0.10 ", Decimal("0.10")),
+                                             ("1E-8", Decimal("0.00000001"))])
+def test_amount_text_becomes_an_exact_decimal(mappings: Mappings, text: str,
+                                              value: Decimal) -> None:
+    partner = to_erp("customer", customer_event(customer(purchase_amount=text)),
+                     mappings).partner
+    assert partner is not None and partner.purchase_amount == value
+
+
+@pytest.mark.parametrize("text", ["NaN", "-Infinity", "12,50", "五千"])
+def test_amount_that_is_not_a_finite_number_is_refused(mappings: Mappings, text: str) -> None:
+    with pytest.raises(MappingError) as info:
+        to_erp("customer", customer_event(customer(purchase_amount=text)), mappings)
+    assert info.value.field == "purchase_amount"
+
+
+def test_order_lines_are_keyed_by_the_crm_line_key(mappings: Mappings) -> None:
+    change = to_erp("order", order_event(
+        [{"op": "CREATE", "before": None, "after": line(1)},
+         {"op": "CREATE", "before": None, "after": line(2, quantity="2.50", unit="kg",
+                                                       unit_price="0.10")},
+         {"op": "DELETE", "before": line(3), "after": None}],
+        after=header()), mappings)
+    assert change.header is not None and change.header.status_code == "SHIPPED"
+    assert (change.order_id, change.needs_customer) == ("9001", "42")
+    assert [(i.crm_order_id, i.crm_line_id, i.deleted) for i in change.items] == [
+        ("9001", '["9001","1"]', False), ("9001", '["9001","2"]', False),
+        ("9001", '["9001","3"]', True)]
+    first, second, _ = change.items
+    assert (first.sku, first.quantity, first.unit_code, first.unit_price) == (
+        "SKU-100001", Decimal(10), "UNIT", Decimal("5000.00"))
+    # A unit kept apart from the quantity (BottleCRM: a constant) counts as written after it;
+    # the numeric column's scale is not the count's precision (2.50 -> 2.5).
+    assert (second.quantity, second.unit_code, second.unit_price) == (
+        Decimal("2.5"), "KGM", Decimal("0.10"))
+
+
+@pytest.mark.parametrize(("quantity", "expected"), [("10.00", Decimal(10)), ("3", Decimal(3))])
+def test_a_whole_count_in_a_numeric_column_is_whole(mappings: Mappings, quantity: str,
+                                                     expected: Decimal) -> None:
+    record = order_event(lines=[{"op": "CREATE", "before": None,
+                                 "after": line(1, quantity=quantity, unit="个")}])
+    (item,) = to_erp("order", record, mappings).items
+    assert (item.quantity, item.unit_code) == (expected, "PCE")
+
+
+def test_a_fraction_of_a_countable_unit_is_refused(mappings: Mappings) -> None:
+    record = order_event(lines=[{"op": "CREATE", "before": None,
+                                 "after": line(1, quantity="2.50", unit="个")}])
+    with pytest.raises(MappingError) as info:
+        to_erp("order", record, mappings)
+    assert info.value.field == "lines.quantity"
+
+
+@pytest.mark.parametrize("price", ["NaN", "-1.00", None])
+def test_line_price_that_is_not_a_finite_non_negative_number_is_refused(
+        mappings: Mappings, price: str | None) -> None:
+    with pytest.raises(MappingError) as info:
+        to_erp("order", order_event([{"op": "CREATE", "before": None,
+                                      "after": line(1, unit_price=price)}]), mappings)
+    assert info.value.field == "lines.unit_price"
+
+
+def test_lines_only_event_has_no_header(mappings: Mappings) -> None:
+    change = to_erp("order", order_event([{"op": "UPDATE", "before": line(1),
+                                           "after": line(1, quantity="12台")}], op="UPDATE"),
+                    mappings)
+    assert change.header is None and change.needs_customer is None
+    assert change.order_id == "9001" and change.customer_id == "42"
+    assert change.items[0].quantity == Decimal(12)
+
+
+def test_order_delete_is_a_tombstone_with_its_lines(mappings: Mappings) -> None:
+    change = to_erp("order", order_event([{"op": "DELETE", "before": line(1), "after": None}],
+                                         before=header(), op="DELETE"), mappings)
+    assert change.header is not None and change.header.deleted
+    assert change.header.crm_order_id == "9001" and change.needs_customer is None
+    assert [(i.crm_line_id, i.deleted) for i in change.items] == [('["9001","1"]', True)]
+
+
+def test_order_without_a_date_is_refused(mappings: Mappings) -> None:
+    with pytest.raises(MappingError) as info:
+        to_erp("order", order_event([], after=header(order_date=None)), mappings)
+    assert info.value.field == "order_date"
+
+
+def test_market_demand(mappings: Mappings) -> None:
+    record = {"event_id": "5A/3", "op": "CREATE", "source": source("crm.market_demand"),
+              "key": "7", "before": None,
+              "after": {"key": "7", "kind": "市场趋势", "product_category": "手机",
+                        "content": "5G手机市场增长迅速", "observed_at": COMMIT}}
+    demand = to_erp("market_demand", record, mappings).demand
+    assert demand is not None
+    assert (demand.crm_demand_id, demand.signal_type, demand.deleted) == (
+        "7", "MARKET_TREND", False)

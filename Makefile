@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 STACK  := deploy/local/stack.sh
 
 .PHONY: help venv up down stack-status clean-stack lint test demo demo-bottlecrm bench-produce bench-apply
-.PHONY: validate-deploy bottlecrm bottlecrm-if-possible
+.PHONY: validate-deploy bottlecrm bottlecrm-if-possible tryton tryton-rebuild test-tryton bench-tryton
 
 help:
 	@echo "make venv          create .venv (pinned by requirements.lock) with the test extras"
@@ -27,6 +27,9 @@ help:
 	@echo "make bench-produce / bench-apply   benchmarks"
 	@echo "make bottlecrm     install BottleCRM (Python 3.12 venv in .stack/bottlecrm) and build its"
 	@echo "                   migrated template database on the local stack (once: ~2-5 min)"
+	@echo "make tryton        Tryton 8.2 in .stack/tryton/venv + template database tryton_template"
+	@echo "make test-tryton   the tryton target's tests against a real Tryton server"
+	@echo "make bench-tryton  sales/s applied into Tryton beside the sql target"
 
 # ---- python environment -------------------------------------------------------------------
 venv: $(STAMP)
@@ -83,3 +86,18 @@ bench-produce: venv up
 bench-apply: venv up
 	$(BIN)/python -m bench.apply
 	$(BIN)/python -m bench.e2e
+
+# ---- Tryton (the `tryton` ERP target) -------------------------------------------------------
+# Needs the stack's PostgreSQL (make up); install.sh says so when it is not reachable.
+tryton:
+	bash deploy/tryton/install.sh
+
+tryton-rebuild:
+	bash deploy/tryton/install.sh rebuild
+
+test-tryton: venv tryton
+	$(BIN)/pytest -q tests/unit/erp/test_tryton_rpc.py tests/unit/erp/test_tryton_target.py \
+	    tests/integration/erp/test_tryton.py
+
+bench-tryton: venv tryton
+	$(BIN)/python -m bench.apply_tryton

@@ -1,8 +1,6 @@
 """`crm-erp-sync`: a thin command-line layer over the service.
 
-Exit codes: 0 success; 1 something needs attention (status, drift); 2 bad arguments or
-configuration; 3 the broker or a database is unreachable; 4 the circuit breaker stopped the
-consumer; 130 interrupted.
+Exit codes: service/exit_codes.py (one table for every command).
 """
 
 from __future__ import annotations
@@ -16,11 +14,12 @@ from typing import Any
 
 import structlog
 
-from service import __version__, log
-from service.errors import CircuitOpen, ConfigError, StackUnavailable, SyncError
-from service.settings import Settings
+from service import __version__, exit_codes, log
+from service.errors import ConfigError, StackUnavailable, SyncError
+from service.settings import Settings, unknown_env_vars
 
-EXIT_OK, EXIT_ATTENTION, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_CIRCUIT = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_ATTENTION, EXIT_USAGE, EXIT_UNAVAILABLE = (
+    exit_codes.OK, exit_codes.ATTENTION, exit_codes.USAGE, exit_codes.UNAVAILABLE)
 
 
 def _on_sigterm(stop: Callable[[], None], shutdown_timeout_s: float | None = None) -> None:
@@ -88,12 +87,18 @@ def cmd_consume(settings: Settings, args: argparse.Namespace) -> int:
 
     consumer = ErpConsumer(settings)
     _on_sigterm(consumer.stop, settings.shutdown_timeout_s)
-    stats = consumer.run(until_idle_s=args.until_idle)
+    stats = consumer.run(until_idle_s=args.until_idle, until_caught_up=args.until_caught_up)
     structlog.get_logger("cli").info("consumer_stopped", batches=stats.batches,
                                      messages=stats.messages, retries=stats.retries,
                                      applied=consumer.applier.applied,
                                      dead_lettered=consumer.applier.dead_lettered,
-                                     held=consumer.applier.held)
+                                     held=consumer.applier.held,
+                                     caught_up=stats.caught_up, blocked=stats.blocked)
+    if stats.blocked:
+        print("crm-erp-sync: not caught up: the circuit breaker keeps "
+              f"{', '.join(stats.blocked)} paused (see `crm-erp-sync status`, then "
+              "`crm-erp-sync resume`)", file=sys.stderr)
+        return EXIT_ATTENTION
     return EXIT_OK
 
 
@@ -113,14 +118,59 @@ def cmd_snapshot(settings: Settings, args: argparse.Namespace) -> int:
             raise ConfigError("--table", str(exc)) from exc
     with pg.connect(settings.crm_dsn, "CRM") as conn:
         ensure_capture_objects(conn, settings, profile)
+        keys = _existing_keys(conn, profile, entity.entity, args.key) if args.key else None
         try:
-            snapshot_id = request_snapshot(conn, profile, entity.entity, args.key or None,
-                                           args.chunk_size)
+            snapshot_id = request_snapshot(conn, profile, entity.entity, keys, args.chunk_size)
         except ValueError as exc:
             raise ConfigError("--key" if args.key else "--chunk-size", str(exc)) from exc
     print(json.dumps({"snapshot_id": snapshot_id, "table": entity.table,
                       "keys": args.key or "all"}, ensure_ascii=False))
     return EXIT_OK
+
+
+def _existing_keys(conn: Any, profile: Any, entity: str, wanted: list[str]) -> list[str]:
+    """The requested keys (text, as the CRM's own type reads them); a key that is not in the
+    table (or outside the profile's row filter) is refused rather than snapshotted as
+    nothing. Raises ConfigError naming the missing keys."""
+    import psycopg
+
+    from service.cdc.capture import chunk_query, read_table_info
+    from service.cdc.profile import key_values
+
+    ent = profile.entities[entity]
+    info = read_table_info(conn, profile)[ent.table]
+    for key in wanted:
+        try:
+            key_values(ent, key)
+        except ValueError as exc:
+            raise ConfigError("--key", str(exc)) from exc
+    unique = list(dict.fromkeys(wanted))
+    try:
+        query, params = chunk_query(info, after=None, keys=unique, limit=len(unique))
+        found = {ent.key_text({c: r[i] for i, c in enumerate(ent.columns)})
+                 for r in conn.execute(query, params).fetchall()}
+    except psycopg.errors.DataError as exc:  # not a value of the key's type (a UUID typo)
+        raise ConfigError("--key", f"not a key of {ent.table}: "
+                                   f"{exc.diag.message_primary}") from exc
+    missing = [k for k in unique if k not in found]
+    if missing:
+        raise ConfigError("--key", f"no {ent.table} row with key {', '.join(missing)}")
+    return unique
+
+
+SNAPSHOT_MAX_CHUNK = 100_000
+
+
+def _chunk_size(text: str) -> int:
+    """Rows per snapshot chunk: 1..SNAPSHOT_MAX_CHUNK (a chunk is one query and one window
+    between watermarks; 0 or less would never finish, a huge one holds a long snapshot)."""
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from exc
+    if not 1 <= value <= SNAPSHOT_MAX_CHUNK:
+        raise argparse.ArgumentTypeError(f"must be 1-{SNAPSHOT_MAX_CHUNK}, got {value}")
+    return value
 
 
 def cmd_demo_load(settings: Settings, args: argparse.Namespace) -> int:
@@ -171,8 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Real-time CRM -> ERP synchronisation over Apache Kafka. Every setting is an "
                     "environment variable (see `crm-erp-sync config`); the defaults point at the "
                     "local stack started by `make up`.",
-        epilog="Exit codes: 0 ok, 1 needs attention, 2 bad arguments or configuration, "
-               "3 broker or database unreachable, 4 circuit breaker open.")
+        epilog=exit_codes.EPILOG)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -196,8 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_produce)
 
     p = sub.add_parser("consume", help="apply CRM events to the ERP (a consumer-group member)")
-    p.add_argument("--until-idle", type=float, metavar="SECONDS",
-                   help="exit after this many seconds without messages")
+    until = p.add_mutually_exclusive_group()
+    until.add_argument("--until-idle", type=float, metavar="SECONDS",
+                       help="exit after this many seconds without messages")
+    until.add_argument("--until-caught-up", action="store_true",
+                       help="apply everything up to the end offsets seen at start, then exit 0 "
+                            "(for an hourly or daily sync from a scheduler); exit 1 if the "
+                            "circuit breaker keeps a partition paused")
     p.set_defaults(func=cmd_consume)
 
     p = sub.add_parser("snapshot", help="re-snapshot a CRM table (or some keys) while streaming")
@@ -205,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an entity (customer, order, market_demand) or its CRM table")
     p.add_argument("--key", action="append",
                    help="only this key, as text (repeatable; a composite key is a JSON array)")
-    p.add_argument("--chunk-size", type=int, default=1000)
+    p.add_argument("--chunk-size", type=_chunk_size, default=1000,
+                   help=f"rows per chunk, 1-{SNAPSHOT_MAX_CHUNK} (default 1000)")
     p.set_defaults(func=cmd_snapshot)
 
     demo = sub.add_parser("demo", help="the demo CRM: load data, or run the whole pipeline")
@@ -242,6 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"crm-erp-sync: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     log.configure(settings.log_level, settings.log_format)
+    for name, closest in unknown_env_vars():
+        structlog.get_logger("cli").warning(
+            "unknown_setting_ignored", variable=name, did_you_mean=closest,
+            hint="see `crm-erp-sync config` for every setting")
     try:
         code: int = args.func(settings, args)
         return code
@@ -251,14 +310,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StackUnavailable as exc:
         print(f"crm-erp-sync: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    except CircuitOpen as exc:
-        print(f"crm-erp-sync: circuit breaker open, consumer stopped: {exc}", file=sys.stderr)
-        return EXIT_CIRCUIT
     except SyncError as exc:
         print(f"crm-erp-sync: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_ATTENTION
     except KeyboardInterrupt:
-        return 130
+        return exit_codes.INTERRUPTED
     except Exception as exc:  # a bug, not a fault: say where, never what
         _report_bug(exc)
         return EXIT_ATTENTION

@@ -24,6 +24,20 @@ class StackUnavailable(SyncError):
     """The broker or a database cannot be reached."""
 
 
+class DatabaseUnreachable(StackUnavailable):
+    """No PostgreSQL server answered at the DSN's host and port, or it is starting up or
+    shutting down: transient, a consumer retries it."""
+
+
+class DatabaseAuthFailed(ConfigError):
+    """The server answered but refused the DSN's user (password, pg_hba.conf, or no CONNECT
+    privilege on the database): retrying cannot help."""
+
+
+class DatabaseMissing(ConfigError):
+    """The server accepted the credentials but the DSN's database does not exist."""
+
+
 class SlotLost(SyncError):
     """PostgreSQL removed WAL the replication slot still needed (max_slot_wal_keep_size):
     changes in the gap cannot be read any more; only a new snapshot can resync."""
@@ -118,6 +132,34 @@ class UnrepresentableValue(CaptureRejected):
     raised by the value converters, the column filled in by the decoder."""
 
 
+class TargetError(SyncError):
+    """An ERP target (Tryton over JSON-RPC, say) failed a call; ``method`` names the call."""
+
+    def __init__(self, method: str, reason: str) -> None:
+        super().__init__(f"{method}: {reason}")
+        self.method = method
+
+
+class TargetUnavailable(TargetError, Retryable):
+    """Transient: the target cannot be reached, answered 5xx, timed out or reported a
+    concurrent access; retrying the same call later can succeed."""
+
+
+class TargetRefused(TargetError, ApplyError):
+    """Permanent: the target's business rules refused the call (Tryton UserError,
+    ValidationError, SQLConstraintError).
+
+    ``detail`` is the target's own message for the dead letter; it may name records (a
+    party's name), so ``str()`` and ``reason`` carry only the error class and the call.
+    """
+
+    def __init__(self, method: str, error_class: str, detail: str) -> None:
+        TargetError.__init__(self, method, f"refused by the ERP ({error_class})")
+        self.reason = f"{method}: refused by the ERP ({error_class})"
+        self.error_class = error_class
+        self.detail = detail
+
+
 class InvalidMessage(SyncError):
     """A consumed message that must go to the dead-letter topic, with its identity."""
 
@@ -131,10 +173,6 @@ class InvalidMessage(SyncError):
 
 class PgOutputError(SyncError):
     """A pgoutput message that does not follow the documented format."""
-
-
-class CircuitOpen(SyncError):
-    """Too many messages failed in a window: stop instead of draining into the DLQ."""
 
 
 class SourceContractError(SyncError):

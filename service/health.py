@@ -7,7 +7,9 @@ Every long-running command (``produce``, ``consume``) serves, on CRM_ERP_SYNC_HT
   process (a hung query, a dead lock) fails it and is restarted by its supervisor.
 - ``/readyz`` doing its job:
   - consume: connected to the group with partitions assigned, and not stalled (a transient
-    failure, ERP or broker, has not kept it retrying for CRM_ERP_SYNC_READINESS_STALL_S);
+    failure, ERP or broker, has not kept it retrying for CRM_ERP_SYNC_READINESS_STALL_S),
+    and not degraded (the dead-letter circuit breaker keeps a partition paused: 503 with
+    state "degraded" and the breaker's messages, until `crm-erp-sync resume`);
   - both: not while a connection to the broker or a database is lost and being
     re-established (``state: reconnecting`` with the reason);
   - produce: the active producer holds the capture lock and is not stalled; a standby that
@@ -45,6 +47,7 @@ class Health:
         self._detail: dict[str, Any] = {}
         self._failing_since: float | None = None
         self._disconnected: str | None = None
+        self._degraded: list[str] = []
 
     def beat(self) -> None:
         """The main loop is alive (call once per iteration, and while waiting)."""
@@ -53,6 +56,10 @@ class Health:
 
     def set_ready(self, ready: bool, why: str, **detail: Any) -> None:
         self._ready, self._why, self._detail = ready, why, detail
+
+    def set_degraded(self, reasons: list[str]) -> None:
+        """Partitions paused by the circuit breaker (one message each); [] when none."""
+        self._degraded = list(reasons)
 
     def failing(self) -> None:
         """A transient failure: retrying. Stalled once it lasts readiness_stall_s."""
@@ -88,6 +95,10 @@ class Health:
             if failing_s > self.stall_s:
                 body["state"] = "stalled"
                 return False, body
+        if self._degraded:
+            body["state"] = "degraded"
+            body["breaker_open"] = self._degraded
+            return False, body
         return alive and self._ready, body
 
 

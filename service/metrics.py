@@ -69,6 +69,12 @@ class ConsumerMetrics(ProcessMetrics):
                                        registry=r)
         self.retries = Counter(f"{PREFIX}_transient_failures", "Batches retried after a "
                                "transient failure", registry=r)
+        self.breaker_open = Gauge(f"{PREFIX}_breaker_open", "1 while the dead-letter circuit "
+                                  "breaker keeps this partition paused (until `crm-erp-sync "
+                                  "resume`)", ["topic", "partition"], registry=r)
+        self.breaker_trips = Counter(f"{PREFIX}_breaker_trips", "Times this consumer tripped "
+                                     "the dead-letter circuit breaker of a partition",
+                                     ["topic", "partition"], registry=r)
         self._lag_labels: set[tuple[str, str]] = set()
 
     def count(self, counter: Counter, items: Iterable[tuple[str, ...]]) -> None:

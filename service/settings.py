@@ -62,6 +62,12 @@ class Settings:
     shutdown_timeout_s: float = 30.0
     liveness_timeout_s: float = 120.0
     readiness_stall_s: float = 60.0
+    # The dead-letter circuit breaker (service/consumer/policy.py DlqLimit), per partition.
+    breaker_max_ratio: float = 0.5
+    breaker_min_messages: int = 100
+    breaker_window_s: float = 60.0
+    # How often a running consumer reads the breaker state table (an operator's `resume`).
+    breaker_poll_s: float = 2.0
 
     @classmethod
     def env_var(cls, field_name: str) -> str:
@@ -110,9 +116,15 @@ class Settings:
             if getattr(self, name) < 0:
                 raise ConfigError(self.env_var(name), "must not be negative")
         for name in ("heartbeat_interval_s", "shutdown_timeout_s", "liveness_timeout_s",
-                     "readiness_stall_s"):
+                     "readiness_stall_s", "breaker_window_s", "breaker_poll_s"):
             if not getattr(self, name) > 0:  # also refuses nan
                 raise ConfigError(self.env_var(name), "must be a positive number of seconds")
+        if not self.breaker_max_ratio > 0:
+            raise ConfigError(self.env_var("breaker_max_ratio"),
+                              "must be a share of messages above 0 (0.5 = 50%; above 1: the "
+                              "breaker never trips)")
+        if self.breaker_min_messages < 1:
+            raise ConfigError(self.env_var("breaker_min_messages"), "must be at least 1")
         if not 0 <= self.http_port <= 65535:
             raise ConfigError(self.env_var("http_port"),
                               "must be a TCP port 1-65535, or 0 for no HTTP endpoints")
@@ -162,6 +174,24 @@ class Settings:
 
 
 CONFIG_FILE_VAR = ENV_PREFIX + "CONFIG_FILE"
+
+
+def unknown_env_vars(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """CRM_ERP_SYNC_* variables that are no setting (a typo is otherwise silently ignored),
+    each with the closest valid name (difflib) or None; sorted by name."""
+    import difflib
+
+    env = os.environ if environ is None else environ
+    valid = [Settings.env_var(f.name) for f in dataclasses.fields(Settings)] + [CONFIG_FILE_VAR]
+    # Compared without the shared prefix, which would make every name look "close".
+    suffixes = {v.removeprefix(ENV_PREFIX): v for v in valid}
+    out: list[tuple[str, str | None]] = []
+    for name in sorted(env):
+        if name.startswith(ENV_PREFIX) and name not in valid:
+            close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), list(suffixes),
+                                              n=1, cutoff=0.6)
+            out.append((name, suffixes[close[0]] if close else None))
+    return out
 KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 _KAFKA_TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 _PG_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")

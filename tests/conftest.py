@@ -23,6 +23,7 @@ import os
 import socket
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -263,3 +264,76 @@ def bottlecrm_db(stack: Stack, bottlecrm_installed: BottleCrmInstall) -> Iterato
         if writer is not None:
             writer.close()
         _drop_database(stack, name)
+
+# ---- Tryton (the `tryton` ERP target) -------------------------------------------------------
+
+TRYTON_TEMPLATE = "tryton_template"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrytonServer:
+    """A running trytond on a database cloned from the template, for one test module."""
+
+    url: str
+    database: str
+    login: str
+    password: str
+
+
+def _tryton_stack_ok(stack: Stack) -> str | None:
+    """Why deploy/tryton/install.sh cannot use this stack's PostgreSQL, or None."""
+    parts = urlsplit(stack.admin_dsn)
+    port = int(os.environ.get("STACK_PG_PORT", "15432"))
+    if (parts.hostname, parts.port, parts.username) != ("127.0.0.1", port, "sync"):
+        return ("the Tryton tests build their template on the local stack's PostgreSQL "
+                f"(127.0.0.1:{port}, role sync): run `make up`")
+    return None
+
+
+@pytest.fixture(scope="session")
+def tryton_install(stack: Stack) -> Path:
+    """Tryton's venv and the template database (deploy/tryton/install.sh; idempotent)."""
+    import subprocess
+
+    reason = _tryton_stack_ok(stack)
+    if reason:
+        pytest.skip(reason)
+    script = REPO_ROOT / "deploy" / "tryton" / "install.sh"
+    venv = subprocess.run(["bash", str(script), "venv"], capture_output=True, text=True,
+                          timeout=900)
+    if venv.returncode != 0:
+        # Only this is a reason to skip: no Python 3.10+ or no package index here.
+        pytest.skip("Tryton cannot be installed here (deploy/tryton/install.sh venv): "
+                    + venv.stderr.strip()[-400:])
+    template = subprocess.run(["bash", str(script), "template"], capture_output=True,
+                              text=True, timeout=1800)
+    assert template.returncode == 0, f"Tryton template build failed:\n{template.stderr}"
+    return REPO_ROOT / ".stack" / "tryton"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def tryton_server(stack: Stack, tryton_install: Path) -> Iterator[TrytonServer]:
+    """trytond on 127.0.0.1 for a database cloned from the template (~1 s) for one module."""
+    import subprocess
+
+    database = f"tryton_t{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{database}" TEMPLATE "{TRYTON_TEMPLATE}"')
+    script = REPO_ROOT / "deploy" / "tryton" / "server.sh"
+    port = _free_port()
+    try:
+        started = subprocess.run(["bash", str(script), "start", database, str(port)],
+                                 capture_output=True, text=True, timeout=300)
+        assert started.returncode == 0, f"trytond did not start:\n{started.stderr[-2000:]}"
+        yield TrytonServer(f"http://127.0.0.1:{port}", database, "crm_sync",
+                           (tryton_install / "sync.pass").read_text().strip())
+    finally:
+        subprocess.run(["bash", str(script), "stop", database], capture_output=True,
+                       timeout=60)
+        _drop_database(stack, database)

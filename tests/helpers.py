@@ -101,3 +101,30 @@ def actual_erp(erp: Any) -> dict[str, Any]:
     reserved = {sku: qty for sku, qty in erp.execute(
         "SELECT sku, reserved FROM erp.stock WHERE reserved <> 0")}
     return {"partners": partners, "orders": orders, "items": items, "reserved": reserved}
+
+
+def consume_until_caught_up(consumer: Any, timeout: float = 120.0) -> Any:
+    """Run an ErpConsumer until the group has consumed every partition up to the end offsets
+    seen at its start (``run(until_caught_up=True)``), within a deadline: a condition, not
+    "idle for N seconds", so a slow join on a loaded machine only takes longer. Re-raises
+    what the consumer raised; returns its stats."""
+    import threading
+
+    outcome: list[Any] = []
+
+    def target() -> None:
+        try:
+            outcome.append(consumer.run(until_caught_up=True))
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, name="consumer-under-test", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        consumer.stop()
+        thread.join(60)
+        raise AssertionError(f"the consumer did not catch up within {timeout:.0f}s")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]

@@ -28,16 +28,19 @@ import structlog
 from kafka import OffsetAndMetadata, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError
 
+from service import pg
 from service.avro import SchemaRegistry
 from service.cdc import dead_letters as capture_letters
 from service.consumer import dlq
-from service.consumer.policy import BatchPolicy, CircuitBreaker, DlqLimit, RetryPolicy
+from service.consumer.breaker import BreakerControl
+from service.consumer.policy import BatchPolicy, DlqLimit, RetryPolicy
 from service.erp.apply import apply_changes, existing_customers, load_status_effects
 from service.erp.changes import ErpChange, to_erp
 from service.erp.mappings import Mappings
 from service.errors import (
     ApplyError,
     ConnectionLost,
+    DatabaseUnreachable,
     DecodeError,
     Permanent,
     Retryable,
@@ -223,9 +226,10 @@ class ErpApplier:
     def connect(self) -> PgConn:
         if self.conn is None or self.conn.closed or self.conn.broken:
             try:
-                self.conn = psycopg.connect(self.settings.erp_dsn, connect_timeout=10)
-            except psycopg.OperationalError as exc:
-                raise Retryable(f"ERP database unreachable: {type(exc).__name__}") from exc
+                # Wrong credentials or a missing database (ConfigError) are not retried.
+                self.conn = pg.connect(self.settings.erp_dsn, "ERP", autocommit=False)
+            except DatabaseUnreachable as exc:
+                raise Retryable(str(exc)) from exc
             try:
                 with self.conn.transaction():
                     load_status_effects(self.conn, self.mappings)
@@ -623,15 +627,40 @@ class _Collect:
 
 
 class Breaker:
-    """Stops the pipeline before a flood of invalid messages reaches the DLQ."""
+    """Judges each partition's slice of a batch before anything of it is dead-lettered: a
+    partition whose dead-letter share reaches the limit is taken out of the batch, paused and
+    rewound (``BreakerControl.trip``); the other partitions go on. A partition already open
+    (tripped here, by another member, or before a restart) is taken out the same way. The
+    slices that went through are counted once the batch has committed."""
 
-    def __init__(self, limit: DlqLimit, next_step: Stage) -> None:
-        self.breaker = CircuitBreaker(limit)
+    def __init__(self, control: BreakerControl, consumer: Any, next_step: Stage) -> None:
+        self.control = control
+        self.consumer = consumer
         self.next_step = next_step
 
     def submit(self, batch: Batch) -> None:
-        self.breaker.record([e.error is not None for e in batch.envelopes])
+        now = time.monotonic()
+        kept: list[Envelope] = []
+        passed: list[tuple[tuple[str, int], list[tuple[int, bool]]]] = []
+        for partition, envs in by_partition_envelopes(batch.envelopes).items():
+            first, last = envs[0].msg.offset, envs[-1].msg.offset
+            if self.control.is_open(partition):
+                self.control.hold_back(self.consumer, partition, first)
+                continue
+            outcomes = [(e.msg.offset, e.error is not None) for e in envs]
+            trip = self.control.breaker.would_trip(partition, outcomes, now)
+            if trip is not None:
+                self.control.trip(self.consumer, trip, first, last,
+                                  [e.error for e in envs if e.error is not None])
+                continue
+            kept.extend(envs)
+            passed.append((partition, outcomes))
+        if not kept:
+            return
+        batch.envelopes = kept
         self.next_step.submit(batch)
+        for partition, outcomes in passed:
+            self.control.breaker.record(partition, outcomes, now)
 
 
 @dataclass
@@ -639,6 +668,10 @@ class ConsumerStats:
     batches: int = 0
     messages: int = 0
     retries: int = 0
+    # With until_caught_up: True once every partition reached its end offset seen at start;
+    # the partitions that could not, because the circuit breaker keeps them paused.
+    caught_up: bool = False
+    blocked: list[str] = field(default_factory=list)
 
 
 class ErpConsumer:
@@ -656,7 +689,9 @@ class ErpConsumer:
         self.metrics = ConsumerMetrics()
         self.health = Health(settings, self.metrics)
         self.applier = ErpApplier(settings, self.registry, self.mappings, metrics=self.metrics)
-        self.dlq_limit = dlq_limit or DlqLimit.DEFAULT
+        self.dlq_limit = dlq_limit or DlqLimit.from_settings(settings)
+        self.breaker = BreakerControl(settings, self.dlq_limit, self.metrics, self.health,
+                                      self.applier.connect)
         self.stats = ConsumerStats()
         self._last_lag_update = 0.0
         self._stop = threading.Event()
@@ -667,10 +702,17 @@ class ErpConsumer:
 
     def _pipeline(self) -> Stage:
         return Decode(self.registry, Transform(self.mappings, Breaker(
-            self.dlq_limit, Apply(self.applier, CommitOffsets(self.consumer)))))
+            self.breaker, self.consumer, Apply(self.applier, CommitOffsets(self.consumer)))))
 
-    def run(self, *, until_idle_s: float | None = None) -> ConsumerStats:
-        """Consume until stop(); with until_idle_s, return after that long without messages."""
+    def run(self, *, until_idle_s: float | None = None,
+            until_caught_up: bool = False) -> ConsumerStats:
+        """Consume until stop(). With until_idle_s, return after that long without messages.
+        With until_caught_up, return once the group has consumed every partition up to its
+        end offset as seen at start (``stats.caught_up``), or when only partitions paused by
+        the circuit breaker are left (``stats.blocked`` names them).
+
+        Raises ConfigError (bad ERP credentials, missing database) and StackUnavailable
+        (broker unreachable at start); transient failures are retried, never raised."""
         http = serve(self.settings, self.health)
         try:
             self.consumer = make_consumer(self.settings, self.settings.sales_topic,
@@ -682,24 +724,36 @@ class ErpConsumer:
         pipeline = self._pipeline()
         idle_since = time.monotonic()
         last_maintenance = 0.0
+        last_target_check = 0.0
         try:
+            # Before the first poll: a wrong password fails here, at once, not after a join;
+            # partitions left tripped (before a restart) are known before anything is applied.
+            self._retrying(functools.partial(self.breaker.refresh, self.consumer, force=True))
+            targets = self._end_offsets() if until_caught_up else {}
             while not self._stop.is_set():
                 self.health.beat()
                 msgs = self._poll_or_wait()
                 now = time.monotonic()
+                self._retrying(functools.partial(self.breaker.refresh, self.consumer))
                 if now - last_maintenance > 5:
                     self._retrying(self.applier.expire_orphans)
                     self._retrying(self.applier.count_open_dead_letters)
                     last_maintenance = now
-                if not msgs:
-                    if until_idle_s is not None and now - idle_since > until_idle_s:
+                if msgs:
+                    idle_since = now
+                    # A fresh batch per attempt: a failed attempt leaves marks on its envelopes.
+                    self._retrying(functools.partial(_submit_fresh, pipeline, msgs), msgs)
+                    self.stats.batches += 1
+                    self.stats.messages += len(msgs)
+                elif until_idle_s is not None and now - idle_since > until_idle_s:
+                    break
+                if self._stop.is_set():
+                    break  # the batch may have been rolled back: positions would overstate
+                # Only after the batch: positions already count what was polled.
+                if until_caught_up and now - last_target_check > (0.5 if not msgs else 1.0):
+                    last_target_check = now
+                    if self._reached(targets):
                         break
-                    continue
-                idle_since = now
-                # A fresh batch per attempt: a failed attempt leaves marks on its envelopes.
-                self._retrying(functools.partial(_submit_fresh, pipeline, msgs), msgs)
-                self.stats.batches += 1
-                self.stats.messages += len(msgs)
         finally:
             # Graceful: the batch in flight was committed (offsets too) or rolled back;
             # close() leaves the group, so its partitions move on at once.
@@ -743,6 +797,36 @@ class ErpConsumer:
         while not self._stop.is_set() and time.monotonic() < deadline:
             self.health.beat()
             self._stop.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+    def _end_offsets(self) -> dict[TopicPartition, int]:
+        """The end offset of every partition of our topics, now (the --until-caught-up goal)."""
+        tps = [TopicPartition(t, p)
+               for t in (self.settings.sales_topic, self.settings.market_topic)
+               for p in sorted(self.consumer.partitions_for_topic(t) or ())]
+        ends: dict[TopicPartition, int] = self.consumer.end_offsets(tps)
+        return {tp: end for tp, end in ends.items() if end > 0}
+
+    def _reached(self, targets: dict[TopicPartition, int]) -> bool:
+        """Drops the partitions that reached their target; True when none is left, or only
+        breaker-paused ones (then stats.blocked names them). Our own partitions count by
+        position (every polled message was processed and committed before this check, and
+        a position also passes transaction markers); the others by the group's commits."""
+        assigned = set(self.consumer.assignment() or ())
+        for tp, end in list(targets.items()):
+            try:
+                done = (self.consumer.position(tp, timeout_ms=2000) if tp in assigned
+                        else self.consumer.committed(tp))
+            except KafkaError:
+                continue
+            if done is not None and done >= end:
+                del targets[tp]
+        if not targets:
+            self.stats.caught_up = True
+            return True
+        blocked = [tp for tp in targets if self.breaker.is_open((tp.topic, tp.partition))]
+        if len(blocked) == len(targets):
+            self.stats.blocked = [f"{tp.topic}[{tp.partition}]" for tp in sorted(blocked)]
+            return True
+        return False
 
     def _poll(self) -> list[Message]:
         policy = self.batch_policy
@@ -838,6 +922,7 @@ class ErpConsumer:
         # A rebalance during the wait (a long outage, a member leaving) may have taken some
         # away: resuming a partition we no longer own raises KeyError in kafka-python.
         self.consumer.resume(*(tp for tp in assigned if tp in owned))
+        self.breaker.repause(self.consumer)
         for tp, offset in firsts.items():
             if tp in owned:
                 self.consumer.seek(tp, offset)
@@ -855,6 +940,16 @@ def _submit_fresh(pipeline: Stage, msgs: list[Message]) -> None:
 def _messages(groups: Iterable[list[Any]]) -> list[Message]:
     return [Message(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value)
             for records in groups for r in records]
+
+
+def by_partition_envelopes(envs: list[Envelope]) -> dict[tuple[str, int], list[Envelope]]:
+    """Live envelopes by (topic, partition), in offset order (held ones are not live)."""
+    out: dict[tuple[str, int], list[Envelope]] = defaultdict(list)
+    for env in envs:
+        out[(env.msg.topic, env.msg.partition)].append(env)
+    for group in out.values():
+        group.sort(key=lambda e: e.msg.offset)
+    return out
 
 
 def by_partition(msgs: list[Message]) -> dict[tuple[str, int], list[Message]]:

@@ -196,3 +196,30 @@ ALTER TABLE sync.dead_letters ADD CONSTRAINT dead_letters_state_check
 ALTER TABLE sync.dead_letter_actions DROP CONSTRAINT IF EXISTS dead_letter_actions_action_check;
 ALTER TABLE sync.dead_letter_actions ADD CONSTRAINT dead_letter_actions_action_check
     CHECK (action IN ('redrive', 'discard', 'supersede'));
+
+-- The dead-letter circuit breaker, per consumer group and partition. A row per trip: while
+-- 'tripped' the partition is paused in every consumer of the group (they poll this table);
+-- `crm-erp-sync resume` sets it 'resumed' with who and why (the audit). Offsets up to
+-- through_offset were seen when it tripped and are not judged again after the resume.
+CREATE TABLE IF NOT EXISTS sync.breaker_trips (
+    trip_id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    consumer_group text NOT NULL,
+    topic          text NOT NULL,
+    partition      integer NOT NULL,
+    state          text NOT NULL DEFAULT 'tripped' CHECK (state IN ('tripped', 'resumed')),
+    tripped_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
+    messages       integer NOT NULL,           -- judged in the window
+    dead_letters   integer NOT NULL,           -- of those, would be dead-lettered
+    max_ratio      double precision NOT NULL,  -- the limit
+    min_messages   integer NOT NULL,
+    window_s       double precision NOT NULL,
+    from_offset    bigint NOT NULL,            -- the first offset not applied (resumes here)
+    through_offset bigint NOT NULL,
+    message        text NOT NULL,
+    last_reasons   text[] NOT NULL,            -- error class: reason (no payload values)
+    resumed_at     timestamptz,
+    resumed_by     text,
+    resume_reason  text
+);
+CREATE UNIQUE INDEX IF NOT EXISTS breaker_trips_open ON sync.breaker_trips
+    (consumer_group, topic, partition) WHERE state = 'tripped';

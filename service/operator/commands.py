@@ -2,7 +2,7 @@
 
 ``service.cli`` calls ``register(subparsers)``; each handler parses nothing itself beyond
 argparse, calls the operator module, renders a table (or ``--json``) and returns the exit
-code (0 ok, 1 needs attention / drift / refused, 2 bad arguments, 3 unreachable).
+code from the one table in service/exit_codes.py.
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import argparse
 import sys
 from typing import Any
 
+from service import exit_codes
 from service.errors import ConfigError
 from service.operator import render
 from service.operator.common import actor, parse_time
 from service.settings import Settings
 
-EXIT_OK, EXIT_ATTENTION, EXIT_USAGE = 0, 1, 2
-EPILOG = ("Exit codes: 0 ok, 1 needs attention (or drift, or refused), 2 bad arguments or "
-          "configuration, 3 broker or database unreachable.")
+EXIT_OK, EXIT_ATTENTION, EXIT_USAGE = exit_codes.OK, exit_codes.ATTENTION, exit_codes.USAGE
+EPILOG = exit_codes.EPILOG
 
 
 def _fmt_s(value: float | None) -> str:
@@ -33,12 +33,15 @@ def _fmt_s(value: float | None) -> str:
 
 # ---- status --------------------------------------------------------------------------------
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from service.consumer.policy import percent
     from service.operator.status import collect
 
     st = collect(settings, max_lag=args.max_lag)
     if args.json:
         print(render.dumps({**render.jsonable(st), "total_lag": st.total_lag,
                             "lag": [{**render.jsonable(p), "lag": p.lag} for p in st.lag],
+                            "breaker": [{**render.jsonable(t), "partition_name": t.name,
+                                         "ratio": t.ratio} for t in st.breaker],
                             "ok": not st.attention}))
         return EXIT_ATTENTION if st.attention else EXIT_OK
     print("Consumer group", settings.consumer_group)
@@ -52,6 +55,17 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         f"{'reading' if slot['active'] else 'idle'}, retains "
         f"{slot['retained_wal_bytes']} bytes of WAL, {slot['unconfirmed_bytes']} bytes "
         "not yet confirmed"))
+    if st.breaker:
+        print(render.table(
+            ["circuit breaker OPEN", "since", "measured", "limit", "paused at offset",
+             "last reasons"],
+            [(t.name, render.cell(t.tripped_at), f"{percent(t.ratio)} of {t.messages}",
+              percent(t.max_ratio), t.from_offset, "; ".join(t.last_reasons))
+             for t in st.breaker], max_width=70))
+        for t in st.breaker:
+            print(f"  {t.name}: {t.message}")
+    else:
+        print("Circuit breaker: closed on every partition")
     print(f"Pending snapshots: {len(st.pending_snapshots)}" + "".join(
         f"\n  #{s['snapshot_id']} {s['table']} ({s['reason']}), {s['rows_emitted']} rows so far"
         for s in st.pending_snapshots))
@@ -102,6 +116,9 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
                         "to reprocess"],
                        [(p.topic, p.partition, p.committed, "->", p.new_offset, p.end,
                          p.to_reprocess) for p in plan.partitions]))
+    if plan.active_members:
+        print(f"Note: group {plan.group} has {len(plan.active_members)} member(s) "
+              f"({'; '.join(plan.active_members)}); stop them before the real replay.")
     verb = "would reprocess" if plan.dry_run else "will reprocess"
     print(f"{'DRY RUN: nothing changed. ' if plan.dry_run else ''}Group {plan.group} "
           f"{verb} {plan.to_reprocess} event(s) of {plan.topic} from {plan.target}"
@@ -220,19 +237,29 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
 
     result = reconcile(settings, args.entity, repair=args.repair, chunk_size=args.chunk_size,
                        wait_s=args.wait)
-    if args.json:
-        print(render.dumps({**render.jsonable(result), "drift": result.drift}))
+    if args.json:  # complete: every key, whatever --limit says
+        def entity_json(e: Any) -> dict[str, Any]:
+            return {**render.jsonable(e), "drift": e.drift, "counts": {
+                "missing": len(e.missing), "extra": len(e.extra),
+                "differing": len(e.differing), "unmappable": len(e.unmappable)}}
+        out = {**render.jsonable(result), "drift": result.drift,
+               "entities": [entity_json(e) for e in result.entities]}
+        if result.repair is not None:
+            out["repair"]["remaining"] = [entity_json(e) for e in result.repair.remaining]
+            out["repair"]["converged"] = result.repair.converged
+        print(render.dumps(out))
         return EXIT_ATTENTION if result.drift else EXIT_OK
     print(render.table(["entity", "crm rows", "erp rows", "missing", "extra", "differing",
                         "unmappable", "seconds"],
                        [(e.entity, e.crm_rows, e.erp_rows, len(e.missing), len(e.extra),
                          len(e.differing), len(e.unmappable), e.seconds)
                         for e in result.entities]))
-    shown = 20
+    shown = args.limit or None  # 0: all
     for e in result.entities:
         for label, keys in (("missing in the ERP", e.missing), ("extra in the ERP", e.extra)):
             if keys:
-                more = f" … and {len(keys) - shown} more" if len(keys) > shown else ""
+                more = (f" … and {len(keys) - shown} more (--limit 0 shows all)"
+                        if shown is not None and len(keys) > shown else "")
                 print(f"{e.entity} {label}: {', '.join(map(str, keys[:shown]))}{more}")
         for key, fields in list(e.differing.items())[:shown]:
             print(f"{e.entity} {key} differs in: {', '.join(fields)}")
@@ -258,6 +285,40 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---- resume (the circuit breaker) ----------------------------------------------------------
+def cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
+    from service.consumer.policy import percent
+    from service.operator.breaker import parse_partition, resume
+
+    if not (args.partition or args.all):
+        raise ConfigError("resume", "name the partitions: --partition TOPIC:N ... or --all")
+    partitions = None if args.all else [parse_partition(p) for p in args.partition]
+    resumed, not_tripped = resume(settings, partitions, actor=actor(args.actor),
+                                  reason=args.reason)
+    if args.json:
+        print(render.dumps({"resumed": [{**render.jsonable(t), "partition_name": t.name}
+                                        for t in resumed],
+                            "not_tripped": [f"{t}[{p}]" for t, p in not_tripped]}))
+    else:
+        for t in resumed:
+            print(f"resumed {t.name} (tripped {render.cell(t.tripped_at)}: "
+                  f"{percent(t.ratio)} of {t.messages} messages were dead letters, limit "
+                  f"{percent(t.max_ratio)}); running consumers continue from offset "
+                  f"{t.from_offset} within {settings.breaker_poll_s:g}s")
+        for topic, partition in not_tripped:
+            print(f"refused {topic}[{partition}]: its circuit breaker is not open")
+        if not resumed and not not_tripped:
+            print("Nothing to resume: no circuit breaker is open.")
+    return EXIT_ATTENTION if not_tripped else EXIT_OK
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 # ---- parsers -------------------------------------------------------------------------------
 def register(sub: Any) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
@@ -272,13 +333,32 @@ def register(sub: Any) -> None:
                "Is the sync healthy? Shows per topic/partition the consumer group's committed\n"
                "offset, end offset and lag; the producer's replication slot; pending\n"
                "snapshots; unresolved dead letters by error class; held events by reason; the\n"
-               "last applied change and its end-to-end delay.\n\n"
+               "last applied change and its end-to-end delay; partitions paused by the\n"
+               "dead-letter circuit breaker (since when, measured ratio, limit, reasons).\n\n"
                "Exit 1 (needs attention) when a dead letter is unresolved, the slot is missing\n"
                "or inactive (no producer), an event is held longer than ORPHAN_HOLD_S, events\n"
-               "are held behind a key with no dead letter, or the total lag exceeds --max-lag.")
+               "are held behind a key with no dead letter, a circuit breaker is open, or the\n"
+               "total lag exceeds --max-lag.")
     p.add_argument("--max-lag", type=int, default=10_000, metavar="EVENTS",
                    help="total lag above which status needs attention (default 10000)")
     p.set_defaults(func=cmd_status)
+
+    p = parser("resume", sub, "resume partitions paused by the dead-letter circuit breaker",
+               "A partition whose share of dead letters reached CRM_ERP_SYNC_BREAKER_MAX_RATIO\n"
+               "(over at least BREAKER_MIN_MESSAGES messages within BREAKER_WINDOW_S) is\n"
+               "paused; the other partitions go on. `status` shows which, since when, the\n"
+               "measured ratio, the limit and the last reasons. Look first (`dlq list --topic\n"
+               "T`), fix the mappings or the CRM if needed, then resume: running consumers\n"
+               "continue within CRM_ERP_SYNC_BREAKER_POLL_S, dead-lettering the messages that\n"
+               "tripped it. Audited (who, when, why) in sync.breaker_trips.\n"
+               "Exit 1 if a named partition was not tripped.")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--partition", action="append", metavar="TOPIC:N",
+                        help="this partition (repeatable), e.g. crm.sales:1")
+    target.add_argument("--all", action="store_true", help="every tripped partition")
+    p.add_argument("--reason", required=True, help="why (required, audited)")
+    p.add_argument("--actor", help="who (default: the login name)")
+    p.set_defaults(func=cmd_resume)
 
     p = parser("replay", sub, "resync the ERP: rewind the consumer group's offsets",
                "Rewind the consumer group so the ERP is re-applied from what Kafka holds.\n\n"
@@ -296,7 +376,8 @@ def register(sub: Any) -> None:
     p.add_argument("--partition", type=int, action="append",
                    help="only this partition (repeatable; default all)")
     p.add_argument("--dry-run", action="store_true",
-                   help="show committed -> new offset and what would be reprocessed")
+                   help="show committed -> new offset and what would be reprocessed (allowed "
+                        "while consumers run: it changes nothing)")
     p.set_defaults(func=cmd_replay)
 
     dlq = sub.add_parser("dlq", help="dead letters: list, show, redrive, discard",
@@ -364,6 +445,9 @@ def register(sub: Any) -> None:
                    help="only this entity (repeatable; default all)")
     p.add_argument("--repair", action="store_true")
     p.add_argument("--chunk-size", type=int, default=5000, metavar="N")
+    p.add_argument("--limit", type=_non_negative, default=20, metavar="N",
+                   help="keys listed per entity and kind in the table (default 20, 0 = all; "
+                        "--json always lists all)")
     p.add_argument("--wait", type=float, default=120.0, metavar="SECONDS",
                    help="with --repair, how long to wait for convergence (default 120)")
     p.set_defaults(func=cmd_reconcile)

@@ -15,6 +15,7 @@ held behind it ('key_blocked') are applied, in order, in the same transaction.
 
 from __future__ import annotations
 
+import difflib
 import json
 import time
 from collections import defaultdict
@@ -29,7 +30,14 @@ from service.cdc.capture import request_snapshot
 from service.consumer import dlq as dlq_headers
 from service.consumer.pipeline import ErpApplier, Message, prepare
 from service.erp.mappings import Mappings
-from service.errors import ConfigError, SyncError
+from service.errors import (
+    ApplyError,
+    ConfigError,
+    DecodeError,
+    MappingError,
+    Permanent,
+    SyncError,
+)
 from service.kafka_io import make_consumer
 from service.operator.common import PgConn, connect
 from service.settings import Settings
@@ -120,10 +128,44 @@ def list_letters(settings: Settings, *, since: datetime | None = None,
         where.append(_FIELD_CLAUSE)
         params.append(field + ": ")  # type: ignore[arg-type]
     with connect(settings, "erp") as conn:
+        if error_type:
+            check_filter("--error-type", error_type, known_error_types(conn))
+        if topic:
+            check_filter("--topic", topic, known_topics(conn, settings))
         rows = conn.execute(
             f"SELECT {_COLUMNS} FROM sync.dead_letters WHERE {' AND '.join(where)} "
-            'ORDER BY topic, partition, "offset"', params).fetchall()
+            "ORDER BY created_at, dead_letter_id", params).fetchall()
     return [_letter(r) for r in rows]
+
+
+def _permanent_classes(cls: type[Permanent] = Permanent) -> set[str]:
+    out = set()
+    for sub in cls.__subclasses__():
+        out |= {sub.__name__} | _permanent_classes(sub)
+    return out
+
+
+def known_error_types(conn: PgConn) -> list[str]:
+    """Every error class and stage a dead letter can have, and those recorded."""
+    recorded = conn.execute("SELECT error_class FROM sync.dead_letters UNION "
+                            "SELECT stage FROM sync.dead_letters").fetchall()
+    stages = {c.stage for c in (DecodeError, MappingError, ApplyError)}
+    return sorted(_permanent_classes() | stages | {r[0] for r in recorded})
+
+
+def known_topics(conn: PgConn, settings: Settings) -> list[str]:
+    recorded = conn.execute("SELECT DISTINCT topic FROM sync.dead_letters").fetchall()
+    return sorted({settings.sales_topic, settings.market_topic} | {r[0] for r in recorded})
+
+
+def check_filter(option: str, value: str, known: list[str]) -> None:
+    """A filter value that matches nothing we know is a typo, not an empty result: refused
+    with the known values and the closest one. Raises ConfigError."""
+    if value in known:
+        return
+    close = difflib.get_close_matches(value, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(option, f"unknown value {value!r}{hint}; known: {', '.join(known)}")
 
 
 def get_letters(conn: PgConn, ids: list[int]) -> dict[int, Letter]:
@@ -245,11 +287,14 @@ def select_letters(settings: Settings, ids: list[int] | None, error_type: str | 
     with connect(settings, "erp") as conn:
         if ids:
             found = get_letters(conn, ids)
-            refused = [Outcome(i, "-", "refused", "no such dead letter")
-                       for i in ids if i not in found]
-            return [found[i] for i in ids if i in found], refused
+            missing = [str(i) for i in ids if i not in found]
+            if missing:  # the same condition, and exit code, as `dlq show` of a missing ID
+                raise ConfigError("ID", f"no dead letter {', '.join(missing)} (see "
+                                        "`crm-erp-sync dlq list --state all`)")
+            return [found[i] for i in ids], []
         where, params = "state = ANY(%s)", [list(UNRESOLVED)]
         if error_type and not all_open:
+            check_filter("--error-type", error_type, known_error_types(conn))
             where += " AND (error_class = %s OR stage = %s)"
             params += [error_type, error_type]  # type: ignore[list-item]
         if field and not all_open:

@@ -47,6 +47,8 @@ class ReplayPlan:
     target: str
     dry_run: bool
     partitions: list[PartitionPlan] = field(default_factory=list)
+    # A dry run with consumers running: who would have to stop first.
+    active_members: list[str] = field(default_factory=list)
 
     @property
     def to_reprocess(self) -> int:
@@ -130,13 +132,14 @@ def replay(settings: Settings, topic: str, *, from_beginning: bool = False,
                           committed[tp].offset if tp in committed else None, new[tp], end[tp])
             for tp in tps])
         state, members = group_members(admin, group)
+        if dry_run:  # changes nothing, so it is allowed while consumers run
+            plan.active_members = members
+            return plan
         if members:
             raise GroupActive(
                 f"consumer group {group} is {state} with {len(members)} member(s): "
                 f"{'; '.join(members)}. Stop the consumers, replay, then start them again "
                 "(offsets can only be reset while the group is empty)")
-        if dry_run:
-            return plan
         result = admin.reset_group_offsets(group, specs)
         failed = {tp: r["error"] for tp, r in result.items()
                   if r["error"] is not None and r["error"].__name__ != "NoError"}

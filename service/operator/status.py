@@ -7,6 +7,7 @@ Needs attention (exit 1) when any of:
   advisory lock every active producer holds is);
 - an event has been held longer than ``orphan_hold_s`` (awaiting its customer), or events are
   held behind a key that has no unresolved dead letter (stuck);
+- the dead-letter circuit breaker keeps a partition paused (``sync.breaker_trips``);
 - the group's total lag exceeds ``--max-lag`` (default 10000 events).
 Lag alone below that is normal under load and is only reported.
 """
@@ -22,6 +23,7 @@ import psycopg
 from service.cdc.capture import OWN_SCHEMA
 from service.cdc.producer import lock_key
 from service.errors import StackUnavailable
+from service.operator.breaker import BreakerTrip, open_trips
 from service.operator.common import connect
 from service.ops import PartitionLag, group_lag, slot_state
 from service.settings import Settings
@@ -37,6 +39,7 @@ class Status:
     stuck_keys: int
     producer_running: bool
     last_applied: dict[str, Any]
+    breaker: list[BreakerTrip] = field(default_factory=list)  # partitions paused
     attention: list[str] = field(default_factory=list)
 
     @property
@@ -65,6 +68,7 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
     except psycopg.OperationalError as exc:
         raise StackUnavailable(f"CRM database unreachable: {type(exc).__name__}") from exc
     with connect(settings, "erp") as erp:
+        breaker = open_trips(erp, settings.consumer_group)
         letters = dict(erp.execute(
             "SELECT error_class, count(*) FROM sync.dead_letters "
             "WHERE state IN ('open', 'failed_again') GROUP BY 1 ORDER BY 1").fetchall())
@@ -95,11 +99,16 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
     status = Status(
         lag=lag, slot=slot, pending_snapshots=pending, dead_letters=letters, held=held,
         stuck_keys=int(stuck_row[0]) if stuck_row else 0,
-        producer_running=bool(locked and locked[0]),
+        producer_running=bool(locked and locked[0]), breaker=breaker,
         last_applied={"applied_at": applied_at, "crm_commit_time": last[1],
                       "seconds_since_last_apply": float(last[2]) if last[2] is not None
                       else None,
                       "end_to_end_delay_s": float(delay[0]) if delay else None})
+    for trip in breaker:
+        status.attention.append(
+            f"circuit breaker open on {trip.name} since {trip.tripped_at:%Y-%m-%d %H:%M:%S%z}:"
+            f" {trip.message}; look (`crm-erp-sync dlq list --topic {trip.topic}`), then "
+            f"`crm-erp-sync resume --partition {trip.topic}:{trip.partition} --reason ...`")
     if letters:
         status.attention.append(f"{sum(letters.values())} dead letter(s) unresolved: "
                                 "see `crm-erp-sync dlq list`")

@@ -61,6 +61,11 @@ def test_replay_from_a_timestamp_and_refused_while_the_group_is_active(
     refused = cli(settings, "replay", "--topic", topic, "--from-beginning")
     assert refused.code == 1
     assert "Stop the consumers" in refused.err and "member" in refused.err
+    # A dry run changes nothing, so it is allowed while consumers run, and says who runs.
+    live_dry = cli(settings, "replay", "--topic", topic, "--from-beginning", "--dry-run")
+    assert live_dry.code == 0, live_dry.err
+    assert "would reprocess 21 event(s)" in live_dry.out and "member" in live_dry.out
+    assert all(p.lag == 0 for p in group_lag(settings))
     running.stop(consumer)
     before = partners(sync_env)
 

@@ -22,7 +22,13 @@ from service.kafka_io import make_admin
 from service.ops import group_lag
 from service.settings import Settings
 from tests.conftest import SyncEnv
-from tests.helpers import actual_erp, expected_erp, settings_env, wait_until
+from tests.helpers import (
+    actual_erp,
+    consume_until_caught_up,
+    expected_erp,
+    settings_env,
+    wait_until,
+)
 
 REPO = Path(__file__).resolve().parents[3]
 SHUTDOWN_BOUND_S = 20.0
@@ -96,7 +102,7 @@ def test_sigterm_during_a_load_exits_0_in_bound_and_loses_nothing(sync_env: Sync
     producing.join(60)
     CdcProducer(settings, registry).run(until_idle=True)  # whatever is left in the slot
     # A restarted member finishes the work: no lag, and the ERP is exactly the CRM.
-    ErpConsumer(settings).run(until_idle_s=3)
+    assert consume_until_caught_up(ErpConsumer(settings)).caught_up
     assert all(p.lag == 0 for p in group_lag(settings))
     with sync_env.crm() as crm, sync_env.erp() as erp:
         assert actual_erp(erp) == expected_erp(crm, Mappings.load(settings.mappings_file))

@@ -44,6 +44,7 @@ from service.cdc.producer import CdcProducer
 from service.consumer.pipeline import ErpConsumer
 from service.settings import REPO_ROOT, Settings
 from service.setup import run_setup
+from tests.helpers import consume_until_caught_up
 
 LIB = REPO_ROOT / "deploy" / "local" / "lib"
 LOG4J = REPO_ROOT / "deploy" / "local" / "log4j2.properties"
@@ -441,7 +442,7 @@ def test_the_pipeline_runs_over_tls_as_least_privilege_roles(secure_world: Secur
                     "('李', '四', '+86-139-1234-5678', NULL), "
                     "('Smith', 'John', NULL, NULL)")
     CdcProducer(service, SchemaRegistry.load(service.schemas_dir)).run(until_idle=True)
-    ErpConsumer(service).run(until_idle_s=3)
+    assert consume_until_caught_up(ErpConsumer(service)).caught_up
     with psycopg.connect(service.erp_dsn, autocommit=True) as erp:
         rows = erp.execute("SELECT full_name, phone_e164 FROM erp.business_partners "
                            "WHERE NOT deleted ORDER BY crm_customer_id").fetchall()

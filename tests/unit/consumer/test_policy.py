@@ -8,8 +8,15 @@ import itertools
 
 import pytest
 
-from service.consumer.policy import BatchPolicy, CircuitBreaker, DlqLimit, RetryPolicy
-from service.errors import CircuitOpen, SyncError
+from service.consumer.policy import (
+    BatchPolicy,
+    CircuitBreaker,
+    DlqLimit,
+    RetryPolicy,
+    Trip,
+    percent,
+)
+from service.settings import Settings
 
 OK, BAD = False, True  # outcomes: True = invalid
 
@@ -27,19 +34,25 @@ def test_batch_presets() -> None:
 def test_dlq_presets_are_ordered_by_strictness() -> None:
     strict, default, disabled = DlqLimit.STRICT, DlqLimit.DEFAULT, DlqLimit.DISABLED
     assert default == DlqLimit()
-    assert strict.max_invalid_ratio < default.max_invalid_ratio < 1 < disabled.max_invalid_ratio
-    assert strict.max_consecutive_invalid < default.max_consecutive_invalid \
-        < disabled.max_consecutive_invalid
+    assert strict.max_ratio < default.max_ratio < 1 < disabled.max_ratio
+    assert strict.min_messages < default.min_messages
     assert {f.name for f in dataclasses.fields(DlqLimit)} == {
-        "max_invalid_ratio", "max_consecutive_invalid", "window", "min_samples"}
+        "max_ratio", "min_messages", "window_s"}
+
+
+def test_the_limit_comes_from_settings() -> None:
+    assert DlqLimit.from_settings(Settings()) == DlqLimit.DEFAULT
+    env = {"CRM_ERP_SYNC_BREAKER_MAX_RATIO": "0.2", "CRM_ERP_SYNC_BREAKER_MIN_MESSAGES": "30",
+           "CRM_ERP_SYNC_BREAKER_WINDOW_S": "600"}
+    assert DlqLimit.from_settings(Settings.from_env(env)) == DlqLimit(0.2, 30, 600.0)
 
 
 @pytest.mark.parametrize(("preset", "field", "value"), [
     (BatchPolicy.REALTIME, "max_events", 1),
     (BatchPolicy.MICRO_BATCH, "max_wait_ms", 0),
-    (DlqLimit.STRICT, "max_invalid_ratio", 0.9),
-    (DlqLimit.DEFAULT, "window", 1),
-    (DlqLimit.DISABLED, "max_consecutive_invalid", 1),
+    (DlqLimit.STRICT, "max_ratio", 0.9),
+    (DlqLimit.DEFAULT, "window_s", 1),
+    (DlqLimit.DISABLED, "min_messages", 1),
     (RetryPolicy(), "max_s", 0.0),
 ])
 def test_presets_are_frozen(preset: object, field: str, value: object) -> None:
@@ -76,126 +89,117 @@ def test_retry_never_exceeds_cap_even_if_initial_is_above_it() -> None:
 
 # ---- circuit breaker -----------------------------------------------------------------------
 
-LIMIT = DlqLimit(max_invalid_ratio=0.5, max_consecutive_invalid=1000, window=10, min_samples=4)
+LIMIT = DlqLimit(max_ratio=0.5, min_messages=10, window_s=60.0)
+P1, P2 = ("crm.sales", 1), ("crm.sales", 2)
+
+
+def outcomes(flags: list[bool], start: int = 0) -> list[tuple[int, bool]]:
+    return [(start + i, bad) for i, bad in enumerate(flags)]
 
 
 def test_healthy_traffic_never_trips() -> None:
     breaker = CircuitBreaker(DlqLimit.STRICT)
-    for _ in range(50):
-        breaker.record([OK] * 100)
-    assert breaker.would_trip([OK] * 1000) is None
+    for n in range(50):
+        breaker.record(P1, outcomes([OK] * 100, n * 100), now=float(n))
+    assert breaker.would_trip(P1, outcomes([OK] * 1000, 5000), now=50.0) is None
 
 
-def test_occasional_invalid_messages_do_not_trip() -> None:
+def test_a_cold_window_is_never_judged() -> None:
+    breaker = CircuitBreaker(LIMIT)
+    assert breaker.would_trip(P1, outcomes([BAD] * 9), now=0.0) is None  # 100%, 9 < 10
+    breaker.record(P1, outcomes([BAD] * 9), now=0.0)
+    trip = breaker.would_trip(P1, outcomes([BAD], 9), now=1.0)  # the 10th message
+    assert trip == Trip("crm.sales", 1, 10, 10, LIMIT)
+
+
+def test_a_lull_lets_the_window_go_cold_again() -> None:
+    breaker = CircuitBreaker(LIMIT)
+    breaker.record(P1, outcomes([BAD] * 9), now=0.0)
+    # 61 s later the nine are out of the window: nine more bad ones are a cold window again.
+    assert breaker.would_trip(P1, outcomes([BAD] * 9, 9), now=61.0) is None
+    assert breaker.window_of(P1, now=61.0) == (0, 0)
+
+
+def test_ratio_at_the_limit_trips_and_below_it_does_not() -> None:
+    breaker = CircuitBreaker(LIMIT)
+    assert breaker.would_trip(P1, outcomes([BAD, OK] * 5), now=0.0) is not None  # 50%
+    assert breaker.would_trip(P1, outcomes([BAD] * 4 + [OK] * 6), now=0.0) is None  # 40%
+
+
+def test_partitions_are_judged_separately() -> None:
+    breaker = CircuitBreaker(LIMIT)
+    breaker.record(P2, outcomes([OK] * 1000), now=0.0)  # a healthy neighbour dilutes nothing
+    trip = breaker.would_trip(P1, outcomes([BAD] * 8 + [OK] * 4), now=0.0)
+    assert trip is not None and (trip.topic, trip.partition) == P1
+    assert trip.messages == 12 and trip.dead_letters == 8
+    assert breaker.would_trip(P2, outcomes([BAD] * 8, 1000), now=0.0) is None
+
+
+def test_history_and_the_new_slice_count_together() -> None:
+    breaker = CircuitBreaker(LIMIT)
+    breaker.record(P1, outcomes([OK] * 6 + [BAD] * 2), now=0.0)  # 2 of 8
+    assert breaker.would_trip(P1, outcomes([BAD] * 2, 8), now=1.0) is None  # 4 of 10
+    trip = breaker.would_trip(P1, outcomes([BAD] * 4, 8), now=1.0)  # 6 of 12
+    assert trip is not None and (trip.messages, trip.dead_letters) == (12, 6)
+
+
+def test_would_trip_does_not_record() -> None:
+    breaker = CircuitBreaker(LIMIT)
+    breaker.record(P1, outcomes([OK, BAD, OK]), now=0.0)
+    assert breaker.would_trip(P1, outcomes([BAD] * 20, 3), now=0.0) is not None
+    assert breaker.window_of(P1, now=0.0) == (3, 1)
+
+
+def test_memory_is_per_second_not_per_message() -> None:
     breaker = CircuitBreaker(DlqLimit.DEFAULT)
-    for _ in range(20):
-        breaker.record([BAD] + [OK] * 9)  # 10% invalid, never two in a row
-    assert breaker.would_trip([BAD, OK, OK]) is None
+    for n in range(10_000):
+        breaker.record(P1, [(n, False)], now=100.0 + n / 1000)  # 1,000 a second for 10 s
+    assert len(breaker._windows[P1].buckets) == 10
+    assert breaker.window_of(P1, now=109.9) == (10_000, 0)
 
 
-def test_ratio_is_not_judged_before_min_samples() -> None:
+def test_a_resume_forgets_the_window_and_accepts_what_was_seen() -> None:
     breaker = CircuitBreaker(LIMIT)
-    assert breaker.would_trip([BAD, BAD, BAD]) is None  # 100% but only 3 samples
-    breaker.record([BAD, BAD, BAD])
-    reason = breaker.would_trip([BAD])  # the 4th sample reaches min_samples
-    assert reason is not None and "100%" in reason and "4" in reason
+    breaker.record(P1, outcomes([BAD] * 5), now=0.0)
+    burst = outcomes([BAD] * 300, 5)
+    assert breaker.would_trip(P1, burst, now=1.0) is not None
+    breaker.resumed(P1, through_offset=304)
+    assert breaker.window_of(P1, now=1.0) == (0, 0)
+    assert breaker.would_trip(P1, burst, now=2.0) is None  # the operator looked at these
+    breaker.record(P1, burst, now=2.0)
+    assert breaker.window_of(P1, now=2.0) == (0, 0)
+    later = outcomes([BAD] * 10, 305)  # new bad messages are judged again
+    assert breaker.would_trip(P1, later, now=3.0) is not None
 
 
-def test_ratio_over_the_limit_trips_and_exactly_at_it_does_not() -> None:
+def test_resumed_is_idempotent() -> None:
     breaker = CircuitBreaker(LIMIT)
-    assert breaker.would_trip([BAD, OK, BAD, OK]) is None  # exactly 50%: not "more than"
-    assert breaker.would_trip([BAD, OK, BAD, BAD]) is not None  # 75%
-    with pytest.raises(CircuitOpen, match="75%"):
-        breaker.record([BAD, OK, BAD, BAD])
-
-
-def test_ratio_is_over_the_sliding_window_only() -> None:
-    breaker = CircuitBreaker(LIMIT)  # window 10
-    breaker.record([BAD, OK] * 2 + [OK] * 6)  # 2 invalid of 10
-    breaker.record([OK] * 10)  # the old invalid ones slide out
-    assert breaker.would_trip([BAD] * 5) is None  # 5 of the last 10: not over 50%
-    breaker.record([BAD] * 5)
-    reason = breaker.would_trip([BAD])  # 6 of the last 10
-    assert reason is not None and "60%" in reason and "last 10" in reason
-
-
-def test_ratio_counts_recorded_history_and_the_new_batch_together() -> None:
-    breaker = CircuitBreaker(LIMIT)
-    breaker.record([OK, OK, BAD, BAD, OK, BAD, OK, OK])  # 3 of 8
-    assert breaker.would_trip([BAD, BAD]) is None  # 5 of 10: at the limit, not over
-    assert breaker.would_trip([BAD, BAD, BAD]) is not None  # 6 of the last 10
-
-
-def test_consecutive_invalid_trips_even_under_the_ratio() -> None:
-    limit = DlqLimit.DEFAULT  # 50 in a row allowed, the 51st trips
-    breaker = CircuitBreaker(limit)
-    breaker.record([OK] * limit.window)  # a long healthy history keeps the ratio low
-    breaker.record([BAD] * limit.max_consecutive_invalid)
-    reason = breaker.would_trip([BAD])
-    assert reason == f"{limit.max_consecutive_invalid + 1} invalid messages in a row"
-
-
-def test_one_valid_message_resets_the_consecutive_count() -> None:
-    limit = DlqLimit(max_invalid_ratio=1.01, max_consecutive_invalid=3, window=100,
-                     min_samples=1)
-    breaker = CircuitBreaker(limit)
-    breaker.record([BAD, BAD, BAD, OK, BAD, BAD, BAD, OK])
-    breaker.record([BAD, BAD, BAD])
-    assert breaker.would_trip([BAD]) == "4 invalid messages in a row"
-    assert breaker.would_trip([OK, BAD, BAD, BAD]) is None
-
-
-def test_consecutive_count_spans_batches_within_one_check() -> None:
-    limit = DlqLimit(max_invalid_ratio=1.01, max_consecutive_invalid=3, window=100,
-                     min_samples=1)
-    breaker = CircuitBreaker(limit)
-    breaker.record([OK, BAD, BAD])
-    assert breaker.would_trip([BAD, BAD]) == "4 invalid messages in a row"
-
-
-def test_would_trip_does_not_mutate_state() -> None:
-    breaker = CircuitBreaker(LIMIT)
-    breaker.record([OK, BAD, OK])
-    snapshot = (list(breaker._outcomes), breaker._consecutive)
-    assert breaker.would_trip([BAD] * 20) is not None
-    assert breaker.would_trip([OK] * 20) is None
-    assert (list(breaker._outcomes), breaker._consecutive) == snapshot
-    # ... and behaviour afterwards is as if the checks never happened.
-    fresh = CircuitBreaker(LIMIT)
-    fresh.record([OK, BAD, OK])
-    for batch in ([BAD], [BAD, BAD], [OK, BAD, BAD, BAD]):
-        assert breaker.would_trip(batch) == fresh.would_trip(batch)
-
-
-def test_a_tripping_batch_is_not_recorded() -> None:
-    breaker = CircuitBreaker(LIMIT)
-    breaker.record([OK] * 4)
-    with pytest.raises(CircuitOpen) as info:
-        breaker.record([BAD] * 6)
-    assert isinstance(info.value, SyncError)
-    assert list(breaker._outcomes) == [OK] * 4 and breaker._consecutive == 0
-    breaker.record([OK, BAD])  # the breaker keeps working on what was really recorded
-    assert list(breaker._outcomes) == [OK] * 5 + [BAD]
-
-
-def test_recorded_history_is_bounded_by_the_window() -> None:
-    breaker = CircuitBreaker(LIMIT)
-    for _ in range(7):
-        breaker.record([OK, BAD, OK])
-    assert len(breaker._outcomes) == LIMIT.window
+    breaker.resumed(P1, 10)
+    breaker.record(P1, outcomes([BAD] * 5, 11), now=0.0)
+    breaker.resumed(P1, 10)  # the consumer re-reads the same resumed row every poll
+    assert breaker.window_of(P1, now=0.0) == (5, 5)
 
 
 def test_disabled_never_trips() -> None:
     breaker = CircuitBreaker(DlqLimit.DISABLED)
-    for _ in range(5):
-        breaker.record([BAD] * 1000)
-    assert breaker.would_trip([BAD] * 10_000) is None
+    for n in range(5):
+        breaker.record(P1, outcomes([BAD] * 1000, n * 1000), now=float(n))
+    assert breaker.would_trip(P1, outcomes([BAD] * 10_000, 5000), now=5.0) is None
 
 
 def test_strict_trips_sooner_than_default() -> None:
-    batch = [OK] * 20 + [BAD] * 11 + [OK] * 9  # never over 35% invalid, 11 in a row
-    assert CircuitBreaker(DlqLimit.STRICT).would_trip(batch) is not None
-    assert CircuitBreaker(DlqLimit.DEFAULT).would_trip(batch) is None
+    slice_ = outcomes([OK] * 60 + [BAD] * 20 + [OK] * 20)  # 20% of 100
+    assert CircuitBreaker(DlqLimit.STRICT).would_trip(P1, slice_, now=0.0) is not None
+    assert CircuitBreaker(DlqLimit.DEFAULT).would_trip(P1, slice_, now=0.0) is None
+
+
+def test_the_message_says_the_measured_ratio_and_the_limit_plainly() -> None:
+    trip = Trip("crm.sales", 1, 200, 124, DlqLimit(0.5, 100, 60.0))
+    assert trip.message().startswith(
+        "tripped: 62% of the last 200 messages on crm.sales[1] were dead letters, limit 50%")
+    assert percent(0.625) == "62.5%" and percent(0.5) == "50%" and percent(1.0) == "100%"
+    # Rounding never makes a tripped ratio look like it is within the limit.
+    assert percent(0.5004) != percent(0.5)
 
 
 def test_reconnect_preset_backs_off_exponentially_up_to_its_cap() -> None:

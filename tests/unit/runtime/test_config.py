@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from service.errors import ConfigError
-from service.settings import CONFIG_FILE_VAR, Settings
+from service.settings import CONFIG_FILE_VAR, Settings, unknown_env_vars
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -33,6 +33,10 @@ REPO = Path(__file__).resolve().parents[3]
     ("CRM_ERP_SYNC_SALES_TOPIC", "crm sales", "topic name"),
     ("CRM_ERP_SYNC_SLOT_NAME", "Crm-Slot", "lower-case"),
     ("CRM_ERP_SYNC_CRM_DSN", "host=db dbname=crm", "postgresql:// URL"),
+    ("CRM_ERP_SYNC_BREAKER_MAX_RATIO", "0", "above 0"),
+    ("CRM_ERP_SYNC_BREAKER_MIN_MESSAGES", "0", "at least 1"),
+    ("CRM_ERP_SYNC_BREAKER_WINDOW_S", "-60", "positive number of seconds"),
+    ("CRM_ERP_SYNC_BREAKER_POLL_S", "0", "positive number of seconds"),
 ])
 def test_a_bad_value_is_refused_naming_its_variable(variable: str, raw: str, says: str) -> None:
     with pytest.raises(ConfigError) as caught:
@@ -120,3 +124,20 @@ def test_a_configuration_error_exits_2_naming_the_variable() -> None:
     assert done.returncode == 2
     assert "CRM_ERP_SYNC_HTTP_PORT" in done.stderr and "eighty" in done.stderr
     assert cli("consume", CRM_ERP_SYNC_SHUTDOWN_TIMEOUT_S="-1").returncode == 2
+
+
+def test_unknown_variables_are_named_with_the_closest_valid_one() -> None:
+    env = {"CRM_ERP_SYNC_BREAKER_MIN_MESAGES": "5", "CRM_ERP_SYNC_ERP_DSN": "postgresql://x/y",
+           "CRM_ERP_SYNC_CONFIG_FILE": "f.toml", "CRM_ERP_SYNC_ZZZ": "1", "OTHER": "1"}
+    assert unknown_env_vars(env) == [
+        ("CRM_ERP_SYNC_BREAKER_MIN_MESAGES", "CRM_ERP_SYNC_BREAKER_MIN_MESSAGES"),
+        ("CRM_ERP_SYNC_ZZZ", None)]
+
+
+def test_an_unknown_variable_is_warned_about_at_start_up() -> None:
+    done = cli("config", CRM_ERP_SYNC_BATCH_MAX_EVENT="10")
+    assert done.returncode == 0
+    warning = next(json.loads(line) for line in done.stderr.splitlines()
+                   if "unknown_setting_ignored" in line)
+    assert warning["variable"] == "CRM_ERP_SYNC_BATCH_MAX_EVENT"
+    assert warning["did_you_mean"] == "CRM_ERP_SYNC_BATCH_MAX_EVENTS"

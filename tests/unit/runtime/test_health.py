@@ -56,6 +56,19 @@ def test_a_lost_connection_is_not_ready_at_once_with_its_reason() -> None:
     assert ready and body["state"] == "active" and "reason" not in body
 
 
+def test_a_tripped_breaker_makes_readiness_degraded() -> None:
+    health = Health(Settings(), ConsumerMetrics())
+    health.set_ready(True, "consuming", assigned_partitions=3)
+    health.beat()
+    message = "tripped: 62% of the last 200 messages on crm.sales[1] were dead letters"
+    health.set_degraded([message])
+    ready, body = health.readiness()
+    assert not ready and body["state"] == "degraded" and body["breaker_open"] == [message]
+    assert health.liveness()[0]  # alive: the process must not be restarted for it
+    health.set_degraded([])
+    assert health.readiness()[0]
+
+
 def test_endpoints_over_http() -> None:
     metrics = ConsumerMetrics()
     health = Health(Settings(), metrics)

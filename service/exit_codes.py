@@ -1,0 +1,24 @@
+"""The exit codes of every `crm-erp-sync` command: one table, the same code for the same
+condition everywhere (documented in README.md, "Exit codes").
+
+- 0 OK: done; or nothing needs attention.
+- 1 ATTENTION: done, but something needs an operator: `status` found a problem, `reconcile`
+  found drift, a redrive failed again, an action was refused because of the object's state
+  (a dead letter already redriven, a partition that is not tripped, a replay while the
+  group has members), or `consume --until-caught-up` stopped at partitions the circuit
+  breaker keeps paused.
+- 2 USAGE: bad arguments or configuration, including a named object that does not exist (a
+  dead-letter ID, a snapshot key), a filter value that matches nothing known, and database
+  credentials or a database name that the server refuses.
+- 3 UNAVAILABLE: the broker or a database did not answer.
+- 130 INTERRUPTED: Ctrl-C.
+
+Code 4 (the circuit breaker stopped the consumer) is gone: the breaker pauses a partition and
+the consumer keeps running.
+"""
+
+OK, ATTENTION, USAGE, UNAVAILABLE, INTERRUPTED = 0, 1, 2, 3, 130
+
+EPILOG = ("Exit codes: 0 ok, 1 needs attention (problem found, drift, or refused by state), "
+          "2 bad arguments or configuration (also: no such ID, unknown filter value, database "
+          "credentials refused), 3 broker or database unreachable, 130 interrupted.")

@@ -1,0 +1,107 @@
+"""Errors that name the real problem, and the same exit code for the same condition: database
+credentials vs a missing database vs an unreachable server; typos in filters; snapshot
+arguments; IDs that do not exist; `dlq list` oldest first."""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from service import pg
+from service.consumer.pipeline import ErpConsumer
+from service.errors import DatabaseAuthFailed, DatabaseMissing, DatabaseUnreachable
+from service.kafka_io import make_producer
+from tests.conftest import SyncEnv
+from tests.helpers import consume_until_caught_up
+from tests.integration.conftest import Cli
+
+
+def with_dsn(dsn: str, *, password: str | None = None, database: str | None = None,
+             port: int | None = None) -> str:
+    parts = urlsplit(dsn)
+    user = parts.username or ""
+    netloc = (f"{user}:{password if password is not None else parts.password}@"
+              f"{parts.hostname}:{port or parts.port}")
+    return urlunsplit(parts._replace(netloc=netloc, path=f"/{database}" if database
+                                     else parts.path))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_connect_errors_are_typed_by_what_went_wrong(sync_env: SyncEnv) -> None:
+    erp = sync_env.settings.erp_dsn
+    with pytest.raises(DatabaseAuthFailed) as auth:
+        pg.connect(with_dsn(erp, password="wrong-pw-51"), "ERP")
+    user = urlsplit(erp).username
+    assert f"refused user {user!r}" in str(auth.value) and "CRM_ERP_SYNC_ERP_DSN" in str(
+        auth.value)
+    assert "wrong-pw-51" not in str(auth.value)
+    with pytest.raises(DatabaseMissing, match="'no_such_db_51' does not exist"):
+        pg.connect(with_dsn(erp, database="no_such_db_51"), "ERP")
+    with pytest.raises(DatabaseUnreachable, match="unreachable"):
+        pg.connect(with_dsn(erp, port=free_port()), "ERP")
+
+
+def test_consume_exits_at_once_on_a_wrong_password(sync_env: SyncEnv, cli: Cli) -> None:
+    bad = sync_env.with_(erp_dsn=with_dsn(sync_env.settings.erp_dsn, password="wrong-pw-52"))
+    started = time.monotonic()
+    done = cli(bad, "consume")
+    assert done.code == 2 and "refused user" in done.err and "wrong-pw-52" not in done.err
+    assert time.monotonic() - started < 60  # not minutes of retries
+    missing = sync_env.with_(crm_dsn=with_dsn(sync_env.settings.crm_dsn, database="nope_52"))
+    done = cli(missing, "status")
+    assert done.code == 2 and "'nope_52' does not exist" in done.err
+
+
+def test_filters_ids_and_snapshot_arguments_are_checked(sync_env: SyncEnv, cli: Cli) -> None:
+    settings = sync_env.settings
+    for i in range(3):  # dead-lettered one after another, on partitions in reverse order
+        producer = make_producer(settings)
+        producer.send(settings.sales_topic, key=f"k{i}".encode(), value=b"not avro",
+                      partition=2 - i).get(30)
+        producer.close()
+        consume_until_caught_up(ErpConsumer(settings))
+
+    listed = cli(settings, "dlq", "list", "--json")
+    assert listed.code == 0
+    assert [d["key"] for d in listed.json] == ["k0", "k1", "k2"]  # oldest first
+    typo = cli(settings, "dlq", "list", "--error-type", "DecodeErorr")
+    assert typo.code == 2 and "did you mean 'DecodeError'" in typo.err
+    assert "MappingError" in typo.err  # the known ones are listed
+    topic = cli(settings, "dlq", "list", "--topic", settings.sales_topic + "x")
+    assert topic.code == 2 and settings.sales_topic in topic.err
+    assert cli(settings, "dlq", "list", "--error-type", "decode").code == 0
+    assert cli(settings, "dlq", "list", "--error-type", "MappingError").code == 0  # none yet
+
+    # The same condition, a dead letter that does not exist, the same code everywhere.
+    for argv in (("show", "99999"), ("redrive", "99999"),
+                 ("discard", "99999", "--reason", "x")):
+        done = cli(settings, "dlq", *argv)
+        assert done.code == 2 and "no dead letter 99999" in done.err, argv
+
+    with sync_env.crm() as crm:
+        cid = crm.execute("INSERT INTO crm.customers (family_name, given_name) VALUES "
+                          "('张', '三') RETURNING customer_id").fetchone()[0]
+    for bad in ("-5", "0", "1000001", "many"):
+        with pytest.raises(SystemExit) as refused:  # argparse: usage error, exit 2
+            cli(settings, "snapshot", "--table", "customers", "--chunk-size", bad)
+        assert refused.value.code == 2, bad
+    with sync_env.crm() as crm:
+        assert crm.execute("SELECT count(*) FROM crm_erp_sync.snapshots").fetchone() == (0,)
+    missing = cli(settings, "snapshot", "--table", "customers", "--key", str(cid),
+                  "--key", "987654")
+    assert missing.code == 2 and "987654" in missing.err
+    ok = cli(settings, "snapshot", "--table", "customers", "--key", str(cid),
+             "--chunk-size", "10")
+    assert ok.code == 0, ok.err
+    with sync_env.crm() as crm:
+        assert crm.execute("SELECT keys::text[], chunk_size FROM crm_erp_sync.snapshots "
+                           "WHERE reason = 'ad-hoc'").fetchall() == [([str(cid)], 10)]

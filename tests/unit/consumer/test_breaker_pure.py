@@ -1,0 +1,42 @@
+"""Pure parts of the breaker and its operator command: reasons, partition names, filters."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.consumer.breaker import last_reasons
+from service.errors import ConfigError, DecodeError, MappingError
+from service.operator.breaker import parse_partition
+from service.operator.dlq import check_filter
+
+
+def test_last_reasons_are_the_latest_distinct_ones_without_values() -> None:
+    errors = [DecodeError("bad bytes")] + [MappingError("phone", "138xxxx5678", "not a number")
+                                           for _ in range(3)] + [DecodeError("bad bytes")]
+    reasons = last_reasons(errors)
+    assert reasons == ["DecodeError: bad bytes", "MappingError: phone: not a number"]
+    assert not any("138xxxx5678" in r for r in reasons)  # values may be personal data
+    assert len(last_reasons([DecodeError(str(i)) for i in range(20)], n=5)) == 5
+
+
+@pytest.mark.parametrize(("text", "parsed"), [
+    ("crm.sales:1", ("crm.sales", 1)), ("a:b:12", ("a:b", 12))])
+def test_partition_names(text: str, parsed: tuple[str, int]) -> None:
+    assert parse_partition(text) == parsed
+
+
+@pytest.mark.parametrize("text", ["crm.sales", "crm.sales:", ":1", "crm.sales:-1", "x:one"])
+def test_bad_partition_names_are_refused(text: str) -> None:
+    with pytest.raises(ConfigError, match="TOPIC:PARTITION"):
+        parse_partition(text)
+
+
+def test_a_filter_typo_is_refused_with_the_known_values() -> None:
+    known = ["DecodeError", "MappingError", "decode", "transform"]
+    check_filter("--error-type", "MappingError", known)
+    with pytest.raises(ConfigError) as info:
+        check_filter("--error-type", "MapingError", known)
+    assert "did you mean 'MappingError'" in str(info.value)
+    assert "known: DecodeError, MappingError, decode, transform" in str(info.value)
+    with pytest.raises(ConfigError, match="unknown value 'zzz'; known"):
+        check_filter("--topic", "zzz", ["crm.sales"])

@@ -100,7 +100,7 @@ def test_special_values_are_capture_dead_letters_and_later_changes_flow(
                          content="5G手机市场增长迅速", observed_at="2023-01-01T00:00:00Z")
         crm.execute("UPDATE crm.customers SET notes = '10台' WHERE customer_id = %s", (good,))
         wait_until(lambda: _partners(sync_env).get(good) == "10台" and demand in
-                   _demands(sync_env), timeout=90, message="later good changes in the ERP")
+                   _demands(sync_env), timeout=180, message="later good changes in the ERP")
         bad = {f"c{k}" for k in (nan, caesar, far, never)} | {f"d{infinite}"}
         wait_until(lambda: bad <= set(_letters(sync_env)), timeout=60,
                    message="every bad change in sync.dead_letters")

@@ -87,6 +87,8 @@ def cmd_consume(settings: Settings, args: argparse.Namespace) -> int:
 
     consumer = ErpConsumer(settings)
     _on_sigterm(consumer.stop, settings.shutdown_timeout_s)
+    # SIGHUP: re-read the mappings file now (it is also checked every MAPPINGS_CHECK_S).
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: consumer.watcher.request_reload())
     stats = consumer.run(until_idle_s=args.until_idle, until_caught_up=args.until_caught_up)
     structlog.get_logger("cli").info("consumer_stopped", batches=stats.batches,
                                      messages=stats.messages, retries=stats.retries,

@@ -75,6 +75,19 @@ class ConsumerMetrics(ProcessMetrics):
         self.breaker_trips = Counter(f"{PREFIX}_breaker_trips", "Times this consumer tripped "
                                      "the dead-letter circuit breaker of a partition",
                                      ["topic", "partition"], registry=r)
+        # The mappings file (service/consumer/mappings_watch.py): which version is applied,
+        # and whether a newer file was refused.
+        self.mappings_info = Gauge(f"{PREFIX}_mappings_info", "1 for the mappings file "
+                                   "version this consumer applies (version: the first 12 hex "
+                                   "digits of the SHA-256 of the file's bytes)", ["version"],
+                                   registry=r)
+        self.mappings_reloads = Counter(f"{PREFIX}_mappings_reloads", "Changed mappings files "
+                                        "read by a running consumer, by outcome: applied, or "
+                                        "refused (invalid; the loaded version is kept)",
+                                        ["outcome"], registry=r)
+        self.mappings_reload_failing = Gauge(f"{PREFIX}_mappings_reload_failing", "1 while "
+                                             "the mappings file on disk is refused (invalid) "
+                                             "and an older version is applied", registry=r)
         self._lag_labels: set[tuple[str, str]] = set()
 
     def count(self, counter: Counter, items: Iterable[tuple[str, ...]]) -> None:

@@ -33,6 +33,7 @@ from service.avro import SchemaRegistry
 from service.cdc import dead_letters as capture_letters
 from service.consumer import dlq
 from service.consumer.breaker import BreakerControl
+from service.consumer.mappings_watch import MappingsWatcher
 from service.consumer.policy import BatchPolicy, DlqLimit, RetryPolicy
 from service.erp.apply import apply_changes, existing_customers, load_status_effects
 from service.erp.changes import ErpChange, to_erp
@@ -236,6 +237,17 @@ class ErpApplier:
             except TRANSIENT_PG as exc:
                 raise Retryable(f"ERP: {type(exc).__name__}") from exc
         return self.conn
+
+    def use_mappings(self, mappings: Mappings) -> None:
+        """Map with a reloaded mappings file from now on (held and redriven events too) and
+        update the ERP's status effects from it. Raises Retryable (ERP unreachable)."""
+        self.mappings = mappings
+        conn = self.connect()
+        try:
+            with conn.transaction():
+                load_status_effects(conn, mappings)
+        except TRANSIENT_PG as exc:
+            raise Retryable(f"ERP: {type(exc).__name__}") from exc
 
     def apply_batch(self, batch: Batch) -> None:
         started = time.monotonic()
@@ -685,8 +697,12 @@ class ErpConsumer:
         self.retry = retry or RetryPolicy.DEFAULT
         self._reconnect = RetryPolicy.RECONNECT.delays()
         self.registry = SchemaRegistry.load(settings.schemas_dir)
-        self.mappings = Mappings.load(settings.mappings_file)
         self.metrics = ConsumerMetrics()
+        # Reloaded without a restart: SIGHUP or a changed file (service/consumer/mappings_watch.py).
+        self.watcher = MappingsWatcher(settings.mappings_file,
+                                       check_interval_s=settings.mappings_check_s,
+                                       metrics=self.metrics)
+        self.mappings = self.watcher.mappings
         self.health = Health(settings, self.metrics)
         self.applier = ErpApplier(settings, self.registry, self.mappings, metrics=self.metrics)
         self.dlq_limit = dlq_limit or DlqLimit.from_settings(settings)
@@ -735,6 +751,8 @@ class ErpConsumer:
                 msgs = self._poll_or_wait()
                 now = time.monotonic()
                 self._retrying(functools.partial(self.breaker.refresh, self.consumer))
+                if self._watch_mappings():
+                    pipeline = self._pipeline()
                 if now - last_maintenance > 5:
                     self._retrying(self.applier.expire_orphans)
                     self._retrying(self.applier.count_open_dead_letters)
@@ -761,6 +779,7 @@ class ErpConsumer:
             if http is not None:
                 http.close()
             self.consumer.close(autocommit=False)
+            self.watcher.forget(self.applier.conn, self.settings.consumer_group)
             if self.applier.conn is not None:
                 self.applier.conn.close()
             if self.applier._dlq_producer is not None:
@@ -797,6 +816,20 @@ class ErpConsumer:
         while not self._stop.is_set() and time.monotonic() < deadline:
             self.health.beat()
             self._stop.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+
+    def _watch_mappings(self) -> bool:
+        """Once per loop iteration: a changed, valid mappings file is applied from the next
+        batch on (True: rebuild the stages); an invalid one is refused by the watcher. The
+        version in use is reported to ``sync.consumers`` for ``status``."""
+        fresh = self.watcher.poll()
+        if fresh is not None:
+            self.mappings = fresh
+            self._retrying(functools.partial(self.applier.use_mappings, fresh))
+        if self.watcher.report_due():
+            self._retrying(functools.partial(self.watcher.report, self.applier.connect,
+                                             self.settings.consumer_group))
+        return fresh is not None
+
     def _end_offsets(self) -> dict[TopicPartition, int]:
         """The end offset of every partition of our topics, now (the --until-caught-up goal)."""
         tps = [TopicPartition(t, p)

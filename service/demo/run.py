@@ -37,6 +37,12 @@ INSERT INTO crm.order_lines (order_id, line_no, customer_id, product_code, produ
                              quantity, unit_price)
 SELECT order_id, 1, customer_id, 'P-HOVERBOARD', '平衡车', '10台', 5000.00 FROM o
 """
+# An office landline with its extension (kept in phone_extension), a full address (its
+# GB/T 2260 division code).
+OFFICE_RECORD = """
+INSERT INTO crm.customers (family_name, given_name, gender, phone, email, address)
+VALUES ('王', '五', '女', '010-65521234转123', 'wangwu@example.com', '北京市朝阳区建国路88号')
+"""
 
 
 def _mask(text: str | None, keep: int = 1) -> str:
@@ -64,11 +70,15 @@ def run_demo(settings: Settings, *, customers: int, orders: int) -> int:
     procs = [_spawn(["produce"], logs / "producer.log", resync)]
     procs += [_spawn(["consume"], logs / f"consumer-{i}.log", {}) for i in (1, 2)]
     try:
-        # Changes made before the slot exists would reach the ERP only as snapshot reads.
+        # Changes made before the slot exists, or while the initial snapshot still reads,
+        # would reach the ERP as snapshot reads (rows deleted meanwhile not at all, and a bad
+        # row dead-lettered twice): load once the snapshot of the (empty) tables is done.
         deadline = time.monotonic() + 60
-        while (ops.slot_state(settings) or {}).get("wal_status") in (None, "lost"):
+        while (ops.slot_state(settings) or {}).get("wal_status") in (None, "lost") \
+                or ops.pending_snapshots(settings):
             if time.monotonic() > deadline or procs[0].poll() is not None:
-                print(f"demo: the producer did not create its slot; see {logs}",
+                print(f"demo: the producer did not create its slot or finish its initial "
+                      f"snapshot; see {logs}",
                       file=sys.stderr)
                 return 1
             time.sleep(0.2)
@@ -77,6 +87,7 @@ def run_demo(settings: Settings, *, customers: int, orders: int) -> int:
                            seed=int(time.time()), changes=None)
         with pg.connect(settings.crm_dsn, "CRM") as conn:
             conn.execute(MESSY_RECORDS)
+            conn.execute(OFFICE_RECORD)
         target = ops.current_lsn(settings)
         print(f"CRM: loaded {report}")
         print("waiting for the producer and both consumers to catch up ...")
@@ -112,13 +123,19 @@ def print_erp_summary(settings: Settings) -> None:
                                f"count(*) FILTER (WHERE deleted) FROM erp.{table}").fetchone()
             assert row is not None
             print(f"  erp.{table:<20} {row[0]:>7} / {row[1]}")
-        print("\nmapped partners (personal data masked):")
-        for key, name, gender, phone, province, district, amount, ccy in conn.execute(
-                "SELECT crm_customer_id, full_name, gender_code, phone_e164, province, "
-                "district, purchase_amount, amount_currency FROM erp.business_partners "
-                "WHERE NOT deleted ORDER BY crm_customer_id LIMIT 5"):
-            print(f"  CRM key {key}: {_mask(name)}  gender={gender}  phone={_mask(phone, 4)}  "
-                  f"{province or '-'} {district or '-'}  {amount or '-'} {ccy or ''}")
+        print("\nmapped partners (personal data masked; one with an extension first):")
+        for (key, name, gender, phone, extension, province, district, division, amount,
+             ccy) in conn.execute(
+                "SELECT crm_customer_id, full_name, gender_code, phone_e164, phone_extension, "
+                "province, district, division_code, purchase_amount, amount_currency "
+                "FROM erp.business_partners WHERE NOT deleted "
+                "ORDER BY phone_extension IS NULL, crm_customer_id LIMIT 5"):
+            # An extension alone identifies no one (the number is masked); the division code
+            # is the district's, already shown by name.
+            print(f"  CRM key {key}: {_mask(name)}  gender={gender}  phone={_mask(phone, 4)}"
+                  f"{' ext ' + extension if extension else ''}  {province or '-'} "
+                  f"{district or '-'} ({division or '-'})"
+                  f"{f'  {amount} {ccy}' if amount is not None else ''}")
         print("\norders -> ERP status and items:")
         for order_no, status, items in conn.execute(
                 "SELECT o.order_no, o.status_code, string_agg(i.quantity::text || ' ' || "

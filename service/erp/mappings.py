@@ -82,10 +82,21 @@ class Mappings:
         source = str(path)
         try:
             with open(path, "rb") as fh:
-                data = tomllib.load(fh)
+                content = fh.read()
         except OSError as exc:
             raise ConfigError(source, f"cannot read the mappings file: "
                                       f"{exc.strerror or exc}") from exc
+        return cls.parse(content, source)
+
+    @classmethod
+    def parse(cls, content: bytes, source: str) -> Mappings:
+        """Validate a mappings file's bytes (UTF-8 TOML) as read, so that a caller can hash
+        exactly what it loaded (the reload watcher does); ``source`` names the file in
+        errors. Any problem raises ``ConfigError``."""
+        try:
+            data = tomllib.loads(content.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(source, f"not UTF-8 text (byte {exc.start})") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(source, f"not valid TOML: {exc}") from exc
         return cls.from_dict(data, source=source)

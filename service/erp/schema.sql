@@ -223,3 +223,22 @@ CREATE TABLE IF NOT EXISTS sync.breaker_trips (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS breaker_trips_open ON sync.breaker_trips
     (consumer_group, topic, partition) WHERE state = 'tripped';
+
+-- Running consumers (group members), each refreshing its row every few seconds: the mappings
+-- file version it applies (12 hex digits of the file's SHA-256) and, when a newer file on
+-- disk was refused, that file's version and why (file and key). `crm-erp-sync status` reads
+-- it; rows not refreshed for a minute are stopped members (service/consumer/mappings_watch.py).
+CREATE TABLE IF NOT EXISTS sync.consumers (
+    consumer_group     text NOT NULL,
+    member_id          text NOT NULL,               -- host:pid:random
+    host               text NOT NULL,
+    pid                integer NOT NULL,
+    mappings_file      text NOT NULL,
+    mappings_version   text NOT NULL,
+    mappings_loaded_at timestamptz NOT NULL,
+    refused_version    text,                        -- NULL: the file on disk is the one applied
+    refused_error      text,
+    started_at         timestamptz NOT NULL DEFAULT clock_timestamp(),
+    seen_at            timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (consumer_group, member_id)
+);

@@ -33,6 +33,7 @@ def _fmt_s(value: float | None) -> str:
 
 # ---- status --------------------------------------------------------------------------------
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from service.consumer.mappings_watch import STALE_AFTER_S
     from service.consumer.policy import percent
     from service.operator.status import collect
 
@@ -66,6 +67,16 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             print(f"  {t.name}: {t.message}")
     else:
         print("Circuit breaker: closed on every partition")
+    if st.consumers:
+        print(render.table(
+            ["consumer", "mappings version", "loaded", "seen", "refused file"],
+            [(c["member_id"], c["mappings_version"], render.cell(c["mappings_loaded_at"]),
+              f"{_fmt_s(c['seen_s_ago'])} ago",
+              "-" if c["refused_error"] is None else
+              f"{c['refused_version'] or 'unreadable'}: {c['refused_error']}")
+             for c in st.consumers], max_width=70))
+    else:
+        print(f"Consumers: none reported in the last {STALE_AFTER_S:g}s")
     print(f"Pending snapshots: {len(st.pending_snapshots)}" + "".join(
         f"\n  #{s['snapshot_id']} {s['table']} ({s['reason']}), {s['rows_emitted']} rows so far"
         for s in st.pending_snapshots))

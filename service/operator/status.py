@@ -8,7 +8,9 @@ Needs attention (exit 1) when any of:
 - an event has been held longer than ``orphan_hold_s`` (awaiting its customer), or events are
   held behind a key that has no unresolved dead letter (stuck);
 - the dead-letter circuit breaker keeps a partition paused (``sync.breaker_trips``);
-- the group's total lag exceeds ``--max-lag`` (default 10000 events).
+- the group's total lag exceeds ``--max-lag`` (default 10000 events);
+- a running consumer refused the mappings file on its disk (it keeps the older version), or
+  the running consumers apply different mappings versions (``sync.consumers``).
 Lag alone below that is normal under load and is only reported.
 """
 
@@ -22,6 +24,7 @@ import psycopg
 
 from service.cdc.capture import OWN_SCHEMA
 from service.cdc.producer import lock_key
+from service.consumer.mappings_watch import live_members
 from service.errors import StackUnavailable
 from service.operator.breaker import BreakerTrip, open_trips
 from service.operator.common import connect
@@ -40,6 +43,8 @@ class Status:
     producer_running: bool
     last_applied: dict[str, Any]
     breaker: list[BreakerTrip] = field(default_factory=list)  # partitions paused
+    # Running consumers and the mappings version each applies (mappings_watch.live_members).
+    consumers: list[dict[str, Any]] = field(default_factory=list)
     attention: list[str] = field(default_factory=list)
 
     @property
@@ -69,6 +74,10 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         raise StackUnavailable(f"CRM database unreachable: {type(exc).__name__}") from exc
     with connect(settings, "erp") as erp:
         breaker = open_trips(erp, settings.consumer_group)
+        try:
+            consumers = live_members(erp, settings.consumer_group)
+        except psycopg.errors.UndefinedTable:  # an ERP set up before the table existed
+            consumers = []
         letters = dict(erp.execute(
             "SELECT error_class, count(*) FROM sync.dead_letters "
             "WHERE state IN ('open', 'failed_again') GROUP BY 1 ORDER BY 1").fetchall())
@@ -99,7 +108,7 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
     status = Status(
         lag=lag, slot=slot, pending_snapshots=pending, dead_letters=letters, held=held,
         stuck_keys=int(stuck_row[0]) if stuck_row else 0,
-        producer_running=bool(locked and locked[0]), breaker=breaker,
+        producer_running=bool(locked and locked[0]), breaker=breaker, consumers=consumers,
         last_applied={"applied_at": applied_at, "crm_commit_time": last[1],
                       "seconds_since_last_apply": float(last[2]) if last[2] is not None
                       else None,
@@ -109,6 +118,18 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
             f"circuit breaker open on {trip.name} since {trip.tripped_at:%Y-%m-%d %H:%M:%S%z}:"
             f" {trip.message}; look (`crm-erp-sync dlq list --topic {trip.topic}`), then "
             f"`crm-erp-sync resume --partition {trip.topic}:{trip.partition} --reason ...`")
+    for c in consumers:
+        if c["refused_version"] is not None or c["refused_error"]:
+            status.attention.append(
+                f"consumer {c['member_id']} refused the mappings file "
+                f"(version {c['refused_version'] or 'unreadable'}): {c['refused_error']}; it "
+                f"keeps applying version {c['mappings_version']}: fix the file (it is "
+                "re-checked every few seconds, or send SIGHUP)")
+    versions = sorted({c["mappings_version"] for c in consumers})
+    if len(versions) > 1:
+        status.attention.append(
+            f"running consumers apply different mappings versions ({', '.join(versions)}): "
+            "give every consumer the same mappings file")
     if letters:
         status.attention.append(f"{sum(letters.values())} dead letter(s) unresolved: "
                                 "see `crm-erp-sync dlq list`")

@@ -12,6 +12,7 @@ STACK  := deploy/local/stack.sh
 
 .PHONY: help venv up down stack-status clean-stack lint test demo demo-bottlecrm bench-produce bench-apply
 .PHONY: validate-deploy bottlecrm bottlecrm-if-possible tryton tryton-rebuild test-tryton bench-tryton
+.PHONY: bench-stock
 
 help:
 	@echo "make venv          create .venv (pinned by requirements.lock) with the test extras"
@@ -25,6 +26,7 @@ help:
 	@echo "make demo-bottlecrm   the same on a real CRM, BottleCRM (installed in .stack/)"
 	@echo "make validate-deploy   kustomize + kubeconform on deploy/k8s, compose checks"
 	@echo "make bench-produce / bench-apply   benchmarks"
+	@echo "make bench-stock   apply into an empty ERP vs one holding 1M orders (new vs old stock)"
 	@echo "make bottlecrm     install BottleCRM (Python 3.12 venv in .stack/bottlecrm) and build its"
 	@echo "                   migrated template database on the local stack (once: ~2-5 min)"
 	@echo "make tryton        Tryton 8.2 in .stack/tryton/venv + template database tryton_template"
@@ -86,6 +88,9 @@ bench-produce: venv up
 bench-apply: venv up
 	$(BIN)/python -m bench.apply
 	$(BIN)/python -m bench.e2e
+
+bench-stock: venv up
+	$(BIN)/python -m bench.stock_scale
 
 # ---- Tryton (the `tryton` ERP target) -------------------------------------------------------
 # Needs the stack's PostgreSQL (make up); install.sh says so when it is not reachable.

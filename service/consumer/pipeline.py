@@ -35,11 +35,17 @@ from service.consumer import dlq
 from service.consumer.breaker import BreakerControl
 from service.consumer.mappings_watch import MappingsWatcher
 from service.consumer.policy import BatchPolicy, DlqLimit, RetryPolicy
-from service.erp.apply import apply_changes, existing_customers, load_status_effects
+from service.erp.apply import (
+    apply_changes,
+    check_stock_units,
+    existing_customers,
+    load_status_effects,
+)
 from service.erp.changes import ErpChange, to_erp
 from service.erp.mappings import Mappings
 from service.errors import (
     ApplyError,
+    ConfigError,
     ConnectionLost,
     DatabaseUnreachable,
     DecodeError,
@@ -234,6 +240,7 @@ class ErpApplier:
             try:
                 with self.conn.transaction():
                     load_status_effects(self.conn, self.mappings)
+                    check_stock_units(self.conn, self.mappings)
             except TRANSIENT_PG as exc:
                 raise Retryable(f"ERP: {type(exc).__name__}") from exc
         return self.conn
@@ -246,6 +253,12 @@ class ErpApplier:
         try:
             with conn.transaction():
                 load_status_effects(conn, mappings)
+                try:
+                    check_stock_units(conn, mappings)
+                except ConfigError as exc:
+                    # A base unit changed: the database refuses differences in the new unit
+                    # (stock_delta_in_base_unit) until `stock recount` has run.
+                    log.error("stock_units_differ", problem=exc.problem)
         except TRANSIENT_PG as exc:
             raise Retryable(f"ERP: {type(exc).__name__}") from exc
 
@@ -458,13 +471,12 @@ class ErpApplier:
         keys = sorted({m.key for m in msgs if m.key is not None})
         if not keys:
             return set()
+        # One round trip per batch; both sides are read through partial indexes on msg_key.
         rows = conn.execute(
-            "SELECT DISTINCT topic, msg_key FROM sync.dead_letters "
-            "WHERE state IN ('open', 'failed_again') AND msg_key = ANY(%s)",
-            (keys,)).fetchall()
-        rows += conn.execute(
-            "SELECT DISTINCT topic, msg_key FROM sync.held_events "
-            "WHERE reason = 'key_blocked' AND msg_key = ANY(%s)", (keys,)).fetchall()
+            "SELECT topic, msg_key FROM sync.dead_letters "
+            "WHERE state IN ('open', 'failed_again') AND msg_key = ANY(%(keys)s) "
+            "UNION SELECT topic, msg_key FROM sync.held_events "
+            "WHERE reason = 'key_blocked' AND msg_key = ANY(%(keys)s)", {"keys": keys}).fetchall()
         return {(r[0], r[1]) for r in rows}
 
     def _hold(self, conn: PgConn, envs: list[Envelope]) -> None:

@@ -276,6 +276,9 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
             print(f"{e.entity} {key} differs in: {', '.join(fields)}")
         for key, why in list(e.unmappable.items())[:shown]:
             print(f"{e.entity} {key} cannot be mapped (dead letter): {why}")
+    if result.stock is not None:
+        print()
+        _print_stock(result.stock, shown)
     rep = result.repair
     if rep is not None:
         print("\nRepair:")
@@ -295,6 +298,37 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     print("\nNo drift.")
     return EXIT_OK
 
+
+# ---- stock ---------------------------------------------------------------------------------
+def _print_stock(rc: Any, shown: int | None = 20) -> None:
+    verb = "converted" if rc.repaired else "to convert"
+    print(f"order lines: {rc.lines}, {verb} to base units: {rc.lines_converted}; orders whose "
+          f"stock effect was {'rewritten' if rc.repaired else 'stale'}: {rc.orders_fixed}")
+    for u in rc.unconvertible[:shown]:
+        print(f"  {u.lines} line(s) of {u.sku} in {u.unit} count nowhere: {u.reason}")
+    if rc.drift:
+        print(render.table(
+            ["sku", "unit", "reserved", "recounted", "issued", "recounted"],
+            [(d.sku, d.base_unit if d.stored_unit == d.base_unit
+              else f"{d.stored_unit or '-'} -> {d.base_unit}", d.reserved,
+              d.expected_reserved, d.issued, d.expected_issued) for d in rc.drift[:shown]]))
+    print(f"stock: {len(rc.drift)} SKU(s) {'corrected' if rc.repaired else 'drifting'} "
+          f"({rc.seconds}s)")
+
+
+def cmd_stock_recount(settings: Settings, args: argparse.Namespace) -> int:
+    from service.erp.mappings import Mappings
+    from service.operator.common import connect
+    from service.operator.stock import recount
+
+    mappings = Mappings.load(settings.mappings_file)
+    with connect(settings, "erp") as erp:
+        rc = recount(erp, mappings, repair=not args.check)
+    if args.json:
+        print(render.dumps({**render.jsonable(rc), "needs_attention": rc.needs_attention}))
+    else:
+        _print_stock(rc)
+    return EXIT_ATTENTION if rc.needs_attention else EXIT_OK
 
 # ---- resume (the circuit breaker) ----------------------------------------------------------
 def cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
@@ -462,3 +496,20 @@ def register(sub: Any) -> None:
     p.add_argument("--wait", type=float, default=120.0, metavar="SECONDS",
                    help="with --repair, how long to wait for convergence (default 120)")
     p.set_defaults(func=cmd_reconcile)
+
+    stock = sub.add_parser("stock", help="stock: a full recount",
+                           description="Stock kept by the consumers, per SKU in its base unit.",
+                           epilog=EPILOG)
+    ssub = stock.add_subparsers(dest="stock_command", required=True, metavar="STOCK_COMMAND")
+    p = parser("recount", ssub, "recount stock from every order, with the current mappings",
+               "Recount stock from scratch: every order line's base quantity from its quantity\n"
+               "as typed (current [measures] and [sku_units]), every order's stock effect,\n"
+               "every SKU's totals and unit. Consumers apply differences incrementally; run\n"
+               "this after upgrading, and after changing a SKU's base unit or a factor (stop\n"
+               "the consumers, change mappings.toml, recount, start them: they refuse to start\n"
+               "while totals are in another unit). Safe beside running consumers: they wait\n"
+               "while the totals are rebuilt. Lines that cannot be converted are listed and\n"
+               "count nowhere. Exit 1 when such lines exist (or, with --check, on drift).")
+    p.add_argument("--check", action="store_true",
+                   help="only report what differs; write and lock nothing")
+    p.set_defaults(func=cmd_stock_recount)

@@ -13,6 +13,9 @@ Each key ends in one of: ``missing`` (in the CRM, not live in the ERP), ``extra`
 ERP, gone from the CRM), ``differing`` (with the fields that differ) or ``unmappable`` (the
 CRM row cannot be mapped: its event is a dead letter; fix the mapping or the CRM record).
 
+With orders, stock is recounted from the ERP's own orders (``service.operator.stock``) and
+SKUs whose totals drift are reported; ``--repair`` corrects them.
+
 ``--repair`` requests an ad-hoc snapshot of the missing and differing keys (the running
 producer re-emits them, the consumers apply them: the normal path, with its position guard)
 and marks extra rows deleted directly in the ERP, but only if the row still has the position
@@ -43,12 +46,13 @@ from service.cdc.capture import (
 )
 from service.cdc.events import READ, References, RowChange, build_events, canonical
 from service.cdc.profile import EntityMapping, SourceProfile, load_profile
-from service.erp.apply import recompute_stock
+from service.erp.apply import apply_stock_delta
 from service.erp.changes import to_erp
 from service.erp.mappings import Mappings
 from service.errors import ConfigError, Permanent, SyncError
 from service.operator.common import PgConn, connect
 from service.operator.render import Progress
+from service.operator.stock import StockRecount, recount
 from service.settings import Settings
 
 
@@ -74,7 +78,8 @@ ENTITIES = {
                ("signal_type", "product_category", "content", "observed_at")),
     )
 }
-ITEM_FIELDS = ("sku", "product_name", "quantity", "unit_code", "unit_price")
+ITEM_FIELDS = ("sku", "product_name", "quantity", "unit_code", "unit_price", "base_quantity",
+               "base_unit")
 
 
 @dataclass
@@ -114,12 +119,22 @@ class RepairReport:
 class ReconcileReport:
     entities: list[EntityReport]
     repair: RepairReport | None = None
+    stock: StockRecount | None = None
+    """the stock recount, with orders: SKU totals against the ERP's own orders"""
+
+    @property
+    def stock_drift(self) -> int:
+        """SKUs whose totals drift (0 once repaired), plus line groups that count nowhere."""
+        if self.stock is None:
+            return 0
+        return len(self.stock.unconvertible) + (0 if self.stock.repaired
+                                                else len(self.stock.drift))
 
     @property
     def drift(self) -> int:
         if self.repair is not None:
-            return sum(e.drift for e in self.repair.remaining)
-        return sum(e.drift for e in self.entities)
+            return sum(e.drift for e in self.repair.remaining) + self.stock_drift
+        return sum(e.drift for e in self.entities) + self.stock_drift
 
 
 def _expected(entity: Entity, profile: SourceProfile, refs: References,
@@ -372,7 +387,7 @@ class Reconciler:
                 erp.execute("UPDATE erp.sales_order_items SET deleted = true "
                             "WHERE crm_order_id = ANY(%s)", (done,))
                 with erp.cursor() as cur:
-                    recompute_stock(cur, done)
+                    apply_stock_delta(cur, done)
         return done
 
 
@@ -396,6 +411,10 @@ def reconcile(settings: Settings, entities: list[str] | None = None, *, repair: 
     result = ReconcileReport(reports)
     if repair and any(r.drift for r in reports):
         result.repair = rec.repair([r for r in reports if r.drift], wait_s=wait_s)
+    if "orders" in names:
+        # After the order repair (if any): totals are recounted from what the ERP now holds.
+        with connect(settings, "erp") as erp:
+            result.stock = recount(erp, rec.mappings, repair=repair)
     return result
 
 

@@ -68,7 +68,8 @@ def test_reconcile_compares_mapped_fields_with_the_pipeline_transform() -> None:
     assert expected["1"]["status_code"] == "PAID"
     assert expected["1"]["crm_customer_id"] == "7"
     assert expected["1"]["items"] == {'["1","1"]': ("SKU-100003", "笔记本电脑", Decimal(2),
-                                                    "UNIT", Decimal("10"))}
+                                                    "UNIT", Decimal("10"), Decimal(2),
+                                                    "UNIT")}
     have = {"1": {**expected["1"], "status_code": "CANCELLED", "deleted": False,
                   "source_lsn": 5, "source_seq": 0},
             "3": {**expected["1"], "deleted": False, "source_lsn": 9, "source_seq": 1},

@@ -317,6 +317,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ATTENTION
     except KeyboardInterrupt:
         return exit_codes.INTERRUPTED
+    except Exception as exc:  # a bug, not a fault: say where, never what
+        _report_bug(exc)
+        return EXIT_ATTENTION
+
+
+def _report_bug(exc: Exception) -> None:
+    """One JSON line for an unexpected exception: its class and the innermost frames
+    (file, line, function). Neither the message nor the locals are printed: a library's
+    message can quote a CRM row (``ValueError: Invalid isoformat string: '...'``)."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)[-6:]
+    line = {"event": "unexpected_error", "level": "critical", "error": type(exc).__name__,
+            "frames": [f"{f.filename}:{f.lineno} in {f.name}" for f in frames]}
+    print(json.dumps(line), file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

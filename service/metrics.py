@@ -123,6 +123,10 @@ class ProducerMetrics(ProcessMetrics):
                                      "confirmed_flush_lsn)", registry=r)
         self.retries = Counter(f"{PREFIX}_transient_failures", "Producer steps retried after "
                                "a transient failure", registry=r)
+        self.capture_dead_letters = Counter(
+            f"{PREFIX}_capture_dead_letters", "CRM changes that could not become an event "
+            "and went to the dead-letter topic (stage capture)", ["table", "error"],
+            registry=r)
 
     def count_published(self, items: Iterable[tuple[str, str]]) -> None:
         for (topic, kind), n in Tally(items).items():

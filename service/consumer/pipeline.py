@@ -30,6 +30,7 @@ from kafka.errors import CommitFailedError, KafkaError
 
 from service import pg
 from service.avro import SchemaRegistry
+from service.cdc import dead_letters as capture_letters
 from service.consumer import dlq
 from service.consumer.breaker import BreakerControl
 from service.consumer.mappings_watch import MappingsWatcher
@@ -45,14 +46,16 @@ from service.erp.mappings import Mappings
 from service.errors import (
     ApplyError,
     ConfigError,
+    ConnectionLost,
     DatabaseUnreachable,
     DecodeError,
     Permanent,
     Retryable,
     StackUnavailable,
 )
+from service.faults import transient
 from service.health import Health, serve
-from service.kafka_io import make_consumer, make_producer
+from service.kafka_io import close_producer, make_consumer, make_producer
 from service.metrics import UNKNOWN_KIND, ConsumerMetrics
 from service.pg import PgConn
 from service.settings import Settings
@@ -110,6 +113,14 @@ class Decode:
             if env.msg.value is None:
                 env.error = DecodeError("message has no value (a tombstone?)")
                 continue
+            if capture_letters.is_marker(env.msg.value):
+                # The producer could not make this change an event: its letter is already
+                # on the dead-letter topic; here it is recorded and its key held.
+                try:
+                    env.error = capture_letters.read_marker(env.msg.value)
+                except (ValueError, KeyError, TypeError):
+                    env.error = DecodeError("malformed capture dead-letter marker")
+                continue
             try:
                 env.kind, env.record = self.registry.decode(env.msg.value)
             except Permanent as exc:
@@ -164,6 +175,11 @@ class CommitOffsets:
         except CommitFailedError as exc:
             # Rebalanced away: the new owner re-applies; positions make that harmless.
             log.warning("commit_failed_after_rebalance", error=str(exc))
+        except KafkaError as exc:
+            # The broker went away after the ERP committed: commits are cumulative, so the
+            # next one covers these offsets; if none comes, the batch is consumed again and
+            # positions make that harmless. Retrying the batch would re-send its dead letters.
+            log.warning("offset_commit_failed", error=type(exc).__name__)
 
 
 # Event kinds whose event carries the whole row: a newer one that maps replaces an older one.
@@ -258,7 +274,11 @@ class ErpApplier:
         except TRANSIENT_PG as exc:
             raise Retryable(f"ERP: {type(exc).__name__}: {exc}".strip()) from exc
         except KafkaError as exc:
-            raise Retryable(f"dead-letter topic: {type(exc).__name__}") from exc
+            self._drop_dlq_producer()
+            raise (transient(exc, "broker (dead-letter topic)")
+                   or Retryable(f"dead-letter topic: {type(exc).__name__}")) from exc
+        except StackUnavailable as exc:  # the DLQ producer could not be built: broker down
+            raise ConnectionLost("broker (dead-letter topic) unreachable") from exc
         self.applied += sum(1 for e in batch.envelopes if e.error is None and not e.held)
         self.held += sum(1 for e in batch.envelopes if e.held)
         self._observe(batch, time.monotonic() - started)
@@ -548,7 +568,18 @@ class ErpApplier:
         except TRANSIENT_PG as exc:
             raise Retryable(f"ERP: {type(exc).__name__}") from exc
         except KafkaError as exc:
-            raise Retryable(f"dead-letter topic: {type(exc).__name__}") from exc
+            self._drop_dlq_producer()
+            raise (transient(exc, "broker (dead-letter topic)")
+                   or Retryable(f"dead-letter topic: {type(exc).__name__}")) from exc
+        except StackUnavailable as exc:
+            raise ConnectionLost("broker (dead-letter topic) unreachable") from exc
+
+    def _drop_dlq_producer(self) -> None:
+        """A failed send can leave kafka-python's idempotent producer failing every later
+        send (NOTES.md): the next dead letter gets a new one."""
+        producer, self._dlq_producer = self._dlq_producer, None
+        if producer is not None:
+            close_producer(producer, 0.0)
 
     def _expire_orphans(self) -> int:
         conn = self.connect()
@@ -576,8 +607,15 @@ class ErpApplier:
         letters = batch.dead_letters
         if not letters:
             return
-        metas = dlq.publish(self.dlq_producer, self.settings.dlq_topic,
-                            self.settings.consumer_group, letters)
+        # A capture dead letter is on the dead-letter topic already (the producer put it
+        # there): only its place is recorded.
+        to_send = [d for d in letters
+                   if not isinstance(d.error, capture_letters.CaptureDeadLetter)]
+        sent = iter(dlq.publish(self.dlq_producer, self.settings.dlq_topic,
+                                self.settings.consumer_group, to_send) if to_send else [])
+        metas = [_Place(d.error.dlq_partition, d.error.dlq_offset)
+                 if isinstance(d.error, capture_letters.CaptureDeadLetter) else next(sent)
+                 for d in letters]
         with conn.cursor() as cur:
             cur.executemany(
                 'INSERT INTO sync.dead_letters (topic, partition, "offset", msg_key, stage, '
@@ -585,14 +623,22 @@ class ErpApplier:
                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
                 'ON CONFLICT (topic, partition, "offset") DO NOTHING',
                 [(d.topic, d.partition, d.offset, d.key, d.error.stage,
-                  type(d.error).__name__, d.error.reason, m.partition, m.offset,
-                  self._kind_of(d.value))
+                  getattr(d.error, "error_class", "") or type(d.error).__name__,
+                  d.error.reason, m.partition, m.offset, self._kind_of(d.value))
                  for d, m in zip(letters, metas, strict=True)])
         self.dead_lettered += len(letters)
         for d in letters:
             log.warning("dead_lettered", topic=d.topic, partition=d.partition, offset=d.offset,
                         key=_key_text(d.key), event_id=self._event_id(d.value),
                         stage=d.error.stage, error=type(d.error).__name__, reason=d.error.reason)
+
+
+@dataclass(frozen=True)
+class _Place:
+    """Where a dead letter is on the dead-letter topic (as kafka-python's RecordMetadata)."""
+
+    partition: int
+    offset: int
 
 
 class _RolledBack(Exception):
@@ -660,7 +706,8 @@ class ErpConsumer:
         self.settings = settings
         self.batch_policy = batch or BatchPolicy(settings.batch_max_events,
                                                  settings.batch_max_wait_ms)
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or RetryPolicy.DEFAULT
+        self._reconnect = RetryPolicy.RECONNECT.delays()
         self.registry = SchemaRegistry.load(settings.schemas_dir)
         self.metrics = ConsumerMetrics()
         # Reloaded without a restart: SIGHUP or a changed file (service/consumer/mappings_watch.py).
@@ -713,8 +760,7 @@ class ErpConsumer:
             targets = self._end_offsets() if until_caught_up else {}
             while not self._stop.is_set():
                 self.health.beat()
-                msgs = self._poll()
-                self._observe_assignment()
+                msgs = self._poll_or_wait()
                 now = time.monotonic()
                 self._retrying(functools.partial(self.breaker.refresh, self.consumer))
                 if self._watch_mappings():
@@ -749,8 +795,39 @@ class ErpConsumer:
             if self.applier.conn is not None:
                 self.applier.conn.close()
             if self.applier._dlq_producer is not None:
-                self.applier._dlq_producer.close()
+                close_producer(self.applier._dlq_producer, 5.0)
         return self.stats
+
+    def _poll_or_wait(self) -> list[Message]:
+        """One poll; when the broker is unreachable, wait (``RetryPolicy.RECONNECT``) and
+        return nothing: kafka-python reconnects by itself, the next poll tries again."""
+        try:
+            msgs = self._poll()
+            self._observe_assignment()
+        except KafkaError as exc:
+            fault = transient(exc, "broker")
+            if fault is None:
+                raise
+            delay = next(self._reconnect)
+            if isinstance(fault, ConnectionLost):
+                self.health.disconnected(fault.reason)
+            else:
+                self.health.failing()
+            self.metrics.retries.inc()
+            self.stats.retries += 1
+            log.warning("broker_unavailable_retrying", error=str(fault), backoff_s=delay)
+            self._wait(delay)
+            return []
+        if self._reconnect.attempts:
+            self._reconnect = RetryPolicy.RECONNECT.delays()
+            self.health.recovered()
+        return msgs
+
+    def _wait(self, delay: float) -> None:
+        deadline = time.monotonic() + delay
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            self.health.beat()
+            self._stop.wait(min(0.5, max(0.0, deadline - time.monotonic())))
 
     def _watch_mappings(self) -> bool:
         """Once per loop iteration: a changed, valid mappings file is applied from the next
@@ -852,7 +929,10 @@ class ErpConsumer:
                     log.warning("batch_rolled_back_on_stop", error=str(exc),
                                 messages=len(msgs or []))
                     return
-                self.health.failing()
+                if isinstance(exc, ConnectionLost):
+                    self.health.disconnected(exc.reason)
+                else:
+                    self.health.failing()
                 self.metrics.retries.inc()
                 delay = next(delays)
                 self.stats.retries += 1
@@ -871,7 +951,11 @@ class ErpConsumer:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._stop.is_set():
                 break
-            stray = self.consumer.poll(timeout_ms=int(min(remaining, 0.5) * 1000))
+            try:
+                stray = self.consumer.poll(timeout_ms=int(min(remaining, 0.5) * 1000))
+            except KafkaError:  # the broker is away too: just wait out the slice
+                self._stop.wait(min(remaining, 0.5))
+                continue
             polled.extend(_messages(stray.values()))
         firsts: dict[TopicPartition, int] = {}
         # The batch itself is retried by the caller; only records polled meanwhile (from
@@ -879,9 +963,11 @@ class ErpConsumer:
         for m in polled:
             tp = TopicPartition(m.topic, m.partition)
             firsts[tp] = min(firsts.get(tp, m.offset), m.offset)
-        self.consumer.resume(*assigned)
-        self.breaker.repause(self.consumer)
         owned = set(self.consumer.assignment())
+        # A rebalance during the wait (a long outage, a member leaving) may have taken some
+        # away: resuming a partition we no longer own raises KeyError in kafka-python.
+        self.consumer.resume(*(tp for tp in assigned if tp in owned))
+        self.breaker.repause(self.consumer)
         for tp, offset in firsts.items():
             if tp in owned:
                 self.consumer.seek(tp, offset)

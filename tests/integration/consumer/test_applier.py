@@ -28,7 +28,7 @@ from service.demo.load import load_demo
 from service.erp.mappings import Mappings
 from service.kafka_io import ensure_topics, make_admin, make_producer
 from service.ops import group_lag
-from service.settings import REPO_ROOT, Settings
+from service.settings import Settings
 from tests.conftest import SyncEnv
 from tests.helpers import (
     actual_erp,
@@ -380,8 +380,7 @@ def test_erp_database_restarted_mid_run(loaded_large: SyncEnv, consumer_log: Any
     with consumer_riding_out_erp_faults(loaded_large, consumer_log,
                                         tmp_path / "consumers.log"):
         assert _lag(loaded_large) > 0, "the restart would come after the work was done"
-        subprocess.run(["bash", str(REPO_ROOT / "deploy/local/stack.sh"), "restart-pg"],
-                       check=True, capture_output=True)
+        loaded_large.stack.script("restart-pg")
 
 
 def test_a_row_the_erp_refuses_is_isolated_and_dead_lettered(sync_env: SyncEnv) -> None:

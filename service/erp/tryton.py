@@ -31,7 +31,6 @@ a sale already past a workflow step is not moved.
 
 from __future__ import annotations
 
-import enum
 import json
 import zlib
 from collections.abc import Iterable, Sequence
@@ -44,6 +43,7 @@ import psycopg
 
 from service import pg
 from service.erp.changes import OrderHeaderRow, OrderItemRow, PartnerRow, Position
+from service.erp.target import Outcome, Status
 from service.erp.tryton_rpc import TrytonRPC
 from service.errors import StackUnavailable, TargetError, TargetRefused, TargetUnavailable
 
@@ -81,25 +81,6 @@ EDIT_ACTION = (
 BACK_ACTION = (
     "Tryton does not move a confirmed sale back: decide in Tryton whether to cancel it (cancel "
     "its shipment, Handle Shipment Exception) or correct the order in the CRM")
-
-
-class Status(enum.StrEnum):
-    APPLIED = "applied"
-    STALE = "stale"      # at or below the position the target holds: nothing done
-    HELD = "held"        # waits for something else (the customer): retry later
-    REFUSED = "refused"  # Tryton cannot take it: dead letter with the reason
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What one change did. ``reason`` is ours (safe to log); ``detail`` is Tryton's own
-    message when it refused a call (it may name records: for the dead letter, not logs)."""
-
-    kind: str  # "customer" | "order"
-    key: str
-    status: Status
-    reason: str | None = None
-    detail: str | None = None
 
 
 def _pos(p: Position) -> tuple[int, int]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from tests.integration.operator.conftest import Cli
+from tests.integration.conftest import Cli
 
 from service.avro import SchemaRegistry
 from service.cdc.producer import CdcProducer

@@ -8,7 +8,7 @@ import time
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from tests.integration.operator.conftest import Cli
+from tests.integration.conftest import Cli
 
 from service import pg
 from service.consumer.pipeline import ErpConsumer

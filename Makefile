@@ -12,6 +12,7 @@ STACK  := deploy/local/stack.sh
 
 .PHONY: help venv up down stack-status clean-stack lint test demo demo-bottlecrm bench-produce bench-apply
 .PHONY: validate-deploy bottlecrm bottlecrm-if-possible tryton tryton-rebuild test-tryton bench-tryton
+.PHONY: demo-tryton
 
 help:
 	@echo "make venv          create .venv (pinned by requirements.lock) with the test extras"
@@ -23,6 +24,7 @@ help:
 	@echo "make test          lint, then pytest (integration tests use the stack when it is up)"
 	@echo "make demo          bring the stack up and run the demo"
 	@echo "make demo-bottlecrm   the same on a real CRM, BottleCRM (installed in .stack/)"
+	@echo "make demo-tryton   the same with Tryton as the ERP (20 customers, 30 orders)"
 	@echo "make validate-deploy   kustomize + kubeconform on deploy/k8s, compose checks"
 	@echo "make bench-produce / bench-apply   benchmarks"
 	@echo "make bottlecrm     install BottleCRM (Python 3.12 venv in .stack/bottlecrm) and build its"
@@ -97,7 +99,10 @@ tryton-rebuild:
 
 test-tryton: venv tryton
 	$(BIN)/pytest -q tests/unit/erp/test_tryton_rpc.py tests/unit/erp/test_tryton_target.py \
-	    tests/integration/erp/test_tryton.py
+	    tests/integration/erp/test_tryton.py tests/integration/erp/test_consumer_tryton.py
+
+demo-tryton: venv up tryton
+	$(BIN)/crm-erp-sync demo tryton
 
 bench-tryton: venv tryton
 	$(BIN)/python -m bench.apply_tryton

@@ -8,8 +8,6 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from tests.integration.conftest import Cli
-
 from service.avro import SchemaRegistry
 from service.cdc.producer import CdcProducer
 from service.consumer.pipeline import ErpConsumer
@@ -26,6 +24,7 @@ from tests.helpers import (
     read_topic,
     wait_until,
 )
+from tests.integration.conftest import Cli
 
 
 def produce_all(sync_env: SyncEnv) -> None:

@@ -195,10 +195,10 @@ def test_a_fixed_crm_row_supersedes_its_dead_letter_and_releases_the_key(
     consume_all(sync_env)
     with sync_env.erp() as erp:
         assert erp.execute("SELECT phone_e164, phone_extension FROM erp.business_partners "
-                           "WHERE crm_customer_id = %s", (cid,)).fetchall() == [
+                           "WHERE crm_customer_id = %s", (str(cid),)).fetchall() == [
             ("+861065521234", "123")]
         assert erp.execute("SELECT crm_order_id, status_code FROM erp.sales_orders"
-                           ).fetchall() == [(32, "PAID")]
+                           ).fetchall() == [("32", "PAID")]
         assert erp.execute("SELECT count(*) FROM sync.held_events").fetchone() == (0,)
         assert erp.execute("SELECT state, event_kind FROM sync.dead_letters").fetchall() == [
             ("superseded", "customer")]
@@ -224,7 +224,7 @@ def test_a_fix_in_the_same_batch_supersedes_too(sync_env: SyncEnv) -> None:
     consume_all(sync_env)
     with sync_env.erp() as erp:
         assert erp.execute("SELECT crm_customer_id, phone_e164 FROM erp.business_partners"
-                           ).fetchall() == [(fixed, "+8613812345678")]
+                           ).fetchall() == [(str(fixed), "+8613812345678")]
         letters = erp.execute('SELECT msg_key, "offset", state FROM sync.dead_letters'
                               ).fetchall()
         assert sorted((int(k), o, state) for k, o, state in letters)[0][2] == "superseded"

@@ -50,16 +50,19 @@ def _fresh_databases(settings: Settings, names: list[str], template: dict[str, s
             admin.execute(f'CREATE DATABASE "{db}"{source}')
 
 
-def demo_settings(settings: Settings, port: int) -> Settings:
-    """The demo's own CRM, sync-state database, topics, slot and group, and Tryton."""
+def demo_settings(settings: Settings, port: int, run: str = "") -> Settings:
+    """The demo's own CRM, sync-state database, topics, slot and group, and Tryton. ``run``
+    names this run's topics and group: a re-run must not consume an earlier run's events
+    (its CRM and sync-state databases are new, the broker's topics are not)."""
+    tag = f"tryton-demo{run}"
     return dataclasses.replace(
         settings, crm_dsn=_with_database(settings.crm_dsn, "crm_tryton_demo"),
         erp_dsn=_with_database(settings.erp_dsn, "sync_tryton_demo"),
         erp_target="tryton", tryton_url=f"http://127.0.0.1:{port}",
         tryton_database=TRYTON_DB, tryton_user="crm_sync",
         tryton_password=(STATE / "sync.pass").read_text().strip(),
-        sales_topic="tryton-demo.crm.sales", market_topic="tryton-demo.crm.market-demand",
-        dlq_topic="tryton-demo.dlq", consumer_group="tryton-demo-erp",
+        sales_topic=f"{tag}.crm.sales", market_topic=f"{tag}.crm.market-demand",
+        dlq_topic=f"{tag}.dlq", consumer_group=f"{tag}-erp",
         slot_name="tryton_demo", publication_name="tryton_demo", source_profile="demo",
         batch_max_wait_ms=200)
 
@@ -71,7 +74,7 @@ def run_tryton_demo(settings: Settings, *, customers: int, orders: int) -> int:
               file=sys.stderr)
         return 2
     port = _free_port()
-    demo = demo_settings(settings, port)
+    demo = demo_settings(settings, port, time.strftime("-%Y%m%d-%H%M%S"))
     print(f"Tryton: database {TRYTON_DB} cloned from {TEMPLATE}, server on 127.0.0.1:{port}")
     _fresh_databases(settings, [TRYTON_DB, "crm_tryton_demo", "sync_tryton_demo"],
                      {TRYTON_DB: TEMPLATE})
@@ -91,6 +94,7 @@ def run_tryton_demo(settings: Settings, *, customers: int, orders: int) -> int:
             if not _wait(demo, procs, logs, customers, orders):
                 return 1
             print_tryton_summary(demo)
+            print_reconcile(demo)
             return 0
         finally:
             for p in procs:
@@ -148,8 +152,8 @@ def print_tryton_summary(demo: Settings) -> None:
         active = sum(1 for p in parties if p["active"])
         print(f"Tryton parties from the CRM: {len(parties)} ({active} active, "
               f"{len(parties) - active} deactivated by CRM deletes)")
-        for key, p in list(tryton.read_parties(
-                [str(p["code"])[4:] for p in parties[:5]]).items()):
+        sample = tryton.read_parties([str(p["code"])[4:] for p in parties[:5]])
+        for key, p in sorted(sample.items(), key=lambda kv: kv[1].code):
             name = p.name[:1] + "*" * max(1, len(p.name) - 1)
             phone = (p.phone or "-")[:6] + "****" if p.phone else "-"
             print(f"  {p.code:<10} {name:<6} {p.subdivision or '-':<6} {p.city or '-':<8} "
@@ -193,3 +197,17 @@ def print_tryton_summary(demo: Settings) -> None:
         for reason, count in conn.execute(
                 "SELECT reason, count(*) FROM sync.held_events GROUP BY 1").fetchall():
             print(f"  held: {count} event(s) {reason}")
+
+
+def print_reconcile(demo: Settings) -> None:
+    """`reconcile` against Tryton: what the CRM holds that Tryton does not (or differently)."""
+    from service.operator.reconcile import reconcile
+
+    report = reconcile(demo)
+    print("\nreconcile (CRM vs Tryton, through the tryton target):")
+    for r in report.entities:
+        print(f"  {r.entity:<10} crm {r.crm_rows:>4}  tryton {r.erp_rows:>4}  missing "
+              f"{len(r.missing)}  extra {len(r.extra)}  differing {len(r.differing)}  "
+              f"unmappable {len(r.unmappable)}")
+    print("  (missing: the events Tryton refused, dead-lettered above)" if report.drift
+          else "  no drift")

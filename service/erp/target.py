@@ -45,6 +45,10 @@ class Outcome:
     detail: str | None = None
 
 
+# In a ``view``: True when the ERP holding no record of the key is what the CRM asks for (an
+# order cancelled before it reached an ERP that only creates live sales).
+ABSENT_OK = "_absent_ok"
+
 # Kinds `read` knows: the reconcile entities.
 KINDS = ("customer", "order", "market_demand")
 

@@ -67,8 +67,9 @@ _REACHED: dict[str, tuple[str, ...]] = {
     "confirm": ("confirmed", "processing", "done"),
     "cancel": ("cancelled",),
 }
-# ERP unit code -> Tryton product.uom symbol (Tryton's own data: "u" is its Unit).
-UNIT_SYMBOLS: dict[str, str] = {"UNIT": "u", "PCE": "u", "KGM": "kg"}
+# ERP unit code -> Tryton product.uom symbol (Tryton's own data: "u" is its Unit). A set (套)
+# is counted in whole units of the SKU sold as a set: Tryton has no "set" unit of its own.
+UNIT_SYMBOLS: dict[str, str] = {"UNIT": "u", "PCE": "u", "SET": "u", "KGM": "kg"}
 
 CANCEL_ACTION = (
     "Tryton cannot cancel a sale past quotation: in Tryton cancel its customer shipment "
@@ -117,7 +118,12 @@ class PositionStore:
         if self._conn is None or self._conn.closed:
             try:
                 self._conn = pg.connect(self.dsn, "sync-state")
-                self._conn.execute(POSITIONS_DDL)
+                with self._conn.transaction():
+                    # Consumers starting together: CREATE TABLE IF NOT EXISTS is not safe
+                    # against a concurrent one (a unique violation in pg_type), so serialise.
+                    self._conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
+                                       ("tryton_positions",))
+                    self._conn.execute(POSITIONS_DDL)
             except (StackUnavailable, psycopg.OperationalError) as exc:
                 self.close()
                 raise TargetUnavailable("tryton_positions", "sync-state database unreachable") \
@@ -636,6 +642,13 @@ class TrytonTarget:
         line_ops, bad = self._line_ops(o, sale, products)
         if bad:
             return refuse(bad)
+        lines_after = len(sale["lines"] if sale else {}) + sum(
+            (op[0] == "create") - (op[0] == "delete") for op in line_ops)
+        if (lines_after <= 0 and want in ("quotation", "confirmed")
+                and (sale is None or sale["state"] == "draft")):
+            # Tryton refuses to quote a sale without lines; the header arrived without them
+            # (its lines were refused, or come later): keep it a draft until they arrive.
+            want = "draft"
         if sale is None:
             if h is None:
                 return Outcome("order", key, Status.HELD, "order lines before the order header")

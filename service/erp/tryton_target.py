@@ -15,12 +15,13 @@ sync-state transaction converges: its changes are ``stale`` or find nothing to d
 
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from service.erp.changes import ErpChange
-from service.erp.target import Outcome, Status
+from service.erp.target import ABSENT_OK, Outcome, Status
 from service.erp.tryton import (
     STATUS_TARGET,
     PositionStore,
@@ -30,6 +31,8 @@ from service.erp.tryton import (
 from service.erp.tryton_rpc import TrytonRPC
 from service.pg import PgConn
 from service.settings import Settings
+
+_PAGE = 5000  # records per search_read when listing keys
 
 # Tryton sale states past confirmation read as what the CRM asked for: "confirmed".
 _CONFIRMED = ("confirmed", "processing", "done")
@@ -48,6 +51,7 @@ class TrytonErpTarget:
 
     def __init__(self, target: TrytonTarget) -> None:
         self.target = target
+        self._live: dict[str, list[str]] = {}  # kind -> live keys, sorted (live_keys pages)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TrytonErpTarget:
@@ -126,9 +130,11 @@ class TrytonErpTarget:
             }
         if kind == "order":
             status = values["status_code"]
+            state = STATUS_TARGET.get(status, f"(no Tryton state for {status})")
             return {
+                ABSENT_OK: state == "cancelled",  # the target creates no cancelled sale
                 "crm_customer_id": values["crm_customer_id"],
-                "state": STATUS_TARGET.get(status, f"(no Tryton state for {status})"),
+                "state": state,
                 "items": {line_sequence(line_id): (item[0], float(item[2]), item[4])
                           for line_id, item in values.get("items", {}).items()},
             }
@@ -150,24 +156,39 @@ class TrytonErpTarget:
         return {}
 
     def live_keys(self, kind: str, after: str | None, limit: int) -> list[str]:
-        """Active parties with the CRM code prefix; sales of the CRM web shop not cancelled."""
+        """Active parties with the CRM code prefix; sales of the CRM web shop not cancelled.
+
+        Tryton orders party codes naturally (by length, then text) while its ``>`` compares
+        text, so keys cannot be paged by a Tryton query: the first page (``after`` None)
+        reads every live key, paged by id, and later pages are cut from that sorted list."""
+        if after is None or kind not in self._live:
+            self._live[kind] = sorted(self._read_live(kind))
+        keys = self._live[kind]
+        start = 0 if after is None else bisect.bisect_right(keys, after)
+        return keys[start:start + limit]
+
+    def _read_live(self, kind: str) -> list[str]:
         t = self.target
         if kind == "customer":
-            prefix = t.code_prefix
-            domain: list[Any] = [("code", "like", prefix + "%")]
-            if after is not None:
-                domain.append(("code", ">", prefix + after))
-            rows = t.rpc.execute("party.party", "search_read", domain, 0, limit,
-                                 [("code", "ASC")], ["code"])
-            return [str(r["code"])[len(prefix):] for r in rows]
-        if kind == "order":
+            model, field_ = "party.party", "code"
+            domain: list[Any] = [("code", "like", t.code_prefix + "%")]
+        elif kind == "order":
+            model, field_ = "sale.sale", "web_id"
             domain = [("web_shop", "=", t.shop_id), ("state", "!=", "cancelled")]
-            if after is not None:
-                domain.append(("web_id", ">", after))
-            rows = t.rpc.execute("sale.sale", "search_read", domain, 0, limit,
-                                 [("web_id", "ASC")], ["web_id"])
-            return [str(r["web_id"]) for r in rows]
-        return []
+        else:
+            return []
+        out: list[str] = []
+        last_id = 0
+        while True:
+            rows = t.rpc.execute(model, "search_read", [*domain, ("id", ">", last_id)], 0,
+                                 _PAGE, [("id", "ASC")], [field_])
+            out += [str(r[field_]) for r in rows]
+            if len(rows) < _PAGE:
+                break
+            last_id = rows[-1]["id"]
+        if kind == "customer":
+            return [k[len(t.code_prefix):] for k in out]
+        return out
 
     def mark_deleted(self, kind: str, positions: dict[str, tuple[int, int] | None]
                      ) -> list[str]:

@@ -45,7 +45,7 @@ from service.cdc.events import READ, References, RowChange, build_events, canoni
 from service.cdc.profile import EntityMapping, SourceProfile, load_profile
 from service.erp.changes import to_erp
 from service.erp.mappings import Mappings
-from service.erp.target import ErpTarget, make_target
+from service.erp.target import ABSENT_OK, ErpTarget, make_target
 from service.errors import ConfigError, Permanent, SyncError
 from service.operator.common import PgConn, connect
 from service.operator.render import Progress
@@ -169,9 +169,10 @@ def _compare(expected: dict[str, dict[str, Any]], actual: dict[str, dict[str, An
         if want is None:
             continue  # soft-deleted in the CRM: pass 2 checks the ERP row is not live
         if have is None or have["deleted"]:
-            report.missing.append(key)
+            if not want.get(ABSENT_OK):
+                report.missing.append(key)
             continue
-        fields = [f for f in want if want[f] != have.get(f)]
+        fields = [f for f in want if f != ABSENT_OK and want[f] != have.get(f)]
         if fields:
             report.differing[key] = fields
 

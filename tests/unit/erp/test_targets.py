@@ -109,7 +109,22 @@ def test_view_keeps_what_tryton_holds_of_the_mapped_values() -> None:
     items = {'["10","1"]': ("SKU-100001", "5G手机", Decimal(10), "UNIT", Decimal(5000))}
     view = target.view("order", {"crm_customer_id": "1", "status_code": "SHIPPED",
                                  "items": items})
-    assert view == {"crm_customer_id": "1", "state": "confirmed",
+    assert view == {"_absent_ok": False, "crm_customer_id": "1", "state": "confirmed",
                     "items": {1: ("SKU-100001", 10.0, Decimal(5000))}}
     unknown = target.view("order", {"crm_customer_id": "1", "status_code": "ON_HOLD"})
     assert unknown["state"] == "(no Tryton state for ON_HOLD)"
+    # An order cancelled before it reached Tryton has no sale there, as the CRM asks.
+    assert target.view("order", {"crm_customer_id": "1", "status_code": "CANCELLED"})[
+        "_absent_ok"] is True
+
+
+def test_reconcile_accepts_an_absent_record_where_the_view_says_so() -> None:
+    from service.operator.reconcile import EntityReport, _compare
+
+    report = EntityReport("orders")
+    _compare({"8": {"_absent_ok": True, "state": "cancelled"},
+              "9": {"_absent_ok": False, "state": "confirmed"},
+              "10": {"_absent_ok": True, "state": "cancelled"}},
+             {"10": {"state": "confirmed", "deleted": False}}, report)
+    assert report.missing == ["9"]
+    assert report.differing == {"10": ["state"]}  # a cancel Tryton refused is drift

@@ -14,6 +14,7 @@ STACK  := deploy/local/stack.sh
 .PHONY: bench-capture
 .PHONY: validate-deploy bottlecrm bottlecrm-if-possible tryton tryton-rebuild test-tryton bench-tryton
 .PHONY: bench-stock
+.PHONY: demo-tryton
 
 help:
 	@echo "make venv          create .venv (pinned by requirements.lock) with the test extras"
@@ -25,6 +26,7 @@ help:
 	@echo "make test          lint, then pytest (integration tests use the stack when it is up)"
 	@echo "make demo          bring the stack up and run the demo"
 	@echo "make demo-bottlecrm   the same on a real CRM, BottleCRM (installed in .stack/)"
+	@echo "make demo-tryton   the same with Tryton as the ERP (20 customers, 30 orders)"
 	@echo "make validate-deploy   kustomize + kubeconform on deploy/k8s, compose checks"
 	@echo "make bench-produce / bench-apply   benchmarks"
 	@echo "make bench-stock   apply into an empty ERP vs one holding 1M orders (new vs old stock)"
@@ -107,7 +109,10 @@ tryton-rebuild:
 
 test-tryton: venv tryton
 	$(BIN)/pytest -q tests/unit/erp/test_tryton_rpc.py tests/unit/erp/test_tryton_target.py \
-	    tests/integration/erp/test_tryton.py
+	    tests/integration/erp/test_tryton.py tests/integration/erp/test_consumer_tryton.py
+
+demo-tryton: venv up tryton
+	$(BIN)/crm-erp-sync demo tryton
 
 bench-tryton: venv tryton
 	$(BIN)/python -m bench.apply_tryton

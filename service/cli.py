@@ -196,6 +196,12 @@ def cmd_demo_bottlecrm(settings: Settings, args: argparse.Namespace) -> int:
     return run_bottlecrm_demo(settings)
 
 
+def cmd_demo_tryton(settings: Settings, args: argparse.Namespace) -> int:
+    from service.demo.tryton import run_tryton_demo
+
+    return run_tryton_demo(settings, customers=args.customers, orders=args.orders)
+
+
 def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
     shown = settings.redacted()
     if args.json:
@@ -280,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo_run)
     p = demo_sub.add_parser("bottlecrm", help="the pipeline on a real BottleCRM (installs it)")
     p.set_defaults(func=cmd_demo_bottlecrm)
+    p = demo_sub.add_parser("tryton",
+                            help="the pipeline with Tryton as the ERP (make tryton first)")
+    p.add_argument("--customers", type=int, default=20)
+    p.add_argument("--orders", type=int, default=30)
+    p.set_defaults(func=cmd_demo_tryton)
 
     from service.operator.commands import register as register_operator_commands
 

@@ -36,7 +36,15 @@ class Settings:
     kafka_sasl_password: str = _secret()
     kafka_ssl_cafile: str = ""
     crm_dsn: str = _secret(f"postgresql://sync:sync@127.0.0.1:{DEFAULT_PG_PORT}/crm")
+    # The sync-state database (held events, dead letters, breaker, positions); with the
+    # `sql` target also the ERP's own tables (erp.*).
     erp_dsn: str = _secret(f"postgresql://sync:sync@127.0.0.1:{DEFAULT_PG_PORT}/erp")
+    # Where changes are applied: `sql` (erp.* in erp_dsn) or `tryton` (over JSON-RPC).
+    erp_target: str = "sql"
+    tryton_url: str = "http://127.0.0.1:8000"
+    tryton_database: str = "tryton"
+    tryton_user: str = "crm_sync"
+    tryton_password: str = _secret()
     sales_topic: str = "crm.sales"
     market_topic: str = "crm.market-demand"
     dlq_topic: str = "crm-erp-sync.dlq"
@@ -162,6 +170,16 @@ class Settings:
             raise ConfigError(self.env_var("on_slot_lost"), "must be 'fail' or 'resnapshot'")
         if self.log_format not in ("json", "console"):
             raise ConfigError(self.env_var("log_format"), "must be 'json' or 'console'")
+        if self.erp_target not in ("sql", "tryton"):
+            raise ConfigError(self.env_var("erp_target"), "must be 'sql' or 'tryton'")
+        if self.erp_target == "tryton":
+            if not self.tryton_url.startswith(("http://", "https://")):
+                raise ConfigError(self.env_var("tryton_url"),
+                                  "must be an http:// or https:// URL of the Tryton server")
+            for name in ("tryton_database", "tryton_user", "tryton_password"):
+                if not getattr(self, name):
+                    raise ConfigError(self.env_var(name),
+                                      "required with CRM_ERP_SYNC_ERP_TARGET=tryton")
         for name in ("crm_dsn", "erp_dsn"):
             if not getattr(self, name).startswith(("postgresql://", "postgres://")):
                 raise ConfigError(self.env_var(name), "must be a postgresql:// URL")

@@ -35,14 +35,9 @@ from service.consumer import dlq
 from service.consumer.breaker import BreakerControl
 from service.consumer.mappings_watch import MappingsWatcher
 from service.consumer.policy import BatchPolicy, DlqLimit, RetryPolicy
-from service.erp.apply import (
-    apply_changes,
-    check_stock_units,
-    existing_customers,
-    load_status_effects,
-)
 from service.erp.changes import ErpChange, to_erp
 from service.erp.mappings import Mappings
+from service.erp.target import ErpTarget, Status, make_target
 from service.errors import (
     ApplyError,
     ConfigError,
@@ -66,8 +61,6 @@ log = structlog.get_logger("consumer")
 # OperationalError subclasses in psycopg 3.
 TRANSIENT_PG = (psycopg.OperationalError, psycopg.errors.DeadlockDetected,
                 psycopg.errors.SerializationFailure, psycopg.errors.LockNotAvailable)
-# A constraint or a value the ERP refuses: retrying the same row cannot help.
-PERMANENT_PG = (psycopg.errors.IntegrityError, psycopg.errors.DataError)
 
 
 @dataclass(slots=True)
@@ -213,8 +206,12 @@ class ErpApplier:
 
     def __init__(self, settings: Settings, registry: SchemaRegistry, mappings: Mappings,
                  dlq_producer: Any | None = None,
-                 metrics: ConsumerMetrics | None = None) -> None:
+                 metrics: ConsumerMetrics | None = None,
+                 target: ErpTarget | None = None) -> None:
         self.settings = settings
+        # Where changes are applied (CRM_ERP_SYNC_ERP_TARGET); the sync state (held events,
+        # dead letters) is in the database of erp_dsn whatever the target.
+        self.target = target if target is not None else make_target(settings, mappings)
         self.registry = registry
         self.mappings = mappings
         self._dlq_producer = dlq_producer
@@ -239,8 +236,7 @@ class ErpApplier:
                 raise Retryable(str(exc)) from exc
             try:
                 with self.conn.transaction():
-                    load_status_effects(self.conn, self.mappings)
-                    check_stock_units(self.conn, self.mappings)
+                    self.target.attach(self.conn)
             except TRANSIENT_PG as exc:
                 raise Retryable(f"ERP: {type(exc).__name__}") from exc
         return self.conn
@@ -249,12 +245,12 @@ class ErpApplier:
         """Map with a reloaded mappings file from now on (held and redriven events too) and
         update the ERP's status effects from it. Raises Retryable (ERP unreachable)."""
         self.mappings = mappings
+        self.target.use_mappings(mappings)
         conn = self.connect()
         try:
             with conn.transaction():
-                load_status_effects(conn, mappings)
                 try:
-                    check_stock_units(conn, mappings)
+                    self.target.attach(conn)
                 except ConfigError as exc:
                     # A base unit changed: the database refuses differences in the new unit
                     # (stock_delta_in_base_unit) until `stock recount` has run.
@@ -357,7 +353,7 @@ class ErpApplier:
                           if e.change and e.change.partner}
         needed = {e.change.needs_customer for e in runnable
                   if e.change and e.change.needs_customer is not None}
-        present = existing_customers(conn, needed - customers_here) | customers_here
+        present = self.target.present_customers(needed - customers_here) | customers_here
         waiting_keys: set[tuple[str, bytes | None]] = set()
         to_apply: list[Envelope] = []
         for env in runnable:
@@ -378,23 +374,18 @@ class ErpApplier:
             self._release_awaiting(conn, sorted(customers_here), batch)
 
     def _apply_or_isolate(self, conn: PgConn, envs: list[Envelope]) -> None:
-        changes = [e.change for e in envs if e.change is not None]
-        if not changes:
+        """Apply through the target (the sql target isolates a refused row itself): a
+        refused change becomes a dead letter with the target's reason, a held one waits
+        for its customer."""
+        live = [e for e in envs if e.change is not None]
+        if not live:
             return
-        try:
-            with conn.transaction():  # a savepoint: the bulk attempt
-                apply_changes(conn, changes)
-            return
-        except PERMANENT_PG:
-            pass
-        # Some row is refused: apply one by one to find it; the rest still apply.
-        for env in envs:
-            assert env.change is not None
-            try:
-                with conn.transaction():
-                    apply_changes(conn, [env.change])
-            except PERMANENT_PG as exc:
-                env.error = ApplyError(f"{type(exc).__name__}: {exc.diag.message_primary}")
+        outcomes = self.target.apply([e.change for e in live if e.change is not None])
+        for env, outcome in zip(live, outcomes, strict=True):
+            if outcome.status is Status.REFUSED:
+                env.error = ApplyError(outcome.reason or "refused by the ERP")
+            elif outcome.status is Status.HELD:
+                env.held = "awaiting_customer"
 
     def _supersede(self, conn: PgConn, envs: list[Envelope]) -> list[Envelope]:
         """A fixed CRM row supersedes its dead letter (issue #12 item 7).
@@ -792,6 +783,7 @@ class ErpConsumer:
                 http.close()
             self.consumer.close(autocommit=False)
             self.watcher.forget(self.applier.conn, self.settings.consumer_group)
+            self.applier.target.close()
             if self.applier.conn is not None:
                 self.applier.conn.close()
             if self.applier._dlq_producer is not None:

@@ -538,6 +538,7 @@ def _sweep(applier: ErpApplier, conn: PgConn) -> int:
 
 
 def _close(applier: ErpApplier) -> None:
+    applier.target.close()
     if applier.conn is not None:
         applier.conn.close()
     if applier._dlq_producer is not None:

@@ -166,3 +166,18 @@ def test_redacted_hides_a_password_given_as_query_parameter() -> None:
     settings = Settings.from_env({"CRM_ERP_SYNC_CRM_DSN": dsn})
     assert "s3cr3t-q" not in settings.redacted()["CRM_ERP_SYNC_CRM_DSN"]
     assert "s3cr3t-q" not in repr(settings)
+
+
+def test_erp_target_is_sql_by_default_and_tryton_needs_its_settings() -> None:
+    assert Settings.from_env({}).erp_target == "sql"
+    env = {"CRM_ERP_SYNC_ERP_TARGET": "tryton", "CRM_ERP_SYNC_TRYTON_PASSWORD": "s3cret"}
+    settings = Settings.from_env(env)
+    assert (settings.tryton_url, settings.tryton_database, settings.tryton_user) == \
+        ("http://127.0.0.1:8000", "tryton", "crm_sync")
+    assert settings.redacted()["CRM_ERP_SYNC_TRYTON_PASSWORD"] == "***"
+    with pytest.raises(ConfigError, match="CRM_ERP_SYNC_TRYTON_PASSWORD"):
+        Settings.from_env({"CRM_ERP_SYNC_ERP_TARGET": "tryton"})
+    with pytest.raises(ConfigError, match="CRM_ERP_SYNC_TRYTON_URL"):
+        Settings.from_env({**env, "CRM_ERP_SYNC_TRYTON_URL": "127.0.0.1:8000"})
+    with pytest.raises(ConfigError, match="CRM_ERP_SYNC_ERP_TARGET"):
+        Settings.from_env({"CRM_ERP_SYNC_ERP_TARGET": "odoo"})

@@ -8,12 +8,14 @@ tables, a few mapped examples with personal data masked, and the dead letters wi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -61,15 +63,31 @@ def _spawn(
                             stderr=subprocess.STDOUT, env={**os.environ, **settings_env})
 
 
+@contextlib.contextmanager
+def running_pipeline(logs: Path, env: dict[str, str]) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """One producer and two consumers as real processes (logs in ``logs``), stopped with
+    SIGTERM (and killed after 30 s) when the block ends, whatever happened in it."""
+    procs = [_spawn(["produce"], logs / "producer.log", env)]
+    procs += [_spawn(["consume"], logs / f"consumer-{i}.log", env) for i in (1, 2)]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
 def run_demo(settings: Settings, *, customers: int, orders: int) -> int:
     logs = REPO_ROOT / ".stack" / "demo"
     print(f"setup: topics, CRM capture objects, ERP schema (logs in {logs})")
     run_setup(settings)
     # A dev stack's slot may have been lost to other work's WAL: start over with a snapshot.
     resync = {"CRM_ERP_SYNC_ON_SLOT_LOST": "resnapshot"}
-    procs = [_spawn(["produce"], logs / "producer.log", resync)]
-    procs += [_spawn(["consume"], logs / f"consumer-{i}.log", {}) for i in (1, 2)]
-    try:
+    with running_pipeline(logs, resync) as procs:
         # Changes made before the slot exists, or while the initial snapshot still reads,
         # would reach the ERP as snapshot reads (rows deleted meanwhile not at all, and a bad
         # row dead-lettered twice): load once the snapshot of the (empty) tables is done.
@@ -104,14 +122,6 @@ def run_demo(settings: Settings, *, customers: int, orders: int) -> int:
         print(f"caught up in {time.monotonic() - started:.1f} s\n")
         print_erp_summary(settings)
         return 0
-    finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 def print_erp_summary(settings: Settings) -> None:
@@ -235,10 +245,7 @@ def run_bottlecrm_demo(settings: Settings) -> int:
             publication_name="bottlecrm_demo")
         print(f"BottleCRM database {BOTTLECRM_DB}: tenant {org} captured, another tenant not")
         run_setup(demo)
-        env = _environment(demo)
-        procs = [_spawn(["produce"], logs / "producer.log", env)]
-        procs += [_spawn(["consume"], logs / f"consumer-{i}.log", env) for i in (1, 2)]
-        try:
+        with running_pipeline(logs, _environment(demo)) as procs:
             if not _wait_caught_up(demo, procs, logs, "the initial snapshot"):
                 return 1
             print("initial snapshot applied; now changing BottleCRM while the sync runs:")
@@ -250,14 +257,6 @@ def run_bottlecrm_demo(settings: Settings) -> int:
                 return 1
             print_erp_summary(demo)
             return 0
-        finally:
-            for p in procs:
-                p.send_signal(signal.SIGTERM)
-            for p in procs:
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
     finally:
         writer.close()
 

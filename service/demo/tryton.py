@@ -12,7 +12,6 @@ over JSON-RPC.
 from __future__ import annotations
 
 import dataclasses
-import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from service import ops, pg
 from service.demo.load import load_demo
-from service.demo.run import _environment, _spawn, _with_database
+from service.demo.run import _environment, _with_database, running_pipeline
 from service.erp.tryton import PositionStore, TrytonTarget
 from service.erp.tryton_rpc import TrytonRPC
 from service.settings import REPO_ROOT, Settings
@@ -88,22 +87,12 @@ def run_tryton_demo(settings: Settings, *, customers: int, orders: int) -> int:
         print(f"setup: topics, CRM capture objects, sync-state database (logs in {logs})")
         run_setup(demo)
         env = {**_environment(demo), "CRM_ERP_SYNC_ON_SLOT_LOST": "resnapshot"}
-        procs = [_spawn(["produce"], logs / "producer.log", env)]
-        procs += [_spawn(["consume"], logs / f"consumer-{i}.log", env) for i in (1, 2)]
-        try:
+        with running_pipeline(logs, env) as procs:
             if not _wait(demo, procs, logs, customers, orders):
                 return 1
             print_tryton_summary(demo)
             print_reconcile(demo)
             return 0
-        finally:
-            for p in procs:
-                p.send_signal(signal.SIGTERM)
-            for p in procs:
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
     finally:
         subprocess.run(["bash", str(SERVER), "stop", TRYTON_DB], capture_output=True,
                        timeout=60)

@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 
 from service import __version__, exit_codes, log
-from service.errors import ConfigError, StackUnavailable, SyncError
+from service.errors import ConfigError, SourceContractError, StackUnavailable, SyncError
 from service.settings import Settings, unknown_env_vars
 
 EXIT_OK, EXIT_ATTENTION, EXIT_USAGE, EXIT_UNAVAILABLE = (
@@ -66,8 +66,25 @@ def cmd_setup_check(settings: Settings, args: argparse.Namespace) -> int:
                                      row_filter_columns=filters,
                                      publication=settings.publication_name,
                                      slot=settings.slot_name)
+        checks.append(_profile_check(conn, profile))
     print(render_checks(checks))
     return EXIT_OK if all(c.ok for c in checks) else EXIT_ATTENTION
+
+
+def _profile_check(conn: Any, profile: Any) -> Any:
+    """Every table and column the source profile maps exists in the CRM (what the producer
+    checks at start-up, so that it never publishes a NULL for a renamed column)."""
+    from service.cdc.capture import read_table_info
+    from service.cdc.prerequisites import Check
+
+    name = f"source profile {profile.name} ({profile.path})"
+    try:
+        read_table_info(conn, profile)
+    except SourceContractError as exc:
+        return Check(name, False, f"{exc.table}.{exc.column}: {exc.problem}: rename it back, "
+                                  "or map the new name in the profile")
+    return Check(name, True, f"every mapped table and column exists ({len(profile.tables)} "
+                             "tables)")
 
 
 def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
@@ -323,6 +340,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StackUnavailable as exc:
         print(f"crm-erp-sync: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    except SourceContractError as exc:  # the CRM and the source profile disagree: fix either
+        print(f"crm-erp-sync: {exc} (fix the CRM or the source profile "
+              f"CRM_ERP_SYNC_SOURCE_PROFILE; `crm-erp-sync setup --check` shows every "
+              "mismatch)", file=sys.stderr)
+        return EXIT_USAGE
     except SyncError as exc:
         print(f"crm-erp-sync: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_ATTENTION

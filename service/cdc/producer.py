@@ -67,8 +67,10 @@ from service.errors import (
     PgOutputError,
     Retryable,
     SlotLost,
+    SourceContractError,
     StackUnavailable,
     UnrepresentableValue,
+    UnresolvedReference,
 )
 from service.faults import TRANSIENT_CLASSES, transient
 from service.health import Health, serve
@@ -105,7 +107,10 @@ def lock_key(slot_name: str) -> str:
 
 # What build_events raises for one change that cannot become an event. Not SourceContractError
 # (the CRM no longer matches the profile: capture stops, named) nor UnresolvedReference.
-BUILD_ERRORS = (CaptureRejected, PgOutputError)
+# A change under a relation that no longer has a mapped column (a column renamed or dropped
+# after it was written) or naming a row that cannot be found: that change is a capture dead
+# letter (redriven by re-reading the row once the CRM is right); the rest keeps flowing.
+BUILD_ERRORS = (CaptureRejected, PgOutputError, SourceContractError, UnresolvedReference)
 # fastavro's writer raises these for a value its schema cannot take (a NaN decimal, a scale
 # that no longer fits, a wrong type)
 AVRO_ERRORS = (TypeError, ValueError, ArithmeticError, AttributeError)
@@ -142,6 +147,10 @@ def _typed(info: TableInfo, raw: dict[str, Any]) -> tuple[dict[str, Any], Reject
 def _rejected(exc: Exception) -> CaptureRejected:
     if isinstance(exc, CaptureRejected):
         return exc
+    if isinstance(exc, SourceContractError):
+        return CaptureRejected(f"source contract broken: {exc.problem}", column=exc.column)
+    if isinstance(exc, UnresolvedReference):
+        return CaptureRejected(f"the {exc.entity} it names cannot be found", column=exc.column)
     # PgOutputError messages are ours: table and operation, never a value
     return CaptureRejected(f"cannot become an event: {exc}")
 
@@ -372,12 +381,15 @@ class CdcProducer:
 
     # ---- setup ------------------------------------------------------------------------
     def ensure_slot(self, conn: PgConn) -> bool:
-        """Create the slot if missing; on first creation request the initial snapshot."""
+        """Create the slot if missing; on first creation request the initial snapshot.
+
+        Raises SourceContractError (naming table and column) before anything is created when
+        a captured table or a mapped column is missing from the CRM."""
+        self._tables = read_table_info(conn, self.profile)
         added = ensure_capture_objects(conn, self.settings, self.profile)
         if added:
             log.warning("publication_repaired", publication=self.settings.publication_name,
                         tables_added=added)
-        self._tables = read_table_info(conn, self.profile)
         self._conn = conn
         exists = conn.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s",
                               (self.settings.slot_name,)).fetchone()

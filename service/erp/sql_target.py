@@ -41,7 +41,8 @@ TABLES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "market_demand": ("erp.demand_signals", "crm_demand_id",
                       ("signal_type", "product_category", "content", "observed_at")),
 }
-ITEM_FIELDS = ("sku", "product_name", "quantity", "unit_code", "unit_price")
+ITEM_FIELDS = ("sku", "product_name", "quantity", "unit_code", "unit_price", "base_quantity",
+               "base_unit")
 
 
 def _key(change: ErpChange) -> str:

@@ -48,6 +48,7 @@ from service.cdc.events import READ, References, RowChange, build_events, canoni
 from service.cdc.profile import EntityMapping, SourceProfile, load_profile
 from service.erp.changes import to_erp
 from service.erp.mappings import Mappings
+from service.erp.sql_target import ITEM_FIELDS as SQL_ITEM_FIELDS
 from service.erp.target import ABSENT_OK, ErpTarget, make_target
 from service.errors import ConfigError, Permanent, SyncError
 from service.operator.common import PgConn, connect
@@ -76,8 +77,9 @@ ENTITIES = {
                ("signal_type", "product_category", "content", "observed_at")),
     )
 }
-ITEM_FIELDS = ("sku", "product_name", "quantity", "unit_code", "unit_price", "base_quantity",
-               "base_unit")
+# The line fields compared: what the sql target reads back (the tryton target's ``view``
+# keeps the ones Tryton holds).
+ITEM_FIELDS = SQL_ITEM_FIELDS
 
 
 @dataclass

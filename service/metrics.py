@@ -75,6 +75,14 @@ class ConsumerMetrics(ProcessMetrics):
         self.breaker_trips = Counter(f"{PREFIX}_breaker_trips", "Times this consumer tripped "
                                      "the dead-letter circuit breaker of a partition",
                                      ["topic", "partition"], registry=r)
+        self.group_member = Gauge(f"{PREFIX}_group_member", "1 while the broker lists this "
+                                  "consumer as a member of its group, 0 while it is outside "
+                                  "(it rejoins by itself)", registry=r)
+        self.group_rejoins = Counter(f"{PREFIX}_group_rejoins", "Times this consumer found "
+                                     "itself outside its group and rejoined", registry=r)
+        self.paused = Gauge(f"{PREFIX}_partition_paused", "1 while an operator's `crm-erp-sync "
+                            "pause` keeps this partition paused", ["topic", "partition"],
+                            registry=r)
         self._lag_labels: set[tuple[str, str]] = set()
 
     def count(self, counter: Counter, items: Iterable[tuple[str, ...]]) -> None:

@@ -68,6 +68,9 @@ class Settings:
     breaker_window_s: float = 60.0
     # How often a running consumer reads the breaker state table (an operator's `resume`).
     breaker_poll_s: float = 2.0
+    # How often a running consumer asks the broker whether it is still in its group (and
+    # reports itself to sync.consumers for `status`); see service/consumer/membership.py.
+    membership_check_s: float = 10.0
 
     @classmethod
     def env_var(cls, field_name: str) -> str:
@@ -116,7 +119,8 @@ class Settings:
             if getattr(self, name) < 0:
                 raise ConfigError(self.env_var(name), "must not be negative")
         for name in ("heartbeat_interval_s", "shutdown_timeout_s", "liveness_timeout_s",
-                     "readiness_stall_s", "breaker_window_s", "breaker_poll_s"):
+                     "readiness_stall_s", "breaker_window_s", "breaker_poll_s",
+                     "membership_check_s"):
             if not getattr(self, name) > 0:  # also refuses nan
                 raise ConfigError(self.env_var(name), "must be a positive number of seconds")
         if not self.breaker_max_ratio > 0:

@@ -32,6 +32,7 @@ from service import pg
 from service.avro import SchemaRegistry
 from service.consumer import dlq
 from service.consumer.breaker import BreakerControl
+from service.consumer.membership import Membership
 from service.consumer.policy import BatchPolicy, DlqLimit, RetryPolicy
 from service.erp.apply import apply_changes, existing_customers, load_status_effects
 from service.erp.changes import ErpChange, to_erp
@@ -645,6 +646,7 @@ class ErpConsumer:
         self.dlq_limit = dlq_limit or DlqLimit.from_settings(settings)
         self.breaker = BreakerControl(settings, self.dlq_limit, self.metrics, self.health,
                                       self.applier.connect)
+        self.membership = Membership(settings, self.metrics, self.health, self.applier.connect)
         self.stats = ConsumerStats()
         self._last_lag_update = 0.0
         self._stop = threading.Event()
@@ -669,7 +671,8 @@ class ErpConsumer:
         http = serve(self.settings, self.health)
         try:
             self.consumer = make_consumer(self.settings, self.settings.sales_topic,
-                                          self.settings.market_topic)
+                                          self.settings.market_topic,
+                                          client_id=self.membership.client_id)
         except StackUnavailable:
             if http is not None:
                 http.close()
@@ -687,6 +690,7 @@ class ErpConsumer:
                 self.health.beat()
                 msgs = self._poll()
                 self._observe_assignment()
+                self._retrying(functools.partial(self.membership.check, self.consumer))
                 now = time.monotonic()
                 self._retrying(functools.partial(self.breaker.refresh, self.consumer))
                 if now - last_maintenance > 5:
@@ -715,6 +719,7 @@ class ErpConsumer:
             if http is not None:
                 http.close()
             self.consumer.close(autocommit=False)
+            self.membership.close()
             if self.applier.conn is not None:
                 self.applier.conn.close()
             if self.applier._dlq_producer is not None:

@@ -48,6 +48,22 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     print(render.table(["topic", "partition", "committed", "end", "lag"],
                        [(p.topic, p.partition, p.committed, p.end, p.lag) for p in st.lag]))
     print(f"total lag: {st.total_lag}\n")
+    if st.members:
+        print(render.table(
+            ["group member", "host", "pid", "in group", "partitions", "last report",
+             "mappings", "rejoins"],
+            [(m.client_id, m.host, m.pid if m.pid is not None else "-",
+              "yes" if m.in_group else "NO" + (f" since {m.out_since:%H:%M:%S}"
+                                                if m.out_since else ""),
+              ", ".join(m.partitions) or "-",
+              f"{_fmt_s(m.last_seen_s)} ago" if m.last_seen_s is not None else "-",
+              m.mappings_version or "-", m.rejoins) for m in st.members], max_width=60))
+    else:
+        print(f"Group members: none (no consumer in group {settings.consumer_group})")
+    for p in st.paused:
+        print(f"Paused by an operator: {p['topic']}[{p['partition']}] since "
+              f"{render.cell(p['paused_at'])} by {p['paused_by']}: {p['reason']}")
+    print()
     slot = st.slot
     print(f"Producer: {'running' if st.producer_running else 'NOT RUNNING'}; "
           f"slot {settings.slot_name}: " + (
@@ -55,6 +71,11 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         f"{'reading' if slot['active'] else 'idle'}, retains "
         f"{slot['retained_wal_bytes']} bytes of WAL, {slot['unconfirmed_bytes']} bytes "
         "not yet confirmed"))
+    ox = st.oldest_transaction
+    print("Oldest CRM transaction holding the slot: " + (
+        "none" if ox is None else
+        f"pid {ox['pid']} ({ox['state']}, database {ox['database']}), open for "
+        f"{_fmt_s(ox['age_s'])}"))
     if st.breaker:
         print(render.table(
             ["circuit breaker OPEN", "since", "measured", "limit", "paused at offset",
@@ -71,7 +92,8 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         for s in st.pending_snapshots))
     print()
     if st.dead_letters:
-        print(render.table(["unresolved dead letters", "count"], sorted(st.dead_letters.items())))
+        print(render.table(["unresolved dead letters", "field", "count"],
+                           [(c, f or "-", n) for c, f, n in st.dead_letters_by_field]))
     else:
         print("Unresolved dead letters: none")
     if st.held:

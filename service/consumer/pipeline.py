@@ -82,6 +82,7 @@ class Envelope:
     change: ErpChange | None = None
     error: Permanent | None = None
     held: str | None = None  # reason when held back instead of applied
+    letter_exists: bool = False  # failed, but its dead letter exists already (a replay)
 
 
 @dataclass
@@ -299,13 +300,23 @@ class ErpApplier:
             batch.envelopes[:0] = released
         envs = batch.envelopes
         blocked = self._blocked_keys(conn, [e.msg for e in envs])
-        # Keys that get a dead letter in this batch block what follows them in it too.
+        # A replayed message that already has its dead letter (open or resolved) is not a new
+        # failure: no second record on the dead-letter topic, and an operator's resolution
+        # (discard, redrive) stands.
+        known = self._lettered(conn, [e.msg for e in envs if e.error is not None])
+        # Keys that get a dead letter in this batch block what follows them in it too; what
+        # came before a key's first letter (applied already, seen again in a replay) is not
+        # held behind it.
         runnable: list[Envelope] = []
         for env in envs:
             key = (env.msg.topic, env.msg.key)
+            at = (env.msg.partition, env.msg.offset)
             if env.error is not None:
-                blocked.add(key)
-            elif key in blocked:
+                if at in known.get(env.msg.topic, ()):
+                    env.letter_exists = True
+                else:
+                    blocked[key] = min(blocked.get(key, at), at)
+            elif key in blocked and at > blocked[key]:
                 env.held = "key_blocked"
             else:
                 runnable.append(env)
@@ -328,7 +339,7 @@ class ErpApplier:
         self._apply_or_isolate(conn, to_apply)
         self._hold(conn, [e for e in envs if e.held and e.msg.held_id is None])
         for env in envs:
-            if env.error is not None:
+            if env.error is not None and not env.letter_exists:
                 batch.dead_letters.append(_dead_letter(env.msg, env.error))
         if customers_here:
             self._release_awaiting(conn, sorted(customers_here), batch)
@@ -423,18 +434,41 @@ class ErpApplier:
                 self._apply_in_txn(conn, batch)
                 self._publish_dead_letters(conn, batch)
 
-    def _blocked_keys(self, conn: PgConn, msgs: list[Message]) -> set[tuple[str, bytes | None]]:
+    def _blocked_keys(self, conn: PgConn, msgs: list[Message]
+                      ) -> dict[tuple[str, bytes | None], tuple[int, int]]:
+        """Keys held back, with the (partition, offset) from which they are: the first
+        unresolved dead letter of the key, or its first held event."""
         keys = sorted({m.key for m in msgs if m.key is not None})
         if not keys:
-            return set()
+            return {}
         rows = conn.execute(
-            "SELECT DISTINCT topic, msg_key FROM sync.dead_letters "
-            "WHERE state IN ('open', 'failed_again') AND msg_key = ANY(%s)",
-            (keys,)).fetchall()
+            'SELECT topic, msg_key, min(ARRAY[partition::bigint, "offset"]) '
+            "FROM sync.dead_letters WHERE state IN ('open', 'failed_again') "
+            "AND msg_key = ANY(%s) GROUP BY 1, 2", (keys,)).fetchall()
         rows += conn.execute(
-            "SELECT DISTINCT topic, msg_key FROM sync.held_events "
-            "WHERE reason = 'key_blocked' AND msg_key = ANY(%s)", (keys,)).fetchall()
-        return {(r[0], r[1]) for r in rows}
+            'SELECT topic, msg_key, min(ARRAY[partition::bigint, "offset"]) '
+            "FROM sync.held_events WHERE reason = 'key_blocked' AND msg_key = ANY(%s) "
+            "GROUP BY 1, 2", (keys,)).fetchall()
+        out: dict[tuple[str, bytes | None], tuple[int, int]] = {}
+        for topic, key, (partition, offset) in rows:
+            at = (int(partition), int(offset))
+            out[(topic, key)] = min(out.get((topic, key), at), at)
+        return out
+
+    def _lettered(self, conn: PgConn, msgs: list[Message]) -> dict[str, set[tuple[int, int]]]:
+        """Of these messages, those that already have a dead letter (any state), by topic."""
+        if not msgs:
+            return {}
+        rows = conn.execute(
+            'SELECT topic, partition, "offset" FROM sync.dead_letters d JOIN unnest('
+            '%s::text[], %s::int[], %s::bigint[]) AS m(topic, partition, "offset") '
+            'USING (topic, partition, "offset")',
+            ([m.topic for m in msgs], [m.partition for m in msgs],
+             [m.offset for m in msgs])).fetchall()
+        out: dict[str, set[tuple[int, int]]] = {}
+        for topic, partition, offset in rows:
+            out.setdefault(topic, set()).add((partition, offset))
+        return out
 
     def _hold(self, conn: PgConn, envs: list[Envelope]) -> None:
         if not envs:
@@ -551,6 +585,13 @@ class ErpApplier:
 
     def _publish_dead_letters(self, conn: PgConn, batch: Batch) -> None:
         letters = batch.dead_letters
+        if not letters:
+            return
+        # Never a second record on the dead-letter topic for a message that has its letter.
+        seen = self._lettered(conn, [Message(d.topic, d.partition, d.offset, 0, None, None)
+                                     for d in letters])
+        letters = [d for d in letters if (d.partition, d.offset) not in seen.get(d.topic, ())]
+        batch.dead_letters = letters
         if not letters:
             return
         metas = dlq.publish(self.dlq_producer, self.settings.dlq_topic,

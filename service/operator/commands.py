@@ -307,30 +307,64 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# ---- resume (the circuit breaker) ----------------------------------------------------------
-def cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
-    from service.consumer.policy import percent
-    from service.operator.breaker import parse_partition, resume
+# ---- pause / resume (an operator's pause, the circuit breaker) -----------------------------
+def _named_partitions(args: argparse.Namespace, command: str) -> list[tuple[str, int]] | None:
+    from service.operator.breaker import parse_partition
 
     if not (args.partition or args.all):
-        raise ConfigError("resume", "name the partitions: --partition TOPIC:N ... or --all")
-    partitions = None if args.all else [parse_partition(p) for p in args.partition]
-    resumed, not_tripped = resume(settings, partitions, actor=actor(args.actor),
-                                  reason=args.reason)
+        raise ConfigError(command, "name the partitions: --partition TOPIC:N ... or --all")
+    return None if args.all else [parse_partition(p) for p in args.partition]
+
+
+def cmd_pause(settings: Settings, args: argparse.Namespace) -> int:
+    from service.operator.breaker import pause
+
+    paused, already = pause(settings, _named_partitions(args, "pause"),
+                            actor=actor(args.actor), reason=args.reason)
+    if args.json:
+        print(render.dumps({"paused": [{**render.jsonable(p), "partition_name": p.name}
+                                       for p in paused],
+                            "already_paused": [f"{t}[{p}]" for t, p in already]}))
+        return EXIT_OK
+    for p in paused:
+        print(f"paused {p.name}: running consumers stop applying it within "
+              f"{settings.breaker_poll_s:g}s; it stays paused across restarts until "
+              "`crm-erp-sync resume`")
+    for t, n in already:
+        print(f"{t}[{n}] was already paused")
+    return EXIT_OK
+
+
+def cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
+    from service.consumer.policy import percent
+    from service.operator.breaker import resume, resume_pauses
+
+    partitions = _named_partitions(args, "resume")
+    who = actor(args.actor)
+    unpaused = resume_pauses(settings, partitions, actor=who, reason=args.reason)
+    resumed, not_tripped = resume(settings, partitions, actor=who, reason=args.reason)
+    was_paused = {(p.topic, p.partition) for p in unpaused}
+    not_tripped = [p for p in not_tripped if p not in was_paused]
     if args.json:
         print(render.dumps({"resumed": [{**render.jsonable(t), "partition_name": t.name}
                                         for t in resumed],
+                            "unpaused": [{**render.jsonable(p), "partition_name": p.name}
+                                         for p in unpaused],
                             "not_tripped": [f"{t}[{p}]" for t, p in not_tripped]}))
     else:
+        for p in unpaused:
+            print(f"resumed {p.name} (paused {render.cell(p.paused_at)} by {p.paused_by}: "
+                  f"{p.reason}); running consumers continue within "
+                  f"{settings.breaker_poll_s:g}s")
         for t in resumed:
             print(f"resumed {t.name} (tripped {render.cell(t.tripped_at)}: "
                   f"{percent(t.ratio)} of {t.messages} messages were dead letters, limit "
                   f"{percent(t.max_ratio)}); running consumers continue from offset "
                   f"{t.from_offset} within {settings.breaker_poll_s:g}s")
         for topic, partition in not_tripped:
-            print(f"refused {topic}[{partition}]: its circuit breaker is not open")
-        if not resumed and not not_tripped:
-            print("Nothing to resume: no circuit breaker is open.")
+            print(f"refused {topic}[{partition}]: it is neither paused nor tripped")
+        if not resumed and not not_tripped and not unpaused:
+            print("Nothing to resume: nothing is paused and no circuit breaker is open.")
     return EXIT_ATTENTION if not_tripped else EXIT_OK
 
 
@@ -365,19 +399,37 @@ def register(sub: Any) -> None:
                    help="total lag above which status needs attention (default 10000)")
     p.set_defaults(func=cmd_status)
 
-    p = parser("resume", sub, "resume partitions paused by the dead-letter circuit breaker",
-               "A partition whose share of dead letters reached CRM_ERP_SYNC_BREAKER_MAX_RATIO\n"
-               "(over at least BREAKER_MIN_MESSAGES messages within BREAKER_WINDOW_S) is\n"
-               "paused; the other partitions go on. `status` shows which, since when, the\n"
-               "measured ratio, the limit and the last reasons. Look first (`dlq list --topic\n"
-               "T`), fix the mappings or the CRM if needed, then resume: running consumers\n"
-               "continue within CRM_ERP_SYNC_BREAKER_POLL_S, dead-lettering the messages that\n"
-               "tripped it. Audited (who, when, why) in sync.breaker_trips.\n"
-               "Exit 1 if a named partition was not tripped.")
+    p = parser("pause", sub, "pause consumption (all or some partitions), audited",
+               "Stop applying the named partitions (or --all) in every consumer of the group,\n"
+               "within CRM_ERP_SYNC_BREAKER_POLL_S; the other partitions go on. The pause is\n"
+               "kept in the ERP (sync.operator_pauses: who, when, why), so it survives restarts\n"
+               "and rebalances until `crm-erp-sync resume`. /readyz says \"degraded\" and\n"
+               "`status` lists it meanwhile. Events wait in Kafka: nothing is lost.")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--partition", action="append", metavar="TOPIC:N",
                         help="this partition (repeatable), e.g. crm.sales:1")
-    target.add_argument("--all", action="store_true", help="every tripped partition")
+    target.add_argument("--all", action="store_true", help="every partition of the group")
+    p.add_argument("--reason", required=True, help="why (required, audited)")
+    p.add_argument("--actor", help="who (default: the login name)")
+    p.set_defaults(func=cmd_pause)
+
+    p = parser("resume", sub, "resume paused partitions (an operator's pause, or the "
+               "dead-letter circuit breaker)",
+               "Ends an operator's `pause` of the named partitions, and clears the dead-letter\n"
+               "circuit breaker where it tripped. A partition whose share of dead letters\n"
+               "reached CRM_ERP_SYNC_BREAKER_MAX_RATIO (over at least BREAKER_MIN_MESSAGES\n"
+               "messages within BREAKER_WINDOW_S) is paused; the other partitions go on.\n"
+               "`status` shows which, since when, the measured ratio, the limit and the last\n"
+               "reasons. Look first (`dlq list --topic T`), fix the mappings or the CRM if\n"
+               "needed, then resume: running consumers continue within\n"
+               "CRM_ERP_SYNC_BREAKER_POLL_S, dead-lettering the messages that tripped it.\n"
+               "Audited (who, when, why) in sync.breaker_trips / sync.operator_pauses.\n"
+               "Exit 1 if a named partition was neither paused nor tripped.")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--partition", action="append", metavar="TOPIC:N",
+                        help="this partition (repeatable), e.g. crm.sales:1")
+    target.add_argument("--all", action="store_true",
+                        help="every paused or tripped partition")
     p.add_argument("--reason", required=True, help="why (required, audited)")
     p.add_argument("--actor", help="who (default: the login name)")
     p.set_defaults(func=cmd_resume)

@@ -247,10 +247,38 @@ def cmd_dlq_redrive(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_dlq_discard(settings: Settings, args: argparse.Namespace) -> int:
     from service.operator.dlq import discard, select_letters
 
-    letters, refused = select_letters(settings, args.ids, None, False)
-    report = discard(settings, letters, actor=actor(args.actor), reason=args.reason)
+    if not (args.ids or args.error_type or args.field):
+        raise ConfigError("dlq discard", "name dead letters: ID ..., --error-type X or --field F")
+    if args.ids and (args.error_type or args.field):
+        raise ConfigError("dlq discard", "give IDs or filters (--error-type/--field), not both")
+    letters, refused = select_letters(settings, args.ids, args.error_type, False,
+                                      field=args.field)
+    if (not args.ids and not args.dry_run and letters and not args.yes
+            and not _confirm(f"Discard {len(letters)} dead letter(s) ({_filters(args)})? "
+                             "Their changes will not reach the ERP.")):
+        print(f"crm-erp-sync: not confirmed: nothing discarded ({len(letters)} letter(s) "
+              "match; add --yes to confirm without a prompt, or --dry-run to list them)",
+              file=sys.stderr)
+        return EXIT_ATTENTION
+    report = discard(settings, letters, actor=actor(args.actor), reason=args.reason,
+                     dry_run=args.dry_run)
     report.outcomes[:0] = refused
     return _print_report(report, args.json)
+
+
+def _filters(args: argparse.Namespace) -> str:
+    return ", ".join(f"{name} {value}" for name, value in (
+        ("error type", args.error_type), ("field", args.field)) if value)
+
+
+def _confirm(question: str) -> bool:
+    """Asks on the terminal; without one (a script, a pipe) the answer is no."""
+    if not sys.stdin.isatty():
+        return False
+    try:
+        return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
 
 
 # ---- reconcile -----------------------------------------------------------------------------
@@ -500,8 +528,16 @@ def register(sub: Any) -> None:
 
     p = parser("discard", dsub, "give up on dead letters (audited), releasing their key",
                "Mark dead letters discarded (the change will not reach the ERP) and apply the\n"
-               "events held behind their key. Audited with actor and reason.")
-    p.add_argument("ids", type=int, nargs="+", metavar="ID")
+               "events held behind their key. Audited with actor and reason. By ID, or in bulk\n"
+               "by --error-type and/or --field (asks for confirmation on a terminal; --yes in\n"
+               "a script; --dry-run lists what would be discarded and changes nothing).")
+    p.add_argument("ids", type=int, nargs="*", metavar="ID")
+    p.add_argument("--error-type", help="all unresolved letters of this error class or stage")
+    p.add_argument("--field", help="all unresolved letters whose mapping failed on this CRM "
+                                   "field (phone, address, ...)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list what would be discarded; change nothing")
+    p.add_argument("--yes", action="store_true", help="confirm a bulk discard without asking")
     p.add_argument("--reason", required=True, help="why (required, audited)")
     p.add_argument("--actor", help="who (default: the login name)")
     p.set_defaults(func=cmd_dlq_discard)

@@ -335,6 +335,62 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---- trace ---------------------------------------------------------------------------------
+def cmd_trace(settings: Settings, args: argparse.Namespace) -> int:
+    from service.operator.trace import trace
+
+    known = [settings.sales_topic, settings.market_topic]
+    for topic in args.topic or ():
+        if topic not in known:
+            raise ConfigError("--topic", f"{topic!r} is not a topic of the sync: choose from "
+                                         f"{', '.join(known)}")
+    t = trace(settings, args.key, topics=args.topic)
+    if args.json:
+        print(render.dumps(render.jsonable(t)))
+        return EXIT_OK
+    print(f"Key {t.key}\n")
+    if t.crm:
+        for c in t.crm:
+            print(f"CRM {c['entity']} ({c['table']}):")
+            print(render.table(["column", "value"], list(c["row"].items()), max_width=80))
+    else:
+        print("CRM: no row with this key (deleted, or not a key of any captured table)")
+    print(f"\nEvents on Kafka ({len(t.events)} of {t.scanned} read):")
+    if t.events:
+        print(render.table(["topic[partition]@offset", "kind", "op", "key", "lsn", "seq",
+                            "committed in the CRM", "event id"],
+                           [(f"{e['topic']}[{e['partition']}]@{e['offset']}", e["kind"],
+                             e["op"], e.get("event_key") or "-", e.get("lsn") or "-",
+                             e.get("seq") if e.get("seq") is not None else "-",
+                             render.cell(e.get("commit_time")),
+                             e.get("event_id") or e.get("error", "-"))
+                            for e in t.events], max_width=60))
+    else:
+        print("  none")
+    print("\nERP:")
+    for r in t.erp:
+        row = r["row"]
+        print(f"  {r['table']} ({r['as']}): position lsn {row.get('source_lsn')} seq "
+              f"{row.get('source_seq')}, event {row.get('event_id')}, applied "
+              f"{render.cell(row.get('applied_at'))}"
+              + (", DELETED" if row.get("deleted") else ""))
+    if not t.erp:
+        print("  no row with this key")
+    print("\nHeld events:" + ("" if t.held else " none"))
+    for h in t.held:
+        print(f"  #{h['held_id']} {h['topic']}[{h['partition']}]@{h['offset']} {h['reason']}"
+              + (f" (waits for customer {h['waits_for']})" if h["waits_for"] else "")
+              + f" since {render.cell(h['held_at'])}")
+    print("\nDead letters:" + ("" if t.dead_letters else " none"))
+    for d in t.dead_letters:
+        print(f"  #{d['dead_letter_id']} {d['topic']}[{d['partition']}]@{d['offset']} "
+              f"{d['state']}: {d['error_class']}: {d['reason']}")
+        for a in d["actions"]:
+            print(f"    {render.cell(a['at'])} {a['action']} by {a['actor']}: {a['outcome']}"
+                  + (f" ({a['reason']})" if a["reason"] else ""))
+    return EXIT_OK
+
+
 # ---- pause / resume (an operator's pause, the circuit breaker) -----------------------------
 def _named_partitions(args: argparse.Namespace, command: str) -> list[tuple[str, int]] | None:
     from service.operator.breaker import parse_partition
@@ -426,6 +482,18 @@ def register(sub: Any) -> None:
     p.add_argument("--max-lag", type=int, default=10_000, metavar="EVENTS",
                    help="total lag above which status needs attention (default 10000)")
     p.set_defaults(func=cmd_status)
+
+    p = parser("trace", sub, "one key through the system: CRM row, Kafka events, ERP row, "
+               "held events, dead letters",
+               "Follows one key (text: 42, a UUID, a composite key as a JSON array) from the\n"
+               "CRM row (through the source profile) to its events on Kafka (partition,\n"
+               "offset, op, position), the ERP rows and their positions, the events held for\n"
+               "it and its dead letters with what was done to them. Reads the topics from the\n"
+               "beginning (seconds per million events). Prints personal data: for the\n"
+               "operator's screen, not for tickets.")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("--topic", action="append", help="only this topic (repeatable)")
+    p.set_defaults(func=cmd_trace)
 
     p = parser("pause", sub, "pause consumption (all or some partitions), audited",
                "Stop applying the named partitions (or --all) in every consumer of the group,\n"

@@ -246,13 +246,19 @@ def cmd_demo_bottlecrm(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
+    from service.settings import origins
+
     shown = settings.redacted()
+    where = origins() if args.show_origin else {}
     if args.json:
-        print(json.dumps(shown, indent=2))
+        print(json.dumps({k: {"value": v, "origin": where[k]} for k, v in shown.items()}
+                         if args.show_origin else shown, indent=2))
     else:
         width = max(map(len, shown))
+        vwidth = max(len(str(v)) for v in shown.values()) if args.show_origin else 0
         for name, value in shown.items():
-            print(f"{name:<{width}}  {value}")
+            print(f"{name:<{width}}  {value:<{vwidth}}  {where[name]}".rstrip()
+                  if args.show_origin else f"{name:<{width}}  {value}")
     return EXIT_OK
 
 
@@ -341,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the effective configuration, secrets hidden")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--show-origin", action="store_true",
+                   help="say where each value comes from: env (a CRM_ERP_SYNC_* variable), "
+                        "file PATH (CRM_ERP_SYNC_CONFIG_FILE) or default")
     p.set_defaults(func=cmd_config)
     return parser
 

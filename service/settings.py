@@ -180,6 +180,20 @@ class Settings:
 CONFIG_FILE_VAR = ENV_PREFIX + "CONFIG_FILE"
 
 
+def origins(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Where each setting's value comes from, keyed by environment variable: "env", "file
+    PATH" (CRM_ERP_SYNC_CONFIG_FILE) or "default" (the precedence of Settings.from_env).
+    Raises ConfigError when the config file cannot be read."""
+    env = os.environ if environ is None else environ
+    from_file = _read_config_file(env, {f.name for f in dataclasses.fields(Settings)})
+    out: dict[str, str] = {}
+    for field in dataclasses.fields(Settings):
+        name = Settings.env_var(field.name)
+        out[name] = ("env" if name in env else
+                     f"file {env[CONFIG_FILE_VAR]}" if field.name in from_file else "default")
+    return out
+
+
 def unknown_env_vars(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
     """CRM_ERP_SYNC_* variables that are no setting (a typo is otherwise silently ignored),
     each with the closest valid name (difflib) or None; sorted by name."""

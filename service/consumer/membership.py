@@ -108,8 +108,16 @@ def judge(state: MembershipState, view: View, *, patience_s: float,
     elif state.unstable_since is None:
         state.unstable_since = view.now
     unstable_for = 0.0 if state.unstable_since is None else view.now - state.unstable_since
+    if not view.member_id:  # not joined yet (starting, or after a rejoin): not "removed"
+        rejoin = unstable_for >= patience_s and view.now - state.last_rejoin >= patience_s
+        if rejoin:
+            state.last_rejoin = view.now
+        if state.out_since is None:
+            state.out_since = view.now
+        return Judgement(False, rejoin, f"not joined for {unstable_for:.0f}s" if rejoin
+                         else "joining")
     listed = (None if view.broker_members is None
-              else bool(view.member_id) and view.member_id in view.broker_members)
+              else view.member_id in view.broker_members)
     if listed is None and state.out_since is None and unstable_for < patience_s:
         return Judgement(True, False)  # nothing new to go on
     if listed and view.stable:
@@ -214,8 +222,9 @@ class Membership:
         else:
             if self._out_since_wall is None:
                 self._out_since_wall = time.time()
-                log.error("outside_consumer_group", group=self.settings.consumer_group,
-                          why=verdict.why, client_id=self.client_id)
+                if was:  # joining at start-up is not news
+                    log.error("outside_consumer_group", group=self.settings.consumer_group,
+                              why=verdict.why, client_id=self.client_id)
             self.health.set_membership(f"not a member of consumer group "
                                        f"{self.settings.consumer_group}: {verdict.why}")
 

@@ -57,6 +57,10 @@ def test_broker_unavailable_keeps_the_last_verdict_quietly() -> None:
     assert not judge(st, view(2), patience_s=20).in_group  # still out, not forgotten
 
 
-def test_no_member_id_yet_is_not_listed() -> None:
+def test_not_joined_yet_is_joining_not_removed() -> None:
     st = MembershipState()
-    assert not judge(st, view(0, members={"m2"}, me=""), patience_s=20).in_group
+    j = judge(st, view(0, stable=False, members={"m2"}, me=""), patience_s=20)
+    assert not j.in_group and not j.rejoin and j.why == "joining"
+    assert not judge(st, view(1, stable=False, members={"m2"}, me=""), patience_s=20).rejoin
+    late = judge(st, view(21, stable=False, members={"m2"}, me=""), patience_s=20)
+    assert late.rejoin and "not joined for 21s" in late.why

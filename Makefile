@@ -11,7 +11,10 @@ STAMP  := $(VENV)/.installed
 STACK  := deploy/local/stack.sh
 
 .PHONY: help venv up down stack-status clean-stack lint test demo demo-bottlecrm bench-produce bench-apply
+.PHONY: bench-capture
 .PHONY: validate-deploy bottlecrm bottlecrm-if-possible tryton tryton-rebuild test-tryton bench-tryton
+.PHONY: bench-stock
+.PHONY: demo-tryton
 
 help:
 	@echo "make venv          create .venv (pinned by requirements.lock) with the test extras"
@@ -23,8 +26,11 @@ help:
 	@echo "make test          lint, then pytest (integration tests use the stack when it is up)"
 	@echo "make demo          bring the stack up and run the demo"
 	@echo "make demo-bottlecrm   the same on a real CRM, BottleCRM (installed in .stack/)"
+	@echo "make demo-tryton   the same with Tryton as the ERP (20 customers, 30 orders)"
 	@echo "make validate-deploy   kustomize + kubeconform on deploy/k8s, compose checks"
 	@echo "make bench-produce / bench-apply   benchmarks"
+	@echo "make bench-stock   apply into an empty ERP vs one holding 1M orders (new vs old stock)"
+	@echo "make bench-capture  CRM CPU of capture: SQL peek vs streaming replication"
 	@echo "make bottlecrm     install BottleCRM (Python 3.12 venv in .stack/bottlecrm) and build its"
 	@echo "                   migrated template database on the local stack (once: ~2-5 min)"
 	@echo "make tryton        Tryton 8.2 in .stack/tryton/venv + template database tryton_template"
@@ -87,6 +93,12 @@ bench-apply: venv up
 	$(BIN)/python -m bench.apply
 	$(BIN)/python -m bench.e2e
 
+bench-stock: venv up
+	$(BIN)/python -m bench.stock_scale
+
+bench-capture: venv up
+	$(BIN)/python -m bench.capture_cpu --burst 20000
+
 # ---- Tryton (the `tryton` ERP target) -------------------------------------------------------
 # Needs the stack's PostgreSQL (make up); install.sh says so when it is not reachable.
 tryton:
@@ -97,7 +109,10 @@ tryton-rebuild:
 
 test-tryton: venv tryton
 	$(BIN)/pytest -q tests/unit/erp/test_tryton_rpc.py tests/unit/erp/test_tryton_target.py \
-	    tests/integration/erp/test_tryton.py
+	    tests/integration/erp/test_tryton.py tests/integration/erp/test_consumer_tryton.py
+
+demo-tryton: venv up tryton
+	$(BIN)/crm-erp-sync demo tryton
 
 bench-tryton: venv tryton
 	$(BIN)/python -m bench.apply_tryton

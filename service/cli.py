@@ -87,6 +87,8 @@ def cmd_consume(settings: Settings, args: argparse.Namespace) -> int:
 
     consumer = ErpConsumer(settings)
     _on_sigterm(consumer.stop, settings.shutdown_timeout_s)
+    # SIGHUP: re-read the mappings file now (it is also checked every MAPPINGS_CHECK_S).
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: consumer.watcher.request_reload())
     stats = consumer.run(until_idle_s=args.until_idle, until_caught_up=args.until_caught_up)
     structlog.get_logger("cli").info("consumer_stopped", batches=stats.batches,
                                      messages=stats.messages, retries=stats.retries,
@@ -245,6 +247,12 @@ def cmd_demo_bottlecrm(settings: Settings, args: argparse.Namespace) -> int:
     return run_bottlecrm_demo(settings)
 
 
+def cmd_demo_tryton(settings: Settings, args: argparse.Namespace) -> int:
+    from service.demo.tryton import run_tryton_demo
+
+    return run_tryton_demo(settings, customers=args.customers, orders=args.orders)
+
+
 def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
     from service.settings import origins
 
@@ -340,6 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo_run)
     p = demo_sub.add_parser("bottlecrm", help="the pipeline on a real BottleCRM (installs it)")
     p.set_defaults(func=cmd_demo_bottlecrm)
+    p = demo_sub.add_parser("tryton",
+                            help="the pipeline with Tryton as the ERP (make tryton first)")
+    p.add_argument("--customers", type=int, default=20)
+    p.add_argument("--orders", type=int, default=30)
+    p.set_defaults(func=cmd_demo_tryton)
 
     from service.operator.commands import register as register_operator_commands
 
@@ -380,6 +393,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ATTENTION
     except KeyboardInterrupt:
         return exit_codes.INTERRUPTED
+    except Exception as exc:  # a bug, not a fault: say where, never what
+        _report_bug(exc)
+        return EXIT_ATTENTION
+
+
+def _report_bug(exc: Exception) -> None:
+    """One JSON line for an unexpected exception: its class and the innermost frames
+    (file, line, function). Neither the message nor the locals are printed: a library's
+    message can quote a CRM row (``ValueError: Invalid isoformat string: '...'``)."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)[-6:]
+    line = {"event": "unexpected_error", "level": "critical", "error": type(exc).__name__,
+            "frames": [f"{f.filename}:{f.lineno} in {f.name}" for f in frames]}
+    print(json.dumps(line), file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

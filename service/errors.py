@@ -56,6 +56,18 @@ class Retryable(SyncError):
     """A transient failure: retry with backoff, pause the partition, never dead-letter."""
 
 
+class ConnectionLost(Retryable):
+    """The broker or a database went away (restart, kill, network): reconnect with backoff.
+
+    Unlike other transient failures it makes ``/readyz`` answer 503 at once, with ``reason``
+    (the exception class and what was lost, never a value).
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class Permanent(SyncError):
     """A failure no retry can fix: the message goes to the dead-letter topic.
 
@@ -99,6 +111,25 @@ class ApplyError(Permanent):
     """The ERP refused the change in a way retries cannot fix (a constraint, say)."""
 
     stage = "apply"
+
+
+class CaptureRejected(Permanent):
+    """A CRM change that cannot become a valid event (a value Avro or Python cannot hold,
+    an event over the broker's size limit, a change without its row): the producer turns it
+    into a capture dead letter and moves on. ``column`` names the culprit when there is one;
+    the reason never quotes a value."""
+
+    stage = "capture"
+
+    def __init__(self, reason: str, column: str | None = None) -> None:
+        super().__init__(f"{column}: {reason}" if column else reason)
+        self.column = column
+        self.detail = reason
+
+
+class UnrepresentableValue(CaptureRejected):
+    """A column value with no counterpart in the event schema (NaN, infinity, a BC date):
+    raised by the value converters, the column filled in by the decoder."""
 
 
 class TargetError(SyncError):

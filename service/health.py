@@ -12,6 +12,8 @@ Every long-running command (``produce``, ``consume``) serves, on CRM_ERP_SYNC_HT
     state "degraded" and the breaker's messages, until `crm-erp-sync resume`), and a member
     of its group as the broker sees it (503 "outside_group" while it is not; it rejoins by
     itself, service/consumer/membership.py);
+  - both: not while a connection to the broker or a database is lost and being
+    re-established (``state: reconnecting`` with the reason);
   - produce: the active producer holds the capture lock and is not stalled; a standby that
     is connected to the CRM and waiting for the lock is ready too (it is doing what a
     standby must; were it "not ready", every rollout and node drain would wait on it
@@ -46,6 +48,7 @@ class Health:
         self._why = "starting"
         self._detail: dict[str, Any] = {}
         self._failing_since: float | None = None
+        self._disconnected: str | None = None
         self._degraded: list[str] = []
         self._outside_group: str | None = None
 
@@ -71,8 +74,15 @@ class Health:
         if self._failing_since is None:
             self._failing_since = time.monotonic()
 
+    def disconnected(self, reason: str) -> None:
+        """A connection (broker, database) is lost and being re-established: not ready, at
+        once, with ``reason`` (no values: the peer and the exception class)."""
+        self.failing()
+        self._disconnected = reason
+
     def recovered(self) -> None:
         self._failing_since = None
+        self._disconnected = None
 
     def liveness(self) -> tuple[bool, dict[str, Any]]:
         age = time.monotonic() - self._last_beat
@@ -81,6 +91,12 @@ class Health:
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         alive, body = self.liveness()
         body = {**body, **self._detail, "state": self._why}
+        if self._disconnected is not None:
+            body["state"] = "reconnecting"
+            body["reason"] = self._disconnected
+            if self._failing_since is not None:
+                body["failing_for_s"] = round(time.monotonic() - self._failing_since, 3)
+            return False, body
         if self._failing_since is not None:
             failing_s = time.monotonic() - self._failing_since
             body["failing_for_s"] = round(failing_s, 3)

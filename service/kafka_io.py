@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
-from kafka.admin import NewTopic
+from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import (
     KafkaConnectionError,
     KafkaError,
@@ -14,6 +14,7 @@ from kafka.errors import (
 )
 
 from service.errors import Retryable, StackUnavailable
+from service.faults import transient
 from service.settings import Settings
 
 # kafka-python 3 raises KafkaTimeoutError("Unable to bootstrap from ...") when no broker
@@ -59,6 +60,24 @@ def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
         return KafkaProducer(**options)
     except (KafkaTimeoutError, KafkaConnectionError) as exc:
         raise _unreachable(settings, exc) from exc
+
+
+def close_producer(producer: Any, timeout_s: float) -> None:
+    """Close a producer within ``timeout_s``, dropping what the broker did not take.
+
+    kafka-python 3.0.12's ``close(timeout)`` flushes first and raises KafkaTimeoutError when
+    the broker is away, leaving the producer open; its ``__del__`` then prints a traceback
+    on stderr. Our callers only drop a producer whose unsent events are re-sent anyway (the
+    slot or the offsets did not move), so the sender is force-closed (kafka-python's own
+    path for an unfinished close) and the producer marked closed.
+    """
+    try:
+        producer.close(timeout=timeout_s)
+    except KafkaError:
+        sender = getattr(producer, "_sender", None)
+        if sender is not None and sender.is_alive():
+            sender.force_close()
+        producer._closed = True
 
 
 def make_consumer(settings: Settings, *topics: str, **overrides: Any) -> KafkaConsumer:
@@ -122,3 +141,47 @@ def ensure_topics(settings: Settings) -> list[str]:
     finally:
         admin.close()
     return created
+
+
+# Kafka's own default for message.max.bytes (1 MiB + record batch overhead): assumed when the
+# broker does not let us read its configuration.
+KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
+
+
+def max_message_bytes(settings: Settings, topics: list[str]) -> dict[str, int]:
+    """The largest record batch each topic accepts, in bytes: the topic's
+    ``max.message.bytes`` (which reflects the broker default when not set on the topic),
+    falling back to the broker's ``message.max.bytes``, then to Kafka's default, for a topic
+    whose configuration cannot be read (no DescribeConfigs permission, say). Raises
+    Retryable (ConnectionLost) when the broker does not answer."""
+    admin = make_admin(settings)
+
+    def describe(kind: ConfigResourceType, name: str, key: str) -> dict[str, Any]:
+        try:
+            found: dict[str, Any] = admin.describe_configs(
+                [ConfigResource(kind, name, {key: None})], config_filter="all")
+        except KafkaError as exc:
+            fault = transient(exc, "broker")
+            if fault is not None:
+                raise fault from exc
+            return {}  # not allowed or not supported: the next fallback
+        return dict(found.get(kind.name.lower(), {}).get(name, {}))
+
+    try:
+        limits = {t: int(c["max.message.bytes"]["value"]) for t in topics
+                  if "max.message.bytes" in (c := describe(ConfigResourceType.TOPIC, t,
+                                                           "max.message.bytes"))}
+        if len(limits) < len(topics):
+            broker = KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+            ids = [b["broker_id"] for b in admin.describe_cluster()["brokers"]]
+            if ids:
+                config = describe(ConfigResourceType.BROKER, str(ids[0]), "message.max.bytes")
+                if "message.max.bytes" in config:
+                    broker = int(config["message.max.bytes"]["value"])
+            limits.update({t: broker for t in topics if t not in limits})
+        return limits
+    except KafkaError as exc:
+        raise (transient(exc, "broker") or Retryable(
+            f"reading the topics' max.message.bytes failed: {type(exc).__name__}")) from exc
+    finally:
+        admin.close()

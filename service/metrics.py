@@ -83,6 +83,19 @@ class ConsumerMetrics(ProcessMetrics):
         self.paused = Gauge(f"{PREFIX}_partition_paused", "1 while an operator's `crm-erp-sync "
                             "pause` keeps this partition paused", ["topic", "partition"],
                             registry=r)
+        # The mappings file (service/consumer/mappings_watch.py): which version is applied,
+        # and whether a newer file was refused.
+        self.mappings_info = Gauge(f"{PREFIX}_mappings_info", "1 for the mappings file "
+                                   "version this consumer applies (version: the first 12 hex "
+                                   "digits of the SHA-256 of the file's bytes)", ["version"],
+                                   registry=r)
+        self.mappings_reloads = Counter(f"{PREFIX}_mappings_reloads", "Changed mappings files "
+                                        "read by a running consumer, by outcome: applied, or "
+                                        "refused (invalid; the loaded version is kept)",
+                                        ["outcome"], registry=r)
+        self.mappings_reload_failing = Gauge(f"{PREFIX}_mappings_reload_failing", "1 while "
+                                             "the mappings file on disk is refused (invalid) "
+                                             "and an older version is applied", registry=r)
         self._lag_labels: set[tuple[str, str]] = set()
 
     def count(self, counter: Counter, items: Iterable[tuple[str, ...]]) -> None:
@@ -118,6 +131,10 @@ class ProducerMetrics(ProcessMetrics):
                                      "confirmed_flush_lsn)", registry=r)
         self.retries = Counter(f"{PREFIX}_transient_failures", "Producer steps retried after "
                                "a transient failure", registry=r)
+        self.capture_dead_letters = Counter(
+            f"{PREFIX}_capture_dead_letters", "CRM changes that could not become an event "
+            "and went to the dead-letter topic (stage capture)", ["table", "error"],
+            registry=r)
 
     def count_published(self, items: Iterable[tuple[str, str]]) -> None:
         for (topic, kind), n in Tally(items).items():

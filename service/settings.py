@@ -36,7 +36,15 @@ class Settings:
     kafka_sasl_password: str = _secret()
     kafka_ssl_cafile: str = ""
     crm_dsn: str = _secret(f"postgresql://sync:sync@127.0.0.1:{DEFAULT_PG_PORT}/crm")
+    # The sync-state database (held events, dead letters, breaker, positions); with the
+    # `sql` target also the ERP's own tables (erp.*).
     erp_dsn: str = _secret(f"postgresql://sync:sync@127.0.0.1:{DEFAULT_PG_PORT}/erp")
+    # Where changes are applied: `sql` (erp.* in erp_dsn) or `tryton` (over JSON-RPC).
+    erp_target: str = "sql"
+    tryton_url: str = "http://127.0.0.1:8000"
+    tryton_database: str = "tryton"
+    tryton_user: str = "crm_sync"
+    tryton_password: str = _secret()
     sales_topic: str = "crm.sales"
     market_topic: str = "crm.market-demand"
     dlq_topic: str = "crm-erp-sync.dlq"
@@ -51,6 +59,7 @@ class Settings:
     batch_max_events: int = 500
     batch_max_wait_ms: int = 0
     producer_max_changes: int = 5000
+    capture_transport: str = "stream"
     producer_poll_ms: int = 100
     heartbeat_interval_s: float = 10.0
     on_slot_lost: str = "fail"
@@ -71,6 +80,8 @@ class Settings:
     # How often a running consumer asks the broker whether it is still in its group (and
     # reports itself to sync.consumers for `status`); see service/consumer/membership.py.
     membership_check_s: float = 10.0
+    # How often a running consumer checks the mappings file for a change (SIGHUP: at once).
+    mappings_check_s: float = 5.0
 
     @classmethod
     def env_var(cls, field_name: str) -> str:
@@ -120,7 +131,7 @@ class Settings:
                 raise ConfigError(self.env_var(name), "must not be negative")
         for name in ("heartbeat_interval_s", "shutdown_timeout_s", "liveness_timeout_s",
                      "readiness_stall_s", "breaker_window_s", "breaker_poll_s",
-                     "membership_check_s"):
+                     "membership_check_s", "mappings_check_s"):
             if not getattr(self, name) > 0:  # also refuses nan
                 raise ConfigError(self.env_var(name), "must be a positive number of seconds")
         if not self.breaker_max_ratio > 0:
@@ -155,10 +166,23 @@ class Settings:
             if not _PG_NAME.fullmatch(getattr(self, name)):
                 raise ConfigError(self.env_var(name),
                                   "must be 1-63 of lower-case letters, digits and _")
+        if self.capture_transport not in CAPTURE_TRANSPORTS:
+            raise ConfigError(self.env_var("capture_transport"),
+                              f"must be one of {', '.join(CAPTURE_TRANSPORTS)}")
         if self.on_slot_lost not in ("fail", "resnapshot"):
             raise ConfigError(self.env_var("on_slot_lost"), "must be 'fail' or 'resnapshot'")
         if self.log_format not in ("json", "console"):
             raise ConfigError(self.env_var("log_format"), "must be 'json' or 'console'")
+        if self.erp_target not in ("sql", "tryton"):
+            raise ConfigError(self.env_var("erp_target"), "must be 'sql' or 'tryton'")
+        if self.erp_target == "tryton":
+            if not self.tryton_url.startswith(("http://", "https://")):
+                raise ConfigError(self.env_var("tryton_url"),
+                                  "must be an http:// or https:// URL of the Tryton server")
+            for name in ("tryton_database", "tryton_user", "tryton_password"):
+                if not getattr(self, name):
+                    raise ConfigError(self.env_var(name),
+                                      "required with CRM_ERP_SYNC_ERP_TARGET=tryton")
         for name in ("crm_dsn", "erp_dsn"):
             if not getattr(self, name).startswith(("postgresql://", "postgres://")):
                 raise ConfigError(self.env_var(name), "must be a postgresql:// URL")
@@ -210,6 +234,10 @@ def unknown_env_vars(environ: Mapping[str, str] | None = None) -> list[tuple[str
                                               n=1, cutoff=0.6)
             out.append((name, suffixes[close[0]] if close else None))
     return out
+
+
+# stream: the replication protocol (a walsender); sql: pg_logical_slot_peek_binary_changes.
+CAPTURE_TRANSPORTS = ("stream", "sql")
 KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 _KAFKA_TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 _PG_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")

@@ -4,6 +4,9 @@ Order of preference:
 1. environment variables naming a broker and databases (CRM_ERP_SYNC_KAFKA_BOOTSTRAP,
    CRM_ERP_SYNC_CRM_DSN, CRM_ERP_SYNC_ERP_DSN): used as they are;
 2. the local stack (`make up`) on its default ports;
+   (1 or 2 is "local", i.e. restartable by tests through deploy/local/stack.sh, when this
+   worktree's .stack/ runs the broker and PostgreSQL on exactly those ports: a second stack
+   started with STACK_KAFKA_PORT/STACK_PG_PORT/STACK_KAFKA_CONTROLLER_PORT qualifies);
 3. a Docker engine: Apache Kafka 4.x (KRaft) and PostgreSQL 15 (wal_level=logical) started
    with testcontainers, once per session;
 4. otherwise integration tests are skipped with a reason that says how to bring the stack up.
@@ -58,10 +61,43 @@ class Stack:
     kafka_bootstrap: str
     admin_dsn: str  # a DSN whose database we can use to CREATE/DROP DATABASE
     local: bool = False  # the no-Docker stack of deploy/local (tests may restart its server)
+    # STACK_* variables that make deploy/local/stack.sh act on this stack's ports
+    script_env: tuple[tuple[str, str], ...] = ()
 
     def dsn_for(self, database: str) -> str:
         parts = urlsplit(self.admin_dsn)
         return urlunsplit(parts._replace(path=f"/{database}"))
+
+    def script(self, *args: str, timeout: float = 180.0) -> None:
+        """Run deploy/local/stack.sh on this stack (restart-pg, kill-kafka, start-kafka)."""
+        import subprocess
+
+        if not self.local:
+            raise RuntimeError("not the local stack of this worktree: cannot restart it")
+        subprocess.run(["bash", str(REPO_ROOT / "deploy/local/stack.sh"), *args], check=True,
+                       capture_output=True, timeout=timeout,
+                       env={**os.environ, **dict(self.script_env)})
+
+
+def _local_stack(kafka_bootstrap: str, dsn: str) -> tuple[bool, tuple[tuple[str, str], ...]]:
+    """Whether this worktree's .stack/ serves exactly this broker and PostgreSQL, and the
+    STACK_* environment that points deploy/local/stack.sh at them."""
+    import re
+
+    state = REPO_ROOT / ".stack"
+    props, pg_conf = state / "kafka" / "server.properties", state / "pg" / "data" / "stack.conf"
+    if not props.is_file() or not pg_conf.is_file():
+        return False, ()
+    broker = re.search(r"^listeners=PLAINTEXT://[^:]+:(\d+),CONTROLLER://[^:]+:(\d+)",
+                       props.read_text(), re.M)
+    pg_port = re.search(r"^port = (\d+)", pg_conf.read_text(), re.M)
+    if broker is None or pg_port is None:
+        return False, ()
+    kafka_port = kafka_bootstrap.split(",")[0].rsplit(":", 1)[-1]
+    if broker[1] != kafka_port or int(pg_port[1]) != (urlsplit(dsn).port or 5432):
+        return False, ()
+    return True, (("STACK_KAFKA_PORT", broker[1]), ("STACK_KAFKA_CONTROLLER_PORT", broker[2]),
+                  ("STACK_PG_PORT", pg_port[1]))
 
 
 def _start_containers() -> tuple[Stack, list[Any]]:
@@ -94,14 +130,15 @@ def _start_containers() -> tuple[Stack, list[Any]]:
 def stack() -> Iterator[Stack]:
     env = os.environ
     if "CRM_ERP_SYNC_KAFKA_BOOTSTRAP" in env and "CRM_ERP_SYNC_CRM_DSN" in env:
-        yield Stack(env["CRM_ERP_SYNC_KAFKA_BOOTSTRAP"], env["CRM_ERP_SYNC_CRM_DSN"])
+        bootstrap, dsn = env["CRM_ERP_SYNC_KAFKA_BOOTSTRAP"], env["CRM_ERP_SYNC_CRM_DSN"]
+        yield Stack(bootstrap, dsn, *_local_stack(bootstrap, dsn))
         return
     defaults = Settings()
     kafka_host, kafka_port = defaults.kafka_bootstrap.split(":")
     pg = urlsplit(defaults.crm_dsn)
     if _reachable(kafka_host, int(kafka_port)) and _reachable(pg.hostname or "", pg.port or 0):
         yield Stack(defaults.kafka_bootstrap, defaults.crm_dsn,
-                    local=(REPO_ROOT / ".stack" / "pg" / "data").is_dir())
+                    *_local_stack(defaults.kafka_bootstrap, defaults.crm_dsn))
         return
     if _docker_answers():
         started, containers = _start_containers()

@@ -71,6 +71,7 @@ def expected_erp(crm: Any, mappings: Any) -> dict[str, Any]:
     from decimal import Decimal
 
     from service.erp import transform as tf
+    from service.erp.units import to_base
 
     # Keys as the ERP holds them: the CRM's keys as text; a line's composite key (order_id,
     # line_no) as a compact JSON array of their text forms.
@@ -82,10 +83,11 @@ def expected_erp(crm: Any, mappings: Any) -> dict[str, Any]:
     for oid, line_no, code, qty_text in crm.execute(
             "SELECT order_id, line_no, product_code, quantity FROM crm.order_lines"):
         sku = tf.sku_for(code, mappings)
-        qty = tf.parse_quantity(qty_text, mappings).value
-        items[(str(oid), f'["{oid}","{line_no}"]')] = (sku, qty)
-        if mappings.status_stock_effect[orders[str(oid)]] == "reserve":
-            reserved[sku] = reserved.get(sku, Decimal(0)) + qty
+        qty = tf.parse_quantity(qty_text, mappings)
+        items[(str(oid), f'["{oid}","{line_no}"]')] = (sku, qty.value)
+        if mappings.status_stock_effect[orders[str(oid)]] == "reserve":  # in the base unit
+            reserved[sku] = reserved.get(sku, Decimal(0)) + to_base(sku, qty.value, qty.unit,
+                                                                    mappings)
     return {"partners": partners, "orders": orders, "items": items,
             "reserved": {k: v for k, v in reserved.items() if v}}
 

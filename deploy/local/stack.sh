@@ -5,6 +5,9 @@
 #   deploy/local/stack.sh up       fetch jars if needed, start what is not running, wait healthy
 #   deploy/local/stack.sh down     stop what `up` started (pid files); data is kept
 #   deploy/local/stack.sh status   healthy/down, port, version of each; non-zero if one is down
+#   deploy/local/stack.sh restart-pg [fast|immediate]   restart PostgreSQL in place (tests)
+#   deploy/local/stack.sh kill-kafka    SIGKILL the broker, no clean shutdown (tests)
+#   deploy/local/stack.sh start-kafka   start the broker again and wait until it answers
 #
 # Everything listens on 127.0.0.1 only; all state and logs live under <repo>/.stack/:
 #   .stack/kafka/{server.properties,cluster.id,kafka.pid,kafka.log,kafka.stdout.log,data/}
@@ -490,20 +493,40 @@ cmd_status() {
     return "$rc"
 }
 
-# Restart PostgreSQL in place (tests use it to show the consumer riding out an ERP restart).
+# Restart PostgreSQL in place (tests use it to show producers and consumers riding out a
+# restart). Mode fast (default) or immediate (no checkpoint: crash recovery on start).
 cmd_restart_pg() {
+    local mode="${1:-fast}"
+    [[ "$mode" == fast || "$mode" == immediate ]] || die "restart-pg: mode is fast or immediate"
     pg_running || die "postgresql is not running"
-    log "restarting postgresql"
-    as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -m fast -w -t 60 restart >/dev/null
+    log "restarting postgresql ($mode)"
+    as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -m "$mode" -w -t 60 restart >/dev/null
+}
+
+# Kill the broker as a crash would (tests: clients must ride it out).
+cmd_kill_kafka() {
+    local pid
+    pid="$(kafka_pid)" || die "kafka is not running"
+    log "killing kafka (pid $pid) with SIGKILL"
+    kill -KILL "$pid"
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
+    rm -f "$KAFKA_PID"
+}
+
+cmd_start_kafka() {
+    kafka_start
+    kafka_wait
 }
 
 case "${1:-}" in
     up) cmd_up ;;
     down) cmd_down ;;
     status) cmd_status ;;
-    restart-pg) cmd_restart_pg ;;
+    restart-pg) cmd_restart_pg "${2:-fast}" ;;
+    kill-kafka) cmd_kill_kafka ;;
+    start-kafka) cmd_start_kafka ;;
     *)
-        echo "usage: $0 up|down|status|restart-pg" >&2
+        echo "usage: $0 up|down|status|restart-pg [fast|immediate]|kill-kafka|start-kafka" >&2
         exit 2
         ;;
 esac

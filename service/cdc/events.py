@@ -32,7 +32,12 @@ from service.cdc.profile import (
     SourceProfile,
     text_of,
 )
-from service.errors import PgOutputError, SourceContractError, UnresolvedReference
+from service.errors import (
+    PgOutputError,
+    SourceContractError,
+    UnrepresentableValue,
+    UnresolvedReference,
+)
 
 Row = dict[str, Any]
 
@@ -54,6 +59,9 @@ class CommittedTxn:
     end_lsn: int
     commit_time: datetime
     changes: list[RowChange] = field(default_factory=list)
+    # position in ``changes`` -> why that change cannot become an event (its RowChange there
+    # is a placeholder without rows); filled by the producer's decoder
+    rejected: dict[int, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +76,37 @@ class Outgoing:
 
 # Text output of PostgreSQL types (pgoutput sends text) -> Python values. Anything else stays
 # text (uuid, varchar, json …), which is what a canonical text field carries anyway.
+# PostgreSQL's special values have no counterpart in Python's date/datetime or in an Avro
+# decimal: they raise UnrepresentableValue (a capture dead letter), never a guess
+# (docs/DESIGN.md, "Special values").
+def _special(text: str, kind: str) -> UnrepresentableValue | None:
+    if text in ("infinity", "-infinity"):
+        return UnrepresentableValue(f"{text} {kind} has no counterpart in the event schema")
+    if text.endswith(" BC"):
+        return UnrepresentableValue(f"BC {kind} is outside the event schema's range (year 1+)")
+    if len(text) > 4 and text[4:5] != "-" and text[:5].isdigit():
+        return UnrepresentableValue(f"{kind} past year 9999 is outside the event schema's range")
+    return None
+
+
 def _timestamptz(text: str) -> datetime:
+    if (err := _special(text, "timestamp")) is not None:
+        raise err
     value = datetime.fromisoformat(text)
     return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _date(text: str) -> date:
+    if (err := _special(text, "date")) is not None:
+        raise err
+    return date.fromisoformat(text)
+
+
+def _numeric(text: str) -> Decimal:
+    value = Decimal(text)
+    if not value.is_finite():
+        raise UnrepresentableValue(f"numeric {text} is not a finite number: no event carries it")
+    return value
 
 
 _BY_TYPE_OID: dict[int, Callable[[str], Any]] = {
@@ -78,8 +114,8 @@ _BY_TYPE_OID: dict[int, Callable[[str], Any]] = {
     20: int,
     21: int,
     23: int,
-    1700: Decimal,
-    1082: date.fromisoformat,
+    1700: _numeric,
+    1082: _date,
     1114: _timestamptz,
     1184: _timestamptz,
 }

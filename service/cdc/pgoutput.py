@@ -4,11 +4,11 @@ Written against "Logical Replication Message Formats" of PostgreSQL 15
 (https://www.postgresql.org/docs/15/protocol-logicalrep-message-formats.html). Pure: bytes in,
 frozen dataclasses out; no database access.
 
-Why the SQL interface feeds this module: psycopg 3 has no streaming-replication protocol
-(``START_REPLICATION`` / CopyBoth is not exposed, psycopg issue #71), so the producer reads the
-slot with ``pg_logical_slot_peek_binary_changes(slot, NULL, n, 'proto_version', '1',
-'publication_names', 'p')``. Each returned row is ``(lsn, xid, data)`` and ``data`` is exactly
-one pgoutput message starting with its type byte, which is what :func:`decode_message` takes.
+The producer feeds it from ``service/cdc/source.py``: the payload of each XLogData message of
+the streaming replication protocol (``START_REPLICATION ... LOGICAL``, psycopg2), or each
+``data`` of ``pg_logical_slot_peek_binary_changes(slot, NULL, n, 'proto_version', '1',
+'publication_names', 'p')`` (the SQL fallback). Either is exactly one pgoutput message starting
+with its type byte, which is what :func:`decode_message` takes.
 Protocol version 1 has no streaming (``S``/``E``/``c``/``A``) or two-phase messages, and
 no per-message xid; those are reported as errors rather than guessed at.
 

@@ -1,11 +1,11 @@
 """The CDC producer: CRM write-ahead log -> Avro events on Kafka, nothing lost.
 
-Why the SQL interface: psycopg 3 has no streaming-replication protocol (psycopg issue #71),
-and ``pg_logical_slot_peek_binary_changes`` + ``pg_replication_slot_advance`` give exactly the
-delivery rule we want: peek a batch of whole transactions, publish every event, wait for the
-broker to acknowledge all of them (acks=all, idempotent producer), and only then advance the
-slot past their commits. A crash anywhere re-peeks the same transactions and re-sends the same
-events with the same ids; nothing committed is skipped.
+Transactions come from a :class:`~service.cdc.source.ChangeSource`: by default the streaming
+replication protocol, or the SQL decoding interface (``capture_transport``). The delivery rule
+is the same for both: take a batch of whole transactions, publish every event, wait for the
+broker to acknowledge all of them (acks=all, idempotent producer), and only then confirm the
+slot past their commits. A crash anywhere re-reads the same transactions and re-sends the
+same events with the same ids; nothing committed is skipped.
 
 One producer captures at a time: the active one holds a session-level advisory lock; a
 standby polls for it and takes over when the active one's session ends.
@@ -21,10 +21,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import psycopg
+import psycopg2.errors
 import structlog
+from kafka.codec import zstd_encode
 from kafka.errors import KafkaError
 
 from service import pg
@@ -36,10 +39,11 @@ from service.cdc.capture import (
     TableInfo,
     chunk_query,
     ensure_capture_objects,
-    read_chunk,
+    lines_query,
     read_table_info,
     typed_row,
 )
+from service.cdc.dead_letters import CaptureLetter, TextRow, as_text, text_row
 from service.cdc.events import (
     CREATE,
     DELETE,
@@ -52,11 +56,28 @@ from service.cdc.events import (
     build_events,
     canonical,
     converter_for,
+    event_id,
 )
-from service.cdc.profile import SourceProfile, load_profile
-from service.errors import PgOutputError, Retryable, SlotLost, StackUnavailable
+from service.cdc.profile import EntityMapping, SourceProfile, load_profile
+from service.cdc.source import ChangeSource, source_for
+from service.consumer.policy import RetryPolicy
+from service.errors import (
+    CaptureRejected,
+    ConnectionLost,
+    PgOutputError,
+    Retryable,
+    SlotLost,
+    StackUnavailable,
+    UnrepresentableValue,
+)
+from service.faults import TRANSIENT_CLASSES, transient
 from service.health import Health, serve
-from service.kafka_io import make_producer
+from service.kafka_io import (
+    KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
+    close_producer,
+    make_producer,
+    max_message_bytes,
+)
 from service.metrics import ProducerMetrics
 from service.pg import PgConn
 from service.settings import Settings
@@ -64,6 +85,11 @@ from service.settings import Settings
 log = structlog.get_logger("producer")
 
 HEARTBEAT_PREFIX = "crm-erp-sync.heartbeat"
+# Each query costs the CRM a little CPU; at one batch per transaction (a steady low rate on the
+# streaming transport) per-batch checks would cost it more than decoding does. So the capture
+# lock's session is checked, and new snapshot requests are looked for, at most this often.
+LOCK_CHECK_S = 1.0
+SNAPSHOT_POLL_S = 1.0
 
 
 def connect(dsn: str) -> PgConn:
@@ -75,6 +101,71 @@ def connect(dsn: str) -> PgConn:
 
 def lock_key(slot_name: str) -> str:
     return f"crm-erp-sync:{slot_name}"
+
+
+# What build_events raises for one change that cannot become an event. Not SourceContractError
+# (the CRM no longer matches the profile: capture stops, named) nor UnresolvedReference.
+BUILD_ERRORS = (CaptureRejected, PgOutputError)
+# fastavro's writer raises these for a value its schema cannot take (a NaN decimal, a scale
+# that no longer fits, a wrong type)
+AVRO_ERRORS = (TypeError, ValueError, ArithmeticError, AttributeError)
+# Batch and record framing around one record's key, value and headers (Kafka's record batch
+# header is 61 bytes; a record's own varints and the header names take the rest).
+RECORD_OVERHEAD = 512
+# kafka-python refuses a record larger than this before compression (max_request_size).
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+COMPRESSION = "zstd"
+
+
+def _typed(info: TableInfo, raw: dict[str, Any]) -> tuple[dict[str, Any], Rejection | None]:
+    """A snapshot row (read as text) converted like the log's values, or its Rejection."""
+    try:
+        return typed_row(info, raw), None
+    except CaptureRejected as exc:
+        error = exc
+    except (ValueError, ArithmeticError) as exc:
+        error = CaptureRejected(f"cannot be read ({type(exc).__name__})")
+    # which column: convert one by one (rare path)
+    for name, text in raw.items():
+        try:
+            if text is not None:
+                info.converters[name](text)
+        except CaptureRejected as exc:
+            error = UnrepresentableValue(exc.detail, name)
+            break
+        except (ValueError, ArithmeticError) as exc:
+            error = UnrepresentableValue(f"cannot be read ({type(exc).__name__})", name)
+            break
+    return {}, Rejection(error, None, text_row(raw))
+
+
+def _rejected(exc: Exception) -> CaptureRejected:
+    if isinstance(exc, CaptureRejected):
+        return exc
+    # PgOutputError messages are ours: table and operation, never a value
+    return CaptureRejected(f"cannot become an event: {exc}")
+
+
+# A snapshot row: its entity, the row as text, typed (empty when rejected), its Rejection.
+_Read = tuple[EntityMapping, dict[str, Any], dict[str, Any], "Rejection | None"]
+
+
+@dataclass(frozen=True)
+class _Position:
+    lsn: int
+    xid: int
+    commit_time: datetime
+    snapshot: bool = False
+    first_seq: int = 0
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why a decoded change cannot become an event, with its rows as text."""
+
+    error: CaptureRejected
+    before: TextRow | None
+    after: TextRow | None
 
 
 @dataclass
@@ -100,12 +191,53 @@ class ChangeDecoder:
         row: dict[str, Any] = {}
         for (name, convert), value in zip(rel.columns, tuple_data, strict=True):
             if value is pgoutput.UNCHANGED_TOAST:
-                raise PgOutputError(
-                    f"{rel.table}.{name}: unchanged TOASTed value; the table needs "
-                    "REPLICA IDENTITY FULL"
-                )
-            row[name] = None if value is pgoutput.NULL else convert(value)
+                raise CaptureRejected("unchanged TOASTed value without the old row: the table "
+                                      "needs REPLICA IDENTITY FULL", name)
+            try:
+                row[name] = None if value is pgoutput.NULL else convert(value)
+            except CaptureRejected as exc:
+                raise UnrepresentableValue(exc.detail, name) from None
+            except (ValueError, ArithmeticError) as exc:
+                # a text the converter cannot read; the library's message quotes the value
+                raise UnrepresentableValue(f"cannot be read ({type(exc).__name__})",
+                                           name) from None
         return row
+
+    def _raw(self, relation_id: int, tuple_data: Any) -> TextRow | None:
+        """A tuple's column values as pgoutput sent them (text), for a capture dead letter."""
+        if tuple_data is None:
+            return None
+        rel = self._relations[relation_id]
+        out: TextRow = {}
+        for (name, _), value in zip(rel.columns, tuple_data, strict=True):
+            if value is pgoutput.NULL:
+                out[name] = None
+            elif value is pgoutput.UNCHANGED_TOAST:
+                out[name] = "[unchanged TOASTed value, not sent by PostgreSQL]"
+            else:
+                out[name] = as_text(value)
+        return out
+
+    def _change(self, txn: CommittedTxn, msg: Any) -> None:
+        """Append one Insert/Update/Delete to the transaction; a change whose values cannot
+        be read is kept as a rejection at its place (a placeholder without rows)."""
+        table = self._relations[msg.relation_id].table
+        if isinstance(msg, pgoutput.Insert):
+            op, old, new = CREATE, None, msg.new
+        elif isinstance(msg, pgoutput.Update):
+            # Even with REPLICA IDENTITY FULL, PostgreSQL 15 sends an unchanged out-of-line
+            # (TOASTed) column of the new row as 'u'; the old row carries its full value.
+            op, old, new = UPDATE, msg.old, pgoutput.fill_unchanged_toast(msg.new, msg.old)
+        else:
+            op, old, new = DELETE, msg.old if msg.old is not None else msg.key, None
+        try:
+            change = RowChange(table, op, self._row(msg.relation_id, old),
+                               self._row(msg.relation_id, new))
+        except CaptureRejected as exc:
+            txn.rejected[len(txn.changes)] = Rejection(
+                exc, self._raw(msg.relation_id, old), self._raw(msg.relation_id, new))
+            change = RowChange(table, op, None, None)
+        txn.changes.append(change)
 
     def feed(self, data: bytes) -> CommittedTxn | None:
         """Feed one message; returns the transaction when its Commit arrives."""
@@ -131,21 +263,10 @@ class ChangeDecoder:
             if isinstance(msg, pgoutput.Message):
                 return None  # a non-transactional logical message: not ours to publish
             raise PgOutputError(f"{type(msg).__name__} outside a transaction")
-        if isinstance(msg, pgoutput.Insert):
-            after = self._row(msg.relation_id, msg.new)
-            table = self._relations[msg.relation_id].table
-            txn.changes.append(RowChange(table, CREATE, None, after))
-        elif isinstance(msg, pgoutput.Update):
-            table = self._relations[msg.relation_id].table
-            # Even with REPLICA IDENTITY FULL, PostgreSQL 15 sends an unchanged out-of-line
-            # (TOASTed) column of the new row as 'u'; the old row carries its full value.
-            new = pgoutput.fill_unchanged_toast(msg.new, msg.old)
-            txn.changes.append(RowChange(table, UPDATE, self._row(msg.relation_id, msg.old),
-                                         self._row(msg.relation_id, new)))
-        elif isinstance(msg, pgoutput.Delete):
-            table = self._relations[msg.relation_id].table
-            before = self._row(msg.relation_id, msg.old if msg.old is not None else msg.key)
-            txn.changes.append(RowChange(table, DELETE, before, None))
+        if isinstance(msg, pgoutput.Insert | pgoutput.Update | pgoutput.Delete):
+            if msg.relation_id not in self._relations:
+                raise PgOutputError(f"change for unknown relation id {msg.relation_id}")
+            self._change(txn, msg)
         elif isinstance(msg, pgoutput.Truncate):
             # Never silently: a truncate has no per-row events; say so loudly.
             log.error("crm_truncate_not_propagated", relation_ids=list(msg.relation_ids),
@@ -163,6 +284,8 @@ class _Chunk:
     low_id: int = 0
     high_id: int = 0
     window_open: bool = False
+    # rows whose values cannot become an event (NaN, infinity, BC dates): capture letters
+    rejected: dict[tuple[str, str], Rejection] = field(default_factory=dict)
 
 
 @dataclass
@@ -172,6 +295,7 @@ class ProducerStats:
     snapshot_rows: int = 0
     batches: int = 0
     heartbeats: int = 0
+    dead_letters: int = 0
     last_commit_lsn: int = 0
     started: float = field(default_factory=time.monotonic)
 
@@ -187,12 +311,16 @@ class CdcProducer:
         self._conn: PgConn | None = None
         self.refs = References(self._load_reference)
         self._kafka = kafka_producer
+        self._limits: dict[str, int] = {}
+        self._lock_conn: PgConn | None = None
+        self._reconnect_delays = RetryPolicy.RECONNECT.delays()
         self._stop = threading.Event()
         self.stats = ProducerStats()
         self.metrics = ProducerMetrics()
         self.health = Health(settings, self.metrics)
         self._last_slot_check = 0.0
-        self._decoder = ChangeDecoder()
+        self._source: ChangeSource | None = None
+        self._next_snapshot_poll = 0.0
         self._chunk: _Chunk | None = None
         self._pending_progress: list[tuple[_Chunk, int]] = []
         self._last_advance = time.monotonic()
@@ -207,8 +335,14 @@ class CdcProducer:
 
     @property
     def kafka(self) -> Any:
+        """The Kafka producer, built on first use and again after a broker fault dropped it;
+        each time the topics' size limits are read again (an operator may have raised them).
+        Compression is zstd: CRM rows are text, and a long note compresses several times."""
         if self._kafka is None:
-            self._kafka = make_producer(self.settings)
+            self._limits = max_message_bytes(
+                self.settings, [self.settings.sales_topic, self.settings.market_topic])
+            self._kafka = make_producer(self.settings, compression_type=COMPRESSION,
+                                        max_request_size=MAX_REQUEST_BYTES)
         return self._kafka
 
     # ---- leadership -------------------------------------------------------------------
@@ -219,6 +353,7 @@ class CdcProducer:
             row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))",
                                (lock_key(self.settings.slot_name),)).fetchone()
             self.health.beat()
+            self.health.recovered()  # the CRM answered: connected (again)
             if row and row[0]:
                 log.info("capture_lock_acquired", slot=self.settings.slot_name,
                          after_standby=waited)
@@ -279,71 +414,133 @@ class CdcProducer:
     # ---- main loop --------------------------------------------------------------------
     def run(self, *, until_idle: bool = False) -> ProducerStats:
         """Capture until stop(); with until_idle, return once the slot has nothing pending
-        and no snapshot is left."""
+        and no snapshot is left.
+
+        Raises StackUnavailable when the CRM cannot be reached at start (exit 3). Once
+        running, no transient fault ends it: a lost CRM session (restart, kill) or an
+        unreachable broker is retried with ``RetryPolicy.RECONNECT`` backoff, the capture lock
+        is taken again (or waited for, as a standby), and capture resumes from the slot's
+        confirmed position; ``/readyz`` says "reconnecting" meanwhile.
+        """
         http = serve(self.settings, self.health)
         try:
-            lock_conn = connect(self.settings.crm_dsn)
-            conn = connect(self.settings.crm_dsn)
+            self._lock_conn = connect(self.settings.crm_dsn)
+            self._conn = connect(self.settings.crm_dsn)
         except StackUnavailable:
             if http is not None:
                 http.close()
             raise
+        self._reconnect_delays = RetryPolicy.RECONNECT.delays()
         try:
-            if not self.acquire_leadership(lock_conn):
-                return self.stats
-            self.ensure_slot(conn)
-            backoff = 0.2
             while not self._stop.is_set():
-                self.health.beat()
                 try:
-                    lock_conn.execute("SELECT 1")  # lose the session, lose the lock: stop
-                    moved = self.step(conn)
-                    self._observe_slot(conn)
-                    backoff = 0.2
-                    self.health.recovered()
-                except Retryable as exc:
-                    self.health.failing()
-                    self.metrics.retries.inc()
-                    log.warning("retrying", error=str(exc), backoff_s=backoff)
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, 10.0)
-                    conn = self._reconnect(conn)
-                    continue
-                except psycopg.errors.ObjectNotInPrerequisiteState as exc:
-                    # Peeking a slot whose WAL was removed: not transient. ensure_slot fails
-                    # (SlotLost) or starts over; anything else is retried with backoff.
-                    log.warning("slot_not_readable", error=exc.diag.message_primary)
-                    self.ensure_slot(conn)
-                    self._chunk = None
-                    self._pending_progress.clear()
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, 10.0)
-                    continue
-                except psycopg.OperationalError as exc:
-                    self.health.failing()
-                    self.metrics.retries.inc()
-                    log.warning("crm_connection_lost", error=type(exc).__name__)
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, 10.0)
-                    if lock_conn.closed or lock_conn.broken:
-                        raise StackUnavailable("lost the capture lock's session") from exc
-                    conn = self._reconnect(conn)
-                    continue
-                if not moved:
-                    if until_idle and self._chunk is None and not self._has_pending_snapshot(conn):
+                    if self._lock_conn is None or self._conn is None:
+                        self._lock_conn = connect(self.settings.crm_dsn)
+                        self._conn = connect(self.settings.crm_dsn)
+                    if not self.acquire_leadership(self._lock_conn):
                         break
-                    self._maybe_heartbeat(conn)
-                    self._stop.wait(self.settings.producer_poll_ms / 1000)
+                    self.ensure_slot(self._conn)
+                    self._capture(self._lock_conn, self._conn, until_idle)
+                    break
+                except TRANSIENT_CLASSES as exc:
+                    fault = transient(exc, "CRM database")
+                    if fault is None:
+                        raise
+                    self._session_lost(fault, next(self._reconnect_delays))
         finally:
             self.health.set_ready(False, "stopping")
             self.metrics.active.set(0)
             if http is not None:
                 http.close()
-            if self._kafka is not None:
-                self._kafka.flush()
-            conn.close()
-            lock_conn.close()  # releases the capture lock: a standby takes over
+            self._close_kafka(flush=True)
+            if self._source is not None:
+                self._source.close()
+                self._source = None
+            self._close_sessions()  # releases the capture lock: a standby takes over
         return self.stats
+
+    def _capture(self, lock_conn: PgConn, conn: PgConn, until_idle: bool) -> None:
+        """The active producer's loop, until stop() (or idle). A lost CRM session raises
+        (the caller reconnects and takes the lock again); a broker fault is retried here."""
+        backoff = RetryPolicy.DEFAULT.delays()
+        lock_checked = 0.0
+        while not self._stop.is_set():
+            self.health.beat()
+            # Lose the lock's session, lose the lock: stop capturing before anything else.
+            if time.monotonic() >= lock_checked + LOCK_CHECK_S:
+                lock_conn.execute("SELECT 1")
+                lock_checked = time.monotonic()
+            try:
+                moved = self.step(conn)
+                self._observe_slot(conn)
+            except (psycopg.errors.ObjectNotInPrerequisiteState,
+                    psycopg2.errors.ObjectNotInPrerequisiteState) as exc:
+                # Peeking a slot whose WAL was removed: not transient. ensure_slot fails
+                # (SlotLost) or starts over; anything else is retried with backoff.
+                log.warning("slot_not_readable", error=exc.diag.message_primary)
+                self.ensure_slot(conn)
+                self._reset_capture_state()
+                self._stop.wait(next(backoff))
+                continue
+            except (KafkaError, StackUnavailable, Retryable) as exc:
+                fault = transient(exc, "broker") if not isinstance(exc, Retryable) else exc
+                if fault is None:
+                    raise
+                self._broker_fault(fault, next(backoff))
+                continue
+            backoff = RetryPolicy.DEFAULT.delays()
+            self._reconnect_delays = RetryPolicy.RECONNECT.delays()
+            self.health.recovered()
+            if not moved:
+                if (until_idle and self._chunk is None and self._caught_up(conn)
+                        and not self._has_pending_snapshot(conn)):
+                    return
+                self._maybe_heartbeat(conn)  # the source itself waited for changes
+
+    def _broker_fault(self, fault: Retryable, delay: float) -> None:
+        """Publishing failed: drop the Kafka producer (its buffer may hold a poisoned or
+        half-sent batch; the slot did not move, so the batch is peeked and sent again with
+        the same event ids), wait, and go on."""
+        if isinstance(fault, ConnectionLost):
+            self.health.disconnected(fault.reason)
+        else:
+            self.health.failing()
+        self.metrics.retries.inc()
+        log.warning("retrying", error=str(fault), backoff_s=delay)
+        self._close_kafka(flush=False)
+        self._reset_capture_state()
+        self._stop.wait(delay)
+
+    def _session_lost(self, fault: Retryable, delay: float) -> None:
+        """A CRM session (the lock's or the capture's) is gone: both are closed, so the
+        capture lock is released for sure, and re-opened after ``delay``."""
+        self.health.disconnected(str(fault))
+        self.metrics.retries.inc()
+        self.metrics.active.set(0)
+        log.warning("crm_connection_lost", error=str(fault), backoff_s=delay)
+        self._close_sessions()
+        self._reset_capture_state()
+        self._stop.wait(delay)
+
+    def _close_sessions(self) -> None:
+        for conn in (self._conn, self._lock_conn):
+            if conn is not None:
+                conn.close()
+        self._conn = self._lock_conn = None
+
+    def _close_kafka(self, *, flush: bool) -> None:
+        producer, self._kafka = self._kafka, None
+        if producer is None:
+            return
+        close_producer(producer, 5.0 if flush else 0.0)
+
+    def _reset_capture_state(self) -> None:
+        # The source re-reads from the slot's confirmed position: nothing unconfirmed is lost.
+        source, self._source = self._source, None
+        if source is not None:
+            source.close()
+        self._chunk = None  # the chunk's watermarks are re-read; the chunk is redone
+        self._pending_progress.clear()
 
     def _observe_slot(self, conn: PgConn) -> None:
         """The slot's retained WAL, at most every few seconds (one catalog query)."""
@@ -360,54 +557,37 @@ class CdcProducer:
             self.metrics.retained_wal.set(row[0] or 0)
             self.metrics.unconfirmed_wal.set(row[1] or 0)
 
-    def _reconnect(self, conn: PgConn) -> PgConn:
-        try:
-            conn.close()
-        finally:
-            self._decoder = ChangeDecoder()
-            self._chunk = None  # the chunk's watermarks are re-read; the chunk is redone
-            self._pending_progress.clear()
-        try:
-            self._conn = connect(self.settings.crm_dsn)
-            return self._conn
-        except StackUnavailable:
-            return conn  # next step fails again and backs off
-
     def step(self, conn: PgConn) -> bool:
-        """One batch: maybe open a snapshot chunk, peek, publish, wait for acks, advance."""
-        if self._chunk is None:
-            self._open_chunk(conn)
-        rows = conn.execute(
-            "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, %s, "
-            "'proto_version', '1', 'publication_names', %s, 'messages', 'true')",
-            (self.settings.slot_name, self.settings.producer_max_changes,
-             self.settings.publication_name),
-        ).fetchall()
-        if not rows:
+        """One batch: maybe open a snapshot chunk, read whole transactions (waiting up to
+        ``producer_poll_ms`` for the first), publish, wait for acks, confirm."""
+        if (self._chunk is None and time.monotonic() >= self._next_snapshot_poll
+                and not self._open_chunk(conn)):
+            self._next_snapshot_poll = time.monotonic() + SNAPSHOT_POLL_S
+        source = self._change_source()
+        txns = source.next_transactions(conn, self.settings.producer_poll_ms / 1000)
+        if not txns:
             return False
-        self._decoder = ChangeDecoder()  # relations are re-sent at the start of every peek
-        outgoing: list[Outgoing] = []
-        last_end = 0
-        txns = 0
-        for (data,) in rows:
-            txn = self._decoder.feed(bytes(data))
-            if txn is None:
-                continue
-            txns += 1
-            last_end = txn.end_lsn
+        outgoing: list[Outgoing | CaptureLetter] = []
+        for txn in txns:
             outgoing.extend(self._events_for(txn))
-        if last_end == 0:
-            return False  # only a partial transaction: wait for its commit
         self._publish(outgoing)
         self._commit_progress(conn)
-        conn.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)",
-                     (self.settings.slot_name, pgoutput.lsn_to_str(last_end)))
+        last_end = txns[-1].end_lsn
+        source.confirm(conn, last_end)
         self._last_advance = time.monotonic()
-        self.stats.transactions += txns
-        self.metrics.transactions.inc(txns)
+        self.stats.transactions += len(txns)
+        self.metrics.transactions.inc(len(txns))
         self.stats.batches += 1
         self.stats.last_commit_lsn = last_end
         return True
+
+    def _change_source(self) -> ChangeSource:
+        if self._source is None:
+            self._source = source_for(self.settings, ChangeDecoder, self._stop)
+        return self._source
+
+    def _caught_up(self, conn: PgConn) -> bool:
+        return self._change_source().caught_up(conn)
 
     def _load_reference(self, entity: str, key: str) -> dict[str, Any] | None:
         """A referenced order/product the producer has not seen: read its current CRM row."""
@@ -422,11 +602,14 @@ class CdcProducer:
             return None
         return canonical(ent, typed_row(info, found), self.refs)
 
-    def _events_for(self, txn: CommittedTxn) -> list[Outgoing]:
+    def _events_for(self, txn: CommittedTxn) -> list[Outgoing | CaptureLetter]:
+        """The transaction's events in commit order, with a capture dead letter in place of
+        each change that cannot become one (and the snapshot chunk it closes, if any)."""
         changes: list[RowChange] = []
+        rejected: dict[int, Rejection] = {}  # position in `changes`
         high_closed = False
         chunk = self._chunk
-        for change in txn.changes:
+        for position, change in enumerate(txn.changes):
             if change.table == WATERMARK_TABLE:
                 if chunk is not None and change.after is not None:
                     wid = change.after["watermark_id"]
@@ -438,48 +621,207 @@ class CdcProducer:
             ent = self.profile.table(change.table)
             if ent is None:
                 continue
+            if position in txn.rejected:
+                rejected[len(changes)] = txn.rejected[position]
             changes.append(change)
-            if chunk is not None and chunk.window_open:
-                row = change.after if change.after is not None else change.before
-                assert row is not None
+            row = change.after if change.after is not None else change.before
+            if chunk is not None and chunk.window_open and row is not None:
                 chunk.rows.pop((change.table, ent.key_text(row)), None)
-        events = build_events(changes, profile=self.profile, refs=self.refs,
-                              lsn=txn.commit_lsn, xid=txn.xid, commit_time=txn.commit_time)
+                chunk.rejected.pop((change.table, ent.key_text(row)), None)
+        at = _Position(txn.commit_lsn, txn.xid, txn.commit_time)
+        items = self._build(changes, rejected, at)
         if high_closed and chunk is not None:
             reads = [RowChange(table, READ, None, row)
                      for (table, _key), row in chunk.rows.items()]
-            events.extend(build_events(reads, profile=self.profile, refs=self.refs,
-                                       lsn=txn.commit_lsn, xid=0,
-                                       commit_time=txn.commit_time, snapshot=True,
-                                       first_seq=len(txn.changes)))
+            bad_reads = {len(reads) + i: rejection
+                         for i, rejection in enumerate(chunk.rejected.values())}
+            reads += [RowChange(table, READ, None, None) for table, _key in chunk.rejected]
+            items.extend(self._build(reads, bad_reads,
+                                     _Position(txn.commit_lsn, 0, txn.commit_time,
+                                               snapshot=True, first_seq=len(txn.changes))))
             self._pending_progress.append((chunk, len(reads)))
             self.stats.snapshot_rows += len(reads)
             self._chunk = None
-        return events
+        return items
 
-    def _publish(self, outgoing: list[Outgoing]) -> None:
-        if not outgoing:
+    def _build(self, changes: list[RowChange], rejected: dict[int, Rejection],
+               at: _Position) -> list[Outgoing | CaptureLetter]:
+        """Events for runs of good changes, a letter at the place of each rejected one."""
+        items: list[Outgoing | CaptureLetter] = []
+        start = 0
+        for stop in [*sorted(rejected), len(changes)]:
+            if stop > start:
+                items.extend(self._isolated(changes[start:stop], at, at.first_seq + start))
+            if stop < len(changes):
+                letter = self._letter(changes[stop], rejected[stop], at, at.first_seq + stop)
+                if letter is not None:
+                    items.append(letter)
+            start = stop + 1
+        return items
+
+    def _isolated(self, changes: list[RowChange], at: _Position,
+                  first_seq: int) -> list[Outgoing | CaptureLetter]:
+        """build_events on the run; when it refuses a change, change by change, so that only
+        the refused ones become letters (an order's header and lines then travel apart)."""
+        try:
+            return list(build_events(changes, profile=self.profile, refs=self.refs,
+                                     lsn=at.lsn, xid=at.xid, commit_time=at.commit_time,
+                                     snapshot=at.snapshot, first_seq=first_seq))
+        except BUILD_ERRORS:
+            pass
+        out: list[Outgoing | CaptureLetter] = []
+        for offset, change in enumerate(changes):
+            try:
+                out.extend(build_events([change], profile=self.profile, refs=self.refs,
+                                        lsn=at.lsn, xid=at.xid, commit_time=at.commit_time,
+                                        snapshot=at.snapshot, first_seq=first_seq + offset))
+            except BUILD_ERRORS as exc:
+                letter = self._letter(change, Rejection(
+                    _rejected(exc), text_row(change.before), text_row(change.after)),
+                    at, first_seq + offset)
+                if letter is not None:
+                    out.append(letter)
+        return out
+
+    def _letter(self, change: RowChange, rejection: Rejection, at: _Position,
+                seq: int) -> CaptureLetter | None:
+        """The letter in place of a change (None for an entity that is not published:
+        products only feed references)."""
+        ent = self.profile.table(change.table)
+        if ent is None or ent.kind is None:
+            return None
+        row = rejection.after or rejection.before or {}
+        return CaptureLetter(
+            topic=self._topics[ent.kind], key=self._letter_key(ent, row),
+            table=change.table, op=change.op,
+            primary_key={c: row.get(c) for c in ent.key}, commit_lsn=at.lsn, xid=at.xid,
+            commit_time=at.commit_time, event_id=event_id(at.lsn, seq, at.snapshot),
+            error=rejection.error, before=rejection.before, after=rejection.after)
+
+    def _letter_key(self, ent: EntityMapping, row: TextRow) -> bytes | None:
+        """The key the change's event would have had (so its partition and its hold): the
+        customer's for orders and lines, the entity's own otherwise; None when the row does
+        not say (then the letter is still recorded, on some partition)."""
+        try:
+            if ent.entity == "order" and ent.customer_column:
+                value = row.get(ent.customer_column)
+            elif ent.entity == "order_line":
+                value = row.get(ent.customer_column) if ent.customer_column else None
+                order_key = row.get(ent.order_column) if ent.order_column else None
+                if value is None and order_key is not None:
+                    known = self.refs.lookup("order", order_key)
+                    value = None if known is None else str(known["customer_key"])
+            else:
+                value = ent.key_text(row)
+        except (KeyError, TypeError, psycopg.Error):
+            return None  # a key we cannot name from the letter's row: no hold, still a letter
+        return None if value is None else str(value).encode()
+
+    def _letter_for_event(self, event: Outgoing, error: CaptureRejected) -> CaptureLetter:
+        """A letter for an event that was built but cannot be sent (schema, size)."""
+        record = event.record
+        source = record["source"]
+        return CaptureLetter(
+            topic=self._topics[event.kind], key=event.key, table=source["table"],
+            op=record["op"], primary_key={"key": as_text(record.get("key"))},
+            commit_lsn=source["lsn"], xid=source["txid"], commit_time=source["commit_time"],
+            event_id=event.event_id, error=error, before=text_row(record.get("before")),
+            after=text_row(record.get("after")))
+
+    def _encoded(self, event: Outgoing) -> bytes | CaptureLetter:
+        """The event's bytes, or its letter when it does not fit its schema or its topic."""
+        try:
+            value = self.registry.encode(event.kind, event.record)
+        except AVRO_ERRORS as exc:
+            # fastavro names the field in its message next to the value: only the class here
+            return self._letter_for_event(event, CaptureRejected(
+                f"the event does not fit its Avro schema ({type(exc).__name__})"))
+        topic = self._topics[event.kind]
+        limit = self._limits.get(topic, KAFKA_DEFAULT_MAX_MESSAGE_BYTES) - RECORD_OVERHEAD
+        size = len(value) + len(event.key) + len(event.event_id) + len(event.kind)
+        if size <= limit and size <= MAX_REQUEST_BYTES:
+            return value
+        compressed = len(zstd_encode(value)) + size - len(value)
+        if compressed > limit or size > MAX_REQUEST_BYTES:
+            return self._letter_for_event(event, CaptureRejected(
+                f"event too large: {size} bytes, {compressed} compressed ({COMPRESSION}); "
+                f"{topic} takes at most {limit + RECORD_OVERHEAD} (max.message.bytes)"))
+        return value
+
+    def _publish(self, items: list[Outgoing | CaptureLetter]) -> None:
+        """Send the events in order and wait for the broker to acknowledge all of them.
+
+        Capture dead letters go to the dead-letter topic first (their places there are
+        needed for the markers); then events and markers go out in commit order. Raises
+        Retryable (ConnectionLost when the broker is away): nothing was confirmed, the slot
+        does not move, the same events are sent again.
+        """
+        if not items:
             return
+        encoded: list[tuple[Outgoing | CaptureLetter, bytes | None]] = []
+        for item in items:
+            if isinstance(item, Outgoing):
+                bytes_or_letter = self._encoded(item)
+                encoded.append((bytes_or_letter, None)
+                               if isinstance(bytes_or_letter, CaptureLetter)
+                               else (item, bytes_or_letter))
+            else:
+                encoded.append((item, None))
+        letters = [i for i, _ in encoded if isinstance(i, CaptureLetter)]
         producer = self.kafka
         futures = []
         try:
-            for event in outgoing:
-                value = self.registry.encode(event.kind, event.record)
+            places = self._send_letters(producer, letters)
+            for item, value in encoded:
+                if isinstance(item, CaptureLetter):
+                    futures.append(producer.send(
+                        item.topic, key=item.key, value=item.marker(*places[id(item)]),
+                        headers=[("event_id", item.event_id.encode()),
+                                 ("event_kind", b"capture_dead_letter")]))
+                    continue
                 futures.append(producer.send(
-                    self._topics[event.kind], key=event.key, value=value,
-                    headers=[("event_id", event.event_id.encode()),
-                             ("event_kind", event.kind.encode())]))
+                    self._topics[item.kind], key=item.key, value=value,
+                    headers=[("event_id", item.event_id.encode()),
+                             ("event_kind", item.kind.encode())]))
             producer.flush(timeout=self.settings.heartbeat_interval_s * 6)
         except KafkaError as exc:
-            raise Retryable(f"publishing failed: {type(exc).__name__}") from exc
+            raise (transient(exc, "broker")
+                   or Retryable(f"publishing failed: {type(exc).__name__}")) from exc
         failed = [f for f in futures if not f.is_done or f.failed()]
         if failed:
-            first = failed[0].exception if failed[0].is_done else "not acknowledged in time"
-            raise Retryable(f"{len(failed)} of {len(futures)} events not acknowledged: {first}")
-        self.stats.events += len(futures)
-        self.metrics.count_published((self._topics[e.kind], e.kind) for e in outgoing)
+            what = f"{len(failed)} of {len(futures)} events not acknowledged"
+            if not failed[0].is_done:  # the broker did not answer within the flush timeout
+                raise ConnectionLost(f"broker unreachable: {what} in time")
+            error = failed[0].exception
+            fault = transient(error, "broker") if error is not None else None
+            raise fault or Retryable(f"{what}: {type(error).__name__}")
+        events = [i for i, _ in encoded if isinstance(i, Outgoing)]
+        self.stats.events += len(events)
+        self.stats.dead_letters += len(letters)
+        self.metrics.count_published((self._topics[e.kind], e.kind) for e in events)
         if self.on_acknowledged is not None:
-            self.on_acknowledged(outgoing)
+            self.on_acknowledged(events)
+
+    def _send_letters(self, producer: Any,
+                      letters: list[CaptureLetter]) -> dict[int, tuple[int, int]]:
+        """Capture dead letters onto the dead-letter topic, acknowledged; their places."""
+        if not letters:
+            return {}
+        futures = [producer.send(self.settings.dlq_topic, key=d.key, value=d.value(),
+                                 headers=d.headers()) for d in letters]
+        producer.flush(timeout=self.settings.heartbeat_interval_s * 6)
+        places: dict[int, tuple[int, int]] = {}
+        for letter, future in zip(letters, futures, strict=True):
+            meta = future.get(timeout=0.1)
+            places[id(letter)] = (meta.partition, meta.offset)
+            self.metrics.capture_dead_letters.labels(letter.table,
+                                                     type(letter.error).__name__).inc()
+            # identity and reason only: the values are in the letter, never in a log line
+            log.error("capture_dead_letter", table=letter.table, key=letter.primary_key,
+                      commit_lsn=letter.commit_lsn, xid=letter.xid, event_id=letter.event_id,
+                      column=letter.error.column, reason=letter.error.detail,
+                      dlq_partition=meta.partition, dlq_offset=meta.offset)
+        return places
 
     # ---- snapshots --------------------------------------------------------------------
     def _has_pending_snapshot(self, conn: PgConn) -> bool:
@@ -487,13 +829,14 @@ class CdcProducer:
             f"SELECT 1 FROM {OWN_SCHEMA}.snapshots WHERE state = 'pending' LIMIT 1").fetchone()
         return row is not None
 
-    def _open_chunk(self, conn: PgConn) -> None:
+    def _open_chunk(self, conn: PgConn) -> bool:
+        """Open the next chunk of the oldest pending snapshot; False when none is pending."""
         request = conn.execute(
             f"SELECT snapshot_id, table_name, keys, chunk_size, last_key, chunks_done "
             f"FROM {OWN_SCHEMA}.snapshots WHERE state = 'pending' "
             "ORDER BY snapshot_id LIMIT 1").fetchone()
         if request is None:
-            return
+            return False
         snapshot_id, table, keys, chunk_size, last_key, chunks_done = request
         info = self._tables.get(table)
         if info is None:
@@ -503,32 +846,52 @@ class CdcProducer:
                          "finished_at = now() WHERE snapshot_id = %s", (snapshot_id,))
             log.error("snapshot_table_not_captured", snapshot_id=snapshot_id, table=table,
                       profile=self.profile.name)
-            return
+            return True
         low = conn.execute(
             f"INSERT INTO {WATERMARK_TABLE} (snapshot_id, chunk_no, kind) "
             "VALUES (%s, %s, 'low') RETURNING watermark_id", (snapshot_id, chunks_done)
         ).fetchone()
-        head, lines = read_chunk(conn, self._tables, self.profile, info.entity, after=last_key,
-                                 keys=keys, limit=chunk_size)
         ent = info.entity
-        rows: dict[tuple[str, str], dict[str, Any]] = {
-            (table, ent.key_text(r)): r for r in head}
-        line_ent = self.profile.entity("order_line")
-        if line_ent is not None:
-            for line in lines:
-                rows[(line_ent.table, line_ent.key_text(line))] = line
+        rows: dict[tuple[str, str], dict[str, Any]] = {}
+        rejected: dict[tuple[str, str], Rejection] = {}
+        head, lines = self._read_chunk(conn, info, after=last_key, keys=keys, limit=chunk_size)
+        for item_ent, text, row, rejection in [*head, *lines]:
+            key = (item_ent.table, item_ent.key_text(text))
+            if rejection is None:
+                rows[key] = row
+            else:
+                rejected[key] = rejection
         if not head:
             conn.execute(f"UPDATE {OWN_SCHEMA}.snapshots SET state = 'done', "
                          "finished_at = now() WHERE snapshot_id = %s", (snapshot_id,))
             log.info("snapshot_done", snapshot_id=snapshot_id, table=table)
-            return
+            return True
         high = conn.execute(
             f"INSERT INTO {WATERMARK_TABLE} (snapshot_id, chunk_no, kind) "
             "VALUES (%s, %s, 'high') RETURNING watermark_id", (snapshot_id, chunks_done)
         ).fetchone()
         assert low is not None and high is not None
         self._chunk = _Chunk(snapshot_id, chunks_done, table, rows,
-                             last_key=ent.key_text(head[-1]), low_id=low[0], high_id=high[0])
+                             last_key=ent.key_text(head[-1][1]), low_id=low[0],
+                             high_id=high[0], rejected=rejected)
+        return True
+
+    def _read_chunk(self, conn: PgConn, info: TableInfo, *, after: str | None,
+                    keys: list[str] | None, limit: int) -> tuple[list[_Read], list[_Read]]:
+        """capture.read_chunk, row by row: a row whose values cannot become an event (NaN,
+        infinity, BC dates) comes with its Rejection instead of failing the whole chunk."""
+        ent = info.entity
+        query, params = chunk_query(info, after=after, keys=keys, limit=limit)
+        with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+            head = [(ent, r, *_typed(info, r)) for r in cur.execute(query, params).fetchall()]
+            lines: list[_Read] = []
+            line_ent = self.profile.entity("order_line")
+            if ent.entity == "order" and head and line_ent is not None:
+                line_info = self._tables[line_ent.table]
+                lq, lp = lines_query(line_info, info, [ent.key_text(r[1]) for r in head])
+                lines = [(line_ent, r, *_typed(line_info, r))
+                         for r in cur.execute(lq, lp).fetchall()]
+        return head, lines
 
     def _commit_progress(self, conn: PgConn) -> None:
         for chunk, emitted in self._pending_progress:

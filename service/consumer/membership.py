@@ -1,5 +1,5 @@
 """Group membership that heals: notice when this consumer is outside its group, rejoin, and
-say so (``/readyz``, ``crm_erp_sync_group_member``, ``sync.consumers`` for ``status``).
+say so (``/readyz``, ``crm_erp_sync_group_member``, ``sync.consumer_membership`` for ``status``).
 
 Why this exists (issue #14 item 1). kafka-python 3.0 runs JoinGroup -> SyncGroup as a task on
 its IO thread, but marks the member stable and re-enables its heartbeats only inside the next
@@ -145,7 +145,8 @@ def judge(state: MembershipState, view: View, *, patience_s: float,
 
 @dataclass
 class Membership:
-    """Checks and heals this consumer's group membership; reports it to ``sync.consumers``.
+    """Checks and heals this consumer's group membership; reports it in
+    ``sync.consumer_membership``.
 
     ``check(consumer)`` is called once per loop iteration; it asks the broker at most every
     ``settings.membership_check_s``. Raises Retryable when the ERP report cannot be written.
@@ -260,7 +261,7 @@ def upsert(conn: PgConn, group: str, client: str, member_id: str, in_group: bool
            out_since: float | None, assigned: list[str], mappings: str, started: float,
            rejoins: int) -> None:
     conn.execute(
-        "INSERT INTO sync.consumers (consumer_group, client_id, host, pid, member_id, "
+        "INSERT INTO sync.consumer_membership (consumer_group, client_id, host, pid, member_id, "
         "in_group, out_since, assigned, mappings_version, started_at, last_seen, rejoins) "
         "VALUES (%s, %s, %s, %s, %s, %s, to_timestamp(%s), %s, %s, to_timestamp(%s), "
         "clock_timestamp(), %s) ON CONFLICT (consumer_group, client_id) DO UPDATE SET "
@@ -274,5 +275,5 @@ def upsert(conn: PgConn, group: str, client: str, member_id: str, in_group: bool
 
 def mark_stopped(conn: PgConn, group: str, client: str) -> None:
     """A consumer that stops cleanly removes its row (status then does not expect it)."""
-    conn.execute("DELETE FROM sync.consumers WHERE consumer_group = %s AND client_id = %s",
-                 (group, client))
+    conn.execute("DELETE FROM sync.consumer_membership WHERE consumer_group = %s "
+                 "AND client_id = %s", (group, client))

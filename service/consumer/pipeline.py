@@ -30,23 +30,28 @@ from kafka.errors import CommitFailedError, KafkaError
 
 from service import pg
 from service.avro import SchemaRegistry
+from service.cdc import dead_letters as capture_letters
 from service.consumer import dlq
 from service.consumer.breaker import BreakerControl
+from service.consumer.mappings_watch import MappingsWatcher
 from service.consumer.membership import Membership
 from service.consumer.policy import BatchPolicy, DlqLimit, RetryPolicy
-from service.erp.apply import apply_changes, existing_customers, load_status_effects
 from service.erp.changes import ErpChange, to_erp
 from service.erp.mappings import Mappings
+from service.erp.target import ErpTarget, Status, make_target
 from service.errors import (
     ApplyError,
+    ConfigError,
+    ConnectionLost,
     DatabaseUnreachable,
     DecodeError,
     Permanent,
     Retryable,
     StackUnavailable,
 )
+from service.faults import transient
 from service.health import Health, serve
-from service.kafka_io import make_consumer, make_producer
+from service.kafka_io import close_producer, make_consumer, make_producer
 from service.metrics import UNKNOWN_KIND, ConsumerMetrics
 from service.pg import PgConn
 from service.settings import Settings
@@ -57,8 +62,6 @@ log = structlog.get_logger("consumer")
 # OperationalError subclasses in psycopg 3.
 TRANSIENT_PG = (psycopg.OperationalError, psycopg.errors.DeadlockDetected,
                 psycopg.errors.SerializationFailure, psycopg.errors.LockNotAvailable)
-# A constraint or a value the ERP refuses: retrying the same row cannot help.
-PERMANENT_PG = (psycopg.errors.IntegrityError, psycopg.errors.DataError)
 
 
 @dataclass(slots=True)
@@ -104,6 +107,14 @@ class Decode:
         for env in batch.envelopes:
             if env.msg.value is None:
                 env.error = DecodeError("message has no value (a tombstone?)")
+                continue
+            if capture_letters.is_marker(env.msg.value):
+                # The producer could not make this change an event: its letter is already
+                # on the dead-letter topic; here it is recorded and its key held.
+                try:
+                    env.error = capture_letters.read_marker(env.msg.value)
+                except (ValueError, KeyError, TypeError):
+                    env.error = DecodeError("malformed capture dead-letter marker")
                 continue
             try:
                 env.kind, env.record = self.registry.decode(env.msg.value)
@@ -159,6 +170,11 @@ class CommitOffsets:
         except CommitFailedError as exc:
             # Rebalanced away: the new owner re-applies; positions make that harmless.
             log.warning("commit_failed_after_rebalance", error=str(exc))
+        except KafkaError as exc:
+            # The broker went away after the ERP committed: commits are cumulative, so the
+            # next one covers these offsets; if none comes, the batch is consumed again and
+            # positions make that harmless. Retrying the batch would re-send its dead letters.
+            log.warning("offset_commit_failed", error=type(exc).__name__)
 
 
 # Event kinds whose event carries the whole row: a newer one that maps replaces an older one.
@@ -192,8 +208,12 @@ class ErpApplier:
 
     def __init__(self, settings: Settings, registry: SchemaRegistry, mappings: Mappings,
                  dlq_producer: Any | None = None,
-                 metrics: ConsumerMetrics | None = None) -> None:
+                 metrics: ConsumerMetrics | None = None,
+                 target: ErpTarget | None = None) -> None:
         self.settings = settings
+        # Where changes are applied (CRM_ERP_SYNC_ERP_TARGET); the sync state (held events,
+        # dead letters) is in the database of erp_dsn whatever the target.
+        self.target = target if target is not None else make_target(settings, mappings)
         self.registry = registry
         self.mappings = mappings
         self._dlq_producer = dlq_producer
@@ -218,10 +238,27 @@ class ErpApplier:
                 raise Retryable(str(exc)) from exc
             try:
                 with self.conn.transaction():
-                    load_status_effects(self.conn, self.mappings)
+                    self.target.attach(self.conn)
             except TRANSIENT_PG as exc:
                 raise Retryable(f"ERP: {type(exc).__name__}") from exc
         return self.conn
+
+    def use_mappings(self, mappings: Mappings) -> None:
+        """Map with a reloaded mappings file from now on (held and redriven events too) and
+        update the ERP's status effects from it. Raises Retryable (ERP unreachable)."""
+        self.mappings = mappings
+        self.target.use_mappings(mappings)
+        conn = self.connect()
+        try:
+            with conn.transaction():
+                try:
+                    self.target.attach(conn)
+                except ConfigError as exc:
+                    # A base unit changed: the database refuses differences in the new unit
+                    # (stock_delta_in_base_unit) until `stock recount` has run.
+                    log.error("stock_units_differ", problem=exc.problem)
+        except TRANSIENT_PG as exc:
+            raise Retryable(f"ERP: {type(exc).__name__}") from exc
 
     def apply_batch(self, batch: Batch) -> None:
         started = time.monotonic()
@@ -235,7 +272,11 @@ class ErpApplier:
         except TRANSIENT_PG as exc:
             raise Retryable(f"ERP: {type(exc).__name__}: {exc}".strip()) from exc
         except KafkaError as exc:
-            raise Retryable(f"dead-letter topic: {type(exc).__name__}") from exc
+            self._drop_dlq_producer()
+            raise (transient(exc, "broker (dead-letter topic)")
+                   or Retryable(f"dead-letter topic: {type(exc).__name__}")) from exc
+        except StackUnavailable as exc:  # the DLQ producer could not be built: broker down
+            raise ConnectionLost("broker (dead-letter topic) unreachable") from exc
         self.applied += sum(1 for e in batch.envelopes if e.error is None and not e.held)
         self.held += sum(1 for e in batch.envelopes if e.held)
         self._observe(batch, time.monotonic() - started)
@@ -324,7 +365,7 @@ class ErpApplier:
                           if e.change and e.change.partner}
         needed = {e.change.needs_customer for e in runnable
                   if e.change and e.change.needs_customer is not None}
-        present = existing_customers(conn, needed - customers_here) | customers_here
+        present = self.target.present_customers(needed - customers_here) | customers_here
         waiting_keys: set[tuple[str, bytes | None]] = set()
         to_apply: list[Envelope] = []
         for env in runnable:
@@ -345,23 +386,18 @@ class ErpApplier:
             self._release_awaiting(conn, sorted(customers_here), batch)
 
     def _apply_or_isolate(self, conn: PgConn, envs: list[Envelope]) -> None:
-        changes = [e.change for e in envs if e.change is not None]
-        if not changes:
+        """Apply through the target (the sql target isolates a refused row itself): a
+        refused change becomes a dead letter with the target's reason, a held one waits
+        for its customer."""
+        live = [e for e in envs if e.change is not None]
+        if not live:
             return
-        try:
-            with conn.transaction():  # a savepoint: the bulk attempt
-                apply_changes(conn, changes)
-            return
-        except PERMANENT_PG:
-            pass
-        # Some row is refused: apply one by one to find it; the rest still apply.
-        for env in envs:
-            assert env.change is not None
-            try:
-                with conn.transaction():
-                    apply_changes(conn, [env.change])
-            except PERMANENT_PG as exc:
-                env.error = ApplyError(f"{type(exc).__name__}: {exc.diag.message_primary}")
+        outcomes = self.target.apply([e.change for e in live if e.change is not None])
+        for env, outcome in zip(live, outcomes, strict=True):
+            if outcome.status is Status.REFUSED:
+                env.error = ApplyError(outcome.reason or "refused by the ERP")
+            elif outcome.status is Status.HELD:
+                env.held = "awaiting_customer"
 
     def _supersede(self, conn: PgConn, envs: list[Envelope]) -> list[Envelope]:
         """A fixed CRM row supersedes its dead letter (issue #12 item 7).
@@ -441,14 +477,14 @@ class ErpApplier:
         keys = sorted({m.key for m in msgs if m.key is not None})
         if not keys:
             return {}
+        # One round trip per batch; both sides are read through partial indexes on msg_key.
         rows = conn.execute(
-            'SELECT topic, msg_key, min(ARRAY[partition::bigint, "offset"]) '
-            "FROM sync.dead_letters WHERE state IN ('open', 'failed_again') "
-            "AND msg_key = ANY(%s) GROUP BY 1, 2", (keys,)).fetchall()
-        rows += conn.execute(
-            'SELECT topic, msg_key, min(ARRAY[partition::bigint, "offset"]) '
-            "FROM sync.held_events WHERE reason = 'key_blocked' AND msg_key = ANY(%s) "
-            "GROUP BY 1, 2", (keys,)).fetchall()
+            'SELECT topic, msg_key, min(ARRAY[partition::bigint, "offset"]) FROM ('
+            'SELECT topic, msg_key, partition, "offset" FROM sync.dead_letters '
+            "WHERE state IN ('open', 'failed_again') AND msg_key = ANY(%(keys)s) "
+            'UNION ALL SELECT topic, msg_key, partition, "offset" FROM sync.held_events '
+            "WHERE reason = 'key_blocked' AND msg_key = ANY(%(keys)s)) b GROUP BY 1, 2",
+            {"keys": keys}).fetchall()
         out: dict[tuple[str, bytes | None], tuple[int, int]] = {}
         for topic, key, (partition, offset) in rows:
             at = (int(partition), int(offset))
@@ -559,7 +595,18 @@ class ErpApplier:
         except TRANSIENT_PG as exc:
             raise Retryable(f"ERP: {type(exc).__name__}") from exc
         except KafkaError as exc:
-            raise Retryable(f"dead-letter topic: {type(exc).__name__}") from exc
+            self._drop_dlq_producer()
+            raise (transient(exc, "broker (dead-letter topic)")
+                   or Retryable(f"dead-letter topic: {type(exc).__name__}")) from exc
+        except StackUnavailable as exc:
+            raise ConnectionLost("broker (dead-letter topic) unreachable") from exc
+
+    def _drop_dlq_producer(self) -> None:
+        """A failed send can leave kafka-python's idempotent producer failing every later
+        send (NOTES.md): the next dead letter gets a new one."""
+        producer, self._dlq_producer = self._dlq_producer, None
+        if producer is not None:
+            close_producer(producer, 0.0)
 
     def _expire_orphans(self) -> int:
         conn = self.connect()
@@ -594,8 +641,15 @@ class ErpApplier:
         batch.dead_letters = letters
         if not letters:
             return
-        metas = dlq.publish(self.dlq_producer, self.settings.dlq_topic,
-                            self.settings.consumer_group, letters)
+        # A capture dead letter is on the dead-letter topic already (the producer put it
+        # there): only its place is recorded.
+        to_send = [d for d in letters
+                   if not isinstance(d.error, capture_letters.CaptureDeadLetter)]
+        sent = iter(dlq.publish(self.dlq_producer, self.settings.dlq_topic,
+                                self.settings.consumer_group, to_send) if to_send else [])
+        metas = [_Place(d.error.dlq_partition, d.error.dlq_offset)
+                 if isinstance(d.error, capture_letters.CaptureDeadLetter) else next(sent)
+                 for d in letters]
         with conn.cursor() as cur:
             cur.executemany(
                 'INSERT INTO sync.dead_letters (topic, partition, "offset", msg_key, stage, '
@@ -603,14 +657,22 @@ class ErpApplier:
                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
                 'ON CONFLICT (topic, partition, "offset") DO NOTHING',
                 [(d.topic, d.partition, d.offset, d.key, d.error.stage,
-                  type(d.error).__name__, d.error.reason, m.partition, m.offset,
-                  self._kind_of(d.value))
+                  getattr(d.error, "error_class", "") or type(d.error).__name__,
+                  d.error.reason, m.partition, m.offset, self._kind_of(d.value))
                  for d, m in zip(letters, metas, strict=True)])
         self.dead_lettered += len(letters)
         for d in letters:
             log.warning("dead_lettered", topic=d.topic, partition=d.partition, offset=d.offset,
                         key=_key_text(d.key), event_id=self._event_id(d.value),
                         stage=d.error.stage, error=type(d.error).__name__, reason=d.error.reason)
+
+
+@dataclass(frozen=True)
+class _Place:
+    """Where a dead letter is on the dead-letter topic (as kafka-python's RecordMetadata)."""
+
+    partition: int
+    offset: int
 
 
 class _RolledBack(Exception):
@@ -678,10 +740,15 @@ class ErpConsumer:
         self.settings = settings
         self.batch_policy = batch or BatchPolicy(settings.batch_max_events,
                                                  settings.batch_max_wait_ms)
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or RetryPolicy.DEFAULT
+        self._reconnect = RetryPolicy.RECONNECT.delays()
         self.registry = SchemaRegistry.load(settings.schemas_dir)
-        self.mappings = Mappings.load(settings.mappings_file)
         self.metrics = ConsumerMetrics()
+        # Reloaded without a restart: SIGHUP or a changed file (service/consumer/mappings_watch.py).
+        self.watcher = MappingsWatcher(settings.mappings_file,
+                                       check_interval_s=settings.mappings_check_s,
+                                       metrics=self.metrics)
+        self.mappings = self.watcher.mappings
         self.health = Health(settings, self.metrics)
         self.applier = ErpApplier(settings, self.registry, self.mappings, metrics=self.metrics)
         self.dlq_limit = dlq_limit or DlqLimit.from_settings(settings)
@@ -729,11 +796,12 @@ class ErpConsumer:
             targets = self._end_offsets() if until_caught_up else {}
             while not self._stop.is_set():
                 self.health.beat()
-                msgs = self._poll()
-                self._observe_assignment()
+                msgs = self._poll_or_wait()
                 self._retrying(functools.partial(self.membership.check, self.consumer))
                 now = time.monotonic()
                 self._retrying(functools.partial(self.breaker.refresh, self.consumer))
+                if self._watch_mappings():
+                    pipeline = self._pipeline()
                 if now - last_maintenance > 5:
                     self._retrying(self.applier.expire_orphans)
                     self._retrying(self.applier.count_open_dead_letters)
@@ -760,12 +828,58 @@ class ErpConsumer:
             if http is not None:
                 http.close()
             self.consumer.close(autocommit=False)
+            self.watcher.forget(self.applier.conn, self.settings.consumer_group)
+            self.applier.target.close()
             self.membership.close()
             if self.applier.conn is not None:
                 self.applier.conn.close()
             if self.applier._dlq_producer is not None:
-                self.applier._dlq_producer.close()
+                close_producer(self.applier._dlq_producer, 5.0)
         return self.stats
+
+    def _poll_or_wait(self) -> list[Message]:
+        """One poll; when the broker is unreachable, wait (``RetryPolicy.RECONNECT``) and
+        return nothing: kafka-python reconnects by itself, the next poll tries again."""
+        try:
+            msgs = self._poll()
+            self._observe_assignment()
+        except KafkaError as exc:
+            fault = transient(exc, "broker")
+            if fault is None:
+                raise
+            delay = next(self._reconnect)
+            if isinstance(fault, ConnectionLost):
+                self.health.disconnected(fault.reason)
+            else:
+                self.health.failing()
+            self.metrics.retries.inc()
+            self.stats.retries += 1
+            log.warning("broker_unavailable_retrying", error=str(fault), backoff_s=delay)
+            self._wait(delay)
+            return []
+        if self._reconnect.attempts:
+            self._reconnect = RetryPolicy.RECONNECT.delays()
+            self.health.recovered()
+        return msgs
+
+    def _wait(self, delay: float) -> None:
+        deadline = time.monotonic() + delay
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            self.health.beat()
+            self._stop.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+
+    def _watch_mappings(self) -> bool:
+        """Once per loop iteration: a changed, valid mappings file is applied from the next
+        batch on (True: rebuild the stages); an invalid one is refused by the watcher. The
+        version in use is reported to ``sync.consumers`` for ``status``."""
+        fresh = self.watcher.poll()
+        if fresh is not None:
+            self.mappings = fresh
+            self._retrying(functools.partial(self.applier.use_mappings, fresh))
+        if self.watcher.report_due():
+            self._retrying(functools.partial(self.watcher.report, self.applier.connect,
+                                             self.settings.consumer_group))
+        return fresh is not None
 
     def _end_offsets(self) -> dict[TopicPartition, int]:
         """The end offset of every partition of our topics, now (the --until-caught-up goal)."""
@@ -854,7 +968,10 @@ class ErpConsumer:
                     log.warning("batch_rolled_back_on_stop", error=str(exc),
                                 messages=len(msgs or []))
                     return
-                self.health.failing()
+                if isinstance(exc, ConnectionLost):
+                    self.health.disconnected(exc.reason)
+                else:
+                    self.health.failing()
                 self.metrics.retries.inc()
                 delay = next(delays)
                 self.stats.retries += 1
@@ -873,7 +990,11 @@ class ErpConsumer:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._stop.is_set():
                 break
-            stray = self.consumer.poll(timeout_ms=int(min(remaining, 0.5) * 1000))
+            try:
+                stray = self.consumer.poll(timeout_ms=int(min(remaining, 0.5) * 1000))
+            except KafkaError:  # the broker is away too: just wait out the slice
+                self._stop.wait(min(remaining, 0.5))
+                continue
             polled.extend(_messages(stray.values()))
         firsts: dict[TopicPartition, int] = {}
         # The batch itself is retried by the caller; only records polled meanwhile (from
@@ -881,9 +1002,11 @@ class ErpConsumer:
         for m in polled:
             tp = TopicPartition(m.topic, m.partition)
             firsts[tp] = min(firsts.get(tp, m.offset), m.offset)
-        self.consumer.resume(*assigned)
-        self.breaker.repause(self.consumer)
         owned = set(self.consumer.assignment())
+        # A rebalance during the wait (a long outage, a member leaving) may have taken some
+        # away: resuming a partition we no longer own raises KeyError in kafka-python.
+        self.consumer.resume(*(tp for tp in assigned if tp in owned))
+        self.breaker.repause(self.consumer)
         for tp, offset in firsts.items():
             if tp in owned:
                 self.consumer.seek(tp, offset)

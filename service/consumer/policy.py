@@ -32,14 +32,27 @@ BatchPolicy.MICRO_BATCH = BatchPolicy(max_events=5000, max_wait_ms=1000)
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Backoff for transient failures; there is no attempt limit: transient means retry."""
+    """Backoff for transient failures; there is no attempt limit: transient means retry.
+
+    ``DEFAULT`` retries a batch (ERP conflicts, a refused dead-letter send); ``RECONNECT``
+    paces reconnection to a broker or database that went away (restart, kill, failover):
+    the first attempt comes quickly (a fast restart is over in about a second), later ones
+    at most every 15 s so that a long outage costs the peer almost nothing.
+    """
 
     initial_s: float = 0.2
     max_s: float = 10.0
     multiplier: float = 2.0
 
+    DEFAULT: ClassVar[RetryPolicy]
+    RECONNECT: ClassVar[RetryPolicy]
+
     def delays(self) -> DelayIter:
         return DelayIter(self)
+
+
+RetryPolicy.DEFAULT = RetryPolicy()
+RetryPolicy.RECONNECT = RetryPolicy(initial_s=0.5, max_s=15.0, multiplier=2.0)
 
 
 class DelayIter:

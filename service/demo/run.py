@@ -8,12 +8,14 @@ tables, a few mapped examples with personal data masked, and the dead letters wi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -37,6 +39,12 @@ INSERT INTO crm.order_lines (order_id, line_no, customer_id, product_code, produ
                              quantity, unit_price)
 SELECT order_id, 1, customer_id, 'P-HOVERBOARD', '平衡车', '10台', 5000.00 FROM o
 """
+# An office landline with its extension (kept in phone_extension), a full address (its
+# GB/T 2260 division code).
+OFFICE_RECORD = """
+INSERT INTO crm.customers (family_name, given_name, gender, phone, email, address)
+VALUES ('王', '五', '女', '010-65521234转123', 'wangwu@example.com', '北京市朝阳区建国路88号')
+"""
 
 
 def _mask(text: str | None, keep: int = 1) -> str:
@@ -55,20 +63,40 @@ def _spawn(
                             stderr=subprocess.STDOUT, env={**os.environ, **settings_env})
 
 
+@contextlib.contextmanager
+def running_pipeline(logs: Path, env: dict[str, str]) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """One producer and two consumers as real processes (logs in ``logs``), stopped with
+    SIGTERM (and killed after 30 s) when the block ends, whatever happened in it."""
+    procs = [_spawn(["produce"], logs / "producer.log", env)]
+    procs += [_spawn(["consume"], logs / f"consumer-{i}.log", env) for i in (1, 2)]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
 def run_demo(settings: Settings, *, customers: int, orders: int) -> int:
     logs = REPO_ROOT / ".stack" / "demo"
     print(f"setup: topics, CRM capture objects, ERP schema (logs in {logs})")
     run_setup(settings)
     # A dev stack's slot may have been lost to other work's WAL: start over with a snapshot.
     resync = {"CRM_ERP_SYNC_ON_SLOT_LOST": "resnapshot"}
-    procs = [_spawn(["produce"], logs / "producer.log", resync)]
-    procs += [_spawn(["consume"], logs / f"consumer-{i}.log", {}) for i in (1, 2)]
-    try:
-        # Changes made before the slot exists would reach the ERP only as snapshot reads.
+    with running_pipeline(logs, resync) as procs:
+        # Changes made before the slot exists, or while the initial snapshot still reads,
+        # would reach the ERP as snapshot reads (rows deleted meanwhile not at all, and a bad
+        # row dead-lettered twice): load once the snapshot of the (empty) tables is done.
         deadline = time.monotonic() + 60
-        while (ops.slot_state(settings) or {}).get("wal_status") in (None, "lost"):
+        while (ops.slot_state(settings) or {}).get("wal_status") in (None, "lost") \
+                or ops.pending_snapshots(settings):
             if time.monotonic() > deadline or procs[0].poll() is not None:
-                print(f"demo: the producer did not create its slot; see {logs}",
+                print(f"demo: the producer did not create its slot or finish its initial "
+                      f"snapshot; see {logs}",
                       file=sys.stderr)
                 return 1
             time.sleep(0.2)
@@ -77,6 +105,7 @@ def run_demo(settings: Settings, *, customers: int, orders: int) -> int:
                            seed=int(time.time()), changes=None)
         with pg.connect(settings.crm_dsn, "CRM") as conn:
             conn.execute(MESSY_RECORDS)
+            conn.execute(OFFICE_RECORD)
         target = ops.current_lsn(settings)
         print(f"CRM: loaded {report}")
         print("waiting for the producer and both consumers to catch up ...")
@@ -93,14 +122,6 @@ def run_demo(settings: Settings, *, customers: int, orders: int) -> int:
         print(f"caught up in {time.monotonic() - started:.1f} s\n")
         print_erp_summary(settings)
         return 0
-    finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 def print_erp_summary(settings: Settings) -> None:
@@ -112,13 +133,19 @@ def print_erp_summary(settings: Settings) -> None:
                                f"count(*) FILTER (WHERE deleted) FROM erp.{table}").fetchone()
             assert row is not None
             print(f"  erp.{table:<20} {row[0]:>7} / {row[1]}")
-        print("\nmapped partners (personal data masked):")
-        for key, name, gender, phone, province, district, amount, ccy in conn.execute(
-                "SELECT crm_customer_id, full_name, gender_code, phone_e164, province, "
-                "district, purchase_amount, amount_currency FROM erp.business_partners "
-                "WHERE NOT deleted ORDER BY crm_customer_id LIMIT 5"):
-            print(f"  CRM key {key}: {_mask(name)}  gender={gender}  phone={_mask(phone, 4)}  "
-                  f"{province or '-'} {district or '-'}  {amount or '-'} {ccy or ''}")
+        print("\nmapped partners (personal data masked; one with an extension first):")
+        for (key, name, gender, phone, extension, province, district, division, amount,
+             ccy) in conn.execute(
+                "SELECT crm_customer_id, full_name, gender_code, phone_e164, phone_extension, "
+                "province, district, division_code, purchase_amount, amount_currency "
+                "FROM erp.business_partners WHERE NOT deleted "
+                "ORDER BY phone_extension IS NULL, crm_customer_id LIMIT 5"):
+            # An extension alone identifies no one (the number is masked); the division code
+            # is the district's, already shown by name.
+            print(f"  CRM key {key}: {_mask(name)}  gender={gender}  phone={_mask(phone, 4)}"
+                  f"{' ext ' + extension if extension else ''}  {province or '-'} "
+                  f"{district or '-'} ({division or '-'})"
+                  f"{f'  {amount} {ccy}' if amount is not None else ''}")
         print("\norders -> ERP status and items:")
         for order_no, status, items in conn.execute(
                 "SELECT o.order_no, o.status_code, string_agg(i.quantity::text || ' ' || "
@@ -218,10 +245,7 @@ def run_bottlecrm_demo(settings: Settings) -> int:
             publication_name="bottlecrm_demo")
         print(f"BottleCRM database {BOTTLECRM_DB}: tenant {org} captured, another tenant not")
         run_setup(demo)
-        env = _environment(demo)
-        procs = [_spawn(["produce"], logs / "producer.log", env)]
-        procs += [_spawn(["consume"], logs / f"consumer-{i}.log", env) for i in (1, 2)]
-        try:
+        with running_pipeline(logs, _environment(demo)) as procs:
             if not _wait_caught_up(demo, procs, logs, "the initial snapshot"):
                 return 1
             print("initial snapshot applied; now changing BottleCRM while the sync runs:")
@@ -233,14 +257,6 @@ def run_bottlecrm_demo(settings: Settings) -> int:
                 return 1
             print_erp_summary(demo)
             return 0
-        finally:
-            for p in procs:
-                p.send_signal(signal.SIGTERM)
-            for p in procs:
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
     finally:
         writer.close()
 

@@ -19,6 +19,7 @@ from decimal import Decimal
 from typing import Any
 
 from service.erp import transform as tf
+from service.erp import units
 from service.erp.mappings import Mappings
 from service.errors import MappingError
 
@@ -79,6 +80,8 @@ class OrderItemRow:
     unit_price: Decimal
     deleted: bool
     pos: Position
+    base_quantity: Decimal = Decimal(1)  # quantity in the SKU's base unit (units.to_base)
+    base_unit: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,10 +242,12 @@ def order_change(record: dict[str, Any], mappings: Mappings) -> ErpChange:
         price = _decimal(la.get("unit_price"), "lines.unit_price")
         if price is None or price < 0:
             raise MappingError("lines.unit_price", price, "missing or negative")
-        items.append(OrderItemRow(la["order_key"], la["key"],
-                                  tf.sku_for(la.get("product_code") or "", mappings),
+        sku = tf.sku_for(la.get("product_code") or "", mappings)
+        base = units.to_base(sku, qty.value, qty.unit, mappings,
+                             raw=quantity + (la.get("unit") or ""), field="lines.quantity")
+        items.append(OrderItemRow(la["order_key"], la["key"], sku,
                                   la.get("product_name") or "", qty.value, qty.unit, price,
-                                  False, pos))
+                                  False, pos, base, mappings.sku_units[sku].base))
     return ErpChange("order", record["customer_key"], header=header, items=items)
 
 

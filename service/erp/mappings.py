@@ -16,10 +16,12 @@ import tomllib
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
+from service.erp.units import SkuUnits, UnitProblem, decimal_factor, measure_unit, sku_units
 from service.errors import ConfigError
 
 DEFAULT_PATH: Final = Path(__file__).resolve().parent / "mappings.toml"
@@ -43,7 +45,10 @@ _SECTIONS: Final[dict[str, tuple[re.Pattern[str], str]]] = {
     "currencies": (_CURRENCY, "a three-letter ISO 4217 code such as CNY"),
     "products": (_SKU, "an ERP SKU (text without spaces)"),
     "demand_kind": (_CODE, "an ERP demand-signal type (UPPER_CASE letters, digits, _)"),
+    "measures": (re.compile(r"\S.*"), "a unit name pint knows (kilogram, metric_ton, ...)"),
 }
+# Sections whose values are tables, not words: checked by _sku_units.
+_TABLE_SECTIONS: Final = ("sku_units",)
 # Optional sections with their own shapes (checked in _phone and _unit_kinds).
 _OTHER_SECTIONS: Final = ("phone", "unit_kind")
 _REGION = re.compile(r"[A-Z]{2}")
@@ -68,6 +73,10 @@ class Mappings:
     currencies: Mapping[str, str]
     products: Mapping[str, str]
     demand_kind: Mapping[str, str]
+    measures: Mapping[str, str]
+    """ERP unit code (exact) of a physical measure -> its name in pint's registry"""
+    sku_units: Mapping[str, SkuUnits]
+    """ERP SKU (exact) -> its base unit and conversions (see ``service.erp.units``)"""
     unit_kind: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     """ERP unit code (exact) -> "countable" (whole numbers only) or "measured"; a unit not
     listed (only possible when the section is absent) accepts decimals"""
@@ -82,10 +91,21 @@ class Mappings:
         source = str(path)
         try:
             with open(path, "rb") as fh:
-                data = tomllib.load(fh)
+                content = fh.read()
         except OSError as exc:
             raise ConfigError(source, f"cannot read the mappings file: "
                                       f"{exc.strerror or exc}") from exc
+        return cls.parse(content, source)
+
+    @classmethod
+    def parse(cls, content: bytes, source: str) -> Mappings:
+        """Validate a mappings file's bytes (UTF-8 TOML) as read, so that a caller can hash
+        exactly what it loaded (the reload watcher does); ``source`` names the file in
+        errors. Any problem raises ``ConfigError``."""
+        try:
+            data = tomllib.loads(content.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(source, f"not UTF-8 text (byte {exc.start})") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(source, f"not valid TOML: {exc}") from exc
         return cls.from_dict(data, source=source)
@@ -94,9 +114,9 @@ class Mappings:
     def from_dict(cls, data: Mapping[str, Any], source: str = "<mappings>") -> Mappings:
         """Validate already-parsed TOML content (``source`` names it in errors)."""
         for name in data:
-            if name not in _SECTIONS and name not in _OTHER_SECTIONS:
-                raise ConfigError(f"{source}: [{name}]", "unknown section; expected "
-                                  + ", ".join(f"[{s}]" for s in (*_SECTIONS, *_OTHER_SECTIONS)))
+            if name not in (*_SECTIONS, *_TABLE_SECTIONS, *_OTHER_SECTIONS):
+                raise ConfigError(f"{source}: [{name}]", "unknown section; expected " + ", ".join(
+                    f"[{s}]" for s in (*_SECTIONS, *_TABLE_SECTIONS, *_OTHER_SECTIONS)))
         tables = {name: _section(source, name, data) for name in _SECTIONS}
 
         effects = tables["status_stock_effect"]
@@ -116,8 +136,19 @@ class Mappings:
 
         normalised = {
             name: _normalised_keys(source, name, table)
-            for name, table in tables.items() if name != "status_stock_effect"
+            for name, table in tables.items() if name not in ("status_stock_effect", "measures")
         }
+        units = set(tables["units"].values())
+        measures = tables["measures"]
+        for code, name in measures.items():
+            if code not in units:
+                raise ConfigError(_where(source, "measures", code),
+                                  "not an ERP unit code produced by [units]")
+            try:
+                measure_unit(name)
+            except UnitProblem as exc:
+                raise ConfigError(_where(source, "measures", code), str(exc)) from exc
+        per_sku = _sku_units(source, data, units, set(tables["products"].values()), measures)
         return cls(
             source=source,
             order_status=normalised["order_status"],
@@ -127,6 +158,8 @@ class Mappings:
             currencies=normalised["currencies"],
             products=normalised["products"],
             demand_kind=normalised["demand_kind"],
+            measures=MappingProxyType(dict(measures)),
+            sku_units=per_sku,
             unit_kind=_unit_kinds(source, data, set(tables["units"].values())),
             **_phone(source, data),
         )
@@ -160,6 +193,47 @@ def _section(source: str, name: str, data: Mapping[str, Any]) -> dict[str, str]:
             raise ConfigError(_where(source, name, key), f"must be {what}")
         out[key] = value
     return out
+
+
+def _sku_units(source: str, data: Mapping[str, Any], units: set[str], skus: set[str],
+               measures: Mapping[str, str]) -> Mapping[str, SkuUnits]:
+    """``[sku_units]``: every SKU of ``[products]`` has ``{ base = "CODE", OTHER = factor }``."""
+    if "sku_units" not in data:
+        raise ConfigError(f"{source}: [sku_units]", "section is missing")
+    table = data["sku_units"]
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: [sku_units]",
+                          'must be a table of  SKU = { base = "UNIT", BOX = 12 }  lines')
+    out: dict[str, SkuUnits] = {}
+    for sku, entry in table.items():
+        where = _where(source, "sku_units", sku)
+        if sku not in skus:
+            raise ConfigError(where, "not an ERP SKU produced by [products] (a typo?)")
+        if not isinstance(entry, dict) or not isinstance(entry.get("base"), str):
+            raise ConfigError(where, 'must be { base = "UNIT", OTHER = factor, ... }')
+        base = entry["base"]
+        if base not in units:
+            raise ConfigError(f"{where}.base", f"{base!r} is not an ERP unit code produced by "
+                              "[units]")
+        declared: dict[str, Decimal] = {}
+        for code, value in entry.items():
+            if code == "base":
+                continue
+            if code not in units:
+                raise ConfigError(f"{where}.{code}", "not an ERP unit code produced by [units]")
+            try:
+                declared[code] = decimal_factor(value)
+            except UnitProblem as exc:
+                raise ConfigError(f"{where}.{code}", str(exc)) from exc
+        try:
+            out[sku] = sku_units(base, declared, measures)
+        except UnitProblem as exc:
+            raise ConfigError(where, str(exc)) from exc
+    missing = sorted(skus - out.keys())
+    if missing:
+        raise ConfigError(_where(source, "sku_units", missing[0]),
+                          "missing: every SKU in [products] needs a base unit")
+    return MappingProxyType(out)
 
 
 def _normalised_keys(source: str, name: str, table: dict[str, str]) -> Mapping[str, str]:

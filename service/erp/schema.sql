@@ -186,6 +186,28 @@ CREATE TABLE IF NOT EXISTS sync.dead_letter_actions (
 );
 CREATE INDEX IF NOT EXISTS dead_letter_actions_letter ON sync.dead_letter_actions (dead_letter_id);
 
+-- Stock in each SKU's base unit (mappings.toml [sku_units]): every line keeps its quantity as
+-- typed (quantity, unit_code) and in its SKU's base unit; stock totals are in that unit only.
+-- Lines written before these columns existed hold NULL, and count nowhere, until
+-- `crm-erp-sync stock recount` converts them (consumers refuse to start until then).
+ALTER TABLE erp.sales_order_items ADD COLUMN IF NOT EXISTS base_quantity numeric(16, 3)
+    CHECK (base_quantity > 0);
+ALTER TABLE erp.sales_order_items ADD COLUMN IF NOT EXISTS base_unit text;
+ALTER TABLE erp.stock ADD COLUMN IF NOT EXISTS base_unit text;
+-- The unit of the last difference added (STOCK_DELTA): a difference in another unit than the
+-- total's (a base unit changed under running consumers) is refused by the database itself.
+ALTER TABLE erp.stock ADD COLUMN IF NOT EXISTS delta_unit text;
+ALTER TABLE erp.stock DROP CONSTRAINT IF EXISTS stock_delta_in_base_unit;
+ALTER TABLE erp.stock ADD CONSTRAINT stock_delta_in_base_unit
+    CHECK (delta_unit IS NULL OR base_unit IS NULL OR delta_unit = base_unit);
+
+-- Read by every batch (the blocked keys of its messages, the orders awaiting its customers):
+-- index lookups, not scans of everything held.
+CREATE INDEX IF NOT EXISTS held_events_blocked_key ON sync.held_events (msg_key)
+    WHERE reason = 'key_blocked';
+CREATE INDEX IF NOT EXISTS held_events_awaiting ON sync.held_events (waits_for)
+    WHERE reason = 'awaiting_customer';
+
 -- Issue #12 item 7: a newer event of the same row that maps supersedes its dead letter (the
 -- consumer marks it 'superseded' and audits it as action 'supersede'). event_kind (customer,
 -- order, market_demand) tells which row a letter is about; NULL for letters from before.
@@ -224,11 +246,30 @@ CREATE TABLE IF NOT EXISTS sync.breaker_trips (
 CREATE UNIQUE INDEX IF NOT EXISTS breaker_trips_open ON sync.breaker_trips
     (consumer_group, topic, partition) WHERE state = 'tripped';
 
+-- Running consumers (group members), each refreshing its row every few seconds: the mappings
+-- file version it applies (12 hex digits of the file's SHA-256) and, when a newer file on
+-- disk was refused, that file's version and why (file and key). `crm-erp-sync status` reads
+-- it; rows not refreshed for a minute are stopped members (service/consumer/mappings_watch.py).
+CREATE TABLE IF NOT EXISTS sync.consumers (
+    consumer_group     text NOT NULL,
+    member_id          text NOT NULL,               -- host:pid:random
+    host               text NOT NULL,
+    pid                integer NOT NULL,
+    mappings_file      text NOT NULL,
+    mappings_version   text NOT NULL,
+    mappings_loaded_at timestamptz NOT NULL,
+    refused_version    text,                        -- NULL: the file on disk is the one applied
+    refused_error      text,
+    started_at         timestamptz NOT NULL DEFAULT clock_timestamp(),
+    seen_at            timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (consumer_group, member_id)
+);
+
 -- Issue #14: every running consumer reports itself here every CRM_ERP_SYNC_MEMBERSHIP_CHECK_S
 -- (service/consumer/membership.py): whether the broker lists it in its group, since when it
 -- is outside, its partitions and mappings version. `status` sets this beside the broker's
 -- member list, so a live process outside the group is seen. A clean stop deletes the row.
-CREATE TABLE IF NOT EXISTS sync.consumers (
+CREATE TABLE IF NOT EXISTS sync.consumer_membership (
     consumer_group   text NOT NULL,
     client_id        text NOT NULL,
     host             text NOT NULL,

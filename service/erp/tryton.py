@@ -31,7 +31,6 @@ a sale already past a workflow step is not moved.
 
 from __future__ import annotations
 
-import enum
 import json
 import zlib
 from collections.abc import Iterable, Sequence
@@ -44,6 +43,7 @@ import psycopg
 
 from service import pg
 from service.erp.changes import OrderHeaderRow, OrderItemRow, PartnerRow, Position
+from service.erp.target import Outcome, Status
 from service.erp.tryton_rpc import TrytonRPC
 from service.errors import StackUnavailable, TargetError, TargetRefused, TargetUnavailable
 
@@ -67,8 +67,9 @@ _REACHED: dict[str, tuple[str, ...]] = {
     "confirm": ("confirmed", "processing", "done"),
     "cancel": ("cancelled",),
 }
-# ERP unit code -> Tryton product.uom symbol (Tryton's own data: "u" is its Unit).
-UNIT_SYMBOLS: dict[str, str] = {"UNIT": "u", "PCE": "u", "KGM": "kg"}
+# ERP unit code -> Tryton product.uom symbol (Tryton's own data: "u" is its Unit). A set (套)
+# is counted in whole units of the SKU sold as a set: Tryton has no "set" unit of its own.
+UNIT_SYMBOLS: dict[str, str] = {"UNIT": "u", "PCE": "u", "SET": "u", "KGM": "kg"}
 
 CANCEL_ACTION = (
     "Tryton cannot cancel a sale past quotation: in Tryton cancel its customer shipment "
@@ -81,25 +82,6 @@ EDIT_ACTION = (
 BACK_ACTION = (
     "Tryton does not move a confirmed sale back: decide in Tryton whether to cancel it (cancel "
     "its shipment, Handle Shipment Exception) or correct the order in the CRM")
-
-
-class Status(enum.StrEnum):
-    APPLIED = "applied"
-    STALE = "stale"      # at or below the position the target holds: nothing done
-    HELD = "held"        # waits for something else (the customer): retry later
-    REFUSED = "refused"  # Tryton cannot take it: dead letter with the reason
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What one change did. ``reason`` is ours (safe to log); ``detail`` is Tryton's own
-    message when it refused a call (it may name records: for the dead letter, not logs)."""
-
-    kind: str  # "customer" | "order"
-    key: str
-    status: Status
-    reason: str | None = None
-    detail: str | None = None
 
 
 def _pos(p: Position) -> tuple[int, int]:
@@ -136,7 +118,12 @@ class PositionStore:
         if self._conn is None or self._conn.closed:
             try:
                 self._conn = pg.connect(self.dsn, "sync-state")
-                self._conn.execute(POSITIONS_DDL)
+                with self._conn.transaction():
+                    # Consumers starting together: CREATE TABLE IF NOT EXISTS is not safe
+                    # against a concurrent one (a unique violation in pg_type), so serialise.
+                    self._conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
+                                       ("tryton_positions",))
+                    self._conn.execute(POSITIONS_DDL)
             except (StackUnavailable, psycopg.OperationalError) as exc:
                 self.close()
                 raise TargetUnavailable("tryton_positions", "sync-state database unreachable") \
@@ -655,6 +642,13 @@ class TrytonTarget:
         line_ops, bad = self._line_ops(o, sale, products)
         if bad:
             return refuse(bad)
+        lines_after = len(sale["lines"] if sale else {}) + sum(
+            (op[0] == "create") - (op[0] == "delete") for op in line_ops)
+        if (lines_after <= 0 and want in ("quotation", "confirmed")
+                and (sale is None or sale["state"] == "draft")):
+            # Tryton refuses to quote a sale without lines; the header arrived without them
+            # (its lines were refused, or come later): keep it a draft until they arrive.
+            want = "draft"
         if sale is None:
             if h is None:
                 return Outcome("order", key, Status.HELD, "order lines before the order header")

@@ -33,6 +33,7 @@ def _fmt_s(value: float | None) -> str:
 
 # ---- status --------------------------------------------------------------------------------
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from service.consumer.mappings_watch import STALE_AFTER_S
     from service.consumer.policy import percent
     from service.operator.status import collect
 
@@ -51,13 +52,13 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     if st.members:
         print(render.table(
             ["group member", "host", "pid", "in group", "partitions", "last report",
-             "mappings", "rejoins"],
+             "rejoins"],
             [(m.client_id, m.host, m.pid if m.pid is not None else "-",
               "yes" if m.in_group else "NO" + (f" since {m.out_since:%H:%M:%S}"
                                                 if m.out_since else ""),
               ", ".join(m.partitions) or "-",
               f"{_fmt_s(m.last_seen_s)} ago" if m.last_seen_s is not None else "-",
-              m.mappings_version or "-", m.rejoins) for m in st.members], max_width=60))
+              m.rejoins) for m in st.members], max_width=60))
     else:
         print(f"Group members: none (no consumer in group {settings.consumer_group})")
     for p in st.paused:
@@ -87,6 +88,16 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             print(f"  {t.name}: {t.message}")
     else:
         print("Circuit breaker: closed on every partition")
+    if st.consumers:
+        print(render.table(
+            ["consumer", "mappings version", "loaded", "seen", "refused file"],
+            [(c["member_id"], c["mappings_version"], render.cell(c["mappings_loaded_at"]),
+              f"{_fmt_s(c['seen_s_ago'])} ago",
+              "-" if c["refused_error"] is None else
+              f"{c['refused_version'] or 'unreadable'}: {c['refused_error']}")
+             for c in st.consumers], max_width=70))
+    else:
+        print(f"Consumers: none reported in the last {STALE_AFTER_S:g}s")
     print(f"Pending snapshots: {len(st.pending_snapshots)}" + "".join(
         f"\n  #{s['snapshot_id']} {s['table']} ({s['reason']}), {s['rows_emitted']} rows so far"
         for s in st.pending_snapshots))
@@ -315,6 +326,9 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
             print(f"{e.entity} {key} differs in: {', '.join(fields)}")
         for key, why in list(e.unmappable.items())[:shown]:
             print(f"{e.entity} {key} cannot be mapped (dead letter): {why}")
+    if result.stock is not None:
+        print()
+        _print_stock(result.stock, shown)
     rep = result.repair
     if rep is not None:
         print("\nRepair:")
@@ -333,6 +347,38 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_ATTENTION
     print("\nNo drift.")
     return EXIT_OK
+
+
+# ---- stock ---------------------------------------------------------------------------------
+def _print_stock(rc: Any, shown: int | None = 20) -> None:
+    verb = "converted" if rc.repaired else "to convert"
+    print(f"order lines: {rc.lines}, {verb} to base units: {rc.lines_converted}; orders whose "
+          f"stock effect was {'rewritten' if rc.repaired else 'stale'}: {rc.orders_fixed}")
+    for u in rc.unconvertible[:shown]:
+        print(f"  {u.lines} line(s) of {u.sku} in {u.unit} count nowhere: {u.reason}")
+    if rc.drift:
+        print(render.table(
+            ["sku", "unit", "reserved", "recounted", "issued", "recounted"],
+            [(d.sku, d.base_unit if d.stored_unit == d.base_unit
+              else f"{d.stored_unit or '-'} -> {d.base_unit}", d.reserved,
+              d.expected_reserved, d.issued, d.expected_issued) for d in rc.drift[:shown]]))
+    print(f"stock: {len(rc.drift)} SKU(s) {'corrected' if rc.repaired else 'drifting'} "
+          f"({rc.seconds}s)")
+
+
+def cmd_stock_recount(settings: Settings, args: argparse.Namespace) -> int:
+    from service.erp.mappings import Mappings
+    from service.operator.common import connect
+    from service.operator.stock import recount
+
+    mappings = Mappings.load(settings.mappings_file)
+    with connect(settings, "erp") as erp:
+        rc = recount(erp, mappings, repair=not args.check)
+    if args.json:
+        print(render.dumps({**render.jsonable(rc), "needs_attention": rc.needs_attention}))
+    else:
+        _print_stock(rc)
+    return EXIT_ATTENTION if rc.needs_attention else EXIT_OK
 
 
 # ---- trace ---------------------------------------------------------------------------------
@@ -629,3 +675,20 @@ def register(sub: Any) -> None:
     p.add_argument("--wait", type=float, default=120.0, metavar="SECONDS",
                    help="with --repair, how long to wait for convergence (default 120)")
     p.set_defaults(func=cmd_reconcile)
+
+    stock = sub.add_parser("stock", help="stock: a full recount",
+                           description="Stock kept by the consumers, per SKU in its base unit.",
+                           epilog=EPILOG)
+    ssub = stock.add_subparsers(dest="stock_command", required=True, metavar="STOCK_COMMAND")
+    p = parser("recount", ssub, "recount stock from every order, with the current mappings",
+               "Recount stock from scratch: every order line's base quantity from its quantity\n"
+               "as typed (current [measures] and [sku_units]), every order's stock effect,\n"
+               "every SKU's totals and unit. Consumers apply differences incrementally; run\n"
+               "this after upgrading, and after changing a SKU's base unit or a factor (stop\n"
+               "the consumers, change mappings.toml, recount, start them: they refuse to start\n"
+               "while totals are in another unit). Safe beside running consumers: they wait\n"
+               "while the totals are rebuilt. Lines that cannot be converted are listed and\n"
+               "count nowhere. Exit 1 when such lines exist (or, with --check, on drift).")
+    p.add_argument("--check", action="store_true",
+                   help="only report what differs; write and lock nothing")
+    p.set_defaults(func=cmd_stock_recount)

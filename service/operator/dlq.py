@@ -16,6 +16,7 @@ held behind it ('key_blocked') are applied, in order, in the same transaction.
 from __future__ import annotations
 
 import difflib
+import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Any
 from kafka import TopicPartition
 
 from service.avro import SchemaRegistry
+from service.cdc.capture import request_snapshot
 from service.consumer import dlq as dlq_headers
 from service.consumer.pipeline import ErpApplier, Message, prepare
 from service.erp.mappings import Mappings
@@ -257,6 +259,14 @@ def show(settings: Settings, letter_id: int) -> dict[str, Any]:
     if record.value is None:
         out["payload_error"] = "the record has no value"
         return out
+    if out["headers"].get(dlq_headers.STAGE) == "capture":
+        # a capture dead letter is JSON (the change never became an Avro event), its values
+        # as text: shown to the operator who asked, never logged
+        try:
+            out["kind"], out["payload"] = "capture_dead_letter", json.loads(record.value)
+        except ValueError as exc:
+            out["payload_error"] = f"capture dead letter is not JSON: {type(exc).__name__}"
+        return out
     registry = SchemaRegistry.load(settings.schemas_dir)
     try:
         kind, payload = registry.decode(record.value)
@@ -368,6 +378,9 @@ def _dry_run(registry: SchemaRegistry, mappings: Mappings, d: Letter, record: An
     if record is None:
         return Outcome(d.dead_letter_id, d.key_text, "would_fail_again",
                        "the original bytes are no longer in the dead-letter or original topic")
+    if d.stage == "capture":
+        return Outcome(d.dead_letter_id, d.key_text, "would_redrive",
+                       "re-reads the CRM row (an ad-hoc snapshot of its key)")
     batch = prepare(registry, mappings, [Message(d.topic, d.partition, d.offset,
                                                  record.timestamp, d.key, record.value)])
     err = batch.envelopes[0].error
@@ -405,6 +418,15 @@ def _redrive_one(applier: ErpApplier, conn: PgConn, d: Letter, record: Any, acto
         held: str | None = None
         if record is None:
             error = "the original bytes are no longer in the dead-letter or original topic"
+        elif d.stage == "capture":
+            resnapshot = ""
+            try:
+                error, resnapshot = None, _resnapshot(applier.settings, record)
+            except CaptureRedriveError as exc:
+                error, resnapshot = str(exc), ""
+            if error is None:
+                # the row's state now comes as a READ event; what was held follows
+                applier.release_key(conn, d.topic, d.key)
         else:
             env = applier.redrive_message(conn, Message(d.topic, d.partition, d.offset,
                                                         record.timestamp, d.key, record.value))
@@ -422,11 +444,55 @@ def _redrive_one(applier: ErpApplier, conn: PgConn, d: Letter, record: Any, acto
             released = max(0, held_before - _held_count(conn, d)
                            + (1 if held == "key_blocked" else 0))
         detail = error or (f"held: {held}" if held else "")
+        if d.stage == "capture" and error is None:
+            detail = resnapshot
         if released:
             detail = (detail + "; " if detail else "") + \
                 f"released {released} held event(s) of the key"
         _audit(conn, d.dead_letter_id, "redrive", actor, reason, outcome, detail or None)
     return Outcome(d.dead_letter_id, d.key_text, outcome, detail, released)
+
+
+class CaptureRedriveError(SyncError):
+    """A capture dead letter whose row cannot be re-read (says why)."""
+
+
+def _resnapshot(settings: Settings, record: Any) -> str:
+    """Redrive of a capture dead letter: its change never became an event, so there are no
+    bytes to re-run; the CRM row is read again instead (an ad-hoc snapshot of that key, the
+    producer publishes it as a READ event positioned after everything held). A row still
+    unrepresentable becomes a new capture dead letter. Returns the outcome's detail."""
+    from service.cdc.profile import load_profile
+
+    try:
+        doc = json.loads(record.value)
+        table, primary_key = str(doc["table"]), dict(doc["primary_key"])
+        row = doc.get("after") or doc.get("before") or {}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CaptureRedriveError(f"not a capture dead letter ({type(exc).__name__})") from exc
+    profile = load_profile(settings.source_profile)
+    ent = profile.table(table)
+    if ent is None:
+        raise CaptureRedriveError(f"{table} is not captured by profile {profile.name}")
+    try:
+        if ent.entity == "order_line":  # lines are read with their order
+            column = ent.order_column or ""
+            key = str(row[column])
+            ent = profile.entity("order") or ent
+        elif "key" in primary_key:  # a letter for an event that was built but not sent
+            column, key = "key", str(primary_key["key"])
+        else:
+            column, key = ",".join(ent.key), ent.key_text(row or primary_key)
+    except (KeyError, TypeError) as exc:
+        raise CaptureRedriveError(f"{table}: no usable key in the letter") from exc
+    with connect(settings, "crm") as crm:
+        try:
+            snapshot_id = request_snapshot(crm, profile, ent.entity, [key], reason="redrive")
+        except ValueError as exc:
+            raise CaptureRedriveError(str(exc)) from exc
+    table = ent.table
+    return (f"re-read of {table} {column}={key} requested (snapshot {snapshot_id}); "
+            "its current state follows as a READ event")
 
 
 def discard(settings: Settings, letters: list[Letter], *, actor: str,
@@ -485,6 +551,7 @@ def _sweep(applier: ErpApplier, conn: PgConn) -> int:
 
 
 def _close(applier: ErpApplier) -> None:
+    applier.target.close()
     if applier.conn is not None:
         applier.conn.close()
     if applier._dlq_producer is not None:

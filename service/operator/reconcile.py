@@ -13,6 +13,9 @@ Each key ends in one of: ``missing`` (in the CRM, not live in the ERP), ``extra`
 ERP, gone from the CRM), ``differing`` (with the fields that differ) or ``unmappable`` (the
 CRM row cannot be mapped: its event is a dead letter; fix the mapping or the CRM record).
 
+With orders, stock is recounted from the ERP's own orders (``service.operator.stock``) and
+SKUs whose totals drift are reported; ``--repair`` corrects them.
+
 ``--repair`` requests an ad-hoc snapshot of the missing and differing keys (the running
 producer re-emits them, the consumers apply them: the normal path, with its position guard)
 and marks extra rows deleted directly in the ERP, but only if the row still has the position
@@ -43,38 +46,38 @@ from service.cdc.capture import (
 )
 from service.cdc.events import READ, References, RowChange, build_events, canonical
 from service.cdc.profile import EntityMapping, SourceProfile, load_profile
-from service.erp.apply import recompute_stock
 from service.erp.changes import to_erp
 from service.erp.mappings import Mappings
+from service.erp.target import ABSENT_OK, ErpTarget, make_target
 from service.errors import ConfigError, Permanent, SyncError
 from service.operator.common import PgConn, connect
 from service.operator.render import Progress
+from service.operator.stock import StockRecount, recount
 from service.settings import Settings
 
 
 @dataclass(frozen=True)
 class Entity:
     name: str
-    source: str  # the canonical entity of the source profile
-    erp_table: str
-    erp_key: str
-    fields: tuple[str, ...]
+    source: str  # the canonical entity of the source profile, and the target's kind
+    fields: tuple[str, ...]  # the mapped fields (the target's ``view`` picks what it keeps)
 
 
 ENTITIES = {
     e.name: e for e in (
-        Entity("customers", "customer", "erp.business_partners", "crm_customer_id",
+        Entity("customers", "customer",
                ("full_name", "gender_code", "birth_date", "phone_e164", "email", "province",
                 "city", "district", "street", "purchase_frequency", "purchase_amount",
                 "amount_currency", "product_preference", "notes", "phone_extension",
                 "phone_others", "division_code")),
-        Entity("orders", "order", "erp.sales_orders", "crm_order_id",
+        Entity("orders", "order",
                ("order_no", "crm_customer_id", "order_date", "status_code", "currency")),
-        Entity("demand", "market_demand", "erp.demand_signals", "crm_demand_id",
+        Entity("demand", "market_demand",
                ("signal_type", "product_category", "content", "observed_at")),
     )
 }
-ITEM_FIELDS = ("sku", "product_name", "quantity", "unit_code", "unit_price")
+ITEM_FIELDS = ("sku", "product_name", "quantity", "unit_code", "unit_price", "base_quantity",
+               "base_unit")
 
 
 @dataclass
@@ -114,12 +117,22 @@ class RepairReport:
 class ReconcileReport:
     entities: list[EntityReport]
     repair: RepairReport | None = None
+    stock: StockRecount | None = None
+    """the stock recount, with orders: SKU totals against the ERP's own orders"""
+
+    @property
+    def stock_drift(self) -> int:
+        """SKUs whose totals drift (0 once repaired), plus line groups that count nowhere."""
+        if self.stock is None:
+            return 0
+        return len(self.stock.unconvertible) + (0 if self.stock.repaired
+                                                else len(self.stock.drift))
 
     @property
     def drift(self) -> int:
         if self.repair is not None:
-            return sum(e.drift for e in self.repair.remaining)
-        return sum(e.drift for e in self.entities)
+            return sum(e.drift for e in self.repair.remaining) + self.stock_drift
+        return sum(e.drift for e in self.entities) + self.stock_drift
 
 
 def _expected(entity: Entity, profile: SourceProfile, refs: References,
@@ -161,27 +174,6 @@ def _expected(entity: Entity, profile: SourceProfile, refs: References,
     return out
 
 
-def _actual(conn: PgConn, entity: Entity, where: str, params: list[Any]
-            ) -> dict[str, dict[str, Any]]:
-    cols = ", ".join((entity.erp_key, *entity.fields, "deleted", "source_lsn", "source_seq"))
-    rows = conn.execute(f"SELECT {cols} FROM {entity.erp_table} WHERE {where}",
-                        params).fetchall()
-    out = {r[0]: dict(zip((*entity.fields, "deleted", "source_lsn", "source_seq"), r[1:],
-                          strict=True)) for r in rows}
-    for values in out.values():
-        if "phone_others" in values:  # text[] (NULL when none) vs the mapped tuple
-            values["phone_others"] = tuple(values["phone_others"] or ())
-    if entity.name == "orders" and out:
-        for values in out.values():
-            values["items"] = {}
-        for oid, line_id, *rest in conn.execute(
-                f"SELECT crm_order_id, crm_line_id, {', '.join(ITEM_FIELDS)} "
-                "FROM erp.sales_order_items WHERE crm_order_id = ANY(%s) AND NOT deleted",
-                (list(out),)).fetchall():
-            out[oid]["items"][line_id] = tuple(rest)
-    return out
-
-
 def _compare(expected: dict[str, dict[str, Any]], actual: dict[str, dict[str, Any]],
              report: EntityReport) -> None:
     """Pass 1: every CRM key of a chunk against the ERP's row of that key."""
@@ -192,24 +184,30 @@ def _compare(expected: dict[str, dict[str, Any]], actual: dict[str, dict[str, An
         if want is None:
             continue  # soft-deleted in the CRM: pass 2 checks the ERP row is not live
         if have is None or have["deleted"]:
-            report.missing.append(key)
+            if not want.get(ABSENT_OK):
+                report.missing.append(key)
             continue
-        fields = [f for f in want if want[f] != have.get(f)]
+        fields = [f for f in want if f != ABSENT_OK and want[f] != have.get(f)]
         if fields:
             report.differing[key] = fields
 
 
 class Reconciler:
+    """Compares the CRM with the ERP through the ERP target's ``read``/``view``/``live_keys``
+    (``CRM_ERP_SYNC_ERP_TARGET``); only the kinds the target keeps are checked."""
+
     def __init__(self, settings: Settings, chunk_size: int = 5000,
-                 profile: SourceProfile | None = None) -> None:
+                 profile: SourceProfile | None = None,
+                 target: ErpTarget | None = None) -> None:
         if chunk_size < 1:
             raise ConfigError("--chunk-size", "must be at least 1")
         self.settings = settings
         self.chunk_size = chunk_size
         self.mappings = Mappings.load(settings.mappings_file)
         self.profile = profile if profile is not None else load_profile(settings.source_profile)
+        self._target = target
         # Positions of extra rows as compared, for the guarded repair.
-        self.positions: dict[str, dict[str, tuple[int, int]]] = {}
+        self.positions: dict[str, dict[str, tuple[int, int] | None]] = {}
         self._tables: dict[str, TableInfo] = {}
         self._crm: PgConn | None = None
         self.refs = References(self._load_reference)
@@ -223,6 +221,32 @@ class Reconciler:
         with self._crm.cursor(row_factory=dict_row) as cur:
             found = cur.execute(query, params).fetchone()
         return None if found is None else canonical(ent, typed_row(info, found), self.refs)
+
+    def target(self, erp: PgConn) -> ErpTarget:
+        """The ERP target, attached to ``erp`` (the sync-state database) for this pass."""
+        if self._target is None:
+            self._target = make_target(self.settings, self.mappings)
+        self._target.attach(erp)
+        return self._target
+
+    def kinds(self) -> tuple[str, ...]:
+        """The kinds the configured target keeps (the tryton target: no demand signals)."""
+        if self._target is None:
+            self._target = make_target(self.settings, self.mappings)
+        return self._target.kinds
+
+    def close(self) -> None:
+        if self._target is not None:
+            self._target.close()
+
+    def _actual(self, erp: PgConn, entity: Entity, keys: list[str]
+                ) -> dict[str, dict[str, Any]]:
+        return self.target(erp).read(entity.source, keys)
+
+    def _expected_view(self, erp: PgConn, entity: Entity,
+                       expected: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        target = self.target(erp)
+        return {k: target.view(entity.source, v) for k, v in expected.items()}
 
     def _open_crm(self, crm: PgConn) -> None:
         self._crm = crm
@@ -244,32 +268,33 @@ class Reconciler:
         return found
 
     def _extra_pass(self, crm: PgConn, erp: PgConn, entity: Entity, ent: EntityMapping,
-                    report: EntityReport, keys: list[str] | None) -> None:
-        """Pass 2: live ERP rows (all, or the given keys) whose CRM row is gone."""
+                    report: EntityReport, keys: list[str] | None) -> int:
+        """Pass 2: live ERP rows (all, or the given keys) whose CRM row is gone; returns how
+        many live ERP rows it saw."""
         positions = self.positions.setdefault(entity.name, {})
+        target = self.target(erp)
         last: str | None = None
+        seen = 0
         while True:
-            params: list[Any]
             if keys is not None:
-                where, params = f"{entity.erp_key} = ANY(%s) AND NOT deleted", [keys]
-            elif last is None:
-                where, params = "NOT deleted", []
+                live_erp = [k for k, v in target.read(entity.source, keys).items()
+                            if not v["deleted"]]
             else:
-                where, params = f"NOT deleted AND {entity.erp_key} > %s", [last]
-            rows = erp.execute(
-                f"SELECT {entity.erp_key}, source_lsn, source_seq FROM {entity.erp_table} "
-                f"WHERE {where} ORDER BY {entity.erp_key} LIMIT %s",
-                [*params, self.chunk_size if keys is None else len(keys) or 1]).fetchall()
-            if not rows:
+                live_erp = target.live_keys(entity.source, last, self.chunk_size)
+            if not live_erp:
                 break
-            live = self._live_in_crm(crm, ent, [r[0] for r in rows])
-            for key, lsn, seq in rows:
-                if key not in live and key not in report.unmappable:
+            seen += len(live_erp)
+            live = self._live_in_crm(crm, ent, live_erp)
+            gone = [k for k in live_erp if k not in live and k not in report.unmappable]
+            if gone:
+                held = target.read(entity.source, gone)
+                for key in gone:
                     report.extra.append(key)
-                    positions[key] = (lsn, seq)
+                    positions[key] = (held.get(key) or {}).get("position")
             if keys is not None:
                 break
-            last = rows[-1][0]
+            last = live_erp[-1]
+        return seen
 
     def check(self, entity: Entity, progress: Callable[[int], None] | None = None
               ) -> EntityReport:
@@ -290,16 +315,12 @@ class Reconciler:
                 report.crm_rows += len(rows)
                 expected = _expected(entity, self.profile, self.refs, rows, lines,
                                      self.mappings, report)
-                actual = _actual(erp, entity, f"{entity.erp_key} = ANY(%s)",
-                                 [[ent.key_text(r) for r in rows]])
-                _compare(expected, actual, report)
+                actual = self._actual(erp, entity, [ent.key_text(r) for r in rows])
+                _compare(self._expected_view(erp, entity, expected), actual, report)
                 if progress is not None:
                     progress(len(rows))
                 last = ent.key_text(rows[-1])
-            count = erp.execute(f"SELECT count(*) FROM {entity.erp_table} WHERE NOT deleted"
-                                ).fetchone()
-            report.erp_rows = int(count[0]) if count else 0
-            self._extra_pass(crm, erp, entity, ent, report, None)
+            report.erp_rows = self._extra_pass(crm, erp, entity, ent, report, None)
         report.missing.sort()
         report.extra.sort()
         report.seconds = round(time.monotonic() - started, 3)
@@ -319,9 +340,9 @@ class Reconciler:
             report.crm_rows = len(rows)
             expected = _expected(entity, self.profile, self.refs, rows, lines, self.mappings,
                                  report)
-            actual = _actual(erp, entity, f"{entity.erp_key} = ANY(%s)", [keys])
+            actual = self._actual(erp, entity, keys)
             report.erp_rows = sum(1 for v in actual.values() if not v["deleted"])
-            _compare(expected, actual, report)
+            _compare(self._expected_view(erp, entity, expected), actual, report)
             self._extra_pass(crm, erp, entity, ent, report, keys)
         return report
 
@@ -356,47 +377,40 @@ class Reconciler:
         return out
 
     def _mark_deleted(self, erp: PgConn, entity: Entity, keys: list[str]) -> list[str]:
-        done: list[str] = []
         positions = self.positions.get(entity.name, {})
-        with erp.transaction():
-            for key in keys:
-                lsn, seq = positions[key]
-                row = erp.execute(
-                    f"UPDATE {entity.erp_table} SET deleted = true, applied_at = "
-                    f"clock_timestamp() WHERE {entity.erp_key} = %s AND NOT deleted "
-                    "AND source_lsn = %s AND source_seq = %s RETURNING 1",
-                    (key, lsn, seq)).fetchone()
-                if row is not None:
-                    done.append(key)
-            if entity.name == "orders" and done:
-                erp.execute("UPDATE erp.sales_order_items SET deleted = true "
-                            "WHERE crm_order_id = ANY(%s)", (done,))
-                with erp.cursor() as cur:
-                    recompute_stock(cur, done)
-        return done
+        return self.target(erp).mark_deleted(entity.source, {k: positions.get(k) for k in keys})
 
 
 def reconcile(settings: Settings, entities: list[str] | None = None, *, repair: bool = False,
               chunk_size: int = 5000, wait_s: float = 120.0) -> ReconcileReport:
-    names = entities or list(ENTITIES)
-    unknown = [n for n in names if n not in ENTITIES]
+    unknown = [n for n in entities or () if n not in ENTITIES]
     if unknown:
         raise ConfigError("--entity", f"unknown entity {', '.join(unknown)}: choose from "
                                       f"{', '.join(ENTITIES)}")
     rec = Reconciler(settings, chunk_size)
-    reports: list[EntityReport] = []
-    for name in names:
-        entity = ENTITIES[name]
-        total = _estimate(settings, rec.profile, entity)
-        bar = Progress(f"reconcile {name}", total)
-        try:
-            reports.append(rec.check(entity, bar.advance))
-        finally:
-            bar.close()
-    result = ReconcileReport(reports)
-    if repair and any(r.drift for r in reports):
-        result.repair = rec.repair([r for r in reports if r.drift], wait_s=wait_s)
-    return result
+    try:
+        kept = rec.kinds()
+        names = [n for n in (entities or list(ENTITIES)) if ENTITIES[n].source in kept]
+        reports: list[EntityReport] = []
+        for name in names:
+            entity = ENTITIES[name]
+            total = _estimate(settings, rec.profile, entity)
+            bar = Progress(f"reconcile {name}", total)
+            try:
+                reports.append(rec.check(entity, bar.advance))
+            finally:
+                bar.close()
+        result = ReconcileReport(reports)
+        if repair and any(r.drift for r in reports):
+            result.repair = rec.repair([r for r in reports if r.drift], wait_s=wait_s)
+        if "orders" in names and settings.erp_target == "sql":
+            # After the order repair (if any): totals are recounted from what the ERP holds.
+            with connect(settings, "erp") as erp:
+                result.stock = recount(erp, rec.mappings, repair=repair)
+        return result
+    finally:
+        rec.close()
+
 
 
 def _estimate(settings: Settings, profile: SourceProfile, entity: Entity) -> int | None:

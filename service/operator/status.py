@@ -9,12 +9,13 @@ Needs attention (exit 1) when any of:
   held behind a key that has no unresolved dead letter (stuck);
 - the dead-letter circuit breaker keeps a partition paused (``sync.breaker_trips``);
 - the group's total lag exceeds ``--max-lag`` (default 10000 events);
-- a consumer that reported itself recently (``sync.consumers``) is not a member of the group
-  as the broker lists it (it rejoins by itself; if it stays out, look at it), or the live
-  consumers apply with different mappings versions;
+- a consumer that reported itself recently (``sync.consumer_membership``) is not a member of
+  the group as the broker lists it (it rejoins by itself; if it stays out, look at it);
 - events are waiting (lag) but the group has no member;
 - a CRM transaction has been open longer than ``PINNING_XACT_S``: the slot cannot confirm
   past it, so the CRM keeps its WAL (pid, age and state are shown, never the query text).
+- a running consumer refused the mappings file on its disk (it keeps the older version), or
+  the running consumers apply different mappings versions (``sync.consumers``).
 Lag alone below that is normal under load and is only reported.
 """
 
@@ -28,6 +29,7 @@ import psycopg
 
 from service.cdc.capture import OWN_SCHEMA
 from service.cdc.producer import lock_key
+from service.consumer.mappings_watch import live_members
 from service.errors import StackUnavailable
 from service.kafka_io import make_admin
 from service.operator.breaker import BreakerTrip, open_trips
@@ -48,7 +50,7 @@ class Member:
     member_id: str
     in_group: bool  # listed by the broker
     pid: int | None = None
-    last_seen_s: float | None = None  # seconds since its last report (sync.consumers)
+    last_seen_s: float | None = None  # seconds since its last report (sync.consumer_membership)
     out_since: datetime | None = None
     mappings_version: str | None = None
     rejoins: int = 0
@@ -71,6 +73,8 @@ class Status:
     # The oldest CRM transaction holding an xid (it pins the slot): pid, state, age_s.
     oldest_transaction: dict[str, Any] | None = None
     paused: list[dict[str, Any]] = field(default_factory=list)  # operator pauses
+    # Running consumers and the mappings version each applies (mappings_watch.live_members).
+    consumers: list[dict[str, Any]] = field(default_factory=list)
     attention: list[str] = field(default_factory=list)
 
     @property
@@ -160,7 +164,7 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
                 "SELECT client_id, host, pid, member_id, in_group, out_since, assigned, "
                 "mappings_version, rejoins, "
                 "extract(epoch FROM clock_timestamp() - last_seen)::float8 "
-                "FROM sync.consumers WHERE consumer_group = %s ORDER BY client_id",
+                "FROM sync.consumer_membership WHERE consumer_group = %s ORDER BY client_id",
                 (settings.consumer_group,)).fetchall()]
             paused = [dict(zip(("topic", "partition", "paused_at", "paused_by", "reason"), r,
                                strict=True)) for r in erp.execute(
@@ -169,6 +173,10 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
                 "ORDER BY topic, partition", (settings.consumer_group,)).fetchall()]
         except psycopg.errors.UndefinedTable:  # an ERP set up before these tables
             reported, paused = [], []
+        try:
+            consumers = live_members(erp, settings.consumer_group)
+        except psycopg.errors.UndefinedTable:  # an ERP set up before the table existed
+            consumers = []
         held = {r[0]: {"count": r[1], "oldest_held_at": r[2], "oldest_age_s": float(r[3])}
                 for r in erp.execute(
                     "SELECT reason, count(*), min(held_at), "
@@ -196,7 +204,7 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
     status = Status(
         lag=lag, slot=slot, pending_snapshots=pending, dead_letters=letters, held=held,
         stuck_keys=int(stuck_row[0]) if stuck_row else 0,
-        producer_running=bool(locked and locked[0]), breaker=breaker,
+        producer_running=bool(locked and locked[0]), breaker=breaker, consumers=consumers,
         members=merge_members(listed, reported, alive_s=max(30.0,
                                                             3 * settings.membership_check_s)),
         dead_letters_by_field=by_field, paused=paused,
@@ -219,10 +227,6 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
                     f" since {m.out_since:%Y-%m-%d %H:%M:%S%z}" if m.out_since else "")
                 + f" ({m.rejoins} rejoin(s) so far; it rejoins by itself: if it stays out, "
                 "look at its log and restart it)")
-    versions = {m.mappings_version for m in status.members if m.mappings_version}
-    if len(versions) > 1:
-        status.attention.append(f"consumers apply with different mappings versions "
-                                f"({', '.join(sorted(versions))}): roll them out to one")
     if not any(m.in_group for m in status.members) and status.total_lag > 0:
         status.attention.append(f"{status.total_lag} event(s) wait but group "
                                 f"{settings.consumer_group} has no member: start a consumer")
@@ -236,6 +240,18 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
             f"CRM transaction pid {ox['pid']} ({ox['state']}) has been open for "
             f"{ox['age_s'] / 60:.0f} min: the slot cannot confirm past it and the CRM keeps "
             "its WAL (end it, or SELECT pg_terminate_backend(pid))")
+    for c in consumers:
+        if c["refused_version"] is not None or c["refused_error"]:
+            status.attention.append(
+                f"consumer {c['member_id']} refused the mappings file "
+                f"(version {c['refused_version'] or 'unreadable'}): {c['refused_error']}; it "
+                f"keeps applying version {c['mappings_version']}: fix the file (it is "
+                "re-checked every few seconds, or send SIGHUP)")
+    versions = sorted({c["mappings_version"] for c in consumers})
+    if len(versions) > 1:
+        status.attention.append(
+            f"running consumers apply different mappings versions ({', '.join(versions)}): "
+            "give every consumer the same mappings file")
     if letters:
         status.attention.append(f"{sum(letters.values())} dead letter(s) unresolved: "
                                 "see `crm-erp-sync dlq list`")

@@ -179,3 +179,18 @@ def test_origins_say_env_file_or_default(tmp_path: Path) -> None:
     assert where["CRM_ERP_SYNC_BATCH_MAX_EVENTS"] == f"file {cfg}"
     assert where["CRM_ERP_SYNC_SLOT_NAME"] == "default"
     assert Settings.from_env(env).batch_max_events == 900
+
+
+def test_erp_target_is_sql_by_default_and_tryton_needs_its_settings() -> None:
+    assert Settings.from_env({}).erp_target == "sql"
+    env = {"CRM_ERP_SYNC_ERP_TARGET": "tryton", "CRM_ERP_SYNC_TRYTON_PASSWORD": "s3cret"}
+    settings = Settings.from_env(env)
+    assert (settings.tryton_url, settings.tryton_database, settings.tryton_user) == \
+        ("http://127.0.0.1:8000", "tryton", "crm_sync")
+    assert settings.redacted()["CRM_ERP_SYNC_TRYTON_PASSWORD"] == "***"
+    with pytest.raises(ConfigError, match="CRM_ERP_SYNC_TRYTON_PASSWORD"):
+        Settings.from_env({"CRM_ERP_SYNC_ERP_TARGET": "tryton"})
+    with pytest.raises(ConfigError, match="CRM_ERP_SYNC_TRYTON_URL"):
+        Settings.from_env({**env, "CRM_ERP_SYNC_TRYTON_URL": "127.0.0.1:8000"})
+    with pytest.raises(ConfigError, match="CRM_ERP_SYNC_ERP_TARGET"):
+        Settings.from_env({"CRM_ERP_SYNC_ERP_TARGET": "odoo"})

@@ -4,6 +4,7 @@ it, and after that SQL it passes. The demo CRM passes as it is."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from importlib import resources
 from typing import Any
@@ -11,11 +12,14 @@ from typing import Any
 import psycopg
 import pytest
 
-from service import cli
 from service.cdc.prerequisites import Check, check_prerequisites, fix_script
 from service.cdc.profile import load_profile
 from service.demo.bottlecrm import Role
+from service.exit_codes import ATTENTION as EXIT_ATTENTION
+from service.exit_codes import OK as EXIT_OK
+from service.settings import Settings
 from tests.conftest import BottleCrmDb, Stack
+from tests.integration.conftest import Cli
 
 pytestmark = pytest.mark.timeout(1500)  # the first test of a session may build the template
 
@@ -37,8 +41,7 @@ def _check(conn: Any, tables: list[str], row_filter: dict[str, list[str]],
 
 
 def test_a_capture_role_without_bypassrls_is_refused_until_the_printed_sql_is_run(
-        bottlecrm_db: BottleCrmDb, capture_role: Role, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        bottlecrm_db: BottleCrmDb, capture_role: Role, cli: Cli) -> None:
     w = bottlecrm_db.writer
     org = w.create_org("演示贸易有限公司")
     account = w.create_account(org, "张三五金店")
@@ -79,9 +82,10 @@ def test_a_capture_role_without_bypassrls_is_refused_until_the_printed_sql_is_ru
         "row filter public.orders", False, "no column(s) no_such_column on the table")
 
     # The CLI prints the same and exits 1.
-    monkeypatch.setenv("CRM_ERP_SYNC_CRM_DSN", role_dsn)
-    assert cli.main(["setup", "--check", "--tables", ",".join(TABLES)]) == cli.EXIT_ATTENTION
-    printed = capsys.readouterr().out
+    as_role = dataclasses.replace(Settings(), crm_dsn=role_dsn)
+    refused = cli(as_role, "setup", "--check", "--tables", ",".join(TABLES))
+    assert refused.code == EXIT_ATTENTION
+    printed = refused.out
     assert f"✗ row-level security: {capture_role.name} is subject to row-level security" \
         in printed
     assert f"    ALTER ROLE {q} BYPASSRLS;" in printed.splitlines()
@@ -95,7 +99,7 @@ def test_a_capture_role_without_bypassrls_is_refused_until_the_printed_sql_is_ru
         assert [c for c in after if not c.ok] == []
         # ...and what the check was about: the role now reads the rows a snapshot needs.
         assert conn.execute("SELECT count(*) FROM orders").fetchone() == (1,)
-    assert cli.main(["setup", "--check", "--tables", ",".join(TABLES)]) == cli.EXIT_OK
+    assert cli(as_role, "setup", "--check", "--tables", ",".join(TABLES)).code == EXIT_OK
 
 
 def test_without_bypassrls_the_snapshot_would_read_nothing(

@@ -28,7 +28,7 @@ from service.demo.load import load_demo
 from service.erp.mappings import Mappings
 from service.kafka_io import ensure_topics, make_admin, make_producer
 from service.ops import group_lag
-from service.settings import REPO_ROOT, Settings
+from service.settings import Settings
 from tests.conftest import SyncEnv
 from tests.helpers import (
     actual_erp,
@@ -195,10 +195,10 @@ def test_a_fixed_crm_row_supersedes_its_dead_letter_and_releases_the_key(
     consume_all(sync_env)
     with sync_env.erp() as erp:
         assert erp.execute("SELECT phone_e164, phone_extension FROM erp.business_partners "
-                           "WHERE crm_customer_id = %s", (cid,)).fetchall() == [
+                           "WHERE crm_customer_id = %s", (str(cid),)).fetchall() == [
             ("+861065521234", "123")]
         assert erp.execute("SELECT crm_order_id, status_code FROM erp.sales_orders"
-                           ).fetchall() == [(32, "PAID")]
+                           ).fetchall() == [("32", "PAID")]
         assert erp.execute("SELECT count(*) FROM sync.held_events").fetchone() == (0,)
         assert erp.execute("SELECT state, event_kind FROM sync.dead_letters").fetchall() == [
             ("superseded", "customer")]
@@ -224,7 +224,7 @@ def test_a_fix_in_the_same_batch_supersedes_too(sync_env: SyncEnv) -> None:
     consume_all(sync_env)
     with sync_env.erp() as erp:
         assert erp.execute("SELECT crm_customer_id, phone_e164 FROM erp.business_partners"
-                           ).fetchall() == [(fixed, "+8613812345678")]
+                           ).fetchall() == [(str(fixed), "+8613812345678")]
         letters = erp.execute('SELECT msg_key, "offset", state FROM sync.dead_letters'
                               ).fetchall()
         assert sorted((int(k), o, state) for k, o, state in letters)[0][2] == "superseded"
@@ -380,8 +380,7 @@ def test_erp_database_restarted_mid_run(loaded_large: SyncEnv, consumer_log: Any
     with consumer_riding_out_erp_faults(loaded_large, consumer_log,
                                         tmp_path / "consumers.log"):
         assert _lag(loaded_large) > 0, "the restart would come after the work was done"
-        subprocess.run(["bash", str(REPO_ROOT / "deploy/local/stack.sh"), "restart-pg"],
-                       check=True, capture_output=True)
+        loaded_large.stack.script("restart-pg")
 
 
 def test_a_row_the_erp_refuses_is_isolated_and_dead_lettered(sync_env: SyncEnv) -> None:

@@ -29,8 +29,9 @@ def _members(settings: Any) -> dict[str, list[int]]:
 
 
 def _row(erp: psycopg.Connection[Any], client_id: str) -> Any:
-    return erp.execute("SELECT in_group, out_since, rejoins, member_id FROM sync.consumers "
-                       "WHERE client_id = %s", (client_id,)).fetchone()
+    return erp.execute("SELECT in_group, out_since, rejoins, member_id "
+                       "FROM sync.consumer_membership WHERE client_id = %s",
+                       (client_id,)).fetchone()
 
 
 def _rebalancing(consumer: Any) -> bool:
@@ -72,7 +73,7 @@ def test_busy_loop_during_a_rebalance_gets_the_consumer_removed_and_it_rejoins(
         first_id = a.consumer.group_metadata().member_id
         wait_until(lambda: _row(erp, a.membership.client_id), message="A's report row")
         # A's next report blocks on its row: its main loop stops, its join still in flight.
-        locker.execute("SELECT 1 FROM sync.consumers WHERE client_id = %s FOR UPDATE",
+        locker.execute("SELECT 1 FROM sync.consumer_membership WHERE client_id = %s FOR UPDATE",
                        (a.membership.client_id,))
         wait_until(lambda: _waiting_locks(erp), message="A blocked on its report row")
         # B rejoins: the rebalance completes on A's IO thread while A's loop is blocked, and
@@ -110,7 +111,7 @@ def test_consumer_outside_its_group_unnoticed_by_its_client_reports_it_and_rejoi
     """The silent case: the client believes it is a stable member, but sends no heartbeat
     (simulated by disabling kafka-python's heartbeat, as its own join path does), so the
     broker removes it and nothing in the client notices. The membership check does: while
-    out, /readyz is 503, crm_erp_sync_group_member is 0 and sync.consumers says so (for
+    out, /readyz is 503, crm_erp_sync_group_member is 0 and sync.consumer_membership says so (for
     `status`); then it rejoins."""
     settings = sync_env.with_(membership_check_s=0.2, breaker_poll_s=0.5)
     erp = sync_env.erp()

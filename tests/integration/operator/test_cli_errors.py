@@ -8,7 +8,6 @@ import time
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from tests.integration.operator.conftest import Cli
 
 from service import pg
 from service.consumer.pipeline import ErpConsumer
@@ -16,6 +15,7 @@ from service.errors import DatabaseAuthFailed, DatabaseMissing, DatabaseUnreacha
 from service.kafka_io import make_producer
 from tests.conftest import SyncEnv
 from tests.helpers import consume_until_caught_up
+from tests.integration.conftest import Cli
 
 
 def with_dsn(dsn: str, *, password: str | None = None, database: str | None = None,

@@ -28,8 +28,8 @@ def test_status_shows_members_letters_by_field_and_what_needs_attention(
     consumer = running.start_consumer(settings)
     with sync_env.erp() as erp:
         wait_until(lambda: erp.execute("SELECT count(*) FROM sync.dead_letters").fetchone()[0]
-                   == 1 and erp.execute("SELECT count(*) FROM sync.consumers WHERE in_group"
-                                        ).fetchone()[0] == 1,
+                   == 1 and erp.execute("SELECT count(*) FROM sync.consumer_membership "
+                                        "WHERE in_group").fetchone()[0] == 1,
                    message="one dead letter, the consumer reporting itself in the group")
 
     st = cli(settings, "status", "--json")
@@ -45,7 +45,7 @@ def test_status_shows_members_letters_by_field_and_what_needs_attention(
 
     # A live consumer the broker does not list: named, with exit 1.
     with sync_env.erp() as erp:
-        erp.execute("INSERT INTO sync.consumers (consumer_group, client_id, host, pid, "
+        erp.execute("INSERT INTO sync.consumer_membership (consumer_group, client_id, host, pid, "
                     "member_id, in_group, out_since, assigned, mappings_version, started_at, "
                     "last_seen, rejoins) VALUES (%s, 'consumer-out', 'host-b', 4242, 'gone-1', "
                     "false, now(), '{}', 'abc', now(), now(), 3)", (settings.consumer_group,))
@@ -56,7 +56,7 @@ def test_status_shows_members_letters_by_field_and_what_needs_attention(
     assert any("different mappings versions" in a for a in out.json["attention"])
     # ... but not once its reports stopped (the process is gone).
     with sync_env.erp() as erp:
-        erp.execute("UPDATE sync.consumers SET last_seen = now() - interval '1 hour' "
+        erp.execute("UPDATE sync.consumer_membership SET last_seen = now() - interval '1 hour' "
                     "WHERE client_id = 'consumer-out'")
     gone = cli(settings, "status", "--json")
     assert not any("consumer-out" in a for a in gone.json["attention"])

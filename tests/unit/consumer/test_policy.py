@@ -200,3 +200,11 @@ def test_the_message_says_the_measured_ratio_and_the_limit_plainly() -> None:
     assert percent(0.625) == "62.5%" and percent(0.5) == "50%" and percent(1.0) == "100%"
     # Rounding never makes a tripped ratio look like it is within the limit.
     assert percent(0.5004) != percent(0.5)
+
+
+def test_reconnect_preset_backs_off_exponentially_up_to_its_cap() -> None:
+    delays = RetryPolicy.RECONNECT.delays()
+    taken = [next(delays) for _ in range(8)]
+    assert taken[:4] == [0.5, 1.0, 2.0, 4.0]
+    assert max(taken) == RetryPolicy.RECONNECT.max_s == 15.0
+    assert RetryPolicy() == RetryPolicy.DEFAULT

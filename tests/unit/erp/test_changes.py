@@ -145,7 +145,8 @@ def test_order_lines_are_keyed_by_the_crm_line_key(mappings: Mappings) -> None:
     change = to_erp("order", order_event(
         [{"op": "CREATE", "before": None, "after": line(1)},
          {"op": "CREATE", "before": None, "after": line(2, quantity="2.50", unit="kg",
-                                                       unit_price="0.10")},
+                                                       unit_price="0.10",
+                                                       product_code="P-SOLDER")},
          {"op": "DELETE", "before": line(3), "after": None}],
         after=header()), mappings)
     assert change.header is not None and change.header.status_code == "SHIPPED"
@@ -166,14 +167,16 @@ def test_order_lines_are_keyed_by_the_crm_line_key(mappings: Mappings) -> None:
 def test_a_whole_count_in_a_numeric_column_is_whole(mappings: Mappings, quantity: str,
                                                      expected: Decimal) -> None:
     record = order_event(lines=[{"op": "CREATE", "before": None,
-                                 "after": line(1, quantity=quantity, unit="个")}])
+                                 "after": line(1, quantity=quantity, unit="个",
+                                               product_code="P-CHARGER")}])
     (item,) = to_erp("order", record, mappings).items
     assert (item.quantity, item.unit_code) == (expected, "PCE")
 
 
 def test_a_fraction_of_a_countable_unit_is_refused(mappings: Mappings) -> None:
     record = order_event(lines=[{"op": "CREATE", "before": None,
-                                 "after": line(1, quantity="2.50", unit="个")}])
+                                 "after": line(1, quantity="2.50", unit="个",
+                                               product_code="P-CHARGER")}])
     with pytest.raises(MappingError) as info:
         to_erp("order", record, mappings)
     assert info.value.field == "lines.quantity"

@@ -106,3 +106,15 @@ def test_order_plans_follow_the_ownership_rules() -> None:
     assert edited.write == {"lines": [["create", [
         {"type": "line", "sequence": 1, "product": 4, "quantity": 1.0, "unit": 1,
          "unit_price": Decimal(1), "description": "手机"}]]]}
+
+
+def test_a_paid_order_without_lines_stays_a_draft_until_its_lines_arrive() -> None:
+    # Tryton refuses to quote a sale without lines: a header whose lines were refused (or
+    # come later) is created as a draft; the event that brings lines moves it forward.
+    new = plan(None)
+    assert new.target == "draft" and new.create is not None
+    assert plan("draft").target == "draft"
+    item = OrderItemRow("5", '["5","1"]', "SKU-1", "手机", Decimal(1), "UNIT", Decimal(1), False,
+                        POS)
+    assert plan("draft", items={1: item}).target == "confirmed"
+    assert plan(None, items={1: item}).target == "confirmed"

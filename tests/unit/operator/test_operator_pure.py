@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -68,7 +67,8 @@ def test_reconcile_compares_mapped_fields_with_the_pipeline_transform() -> None:
     assert expected["1"]["status_code"] == "PAID"
     assert expected["1"]["crm_customer_id"] == "7"
     assert expected["1"]["items"] == {'["1","1"]': ("SKU-100003", "笔记本电脑", Decimal(2),
-                                                    "UNIT", Decimal("10"))}
+                                                    "UNIT", Decimal("10"), Decimal(2),
+                                                    "UNIT")}
     have = {"1": {**expected["1"], "status_code": "CANCELLED", "deleted": False,
                   "source_lsn": 5, "source_seq": 0},
             "3": {**expected["1"], "deleted": False, "source_lsn": 9, "source_seq": 1},
@@ -78,17 +78,22 @@ def test_reconcile_compares_mapped_fields_with_the_pipeline_transform() -> None:
     # Pass 1 judges only CRM keys: "3" (ERP only) is left to pass 2, "2" is unmappable.
     assert report.missing == [] and report.extra == []
 
-    # Pass 2: live ERP rows, in key order and in chunks, whose CRM row is gone.
-    class Erp:
+    # Pass 2: live ERP rows, in key order and in chunks, whose CRM row is gone; read
+    # through the ERP target (its live_keys pages, then the positions of the extra rows).
+    class Target:
         def __init__(self, rows: list[tuple[str, int, int]]) -> None:
             self.rows = sorted(rows)
 
-        def execute(self, query: str, params: list[Any]) -> Any:
-            assert "NOT deleted" in query and "ORDER BY crm_order_id" in query
-            after = params[0] if len(params) == 2 else None
-            limit = params[-1]
-            rows = [r for r in self.rows if after is None or r[0] > after][:limit]
-            return SimpleNamespace(fetchall=lambda: rows)
+        def attach(self, conn: Any) -> None:
+            pass
+
+        def live_keys(self, kind: str, after: str | None, limit: int) -> list[str]:
+            assert kind == "order"
+            return [r[0] for r in self.rows if after is None or r[0] > after][:limit]
+
+        def read(self, kind: str, keys: list[str]) -> dict[str, dict[str, Any]]:
+            return {k: {"deleted": False, "position": (lsn, seq)}
+                    for k, lsn, seq in self.rows if k in keys}
 
     asked: list[list[str]] = []
 
@@ -99,10 +104,12 @@ def test_reconcile_compares_mapped_fields_with_the_pipeline_transform() -> None:
 
     rec = object.__new__(Rec)
     rec.chunk_size, rec.positions = 2, {}
-    erp = Erp([("1", 5, 0), ("2", 4, 0), ("3", 9, 1), ("4", 11, 2), ("5", 12, 0)])
+    rec._target = cast(Any, Target([("1", 5, 0), ("2", 4, 0), ("3", 9, 1), ("4", 11, 2),
+                                    ("5", 12, 0)]))
     report.unmappable["5"] = "MappingError: status"  # judged already: not also extra
-    rec._extra_pass(cast(Any, None), cast(Any, erp), entity, profile.entities["order"], report,
-                    None)
+    seen = rec._extra_pass(cast(Any, None), cast(Any, None), entity,
+                           profile.entities["order"], report, None)
+    assert seen == 5
     assert asked == [["1", "2"], ["3", "4"], ["5"]]
     assert report.extra == ["3", "4"]
     assert rec.positions == {"orders": {"3": (9, 1), "4": (11, 2)}}

@@ -41,6 +41,21 @@ def test_liveness_goes_stale_and_readiness_stalls() -> None:
     assert not health.liveness()[0] and not health.readiness()[0]
 
 
+def test_a_lost_connection_is_not_ready_at_once_with_its_reason() -> None:
+    health = Health(Settings(), ProducerMetrics())  # stall window 60 s: not what decides
+    health.set_ready(True, "active", role="active")
+    health.beat()
+    health.disconnected("broker unreachable (KafkaConnectionError)")
+    ready, body = health.readiness()
+    assert not ready
+    assert body["state"] == "reconnecting"
+    assert body["reason"] == "broker unreachable (KafkaConnectionError)"
+    assert health.liveness()[0]  # alive: retrying is the job, no restart wanted
+    health.recovered()
+    ready, body = health.readiness()
+    assert ready and body["state"] == "active" and "reason" not in body
+
+
 def test_a_tripped_breaker_makes_readiness_degraded() -> None:
     health = Health(Settings(), ConsumerMetrics())
     health.set_ready(True, "consuming", assigned_partitions=3)

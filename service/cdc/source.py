@@ -1,0 +1,299 @@
+"""Where the producer's committed transactions come from: the slot behind one small seam.
+
+Two implementations of :class:`ChangeSource`:
+
+* :class:`StreamSource` (the default, ``CRM_ERP_SYNC_CAPTURE_TRANSPORT=stream``): the
+  streaming replication protocol (``START_REPLICATION ... LOGICAL``) over psycopg2's
+  ``LogicalReplicationConnection``. One walsender decodes each WAL record once and keeps its
+  decoding state between reads, so capture costs the CRM little CPU.
+* :class:`SqlPeekSource` (``CRM_ERP_SYNC_CAPTURE_TRANSPORT=sql``): the SQL interface,
+  ``pg_logical_slot_peek_binary_changes`` + ``pg_replication_slot_advance``. Each peek
+  re-decodes the WAL from the slot's ``restart_lsn`` (it trails by up to ~15 s, more behind an
+  open transaction), so it costs the CRM far more CPU; it stays for CRMs that only allow
+  ordinary sessions (a transaction-mode pooler in front, no free ``max_wal_senders``) and as
+  the baseline of ``bench/capture_cpu.py``.
+
+The delivery rule is the same for both: the producer publishes what ``next_transactions``
+returned, waits for the broker to acknowledge every event, and only then calls
+``confirm(end_lsn)``; the slot's confirmed position never passes an unacknowledged
+transaction, so a crash re-sends and never skips. Transactions returned but not confirmed
+(their publish failed) are returned again by the next call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import threading
+import time
+from typing import Any, Protocol, cast
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+import psycopg2.extras
+import structlog
+
+from service.cdc import pgoutput
+from service.cdc.events import CommittedTxn
+from service.errors import Retryable
+from service.pg import PgConn
+from service.settings import Settings
+
+log = structlog.get_logger("producer.source")
+
+# How often the streaming source reports its confirmed position to the walsender (psycopg2
+# sends it from read_message once this many seconds passed since the last report).
+FEEDBACK_INTERVAL_S = 1
+
+
+def _send_feedback(cur: psycopg2.extras.ReplicationCursor, **kwargs: Any) -> None:
+    """``cur.send_feedback(**kwargs)``; the method has no type information in the stubs."""
+    cast(Any, cur).send_feedback(**kwargs)
+
+
+class TxnDecoder(Protocol):
+    """Turns pgoutput messages into committed transactions (``producer.ChangeDecoder``)."""
+
+    def feed(self, data: bytes) -> CommittedTxn | None: ...
+
+
+class DecoderFactory(Protocol):
+    def __call__(self) -> TxnDecoder: ...
+
+
+class ChangeSource(Protocol):
+    """Committed transactions from the replication slot, confirmed once published."""
+
+    def next_transactions(self, conn: PgConn, max_wait_s: float) -> list[CommittedTxn]:
+        """Whole committed transactions in commit order (about ``producer_max_changes``
+        changes at most, but never part of a transaction); ``[]`` when none was committed
+        within ``max_wait_s`` seconds. Transactions returned before and not yet confirmed
+        come first again. ``conn`` is the producer's CRM session.
+
+        Raises :class:`Retryable` when the slot cannot be read for a transient reason
+        (connection lost, slot still held by a dead producer's walsender), and the driver's
+        ``ObjectNotInPrerequisiteState`` when the slot's WAL is gone (a lost slot)."""
+        ...
+
+    def confirm(self, conn: PgConn, end_lsn: int) -> None:
+        """Every transaction ending at or before ``end_lsn`` (an LSN as an int) reached the
+        broker: the slot may forget it."""
+        ...
+
+    def caught_up(self, conn: PgConn) -> bool:
+        """True when every transaction committed before the call has been returned and
+        confirmed (``run(until_idle=True)`` stops then). May need a few calls, each followed
+        by ``next_transactions``, to become true."""
+        ...
+
+    def close(self) -> None:
+        """Report the confirmed position one last time and release the slot."""
+        ...
+
+
+def source_for(settings: Settings, new_decoder: DecoderFactory,
+               stop: threading.Event) -> ChangeSource:
+    """The source the settings choose (``capture_transport``: ``stream`` or ``sql``)."""
+    if settings.capture_transport == "sql":
+        return SqlPeekSource(settings, new_decoder, stop)
+    return StreamSource(settings, new_decoder)
+
+
+class SqlPeekSource:
+    """The SQL decoding interface: peek whole transactions, advance after the broker acked."""
+
+    def __init__(self, settings: Settings, new_decoder: DecoderFactory,
+                 stop: threading.Event) -> None:
+        self._settings = settings
+        self._new_decoder = new_decoder
+        self._stop = stop
+        self._drained = False
+
+    def next_transactions(self, conn: PgConn, max_wait_s: float) -> list[CommittedTxn]:
+        rows = conn.execute(
+            "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, %s, "
+            "'proto_version', '1', 'publication_names', %s, 'messages', 'true')",
+            (self._settings.slot_name, self._settings.producer_max_changes,
+             self._settings.publication_name),
+        ).fetchall()
+        self._drained = not rows
+        decoder = self._new_decoder()  # relations are re-sent at the start of every peek
+        txns = [txn for (data,) in rows if (txn := decoder.feed(bytes(data))) is not None]
+        if not txns:
+            self._stop.wait(max_wait_s)
+        return txns
+
+    def confirm(self, conn: PgConn, end_lsn: int) -> None:
+        conn.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)",
+                     (self._settings.slot_name, pgoutput.lsn_to_str(end_lsn)))
+
+    def caught_up(self, conn: PgConn) -> bool:
+        return self._drained  # an empty peek read the slot to the end of the WAL
+
+    def close(self) -> None:
+        pass
+
+
+class StreamSource:
+    """The streaming replication protocol over psycopg2's ``LogicalReplicationConnection``.
+
+    Why psycopg2 here (psycopg 3 everywhere else): psycopg 3 has no replication protocol
+    (its issue #71); psycopg2 is the maintained Python driver that has it, and this class is
+    its only user.
+
+    The read loop is ``read_message()`` with ``select()`` timeouts rather than
+    ``consume_stream()``, so the producer keeps control between batches (heartbeats, snapshot
+    chunks, health, stop). psycopg2 answers the walsender's keepalives that ask for a reply
+    inside ``read_message()`` and reports the position given to ``send_feedback`` every
+    :data:`FEEDBACK_INTERVAL_S`.
+
+    One psycopg2 behaviour needs care: on a keepalive it moves its reported flush position to
+    the server's WAL end by itself when the data start of the last message read is at or below
+    the last position we confirmed. That is right when everything read has been confirmed (an
+    idle slot then follows the WAL without heartbeats), but a Relation message (data start 0)
+    or the Begin of a transaction that started before the last confirmed commit can satisfy it
+    while whole transactions read after that commit are still unpublished. So reading stops
+    at such a message while unconfirmed transactions are held; the batch is returned,
+    published and confirmed first, and only then is the stream read again.
+    """
+
+    def __init__(self, settings: Settings, new_decoder: DecoderFactory) -> None:
+        self._settings = settings
+        self._new_decoder = new_decoder
+        self._conn: psycopg2.extensions.connection | None = None
+        self._cur: psycopg2.extras.ReplicationCursor | None = None
+        self._decoder: TxnDecoder | None = None
+        self._in_txn = False
+        self._handed: list[CommittedTxn] = []  # returned, not confirmed yet
+        self._confirmed = 0  # the highest end LSN given to send_feedback
+        self._idle_target: int | None = None  # WAL flush position caught_up waits for
+
+    # ---- the seam ---------------------------------------------------------------------
+    def next_transactions(self, conn: PgConn, max_wait_s: float) -> list[CommittedTxn]:
+        if self._handed:  # the last batch was not confirmed: its publish failed
+            if self._cur is not None:
+                # Nothing is read while it is retried; a status update still tells the
+                # walsender we are alive (it drops a client silent for wal_sender_timeout).
+                with contextlib.suppress(psycopg2.OperationalError, psycopg2.InterfaceError):
+                    _send_feedback(self._cur, force=True)
+            return list(self._handed)
+        try:
+            if self._cur is None:
+                self._open()
+            batch = self._read(max_wait_s)
+        except psycopg2.errors.ObjectNotInPrerequisiteState:
+            self._reset()
+            raise  # the slot's WAL is gone: the producer's lost-slot handling decides
+        except psycopg2.errors.ObjectInUse as exc:
+            self._reset()
+            raise Retryable("the replication slot is still held by another walsender "
+                            "(a stopped producer's, exiting)") from exc
+        except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+            self._reset()
+            raise Retryable(f"replication stream lost: {type(exc).__name__}") from exc
+        self._handed = batch
+        return list(batch)
+
+    def confirm(self, conn: PgConn, end_lsn: int) -> None:
+        self._handed = [txn for txn in self._handed if txn.end_lsn > end_lsn]
+        if end_lsn <= self._confirmed:
+            return
+        self._confirmed = end_lsn
+        if self._cur is not None:
+            # Not forced: psycopg2 reports it from read_message within FEEDBACK_INTERVAL_S,
+            # which spares the walsender one wake-up per batch.
+            _send_feedback(self._cur, write_lsn=end_lsn, flush_lsn=end_lsn)
+
+    def caught_up(self, conn: PgConn) -> bool:
+        if self._cur is None or self._handed or self._in_txn:
+            self._idle_target = None
+            return False
+        if self._idle_target is None:
+            # Fix the target first, then ask for a keepalive: its WAL end is the walsender's
+            # position when it answers, so on a busy cluster it does eventually pass the target.
+            row = conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()
+            assert row is not None
+            self._idle_target = pgoutput.str_to_lsn(row[0])
+        if self._cur.wal_end >= self._idle_target:
+            self._idle_target = None
+            return True
+        try:
+            _send_feedback(self._cur, reply=True)
+        except (psycopg2.OperationalError, psycopg2.InterfaceError):
+            self._reset()
+        return False
+
+    def close(self) -> None:
+        if self._cur is not None and self._confirmed:
+            # If the walsender is gone it keeps what it had; a restart re-sends the rest.
+            with contextlib.suppress(psycopg2.OperationalError, psycopg2.InterfaceError):
+                _send_feedback(self._cur, write_lsn=self._confirmed, flush_lsn=self._confirmed,
+                                        force=True)
+        self._reset()
+
+    # ---- the stream -------------------------------------------------------------------
+    def _open(self) -> None:
+        conn = psycopg2.connect(self._settings.crm_dsn, connect_timeout=10,
+                                connection_factory=psycopg2.extras.LogicalReplicationConnection)
+        try:
+            cur = conn.cursor()
+            # pgoutput sends text; timestamps in UTC as the producer's own session does.
+            cur.execute("SET TimeZone = 'UTC'")
+            cur.start_replication(
+                slot_name=self._settings.slot_name, decode=False,
+                status_interval=FEEDBACK_INTERVAL_S,
+                options={"proto_version": "1",
+                         "publication_names": self._settings.publication_name,
+                         "messages": "true"})
+        except BaseException:
+            conn.close()
+            raise
+        self._conn, self._cur = conn, cur
+        self._decoder = self._new_decoder()  # a new walsender sends every Relation again
+        self._in_txn = False
+        self._confirmed = 0
+        log.info("replication_stream_started", slot=self._settings.slot_name)
+
+    def _reset(self) -> None:
+        """Forget the stream: the walsender re-sends from the slot's confirmed position."""
+        if self._conn is not None:
+            with contextlib.suppress(psycopg2.Error):
+                self._conn.close()
+        self._conn = self._cur = None
+        self._decoder = None
+        self._handed = []
+        self._in_txn = False
+        self._idle_target = None
+
+    def _read(self, max_wait_s: float) -> list[CommittedTxn]:
+        cur, decoder = self._cur, self._decoder
+        assert cur is not None and decoder is not None
+        deadline = time.monotonic() + max_wait_s
+        ready: list[CommittedTxn] = []
+        changes = 0
+        limit = self._settings.producer_max_changes
+        while True:
+            msg: Any = cur.read_message()
+            if msg is not None:
+                payload: bytes = msg.payload
+                if payload[:1] == b"B":
+                    self._in_txn = True
+                txn = decoder.feed(payload)
+                if txn is not None:
+                    self._in_txn = False
+                    ready.append(txn)
+                    changes += len(txn.changes)
+                    if changes >= limit:
+                        return ready
+                elif ready and msg.data_start <= self._confirmed:
+                    return ready  # see the class docstring: confirm `ready` before reading on
+                if not ready and time.monotonic() > deadline:
+                    return ready  # a long transaction under way: let the producer breathe
+                continue
+            if ready:
+                return ready  # nothing more buffered: publish what is whole
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                return ready
+            select.select([cur], [], [], timeout)

@@ -1,0 +1,167 @@
+"""The ``sql`` ERP target: the project's own schema (``service/erp/schema.sql``), written in
+the consumer's transaction on the sync-state database, so ERP rows, held events, dead letters
+and positions commit or roll back together.
+
+This is the only module (with :mod:`service.erp.apply`, which it wraps) that names the
+``erp.*`` tables for applying and for ``reconcile``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import psycopg
+
+from service.erp.apply import (
+    apply_changes,
+    apply_stock_delta,
+    check_stock_units,
+    existing_customers,
+    load_status_effects,
+)
+from service.erp.changes import ErpChange
+from service.erp.mappings import Mappings
+from service.erp.target import Outcome, Status
+from service.pg import PgConn
+from service.settings import Settings
+
+# A constraint or a value the ERP refuses: retrying the same row cannot help.
+PERMANENT_PG = (psycopg.errors.IntegrityError, psycopg.errors.DataError)
+
+# kind -> (table, key column, compared columns)
+TABLES: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "customer": ("erp.business_partners", "crm_customer_id",
+                 ("full_name", "gender_code", "birth_date", "phone_e164", "email", "province",
+                  "city", "district", "street", "purchase_frequency", "purchase_amount",
+                  "amount_currency", "product_preference", "notes", "phone_extension",
+                  "phone_others", "division_code")),
+    "order": ("erp.sales_orders", "crm_order_id",
+              ("order_no", "crm_customer_id", "order_date", "status_code", "currency")),
+    "market_demand": ("erp.demand_signals", "crm_demand_id",
+                      ("signal_type", "product_category", "content", "observed_at")),
+}
+ITEM_FIELDS = ("sku", "product_name", "quantity", "unit_code", "unit_price")
+
+
+def _key(change: ErpChange) -> str:
+    if change.partner is not None:
+        return change.partner.crm_customer_id
+    if change.demand is not None:
+        return change.demand.crm_demand_id
+    return change.order_id or ""
+
+
+class SqlTarget:
+    """``ErpTarget`` over the ``erp.*`` schema; needs ``attach(conn)`` before use."""
+
+    name: str = "sql"
+    kinds: tuple[str, ...] = ("customer", "order", "market_demand")
+
+    def __init__(self, settings: Settings, mappings: Mappings) -> None:
+        self.settings = settings
+        self.mappings = mappings
+        self._conn: PgConn | None = None
+
+    @property
+    def conn(self) -> PgConn:
+        if self._conn is None:
+            raise RuntimeError("SqlTarget used before attach(conn)")
+        return self._conn
+
+    def attach(self, conn: PgConn) -> None:
+        self._conn = conn
+        load_status_effects(conn, self.mappings)
+        check_stock_units(conn, self.mappings)
+
+    def use_mappings(self, mappings: Mappings) -> None:
+        self.mappings = mappings
+
+    def close(self) -> None:
+        self._conn = None  # the connection is the caller's
+
+    # ---- apply ------------------------------------------------------------------------------
+    def apply(self, changes: Sequence[ErpChange]) -> list[Outcome]:
+        """All changes in one savepoint; when PostgreSQL refuses a row (a constraint, a
+        value), each change in a savepoint of its own, so only the refused ones fail.
+
+        ``stale`` is not told apart: the position guard in the upserts makes an older
+        change a no-op, reported ``applied``. Transient PostgreSQL errors propagate."""
+        conn = self.conn
+        if not changes:
+            return []
+        try:
+            with conn.transaction():  # a savepoint: the bulk attempt
+                apply_changes(conn, list(changes))
+            return [Outcome(c.kind, _key(c), Status.APPLIED) for c in changes]
+        except PERMANENT_PG:
+            pass
+        out: list[Outcome] = []
+        for change in changes:
+            try:
+                with conn.transaction():
+                    apply_changes(conn, [change])
+                out.append(Outcome(change.kind, _key(change), Status.APPLIED))
+            except PERMANENT_PG as exc:
+                out.append(Outcome(change.kind, _key(change), Status.REFUSED,
+                                   f"{type(exc).__name__}: {exc.diag.message_primary}"))
+        return out
+
+    def present_customers(self, keys: Iterable[str]) -> set[str]:
+        return existing_customers(self.conn, keys)
+
+    # ---- reconcile ----------------------------------------------------------------------------
+    def view(self, kind: str, values: dict[str, Any]) -> dict[str, Any]:
+        return values
+
+    def read(self, kind: str, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        table, key_col, fields = TABLES[kind]
+        cols = ", ".join((key_col, *fields, "deleted", "source_lsn", "source_seq"))
+        rows = self.conn.execute(f"SELECT {cols} FROM {table} WHERE {key_col} = ANY(%s)",
+                                 (list(keys),)).fetchall()
+        out: dict[str, dict[str, Any]] = {}
+        for r in rows:
+            values = dict(zip((*fields, "deleted"), r[1:-2], strict=True))
+            values["position"] = (r[-2], r[-1])
+            if "phone_others" in values:  # text[] (NULL when none) vs the mapped tuple
+                values["phone_others"] = tuple(values["phone_others"] or ())
+            out[r[0]] = values
+        if kind == "order" and out:
+            for values in out.values():
+                values["items"] = {}
+            for oid, line_id, *rest in self.conn.execute(
+                    f"SELECT crm_order_id, crm_line_id, {', '.join(ITEM_FIELDS)} "
+                    "FROM erp.sales_order_items WHERE crm_order_id = ANY(%s) AND NOT deleted",
+                    (list(out),)).fetchall():
+                out[oid]["items"][line_id] = tuple(rest)
+        return out
+
+    def live_keys(self, kind: str, after: str | None, limit: int) -> list[str]:
+        table, key_col, _ = TABLES[kind]
+        where, params = ("NOT deleted", []) if after is None else (
+            f"NOT deleted AND {key_col} > %s", [after])
+        rows = self.conn.execute(f"SELECT {key_col} FROM {table} WHERE {where} "
+                                 f"ORDER BY {key_col} LIMIT %s", [*params, limit]).fetchall()
+        return [r[0] for r in rows]
+
+    def mark_deleted(self, kind: str, positions: dict[str, tuple[int, int] | None]
+                     ) -> list[str]:
+        table, key_col, _ = TABLES[kind]
+        conn = self.conn
+        done: list[str] = []
+        with conn.transaction():
+            for key, position in positions.items():
+                if position is None:
+                    continue
+                row = conn.execute(
+                    f"UPDATE {table} SET deleted = true, applied_at = clock_timestamp() "
+                    f"WHERE {key_col} = %s AND NOT deleted AND source_lsn = %s "
+                    "AND source_seq = %s RETURNING 1", (key, *position)).fetchone()
+                if row is not None:
+                    done.append(key)
+            if kind == "order" and done:
+                conn.execute("UPDATE erp.sales_order_items SET deleted = true "
+                             "WHERE crm_order_id = ANY(%s)", (done,))
+                with conn.cursor() as cur:
+                    apply_stock_delta(cur, done)
+        return done

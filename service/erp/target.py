@@ -1,0 +1,123 @@
+"""The consumer's apply stage talks to an ERP through one interface, ``ErpTarget``.
+
+Two targets implement it (``CRM_ERP_SYNC_ERP_TARGET``):
+- ``sql`` (the default, :mod:`service.erp.sql_target`): the project's own schema
+  (``service/erp/schema.sql``) in the sync-state database itself, written in the consumer's
+  transaction, so ERP rows, held events, dead letters and positions commit together.
+- ``tryton`` (:mod:`service.erp.tryton_target`): a Tryton server over JSON-RPC. Its writes
+  cannot share the sync-state transaction; every step is keyed and monotonic instead, and
+  positions live in the sync-state database (README "Guarantees per target").
+
+The sync-state database is ``CRM_ERP_SYNC_ERP_DSN`` for both: ``sync.*`` (held events, dead
+letters, breaker) lives there; with the ``sql`` target the ``erp.*`` tables too.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from service.erp.changes import ErpChange
+from service.erp.mappings import Mappings
+from service.errors import ConfigError
+from service.pg import PgConn
+from service.settings import Settings
+
+
+class Status(enum.StrEnum):
+    APPLIED = "applied"
+    STALE = "stale"      # at or below the position the target holds: nothing done
+    HELD = "held"        # waits for something else (the customer): retry later
+    REFUSED = "refused"  # the ERP cannot take it: dead letter with the reason
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one change did. ``reason`` is ours (safe to log); ``detail`` is the ERP's own
+    message when it refused a call (it may name records: for the dead letter, not logs)."""
+
+    kind: str  # "customer" | "order" | "market_demand"
+    key: str
+    status: Status
+    reason: str | None = None
+    detail: str | None = None
+
+
+# In a ``view``: True when the ERP holding no record of the key is what the CRM asks for (an
+# order cancelled before it reached an ERP that only creates live sales).
+ABSENT_OK = "_absent_ok"
+
+# Kinds `read` knows: the reconcile entities.
+KINDS = ("customer", "order", "market_demand")
+
+
+class ErpTarget(Protocol):
+    """Where the consumer applies changes. Implementations are used by one thread.
+
+    Transaction hooks: ``attach`` is called (inside a transaction on ``conn``) whenever the
+    consumer (re)connects to the sync-state database; ``apply`` and ``present_customers`` are
+    called inside the consumer's open transaction on that connection. The ``sql`` target
+    writes through it (atomic with the sync state); others ignore it.
+
+    Errors: ``apply`` and ``read`` raise ``Retryable`` subclasses (TargetUnavailable,
+    psycopg's transient errors) when the whole batch should be retried, and ``SyncError``
+    for configuration problems; a change the ERP refuses is an Outcome, not an exception.
+    """
+
+    name: str
+    kinds: tuple[str, ...]  # the kinds this target keeps (reconcile checks only these)
+
+    def attach(self, conn: PgConn) -> None: ...
+
+    def use_mappings(self, mappings: Mappings) -> None:
+        """The mappings file was reloaded: map with this one from now on (``attach`` follows,
+        and may raise ConfigError when the ERP's state disagrees with it)."""
+        ...
+
+    def apply(self, changes: Sequence[ErpChange]) -> list[Outcome]:
+        """One Outcome per change, in order."""
+        ...
+
+    def present_customers(self, keys: Iterable[str]) -> set[str]:
+        """The CRM customer keys the ERP holds (deleted/inactive included)."""
+        ...
+
+    def read(self, kind: str, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """key -> what the ERP holds for it, as ``view(kind, mapped)`` spells it, plus
+        ``deleted`` (bool) and ``position`` ((lsn, seq) or None when unknown)."""
+        ...
+
+    def view(self, kind: str, values: dict[str, Any]) -> dict[str, Any]:
+        """The mapped field values (``reconcile``'s "expected") as this ERP can compare them."""
+        ...
+
+    def live_keys(self, kind: str, after: str | None, limit: int) -> list[str]:
+        """Keys the ERP holds live, in ascending order, after ``after`` (keyset pages)."""
+        ...
+
+    def mark_deleted(self, kind: str, positions: dict[str, tuple[int, int] | None]
+                     ) -> list[str]:
+        """Mark ERP rows whose CRM row is gone deleted, each only if it still has the
+        position compared (a newer event wins); returns the keys marked."""
+        ...
+
+    def close(self) -> None: ...
+
+
+TARGETS = ("sql", "tryton")
+
+
+def make_target(settings: Settings, mappings: Mappings) -> ErpTarget:
+    """The target ``settings.erp_target`` names. Raises ConfigError for an unknown name or
+    missing Tryton settings (``Settings.validate`` checks them too)."""
+    if settings.erp_target == "sql":
+        from service.erp.sql_target import SqlTarget
+
+        return SqlTarget(settings, mappings)
+    if settings.erp_target == "tryton":
+        from service.erp.tryton_target import TrytonErpTarget
+
+        return TrytonErpTarget.from_settings(settings)
+    raise ConfigError(Settings.env_var("erp_target"), f"must be one of {', '.join(TARGETS)}")

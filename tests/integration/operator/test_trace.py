@@ -23,7 +23,8 @@ def test_trace_shows_create_update_dead_letter_and_redrive(sync_env: SyncEnv, cl
     default = sync_env.settings.mappings_file.read_text("utf-8")
     bad, fixed = tmp_path / "bad.toml", tmp_path / "fixed.toml"
     bad.write_text(default, "utf-8")
-    fixed.write_text(default.replace("[products]\n", '[products]\nP-NEW = "SKU-999999"\n'),
+    fixed.write_text(default.replace("[products]\n", '[products]\nP-NEW = "SKU-999999"\n')
+                     .replace("[sku_units]\n", '[sku_units]\nSKU-999999 = { base = "UNIT" }\n'),
                      "utf-8")
     s_bad, s_fixed = sync_env.with_(mappings_file=bad), sync_env.with_(mappings_file=fixed)
     produce_all(sync_env)

@@ -126,6 +126,12 @@ def cmd_snapshot(settings: Settings, args: argparse.Namespace) -> int:
     from service.cdc.capture import ensure_capture_objects, request_snapshot, snapshot_entity
     from service.cdc.profile import load_profile
 
+    if args.action is not None:
+        return cmd_snapshot_manage(settings, args)
+    if args.table is None:
+        raise ConfigError("snapshot", "give --table (a new snapshot), or `snapshot list`, "
+                                      "or `snapshot cancel ID`")
+
     profile = load_profile(settings.source_profile)
     try:
         entity = snapshot_entity(profile, args.table)
@@ -144,6 +150,51 @@ def cmd_snapshot(settings: Settings, args: argparse.Namespace) -> int:
             raise ConfigError("--key" if args.key else "--chunk-size", str(exc)) from exc
     print(json.dumps({"snapshot_id": snapshot_id, "table": entity.table,
                       "keys": args.key or "all"}, ensure_ascii=False))
+    return EXIT_OK
+
+
+def cmd_snapshot_manage(settings: Settings, args: argparse.Namespace) -> int:
+    """`snapshot list` and `snapshot cancel ID`."""
+    import psycopg
+
+    from service import pg
+    from service.cdc.capture import cancel_snapshot, list_snapshots
+    from service.operator import render
+
+    with pg.connect(settings.crm_dsn, "CRM") as conn:
+        try:
+            if args.action == "list":
+                rows = list_snapshots(conn)
+            else:
+                if args.id is None:
+                    raise ConfigError("snapshot cancel", "give the snapshot ID (see "
+                                                         "`crm-erp-sync snapshot list`)")
+                with conn.transaction():
+                    was = cancel_snapshot(conn, args.id)
+        except psycopg.errors.UndefinedTable as exc:
+            raise ConfigError("CRM_ERP_SYNC_CRM_DSN", "the CRM has no crm_erp_sync.snapshots "
+                              "table: run `crm-erp-sync setup` or the producer once") from exc
+    if args.action == "list":
+        if args.json:
+            print(render.dumps(render.jsonable(rows)))
+        elif not rows:
+            print("No snapshots.")
+        else:
+            print(render.table(["id", "table", "keys", "reason", "state", "chunks", "rows",
+                                "requested", "finished"],
+                               [(r["snapshot_id"], r["table_name"],
+                                 ", ".join(r["keys"]) if r["keys"] else "all", r["reason"],
+                                 r["state"], r["chunks_done"], r["rows_emitted"],
+                                 render.cell(r["requested_at"]), render.cell(r["finished_at"]))
+                                for r in rows], max_width=50))
+        return EXIT_OK
+    if was is None:
+        raise ConfigError("ID", f"no snapshot {args.id} (see `crm-erp-sync snapshot list`)")
+    if was != "pending":
+        print(f"crm-erp-sync: snapshot {args.id} is {was}: nothing to cancel", file=sys.stderr)
+        return EXIT_ATTENTION
+    print(f"cancelled snapshot {args.id}: the producer reads no further chunk of it (a "
+          "chunk already read is still published)")
     return EXIT_OK
 
 
@@ -220,13 +271,19 @@ def cmd_demo_tryton(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
+    from service.settings import origins
+
     shown = settings.redacted()
+    where = origins() if args.show_origin else {}
     if args.json:
-        print(json.dumps(shown, indent=2))
+        print(json.dumps({k: {"value": v, "origin": where[k]} for k, v in shown.items()}
+                         if args.show_origin else shown, indent=2))
     else:
         width = max(map(len, shown))
+        vwidth = max(len(str(v)) for v in shown.values()) if args.show_origin else 0
         for name, value in shown.items():
-            print(f"{name:<{width}}  {value}")
+            print(f"{name:<{width}}  {value:<{vwidth}}  {where[name]}".rstrip()
+                  if args.show_origin else f"{name:<{width}}  {value}")
     return EXIT_OK
 
 
@@ -279,8 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "circuit breaker keeps a partition paused")
     p.set_defaults(func=cmd_consume)
 
-    p = sub.add_parser("snapshot", help="re-snapshot a CRM table (or some keys) while streaming")
-    p.add_argument("--table", required=True,
+    p = sub.add_parser("snapshot", help="re-snapshot a CRM table (or some keys) while "
+                       "streaming; `snapshot list`, `snapshot cancel ID`")
+    p.add_argument("action", nargs="?", choices=["list", "cancel"],
+                   help="list the snapshot requests (newest first), or cancel a pending one")
+    p.add_argument("id", nargs="?", type=int, metavar="ID", help="with cancel: the snapshot")
+    p.add_argument("--json", action="store_true", help="with list: machine-readable output")
+    p.add_argument("--table",
                    help="an entity (customer, order, market_demand) or its CRM table")
     p.add_argument("--key", action="append",
                    help="only this key, as text (repeatable; a composite key is a JSON array)")
@@ -315,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the effective configuration, secrets hidden")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--show-origin", action="store_true",
+                   help="say where each value comes from: env (a CRM_ERP_SYNC_* variable), "
+                        "file PATH (CRM_ERP_SYNC_CONFIG_FILE) or default")
     p.set_defaults(func=cmd_config)
     return parser
 

@@ -9,7 +9,9 @@ Every long-running command (``produce``, ``consume``) serves, on CRM_ERP_SYNC_HT
   - consume: connected to the group with partitions assigned, and not stalled (a transient
     failure, ERP or broker, has not kept it retrying for CRM_ERP_SYNC_READINESS_STALL_S),
     and not degraded (the dead-letter circuit breaker keeps a partition paused: 503 with
-    state "degraded" and the breaker's messages, until `crm-erp-sync resume`);
+    state "degraded" and the breaker's messages, until `crm-erp-sync resume`), and a member
+    of its group as the broker sees it (503 "outside_group" while it is not; it rejoins by
+    itself, service/consumer/membership.py);
   - both: not while a connection to the broker or a database is lost and being
     re-established (``state: reconnecting`` with the reason);
   - produce: the active producer holds the capture lock and is not stalled; a standby that
@@ -48,6 +50,7 @@ class Health:
         self._failing_since: float | None = None
         self._disconnected: str | None = None
         self._degraded: list[str] = []
+        self._outside_group: str | None = None
 
     def beat(self) -> None:
         """The main loop is alive (call once per iteration, and while waiting)."""
@@ -60,6 +63,11 @@ class Health:
     def set_degraded(self, reasons: list[str]) -> None:
         """Partitions paused by the circuit breaker (one message each); [] when none."""
         self._degraded = list(reasons)
+
+    def set_membership(self, outside: str | None) -> None:
+        """Why this consumer is outside its group (service/consumer/membership.py); None
+        while it is a member. Outside: /readyz is 503 with state "outside_group"."""
+        self._outside_group = outside
 
     def failing(self) -> None:
         """A transient failure: retrying. Stalled once it lasts readiness_stall_s."""
@@ -95,6 +103,10 @@ class Health:
             if failing_s > self.stall_s:
                 body["state"] = "stalled"
                 return False, body
+        if self._outside_group is not None:
+            body["state"] = "outside_group"
+            body["outside_group"] = self._outside_group
+            return False, body
         if self._degraded:
             body["state"] = "degraded"
             body["breaker_open"] = self._degraded

@@ -75,6 +75,14 @@ class ConsumerMetrics(ProcessMetrics):
         self.breaker_trips = Counter(f"{PREFIX}_breaker_trips", "Times this consumer tripped "
                                      "the dead-letter circuit breaker of a partition",
                                      ["topic", "partition"], registry=r)
+        self.group_member = Gauge(f"{PREFIX}_group_member", "1 while the broker lists this "
+                                  "consumer as a member of its group, 0 while it is outside "
+                                  "(it rejoins by itself)", registry=r)
+        self.group_rejoins = Counter(f"{PREFIX}_group_rejoins", "Times this consumer found "
+                                     "itself outside its group and rejoined", registry=r)
+        self.paused = Gauge(f"{PREFIX}_partition_paused", "1 while an operator's `crm-erp-sync "
+                            "pause` keeps this partition paused", ["topic", "partition"],
+                            registry=r)
         # The mappings file (service/consumer/mappings_watch.py): which version is applied,
         # and whether a newer file was refused.
         self.mappings_info = Gauge(f"{PREFIX}_mappings_info", "1 for the mappings file "

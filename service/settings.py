@@ -77,6 +77,9 @@ class Settings:
     breaker_window_s: float = 60.0
     # How often a running consumer reads the breaker state table (an operator's `resume`).
     breaker_poll_s: float = 2.0
+    # How often a running consumer asks the broker whether it is still in its group (and
+    # reports itself to sync.consumers for `status`); see service/consumer/membership.py.
+    membership_check_s: float = 10.0
     # How often a running consumer checks the mappings file for a change (SIGHUP: at once).
     mappings_check_s: float = 5.0
 
@@ -128,7 +131,7 @@ class Settings:
                 raise ConfigError(self.env_var(name), "must not be negative")
         for name in ("heartbeat_interval_s", "shutdown_timeout_s", "liveness_timeout_s",
                      "readiness_stall_s", "breaker_window_s", "breaker_poll_s",
-                     "mappings_check_s"):
+                     "membership_check_s", "mappings_check_s"):
             if not getattr(self, name) > 0:  # also refuses nan
                 raise ConfigError(self.env_var(name), "must be a positive number of seconds")
         if not self.breaker_max_ratio > 0:
@@ -199,6 +202,20 @@ class Settings:
 
 
 CONFIG_FILE_VAR = ENV_PREFIX + "CONFIG_FILE"
+
+
+def origins(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Where each setting's value comes from, keyed by environment variable: "env", "file
+    PATH" (CRM_ERP_SYNC_CONFIG_FILE) or "default" (the precedence of Settings.from_env).
+    Raises ConfigError when the config file cannot be read."""
+    env = os.environ if environ is None else environ
+    from_file = _read_config_file(env, {f.name for f in dataclasses.fields(Settings)})
+    out: dict[str, str] = {}
+    for field in dataclasses.fields(Settings):
+        name = Settings.env_var(field.name)
+        out[name] = ("env" if name in env else
+                     f"file {env[CONFIG_FILE_VAR]}" if field.name in from_file else "default")
+    return out
 
 
 def unknown_env_vars(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:

@@ -62,6 +62,16 @@ DO $$ BEGIN
             ALTER COLUMN last_key TYPE text USING last_key::text;
     END IF;
 END $$;
+-- `crm-erp-sync snapshot cancel ID` (issue #14): a cancelled request is no longer read.
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'snapshots_state_check'
+                   AND conrelid = '{OWN_SCHEMA}.snapshots'::regclass
+                   AND pg_get_constraintdef(oid) LIKE '%cancelled%') THEN
+        ALTER TABLE {OWN_SCHEMA}.snapshots DROP CONSTRAINT IF EXISTS snapshots_state_check;
+        ALTER TABLE {OWN_SCHEMA}.snapshots ADD CONSTRAINT snapshots_state_check
+            CHECK (state IN ('pending', 'done', 'cancelled'));
+    END IF;
+END $$;
 """
 
 
@@ -194,6 +204,32 @@ def request_snapshot(
     ).fetchone()
     assert row is not None
     return int(row[0])
+
+
+SNAPSHOT_COLUMNS = ("snapshot_id", "table_name", "keys", "reason", "chunk_size", "chunks_done",
+                    "rows_emitted", "state", "requested_at", "finished_at")
+
+
+def list_snapshots(conn: psycopg.Connection[Any], *, limit: int = 50) -> list[dict[str, Any]]:
+    """The newest snapshot requests first (pending, done, cancelled), as dicts."""
+    return [dict(zip(SNAPSHOT_COLUMNS, r, strict=True)) for r in conn.execute(
+        f"SELECT {', '.join(SNAPSHOT_COLUMNS)} FROM {OWN_SCHEMA}.snapshots "
+        "ORDER BY snapshot_id DESC LIMIT %s", (limit,)).fetchall()]
+
+
+def cancel_snapshot(conn: psycopg.Connection[Any], snapshot_id: int) -> str | None:
+    """Cancel a pending snapshot: the producer reads no further chunk of it (a chunk in
+    flight is still published). Returns the state it had (None: no such snapshot); only a
+    'pending' one changes."""
+    row = conn.execute(
+        f"SELECT state FROM {OWN_SCHEMA}.snapshots WHERE snapshot_id = %s FOR UPDATE",
+        (snapshot_id,)).fetchone()
+    if row is None:
+        return None
+    if row[0] == "pending":
+        conn.execute(f"UPDATE {OWN_SCHEMA}.snapshots SET state = 'cancelled', "
+                     "finished_at = now() WHERE snapshot_id = %s", (snapshot_id,))
+    return str(row[0])
 
 
 def _select_list(info: TableInfo) -> sql.Composable:

@@ -63,11 +63,14 @@ class BreakerControl:
         self.health = health
         self._connect = connect
         self.open: dict[Partition, OpenTrip] = {}
+        # Paused by an operator (`crm-erp-sync pause`, sync.operator_pauses): who and why.
+        self.paused: dict[Partition, str] = {}
         self._last_refresh = float("-inf")
 
     # ---- in the pipeline (Breaker stage) ------------------------------------------------------
     def is_open(self, partition: Partition) -> bool:
-        return partition in self.open
+        """Tripped, or paused by an operator: its messages are not applied."""
+        return partition in self.open or partition in self.paused
 
     def hold_back(self, consumer: Any, partition: Partition, first_offset: int) -> None:
         """Messages of an open partition were polled anyway (before its pause, or after a
@@ -130,6 +133,10 @@ class BreakerControl:
                     "from_offset, through_offset, message FROM sync.breaker_trips "
                     "WHERE consumer_group = %s ORDER BY topic, partition, trip_id DESC",
                     (self.settings.consumer_group,)).fetchall()
+                pauses = conn.execute(
+                    "SELECT topic, partition, paused_by, reason FROM sync.operator_pauses "
+                    "WHERE consumer_group = %s AND state = 'paused'",
+                    (self.settings.consumer_group,)).fetchall()
         except psycopg.errors.UndefinedTable as exc:
             raise ConfigError("CRM_ERP_SYNC_ERP_DSN", "the ERP has no sync.breaker_trips "
                               "table: run `crm-erp-sync setup` (idempotent) after an "
@@ -144,6 +151,7 @@ class BreakerControl:
             else:
                 self.breaker.resumed(key, through)
         assigned = set(consumer.assignment() or ()) if consumer is not None else set()
+        paused = {(t, p): f"{t}[{p}] paused by {who}: {why}" for t, p, who, why in pauses}
         for key, was in list(self.open.items()):
             if key in tripped:
                 continue
@@ -151,10 +159,27 @@ class BreakerControl:
             with contextlib.suppress(KeyError):  # never set in this process
                 self.metrics.breaker_open.remove(key[0], str(key[1]))
             tp = TopicPartition(*key)
-            if tp in assigned:
+            if tp in assigned and key not in paused:
                 consumer.resume(tp)
             log.warning("circuit_breaker_resumed", topic=key[0], partition=key[1],
                         from_offset=was.from_offset)
+        for key in list(self.paused):
+            if key in paused:
+                continue
+            del self.paused[key]
+            with contextlib.suppress(KeyError):
+                self.metrics.paused.remove(key[0], str(key[1]))
+            tp = TopicPartition(*key)
+            if tp in assigned and key not in tripped:
+                consumer.resume(tp)
+            log.warning("consumption_resumed", topic=key[0], partition=key[1])
+        for key, why in paused.items():
+            if key not in self.paused:
+                log.warning("consumption_paused_by_operator", topic=key[0], partition=key[1])
+            self.paused[key] = why
+            tp = TopicPartition(*key)
+            if tp in assigned:
+                consumer.pause(tp)
         for key, trip in tripped.items():
             self.open[key] = trip
             tp = TopicPartition(*key)
@@ -165,11 +190,15 @@ class BreakerControl:
     def repause(self, consumer: Any) -> None:
         """After something resumed every partition (the transient-failure wait)."""
         assigned = set(consumer.assignment() or ())
-        paused = [TopicPartition(*k) for k in self.open if TopicPartition(*k) in assigned]
+        paused = [TopicPartition(*k) for k in {*self.open, *self.paused}
+                  if TopicPartition(*k) in assigned]
         if paused:
             consumer.pause(*paused)
 
     def _publish(self) -> None:
         for topic, partition in self.open:
             self.metrics.breaker_open.labels(topic, str(partition)).set(1)
-        self.health.set_degraded([t.message for t in self.open.values()])
+        for topic, partition in self.paused:
+            self.metrics.paused.labels(topic, str(partition)).set(1)
+        self.health.set_degraded([t.message for t in self.open.values()]
+                                 + list(self.paused.values()))

@@ -34,6 +34,7 @@ from service.cdc import dead_letters as capture_letters
 from service.consumer import dlq
 from service.consumer.breaker import BreakerControl
 from service.consumer.mappings_watch import MappingsWatcher
+from service.consumer.membership import Membership
 from service.consumer.policy import BatchPolicy, DlqLimit, RetryPolicy
 from service.erp.changes import ErpChange, to_erp
 from service.erp.mappings import Mappings
@@ -84,6 +85,7 @@ class Envelope:
     change: ErpChange | None = None
     error: Permanent | None = None
     held: str | None = None  # reason when held back instead of applied
+    letter_exists: bool = False  # failed, but its dead letter exists already (a replay)
 
 
 @dataclass
@@ -339,13 +341,23 @@ class ErpApplier:
             batch.envelopes[:0] = released
         envs = batch.envelopes
         blocked = self._blocked_keys(conn, [e.msg for e in envs])
-        # Keys that get a dead letter in this batch block what follows them in it too.
+        # A replayed message that already has its dead letter (open or resolved) is not a new
+        # failure: no second record on the dead-letter topic, and an operator's resolution
+        # (discard, redrive) stands.
+        known = self._lettered(conn, [e.msg for e in envs if e.error is not None])
+        # Keys that get a dead letter in this batch block what follows them in it too; what
+        # came before a key's first letter (applied already, seen again in a replay) is not
+        # held behind it.
         runnable: list[Envelope] = []
         for env in envs:
             key = (env.msg.topic, env.msg.key)
+            at = (env.msg.partition, env.msg.offset)
             if env.error is not None:
-                blocked.add(key)
-            elif key in blocked:
+                if at in known.get(env.msg.topic, ()):
+                    env.letter_exists = True
+                else:
+                    blocked[key] = min(blocked.get(key, at), at)
+            elif key in blocked and at > blocked[key]:
                 env.held = "key_blocked"
             else:
                 runnable.append(env)
@@ -368,7 +380,7 @@ class ErpApplier:
         self._apply_or_isolate(conn, to_apply)
         self._hold(conn, [e for e in envs if e.held and e.msg.held_id is None])
         for env in envs:
-            if env.error is not None:
+            if env.error is not None and not env.letter_exists:
                 batch.dead_letters.append(_dead_letter(env.msg, env.error))
         if customers_here:
             self._release_awaiting(conn, sorted(customers_here), batch)
@@ -458,17 +470,41 @@ class ErpApplier:
                 self._apply_in_txn(conn, batch)
                 self._publish_dead_letters(conn, batch)
 
-    def _blocked_keys(self, conn: PgConn, msgs: list[Message]) -> set[tuple[str, bytes | None]]:
+    def _blocked_keys(self, conn: PgConn, msgs: list[Message]
+                      ) -> dict[tuple[str, bytes | None], tuple[int, int]]:
+        """Keys held back, with the (partition, offset) from which they are: the first
+        unresolved dead letter of the key, or its first held event."""
         keys = sorted({m.key for m in msgs if m.key is not None})
         if not keys:
-            return set()
+            return {}
         # One round trip per batch; both sides are read through partial indexes on msg_key.
         rows = conn.execute(
-            "SELECT topic, msg_key FROM sync.dead_letters "
+            'SELECT topic, msg_key, min(ARRAY[partition::bigint, "offset"]) FROM ('
+            'SELECT topic, msg_key, partition, "offset" FROM sync.dead_letters '
             "WHERE state IN ('open', 'failed_again') AND msg_key = ANY(%(keys)s) "
-            "UNION SELECT topic, msg_key FROM sync.held_events "
-            "WHERE reason = 'key_blocked' AND msg_key = ANY(%(keys)s)", {"keys": keys}).fetchall()
-        return {(r[0], r[1]) for r in rows}
+            'UNION ALL SELECT topic, msg_key, partition, "offset" FROM sync.held_events '
+            "WHERE reason = 'key_blocked' AND msg_key = ANY(%(keys)s)) b GROUP BY 1, 2",
+            {"keys": keys}).fetchall()
+        out: dict[tuple[str, bytes | None], tuple[int, int]] = {}
+        for topic, key, (partition, offset) in rows:
+            at = (int(partition), int(offset))
+            out[(topic, key)] = min(out.get((topic, key), at), at)
+        return out
+
+    def _lettered(self, conn: PgConn, msgs: list[Message]) -> dict[str, set[tuple[int, int]]]:
+        """Of these messages, those that already have a dead letter (any state), by topic."""
+        if not msgs:
+            return {}
+        rows = conn.execute(
+            'SELECT topic, partition, "offset" FROM sync.dead_letters d JOIN unnest('
+            '%s::text[], %s::int[], %s::bigint[]) AS m(topic, partition, "offset") '
+            'USING (topic, partition, "offset")',
+            ([m.topic for m in msgs], [m.partition for m in msgs],
+             [m.offset for m in msgs])).fetchall()
+        out: dict[str, set[tuple[int, int]]] = {}
+        for topic, partition, offset in rows:
+            out.setdefault(topic, set()).add((partition, offset))
+        return out
 
     def _hold(self, conn: PgConn, envs: list[Envelope]) -> None:
         if not envs:
@@ -598,6 +634,13 @@ class ErpApplier:
         letters = batch.dead_letters
         if not letters:
             return
+        # Never a second record on the dead-letter topic for a message that has its letter.
+        seen = self._lettered(conn, [Message(d.topic, d.partition, d.offset, 0, None, None)
+                                     for d in letters])
+        letters = [d for d in letters if (d.partition, d.offset) not in seen.get(d.topic, ())]
+        batch.dead_letters = letters
+        if not letters:
+            return
         # A capture dead letter is on the dead-letter topic already (the producer put it
         # there): only its place is recorded.
         to_send = [d for d in letters
@@ -711,6 +754,7 @@ class ErpConsumer:
         self.dlq_limit = dlq_limit or DlqLimit.from_settings(settings)
         self.breaker = BreakerControl(settings, self.dlq_limit, self.metrics, self.health,
                                       self.applier.connect)
+        self.membership = Membership(settings, self.metrics, self.health, self.applier.connect)
         self.stats = ConsumerStats()
         self._last_lag_update = 0.0
         self._stop = threading.Event()
@@ -735,7 +779,8 @@ class ErpConsumer:
         http = serve(self.settings, self.health)
         try:
             self.consumer = make_consumer(self.settings, self.settings.sales_topic,
-                                          self.settings.market_topic)
+                                          self.settings.market_topic,
+                                          client_id=self.membership.client_id)
         except StackUnavailable:
             if http is not None:
                 http.close()
@@ -752,6 +797,7 @@ class ErpConsumer:
             while not self._stop.is_set():
                 self.health.beat()
                 msgs = self._poll_or_wait()
+                self._retrying(functools.partial(self.membership.check, self.consumer))
                 now = time.monotonic()
                 self._retrying(functools.partial(self.breaker.refresh, self.consumer))
                 if self._watch_mappings():
@@ -784,6 +830,7 @@ class ErpConsumer:
             self.consumer.close(autocommit=False)
             self.watcher.forget(self.applier.conn, self.settings.consumer_group)
             self.applier.target.close()
+            self.membership.close()
             if self.applier.conn is not None:
                 self.applier.conn.close()
             if self.applier._dlq_producer is not None:

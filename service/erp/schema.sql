@@ -264,3 +264,42 @@ CREATE TABLE IF NOT EXISTS sync.consumers (
     seen_at            timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (consumer_group, member_id)
 );
+
+-- Issue #14: every running consumer reports itself here every CRM_ERP_SYNC_MEMBERSHIP_CHECK_S
+-- (service/consumer/membership.py): whether the broker lists it in its group, since when it
+-- is outside, its partitions and mappings version. `status` sets this beside the broker's
+-- member list, so a live process outside the group is seen. A clean stop deletes the row.
+CREATE TABLE IF NOT EXISTS sync.consumer_membership (
+    consumer_group   text NOT NULL,
+    client_id        text NOT NULL,
+    host             text NOT NULL,
+    pid              integer NOT NULL,
+    member_id        text NOT NULL,
+    in_group         boolean NOT NULL,
+    out_since        timestamptz,
+    assigned         text[] NOT NULL,
+    mappings_version text NOT NULL,
+    started_at       timestamptz NOT NULL,
+    last_seen        timestamptz NOT NULL,
+    rejoins          integer NOT NULL DEFAULT 0,
+    PRIMARY KEY (consumer_group, client_id)
+);
+
+-- Issue #14 item 7: `crm-erp-sync pause` / `resume`: consumption paused by an operator, per
+-- partition (audited: who, when, why). Running consumers read it with the breaker's state
+-- (every CRM_ERP_SYNC_BREAKER_POLL_S), so a pause survives restarts and rebalances.
+CREATE TABLE IF NOT EXISTS sync.operator_pauses (
+    pause_id       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    consumer_group text NOT NULL,
+    topic          text NOT NULL,
+    partition      integer NOT NULL,
+    state          text NOT NULL DEFAULT 'paused' CHECK (state IN ('paused', 'resumed')),
+    paused_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+    paused_by      text NOT NULL,
+    reason         text NOT NULL,
+    resumed_at     timestamptz,
+    resumed_by     text,
+    resume_reason  text
+);
+CREATE UNIQUE INDEX IF NOT EXISTS operator_pauses_open ON sync.operator_pauses
+    (consumer_group, topic, partition) WHERE state = 'paused';

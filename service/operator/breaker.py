@@ -74,3 +74,81 @@ def resume(settings: Settings, partitions: list[tuple[str, int]] | None, *, acto
                 "WHERE trip_id = ANY(%s) AND state = 'tripped'",
                 (actor, reason, [t.trip_id for t in chosen]))
     return chosen, not_tripped
+
+
+# ---- `crm-erp-sync pause` / resume of an operator's pause ------------------------------------
+@dataclass(frozen=True)
+class Pause:
+    topic: str
+    partition: int
+    paused_at: datetime
+    paused_by: str
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.topic}[{self.partition}]"
+
+
+def consumed_partitions(settings: Settings) -> list[tuple[str, int]]:
+    """Every partition of the topics the group consumes, as the broker knows them."""
+    from service.kafka_io import make_consumer
+
+    probe = make_consumer(settings, group_id=None)
+    try:
+        return [(t, p) for t in (settings.sales_topic, settings.market_topic)
+                for p in sorted(probe.partitions_for_topic(t) or ())]
+    finally:
+        probe.close()
+
+
+def pause(settings: Settings, partitions: list[tuple[str, int]] | None, *, actor: str,
+          reason: str) -> tuple[list[Pause], list[tuple[str, int]]]:
+    """Pause consumption of the named partitions (None: all) for the whole group, until
+    ``resume``; running consumers pause them within CRM_ERP_SYNC_BREAKER_POLL_S, and a
+    consumer that starts later starts with them paused. Returns (paused now, already
+    paused). Raises ConfigError for a partition the group does not consume."""
+    known = consumed_partitions(settings)
+    wanted = known if partitions is None else partitions
+    unknown = [f"{t}:{p}" for t, p in wanted if (t, p) not in known]
+    if unknown:
+        raise ConfigError("--partition", f"not consumed by {settings.consumer_group}: "
+                          f"{', '.join(unknown)} (known: "
+                          f"{', '.join(f'{t}:{p}' for t, p in known)})")
+    with connect(settings, "erp", autocommit=False) as conn, conn.transaction():
+        rows = conn.execute(
+            "INSERT INTO sync.operator_pauses (consumer_group, topic, partition, paused_by, "
+            "reason) SELECT %s, t, p, %s, %s FROM unnest(%s::text[], %s::int[]) AS w(t, p) "
+            "ON CONFLICT (consumer_group, topic, partition) WHERE state = 'paused' "
+            "DO NOTHING RETURNING topic, partition, paused_at, paused_by, reason",
+            (settings.consumer_group, actor, reason, [t for t, _ in wanted],
+             [p for _, p in wanted])).fetchall()
+    done = [Pause(*r) for r in rows]
+    new = {(p.topic, p.partition) for p in done}
+    return sorted(done, key=lambda p: (p.topic, p.partition)), [w for w in wanted
+                                                                 if w not in new]
+
+
+def open_pauses(conn: PgConn, group: str) -> list[Pause]:
+    return [Pause(*r) for r in conn.execute(
+        "SELECT topic, partition, paused_at, paused_by, reason FROM sync.operator_pauses "
+        "WHERE consumer_group = %s AND state = 'paused' ORDER BY topic, partition",
+        (group,)).fetchall()]
+
+
+def resume_pauses(settings: Settings, partitions: list[tuple[str, int]] | None, *,
+                  actor: str, reason: str) -> list[Pause]:
+    """End an operator's pause of the named partitions (None: all); audited on the row."""
+    with connect(settings, "erp", autocommit=False) as conn, conn.transaction():
+        current = open_pauses(conn, settings.consumer_group)
+        chosen = [p for p in current
+                  if partitions is None or (p.topic, p.partition) in partitions]
+        if chosen:
+            conn.execute(
+                "UPDATE sync.operator_pauses SET state = 'resumed', "
+                "resumed_at = clock_timestamp(), resumed_by = %s, resume_reason = %s "
+                "WHERE consumer_group = %s AND state = 'paused' AND (topic, partition) IN "
+                "(SELECT * FROM unnest(%s::text[], %s::int[]))",
+                (actor, reason, settings.consumer_group, [p.topic for p in chosen],
+                 [p.partition for p in chosen]))
+    return chosen

@@ -49,6 +49,22 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     print(render.table(["topic", "partition", "committed", "end", "lag"],
                        [(p.topic, p.partition, p.committed, p.end, p.lag) for p in st.lag]))
     print(f"total lag: {st.total_lag}\n")
+    if st.members:
+        print(render.table(
+            ["group member", "host", "pid", "in group", "partitions", "last report",
+             "rejoins"],
+            [(m.client_id, m.host, m.pid if m.pid is not None else "-",
+              "yes" if m.in_group else "NO" + (f" since {m.out_since:%H:%M:%S}"
+                                                if m.out_since else ""),
+              ", ".join(m.partitions) or "-",
+              f"{_fmt_s(m.last_seen_s)} ago" if m.last_seen_s is not None else "-",
+              m.rejoins) for m in st.members], max_width=60))
+    else:
+        print(f"Group members: none (no consumer in group {settings.consumer_group})")
+    for p in st.paused:
+        print(f"Paused by an operator: {p['topic']}[{p['partition']}] since "
+              f"{render.cell(p['paused_at'])} by {p['paused_by']}: {p['reason']}")
+    print()
     slot = st.slot
     print(f"Producer: {'running' if st.producer_running else 'NOT RUNNING'}; "
           f"slot {settings.slot_name}: " + (
@@ -56,6 +72,11 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         f"{'reading' if slot['active'] else 'idle'}, retains "
         f"{slot['retained_wal_bytes']} bytes of WAL, {slot['unconfirmed_bytes']} bytes "
         "not yet confirmed"))
+    ox = st.oldest_transaction
+    print("Oldest CRM transaction holding the slot: " + (
+        "none" if ox is None else
+        f"pid {ox['pid']} ({ox['state']}, database {ox['database']}), open for "
+        f"{_fmt_s(ox['age_s'])}"))
     if st.breaker:
         print(render.table(
             ["circuit breaker OPEN", "since", "measured", "limit", "paused at offset",
@@ -82,7 +103,8 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         for s in st.pending_snapshots))
     print()
     if st.dead_letters:
-        print(render.table(["unresolved dead letters", "count"], sorted(st.dead_letters.items())))
+        print(render.table(["unresolved dead letters", "field", "count"],
+                           [(c, f or "-", n) for c, f, n in st.dead_letters_by_field]))
     else:
         print("Unresolved dead letters: none")
     if st.held:
@@ -236,10 +258,38 @@ def cmd_dlq_redrive(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_dlq_discard(settings: Settings, args: argparse.Namespace) -> int:
     from service.operator.dlq import discard, select_letters
 
-    letters, refused = select_letters(settings, args.ids, None, False)
-    report = discard(settings, letters, actor=actor(args.actor), reason=args.reason)
+    if not (args.ids or args.error_type or args.field):
+        raise ConfigError("dlq discard", "name dead letters: ID ..., --error-type X or --field F")
+    if args.ids and (args.error_type or args.field):
+        raise ConfigError("dlq discard", "give IDs or filters (--error-type/--field), not both")
+    letters, refused = select_letters(settings, args.ids, args.error_type, False,
+                                      field=args.field)
+    if (not args.ids and not args.dry_run and letters and not args.yes
+            and not _confirm(f"Discard {len(letters)} dead letter(s) ({_filters(args)})? "
+                             "Their changes will not reach the ERP.")):
+        print(f"crm-erp-sync: not confirmed: nothing discarded ({len(letters)} letter(s) "
+              "match; add --yes to confirm without a prompt, or --dry-run to list them)",
+              file=sys.stderr)
+        return EXIT_ATTENTION
+    report = discard(settings, letters, actor=actor(args.actor), reason=args.reason,
+                     dry_run=args.dry_run)
     report.outcomes[:0] = refused
     return _print_report(report, args.json)
+
+
+def _filters(args: argparse.Namespace) -> str:
+    return ", ".join(f"{name} {value}" for name, value in (
+        ("error type", args.error_type), ("field", args.field)) if value)
+
+
+def _confirm(question: str) -> bool:
+    """Asks on the terminal; without one (a script, a pipe) the answer is no."""
+    if not sys.stdin.isatty():
+        return False
+    try:
+        return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
 
 
 # ---- reconcile -----------------------------------------------------------------------------
@@ -330,30 +380,121 @@ def cmd_stock_recount(settings: Settings, args: argparse.Namespace) -> int:
         _print_stock(rc)
     return EXIT_ATTENTION if rc.needs_attention else EXIT_OK
 
-# ---- resume (the circuit breaker) ----------------------------------------------------------
-def cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
-    from service.consumer.policy import percent
-    from service.operator.breaker import parse_partition, resume
+
+# ---- trace ---------------------------------------------------------------------------------
+def cmd_trace(settings: Settings, args: argparse.Namespace) -> int:
+    from service.operator.trace import trace
+
+    known = [settings.sales_topic, settings.market_topic]
+    for topic in args.topic or ():
+        if topic not in known:
+            raise ConfigError("--topic", f"{topic!r} is not a topic of the sync: choose from "
+                                         f"{', '.join(known)}")
+    t = trace(settings, args.key, topics=args.topic)
+    if args.json:
+        print(render.dumps(render.jsonable(t)))
+        return EXIT_OK
+    print(f"Key {t.key}\n")
+    if t.crm:
+        for c in t.crm:
+            print(f"CRM {c['entity']} ({c['table']}):")
+            print(render.table(["column", "value"], list(c["row"].items()), max_width=80))
+    else:
+        print("CRM: no row with this key (deleted, or not a key of any captured table)")
+    print(f"\nEvents on Kafka ({len(t.events)} of {t.scanned} read):")
+    if t.events:
+        print(render.table(["topic[partition]@offset", "kind", "op", "key", "lsn", "seq",
+                            "committed in the CRM", "event id"],
+                           [(f"{e['topic']}[{e['partition']}]@{e['offset']}", e["kind"],
+                             e["op"], e.get("event_key") or "-", e.get("lsn") or "-",
+                             e.get("seq") if e.get("seq") is not None else "-",
+                             render.cell(e.get("commit_time")),
+                             e.get("event_id") or e.get("error", "-"))
+                            for e in t.events], max_width=60))
+    else:
+        print("  none")
+    print("\nERP:")
+    for r in t.erp:
+        row = r["row"]
+        print(f"  {r['table']} ({r['as']}): position lsn {row.get('source_lsn')} seq "
+              f"{row.get('source_seq')}, event {row.get('event_id')}, applied "
+              f"{render.cell(row.get('applied_at'))}"
+              + (", DELETED" if row.get("deleted") else ""))
+    if not t.erp:
+        print("  no row with this key")
+    print("\nHeld events:" + ("" if t.held else " none"))
+    for h in t.held:
+        print(f"  #{h['held_id']} {h['topic']}[{h['partition']}]@{h['offset']} {h['reason']}"
+              + (f" (waits for customer {h['waits_for']})" if h["waits_for"] else "")
+              + f" since {render.cell(h['held_at'])}")
+    print("\nDead letters:" + ("" if t.dead_letters else " none"))
+    for d in t.dead_letters:
+        print(f"  #{d['dead_letter_id']} {d['topic']}[{d['partition']}]@{d['offset']} "
+              f"{d['state']}: {d['error_class']}: {d['reason']}")
+        for a in d["actions"]:
+            print(f"    {render.cell(a['at'])} {a['action']} by {a['actor']}: {a['outcome']}"
+                  + (f" ({a['reason']})" if a["reason"] else ""))
+    return EXIT_OK
+
+
+# ---- pause / resume (an operator's pause, the circuit breaker) -----------------------------
+def _named_partitions(args: argparse.Namespace, command: str) -> list[tuple[str, int]] | None:
+    from service.operator.breaker import parse_partition
 
     if not (args.partition or args.all):
-        raise ConfigError("resume", "name the partitions: --partition TOPIC:N ... or --all")
-    partitions = None if args.all else [parse_partition(p) for p in args.partition]
-    resumed, not_tripped = resume(settings, partitions, actor=actor(args.actor),
-                                  reason=args.reason)
+        raise ConfigError(command, "name the partitions: --partition TOPIC:N ... or --all")
+    return None if args.all else [parse_partition(p) for p in args.partition]
+
+
+def cmd_pause(settings: Settings, args: argparse.Namespace) -> int:
+    from service.operator.breaker import pause
+
+    paused, already = pause(settings, _named_partitions(args, "pause"),
+                            actor=actor(args.actor), reason=args.reason)
+    if args.json:
+        print(render.dumps({"paused": [{**render.jsonable(p), "partition_name": p.name}
+                                       for p in paused],
+                            "already_paused": [f"{t}[{p}]" for t, p in already]}))
+        return EXIT_OK
+    for p in paused:
+        print(f"paused {p.name}: running consumers stop applying it within "
+              f"{settings.breaker_poll_s:g}s; it stays paused across restarts until "
+              "`crm-erp-sync resume`")
+    for t, n in already:
+        print(f"{t}[{n}] was already paused")
+    return EXIT_OK
+
+
+def cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
+    from service.consumer.policy import percent
+    from service.operator.breaker import resume, resume_pauses
+
+    partitions = _named_partitions(args, "resume")
+    who = actor(args.actor)
+    unpaused = resume_pauses(settings, partitions, actor=who, reason=args.reason)
+    resumed, not_tripped = resume(settings, partitions, actor=who, reason=args.reason)
+    was_paused = {(p.topic, p.partition) for p in unpaused}
+    not_tripped = [p for p in not_tripped if p not in was_paused]
     if args.json:
         print(render.dumps({"resumed": [{**render.jsonable(t), "partition_name": t.name}
                                         for t in resumed],
+                            "unpaused": [{**render.jsonable(p), "partition_name": p.name}
+                                         for p in unpaused],
                             "not_tripped": [f"{t}[{p}]" for t, p in not_tripped]}))
     else:
+        for p in unpaused:
+            print(f"resumed {p.name} (paused {render.cell(p.paused_at)} by {p.paused_by}: "
+                  f"{p.reason}); running consumers continue within "
+                  f"{settings.breaker_poll_s:g}s")
         for t in resumed:
             print(f"resumed {t.name} (tripped {render.cell(t.tripped_at)}: "
                   f"{percent(t.ratio)} of {t.messages} messages were dead letters, limit "
                   f"{percent(t.max_ratio)}); running consumers continue from offset "
                   f"{t.from_offset} within {settings.breaker_poll_s:g}s")
         for topic, partition in not_tripped:
-            print(f"refused {topic}[{partition}]: its circuit breaker is not open")
-        if not resumed and not not_tripped:
-            print("Nothing to resume: no circuit breaker is open.")
+            print(f"refused {topic}[{partition}]: it is neither paused nor tripped")
+        if not resumed and not not_tripped and not unpaused:
+            print("Nothing to resume: nothing is paused and no circuit breaker is open.")
     return EXIT_ATTENTION if not_tripped else EXIT_OK
 
 
@@ -388,19 +529,49 @@ def register(sub: Any) -> None:
                    help="total lag above which status needs attention (default 10000)")
     p.set_defaults(func=cmd_status)
 
-    p = parser("resume", sub, "resume partitions paused by the dead-letter circuit breaker",
-               "A partition whose share of dead letters reached CRM_ERP_SYNC_BREAKER_MAX_RATIO\n"
-               "(over at least BREAKER_MIN_MESSAGES messages within BREAKER_WINDOW_S) is\n"
-               "paused; the other partitions go on. `status` shows which, since when, the\n"
-               "measured ratio, the limit and the last reasons. Look first (`dlq list --topic\n"
-               "T`), fix the mappings or the CRM if needed, then resume: running consumers\n"
-               "continue within CRM_ERP_SYNC_BREAKER_POLL_S, dead-lettering the messages that\n"
-               "tripped it. Audited (who, when, why) in sync.breaker_trips.\n"
-               "Exit 1 if a named partition was not tripped.")
+    p = parser("trace", sub, "one key through the system: CRM row, Kafka events, ERP row, "
+               "held events, dead letters",
+               "Follows one key (text: 42, a UUID, a composite key as a JSON array) from the\n"
+               "CRM row (through the source profile) to its events on Kafka (partition,\n"
+               "offset, op, position), the ERP rows and their positions, the events held for\n"
+               "it and its dead letters with what was done to them. Reads the topics from the\n"
+               "beginning (seconds per million events). Prints personal data: for the\n"
+               "operator's screen, not for tickets.")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("--topic", action="append", help="only this topic (repeatable)")
+    p.set_defaults(func=cmd_trace)
+
+    p = parser("pause", sub, "pause consumption (all or some partitions), audited",
+               "Stop applying the named partitions (or --all) in every consumer of the group,\n"
+               "within CRM_ERP_SYNC_BREAKER_POLL_S; the other partitions go on. The pause is\n"
+               "kept in the ERP (sync.operator_pauses: who, when, why), so it survives restarts\n"
+               "and rebalances until `crm-erp-sync resume`. /readyz says \"degraded\" and\n"
+               "`status` lists it meanwhile. Events wait in Kafka: nothing is lost.")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--partition", action="append", metavar="TOPIC:N",
                         help="this partition (repeatable), e.g. crm.sales:1")
-    target.add_argument("--all", action="store_true", help="every tripped partition")
+    target.add_argument("--all", action="store_true", help="every partition of the group")
+    p.add_argument("--reason", required=True, help="why (required, audited)")
+    p.add_argument("--actor", help="who (default: the login name)")
+    p.set_defaults(func=cmd_pause)
+
+    p = parser("resume", sub, "resume paused partitions (an operator's pause, or the "
+               "dead-letter circuit breaker)",
+               "Ends an operator's `pause` of the named partitions, and clears the dead-letter\n"
+               "circuit breaker where it tripped. A partition whose share of dead letters\n"
+               "reached CRM_ERP_SYNC_BREAKER_MAX_RATIO (over at least BREAKER_MIN_MESSAGES\n"
+               "messages within BREAKER_WINDOW_S) is paused; the other partitions go on.\n"
+               "`status` shows which, since when, the measured ratio, the limit and the last\n"
+               "reasons. Look first (`dlq list --topic T`), fix the mappings or the CRM if\n"
+               "needed, then resume: running consumers continue within\n"
+               "CRM_ERP_SYNC_BREAKER_POLL_S, dead-lettering the messages that tripped it.\n"
+               "Audited (who, when, why) in sync.breaker_trips / sync.operator_pauses.\n"
+               "Exit 1 if a named partition was neither paused nor tripped.")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--partition", action="append", metavar="TOPIC:N",
+                        help="this partition (repeatable), e.g. crm.sales:1")
+    target.add_argument("--all", action="store_true",
+                        help="every paused or tripped partition")
     p.add_argument("--reason", required=True, help="why (required, audited)")
     p.add_argument("--actor", help="who (default: the login name)")
     p.set_defaults(func=cmd_resume)
@@ -471,8 +642,16 @@ def register(sub: Any) -> None:
 
     p = parser("discard", dsub, "give up on dead letters (audited), releasing their key",
                "Mark dead letters discarded (the change will not reach the ERP) and apply the\n"
-               "events held behind their key. Audited with actor and reason.")
-    p.add_argument("ids", type=int, nargs="+", metavar="ID")
+               "events held behind their key. Audited with actor and reason. By ID, or in bulk\n"
+               "by --error-type and/or --field (asks for confirmation on a terminal; --yes in\n"
+               "a script; --dry-run lists what would be discarded and changes nothing).")
+    p.add_argument("ids", type=int, nargs="*", metavar="ID")
+    p.add_argument("--error-type", help="all unresolved letters of this error class or stage")
+    p.add_argument("--field", help="all unresolved letters whose mapping failed on this CRM "
+                                   "field (phone, address, ...)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list what would be discarded; change nothing")
+    p.add_argument("--yes", action="store_true", help="confirm a bulk discard without asking")
     p.add_argument("--reason", required=True, help="why (required, audited)")
     p.add_argument("--actor", help="who (default: the login name)")
     p.set_defaults(func=cmd_dlq_discard)

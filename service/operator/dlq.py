@@ -90,7 +90,8 @@ class ActionReport:
 
     @property
     def ok(self) -> bool:
-        return all(o.outcome in ("redriven", "held", "discarded", "would_redrive")
+        return all(o.outcome in ("redriven", "held", "discarded", "would_redrive",
+                                 "would_discard")
                    for o in self.outcomes)
 
 
@@ -495,10 +496,22 @@ def _resnapshot(settings: Settings, record: Any) -> str:
 
 
 def discard(settings: Settings, letters: list[Letter], *, actor: str,
-            reason: str) -> ActionReport:
+            reason: str, dry_run: bool = False) -> ActionReport:
+    """Mark letters discarded (audited) and release the events held behind their keys.
+    With dry_run: only the outcomes each would have ("would_discard", or refused), nothing
+    changed. Raises ConfigError without a reason."""
     if not reason or not reason.strip():
         raise ConfigError("--reason", "say why the dead letters are discarded")
-    report = ActionReport("discard", False)
+    report = ActionReport("discard", dry_run)
+    if dry_run:
+        for d in sorted(letters, key=lambda d: (d.topic, d.partition, d.offset)):
+            if d.state in UNRESOLVED:
+                report.outcomes.append(Outcome(d.dead_letter_id, d.key_text, "would_discard",
+                                               f"{d.error_class}: {d.error_message}"))
+            else:
+                report.outcomes.append(Outcome(d.dead_letter_id, d.key_text, "refused",
+                                               _refusal(d.dead_letter_id, d.state)))
+        return report
     registry = SchemaRegistry.load(settings.schemas_dir)
     applier = ErpApplier(settings, registry, Mappings.load(settings.mappings_file))
     try:

@@ -9,6 +9,11 @@ Needs attention (exit 1) when any of:
   held behind a key that has no unresolved dead letter (stuck);
 - the dead-letter circuit breaker keeps a partition paused (``sync.breaker_trips``);
 - the group's total lag exceeds ``--max-lag`` (default 10000 events);
+- a consumer that reported itself recently (``sync.consumer_membership``) is not a member of
+  the group as the broker lists it (it rejoins by itself; if it stays out, look at it);
+- events are waiting (lag) but the group has no member;
+- a CRM transaction has been open longer than ``PINNING_XACT_S``: the slot cannot confirm
+  past it, so the CRM keeps its WAL (pid, age and state are shown, never the query text).
 - a running consumer refused the mappings file on its disk (it keeps the older version), or
   the running consumers apply different mappings versions (``sync.consumers``).
 Lag alone below that is normal under load and is only reported.
@@ -26,10 +31,29 @@ from service.cdc.capture import OWN_SCHEMA
 from service.cdc.producer import lock_key
 from service.consumer.mappings_watch import live_members
 from service.errors import StackUnavailable
+from service.kafka_io import make_admin
 from service.operator.breaker import BreakerTrip, open_trips
 from service.operator.common import connect
 from service.ops import PartitionLag, group_lag, slot_state
 from service.settings import Settings
+
+PINNING_XACT_S = 600.0
+
+
+@dataclass(frozen=True)
+class Member:
+    """A consumer of the group: as the broker lists it and/or as it reports itself."""
+
+    client_id: str
+    host: str
+    partitions: list[str]
+    member_id: str
+    in_group: bool  # listed by the broker
+    pid: int | None = None
+    last_seen_s: float | None = None  # seconds since its last report (sync.consumer_membership)
+    out_since: datetime | None = None
+    mappings_version: str | None = None
+    rejoins: int = 0
 
 
 @dataclass
@@ -43,6 +67,12 @@ class Status:
     producer_running: bool
     last_applied: dict[str, Any]
     breaker: list[BreakerTrip] = field(default_factory=list)  # partitions paused
+    members: list[Member] = field(default_factory=list)
+    # (error class, CRM field or "", unresolved count): a MappingError names its field.
+    dead_letters_by_field: list[tuple[str, str, int]] = field(default_factory=list)
+    # The oldest CRM transaction holding an xid (it pins the slot): pid, state, age_s.
+    oldest_transaction: dict[str, Any] | None = None
+    paused: list[dict[str, Any]] = field(default_factory=list)  # operator pauses
     # Running consumers and the mappings version each applies (mappings_watch.live_members).
     consumers: list[dict[str, Any]] = field(default_factory=list)
     attention: list[str] = field(default_factory=list)
@@ -52,8 +82,50 @@ class Status:
         return sum(p.lag for p in self.lag)
 
 
+def broker_members(settings: Settings) -> list[dict[str, Any]]:
+    """The group's members as the broker lists them: member_id, client_id, host,
+    partitions ("topic[p]")."""
+    admin = make_admin(settings)
+    try:
+        group = settings.consumer_group
+        desc = admin.describe_groups([group]).get(group, {})
+    finally:
+        admin.close()
+    out = []
+    for m in desc.get("members", []):
+        assignment = m.get("member_assignment") or {}
+        parts = [f"{a['topic']}[{p}]" for a in assignment.get("assigned_partitions", [])
+                 for p in a["partitions"]] if isinstance(assignment, dict) else []
+        out.append({"member_id": m["member_id"], "client_id": m["client_id"],
+                    "host": str(m["client_host"]).lstrip("/"), "partitions": sorted(parts)})
+    return out
+
+
+def merge_members(listed: list[dict[str, Any]], reported: list[dict[str, Any]],
+                  alive_s: float) -> list[Member]:
+    """The broker's members beside the consumers' own reports. A report younger than
+    ``alive_s`` whose member id the broker does not list is a live consumer outside the
+    group; an older one is a process that is gone (ignored)."""
+    by_member = {r["member_id"]: r for r in reported if r["member_id"]}
+    out: list[Member] = []
+    for m in listed:
+        r = by_member.get(m["member_id"]) or {}
+        out.append(Member(m["client_id"], m["host"], m["partitions"], m["member_id"], True,
+                          r.get("pid"), r.get("age_s"), None, r.get("mappings_version"),
+                          r.get("rejoins", 0)))
+    seen = {m["member_id"] for m in listed}
+    for r in reported:
+        if r["member_id"] in seen or r["age_s"] > alive_s:
+            continue
+        out.append(Member(r["client_id"], r["host"], list(r["assigned"]), r["member_id"],
+                          False, r["pid"], r["age_s"], r["out_since"], r["mappings_version"],
+                          r["rejoins"]))
+    return out
+
+
 def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
     lag = group_lag(settings)
+    listed = broker_members(settings)
     try:
         slot = slot_state(settings)
         with connect(settings, "crm") as crm:
@@ -68,19 +140,43 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
                 "WHERE datname = current_database()) "
                 "AND ((classid::bigint << 32) | objid::bigint) = hashtext(%s)::bigint)",
                 (lock_key(settings.slot_name),)).fetchone()
+            xact = crm.execute(
+                "SELECT pid, state, extract(epoch FROM clock_timestamp() - xact_start), "
+                "datname FROM pg_stat_activity WHERE backend_xid IS NOT NULL "
+                "AND pid <> pg_backend_pid() ORDER BY xact_start LIMIT 1").fetchone()
     except psycopg.errors.UndefinedTable:
-        pending, locked = [], None
+        pending, locked, xact = [], None, None
     except psycopg.OperationalError as exc:
         raise StackUnavailable(f"CRM database unreachable: {type(exc).__name__}") from exc
     with connect(settings, "erp") as erp:
         breaker = open_trips(erp, settings.consumer_group)
+        by_field = [(c, f or "", int(n)) for c, f, n in erp.execute(
+            "SELECT error_class, CASE WHEN error_class = 'MappingError' "
+            "THEN split_part(error_message, ': ', 1) END, count(*) FROM sync.dead_letters "
+            "WHERE state IN ('open', 'failed_again') GROUP BY 1, 2 ORDER BY 1, 2").fetchall()]
+        letters: dict[str, int] = {}
+        for cls, _f, n in by_field:
+            letters[cls] = letters.get(cls, 0) + n
+        try:
+            reported = [dict(zip(("client_id", "host", "pid", "member_id", "in_group",
+                                  "out_since", "assigned", "mappings_version", "rejoins",
+                                  "age_s"), r, strict=True)) for r in erp.execute(
+                "SELECT client_id, host, pid, member_id, in_group, out_since, assigned, "
+                "mappings_version, rejoins, "
+                "extract(epoch FROM clock_timestamp() - last_seen)::float8 "
+                "FROM sync.consumer_membership WHERE consumer_group = %s ORDER BY client_id",
+                (settings.consumer_group,)).fetchall()]
+            paused = [dict(zip(("topic", "partition", "paused_at", "paused_by", "reason"), r,
+                               strict=True)) for r in erp.execute(
+                "SELECT topic, partition, paused_at, paused_by, reason FROM "
+                "sync.operator_pauses WHERE consumer_group = %s AND state = 'paused' "
+                "ORDER BY topic, partition", (settings.consumer_group,)).fetchall()]
+        except psycopg.errors.UndefinedTable:  # an ERP set up before these tables
+            reported, paused = [], []
         try:
             consumers = live_members(erp, settings.consumer_group)
         except psycopg.errors.UndefinedTable:  # an ERP set up before the table existed
             consumers = []
-        letters = dict(erp.execute(
-            "SELECT error_class, count(*) FROM sync.dead_letters "
-            "WHERE state IN ('open', 'failed_again') GROUP BY 1 ORDER BY 1").fetchall())
         held = {r[0]: {"count": r[1], "oldest_held_at": r[2], "oldest_age_s": float(r[3])}
                 for r in erp.execute(
                     "SELECT reason, count(*), min(held_at), "
@@ -109,6 +205,11 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         lag=lag, slot=slot, pending_snapshots=pending, dead_letters=letters, held=held,
         stuck_keys=int(stuck_row[0]) if stuck_row else 0,
         producer_running=bool(locked and locked[0]), breaker=breaker, consumers=consumers,
+        members=merge_members(listed, reported, alive_s=max(30.0,
+                                                            3 * settings.membership_check_s)),
+        dead_letters_by_field=by_field, paused=paused,
+        oldest_transaction=None if not xact else {
+            "pid": xact[0], "state": xact[1], "age_s": float(xact[2]), "database": xact[3]},
         last_applied={"applied_at": applied_at, "crm_commit_time": last[1],
                       "seconds_since_last_apply": float(last[2]) if last[2] is not None
                       else None,
@@ -118,6 +219,27 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
             f"circuit breaker open on {trip.name} since {trip.tripped_at:%Y-%m-%d %H:%M:%S%z}:"
             f" {trip.message}; look (`crm-erp-sync dlq list --topic {trip.topic}`), then "
             f"`crm-erp-sync resume --partition {trip.topic}:{trip.partition} --reason ...`")
+    for m in status.members:
+        if not m.in_group:
+            status.attention.append(
+                f"consumer {m.client_id} (host {m.host}, pid {m.pid}) is running but NOT in "
+                f"group {settings.consumer_group}" + (
+                    f" since {m.out_since:%Y-%m-%d %H:%M:%S%z}" if m.out_since else "")
+                + f" ({m.rejoins} rejoin(s) so far; it rejoins by itself: if it stays out, "
+                "look at its log and restart it)")
+    if not any(m.in_group for m in status.members) and status.total_lag > 0:
+        status.attention.append(f"{status.total_lag} event(s) wait but group "
+                                f"{settings.consumer_group} has no member: start a consumer")
+    for p in paused:
+        status.attention.append(f"{p['topic']}[{p['partition']}] paused by {p['paused_by']} "
+                                f"since {p['paused_at']:%Y-%m-%d %H:%M:%S%z} ({p['reason']}): "
+                                "`crm-erp-sync resume` continues")
+    ox = status.oldest_transaction
+    if ox and ox["age_s"] > PINNING_XACT_S:
+        status.attention.append(
+            f"CRM transaction pid {ox['pid']} ({ox['state']}) has been open for "
+            f"{ox['age_s'] / 60:.0f} min: the slot cannot confirm past it and the CRM keeps "
+            "its WAL (end it, or SELECT pg_terminate_backend(pid))")
     for c in consumers:
         if c["refused_version"] is not None or c["refused_error"]:
             status.attention.append(

@@ -168,6 +168,19 @@ def test_redacted_hides_a_password_given_as_query_parameter() -> None:
     assert "s3cr3t-q" not in repr(settings)
 
 
+def test_origins_say_env_file_or_default(tmp_path: Path) -> None:
+    from service.settings import CONFIG_FILE_VAR, origins
+
+    cfg = tmp_path / "sync.toml"
+    cfg.write_text('batch_max_events = "900"\nconsumer_group = "from-file"\n', "utf-8")
+    env = {CONFIG_FILE_VAR: str(cfg), "CRM_ERP_SYNC_CONSUMER_GROUP": "from-env"}
+    where = origins(env)
+    assert where["CRM_ERP_SYNC_CONSUMER_GROUP"] == "env"  # the environment wins
+    assert where["CRM_ERP_SYNC_BATCH_MAX_EVENTS"] == f"file {cfg}"
+    assert where["CRM_ERP_SYNC_SLOT_NAME"] == "default"
+    assert Settings.from_env(env).batch_max_events == 900
+
+
 def test_erp_target_is_sql_by_default_and_tryton_needs_its_settings() -> None:
     assert Settings.from_env({}).erp_target == "sql"
     env = {"CRM_ERP_SYNC_ERP_TARGET": "tryton", "CRM_ERP_SYNC_TRYTON_PASSWORD": "s3cret"}

@@ -153,3 +153,62 @@ def test_redrive_after_a_mapping_fix_then_discard(sync_env: SyncEnv, cli: Cli,
     history = cli(s_fixed, "dlq", "list", "--state", "all", "--json").json
     assert {d["state"] for d in history} == {"redriven", "discarded"}
     assert cli(s_fixed, "dlq", "show", "424242").code == 2
+
+
+def test_bulk_discard_by_field_with_confirmation_and_dry_run(
+        sync_env: SyncEnv, cli: Cli) -> None:
+    from service.consumer.pipeline import ErpConsumer
+    from tests.helpers import consume_until_caught_up
+
+    settings = sync_env.settings
+    produce_all(sync_env)
+    with sync_env.crm() as crm:
+        for name in ("一", "二"):
+            crm.execute("INSERT INTO crm.customers (family_name, given_name, phone) VALUES "
+                        "('张', %s, '138xxxx5678')", (name,))
+        buyer = crm.execute("INSERT INTO crm.customers (family_name, given_name, phone) VALUES "
+                            "('李', '四', '13912345678') RETURNING customer_id").fetchone()[0]
+        with crm.transaction():
+            crm.execute("INSERT INTO crm.sales_orders (order_id, order_no, customer_id, "
+                        "order_date, status, currency) VALUES (960, 'X960', %s, '2023-01-01', "
+                        "'已付款', '元')", (buyer,))
+            crm.execute("INSERT INTO crm.order_lines VALUES (960, 1, %s, 'P-NEW', '平衡车', "
+                        "'10台', 5000)", (buyer,))
+    produce_all(sync_env)
+    consume_until_caught_up(ErpConsumer(settings))
+
+    def states() -> dict[str, list[str]]:
+        with sync_env.erp() as erp:
+            rows = erp.execute("SELECT state, split_part(error_message, ': ', 1) "
+                               "FROM sync.dead_letters ORDER BY 2").fetchall()
+        out: dict[str, list[str]] = {}
+        for state, fld in rows:
+            out.setdefault(fld, []).append(state)
+        return out
+
+    before = states()
+    assert before["phone"] == ["open", "open"] and len(before) == 2
+
+    dry = cli(settings, "dlq", "discard", "--field", "phone", "--reason", "masked", "--dry-run")
+    assert dry.code == 0, dry.err
+    assert dry.out.count("would_discard") == 3 and "DRY RUN" in dry.out
+    assert states() == before
+    # No terminal to ask (stdin is not a TTY here): refused, nothing changed.
+    unconfirmed = cli(settings, "dlq", "discard", "--field", "phone", "--reason", "masked")
+    assert unconfirmed.code == 1 and "not confirmed" in unconfirmed.err
+    assert states() == before
+    assert cli(settings, "dlq", "discard", "1", "--field", "phone", "--reason", "x").code == 2
+    assert cli(settings, "dlq", "discard", "--reason", "x").code == 2
+    assert cli(settings, "dlq", "discard", "--error-type", "MapingError", "--reason",
+               "x").code == 2  # a typo is refused
+
+    done = cli(settings, "dlq", "discard", "--field", "phone", "--reason", "masked numbers",
+               "--yes", "--actor", "ops", "--json")
+    assert done.code == 0, done.err
+    assert [o["outcome"] for o in done.json["outcomes"]] == ["discarded", "discarded"]
+    after = states()
+    assert after["phone"] == ["discarded", "discarded"]
+    assert after == {**before, "phone": ["discarded", "discarded"]}  # the other stays open
+    with sync_env.erp() as erp:
+        assert erp.execute("SELECT DISTINCT actor, reason FROM sync.dead_letter_actions "
+                           "WHERE action = 'discard'").fetchall() == [("ops", "masked numbers")]

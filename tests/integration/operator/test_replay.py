@@ -89,3 +89,52 @@ def test_replay_from_a_timestamp_and_refused_while_the_group_is_active(
     assert cli(settings, "replay", "--topic", "nope", "--from-beginning").code == 2
     assert cli(settings, "replay", "--topic", topic, "--from-offset", "zero").code == 2
     assert cli(settings, "replay", "--topic", topic, "--from-time", "yesterday").code == 2
+
+
+def test_replay_from_the_beginning_after_dead_letters_changes_no_letter_and_no_hold(
+        sync_env: SyncEnv, cli: Cli) -> None:
+    """Issue #14 item 5: a customer applied at offset n, its masked-phone update dead-lettered
+    at n+1, an order of theirs held behind the letter. A replay from the beginning re-sends
+    nothing to the dead-letter topic and holds nothing more (the applied event is older than
+    the letter: it is not held behind it)."""
+    from service.consumer.pipeline import ErpConsumer
+    from tests.helpers import consume_until_caught_up
+
+    settings = sync_env.settings
+    produce_all(sync_env)
+    with sync_env.crm() as crm:
+        cid = crm.execute("INSERT INTO crm.customers (family_name, given_name, phone) VALUES "
+                          "('张', '三', '13912345678') RETURNING customer_id").fetchone()[0]
+        crm.execute("UPDATE crm.customers SET phone = '138xxxx5678' WHERE customer_id = %s",
+                    (cid,))
+        with crm.transaction():
+            crm.execute("INSERT INTO crm.sales_orders (order_id, order_no, customer_id, "
+                        "order_date, status, currency) VALUES (950, 'X950', %s, '2023-01-01', "
+                        "'已发货', '元')", (cid,))
+            crm.execute("INSERT INTO crm.order_lines VALUES (950, 1, %s, 'P-PHONE-5G', '手机', "
+                        "'10台', 5000)", (cid,))
+    produce_all(sync_env)
+    consume_until_caught_up(ErpConsumer(settings))
+
+    def state() -> tuple[int, list[tuple[object, ...]], list[tuple[object, ...]]]:
+        with sync_env.erp() as erp:
+            held = erp.execute('SELECT topic, partition, "offset", reason FROM '
+                               "sync.held_events ORDER BY 1, 2, 3").fetchall()
+            letters = erp.execute('SELECT topic, partition, "offset", state FROM '
+                                  "sync.dead_letters ORDER BY 1, 2, 3").fetchall()
+        return len(read_topic(settings, settings.dlq_topic)), held, letters
+
+    before = state()
+    dlq_records, held, letters = before
+    assert dlq_records == 1 and len(letters) == 1 and letters[0][3] == "open"
+    assert [h[3] for h in held] == ["key_blocked"]  # the order, after the letter
+    assert held[0][2] > letters[0][2]
+
+    replayed = cli(settings, "replay", "--topic", settings.sales_topic, "--from-beginning")
+    assert replayed.code == 0, replayed.err
+    assert sum(p.lag for p in group_lag(settings)) > 0
+    consume_until_caught_up(ErpConsumer(settings))
+    assert state() == before
+    with sync_env.erp() as erp:
+        assert erp.execute("SELECT count(*) FROM erp.business_partners WHERE "
+                           "crm_customer_id = %s", (str(cid),)).fetchone()[0] == 1

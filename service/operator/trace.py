@@ -1,0 +1,154 @@
+"""`crm-erp-sync trace KEY`: one key through the system.
+
+The CRM row(s) with that key (every entity of the source profile whose key can read it), its
+events on Kafka (topic, partition, offset, kind, op, position), the ERP rows and their
+positions, the events held for it and its dead letters with what was done to them.
+
+Keys are text as everywhere (``42``, a UUID, a composite key as a JSON array). An event
+belongs to the key when its message key, its ``key`` or its ``customer_key`` is the key (an
+order's events are keyed by their customer on Kafka). Finding them reads the topics from
+their beginning and decodes every event: seconds per million events; ``--topic`` limits it.
+The output holds personal data (the CRM row, the events): it is for the operator's screen,
+never logged.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from kafka import TopicPartition
+
+from service.avro import SchemaRegistry
+from service.errors import Permanent, StackUnavailable
+from service.kafka_io import make_consumer
+from service.operator.common import connect
+from service.settings import Settings
+
+ERP_TABLES = (  # (ERP table, its CRM key column, what it is)
+    ("erp.business_partners", "crm_customer_id", "customer"),
+    ("erp.sales_orders", "crm_order_id", "order"),
+    ("erp.sales_orders", "crm_customer_id", "order of the customer"),
+    ("erp.demand_signals", "crm_demand_id", "market demand"),
+)
+
+
+@dataclass
+class Trace:
+    key: str
+    crm: list[dict[str, Any]] = field(default_factory=list)  # {entity, table, row}
+    events: list[dict[str, Any]] = field(default_factory=list)
+    erp: list[dict[str, Any]] = field(default_factory=list)  # {table, as, row}
+    held: list[dict[str, Any]] = field(default_factory=list)
+    dead_letters: list[dict[str, Any]] = field(default_factory=list)
+    scanned: int = 0  # Kafka records decoded
+
+
+def crm_rows(settings: Settings, key: str) -> list[dict[str, Any]]:
+    """The CRM rows whose key is ``key``, through the source profile (columns it maps)."""
+    from service.cdc.capture import chunk_query, read_table_info
+    from service.cdc.profile import key_values, load_profile
+
+    profile = load_profile(settings.source_profile)
+    out: list[dict[str, Any]] = []
+    with connect(settings, "crm") as conn:
+        info = read_table_info(conn, profile)
+        for ent in profile.entities.values():
+            if ent.table not in info:
+                continue
+            try:
+                key_values(ent, key)
+                query, params = chunk_query(info[ent.table], after=None, keys=[key], limit=1)
+                rows = conn.execute(query, params).fetchall()
+            except (ValueError, psycopg.errors.DataError):
+                continue  # not a key of this table's type (a UUID is not an integer)
+            for r in rows:
+                out.append({"entity": ent.entity, "table": ent.table,
+                            "row": dict(zip(ent.columns, r, strict=False))})
+    return out
+
+
+def kafka_events(settings: Settings, key: str, topics: list[str]) -> tuple[list[dict[str, Any]],
+                                                                            int]:
+    """Every event of the key on these topics, in (topic, partition, offset) order; and how
+    many records were decoded."""
+    registry = SchemaRegistry.load(settings.schemas_dir)
+    raw = key.encode()
+    consumer = make_consumer(settings, group_id=None, enable_auto_commit=False)
+    out: list[dict[str, Any]] = []
+    scanned = 0
+    try:
+        tps = [TopicPartition(t, p) for t in topics
+               for p in sorted(consumer.partitions_for_topic(t) or ())]
+        if not tps:
+            return [], 0
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps)
+        deadline = time.monotonic() + 600
+        while any(consumer.position(tp) < ends[tp] for tp in tps):
+            if time.monotonic() > deadline:
+                raise StackUnavailable("trace: could not read the topics to their end in 600s")
+            for records in consumer.poll(timeout_ms=500, max_records=10_000).values():
+                for r in records:
+                    scanned += 1
+                    try:
+                        kind, ev = registry.decode(r.value) if r.value else ("?", {})
+                    except Permanent as exc:
+                        if r.key == raw:
+                            out.append({"topic": r.topic, "partition": r.partition,
+                                        "offset": r.offset, "kind": "?", "op": "?",
+                                        "error": f"{type(exc).__name__}: {exc}"})
+                        continue
+                    if r.key != raw and ev.get("key") != key and ev.get("customer_key") != key:
+                        continue
+                    src = ev.get("source") or {}
+                    out.append({"topic": r.topic, "partition": r.partition,
+                                "offset": r.offset, "kind": kind, "op": ev.get("op"),
+                                "event_key": ev.get("key"), "lsn": src.get("lsn"),
+                                "seq": src.get("seq"), "commit_time": src.get("commit_time"),
+                                "snapshot": src.get("snapshot"),
+                                "event_id": ev.get("event_id")})
+    finally:
+        consumer.close()
+    out.sort(key=lambda e: (e["topic"], e["partition"], e["offset"]))
+    return out, scanned
+
+
+def trace(settings: Settings, key: str, *, topics: list[str] | None = None) -> Trace:
+    """Raises StackUnavailable when a database or the broker cannot be reached."""
+    t = Trace(key)
+    t.crm = crm_rows(settings, key)
+    t.events, t.scanned = kafka_events(settings, key, topics or [settings.sales_topic,
+                                                                 settings.market_topic])
+    at = [(e["topic"], e["partition"], e["offset"]) for e in t.events]
+    with connect(settings, "erp") as erp:
+        for table, column, what in ERP_TABLES:
+            cur = erp.execute(f"SELECT * FROM {table} WHERE {column} = %s", (key,))
+            names = [d.name for d in cur.description or ()]
+            for r in cur.fetchall():
+                t.erp.append({"table": table, "as": what, "row": dict(zip(names, r,
+                                                                             strict=True))})
+        where = ('(msg_key = %s OR (topic, partition, "offset") IN (SELECT * FROM unnest('
+                 '%s::text[], %s::int[], %s::bigint[])))')
+        params = (key.encode(), [a[0] for a in at], [a[1] for a in at], [a[2] for a in at])
+        t.held = [dict(zip(("held_id", "topic", "partition", "offset", "reason", "waits_for",
+                            "held_at"), r, strict=True)) for r in erp.execute(
+            'SELECT held_id, topic, partition, "offset", reason, waits_for, held_at FROM '
+            f"sync.held_events WHERE {where} OR waits_for = %s ORDER BY held_id",
+            (*params, key)).fetchall()]
+        for r in erp.execute(
+                'SELECT dead_letter_id, topic, partition, "offset", state, error_class, '
+                f"error_message, created_at, resolved_at FROM sync.dead_letters WHERE {where} "
+                "ORDER BY dead_letter_id", params).fetchall():
+            letter = dict(zip(("dead_letter_id", "topic", "partition", "offset", "state",
+                               "error_class", "reason", "created_at", "resolved_at"), r,
+                              strict=True))
+            letter["actions"] = [dict(zip(("at", "action", "actor", "outcome", "reason"), a,
+                                          strict=True)) for a in erp.execute(
+                "SELECT at, action, actor, outcome, reason FROM sync.dead_letter_actions "
+                "WHERE dead_letter_id = %s ORDER BY action_id", (r[0],)).fetchall()]
+            t.dead_letters.append(letter)
+    return t

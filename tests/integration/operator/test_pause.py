@@ -1,0 +1,76 @@
+"""`crm-erp-sync pause` / `resume` (issue #14 item 7): all or some partitions, audited, and
+surviving consumer restarts (the pause is kept in the ERP, read with the breaker's state)."""
+
+from __future__ import annotations
+
+from service.avro import SchemaRegistry
+from service.cdc.producer import CdcProducer
+from service.consumer.pipeline import ErpConsumer
+from tests.conftest import SyncEnv
+from tests.helpers import consume_until_caught_up
+from tests.integration.conftest import Cli
+
+
+def partners(sync_env: SyncEnv) -> int:
+    with sync_env.erp() as erp:
+        return int(erp.execute("SELECT count(*) FROM erp.business_partners").fetchone()[0])
+
+
+def add_customers(sync_env: SyncEnv, n: int) -> None:
+    with sync_env.crm() as crm:
+        for i in range(n):
+            crm.execute("INSERT INTO crm.customers (family_name, given_name, phone) VALUES "
+                        "('王', %s, '13912345678')", (f"五{i}",))
+    CdcProducer(sync_env.settings, SchemaRegistry.load(sync_env.settings.schemas_dir)).run(
+        until_idle=True)
+
+
+def test_pause_survives_restarts_until_resume(sync_env: SyncEnv, cli: Cli) -> None:
+    settings = sync_env.with_(breaker_poll_s=0.2)
+    add_customers(sync_env, 6)
+    consume_until_caught_up(ErpConsumer(settings))
+    assert partners(sync_env) == 6
+
+    sales = settings.sales_topic
+    one = cli(settings, "pause", "--partition", f"{sales}:0", "--reason", "ERP upgrade",
+              "--actor", "ops-1")
+    assert one.code == 0, one.err
+    assert f"paused {sales}[0]" in one.out
+    every = cli(settings, "pause", "--all", "--reason", "ERP upgrade", "--json")
+    assert every.code == 0
+    assert f"{sales}[0]" in every.json["already_paused"]
+    assert len(every.json["paused"]) == 2 * settings.topic_partitions - 1
+    assert cli(settings, "pause", "--partition", f"{sales}:99", "--reason", "x").code == 2
+    assert cli(settings, "pause", "--reason", "x").code == 2  # no partitions named
+
+    add_customers(sync_env, 9)
+    # A consumer started after the pause: the partitions with new events stay paused.
+    stats = consume_until_caught_up(ErpConsumer(settings))
+    assert not stats.caught_up and stats.blocked
+    assert all(b.startswith(sales) for b in stats.blocked)
+    assert partners(sync_env) == 6
+    status = cli(settings, "status", "--json")
+    assert status.code == 1
+    assert any("paused by" in a and "ERP upgrade" in a for a in status.json["attention"])
+    # ... and after another restart too.
+    assert consume_until_caught_up(ErpConsumer(settings)).blocked
+    assert partners(sync_env) == 6
+
+    resumed = cli(settings, "resume", "--all", "--reason", "upgrade done", "--actor", "ops-2")
+    assert resumed.code == 0, resumed.err
+    assert f"resumed {sales}[0]" in resumed.out and "ERP upgrade" in resumed.out
+    stats = consume_until_caught_up(ErpConsumer(settings))
+    assert stats.caught_up and not stats.blocked
+    assert partners(sync_env) == 15
+    after = cli(settings, "status", "--json")
+    assert not any("paused by" in a for a in after.json["attention"])
+    with sync_env.erp() as erp:
+        audit = {(t, p): rest for t, p, *rest in erp.execute(
+            "SELECT topic, partition, state, paused_by, reason, resumed_by, resume_reason "
+            "FROM sync.operator_pauses").fetchall()}
+    assert len(audit) == 2 * settings.topic_partitions
+    assert audit[(sales, 0)] == ["resumed", "ops-1", "ERP upgrade", "ops-2", "upgrade done"]
+    assert all(r[0] == "resumed" and r[3:] == ["ops-2", "upgrade done"]
+               for r in audit.values())
+    again = cli(settings, "resume", "--partition", f"{sales}:0", "--reason", "x")
+    assert again.code == 1 and "neither paused nor tripped" in again.out

@@ -1,0 +1,73 @@
+"""`crm-erp-sync status` as the one screen (issue #14 item 3): the group's members beside the
+consumers' own reports, dead letters by class and field, held events, the oldest CRM
+transaction pinning the slot, and exit 1 for each condition that needs attention."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from service.avro import SchemaRegistry
+from service.cdc.producer import CdcProducer
+from tests.conftest import SyncEnv
+from tests.helpers import wait_until
+from tests.integration.conftest import Cli, Running
+
+
+def test_status_shows_members_letters_by_field_and_what_needs_attention(
+        sync_env: SyncEnv, cli: Cli, running: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = sync_env.with_(membership_check_s=0.5)
+    producer = CdcProducer(settings, SchemaRegistry.load(settings.schemas_dir))
+    producer.run(until_idle=True)  # the slot
+    with sync_env.crm() as crm:
+        crm.execute("INSERT INTO crm.customers (family_name, given_name, phone) VALUES "
+                    "('张', '三', '138xxxx5678')")
+        crm.execute("INSERT INTO crm.customers (family_name, given_name, phone) VALUES "
+                    "('李', '四', '13912345678')")
+    producer.run(until_idle=True)
+    consumer = running.start_consumer(settings)
+    with sync_env.erp() as erp:
+        wait_until(lambda: erp.execute("SELECT count(*) FROM sync.dead_letters").fetchone()[0]
+                   == 1 and erp.execute("SELECT count(*) FROM sync.consumer_membership "
+                                        "WHERE in_group").fetchone()[0] == 1,
+                   message="one dead letter, the consumer reporting itself in the group")
+
+    st = cli(settings, "status", "--json")
+    assert st.code == 1  # the dead letter
+    [member] = st.json["members"]
+    assert member["in_group"] and member["client_id"] == consumer.membership.client_id
+    assert len(member["partitions"]) == 2 * settings.topic_partitions
+    assert member["mappings_version"] and member["pid"]
+    assert st.json["dead_letters_by_field"] == [["MappingError", "phone", 1]]
+    text = cli(settings, "status")
+    assert consumer.membership.client_id in text.out
+    assert "MappingError" in text.out and "phone" in text.out
+
+    # A live consumer the broker does not list: named, with exit 1.
+    with sync_env.erp() as erp:
+        erp.execute("INSERT INTO sync.consumer_membership (consumer_group, client_id, host, pid, "
+                    "member_id, in_group, out_since, assigned, mappings_version, started_at, "
+                    "last_seen, rejoins) VALUES (%s, 'consumer-out', 'host-b', 4242, 'gone-1', "
+                    "false, now(), '{}', 'abc', now(), now(), 3)", (settings.consumer_group,))
+    out = cli(settings, "status", "--json")
+    assert out.code == 1
+    assert any("consumer-out (host host-b, pid 4242) is running but NOT in group" in a
+               for a in out.json["attention"])
+    # ... but not once its reports stopped (the process is gone).
+    with sync_env.erp() as erp:
+        erp.execute("UPDATE sync.consumer_membership SET last_seen = now() - interval '1 hour' "
+                    "WHERE client_id = 'consumer-out'")
+    gone = cli(settings, "status", "--json")
+    assert not any("consumer-out" in a for a in gone.json["attention"])
+
+    # The oldest CRM transaction holding an xid: pid, state, age; never its query.
+    monkeypatch.setattr("service.operator.status.PINNING_XACT_S", 0.0)
+    with psycopg.connect(settings.crm_dsn) as idle:
+        idle.execute("SELECT txid_current()")
+        pid = idle.info.backend_pid
+        pinned = cli(settings, "status", "--json")
+        assert pinned.json["oldest_transaction"]["pid"] == pid
+        assert pinned.json["oldest_transaction"]["state"] == "idle in transaction"
+        assert any(f"CRM transaction pid {pid}" in a for a in pinned.json["attention"])
+        assert "txid_current" not in pinned.out
+        idle.rollback()

@@ -1,0 +1,74 @@
+"""`crm-erp-sync trace KEY` (issue #14 item 7): a key that went through create, update, a
+dead letter and its redrive shows each step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from service.avro import SchemaRegistry
+from service.cdc.producer import CdcProducer
+from service.consumer.pipeline import ErpConsumer
+from tests.conftest import SyncEnv
+from tests.helpers import consume_until_caught_up
+from tests.integration.conftest import Cli
+
+
+def produce_all(sync_env: SyncEnv) -> None:
+    CdcProducer(sync_env.settings, SchemaRegistry.load(sync_env.settings.schemas_dir)).run(
+        until_idle=True)
+
+
+def test_trace_shows_create_update_dead_letter_and_redrive(sync_env: SyncEnv, cli: Cli,
+                                                           tmp_path: Path) -> None:
+    default = sync_env.settings.mappings_file.read_text("utf-8")
+    bad, fixed = tmp_path / "bad.toml", tmp_path / "fixed.toml"
+    bad.write_text(default, "utf-8")
+    fixed.write_text(default.replace("[products]\n", '[products]\nP-NEW = "SKU-999999"\n')
+                     .replace("[sku_units]\n", '[sku_units]\nSKU-999999 = { base = "UNIT" }\n'),
+                     "utf-8")
+    s_bad, s_fixed = sync_env.with_(mappings_file=bad), sync_env.with_(mappings_file=fixed)
+    produce_all(sync_env)
+    with sync_env.crm() as crm:
+        buyer = crm.execute("INSERT INTO crm.customers (family_name, given_name, phone) VALUES "
+                            "('李', '四', '13912345678') RETURNING customer_id").fetchone()[0]
+        with crm.transaction():
+            crm.execute("INSERT INTO crm.sales_orders (order_id, order_no, customer_id, "
+                        "order_date, status, currency) VALUES (970, 'X970', %s, '2023-01-01', "
+                        "'待付款', '元')", (buyer,))
+            crm.execute("INSERT INTO crm.order_lines VALUES (970, 1, %s, 'P-PHONE-5G', '手机', "
+                        "'10台', 5000)", (buyer,))
+        crm.execute("UPDATE crm.sales_orders SET status = '已付款' WHERE order_id = 970")
+        crm.execute("UPDATE crm.order_lines SET product_code = 'P-NEW' WHERE order_id = 970")
+    produce_all(sync_env)
+    consume_until_caught_up(ErpConsumer(s_bad))
+    letters = cli(s_bad, "dlq", "list", "--json").json
+    assert len(letters) == 1
+    redriven = cli(s_fixed, "dlq", "redrive", str(letters[0]["dead_letter_id"]), "--reason",
+                   "SKU added", "--actor", "ops")
+    assert redriven.code == 0, redriven.out
+
+    t = cli(s_fixed, "trace", "970", "--json")
+    assert t.code == 0, t.err
+    tr = t.json
+    assert [c["entity"] for c in tr["crm"]] == ["order"]
+    order_events = [e for e in tr["events"] if e["kind"] == "order"]
+    assert [e["op"] for e in order_events] == ["CREATE", "UPDATE", "UPDATE"]
+    assert len({(e["partition"]) for e in order_events}) == 1
+    assert [o for o in order_events if o["event_key"] == "970"] == order_events
+    [erp_order] = [r for r in tr["erp"] if r["as"] == "order"]
+    last = order_events[-1]
+    # The ERP row's position is one of the key's events (the last that changed the header).
+    assert (erp_order["row"]["source_lsn"], erp_order["row"]["source_seq"]) in [
+        (e["lsn"], e["seq"]) for e in order_events]
+    [letter] = tr["dead_letters"]
+    assert letter["state"] == "redriven" and letter["offset"] == last["offset"]
+    assert [(a["action"], a["actor"], a["outcome"]) for a in letter["actions"]] == [
+        ("redrive", "ops", "redriven")]
+    assert tr["held"] == []
+
+    text = cli(s_fixed, "trace", "970")
+    assert "CRM order" in text.out and "Events on Kafka (3 of" in text.out
+    assert "redriven" in text.out and "redrive by ops" in text.out
+    assert cli(s_fixed, "trace", "970", "--topic", "crm.salse").code == 2
+    nothing = cli(s_fixed, "trace", "no-such-key", "--json")
+    assert nothing.code == 0 and nothing.json["events"] == [] and nothing.json["crm"] == []

@@ -10,7 +10,6 @@ import pytest
 from service.avro import SchemaRegistry
 from service.cdc import pgoutput
 from service.cdc.producer import CdcProducer
-from service.errors import StackUnavailable
 from service.kafka_io import ensure_topics, make_admin, make_producer
 from service.metrics import PREFIX
 from tests.conftest import SyncEnv
@@ -100,8 +99,19 @@ def test_a_producer_that_cannot_reach_the_broker_confirms_nothing(sync_env: Sync
     before = confirmed_flush(sync_env)
     cid = add_customer(sync_env, "四")
     dead = sync_env.with_(kafka_bootstrap=f"127.0.0.1:{_free_port()}")
-    with pytest.raises(StackUnavailable):
-        CdcProducer(dead, registry).run(until_idle=True)
+    stuck = CdcProducer(dead, registry)
+    # An always-on producer does not exit when the broker is unreachable: it retries (with
+    # backoff) and confirms nothing meanwhile.
+    runner = threading.Thread(target=stuck.run, kwargs={"until_idle": True}, daemon=True)
+    runner.start()
+    try:
+        wait_until(lambda: stuck.metrics.retries._value.get() >= 2, timeout=120,
+                   message="the producer retrying the unreachable broker")
+        assert runner.is_alive()
+    finally:
+        stuck.stop()
+        runner.join(timeout=60)
+    assert not runner.is_alive()
     after_failure = confirmed_flush(sync_env)
     producer = CdcProducer(sync_env.settings, registry)
     producer.run(until_idle=True)

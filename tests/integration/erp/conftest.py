@@ -92,7 +92,7 @@ def load_crm(w: World) -> tuple[list[str], dict[str, str]]:
             "INSERT INTO crm.order_lines (order_id, line_no, customer_id, product_code, "
             "product_name, quantity, unit_price) VALUES "
             "(%s, 1, %s, 'P-PHONE-5G', '5G手机', '10台', 5000.00), "
-            "(%s, 2, %s, 'P-EARBUDS', '无线耳机', '2台', 300.00), "
+            "(%s, 2, %s, 'P-EARBUDS', '无线耳机', '2个', 300.00), "
             "(%s, 1, %s, 'P-LAPTOP', '笔记本电脑', '1台', 8000.00), "
             "(%s, 1, %s, 'P-TV-55', '55英寸电视', '3台', 4000.00)",
             (b + 11, b + 1, b + 11, b + 1, b + 12, b + 2, b + 13, b + 3))

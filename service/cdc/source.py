@@ -36,7 +36,7 @@ import structlog
 
 from service.cdc import pgoutput
 from service.cdc.events import CommittedTxn
-from service.errors import Retryable
+from service.errors import ConnectionLost, Retryable
 from service.pg import PgConn
 from service.settings import Settings
 
@@ -189,9 +189,12 @@ class StreamSource:
             self._reset()
             raise Retryable("the replication slot is still held by another walsender "
                             "(a stopped producer's, exiting)") from exc
-        except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+        except (psycopg2.DatabaseError, psycopg2.InterfaceError) as exc:
+            # A server restarted in immediate mode ends the COPY stream with a bare
+            # DatabaseError (no SQLSTATE), not an OperationalError: the stream is gone either
+            # way, and the walsender re-sends from the confirmed position on the next open.
             self._reset()
-            raise Retryable(f"replication stream lost: {type(exc).__name__}") from exc
+            raise ConnectionLost(f"replication stream lost ({type(exc).__name__})") from exc
         self._handed = batch
         return list(batch)
 

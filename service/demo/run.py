@@ -153,10 +153,11 @@ def print_erp_summary(settings: Settings) -> None:
                 "'; ') FROM erp.sales_orders o JOIN erp.sales_order_items i USING (crm_order_id)"
                 " WHERE NOT o.deleted AND NOT i.deleted GROUP BY 1, 2 ORDER BY 1 LIMIT 5"):
             print(f"  {order_no}  {status:<16} {items}")
-        print("\nstock (top reserved):")
-        for sku, on_hand, reserved in conn.execute(
-                "SELECT sku, on_hand, reserved FROM erp.stock ORDER BY reserved DESC LIMIT 5"):
-            print(f"  {sku:<12} on hand {on_hand:>12}  reserved {reserved:>8}")
+        print("\nstock in each SKU's base unit (top reserved):")
+        for sku, unit, on_hand, reserved in conn.execute(
+                "SELECT sku, base_unit, on_hand, reserved FROM erp.stock "
+                "ORDER BY reserved DESC LIMIT 5"):
+            print(f"  {sku:<12} on hand {on_hand:>12} {unit:<4} reserved {reserved:>8} {unit}")
         print("\ndead letters (open), and why:")
         rows = conn.execute(
             "SELECT stage, error_class, error_message, count(*) FROM sync.dead_letters "

@@ -124,6 +124,22 @@ def run_demo(settings: Settings, *, customers: int, orders: int) -> int:
         return 0
 
 
+def print_sync_state(conn: pg.PgConn) -> None:
+    """Open dead letters grouped by stage, class and reason, then held events by reason (the
+    sync-state tables, whichever ERP target applied the events)."""
+    print("\ndead letters (open), and why:")
+    rows = conn.execute(
+        "SELECT stage, error_class, error_message, count(*) FROM sync.dead_letters "
+        "WHERE state = 'open' GROUP BY 1, 2, 3 ORDER BY 4 DESC").fetchall()
+    for stage, cls, message, count in rows:
+        print(f"  {count:>4} x {stage}/{cls}: {message}")
+    if not rows:
+        print("  none")
+    for reason, count in conn.execute(
+            "SELECT reason, count(*) FROM sync.held_events GROUP BY 1").fetchall():
+        print(f"  held: {count} event(s) {reason}")
+
+
 def print_erp_summary(settings: Settings) -> None:
     with pg.connect(settings.erp_dsn, "ERP") as conn:
         print("ERP tables (rows live / deleted):")
@@ -158,17 +174,7 @@ def print_erp_summary(settings: Settings) -> None:
                 "SELECT sku, base_unit, on_hand, reserved FROM erp.stock "
                 "ORDER BY reserved DESC LIMIT 5"):
             print(f"  {sku:<12} on hand {on_hand:>12} {unit:<4} reserved {reserved:>8} {unit}")
-        print("\ndead letters (open), and why:")
-        rows = conn.execute(
-            "SELECT stage, error_class, error_message, count(*) FROM sync.dead_letters "
-            "WHERE state = 'open' GROUP BY 1, 2, 3 ORDER BY 4 DESC").fetchall()
-        for stage, cls, message, count in rows:
-            print(f"  {count:>4} x {stage}/{cls}: {message}")
-        if not rows:
-            print("  none")
-        held = conn.execute("SELECT reason, count(*) FROM sync.held_events GROUP BY 1").fetchall()
-        for reason, count in held:
-            print(f"  held: {count} event(s) {reason}")
+        print_sync_state(conn)
 
 
 # ---- the same pipeline on a real CRM: BottleCRM ------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from service import ops, pg
 from service.demo.load import load_demo
-from service.demo.run import _environment, _with_database, running_pipeline
+from service.demo.run import _environment, _with_database, print_sync_state, running_pipeline
 from service.erp.tryton import PositionStore, TrytonTarget
 from service.erp.tryton_rpc import TrytonRPC
 from service.settings import REPO_ROOT, Settings
@@ -175,17 +175,7 @@ def print_tryton_summary(demo: Settings) -> None:
     finally:
         tryton.close()
     with pg.connect(demo.erp_dsn, "sync-state") as conn:
-        print("\ndead letters (open), and why:")
-        rows = conn.execute(
-            "SELECT stage, error_class, error_message, count(*) FROM sync.dead_letters "
-            "WHERE state = 'open' GROUP BY 1, 2, 3 ORDER BY 4 DESC").fetchall()
-        for stage, cls, message, count in rows:
-            print(f"  {count:>4} x {stage}/{cls}: {message}")
-        if not rows:
-            print("  none")
-        for reason, count in conn.execute(
-                "SELECT reason, count(*) FROM sync.held_events GROUP BY 1").fetchall():
-            print(f"  held: {count} event(s) {reason}")
+        print_sync_state(conn)
 
 
 def print_reconcile(demo: Settings) -> None:

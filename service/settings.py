@@ -82,6 +82,16 @@ class Settings:
     membership_check_s: float = 10.0
     # How often a running consumer checks the mappings file for a change (SIGHUP: at once).
     mappings_check_s: float = 5.0
+    # Long transactions (`status` needs attention, exit 1, over these): a CRM transaction
+    # holding an xid open longer than this pins the slot's restart_lsn, so the CRM keeps its WAL;
+    pinning_xact_max_s: float = 600.0
+    # the WAL the slot keeps (current LSN - restart_lsn), in bytes;
+    retained_wal_max_bytes: int = 1024**3
+    # and, on the SQL transport, what one empty peek costs the CRM (it re-decodes everything
+    # since restart_lsn). Empty peeks back off so that they take at most a tenth of the time,
+    # waiting at most sql_peek_backoff_max_s between them.
+    sql_peek_max_s: float = 0.2
+    sql_peek_backoff_max_s: float = 5.0
 
     @classmethod
     def env_var(cls, field_name: str) -> str:
@@ -131,13 +141,16 @@ class Settings:
                 raise ConfigError(self.env_var(name), "must not be negative")
         for name in ("heartbeat_interval_s", "shutdown_timeout_s", "liveness_timeout_s",
                      "readiness_stall_s", "breaker_window_s", "breaker_poll_s",
-                     "membership_check_s", "mappings_check_s"):
+                     "membership_check_s", "mappings_check_s", "pinning_xact_max_s",
+                     "sql_peek_max_s", "sql_peek_backoff_max_s"):
             if not getattr(self, name) > 0:  # also refuses nan
                 raise ConfigError(self.env_var(name), "must be a positive number of seconds")
         if not self.breaker_max_ratio > 0:
             raise ConfigError(self.env_var("breaker_max_ratio"),
                               "must be a share of messages above 0 (0.5 = 50%; above 1: the "
                               "breaker never trips)")
+        if self.retained_wal_max_bytes < 1:
+            raise ConfigError(self.env_var("retained_wal_max_bytes"), "must be at least 1")
         if self.breaker_min_messages < 1:
             raise ConfigError(self.env_var("breaker_min_messages"), "must be at least 1")
         if not 0 <= self.http_port <= 65535:

@@ -54,6 +54,13 @@ class RowChange:
 
 @dataclass(slots=True)
 class CommittedTxn:
+    """A committed CRM transaction, or a piece of one (``complete`` False): a big
+    transaction is handed out in pieces of at most ``producer_max_changes`` changes as pgoutput
+    sends it (it sends only committed transactions, so ``commit_lsn``/``commit_time`` are
+    known from its Begin), and only its last piece has ``end_lsn`` (the slot may be confirmed
+    past it once every piece reached the broker). ``first_change`` is the position of the
+    piece's first change in the whole transaction."""
+
     xid: int
     commit_lsn: int
     end_lsn: int
@@ -62,6 +69,8 @@ class CommittedTxn:
     # position in ``changes`` -> why that change cannot become an event (its RowChange there
     # is a placeholder without rows); filled by the producer's decoder
     rejected: dict[int, Any] = field(default_factory=dict)
+    first_change: int = 0
+    complete: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ import psycopg
 import psycopg2.errors
 import structlog
 from kafka.codec import zstd_encode
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, KafkaTimeoutError
 
 from service import pg
 from service.avro import SchemaRegistry
@@ -248,8 +248,26 @@ class ChangeDecoder:
             change = RowChange(table, op, None, None)
         txn.changes.append(change)
 
+    @property
+    def open_changes(self) -> int:
+        """Changes held of the transaction under way (0 between transactions)."""
+        return 0 if self._txn is None else len(self._txn.changes)
+
+    def cut(self) -> CommittedTxn | None:
+        """The transaction under way so far, as a piece (``complete`` False); its next changes
+        start a new piece. None between transactions or when nothing is held. This is what
+        bounds memory for a big transaction: no more than one piece of it is ever held."""
+        txn = self._txn
+        if txn is None or not txn.changes:
+            return None
+        self._txn = CommittedTxn(txn.xid, txn.commit_lsn, 0, txn.commit_time,
+                                 first_change=txn.first_change + len(txn.changes))
+        txn.complete = False
+        return txn
+
     def feed(self, data: bytes) -> CommittedTxn | None:
-        """Feed one message; returns the transaction when its Commit arrives."""
+        """Feed one message; returns the transaction (or its last piece, see :meth:`cut`)
+        when its Commit arrives."""
         msg = pgoutput.decode_message(data)
         if isinstance(msg, pgoutput.Begin):
             self._txn = CommittedTxn(msg.xid, msg.final_lsn, 0, msg.commit_time)
@@ -332,6 +350,8 @@ class CdcProducer:
         self._next_snapshot_poll = 0.0
         self._chunk: _Chunk | None = None
         self._pending_progress: list[tuple[_Chunk, int]] = []
+        # (commit LSN, first change of the next piece) -> its first event seq
+        self._piece_seqs: dict[tuple[int, int], int] = {}
         self._last_advance = time.monotonic()
         self._topics = {"customer": settings.sales_topic, "order": settings.sales_topic,
                         "market_demand": settings.market_topic}
@@ -553,6 +573,7 @@ class CdcProducer:
             source.close()
         self._chunk = None  # the chunk's watermarks are re-read; the chunk is redone
         self._pending_progress.clear()
+        self._piece_seqs.clear()  # a transaction under way is re-sent from its start
 
     def _observe_slot(self, conn: PgConn) -> None:
         """The slot's retained WAL, at most every few seconds (one catalog query)."""
@@ -584,13 +605,17 @@ class CdcProducer:
             outgoing.extend(self._events_for(txn))
         self._publish(outgoing)
         self._commit_progress(conn)
-        last_end = txns[-1].end_lsn
+        # A piece of a transaction under way is published but never confirmed: the slot moves
+        # past a transaction only once its last piece (its Commit) reached the broker.
+        complete = [txn for txn in txns if txn.complete]
+        last_end = complete[-1].end_lsn if complete else 0
         source.confirm(conn, last_end)
         self._last_advance = time.monotonic()
-        self.stats.transactions += len(txns)
-        self.metrics.transactions.inc(len(txns))
+        self.stats.transactions += len(complete)
+        self.metrics.transactions.inc(len(complete))
         self.stats.batches += 1
-        self.stats.last_commit_lsn = last_end
+        if complete:
+            self.stats.last_commit_lsn = last_end
         return True
 
     def _change_source(self) -> ChangeSource:
@@ -640,7 +665,16 @@ class CdcProducer:
             if chunk is not None and chunk.window_open and row is not None:
                 chunk.rows.pop((change.table, ent.key_text(row)), None)
                 chunk.rejected.pop((change.table, ent.key_text(row)), None)
-        at = _Position(txn.commit_lsn, txn.xid, txn.commit_time)
+        # A big transaction comes in pieces: its events' seqs go on from the previous piece's
+        # (the source cuts pieces at fixed change counts, so a re-send after a crash gives every
+        # change the same seq again).
+        if txn.first_change == 0:
+            self._piece_seqs.clear()
+        first_seq = self._piece_seqs.pop((txn.commit_lsn, txn.first_change), 0)
+        if not txn.complete:
+            self._piece_seqs[(txn.commit_lsn, txn.first_change + len(txn.changes))] = \
+                first_seq + len(changes)
+        at = _Position(txn.commit_lsn, txn.xid, txn.commit_time, first_seq=first_seq)
         items = self._build(changes, rejected, at)
         if high_closed and chunk is not None:
             reads = [RowChange(table, READ, None, row)
@@ -650,7 +684,8 @@ class CdcProducer:
             reads += [RowChange(table, READ, None, None) for table, _key in chunk.rejected]
             items.extend(self._build(reads, bad_reads,
                                      _Position(txn.commit_lsn, 0, txn.commit_time,
-                                               snapshot=True, first_seq=len(txn.changes))))
+                                               snapshot=True,
+                                               first_seq=txn.first_change + len(txn.changes))))
             self._pending_progress.append((chunk, len(reads)))
             self.stats.snapshot_rows += len(reads)
             self._chunk = None
@@ -795,7 +830,7 @@ class CdcProducer:
                     self._topics[item.kind], key=item.key, value=value,
                     headers=[("event_id", item.event_id.encode()),
                              ("event_kind", item.kind.encode())]))
-            producer.flush(timeout=self.settings.heartbeat_interval_s * 6)
+            self._flush(producer)
         except KafkaError as exc:
             raise (transient(exc, "broker")
                    or Retryable(f"publishing failed: {type(exc).__name__}")) from exc
@@ -814,6 +849,22 @@ class CdcProducer:
         if self.on_acknowledged is not None:
             self.on_acknowledged(events)
 
+    def _flush(self, producer: Any) -> None:
+        """``producer.flush`` within ``6 * heartbeat_interval_s``, in one-second waits between
+        which the change source tells the CRM we are alive (a piece of a big transaction is
+        being published while its walsender waits; see ``StreamSource``). Raises
+        KafkaTimeoutError when the broker did not acknowledge everything in time."""
+        deadline = time.monotonic() + self.settings.heartbeat_interval_s * 6
+        while True:
+            try:
+                producer.flush(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+                return
+            except KafkaTimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
+            if self._source is not None:
+                self._source.keep_alive()
+
     def _send_letters(self, producer: Any,
                       letters: list[CaptureLetter]) -> dict[int, tuple[int, int]]:
         """Capture dead letters onto the dead-letter topic, acknowledged; their places."""
@@ -821,7 +872,7 @@ class CdcProducer:
             return {}
         futures = [producer.send(self.settings.dlq_topic, key=d.key, value=d.value(),
                                  headers=d.headers()) for d in letters]
-        producer.flush(timeout=self.settings.heartbeat_interval_s * 6)
+        self._flush(producer)
         places: dict[int, tuple[int, int]] = {}
         for letter, future in zip(letters, futures, strict=True):
             meta = future.get(timeout=0.1)

@@ -26,8 +26,10 @@ import contextlib
 import select
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any, Protocol, cast
 
+import psycopg
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
@@ -57,6 +59,11 @@ class TxnDecoder(Protocol):
 
     def feed(self, data: bytes) -> CommittedTxn | None: ...
 
+    @property
+    def open_changes(self) -> int: ...
+
+    def cut(self) -> CommittedTxn | None: ...
+
 
 class DecoderFactory(Protocol):
     def __call__(self) -> TxnDecoder: ...
@@ -65,11 +72,18 @@ class DecoderFactory(Protocol):
 class ChangeSource(Protocol):
     """Committed transactions from the replication slot, confirmed once published."""
 
+    # What the last read of the slot cost the CRM, in seconds (the SQL peek; None when the
+    # transport does not measure it), and the wait it imposed after finding nothing.
+    peek_s: float | None
+    backoff_s: float
+
     def next_transactions(self, conn: PgConn, max_wait_s: float) -> list[CommittedTxn]:
-        """Whole committed transactions in commit order (about ``producer_max_changes``
-        changes at most, but never part of a transaction); ``[]`` when none was committed
-        within ``max_wait_s`` seconds. Transactions returned before and not yet confirmed
-        come first again. ``conn`` is the producer's CRM session.
+        """Committed transactions in commit order, about ``producer_max_changes`` changes at
+        most; ``[]`` when none was committed within ``max_wait_s`` seconds. A transaction
+        with more changes comes in pieces (``complete`` False but the last) cut every
+        ``producer_max_changes`` changes, so memory stays bounded whatever its size; the
+        cuts fall at the same changes when it is read again. Transactions returned before and
+        not yet confirmed come first again. ``conn`` is the producer's CRM session.
 
         Raises :class:`Retryable` when the slot cannot be read for a transient reason
         (connection lost, slot still held by a dead producer's walsender), and the driver's
@@ -77,8 +91,14 @@ class ChangeSource(Protocol):
         ...
 
     def confirm(self, conn: PgConn, end_lsn: int) -> None:
-        """Every transaction ending at or before ``end_lsn`` (an LSN as an int) reached the
-        broker: the slot may forget it."""
+        """Everything the last ``next_transactions`` returned reached the broker; the slot
+        may forget every transaction ending at or before ``end_lsn`` (an LSN as an int; 0
+        when the batch held only a piece of a transaction under way: nothing to forget)."""
+        ...
+
+    def keep_alive(self) -> None:
+        """Called while a batch is being published (a slow broker): tell the server this
+        client is alive, so it neither drops the connection nor asks for a reply."""
         ...
 
     def caught_up(self, conn: PgConn) -> bool:
@@ -100,8 +120,27 @@ def source_for(settings: Settings, new_decoder: DecoderFactory,
     return StreamSource(settings, new_decoder)
 
 
+# Empty peeks may take at most this share of the wall clock: each re-decodes the WAL since the
+# slot's restart_lsn, which behind a long CRM transaction is seconds of CRM CPU per call.
+EMPTY_PEEK_SHARE = 0.1
+# Rows of a peek fetched per round trip (its result waits on the server meanwhile).
+PEEK_FETCH_ROWS = 1000
+PEEK_SQL = ("SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, %s, "
+            "'proto_version', '1', 'publication_names', %s, 'messages', 'true')")
+
+
 class SqlPeekSource:
-    """The SQL decoding interface: peek whole transactions, advance after the broker acked."""
+    """The SQL decoding interface: peek whole transactions, advance after the broker acked.
+
+    A peek is a ``WITH HOLD`` cursor: PostgreSQL runs it once and keeps its result (a
+    tuplestore, on disk past ``work_mem``) while the producer fetches it
+    :data:`PEEK_FETCH_ROWS` rows at a time, so a transaction of a million rows is handed out
+    in pieces, as on the stream, instead of arriving in one result. The peek's cost is what
+    the ``DECLARE`` took (``peek_s``); after a peek that found nothing the next one waits
+    ``peek_s * 9`` (at most ``sql_peek_backoff_max_s``; at least ``producer_poll_ms``), so
+    empty peeks take at most :data:`EMPTY_PEEK_SHARE` of the time however much WAL the slot
+    retains (``backoff_s``).
+    """
 
     def __init__(self, settings: Settings, new_decoder: DecoderFactory,
                  stop: threading.Event) -> None:
@@ -109,30 +148,94 @@ class SqlPeekSource:
         self._new_decoder = new_decoder
         self._stop = stop
         self._drained = False
+        self._cursor: psycopg.ServerCursor[Any] | None = None
+        self._rows: Iterator[Any] | None = None
+        self._decoder: TxnDecoder | None = None
+        self._handed: list[CommittedTxn] = []
+        self._idle_until = 0.0
+        self.peek_s: float | None = None  # what the last peek cost the CRM (seconds)
+        self.backoff_s = 0.0  # the wait after the last empty peek
 
     def next_transactions(self, conn: PgConn, max_wait_s: float) -> list[CommittedTxn]:
-        rows = conn.execute(
-            "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, %s, "
-            "'proto_version', '1', 'publication_names', %s, 'messages', 'true')",
-            (self._settings.slot_name, self._settings.producer_max_changes,
-             self._settings.publication_name),
-        ).fetchall()
-        self._drained = not rows
-        decoder = self._new_decoder()  # relations are re-sent at the start of every peek
-        txns = [txn for (data,) in rows if (txn := decoder.feed(bytes(data))) is not None]
-        if not txns:
+        if self._handed:  # the last batch was not confirmed: its publish failed
+            return list(self._handed)
+        if self._rows is None:
+            if time.monotonic() < self._idle_until:
+                self._stop.wait(min(max_wait_s, self._idle_until - time.monotonic()))
+                return []
+            self._peek(conn)
+        batch = self._read()
+        if not batch:
+            if self._drained:  # nothing at all: the next peek waits, longer when expensive
+                self.backoff_s = min(self._settings.sql_peek_backoff_max_s,
+                                     (self.peek_s or 0.0) * (1 / EMPTY_PEEK_SHARE - 1))
+                self._idle_until = time.monotonic() + max(max_wait_s, self.backoff_s)
             self._stop.wait(max_wait_s)
-        return txns
+        self._handed = batch
+        return list(batch)
+
+    def _peek(self, conn: PgConn) -> None:
+        started = time.perf_counter()
+        cur = conn.cursor(name="crm_erp_sync_peek", withhold=True)
+        try:
+            cur.itersize = PEEK_FETCH_ROWS
+            cur.execute(PEEK_SQL, (self._settings.slot_name, self._settings.producer_max_changes,
+                                   self._settings.publication_name))
+        except BaseException:
+            with contextlib.suppress(psycopg.Error):
+                cur.close()
+            raise
+        self.peek_s = time.perf_counter() - started
+        self._cursor, self._rows = cur, iter(cur)
+        self._decoder = self._new_decoder()  # relations are re-sent at the start of every peek
+        self._drained = True  # until a row comes
+
+    def _read(self) -> list[CommittedTxn]:
+        """Whole transactions, or a piece of one, from the open peek; the peek is closed
+        when its rows are all read (the next call peeks again, after the confirm)."""
+        rows, decoder = self._rows, self._decoder
+        assert rows is not None and decoder is not None
+        limit = self._settings.producer_max_changes
+        ready: list[CommittedTxn] = []
+        changes = 0
+        for (data,) in rows:
+            self._drained = False
+            txn = decoder.feed(bytes(data))
+            if txn is not None:
+                ready.append(txn)
+                changes += len(txn.changes)
+                if changes >= limit:
+                    return ready
+            elif decoder.open_changes >= limit:
+                piece = decoder.cut()
+                assert piece is not None
+                ready.append(piece)
+                return ready
+        self._close_cursor()
+        return ready
+
+    def _close_cursor(self) -> None:
+        cur, self._cursor, self._rows = self._cursor, None, None
+        if cur is not None:
+            with contextlib.suppress(psycopg.Error):
+                cur.close()
 
     def confirm(self, conn: PgConn, end_lsn: int) -> None:
-        conn.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)",
-                     (self._settings.slot_name, pgoutput.lsn_to_str(end_lsn)))
+        self._handed = []
+        if end_lsn:
+            conn.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)",
+                         (self._settings.slot_name, pgoutput.lsn_to_str(end_lsn)))
+
+    def keep_alive(self) -> None:
+        pass  # a peek holds no connection open to the walsender
 
     def caught_up(self, conn: PgConn) -> bool:
-        return self._drained  # an empty peek read the slot to the end of the WAL
+        # an empty peek read the slot to the end of the WAL
+        return self._drained and self._rows is None and not self._handed
 
     def close(self) -> None:
-        pass
+        self._close_cursor()
+        self._handed = []
 
 
 class StreamSource:
@@ -155,7 +258,12 @@ class StreamSource:
     or the Begin of a transaction that started before the last confirmed commit can satisfy it
     while whole transactions read after that commit are still unpublished. So reading stops
     at such a message while unconfirmed transactions are held; the batch is returned,
-    published and confirmed first, and only then is the stream read again.
+    published and confirmed first, and only then is the stream read again. The same rule
+    cannot hold inside a big transaction handed out in pieces (its changes may start below the
+    last confirmed commit, and it must be read on): there the walsender's keepalives are kept
+    away instead. It sends one mid-stream only after ``wal_sender_timeout / 2`` without a word
+    from us; psycopg2's ``read_message`` reports every second, and :meth:`keep_alive` does
+    while a piece is being published.
     """
 
     def __init__(self, settings: Settings, new_decoder: DecoderFactory) -> None:
@@ -168,6 +276,8 @@ class StreamSource:
         self._handed: list[CommittedTxn] = []  # returned, not confirmed yet
         self._confirmed = 0  # the highest end LSN given to send_feedback
         self._idle_target: int | None = None  # WAL flush position caught_up waits for
+        self.peek_s: float | None = None  # the walsender decodes each record once: no peeks
+        self.backoff_s = 0.0
 
     # ---- the seam ---------------------------------------------------------------------
     def next_transactions(self, conn: PgConn, max_wait_s: float) -> list[CommittedTxn]:
@@ -199,7 +309,7 @@ class StreamSource:
         return list(batch)
 
     def confirm(self, conn: PgConn, end_lsn: int) -> None:
-        self._handed = [txn for txn in self._handed if txn.end_lsn > end_lsn]
+        self._handed = []
         if end_lsn <= self._confirmed:
             return
         self._confirmed = end_lsn
@@ -207,6 +317,11 @@ class StreamSource:
             # Not forced: psycopg2 reports it from read_message within FEEDBACK_INTERVAL_S,
             # which spares the walsender one wake-up per batch.
             _send_feedback(self._cur, write_lsn=end_lsn, flush_lsn=end_lsn)
+
+    def keep_alive(self) -> None:
+        if self._cur is not None:
+            with contextlib.suppress(psycopg2.OperationalError, psycopg2.InterfaceError):
+                _send_feedback(self._cur, force=True)
 
     def caught_up(self, conn: PgConn) -> bool:
         if self._cur is None or self._handed or self._in_txn:
@@ -289,6 +404,13 @@ class StreamSource:
                     changes += len(txn.changes)
                     if changes >= limit:
                         return ready
+                elif decoder.open_changes >= limit:
+                    # a big transaction: hand out this piece (bounded memory); the slot is
+                    # confirmed past it only after its last piece (see the module docstring)
+                    piece = decoder.cut()
+                    assert piece is not None
+                    ready.append(piece)
+                    return ready
                 elif ready and msg.data_start <= self._confirmed:
                     return ready  # see the class docstring: confirm `ready` before reading on
                 if not ready and time.monotonic() > deadline:

@@ -136,6 +136,33 @@ class ProducerMetrics(ProcessMetrics):
             "and went to the dead-letter topic (stage capture)", ["table", "error"],
             registry=r)
 
+        # Long transactions (issue #11 item 8): what pins the slot, and what a peek costs.
+        self.oldest_xact_age = Gauge(f"{PREFIX}_oldest_transaction_age_seconds", "Age of the "
+                                     "oldest CRM transaction holding an xid (it pins the "
+                                     "slot's restart_lsn); 0 when none", registry=r)
+        self.oldest_xact = Gauge(f"{PREFIX}_oldest_transaction_info", "1 for the oldest CRM "
+                                 "transaction holding an xid: its backend pid (empty for a "
+                                 "prepared transaction) and state; never its query",
+                                 ["pid", "state"], registry=r)
+        self.peek_seconds = Gauge(f"{PREFIX}_sql_peek_seconds", "What the last "
+                                  "pg_logical_slot_peek_binary_changes took (SQL transport: "
+                                  "it re-decodes the WAL since restart_lsn)", registry=r)
+        self.peek_backoff = Gauge(f"{PREFIX}_sql_peek_backoff_seconds", "The wait after the "
+                                  "last empty peek (longer when peeks are expensive)",
+                                  registry=r)
+        self._oldest_labels: tuple[str, str] | None = None
+
+    def set_oldest_transaction(self, xact: dict[str, object] | None) -> None:
+        labels = None if xact is None else (
+            "" if xact["pid"] is None else str(xact["pid"]), str(xact["state"]))
+        if self._oldest_labels is not None and self._oldest_labels != labels:
+            self.oldest_xact.remove(*self._oldest_labels)
+        if labels is not None:
+            self.oldest_xact.labels(*labels).set(1)
+        self._oldest_labels = labels
+        age = 0.0 if xact is None else xact["age_s"]
+        self.oldest_xact_age.set(age if isinstance(age, float) else 0.0)
+
     def count_published(self, items: Iterable[tuple[str, str]]) -> None:
         for (topic, kind), n in Tally(items).items():
             self.published.labels(topic, kind).inc(n)

@@ -55,6 +55,51 @@ def slot_state(settings: Settings) -> dict[str, Any] | None:
             "wal_status": row[3]}
 
 
+# The oldest transaction holding an xid anywhere in the CRM's cluster (logical decoding's
+# restart_lsn cannot pass a running transaction, whatever its database), or a prepared one
+# (no session: pid NULL). Never its query text: it can quote personal data.
+OLDEST_TRANSACTION_SQL = """
+SELECT pid, state, age_s, database FROM (
+    SELECT pid, state, extract(epoch FROM clock_timestamp() - xact_start)::float8 AS age_s,
+           datname AS database
+    FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()
+    UNION ALL
+    SELECT NULL, 'prepared', extract(epoch FROM clock_timestamp() - prepared)::float8, database
+    FROM pg_prepared_xacts
+) t ORDER BY age_s DESC NULLS LAST LIMIT 1"""
+# What the SQL transport's producer reports of its peeks (service/cdc/producer.py), for status.
+CAPTURE_COSTS_TABLE = "crm_erp_sync.capture_costs"
+CAPTURE_COSTS_DDL = f"""CREATE TABLE IF NOT EXISTS {CAPTURE_COSTS_TABLE} (
+    slot_name   text PRIMARY KEY,
+    peek_s      float8 NOT NULL,
+    backoff_s   float8 NOT NULL,
+    measured_at timestamptz NOT NULL DEFAULT now()
+)"""
+
+
+def oldest_transaction(conn: pg.PgConn) -> dict[str, Any] | None:
+    """The CRM transaction that pins the slot longest: ``{"pid": int | None (None: a
+    prepared transaction), "state": str, "age_s": float, "database": str}``, or None."""
+    row = conn.execute(OLDEST_TRANSACTION_SQL).fetchone()
+    if row is None:
+        return None
+    return {"pid": row[0], "state": row[1], "age_s": float(row[2] or 0.0), "database": row[3]}
+
+
+def capture_costs(conn: pg.PgConn, slot_name: str) -> dict[str, float] | None:
+    """The SQL peek's last reported cost: ``{"peek_s", "backoff_s", "reported_s_ago"}``
+    (seconds), or None (the streaming transport, or no report yet)."""
+    exists = conn.execute("SELECT to_regclass(%s)", (CAPTURE_COSTS_TABLE,)).fetchone()
+    if exists is None or exists[0] is None:
+        return None
+    row = conn.execute(
+        f"SELECT peek_s, backoff_s, extract(epoch FROM clock_timestamp() - measured_at)::float8 "
+        f"FROM {CAPTURE_COSTS_TABLE} WHERE slot_name = %s", (slot_name,)).fetchone()
+    if row is None:
+        return None
+    return {"peek_s": row[0], "backoff_s": row[1], "reported_s_ago": row[2]}
+
+
 def caught_up(settings: Settings, crm_lsn: str) -> bool:
     """True when the slot has confirmed past crm_lsn and the group has no lag."""
     with pg.connect(settings.crm_dsn, "CRM") as conn:

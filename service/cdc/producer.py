@@ -81,6 +81,7 @@ from service.kafka_io import (
     max_message_bytes,
 )
 from service.metrics import ProducerMetrics
+from service.ops import CAPTURE_COSTS_DDL, CAPTURE_COSTS_TABLE, oldest_transaction
 from service.pg import PgConn
 from service.settings import Settings
 
@@ -352,6 +353,7 @@ class CdcProducer:
         self._pending_progress: list[tuple[_Chunk, int]] = []
         # (commit LSN, first change of the next piece) -> its first event seq
         self._piece_seqs: dict[tuple[int, int], int] = {}
+        self._costs_table = False  # CAPTURE_COSTS_TABLE created by this process
         self._last_advance = time.monotonic()
         self._topics = {"customer": settings.sales_topic, "order": settings.sales_topic,
                         "market_demand": settings.market_topic}
@@ -589,6 +591,23 @@ class CdcProducer:
         if row is not None:
             self.metrics.retained_wal.set(row[0] or 0)
             self.metrics.unconfirmed_wal.set(row[1] or 0)
+        self.metrics.set_oldest_transaction(oldest_transaction(conn))
+        source = self._source
+        if source is not None and source.peek_s is not None:
+            self.metrics.peek_seconds.set(source.peek_s)
+            self.metrics.peek_backoff.set(source.backoff_s)
+            self._report_costs(conn, source.peek_s, source.backoff_s)
+
+    def _report_costs(self, conn: PgConn, peek_s: float, backoff_s: float) -> None:
+        """The SQL peek's cost, where `status` reads it (one small row in our own schema)."""
+        if not self._costs_table:
+            conn.execute(CAPTURE_COSTS_DDL)
+            self._costs_table = True
+        conn.execute(
+            f"INSERT INTO {CAPTURE_COSTS_TABLE} (slot_name, peek_s, backoff_s) "
+            "VALUES (%s, %s, %s) ON CONFLICT (slot_name) DO UPDATE SET peek_s = "
+            "excluded.peek_s, backoff_s = excluded.backoff_s, measured_at = now()",
+            (self.settings.slot_name, peek_s, backoff_s))
 
     def step(self, conn: PgConn) -> bool:
         """One batch: maybe open a snapshot chunk, read whole transactions (waiting up to

@@ -75,8 +75,11 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     ox = st.oldest_transaction
     print("Oldest CRM transaction holding the slot: " + (
         "none" if ox is None else
-        f"pid {ox['pid']} ({ox['state']}, database {ox['database']}), open for "
-        f"{_fmt_s(ox['age_s'])}"))
+        f"pid {ox['pid'] if ox['pid'] is not None else '- (prepared)'} ({ox['state']}, "
+        f"database {ox['database']}), open for {_fmt_s(ox['age_s'])}"))
+    if st.peek is not None:
+        print(f"SQL peek: {st.peek['peek_s']:.3f}s each; empty peeks wait "
+              f"{st.peek['backoff_s']:.2f}s (reported {_fmt_s(st.peek['reported_s_ago'])} ago)")
     if st.breaker:
         print(render.table(
             ["circuit breaker OPEN", "since", "measured", "limit", "paused at offset",

@@ -12,8 +12,12 @@ Needs attention (exit 1) when any of:
 - a consumer that reported itself recently (``sync.consumer_membership``) is not a member of
   the group as the broker lists it (it rejoins by itself; if it stays out, look at it);
 - events are waiting (lag) but the group has no member;
-- a CRM transaction has been open longer than ``PINNING_XACT_S``: the slot cannot confirm
-  past it, so the CRM keeps its WAL (pid, age and state are shown, never the query text).
+- a CRM transaction holding an xid has been open longer than ``pinning_xact_max_s``
+  (``CRM_ERP_SYNC_PINNING_XACT_MAX_S``, 600): the slot cannot confirm past it, so the CRM
+  keeps its WAL (pid, age and state are shown, never the query text);
+- the slot retains more than ``retained_wal_max_bytes`` of WAL (1 GiB);
+- on the SQL transport, the producer's last peek took longer than ``sql_peek_max_s`` (0.2 s):
+  each one re-decodes the retained WAL (it backs off, but capture slows down with it).
 - a running consumer refused the mappings file on its disk (it keeps the older version), or
   the running consumers apply different mappings versions (``sync.consumers``).
 Lag alone below that is normal under load and is only reported.
@@ -34,10 +38,17 @@ from service.errors import StackUnavailable
 from service.kafka_io import make_admin
 from service.operator.breaker import BreakerTrip, open_trips
 from service.operator.common import connect
-from service.ops import PartitionLag, group_lag, slot_state
+from service.ops import (
+    PartitionLag,
+    capture_costs,
+    group_lag,
+    oldest_transaction,
+    slot_state,
+)
 from service.settings import Settings
 
-PINNING_XACT_S = 600.0
+# A peek report older than this is from a producer that stopped (or switched transport).
+PEEK_REPORT_STALE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,8 @@ class Status:
     dead_letters_by_field: list[tuple[str, str, int]] = field(default_factory=list)
     # The oldest CRM transaction holding an xid (it pins the slot): pid, state, age_s.
     oldest_transaction: dict[str, Any] | None = None
+    # The SQL transport's last peek: peek_s, backoff_s, reported_s_ago (None: streaming).
+    peek: dict[str, float] | None = None
     paused: list[dict[str, Any]] = field(default_factory=list)  # operator pauses
     # Running consumers and the mappings version each applies (mappings_watch.live_members).
     consumers: list[dict[str, Any]] = field(default_factory=list)
@@ -123,6 +136,14 @@ def merge_members(listed: list[dict[str, Any]], reported: list[dict[str, Any]],
     return out
 
 
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
     lag = group_lag(settings)
     listed = broker_members(settings)
@@ -140,12 +161,10 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
                 "WHERE datname = current_database()) "
                 "AND ((classid::bigint << 32) | objid::bigint) = hashtext(%s)::bigint)",
                 (lock_key(settings.slot_name),)).fetchone()
-            xact = crm.execute(
-                "SELECT pid, state, extract(epoch FROM clock_timestamp() - xact_start), "
-                "datname FROM pg_stat_activity WHERE backend_xid IS NOT NULL "
-                "AND pid <> pg_backend_pid() ORDER BY xact_start LIMIT 1").fetchone()
+            xact = oldest_transaction(crm)
+            peek = capture_costs(crm, settings.slot_name)
     except psycopg.errors.UndefinedTable:
-        pending, locked, xact = [], None, None
+        pending, locked, xact, peek = [], None, None, None
     except psycopg.OperationalError as exc:
         raise StackUnavailable(f"CRM database unreachable: {type(exc).__name__}") from exc
     with connect(settings, "erp") as erp:
@@ -208,8 +227,9 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         members=merge_members(listed, reported, alive_s=max(30.0,
                                                             3 * settings.membership_check_s)),
         dead_letters_by_field=by_field, paused=paused,
-        oldest_transaction=None if not xact else {
-            "pid": xact[0], "state": xact[1], "age_s": float(xact[2]), "database": xact[3]},
+        oldest_transaction=xact,
+        peek=peek if peek is not None and peek["reported_s_ago"] < PEEK_REPORT_STALE_S
+        else None,
         last_applied={"applied_at": applied_at, "crm_commit_time": last[1],
                       "seconds_since_last_apply": float(last[2]) if last[2] is not None
                       else None,
@@ -235,11 +255,28 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
                                 f"since {p['paused_at']:%Y-%m-%d %H:%M:%S%z} ({p['reason']}): "
                                 "`crm-erp-sync resume` continues")
     ox = status.oldest_transaction
-    if ox and ox["age_s"] > PINNING_XACT_S:
+    if ox and ox["age_s"] > settings.pinning_xact_max_s:
+        who = (f"CRM transaction pid {ox['pid']} ({ox['state']}, database {ox['database']})"
+               if ox["pid"] is not None else
+               f"a prepared CRM transaction (database {ox['database']})")
+        end = ("end it, or SELECT pg_terminate_backend(pid)" if ox["pid"] is not None
+               else "COMMIT PREPARED or ROLLBACK PREPARED it (pg_prepared_xacts)")
         status.attention.append(
-            f"CRM transaction pid {ox['pid']} ({ox['state']}) has been open for "
-            f"{ox['age_s'] / 60:.0f} min: the slot cannot confirm past it and the CRM keeps "
-            "its WAL (end it, or SELECT pg_terminate_backend(pid))")
+            f"{who} has been open for {_age(ox['age_s'])} (over "
+            f"{_age(settings.pinning_xact_max_s)}): the slot cannot confirm past it and the "
+            f"CRM keeps its WAL ({end})")
+    if slot is not None and (slot.get("retained_wal_bytes") or 0) > \
+            settings.retained_wal_max_bytes:
+        status.attention.append(
+            f"replication slot {settings.slot_name} retains {slot['retained_wal_bytes']:,} "
+            f"bytes of WAL (over {settings.retained_wal_max_bytes:,}): a long CRM transaction "
+            "(above), a stopped producer, or capture behind")
+    if status.peek is not None and status.peek["peek_s"] > settings.sql_peek_max_s:
+        status.attention.append(
+            f"each SQL peek of the slot takes {status.peek['peek_s']:.2f}s of the CRM's time "
+            f"(over {settings.sql_peek_max_s:g}s): it re-decodes the retained WAL; empty peeks "
+            f"back off {status.peek['backoff_s']:.1f}s. End the transaction pinning the slot, "
+            "or capture over the stream (CRM_ERP_SYNC_CAPTURE_TRANSPORT=stream)")
     for c in consumers:
         if c["refused_version"] is not None or c["refused_error"]:
             status.attention.append(

@@ -61,11 +61,11 @@ def test_status_shows_members_letters_by_field_and_what_needs_attention(
     assert not any("consumer-out" in a for a in gone.json["attention"])
 
     # The oldest CRM transaction holding an xid: pid, state, age; never its query.
-    monkeypatch.setattr("service.operator.status.PINNING_XACT_S", 0.0)
     with psycopg.connect(settings.crm_dsn) as idle:
         idle.execute("SELECT txid_current()")
         pid = idle.info.backend_pid
-        pinned = cli(settings, "status", "--json")
+        pinned = cli(sync_env.with_(membership_check_s=0.5, pinning_xact_max_s=0.000001),
+                     "status", "--json")
         assert pinned.json["oldest_transaction"]["pid"] == pid
         assert pinned.json["oldest_transaction"]["state"] == "idle in transaction"
         assert any(f"CRM transaction pid {pid}" in a for a in pinned.json["attention"])

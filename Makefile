@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 STACK  := deploy/local/stack.sh
 
 .PHONY: help venv up down stack-status clean-stack lint test demo demo-bottlecrm bench-produce bench-apply
-.PHONY: bench-capture
+.PHONY: bench-capture bench-big-txn
 .PHONY: validate-deploy bottlecrm bottlecrm-if-possible tryton tryton-rebuild test-tryton bench-tryton
 .PHONY: bench-stock
 .PHONY: demo-tryton
@@ -29,6 +29,7 @@ help:
 	@echo "make demo-tryton   the same with Tryton as the ERP (20 customers, 30 orders)"
 	@echo "make validate-deploy   kustomize + kubeconform on deploy/k8s, compose checks"
 	@echo "make bench-produce / bench-apply   benchmarks"
+	@echo "make bench-big-txn  producer peak RSS for one 1,000,000-row CRM transaction (< 300 MB)"
 	@echo "make bench-stock   apply into an empty ERP vs one holding 1M orders (new vs old stock)"
 	@echo "make bench-capture  CRM CPU of capture: SQL peek vs streaming replication"
 	@echo "make bottlecrm     install BottleCRM (Python 3.12 venv in .stack/bottlecrm) and build its"
@@ -88,6 +89,9 @@ demo-bottlecrm: venv up bottlecrm
 
 bench-produce: venv up
 	$(BIN)/python -m bench.produce
+
+bench-big-txn: venv up
+	$(BIN)/python -m bench.produce --big-txn 1000000
 
 bench-apply: venv up
 	$(BIN)/python -m bench.apply

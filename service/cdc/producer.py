@@ -689,7 +689,7 @@ class CdcProducer:
         # change the same seq again).
         if txn.first_change == 0:
             self._piece_seqs.clear()
-        first_seq = self._piece_seqs.pop((txn.commit_lsn, txn.first_change), 0)
+        first_seq = self._piece_seqs.get((txn.commit_lsn, txn.first_change), 0)
         if not txn.complete:
             self._piece_seqs[(txn.commit_lsn, txn.first_change + len(txn.changes))] = \
                 first_seq + len(changes)

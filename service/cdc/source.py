@@ -406,7 +406,7 @@ class StreamSource:
                         return ready
                 elif decoder.open_changes >= limit:
                     # a big transaction: hand out this piece (bounded memory); the slot is
-                    # confirmed past it only after its last piece (see the module docstring)
+                    # confirmed past it only after its last piece (events.CommittedTxn)
                     piece = decoder.cut()
                     assert piece is not None
                     ready.append(piece)

@@ -11,9 +11,12 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.errors import ConfigError
+
+if TYPE_CHECKING:
+    from service.consumer.throttle import ApplyWindow
 
 ENV_PREFIX = "CRM_ERP_SYNC_"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -82,6 +85,12 @@ class Settings:
     membership_check_s: float = 10.0
     # How often a running consumer checks the mappings file for a change (SIGHUP: at once).
     mappings_check_s: float = 5.0
+    # Protecting the ERP (service/consumer/throttle.py): at most this many changes applied per
+    # second by each consumer (0: no limit), and only inside a daily window "HH:MM-HH:MM"
+    # (empty: always) of wall-clock time in apply_window_tz (an IANA zone).
+    apply_max_rate: float = 0.0
+    apply_window: str = ""
+    apply_window_tz: str = "UTC"
 
     @classmethod
     def env_var(cls, field_name: str) -> str:
@@ -140,6 +149,18 @@ class Settings:
                               "breaker never trips)")
         if self.breaker_min_messages < 1:
             raise ConfigError(self.env_var("breaker_min_messages"), "must be at least 1")
+        if not self.apply_max_rate >= 0:  # also refuses nan
+            raise ConfigError(self.env_var("apply_max_rate"),
+                              "must be changes per second per consumer, or 0 for no limit")
+        if self.apply_window:
+            from service.consumer.throttle import ApplyWindow
+
+            try:
+                ApplyWindow.parse(self.apply_window, self.apply_window_tz)
+            except ValueError as exc:
+                zone_problem = str(exc).startswith("unknown time zone")
+                raise ConfigError(self.env_var("apply_window_tz" if zone_problem
+                                               else "apply_window"), str(exc)) from exc
         if not 0 <= self.http_port <= 65535:
             raise ConfigError(self.env_var("http_port"),
                               "must be a TCP port 1-65535, or 0 for no HTTP endpoints")
@@ -186,6 +207,13 @@ class Settings:
         for name in ("crm_dsn", "erp_dsn"):
             if not getattr(self, name).startswith(("postgresql://", "postgres://")):
                 raise ConfigError(self.env_var(name), "must be a postgresql:// URL")
+
+    def apply_window_parsed(self) -> ApplyWindow | None:
+        """The apply window (validated at start-up), or None: always apply."""
+        from service.consumer.throttle import ApplyWindow
+
+        return (ApplyWindow.parse(self.apply_window, self.apply_window_tz)
+                if self.apply_window else None)
 
     def redacted(self) -> dict[str, str]:
         """The effective settings with secrets hidden, keyed by environment variable."""

@@ -829,7 +829,12 @@ class CdcProducer:
             self.metrics.capture_dead_letters.labels(letter.table,
                                                      type(letter.error).__name__).inc()
             # identity and reason only: the values are in the letter, never in a log line
-            log.error("capture_dead_letter", table=letter.table, key=letter.primary_key,
+            # The same keys as the consumer's `dead_lettered` line: `key` is the Kafka key
+            # as text, `error` the class; the CRM row's own key is `primary_key`.
+            log.error("capture_dead_letter", table=letter.table,
+                      key=letter.key.decode("utf-8", "replace") if letter.key else None,
+                      primary_key=letter.primary_key, stage=letter.error.stage,
+                      error=type(letter.error).__name__,
                       commit_lsn=letter.commit_lsn, xid=letter.xid, event_id=letter.event_id,
                       column=letter.error.column, reason=letter.error.detail,
                       dlq_partition=meta.partition, dlq_offset=meta.offset)

@@ -48,7 +48,15 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     print("Consumer group", settings.consumer_group)
     print(render.table(["topic", "partition", "committed", "end", "lag"],
                        [(p.topic, p.partition, p.committed, p.end, p.lag) for p in st.lag]))
-    print(f"total lag: {st.total_lag}\n")
+    print(f"total lag: {st.total_lag}")
+    aw = st.apply_window
+    if aw is not None:
+        print(f"Apply window {aw['window']}: " + (
+            f"open until {render.cell(aw['until'])}" if aw["open"] else
+            f"outside apply window until {render.cell(aw['until'])} (consumers keep their "
+            "partitions paused by design; the lag grows meanwhile and is not counted as "
+            "stuck)"))
+    print()
     if st.members:
         print(render.table(
             ["group member", "host", "pid", "in group", "partitions", "last report",
@@ -107,6 +115,16 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
                            [(c, f or "-", n) for c, f, n in st.dead_letters_by_field]))
     else:
         print("Unresolved dead letters: none")
+    if st.capture_letters:
+        print(render.table(["capture dead letter", "table", "key", "reason"],
+                           [(f"#{c['dead_letter_id']} {c['error_class']}", c["table"],
+                             c["key"], c["reason"]) for c in st.capture_letters],
+                           max_width=70))
+        if st.capture_letters_total > len(st.capture_letters):
+            print(f"  … and {st.capture_letters_total - len(st.capture_letters)} more "
+                  "(`crm-erp-sync dlq list --error-type capture`)")
+    else:
+        print("Capture dead letters: none")
     if st.held:
         print(render.table(["held events", "count", "oldest held for"],
                            [(k, v["count"], _fmt_s(v["oldest_age_s"]))
@@ -206,8 +224,13 @@ def cmd_dlq_show(settings: Settings, args: argparse.Namespace) -> int:
     trace = headers.pop("kafka_dlt-exception-stacktrace", "")
     print("\nHeaders:")
     print(render.table(["header", "value"], sorted(headers.items()), max_width=100))
-    print("\nPayload" + (f" ({info.get('kind')} event, decoded from Avro):"
-                         if info["payload"] is not None else ":"))
+    if info.get("kind") == "capture_dead_letter":
+        # never an Avro event: the producer wrote this JSON in its place
+        print("\nPayload (capture dead letter: the JSON the producer wrote instead of an "
+              "event, the row's values as text):")
+    else:
+        print("\nPayload" + (f" ({info.get('kind')} event, decoded from Avro):"
+                             if info["payload"] is not None else ":"))
     if info["payload"] is not None:
         print(render.dumps(info["payload"]))
     else:
@@ -244,11 +267,11 @@ def _print_report(report: Any, as_json: bool) -> int:
 def cmd_dlq_redrive(settings: Settings, args: argparse.Namespace) -> int:
     from service.operator.dlq import redrive, select_letters
 
-    if not (args.ids or args.error_type or args.field or args.all):
+    if not (args.ids or args.error_type or args.field or args.key or args.all):
         raise ConfigError("dlq redrive", "name dead letters: ID ..., --error-type X, "
-                                         "--field F or --all")
+                                         "--field F, --key K or --all")
     letters, refused = select_letters(settings, args.ids, args.error_type, args.all,
-                                      field=args.field)
+                                      field=args.field, key=args.key)
     report = redrive(settings, letters, actor=actor(args.actor), reason=args.reason,
                      dry_run=args.dry_run)
     report.outcomes[:0] = refused
@@ -300,9 +323,7 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
                        wait_s=args.wait)
     if args.json:  # complete: every key, whatever --limit says
         def entity_json(e: Any) -> dict[str, Any]:
-            return {**render.jsonable(e), "drift": e.drift, "counts": {
-                "missing": len(e.missing), "extra": len(e.extra),
-                "differing": len(e.differing), "unmappable": len(e.unmappable)}}
+            return {**render.jsonable(e), "drift": e.drift, "counts": e.counts()}
         out = {**render.jsonable(result), "drift": result.drift,
                "entities": [entity_json(e) for e in result.entities]}
         if result.repair is not None:
@@ -311,9 +332,9 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
         print(render.dumps(out))
         return EXIT_ATTENTION if result.drift else EXIT_OK
     print(render.table(["entity", "crm rows", "erp rows", "missing", "extra", "differing",
-                        "unmappable", "seconds"],
+                        "unmappable", "held", "seconds"],
                        [(e.entity, e.crm_rows, e.erp_rows, len(e.missing), len(e.extra),
-                         len(e.differing), len(e.unmappable), e.seconds)
+                         len(e.differing), len(e.unmappable), len(e.held), e.seconds)
                         for e in result.entities]))
     shown = args.limit or None  # 0: all
     for e in result.entities:
@@ -326,6 +347,8 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
             print(f"{e.entity} {key} differs in: {', '.join(fields)}")
         for key, why in list(e.unmappable.items())[:shown]:
             print(f"{e.entity} {key} cannot be mapped (dead letter): {why}")
+        for key, why in list(e.held.items())[:shown]:
+            print(f"{e.entity} {key} {why}")
     if result.stock is not None:
         print()
         _print_stock(result.stock, shown)
@@ -467,9 +490,11 @@ def cmd_pause(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
     from service.consumer.policy import percent
-    from service.operator.breaker import resume, resume_pauses
+    from service.operator.breaker import check_partitions, resume, resume_pauses
 
     partitions = _named_partitions(args, "resume")
+    if partitions is not None:
+        check_partitions(settings, partitions)  # a partition that does not exist: exit 2
     who = actor(args.actor)
     unpaused = resume_pauses(settings, partitions, actor=who, reason=args.reason)
     resumed, not_tripped = resume(settings, partitions, actor=who, reason=args.reason)
@@ -605,7 +630,7 @@ def register(sub: Any) -> None:
                "unresolved ones (open, failed_again).")
     p.add_argument("--since", metavar="ISO8601", help="created at or after this time")
     p.add_argument("--error-type", help="error class (MappingError, DecodeError, ...) or stage "
-                                        "(decode, transform, apply)")
+                                        "(capture, decode, transform, apply)")
     p.add_argument("--topic")
     p.add_argument("--key", help="message key (the customer id for crm.sales)")
     p.add_argument("--state", action="append",
@@ -633,6 +658,8 @@ def register(sub: Any) -> None:
     p.add_argument("--error-type", help="all unresolved letters of this error class or stage")
     p.add_argument("--field", help="all unresolved letters whose mapping failed on this CRM "
                                    "field (phone, address, ...)")
+    p.add_argument("--key", help="all unresolved letters of this message key (the customer's "
+                                 "for crm.sales), in their order")
     p.add_argument("--all", action="store_true", help="all unresolved letters")
     p.add_argument("--dry-run", action="store_true",
                    help="only check that each decodes and maps with the current mappings")

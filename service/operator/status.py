@@ -16,13 +16,19 @@ Needs attention (exit 1) when any of:
   past it, so the CRM keeps its WAL (pid, age and state are shown, never the query text).
 - a running consumer refused the mappings file on its disk (it keeps the older version), or
   the running consumers apply different mappings versions (``sync.consumers``).
-Lag alone below that is normal under load and is only reported.
+Lag alone below that is normal under load and is only reported. Outside the apply window
+(CRM_ERP_SYNC_APPLY_WINDOW, read from this process's settings: give `status` the consumers'
+configuration) the consumers pause by design: status says "outside apply window until ...",
+and neither the lag nor events awaiting their customer count as stuck meanwhile.
+
+Capture dead letters (stage capture: a CRM change the producer could not make an event) are
+listed one by one (table, key, reason) apart from the letters of the apply path.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -38,6 +44,7 @@ from service.ops import PartitionLag, group_lag, slot_state
 from service.settings import Settings
 
 PINNING_XACT_S = 600.0
+CAPTURE_SHOWN = 20
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,12 @@ class Status:
     paused: list[dict[str, Any]] = field(default_factory=list)  # operator pauses
     # Running consumers and the mappings version each applies (mappings_watch.live_members).
     consumers: list[dict[str, Any]] = field(default_factory=list)
+    # Unresolved capture dead letters, oldest first (at most CAPTURE_SHOWN): dead_letter_id,
+    # table, key (the CRM row's), error_class, reason, created_at; and how many in all.
+    capture_letters: list[dict[str, Any]] = field(default_factory=list)
+    capture_letters_total: int = 0
+    # CRM_ERP_SYNC_APPLY_WINDOW: {"window", "open", "until"} (None: always applying).
+    apply_window: dict[str, Any] | None = None
     attention: list[str] = field(default_factory=list)
 
     @property
@@ -153,10 +166,18 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         by_field = [(c, f or "", int(n)) for c, f, n in erp.execute(
             "SELECT error_class, CASE WHEN error_class = 'MappingError' "
             "THEN split_part(error_message, ': ', 1) END, count(*) FROM sync.dead_letters "
-            "WHERE state IN ('open', 'failed_again') GROUP BY 1, 2 ORDER BY 1, 2").fetchall()]
+            "WHERE state IN ('open', 'failed_again') AND stage <> 'capture' "
+            "GROUP BY 1, 2 ORDER BY 1, 2").fetchall()]
         letters: dict[str, int] = {}
         for cls, _f, n in by_field:
             letters[cls] = letters.get(cls, 0) + n
+        capture = [dict(zip(("dead_letter_id", "table", "key", "error_class", "reason",
+                             "created_at", "total"), r, strict=True)) for r in erp.execute(
+            "SELECT dead_letter_id, coalesce(source_table, topic), "
+            "coalesce(source_key, convert_from(msg_key, 'UTF8')), error_class, error_message, "
+            "created_at, count(*) OVER () FROM sync.dead_letters "
+            "WHERE state IN ('open', 'failed_again') AND stage = 'capture' "
+            "ORDER BY dead_letter_id LIMIT %s", (CAPTURE_SHOWN,)).fetchall()]
         try:
             reported = [dict(zip(("client_id", "host", "pid", "member_id", "in_group",
                                   "out_since", "assigned", "mappings_version", "rejoins",
@@ -208,12 +229,21 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         members=merge_members(listed, reported, alive_s=max(30.0,
                                                             3 * settings.membership_check_s)),
         dead_letters_by_field=by_field, paused=paused,
+        capture_letters=[{k: v for k, v in c.items() if k != "total"} for c in capture],
+        capture_letters_total=int(capture[0]["total"]) if capture else 0,
         oldest_transaction=None if not xact else {
             "pid": xact[0], "state": xact[1], "age_s": float(xact[2]), "database": xact[3]},
         last_applied={"applied_at": applied_at, "crm_commit_time": last[1],
                       "seconds_since_last_apply": float(last[2]) if last[2] is not None
                       else None,
                       "end_to_end_delay_s": float(delay[0]) if delay else None})
+    window = settings.apply_window_parsed()
+    closed = False
+    if window is not None:
+        state = window.state(datetime.now(UTC))
+        closed = not state.open
+        status.apply_window = {"window": window.text, "open": state.open,
+                               "until": state.until}
     for trip in breaker:
         status.attention.append(
             f"circuit breaker open on {trip.name} since {trip.tripped_at:%Y-%m-%d %H:%M:%S%z}:"
@@ -252,6 +282,11 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         status.attention.append(
             f"running consumers apply different mappings versions ({', '.join(versions)}): "
             "give every consumer the same mappings file")
+    if status.capture_letters_total:
+        status.attention.append(
+            f"{status.capture_letters_total} capture dead letter(s) unresolved (CRM rows the "
+            "producer could not make events; their keys are held): fix the rows in the CRM, "
+            "then `crm-erp-sync dlq redrive --error-type capture`")
     if letters:
         status.attention.append(f"{sum(letters.values())} dead letter(s) unresolved: "
                                 "see `crm-erp-sync dlq list`")
@@ -266,13 +301,13 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         status.attention.append(f"no producer is running (nobody holds the capture lock of "
                                 f"slot {settings.slot_name}); WAL is retained meanwhile")
     awaiting = held.get("awaiting_customer")
-    if awaiting and awaiting["oldest_age_s"] > settings.orphan_hold_s:
+    if awaiting and awaiting["oldest_age_s"] > settings.orphan_hold_s and not closed:
         status.attention.append(f"events held awaiting their customer for more than "
                                 f"{settings.orphan_hold_s:g}s: is a consumer running?")
     if status.stuck_keys:
         status.attention.append(f"{status.stuck_keys} key(s) have held events but no "
                                 "unresolved dead letter: run `crm-erp-sync dlq redrive --all` "
                                 "to release them")
-    if status.total_lag > max_lag:
+    if status.total_lag > max_lag and not closed:
         status.attention.append(f"consumer lag {status.total_lag} exceeds {max_lag}")
     return status

@@ -19,7 +19,7 @@ import functools
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -792,6 +792,9 @@ class ErpConsumer:
         # owned partition is paused (the consumer stays in its group); the rate limit bounds
         # how many events one poll may take.
         self.window = settings.apply_window_parsed()
+        # Wall-clock time for the window (a callable returning an aware datetime): tests
+        # move it instead of waiting for 22:00.
+        self.clock: Callable[[], datetime] = functools.partial(datetime.now, UTC)
         self.window_closed_until: datetime | None = None
         self._window_opened_at = float("-inf")
         self.rate = (RateLimit(settings.apply_max_rate, time.monotonic())
@@ -839,7 +842,7 @@ class ErpConsumer:
                 self._apply_window()
                 if self._throttled():
                     continue
-                msgs = self._poll_or_wait()
+                msgs = self._hold_outside_window(self._poll_or_wait())
                 if self.rate is not None and msgs:
                     self.rate.take(len(msgs), time.monotonic())
                 self._retrying(functools.partial(self.membership.check, self.consumer))
@@ -894,7 +897,7 @@ class ErpConsumer:
         paused. The consumer keeps polling, so it stays in its group."""
         if self.window is None:
             return
-        state = self.window.state(datetime.now(UTC))
+        state = self.window.state(self.clock())
         assigned = list(self.consumer.assignment() or ())
         if not state.open:
             if self.window_closed_until is None:
@@ -910,8 +913,26 @@ class ErpConsumer:
                                    if not self.breaker.is_open((tp.topic, tp.partition))))
             log.warning("apply_window_opened", window=self.window.text,
                         closes_at=state.until.isoformat())
+        self.membership.apply_window_closed_until = self.window_closed_until
         self.metrics.apply_window_open.set(0 if self.window_closed_until else 1)
         self.health.set_apply_window(self.window_closed_until, self.window.text)
+
+    def _hold_outside_window(self, msgs: list[Message]) -> list[Message]:
+        """Records a poll returned although the window is closed (the poll that joined the
+        group fetches before its new partitions could be paused): not applied; their
+        partitions are paused and rewound to them."""
+        if self.window_closed_until is None or not msgs:
+            return msgs
+        firsts: dict[TopicPartition, int] = {}
+        for m in msgs:
+            tp = TopicPartition(m.topic, m.partition)
+            firsts[tp] = min(firsts.get(tp, m.offset), m.offset)
+        owned = set(self.consumer.assignment() or ())
+        for tp, offset in firsts.items():
+            if tp in owned:
+                self.consumer.pause(tp)
+                self.consumer.seek(tp, offset)
+        return []
 
     def _throttled(self) -> bool:
         """The rate limit is spent: wait (polling with our partitions paused, so membership

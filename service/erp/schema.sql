@@ -292,6 +292,11 @@ CREATE TABLE IF NOT EXISTS sync.consumer_membership (
 -- Issue #14 item 7: `crm-erp-sync pause` / `resume`: consumption paused by an operator, per
 -- partition (audited: who, when, why). Running consumers read it with the breaker's state
 -- (every CRM_ERP_SYNC_BREAKER_POLL_S), so a pause survives restarts and rebalances.
+-- Issue #14 item 8: a consumer outside its apply window (CRM_ERP_SYNC_APPLY_WINDOW) says until
+-- when, so `status` reports what the consumers do ("outside apply window until ...").
+ALTER TABLE sync.consumer_membership ADD COLUMN IF NOT EXISTS apply_window_closed_until
+    timestamptz;
+
 CREATE TABLE IF NOT EXISTS sync.operator_pauses (
     pause_id       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     consumer_group text NOT NULL,

@@ -52,7 +52,8 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     aw = st.apply_window
     if aw is not None:
         print(f"Apply window {aw['window']}: " + (
-            f"open until {render.cell(aw['until'])}" if aw["open"] else
+            ("open" + (f" until {render.cell(aw['until'])}" if aw["until"] else ""))
+            if aw["open"] else
             f"outside apply window until {render.cell(aw['until'])} (consumers keep their "
             "partitions paused by design; the lag grows meanwhile and is not counted as "
             "stuck)"))

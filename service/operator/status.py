@@ -181,10 +181,12 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         try:
             reported = [dict(zip(("client_id", "host", "pid", "member_id", "in_group",
                                   "out_since", "assigned", "mappings_version", "rejoins",
-                                  "age_s"), r, strict=True)) for r in erp.execute(
+                                  "age_s", "window_closed_until"), r, strict=True))
+                        for r in erp.execute(
                 "SELECT client_id, host, pid, member_id, in_group, out_since, assigned, "
                 "mappings_version, rejoins, "
-                "extract(epoch FROM clock_timestamp() - last_seen)::float8 "
+                "extract(epoch FROM clock_timestamp() - last_seen)::float8, "
+                "apply_window_closed_until "
                 "FROM sync.consumer_membership WHERE consumer_group = %s ORDER BY client_id",
                 (settings.consumer_group,)).fetchall()]
             paused = [dict(zip(("topic", "partition", "paused_at", "paused_by", "reason"), r,
@@ -241,9 +243,18 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
     closed = False
     if window is not None:
         state = window.state(datetime.now(UTC))
-        closed = not state.open
         status.apply_window = {"window": window.text, "open": state.open,
-                               "until": state.until}
+                               "until": state.until, "as_seen_by": "status"}
+        # What the running consumers report wins over this process's clock and settings.
+        alive = [r for r in reported if r["age_s"] <= max(30.0, 3 * settings.membership_check_s)]
+        if alive:
+            shut = [r["window_closed_until"] for r in alive if r["window_closed_until"]]
+            status.apply_window.update(
+                {"open": not shut, "as_seen_by": "consumers",
+                 # when it closes is known here only if this clock agrees it is open
+                 "until": min(shut).astimezone(window.zone) if shut
+                 else state.until if state.open else None})
+        closed = not status.apply_window["open"]
     for trip in breaker:
         status.attention.append(
             f"circuit breaker open on {trip.name} since {trip.tripped_at:%Y-%m-%d %H:%M:%S%z}:"

@@ -62,8 +62,8 @@ def test_outside_the_window_the_consumer_waits_in_its_group_and_status_says_unti
     wait_until(lambda: all_paused(consumer), message="every owned partition paused")
     # In its group, waiting by design: ready, not a failed pod. (Waited for: a fresh group on
     # a loaded machine may still be rebalancing, which membership heals on its own.)
-    ready, body = wait_until(lambda: (r := consumer.health.readiness())[0] and r,
-                             message="ready while outside the window")
+    _, body = wait_until(lambda: (r := consumer.health.readiness())[0] and r,
+                         message="ready while outside the window")
     assert body["state"] == "outside_apply_window"
     assert body["apply_window_opens_at"] == "2026-11-29T22:00:00+08:00"
     assert consumer.metrics.apply_window_open._value.get() == 0

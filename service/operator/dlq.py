@@ -32,6 +32,7 @@ from service.consumer.pipeline import ErpApplier, Message, prepare
 from service.erp.mappings import Mappings
 from service.errors import (
     ApplyError,
+    CaptureRejected,
     ConfigError,
     DecodeError,
     MappingError,
@@ -150,7 +151,7 @@ def known_error_types(conn: PgConn) -> list[str]:
     """Every error class and stage a dead letter can have, and those recorded."""
     recorded = conn.execute("SELECT error_class FROM sync.dead_letters UNION "
                             "SELECT stage FROM sync.dead_letters").fetchall()
-    stages = {c.stage for c in (DecodeError, MappingError, ApplyError)}
+    stages = {c.stage for c in (DecodeError, MappingError, ApplyError, CaptureRejected)}
     return sorted(_permanent_classes() | stages | {r[0] for r in recorded})
 
 

@@ -62,6 +62,12 @@ def _demands(sync_env: SyncEnv) -> dict[str, bool]:
     return _rows(sync_env, "erp.demand_signals", "crm_demand_id")
 
 
+def _reserved(sync_env: SyncEnv) -> dict[str, int]:
+    with sync_env.erp() as erp:
+        return {sku: int(q) for sku, q in erp.execute(
+            "SELECT sku, reserved FROM erp.stock WHERE reserved <> 0").fetchall()}
+
+
 def _slot_confirmed(sync_env: SyncEnv) -> int:
     with sync_env.crm() as crm:
         row = crm.execute("SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots"
@@ -120,9 +126,17 @@ def test_truncate_propagated_soft_deletes_and_later_inserts_stay(
         old_demands = [_demand(crm), _demand(crm)]
         for cid in (1, 2):
             _customer(crm, cid)
+        with crm.transaction():  # 已付款 reserves stock
+            crm.execute("INSERT INTO crm.sales_orders (order_id, order_no, customer_id, "
+                        "order_date, status, currency) VALUES (970, 'X970', 1, '2023-01-01', "
+                        "'已付款', '元')")
+            crm.execute("INSERT INTO crm.order_lines VALUES (970, 1, 1, 'P-PHONE-5G', '手机', "
+                        "'10台', 5000)")
         wait_until(lambda: set(_partners(sync_env)) == {"1", "2"}
-                   and set(_demands(sync_env)) == set(old_demands), timeout=120,
-                   message="customers and demands in the ERP")
+                   and set(_demands(sync_env)) == set(old_demands)
+                   and _rows(sync_env, "erp.sales_orders", "crm_order_id") == {"970": False}
+                   and _reserved(sync_env) == {"SKU-100001": 10}, timeout=120,
+                   message="customers, the order and demands in the ERP")
         crm.execute("TRUNCATE crm.market_demand")
         new_demand = _demand(crm)
         # customers are referenced by orders: a truncate of them cascades (one Truncate
@@ -135,13 +149,18 @@ def test_truncate_propagated_soft_deletes_and_later_inserts_stay(
         wait_until(lambda: _demands(sync_env) == expected_demands
                    and _partners(sync_env) == {"1": True, "2": True, "3": False, "4": False},
                    timeout=120, message="truncated rows deleted, later inserts live")
+    # the cascade's orders and lines are deleted too, and their stock effect undone
+    assert _rows(sync_env, "erp.sales_orders", "crm_order_id") == {"970": True}
+    assert _rows(sync_env, "erp.sales_order_items", "crm_line_id") == {'["970","1"]': True}
+    assert _reserved(sync_env) == {}
     with sync_env.erp() as erp:
         marks = {r[0]: r[1:] for r in erp.execute(
             "SELECT entity, crm_table, truncates, rows_marked FROM sync.truncations "
             "WHERE truncates > 0").fetchall()}
-    assert marks["market_demand"] == ("crm.market_demand", 1, 2)
-    assert marks["customer"] == ("crm.customers", 1, 2)
-    assert set(marks) >= {"order", "order_line"}  # the cascade's tables, nothing to mark
+    assert marks == {"market_demand": ("crm.market_demand", 1, 2),
+                     "customer": ("crm.customers", 1, 2),
+                     "order": ("crm.sales_orders", 1, 1),
+                     "order_line": ("crm.order_lines", 1, 0)}  # the order's truncate took it
     code, status = _status(cli, settings)
     truncates = status["truncates"]
     assert truncates["propagated"] == 4 and truncates["skipped"] == 0  # 1 + 3 (cascade)

@@ -304,9 +304,9 @@ def _lock(cur: psycopg.Cursor[Any], modes: dict[str, str]) -> None:
     EXCLUSIVE (every upsert): whichever comes second waits for the first to commit, and then
     sees its rows (the truncate) or its watermark (the upsert, which reads it after locking).
     """
-    for table in LOCK_ORDER:
-        if table in modes:
-            cur.execute(f"LOCK TABLE {table} IN {modes[table]} MODE")
+    statements = [f"LOCK TABLE {t} IN {modes[t]} MODE" for t in LOCK_ORDER if t in modes]
+    if statements:  # one round trip
+        cur.execute("; ".join(statements))
 
 
 def apply_truncate(cur: psycopg.Cursor[Any], truncate: TruncateRow) -> int:

@@ -514,6 +514,8 @@ class CdcProducer:
                 # holding the lock, the slot where it is; `status` says what to do.
                 if until_idle:
                     raise self.stopped_at
+                # again each time: a reconnect (acquire_leadership) reports "active"
+                self.health.set_ready(False, "capture_stopped", reason=str(self.stopped_at))
                 self._stop.wait(LOCK_CHECK_S)
                 continue
             try:

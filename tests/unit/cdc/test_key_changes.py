@@ -115,3 +115,13 @@ def test_truncate_event_round_trips_and_maps_to_a_truncate_change() -> None:
                                                                "crm.market_demand")
     assert (change.truncate.pos.lsn, change.truncate.pos.seq) == (LSN, 3)
     assert change.needs_customer is None
+
+
+def test_an_order_moving_to_another_customer_is_one_update_on_the_new_customer() -> None:
+    """Not split (docs/DESIGN.md): a delete + create would lose the lines the event does not
+    carry; the order's older events on the old customer's partition lose to its position."""
+    change = RowChange("crm.sales_orders", UPDATE, header(9001, 42), header(9001, 43))
+    [event] = build([change])
+    assert (event.key, event.record["op"], event.record["customer_key"]) == (
+        b"43", UPDATE, "43")
+    assert event.headers == ()

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
+
 from service.avro import SchemaRegistry
 from service.cdc.events import NEW_KEY_HEADER, OLD_KEY_HEADER
 from service.cdc.producer import CdcProducer
@@ -217,9 +219,11 @@ def test_truncate_skipped_keeps_erp_rows_and_is_reported(sync_env: SyncEnv, cli:
     assert not any("TRUNCATE" in a for a in status["attention"]), status["attention"]
 
 
-def test_truncate_stops_capture_until_the_operator_chooses(sync_env: SyncEnv, cli: Cli) -> None:
-    settings = sync_env.settings
-    assert settings.on_truncate == "stop"  # the default
+@pytest.mark.parametrize("transport", ["stream", "sql"])
+def test_truncate_stops_capture_until_the_operator_chooses(sync_env: SyncEnv, cli: Cli,
+                                                           transport: str) -> None:
+    assert sync_env.settings.on_truncate == "stop"  # the default
+    settings = sync_env.with_(capture_transport=transport)
     with consumer_running(settings), sync_env.crm() as crm:
         with producer_running(settings) as producer:
             wait_until(lambda: _ready(sync_env), timeout=60, message="slot and snapshot")

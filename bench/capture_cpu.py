@@ -29,35 +29,24 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from pathlib import Path
+from typing import Any
 
 import psycopg
 from kafka import TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType
 
-from bench.common import CUSTOMER_INSERT, bench_settings, percentile
+from bench.common import CUSTOMER_INSERT, PacedLoad, bench_settings, percentile
+from bench.proc import cpu_seconds
 from service.avro import SchemaRegistry
 from service.kafka_io import make_admin, make_consumer
 from service.settings import Settings
 from tests.helpers import settings_env
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 WARMUP_S = 3.0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (0 once it is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
 
 
 @dataclasses.dataclass
@@ -161,48 +150,29 @@ def steady(capture: Capture, name: str, rate: int, seconds: float, done: int,
     """Commit `rate` one-row transactions a second (from one session per 250/s) for a
     warm-up and then the measured window; `done` counts the changes committed before."""
     settings = capture.settings
-    n_writers = -(-rate // 250)
-    interval = n_writers / rate if rate else 0.0
-    conns = [psycopg.connect(settings.crm_dsn, autocommit=True) for _ in range(n_writers)]
-    writer_pids = {c.info.backend_pid for c in conns}
-    counts = [0] * n_writers
-    start = time.perf_counter()
-    stop_at = start + WARMUP_S + seconds
 
-    def write(w: int) -> None:
-        due = start + w * interval / n_writers
-        while due < stop_at:
-            now = time.perf_counter()
-            if due > now:
-                time.sleep(due - now)
-            elif due < now - interval:
-                due = now  # fell behind: carry on at the rate, do not burst to catch up
-            conns[w].execute(CUSTOMER_INSERT, (done + 1, done + 1))
-            counts[w] += 1
-            due += interval
+    def insert(conn: psycopg.Connection[Any], i: int) -> None:
+        conn.execute(CUSTOMER_INSERT, (done + i + 1, done + i + 1))
 
-    threads = [threading.Thread(target=write, args=(w,)) for w in range(n_writers)]
+    load = PacedLoad(settings.crm_dsn, rate, WARMUP_S + seconds, insert)
+    writer_pids = load.pids
+    load.start()
     try:
-        for t in threads:
-            t.start()
-        time.sleep(max(0.0, start + WARMUP_S - time.perf_counter()))
+        time.sleep(max(0.0, load.started + WARMUP_S - time.perf_counter()))
         pids, walsenders = capture.backends(writer_pids)
         cpu0 = {pid: cpu_seconds(pid) for pid in [*pids, *writer_pids]}
         wal0 = capture.wal_position()
-        window_start, window_t0, before = datetime.now(UTC), time.perf_counter(), sum(counts)
-        time.sleep(max(0.0, stop_at - time.perf_counter()))
+        window_start, window_t0, before = datetime.now(UTC), time.perf_counter(), load.committed
+        time.sleep(max(0.0, load.started + WARMUP_S + seconds - time.perf_counter()))
         cpu = {pid: cpu_seconds(pid) - cpu0[pid] for pid in cpu0}
-        window_s, in_window = time.perf_counter() - window_t0, sum(counts) - before
+        window_s, in_window = time.perf_counter() - window_t0, load.committed - before
         window_end = datetime.now(UTC)
         wal_mb = (capture.wal_position() - wal0) / 2**20
-        for t in threads:
-            t.join()
     finally:
-        for c in conns:
-            c.close()
+        load.join()
     # CPU of the measured window, scaled to the nominal seconds so the figures compare.
     scale = seconds / window_s
-    done += sum(counts)
+    done += load.committed
     wait_for_acks(capture, done)
     ack = [ms for committed, ms in capture.acked if window_start <= committed <= window_end]
     erp_ms = erp_latencies(settings, window_start, window_end, in_window) if erp and rate else []

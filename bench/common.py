@@ -67,25 +67,27 @@ def percentile(values: Sequence[float], pct: float) -> float:
 
 
 class PacedLoad:
-    """`rate` CRM transactions a second for `seconds`, from one session per 250/s (one
-    session's round trips cap what it commits), each session on its own deadline schedule
-    (transaction i is due at start + i / rate: sleeping never accumulates drift; a session
-    that falls behind carries on at the rate rather than bursting to catch up).
+    """`rate` CRM transactions a second for `seconds` (0: none), from one session per
+    `per_session`/s (one session's round trips cap what it commits), each session on its own
+    deadline schedule (transaction i is due at start + i / rate: sleeping never accumulates
+    drift). A session that falls behind catches up (the machine's jitter must not lower the
+    rate), but by at most `catch_up_s` worth: beyond that it carries on at the rate from
+    where it is rather than sending a burst.
 
     `work(conn, n)` commits one transaction on an autocommit connection; n counts from 0 over
     all sessions. Used as: ``start()``, read ``committed`` and ``pids`` while it runs,
     ``join()``. The connections use asynchronous commit when `synchronous_commit` is False,
     as the demo loader's session does."""
 
-    PER_SESSION = 250
-
     def __init__(self, dsn: str, rate: float, seconds: float,
                  work: Callable[[psycopg.Connection[Any], int], None], *,
-                 synchronous_commit: bool = True) -> None:
+                 synchronous_commit: bool = True, per_session: float = 250,
+                 catch_up_s: float = 1.0) -> None:
         self.rate = rate
         self.seconds = seconds
+        self.catch_up_s = catch_up_s
         self._work = work
-        n = max(1, math.ceil(rate / self.PER_SESSION))
+        n = math.ceil(rate / per_session)  # none at rate 0: an idle phase
         self._conns = [psycopg.connect(dsn, autocommit=True) for _ in range(n)]
         if not synchronous_commit:
             for conn in self._conns:
@@ -119,7 +121,7 @@ class PacedLoad:
                 now = time.perf_counter()
                 if due > now:
                     time.sleep(due - now)
-                elif due < now - interval:
+                elif due < now - self.catch_up_s:
                     due = now
                 with self._lock:
                     i, self._next = self._next, self._next + 1

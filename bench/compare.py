@@ -10,7 +10,8 @@ demo CRM's workload (``service.demo.load.DemoWorkload``), in this order:
    market demand (about 170k rows in 66 COPY transactions): rows/s from the first insert to
    the ERP's last apply;
 2. steady 200 changes/s, then 3. steady 1,000 changes/s (one-change transactions, one CRM
-   session per 250/s): measured over ``--seconds`` after a warm-up;
+   session per 100/s): measured over ``--seconds`` after a warm-up; the rate achieved is
+   printed (a busy machine can hold the load itself back);
 4. burst: ``--burst`` one-change transactions pipelined from one session as fast as the CRM
    takes them: changes/s from the first commit to the ERP's last apply;
 5. steady 200 changes/s right after the burst.
@@ -97,6 +98,7 @@ class Result:
     cpu: dict[str, float]
     rss_mib: float
     note: str = ""
+    wanted: int | None = None  # a steady phase's rate: the load may fall short of it
 
 
 class System:
@@ -311,7 +313,7 @@ class Bench:
                     conn.execute(query, params)
 
         load = PacedLoad(self.system.settings.crm_dsn, rate, self.warmup + seconds, one,
-                         synchronous_commit=False)
+                         synchronous_commit=False, per_session=100)
         self.system.load_pids |= load.pids
         meter = Meter(self.system)
         load.start()
@@ -327,7 +329,7 @@ class Bench:
         self.drain(timeout=300)
         lat, _ = self.applied(since, until)
         return Result(name, "changes/s", in_window / window, in_window, window, lat, cpu,
-                      rss, f"target rate {rate:,}/s")
+                      rss, f"target rate {rate:,}/s", wanted=rate)
 
 
 # ---- baselines -------------------------------------------------------------------------
@@ -433,7 +435,8 @@ def table(results: dict[str, Result], baselines: list[tuple[str, str]]) -> tuple
         t = targets[key]
         row = [r.name]
         for text, ok in (
-                cell(r.rate, ",.0f", t.get("rate"), r.unit),
+                cell(r.rate, ",.0f", t.get("rate"),
+                     r.unit if r.wanted is None else f"of {r.wanted:,} {r.unit}"),
                 cell(percentile(r.latencies_ms, 50), ".0f"),
                 cell(percentile(r.latencies_ms, 95), ".0f"),
                 cell(percentile(r.latencies_ms, 99), ".0f", t.get("p99")),
@@ -476,7 +479,7 @@ def arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="about 2 minutes: a tenth of the bulk load, --burst 5000, "
+                        help="under 2 minutes: a tenth of the bulk load, --burst 5000, "
                              "--seconds 5")
     parser.add_argument("--customers", type=int, help=f"bulk load (default {ISSUE_CUSTOMERS:,})")
     parser.add_argument("--orders", type=int, help=f"bulk load (default {ISSUE_ORDERS:,})")
@@ -487,6 +490,8 @@ def arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                                      "(default 3)")
     parser.add_argument("--transport", choices=("stream", "sql"),
                         help="capture transport (default: the service's default)")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 when a target is missed (default: report only)")
     args = parser.parse_args(argv)
     quick = args.quick
     for name, full, small in (("customers", ISSUE_CUSTOMERS, 3000),
@@ -548,7 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"shared)\n")
     print(printed)
     print(f"\n{'all targets met' if passed else 'some targets missed (FAIL above)'}")
-    return 0 if passed else 1
+    return 0 if passed or not args.check else 1
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ from bench.proc import (
     reset_peak_rss,
     total_cpu_seconds,
 )
+from service import log
 from service.demo.generator import Change, DemoGenerator
 from service.demo.load import DemoWorkload, InsertBatch, copy_batch, ensure_crm_schema
 from service.kafka_io import make_consumer
@@ -159,9 +160,10 @@ class System:
 
     def _capturing(self) -> bool:
         row = self.crm.execute(
+            # Streaming: the walsender attached; SQL peeks hold the slot only while they run.
             "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s "
-            "AND active), to_regclass('crm_erp_sync.snapshots') IS NOT NULL",
-            (self.settings.slot_name,)).fetchone()
+            "AND (active OR %s)), to_regclass('crm_erp_sync.snapshots') IS NOT NULL",
+            (self.settings.slot_name, self.settings.capture_transport == "sql")).fetchone()
         if row != (1, True):
             return False
         pending = self.crm.execute(
@@ -504,6 +506,7 @@ def arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = arguments(argv)
+    log.configure("warning", "console")  # the demo loader's progress lines are not figures
     overrides = {"capture_transport": args.transport} if args.transport else {}
     started = time.monotonic()
     print(f"bench.compare: 1 producer + 2 consumers, demo CRM workload; bulk "

@@ -145,8 +145,12 @@ class System:
         return [r[0] for r in rows]
 
     def groups(self) -> dict[str, list[int]]:
-        return {"crm": self.crm_capture_backends(), "erp": self.erp_backends(),
-                "broker": [self.broker] if self.broker else [], "ours": self.ours}
+        """PIDs by group; no "broker" when its process is not found on this machine."""
+        groups = {"crm": self.crm_capture_backends(), "erp": self.erp_backends(),
+                  "ours": self.ours}
+        if self.broker:
+            groups["broker"] = [self.broker]
+        return groups
 
     def wait_ready(self, timeout: float = 180) -> None:
         """Slot created, initial snapshot done, both consumers in the group."""
@@ -444,7 +448,7 @@ def table(results: dict[str, Result], baselines: list[tuple[str, str]]) -> tuple
                 cell(percentile(r.latencies_ms, 99), ".0f", t.get("p99")),
                 cell(r.cpu["crm"], ".2f", t.get("crm")),
                 cell(r.cpu["erp"], ".2f", t.get("erp")),
-                cell(r.cpu["broker"], ".2f"),
+                cell(r.cpu["broker"], ".2f") if "broker" in r.cpu else ("n/a", None),
                 cell(r.cpu["ours"], ".2f"),
                 cell(r.rss_mib, ".0f", t.get("rss"))):
             row.append(text)

@@ -62,3 +62,10 @@ def test_the_table_passes_only_when_every_target_does() -> None:
     printed, passed = table(slow_after, [])
     assert not passed
     assert "+100% vs before (<=20% FAIL)" in printed
+
+
+def test_a_broker_not_found_on_this_machine_is_not_shown_as_zero() -> None:
+    r = result("3 steady 200/s", 200, 50, 0.1)
+    del r.cpu["broker"]
+    printed, _ = table({"low": r}, [])
+    assert "n/a" in printed.splitlines()[2]

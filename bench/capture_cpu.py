@@ -14,11 +14,11 @@ replication protocol), in its own CRM/ERP databases and topics, with the produce
 2. with ``--burst N``: N one-change transactions as fast as one session commits them, then,
    once the producer has caught up, the first steady rate again ("after the burst").
 
-With ``--erp`` two consumer processes apply the events and the ERP's commit time gives
-commit -> ERP row latency as well.
+The whole pipeline (two consumers too, commit -> ERP row latency, the ERP's and the broker's
+CPU, memory, targets) is ``python -m bench.compare`` (``--transport sql`` for the SQL peek).
 
 PostgreSQL must run on this machine (``/proc`` of its backends is read); the local stack does.
-Run: python -m bench.capture_cpu [--rates 200,1000] [--seconds 10] [--burst 20000] [--erp]
+Run: python -m bench.capture_cpu [--rates 200,1000] [--seconds 10] [--burst 20000]
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -58,7 +56,6 @@ class Phase:
     walsender_cpu: float
     writer_cpu: float
     ack_ms: list[float]
-    erp_ms: list[float]
     cluster_wal_mb: float
 
 
@@ -145,8 +142,8 @@ class Capture:
         self.monitor.close()
 
 
-def steady(capture: Capture, name: str, rate: int, seconds: float, done: int,
-           erp: bool) -> tuple[Phase, int]:
+def steady(capture: Capture, name: str, rate: int, seconds: float,
+           done: int) -> tuple[Phase, int]:
     """Commit `rate` one-row transactions a second (from one session per 250/s) for a
     warm-up and then the measured window; `done` counts the changes committed before."""
     settings = capture.settings
@@ -175,11 +172,10 @@ def steady(capture: Capture, name: str, rate: int, seconds: float, done: int,
     done += load.committed
     wait_for_acks(capture, done)
     ack = [ms for committed, ms in capture.acked if window_start <= committed <= window_end]
-    erp_ms = erp_latencies(settings, window_start, window_end, in_window) if erp and rate else []
     phase = Phase(name, rate, in_window / window_s,
                   sum(cpu[pid] for pid in pids) * scale,
                   sum(cpu[pid] for pid in walsenders) * scale,
-                  sum(cpu[pid] for pid in writer_pids) * scale, ack, erp_ms, wal_mb * scale)
+                  sum(cpu[pid] for pid in writer_pids) * scale, ack, wal_mb * scale)
     return phase, done
 
 
@@ -190,21 +186,6 @@ def wait_for_acks(capture: Capture, events: int, timeout: float = 300) -> None:
             raise SystemExit(f"only {published:,} of {events:,} events published")
         time.sleep(0.05)
     capture.collect()
-
-
-def erp_latencies(settings: Settings, start: datetime, end: datetime, expected: int,
-                  timeout: float = 120) -> list[float]:
-    """Commit -> ERP row ms of the changes committed in the window, once all are applied."""
-    with psycopg.connect(settings.erp_dsn, autocommit=True) as conn:
-        deadline = time.monotonic() + timeout
-        while True:
-            rows = conn.execute(
-                "SELECT extract(epoch FROM applied_at - crm_commit_time) * 1000 "
-                "FROM erp.business_partners WHERE crm_commit_time BETWEEN %s AND %s",
-                (start, end)).fetchall()
-            if len(rows) >= expected or time.monotonic() > deadline:
-                return [float(r[0]) for r in rows]
-            time.sleep(0.2)
 
 
 def burst(capture: Capture, n: int, done: int) -> tuple[float, float, int]:
@@ -218,34 +199,15 @@ def burst(capture: Capture, n: int, done: int) -> tuple[float, float, int]:
     return n / committed_s, time.perf_counter() - started, done + n
 
 
-@contextmanager
-def consumers(settings: Settings, enabled: bool) -> Iterator[None]:
-    if not enabled:
-        yield
-        return
-    env = {**os.environ, **settings_env(settings), "CRM_ERP_SYNC_LOG_LEVEL": "warning"}
-    procs = [subprocess.Popen([sys.executable, "-m", "service.cli", "consume"], env=env)
-             for _ in range(2)]
-    try:
-        yield
-    finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            proc.wait(timeout=60)
-
-
 def run_transport(transport: str, args: argparse.Namespace) -> list[Phase]:
     phases: list[Phase] = []
-    with bench_settings(capture_transport=transport) as settings, \
-            consumers(settings, args.erp):
+    with bench_settings(capture_transport=transport) as settings:
         capture = Capture(settings)
         capture.start()
         try:
             next_id = 0
             for rate in args.rates:
-                phase, next_id = steady(capture, f"{rate}/s", rate, args.seconds, next_id,
-                                        args.erp)
+                phase, next_id = steady(capture, f"{rate}/s", rate, args.seconds, next_id)
                 phases.append(phase)
                 print_phase(transport, phase)
             if args.burst:
@@ -255,7 +217,7 @@ def run_transport(transport: str, args: argparse.Namespace) -> list[Phase]:
                       flush=True)
                 rate = next((r for r in args.rates if r), 200)
                 phase, next_id = steady(capture, f"{rate}/s after burst", rate, args.seconds,
-                                        next_id, args.erp)
+                                        next_id)
                 phases.append(phase)
                 print_phase(transport, phase)
         finally:
@@ -269,9 +231,6 @@ def print_phase(transport: str, p: Phase) -> None:
             f"backend(s) {p.writer_cpu:5.2f} s, cluster WAL {p.cluster_wal_mb:5.1f} MB; "
             f"commit->broker p50 {percentile(p.ack_ms, 50):6.1f} ms "
             f"p99 {percentile(p.ack_ms, 99):6.1f} ms")
-    if p.erp_ms:
-        line += (f"; commit->ERP p50 {percentile(p.erp_ms, 50):6.1f} ms "
-                 f"p99 {percentile(p.erp_ms, 99):6.1f} ms")
     print(line, flush=True)
 
 
@@ -284,7 +243,6 @@ def main() -> None:
                              "rest of the cluster's WAL costs (a walsender reads all of it)")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--burst", type=int, default=0)
-    parser.add_argument("--erp", action="store_true", help="run two consumers too")
     parser.add_argument("--transports", default="sql,stream")
     args = parser.parse_args()
     print(f"CRM PostgreSQL CPU seconds per {args.seconds:g} s of steady load "

@@ -129,7 +129,9 @@ class System:
     def check_alive(self) -> None:
         for name, proc in self.procs.items():
             if proc.poll() is not None:
-                raise SystemExit(f"{name} exited ({proc.returncode}); see {self.logs}")
+                tail = (self.logs / f"{name}.log").read_text(errors="replace").splitlines()[-3:]
+                raise SystemExit(f"{name} exited ({proc.returncode}); see {self.logs}; its "
+                                 "last lines:\n" + "\n".join(tail))
 
     def crm_capture_backends(self) -> list[int]:
         rows = self.crm.execute(

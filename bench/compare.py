@@ -100,6 +100,7 @@ class Result:
     rss_mib: float
     note: str = ""
     wanted: int | None = None  # a steady phase's rate: the load may fall short of it
+    rss_by: dict[str, float] = dataclasses.field(default_factory=dict)  # MiB per process
 
 
 class System:
@@ -204,6 +205,7 @@ class Meter:
         self.system = system
         self.t0 = 0.0
         self.cpu0: dict[str, dict[int, float]] = {}
+        self.rss_by: dict[str, float] = {}  # after stop(): each of our processes' peak, MiB
 
     def start(self) -> None:
         for pid in self.system.ours:
@@ -221,8 +223,9 @@ class Meter:
         for g, pids in groups.items():
             used = sum(total_cpu_seconds([pid]) - self.cpu0[g].get(pid, 0.0) for pid in pids)
             cpu[g] = 10 * used / elapsed
-        rss = sum(peak_rss_mib(pid) for pid in self.system.ours)
-        return cpu, rss, elapsed
+        self.rss_by = {name: peak_rss_mib(proc.pid)
+                       for name, proc in self.system.procs.items()}
+        return cpu, sum(self.rss_by.values()), elapsed
 
 
 def connect_writer(dsn: str) -> psycopg.Connection[Any]:
@@ -286,7 +289,7 @@ class Bench:
         lat, last = self.applied(since, until)
         seconds = ((last or until) - since).total_seconds()
         return Result("1 bulk load", "rows/s", rows / seconds, rows, seconds, lat, cpu, rss,
-                      f"{rows:,} rows in {len(batches)} transactions")
+                      f"{rows:,} rows in {len(batches)} transactions", rss_by=meter.rss_by)
 
     def burst(self, n: int) -> Result:
         changes = list(self.workload.changes(n))  # planned before the clock starts
@@ -304,7 +307,7 @@ class Bench:
         return Result("2 burst", "changes/s", len(changes) / seconds, len(changes), seconds,
                       lat, cpu, rss,
                       f"{len(changes):,} one-change transactions, CRM committed them at "
-                      f"{len(changes) / committed_s:,.0f}/s")
+                      f"{len(changes) / committed_s:,.0f}/s", rss_by=meter.rss_by)
 
     def steady(self, name: str, rate: int, seconds: float) -> Result:
         changes = self.workload.changes(10 ** 9)
@@ -337,7 +340,7 @@ class Bench:
         self.drain(timeout=300)
         lat, _ = self.applied(since, until)
         return Result(name, "changes/s", in_window / window, in_window, window, lat, cpu,
-                      rss, f"target rate {rate:,}/s", wanted=rate)
+                      rss, f"target rate {rate:,}/s", wanted=rate, rss_by=meter.rss_by)
 
 
 # ---- baselines -------------------------------------------------------------------------
@@ -548,7 +551,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     r = results[key]
                     print(f"  {r.name}: {r.rate:,.0f} {r.unit} ({r.note}); p99 "
                           f"{percentile(r.latencies_ms, 99):,.0f} ms of "
-                          f"{len(r.latencies_ms):,} samples", flush=True)
+                          f"{len(r.latencies_ms):,} samples; peak RSS MiB "
+                          + ", ".join(f"{k} {v:.0f}" for k, v in r.rss_by.items()), flush=True)
         read_rate, read_n = consume_baseline(settings, offsets["before"], offsets["after"])
         print(f"  baseline: kafka-python reads {read_rate:,.0f} records/s", flush=True)
     order = ["bulk", "burst", "low", "high", "after"]

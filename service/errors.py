@@ -193,3 +193,16 @@ class UnresolvedReference(SyncError):
     def __init__(self, table: str, column: str, entity: str) -> None:
         self.table, self.column, self.entity = table, column, entity
         super().__init__(f"{table}.{column}: the {entity} it names is not in the CRM")
+
+
+class CaptureStoppedAtTruncate(SyncError):
+    """Capture stopped before a TRUNCATE of a captured CRM table, as
+    CRM_ERP_SYNC_ON_TRUNCATE=stop asks; the slot is not advanced past it. Carries identity
+    only (tables, commit LSN)."""
+
+    def __init__(self, tables: list[str], commit_lsn: str) -> None:
+        self.tables, self.commit_lsn = tables, commit_lsn
+        super().__init__(
+            f"capture stopped before TRUNCATE of {', '.join(tables)} (commit LSN {commit_lsn})"
+            " because CRM_ERP_SYNC_ON_TRUNCATE=stop: set CRM_ERP_SYNC_ON_TRUNCATE=propagate "
+            "(mark the ERP rows deleted) or skip (keep them), then restart the producer")

@@ -155,6 +155,14 @@ class ProducerMetrics(ProcessMetrics):
             f"{PREFIX}_capture_dead_letters", "CRM changes that could not become an event "
             "and went to the dead-letter topic (stage capture)", ["table", "error"],
             registry=r)
+        self.truncates = Counter(
+            f"{PREFIX}_crm_truncates", "TRUNCATEs of captured CRM tables, by what became of "
+            "them (CRM_ERP_SYNC_ON_TRUNCATE): propagated, skipped, stopped", ["table",
+                                                                            "outcome"],
+            registry=r)
+        self.capture_stopped = Gauge(
+            f"{PREFIX}_capture_stopped", "1 while capture is stopped before a TRUNCATE "
+            "(CRM_ERP_SYNC_ON_TRUNCATE=stop)", registry=r)
 
     def count_published(self, items: Iterable[tuple[str, str]]) -> None:
         for (topic, kind), n in Tally(items).items():

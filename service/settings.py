@@ -66,6 +66,9 @@ class Settings:
     producer_poll_ms: int = 100
     heartbeat_interval_s: float = 10.0
     on_slot_lost: str = "fail"
+    # A TRUNCATE of a captured CRM table (docs/DESIGN.md "TRUNCATE"): stop capture before it
+    # (the default), propagate it (soft-delete the entity's ERP rows), or skip it.
+    on_truncate: str = "stop"
     orphan_hold_s: float = 300.0
     log_level: str = "info"
     log_format: str = "json"
@@ -192,6 +195,9 @@ class Settings:
                               f"must be one of {', '.join(CAPTURE_TRANSPORTS)}")
         if self.on_slot_lost not in ("fail", "resnapshot"):
             raise ConfigError(self.env_var("on_slot_lost"), "must be 'fail' or 'resnapshot'")
+        if self.on_truncate not in ON_TRUNCATE:
+            raise ConfigError(self.env_var("on_truncate"),
+                              f"must be one of {', '.join(ON_TRUNCATE)}")
         if self.log_format not in ("json", "console"):
             raise ConfigError(self.env_var("log_format"), "must be 'json' or 'console'")
         if self.erp_target not in ("sql", "tryton"):
@@ -266,6 +272,9 @@ def unknown_env_vars(environ: Mapping[str, str] | None = None) -> list[tuple[str
 
 # stream: the replication protocol (a walsender); sql: pg_logical_slot_peek_binary_changes.
 CAPTURE_TRANSPORTS = ("stream", "sql")
+# stop: capture stops before a TRUNCATE of a captured table until the operator chooses;
+# propagate: a truncate event (soft delete of the entity's ERP rows); skip: logged, counted.
+ON_TRUNCATE = ("stop", "propagate", "skip")
 KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 _KAFKA_TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 _PG_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")

@@ -126,6 +126,24 @@ def read_table_info(conn: psycopg.Connection[Any], profile: SourceProfile) -> di
     return out
 
 
+# Every TRUNCATE of a captured table the producer met, and what became of it
+# (CRM_ERP_SYNC_ON_TRUNCATE): 'stopped' while capture waits before it, then 'propagated' or
+# 'skipped' once handled. `status` reads it. Not in the publication: writing it emits no event.
+TRUNCATES_TABLE = f"{OWN_SCHEMA}.truncates"
+TRUNCATES_DDL = f"""
+CREATE TABLE IF NOT EXISTS {TRUNCATES_TABLE} (
+    commit_lsn  pg_lsn NOT NULL,
+    table_name  text NOT NULL,
+    xid         bigint NOT NULL,
+    commit_time timestamptz NOT NULL,
+    outcome     text NOT NULL CHECK (outcome IN ('stopped', 'propagated', 'skipped')),
+    setting     text NOT NULL,
+    seen_at     timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (commit_lsn, table_name)
+);
+"""
+
+
 def ensure_capture_objects(conn: psycopg.Connection[Any], settings: Settings,
                            profile: SourceProfile) -> list[str]:
     """Own schema and publication, idempotently; returns the tables it (re)added.
@@ -137,6 +155,7 @@ def ensure_capture_objects(conn: psycopg.Connection[Any], settings: Settings,
     added: list[str] = []
     with conn.transaction():
         conn.execute(OWN_DDL)
+        conn.execute(TRUNCATES_DDL)
         exists = conn.execute(
             "SELECT 1 FROM pg_publication WHERE pubname = %s", (settings.publication_name,)
         ).fetchone()

@@ -35,6 +35,7 @@ from service.avro import SchemaRegistry
 from service.cdc import pgoutput
 from service.cdc.capture import (
     OWN_SCHEMA,
+    TRUNCATES_TABLE,
     WATERMARK_TABLE,
     TableInfo,
     chunk_query,
@@ -48,6 +49,7 @@ from service.cdc.events import (
     CREATE,
     DELETE,
     READ,
+    TRUNCATE,
     UPDATE,
     CommittedTxn,
     Outgoing,
@@ -57,12 +59,15 @@ from service.cdc.events import (
     canonical,
     converter_for,
     event_id,
+    split_key_change,
+    truncate_event,
 )
-from service.cdc.profile import EntityMapping, SourceProfile, load_profile
+from service.cdc.profile import EVENT_KIND, EntityMapping, SourceProfile, load_profile
 from service.cdc.source import ChangeSource, source_for
 from service.consumer.policy import RetryPolicy
 from service.errors import (
     CaptureRejected,
+    CaptureStoppedAtTruncate,
     ConnectionLost,
     PgOutputError,
     Retryable,
@@ -277,9 +282,14 @@ class ChangeDecoder:
                 raise PgOutputError(f"change for unknown relation id {msg.relation_id}")
             self._change(txn, msg)
         elif isinstance(msg, pgoutput.Truncate):
-            # Never silently: a truncate has no per-row events; say so loudly.
-            log.error("crm_truncate_not_propagated", relation_ids=list(msg.relation_ids),
-                      hint="run `crm-erp-sync reconcile` after a CRM truncate")
+            # One change without rows per truncated table, at its place in the transaction
+            # (PostgreSQL sends the Relation of each before the Truncate). What becomes of it
+            # is the producer's choice (CRM_ERP_SYNC_ON_TRUNCATE).
+            for relation_id in msg.relation_ids:
+                rel = self._relations.get(relation_id)
+                if rel is None:
+                    raise PgOutputError(f"truncate of unknown relation id {relation_id}")
+                txn.changes.append(RowChange(rel.table, TRUNCATE, None, None))
         return None
 
 
@@ -297,6 +307,18 @@ class _Chunk:
     rejected: dict[tuple[str, str], Rejection] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TruncateSeen:
+    """A TRUNCATE of a captured table and what became of it ('propagated', 'skipped',
+    'stopped'), recorded in crm_erp_sync.truncates for `status`."""
+
+    table: str
+    commit_lsn: int
+    xid: int
+    commit_time: datetime
+    outcome: str
+
+
 @dataclass
 class ProducerStats:
     transactions: int = 0
@@ -305,6 +327,7 @@ class ProducerStats:
     batches: int = 0
     heartbeats: int = 0
     dead_letters: int = 0
+    truncates: int = 0
     last_commit_lsn: int = 0
     started: float = field(default_factory=time.monotonic)
 
@@ -332,6 +355,10 @@ class CdcProducer:
         self._next_snapshot_poll = 0.0
         self._chunk: _Chunk | None = None
         self._pending_progress: list[tuple[_Chunk, int]] = []
+        # TRUNCATEs met in the batch being built, recorded once it is published
+        self._truncates: list[TruncateSeen] = []
+        # Set while capture waits before a TRUNCATE (CRM_ERP_SYNC_ON_TRUNCATE=stop)
+        self.stopped_at: CaptureStoppedAtTruncate | None = None
         self._last_advance = time.monotonic()
         self._topics = {"customer": settings.sales_topic, "order": settings.sales_topic,
                         "market_demand": settings.market_topic}
@@ -482,6 +509,15 @@ class CdcProducer:
             if time.monotonic() >= lock_checked + LOCK_CHECK_S:
                 lock_conn.execute("SELECT 1")
                 lock_checked = time.monotonic()
+            if self.stopped_at is not None:
+                # Waits for the operator (a new CRM_ERP_SYNC_ON_TRUNCATE and a restart): up,
+                # holding the lock, the slot where it is; `status` says what to do.
+                if until_idle:
+                    raise self.stopped_at
+                # again each time: a reconnect (acquire_leadership) reports "active"
+                self.health.set_ready(False, "capture_stopped", reason=str(self.stopped_at))
+                self._stop.wait(LOCK_CHECK_S)
+                continue
             try:
                 moved = self.step(conn)
                 self._observe_slot(conn)
@@ -579,11 +615,26 @@ class CdcProducer:
         txns = source.next_transactions(conn, self.settings.producer_poll_ms / 1000)
         if not txns:
             return False
+        stop_at = self._truncate_stop(txns)
+        if stop_at is not None:
+            txns, stopping = txns[:stop_at], txns[stop_at]
+            if txns:
+                self._publish_and_confirm(conn, source, txns)
+            self._stop_before(conn, stopping)
+            return True
+        self._publish_and_confirm(conn, source, txns)
+        return True
+
+    def _publish_and_confirm(self, conn: PgConn, source: ChangeSource,
+                             txns: list[CommittedTxn]) -> None:
+        """Publish the transactions' events, wait for every ack, then confirm the slot."""
         outgoing: list[Outgoing | CaptureLetter] = []
+        self._truncates.clear()
         for txn in txns:
             outgoing.extend(self._events_for(txn))
         self._publish(outgoing)
         self._commit_progress(conn)
+        self._record_truncates(conn, self._truncates)
         last_end = txns[-1].end_lsn
         source.confirm(conn, last_end)
         self._last_advance = time.monotonic()
@@ -591,7 +642,79 @@ class CdcProducer:
         self.metrics.transactions.inc(len(txns))
         self.stats.batches += 1
         self.stats.last_commit_lsn = last_end
-        return True
+
+    # ---- TRUNCATE (CRM_ERP_SYNC_ON_TRUNCATE) -------------------------------------------
+    def _truncated_tables(self, txn: CommittedTxn) -> list[str]:
+        """The published tables this transaction truncates (products only feed references:
+        their truncate is nobody's to propagate)."""
+        out: list[str] = []
+        for change in txn.changes:
+            if change.op == TRUNCATE:
+                ent = self.profile.table(change.table)
+                if ent is not None and ent.kind is not None and change.table not in out:
+                    out.append(change.table)
+        return out
+
+    def _truncate_stop(self, txns: list[CommittedTxn]) -> int | None:
+        """With CRM_ERP_SYNC_ON_TRUNCATE=stop: the index of the first transaction that
+        truncates a captured table (None: none does, or another setting)."""
+        if self.settings.on_truncate != "stop":
+            return None
+        for index, txn in enumerate(txns):
+            if self._truncated_tables(txn):
+                return index
+        return None
+
+    def _stop_before(self, conn: PgConn, txn: CommittedTxn) -> None:
+        """Stop capture before ``txn``: nothing of it is published and the slot stays
+        before it (the source is closed: a restart reads it again). Recorded for `status`."""
+        tables = self._truncated_tables(txn)
+        self._record_truncates(conn, [TruncateSeen(t, txn.commit_lsn, txn.xid,
+                                                   txn.commit_time, "stopped")
+                                      for t in tables])
+        self.stopped_at = CaptureStoppedAtTruncate(tables, pgoutput.lsn_to_str(txn.commit_lsn))
+        self._reset_capture_state()
+        self.metrics.capture_stopped.set(1)
+        self.health.set_ready(False, "capture_stopped", reason=str(self.stopped_at))
+        log.error("capture_stopped_before_truncate", tables=tables,
+                  commit_lsn=pgoutput.lsn_to_str(txn.commit_lsn), xid=txn.xid,
+                  setting=Settings.env_var("on_truncate"), value=self.settings.on_truncate,
+                  hint="set CRM_ERP_SYNC_ON_TRUNCATE=propagate or skip and restart")
+
+    def _truncate_item(self, change: RowChange, at: _Position, seq: int) -> Outgoing | None:
+        """The truncate event of a captured table (propagate), or None (skip, or a table
+        that is not published); each is remembered for crm_erp_sync.truncates."""
+        ent = self.profile.table(change.table)
+        if ent is None or ent.kind is None:
+            return None
+        outcome = "propagated" if self.settings.on_truncate == "propagate" else "skipped"
+        self._truncates.append(TruncateSeen(change.table, at.lsn, at.xid, at.commit_time,
+                                            outcome))
+        if outcome == "skipped":
+            return None
+        return truncate_event(ent, lsn=at.lsn, seq=seq, xid=at.xid,
+                              commit_time=at.commit_time, profile=self.profile.name)
+
+    def _record_truncates(self, conn: PgConn, seen: list[TruncateSeen]) -> None:
+        """Upsert what became of each TRUNCATE (a replay after a crash, or a restart with a
+        new setting after a stop, overwrites the same row), log and count it."""
+        if not seen:
+            return
+        with conn.cursor() as cur:
+            cur.executemany(
+                f"INSERT INTO {TRUNCATES_TABLE} (commit_lsn, table_name, xid, commit_time, "
+                "outcome, setting) VALUES (%s::pg_lsn, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (commit_lsn, table_name) DO UPDATE SET outcome = EXCLUDED.outcome,"
+                " setting = EXCLUDED.setting, seen_at = now()",
+                [(pgoutput.lsn_to_str(t.commit_lsn), t.table, t.xid, t.commit_time,
+                  t.outcome, self.settings.on_truncate) for t in seen])
+        for t in seen:
+            self.metrics.truncates.labels(t.table, t.outcome).inc()
+            if t.outcome != "stopped":
+                self.stats.truncates += 1
+                log.warning("crm_truncate", table=t.table, outcome=t.outcome,
+                            commit_lsn=pgoutput.lsn_to_str(t.commit_lsn), xid=t.xid,
+                            setting=Settings.env_var("on_truncate"))
 
     def _change_source(self) -> ChangeSource:
         if self._source is None:
@@ -636,10 +759,21 @@ class CdcProducer:
             if position in txn.rejected:
                 rejected[len(changes)] = txn.rejected[position]
             changes.append(change)
-            row = change.after if change.after is not None else change.before
-            if chunk is not None and chunk.window_open and row is not None:
-                chunk.rows.pop((change.table, ent.key_text(row)), None)
-                chunk.rejected.pop((change.table, ent.key_text(row)), None)
+            if chunk is None or not chunk.window_open:
+                continue
+            if change.op == TRUNCATE:
+                # every row of the table changed inside the window: none of the chunk's
+                # rows of it may be published (the truncate is newer)
+                for held in (chunk.rows, chunk.rejected):
+                    for key in [k for k in held if k[0] == change.table]:
+                        del held[key]
+                continue
+            # a primary-key change: the row's old key and its new one
+            for half in split_key_change(ent, change):
+                row = half.after if half.after is not None else half.before
+                if row is not None:
+                    chunk.rows.pop((change.table, ent.key_text(row)), None)
+                    chunk.rejected.pop((change.table, ent.key_text(row)), None)
         at = _Position(txn.commit_lsn, txn.xid, txn.commit_time)
         items = self._build(changes, rejected, at)
         if high_closed and chunk is not None:
@@ -661,10 +795,15 @@ class CdcProducer:
         """Events for runs of good changes, a letter at the place of each rejected one."""
         items: list[Outgoing | CaptureLetter] = []
         start = 0
-        for stop in [*sorted(rejected), len(changes)]:
+        truncated = {i for i, c in enumerate(changes) if c.op == TRUNCATE}
+        for stop in [*sorted(set(rejected) | truncated), len(changes)]:
             if stop > start:
                 items.extend(self._isolated(changes[start:stop], at, at.first_seq + start))
-            if stop < len(changes):
+            if stop in truncated:
+                event = self._truncate_item(changes[stop], at, at.first_seq + stop)
+                if event is not None:
+                    items.append(event)
+            elif stop < len(changes):
                 letter = self._letter(changes[stop], rejected[stop], at, at.first_seq + stop)
                 if letter is not None:
                     items.append(letter)
@@ -734,11 +873,17 @@ class CdcProducer:
         record = event.record
         source = record["source"]
         return CaptureLetter(
-            topic=self._topics[event.kind], key=event.key, table=source["table"],
+            topic=self._topic(event), key=event.key, table=source["table"],
             op=record["op"], primary_key={"key": as_text(record.get("key"))},
             commit_lsn=source["lsn"], xid=source["txid"], commit_time=source["commit_time"],
             event_id=event.event_id, error=error, before=text_row(record.get("before")),
             after=text_row(record.get("after")))
+
+    def _topic(self, event: Outgoing) -> str:
+        """An event's topic: its kind's, or for a truncate event its entity's kind's."""
+        if event.kind == "truncate":
+            return self._topics[EVENT_KIND[event.record["entity"]]]
+        return self._topics[event.kind]
 
     def _encoded(self, event: Outgoing) -> bytes | CaptureLetter:
         """The event's bytes, or its letter when it does not fit its schema or its topic."""
@@ -748,7 +893,7 @@ class CdcProducer:
             # fastavro names the field in its message next to the value: only the class here
             return self._letter_for_event(event, CaptureRejected(
                 f"the event does not fit its Avro schema ({type(exc).__name__})"))
-        topic = self._topics[event.kind]
+        topic = self._topic(event)
         limit = self._limits.get(topic, KAFKA_DEFAULT_MAX_MESSAGE_BYTES) - RECORD_OVERHEAD
         size = len(value) + len(event.key) + len(event.event_id) + len(event.kind)
         if size <= limit and size <= MAX_REQUEST_BYTES:
@@ -792,9 +937,9 @@ class CdcProducer:
                                  ("event_kind", b"capture_dead_letter")]))
                     continue
                 futures.append(producer.send(
-                    self._topics[item.kind], key=item.key, value=value,
+                    self._topic(item), key=item.key, value=value,
                     headers=[("event_id", item.event_id.encode()),
-                             ("event_kind", item.kind.encode())]))
+                             ("event_kind", item.kind.encode()), *item.headers]))
             producer.flush(timeout=self.settings.heartbeat_interval_s * 6)
         except KafkaError as exc:
             raise (transient(exc, "broker")
@@ -810,7 +955,7 @@ class CdcProducer:
         events = [i for i, _ in encoded if isinstance(i, Outgoing)]
         self.stats.events += len(events)
         self.stats.dead_letters += len(letters)
-        self.metrics.count_published((self._topics[e.kind], e.kind) for e in events)
+        self.metrics.count_published((self._topic(e), e.kind) for e in events)
         if self.on_acknowledged is not None:
             self.on_acknowledged(events)
 

@@ -326,3 +326,22 @@ CREATE TABLE IF NOT EXISTS sync.reconcile_runs (
     drift        integer NOT NULL,
     repaired     boolean NOT NULL
 );
+
+-- Issue #11 item 4: a TRUNCATE of a captured CRM table (CRM_ERP_SYNC_ON_TRUNCATE=propagate)
+-- marks every ERP row of its entity older than the truncate deleted; the truncate's position
+-- stays here as the entity's watermark, so an older event arriving later (another partition
+-- lagging, a held event released) is not applied. Written in the batch's transaction.
+CREATE TABLE IF NOT EXISTS sync.truncations (
+    entity          text PRIMARY KEY
+                    CHECK (entity IN ('customer', 'order', 'order_line', 'market_demand')),
+    source_lsn      bigint NOT NULL DEFAULT 0,   -- the newest truncate applied (0: none)
+    source_seq      integer NOT NULL DEFAULT 0,
+    event_id        text,
+    crm_table       text,
+    crm_commit_time timestamptz,
+    applied_at      timestamptz,
+    truncates       integer NOT NULL DEFAULT 0,  -- truncates applied
+    rows_marked     bigint NOT NULL DEFAULT 0    -- ERP rows they marked deleted
+);
+INSERT INTO sync.truncations (entity)
+VALUES ('customer'), ('order'), ('order_line'), ('market_demand') ON CONFLICT DO NOTHING;

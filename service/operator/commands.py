@@ -107,6 +107,19 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
              for c in st.consumers], max_width=70))
     else:
         print(f"Consumers: none reported in the last {STALE_AFTER_S:g}s")
+    tr = st.truncates
+    last = tr.get("last")
+    print("CRM truncates: " + (
+        "none" if not (tr.get("stopped") or last) else
+        f"{tr['propagated']} propagated, {tr['skipped']} skipped" + (
+            f"; last: {last['table']} {last['outcome']} (commit LSN {last['commit_lsn']}, "
+            f"{render.cell(last['commit_time'])})" if last else "") + "".join(
+            f"; capture STOPPED before the truncate of {t['table']} (commit LSN "
+            f"{t['commit_lsn']})" for t in tr.get("stopped", []))))
+    for a in tr.get("applied", []):
+        print(f"  applied in the ERP: {a['entity']} ({a['crm_table']}): {a['truncates']} "
+              f"truncate(s), {a['rows_marked']} row(s) marked deleted, last "
+              f"{render.cell(a['applied_at'])}")
     print(f"Pending snapshots: {len(st.pending_snapshots)}" + "".join(
         f"\n  #{s['snapshot_id']} {s['table']} ({s['reason']}), {s['rows_emitted']} rows so far"
         for s in st.pending_snapshots))

@@ -14,6 +14,9 @@ Needs attention (exit 1) when any of:
 - events are waiting (lag) but the group has no member;
 - a CRM transaction has been open longer than ``PINNING_XACT_S``: the slot cannot confirm
   past it, so the CRM keeps its WAL (pid, age and state are shown, never the query text).
+- capture is stopped before a TRUNCATE of a captured CRM table (CRM_ERP_SYNC_ON_TRUNCATE=stop):
+  the table and the setting to change are named; propagated and skipped truncates are
+  reported (count and the last one) without needing attention;
 - a running consumer refused the mappings file on its disk (it keeps the older version), or
   the running consumers apply different mappings versions (``sync.consumers``).
 Lag alone below that is normal under load and is only reported. Outside the apply window
@@ -33,7 +36,7 @@ from typing import Any
 
 import psycopg
 
-from service.cdc.capture import OWN_SCHEMA
+from service.cdc.capture import OWN_SCHEMA, TRUNCATES_TABLE
 from service.cdc.producer import lock_key
 from service.consumer.mappings_watch import live_members
 from service.errors import StackUnavailable
@@ -88,6 +91,10 @@ class Status:
     capture_letters_total: int = 0
     # CRM_ERP_SYNC_APPLY_WINDOW: {"window", "open", "until"} (None: always applying).
     apply_window: dict[str, Any] | None = None
+    # CRM TRUNCATEs the producer met (crm_erp_sync.truncates): "stopped" (rows capture waits
+    # before), "propagated" and "skipped" (counts), "last" (the newest handled one), and
+    # "applied" (sync.truncations in the ERP: per entity, truncates applied, rows marked)
+    truncates: dict[str, Any] = field(default_factory=dict)
     attention: list[str] = field(default_factory=list)
 
     @property
@@ -136,6 +143,28 @@ def merge_members(listed: list[dict[str, Any]], reported: list[dict[str, Any]],
     return out
 
 
+def _crm_truncates(settings: Settings) -> dict[str, Any]:
+    """What became of the CRM truncates the producer met (crm_erp_sync.truncates)."""
+    out: dict[str, Any] = {"stopped": [], "propagated": 0, "skipped": 0, "last": None}
+    names = ("table", "commit_lsn", "xid", "commit_time", "outcome", "setting", "seen_at")
+    try:
+        with connect(settings, "crm") as crm:
+            rows = [dict(zip(names, r, strict=True)) for r in crm.execute(
+                f"SELECT table_name, commit_lsn::text, xid, commit_time, outcome, setting, "
+                f"seen_at FROM {TRUNCATES_TABLE} ORDER BY commit_lsn, table_name").fetchall()]
+    except psycopg.errors.UndefinedTable:  # no producer has run this version yet
+        return out
+    except psycopg.OperationalError as exc:
+        raise StackUnavailable(f"CRM database unreachable: {type(exc).__name__}") from exc
+    for row in rows:
+        if row["outcome"] == "stopped":
+            out["stopped"].append(row)
+        else:
+            out[row["outcome"]] += 1
+            out["last"] = row
+    return out
+
+
 def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
     lag = group_lag(settings)
     listed = broker_members(settings)
@@ -161,7 +190,16 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         pending, locked, xact = [], None, None
     except psycopg.OperationalError as exc:
         raise StackUnavailable(f"CRM database unreachable: {type(exc).__name__}") from exc
+    truncates = _crm_truncates(settings)
     with connect(settings, "erp") as erp:
+        try:
+            truncates["applied"] = [dict(zip(
+                ("entity", "crm_table", "truncates", "rows_marked", "applied_at"), r,
+                strict=True)) for r in erp.execute(
+                "SELECT entity, crm_table, truncates, rows_marked, applied_at FROM "
+                "sync.truncations WHERE truncates > 0 ORDER BY entity").fetchall()]
+        except psycopg.errors.UndefinedTable:  # an ERP set up before the table existed
+            truncates["applied"] = []
         breaker = open_trips(erp, settings.consumer_group)
         by_field = [(c, f or "", int(n)) for c, f, n in erp.execute(
             "SELECT error_class, CASE WHEN error_class = 'MappingError' "
@@ -230,7 +268,7 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         producer_running=bool(locked and locked[0]), breaker=breaker, consumers=consumers,
         members=merge_members(listed, reported, alive_s=max(30.0,
                                                             3 * settings.membership_check_s)),
-        dead_letters_by_field=by_field, paused=paused,
+        dead_letters_by_field=by_field, paused=paused, truncates=truncates,
         capture_letters=[{k: v for k, v in c.items() if k != "total"} for c in capture],
         capture_letters_total=int(capture[0]["total"]) if capture else 0,
         oldest_transaction=None if not xact else {
@@ -255,6 +293,12 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
                  "until": min(shut).astimezone(window.zone) if shut
                  else state.until if state.open else None})
         closed = not status.apply_window["open"]
+    for t in truncates["stopped"]:
+        status.attention.append(
+            f"capture STOPPED before TRUNCATE of {t['table']} (commit LSN {t['commit_lsn']}, "
+            f"{t['commit_time']:%Y-%m-%d %H:%M:%S%z}) because CRM_ERP_SYNC_ON_TRUNCATE="
+            f"{t['setting']}: set CRM_ERP_SYNC_ON_TRUNCATE=propagate (its ERP rows are marked "
+            "deleted) or skip (they stay as they are), then restart the producer")
     for trip in breaker:
         status.attention.append(
             f"circuit breaker open on {trip.name} since {trip.tripped_at:%Y-%m-%d %H:%M:%S%z}:"

@@ -63,6 +63,10 @@ class Settings:
     producer_poll_ms: int = 100
     heartbeat_interval_s: float = 10.0
     on_slot_lost: str = "fail"
+    # The zone a CRM `timestamp without time zone` is read in: empty = the CRM session's own
+    # (the database's or role's `timezone` setting, as the CRM's users read it), or an IANA
+    # name such as Asia/Shanghai to override it.
+    crm_timezone: str = ""
     orphan_hold_s: float = 300.0
     log_level: str = "info"
     log_format: str = "json"
@@ -171,6 +175,10 @@ class Settings:
                               f"must be one of {', '.join(CAPTURE_TRANSPORTS)}")
         if self.on_slot_lost not in ("fail", "resnapshot"):
             raise ConfigError(self.env_var("on_slot_lost"), "must be 'fail' or 'resnapshot'")
+        if self.crm_timezone:
+            from service.cdc.zone import zone_named  # zoneinfo: only when one is set
+
+            zone_named(self.crm_timezone, self.env_var("crm_timezone"))
         if self.log_format not in ("json", "console"):
             raise ConfigError(self.env_var("log_format"), "must be 'json' or 'console'")
         if self.erp_target not in ("sql", "tryton"):

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 import psycopg
@@ -60,6 +60,7 @@ from service.cdc.events import (
 )
 from service.cdc.profile import EntityMapping, SourceProfile, load_profile
 from service.cdc.source import ChangeSource, source_for
+from service.cdc.zone import crm_naive_zone
 from service.consumer.policy import RetryPolicy
 from service.errors import (
     CaptureRejected,
@@ -186,7 +187,8 @@ class _Relation:
 class ChangeDecoder:
     """Turns peeked pgoutput rows into committed transactions with typed rows."""
 
-    def __init__(self) -> None:
+    def __init__(self, naive_zone: tzinfo = UTC) -> None:
+        self._naive_zone = naive_zone  # the zone of `timestamp without time zone` values
         self._relations: dict[int, _Relation] = {}
         self._txn: CommittedTxn | None = None
         self.watermarks: list[tuple[CommittedTxn, int, str]] = []
@@ -257,7 +259,7 @@ class ChangeDecoder:
         if isinstance(msg, pgoutput.Relation):
             self._relations[msg.relation_id] = _Relation(
                 f"{msg.namespace}.{msg.name}",
-                [(c.name, converter_for(c.type_oid)) for c in msg.columns],
+                [(c.name, converter_for(c.type_oid, self._naive_zone)) for c in msg.columns],
             )
             return None
         txn = self._txn
@@ -317,6 +319,7 @@ class CdcProducer:
         self.registry = registry
         self.profile = profile if profile is not None else load_profile(settings.source_profile)
         self._tables: dict[str, TableInfo] = {}
+        self._naive_zone: tzinfo = UTC
         self._conn: PgConn | None = None
         self.refs = References(self._load_reference)
         self._kafka = kafka_producer
@@ -385,7 +388,8 @@ class CdcProducer:
 
         Raises SourceContractError (naming table and column) before anything is created when
         a captured table or a mapped column is missing from the CRM."""
-        self._tables = read_table_info(conn, self.profile)
+        self._naive_zone = crm_naive_zone(conn, self.settings)
+        self._tables = read_table_info(conn, self.profile, self._naive_zone)
         added = ensure_capture_objects(conn, self.settings, self.profile)
         if added:
             log.warning("publication_repaired", publication=self.settings.publication_name,
@@ -595,7 +599,8 @@ class CdcProducer:
 
     def _change_source(self) -> ChangeSource:
         if self._source is None:
-            self._source = source_for(self.settings, ChangeDecoder, self._stop)
+            zone = self._naive_zone
+            self._source = source_for(self.settings, lambda: ChangeDecoder(zone), self._stop)
         return self._source
 
     def _caught_up(self, conn: PgConn) -> bool:

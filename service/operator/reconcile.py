@@ -46,6 +46,7 @@ from service.cdc.capture import (
 )
 from service.cdc.events import READ, References, RowChange, build_events, canonical
 from service.cdc.profile import EntityMapping, SourceProfile, load_profile
+from service.cdc.zone import crm_naive_zone
 from service.erp.changes import to_erp
 from service.erp.mappings import Mappings
 from service.erp.sql_target import ITEM_FIELDS as SQL_ITEM_FIELDS
@@ -253,7 +254,9 @@ class Reconciler:
     def _open_crm(self, crm: PgConn) -> None:
         self._crm = crm
         if not self._tables:
-            self._tables = read_table_info(crm, self.profile)
+            # naive timestamps in the same zone as the producer reads them
+            self._tables = read_table_info(crm, self.profile,
+                                           crm_naive_zone(crm, self.settings))
 
     def _source(self, entity: Entity) -> EntityMapping | None:
         return self.profile.entity(entity.source)

@@ -32,7 +32,7 @@ from kafka.errors import KafkaError
 
 from service import pg
 from service.avro import SchemaRegistry
-from service.cdc import pgoutput
+from service.cdc import pgoutput, slot_guard
 from service.cdc.capture import (
     OWN_SCHEMA,
     WATERMARK_TABLE,
@@ -63,6 +63,7 @@ from service.cdc.source import ChangeSource, source_for
 from service.cdc.zone import crm_naive_zone
 from service.consumer.policy import RetryPolicy
 from service.errors import (
+    CaptureBroken,
     CaptureRejected,
     ConnectionLost,
     PgOutputError,
@@ -93,6 +94,9 @@ HEARTBEAT_PREFIX = "crm-erp-sync.heartbeat"
 # lock's session is checked, and new snapshot requests are looked for, at most this often.
 LOCK_CHECK_S = 1.0
 SNAPSHOT_POLL_S = 1.0
+# While capture is stopped on a broken slot or publication, how often the producer looks
+# whether `crm-erp-sync resync` has run.
+BLOCKED_POLL_S = 2.0
 
 
 def connect(dsn: str) -> PgConn:
@@ -320,6 +324,7 @@ class CdcProducer:
         self.profile = profile if profile is not None else load_profile(settings.source_profile)
         self._tables: dict[str, TableInfo] = {}
         self._naive_zone: tzinfo = UTC
+        self._ceiling = 0  # slot_guard: the recorded bound of what the slot may confirm
         self._conn: PgConn | None = None
         self.refs = References(self._load_reference)
         self._kafka = kafka_producer
@@ -390,6 +395,9 @@ class CdcProducer:
         a captured table or a mapped column is missing from the CRM."""
         self._naive_zone = crm_naive_zone(conn, self.settings)
         self._tables = read_table_info(conn, self.profile, self._naive_zone)
+        # Before the publication is (re)created: a dropped one is a gap, not a first start.
+        slot_guard.ensure_table(conn)
+        self._check_capture(conn)
         added = ensure_capture_objects(conn, self.settings, self.profile)
         if added:
             log.warning("publication_repaired", publication=self.settings.publication_name,
@@ -401,6 +409,9 @@ class CdcProducer:
             self._slot_lost(conn)
             exists = None
         if exists:
+            if slot_guard.load(conn, self.settings.slot_name) is None:
+                slot_guard.record(conn, self.settings)  # kept no state yet (an upgrade)
+            self._load_ceiling(conn)
             return False
         # Requests first, then the slot: a crash in between leaves requests that run once the
         # slot exists, never a slot without its initial snapshot.
@@ -414,8 +425,46 @@ class CdcProducer:
                                  "VALUES (%s, 'initial')", (ent.table,))
         conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')",
                      (self.settings.slot_name,))
+        slot_guard.record(conn, self.settings)
+        self._load_ceiling(conn)
         log.info("slot_created", slot=self.settings.slot_name, initial_snapshot=True)
         return True
+
+    def _load_ceiling(self, conn: PgConn) -> None:
+        state = slot_guard.load(conn, self.settings.slot_name)
+        self._ceiling = state.confirmed_ceiling if state is not None else 0
+
+    def _check_capture(self, conn: PgConn) -> None:
+        """Raises CaptureBroken when the recorded slot or publication is gone or replaced
+        (the problem is recorded for `status` first)."""
+        problem = slot_guard.inspect(conn, self.settings,
+                                     slot_guard.load(conn, self.settings.slot_name))
+        if problem is not None:
+            slot_guard.mark(conn, self.settings, problem)
+            raise problem
+
+    def _capture_stopped(self, problem: CaptureBroken) -> None:
+        """Capture cannot go on without a resync: stay up (an always-on process that exits
+        would only be restarted into the same state), not ready, saying why and how to
+        recover, until `crm-erp-sync resync` cleared the problem; then capture again."""
+        self._reset_capture_state()
+        self.metrics.active.set(0)
+        self.health.recovered()  # connected: not "reconnecting", stopped for a reason
+        self.health.set_ready(False, "capture_stopped", problem=problem.kind,
+                              reason=problem.detail, recover=problem.command)
+        log.error("capture_stopped", problem=problem.kind, reason=problem.detail,
+                  recover=problem.command)
+        while not self._stop.is_set():
+            self.health.beat()
+            self._stop.wait(BLOCKED_POLL_S)
+            assert self._conn is not None and self._lock_conn is not None
+            self._lock_conn.execute("SELECT 1")  # a lost lock session raises: reconnect
+            state = slot_guard.load(self._conn, self.settings.slot_name)
+            if state is None or state.problem is None:
+                log.info("capture_resumed_after_resync", slot=self.settings.slot_name)
+                self.health.set_ready(True, "active", role="active")
+                self.metrics.active.set(1)
+                return
 
     def _slot_lost(self, conn: PgConn) -> None:
         """The slot's WAL is gone: fail (default), or start over with a new full snapshot."""
@@ -455,9 +504,14 @@ class CdcProducer:
                         self._conn = connect(self.settings.crm_dsn)
                     if not self.acquire_leadership(self._lock_conn):
                         break
-                    self.ensure_slot(self._conn)
-                    self._capture(self._lock_conn, self._conn, until_idle)
-                    break
+                    try:
+                        self.ensure_slot(self._conn)
+                        self._capture(self._lock_conn, self._conn, until_idle)
+                        break
+                    except CaptureBroken as problem:
+                        if until_idle:
+                            raise
+                        self._capture_stopped(problem)  # until resync (a lost session raises)
                 except TRANSIENT_CLASSES as exc:
                     fault = transient(exc, "CRM database")
                     if fault is None:
@@ -497,6 +551,13 @@ class CdcProducer:
                 self.ensure_slot(conn)
                 self._reset_capture_state()
                 self._stop.wait(next(backoff))
+                continue
+            except (psycopg.errors.UndefinedObject, psycopg2.errors.UndefinedObject) as exc:
+                # "replication slot ... does not exist", "publication ... does not exist":
+                # named and recorded by _check_capture; anything else is retried.
+                self._check_capture(conn)
+                self._broker_fault(ConnectionLost(
+                    f"replication slot not readable ({type(exc).__name__})"), next(backoff))
                 continue
             except (KafkaError, StackUnavailable, Retryable) as exc:
                 fault = transient(exc, "broker") if not isinstance(exc, Retryable) else exc
@@ -566,16 +627,25 @@ class CdcProducer:
         self._last_slot_check = now
         row = conn.execute(
             "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, "
-            "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint "
-            "FROM pg_replication_slots WHERE slot_name = %s",
+            "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, "
+            "confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
             (self.settings.slot_name,)).fetchone()
         if row is not None:
             self.metrics.retained_wal.set(row[0] or 0)
             self.metrics.unconfirmed_wal.set(row[1] or 0)
+            # psycopg2 confirms an idle stream up to the server's WAL end by itself: keep
+            # the recorded ceiling ahead of it (slot_guard).
+            flushed = pgoutput.str_to_lsn(row[2]) if row[2] else 0
+            if flushed + slot_guard.CEILING_SLACK // 2 > self._ceiling:
+                self._ceiling = slot_guard.raise_ceiling(conn, self.settings, flushed)
 
     def step(self, conn: PgConn) -> bool:
         """One batch: maybe open a snapshot chunk, read whole transactions (waiting up to
         ``producer_poll_ms`` for the first), publish, wait for acks, confirm."""
+        if self._source is None:
+            # (re)opening the slot: is it still ours? (a slot dropped and created again
+            # while the stream was down would otherwise be read from its new position)
+            self._check_capture(conn)
         if (self._chunk is None and time.monotonic() >= self._next_snapshot_poll
                 and not self._open_chunk(conn)):
             self._next_snapshot_poll = time.monotonic() + SNAPSHOT_POLL_S
@@ -589,6 +659,8 @@ class CdcProducer:
         self._publish(outgoing)
         self._commit_progress(conn)
         last_end = txns[-1].end_lsn
+        if last_end > self._ceiling:  # recorded before the slot may confirm past it
+            self._ceiling = slot_guard.raise_ceiling(conn, self.settings, last_end)
         source.confirm(conn, last_end)
         self._last_advance = time.monotonic()
         self.stats.transactions += len(txns)

@@ -185,6 +185,9 @@ class StreamSource:
         except psycopg2.errors.ObjectNotInPrerequisiteState:
             self._reset()
             raise  # the slot's WAL is gone: the producer's lost-slot handling decides
+        except psycopg2.errors.UndefinedObject:
+            self._reset()
+            raise  # no such slot or publication: the producer's slot guard names it
         except psycopg2.errors.ObjectInUse as exc:
             self._reset()
             raise Retryable("the replication slot is still held by another walsender "

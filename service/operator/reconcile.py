@@ -381,6 +381,19 @@ class Reconciler:
         out.converged = sum(r.drift for r in out.remaining) == 0
         return out
 
+    def mark_gone(self, entity: Entity) -> list[str]:
+        """The ERP-driven pass alone (``resync``): live ERP rows of ``entity`` whose CRM row
+        is gone are marked deleted, each only if it still has the position it was compared
+        at. Returns the keys marked."""
+        report = EntityReport(entity.name)
+        with connect(self.settings, "crm") as crm, connect(self.settings, "erp") as erp:
+            self._open_crm(crm)
+            ent = self._source(entity)
+            if ent is None:
+                return []
+            self._extra_pass(crm, erp, entity, ent, report, None)
+            return self._mark_deleted(erp, entity, report.extra) if report.extra else []
+
     def _mark_deleted(self, erp: PgConn, entity: Entity, keys: list[str]) -> list[str]:
         positions = self.positions.get(entity.name, {})
         return self.target(erp).mark_deleted(entity.source, {k: positions.get(k) for k in keys})

@@ -2,6 +2,8 @@
 
 Needs attention (exit 1) when any of:
 - a dead letter is unresolved (open or failed again);
+- capture stopped because the slot or the publication was dropped, replaced or lost
+  (``service.cdc.slot_guard``: until `crm-erp-sync resync` ran, and until its delete pass ran);
 - the producer's replication slot is missing, or no producer holds the capture lock (the
   producer reads its slot in short SQL calls, so "slot active" is not a liveness signal; the
   advisory lock every active producer holds is);
@@ -27,6 +29,7 @@ from typing import Any
 
 import psycopg
 
+from service.cdc import slot_guard
 from service.cdc.capture import OWN_SCHEMA
 from service.cdc.producer import lock_key
 from service.consumer.mappings_watch import live_members
@@ -140,12 +143,13 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
                 "WHERE datname = current_database()) "
                 "AND ((classid::bigint << 32) | objid::bigint) = hashtext(%s)::bigint)",
                 (lock_key(settings.slot_name),)).fetchone()
+            capture = slot_guard.problems(crm, settings)
             xact = crm.execute(
                 "SELECT pid, state, extract(epoch FROM clock_timestamp() - xact_start), "
                 "datname FROM pg_stat_activity WHERE backend_xid IS NOT NULL "
                 "AND pid <> pg_backend_pid() ORDER BY xact_start LIMIT 1").fetchone()
     except psycopg.errors.UndefinedTable:
-        pending, locked, xact = [], None, None
+        pending, locked, xact, capture = [], None, None, []
     except psycopg.OperationalError as exc:
         raise StackUnavailable(f"CRM database unreachable: {type(exc).__name__}") from exc
     with connect(settings, "erp") as erp:
@@ -255,7 +259,10 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
     if letters:
         status.attention.append(f"{sum(letters.values())} dead letter(s) unresolved: "
                                 "see `crm-erp-sync dlq list`")
-    if slot is None:
+    status.attention.extend(capture)
+    if capture:
+        pass  # named above, with its recovery
+    elif slot is None:
         status.attention.append(f"replication slot {settings.slot_name} is missing: "
                                 "the producer has never run or the slot was dropped")
     elif slot.get("wal_status") == "lost":

@@ -325,6 +325,7 @@ class CdcProducer:
         self._tables: dict[str, TableInfo] = {}
         self._naive_zone: tzinfo = UTC
         self._ceiling = 0  # slot_guard: the recorded bound of what the slot may confirm
+        self._bound = 0  # the same, exact, for the sources of this process (0: none yet)
         self._conn: PgConn | None = None
         self.refs = References(self._load_reference)
         self._kafka = kafka_producer
@@ -427,6 +428,7 @@ class CdcProducer:
                      (self.settings.slot_name,))
         slot_guard.record(conn, self.settings)
         self._load_ceiling(conn)
+        self._bound = 0
         log.info("slot_created", slot=self.settings.slot_name, initial_snapshot=True)
         return True
 
@@ -438,7 +440,8 @@ class CdcProducer:
         """Raises CaptureBroken when the recorded slot or publication is gone or replaced
         (the problem is recorded for `status` first)."""
         problem = slot_guard.inspect(conn, self.settings,
-                                     slot_guard.load(conn, self.settings.slot_name))
+                                     slot_guard.load(conn, self.settings.slot_name),
+                                     confirmed_at_most=self._bound or None)
         if problem is not None:
             slot_guard.mark(conn, self.settings, problem)
             raise problem
@@ -462,6 +465,7 @@ class CdcProducer:
             state = slot_guard.load(self._conn, self.settings.slot_name)
             if state is None or state.problem is None:
                 log.info("capture_resumed_after_resync", slot=self.settings.slot_name)
+                self._bound = 0  # a new slot: nothing confirmed through it yet
                 self.health.set_ready(True, "active", role="active")
                 self.metrics.active.set(1)
                 return
@@ -616,6 +620,7 @@ class CdcProducer:
         source, self._source = self._source, None
         if source is not None:
             source.close()
+            self._bound = max(self._bound, source.confirm_bound())
         self._chunk = None  # the chunk's watermarks are re-read; the chunk is redone
         self._pending_progress.clear()
 

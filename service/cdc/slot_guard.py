@@ -20,10 +20,13 @@ row per slot name):
   (``status`` reads it), so a slot re-created by hand meanwhile does not hide the gap;
   ``resync_started_lsn`` while resync's delete pass is still to run.
 
-Known limit: a slot dropped and created again within :data:`CEILING_SLACK` of WAL after the
-last raise is not recognised as replaced by its position (it still is when the drop is seen
-by a running producer: its stream ends and the slot is missing on reconnect, or when the
-publication went with it).
+A running producer also knows exactly how far it let the slot confirm (its explicit confirms
+and the highest WAL end the server told psycopg2 of): when its stream is lost and the slot it
+opens again has confirmed past that, the slot was replaced meanwhile, whatever the ceiling.
+
+Known limit: a slot dropped and created again while no producer ran, within
+:data:`CEILING_SLACK` of WAL after the last raise, is not recognised as replaced by its
+position (it is when the publication went with it).
 """
 
 from __future__ import annotations
@@ -126,10 +129,12 @@ def _problem(kind: str, detail: str) -> CaptureBroken:
     return CaptureBroken(kind, detail, RESYNC_COMMAND)
 
 
-def inspect(conn: psycopg.Connection[Any], settings: Settings,
-            state: CaptureState | None) -> CaptureBroken | None:
+def inspect(conn: psycopg.Connection[Any], settings: Settings, state: CaptureState | None,
+            confirmed_at_most: int | None = None) -> CaptureBroken | None:
     """What is wrong with the recorded slot and publication (None: nothing, or nothing
-    recorded yet). Does not look at a lost slot's WAL (the producer's ``_slot_lost``)."""
+    recorded yet). ``confirmed_at_most``: the exact bound of what this process let the slot
+    confirm, when it has read the slot (a stream lost, then opened again). Does not look at
+    a lost slot's WAL (the producer's ``_slot_lost``)."""
     if state is None:
         return None
     if state.problem is not None:
@@ -143,8 +148,9 @@ def inspect(conn: psycopg.Connection[Any], settings: Settings,
                         f"replication slot {name!r} was dropped: changes made since it "
                         "was dropped cannot be read, and rows deleted meanwhile would stay "
                         "live in the ERP")
-    if slot[0] != "pgoutput" or not slot[1] or (
-            slot[2] is not None and pgoutput.str_to_lsn(slot[2]) > state.confirmed_ceiling):
+    confirmed = pgoutput.str_to_lsn(slot[2]) if slot[2] is not None else 0
+    if slot[0] != "pgoutput" or not slot[1] or confirmed > state.confirmed_ceiling or (
+            confirmed_at_most is not None and confirmed > confirmed_at_most):
         return _problem("slot_replaced",
                         f"replication slot {name!r} is not the one this producer captured "
                         "through (dropped and created again: its confirmed position is past "

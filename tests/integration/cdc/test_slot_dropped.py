@@ -115,3 +115,30 @@ def test_a_publication_dropped_while_running_is_named_and_recovered_by_resync(
     wait_until(lambda: stopped_with(producer, "publication_dropped"), timeout=60,
                message="producer stopped capture, named")
     recovers(sync_env, cli, ids, "王五", added, "publication")
+
+
+def test_a_slot_replaced_under_a_lost_stream_is_named_not_read_from_its_new_position(
+        sync_env: SyncEnv, cli: Cli, running: Running) -> None:
+    producer, ids = start(sync_env, running)
+    slot = sync_env.settings.slot_name
+    deadline = time.monotonic() + 30
+    with sync_env.crm() as crm:
+        while True:  # end the walsender; drop and create the slot again in one statement
+            crm.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                        "WHERE slot_name = %s AND active_pid IS NOT NULL", (slot,))
+            try:
+                crm.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+                break
+            except psycopg.errors.ObjectInUse:
+                assert time.monotonic() < deadline, "could not drop the slot"
+                time.sleep(0.05)
+        crm.execute("DELETE FROM crm.customers WHERE customer_id = %s", (ids["张三"],))
+        (added,) = crm.execute("INSERT INTO crm.customers (family_name, given_name) "
+                               "VALUES ('赵', '六') RETURNING customer_id").fetchone()
+        crm.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+
+    body = wait_until(lambda: stopped_with(producer, "slot_replaced")
+                      or stopped_with(producer, "slot_dropped"), timeout=60,
+                      message="producer stopped capture, named")
+    assert body["state"] == "capture_stopped"
+    recovers(sync_env, cli, ids, "张三", added, "slot")

@@ -442,6 +442,9 @@ class CdcProducer:
         problem = slot_guard.inspect(conn, self.settings,
                                      slot_guard.load(conn, self.settings.slot_name),
                                      confirmed_at_most=self._bound or None)
+        if (problem is not None and problem.kind == "slot_lost"
+                and self.settings.on_slot_lost == "resnapshot"):
+            return  # ensure_slot's _slot_lost starts over (and clears the record)
         if problem is not None:
             slot_guard.mark(conn, self.settings, problem)
             raise problem
@@ -513,6 +516,8 @@ class CdcProducer:
                         self._capture(self._lock_conn, self._conn, until_idle)
                         break
                     except CaptureBroken as problem:
+                        if self._conn is not None:
+                            slot_guard.mark(self._conn, self.settings, problem)  # for status
                         if until_idle:
                             raise
                         self._capture_stopped(problem)  # until resync (a lost session raises)

@@ -259,16 +259,16 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
     if letters:
         status.attention.append(f"{sum(letters.values())} dead letter(s) unresolved: "
                                 "see `crm-erp-sync dlq list`")
-    status.attention.extend(capture)
+    status.attention.extend(capture)  # a broken slot or publication, with its recovery
     if capture:
-        pass  # named above, with its recovery
+        pass
     elif slot is None:
         status.attention.append(f"replication slot {settings.slot_name} is missing: "
                                 "the producer has never run or the slot was dropped")
     elif slot.get("wal_status") == "lost":
         status.attention.append(f"replication slot {settings.slot_name} is LOST (its WAL was "
-                                "removed): restart the producer with "
-                                "CRM_ERP_SYNC_ON_SLOT_LOST=resnapshot, then reconcile --repair")
+                                "removed): run `crm-erp-sync resync` (new slot, full "
+                                "re-snapshot, rows deleted meanwhile marked deleted)")
     elif not status.producer_running:
         status.attention.append(f"no producer is running (nobody holds the capture lock of "
                                 f"slot {settings.slot_name}); WAL is retained meanwhile")

@@ -548,7 +548,9 @@ def register(sub: Any) -> None:
                "snapshots; unresolved dead letters by error class; held events by reason; the\n"
                "last applied change and its end-to-end delay; partitions paused by the\n"
                "dead-letter circuit breaker (since when, measured ratio, limit, reasons).\n\n"
-               "Exit 1 (needs attention) when a dead letter is unresolved, the slot is missing\n"
+               "Exit 1 (needs attention) when capture stopped on a dropped, replaced or lost\n"
+               "slot or publication (until `crm-erp-sync resync` ran), a dead letter is\n"
+               "unresolved, the slot is missing\n"
                "or inactive (no producer), an event is held longer than ORPHAN_HOLD_S, events\n"
                "are held behind a key with no dead letter, a circuit breaker is open, or the\n"
                "total lag exceeds --max-lag.")

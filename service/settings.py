@@ -69,6 +69,10 @@ class Settings:
     # A TRUNCATE of a captured CRM table (docs/DESIGN.md "TRUNCATE"): stop capture before it
     # (the default), propagate it (soft-delete the entity's ERP rows), or skip it.
     on_truncate: str = "stop"
+    # The zone a CRM `timestamp without time zone` is read in: empty = the CRM session's own
+    # (the database's or role's `timezone` setting, as the CRM's users read it), or an IANA
+    # name such as Asia/Shanghai to override it.
+    crm_timezone: str = ""
     orphan_hold_s: float = 300.0
     log_level: str = "info"
     log_format: str = "json"
@@ -198,6 +202,10 @@ class Settings:
         if self.on_truncate not in ON_TRUNCATE:
             raise ConfigError(self.env_var("on_truncate"),
                               f"must be one of {', '.join(ON_TRUNCATE)}")
+        if self.crm_timezone:
+            from service.cdc.zone import zone_named  # zoneinfo: only when one is set
+
+            zone_named(self.crm_timezone, self.env_var("crm_timezone"))
         if self.log_format not in ("json", "console"):
             raise ConfigError(self.env_var("log_format"), "must be 'json' or 'console'")
         if self.erp_target not in ("sql", "tryton"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, tzinfo
 from functools import cached_property
 from typing import Any
 
@@ -88,10 +89,13 @@ class TableInfo:
 
     entity: EntityMapping
     columns: dict[str, Column]
+    # the zone a `timestamp without time zone` is read in (service.cdc.zone)
+    naive_zone: tzinfo = UTC
 
     @cached_property
     def converters(self) -> dict[str, Callable[[str], Any]]:
-        return {c.name: converter_for(c.type_oid) for c in self.columns.values()}
+        return {c.name: converter_for(c.type_oid, self.naive_zone)
+                for c in self.columns.values()}
 
     def key_casts(self) -> list[str]:
         return [self.columns[k].type_sql for k in self.entity.key]
@@ -101,8 +105,10 @@ def _ident(table: str) -> sql.Composable:
     return sql.Identifier(*table.split("."))
 
 
-def read_table_info(conn: psycopg.Connection[Any], profile: SourceProfile) -> dict[str, TableInfo]:
-    """Columns and types of every captured table.
+def read_table_info(conn: psycopg.Connection[Any], profile: SourceProfile,
+                    naive_zone: tzinfo = UTC) -> dict[str, TableInfo]:
+    """Columns and types of every captured table; naive timestamps are read in
+    ``naive_zone`` (``service.cdc.zone.crm_naive_zone``).
 
     Raises SourceContractError naming the table and column when a table or a column the
     profile maps is missing.
@@ -122,7 +128,7 @@ def read_table_info(conn: psycopg.Connection[Any], profile: SourceProfile) -> di
             if needed not in columns:
                 raise SourceContractError(ent.table, needed,
                                           "column is mapped by the source profile but missing")
-        out[ent.table] = TableInfo(ent, columns)
+        out[ent.table] = TableInfo(ent, columns, naive_zone)
     return out
 
 

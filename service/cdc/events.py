@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime, time, tzinfo
 from decimal import Decimal
 from typing import Any
 
@@ -107,6 +107,17 @@ def _timestamptz(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def _naive_timestamp(zone: tzinfo) -> Callable[[str], datetime]:
+    """``timestamp without time zone``: the CRM's wall-clock time, read in ``zone`` (the
+    CRM session's own time zone, ``service.cdc.zone``). A time that a DST change skips or
+    repeats takes the earlier offset (``fold=0``)."""
+    def convert(text: str) -> datetime:
+        if (err := _special(text, "timestamp")) is not None:
+            raise err
+        return datetime.fromisoformat(text).replace(tzinfo=zone).astimezone(UTC)
+    return convert
+
+
 def _date(text: str) -> date:
     if (err := _special(text, "date")) is not None:
         raise err
@@ -127,12 +138,18 @@ _BY_TYPE_OID: dict[int, Callable[[str], Any]] = {
     23: int,
     1700: _numeric,
     1082: _date,
-    1114: _timestamptz,
     1184: _timestamptz,
 }
 
 
-def converter_for(type_oid: int) -> Callable[[str], Any]:
+_NAIVE_IN_UTC = _naive_timestamp(UTC)
+
+
+def converter_for(type_oid: int, naive_zone: tzinfo = UTC) -> Callable[[str], Any]:
+    """The converter of a PostgreSQL type's text; ``naive_zone`` is the zone a
+    ``timestamp without time zone`` (oid 1114) is read in."""
+    if type_oid == 1114:
+        return _NAIVE_IN_UTC if naive_zone is UTC else _naive_timestamp(naive_zone)
     return _BY_TYPE_OID.get(type_oid, str)
 
 

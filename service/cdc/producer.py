@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 import psycopg
@@ -32,7 +32,7 @@ from kafka.errors import KafkaError
 
 from service import pg
 from service.avro import SchemaRegistry
-from service.cdc import pgoutput
+from service.cdc import pgoutput, slot_guard
 from service.cdc.capture import (
     OWN_SCHEMA,
     TRUNCATES_TABLE,
@@ -64,8 +64,10 @@ from service.cdc.events import (
 )
 from service.cdc.profile import EVENT_KIND, EntityMapping, SourceProfile, load_profile
 from service.cdc.source import ChangeSource, source_for
+from service.cdc.zone import crm_naive_zone
 from service.consumer.policy import RetryPolicy
 from service.errors import (
+    CaptureBroken,
     CaptureRejected,
     CaptureStoppedAtTruncate,
     ConnectionLost,
@@ -97,6 +99,9 @@ HEARTBEAT_PREFIX = "crm-erp-sync.heartbeat"
 # lock's session is checked, and new snapshot requests are looked for, at most this often.
 LOCK_CHECK_S = 1.0
 SNAPSHOT_POLL_S = 1.0
+# While capture is stopped on a broken slot or publication, how often the producer looks
+# whether `crm-erp-sync resync` has run.
+BLOCKED_POLL_S = 2.0
 
 
 def connect(dsn: str) -> PgConn:
@@ -191,7 +196,8 @@ class _Relation:
 class ChangeDecoder:
     """Turns peeked pgoutput rows into committed transactions with typed rows."""
 
-    def __init__(self) -> None:
+    def __init__(self, naive_zone: tzinfo = UTC) -> None:
+        self._naive_zone = naive_zone  # the zone of `timestamp without time zone` values
         self._relations: dict[int, _Relation] = {}
         self._txn: CommittedTxn | None = None
         self.watermarks: list[tuple[CommittedTxn, int, str]] = []
@@ -262,7 +268,7 @@ class ChangeDecoder:
         if isinstance(msg, pgoutput.Relation):
             self._relations[msg.relation_id] = _Relation(
                 f"{msg.namespace}.{msg.name}",
-                [(c.name, converter_for(c.type_oid)) for c in msg.columns],
+                [(c.name, converter_for(c.type_oid, self._naive_zone)) for c in msg.columns],
             )
             return None
         txn = self._txn
@@ -340,6 +346,9 @@ class CdcProducer:
         self.registry = registry
         self.profile = profile if profile is not None else load_profile(settings.source_profile)
         self._tables: dict[str, TableInfo] = {}
+        self._naive_zone: tzinfo = UTC
+        self._ceiling = 0  # slot_guard: the recorded bound of what the slot may confirm
+        self._bound = 0  # the same, exact, for the sources of this process (0: none yet)
         self._conn: PgConn | None = None
         self.refs = References(self._load_reference)
         self._kafka = kafka_producer
@@ -412,7 +421,11 @@ class CdcProducer:
 
         Raises SourceContractError (naming table and column) before anything is created when
         a captured table or a mapped column is missing from the CRM."""
-        self._tables = read_table_info(conn, self.profile)
+        self._naive_zone = crm_naive_zone(conn, self.settings)
+        self._tables = read_table_info(conn, self.profile, self._naive_zone)
+        # Before the publication is (re)created: a dropped one is a gap, not a first start.
+        slot_guard.ensure_table(conn)
+        self._check_capture(conn)
         added = ensure_capture_objects(conn, self.settings, self.profile)
         if added:
             log.warning("publication_repaired", publication=self.settings.publication_name,
@@ -424,6 +437,9 @@ class CdcProducer:
             self._slot_lost(conn)
             exists = None
         if exists:
+            if slot_guard.load(conn, self.settings.slot_name) is None:
+                slot_guard.record(conn, self.settings)  # kept no state yet (an upgrade)
+            self._load_ceiling(conn)
             return False
         # Requests first, then the slot: a crash in between leaves requests that run once the
         # slot exists, never a slot without its initial snapshot.
@@ -437,8 +453,52 @@ class CdcProducer:
                                  "VALUES (%s, 'initial')", (ent.table,))
         conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')",
                      (self.settings.slot_name,))
+        slot_guard.record(conn, self.settings)
+        self._load_ceiling(conn)
+        self._bound = 0
         log.info("slot_created", slot=self.settings.slot_name, initial_snapshot=True)
         return True
+
+    def _load_ceiling(self, conn: PgConn) -> None:
+        state = slot_guard.load(conn, self.settings.slot_name)
+        self._ceiling = state.confirmed_ceiling if state is not None else 0
+
+    def _check_capture(self, conn: PgConn) -> None:
+        """Raises CaptureBroken when the recorded slot or publication is gone or replaced
+        (the problem is recorded for `status` first)."""
+        problem = slot_guard.inspect(conn, self.settings,
+                                     slot_guard.load(conn, self.settings.slot_name),
+                                     confirmed_at_most=self._bound or None)
+        if (problem is not None and problem.kind == "slot_lost"
+                and self.settings.on_slot_lost == "resnapshot"):
+            return  # ensure_slot's _slot_lost starts over (and clears the record)
+        if problem is not None:
+            slot_guard.mark(conn, self.settings, problem)
+            raise problem
+
+    def _capture_stopped(self, problem: CaptureBroken) -> None:
+        """Capture cannot go on without a resync: stay up (an always-on process that exits
+        would only be restarted into the same state), not ready, saying why and how to
+        recover, until `crm-erp-sync resync` cleared the problem; then capture again."""
+        self._reset_capture_state()
+        self.metrics.active.set(0)
+        self.health.recovered()  # connected: not "reconnecting", stopped for a reason
+        self.health.set_ready(False, "capture_stopped", problem=problem.kind,
+                              reason=problem.detail, recover=problem.command)
+        log.error("capture_stopped", problem=problem.kind, reason=problem.detail,
+                  recover=problem.command)
+        while not self._stop.is_set():
+            self.health.beat()
+            self._stop.wait(BLOCKED_POLL_S)
+            assert self._conn is not None and self._lock_conn is not None
+            self._lock_conn.execute("SELECT 1")  # a lost lock session raises: reconnect
+            state = slot_guard.load(self._conn, self.settings.slot_name)
+            if state is None or state.problem is None:
+                log.info("capture_resumed_after_resync", slot=self.settings.slot_name)
+                self._bound = 0  # a new slot: nothing confirmed through it yet
+                self.health.set_ready(True, "active", role="active")
+                self.metrics.active.set(1)
+                return
 
     def _slot_lost(self, conn: PgConn) -> None:
         """The slot's WAL is gone: fail (default), or start over with a new full snapshot."""
@@ -478,9 +538,16 @@ class CdcProducer:
                         self._conn = connect(self.settings.crm_dsn)
                     if not self.acquire_leadership(self._lock_conn):
                         break
-                    self.ensure_slot(self._conn)
-                    self._capture(self._lock_conn, self._conn, until_idle)
-                    break
+                    try:
+                        self.ensure_slot(self._conn)
+                        self._capture(self._lock_conn, self._conn, until_idle)
+                        break
+                    except CaptureBroken as problem:
+                        if self._conn is not None:
+                            slot_guard.mark(self._conn, self.settings, problem)  # for status
+                        if until_idle:
+                            raise
+                        self._capture_stopped(problem)  # until resync (a lost session raises)
                 except TRANSIENT_CLASSES as exc:
                     fault = transient(exc, "CRM database")
                     if fault is None:
@@ -529,6 +596,13 @@ class CdcProducer:
                 self.ensure_slot(conn)
                 self._reset_capture_state()
                 self._stop.wait(next(backoff))
+                continue
+            except (psycopg.errors.UndefinedObject, psycopg2.errors.UndefinedObject) as exc:
+                # "replication slot ... does not exist", "publication ... does not exist":
+                # named and recorded by _check_capture; anything else is retried.
+                self._check_capture(conn)
+                self._broker_fault(ConnectionLost(
+                    f"replication slot not readable ({type(exc).__name__})"), next(backoff))
                 continue
             except (KafkaError, StackUnavailable, Retryable) as exc:
                 fault = transient(exc, "broker") if not isinstance(exc, Retryable) else exc
@@ -587,6 +661,7 @@ class CdcProducer:
         source, self._source = self._source, None
         if source is not None:
             source.close()
+            self._bound = max(self._bound, source.confirm_bound())
         self._chunk = None  # the chunk's watermarks are re-read; the chunk is redone
         self._pending_progress.clear()
 
@@ -598,16 +673,25 @@ class CdcProducer:
         self._last_slot_check = now
         row = conn.execute(
             "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, "
-            "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint "
-            "FROM pg_replication_slots WHERE slot_name = %s",
+            "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, "
+            "confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
             (self.settings.slot_name,)).fetchone()
         if row is not None:
             self.metrics.retained_wal.set(row[0] or 0)
             self.metrics.unconfirmed_wal.set(row[1] or 0)
+            # psycopg2 confirms an idle stream up to the server's WAL end by itself: keep
+            # the recorded ceiling ahead of it (slot_guard).
+            flushed = pgoutput.str_to_lsn(row[2]) if row[2] else 0
+            if flushed + slot_guard.CEILING_SLACK // 2 > self._ceiling:
+                self._ceiling = slot_guard.raise_ceiling(conn, self.settings, flushed)
 
     def step(self, conn: PgConn) -> bool:
         """One batch: maybe open a snapshot chunk, read whole transactions (waiting up to
         ``producer_poll_ms`` for the first), publish, wait for acks, confirm."""
+        if self._source is None:
+            # (re)opening the slot: is it still ours? (a slot dropped and created again
+            # while the stream was down would otherwise be read from its new position)
+            self._check_capture(conn)
         if (self._chunk is None and time.monotonic() >= self._next_snapshot_poll
                 and not self._open_chunk(conn)):
             self._next_snapshot_poll = time.monotonic() + SNAPSHOT_POLL_S
@@ -636,6 +720,8 @@ class CdcProducer:
         self._commit_progress(conn)
         self._record_truncates(conn, self._truncates)
         last_end = txns[-1].end_lsn
+        if last_end > self._ceiling:  # recorded before the slot may confirm past it
+            self._ceiling = slot_guard.raise_ceiling(conn, self.settings, last_end)
         source.confirm(conn, last_end)
         self._last_advance = time.monotonic()
         self.stats.transactions += len(txns)
@@ -718,7 +804,8 @@ class CdcProducer:
 
     def _change_source(self) -> ChangeSource:
         if self._source is None:
-            self._source = source_for(self.settings, ChangeDecoder, self._stop)
+            zone = self._naive_zone
+            self._source = source_for(self.settings, lambda: ChangeDecoder(zone), self._stop)
         return self._source
 
     def _caught_up(self, conn: PgConn) -> bool:

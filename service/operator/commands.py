@@ -330,6 +330,33 @@ def _confirm(question: str) -> bool:
 
 
 # ---- reconcile -----------------------------------------------------------------------------
+def cmd_resync(settings: Settings, args: argparse.Namespace) -> int:
+    from service.operator.resync import resync
+
+    report = resync(settings, wait_s=args.wait, chunk_size=args.chunk_size)
+    if args.json:
+        print(render.dumps(render.jsonable(report)))
+        return EXIT_OK if report.done else EXIT_ATTENTION
+    if report.problem is not None:
+        print(f"Repaired {report.problem}: new slot {settings.slot_name}, publication "
+              f"{settings.publication_name} checked; snapshots requested: "
+              + ", ".join(f"{k} #{v}" for k, v in report.snapshots.items()))
+    if report.done and report.problem is None and not report.caught_up:
+        print("Nothing to resync: the slot and the publication are the ones captured "
+              "through, and no delete pass is due.")
+        return EXIT_OK
+    if not report.caught_up:
+        print(f"The consumers did not apply the old slot's events within {args.wait:g}s: "
+              "the delete pass is still due. Start the consumers, then run "
+              "`crm-erp-sync resync` again.")
+        return EXIT_ATTENTION
+    marked = sum(len(v) for v in report.marked_deleted.values())
+    print(f"Delete pass done: {marked} ERP row(s) whose CRM row is gone marked deleted"
+          + "".join(f"; {k}: {', '.join(v[:20])}" for k, v in report.marked_deleted.items())
+          + ". The producer re-snapshots from the new slot (`crm-erp-sync snapshot list`).")
+    return EXIT_OK
+
+
 def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     from service.operator.reconcile import reconcile
 
@@ -560,7 +587,9 @@ def register(sub: Any) -> None:
                "snapshots; unresolved dead letters by error class; held events by reason; the\n"
                "last applied change and its end-to-end delay; partitions paused by the\n"
                "dead-letter circuit breaker (since when, measured ratio, limit, reasons).\n\n"
-               "Exit 1 (needs attention) when a dead letter is unresolved, the slot is missing\n"
+               "Exit 1 (needs attention) when capture stopped on a dropped, replaced or lost\n"
+               "slot or publication (until `crm-erp-sync resync` ran), a dead letter is\n"
+               "unresolved, the slot is missing\n"
                "or inactive (no producer), an event is held longer than ORPHAN_HOLD_S, events\n"
                "are held behind a key with no dead letter, a circuit breaker is open, or the\n"
                "total lag exceeds --max-lag.")
@@ -696,6 +725,22 @@ def register(sub: Any) -> None:
     p.add_argument("--reason", required=True, help="why (required, audited)")
     p.add_argument("--actor", help="who (default: the login name)")
     p.set_defaults(func=cmd_dlq_discard)
+
+    p = parser("resync", sub, "recover from a dropped, replaced or lost slot or a dropped "
+               "publication", "The one recovery when `status` says capture stopped because the\n"
+               "replication slot or the publication was dropped, replaced or lost (changes made\n"
+               "meanwhile cannot be read any more). Requests a snapshot of every captured\n"
+               "entity, drops the broken slot, creates the publication if missing and a new\n"
+               "slot (the stopped producer resumes by itself); then waits until the consumers\n"
+               "applied every event already on the topics and marks deleted the ERP rows whose\n"
+               "CRM row no longer exists (each only if unchanged since compared).\n\n"
+               "Exit 0 done (or nothing to do), 1 the consumers did not catch up within --wait\n"
+               "(run it again: it does only what is left) or the slot is held by a process.")
+    p.add_argument("--wait", type=float, default=300.0, metavar="SECONDS",
+                   help="how long to wait for the consumers before the delete pass "
+                        "(default 300)")
+    p.add_argument("--chunk-size", type=int, default=5000, metavar="N")
+    p.set_defaults(func=cmd_resync)
 
     p = parser("reconcile", sub, "compare CRM and ERP on the mapped fields; --repair drift",
                "Compare the CRM and the ERP entity by entity on the mapped fields, in key-\n"

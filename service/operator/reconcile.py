@@ -53,6 +53,7 @@ from service.cdc.capture import (
 )
 from service.cdc.events import READ, References, RowChange, build_events, canonical
 from service.cdc.profile import EntityMapping, SourceProfile, load_profile
+from service.cdc.zone import crm_naive_zone
 from service.erp.changes import to_erp
 from service.erp.mappings import Mappings
 from service.erp.sql_target import ITEM_FIELDS as SQL_ITEM_FIELDS
@@ -270,7 +271,9 @@ class Reconciler:
     def _open_crm(self, crm: PgConn) -> None:
         self._crm = crm
         if not self._tables:
-            self._tables = read_table_info(crm, self.profile)
+            # naive timestamps in the same zone as the producer reads them
+            self._tables = read_table_info(crm, self.profile,
+                                           crm_naive_zone(crm, self.settings))
 
     def _source(self, entity: Entity) -> EntityMapping | None:
         return self.profile.entity(entity.source)
@@ -442,6 +445,19 @@ class Reconciler:
         out.waited_s = round(time.monotonic() - started, 1)
         out.converged = sum(r.drift for r in out.remaining) == 0
         return out
+
+    def mark_gone(self, entity: Entity) -> list[str]:
+        """The ERP-driven pass alone (``resync``): live ERP rows of ``entity`` whose CRM row
+        is gone are marked deleted, each only if it still has the position it was compared
+        at. Returns the keys marked."""
+        report = EntityReport(entity.name)
+        with connect(self.settings, "crm") as crm, connect(self.settings, "erp") as erp:
+            self._open_crm(crm)
+            ent = self._source(entity)
+            if ent is None:
+                return []
+            self._extra_pass(crm, erp, entity, ent, report, None)
+            return self._mark_deleted(erp, entity, report.extra) if report.extra else []
 
     def _mark_deleted(self, erp: PgConn, entity: Entity, keys: list[str]) -> list[str]:
         positions = self.positions.get(entity.name, {})

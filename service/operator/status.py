@@ -2,6 +2,8 @@
 
 Needs attention (exit 1) when any of:
 - a dead letter is unresolved (open or failed again);
+- capture stopped because the slot or the publication was dropped, replaced or lost
+  (``service.cdc.slot_guard``: until `crm-erp-sync resync` ran, and until its delete pass ran);
 - the producer's replication slot is missing, or no producer holds the capture lock (the
   producer reads its slot in short SQL calls, so "slot active" is not a liveness signal; the
   advisory lock every active producer holds is);
@@ -36,6 +38,7 @@ from typing import Any
 
 import psycopg
 
+from service.cdc import slot_guard
 from service.cdc.capture import OWN_SCHEMA, TRUNCATES_TABLE
 from service.cdc.producer import lock_key
 from service.consumer.mappings_watch import live_members
@@ -182,12 +185,13 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
                 "WHERE datname = current_database()) "
                 "AND ((classid::bigint << 32) | objid::bigint) = hashtext(%s)::bigint)",
                 (lock_key(settings.slot_name),)).fetchone()
+            capture_broken = slot_guard.problems(crm, settings)
             xact = crm.execute(
                 "SELECT pid, state, extract(epoch FROM clock_timestamp() - xact_start), "
                 "datname FROM pg_stat_activity WHERE backend_xid IS NOT NULL "
                 "AND pid <> pg_backend_pid() ORDER BY xact_start LIMIT 1").fetchone()
     except psycopg.errors.UndefinedTable:
-        pending, locked, xact = [], None, None
+        pending, locked, xact, capture_broken = [], None, None, []
     except psycopg.OperationalError as exc:
         raise StackUnavailable(f"CRM database unreachable: {type(exc).__name__}") from exc
     truncates = _crm_truncates(settings)
@@ -345,13 +349,16 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
     if letters:
         status.attention.append(f"{sum(letters.values())} dead letter(s) unresolved: "
                                 "see `crm-erp-sync dlq list`")
-    if slot is None:
+    status.attention.extend(capture_broken)  # a broken slot or publication, and its recovery
+    if capture_broken:
+        pass  # already named above, with the one recovery command
+    elif slot is None:
         status.attention.append(f"replication slot {settings.slot_name} is missing: "
                                 "the producer has never run or the slot was dropped")
     elif slot.get("wal_status") == "lost":
         status.attention.append(f"replication slot {settings.slot_name} is LOST (its WAL was "
-                                "removed): restart the producer with "
-                                "CRM_ERP_SYNC_ON_SLOT_LOST=resnapshot, then reconcile --repair")
+                                "removed): run `crm-erp-sync resync` (new slot, full "
+                                "re-snapshot, rows deleted meanwhile marked deleted)")
     elif not status.producer_running:
         status.attention.append(f"no producer is running (nobody holds the capture lock of "
                                 f"slot {settings.slot_name}); WAL is retained meanwhile")

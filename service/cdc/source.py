@@ -111,6 +111,11 @@ class ChangeSource(Protocol):
         """Report the confirmed position one last time and release the slot."""
         ...
 
+    def confirm_bound(self) -> int:
+        """An LSN at or past every position this source ever let the slot confirm (the
+        slot guard's in-process check for a slot replaced under a lost stream)."""
+        ...
+
 
 def source_for(settings: Settings, new_decoder: DecoderFactory,
                stop: threading.Event) -> ChangeSource:
@@ -155,6 +160,10 @@ class SqlPeekSource:
         self._idle_until = 0.0
         self.peek_s: float | None = None  # what the last peek cost the CRM (seconds)
         self.backoff_s = 0.0  # the wait after the last empty peek
+        self._advanced = 0
+
+    def confirm_bound(self) -> int:
+        return self._advanced
 
     def next_transactions(self, conn: PgConn, max_wait_s: float) -> list[CommittedTxn]:
         if self._handed:  # the last batch was not confirmed: its publish failed
@@ -225,6 +234,7 @@ class SqlPeekSource:
         if end_lsn:
             conn.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)",
                          (self._settings.slot_name, pgoutput.lsn_to_str(end_lsn)))
+            self._advanced = max(self._advanced, end_lsn)
 
     def keep_alive(self) -> None:
         pass  # a peek holds no connection open to the walsender
@@ -278,6 +288,9 @@ class StreamSource:
         self._idle_target: int | None = None  # WAL flush position caught_up waits for
         self.peek_s: float | None = None  # the walsender decodes each record once: no peeks
         self.backoff_s = 0.0
+        # psycopg2 confirms up to the server's WAL end it was told of (see above): the
+        # highest one seen bounds what this source may have confirmed
+        self._bound = 0
 
     # ---- the seam ---------------------------------------------------------------------
     def next_transactions(self, conn: PgConn, max_wait_s: float) -> list[CommittedTxn]:
@@ -295,6 +308,9 @@ class StreamSource:
         except psycopg2.errors.ObjectNotInPrerequisiteState:
             self._reset()
             raise  # the slot's WAL is gone: the producer's lost-slot handling decides
+        except psycopg2.errors.UndefinedObject:
+            self._reset()
+            raise  # no such slot or publication: the producer's slot guard names it
         except psycopg2.errors.ObjectInUse as exc:
             self._reset()
             raise Retryable("the replication slot is still held by another walsender "
@@ -350,6 +366,11 @@ class StreamSource:
                                         force=True)
         self._reset()
 
+    def confirm_bound(self) -> int:
+        wal_end = int(self._cur.wal_end) if self._cur is not None else 0
+        self._bound = max(self._bound, self._confirmed, wal_end)
+        return self._bound
+
     # ---- the stream -------------------------------------------------------------------
     def _open(self) -> None:
         conn = psycopg2.connect(self._settings.crm_dsn, connect_timeout=10,
@@ -375,6 +396,7 @@ class StreamSource:
 
     def _reset(self) -> None:
         """Forget the stream: the walsender re-sends from the slot's confirmed position."""
+        self.confirm_bound()
         if self._conn is not None:
             with contextlib.suppress(psycopg2.Error):
                 self._conn.close()

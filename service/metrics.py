@@ -136,6 +136,11 @@ class ProducerMetrics(ProcessMetrics):
             "and went to the dead-letter topic (stage capture)", ["table", "error"],
             registry=r)
 
+        self.contract_violations = Gauge(
+            f"{PREFIX}_source_contract_violations", "1 while a captured table breaks the "
+            "source contract on this column ('*': the table itself) and capture is stopped",
+            ["table", "column"], registry=r)
+
     def count_published(self, items: Iterable[tuple[str, str]]) -> None:
         for (topic, kind), n in Tally(items).items():
             self.published.labels(topic, kind).inc(n)

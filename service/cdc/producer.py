@@ -32,8 +32,10 @@ from kafka.errors import KafkaError
 
 from service import pg
 from service.avro import SchemaRegistry
-from service.cdc import pgoutput
+from service.cdc import contract, pgoutput
 from service.cdc.capture import (
+    CONTRACT_DDL,
+    CONTRACT_TABLE,
     OWN_SCHEMA,
     WATERMARK_TABLE,
     TableInfo,
@@ -41,6 +43,7 @@ from service.cdc.capture import (
     ensure_capture_objects,
     lines_query,
     read_table_info,
+    request_snapshot,
     typed_row,
 )
 from service.cdc.dead_letters import CaptureLetter, TextRow, as_text, text_row
@@ -67,6 +70,7 @@ from service.errors import (
     PgOutputError,
     Retryable,
     SlotLost,
+    SourceContractBroken,
     SourceContractError,
     StackUnavailable,
     UnrepresentableValue,
@@ -92,6 +96,8 @@ HEARTBEAT_PREFIX = "crm-erp-sync.heartbeat"
 # lock's session is checked, and new snapshot requests are looked for, at most this often.
 LOCK_CHECK_S = 1.0
 SNAPSHOT_POLL_S = 1.0
+# How often the publication is checked for captured tables dropped from it (one query).
+PUBLICATION_CHECK_S = 5.0
 
 
 def connect(dsn: str) -> PgConn:
@@ -181,12 +187,26 @@ class Rejection:
 class _Relation:
     table: str
     columns: list[tuple[str, Callable[[str], Any]]]
+    # Set when the table broke the source contract when these changes were written but has
+    # been fixed since: each change under this relation is a capture dead letter.
+    broken: CaptureRejected | None = None
+
+
+# Called with each Relation message: None when it keeps the source contract, a rejection for
+# its changes when it broke it then (the table is fixed now); raises SourceContractBroken when
+# the table breaks it still (capture stops).
+RelationCheck = Callable[[pgoutput.Relation], CaptureRejected | None]
 
 
 class ChangeDecoder:
-    """Turns peeked pgoutput rows into committed transactions with typed rows."""
+    """Turns peeked pgoutput rows into committed transactions with typed rows.
 
-    def __init__(self) -> None:
+    ``check_relation`` sees every Relation message before any change under it (the source
+    contract, service.cdc.contract); what it raises ends ``feed``.
+    """
+
+    def __init__(self, check_relation: RelationCheck | None = None) -> None:
+        self._check_relation = check_relation
         self._relations: dict[int, _Relation] = {}
         self._txn: CommittedTxn | None = None
         self.watermarks: list[tuple[CommittedTxn, int, str]] = []
@@ -230,7 +250,8 @@ class ChangeDecoder:
     def _change(self, txn: CommittedTxn, msg: Any) -> None:
         """Append one Insert/Update/Delete to the transaction; a change whose values cannot
         be read is kept as a rejection at its place (a placeholder without rows)."""
-        table = self._relations[msg.relation_id].table
+        relation = self._relations[msg.relation_id]
+        table = relation.table
         if isinstance(msg, pgoutput.Insert):
             op, old, new = CREATE, None, msg.new
         elif isinstance(msg, pgoutput.Update):
@@ -240,6 +261,8 @@ class ChangeDecoder:
         else:
             op, old, new = DELETE, msg.old if msg.old is not None else msg.key, None
         try:
+            if relation.broken is not None:
+                raise relation.broken
             change = RowChange(table, op, self._row(msg.relation_id, old),
                                self._row(msg.relation_id, new))
         except CaptureRejected as exc:
@@ -255,10 +278,10 @@ class ChangeDecoder:
             self._txn = CommittedTxn(msg.xid, msg.final_lsn, 0, msg.commit_time)
             return None
         if isinstance(msg, pgoutput.Relation):
+            broken = self._check_relation(msg) if self._check_relation is not None else None
             self._relations[msg.relation_id] = _Relation(
                 f"{msg.namespace}.{msg.name}",
-                [(c.name, converter_for(c.type_oid)) for c in msg.columns],
-            )
+                [(c.name, converter_for(c.type_oid)) for c in msg.columns], broken)
             return None
         txn = self._txn
         if isinstance(msg, pgoutput.Commit):
@@ -335,6 +358,12 @@ class CdcProducer:
         self._last_advance = time.monotonic()
         self._topics = {"customer": settings.sales_topic, "order": settings.sales_topic,
                         "market_demand": settings.market_topic}
+        # The source contract: each table's last good shape (from the catalog), and what
+        # stops capture now (None while capturing).
+        self._known: dict[str, contract.Shape] = {}
+        self._broken: list[contract.Violation] | None = None
+        self._contract_delays = RetryPolicy.RECONNECT.delays()
+        self._last_publication_check = 0.0
         # Called with the events of each batch once the broker acknowledged them all
         # (benchmarks measure commit-to-acknowledgement latency with it).
         self.on_acknowledged: Callable[[list[Outgoing]], None] | None = None
@@ -383,8 +412,13 @@ class CdcProducer:
     def ensure_slot(self, conn: PgConn) -> bool:
         """Create the slot if missing; on first creation request the initial snapshot.
 
-        Raises SourceContractError (naming table and column) before anything is created when
-        a captured table or a mapped column is missing from the CRM."""
+        Raises SourceContractBroken (naming table, column and the fix) before anything is
+        created when a captured table breaks the source contract (service.cdc.contract)."""
+        shapes = contract.read_shapes(conn, self.profile.tables)
+        violations = contract.check_profile(self.profile, shapes, known=self._known)
+        if violations:
+            raise SourceContractBroken(violations)
+        self._known = {t: shape for t, shape in shapes.items() if shape is not None}
         self._tables = read_table_info(conn, self.profile)
         added = ensure_capture_objects(conn, self.settings, self.profile)
         if added:
@@ -451,7 +485,8 @@ class CdcProducer:
                         self._conn = connect(self.settings.crm_dsn)
                     if not self.acquire_leadership(self._lock_conn):
                         break
-                    self.ensure_slot(self._conn)
+                    if not self._start_capture(self._lock_conn, self._conn, until_idle):
+                        break
                     self._capture(self._lock_conn, self._conn, until_idle)
                     break
                 except TRANSIENT_CLASSES as exc:
@@ -471,6 +506,25 @@ class CdcProducer:
             self._close_sessions()  # releases the capture lock: a standby takes over
         return self.stats
 
+    def _start_capture(self, lock_conn: PgConn, conn: PgConn, until_idle: bool) -> bool:
+        """ensure_slot, waiting (not ready, re-checking with backoff) while the source
+        contract is broken; False when stop() was called meanwhile. With ``until_idle`` a
+        broken contract raises SourceContractBroken instead (a one-shot run cannot wait)."""
+        while not self._stop.is_set():
+            try:
+                self.ensure_slot(conn)
+            except SourceContractBroken as exc:
+                if until_idle:
+                    raise
+                self._contract_stopped(conn, exc.violations)
+                self._stop.wait(next(self._contract_delays))
+                lock_conn.execute("SELECT 1")  # a lost lock session ends the wait too
+                self.health.beat()
+                continue
+            self._contract_restored(conn)
+            return True
+        return False
+
     def _capture(self, lock_conn: PgConn, conn: PgConn, until_idle: bool) -> None:
         """The active producer's loop, until stop() (or idle). A lost CRM session raises
         (the caller reconnects and takes the lock again); a broker fault is retried here."""
@@ -482,9 +536,22 @@ class CdcProducer:
             if time.monotonic() >= lock_checked + LOCK_CHECK_S:
                 lock_conn.execute("SELECT 1")
                 lock_checked = time.monotonic()
+            if self._broken is not None and not self._contract_recheck(conn):
+                self._stop.wait(next(self._contract_delays))
+                continue
             try:
                 moved = self.step(conn)
                 self._observe_slot(conn)
+                self._observe_publication(conn)
+            except SourceContractBroken as exc:
+                # Raised while decoding, before anything of the transaction was published:
+                # the source is dropped unconfirmed, so it is decoded again once fixed.
+                if until_idle:
+                    raise
+                self._reset_capture_state()
+                self._contract_stopped(conn, exc.violations)
+                self._stop.wait(next(self._contract_delays))
+                continue
             except (psycopg.errors.ObjectNotInPrerequisiteState,
                     psycopg2.errors.ObjectNotInPrerequisiteState) as exc:
                 # Peeking a slot whose WAL was removed: not transient. ensure_slot fails
@@ -508,6 +575,142 @@ class CdcProducer:
                         and not self._has_pending_snapshot(conn)):
                     return
                 self._maybe_heartbeat(conn)  # the source itself waited for changes
+
+    # ---- source contract ----------------------------------------------------------------
+    def _check_relation(self, relation: pgoutput.Relation) -> CaptureRejected | None:
+        """The source contract on one Relation message (see ChangeDecoder).
+
+        The message gives the table's shape when its next changes were written. When that
+        shape breaks the contract, the catalog says whether the table breaks it still (raise
+        SourceContractBroken: capture stops) or was fixed since (its changes of then are
+        capture dead letters: redrive re-reads each row as it is now)."""
+        table = relation.qualified_name
+        ent = self.profile.table(table)
+        if ent is None:
+            return None
+        shape = contract.Shape(table, relation.replica_identity,
+                               {c.name: c.type_oid for c in relation.columns})
+        then = contract.check(ent, shape, known=self._known.get(table))
+        if not then:
+            return None
+        conn = self._conn
+        assert conn is not None
+        now = contract.check(ent, contract.read_shapes(conn, [table])[table],
+                             known=self._known.get(table))
+        if now:
+            raise SourceContractBroken(now)
+        first = then[0]
+        log.warning("source_contract_broken_then_fixed", table=table, column=first.column,
+                    problem=first.problem,
+                    hint="changes written meanwhile are capture dead letters; "
+                         "`crm-erp-sync dlq redrive` re-reads those rows")
+        return CaptureRejected(
+            f"written while {table} broke the source contract ({first.message}); the table "
+            "is fixed now: redrive re-reads the row",
+            None if first.column == contract.TABLE else first.column)
+
+    def _contract_stopped(self, conn: PgConn, violations: list[contract.Violation]) -> None:
+        """Capture stops on a broken contract: not ready, the metric and ``status`` name
+        table and column, one error line per new problem (no values)."""
+        previous = {(v.table, v.column) for v in self._broken or []}
+        self._broken = violations
+        self.metrics.active.set(0)
+        first = violations[0]
+        self.health.set_ready(False, "source_contract_broken", table=first.table,
+                              column=first.column, problem=first.problem)
+        for v in violations:
+            self.metrics.contract_violations.labels(v.table, v.column).set(1)
+            if (v.table, v.column) not in previous:
+                log.error("source_contract_broken", table=v.table, column=v.column,
+                          problem=v.problem, fix=v.fix,
+                          hint="capture stopped before publishing anything of the change; "
+                               "the slot does not move; capture resumes by itself once the "
+                               "table is fixed")
+        self._record_violations(conn, violations)
+
+    def _contract_recheck(self, conn: PgConn) -> bool:
+        """While stopped: True once the catalog keeps the contract again (capture resumes
+        from the slot's confirmed position), else the state is refreshed and False."""
+        shapes = contract.read_shapes(conn, self.profile.tables)
+        violations = contract.check_profile(self.profile, shapes, known=self._known)
+        if violations:
+            self._contract_stopped(conn, violations)
+            return False
+        self._known.update({t: shape for t, shape in shapes.items() if shape is not None})
+        self._tables = read_table_info(conn, self.profile)
+        self._contract_restored(conn)
+        return True
+
+    def _contract_restored(self, conn: PgConn) -> None:
+        """The contract holds (at start-up, or after a fix): clear what stop recorded."""
+        for v in self._broken or []:
+            self.metrics.contract_violations.labels(v.table, v.column).set(0)
+        if self._broken is not None:
+            log.info("source_contract_restored",
+                     tables=sorted({v.table for v in self._broken}))
+            self.metrics.active.set(1)
+            self.health.set_ready(True, "active", role="active")
+        self._broken = None
+        self._contract_delays = RetryPolicy.RECONNECT.delays()
+        self._record_violations(conn, [])
+
+    def _record_violations(self, conn: PgConn, violations: list[contract.Violation]) -> None:
+        """What ``status`` reads (crm_erp_sync.contract_violations): these unresolved, any
+        other row of this slot resolved. A refused write is logged, not fatal: the log,
+        the metric and /readyz still say it."""
+        slot = self.settings.slot_name
+        try:
+            with conn.transaction():
+                conn.execute(CONTRACT_DDL)
+                for v in violations:
+                    conn.execute(
+                        f"INSERT INTO {CONTRACT_TABLE} (slot_name, table_name, column_name, "
+                        "problem, fix) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (slot_name, "
+                        "table_name, column_name) DO UPDATE SET problem = excluded.problem, "
+                        "fix = excluded.fix, seen_at = now(), since = CASE WHEN "
+                        f"{CONTRACT_TABLE}.resolved_at IS NULL THEN {CONTRACT_TABLE}.since "
+                        "ELSE now() END, resolved_at = NULL",
+                        (slot, v.table, v.column, v.problem, v.fix))
+                conn.execute(
+                    f"UPDATE {CONTRACT_TABLE} SET resolved_at = now() WHERE slot_name = %s "
+                    "AND resolved_at IS NULL AND (table_name, column_name) NOT IN "
+                    "(SELECT * FROM unnest(%s::text[], %s::text[]))",
+                    (slot, [v.table for v in violations], [v.column for v in violations]))
+        except psycopg.errors.InsufficientPrivilege:
+            log.warning("contract_state_not_written", table=CONTRACT_TABLE,
+                        hint=f"GRANT SELECT, INSERT, UPDATE ON {CONTRACT_TABLE} to the "
+                             "capture role, so that `status` shows why capture stopped")
+
+    def _observe_publication(self, conn: PgConn) -> None:
+        """Every few seconds: a captured table dropped from the producer's own publication is
+        added back (changes made meanwhile were not decoded: a snapshot of that table is
+        queued; rows deleted meanwhile need `reconcile --repair`)."""
+        now = time.monotonic()
+        if now - self._last_publication_check < PUBLICATION_CHECK_S:
+            return
+        self._last_publication_check = now
+        row = conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = %s), "
+            "ARRAY(SELECT schemaname || '.' || tablename FROM pg_publication_tables "
+            "WHERE pubname = %s)",
+            (self.settings.publication_name, self.settings.publication_name)).fetchone()
+        if row is None or not row[0]:
+            return  # no publication at all: a lost publication is handled elsewhere
+        if not set(self.profile.tables) - set(row[1]):
+            return
+        added = ensure_capture_objects(conn, self.settings, self.profile)
+        for table in added:
+            ent = self.profile.table(table)
+            snapshot_id = None
+            if ent is not None and ent.kind is not None:
+                snapshot_id = request_snapshot(
+                    conn, self.profile, ent.entity if ent.entity != "order_line" else "order",
+                    reason="publication-repaired")
+            log.warning("publication_repaired", publication=self.settings.publication_name,
+                        table=table, snapshot_id=snapshot_id,
+                        hint="changes made while the table was out of the publication are "
+                             "re-read by the snapshot; rows deleted meanwhile need "
+                             "`crm-erp-sync reconcile --repair`")
 
     def _broker_fault(self, fault: Retryable, delay: float) -> None:
         """Publishing failed: drop the Kafka producer (its buffer may hold a poisoned or
@@ -595,7 +798,8 @@ class CdcProducer:
 
     def _change_source(self) -> ChangeSource:
         if self._source is None:
-            self._source = source_for(self.settings, ChangeDecoder, self._stop)
+            self._source = source_for(self.settings,
+                                      lambda: ChangeDecoder(self._check_relation), self._stop)
         return self._source
 
     def _caught_up(self, conn: PgConn) -> bool:

@@ -12,6 +12,9 @@ Needs attention (exit 1) when any of:
 - a consumer that reported itself recently (``sync.consumer_membership``) is not a member of
   the group as the broker lists it (it rejoins by itself; if it stays out, look at it);
 - events are waiting (lag) but the group has no member;
+- capture is stopped because a captured table breaks the source contract (a mapped column
+  renamed, dropped or retyped, replica identity not FULL): the producer records it in
+  ``crm_erp_sync.contract_violations`` (table, column, problem, the SQL that fixes it);
 - a CRM transaction has been open longer than ``PINNING_XACT_S``: the slot cannot confirm
   past it, so the CRM keeps its WAL (pid, age and state are shown, never the query text).
 - a running consumer refused the mappings file on its disk (it keeps the older version), or
@@ -27,7 +30,7 @@ from typing import Any
 
 import psycopg
 
-from service.cdc.capture import OWN_SCHEMA
+from service.cdc.capture import CONTRACT_TABLE, OWN_SCHEMA
 from service.cdc.producer import lock_key
 from service.consumer.mappings_watch import live_members
 from service.errors import StackUnavailable
@@ -75,6 +78,8 @@ class Status:
     paused: list[dict[str, Any]] = field(default_factory=list)  # operator pauses
     # Running consumers and the mappings version each applies (mappings_watch.live_members).
     consumers: list[dict[str, Any]] = field(default_factory=list)
+    # Why capture is stopped (source contract): table, column, problem, fix, since.
+    contract_violations: list[dict[str, Any]] = field(default_factory=list)
     attention: list[str] = field(default_factory=list)
 
     @property
@@ -123,6 +128,23 @@ def merge_members(listed: list[dict[str, Any]], reported: list[dict[str, Any]],
     return out
 
 
+def contract_violations(settings: Settings) -> list[dict[str, Any]]:
+    """What stops capture now, as the producer recorded it: table, column ("*": the table),
+    problem, fix, since. [] when capture is not stopped (or no producer recorded anything)."""
+    try:
+        with connect(settings, "crm") as crm:
+            rows = crm.execute(
+                f"SELECT table_name, column_name, problem, fix, since FROM {CONTRACT_TABLE} "
+                "WHERE slot_name = %s AND resolved_at IS NULL ORDER BY since, table_name, "
+                "column_name", (settings.slot_name,)).fetchall()
+    except psycopg.errors.UndefinedTable:  # a producer older than the table
+        return []
+    except psycopg.OperationalError as exc:
+        raise StackUnavailable(f"CRM database unreachable: {type(exc).__name__}") from exc
+    return [dict(zip(("table", "column", "problem", "fix", "since"), r, strict=True))
+            for r in rows]
+
+
 def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
     lag = group_lag(settings)
     listed = broker_members(settings)
@@ -148,6 +170,7 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         pending, locked, xact = [], None, None
     except psycopg.OperationalError as exc:
         raise StackUnavailable(f"CRM database unreachable: {type(exc).__name__}") from exc
+    violations = contract_violations(settings)
     with connect(settings, "erp") as erp:
         breaker = open_trips(erp, settings.consumer_group)
         by_field = [(c, f or "", int(n)) for c, f, n in erp.execute(
@@ -207,13 +230,19 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         producer_running=bool(locked and locked[0]), breaker=breaker, consumers=consumers,
         members=merge_members(listed, reported, alive_s=max(30.0,
                                                             3 * settings.membership_check_s)),
-        dead_letters_by_field=by_field, paused=paused,
+        dead_letters_by_field=by_field, paused=paused, contract_violations=violations,
         oldest_transaction=None if not xact else {
             "pid": xact[0], "state": xact[1], "age_s": float(xact[2]), "database": xact[3]},
         last_applied={"applied_at": applied_at, "crm_commit_time": last[1],
                       "seconds_since_last_apply": float(last[2]) if last[2] is not None
                       else None,
                       "end_to_end_delay_s": float(delay[0]) if delay else None})
+    for v in violations:
+        where = v["table"] if v["column"] == "*" else f"{v['table']}.{v['column']}"
+        status.attention.append(
+            f"capture STOPPED since {v['since']:%Y-%m-%d %H:%M:%S%z}: source contract broken: "
+            f"{where}: {v['problem']}; fix: {v['fix']} (the producer resumes by itself once "
+            "the table is fixed)")
     for trip in breaker:
         status.attention.append(
             f"circuit breaker open on {trip.name} since {trip.tripped_at:%Y-%m-%d %H:%M:%S%z}:"

@@ -111,11 +111,11 @@ def lock_key(slot_name: str) -> str:
     return f"crm-erp-sync:{slot_name}"
 
 
-# What build_events raises for one change that cannot become an event. Not SourceContractError
-# (the CRM no longer matches the profile: capture stops, named) nor UnresolvedReference.
-# A change under a relation that no longer has a mapped column (a column renamed or dropped
-# after it was written) or naming a row that cannot be found: that change is a capture dead
-# letter (redriven by re-reading the row once the CRM is right); the rest keeps flowing.
+# What build_events raises for one change that cannot become an event: a capture dead letter
+# (redriven by re-reading the row once the CRM is right); the rest keeps flowing. A table that
+# breaks the source contract never gets here: its Relation message stops capture first
+# (SourceContractBroken, see _check_relation). The SourceContractError build_events may still
+# raise is about one row (a NULL reference key), so it is a letter too.
 BUILD_ERRORS = (CaptureRejected, PgOutputError, SourceContractError, UnresolvedReference)
 # fastavro's writer raises these for a value its schema cannot take (a NaN decimal, a scale
 # that no longer fits, a wrong type)

@@ -214,3 +214,28 @@ def test_a_broken_table_at_start_up_keeps_the_producer_up_until_fixed(sync_env: 
             "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s",
             (settings.slot_name,)).fetchone() == (1,), timeout=60, message="the slot created")
         assert producer.health.readiness()[1]["state"] == "active"
+
+
+def test_a_table_dropped_from_the_publication_is_added_back_and_resnapshotted(
+        sync_env: SyncEnv) -> None:
+    """The publication is the producer's own: it repairs it while running, and a snapshot of
+    the table re-reads what was written while the table was out of it."""
+    publication = sync_env.settings.publication_name
+    with watched(sync_env) as (_producer, logs), sync_env.crm() as crm:
+        crm.execute(f"ALTER PUBLICATION {publication} DROP TABLE crm.market_demand")
+        gap = _insert(crm, "crm.market_demand", kind="市场趋势", product_category="手机",
+                      content="5G手机市场增长迅速", observed_at="2023-01-01T00:00:00Z")
+        wait_until(lambda: gap in _demands(sync_env), timeout=90,
+                   message="the insert made outside the publication in the ERP")
+        later = _insert(crm, "crm.market_demand", kind="市场趋势", product_category="手机",
+                        content="x", observed_at="2023-01-02T00:00:00Z")
+        wait_until(lambda: later in _demands(sync_env), timeout=60,
+                   message="later inserts captured again")
+        tables = {r[0] for r in crm.execute(
+            "SELECT schemaname || '.' || tablename FROM pg_publication_tables "
+            "WHERE pubname = %s", (publication,)).fetchall()}
+    assert "crm.market_demand" in tables
+    repaired = [e for e in logs if e["event"] == "publication_repaired"]
+    assert [e["table"] for e in repaired] == ["crm.market_demand"]
+    assert repaired[0]["snapshot_id"] is not None
+    _assert_no_values(logs)

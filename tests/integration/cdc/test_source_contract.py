@@ -168,9 +168,17 @@ def test_replica_identity_default_stops_capture_until_full(sync_env: SyncEnv,
         later = _insert(crm, "crm.customers", family_name="李", given_name="四")
         wait_until(lambda: later in _partners(sync_env) and f"c{gone}" in _letters(sync_env),
                    timeout=120, message="later changes in the ERP, the DELETE a letter")
-    stage, error_class, message, *_ = _letters(sync_env)[f"c{gone}"]
-    assert (stage, error_class) == ("capture", "CaptureRejected")
-    assert "replica identity is DEFAULT" in message
+        stage, error_class, message, *_ = _letters(sync_env)[f"c{gone}"]
+        assert (stage, error_class) == ("capture", "CaptureRejected")
+        assert "replica identity is DEFAULT" in message
+        # the way out the README gives: discard the letter, reconcile --repair the delete
+        letters = operator_dlq.list_letters(sync_env.settings, key=str(gone))
+        assert operator_dlq.discard(sync_env.settings, letters, actor="test",
+                                    reason="deleted in the CRM").ok
+        repaired = cli(sync_env.settings, "reconcile", "--repair", "--entity", "customers")
+        assert repaired.code in (0, 1), repaired.err
+        wait_until(lambda: gone not in _partners(sync_env), timeout=60,
+                   message="the deleted customer marked deleted in the ERP")
 
 
 def test_an_incompatible_type_change_stops_capture(sync_env: SyncEnv, cli: Cli) -> None:
@@ -213,7 +221,11 @@ def test_a_broken_table_at_start_up_keeps_the_producer_up_until_fixed(sync_env: 
         wait_until(lambda: crm.execute(
             "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s",
             (settings.slot_name,)).fetchone() == (1,), timeout=60, message="the slot created")
-        assert producer.health.readiness()[1]["state"] == "active"
+        wait_until(lambda: producer.health.readiness()[1]["state"] == "active", timeout=30,
+                   message="the producer ready")
+        assert producer.metrics.contract_violations.labels(
+            "crm.customers", "*")._value.get() == 0
+        assert cli(settings, "status", "--json").json["contract_violations"] == []
 
 
 def test_a_table_dropped_from_the_publication_is_added_back_and_resnapshotted(

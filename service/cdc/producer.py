@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -117,6 +118,10 @@ def lock_key(slot_name: str) -> str:
 # (SourceContractBroken, see _check_relation). The SourceContractError build_events may still
 # raise is about one row (a NULL reference key), so it is a letter too.
 BUILD_ERRORS = (CaptureRejected, PgOutputError, SourceContractError, UnresolvedReference)
+# What a query naming a captured table's columns raises after a DDL changed the table (a
+# column renamed, dropped or retyped): checked against the source contract.
+SCHEMA_ERRORS = (psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedTable,
+                 psycopg.errors.UndefinedFunction, psycopg.errors.DatatypeMismatch)
 # fastavro's writer raises these for a value its schema cannot take (a NaN decimal, a scale
 # that no longer fits, a wrong type)
 AVRO_ERRORS = (TypeError, ValueError, ArithmeticError, AttributeError)
@@ -609,6 +614,21 @@ class CdcProducer:
             "is fixed now: redrive re-reads the row",
             None if first.column == contract.TABLE else first.column)
 
+    @contextmanager
+    def _reading_tables(self, conn: PgConn) -> Iterator[None]:
+        """Around a read of captured tables by column name (a snapshot chunk, a referenced
+        row): the query fails when a DDL broke the table since start-up; that is the source
+        contract (SourceContractBroken, capture stops), not a crash."""
+        try:
+            yield
+        except SCHEMA_ERRORS:
+            violations = contract.check_profile(
+                self.profile, contract.read_shapes(conn, self.profile.tables),
+                known=self._known)
+            if violations:
+                raise SourceContractBroken(violations) from None
+            raise
+
     def _contract_stopped(self, conn: PgConn, violations: list[contract.Violation]) -> None:
         """Capture stops on a broken contract: not ready, the metric and ``status`` name
         table and column, one error line per new problem (no values)."""
@@ -775,9 +795,11 @@ class CdcProducer:
     def step(self, conn: PgConn) -> bool:
         """One batch: maybe open a snapshot chunk, read whole transactions (waiting up to
         ``producer_poll_ms`` for the first), publish, wait for acks, confirm."""
-        if (self._chunk is None and time.monotonic() >= self._next_snapshot_poll
-                and not self._open_chunk(conn)):
-            self._next_snapshot_poll = time.monotonic() + SNAPSHOT_POLL_S
+        if self._chunk is None and time.monotonic() >= self._next_snapshot_poll:
+            with self._reading_tables(conn):
+                opened = self._open_chunk(conn)
+            if not opened:
+                self._next_snapshot_poll = time.monotonic() + SNAPSHOT_POLL_S
         source = self._change_source()
         txns = source.next_transactions(conn, self.settings.producer_poll_ms / 1000)
         if not txns:
@@ -813,7 +835,8 @@ class CdcProducer:
         info = self._tables[ent.table]
         query, params = chunk_query(info, after=None, keys=[key], limit=1)
         cur = self._conn.cursor(row_factory=psycopg.rows.dict_row)
-        found = cur.execute(query, params).fetchone()
+        with self._reading_tables(self._conn):
+            found = cur.execute(query, params).fetchone()
         if found is None:
             return None
         return canonical(ent, typed_row(info, found), self.refs)
@@ -883,6 +906,8 @@ class CdcProducer:
             return list(build_events(changes, profile=self.profile, refs=self.refs,
                                      lsn=at.lsn, xid=at.xid, commit_time=at.commit_time,
                                      snapshot=at.snapshot, first_seq=first_seq))
+        except SourceContractBroken:
+            raise  # a table broken now (read for a reference): capture stops
         except BUILD_ERRORS:
             pass
         out: list[Outgoing | CaptureLetter] = []
@@ -891,6 +916,8 @@ class CdcProducer:
                 out.extend(build_events([change], profile=self.profile, refs=self.refs,
                                         lsn=at.lsn, xid=at.xid, commit_time=at.commit_time,
                                         snapshot=at.snapshot, first_seq=first_seq + offset))
+            except SourceContractBroken:
+                raise
             except BUILD_ERRORS as exc:
                 letter = self._letter(change, Rejection(
                     _rejected(exc), text_row(change.before), text_row(change.after)),

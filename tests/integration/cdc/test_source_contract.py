@@ -206,6 +206,10 @@ def test_a_broken_table_at_start_up_keeps_the_producer_up_until_fixed(sync_env: 
     with sync_env.crm() as crm:
         crm.execute("ALTER TABLE crm.customers REPLICA IDENTITY DEFAULT")
     settings = sync_env.settings
+    once = cli(settings, "produce", "--until-idle")  # a one-shot run cannot wait: exit 2
+    assert once.code == 2
+    assert "crm.customers.*: replica identity is DEFAULT" in once.err
+    assert 'fix: ALTER TABLE "crm"."customers" REPLICA IDENTITY FULL;' in once.err
     from service.avro import SchemaRegistry
     from tests.integration.runtime.test_endpoints import running
 

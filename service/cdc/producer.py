@@ -634,7 +634,6 @@ class CdcProducer:
         table and column, one error line per new problem (no values)."""
         previous = {(v.table, v.column) for v in self._broken or []}
         self._broken = violations
-        self.metrics.active.set(0)
         first = violations[0]
         self.health.set_ready(False, "source_contract_broken", table=first.table,
                               column=first.column, problem=first.problem)
@@ -668,7 +667,6 @@ class CdcProducer:
         if self._broken is not None:
             log.info("source_contract_restored",
                      tables=sorted({v.table for v in self._broken}))
-            self.metrics.active.set(1)
             self.health.set_ready(True, "active", role="active")
         self._broken = None
         self._contract_delays = RetryPolicy.RECONNECT.delays()

@@ -11,6 +11,7 @@ STAMP  := $(VENV)/.installed
 STACK  := deploy/local/stack.sh
 
 .PHONY: help venv up down stack-status clean-stack lint test demo demo-bottlecrm bench-produce bench-apply
+.PHONY: bench
 .PHONY: bench-capture
 .PHONY: validate-deploy bottlecrm bottlecrm-if-possible tryton tryton-rebuild test-tryton bench-tryton
 .PHONY: bench-stock
@@ -28,6 +29,9 @@ help:
 	@echo "make demo-bottlecrm   the same on a real CRM, BottleCRM (installed in .stack/)"
 	@echo "make demo-tryton   the same with Tryton as the ERP (20 customers, 30 orders)"
 	@echo "make validate-deploy   kustomize + kubeconform on deploy/k8s, compose checks"
+	@echo "make bench         issue #13's comparison: bulk, burst, steady rates; latency, CPU of"
+	@echo "                   CRM/ERP PostgreSQL, broker and ours, RSS; targets PASS/FAIL (~10 min;"
+	@echo "                   make bench BENCH_ARGS=--quick: ~2 min)"
 	@echo "make bench-produce / bench-apply   benchmarks"
 	@echo "make bench-stock   apply into an empty ERP vs one holding 1M orders (new vs old stock)"
 	@echo "make bench-capture  CRM CPU of capture: SQL peek vs streaming replication"
@@ -86,12 +90,15 @@ demo: venv up
 demo-bottlecrm: venv up bottlecrm
 	$(BIN)/crm-erp-sync demo bottlecrm
 
+BENCH_ARGS ?=
+bench: venv up
+	$(BIN)/python -m bench.compare $(BENCH_ARGS)
+
 bench-produce: venv up
 	$(BIN)/python -m bench.produce
 
 bench-apply: venv up
 	$(BIN)/python -m bench.apply
-	$(BIN)/python -m bench.e2e
 
 bench-stock: venv up
 	$(BIN)/python -m bench.stock_scale

@@ -6,7 +6,7 @@
 2. Bulk statement choice: the same partner upserts with executemany (pipelined) against COPY
    into a staging table then INSERT ... SELECT ... ON CONFLICT.
 3. Peak memory (max RSS) of a consumer process working through a backlog.
-4. End to end: CRM commit -> ERP commit at a fixed rate, p50/p99 (bench.e2e).
+End to end (CRM commit -> ERP row, phase by phase, with CPU and memory): bench.compare.
 """
 
 from __future__ import annotations

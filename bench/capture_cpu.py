@@ -14,11 +14,11 @@ replication protocol), in its own CRM/ERP databases and topics, with the produce
 2. with ``--burst N``: N one-change transactions as fast as one session commits them, then,
    once the producer has caught up, the first steady rate again ("after the burst").
 
-With ``--erp`` two consumer processes apply the events and the ERP's commit time gives
-commit -> ERP row latency as well.
+The whole pipeline (two consumers too, commit -> ERP row latency, the ERP's and the broker's
+CPU, memory, targets) is ``python -m bench.compare`` (``--transport sql`` for the SQL peek).
 
 PostgreSQL must run on this machine (``/proc`` of its backends is read); the local stack does.
-Run: python -m bench.capture_cpu [--rates 200,1000] [--seconds 10] [--burst 20000] [--erp]
+Run: python -m bench.capture_cpu [--rates 200,1000] [--seconds 10] [--burst 20000]
 """
 
 from __future__ import annotations
@@ -29,35 +29,22 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
-from pathlib import Path
+from typing import Any
 
 import psycopg
 from kafka import TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType
 
-from bench.common import CUSTOMER_INSERT, bench_settings, percentile
+from bench.common import CUSTOMER_INSERT, PacedLoad, bench_settings, percentile
+from bench.proc import cpu_seconds
 from service.avro import SchemaRegistry
 from service.kafka_io import make_admin, make_consumer
 from service.settings import Settings
 from tests.helpers import settings_env
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 WARMUP_S = 3.0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (0 once it is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
 
 
 @dataclasses.dataclass
@@ -69,7 +56,6 @@ class Phase:
     walsender_cpu: float
     writer_cpu: float
     ack_ms: list[float]
-    erp_ms: list[float]
     cluster_wal_mb: float
 
 
@@ -156,60 +142,40 @@ class Capture:
         self.monitor.close()
 
 
-def steady(capture: Capture, name: str, rate: int, seconds: float, done: int,
-           erp: bool) -> tuple[Phase, int]:
+def steady(capture: Capture, name: str, rate: int, seconds: float,
+           done: int) -> tuple[Phase, int]:
     """Commit `rate` one-row transactions a second (from one session per 250/s) for a
     warm-up and then the measured window; `done` counts the changes committed before."""
     settings = capture.settings
-    n_writers = -(-rate // 250)
-    interval = n_writers / rate if rate else 0.0
-    conns = [psycopg.connect(settings.crm_dsn, autocommit=True) for _ in range(n_writers)]
-    writer_pids = {c.info.backend_pid for c in conns}
-    counts = [0] * n_writers
-    start = time.perf_counter()
-    stop_at = start + WARMUP_S + seconds
 
-    def write(w: int) -> None:
-        due = start + w * interval / n_writers
-        while due < stop_at:
-            now = time.perf_counter()
-            if due > now:
-                time.sleep(due - now)
-            elif due < now - interval:
-                due = now  # fell behind: carry on at the rate, do not burst to catch up
-            conns[w].execute(CUSTOMER_INSERT, (done + 1, done + 1))
-            counts[w] += 1
-            due += interval
+    def insert(conn: psycopg.Connection[Any], i: int) -> None:
+        conn.execute(CUSTOMER_INSERT, (done + i + 1, done + i + 1))
 
-    threads = [threading.Thread(target=write, args=(w,)) for w in range(n_writers)]
+    load = PacedLoad(settings.crm_dsn, rate, WARMUP_S + seconds, insert)
+    writer_pids = load.pids
+    load.start()
     try:
-        for t in threads:
-            t.start()
-        time.sleep(max(0.0, start + WARMUP_S - time.perf_counter()))
+        time.sleep(max(0.0, load.started + WARMUP_S - time.perf_counter()))
         pids, walsenders = capture.backends(writer_pids)
         cpu0 = {pid: cpu_seconds(pid) for pid in [*pids, *writer_pids]}
         wal0 = capture.wal_position()
-        window_start, window_t0, before = datetime.now(UTC), time.perf_counter(), sum(counts)
-        time.sleep(max(0.0, stop_at - time.perf_counter()))
+        window_start, window_t0, before = datetime.now(UTC), time.perf_counter(), load.committed
+        time.sleep(max(0.0, load.started + WARMUP_S + seconds - time.perf_counter()))
         cpu = {pid: cpu_seconds(pid) - cpu0[pid] for pid in cpu0}
-        window_s, in_window = time.perf_counter() - window_t0, sum(counts) - before
+        window_s, in_window = time.perf_counter() - window_t0, load.committed - before
         window_end = datetime.now(UTC)
         wal_mb = (capture.wal_position() - wal0) / 2**20
-        for t in threads:
-            t.join()
     finally:
-        for c in conns:
-            c.close()
+        load.join()
     # CPU of the measured window, scaled to the nominal seconds so the figures compare.
     scale = seconds / window_s
-    done += sum(counts)
+    done += load.committed
     wait_for_acks(capture, done)
     ack = [ms for committed, ms in capture.acked if window_start <= committed <= window_end]
-    erp_ms = erp_latencies(settings, window_start, window_end, in_window) if erp and rate else []
     phase = Phase(name, rate, in_window / window_s,
                   sum(cpu[pid] for pid in pids) * scale,
                   sum(cpu[pid] for pid in walsenders) * scale,
-                  sum(cpu[pid] for pid in writer_pids) * scale, ack, erp_ms, wal_mb * scale)
+                  sum(cpu[pid] for pid in writer_pids) * scale, ack, wal_mb * scale)
     return phase, done
 
 
@@ -220,21 +186,6 @@ def wait_for_acks(capture: Capture, events: int, timeout: float = 300) -> None:
             raise SystemExit(f"only {published:,} of {events:,} events published")
         time.sleep(0.05)
     capture.collect()
-
-
-def erp_latencies(settings: Settings, start: datetime, end: datetime, expected: int,
-                  timeout: float = 120) -> list[float]:
-    """Commit -> ERP row ms of the changes committed in the window, once all are applied."""
-    with psycopg.connect(settings.erp_dsn, autocommit=True) as conn:
-        deadline = time.monotonic() + timeout
-        while True:
-            rows = conn.execute(
-                "SELECT extract(epoch FROM applied_at - crm_commit_time) * 1000 "
-                "FROM erp.business_partners WHERE crm_commit_time BETWEEN %s AND %s",
-                (start, end)).fetchall()
-            if len(rows) >= expected or time.monotonic() > deadline:
-                return [float(r[0]) for r in rows]
-            time.sleep(0.2)
 
 
 def burst(capture: Capture, n: int, done: int) -> tuple[float, float, int]:
@@ -248,34 +199,15 @@ def burst(capture: Capture, n: int, done: int) -> tuple[float, float, int]:
     return n / committed_s, time.perf_counter() - started, done + n
 
 
-@contextmanager
-def consumers(settings: Settings, enabled: bool) -> Iterator[None]:
-    if not enabled:
-        yield
-        return
-    env = {**os.environ, **settings_env(settings), "CRM_ERP_SYNC_LOG_LEVEL": "warning"}
-    procs = [subprocess.Popen([sys.executable, "-m", "service.cli", "consume"], env=env)
-             for _ in range(2)]
-    try:
-        yield
-    finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            proc.wait(timeout=60)
-
-
 def run_transport(transport: str, args: argparse.Namespace) -> list[Phase]:
     phases: list[Phase] = []
-    with bench_settings(capture_transport=transport) as settings, \
-            consumers(settings, args.erp):
+    with bench_settings(capture_transport=transport) as settings:
         capture = Capture(settings)
         capture.start()
         try:
             next_id = 0
             for rate in args.rates:
-                phase, next_id = steady(capture, f"{rate}/s", rate, args.seconds, next_id,
-                                        args.erp)
+                phase, next_id = steady(capture, f"{rate}/s", rate, args.seconds, next_id)
                 phases.append(phase)
                 print_phase(transport, phase)
             if args.burst:
@@ -285,7 +217,7 @@ def run_transport(transport: str, args: argparse.Namespace) -> list[Phase]:
                       flush=True)
                 rate = next((r for r in args.rates if r), 200)
                 phase, next_id = steady(capture, f"{rate}/s after burst", rate, args.seconds,
-                                        next_id, args.erp)
+                                        next_id)
                 phases.append(phase)
                 print_phase(transport, phase)
         finally:
@@ -299,9 +231,6 @@ def print_phase(transport: str, p: Phase) -> None:
             f"backend(s) {p.writer_cpu:5.2f} s, cluster WAL {p.cluster_wal_mb:5.1f} MB; "
             f"commit->broker p50 {percentile(p.ack_ms, 50):6.1f} ms "
             f"p99 {percentile(p.ack_ms, 99):6.1f} ms")
-    if p.erp_ms:
-        line += (f"; commit->ERP p50 {percentile(p.erp_ms, 50):6.1f} ms "
-                 f"p99 {percentile(p.erp_ms, 99):6.1f} ms")
     print(line, flush=True)
 
 
@@ -314,7 +243,6 @@ def main() -> None:
                              "rest of the cluster's WAL costs (a walsender reads all of it)")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--burst", type=int, default=0)
-    parser.add_argument("--erp", action="store_true", help="run two consumers too")
     parser.add_argument("--transports", default="sql,stream")
     args = parser.parse_args()
     print(f"CRM PostgreSQL CPU seconds per {args.seconds:g} s of steady load "

@@ -1,13 +1,18 @@
-"""Shared by the benchmarks: a private set of databases and topics on the local stack."""
+"""Shared by the benchmarks: a private set of databases and topics on the local stack,
+latency percentiles, and a paced CRM load. CPU and memory from /proc: bench.proc."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import statistics
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import psycopg
 
@@ -16,7 +21,7 @@ from service.setup import run_setup
 
 
 @contextmanager
-def bench_settings(**overrides: object) -> Iterator[Settings]:
+def bench_settings(**overrides: Any) -> Iterator[Settings]:
     base = Settings.from_env()
     tag = f"bench_{uuid.uuid4().hex[:8]}"
     admin = base.crm_dsn
@@ -48,12 +53,92 @@ def bench_settings(**overrides: object) -> Iterator[Settings]:
             kafka_admin.close()
 
 
-def percentile(values: list[float], pct: float) -> float:
+def percentile(values: Sequence[float], pct: float) -> float:
+    """The `pct`-th percentile (an integer 1..99) of `values`, interpolated between the two
+    nearest ranks (``statistics.quantiles``, inclusive: the sample is the population); NaN
+    for no values. Raises ValueError for a pct outside 1..99."""
+    if not 1 <= pct <= 99 or pct != int(pct):
+        raise ValueError(f"percentile must be an integer from 1 to 99, not {pct}")
     if not values:
         return float("nan")
     if len(values) == 1:
         return values[0]
     return statistics.quantiles(values, n=100, method="inclusive")[int(pct) - 1]
+
+
+class PacedLoad:
+    """`rate` CRM transactions a second for `seconds` (0: none), from one session per
+    `per_session`/s (one session's round trips cap what it commits), each session on its own
+    deadline schedule (transaction i is due at start + i / rate: sleeping never accumulates
+    drift). A session that falls behind catches up (the machine's jitter must not lower the
+    rate), but by at most `catch_up_s` worth: beyond that it carries on at the rate from
+    where it is rather than sending a burst.
+
+    `work(conn, n)` commits one transaction on an autocommit connection; n counts from 0 over
+    all sessions. Used as: ``start()``, read ``committed`` and ``pids`` while it runs,
+    ``join()``. The connections use asynchronous commit when `synchronous_commit` is False,
+    as the demo loader's session does."""
+
+    def __init__(self, dsn: str, rate: float, seconds: float,
+                 work: Callable[[psycopg.Connection[Any], int], None], *,
+                 synchronous_commit: bool = True, per_session: float = 250,
+                 catch_up_s: float = 1.0) -> None:
+        self.rate = rate
+        self.seconds = seconds
+        self.catch_up_s = catch_up_s
+        self._work = work
+        n = math.ceil(rate / per_session)  # none at rate 0: an idle phase
+        self._conns = [psycopg.connect(dsn, autocommit=True) for _ in range(n)]
+        if not synchronous_commit:
+            for conn in self._conns:
+                conn.execute("SET synchronous_commit TO off")
+        self.pids = {c.info.backend_pid for c in self._conns}
+        self._counts = [0] * n
+        self._lock = threading.Lock()
+        self._next = 0
+        self._threads: list[threading.Thread] = []
+        self._errors: list[BaseException] = []
+        self.started = 0.0  # time.perf_counter() at start()
+
+    @property
+    def committed(self) -> int:
+        return sum(self._counts)
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+        self._threads = [threading.Thread(target=self._write, args=(w,), daemon=True)
+                         for w in range(len(self._conns))]
+        for t in self._threads:
+            t.start()
+
+    def _write(self, w: int) -> None:
+        n = len(self._conns)
+        interval = n / self.rate
+        due = self.started + w * interval / n
+        stop_at = self.started + self.seconds
+        try:
+            while due < stop_at:
+                now = time.perf_counter()
+                if due > now:
+                    time.sleep(due - now)
+                elif due < now - self.catch_up_s:
+                    due = now
+                with self._lock:
+                    i, self._next = self._next, self._next + 1
+                self._work(self._conns[w], i)
+                self._counts[w] += 1
+                due += interval
+        except BaseException as exc:  # re-raised by join(), in the caller's thread
+            self._errors.append(exc)
+
+    def join(self) -> None:
+        """Wait for the sessions to finish, close them; re-raise a session's error."""
+        for t in self._threads:
+            t.join()
+        for conn in self._conns:
+            conn.close()
+        if self._errors:
+            raise self._errors[0]
 
 
 # N synthetic customers in one statement (ids lo..hi): the benchmarks' unit of CRM change.

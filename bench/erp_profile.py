@@ -30,23 +30,11 @@ from typing import Any
 import psycopg
 
 from bench.common import bench_settings
+from bench.proc import total_cpu_seconds
 from service.demo.load import load_demo
 from service.ops import group_lag
 from service.settings import REPO_ROOT, Settings
 from tests.helpers import settings_env, wait_until
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / TICKS
 
 
 def erp_backends(settings: Settings) -> list[int]:
@@ -117,10 +105,11 @@ def main() -> None:
                 spy = subprocess.Popen(["py-spy", "record", "--format", "raw", "-r", "200",
                                         "-o", str(out), "-p", str(consumer)],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            erp0, ours0, t0 = cpu_s(backends), cpu_s([consumer]), time.monotonic()
+            erp0, ours0 = total_cpu_seconds(backends), total_cpu_seconds([consumer])
+            t0 = time.monotonic()
             time.sleep(args.seconds)
             elapsed = time.monotonic() - t0
-            erp1, ours1 = cpu_s(backends), cpu_s([consumer])
+            erp1, ours1 = total_cpu_seconds(backends), total_cpu_seconds([consumer])
             lag = sum(p.lag for p in group_lag(settings))
             print(f"changes at {args.rate:g}/s; measured {elapsed:.1f}s (lag at the end {lag}): "
                   f"ERP PostgreSQL {10 * (erp1 - erp0) / elapsed:.2f} CPU-s per 10 s, "

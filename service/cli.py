@@ -120,6 +120,12 @@ def cmd_consume(settings: Settings, args: argparse.Namespace) -> int:
                                      dead_lettered=consumer.applier.dead_lettered,
                                      held=consumer.applier.held,
                                      caught_up=stats.caught_up, blocked=stats.blocked)
+    if stats.outside_window_until is not None:
+        print("crm-erp-sync: not caught up: outside the apply window "
+              f"({settings.apply_window} {settings.apply_window_tz}) until "
+              f"{stats.outside_window_until.isoformat()}; the rest is applied by the next run "
+              "inside the window", file=sys.stderr)
+        return EXIT_ATTENTION
     if stats.blocked:
         print("crm-erp-sync: not caught up: the circuit breaker keeps "
               f"{', '.join(stats.blocked)} paused (see `crm-erp-sync status`, then "
@@ -291,6 +297,11 @@ def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
         for name, value in shown.items():
             print(f"{name:<{width}}  {value:<{vwidth}}  {where[name]}".rstrip()
                   if args.show_origin else f"{name:<{width}}  {value}")
+    # The source profile is configuration too: a broken one is named (file and key) here,
+    # not first by a producer that will not start.
+    from service.cdc.profile import load_profile
+
+    load_profile(settings.source_profile)  # raises ConfigError: exit 2
     return EXIT_OK
 
 
@@ -340,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     until.add_argument("--until-caught-up", action="store_true",
                        help="apply everything up to the end offsets seen at start, then exit 0 "
                             "(for an hourly or daily sync from a scheduler); exit 1 if the "
-                            "circuit breaker keeps a partition paused")
+                            "circuit breaker keeps a partition paused, or the apply window "
+                            "(CRM_ERP_SYNC_APPLY_WINDOW) is closed")
     p.set_defaults(func=cmd_consume)
 
     p = sub.add_parser("snapshot", help="re-snapshot a CRM table (or some keys) while "

@@ -40,17 +40,31 @@ class DatabaseMissing(ConfigError):
     """The server accepted the credentials but the DSN's database does not exist."""
 
 
-class SlotLost(SyncError):
+class CaptureBroken(SyncError):
+    """The slot or publication the producer captured through is gone or was replaced
+    (``service.cdc.slot_guard``): changes made meanwhile cannot be read. Capture stops until
+    ``command`` (``crm-erp-sync resync``) ran. ``kind``: slot_dropped, slot_replaced,
+    publication_dropped, publication_replaced, slot_lost. Names objects only, never a value."""
+
+    def __init__(self, kind: str, detail: str, command: str) -> None:
+        super().__init__(f"{kind}: {detail}. Recover with `{command}`")
+        self.kind = kind
+        self.detail = detail
+        self.command = command
+
+
+class SlotLost(CaptureBroken):
     """PostgreSQL removed WAL the replication slot still needed (max_slot_wal_keep_size):
     changes in the gap cannot be read any more; only a new snapshot can resync."""
 
     def __init__(self, slot: str) -> None:
         super().__init__(
+            "slot_lost",
             f"replication slot {slot!r} is lost: PostgreSQL removed WAL it still needed, so "
-            "changes made while no producer ran cannot be read. Resync: restart the producer "
-            "with CRM_ERP_SYNC_ON_SLOT_LOST=resnapshot (new slot, full snapshot), then run "
-            "`crm-erp-sync reconcile --repair` for rows deleted in the gap."
-        )
+            "changes made while no producer ran cannot be read (or restart the producer "
+            "with CRM_ERP_SYNC_ON_SLOT_LOST=resnapshot for a new slot and full snapshot, then "
+            "run `crm-erp-sync reconcile --repair` for rows deleted in the gap)",
+            "crm-erp-sync resync")
         self.slot = slot
 
 
@@ -210,3 +224,16 @@ class UnresolvedReference(SyncError):
     def __init__(self, table: str, column: str, entity: str) -> None:
         self.table, self.column, self.entity = table, column, entity
         super().__init__(f"{table}.{column}: the {entity} it names is not in the CRM")
+
+
+class CaptureStoppedAtTruncate(SyncError):
+    """Capture stopped before a TRUNCATE of a captured CRM table, as
+    CRM_ERP_SYNC_ON_TRUNCATE=stop asks; the slot is not advanced past it. Carries identity
+    only (tables, commit LSN)."""
+
+    def __init__(self, tables: list[str], commit_lsn: str) -> None:
+        self.tables, self.commit_lsn = tables, commit_lsn
+        super().__init__(
+            f"capture stopped before TRUNCATE of {', '.join(tables)} (commit LSN {commit_lsn})"
+            " because CRM_ERP_SYNC_ON_TRUNCATE=stop: set CRM_ERP_SYNC_ON_TRUNCATE=propagate "
+            "(mark the ERP rows deleted) or skip (keep them), then restart the producer")

@@ -12,6 +12,8 @@ Every long-running command (``produce``, ``consume``) serves, on CRM_ERP_SYNC_HT
     state "degraded" and the breaker's messages, until `crm-erp-sync resume`), and a member
     of its group as the broker sees it (503 "outside_group" while it is not; it rejoins by
     itself, service/consumer/membership.py);
+    Outside its apply window (CRM_ERP_SYNC_APPLY_WINDOW) a consumer is ready, with state
+    "outside_apply_window" and the time it opens: it is in its group and waits by design;
   - both: not while a connection to the broker or a database is lost and being
     re-established (``state: reconnecting`` with the reason);
   - produce: the active producer holds the capture lock and is not stalled; a standby that
@@ -51,6 +53,8 @@ class Health:
         self._disconnected: str | None = None
         self._degraded: list[str] = []
         self._outside_group: str | None = None
+        self._window_closed_until: Any = None
+        self._window = ""
 
     def beat(self) -> None:
         """The main loop is alive (call once per iteration, and while waiting)."""
@@ -68,6 +72,13 @@ class Health:
         """Why this consumer is outside its group (service/consumer/membership.py); None
         while it is a member. Outside: /readyz is 503 with state "outside_group"."""
         self._outside_group = outside
+
+    def set_apply_window(self, closed_until: Any, window: str) -> None:
+        """Outside the apply window (CRM_ERP_SYNC_APPLY_WINDOW) until ``closed_until`` (an
+        aware datetime), or None while it is open. Closed is still ready: the consumer is in
+        its group and waits by design (a 503 for hours would stall every rollout); the body
+        says so, with the time it opens."""
+        self._window_closed_until, self._window = closed_until, window
 
     def failing(self) -> None:
         """A transient failure: retrying. Stalled once it lasts readiness_stall_s."""
@@ -111,6 +122,10 @@ class Health:
             body["state"] = "degraded"
             body["breaker_open"] = self._degraded
             return False, body
+        if self._window_closed_until is not None:
+            body["state"] = "outside_apply_window"
+            body["apply_window"] = self._window
+            body["apply_window_opens_at"] = self._window_closed_until.isoformat()
         return alive and self._ready, body
 
 

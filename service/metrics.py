@@ -96,6 +96,26 @@ class ConsumerMetrics(ProcessMetrics):
         self.mappings_reload_failing = Gauge(f"{PREFIX}_mappings_reload_failing", "1 while "
                                              "the mappings file on disk is refused (invalid) "
                                              "and an older version is applied", registry=r)
+        # Protecting the ERP (CRM_ERP_SYNC_APPLY_WINDOW, _APPLY_MAX_RATE).
+        self.apply_window_open = Gauge(f"{PREFIX}_apply_window_open", "1 while changes may "
+                                       "be applied (inside CRM_ERP_SYNC_APPLY_WINDOW, or no "
+                                       "window set), 0 while every partition is paused until "
+                                       "the window opens", registry=r)
+        self.apply_throttled = Counter(f"{PREFIX}_apply_throttled_seconds", "Seconds this "
+                                       "consumer waited because CRM_ERP_SYNC_APPLY_MAX_RATE "
+                                       "was spent", registry=r)
+        # Written by `crm-erp-sync reconcile` into sync.reconcile_runs, exported by every
+        # consumer (service/operator/reconcile.py, read every 60 s).
+        self.drift = Gauge(f"{PREFIX}_reconcile_drift", "Keys that differ between CRM and "
+                           "ERP as the last `crm-erp-sync reconcile` found them, by entity and "
+                           "kind (missing, extra, differing, unmappable, held)",
+                           ["entity", "kind"], registry=r)
+        self.reconcile_last = Gauge(f"{PREFIX}_reconcile_last_run_timestamp_seconds",
+                                    "Unix time at which the last `crm-erp-sync reconcile` "
+                                    "finished (0: never)", registry=r)
+        self.reconcile_last_drift = Gauge(f"{PREFIX}_reconcile_last_run_drift", "Keys "
+                                          "drifting in total in the last reconcile run "
+                                          "(held keys not counted)", registry=r)
         self._lag_labels: set[tuple[str, str]] = set()
 
     def count(self, counter: Counter, items: Iterable[tuple[str, ...]]) -> None:
@@ -135,6 +155,14 @@ class ProducerMetrics(ProcessMetrics):
             f"{PREFIX}_capture_dead_letters", "CRM changes that could not become an event "
             "and went to the dead-letter topic (stage capture)", ["table", "error"],
             registry=r)
+        self.truncates = Counter(
+            f"{PREFIX}_crm_truncates", "TRUNCATEs of captured CRM tables, by what became of "
+            "them (CRM_ERP_SYNC_ON_TRUNCATE): propagated, skipped, stopped", ["table",
+                                                                            "outcome"],
+            registry=r)
+        self.capture_stopped = Gauge(
+            f"{PREFIX}_capture_stopped", "1 while capture is stopped before a TRUNCATE "
+            "(CRM_ERP_SYNC_ON_TRUNCATE=stop)", registry=r)
 
         self.contract_violations = Gauge(
             f"{PREFIX}_source_contract_violations", "1 while a captured table breaks the "

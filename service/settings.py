@@ -11,9 +11,12 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.errors import ConfigError
+
+if TYPE_CHECKING:
+    from service.consumer.throttle import ApplyWindow
 
 ENV_PREFIX = "CRM_ERP_SYNC_"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +66,13 @@ class Settings:
     producer_poll_ms: int = 100
     heartbeat_interval_s: float = 10.0
     on_slot_lost: str = "fail"
+    # A TRUNCATE of a captured CRM table (docs/DESIGN.md "TRUNCATE"): stop capture before it
+    # (the default), propagate it (soft-delete the entity's ERP rows), or skip it.
+    on_truncate: str = "stop"
+    # The zone a CRM `timestamp without time zone` is read in: empty = the CRM session's own
+    # (the database's or role's `timezone` setting, as the CRM's users read it), or an IANA
+    # name such as Asia/Shanghai to override it.
+    crm_timezone: str = ""
     orphan_hold_s: float = 300.0
     log_level: str = "info"
     log_format: str = "json"
@@ -82,6 +92,12 @@ class Settings:
     membership_check_s: float = 10.0
     # How often a running consumer checks the mappings file for a change (SIGHUP: at once).
     mappings_check_s: float = 5.0
+    # Protecting the ERP (service/consumer/throttle.py): at most this many changes applied per
+    # second by each consumer (0: no limit), and only inside a daily window "HH:MM-HH:MM"
+    # (empty: always) of wall-clock time in apply_window_tz (an IANA zone).
+    apply_max_rate: float = 0.0
+    apply_window: str = ""
+    apply_window_tz: str = "UTC"
 
     @classmethod
     def env_var(cls, field_name: str) -> str:
@@ -140,6 +156,18 @@ class Settings:
                               "breaker never trips)")
         if self.breaker_min_messages < 1:
             raise ConfigError(self.env_var("breaker_min_messages"), "must be at least 1")
+        if not self.apply_max_rate >= 0:  # also refuses nan
+            raise ConfigError(self.env_var("apply_max_rate"),
+                              "must be changes per second per consumer, or 0 for no limit")
+        if self.apply_window:
+            from service.consumer.throttle import ApplyWindow
+
+            try:
+                ApplyWindow.parse(self.apply_window, self.apply_window_tz)
+            except ValueError as exc:
+                zone_problem = str(exc).startswith("unknown time zone")
+                raise ConfigError(self.env_var("apply_window_tz" if zone_problem
+                                               else "apply_window"), str(exc)) from exc
         if not 0 <= self.http_port <= 65535:
             raise ConfigError(self.env_var("http_port"),
                               "must be a TCP port 1-65535, or 0 for no HTTP endpoints")
@@ -171,6 +199,13 @@ class Settings:
                               f"must be one of {', '.join(CAPTURE_TRANSPORTS)}")
         if self.on_slot_lost not in ("fail", "resnapshot"):
             raise ConfigError(self.env_var("on_slot_lost"), "must be 'fail' or 'resnapshot'")
+        if self.on_truncate not in ON_TRUNCATE:
+            raise ConfigError(self.env_var("on_truncate"),
+                              f"must be one of {', '.join(ON_TRUNCATE)}")
+        if self.crm_timezone:
+            from service.cdc.zone import zone_named  # zoneinfo: only when one is set
+
+            zone_named(self.crm_timezone, self.env_var("crm_timezone"))
         if self.log_format not in ("json", "console"):
             raise ConfigError(self.env_var("log_format"), "must be 'json' or 'console'")
         if self.erp_target not in ("sql", "tryton"):
@@ -186,6 +221,13 @@ class Settings:
         for name in ("crm_dsn", "erp_dsn"):
             if not getattr(self, name).startswith(("postgresql://", "postgres://")):
                 raise ConfigError(self.env_var(name), "must be a postgresql:// URL")
+
+    def apply_window_parsed(self) -> ApplyWindow | None:
+        """The apply window (validated at start-up), or None: always apply."""
+        from service.consumer.throttle import ApplyWindow
+
+        return (ApplyWindow.parse(self.apply_window, self.apply_window_tz)
+                if self.apply_window else None)
 
     def redacted(self) -> dict[str, str]:
         """The effective settings with secrets hidden, keyed by environment variable."""
@@ -238,6 +280,9 @@ def unknown_env_vars(environ: Mapping[str, str] | None = None) -> list[tuple[str
 
 # stream: the replication protocol (a walsender); sql: pg_logical_slot_peek_binary_changes.
 CAPTURE_TRANSPORTS = ("stream", "sql")
+# stop: capture stops before a TRUNCATE of a captured table until the operator chooses;
+# propagate: a truncate event (soft delete of the entity's ERP rows); skip: logged, counted.
+ON_TRUNCATE = ("stop", "propagate", "skip")
 KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 _KAFKA_TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 _PG_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, tzinfo
 from functools import cached_property
 from typing import Any
 
@@ -109,10 +110,13 @@ class TableInfo:
 
     entity: EntityMapping
     columns: dict[str, Column]
+    # the zone a `timestamp without time zone` is read in (service.cdc.zone)
+    naive_zone: tzinfo = UTC
 
     @cached_property
     def converters(self) -> dict[str, Callable[[str], Any]]:
-        return {c.name: converter_for(c.type_oid) for c in self.columns.values()}
+        return {c.name: converter_for(c.type_oid, self.naive_zone)
+                for c in self.columns.values()}
 
     def key_casts(self) -> list[str]:
         return [self.columns[k].type_sql for k in self.entity.key]
@@ -122,8 +126,10 @@ def _ident(table: str) -> sql.Composable:
     return sql.Identifier(*table.split("."))
 
 
-def read_table_info(conn: psycopg.Connection[Any], profile: SourceProfile) -> dict[str, TableInfo]:
-    """Columns and types of every captured table.
+def read_table_info(conn: psycopg.Connection[Any], profile: SourceProfile,
+                    naive_zone: tzinfo = UTC) -> dict[str, TableInfo]:
+    """Columns and types of every captured table; naive timestamps are read in
+    ``naive_zone`` (``service.cdc.zone.crm_naive_zone``).
 
     Raises SourceContractError naming the table and column when a table or a column the
     profile maps is missing.
@@ -143,8 +149,26 @@ def read_table_info(conn: psycopg.Connection[Any], profile: SourceProfile) -> di
             if needed not in columns:
                 raise SourceContractError(ent.table, needed,
                                           "column is mapped by the source profile but missing")
-        out[ent.table] = TableInfo(ent, columns)
+        out[ent.table] = TableInfo(ent, columns, naive_zone)
     return out
+
+
+# Every TRUNCATE of a captured table the producer met, and what became of it
+# (CRM_ERP_SYNC_ON_TRUNCATE): 'stopped' while capture waits before it, then 'propagated' or
+# 'skipped' once handled. `status` reads it. Not in the publication: writing it emits no event.
+TRUNCATES_TABLE = f"{OWN_SCHEMA}.truncates"
+TRUNCATES_DDL = f"""
+CREATE TABLE IF NOT EXISTS {TRUNCATES_TABLE} (
+    commit_lsn  pg_lsn NOT NULL,
+    table_name  text NOT NULL,
+    xid         bigint NOT NULL,
+    commit_time timestamptz NOT NULL,
+    outcome     text NOT NULL CHECK (outcome IN ('stopped', 'propagated', 'skipped')),
+    setting     text NOT NULL,
+    seen_at     timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (commit_lsn, table_name)
+);
+"""
 
 
 def ensure_capture_objects(conn: psycopg.Connection[Any], settings: Settings,
@@ -158,6 +182,7 @@ def ensure_capture_objects(conn: psycopg.Connection[Any], settings: Settings,
     added: list[str] = []
     with conn.transaction():
         conn.execute(OWN_DDL)
+        conn.execute(TRUNCATES_DDL)
         exists = conn.execute(
             "SELECT 1 FROM pg_publication WHERE pubname = %s", (settings.publication_name,)
         ).fetchone()

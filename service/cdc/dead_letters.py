@@ -132,11 +132,15 @@ class CaptureDeadLetter(CaptureRejected):
     at (``dlq_partition``, ``dlq_offset``); the consumer records it and holds the key."""
 
     def __init__(self, reason: str, column: str | None, dlq_partition: int,
-                 dlq_offset: int, error_class: str) -> None:
+                 dlq_offset: int, error_class: str, table: str = "",
+                 primary_key: str = "") -> None:
         super().__init__(reason, column)
         self.dlq_partition = dlq_partition
         self.dlq_offset = dlq_offset
         self.error_class = error_class
+        # the CRM row it is about (for `status` and `dlq list`): table, primary key as text
+        self.table = table
+        self.primary_key = primary_key
 
 
 def is_marker(value: bytes | None) -> bool:
@@ -147,4 +151,16 @@ def read_marker(value: bytes) -> CaptureDeadLetter:
     """The marker's letter; raises ValueError when the marker is malformed."""
     doc = json.loads(value[len(MARKER):])
     return CaptureDeadLetter(str(doc["reason"]), doc.get("column"), int(doc["dlq_partition"]),
-                             int(doc["dlq_offset"]), str(doc.get("error_class", "")))
+                             int(doc["dlq_offset"]), str(doc.get("error_class", "")),
+                             str(doc.get("table") or ""), key_text(doc.get("primary_key")))
+
+
+def key_text(primary_key: Any) -> str:
+    """A letter's primary key ({column: text}) as the project spells keys: one column its
+    text, several a compact JSON array of their texts (DESIGN "Topics and keys")."""
+    if not isinstance(primary_key, dict) or not primary_key:
+        return ""
+    values = [None if v is None else str(v) for v in primary_key.values()]
+    if len(values) == 1:
+        return values[0] or ""
+    return json.dumps(values, ensure_ascii=False, separators=(",", ":"))

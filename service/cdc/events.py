@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime, time, tzinfo
 from decimal import Decimal
 from typing import Any
 
@@ -42,6 +42,15 @@ from service.errors import (
 Row = dict[str, Any]
 
 CREATE, UPDATE, DELETE, READ = "CREATE", "UPDATE", "DELETE", "READ"
+# A TRUNCATE of a captured table: a RowChange without rows, in its place in the transaction
+# (the producer turns it into a truncate event, a stop or a skip: CRM_ERP_SYNC_ON_TRUNCATE).
+TRUNCATE = "TRUNCATE"
+
+# Kafka headers of the two events a primary-key change becomes (Debezium's
+# __debezium.newkey / __debezium.oldkey): the delete of the old key names the new key, the
+# create of the new key names the old one.
+NEW_KEY_HEADER = "crm_erp_sync-newkey"
+OLD_KEY_HEADER = "crm_erp_sync-oldkey"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +81,8 @@ class Outgoing:
     key: bytes
     event_id: str
     record: dict[str, Any]
+    # extra Kafka headers (name, UTF-8 value): a primary-key change's old/new key
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 # Text output of PostgreSQL types (pgoutput sends text) -> Python values. Anything else stays
@@ -96,6 +107,17 @@ def _timestamptz(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def _naive_timestamp(zone: tzinfo) -> Callable[[str], datetime]:
+    """``timestamp without time zone``: the CRM's wall-clock time, read in ``zone`` (the
+    CRM session's own time zone, ``service.cdc.zone``). A time that a DST change skips or
+    repeats takes the earlier offset (``fold=0``)."""
+    def convert(text: str) -> datetime:
+        if (err := _special(text, "timestamp")) is not None:
+            raise err
+        return datetime.fromisoformat(text).replace(tzinfo=zone).astimezone(UTC)
+    return convert
+
+
 def _date(text: str) -> date:
     if (err := _special(text, "date")) is not None:
         raise err
@@ -116,12 +138,18 @@ _BY_TYPE_OID: dict[int, Callable[[str], Any]] = {
     23: int,
     1700: _numeric,
     1082: _date,
-    1114: _timestamptz,
     1184: _timestamptz,
 }
 
 
-def converter_for(type_oid: int) -> Callable[[str], Any]:
+_NAIVE_IN_UTC = _naive_timestamp(UTC)
+
+
+def converter_for(type_oid: int, naive_zone: tzinfo = UTC) -> Callable[[str], Any]:
+    """The converter of a PostgreSQL type's text; ``naive_zone`` is the zone a
+    ``timestamp without time zone`` (oid 1114) is read in."""
+    if type_oid == 1114:
+        return _NAIVE_IN_UTC if naive_zone is UTC else _naive_timestamp(naive_zone)
     return _BY_TYPE_OID.get(type_oid, str)
 
 
@@ -222,9 +250,37 @@ def _source(txn_lsn: int, seq: int, xid: int, commit_time: datetime, table: str,
             "table": table, "snapshot": snapshot, "profile": profile}
 
 
-def event_id(lsn: int, seq: int, snapshot: bool) -> str:
+def event_id(lsn: int, seq: int, snapshot: bool, old_key: bool = False) -> str:
+    """``<lsn hex>/<seq>`` (``snap/`` first for snapshot reads). The delete of the old key
+    that a primary-key change becomes shares the change's position (a different ERP row)
+    and is told apart by ``/oldkey``."""
     prefix = "snap/" if snapshot else ""
-    return f"{prefix}{lsn:X}/{seq}"
+    return f"{prefix}{lsn:X}/{seq}{'/oldkey' if old_key else ''}"
+
+
+def truncate_event(ent: EntityMapping, *, lsn: int, seq: int, xid: int,
+                   commit_time: datetime, profile: str) -> Outgoing:
+    """The truncate event (schemas/truncate/v1.avsc) of a TRUNCATE of ``ent``'s table.
+
+    Keyed by ``truncate/<table>``: one event per truncated table, on one partition of the
+    entity's topic (the consumer's watermark, not the partition, orders it against the
+    entity's other events: docs/DESIGN.md "TRUNCATE")."""
+    assert ent.kind is not None
+    eid = event_id(lsn, seq, False)
+    record = {"event_id": eid, "op": TRUNCATE, "entity": ent.entity,
+              "source": _source(lsn, seq, xid, commit_time, ent.table, False, profile)}
+    return Outgoing("truncate", f"truncate/{ent.table}".encode(), eid, record)
+
+
+def split_key_change(ent: EntityMapping, change: RowChange) -> list[RowChange]:
+    """An UPDATE whose primary key changed -> [DELETE of the old key, CREATE of the new key]
+    (what Debezium does): the ERP row of the old key must not stay live. Anything else is
+    returned as it is. Raises KeyError when a key column is missing from a row."""
+    if (change.op != UPDATE or change.before is None or change.after is None
+            or ent.key_text(change.before) == ent.key_text(change.after)):
+        return [change]
+    return [RowChange(change.table, DELETE, change.before, None),
+            RowChange(change.table, CREATE, None, change.after)]
 
 
 @dataclass(slots=True)
@@ -237,6 +293,16 @@ class _OrderGroup:
     before: Row | None = None
     after: Row | None = None
     lines: list[dict[str, Any]] = field(default_factory=list)
+    # the header's primary key changed: the other key (headers), and whether this group is
+    # the old key's (its delete)
+    other_key: str | None = None
+    old_key: bool = False
+
+
+def _key_headers(other_key: str | None, is_old: bool) -> tuple[tuple[str, bytes], ...]:
+    if other_key is None:
+        return ()
+    return ((NEW_KEY_HEADER if is_old else OLD_KEY_HEADER, other_key.encode()),)
 
 
 def _order_op(ops: list[str]) -> str:
@@ -284,15 +350,34 @@ def build_events(
             # A deleted product is remembered too: a line deleted with it still names it.
             refs.remember("product", ent.key_text(row), canonical(ent, row, refs))
         elif ent.entity == "order":
-            record = canonical(ent, row, refs)
-            txn_orders[record["key"]] = record["customer_key"]
-            refs.remember("order", record["key"], record)
+            # the old row too when the key changed: the old key's delete is partitioned by it
+            for version in (change.before, row) if change.before is not None \
+                    and ent.key_text(change.before) != ent.key_text(row) else (row,):
+                record = canonical(ent, version, refs)
+                txn_orders[record["key"]] = record["customer_key"]
+                refs.remember("order", record["key"], record)
     out: list[tuple[int, Outgoing]] = []
     orders: dict[str, _OrderGroup] = {}
+    expanded: list[tuple[int, RowChange, str | None]] = []
     for seq, raw in listed:
         ent = profile.table(raw.table)
         if ent is None or ent.entity == "product":
             continue
+        try:
+            halves = split_key_change(ent, raw)
+        except KeyError as exc:
+            raise SourceContractError(ent.table, str(exc.args[0]),
+                                      "column is missing from the captured row") from None
+        if len(halves) == 1:
+            expanded.append((seq, raw, None))
+        else:  # a primary-key change: the old key's delete, then the new key's create
+            old, new = halves
+            assert old.before is not None and new.after is not None
+            expanded.append((seq, old, ent.key_text(new.after)))
+            expanded.append((seq, new, ent.key_text(old.before)))
+    for seq, raw, other_key in expanded:
+        ent = profile.table(raw.table)
+        assert ent is not None
         change = _effective(ent, raw)
         row = change.after if change.after is not None else change.before
         if row is None:
@@ -321,11 +406,14 @@ def build_events(
                 group.header_ops.append(change.op)
                 group.after = after
                 group.table = ent.table
+                if other_key is not None:
+                    group.other_key, group.old_key = other_key, raw.op == DELETE
             else:
                 group.lines.append({"op": change.op, "before": before, "after": after})
             continue
         assert ent.kind is not None
-        eid = event_id(lsn, seq, snapshot)
+        is_old = other_key is not None and raw.op == DELETE
+        eid = event_id(lsn, seq, snapshot, old_key=is_old)
         event: dict[str, Any] = {
             "event_id": eid,
             "op": change.op,
@@ -334,9 +422,10 @@ def build_events(
             "before": before,
             "after": after,
         }
-        out.append((seq, Outgoing(ent.kind, current["key"].encode(), eid, event)))
+        out.append((seq, Outgoing(ent.kind, current["key"].encode(), eid, event,
+                                  _key_headers(other_key, is_old))))
     for group in orders.values():
-        eid = event_id(lsn, group.seq, snapshot)
+        eid = event_id(lsn, group.seq, snapshot, old_key=group.old_key)
         order_record: dict[str, Any] = {
             "event_id": eid,
             "op": _order_op(group.header_ops) if group.header_ops or not snapshot else READ,
@@ -349,6 +438,7 @@ def build_events(
             "lines": group.lines,
         }
         out.append((group.seq, Outgoing("order", group.customer_key.encode(), eid,
-                                        order_record)))
+                                        order_record,
+                                        _key_headers(group.other_key, group.old_key))))
     out.sort(key=lambda pair: pair[0])
     return [o for _, o in out]

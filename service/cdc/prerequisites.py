@@ -123,7 +123,8 @@ def check_prerequisites(
     for given, columns in row_filter_columns.items():
         if given in by_given:
             checks.append(_check_row_filter(conn, by_given[given], columns))
-    checks.append(_check_publication(conn, publication, found))
+    absent = [given for given in tables if given not in {t.given for t in found}]
+    checks.append(_check_publication(conn, publication, found, absent))
     return checks
 
 
@@ -329,8 +330,13 @@ def _check_row_filter(conn: psycopg.Connection[Any], table: _Table,
 
 
 def _check_publication(conn: psycopg.Connection[Any], publication: str,
-                       tables: Sequence[_Table]) -> Check:
+                       tables: Sequence[_Table], absent: Sequence[str] = ()) -> Check:
+    """Every captured table is published. A table that does not exist cannot be: it is
+    named here too (never "publishes every captured table" while one is missing)."""
     name = f"publication {publication}"
+    if absent:
+        return Check(name, False, f"cannot publish {', '.join(absent)}: no such table (see "
+                                  "the table check above)")
     exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s",
                           (publication,)).fetchone()
     if not exists:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 import psycopg
@@ -33,11 +33,12 @@ from kafka.errors import KafkaError
 
 from service import pg
 from service.avro import SchemaRegistry
-from service.cdc import contract, pgoutput
+from service.cdc import contract, pgoutput, slot_guard
 from service.cdc.capture import (
     CONTRACT_DDL,
     CONTRACT_TABLE,
     OWN_SCHEMA,
+    TRUNCATES_TABLE,
     WATERMARK_TABLE,
     TableInfo,
     chunk_query,
@@ -52,6 +53,7 @@ from service.cdc.events import (
     CREATE,
     DELETE,
     READ,
+    TRUNCATE,
     UPDATE,
     CommittedTxn,
     Outgoing,
@@ -61,12 +63,17 @@ from service.cdc.events import (
     canonical,
     converter_for,
     event_id,
+    split_key_change,
+    truncate_event,
 )
-from service.cdc.profile import EntityMapping, SourceProfile, load_profile
+from service.cdc.profile import EVENT_KIND, EntityMapping, SourceProfile, load_profile
 from service.cdc.source import ChangeSource, source_for
+from service.cdc.zone import crm_naive_zone
 from service.consumer.policy import RetryPolicy
 from service.errors import (
+    CaptureBroken,
     CaptureRejected,
+    CaptureStoppedAtTruncate,
     ConnectionLost,
     PgOutputError,
     Retryable,
@@ -99,6 +106,9 @@ LOCK_CHECK_S = 1.0
 SNAPSHOT_POLL_S = 1.0
 # How often the publication is checked for captured tables dropped from it (one query).
 PUBLICATION_CHECK_S = 5.0
+# While capture is stopped on a broken slot or publication, how often the producer looks
+# whether `crm-erp-sync resync` has run.
+BLOCKED_POLL_S = 2.0
 
 
 def connect(dsn: str) -> PgConn:
@@ -206,11 +216,14 @@ RelationCheck = Callable[[pgoutput.Relation], CaptureRejected | None]
 class ChangeDecoder:
     """Turns peeked pgoutput rows into committed transactions with typed rows.
 
-    ``check_relation`` sees every Relation message before any change under it (the source
-    contract, service.cdc.contract); what it raises ends ``feed``.
+    ``naive_zone`` is the zone of ``timestamp without time zone`` values; ``check_relation``
+    sees every Relation message before any change under it (the source contract,
+    service.cdc.contract); what it raises ends ``feed``.
     """
 
-    def __init__(self, check_relation: RelationCheck | None = None) -> None:
+    def __init__(self, naive_zone: tzinfo = UTC,
+                 check_relation: RelationCheck | None = None) -> None:
+        self._naive_zone = naive_zone  # the zone of `timestamp without time zone` values
         self._check_relation = check_relation
         self._relations: dict[int, _Relation] = {}
         self._txn: CommittedTxn | None = None
@@ -286,7 +299,8 @@ class ChangeDecoder:
             broken = self._check_relation(msg) if self._check_relation is not None else None
             self._relations[msg.relation_id] = _Relation(
                 f"{msg.namespace}.{msg.name}",
-                [(c.name, converter_for(c.type_oid)) for c in msg.columns], broken)
+                [(c.name, converter_for(c.type_oid, self._naive_zone)) for c in msg.columns],
+                broken)
             return None
         txn = self._txn
         if isinstance(msg, pgoutput.Commit):
@@ -305,9 +319,14 @@ class ChangeDecoder:
                 raise PgOutputError(f"change for unknown relation id {msg.relation_id}")
             self._change(txn, msg)
         elif isinstance(msg, pgoutput.Truncate):
-            # Never silently: a truncate has no per-row events; say so loudly.
-            log.error("crm_truncate_not_propagated", relation_ids=list(msg.relation_ids),
-                      hint="run `crm-erp-sync reconcile` after a CRM truncate")
+            # One change without rows per truncated table, at its place in the transaction
+            # (PostgreSQL sends the Relation of each before the Truncate). What becomes of it
+            # is the producer's choice (CRM_ERP_SYNC_ON_TRUNCATE).
+            for relation_id in msg.relation_ids:
+                rel = self._relations.get(relation_id)
+                if rel is None:
+                    raise PgOutputError(f"truncate of unknown relation id {relation_id}")
+                txn.changes.append(RowChange(rel.table, TRUNCATE, None, None))
         return None
 
 
@@ -325,6 +344,18 @@ class _Chunk:
     rejected: dict[tuple[str, str], Rejection] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TruncateSeen:
+    """A TRUNCATE of a captured table and what became of it ('propagated', 'skipped',
+    'stopped'), recorded in crm_erp_sync.truncates for `status`."""
+
+    table: str
+    commit_lsn: int
+    xid: int
+    commit_time: datetime
+    outcome: str
+
+
 @dataclass
 class ProducerStats:
     transactions: int = 0
@@ -333,6 +364,7 @@ class ProducerStats:
     batches: int = 0
     heartbeats: int = 0
     dead_letters: int = 0
+    truncates: int = 0
     last_commit_lsn: int = 0
     started: float = field(default_factory=time.monotonic)
 
@@ -345,6 +377,9 @@ class CdcProducer:
         self.registry = registry
         self.profile = profile if profile is not None else load_profile(settings.source_profile)
         self._tables: dict[str, TableInfo] = {}
+        self._naive_zone: tzinfo = UTC
+        self._ceiling = 0  # slot_guard: the recorded bound of what the slot may confirm
+        self._bound = 0  # the same, exact, for the sources of this process (0: none yet)
         self._conn: PgConn | None = None
         self.refs = References(self._load_reference)
         self._kafka = kafka_producer
@@ -360,6 +395,10 @@ class CdcProducer:
         self._next_snapshot_poll = 0.0
         self._chunk: _Chunk | None = None
         self._pending_progress: list[tuple[_Chunk, int]] = []
+        # TRUNCATEs met in the batch being built, recorded once it is published
+        self._truncates: list[TruncateSeen] = []
+        # Set while capture waits before a TRUNCATE (CRM_ERP_SYNC_ON_TRUNCATE=stop)
+        self.stopped_at: CaptureStoppedAtTruncate | None = None
         self._last_advance = time.monotonic()
         self._topics = {"customer": settings.sales_topic, "order": settings.sales_topic,
                         "market_demand": settings.market_topic}
@@ -418,13 +457,18 @@ class CdcProducer:
         """Create the slot if missing; on first creation request the initial snapshot.
 
         Raises SourceContractBroken (naming table, column and the fix) before anything is
-        created when a captured table breaks the source contract (service.cdc.contract)."""
+        created when a captured table breaks the source contract (service.cdc.contract), and
+        CaptureBroken when the recorded slot or publication is gone or replaced."""
         shapes = contract.read_shapes(conn, self.profile.tables)
         violations = contract.check_profile(self.profile, shapes, known=self._known)
         if violations:
             raise SourceContractBroken(violations)
         self._known = {t: shape for t, shape in shapes.items() if shape is not None}
-        self._tables = read_table_info(conn, self.profile)
+        self._naive_zone = crm_naive_zone(conn, self.settings)
+        self._tables = read_table_info(conn, self.profile, self._naive_zone)
+        # Before the publication is (re)created: a dropped one is a gap, not a first start.
+        slot_guard.ensure_table(conn)
+        self._check_capture(conn)
         added = ensure_capture_objects(conn, self.settings, self.profile)
         if added:
             log.warning("publication_repaired", publication=self.settings.publication_name,
@@ -436,6 +480,9 @@ class CdcProducer:
             self._slot_lost(conn)
             exists = None
         if exists:
+            if slot_guard.load(conn, self.settings.slot_name) is None:
+                slot_guard.record(conn, self.settings)  # kept no state yet (an upgrade)
+            self._load_ceiling(conn)
             return False
         # Requests first, then the slot: a crash in between leaves requests that run once the
         # slot exists, never a slot without its initial snapshot.
@@ -449,8 +496,52 @@ class CdcProducer:
                                  "VALUES (%s, 'initial')", (ent.table,))
         conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')",
                      (self.settings.slot_name,))
+        slot_guard.record(conn, self.settings)
+        self._load_ceiling(conn)
+        self._bound = 0
         log.info("slot_created", slot=self.settings.slot_name, initial_snapshot=True)
         return True
+
+    def _load_ceiling(self, conn: PgConn) -> None:
+        state = slot_guard.load(conn, self.settings.slot_name)
+        self._ceiling = state.confirmed_ceiling if state is not None else 0
+
+    def _check_capture(self, conn: PgConn) -> None:
+        """Raises CaptureBroken when the recorded slot or publication is gone or replaced
+        (the problem is recorded for `status` first)."""
+        problem = slot_guard.inspect(conn, self.settings,
+                                     slot_guard.load(conn, self.settings.slot_name),
+                                     confirmed_at_most=self._bound or None)
+        if (problem is not None and problem.kind == "slot_lost"
+                and self.settings.on_slot_lost == "resnapshot"):
+            return  # ensure_slot's _slot_lost starts over (and clears the record)
+        if problem is not None:
+            slot_guard.mark(conn, self.settings, problem)
+            raise problem
+
+    def _capture_stopped(self, problem: CaptureBroken) -> None:
+        """Capture cannot go on without a resync: stay up (an always-on process that exits
+        would only be restarted into the same state), not ready, saying why and how to
+        recover, until `crm-erp-sync resync` cleared the problem; then capture again."""
+        self._reset_capture_state()
+        self.metrics.active.set(0)
+        self.health.recovered()  # connected: not "reconnecting", stopped for a reason
+        self.health.set_ready(False, "capture_stopped", problem=problem.kind,
+                              reason=problem.detail, recover=problem.command)
+        log.error("capture_stopped", problem=problem.kind, reason=problem.detail,
+                  recover=problem.command)
+        while not self._stop.is_set():
+            self.health.beat()
+            self._stop.wait(BLOCKED_POLL_S)
+            assert self._conn is not None and self._lock_conn is not None
+            self._lock_conn.execute("SELECT 1")  # a lost lock session raises: reconnect
+            state = slot_guard.load(self._conn, self.settings.slot_name)
+            if state is None or state.problem is None:
+                log.info("capture_resumed_after_resync", slot=self.settings.slot_name)
+                self._bound = 0  # a new slot: nothing confirmed through it yet
+                self.health.set_ready(True, "active", role="active")
+                self.metrics.active.set(1)
+                return
 
     def _slot_lost(self, conn: PgConn) -> None:
         """The slot's WAL is gone: fail (default), or start over with a new full snapshot."""
@@ -490,10 +581,17 @@ class CdcProducer:
                         self._conn = connect(self.settings.crm_dsn)
                     if not self.acquire_leadership(self._lock_conn):
                         break
-                    if not self._start_capture(self._lock_conn, self._conn, until_idle):
+                    try:
+                        if not self._start_capture(self._lock_conn, self._conn, until_idle):
+                            break
+                        self._capture(self._lock_conn, self._conn, until_idle)
                         break
-                    self._capture(self._lock_conn, self._conn, until_idle)
-                    break
+                    except CaptureBroken as problem:
+                        if self._conn is not None:
+                            slot_guard.mark(self._conn, self.settings, problem)  # for status
+                        if until_idle:
+                            raise
+                        self._capture_stopped(problem)  # until resync (a lost session raises)
                 except TRANSIENT_CLASSES as exc:
                     fault = transient(exc, "CRM database")
                     if fault is None:
@@ -541,6 +639,15 @@ class CdcProducer:
             if time.monotonic() >= lock_checked + LOCK_CHECK_S:
                 lock_conn.execute("SELECT 1")
                 lock_checked = time.monotonic()
+            if self.stopped_at is not None:
+                # Waits for the operator (a new CRM_ERP_SYNC_ON_TRUNCATE and a restart): up,
+                # holding the lock, the slot where it is; `status` says what to do.
+                if until_idle:
+                    raise self.stopped_at
+                # again each time: a reconnect (acquire_leadership) reports "active"
+                self.health.set_ready(False, "capture_stopped", reason=str(self.stopped_at))
+                self._stop.wait(LOCK_CHECK_S)
+                continue
             if self._broken is not None and not self._contract_recheck(conn):
                 self._stop.wait(next(self._contract_delays))
                 continue
@@ -565,6 +672,13 @@ class CdcProducer:
                 self.ensure_slot(conn)
                 self._reset_capture_state()
                 self._stop.wait(next(backoff))
+                continue
+            except (psycopg.errors.UndefinedObject, psycopg2.errors.UndefinedObject) as exc:
+                # "replication slot ... does not exist", "publication ... does not exist":
+                # named and recorded by _check_capture; anything else is retried.
+                self._check_capture(conn)
+                self._broker_fault(ConnectionLost(
+                    f"replication slot not readable ({type(exc).__name__})"), next(backoff))
                 continue
             except (KafkaError, StackUnavailable, Retryable) as exc:
                 fault = transient(exc, "broker") if not isinstance(exc, Retryable) else exc
@@ -656,7 +770,7 @@ class CdcProducer:
             self._contract_stopped(conn, violations)
             return False
         self._known.update({t: shape for t, shape in shapes.items() if shape is not None})
-        self._tables = read_table_info(conn, self.profile)
+        self._tables = read_table_info(conn, self.profile, self._naive_zone)
         self._contract_restored(conn)
         return True
 
@@ -772,6 +886,7 @@ class CdcProducer:
         source, self._source = self._source, None
         if source is not None:
             source.close()
+            self._bound = max(self._bound, source.confirm_bound())
         self._chunk = None  # the chunk's watermarks are re-read; the chunk is redone
         self._pending_progress.clear()
 
@@ -783,16 +898,25 @@ class CdcProducer:
         self._last_slot_check = now
         row = conn.execute(
             "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, "
-            "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint "
-            "FROM pg_replication_slots WHERE slot_name = %s",
+            "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, "
+            "confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
             (self.settings.slot_name,)).fetchone()
         if row is not None:
             self.metrics.retained_wal.set(row[0] or 0)
             self.metrics.unconfirmed_wal.set(row[1] or 0)
+            # psycopg2 confirms an idle stream up to the server's WAL end by itself: keep
+            # the recorded ceiling ahead of it (slot_guard).
+            flushed = pgoutput.str_to_lsn(row[2]) if row[2] else 0
+            if flushed + slot_guard.CEILING_SLACK // 2 > self._ceiling:
+                self._ceiling = slot_guard.raise_ceiling(conn, self.settings, flushed)
 
     def step(self, conn: PgConn) -> bool:
         """One batch: maybe open a snapshot chunk, read whole transactions (waiting up to
         ``producer_poll_ms`` for the first), publish, wait for acks, confirm."""
+        if self._source is None:
+            # (re)opening the slot: is it still ours? (a slot dropped and created again
+            # while the stream was down would otherwise be read from its new position)
+            self._check_capture(conn)
         if self._chunk is None and time.monotonic() >= self._next_snapshot_poll:
             with self._reading_tables(conn):
                 opened = self._open_chunk(conn)
@@ -802,24 +926,114 @@ class CdcProducer:
         txns = source.next_transactions(conn, self.settings.producer_poll_ms / 1000)
         if not txns:
             return False
+        stop_at = self._truncate_stop(txns)
+        if stop_at is not None:
+            txns, stopping = txns[:stop_at], txns[stop_at]
+            if txns:
+                self._publish_and_confirm(conn, source, txns)
+            self._stop_before(conn, stopping)
+            return True
+        self._publish_and_confirm(conn, source, txns)
+        return True
+
+    def _publish_and_confirm(self, conn: PgConn, source: ChangeSource,
+                             txns: list[CommittedTxn]) -> None:
+        """Publish the transactions' events, wait for every ack, then confirm the slot."""
         outgoing: list[Outgoing | CaptureLetter] = []
+        self._truncates.clear()
         for txn in txns:
             outgoing.extend(self._events_for(txn))
         self._publish(outgoing)
         self._commit_progress(conn)
+        self._record_truncates(conn, self._truncates)
         last_end = txns[-1].end_lsn
+        if last_end > self._ceiling:  # recorded before the slot may confirm past it
+            self._ceiling = slot_guard.raise_ceiling(conn, self.settings, last_end)
         source.confirm(conn, last_end)
         self._last_advance = time.monotonic()
         self.stats.transactions += len(txns)
         self.metrics.transactions.inc(len(txns))
         self.stats.batches += 1
         self.stats.last_commit_lsn = last_end
-        return True
+
+    # ---- TRUNCATE (CRM_ERP_SYNC_ON_TRUNCATE) -------------------------------------------
+    def _truncated_tables(self, txn: CommittedTxn) -> list[str]:
+        """The published tables this transaction truncates (products only feed references:
+        their truncate is nobody's to propagate)."""
+        out: list[str] = []
+        for change in txn.changes:
+            if change.op == TRUNCATE:
+                ent = self.profile.table(change.table)
+                if ent is not None and ent.kind is not None and change.table not in out:
+                    out.append(change.table)
+        return out
+
+    def _truncate_stop(self, txns: list[CommittedTxn]) -> int | None:
+        """With CRM_ERP_SYNC_ON_TRUNCATE=stop: the index of the first transaction that
+        truncates a captured table (None: none does, or another setting)."""
+        if self.settings.on_truncate != "stop":
+            return None
+        for index, txn in enumerate(txns):
+            if self._truncated_tables(txn):
+                return index
+        return None
+
+    def _stop_before(self, conn: PgConn, txn: CommittedTxn) -> None:
+        """Stop capture before ``txn``: nothing of it is published and the slot stays
+        before it (the source is closed: a restart reads it again). Recorded for `status`."""
+        tables = self._truncated_tables(txn)
+        self._record_truncates(conn, [TruncateSeen(t, txn.commit_lsn, txn.xid,
+                                                   txn.commit_time, "stopped")
+                                      for t in tables])
+        self.stopped_at = CaptureStoppedAtTruncate(tables, pgoutput.lsn_to_str(txn.commit_lsn))
+        self._reset_capture_state()
+        self.metrics.capture_stopped.set(1)
+        self.health.set_ready(False, "capture_stopped", reason=str(self.stopped_at))
+        log.error("capture_stopped_before_truncate", tables=tables,
+                  commit_lsn=pgoutput.lsn_to_str(txn.commit_lsn), xid=txn.xid,
+                  setting=Settings.env_var("on_truncate"), value=self.settings.on_truncate,
+                  hint="set CRM_ERP_SYNC_ON_TRUNCATE=propagate or skip and restart")
+
+    def _truncate_item(self, change: RowChange, at: _Position, seq: int) -> Outgoing | None:
+        """The truncate event of a captured table (propagate), or None (skip, or a table
+        that is not published); each is remembered for crm_erp_sync.truncates."""
+        ent = self.profile.table(change.table)
+        if ent is None or ent.kind is None:
+            return None
+        outcome = "propagated" if self.settings.on_truncate == "propagate" else "skipped"
+        self._truncates.append(TruncateSeen(change.table, at.lsn, at.xid, at.commit_time,
+                                            outcome))
+        if outcome == "skipped":
+            return None
+        return truncate_event(ent, lsn=at.lsn, seq=seq, xid=at.xid,
+                              commit_time=at.commit_time, profile=self.profile.name)
+
+    def _record_truncates(self, conn: PgConn, seen: list[TruncateSeen]) -> None:
+        """Upsert what became of each TRUNCATE (a replay after a crash, or a restart with a
+        new setting after a stop, overwrites the same row), log and count it."""
+        if not seen:
+            return
+        with conn.cursor() as cur:
+            cur.executemany(
+                f"INSERT INTO {TRUNCATES_TABLE} (commit_lsn, table_name, xid, commit_time, "
+                "outcome, setting) VALUES (%s::pg_lsn, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (commit_lsn, table_name) DO UPDATE SET outcome = EXCLUDED.outcome,"
+                " setting = EXCLUDED.setting, seen_at = now()",
+                [(pgoutput.lsn_to_str(t.commit_lsn), t.table, t.xid, t.commit_time,
+                  t.outcome, self.settings.on_truncate) for t in seen])
+        for t in seen:
+            self.metrics.truncates.labels(t.table, t.outcome).inc()
+            if t.outcome != "stopped":
+                self.stats.truncates += 1
+                log.warning("crm_truncate", table=t.table, outcome=t.outcome,
+                            commit_lsn=pgoutput.lsn_to_str(t.commit_lsn), xid=t.xid,
+                            setting=Settings.env_var("on_truncate"))
 
     def _change_source(self) -> ChangeSource:
         if self._source is None:
-            self._source = source_for(self.settings,
-                                      lambda: ChangeDecoder(self._check_relation), self._stop)
+            zone = self._naive_zone
+            self._source = source_for(
+                self.settings, lambda: ChangeDecoder(zone, self._check_relation), self._stop)
         return self._source
 
     def _caught_up(self, conn: PgConn) -> bool:
@@ -861,10 +1075,21 @@ class CdcProducer:
             if position in txn.rejected:
                 rejected[len(changes)] = txn.rejected[position]
             changes.append(change)
-            row = change.after if change.after is not None else change.before
-            if chunk is not None and chunk.window_open and row is not None:
-                chunk.rows.pop((change.table, ent.key_text(row)), None)
-                chunk.rejected.pop((change.table, ent.key_text(row)), None)
+            if chunk is None or not chunk.window_open:
+                continue
+            if change.op == TRUNCATE:
+                # every row of the table changed inside the window: none of the chunk's
+                # rows of it may be published (the truncate is newer)
+                for held in (chunk.rows, chunk.rejected):
+                    for key in [k for k in held if k[0] == change.table]:
+                        del held[key]
+                continue
+            # a primary-key change: the row's old key and its new one
+            for half in split_key_change(ent, change):
+                row = half.after if half.after is not None else half.before
+                if row is not None:
+                    chunk.rows.pop((change.table, ent.key_text(row)), None)
+                    chunk.rejected.pop((change.table, ent.key_text(row)), None)
         at = _Position(txn.commit_lsn, txn.xid, txn.commit_time)
         items = self._build(changes, rejected, at)
         if high_closed and chunk is not None:
@@ -886,10 +1111,15 @@ class CdcProducer:
         """Events for runs of good changes, a letter at the place of each rejected one."""
         items: list[Outgoing | CaptureLetter] = []
         start = 0
-        for stop in [*sorted(rejected), len(changes)]:
+        truncated = {i for i, c in enumerate(changes) if c.op == TRUNCATE}
+        for stop in [*sorted(set(rejected) | truncated), len(changes)]:
             if stop > start:
                 items.extend(self._isolated(changes[start:stop], at, at.first_seq + start))
-            if stop < len(changes):
+            if stop in truncated:
+                event = self._truncate_item(changes[stop], at, at.first_seq + stop)
+                if event is not None:
+                    items.append(event)
+            elif stop < len(changes):
                 letter = self._letter(changes[stop], rejected[stop], at, at.first_seq + stop)
                 if letter is not None:
                     items.append(letter)
@@ -963,11 +1193,17 @@ class CdcProducer:
         record = event.record
         source = record["source"]
         return CaptureLetter(
-            topic=self._topics[event.kind], key=event.key, table=source["table"],
+            topic=self._topic(event), key=event.key, table=source["table"],
             op=record["op"], primary_key={"key": as_text(record.get("key"))},
             commit_lsn=source["lsn"], xid=source["txid"], commit_time=source["commit_time"],
             event_id=event.event_id, error=error, before=text_row(record.get("before")),
             after=text_row(record.get("after")))
+
+    def _topic(self, event: Outgoing) -> str:
+        """An event's topic: its kind's, or for a truncate event its entity's kind's."""
+        if event.kind == "truncate":
+            return self._topics[EVENT_KIND[event.record["entity"]]]
+        return self._topics[event.kind]
 
     def _encoded(self, event: Outgoing) -> bytes | CaptureLetter:
         """The event's bytes, or its letter when it does not fit its schema or its topic."""
@@ -977,7 +1213,7 @@ class CdcProducer:
             # fastavro names the field in its message next to the value: only the class here
             return self._letter_for_event(event, CaptureRejected(
                 f"the event does not fit its Avro schema ({type(exc).__name__})"))
-        topic = self._topics[event.kind]
+        topic = self._topic(event)
         limit = self._limits.get(topic, KAFKA_DEFAULT_MAX_MESSAGE_BYTES) - RECORD_OVERHEAD
         size = len(value) + len(event.key) + len(event.event_id) + len(event.kind)
         if size <= limit and size <= MAX_REQUEST_BYTES:
@@ -1021,9 +1257,9 @@ class CdcProducer:
                                  ("event_kind", b"capture_dead_letter")]))
                     continue
                 futures.append(producer.send(
-                    self._topics[item.kind], key=item.key, value=value,
+                    self._topic(item), key=item.key, value=value,
                     headers=[("event_id", item.event_id.encode()),
-                             ("event_kind", item.kind.encode())]))
+                             ("event_kind", item.kind.encode()), *item.headers]))
             producer.flush(timeout=self.settings.heartbeat_interval_s * 6)
         except KafkaError as exc:
             raise (transient(exc, "broker")
@@ -1039,7 +1275,7 @@ class CdcProducer:
         events = [i for i, _ in encoded if isinstance(i, Outgoing)]
         self.stats.events += len(events)
         self.stats.dead_letters += len(letters)
-        self.metrics.count_published((self._topics[e.kind], e.kind) for e in events)
+        self.metrics.count_published((self._topic(e), e.kind) for e in events)
         if self.on_acknowledged is not None:
             self.on_acknowledged(events)
 
@@ -1058,7 +1294,12 @@ class CdcProducer:
             self.metrics.capture_dead_letters.labels(letter.table,
                                                      type(letter.error).__name__).inc()
             # identity and reason only: the values are in the letter, never in a log line
-            log.error("capture_dead_letter", table=letter.table, key=letter.primary_key,
+            # The same keys as the consumer's `dead_lettered` line: `key` is the Kafka key
+            # as text, `error` the class; the CRM row's own key is `primary_key`.
+            log.error("capture_dead_letter", table=letter.table,
+                      key=letter.key.decode("utf-8", "replace") if letter.key else None,
+                      primary_key=letter.primary_key, stage=letter.error.stage,
+                      error=type(letter.error).__name__,
                       commit_lsn=letter.commit_lsn, xid=letter.xid, event_id=letter.event_id,
                       column=letter.error.column, reason=letter.error.detail,
                       dlq_partition=meta.partition, dlq_offset=meta.offset)

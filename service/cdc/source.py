@@ -91,6 +91,11 @@ class ChangeSource(Protocol):
         """Report the confirmed position one last time and release the slot."""
         ...
 
+    def confirm_bound(self) -> int:
+        """An LSN at or past every position this source ever let the slot confirm (the
+        slot guard's in-process check for a slot replaced under a lost stream)."""
+        ...
+
 
 def source_for(settings: Settings, new_decoder: DecoderFactory,
                stop: threading.Event) -> ChangeSource:
@@ -109,6 +114,10 @@ class SqlPeekSource:
         self._new_decoder = new_decoder
         self._stop = stop
         self._drained = False
+        self._advanced = 0
+
+    def confirm_bound(self) -> int:
+        return self._advanced
 
     def next_transactions(self, conn: PgConn, max_wait_s: float) -> list[CommittedTxn]:
         rows = conn.execute(
@@ -127,6 +136,7 @@ class SqlPeekSource:
     def confirm(self, conn: PgConn, end_lsn: int) -> None:
         conn.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)",
                      (self._settings.slot_name, pgoutput.lsn_to_str(end_lsn)))
+        self._advanced = max(self._advanced, end_lsn)
 
     def caught_up(self, conn: PgConn) -> bool:
         return self._drained  # an empty peek read the slot to the end of the WAL
@@ -168,6 +178,9 @@ class StreamSource:
         self._handed: list[CommittedTxn] = []  # returned, not confirmed yet
         self._confirmed = 0  # the highest end LSN given to send_feedback
         self._idle_target: int | None = None  # WAL flush position caught_up waits for
+        # psycopg2 confirms up to the server's WAL end it was told of (see above): the
+        # highest one seen bounds what this source may have confirmed
+        self._bound = 0
 
     # ---- the seam ---------------------------------------------------------------------
     def next_transactions(self, conn: PgConn, max_wait_s: float) -> list[CommittedTxn]:
@@ -185,6 +198,9 @@ class StreamSource:
         except psycopg2.errors.ObjectNotInPrerequisiteState:
             self._reset()
             raise  # the slot's WAL is gone: the producer's lost-slot handling decides
+        except psycopg2.errors.UndefinedObject:
+            self._reset()
+            raise  # no such slot or publication: the producer's slot guard names it
         except psycopg2.errors.ObjectInUse as exc:
             self._reset()
             raise Retryable("the replication slot is still held by another walsender "
@@ -235,6 +251,11 @@ class StreamSource:
                                         force=True)
         self._reset()
 
+    def confirm_bound(self) -> int:
+        wal_end = int(self._cur.wal_end) if self._cur is not None else 0
+        self._bound = max(self._bound, self._confirmed, wal_end)
+        return self._bound
+
     # ---- the stream -------------------------------------------------------------------
     def _open(self) -> None:
         conn = psycopg2.connect(self._settings.crm_dsn, connect_timeout=10,
@@ -260,6 +281,7 @@ class StreamSource:
 
     def _reset(self) -> None:
         """Forget the stream: the walsender re-sends from the slot's confirmed position."""
+        self.confirm_bound()
         if self._conn is not None:
             with contextlib.suppress(psycopg2.Error):
                 self._conn.close()

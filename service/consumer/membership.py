@@ -32,6 +32,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +161,9 @@ class Membership:
     state: MembershipState = field(default_factory=MembershipState)
     rejoins: int = 0
     in_group: bool = False
+    # Set by the consumer: until when its apply window is closed (None: applying); reported
+    # so that `status` tells what the consumers do, not what its own clock thinks.
+    apply_window_closed_until: datetime | None = None
     _admin: Any = None
     _last_check: float = float("-inf")
     _out_since_wall: float | None = None
@@ -238,6 +242,16 @@ class Membership:
                        self.in_group, self._out_since_wall, assigned,
                        mappings_version(self.settings.mappings_file), self._started,
                        self.rejoins)
+                try:
+                    with conn.transaction():
+                        conn.execute("UPDATE sync.consumer_membership SET "
+                                     "apply_window_closed_until = %s WHERE consumer_group = %s "
+                                     "AND client_id = %s",
+                                     (self.apply_window_closed_until,
+                                      self.settings.consumer_group, self.client_id))
+                except psycopg.errors.UndefinedColumn:
+                    log.warning("no_apply_window_column",
+                                hint="run `crm-erp-sync setup` (idempotent)")
         except psycopg.errors.UndefinedTable:
             log.warning("no_consumers_table", hint="run `crm-erp-sync setup` (idempotent)")
         except psycopg.OperationalError as exc:

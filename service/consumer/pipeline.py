@@ -19,8 +19,9 @@ import functools
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import psycopg
@@ -36,6 +37,7 @@ from service.consumer.breaker import BreakerControl
 from service.consumer.mappings_watch import MappingsWatcher
 from service.consumer.membership import Membership
 from service.consumer.policy import BatchPolicy, DlqLimit, RetryPolicy
+from service.consumer.throttle import RateLimit
 from service.erp.changes import ErpChange, to_erp
 from service.erp.mappings import Mappings
 from service.erp.target import ErpTarget, Status, make_target
@@ -334,6 +336,32 @@ class ErpApplier:
         count = int(row[0]) if row else 0
         self.metrics.open_dead_letters.set(count)
         return count
+
+    def export_reconcile(self) -> None:
+        """The newest ``crm-erp-sync reconcile`` run (``sync.reconcile_runs``) as gauges:
+        drift by entity and kind, total, and when it finished (0 when none ran yet), so a
+        scheduled reconcile can be alerted on from any consumer's /metrics."""
+        conn = self.connect()
+        try:
+            with conn.transaction():
+                row = conn.execute("SELECT extract(epoch FROM finished_at)::float8, counts, "
+                                   "drift FROM sync.reconcile_runs "
+                                   "ORDER BY run_id DESC LIMIT 1").fetchone()
+        except psycopg.errors.UndefinedTable:
+            return  # an ERP set up before the table: `setup` adds it
+        except TRANSIENT_PG as exc:
+            raise Retryable(f"ERP: {type(exc).__name__}") from exc
+        m = self.metrics
+        if row is None:
+            m.reconcile_last.set(0)
+            return
+        finished, counts, drift = row
+        m.reconcile_last.set(finished)
+        m.reconcile_last_drift.set(drift)
+        m.drift.clear()  # an entity left out of the newest run is not reported as before
+        for entity, kinds in sorted(counts.items()):
+            for kind, n in sorted(kinds.items()):
+                m.drift.labels(entity, kind).set(n)
 
     def _apply_in_txn(self, conn: PgConn, batch: Batch) -> None:
         released = self._supersede(conn, batch.envelopes)
@@ -653,18 +681,20 @@ class ErpApplier:
         with conn.cursor() as cur:
             cur.executemany(
                 'INSERT INTO sync.dead_letters (topic, partition, "offset", msg_key, stage, '
-                "error_class, error_message, dlq_partition, dlq_offset, event_kind) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "error_class, error_message, dlq_partition, dlq_offset, event_kind, "
+                "source_table, source_key) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
                 'ON CONFLICT (topic, partition, "offset") DO NOTHING',
-                [(d.topic, d.partition, d.offset, d.key, d.error.stage,
-                  getattr(d.error, "error_class", "") or type(d.error).__name__,
-                  d.error.reason, m.partition, m.offset, self._kind_of(d.value))
+                [(d.topic, d.partition, d.offset, d.key, d.error.stage, _error_class(d.error),
+                  d.error.reason, m.partition, m.offset, self._kind_of(d.value),
+                  getattr(d.error, "table", None) or None,
+                  getattr(d.error, "primary_key", None) or None)
                  for d, m in zip(letters, metas, strict=True)])
         self.dead_lettered += len(letters)
         for d in letters:
             log.warning("dead_lettered", topic=d.topic, partition=d.partition, offset=d.offset,
                         key=_key_text(d.key), event_id=self._event_id(d.value),
-                        stage=d.error.stage, error=type(d.error).__name__, reason=d.error.reason)
+                        stage=d.error.stage, error=_error_class(d.error), reason=d.error.reason)
 
 
 @dataclass(frozen=True)
@@ -730,6 +760,8 @@ class ConsumerStats:
     # the partitions that could not, because the circuit breaker keeps them paused.
     caught_up: bool = False
     blocked: list[str] = field(default_factory=list)
+    # With until_caught_up: stopped because the apply window is closed (until it opens).
+    outside_window_until: datetime | None = None
 
 
 class ErpConsumer:
@@ -756,6 +788,17 @@ class ErpConsumer:
                                       self.applier.connect)
         self.membership = Membership(settings, self.metrics, self.health, self.applier.connect)
         self.stats = ConsumerStats()
+        # Protecting the ERP (service/consumer/throttle.py): outside the apply window every
+        # owned partition is paused (the consumer stays in its group); the rate limit bounds
+        # how many events one poll may take.
+        self.window = settings.apply_window_parsed()
+        # Wall-clock time for the window (a callable returning an aware datetime): tests
+        # move it instead of waiting for 22:00.
+        self.clock: Callable[[], datetime] = functools.partial(datetime.now, UTC)
+        self.window_closed_until: datetime | None = None
+        self._window_opened_at = float("-inf")
+        self.rate = (RateLimit(settings.apply_max_rate, time.monotonic())
+                     if settings.apply_max_rate else None)
         self._last_lag_update = 0.0
         self._stop = threading.Event()
         self.consumer: Any = None
@@ -796,15 +839,25 @@ class ErpConsumer:
             targets = self._end_offsets() if until_caught_up else {}
             while not self._stop.is_set():
                 self.health.beat()
-                msgs = self._poll_or_wait()
+                self._apply_window()
+                if self._throttled():
+                    continue
+                msgs = self._hold_outside_window(self._poll_or_wait())
+                if self.rate is not None and msgs:
+                    self.rate.take(len(msgs), time.monotonic())
                 self._retrying(functools.partial(self.membership.check, self.consumer))
                 now = time.monotonic()
                 self._retrying(functools.partial(self.breaker.refresh, self.consumer))
                 if self._watch_mappings():
                     pipeline = self._pipeline()
                 if now - last_maintenance > 5:
-                    self._retrying(self.applier.expire_orphans)
+                    # Orders wait for customers still in Kafka behind a closed window: their
+                    # orphan clock starts when the window opens.
+                    if (self.window_closed_until is None and now - self._window_opened_at
+                            > self.settings.orphan_hold_s):
+                        self._retrying(self.applier.expire_orphans)
                     self._retrying(self.applier.count_open_dead_letters)
+                    self._retrying(self.applier.export_reconcile)
                     last_maintenance = now
                 if msgs:
                     idle_since = now
@@ -836,6 +889,62 @@ class ErpConsumer:
             if self.applier._dlq_producer is not None:
                 close_producer(self.applier._dlq_producer, 5.0)
         return self.stats
+
+    def _apply_window(self) -> None:
+        """Before each poll: outside the apply window, pause every partition we own (also
+        ones a rebalance just gave us; a resume by ``BreakerControl.refresh`` is undone
+        here); when it opens, resume all but those the breaker or an operator keeps
+        paused. The consumer keeps polling, so it stays in its group."""
+        if self.window is None:
+            return
+        state = self.window.state(self.clock())
+        assigned = list(self.consumer.assignment() or ())
+        if not state.open:
+            if self.window_closed_until is None:
+                log.warning("apply_window_closed", window=self.window.text,
+                            opens_at=state.until.isoformat())
+            self.window_closed_until = state.until
+            if assigned:
+                self.consumer.pause(*assigned)
+        elif self.window_closed_until is not None:
+            self.window_closed_until = None
+            self._window_opened_at = time.monotonic()
+            self.consumer.resume(*(tp for tp in assigned
+                                   if not self.breaker.is_open((tp.topic, tp.partition))))
+            log.warning("apply_window_opened", window=self.window.text,
+                        closes_at=state.until.isoformat())
+        self.membership.apply_window_closed_until = self.window_closed_until
+        self.metrics.apply_window_open.set(0 if self.window_closed_until else 1)
+        self.health.set_apply_window(self.window_closed_until, self.window.text)
+
+    def _hold_outside_window(self, msgs: list[Message]) -> list[Message]:
+        """Records a poll returned although the window is closed (the poll that joined the
+        group fetches before its new partitions could be paused): not applied; their
+        partitions are paused and rewound to them."""
+        if self.window_closed_until is None or not msgs:
+            return msgs
+        firsts: dict[TopicPartition, int] = {}
+        for m in msgs:
+            tp = TopicPartition(m.topic, m.partition)
+            firsts[tp] = min(firsts.get(tp, m.offset), m.offset)
+        owned = set(self.consumer.assignment() or ())
+        for tp, offset in firsts.items():
+            if tp in owned:
+                self.consumer.pause(tp)
+                self.consumer.seek(tp, offset)
+        return []
+
+    def _throttled(self) -> bool:
+        """The rate limit is spent: wait (polling with our partitions paused, so membership
+        is kept) until one event may be taken; True when it waited."""
+        if self.rate is None or self.window_closed_until is not None:
+            return False
+        wait = self.rate.wait_s(time.monotonic())
+        if wait <= 0:
+            return False
+        self.metrics.apply_throttled.inc(wait)
+        self._pause_and_wait(wait, [])
+        return True
 
     def _poll_or_wait(self) -> list[Message]:
         """One poll; when the broker is unreachable, wait (``RetryPolicy.RECONNECT``) and
@@ -906,6 +1015,9 @@ class ErpConsumer:
         if not targets:
             self.stats.caught_up = True
             return True
+        if self.window_closed_until is not None:
+            self.stats.outside_window_until = self.window_closed_until
+            return True
         blocked = [tp for tp in targets if self.breaker.is_open((tp.topic, tp.partition))]
         if len(blocked) == len(targets):
             self.stats.blocked = [f"{tp.topic}[{tp.partition}]" for tp in sorted(blocked)]
@@ -915,13 +1027,16 @@ class ErpConsumer:
     def _poll(self) -> list[Message]:
         policy = self.batch_policy
         deadline = time.monotonic() + policy.max_wait_ms / 1000
+        most = policy.max_events
+        if self.rate is not None:  # never more than the rate limit allows now (at least 1)
+            most = max(1, min(most, self.rate.available(time.monotonic())))
         out: list[Message] = []
         while True:
             remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
             polled = self.consumer.poll(timeout_ms=remaining_ms if out else max(remaining_ms, 200),
-                                        max_records=policy.max_events - len(out))
+                                        max_records=most - len(out))
             out.extend(_messages(polled.values()))
-            if len(out) >= policy.max_events or time.monotonic() >= deadline or (
+            if len(out) >= most or time.monotonic() >= deadline or (
                     not out and policy.max_wait_ms == 0):
                 break
             if self._stop.is_set():
@@ -1007,9 +1122,17 @@ class ErpConsumer:
         # away: resuming a partition we no longer own raises KeyError in kafka-python.
         self.consumer.resume(*(tp for tp in assigned if tp in owned))
         self.breaker.repause(self.consumer)
+        if self.window_closed_until is not None and owned:
+            self.consumer.pause(*owned)
         for tp, offset in firsts.items():
             if tp in owned:
                 self.consumer.seek(tp, offset)
+
+
+def _error_class(error: Permanent) -> str:
+    """The class a dead letter is filed under: a capture letter's is the producer's (the
+    same word in sync.dead_letters, `dlq list`, `status` and both processes' log lines)."""
+    return getattr(error, "error_class", "") or type(error).__name__
 
 
 def _key_text(key: bytes | None) -> str | None:

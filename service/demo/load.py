@@ -103,6 +103,87 @@ class _Tally:
         return TableCounts(*self.counts[name])
 
 
+@dataclass(frozen=True)
+class InsertBatch:
+    """One insert transaction's rows: (table, its columns, rows in column order) per table."""
+
+    tables: tuple[tuple[str, tuple[str, ...], list[Sequence[object]]], ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(len(rows) for _, _, rows in self.tables)
+
+
+def copy_batch(conn: psycopg.Connection[Any], batch: InsertBatch, schema: str = "crm") -> None:
+    """One transaction: COPY each of the batch's tables into `schema`'s table of that name."""
+    with conn.transaction():
+        for table, columns, rows in batch.tables:
+            _copy(conn, table, columns, rows, schema=schema)
+
+
+class DemoWorkload:
+    """The demo CRM's inserts and follow-up changes, one step at a time.
+
+    `load_demo` runs the steps in one go; the benchmarks interleave them with measurements
+    (the insert batches generated before they are timed, changes at several rates, from
+    several sessions). One generator and one change planner throughout, so that every
+    planned change applies to a row that was inserted; deterministic for a seed, given the
+    same starting ids. `tally` counts what `insert` and `statements` write."""
+
+    def __init__(self, seed: int) -> None:
+        self._gen = DemoGenerator(seed)
+        self._planner = self._gen.change_planner()
+        self.tally = _Tally()
+
+    def insert_batches(self, conn: psycopg.Connection[Any], customers: int, orders: int,
+                       market_demand: int) -> Iterator[InsertBatch]:
+        """The insert transactions (customers, then orders with their lines, then market
+        demand), generated lazily. Ids are reserved from the CRM's identity sequences on
+        `conn` first; the planner learns each row as it is generated."""
+        customer_ids = _reserve_ids(conn, "customers", "customer_id", customers)
+        for chunk in _chunks(customer_ids, CUSTOMER_BATCH):
+            rows = [self._gen.customer(cid) for cid in chunk]
+            for c in rows:
+                self._planner.add_customer(c)
+            yield InsertBatch((("customers", Customer._fields, list(rows)),))
+        order_ids = _reserve_ids(conn, "sales_orders", "order_id", orders)
+        for batch in _chunks(self._gen.orders(order_ids, customer_ids), ORDER_BATCH):
+            for o in batch:
+                self._planner.add_order(o)
+            yield InsertBatch((
+                ("sales_orders", SalesOrder._fields, [o.header for o in batch]),
+                ("order_lines", OrderLine._fields, [line for o in batch for line in o.lines])))
+        demand = (self._gen.market_demand() for _ in range(market_demand))
+        for records in _chunks(demand, DEMAND_BATCH):
+            yield InsertBatch((("market_demand", MarketDemand._fields, list(records)),))
+
+    def insert(self, conn: psycopg.Connection[Any], batch: InsertBatch) -> None:
+        """One transaction: the batch COPYed into the CRM's tables (counted in `tally`)."""
+        copy_batch(conn, batch)
+        for table, _, rows in batch.tables:
+            self.tally.add(table, inserted=len(rows))
+
+    def changes(self, count: int) -> Iterator[Change]:
+        """Up to `count` follow-up changes (fewer only when nothing is left to change)."""
+        return self._planner.plan(count)
+
+    def statements(self, change: Change) -> list[Statement]:
+        """The statements of one change's transaction (counted in `tally`)."""
+        return _statements(change, self.tally)
+
+    def apply(self, conn: psycopg.Connection[Any], change: Change) -> None:
+        """One change in its own transaction."""
+        with conn.transaction():
+            for query, params in self.statements(change):
+                conn.execute(query, params)
+
+    def apply_pipelined(self, conn: psycopg.Connection[Any], changes: Iterable[Change],
+                        total: int) -> None:
+        """Each change in its own transaction, many transactions per round trip: as fast as
+        one session commits. `total` is for progress logs only; `tally.changes` counts."""
+        _apply_pipelined(conn, changes, self.tally, total)
+
+
 def schema_sql() -> str:
     return resources.files("service.demo").joinpath("crm_schema.sql").read_text("utf-8")
 
@@ -146,44 +227,20 @@ def load_demo(
     log = structlog.get_logger()
     log.info("demo_load_started", customers=customers, orders=orders,
              market_demand=n_demand, changes=n_changes, rate=rate, seed=seed)
-    gen = DemoGenerator(seed)
-    planner = gen.change_planner()
-    tally = _Tally()
+    workload = DemoWorkload(seed)
+    tally = workload.tally
     with _session(conn_or_dsn) as conn:
         started = time.monotonic()
         created = ensure_crm_schema(conn)
-
-        customer_ids = _reserve_ids(conn, "customers", "customer_id", customers)
-        for chunk in _chunks(customer_ids, CUSTOMER_BATCH):
-            rows = [gen.customer(cid) for cid in chunk]
-            with conn.transaction():
-                _copy(conn, "customers", Customer._fields, rows)
-            tally.add("customers", inserted=len(rows))
-            for c in rows:
-                planner.add_customer(c)
-
-        order_ids = _reserve_ids(conn, "sales_orders", "order_id", orders)
-        for batch in _chunks(gen.orders(order_ids, customer_ids), ORDER_BATCH):
-            lines = [line for o in batch for line in o.lines]
-            with conn.transaction():
-                _copy(conn, "sales_orders", SalesOrder._fields, [o.header for o in batch])
-                _copy(conn, "order_lines", OrderLine._fields, lines)
-            tally.add("sales_orders", inserted=len(batch))
-            tally.add("order_lines", inserted=len(lines))
-            for o in batch:
-                planner.add_order(o)
-
-        for demand in _chunks((gen.market_demand() for _ in range(n_demand)), DEMAND_BATCH):
-            with conn.transaction():
-                _copy(conn, "market_demand", MarketDemand._fields, demand)
-            tally.add("market_demand", inserted=len(demand))
+        for batch in workload.insert_batches(conn, customers, orders, n_demand):
+            workload.insert(conn, batch)
 
         inserted_at = time.monotonic()
         log.info("demo_load_inserted", customers=customers, orders=orders,
                  order_lines=tally.counts["order_lines"][0], market_demand=n_demand,
                  seconds=round(inserted_at - started, 3))
 
-        planned = planner.plan(n_changes)
+        planned = workload.changes(n_changes)
         if rate is None:
             _apply_pipelined(conn, planned, tally, n_changes)
         else:
@@ -267,9 +324,9 @@ def _reserve_ids(conn: psycopg.Connection[Any], table: str, column: str, n: int)
 
 
 def _copy(conn: psycopg.Connection[Any], table: str, columns: Sequence[str],
-          rows: Iterable[Sequence[object]]) -> None:
+          rows: Iterable[Sequence[object]], schema: str = "crm") -> None:
     stmt = sql.SQL("COPY {} ({}) FROM STDIN").format(
-        sql.Identifier("crm", table), sql.SQL(", ").join(map(sql.Identifier, columns)))
+        sql.Identifier(schema, table), sql.SQL(", ").join(map(sql.Identifier, columns)))
     with conn.cursor() as cur, cur.copy(stmt) as copy:
         for row in rows:
             copy.write_row(row)

@@ -91,35 +91,19 @@ def run_demo(settings: Settings, *, customers: int, orders: int) -> int:
         # Changes made before the slot exists, or while the initial snapshot still reads,
         # would reach the ERP as snapshot reads (rows deleted meanwhile not at all, and a bad
         # row dead-lettered twice): load once the snapshot of the (empty) tables is done.
-        deadline = time.monotonic() + 60
-        while (ops.slot_state(settings) or {}).get("wal_status") in (None, "lost") \
-                or ops.pending_snapshots(settings):
-            if time.monotonic() > deadline or procs[0].poll() is not None:
-                print(f"demo: the producer did not create its slot or finish its initial "
-                      f"snapshot; see {logs}",
-                      file=sys.stderr)
-                return 1
-            time.sleep(0.2)
+        if not wait_for_slot(settings, procs, logs, snapshots_done=True):
+            return 1
         started = time.monotonic()
         report = load_demo(settings.crm_dsn, customers=customers, orders=orders, rate=None,
                            seed=int(time.time()), changes=None)
         with pg.connect(settings.crm_dsn, "CRM") as conn:
             conn.execute(MESSY_RECORDS)
             conn.execute(OFFICE_RECORD)
-        target = ops.current_lsn(settings)
         print(f"CRM: loaded {report}")
         print("waiting for the producer and both consumers to catch up ...")
-        deadline = time.monotonic() + 300
-        while not ops.caught_up(settings, target):
-            if time.monotonic() > deadline:
-                print("demo: the pipeline did not catch up within 300 s; see the logs in "
-                      f"{logs}", file=sys.stderr)
-                return 1
-            if any(p.poll() is not None for p in procs):
-                print(f"demo: a pipeline process exited early; see {logs}", file=sys.stderr)
-                return 1
-            time.sleep(0.5)
-        print(f"caught up in {time.monotonic() - started:.1f} s\n")
+        if not wait_caught_up(settings, procs, logs, "the changes", started=started):
+            return 1
+        print()
         print_erp_summary(settings)
         return 0
 
@@ -253,14 +237,14 @@ def run_bottlecrm_demo(settings: Settings) -> int:
         print(f"BottleCRM database {BOTTLECRM_DB}: tenant {org} captured, another tenant not")
         run_setup(demo)
         with running_pipeline(logs, _environment(demo)) as procs:
-            if not _wait_caught_up(demo, procs, logs, "the initial snapshot"):
+            if not wait_caught_up(demo, procs, logs, "the initial snapshot"):
                 return 1
             print("initial snapshot applied; now changing BottleCRM while the sync runs:")
             print("  SO-0001 completed, one of its lines deleted; 李四电器 deactivated")
             writer.delete_line(org, ids["line"])
             writer.set_order_status(org, ids["order"], "COMPLETED")
             writer.deactivate_account(org, ids["li"])
-            if not _wait_caught_up(demo, procs, logs, "the changes"):
+            if not wait_caught_up(demo, procs, logs, "the changes"):
                 return 1
             print_erp_summary(demo)
             return 0
@@ -273,24 +257,42 @@ def _with_database(dsn: str, database: str) -> str:
     return urlunsplit(parts._replace(path=f"/{database}"))
 
 
-def _wait_caught_up(settings: Settings, procs: list[subprocess.Popen[bytes]], logs: Path,
-                    what: str) -> bool:
-    started = time.monotonic()
-    deadline = started + 300
-    while (ops.slot_state(settings) or {}).get("wal_status") in (None, "lost"):
+def wait_for_slot(settings: Settings, procs: list[subprocess.Popen[bytes]], logs: Path, *,
+                  snapshots_done: bool = False, timeout_s: float = 120) -> bool:
+    """Wait until the producer (``procs[0]``) holds a usable slot and, with
+    ``snapshots_done``, has finished every pending snapshot. False (reason printed to stderr)
+    when the producer exits or ``timeout_s`` seconds pass."""
+    deadline = time.monotonic() + timeout_s
+    while (ops.slot_state(settings) or {}).get("wal_status") in (None, "lost") \
+            or (snapshots_done and ops.pending_snapshots(settings)):
         if time.monotonic() > deadline or procs[0].poll() is not None:
-            print(f"demo: the producer did not create its slot; see {logs}", file=sys.stderr)
+            print(f"demo: the producer did not create its slot"
+                  f"{' or finish its initial snapshot' if snapshots_done else ''}; see {logs}",
+                  file=sys.stderr)
             return False
         time.sleep(0.2)
+    return True
+
+
+def wait_caught_up(settings: Settings, procs: list[subprocess.Popen[bytes]], logs: Path,
+                   what: str, *, started: float | None = None, timeout_s: float = 300) -> bool:
+    """Wait until everything the CRM committed so far is in the ERP (the producer confirmed the
+    current WAL position, the consumers' lag is zero, no snapshot pending). Prints how long
+    ``what`` took since ``started`` (a ``time.monotonic()``; default now); False (reason on
+    stderr) when a process exits or ``timeout_s`` seconds pass."""
+    began = time.monotonic() if started is None else started
+    if not wait_for_slot(settings, procs, logs, timeout_s=timeout_s):
+        return False
     target = ops.current_lsn(settings)
+    deadline = time.monotonic() + timeout_s
     while not (ops.caught_up(settings, target) and not ops.pending_snapshots(settings)):
         if time.monotonic() > deadline:
-            print(f"demo: {what} did not come through within 300 s; see {logs}",
+            print(f"demo: {what} did not come through within {timeout_s:.0f} s; see {logs}",
                   file=sys.stderr)
             return False
         if any(p.poll() is not None for p in procs):
             print(f"demo: a pipeline process exited early; see {logs}", file=sys.stderr)
             return False
         time.sleep(0.5)
-    print(f"  {what}: through in {time.monotonic() - started:.1f} s")
+    print(f"  {what}: through in {time.monotonic() - began:.1f} s")
     return True

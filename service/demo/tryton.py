@@ -19,9 +19,16 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from service import ops, pg
+from service import pg
 from service.demo.load import load_demo
-from service.demo.run import _environment, _with_database, print_sync_state, running_pipeline
+from service.demo.run import (
+    _environment,
+    _with_database,
+    print_sync_state,
+    running_pipeline,
+    wait_caught_up,
+    wait_for_slot,
+)
 from service.erp.tryton import PositionStore, TrytonTarget
 from service.erp.tryton_rpc import TrytonRPC
 from service.settings import REPO_ROOT, Settings
@@ -88,7 +95,7 @@ def run_tryton_demo(settings: Settings, *, customers: int, orders: int) -> int:
         run_setup(demo)
         env = {**_environment(demo), "CRM_ERP_SYNC_ON_SLOT_LOST": "resnapshot"}
         with running_pipeline(logs, env) as procs:
-            if not _wait(demo, procs, logs, customers, orders):
+            if not _load_and_wait(demo, procs, logs, customers, orders):
                 return 1
             print_tryton_summary(demo)
             print_reconcile(demo)
@@ -100,31 +107,18 @@ def run_tryton_demo(settings: Settings, *, customers: int, orders: int) -> int:
               f"start {TRYTON_DB} {port})")
 
 
-def _wait(demo: Settings, procs: list[subprocess.Popen[bytes]], logs: Path, customers: int,
-          orders: int) -> bool:
-    deadline = time.monotonic() + 60
-    while (ops.slot_state(demo) or {}).get("wal_status") in (None, "lost"):
-        if time.monotonic() > deadline or procs[0].poll() is not None:
-            print(f"demo: the producer did not create its slot; see {logs}", file=sys.stderr)
-            return False
-        time.sleep(0.2)
+def _load_and_wait(demo: Settings, procs: list[subprocess.Popen[bytes]], logs: Path,
+                   customers: int, orders: int) -> bool:
+    if not wait_for_slot(demo, procs, logs):
+        return False
     started = time.monotonic()
     report = load_demo(demo.crm_dsn, customers=customers, orders=orders, rate=None,
                        seed=int(time.time()), changes=customers // 2, market_demand=0)
-    target = ops.current_lsn(demo)
     print(f"CRM: loaded {report}")
     print("waiting for the producer and both consumers (tryton target) to catch up ...")
-    deadline = time.monotonic() + 600
-    while not ops.caught_up(demo, target):
-        if time.monotonic() > deadline:
-            print(f"demo: the pipeline did not catch up within 600 s; see {logs}",
-                  file=sys.stderr)
-            return False
-        if any(p.poll() is not None for p in procs):
-            print(f"demo: a pipeline process exited early; see {logs}", file=sys.stderr)
-            return False
-        time.sleep(0.5)
-    print(f"caught up in {time.monotonic() - started:.1f} s\n")
+    if not wait_caught_up(demo, procs, logs, "the changes", started=started, timeout_s=600):
+        return False
+    print()
     return True
 
 

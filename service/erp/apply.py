@@ -23,7 +23,15 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from service.erp.changes import DemandRow, ErpChange, OrderHeaderRow, OrderItemRow, PartnerRow
+from service.erp.changes import (
+    DemandRow,
+    ErpChange,
+    OrderHeaderRow,
+    OrderItemRow,
+    PartnerRow,
+    Position,
+    TruncateRow,
+)
 from service.erp.mappings import Mappings
 from service.errors import ConfigError
 from service.pg import PgConn
@@ -276,19 +284,126 @@ def existing_customers(conn: PgConn, ids: Iterable[str]) -> set[str]:
     return {r[0] for r in rows}
 
 
+# ---- TRUNCATE: position-guarded soft delete + per-entity watermark -----------------------
+PARTNERS, ORDERS, ITEMS, DEMANDS = ("erp.business_partners", "erp.sales_orders",
+                                    "erp.sales_order_items", "erp.demand_signals")
+# Every transaction that writes these tables locks them in this order (a truncate in SHARE
+# ROW EXCLUSIVE mode, an upsert in ROW EXCLUSIVE, which it takes anyway): two consumers
+# cannot deadlock over them.
+LOCK_ORDER = (PARTNERS, ORDERS, ITEMS, DEMANDS)
+# The tables a truncate of each entity marks deleted.
+TRUNCATED_TABLES = {"customer": (PARTNERS,), "order": (ORDERS, ITEMS),
+                    "order_line": (ITEMS,), "market_demand": (DEMANDS,)}
+_OLDER = "NOT deleted AND (source_lsn, source_seq) < (%(lsn)s, %(seq)s)"
+
+
+def _lock(cur: psycopg.Cursor[Any], modes: dict[str, str]) -> None:
+    """Lock the tables in LOCK_ORDER. Why: a truncate must not miss a row another consumer
+    inserts concurrently with a position older than the truncate (it read the watermark
+    before the truncate committed). SHARE ROW EXCLUSIVE (the truncate) conflicts with ROW
+    EXCLUSIVE (every upsert): whichever comes second waits for the first to commit, and then
+    sees its rows (the truncate) or its watermark (the upsert, which reads it after locking).
+    """
+    statements = [f"LOCK TABLE {t} IN {modes[t]} MODE" for t in LOCK_ORDER if t in modes]
+    if statements:  # one round trip
+        cur.execute("; ".join(statements))
+
+
+def apply_truncate(cur: psycopg.Cursor[Any], truncate: TruncateRow) -> int:
+    """Mark every ERP row of the entity older than the truncate deleted (with the truncate's
+    position), its orders' stock effects undone, and raise the entity's watermark in
+    ``sync.truncations``; returns the rows marked. Idempotent: a truncate at or below the
+    watermark (a replay, or an older one after a newer one) changes nothing. The caller
+    holds the entity's tables (``_lock``)."""
+    pos = truncate.pos
+    cur.execute("INSERT INTO sync.truncations (entity) VALUES (%s) ON CONFLICT DO NOTHING",
+                (truncate.entity,))
+    mark = cur.execute("SELECT source_lsn, source_seq FROM sync.truncations WHERE entity = %s "
+                       "FOR UPDATE", (truncate.entity,)).fetchone()
+    if mark is not None and (mark[0], mark[1]) >= (pos.lsn, pos.seq):
+        return 0
+    at = {"lsn": pos.lsn, "seq": pos.seq, "event_id": pos.event_id, "time": pos.commit_time}
+    marked = 0
+    orders: set[Any] = set()
+    if truncate.entity in ("customer", "market_demand"):
+        table = PARTNERS if truncate.entity == "customer" else DEMANDS
+        cur.execute(f"UPDATE {table} SET deleted = true, source_lsn = %(lsn)s, "
+                    "source_seq = %(seq)s, event_id = %(event_id)s, crm_commit_time = %(time)s,"
+                    f" applied_at = clock_timestamp() WHERE {_OLDER}", at)
+        marked = cur.rowcount
+    if truncate.entity == "order":
+        rows = cur.execute(
+            f"UPDATE {ORDERS} SET deleted = true, source_lsn = %(lsn)s, source_seq = %(seq)s, "
+            "event_id = %(event_id)s, crm_commit_time = %(time)s, "
+            f"applied_at = clock_timestamp() WHERE {_OLDER} RETURNING crm_order_id",
+            at).fetchall()
+        marked = len(rows)
+        orders.update(r[0] for r in rows)
+    if truncate.entity in ("order", "order_line"):
+        rows = cur.execute(
+            f"UPDATE {ITEMS} SET deleted = true, source_lsn = %(lsn)s, source_seq = %(seq)s "
+            f"WHERE {_OLDER} RETURNING crm_order_id", at).fetchall()
+        if truncate.entity == "order_line":
+            marked = len(rows)
+        orders.update(r[0] for r in rows)
+    if orders:
+        apply_stock_delta(cur, sorted(orders))
+    cur.execute("UPDATE sync.truncations SET source_lsn = %s, source_seq = %s, event_id = %s, "
+                "crm_table = %s, crm_commit_time = %s, applied_at = clock_timestamp(), "
+                "truncates = truncates + 1, rows_marked = rows_marked + %s WHERE entity = %s",
+                (pos.lsn, pos.seq, pos.event_id, truncate.table, pos.commit_time, marked,
+                 truncate.entity))
+    return marked
+
+
+def _watermarks(cur: psycopg.Cursor[Any], entities: set[str]) -> dict[str, tuple[int, int]]:
+    """The truncation watermark of each entity that has one."""
+    if not entities:
+        return {}
+    rows = cur.execute("SELECT entity, source_lsn, source_seq FROM sync.truncations "
+                       "WHERE entity = ANY(%s) AND source_lsn > 0", (sorted(entities),))
+    return {r[0]: (r[1], r[2]) for r in rows.fetchall()}
+
+
+def _after(mark: tuple[int, int] | None, pos: Position) -> bool:
+    """Whether an event at ``pos`` is newer than the truncation watermark (or there is none)."""
+    return mark is None or (pos.lsn, pos.seq) > mark
+
+
 def apply_changes(conn: PgConn, changes: list[ErpChange], *, full_recount: bool = False
                   ) -> None:
     """Write a batch of changes (already ordered and checked) in the open transaction.
 
+    Truncates first, then every row newer than its entity's truncation watermark (an older
+    one was truncated in the CRM: applying it now, late from a lagging partition or a
+    release, would bring it back). The result does not depend on where the truncate was in
+    the batch: a row older than it is refused or marked deleted either way.
     ``full_recount`` is for benchmarks only (see ``apply_stock_delta``).
     """
+    truncates = sorted((c.truncate for c in changes if c.truncate),
+                       key=lambda t: (t.pos.lsn, t.pos.seq))
     partners = newest_per_key((c.partner for c in changes if c.partner),
                               lambda r: r.crm_customer_id)
     headers = newest_per_key((c.header for c in changes if c.header), lambda r: r.crm_order_id)
     items = newest_per_key((i for c in changes for i in c.items),
                            lambda r: (r.crm_order_id, r.crm_line_id))
     demands = newest_per_key((c.demand for c in changes if c.demand), lambda r: r.crm_demand_id)
+    modes = {table: "ROW EXCLUSIVE" for table, rows in (
+        (PARTNERS, partners), (ORDERS, headers), (ITEMS, items), (DEMANDS, demands)) if rows}
+    for t in truncates:
+        modes.update(dict.fromkeys(TRUNCATED_TABLES[t.entity], "SHARE ROW EXCLUSIVE"))
     with conn.cursor() as cur:
+        _lock(cur, modes)
+        for t in truncates:
+            apply_truncate(cur, t)
+        marks = _watermarks(cur, {e for e, rows in (
+            ("customer", partners), ("order", headers or items), ("order_line", items),
+            ("market_demand", demands)) if rows})
+        partners = [p for p in partners if _after(marks.get("customer"), p.pos)]
+        headers = [h for h in headers if _after(marks.get("order"), h.pos)]
+        items = [i for i in items if _after(marks.get("order"), i.pos)
+                 and _after(marks.get("order_line"), i.pos)]
+        demands = [d for d in demands if _after(marks.get("market_demand"), d.pos)]
         if partners:
             bulk_upsert(cur, PARTNER_UPSERT, [
                 (p.crm_customer_id, p.full_name, p.gender_code, p.birth_date, p.age,

@@ -95,6 +95,20 @@ class DemandRow:
     pos: Position
 
 
+# The entities a truncate event can name (schemas/truncate/v1.avsc).
+TRUNCATABLE = ("customer", "order", "order_line", "market_demand")
+
+
+@dataclass(frozen=True, slots=True)
+class TruncateRow:
+    """A TRUNCATE of the CRM table of ``entity``: every ERP row of it older than ``pos`` is
+    marked deleted, and ``pos`` becomes its truncation watermark."""
+
+    entity: str
+    table: str
+    pos: Position
+
+
 @dataclass(slots=True)
 class ErpChange:
     """What one event does to the ERP."""
@@ -105,6 +119,7 @@ class ErpChange:
     header: OrderHeaderRow | None = None
     items: list[OrderItemRow] = field(default_factory=list)
     demand: DemandRow | None = None
+    truncate: TruncateRow | None = None
 
     @property
     def order_id(self) -> str | None:
@@ -271,4 +286,9 @@ def to_erp(kind: str, record: dict[str, Any], mappings: Mappings) -> ErpChange:
         return order_change(record, mappings)
     if kind == "market_demand":
         return ErpChange("market_demand", None, demand=demand_row(record, mappings))
+    if kind == "truncate":
+        if record["entity"] not in TRUNCATABLE:
+            raise MappingError("entity", record["entity"], "no ERP rows for this entity")
+        return ErpChange("truncate", None, truncate=TruncateRow(
+            record["entity"], record["source"]["table"], _position(record)))
     raise MappingError("kind", kind, f"no ERP mapping for event kind {kind!r}")

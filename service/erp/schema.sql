@@ -212,6 +212,10 @@ CREATE INDEX IF NOT EXISTS held_events_awaiting ON sync.held_events (waits_for)
 -- consumer marks it 'superseded' and audits it as action 'supersede'). event_kind (customer,
 -- order, market_demand) tells which row a letter is about; NULL for letters from before.
 ALTER TABLE sync.dead_letters ADD COLUMN IF NOT EXISTS event_kind text;
+-- Issue #14: a capture dead letter names the CRM row it is about (table, primary key as text;
+-- msg_key is the Kafka key, the customer's for orders and lines), for `status` and `dlq list`.
+ALTER TABLE sync.dead_letters ADD COLUMN IF NOT EXISTS source_table text;
+ALTER TABLE sync.dead_letters ADD COLUMN IF NOT EXISTS source_key text;
 ALTER TABLE sync.dead_letters DROP CONSTRAINT IF EXISTS dead_letters_state_check;
 ALTER TABLE sync.dead_letters ADD CONSTRAINT dead_letters_state_check
     CHECK (state IN ('open', 'redriven', 'discarded', 'failed_again', 'superseded'));
@@ -288,6 +292,11 @@ CREATE TABLE IF NOT EXISTS sync.consumer_membership (
 -- Issue #14 item 7: `crm-erp-sync pause` / `resume`: consumption paused by an operator, per
 -- partition (audited: who, when, why). Running consumers read it with the breaker's state
 -- (every CRM_ERP_SYNC_BREAKER_POLL_S), so a pause survives restarts and rebalances.
+-- Issue #14 item 8: a consumer outside its apply window (CRM_ERP_SYNC_APPLY_WINDOW) says until
+-- when, so `status` reports what the consumers do ("outside apply window until ...").
+ALTER TABLE sync.consumer_membership ADD COLUMN IF NOT EXISTS apply_window_closed_until
+    timestamptz;
+
 CREATE TABLE IF NOT EXISTS sync.operator_pauses (
     pause_id       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     consumer_group text NOT NULL,
@@ -303,3 +312,36 @@ CREATE TABLE IF NOT EXISTS sync.operator_pauses (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS operator_pauses_open ON sync.operator_pauses
     (consumer_group, topic, partition) WHERE state = 'paused';
+
+-- Issue #14 item 8: every `crm-erp-sync reconcile` run records its drift counts here (by
+-- entity and kind); running consumers export the newest run as gauges on /metrics
+-- (crm_erp_sync_reconcile_drift{entity,kind}, crm_erp_sync_reconcile_last_run_timestamp_seconds)
+-- so a scheduled reconcile (deploy/k8s/examples/reconcile-cronjob.yaml) can be alerted on.
+CREATE TABLE IF NOT EXISTS sync.reconcile_runs (
+    run_id       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    finished_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    entities     text[] NOT NULL,
+    -- {"customers": {"missing": 0, "extra": 0, "differing": 1, "unmappable": 0, "held": 2}, ...}
+    counts       jsonb NOT NULL,
+    drift        integer NOT NULL,
+    repaired     boolean NOT NULL
+);
+
+-- Issue #11 item 4: a TRUNCATE of a captured CRM table (CRM_ERP_SYNC_ON_TRUNCATE=propagate)
+-- marks every ERP row of its entity older than the truncate deleted; the truncate's position
+-- stays here as the entity's watermark, so an older event arriving later (another partition
+-- lagging, a held event released) is not applied. Written in the batch's transaction.
+CREATE TABLE IF NOT EXISTS sync.truncations (
+    entity          text PRIMARY KEY
+                    CHECK (entity IN ('customer', 'order', 'order_line', 'market_demand')),
+    source_lsn      bigint NOT NULL DEFAULT 0,   -- the newest truncate applied (0: none)
+    source_seq      integer NOT NULL DEFAULT 0,
+    event_id        text,
+    crm_table       text,
+    crm_commit_time timestamptz,
+    applied_at      timestamptz,
+    truncates       integer NOT NULL DEFAULT 0,  -- truncates applied
+    rows_marked     bigint NOT NULL DEFAULT 0    -- ERP rows they marked deleted
+);
+INSERT INTO sync.truncations (entity)
+VALUES ('customer'), ('order'), ('order_line'), ('market_demand') ON CONFLICT DO NOTHING;

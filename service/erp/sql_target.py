@@ -46,6 +46,8 @@ ITEM_FIELDS = ("sku", "product_name", "quantity", "unit_code", "unit_price", "ba
 
 
 def _key(change: ErpChange) -> str:
+    if change.truncate is not None:
+        return change.truncate.table
     if change.partner is not None:
         return change.partner.crm_customer_id
     if change.demand is not None:

@@ -43,6 +43,14 @@ def _sale_state(state: str) -> str:
     return "confirmed" if state in _CONFIRMED else state
 
 
+# Why a truncate is a dead letter here: Tryton has no position-guarded bulk soft delete over
+# JSON-RPC (every party and sale would be read, compared and deactivated one call at a time,
+# outside the sync-state transaction, so a late older event could not be refused atomically).
+TRUNCATE_REFUSED = ("the tryton target does not apply a CRM TRUNCATE: deactivate the parties/"
+                    "sales by hand or run `crm-erp-sync reconcile --repair`, then discard this "
+                    "letter")
+
+
 class TrytonErpTarget:
     """``ErpTarget`` over a Tryton server. Raises TargetUnavailable (transient: the batch is
     retried) and TargetError (configuration: no CRM web shop, login refused)."""
@@ -94,7 +102,9 @@ class TrytonErpTarget:
                     for i in idx:
                         out[i] = outcome
         for i, c in enumerate(changes):
-            if out[i] is None:
+            if c.truncate is not None and c.truncate.entity != "market_demand":
+                out[i] = Outcome(c.kind, c.truncate.table, Status.REFUSED, TRUNCATE_REFUSED)
+            elif out[i] is None:
                 out[i] = Outcome(c.kind, str(c.demand.crm_demand_id if c.demand else ""),
                                  Status.APPLIED, "not kept by the tryton target")
         return [o for o in out if o is not None]

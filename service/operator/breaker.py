@@ -102,19 +102,28 @@ def consumed_partitions(settings: Settings) -> list[tuple[str, int]]:
         probe.close()
 
 
+def check_partitions(settings: Settings, partitions: list[tuple[str, int]] | None
+                     ) -> list[tuple[str, int]]:
+    """The named partitions (None: every one), each checked against the broker's partitions
+    of the group's topics. Raises ConfigError (exit 2) naming the unknown ones and the
+    valid ones."""
+    known = consumed_partitions(settings)
+    wanted = known if partitions is None else partitions
+    unknown = [f"{t}:{p}" for t, p in wanted if (t, p) not in known]
+    if unknown:
+        raise ConfigError("--partition", f"not consumed by {settings.consumer_group}: "
+                          f"{', '.join(unknown)} (valid: "
+                          f"{', '.join(f'{t}:{p}' for t, p in known)})")
+    return wanted
+
+
 def pause(settings: Settings, partitions: list[tuple[str, int]] | None, *, actor: str,
           reason: str) -> tuple[list[Pause], list[tuple[str, int]]]:
     """Pause consumption of the named partitions (None: all) for the whole group, until
     ``resume``; running consumers pause them within CRM_ERP_SYNC_BREAKER_POLL_S, and a
     consumer that starts later starts with them paused. Returns (paused now, already
     paused). Raises ConfigError for a partition the group does not consume."""
-    known = consumed_partitions(settings)
-    wanted = known if partitions is None else partitions
-    unknown = [f"{t}:{p}" for t, p in wanted if (t, p) not in known]
-    if unknown:
-        raise ConfigError("--partition", f"not consumed by {settings.consumer_group}: "
-                          f"{', '.join(unknown)} (known: "
-                          f"{', '.join(f'{t}:{p}' for t, p in known)})")
+    wanted = check_partitions(settings, partitions)
     with connect(settings, "erp", autocommit=False) as conn, conn.transaction():
         rows = conn.execute(
             "INSERT INTO sync.operator_pauses (consumer_group, topic, partition, paused_by, "

@@ -48,7 +48,16 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     print("Consumer group", settings.consumer_group)
     print(render.table(["topic", "partition", "committed", "end", "lag"],
                        [(p.topic, p.partition, p.committed, p.end, p.lag) for p in st.lag]))
-    print(f"total lag: {st.total_lag}\n")
+    print(f"total lag: {st.total_lag}")
+    aw = st.apply_window
+    if aw is not None:
+        print(f"Apply window {aw['window']}: " + (
+            ("open" + (f" until {render.cell(aw['until'])}" if aw["until"] else ""))
+            if aw["open"] else
+            f"outside apply window until {render.cell(aw['until'])} (consumers keep their "
+            "partitions paused by design; the lag grows meanwhile and is not counted as "
+            "stuck)"))
+    print()
     if st.members:
         print(render.table(
             ["group member", "host", "pid", "in group", "partitions", "last report",
@@ -101,6 +110,19 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
              for c in st.consumers], max_width=70))
     else:
         print(f"Consumers: none reported in the last {STALE_AFTER_S:g}s")
+    tr = st.truncates
+    last = tr.get("last")
+    print("CRM truncates: " + (
+        "none" if not (tr.get("stopped") or last) else
+        f"{tr['propagated']} propagated, {tr['skipped']} skipped" + (
+            f"; last: {last['table']} {last['outcome']} (commit LSN {last['commit_lsn']}, "
+            f"{render.cell(last['commit_time'])})" if last else "") + "".join(
+            f"; capture STOPPED before the truncate of {t['table']} (commit LSN "
+            f"{t['commit_lsn']})" for t in tr.get("stopped", []))))
+    for a in tr.get("applied", []):
+        print(f"  applied in the ERP: {a['entity']} ({a['crm_table']}): {a['truncates']} "
+              f"truncate(s), {a['rows_marked']} row(s) marked deleted, last "
+              f"{render.cell(a['applied_at'])}")
     print(f"Pending snapshots: {len(st.pending_snapshots)}" + "".join(
         f"\n  #{s['snapshot_id']} {s['table']} ({s['reason']}), {s['rows_emitted']} rows so far"
         for s in st.pending_snapshots))
@@ -110,6 +132,16 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
                            [(c, f or "-", n) for c, f, n in st.dead_letters_by_field]))
     else:
         print("Unresolved dead letters: none")
+    if st.capture_letters:
+        print(render.table(["capture dead letter", "table", "key", "reason"],
+                           [(f"#{c['dead_letter_id']} {c['error_class']}", c["table"],
+                             c["key"], c["reason"]) for c in st.capture_letters],
+                           max_width=70))
+        if st.capture_letters_total > len(st.capture_letters):
+            print(f"  … and {st.capture_letters_total - len(st.capture_letters)} more "
+                  "(`crm-erp-sync dlq list --error-type capture`)")
+    else:
+        print("Capture dead letters: none")
     if st.held:
         print(render.table(["held events", "count", "oldest held for"],
                            [(k, v["count"], _fmt_s(v["oldest_age_s"]))
@@ -209,8 +241,13 @@ def cmd_dlq_show(settings: Settings, args: argparse.Namespace) -> int:
     trace = headers.pop("kafka_dlt-exception-stacktrace", "")
     print("\nHeaders:")
     print(render.table(["header", "value"], sorted(headers.items()), max_width=100))
-    print("\nPayload" + (f" ({info.get('kind')} event, decoded from Avro):"
-                         if info["payload"] is not None else ":"))
+    if info.get("kind") == "capture_dead_letter":
+        # never an Avro event: the producer wrote this JSON in its place
+        print("\nPayload (capture dead letter: the JSON the producer wrote instead of an "
+              "event, the row's values as text):")
+    else:
+        print("\nPayload" + (f" ({info.get('kind')} event, decoded from Avro):"
+                             if info["payload"] is not None else ":"))
     if info["payload"] is not None:
         print(render.dumps(info["payload"]))
     else:
@@ -247,11 +284,11 @@ def _print_report(report: Any, as_json: bool) -> int:
 def cmd_dlq_redrive(settings: Settings, args: argparse.Namespace) -> int:
     from service.operator.dlq import redrive, select_letters
 
-    if not (args.ids or args.error_type or args.field or args.all):
+    if not (args.ids or args.error_type or args.field or args.key or args.all):
         raise ConfigError("dlq redrive", "name dead letters: ID ..., --error-type X, "
-                                         "--field F or --all")
+                                         "--field F, --key K or --all")
     letters, refused = select_letters(settings, args.ids, args.error_type, args.all,
-                                      field=args.field)
+                                      field=args.field, key=args.key)
     report = redrive(settings, letters, actor=actor(args.actor), reason=args.reason,
                      dry_run=args.dry_run)
     report.outcomes[:0] = refused
@@ -296,6 +333,33 @@ def _confirm(question: str) -> bool:
 
 
 # ---- reconcile -----------------------------------------------------------------------------
+def cmd_resync(settings: Settings, args: argparse.Namespace) -> int:
+    from service.operator.resync import resync
+
+    report = resync(settings, wait_s=args.wait, chunk_size=args.chunk_size)
+    if args.json:
+        print(render.dumps(render.jsonable(report)))
+        return EXIT_OK if report.done else EXIT_ATTENTION
+    if report.problem is not None:
+        print(f"Repaired {report.problem}: new slot {settings.slot_name}, publication "
+              f"{settings.publication_name} checked; snapshots requested: "
+              + ", ".join(f"{k} #{v}" for k, v in report.snapshots.items()))
+    if report.done and report.problem is None and not report.caught_up:
+        print("Nothing to resync: the slot and the publication are the ones captured "
+              "through, and no delete pass is due.")
+        return EXIT_OK
+    if not report.caught_up:
+        print(f"The consumers did not apply the old slot's events within {args.wait:g}s: "
+              "the delete pass is still due. Start the consumers, then run "
+              "`crm-erp-sync resync` again.")
+        return EXIT_ATTENTION
+    marked = sum(len(v) for v in report.marked_deleted.values())
+    print(f"Delete pass done: {marked} ERP row(s) whose CRM row is gone marked deleted"
+          + "".join(f"; {k}: {', '.join(v[:20])}" for k, v in report.marked_deleted.items())
+          + ". The producer re-snapshots from the new slot (`crm-erp-sync snapshot list`).")
+    return EXIT_OK
+
+
 def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     from service.operator.reconcile import reconcile
 
@@ -303,9 +367,7 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
                        wait_s=args.wait)
     if args.json:  # complete: every key, whatever --limit says
         def entity_json(e: Any) -> dict[str, Any]:
-            return {**render.jsonable(e), "drift": e.drift, "counts": {
-                "missing": len(e.missing), "extra": len(e.extra),
-                "differing": len(e.differing), "unmappable": len(e.unmappable)}}
+            return {**render.jsonable(e), "drift": e.drift, "counts": e.counts()}
         out = {**render.jsonable(result), "drift": result.drift,
                "entities": [entity_json(e) for e in result.entities]}
         if result.repair is not None:
@@ -314,9 +376,9 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
         print(render.dumps(out))
         return EXIT_ATTENTION if result.drift else EXIT_OK
     print(render.table(["entity", "crm rows", "erp rows", "missing", "extra", "differing",
-                        "unmappable", "seconds"],
+                        "unmappable", "held", "seconds"],
                        [(e.entity, e.crm_rows, e.erp_rows, len(e.missing), len(e.extra),
-                         len(e.differing), len(e.unmappable), e.seconds)
+                         len(e.differing), len(e.unmappable), len(e.held), e.seconds)
                         for e in result.entities]))
     shown = args.limit or None  # 0: all
     for e in result.entities:
@@ -329,6 +391,8 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
             print(f"{e.entity} {key} differs in: {', '.join(fields)}")
         for key, why in list(e.unmappable.items())[:shown]:
             print(f"{e.entity} {key} cannot be mapped (dead letter): {why}")
+        for key, why in list(e.held.items())[:shown]:
+            print(f"{e.entity} {key} {why}")
     if result.stock is not None:
         print()
         _print_stock(result.stock, shown)
@@ -470,9 +534,11 @@ def cmd_pause(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
     from service.consumer.policy import percent
-    from service.operator.breaker import resume, resume_pauses
+    from service.operator.breaker import check_partitions, resume, resume_pauses
 
     partitions = _named_partitions(args, "resume")
+    if partitions is not None:
+        check_partitions(settings, partitions)  # a partition that does not exist: exit 2
     who = actor(args.actor)
     unpaused = resume_pauses(settings, partitions, actor=who, reason=args.reason)
     resumed, not_tripped = resume(settings, partitions, actor=who, reason=args.reason)
@@ -524,7 +590,9 @@ def register(sub: Any) -> None:
                "snapshots; unresolved dead letters by error class; held events by reason; the\n"
                "last applied change and its end-to-end delay; partitions paused by the\n"
                "dead-letter circuit breaker (since when, measured ratio, limit, reasons).\n\n"
-               "Exit 1 (needs attention) when a dead letter is unresolved, the slot is missing\n"
+               "Exit 1 (needs attention) when capture stopped on a dropped, replaced or lost\n"
+               "slot or publication (until `crm-erp-sync resync` ran), a dead letter is\n"
+               "unresolved, the slot is missing\n"
                "or inactive (no producer), an event is held longer than ORPHAN_HOLD_S, events\n"
                "are held behind a key with no dead letter, a circuit breaker is open, or the\n"
                "total lag exceeds --max-lag.")
@@ -608,7 +676,7 @@ def register(sub: Any) -> None:
                "unresolved ones (open, failed_again).")
     p.add_argument("--since", metavar="ISO8601", help="created at or after this time")
     p.add_argument("--error-type", help="error class (MappingError, DecodeError, ...) or stage "
-                                        "(decode, transform, apply)")
+                                        "(capture, decode, transform, apply)")
     p.add_argument("--topic")
     p.add_argument("--key", help="message key (the customer id for crm.sales)")
     p.add_argument("--state", action="append",
@@ -636,6 +704,8 @@ def register(sub: Any) -> None:
     p.add_argument("--error-type", help="all unresolved letters of this error class or stage")
     p.add_argument("--field", help="all unresolved letters whose mapping failed on this CRM "
                                    "field (phone, address, ...)")
+    p.add_argument("--key", help="all unresolved letters of this message key (the customer's "
+                                 "for crm.sales), in their order")
     p.add_argument("--all", action="store_true", help="all unresolved letters")
     p.add_argument("--dry-run", action="store_true",
                    help="only check that each decodes and maps with the current mappings")
@@ -658,6 +728,22 @@ def register(sub: Any) -> None:
     p.add_argument("--reason", required=True, help="why (required, audited)")
     p.add_argument("--actor", help="who (default: the login name)")
     p.set_defaults(func=cmd_dlq_discard)
+
+    p = parser("resync", sub, "recover from a dropped, replaced or lost slot or a dropped "
+               "publication", "The one recovery when `status` says capture stopped because the\n"
+               "replication slot or the publication was dropped, replaced or lost (changes made\n"
+               "meanwhile cannot be read any more). Requests a snapshot of every captured\n"
+               "entity, drops the broken slot, creates the publication if missing and a new\n"
+               "slot (the stopped producer resumes by itself); then waits until the consumers\n"
+               "applied every event already on the topics and marks deleted the ERP rows whose\n"
+               "CRM row no longer exists (each only if unchanged since compared).\n\n"
+               "Exit 0 done (or nothing to do), 1 the consumers did not catch up within --wait\n"
+               "(run it again: it does only what is left) or the slot is held by a process.")
+    p.add_argument("--wait", type=float, default=300.0, metavar="SECONDS",
+                   help="how long to wait for the consumers before the delete pass "
+                        "(default 300)")
+    p.add_argument("--chunk-size", type=int, default=5000, metavar="N")
+    p.set_defaults(func=cmd_resync)
 
     p = parser("reconcile", sub, "compare CRM and ERP on the mapped fields; --repair drift",
                "Compare the CRM and the ERP entity by entity on the mapped fields, in key-\n"

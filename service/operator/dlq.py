@@ -32,6 +32,7 @@ from service.consumer.pipeline import ErpApplier, Message, prepare
 from service.erp.mappings import Mappings
 from service.errors import (
     ApplyError,
+    CaptureRejected,
     ConfigError,
     DecodeError,
     MappingError,
@@ -150,7 +151,7 @@ def known_error_types(conn: PgConn) -> list[str]:
     """Every error class and stage a dead letter can have, and those recorded."""
     recorded = conn.execute("SELECT error_class FROM sync.dead_letters UNION "
                             "SELECT stage FROM sync.dead_letters").fetchall()
-    stages = {c.stage for c in (DecodeError, MappingError, ApplyError)}
+    stages = {c.stage for c in (DecodeError, MappingError, ApplyError, CaptureRejected)}
     return sorted(_permanent_classes() | stages | {r[0] for r in recorded})
 
 
@@ -282,7 +283,7 @@ _FIELD_CLAUSE = "(error_class = 'MappingError' AND starts_with(error_message, %s
 
 
 def select_letters(settings: Settings, ids: list[int] | None, error_type: str | None,
-                   all_open: bool, *, field: str | None = None
+                   all_open: bool, *, field: str | None = None, key: str | None = None
                    ) -> tuple[list[Letter], list[Outcome]]:
     """The letters an action targets, and refusals for ids that do not exist."""
     with connect(settings, "erp") as conn:
@@ -301,6 +302,9 @@ def select_letters(settings: Settings, ids: list[int] | None, error_type: str | 
         if field and not all_open:
             where += " AND " + _FIELD_CLAUSE
             params.append(field + ": ")  # type: ignore[arg-type]
+        if key is not None and not all_open:
+            where += " AND msg_key = %s"
+            params.append(key.encode())  # type: ignore[arg-type]
         rows = conn.execute(f"SELECT {_COLUMNS} FROM sync.dead_letters WHERE {where}",
                             params).fetchall()
     return [_letter(r) for r in rows], []
@@ -361,13 +365,15 @@ def redrive(settings: Settings, letters: list[Letter], *, actor: str, reason: st
                                                 records.get(d.dead_letter_id)))
         return report
     applier = ErpApplier(settings, registry, mappings)
+    # Capture letters of one CRM row re-read it once: (table, key) -> the first's detail.
+    rereads: dict[tuple[str, str], str] = {}
     try:
         conn = applier.connect()
         for group in _key_groups(todo):
             for d in group:
                 report.outcomes.append(_redrive_one(applier, conn, d,
                                                     records.get(d.dead_letter_id), actor,
-                                                    reason))
+                                                    reason, rereads))
         _sweep(applier, conn)
     finally:
         _close(applier)
@@ -399,7 +405,8 @@ def _held_count(conn: PgConn, d: Letter) -> int:
 
 
 def _redrive_one(applier: ErpApplier, conn: PgConn, d: Letter, record: Any, actor: str,
-                 reason: str | None) -> Outcome:
+                 reason: str | None, rereads: dict[tuple[str, str], str] | None = None
+                 ) -> Outcome:
     with conn.transaction():
         state = _lock(conn, d.dead_letter_id)
         if state not in UNRESOLVED:
@@ -421,7 +428,8 @@ def _redrive_one(applier: ErpApplier, conn: PgConn, d: Letter, record: Any, acto
         elif d.stage == "capture":
             resnapshot = ""
             try:
-                error, resnapshot = None, _resnapshot(applier.settings, record)
+                error, resnapshot = None, _resnapshot(applier.settings, record,
+                                                      {} if rereads is None else rereads)
             except CaptureRedriveError as exc:
                 error, resnapshot = str(exc), ""
             if error is None:
@@ -457,11 +465,13 @@ class CaptureRedriveError(SyncError):
     """A capture dead letter whose row cannot be re-read (says why)."""
 
 
-def _resnapshot(settings: Settings, record: Any) -> str:
+def _resnapshot(settings: Settings, record: Any, rereads: dict[tuple[str, str], str]) -> str:
     """Redrive of a capture dead letter: its change never became an event, so there are no
     bytes to re-run; the CRM row is read again instead (an ad-hoc snapshot of that key, the
     producer publishes it as a READ event positioned after everything held). A row still
-    unrepresentable becomes a new capture dead letter. Returns the outcome's detail."""
+    unrepresentable becomes a new capture dead letter. Several letters of one row (a bad
+    value, then the UPDATE that fixed it: its old row held the value) share one re-read:
+    ``rereads`` remembers (entity, key) -> detail within one redrive. Returns the detail."""
     from service.cdc.profile import load_profile
 
     try:
@@ -485,14 +495,18 @@ def _resnapshot(settings: Settings, record: Any) -> str:
             column, key = ",".join(ent.key), ent.key_text(row or primary_key)
     except (KeyError, TypeError) as exc:
         raise CaptureRedriveError(f"{table}: no usable key in the letter") from exc
+    if (ent.entity, key) in rereads:
+        return rereads[(ent.entity, key)] + " (one re-read for this row's letters)"
     with connect(settings, "crm") as crm:
         try:
             snapshot_id = request_snapshot(crm, profile, ent.entity, [key], reason="redrive")
         except ValueError as exc:
             raise CaptureRedriveError(str(exc)) from exc
     table = ent.table
-    return (f"re-read of {table} {column}={key} requested (snapshot {snapshot_id}); "
-            "its current state follows as a READ event")
+    detail = (f"re-read of {table} {column}={key} requested (snapshot {snapshot_id}); "
+              "its current state follows as a READ event")
+    rereads[(ent.entity, key)] = detail
+    return detail
 
 
 def discard(settings: Settings, letters: list[Letter], *, actor: str,

@@ -10,8 +10,14 @@ consumer's ``to_erp`` with the current mappings, so "expected" means exactly wha
 would write.
 
 Each key ends in one of: ``missing`` (in the CRM, not live in the ERP), ``extra`` (live in the
-ERP, gone from the CRM), ``differing`` (with the fields that differ) or ``unmappable`` (the
-CRM row cannot be mapped: its event is a dead letter; fix the mapping or the CRM record).
+ERP, gone from the CRM), ``differing`` (with the fields that differ), ``unmappable`` (the
+CRM row cannot be mapped: its event is a dead letter; fix the mapping or the CRM record) or
+``held`` (missing, extra or differing only because the sync holds its key: an unresolved
+dead letter of the key, a capture letter too, or events held for it; ``dlq`` resolves it,
+a re-snapshot would only be held as well, so ``--repair`` leaves it).
+
+Every run is recorded in ``sync.reconcile_runs`` (counts by entity and kind); consumers
+export the newest as gauges, so a scheduled reconcile can be alerted on (README).
 
 With orders, stock is recounted from the ERP's own orders (``service.operator.stock``) and
 SKUs whose totals drift are reported; ``--repair`` corrects them.
@@ -34,6 +40,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from service.cdc.capture import (
     TableInfo,
@@ -46,6 +53,7 @@ from service.cdc.capture import (
 )
 from service.cdc.events import READ, References, RowChange, build_events, canonical
 from service.cdc.profile import EntityMapping, SourceProfile, load_profile
+from service.cdc.zone import crm_naive_zone
 from service.erp.changes import to_erp
 from service.erp.mappings import Mappings
 from service.erp.sql_target import ITEM_FIELDS as SQL_ITEM_FIELDS
@@ -91,11 +99,18 @@ class EntityReport:
     extra: list[str] = field(default_factory=list)
     differing: dict[str, list[str]] = field(default_factory=dict)
     unmappable: dict[str, str] = field(default_factory=dict)
+    held: dict[str, str] = field(default_factory=dict)  # key -> what holds it
     seconds: float = 0.0
 
     @property
     def drift(self) -> int:
-        return len(self.missing) + len(self.extra) + len(self.differing) + len(self.unmappable)
+        return (len(self.missing) + len(self.extra) + len(self.differing)
+                + len(self.unmappable) + len(self.held))
+
+    def counts(self) -> dict[str, int]:
+        return {"missing": len(self.missing), "extra": len(self.extra),
+                "differing": len(self.differing), "unmappable": len(self.unmappable),
+                "held": len(self.held)}
 
     def merge(self, other: EntityReport) -> None:
         self.crm_rows += other.crm_rows
@@ -104,6 +119,7 @@ class EntityReport:
         self.extra += other.extra
         self.differing.update(other.differing)
         self.unmappable.update(other.unmappable)
+        self.held.update(other.held)
 
 
 @dataclass
@@ -213,6 +229,8 @@ class Reconciler:
         self._tables: dict[str, TableInfo] = {}
         self._crm: PgConn | None = None
         self.refs = References(self._load_reference)
+        # Orders travel under their customer's key: order key -> Kafka message key.
+        self.msg_keys: dict[str, str] = {}
 
     def _load_reference(self, entity: str, key: str) -> dict[str, Any] | None:
         ent = self.profile.entity(entity)
@@ -253,7 +271,9 @@ class Reconciler:
     def _open_crm(self, crm: PgConn) -> None:
         self._crm = crm
         if not self._tables:
-            self._tables = read_table_info(crm, self.profile)
+            # naive timestamps in the same zone as the producer reads them
+            self._tables = read_table_info(crm, self.profile,
+                                           crm_naive_zone(crm, self.settings))
 
     def _source(self, entity: Entity) -> EntityMapping | None:
         return self.profile.entity(entity.source)
@@ -293,6 +313,9 @@ class Reconciler:
                 for key in gone:
                     report.extra.append(key)
                     positions[key] = (held.get(key) or {}).get("position")
+                    customer = (held.get(key) or {}).get("crm_customer_id")
+                    if customer is not None:
+                        self.msg_keys[key] = str(customer)
             if keys is not None:
                 break
             last = live_erp[-1]
@@ -317,12 +340,14 @@ class Reconciler:
                 report.crm_rows += len(rows)
                 expected = _expected(entity, self.profile, self.refs, rows, lines,
                                      self.mappings, report)
+                self._note_msg_keys(entity, expected)
                 actual = self._actual(erp, entity, [ent.key_text(r) for r in rows])
                 _compare(self._expected_view(erp, entity, expected), actual, report)
                 if progress is not None:
                     progress(len(rows))
                 last = ent.key_text(rows[-1])
             report.erp_rows = self._extra_pass(crm, erp, entity, ent, report, None)
+            self._classify_held(erp, entity, report)
         report.missing.sort()
         report.extra.sort()
         report.seconds = round(time.monotonic() - started, 3)
@@ -342,11 +367,54 @@ class Reconciler:
             report.crm_rows = len(rows)
             expected = _expected(entity, self.profile, self.refs, rows, lines, self.mappings,
                                  report)
+            self._note_msg_keys(entity, expected)
             actual = self._actual(erp, entity, keys)
             report.erp_rows = sum(1 for v in actual.values() if not v["deleted"])
             _compare(self._expected_view(erp, entity, expected), actual, report)
             self._extra_pass(crm, erp, entity, ent, report, keys)
+            self._classify_held(erp, entity, report)
         return report
+
+    def _note_msg_keys(self, entity: Entity, expected: dict[str, dict[str, Any]]) -> None:
+        if entity.name == "orders":
+            self.msg_keys.update({k: str(v["crm_customer_id"]) for k, v in expected.items()
+                                  if v.get("crm_customer_id") is not None})
+
+    def _classify_held(self, erp: PgConn, entity: Entity, report: EntityReport) -> None:
+        """Missing, extra or differing keys whose Kafka key the sync holds (an unresolved
+        dead letter of any stage, or held events) are ``held``, with what holds them: the
+        ERP is behind on purpose there, and a re-snapshot would be held as well."""
+        drifted = [*report.missing, *report.extra, *report.differing]
+        if not drifted:
+            return
+        topic = (self.settings.market_topic if entity.name == "demand"
+                 else self.settings.sales_topic)
+        by_msg: dict[bytes, list[str]] = {}
+        for key in drifted:
+            by_msg.setdefault(self.msg_keys.get(key, key).encode(), []).append(key)
+        try:
+            rows = erp.execute(
+                "SELECT msg_key, 'dead letter #' || min(dead_letter_id) || ' (' || "
+                "string_agg(DISTINCT stage || ': ' || error_class, ', ') || ')' "
+                "FROM sync.dead_letters WHERE topic = %(t)s AND msg_key = ANY(%(k)s) "
+                "AND state IN ('open', 'failed_again') GROUP BY msg_key "
+                "UNION ALL SELECT msg_key, count(*) || ' held event(s) (' || "
+                "string_agg(DISTINCT reason, ', ') || ')' FROM sync.held_events "
+                "WHERE topic = %(t)s AND msg_key = ANY(%(k)s) GROUP BY msg_key",
+                {"t": topic, "k": list(by_msg)}).fetchall()
+        except psycopg.errors.UndefinedTable:  # a target without sync state tables
+            return
+        why: dict[bytes, list[str]] = {}
+        for msg_key, text in rows:
+            why.setdefault(bytes(msg_key), []).append(text)
+        for msg_key, reasons in why.items():
+            for key in by_msg.get(msg_key, []):
+                report.held[key] = "held behind " + "; ".join(reasons)
+        if report.held:
+            report.missing = [k for k in report.missing if k not in report.held]
+            report.extra = [k for k in report.extra if k not in report.held]
+            report.differing = {k: v for k, v in report.differing.items()
+                                if k not in report.held}
 
     def repair(self, reports: list[EntityReport], *, wait_s: float = 120.0,
                poll_s: float = 1.0) -> RepairReport:
@@ -355,7 +423,7 @@ class Reconciler:
             ensure_capture_objects(crm, self.settings, self.profile)
             for report in reports:
                 entity = ENTITIES[report.entity]
-                keys = sorted(set(report.missing) | set(report.differing))
+                keys = sorted(set(report.missing) | set(report.differing))  # not held ones
                 if keys:
                     out.snapshots[entity.name] = request_snapshot(
                         crm, self.profile, entity.source, keys, self.chunk_size,
@@ -367,7 +435,7 @@ class Reconciler:
         while True:
             out.remaining = [self.check_keys(ENTITIES[r.entity],
                                              sorted({*r.missing, *r.extra, *r.differing,
-                                                     *r.unmappable}))
+                                                     *r.unmappable, *r.held}))
                              for r in reports]
             repairable = sum(len(r.missing) + len(r.extra) + len(r.differing)
                              for r in out.remaining)
@@ -377,6 +445,19 @@ class Reconciler:
         out.waited_s = round(time.monotonic() - started, 1)
         out.converged = sum(r.drift for r in out.remaining) == 0
         return out
+
+    def mark_gone(self, entity: Entity) -> list[str]:
+        """The ERP-driven pass alone (``resync``): live ERP rows of ``entity`` whose CRM row
+        is gone are marked deleted, each only if it still has the position it was compared
+        at. Returns the keys marked."""
+        report = EntityReport(entity.name)
+        with connect(self.settings, "crm") as crm, connect(self.settings, "erp") as erp:
+            self._open_crm(crm)
+            ent = self._source(entity)
+            if ent is None:
+                return []
+            self._extra_pass(crm, erp, entity, ent, report, None)
+            return self._mark_deleted(erp, entity, report.extra) if report.extra else []
 
     def _mark_deleted(self, erp: PgConn, entity: Entity, keys: list[str]) -> list[str]:
         positions = self.positions.get(entity.name, {})
@@ -409,9 +490,30 @@ def reconcile(settings: Settings, entities: list[str] | None = None, *, repair: 
             # After the order repair (if any): totals are recounted from what the ERP holds.
             with connect(settings, "erp") as erp:
                 result.stock = recount(erp, rec.mappings, repair=repair)
+        record_run(settings, result, names)
         return result
     finally:
         rec.close()
+
+
+def record_run(settings: Settings, result: ReconcileReport, names: list[str]) -> None:
+    """Keep the run's counts in ``sync.reconcile_runs`` (after a repair: what remained), for
+    the consumers' gauges. An ERP set up before the table existed is told to run setup."""
+    final = result.repair.remaining if result.repair is not None else result.entities
+    remaining = {r.entity: r for r in final}
+    counts = {e.entity: (remaining[e.entity] if e.entity in remaining
+                         else EntityReport(e.entity)).counts() for e in result.entities}
+    if result.stock is not None:
+        counts["stock"] = {"differing": result.stock_drift}
+    try:
+        with connect(settings, "erp") as erp:
+            erp.execute("INSERT INTO sync.reconcile_runs (entities, counts, drift, repaired) "
+                        "VALUES (%s, %s, %s, %s)",
+                        (names, Jsonb(counts), result.drift,
+                         result.repair is not None))
+    except psycopg.errors.UndefinedTable as exc:
+        raise ConfigError("CRM_ERP_SYNC_ERP_DSN", "the ERP has no sync.reconcile_runs table: "
+                          "run `crm-erp-sync setup` (idempotent) after an upgrade") from exc
 
 
 

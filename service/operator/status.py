@@ -2,6 +2,8 @@
 
 Needs attention (exit 1) when any of:
 - a dead letter is unresolved (open or failed again);
+- capture stopped because the slot or the publication was dropped, replaced or lost
+  (``service.cdc.slot_guard``: until `crm-erp-sync resync` ran, and until its delete pass ran);
 - the producer's replication slot is missing, or no producer holds the capture lock (the
   producer reads its slot in short SQL calls, so "slot active" is not a liveness signal; the
   advisory lock every active producer holds is);
@@ -17,20 +19,30 @@ Needs attention (exit 1) when any of:
   ``crm_erp_sync.contract_violations`` (table, column, problem, the SQL that fixes it);
 - a CRM transaction has been open longer than ``PINNING_XACT_S``: the slot cannot confirm
   past it, so the CRM keeps its WAL (pid, age and state are shown, never the query text).
+- capture is stopped before a TRUNCATE of a captured CRM table (CRM_ERP_SYNC_ON_TRUNCATE=stop):
+  the table and the setting to change are named; propagated and skipped truncates are
+  reported (count and the last one) without needing attention;
 - a running consumer refused the mappings file on its disk (it keeps the older version), or
   the running consumers apply different mappings versions (``sync.consumers``).
-Lag alone below that is normal under load and is only reported.
+Lag alone below that is normal under load and is only reported. Outside the apply window
+(CRM_ERP_SYNC_APPLY_WINDOW, read from this process's settings: give `status` the consumers'
+configuration) the consumers pause by design: status says "outside apply window until ...",
+and neither the lag nor events awaiting their customer count as stuck meanwhile.
+
+Capture dead letters (stage capture: a CRM change the producer could not make an event) are
+listed one by one (table, key, reason) apart from the letters of the apply path.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 
-from service.cdc.capture import CONTRACT_TABLE, OWN_SCHEMA
+from service.cdc import slot_guard
+from service.cdc.capture import CONTRACT_TABLE, OWN_SCHEMA, TRUNCATES_TABLE
 from service.cdc.producer import lock_key
 from service.consumer.mappings_watch import live_members
 from service.errors import StackUnavailable
@@ -41,6 +53,7 @@ from service.ops import PartitionLag, group_lag, slot_state
 from service.settings import Settings
 
 PINNING_XACT_S = 600.0
+CAPTURE_SHOWN = 20
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,16 @@ class Status:
     consumers: list[dict[str, Any]] = field(default_factory=list)
     # Why capture is stopped (source contract): table, column, problem, fix, since.
     contract_violations: list[dict[str, Any]] = field(default_factory=list)
+    # Unresolved capture dead letters, oldest first (at most CAPTURE_SHOWN): dead_letter_id,
+    # table, key (the CRM row's), error_class, reason, created_at; and how many in all.
+    capture_letters: list[dict[str, Any]] = field(default_factory=list)
+    capture_letters_total: int = 0
+    # CRM_ERP_SYNC_APPLY_WINDOW: {"window", "open", "until"} (None: always applying).
+    apply_window: dict[str, Any] | None = None
+    # CRM TRUNCATEs the producer met (crm_erp_sync.truncates): "stopped" (rows capture waits
+    # before), "propagated" and "skipped" (counts), "last" (the newest handled one), and
+    # "applied" (sync.truncations in the ERP: per entity, truncates applied, rows marked)
+    truncates: dict[str, Any] = field(default_factory=dict)
     attention: list[str] = field(default_factory=list)
 
     @property
@@ -145,6 +168,28 @@ def contract_violations(settings: Settings) -> list[dict[str, Any]]:
             for r in rows]
 
 
+def _crm_truncates(settings: Settings) -> dict[str, Any]:
+    """What became of the CRM truncates the producer met (crm_erp_sync.truncates)."""
+    out: dict[str, Any] = {"stopped": [], "propagated": 0, "skipped": 0, "last": None}
+    names = ("table", "commit_lsn", "xid", "commit_time", "outcome", "setting", "seen_at")
+    try:
+        with connect(settings, "crm") as crm:
+            rows = [dict(zip(names, r, strict=True)) for r in crm.execute(
+                f"SELECT table_name, commit_lsn::text, xid, commit_time, outcome, setting, "
+                f"seen_at FROM {TRUNCATES_TABLE} ORDER BY commit_lsn, table_name").fetchall()]
+    except psycopg.errors.UndefinedTable:  # no producer has run this version yet
+        return out
+    except psycopg.OperationalError as exc:
+        raise StackUnavailable(f"CRM database unreachable: {type(exc).__name__}") from exc
+    for row in rows:
+        if row["outcome"] == "stopped":
+            out["stopped"].append(row)
+        else:
+            out[row["outcome"]] += 1
+            out["last"] = row
+    return out
+
+
 def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
     lag = group_lag(settings)
     listed = broker_members(settings)
@@ -162,31 +207,51 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
                 "WHERE datname = current_database()) "
                 "AND ((classid::bigint << 32) | objid::bigint) = hashtext(%s)::bigint)",
                 (lock_key(settings.slot_name),)).fetchone()
+            capture_broken = slot_guard.problems(crm, settings)
             xact = crm.execute(
                 "SELECT pid, state, extract(epoch FROM clock_timestamp() - xact_start), "
                 "datname FROM pg_stat_activity WHERE backend_xid IS NOT NULL "
                 "AND pid <> pg_backend_pid() ORDER BY xact_start LIMIT 1").fetchone()
     except psycopg.errors.UndefinedTable:
-        pending, locked, xact = [], None, None
+        pending, locked, xact, capture_broken = [], None, None, []
     except psycopg.OperationalError as exc:
         raise StackUnavailable(f"CRM database unreachable: {type(exc).__name__}") from exc
     violations = contract_violations(settings)
+    truncates = _crm_truncates(settings)
     with connect(settings, "erp") as erp:
+        try:
+            truncates["applied"] = [dict(zip(
+                ("entity", "crm_table", "truncates", "rows_marked", "applied_at"), r,
+                strict=True)) for r in erp.execute(
+                "SELECT entity, crm_table, truncates, rows_marked, applied_at FROM "
+                "sync.truncations WHERE truncates > 0 ORDER BY entity").fetchall()]
+        except psycopg.errors.UndefinedTable:  # an ERP set up before the table existed
+            truncates["applied"] = []
         breaker = open_trips(erp, settings.consumer_group)
         by_field = [(c, f or "", int(n)) for c, f, n in erp.execute(
             "SELECT error_class, CASE WHEN error_class = 'MappingError' "
             "THEN split_part(error_message, ': ', 1) END, count(*) FROM sync.dead_letters "
-            "WHERE state IN ('open', 'failed_again') GROUP BY 1, 2 ORDER BY 1, 2").fetchall()]
+            "WHERE state IN ('open', 'failed_again') AND stage <> 'capture' "
+            "GROUP BY 1, 2 ORDER BY 1, 2").fetchall()]
         letters: dict[str, int] = {}
         for cls, _f, n in by_field:
             letters[cls] = letters.get(cls, 0) + n
+        capture = [dict(zip(("dead_letter_id", "table", "key", "error_class", "reason",
+                             "created_at", "total"), r, strict=True)) for r in erp.execute(
+            "SELECT dead_letter_id, coalesce(source_table, topic), "
+            "coalesce(source_key, convert_from(msg_key, 'UTF8')), error_class, error_message, "
+            "created_at, count(*) OVER () FROM sync.dead_letters "
+            "WHERE state IN ('open', 'failed_again') AND stage = 'capture' "
+            "ORDER BY dead_letter_id LIMIT %s", (CAPTURE_SHOWN,)).fetchall()]
         try:
             reported = [dict(zip(("client_id", "host", "pid", "member_id", "in_group",
                                   "out_since", "assigned", "mappings_version", "rejoins",
-                                  "age_s"), r, strict=True)) for r in erp.execute(
+                                  "age_s", "window_closed_until"), r, strict=True))
+                        for r in erp.execute(
                 "SELECT client_id, host, pid, member_id, in_group, out_since, assigned, "
                 "mappings_version, rejoins, "
-                "extract(epoch FROM clock_timestamp() - last_seen)::float8 "
+                "extract(epoch FROM clock_timestamp() - last_seen)::float8, "
+                "apply_window_closed_until "
                 "FROM sync.consumer_membership WHERE consumer_group = %s ORDER BY client_id",
                 (settings.consumer_group,)).fetchall()]
             paused = [dict(zip(("topic", "partition", "paused_at", "paused_by", "reason"), r,
@@ -230,13 +295,38 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         producer_running=bool(locked and locked[0]), breaker=breaker, consumers=consumers,
         members=merge_members(listed, reported, alive_s=max(30.0,
                                                             3 * settings.membership_check_s)),
-        dead_letters_by_field=by_field, paused=paused, contract_violations=violations,
+        dead_letters_by_field=by_field, paused=paused, truncates=truncates,
+        contract_violations=violations,
+        capture_letters=[{k: v for k, v in c.items() if k != "total"} for c in capture],
+        capture_letters_total=int(capture[0]["total"]) if capture else 0,
         oldest_transaction=None if not xact else {
             "pid": xact[0], "state": xact[1], "age_s": float(xact[2]), "database": xact[3]},
         last_applied={"applied_at": applied_at, "crm_commit_time": last[1],
                       "seconds_since_last_apply": float(last[2]) if last[2] is not None
                       else None,
                       "end_to_end_delay_s": float(delay[0]) if delay else None})
+    window = settings.apply_window_parsed()
+    closed = False
+    if window is not None:
+        state = window.state(datetime.now(UTC))
+        status.apply_window = {"window": window.text, "open": state.open,
+                               "until": state.until, "as_seen_by": "status"}
+        # What the running consumers report wins over this process's clock and settings.
+        alive = [r for r in reported if r["age_s"] <= max(30.0, 3 * settings.membership_check_s)]
+        if alive:
+            shut = [r["window_closed_until"] for r in alive if r["window_closed_until"]]
+            status.apply_window.update(
+                {"open": not shut, "as_seen_by": "consumers",
+                 # when it closes is known here only if this clock agrees it is open
+                 "until": min(shut).astimezone(window.zone) if shut
+                 else state.until if state.open else None})
+        closed = not status.apply_window["open"]
+    for t in truncates["stopped"]:
+        status.attention.append(
+            f"capture STOPPED before TRUNCATE of {t['table']} (commit LSN {t['commit_lsn']}, "
+            f"{t['commit_time']:%Y-%m-%d %H:%M:%S%z}) because CRM_ERP_SYNC_ON_TRUNCATE="
+            f"{t['setting']}: set CRM_ERP_SYNC_ON_TRUNCATE=propagate (its ERP rows are marked "
+            "deleted) or skip (they stay as they are), then restart the producer")
     for v in violations:
         where = v["table"] if v["column"] == "*" else f"{v['table']}.{v['column']}"
         status.attention.append(
@@ -281,27 +371,35 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         status.attention.append(
             f"running consumers apply different mappings versions ({', '.join(versions)}): "
             "give every consumer the same mappings file")
+    if status.capture_letters_total:
+        status.attention.append(
+            f"{status.capture_letters_total} capture dead letter(s) unresolved (CRM rows the "
+            "producer could not make events; their keys are held): fix the rows in the CRM, "
+            "then `crm-erp-sync dlq redrive --error-type capture`")
     if letters:
         status.attention.append(f"{sum(letters.values())} dead letter(s) unresolved: "
                                 "see `crm-erp-sync dlq list`")
-    if slot is None:
+    status.attention.extend(capture_broken)  # a broken slot or publication, and its recovery
+    if capture_broken:
+        pass  # already named above, with the one recovery command
+    elif slot is None:
         status.attention.append(f"replication slot {settings.slot_name} is missing: "
                                 "the producer has never run or the slot was dropped")
     elif slot.get("wal_status") == "lost":
         status.attention.append(f"replication slot {settings.slot_name} is LOST (its WAL was "
-                                "removed): restart the producer with "
-                                "CRM_ERP_SYNC_ON_SLOT_LOST=resnapshot, then reconcile --repair")
+                                "removed): run `crm-erp-sync resync` (new slot, full "
+                                "re-snapshot, rows deleted meanwhile marked deleted)")
     elif not status.producer_running:
         status.attention.append(f"no producer is running (nobody holds the capture lock of "
                                 f"slot {settings.slot_name}); WAL is retained meanwhile")
     awaiting = held.get("awaiting_customer")
-    if awaiting and awaiting["oldest_age_s"] > settings.orphan_hold_s:
+    if awaiting and awaiting["oldest_age_s"] > settings.orphan_hold_s and not closed:
         status.attention.append(f"events held awaiting their customer for more than "
                                 f"{settings.orphan_hold_s:g}s: is a consumer running?")
     if status.stuck_keys:
         status.attention.append(f"{status.stuck_keys} key(s) have held events but no "
                                 "unresolved dead letter: run `crm-erp-sync dlq redrive --all` "
                                 "to release them")
-    if status.total_lag > max_lag:
+    if status.total_lag > max_lag and not closed:
         status.attention.append(f"consumer lag {status.total_lag} exceeds {max_lag}")
     return status

@@ -236,3 +236,96 @@ def test_kustomize_builds_when_kubectl_is_here() -> None:
     assert sorted(kinds) == sorted(["Namespace", "ServiceAccount", "ConfigMap", "Secret", "Job",
                                     "Deployment", "Deployment", "PodDisruptionBudget",
                                     "PodDisruptionBudget", "Service"])
+
+
+# ---- deploy/k8s/examples -----------------------------------------------------------------------
+EXAMPLES = REPO / "deploy" / "k8s" / "examples"
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_example_cronjobs_run_real_commands_with_the_base_config(
+        path: Path, manifests: dict[tuple[str, str], dict[str, Any]],
+        kustomization: dict[str, Any]) -> None:
+    (job,) = list(yaml.safe_load_all(path.read_text()))
+    assert job["apiVersion"] == "batch/v1" and job["kind"] == "CronJob"
+    spec = job["spec"]
+    assert len(spec["schedule"].split()) == 5, "a five-field cron schedule"
+    assert spec["concurrencyPolicy"] == "Forbid"  # never two runs at once
+    template = spec["jobTemplate"]["spec"]["template"]
+    pod = template["spec"]
+    assert pod["restartPolicy"] in ("Never", "OnFailure")
+    assert ("ServiceAccount", pod["serviceAccountName"]) in manifests
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (container,) = pod["containers"]
+    assert_command(container["args"], path.name)
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    refs = {next(iter(r)): next(iter(r.values()))["name"] for r in container["envFrom"]}
+    (generator,) = kustomization["configMapGenerator"]
+    assert refs == {"configMapRef": generator["name"],
+                    "secretRef": manifests[("Secret", "crm-erp-sync-secrets")]["metadata"]
+                    ["name"]}
+
+
+def test_the_reconcile_cronjob_lets_a_drift_fail_once() -> None:
+    (job,) = yaml.safe_load_all((EXAMPLES / "reconcile-cronjob.yaml").read_text())
+    (container,) = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert container["args"][0] == "reconcile"
+    # exit 1 is "drift found": re-running the Job would only find it again
+    assert job["spec"]["jobTemplate"]["spec"]["backoffLimit"] == 0
+
+
+# ---- deploy/prometheus -------------------------------------------------------------------------
+ALERTS = REPO / "deploy" / "prometheus" / "alerts.yaml"
+
+
+def exported_metrics() -> dict[str, set[str]]:
+    """Every series name the processes export (counters with _total, histograms with their
+    suffixes) -> its label names."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from service.metrics import ConsumerMetrics, ProducerMetrics
+
+    out: dict[str, set[str]] = {}
+    for metrics in (ConsumerMetrics(), ProducerMetrics()):
+        for value in vars(metrics).values():
+            if not isinstance(value, MetricWrapperBase):
+                continue
+            name, labels = value._name, set(value._labelnames)
+            suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
+            for suffix in suffixes.get(value._type, [""]):
+                out[name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
+    return out
+
+
+def test_alert_rules_name_only_exported_metrics_and_their_labels() -> None:
+    rules = yaml.safe_load(ALERTS.read_text())
+    exported = exported_metrics()
+    names = set()
+    for group in rules["groups"]:
+        assert group["name"] and group["rules"]
+        for rule in group["rules"]:
+            assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule
+            names.add(rule["alert"])
+            assert rule["labels"]["severity"] in ("info", "warning", "page")
+            assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+            expr = rule["expr"]
+            assert expr.count("(") == expr.count(")"), rule["alert"]
+            used = re.findall(r"\b(crm_erp_sync_\w+)(\{[^}]*\})?", expr)
+            assert used, f"{rule['alert']} names no metric of ours"
+            for metric, matchers in used:
+                assert metric in exported, f"{rule['alert']}: {metric} is not exported"
+                for label in re.findall(r"(\w+)\s*[!=~]", matchers):
+                    assert label in exported[metric], f"{rule['alert']}: {metric}.{label}"
+            for by in re.findall(r"by \(([^)]*)\) \((crm_erp_sync_\w+)", expr):
+                wanted = {b.strip() for b in by[0].split(",")}
+                assert wanted <= exported[by[1]], f"{rule['alert']}: by {wanted}"
+    assert {"CrmErpSyncReconcileDrift", "CrmErpSyncReconcileNotRun"} <= names
+
+
+def test_alert_rules_pass_promtool_when_it_is_here() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("no promtool here (structure and metric names checked above)")
+    done = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr

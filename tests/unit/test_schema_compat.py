@@ -94,7 +94,7 @@ def _pairs() -> list[tuple[str, int, int]]:
 
 def test_every_kind_has_contiguous_versions_from_1() -> None:
     found = versions_of(SCHEMAS)
-    assert {"customer", "order", "market_demand"} <= set(found)
+    assert {"customer", "order", "market_demand", "truncate"} <= set(found)
     for kind, by_version in found.items():
         assert sorted(by_version) == list(range(1, len(by_version) + 1)), kind
         assert BREAKS.get(kind, set()) <= set(by_version), kind
@@ -391,3 +391,18 @@ def test_new_optional_field_is_compatible_and_resolved_with_its_default(tmp_path
     written = evolved.encode("customer", {**event, "after": {**row, "loyalty_tier": "gold"}})
     assert written[2:10] != data[2:10]
     assert evolved.decode(written)[1]["after"]["loyalty_tier"] == "gold"
+
+
+def test_a_consumer_without_the_truncate_schema_refuses_a_truncate_event(tmp_path: Path) -> None:
+    """An older consumer (its schemas/ has no truncate kind) gets a dead letter, not a skip."""
+    from service.cdc.events import truncate_event
+    from service.errors import UnknownSchema
+
+    event = truncate_event(DEMO.entities["customer"], lsn=LSN, seq=0, xid=700,
+                           commit_time=TS, profile="demo")
+    data = SchemaRegistry.load(SCHEMAS).encode("truncate", event.record)
+    older = tmp_path / "schemas"
+    shutil.copytree(SCHEMAS, older)
+    shutil.rmtree(older / "truncate")
+    with pytest.raises(UnknownSchema):
+        SchemaRegistry.load(older).decode(data)

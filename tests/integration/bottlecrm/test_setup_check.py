@@ -82,7 +82,10 @@ def test_a_capture_role_without_bypassrls_is_refused_until_the_printed_sql_is_ru
         "row filter public.orders", False, "no column(s) no_such_column on the table")
 
     # The CLI prints the same and exits 1.
-    as_role = dataclasses.replace(Settings(), crm_dsn=role_dsn)
+    # Slot names are cluster-wide: the default one may belong to `make demo`'s database.
+    as_role = dataclasses.replace(Settings(), crm_dsn=role_dsn,
+                                  slot_name=f"slot_{capture_role.name}",
+                                  publication_name=f"pub_{capture_role.name}")
     refused = cli(as_role, "setup", "--check", "--tables", ",".join(TABLES))
     assert refused.code == EXIT_ATTENTION
     printed = refused.out

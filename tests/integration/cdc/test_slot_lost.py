@@ -10,7 +10,8 @@ from service.avro import SchemaRegistry
 from service.cdc.producer import CdcProducer
 from service.errors import SlotLost
 from tests.conftest import SyncEnv
-from tests.helpers import decoded_events
+from tests.helpers import decoded_events, wait_until
+from tests.integration.conftest import Cli, Running
 
 
 @pytest.fixture
@@ -64,3 +65,41 @@ def test_a_lost_slot_fails_loudly_or_resyncs_with_a_new_snapshot(
     reads = sorted(ev["after"]["given_name"] for _, _, ev, _ in decoded_events(sync_env.settings)
                    if ev["op"] == "READ")
     assert reads == ["三", "四"]
+
+
+def test_a_lost_slot_stops_an_always_on_producer_until_resync_which_recovers_deletes(
+        sync_env: SyncEnv, small_wal_keep: None, cli: Cli, running: Running) -> None:
+    settings = sync_env.settings
+    with sync_env.crm() as crm:
+        ids = [crm.execute("INSERT INTO crm.customers (family_name, given_name) VALUES "
+                           "(%s, %s) RETURNING customer_id", name).fetchone()[0]
+               for name in (("张", "三"), ("李", "四"))]
+    producer(sync_env).run(until_idle=True)
+    consumer = running.start_consumer(settings)
+    wait_until(lambda: erp_live(sync_env) == {str(i) for i in ids}, timeout=60,
+               message="both customers in the ERP")
+    lose_the_slot(sync_env)
+    with sync_env.crm() as crm:  # deleted while the slot was lost
+        crm.execute("DELETE FROM crm.customers WHERE customer_id = %s", (ids[1],))
+
+    always_on = running.start_producer(settings)
+    body = wait_until(lambda: (lambda r: r[1] if not r[0] and r[1].get("problem") == "slot_lost"
+                               else None)(always_on.health.readiness()), timeout=60,
+                      message="capture stopped on the lost slot")
+    assert body["state"] == "capture_stopped" and "crm-erp-sync resync" in body["recover"]
+    status = cli(settings, "status", "--json")
+    assert status.code == 1
+    assert any(a.startswith("capture stopped") and "is lost" in a
+               for a in status.json["attention"])
+
+    done = cli(settings, "resync", "--wait", "120")
+    assert done.code == 0, done.out + done.err
+    wait_until(lambda: erp_live(sync_env) == {str(ids[0])}, timeout=60,
+               message="the customer deleted while the slot was lost is deleted in the ERP")
+    assert consumer is not None
+
+
+def erp_live(sync_env: SyncEnv) -> set[str]:
+    with sync_env.erp() as erp:
+        return {r[0] for r in erp.execute("SELECT crm_customer_id FROM erp.business_partners "
+                                           "WHERE NOT deleted").fetchall()}

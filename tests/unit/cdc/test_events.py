@@ -8,6 +8,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -426,6 +427,19 @@ def test_timestamptz_with_an_offset_keeps_its_instant() -> None:
 def test_timestamp_without_zone_is_taken_as_utc() -> None:
     value = converter_for(1114)("2026-11-28 12:00:00")
     assert value == datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+
+
+def test_timestamp_without_zone_is_read_in_the_crm_sessions_zone() -> None:
+    value = converter_for(1114, ZoneInfo("Asia/Shanghai"))("2026-11-28 09:00:00")
+    assert value == datetime(2026, 11, 28, 1, 0, tzinfo=UTC)
+    assert value.utcoffset() == timedelta(0)  # carried as UTC, the same instant
+
+
+def test_a_naive_time_in_a_dst_gap_or_fold_takes_the_earlier_offset() -> None:
+    berlin = converter_for(1114, ZoneInfo("Europe/Berlin"))
+    # 2026-10-25 02:30 happens twice in Berlin (CEST +02, then CET +01): the first one
+    assert berlin("2026-10-25 02:30:00") == datetime(2026, 10, 25, 0, 30, tzinfo=UTC)
+    assert berlin("2026-01-15 09:00:00") == datetime(2026, 1, 15, 8, 0, tzinfo=UTC)
 
 
 @pytest.mark.parametrize(("oid", "text", "expected"), [

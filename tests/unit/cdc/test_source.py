@@ -156,3 +156,15 @@ def test_nothing_committed_within_the_wait_gives_an_empty_batch(conn: Any) -> No
     cursor = ScriptedCursor([Msg(begin(200, TS, 1), 100), Msg(REL, 0)])  # no Commit yet
     source = Scripted(cursor)
     assert source.next_transactions(conn, 0.01) == []
+
+
+def test_the_confirm_bound_covers_explicit_confirms_and_the_wal_end_psycopg2_was_told_of(
+        conn: Any) -> None:
+    cursor = ScriptedCursor(txn(1, 100, 180, 200, "三", with_relation=True))
+    source = Scripted(cursor)
+    source.confirm(conn, source.next_transactions(conn, 0.01)[-1].end_lsn)
+    assert source.confirm_bound() == 200
+    cursor.wal_end = 5000  # a keepalive: psycopg2 may now confirm up to it by itself
+    assert source.confirm_bound() == 5000
+    source.close()  # the bound outlives the stream (the producer asks after a loss)
+    assert source.confirm_bound() == 5000

@@ -657,10 +657,12 @@ class CdcProducer:
                 self._observe_publication(conn)
             except SourceContractBroken as exc:
                 # Raised while decoding, before anything of the transaction was published:
-                # the source is dropped unconfirmed, so it is decoded again once fixed.
+                # the source is dropped without a last position report (measured: the
+                # stream's close moved the slot past the Relation message read), so the
+                # transaction is decoded again once the table is fixed.
                 if until_idle:
                     raise
-                self._reset_capture_state()
+                self._abandon_source()
                 self._contract_stopped(conn, exc.violations)
                 self._stop.wait(next(self._contract_delays))
                 continue
@@ -888,6 +890,17 @@ class CdcProducer:
             source.close()
             self._bound = max(self._bound, source.confirm_bound())
         self._chunk = None  # the chunk's watermarks are re-read; the chunk is redone
+        self._pending_progress.clear()
+
+    def _abandon_source(self) -> None:
+        """_reset_capture_state without the source's last position report: the stream was
+        left in the middle of a transaction it must decode again (psycopg2 may report its
+        flush position past the last message read, see StreamSource)."""
+        source, self._source = self._source, None
+        if source is not None:
+            source.abandon()
+            self._bound = max(self._bound, source.confirm_bound())
+        self._chunk = None
         self._pending_progress.clear()
 
     def _observe_slot(self, conn: PgConn) -> None:

@@ -144,7 +144,7 @@ def test_the_decoder_asks_before_any_change_and_stops_on_what_the_check_raises()
         raise SourceContractBroken([Violation(rel.qualified_name, "product_category",
                                               "missing", "fix")])
 
-    decoder = ChangeDecoder(broken)
+    decoder = ChangeDecoder(check_relation=broken)
     decoder.feed(_begin())
     with pytest.raises(SourceContractBroken):
         decoder.feed(_relation("f", [("demand_id", INT8), ("kind", TEXT)]))
@@ -154,7 +154,7 @@ def test_the_decoder_asks_before_any_change_and_stops_on_what_the_check_raises()
 def test_changes_under_a_relation_broken_then_are_rejected_with_their_raw_values() -> None:
     rejection = CaptureRejected("written while the table broke the source contract",
                                 "product_category")
-    decoder = ChangeDecoder(lambda rel: rejection)
+    decoder = ChangeDecoder(check_relation=lambda rel: rejection)
     decoder.feed(_begin())
     decoder.feed(_relation("f", [("demand_id", INT8), ("kind", TEXT)]))
     decoder.feed(_insert(["1", "市场趋势"]))

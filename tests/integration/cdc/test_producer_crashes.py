@@ -165,8 +165,10 @@ def _active_pid(sync_env: SyncEnv) -> int | None:
     with sync_env.crm() as crm:
         row = crm.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
                           (sync_env.settings.slot_name,)).fetchone()
-        lock = crm.execute("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
-                           ).fetchall()
+        # Advisory locks are listed cluster-wide: only this test's CRM database counts.
+        lock = crm.execute("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                           "AND database = (SELECT oid FROM pg_database "
+                           "WHERE datname = current_database())").fetchall()
     return lock[0][0] if lock else (row[0] if row else None)
 
 

@@ -45,6 +45,21 @@ def schema_fingerprint(parsed: Any) -> bytes:
     return bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
 
 
+def _record_branches(parsed: Any) -> list[tuple[str, str]]:
+    """(field, record name) of the top-level fields typed ``["null", <one named record>]``."""
+    out: list[tuple[str, str]] = []
+    for f in parsed.get("fields", []):
+        branches = f["type"]
+        if not isinstance(branches, list) or len(branches) != 2 or branches[0] != "null":
+            continue
+        branch = branches[1]
+        if isinstance(branch, dict) and branch.get("type") == "record":
+            out.append((f["name"], branch["name"]))
+        elif isinstance(branch, str) and branch in parsed.get("__named_schemas", {}):
+            out.append((f["name"], branch))
+    return out
+
+
 class SchemaRegistry:
     """Every schema version found in ``schemas/``, by kind and by fingerprint."""
 
@@ -53,6 +68,8 @@ class SchemaRegistry:
         self._latest: dict[str, SchemaVersion] = {}
         for v in sorted(versions, key=lambda v: v.version):
             self._latest[v.kind] = v
+        self._record_branches = {v.fingerprint: _record_branches(v.parsed)
+                                 for v in self._latest.values()}
 
     @classmethod
     def load(cls, directory: Path) -> SchemaRegistry:
@@ -81,7 +98,22 @@ class SchemaRegistry:
             raise ConfigError("schemas", f"no schema for event kind {kind!r}") from None
 
     def encode(self, kind: str, record: dict[str, Any]) -> bytes:
+        """The record in single-object encoding with the newest schema of ``kind``.
+
+        Top-level ``["null", <record>]`` fields (an event's ``before``/``after``) are handed
+        to fastavro as ``(record name, value)``: fastavro then writes that branch directly
+        instead of validating the value against each branch first, which took about 40% of
+        the encoding (a capture burst spent a fifth of the producer's time here). A value
+        that does not fit still raises fastavro's TypeError/ValueError while writing.
+        ``record`` is not changed."""
         writer = self.latest(kind)
+        branches = self._record_branches.get(writer.fingerprint)
+        if branches:
+            record = dict(record)
+            for name, branch in branches:
+                value = record.get(name)
+                if isinstance(value, dict):
+                    record[name] = (branch, value)
         buf = io.BytesIO()
         buf.write(MAGIC)
         buf.write(writer.fingerprint)

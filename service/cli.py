@@ -15,7 +15,13 @@ from typing import Any
 import structlog
 
 from service import __version__, exit_codes, log
-from service.errors import ConfigError, SourceContractError, StackUnavailable, SyncError
+from service.errors import (
+    ConfigError,
+    SourceContractBroken,
+    SourceContractError,
+    StackUnavailable,
+    SyncError,
+)
 from service.settings import Settings, unknown_env_vars
 
 EXIT_OK, EXIT_ATTENTION, EXIT_USAGE, EXIT_UNAVAILABLE = (
@@ -419,7 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"crm-erp-sync: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except SourceContractError as exc:  # the CRM and the source profile disagree: fix either
-        print(f"crm-erp-sync: {exc} (fix the CRM or the source profile "
+        fix = f"; fix: {exc.fix}" if isinstance(exc, SourceContractBroken) else ""
+        print(f"crm-erp-sync: {exc}{fix} (fix the CRM or the source profile "
               f"CRM_ERP_SYNC_SOURCE_PROFILE; `crm-erp-sync setup --check` shows every "
               "mismatch)", file=sys.stderr)
         return EXIT_USAGE

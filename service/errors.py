@@ -6,6 +6,8 @@ Library errors (kafka-python, psycopg, fastavro) are translated at the boundary 
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class SyncError(Exception):
     """Root of every error this package raises on purpose."""
@@ -199,6 +201,21 @@ class SourceContractError(SyncError):
     def __init__(self, table: str, column: str, problem: str) -> None:
         self.table, self.column, self.problem = table, column, problem
         super().__init__(f"source contract broken: {table}.{column}: {problem}")
+
+
+class SourceContractBroken(SourceContractError):
+    """Capture stops: a captured table breaks the source contract now (service.cdc.contract).
+
+    ``violations`` are ``service.cdc.contract.Violation`` (table, column, problem, fix SQL;
+    never values); the first gives the message. The producer does not exit on it: it stays
+    up, not ready, and re-checks the table with backoff until it is fixed.
+    """
+
+    def __init__(self, violations: list[Any]) -> None:
+        first = violations[0]
+        super().__init__(first.table, first.column, first.problem)
+        self.violations = list(violations)
+        self.fix = first.fix
 
 
 class UnresolvedReference(SyncError):

@@ -179,6 +179,10 @@ class ProducerMetrics(ProcessMetrics):
                                   "last empty peek (longer when peeks are expensive)",
                                   registry=r)
         self._oldest_labels: tuple[str, str] | None = None
+        self.contract_violations = Gauge(
+            f"{PREFIX}_source_contract_violations", "1 while a captured table breaks the "
+            "source contract on this column ('*': the table itself) and capture is stopped",
+            ["table", "column"], registry=r)
 
     def set_oldest_transaction(self, xact: dict[str, object] | None) -> None:
         labels = None if xact is None else (

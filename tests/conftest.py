@@ -21,6 +21,7 @@ import dataclasses
 import itertools
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,8 +178,23 @@ def _create_database(stack: Stack, name: str) -> None:
 
 
 def _drop_database(stack: Stack, name: str) -> None:
+    """Drop a test database, first its logical slots: FORCE ends its sessions but not a
+    walsender still streaming from one of its slots (a process the test killed may leave one
+    behind for a moment), and PostgreSQL refuses to drop a database with an active slot."""
+    deadline = time.monotonic() + 30
     with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        while True:
+            conn.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                         "WHERE database = %s AND active_pid IS NOT NULL", (name,))
+            try:
+                conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM "
+                             "pg_replication_slots WHERE database = %s AND NOT active", (name,))
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                return
+            except psycopg.errors.ObjectInUse:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
 
 @pytest.fixture

@@ -76,6 +76,27 @@ END $$;
 """
 
 
+# Source contract violations the producer stops on (service.cdc.contract), for `status`:
+# one row per slot, table and column; ``resolved_at`` is set once the table is fixed (no
+# DELETE: the capture role may only have SELECT, INSERT, UPDATE on the schema's tables).
+CONTRACT_TABLE = f"{OWN_SCHEMA}.contract_violations"
+CONTRACT_DDL = f"""
+CREATE SCHEMA IF NOT EXISTS {OWN_SCHEMA};
+CREATE TABLE IF NOT EXISTS {CONTRACT_TABLE} (
+    slot_name    text NOT NULL,
+    table_name   text NOT NULL,
+    column_name  text NOT NULL,
+    problem      text NOT NULL,
+    fix          text NOT NULL,
+    since        timestamptz NOT NULL DEFAULT now(),
+    seen_at      timestamptz NOT NULL DEFAULT now(),
+    resolved_at  timestamptz,
+    PRIMARY KEY (slot_name, table_name, column_name)
+);
+"""
+OWN_DDL += CONTRACT_DDL
+
+
 @dataclass(frozen=True)
 class Column:
     name: str

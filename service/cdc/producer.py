@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from typing import Any
@@ -32,8 +33,10 @@ from kafka.errors import KafkaError, KafkaTimeoutError
 
 from service import pg
 from service.avro import SchemaRegistry
-from service.cdc import pgoutput, slot_guard
+from service.cdc import contract, pgoutput, slot_guard
 from service.cdc.capture import (
+    CONTRACT_DDL,
+    CONTRACT_TABLE,
     OWN_SCHEMA,
     TRUNCATES_TABLE,
     WATERMARK_TABLE,
@@ -42,6 +45,7 @@ from service.cdc.capture import (
     ensure_capture_objects,
     lines_query,
     read_table_info,
+    request_snapshot,
     typed_row,
 )
 from service.cdc.dead_letters import CaptureLetter, TextRow, as_text, text_row
@@ -74,6 +78,7 @@ from service.errors import (
     PgOutputError,
     Retryable,
     SlotLost,
+    SourceContractBroken,
     SourceContractError,
     StackUnavailable,
     UnrepresentableValue,
@@ -100,6 +105,8 @@ HEARTBEAT_PREFIX = "crm-erp-sync.heartbeat"
 # lock's session is checked, and new snapshot requests are looked for, at most this often.
 LOCK_CHECK_S = 1.0
 SNAPSHOT_POLL_S = 1.0
+# How often the publication is checked for captured tables dropped from it (one query).
+PUBLICATION_CHECK_S = 5.0
 # While capture is stopped on a broken slot or publication, how often the producer looks
 # whether `crm-erp-sync resync` has run.
 BLOCKED_POLL_S = 2.0
@@ -116,12 +123,16 @@ def lock_key(slot_name: str) -> str:
     return f"crm-erp-sync:{slot_name}"
 
 
-# What build_events raises for one change that cannot become an event. Not SourceContractError
-# (the CRM no longer matches the profile: capture stops, named) nor UnresolvedReference.
-# A change under a relation that no longer has a mapped column (a column renamed or dropped
-# after it was written) or naming a row that cannot be found: that change is a capture dead
-# letter (redriven by re-reading the row once the CRM is right); the rest keeps flowing.
+# What build_events raises for one change that cannot become an event: a capture dead letter
+# (redriven by re-reading the row once the CRM is right); the rest keeps flowing. A table that
+# breaks the source contract never gets here: its Relation message stops capture first
+# (SourceContractBroken, see _check_relation). The SourceContractError build_events may still
+# raise is about one row (a NULL reference key), so it is a letter too.
 BUILD_ERRORS = (CaptureRejected, PgOutputError, SourceContractError, UnresolvedReference)
+# What a query naming a captured table's columns raises after a DDL changed the table (a
+# column renamed, dropped or retyped): checked against the source contract.
+SCHEMA_ERRORS = (psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedTable,
+                 psycopg.errors.UndefinedFunction, psycopg.errors.DatatypeMismatch)
 # fastavro's writer raises these for a value its schema cannot take (a NaN decimal, a scale
 # that no longer fits, a wrong type)
 AVRO_ERRORS = (TypeError, ValueError, ArithmeticError, AttributeError)
@@ -192,13 +203,29 @@ class Rejection:
 class _Relation:
     table: str
     columns: list[tuple[str, Callable[[str], Any]]]
+    # Set when the table broke the source contract when these changes were written but has
+    # been fixed since: each change under this relation is a capture dead letter.
+    broken: CaptureRejected | None = None
+
+
+# Called with each Relation message: None when it keeps the source contract, a rejection for
+# its changes when it broke it then (the table is fixed now); raises SourceContractBroken when
+# the table breaks it still (capture stops).
+RelationCheck = Callable[[pgoutput.Relation], CaptureRejected | None]
 
 
 class ChangeDecoder:
-    """Turns peeked pgoutput rows into committed transactions with typed rows."""
+    """Turns peeked pgoutput rows into committed transactions with typed rows.
 
-    def __init__(self, naive_zone: tzinfo = UTC) -> None:
+    ``naive_zone`` is the zone of ``timestamp without time zone`` values; ``check_relation``
+    sees every Relation message before any change under it (the source contract,
+    service.cdc.contract); what it raises ends ``feed``.
+    """
+
+    def __init__(self, naive_zone: tzinfo = UTC,
+                 check_relation: RelationCheck | None = None) -> None:
         self._naive_zone = naive_zone  # the zone of `timestamp without time zone` values
+        self._check_relation = check_relation
         self._relations: dict[int, _Relation] = {}
         self._txn: CommittedTxn | None = None
         self.watermarks: list[tuple[CommittedTxn, int, str]] = []
@@ -242,7 +269,8 @@ class ChangeDecoder:
     def _change(self, txn: CommittedTxn, msg: Any) -> None:
         """Append one Insert/Update/Delete to the transaction; a change whose values cannot
         be read is kept as a rejection at its place (a placeholder without rows)."""
-        table = self._relations[msg.relation_id].table
+        relation = self._relations[msg.relation_id]
+        table = relation.table
         if isinstance(msg, pgoutput.Insert):
             op, old, new = CREATE, None, msg.new
         elif isinstance(msg, pgoutput.Update):
@@ -252,6 +280,8 @@ class ChangeDecoder:
         else:
             op, old, new = DELETE, msg.old if msg.old is not None else msg.key, None
         try:
+            if relation.broken is not None:
+                raise relation.broken
             change = RowChange(table, op, self._row(msg.relation_id, old),
                                self._row(msg.relation_id, new))
         except CaptureRejected as exc:
@@ -285,10 +315,11 @@ class ChangeDecoder:
             self._txn = CommittedTxn(msg.xid, msg.final_lsn, 0, msg.commit_time)
             return None
         if isinstance(msg, pgoutput.Relation):
+            broken = self._check_relation(msg) if self._check_relation is not None else None
             self._relations[msg.relation_id] = _Relation(
                 f"{msg.namespace}.{msg.name}",
                 [(c.name, converter_for(c.type_oid, self._naive_zone)) for c in msg.columns],
-            )
+                broken)
             return None
         txn = self._txn
         if isinstance(msg, pgoutput.Commit):
@@ -393,6 +424,12 @@ class CdcProducer:
         self._last_advance = time.monotonic()
         self._topics = {"customer": settings.sales_topic, "order": settings.sales_topic,
                         "market_demand": settings.market_topic}
+        # The source contract: each table's last good shape (from the catalog), and what
+        # stops capture now (None while capturing).
+        self._known: dict[str, contract.Shape] = {}
+        self._broken: list[contract.Violation] | None = None
+        self._contract_delays = RetryPolicy.RECONNECT.delays()
+        self._last_publication_check = 0.0
         # Called with the events of each batch once the broker acknowledged them all
         # (benchmarks measure commit-to-acknowledgement latency with it).
         self.on_acknowledged: Callable[[list[Outgoing]], None] | None = None
@@ -441,8 +478,14 @@ class CdcProducer:
     def ensure_slot(self, conn: PgConn) -> bool:
         """Create the slot if missing; on first creation request the initial snapshot.
 
-        Raises SourceContractError (naming table and column) before anything is created when
-        a captured table or a mapped column is missing from the CRM."""
+        Raises SourceContractBroken (naming table, column and the fix) before anything is
+        created when a captured table breaks the source contract (service.cdc.contract), and
+        CaptureBroken when the recorded slot or publication is gone or replaced."""
+        shapes = contract.read_shapes(conn, self.profile.tables)
+        violations = contract.check_profile(self.profile, shapes, known=self._known)
+        if violations:
+            raise SourceContractBroken(violations)
+        self._known = {t: shape for t, shape in shapes.items() if shape is not None}
         self._naive_zone = crm_naive_zone(conn, self.settings)
         self._tables = read_table_info(conn, self.profile, self._naive_zone)
         # Before the publication is (re)created: a dropped one is a gap, not a first start.
@@ -561,7 +604,8 @@ class CdcProducer:
                     if not self.acquire_leadership(self._lock_conn):
                         break
                     try:
-                        self.ensure_slot(self._conn)
+                        if not self._start_capture(self._lock_conn, self._conn, until_idle):
+                            break
                         self._capture(self._lock_conn, self._conn, until_idle)
                         break
                     except CaptureBroken as problem:
@@ -587,6 +631,25 @@ class CdcProducer:
             self._close_sessions()  # releases the capture lock: a standby takes over
         return self.stats
 
+    def _start_capture(self, lock_conn: PgConn, conn: PgConn, until_idle: bool) -> bool:
+        """ensure_slot, waiting (not ready, re-checking with backoff) while the source
+        contract is broken; False when stop() was called meanwhile. With ``until_idle`` a
+        broken contract raises SourceContractBroken instead (a one-shot run cannot wait)."""
+        while not self._stop.is_set():
+            try:
+                self.ensure_slot(conn)
+            except SourceContractBroken as exc:
+                if until_idle:
+                    raise
+                self._contract_stopped(conn, exc.violations)
+                self._stop.wait(next(self._contract_delays))
+                lock_conn.execute("SELECT 1")  # a lost lock session ends the wait too
+                self.health.beat()
+                continue
+            self._contract_restored(conn)
+            return True
+        return False
+
     def _capture(self, lock_conn: PgConn, conn: PgConn, until_idle: bool) -> None:
         """The active producer's loop, until stop() (or idle). A lost CRM session raises
         (the caller reconnects and takes the lock again); a broker fault is retried here."""
@@ -607,9 +670,24 @@ class CdcProducer:
                 self.health.set_ready(False, "capture_stopped", reason=str(self.stopped_at))
                 self._stop.wait(LOCK_CHECK_S)
                 continue
+            if self._broken is not None and not self._contract_recheck(conn):
+                self._stop.wait(next(self._contract_delays))
+                continue
             try:
                 moved = self.step(conn)
                 self._observe_slot(conn)
+                self._observe_publication(conn)
+            except SourceContractBroken as exc:
+                # Raised while decoding, before anything of the transaction was published:
+                # the source is dropped without a last position report (measured: the
+                # stream's close moved the slot past the Relation message read), so the
+                # transaction is decoded again once the table is fixed.
+                if until_idle:
+                    raise
+                self._abandon_source()
+                self._contract_stopped(conn, exc.violations)
+                self._stop.wait(next(self._contract_delays))
+                continue
             except (psycopg.errors.ObjectNotInPrerequisiteState,
                     psycopg2.errors.ObjectNotInPrerequisiteState) as exc:
                 # Peeking a slot whose WAL was removed: not transient. ensure_slot fails
@@ -640,6 +718,155 @@ class CdcProducer:
                         and not self._has_pending_snapshot(conn)):
                     return
                 self._maybe_heartbeat(conn)  # the source itself waited for changes
+
+    # ---- source contract ----------------------------------------------------------------
+    def _check_relation(self, relation: pgoutput.Relation) -> CaptureRejected | None:
+        """The source contract on one Relation message (see ChangeDecoder).
+
+        The message gives the table's shape when its next changes were written. When that
+        shape breaks the contract, the catalog says whether the table breaks it still (raise
+        SourceContractBroken: capture stops) or was fixed since (its changes of then are
+        capture dead letters: redrive re-reads each row as it is now)."""
+        table = relation.qualified_name
+        ent = self.profile.table(table)
+        if ent is None:
+            return None
+        shape = contract.Shape(table, relation.replica_identity,
+                               {c.name: c.type_oid for c in relation.columns})
+        then = contract.check(ent, shape, known=self._known.get(table))
+        if not then:
+            return None
+        conn = self._conn
+        assert conn is not None
+        now = contract.check(ent, contract.read_shapes(conn, [table])[table],
+                             known=self._known.get(table))
+        if now:
+            raise SourceContractBroken(now)
+        first = then[0]
+        log.warning("source_contract_broken_then_fixed", table=table, column=first.column,
+                    problem=first.problem,
+                    hint="changes written meanwhile are capture dead letters; "
+                         "`crm-erp-sync dlq redrive` re-reads those rows")
+        return CaptureRejected(
+            f"written while {table} broke the source contract ({first.message}); the table "
+            "is fixed now: redrive re-reads the row",
+            None if first.column == contract.TABLE else first.column)
+
+    @contextmanager
+    def _reading_tables(self, conn: PgConn) -> Iterator[None]:
+        """Around a read of captured tables by column name (a snapshot chunk, a referenced
+        row): the query fails when a DDL broke the table since start-up; that is the source
+        contract (SourceContractBroken, capture stops), not a crash."""
+        try:
+            yield
+        except SCHEMA_ERRORS:
+            violations = contract.check_profile(
+                self.profile, contract.read_shapes(conn, self.profile.tables),
+                known=self._known)
+            if violations:
+                raise SourceContractBroken(violations) from None
+            raise
+
+    def _contract_stopped(self, conn: PgConn, violations: list[contract.Violation]) -> None:
+        """Capture stops on a broken contract: not ready, the metric and ``status`` name
+        table and column, one error line per new problem (no values)."""
+        previous = {(v.table, v.column) for v in self._broken or []}
+        self._broken = violations
+        first = violations[0]
+        self.health.set_ready(False, "source_contract_broken", table=first.table,
+                              column=first.column, problem=first.problem)
+        for v in violations:
+            self.metrics.contract_violations.labels(v.table, v.column).set(1)
+            if (v.table, v.column) not in previous:
+                log.error("source_contract_broken", table=v.table, column=v.column,
+                          problem=v.problem, fix=v.fix,
+                          hint="capture stopped before publishing anything of the change; "
+                               "the slot does not move; capture resumes by itself once the "
+                               "table is fixed")
+        self._record_violations(conn, violations)
+
+    def _contract_recheck(self, conn: PgConn) -> bool:
+        """While stopped: True once the catalog keeps the contract again (capture resumes
+        from the slot's confirmed position), else the state is refreshed and False."""
+        shapes = contract.read_shapes(conn, self.profile.tables)
+        violations = contract.check_profile(self.profile, shapes, known=self._known)
+        if violations:
+            self._contract_stopped(conn, violations)
+            return False
+        self._known.update({t: shape for t, shape in shapes.items() if shape is not None})
+        self._tables = read_table_info(conn, self.profile, self._naive_zone)
+        self._contract_restored(conn)
+        return True
+
+    def _contract_restored(self, conn: PgConn) -> None:
+        """The contract holds (at start-up, or after a fix): clear what stop recorded."""
+        for v in self._broken or []:
+            self.metrics.contract_violations.labels(v.table, v.column).set(0)
+        if self._broken is not None:
+            log.info("source_contract_restored",
+                     tables=sorted({v.table for v in self._broken}))
+            self.health.set_ready(True, "active", role="active")
+        self._broken = None
+        self._contract_delays = RetryPolicy.RECONNECT.delays()
+        self._record_violations(conn, [])
+
+    def _record_violations(self, conn: PgConn, violations: list[contract.Violation]) -> None:
+        """What ``status`` reads (crm_erp_sync.contract_violations): these unresolved, any
+        other row of this slot resolved. A refused write is logged, not fatal: the log,
+        the metric and /readyz still say it."""
+        slot = self.settings.slot_name
+        try:
+            with conn.transaction():
+                conn.execute(CONTRACT_DDL)
+                for v in violations:
+                    conn.execute(
+                        f"INSERT INTO {CONTRACT_TABLE} (slot_name, table_name, column_name, "
+                        "problem, fix) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (slot_name, "
+                        "table_name, column_name) DO UPDATE SET problem = excluded.problem, "
+                        "fix = excluded.fix, seen_at = now(), since = CASE WHEN "
+                        f"{CONTRACT_TABLE}.resolved_at IS NULL THEN {CONTRACT_TABLE}.since "
+                        "ELSE now() END, resolved_at = NULL",
+                        (slot, v.table, v.column, v.problem, v.fix))
+                conn.execute(
+                    f"UPDATE {CONTRACT_TABLE} SET resolved_at = now() WHERE slot_name = %s "
+                    "AND resolved_at IS NULL AND (table_name, column_name) NOT IN "
+                    "(SELECT * FROM unnest(%s::text[], %s::text[]))",
+                    (slot, [v.table for v in violations], [v.column for v in violations]))
+        except psycopg.errors.InsufficientPrivilege:
+            log.warning("contract_state_not_written", table=CONTRACT_TABLE,
+                        hint=f"GRANT SELECT, INSERT, UPDATE ON {CONTRACT_TABLE} to the "
+                             "capture role, so that `status` shows why capture stopped")
+
+    def _observe_publication(self, conn: PgConn) -> None:
+        """Every few seconds: a captured table dropped from the producer's own publication is
+        added back (changes made meanwhile were not decoded: a snapshot of that table is
+        queued; rows deleted meanwhile need `reconcile --repair`)."""
+        now = time.monotonic()
+        if now - self._last_publication_check < PUBLICATION_CHECK_S:
+            return
+        self._last_publication_check = now
+        row = conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = %s), "
+            "ARRAY(SELECT schemaname || '.' || tablename FROM pg_publication_tables "
+            "WHERE pubname = %s)",
+            (self.settings.publication_name, self.settings.publication_name)).fetchone()
+        if row is None or not row[0]:
+            return  # no publication at all: a lost publication is handled elsewhere
+        if not set(self.profile.tables) - set(row[1]):
+            return
+        added = ensure_capture_objects(conn, self.settings, self.profile)
+        for table in added:
+            ent = self.profile.table(table)
+            snapshot_id = None
+            if ent is not None and ent.kind is not None:
+                snapshot_id = request_snapshot(
+                    conn, self.profile, ent.entity if ent.entity != "order_line" else "order",
+                    reason="publication-repaired")
+            log.warning("publication_repaired", publication=self.settings.publication_name,
+                        table=table, snapshot_id=snapshot_id,
+                        hint="changes made while the table was out of the publication are "
+                             "re-read by the snapshot; rows deleted meanwhile need "
+                             "`crm-erp-sync reconcile --repair`")
 
     def _broker_fault(self, fault: Retryable, delay: float) -> None:
         """Publishing failed: drop the Kafka producer (its buffer may hold a poisoned or
@@ -688,6 +915,17 @@ class CdcProducer:
         self._pending_progress.clear()
         self._piece_seqs.clear()  # a transaction under way is re-sent from its start
 
+    def _abandon_source(self) -> None:
+        """_reset_capture_state without the source's last position report: the stream was
+        left in the middle of a transaction it must decode again (psycopg2 may report its
+        flush position past the last message read, see StreamSource)."""
+        source, self._source = self._source, None
+        if source is not None:
+            source.abandon()
+            self._bound = max(self._bound, source.confirm_bound())
+        self._chunk = None
+        self._pending_progress.clear()
+
     def _observe_slot(self, conn: PgConn) -> None:
         """The slot's retained WAL, at most every few seconds (one catalog query)."""
         now = time.monotonic()
@@ -732,9 +970,11 @@ class CdcProducer:
             # (re)opening the slot: is it still ours? (a slot dropped and created again
             # while the stream was down would otherwise be read from its new position)
             self._check_capture(conn)
-        if (self._chunk is None and time.monotonic() >= self._next_snapshot_poll
-                and not self._open_chunk(conn)):
-            self._next_snapshot_poll = time.monotonic() + SNAPSHOT_POLL_S
+        if self._chunk is None and time.monotonic() >= self._next_snapshot_poll:
+            with self._reading_tables(conn):
+                opened = self._open_chunk(conn)
+            if not opened:
+                self._next_snapshot_poll = time.monotonic() + SNAPSHOT_POLL_S
         source = self._change_source()
         txns = source.next_transactions(conn, self.settings.producer_poll_ms / 1000)
         if not txns:
@@ -849,7 +1089,8 @@ class CdcProducer:
     def _change_source(self) -> ChangeSource:
         if self._source is None:
             zone = self._naive_zone
-            self._source = source_for(self.settings, lambda: ChangeDecoder(zone), self._stop)
+            self._source = source_for(
+                self.settings, lambda: ChangeDecoder(zone, self._check_relation), self._stop)
         return self._source
 
     def _caught_up(self, conn: PgConn) -> bool:
@@ -863,7 +1104,8 @@ class CdcProducer:
         info = self._tables[ent.table]
         query, params = chunk_query(info, after=None, keys=[key], limit=1)
         cur = self._conn.cursor(row_factory=psycopg.rows.dict_row)
-        found = cur.execute(query, params).fetchone()
+        with self._reading_tables(self._conn):
+            found = cur.execute(query, params).fetchone()
         if found is None:
             return None
         return canonical(ent, typed_row(info, found), self.refs)
@@ -959,6 +1201,8 @@ class CdcProducer:
             return list(build_events(changes, profile=self.profile, refs=self.refs,
                                      lsn=at.lsn, xid=at.xid, commit_time=at.commit_time,
                                      snapshot=at.snapshot, first_seq=first_seq))
+        except SourceContractBroken:
+            raise  # a table broken now (read for a reference): capture stops
         except BUILD_ERRORS:
             pass
         out: list[Outgoing | CaptureLetter] = []
@@ -967,6 +1211,8 @@ class CdcProducer:
                 out.extend(build_events([change], profile=self.profile, refs=self.refs,
                                         lsn=at.lsn, xid=at.xid, commit_time=at.commit_time,
                                         snapshot=at.snapshot, first_seq=first_seq + offset))
+            except SourceContractBroken:
+                raise
             except BUILD_ERRORS as exc:
                 letter = self._letter(change, Rejection(
                     _rejected(exc), text_row(change.before), text_row(change.after)),

@@ -111,6 +111,11 @@ class ChangeSource(Protocol):
         """Report the confirmed position one last time and release the slot."""
         ...
 
+    def abandon(self) -> None:
+        """Drop the connection without reporting a position (the producer stopped in the
+        middle of a transaction it will decode again)."""
+        ...
+
     def confirm_bound(self) -> int:
         """An LSN at or past every position this source ever let the slot confirm (the
         slot guard's in-process check for a slot replaced under a lost stream)."""
@@ -164,6 +169,9 @@ class SqlPeekSource:
 
     def confirm_bound(self) -> int:
         return self._advanced
+
+    def abandon(self) -> None:
+        pass  # nothing is held between peeks
 
     def next_transactions(self, conn: PgConn, max_wait_s: float) -> list[CommittedTxn]:
         if self._handed:  # the last batch was not confirmed: its publish failed
@@ -364,6 +372,9 @@ class StreamSource:
             with contextlib.suppress(psycopg2.OperationalError, psycopg2.InterfaceError):
                 _send_feedback(self._cur, write_lsn=self._confirmed, flush_lsn=self._confirmed,
                                         force=True)
+        self._reset()
+
+    def abandon(self) -> None:
         self._reset()
 
     def confirm_bound(self) -> int:

@@ -75,7 +75,10 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
               f"{render.cell(p['paused_at'])} by {p['paused_by']}: {p['reason']}")
     print()
     slot = st.slot
-    print(f"Producer: {'running' if st.producer_running else 'NOT RUNNING'}; "
+    state = "running" if st.producer_running else "NOT RUNNING"
+    if st.contract_violations:
+        state += ", CAPTURE STOPPED (source contract broken, see below)"
+    print(f"Producer: {state}; "
           f"slot {settings.slot_name}: " + (
         "MISSING" if slot is None else
         f"{'reading' if slot['active'] else 'idle'}, retains "

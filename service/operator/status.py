@@ -14,6 +14,9 @@ Needs attention (exit 1) when any of:
 - a consumer that reported itself recently (``sync.consumer_membership``) is not a member of
   the group as the broker lists it (it rejoins by itself; if it stays out, look at it);
 - events are waiting (lag) but the group has no member;
+- capture is stopped because a captured table breaks the source contract (a mapped column
+  renamed, dropped or retyped, replica identity not FULL): the producer records it in
+  ``crm_erp_sync.contract_violations`` (table, column, problem, the SQL that fixes it);
 - a CRM transaction holding an xid has been open longer than ``pinning_xact_max_s``
   (``CRM_ERP_SYNC_PINNING_XACT_MAX_S``, 600): the slot cannot confirm past it, so the CRM
   keeps its WAL (pid, age and state are shown, never the query text);
@@ -43,7 +46,7 @@ from typing import Any
 import psycopg
 
 from service.cdc import slot_guard
-from service.cdc.capture import OWN_SCHEMA, TRUNCATES_TABLE
+from service.cdc.capture import CONTRACT_TABLE, OWN_SCHEMA, TRUNCATES_TABLE
 from service.cdc.producer import lock_key
 from service.consumer.mappings_watch import live_members
 from service.errors import StackUnavailable
@@ -101,6 +104,8 @@ class Status:
     paused: list[dict[str, Any]] = field(default_factory=list)  # operator pauses
     # Running consumers and the mappings version each applies (mappings_watch.live_members).
     consumers: list[dict[str, Any]] = field(default_factory=list)
+    # Why capture is stopped (source contract): table, column, problem, fix, since.
+    contract_violations: list[dict[str, Any]] = field(default_factory=list)
     # Unresolved capture dead letters, oldest first (at most CAPTURE_SHOWN): dead_letter_id,
     # table, key (the CRM row's), error_class, reason, created_at; and how many in all.
     capture_letters: list[dict[str, Any]] = field(default_factory=list)
@@ -167,6 +172,23 @@ def _age(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def contract_violations(settings: Settings) -> list[dict[str, Any]]:
+    """What stops capture now, as the producer recorded it: table, column ("*": the table),
+    problem, fix, since. [] when capture is not stopped (or no producer recorded anything)."""
+    try:
+        with connect(settings, "crm") as crm:
+            rows = crm.execute(
+                f"SELECT table_name, column_name, problem, fix, since FROM {CONTRACT_TABLE} "
+                "WHERE slot_name = %s AND resolved_at IS NULL ORDER BY since, table_name, "
+                "column_name", (settings.slot_name,)).fetchall()
+    except psycopg.errors.UndefinedTable:  # a producer older than the table
+        return []
+    except psycopg.OperationalError as exc:
+        raise StackUnavailable(f"CRM database unreachable: {type(exc).__name__}") from exc
+    return [dict(zip(("table", "column", "problem", "fix", "since"), r, strict=True))
+            for r in rows]
+
+
 def _crm_truncates(settings: Settings) -> dict[str, Any]:
     """What became of the CRM truncates the producer met (crm_erp_sync.truncates)."""
     out: dict[str, Any] = {"stopped": [], "propagated": 0, "skipped": 0, "last": None}
@@ -213,6 +235,7 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         pending, locked, xact, peek, capture_broken = [], None, None, None, []
     except psycopg.OperationalError as exc:
         raise StackUnavailable(f"CRM database unreachable: {type(exc).__name__}") from exc
+    violations = contract_violations(settings)
     truncates = _crm_truncates(settings)
     with connect(settings, "erp") as erp:
         try:
@@ -292,6 +315,7 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         members=merge_members(listed, reported, alive_s=max(30.0,
                                                             3 * settings.membership_check_s)),
         dead_letters_by_field=by_field, paused=paused, truncates=truncates,
+        contract_violations=violations,
         capture_letters=[{k: v for k, v in c.items() if k != "total"} for c in capture],
         capture_letters_total=int(capture[0]["total"]) if capture else 0,
         oldest_transaction=xact,
@@ -323,6 +347,12 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
             f"{t['commit_time']:%Y-%m-%d %H:%M:%S%z}) because CRM_ERP_SYNC_ON_TRUNCATE="
             f"{t['setting']}: set CRM_ERP_SYNC_ON_TRUNCATE=propagate (its ERP rows are marked "
             "deleted) or skip (they stay as they are), then restart the producer")
+    for v in violations:
+        where = v["table"] if v["column"] == "*" else f"{v['table']}.{v['column']}"
+        status.attention.append(
+            f"capture STOPPED since {v['since']:%Y-%m-%d %H:%M:%S%z}: source contract broken: "
+            f"{where}: {v['problem']}; fix: {v['fix']} (the producer resumes by itself once "
+            "the table is fixed)")
     for trip in breaker:
         status.attention.append(
             f"circuit breaker open on {trip.name} since {trip.tripped_at:%Y-%m-%d %H:%M:%S%z}:"

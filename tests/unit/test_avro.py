@@ -401,3 +401,26 @@ def test_load_refuses_invalid_schema_files(tmp_path: Path, name: str, text: str)
     (tmp_path / "customer" / name).write_text(text)
     with pytest.raises(ConfigError, match=name.replace(".", "[.]")):
         SchemaRegistry.load(tmp_path)
+
+
+@pytest.mark.parametrize("event", [customer_event(), customer_event(before=None),
+                                   order_event()], ids=["update", "create", "order"])
+def test_encode_names_the_record_branch_and_writes_what_fastavro_writes(
+        registry: SchemaRegistry, event: dict[str, Any]) -> None:
+    kind = "order" if "lines" in event else "customer"
+    kept = json.dumps(event, default=str, sort_keys=True)
+    data = registry.encode(kind, event)
+    plain = io.BytesIO()
+    fastavro.schemaless_writer(plain, registry.latest(kind).parsed, event)
+    assert data[HEADER_LEN:] == plain.getvalue()
+    assert json.dumps(event, default=str, sort_keys=True) == kept  # the caller's record
+    assert registry.decode(data) == (kind, event)
+
+
+def test_encode_still_refuses_a_row_that_does_not_fit(registry: SchemaRegistry) -> None:
+    bad = customer()
+    del bad["key"]
+    with pytest.raises(ValueError):
+        registry.encode("customer", customer_event(after=bad))
+    with pytest.raises(TypeError):
+        registry.encode("customer", customer_event(after=customer(key=None)))

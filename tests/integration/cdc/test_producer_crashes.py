@@ -165,8 +165,10 @@ def _active_pid(sync_env: SyncEnv) -> int | None:
     with sync_env.crm() as crm:
         row = crm.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
                           (sync_env.settings.slot_name,)).fetchone()
-        lock = crm.execute("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
-                           ).fetchall()
+        # Advisory locks are listed cluster-wide: only this test's CRM database counts.
+        lock = crm.execute("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                           "AND database = (SELECT oid FROM pg_database "
+                           "WHERE datname = current_database())").fetchall()
     return lock[0][0] if lock else (row[0] if row else None)
 
 
@@ -217,7 +219,20 @@ def test_heartbeat_keeps_a_quiet_slot_from_retaining_wal(sync_env: SyncEnv,
                     return int(row[0])
 
                 assert retained() > 10_000_000
-                wait_until(lambda: retained() < 1_000_000, timeout=30,
+                # Past the busy table's WAL, not up to the cluster's end: other databases on a
+                # shared cluster keep writing, and a heartbeat only confirms up to itself.
+                end_row = crm.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+                assert end_row is not None
+                busy_end = end_row[0]
+
+                def confirmed_past_busy_wal() -> bool:
+                    row = crm.execute(
+                        "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots "
+                        "WHERE slot_name = %s", (busy_end, sync_env.settings.slot_name)
+                    ).fetchone()
+                    return bool(row and row[0])
+
+                wait_until(confirmed_past_busy_wal, timeout=30,
                            message="the heartbeat to advance the slot")
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -1,0 +1,212 @@
+"""The source contract: what a captured CRM table must look like for its events to be right.
+
+Checked at start-up against the catalog and on every pgoutput Relation message (PostgreSQL
+sends one before the first change of a table in a session and again after any DDL on it), so
+a DDL that breaks the contract is seen before the first change written under it is published.
+
+A table keeps the contract when
+
+- it exists (and is visible to the capture role);
+- it has every column the profile's events need (keys, references, mapped fields, the delete
+  flag) — a column the profile does not map may come and go freely;
+- each of those columns has a type the canonical field can carry (see :func:`accepts`);
+- its replica identity is FULL (an UPDATE/DELETE then carries the whole old row);
+- it is in the producer's publication (the producer repairs that one itself: it owns the
+  publication).
+
+The rule that divides a *contract problem* from a *per-row problem*: a problem with the
+table's shape (the same for every row, visible in the Relation message or the catalog) stops
+capture until the table is fixed; a problem with one row's values (NaN, a BC date, a row too
+large, a reference that cannot be found) is a capture dead letter and capture goes on. A row
+written while the table was broken but decoded after the DBA fixed it (PostgreSQL decodes it
+with the table's shape *at that time*) is a per-row problem too: its values cannot be trusted
+to the profile, so it is a capture dead letter whose redrive re-reads the row as it is now.
+
+Everything here but :func:`read_shapes` is pure. Messages name tables, columns and types,
+never a value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from service.cdc.profile import CANONICAL_FIELDS, DATE, TIMESTAMP, EntityMapping, SourceProfile
+
+# Type OIDs whose text the decoder converts to dates/datetimes (service.cdc.events).
+_DATE_TIME = frozenset({1082, 1114, 1184})  # date, timestamp, timestamptz
+_BOOL = frozenset({16})
+_INTEGER = frozenset({20, 21, 23})  # int8, int2, int4
+_NUMBER = _INTEGER | {1700}  # numeric
+_IDENTITY = {"d": "DEFAULT (the primary key only)", "n": "NOTHING", "i": "USING INDEX",
+             "f": "FULL"}
+TABLE = "*"  # the ``column`` of a problem with the table as a whole
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A captured table as a Relation message or the catalog describes it.
+
+    ``columns`` maps each column name to its type OID; ``types`` (optional) to its SQL type
+    as ``format_type`` spells it (for the fix SQL); ``replica_identity`` is pg_class's
+    ``relreplident`` letter (d, n, f, i).
+    """
+
+    table: str
+    replica_identity: str
+    columns: Mapping[str, int]
+    types: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One way a table breaks the contract: table, column (``*`` for the table), the
+    problem (no values) and the SQL (or the step) that fixes it."""
+
+    table: str
+    column: str
+    problem: str
+    fix: str
+
+    @property
+    def message(self) -> str:
+        where = self.table if self.column == TABLE else f"{self.table}.{self.column}"
+        return f"{where}: {self.problem}"
+
+
+def accepts(ent: EntityMapping, column: str) -> tuple[frozenset[int] | None, str]:
+    """The type OIDs ``column`` may have for ``ent``'s events (None: any type) and what the
+    column is used for (for messages).
+
+    Canonical date/timestamp fields need a date or timestamp column (the decoder converts
+    them); text fields, keys and references take any type (they travel as the CRM's text; the
+    consumer checks each value); the delete flag needs the type of the value it is compared
+    with (a boolean flag that became text would never match again, silently).
+    """
+    allowed: frozenset[int] | None = None
+    uses: list[str] = []
+    for name, source in ent.fields.items():
+        if source == column:
+            uses.append(f"{ent.entity}.{name}")
+            if CANONICAL_FIELDS[ent.entity].get(name) in (DATE, TIMESTAMP):
+                allowed = _DATE_TIME
+    flag = ent.deleted_when
+    if flag is not None and flag.column == column:
+        uses.append("the delete flag")
+        if isinstance(flag.equals, bool):
+            allowed = _BOOL
+        elif isinstance(flag.equals, int):
+            allowed = _INTEGER
+        elif isinstance(flag.equals, float):
+            allowed = _NUMBER
+    if column in ent.key:
+        uses.append("the key")
+    if column in (ent.customer_column, ent.order_column):
+        uses.append("a reference key")
+    return allowed, ", ".join(uses) or "a reference"
+
+
+def check(ent: EntityMapping, shape: Shape | None, *,
+          known: Shape | None = None) -> list[Violation]:
+    """Every way ``shape`` (None: the table does not exist) breaks ``ent``'s contract, in a
+    stable order (table, then columns in the profile's order); [] when it keeps it.
+
+    ``known`` is the table's last good shape (from start-up), if any: it lets the fix name a
+    rename back (one needed column gone, one new column of its type) and the type to restore.
+    """
+    table = ent.table
+    quoted = _quoted(table)
+    if shape is None:
+        return [Violation(table, TABLE, "table does not exist (or is not visible to the "
+                          "capture role)", f"-- restore {table}, or remove [{ent.entity}] "
+                          "from the source profile and restart the producer")]
+    out: list[Violation] = []
+    missing = [c for c in ent.columns if c not in shape.columns]
+    new = [c for c in shape.columns if known is not None and c not in known.columns]
+    for column in missing:
+        out.append(Violation(table, column, "column is mapped by the source profile but "
+                             "missing (renamed or dropped)",
+                             _missing_fix(ent, column, shape, known, missing, new)))
+    for column in ent.columns:
+        if column in missing:
+            continue
+        allowed, uses = accepts(ent, column)
+        oid = shape.columns[column]
+        if allowed is not None and oid not in allowed:
+            had = _type_of(known, column)
+            fix = (f"ALTER TABLE {quoted} ALTER COLUMN {_q(column)} TYPE {had} USING "
+                   f"{_q(column)}::{had};" if had is not None else
+                   f"-- give {table}.{column} a type {uses} can take, or map another column")
+            out.append(Violation(table, column, f"type {_type_of(shape, column) or oid} "
+                                 f"cannot feed {uses}", fix))
+    if shape.replica_identity != "f":
+        out.append(Violation(
+            table, TABLE, f"replica identity is "
+            f"{_IDENTITY.get(shape.replica_identity, shape.replica_identity)}, not FULL: an "
+            "UPDATE or DELETE would not carry the whole old row",
+            f"ALTER TABLE {quoted} REPLICA IDENTITY FULL;"))
+    return out
+
+
+def _missing_fix(ent: EntityMapping, column: str, shape: Shape, known: Shape | None,
+                 missing: list[str], new: list[str]) -> str:
+    quoted = _quoted(ent.table)
+    if known is not None and len(missing) == 1 and len(new) == 1 \
+            and known.columns.get(column) == shape.columns[new[0]]:
+        return f"ALTER TABLE {quoted} RENAME COLUMN {_q(new[0])} TO {_q(column)};"
+    had = _type_of(known, column)
+    add = f"ALTER TABLE {quoted} ADD COLUMN {_q(column)} {had}; -- and restore its data" \
+        if had is not None else f"-- restore column {column} of {ent.table}"
+    return (f"{add} (or map the column's new name in the source profile and restart the "
+            "producer)")
+
+
+def _type_of(shape: Shape | None, column: str) -> str | None:
+    if shape is None or shape.types is None:
+        return None
+    return shape.types.get(column)
+
+
+def _q(name: str) -> str:
+    return sql.Identifier(name).as_string(None)
+
+
+def _quoted(table: str) -> str:
+    return sql.Identifier(*table.split(".", 1)).as_string(None)
+
+
+def check_profile(profile: SourceProfile, shapes: Mapping[str, Shape | None], *,
+                  known: Mapping[str, Shape] | None = None) -> list[Violation]:
+    """:func:`check` for every captured table of ``profile`` (``shapes`` by table)."""
+    out: list[Violation] = []
+    for ent in profile.entities.values():
+        out.extend(check(ent, shapes.get(ent.table),
+                         known=None if known is None else known.get(ent.table)))
+    return out
+
+
+def read_shapes(conn: psycopg.Connection[Any], tables: list[str]) -> dict[str, Shape | None]:
+    """The catalog's shape of each table (None for a table that does not exist): one query.
+
+    Raises psycopg.Error when the query fails (a lost session, say)."""
+    rows = conn.execute(
+        "SELECT t.name, c.relreplident, a.attname, a.atttypid::int,"
+        "       format_type(a.atttypid, a.atttypmod)"
+        "  FROM unnest(%s::text[]) AS t(name)"
+        "  LEFT JOIN pg_class c ON c.oid = to_regclass(t.name)"
+        "  LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0"
+        "   AND NOT a.attisdropped"
+        " ORDER BY t.name, a.attnum", (tables,)).fetchall()
+    found: dict[str, tuple[str, dict[str, int], dict[str, str]]] = {}
+    for name, identity, column, oid, type_sql in rows:
+        if identity is None:
+            continue
+        entry = found.setdefault(name, (str(identity), {}, {}))
+        if column is not None:
+            entry[1][column] = int(oid)
+            entry[2][column] = str(type_sql)
+    return {t: Shape(t, *found[t]) if t in found else None for t in tables}

@@ -33,12 +33,19 @@ def test_a_naive_0900_in_a_shanghai_crm_is_0100_utc_by_snapshot_stream_and_recon
         assert crm.execute("SHOW timezone").fetchone() == ("Asia/Shanghai",)
         (streamed,) = crm.execute(INSERT, ("客户需求反馈",)).fetchone()
     lsn = ops.current_lsn(settings)
-    wait_until(lambda: ops.caught_up(settings, lsn), timeout=120, message="caught up")
+    # Caught up with the WAL is not enough: the initial snapshot's chunks may still be on
+    # their way (the snapshotted row reaches the ERP through one).
+    wait_until(lambda: ops.caught_up(settings, lsn) and not ops.pending_snapshots(settings),
+               timeout=120, message="caught up, initial snapshot read")
+
+    def both_rows() -> dict[str, datetime] | None:
+        with sync_env.erp() as erp:
+            rows = dict(erp.execute(
+                "SELECT crm_demand_id, observed_at FROM erp.demand_signals").fetchall())
+        return rows if len(rows) == 2 else None
 
     nine_in_shanghai = datetime(2026, 11, 28, 1, 0, tzinfo=UTC)
-    with sync_env.erp() as erp:
-        got = dict(erp.execute("SELECT crm_demand_id, observed_at FROM erp.demand_signals"
-                               ).fetchall())
+    got = wait_until(both_rows, timeout=120, message="both demand rows in the ERP")
     assert got == {str(snapshotted): nine_in_shanghai, str(streamed): nine_in_shanghai}
 
     clean = cli(settings, "reconcile", "--json", "--entity", "demand")

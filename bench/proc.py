@@ -1,9 +1,10 @@
 """CPU time and peak memory of processes on this machine, from ``/proc`` (Linux).
 
 Why our own code: psutil would do (``cpu_times()``, ``memory_full_info()``), but the benchmarks
-need three numbers per process (user + system ticks from ``/proc/<pid>/stat``, ``VmHWM`` from
-``/proc/<pid>/status``) and one reset (``/proc/<pid>/clear_refs``), which do not earn a
-dependency. Parsing is kept in pure functions so it is unit-tested without processes.
+need four numbers per process (user + system ticks from ``/proc/<pid>/stat``, ``VmHWM`` from
+``/proc/<pid>/status``, ``Pss`` from ``/proc/<pid>/smaps_rollup``) and one reset
+(``/proc/<pid>/clear_refs``), which do not earn a dependency. Parsing is kept in pure
+functions so it is unit-tested without processes.
 """
 
 from __future__ import annotations
@@ -58,6 +59,19 @@ def peak_rss_mib(pid: int) -> float:
     :func:`reset_peak_rss`; 0.0 once it is gone."""
     try:
         kib = status_kib((PROC / str(pid) / "status").read_text(), "VmHWM")
+    except OSError:
+        return 0.0
+    return (kib or 0) / 1024
+
+
+def pss_mib(pid: int) -> float:
+    """Proportional set size (``Pss`` of ``/proc/<pid>/smaps_rollup``, Linux 4.14+) in MiB:
+    private pages whole, each shared page (libpython, libssl, libpq…) divided by the number
+    of processes mapping it, so PSS summed over processes counts shared pages once where RSS
+    counts them in every process. 0.0 once the process is gone or not readable. The kernel
+    keeps no PSS high-water mark: a peak is the largest of samples (see bench.compare)."""
+    try:
+        kib = status_kib((PROC / str(pid) / "smaps_rollup").read_text(), "Pss")
     except OSError:
         return 0.0
     return (kib or 0) / 1024

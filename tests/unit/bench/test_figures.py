@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -62,6 +63,16 @@ def test_the_table_passes_only_when_every_target_does() -> None:
     printed, passed = table(slow_after, [])
     assert not passed
     assert "+100% vs before (<=20% FAIL)" in printed
+
+
+def test_peak_pss_is_printed_beside_peak_rss_without_a_verdict() -> None:
+    r = dataclasses.replace(result("3 steady 200/s", 200, 50, 0.1), rss_mib=280.0,
+                            pss_mib=190.0)
+    printed, passed = table({"low": r}, [])
+    head, _, row = printed.splitlines()[:3]
+    assert "peak RSS MiB (ours, vs target)" in head and "peak PSS MiB (ours, no target)" in head
+    assert "280 (<=250 FAIL)" in row and row.rstrip().endswith("190")
+    assert not passed  # RSS is what the target is checked against, PSS does not rescue it
 
 
 def test_a_broker_not_found_on_this_machine_is_not_shown_as_zero() -> None:

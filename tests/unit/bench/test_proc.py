@@ -12,6 +12,7 @@ from bench.proc import (
     cpu_seconds,
     listening_inodes,
     peak_rss_mib,
+    pss_mib,
     reset_peak_rss,
     stat_cpu_ticks,
     status_kib,
@@ -56,10 +57,23 @@ def test_this_process_has_cpu_time_and_a_peak_rss_that_a_reset_can_lower() -> No
     assert peak_rss_mib(os.getpid()) < with_ballast - 32
 
 
+def test_this_process_has_a_pss_that_counts_its_private_pages_and_is_at_most_its_rss() -> None:
+    before = pss_mib(os.getpid())
+    if before == 0.0:
+        pytest.skip("smaps_rollup is not readable here")
+    ballast = bytearray(64 * 2**20)
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1  # private, resident: counted whole in PSS
+    assert pss_mib(os.getpid()) > before + 48
+    assert pss_mib(os.getpid()) <= peak_rss_mib(os.getpid())
+    del ballast
+
+
 def test_a_process_that_is_gone_counts_nothing() -> None:
     gone = 2**22 + 1  # above the default pid_max
     assert cpu_seconds(gone) == 0.0
     assert peak_rss_mib(gone) == 0.0
+    assert pss_mib(gone) == 0.0
     assert reset_peak_rss(gone) is False
 
 

@@ -63,10 +63,11 @@ class Settings:
     batch_max_wait_ms: int = 0
     # A capture batch ends after the transaction that reaches this many changes (never inside
     # one): its events, Avro bytes and kafka-python records are all held until the broker
-    # acknowledged the batch, so this bounds the producer's memory. 5000 made a 5,000-change
-    # burst one batch and the producer's peak RSS ~17 MiB higher than 1000 did, at the same
-    # rate (python -m bench.compare --quick).
-    producer_max_changes: int = 1000
+    # acknowledged the batch, so this bounds the producer's memory. Producer alone, 20,000
+    # one-change transactions: peak RSS 85 MiB at 5000, 74 at 2000, 70 at 1000; changes/s
+    # ~9,750 / ~8,500 / ~9,070 (noisy, shared machine). 2000 keeps the whole system under
+    # its 250 MiB (python -m bench.compare) with the larger batches a burst wants.
+    producer_max_changes: int = 2000
     capture_transport: str = "stream"
     producer_poll_ms: int = 100
     heartbeat_interval_s: float = 10.0

@@ -9,7 +9,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
+
+import pytest
 
 from tests.conftest import SyncEnv
 from tests.helpers import decoded_events, settings_env, wait_until
@@ -41,10 +44,27 @@ CREATE TRIGGER audit_orders AFTER INSERT OR UPDATE OR DELETE ON crm.sales_orders
 OPS = {"INSERT": "CREATE", "UPDATE": "UPDATE", "DELETE": "DELETE"}
 
 
+_spawned: list[subprocess.Popen[bytes]] = []
+
+
 def spawn_producer(sync_env: SyncEnv, log: Any) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "service.cli", "produce"],
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "produce"],
                             env={**os.environ, **settings_env(sync_env.settings)},
                             stdout=log, stderr=subprocess.STDOUT)
+    _spawned.append(proc)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _no_producer_outlives_its_test(sync_env: SyncEnv) -> Iterator[None]:
+    """A failed assertion skips a test's own SIGTERM: kill what it spawned before its
+    databases are dropped, so no producer keeps running against a later test's stack."""
+    yield
+    while _spawned:
+        proc = _spawned.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 class Writer(threading.Thread):

@@ -212,33 +212,19 @@ def cmd_snapshot_manage(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _existing_keys(conn: Any, profile: Any, entity: str, wanted: list[str]) -> list[str]:
-    """The requested keys (text, as the CRM's own type reads them); a key that is not in the
-    table (or outside the profile's row filter) is refused rather than snapshotted as
-    nothing. Raises ConfigError naming the missing keys."""
-    import psycopg
+    """The requested keys, once each; a key that is not in the table (or outside the
+    profile's row filter) is refused rather than snapshotted as nothing. Raises ConfigError
+    naming the missing keys."""
+    from service.cdc.capture import missing_keys
 
-    from service.cdc.capture import chunk_query, read_table_info
-    from service.cdc.profile import key_values
-
-    ent = profile.entities[entity]
-    info = read_table_info(conn, profile)[ent.table]
-    for key in wanted:
-        try:
-            key_values(ent, key)
-        except ValueError as exc:
-            raise ConfigError("--key", str(exc)) from exc
-    unique = list(dict.fromkeys(wanted))
     try:
-        query, params = chunk_query(info, after=None, keys=unique, limit=len(unique))
-        found = {ent.key_text({c: r[i] for i, c in enumerate(ent.columns)})
-                 for r in conn.execute(query, params).fetchall()}
-    except psycopg.errors.DataError as exc:  # not a value of the key's type (a UUID typo)
-        raise ConfigError("--key", f"not a key of {ent.table}: "
-                                   f"{exc.diag.message_primary}") from exc
-    missing = [k for k in unique if k not in found]
+        missing = missing_keys(conn, profile, entity, wanted)
+    except ValueError as exc:
+        raise ConfigError("--key", str(exc)) from exc
     if missing:
-        raise ConfigError("--key", f"no {ent.table} row with key {', '.join(missing)}")
-    return unique
+        table = profile.entities[entity].table
+        raise ConfigError("--key", f"no {table} row with key {', '.join(missing)}")
+    return list(dict.fromkeys(wanted))
 
 
 SNAPSHOT_MAX_CHUNK = 100_000

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from kafka import TopicPartition
+from kafka.errors import KafkaError
 
 from service import pg
+from service.errors import StackUnavailable
 from service.kafka_io import make_admin, make_consumer
 from service.settings import Settings
 
@@ -34,6 +36,10 @@ def group_lag(settings: Settings, topics: list[str] | None = None) -> list[Parti
         tps = [TopicPartition(t, p) for t in topics
                for p in sorted(probe.partitions_for_topic(t) or ())]
         ends = probe.end_offsets(tps)
+    except KafkaError as exc:  # e.g. NotCoordinatorError while a restarted broker loads
+        raise StackUnavailable(
+            f"Kafka broker at {settings.kafka_bootstrap} cannot answer for the consumer "
+            f"group yet ({type(exc).__name__}); try again in a moment") from exc
     finally:
         probe.close()
         admin.close()

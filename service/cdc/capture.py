@@ -301,6 +301,25 @@ def _key_match(info: TableInfo, keys: Sequence[str], params: list[Any]) -> sql.C
     return sql.SQL("({})").format(sql.SQL(" OR ").join(alternatives))
 
 
+def missing_keys(conn: psycopg.Connection[Any], profile: SourceProfile, entity: str,
+                 keys: Sequence[str]) -> list[str]:
+    """Which of ``keys`` (text, as the CRM's own type reads them) have no row of
+    ``entity``'s table within the profile's row filter, in their first order. Raises
+    ValueError naming the key when one is not a value of the key's type (e.g. a UUID typo)."""
+    ent = profile.entities[entity]
+    for key in keys:
+        key_values(ent, key)  # ValueError names the key
+    unique = list(dict.fromkeys(keys))
+    info = read_table_info(conn, profile)[ent.table]
+    query, params = chunk_query(info, after=None, keys=unique, limit=len(unique))
+    try:
+        found = {ent.key_text({c: r[i] for i, c in enumerate(ent.columns)})
+                 for r in conn.execute(query, params).fetchall()}
+    except psycopg.errors.DataError as exc:
+        raise ValueError(f"not a key of {ent.table}: {exc.diag.message_primary}") from exc
+    return [k for k in unique if k not in found]
+
+
 def chunk_query(info: TableInfo, *, after: str | None, keys: Sequence[str] | None,
                 limit: int) -> tuple[sql.Composed, list[Any]]:
     """One snapshot chunk: rows in key order after ``after`` (a key's text), within the row

@@ -140,8 +140,9 @@ def inspect(conn: psycopg.Connection[Any], settings: Settings, state: CaptureSta
     if state.problem is not None:
         return _problem(state.problem, state.problem_detail or state.problem)
     slot = conn.execute(
-        "SELECT plugin, database = current_database(), confirmed_flush_lsn::text "
-        "FROM pg_replication_slots WHERE slot_name = %s", (settings.slot_name,)).fetchone()
+        "SELECT plugin, database = current_database(), confirmed_flush_lsn::text, "
+        "restart_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+        (settings.slot_name,)).fetchone()
     name, pub = settings.slot_name, settings.publication_name
     if slot is None:
         return _problem("slot_dropped",
@@ -149,8 +150,13 @@ def inspect(conn: psycopg.Connection[Any], settings: Settings, state: CaptureSta
                         "was dropped cannot be read, and rows deleted meanwhile would stay "
                         "live in the ERP")
     confirmed = pgoutput.str_to_lsn(slot[2]) if slot[2] is not None else 0
+    restart = pgoutput.str_to_lsn(slot[3]) if slot[3] is not None else 0
+    # psycopg2 may report a keepalive's WAL end as flushed on its own, so a slot we read can
+    # confirm a little past the bound; its restart_lsn cannot: it stays at or before the
+    # first transaction we did not confirm. A slot created again starts both past the bound.
     if slot[0] != "pgoutput" or not slot[1] or confirmed > state.confirmed_ceiling or (
-            confirmed_at_most is not None and confirmed > confirmed_at_most):
+            confirmed_at_most is not None and confirmed > confirmed_at_most
+            and restart > confirmed_at_most):
         return _problem("slot_replaced",
                         f"replication slot {name!r} is not the one this producer captured "
                         "through (dropped and created again: its confirmed position is past "

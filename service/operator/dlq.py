@@ -26,7 +26,7 @@ from typing import Any
 from kafka import TopicPartition
 
 from service.avro import SchemaRegistry
-from service.cdc.capture import request_snapshot
+from service.cdc.capture import missing_keys, request_snapshot
 from service.consumer import dlq as dlq_headers
 from service.consumer.pipeline import ErpApplier, Message, prepare
 from service.erp.mappings import Mappings
@@ -499,6 +499,13 @@ def _resnapshot(settings: Settings, record: Any, rereads: dict[tuple[str, str], 
         return rereads[(ent.entity, key)] + " (one re-read for this row's letters)"
     with connect(settings, "crm") as crm:
         try:
+            if missing_keys(crm, profile, ent.entity, [key]):
+                # A snapshot reads rows, so a deleted row would be "re-read" as nothing and
+                # its ERP row would stay live: say so instead of reporting success.
+                raise CaptureRedriveError(
+                    f"no {ent.table} row with key {key} any more (deleted since): a re-read "
+                    "cannot carry the delete; discard this letter and run `crm-erp-sync "
+                    "reconcile --repair`")
             snapshot_id = request_snapshot(crm, profile, ent.entity, [key], reason="redrive")
         except ValueError as exc:
             raise CaptureRedriveError(str(exc)) from exc

@@ -341,6 +341,15 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
                  "until": min(shut).astimezone(window.zone) if shut
                  else state.until if state.open else None})
         closed = not status.apply_window["open"]
+    else:
+        # The window is the consumers' setting: status may run without it and still sees
+        # what the running consumers report.
+        alive = [r for r in reported if r["age_s"] <= max(30.0, 3 * settings.membership_check_s)]
+        shut = [r["window_closed_until"] for r in alive if r["window_closed_until"]]
+        if shut:
+            status.apply_window = {"window": "set on the consumers", "open": False,
+                                   "until": min(shut), "as_seen_by": "consumers"}
+            closed = True
     for t in truncates["stopped"]:
         status.attention.append(
             f"capture STOPPED before TRUNCATE of {t['table']} (commit LSN {t['commit_lsn']}, "
@@ -412,7 +421,8 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         status.attention.append(
             f"{status.capture_letters_total} capture dead letter(s) unresolved (CRM rows the "
             "producer could not make events; their keys are held): fix the rows in the CRM, "
-            "then `crm-erp-sync dlq redrive --error-type capture`")
+            "then `crm-erp-sync dlq redrive --error-type capture` (a row deleted since: discard "
+            "its letters and run `crm-erp-sync reconcile --repair`)")
     if letters:
         status.attention.append(f"{sum(letters.values())} dead letter(s) unresolved: "
                                 "see `crm-erp-sync dlq list`")

@@ -140,3 +140,33 @@ def test_small_leftovers(sync_env: SyncEnv, cli: Cli, tmp_path: Any) -> None:
     line = next(li for li in gone.out.splitlines() if f"publication {settings.publication_name}"
                 in li)
     assert line.startswith("✗") and "no such table" in line, gone.out
+
+
+def test_redrive_of_a_capture_letter_whose_row_is_gone_says_so(
+        sync_env: SyncEnv, cli: Cli, running: Running) -> None:
+    """A re-read cannot carry a delete: redriving the letter of a row deleted since must not
+    report success (the ERP row would stay live); it names the way out instead."""
+    settings = sync_env.settings
+    running.start_producer(settings)
+    running.start_consumer(settings)
+    wait_until(lambda: _ready(sync_env), message="slot and initial snapshot")
+    with sync_env.crm() as crm:
+        gone = crm.execute("INSERT INTO crm.customers (family_name, given_name, phone, "
+                           "purchase_amount) VALUES ('王', '五', '13912345678', 'NaN') "
+                           "RETURNING customer_id").fetchone()[0]
+        crm.execute("DELETE FROM crm.customers WHERE customer_id = %s", (gone,))
+    wait_until(lambda: len(letters_of(sync_env)) == 2, timeout=90,
+               message="the insert's and the delete's capture letters")
+
+    redriven = cli(settings, "dlq", "redrive", "--key", str(gone), "--reason", "deleted",
+                   "--json")
+    outcomes = redriven.json["outcomes"]
+    # the key's later letter waits behind its first, as for any key
+    assert [o["outcome"] for o in outcomes] == ["failed_again", "skipped"]
+    assert "deleted since" in outcomes[0]["detail"]
+    assert "reconcile --repair" in outcomes[0]["detail"]
+    assert redriven.code != 0
+    assert [state for *_, state in letters_of(sync_env)] == ["failed_again", "open"]
+    with sync_env.crm() as crm:
+        assert crm.execute("SELECT count(*) FROM crm_erp_sync.snapshots "
+                           "WHERE reason = 'redrive'").fetchone() == (0,)

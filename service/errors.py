@@ -61,7 +61,7 @@ class SlotLost(CaptureBroken):
         super().__init__(
             "slot_lost",
             f"replication slot {slot!r} is lost: PostgreSQL removed WAL it still needed, so "
-            "changes made while no producer ran cannot be read (or restart the producer "
+            "changes it had not confirmed yet cannot be read (or restart the producer "
             "with CRM_ERP_SYNC_ON_SLOT_LOST=resnapshot for a new slot and full snapshot, then "
             "run `crm-erp-sync reconcile --repair` for rows deleted in the gap)",
             "crm-erp-sync resync")

@@ -78,9 +78,12 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     state = "running" if st.producer_running else "NOT RUNNING"
     if st.contract_violations:
         state += ", CAPTURE STOPPED (source contract broken, see below)"
+    elif st.capture_stopped:
+        state += ", CAPTURE STOPPED (slot or publication, see below)"
     print(f"Producer: {state}; "
           f"slot {settings.slot_name}: " + (
         "MISSING" if slot is None else
+        "LOST (its WAL was removed)" if slot.get("wal_status") == "lost" else
         f"{'reading' if slot['active'] else 'idle'}, retains "
         f"{slot['retained_wal_bytes']} bytes of WAL, {slot['unconfirmed_bytes']} bytes "
         "not yet confirmed"))

@@ -112,6 +112,8 @@ class Status:
     capture_letters_total: int = 0
     # CRM_ERP_SYNC_APPLY_WINDOW: {"window", "open", "until"} (None: always applying).
     apply_window: dict[str, Any] | None = None
+    # capture stopped for a dropped, replaced or lost slot or publication (until `resync`)
+    capture_stopped: bool = False
     # CRM TRUNCATEs the producer met (crm_erp_sync.truncates): "stopped" (rows capture waits
     # before), "propagated" and "skipped" (counts), "last" (the newest handled one), and
     # "applied" (sync.truncations in the ERP: per entity, truncates applied, rows marked)
@@ -426,6 +428,7 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
     if letters:
         status.attention.append(f"{sum(letters.values())} dead letter(s) unresolved: "
                                 "see `crm-erp-sync dlq list`")
+    status.capture_stopped = bool(capture_broken)
     status.attention.extend(capture_broken)  # a broken slot or publication, and its recovery
     if capture_broken:
         pass  # already named above, with the one recovery command

@@ -304,12 +304,14 @@ def cmd_dlq_redrive(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_dlq_discard(settings: Settings, args: argparse.Namespace) -> int:
     from service.operator.dlq import discard, select_letters
 
-    if not (args.ids or args.error_type or args.field):
-        raise ConfigError("dlq discard", "name dead letters: ID ..., --error-type X or --field F")
-    if args.ids and (args.error_type or args.field):
-        raise ConfigError("dlq discard", "give IDs or filters (--error-type/--field), not both")
+    if not (args.ids or args.error_type or args.field or args.key):
+        raise ConfigError("dlq discard", "name dead letters: ID ..., --error-type X, "
+                                         "--field F or --key K")
+    if args.ids and (args.error_type or args.field or args.key):
+        raise ConfigError("dlq discard", "give IDs or filters (--error-type/--field/--key), "
+                                         "not both")
     letters, refused = select_letters(settings, args.ids, args.error_type, False,
-                                      field=args.field)
+                                      field=args.field, key=args.key)
     if (not args.ids and not args.dry_run and letters and not args.yes
             and not _confirm(f"Discard {len(letters)} dead letter(s) ({_filters(args)})? "
                              "Their changes will not reach the ERP.")):
@@ -325,7 +327,8 @@ def cmd_dlq_discard(settings: Settings, args: argparse.Namespace) -> int:
 
 def _filters(args: argparse.Namespace) -> str:
     return ", ".join(f"{name} {value}" for name, value in (
-        ("error type", args.error_type), ("field", args.field)) if value)
+        ("error type", args.error_type), ("field", args.field),
+        ("key", getattr(args, "key", None))) if value)
 
 
 def _confirm(question: str) -> bool:
@@ -722,12 +725,14 @@ def register(sub: Any) -> None:
     p = parser("discard", dsub, "give up on dead letters (audited), releasing their key",
                "Mark dead letters discarded (the change will not reach the ERP) and apply the\n"
                "events held behind their key. Audited with actor and reason. By ID, or in bulk\n"
-               "by --error-type and/or --field (asks for confirmation on a terminal; --yes in\n"
-               "a script; --dry-run lists what would be discarded and changes nothing).")
+               "by --error-type, --field and/or --key (asks for confirmation on a terminal;\n"
+               "--yes in a script; --dry-run lists what would be discarded, changes nothing).")
     p.add_argument("ids", type=int, nargs="*", metavar="ID")
     p.add_argument("--error-type", help="all unresolved letters of this error class or stage")
     p.add_argument("--field", help="all unresolved letters whose mapping failed on this CRM "
                                    "field (phone, address, ...)")
+    p.add_argument("--key", help="all unresolved letters of this message key (the customer's "
+                                 "for crm.sales)")
     p.add_argument("--dry-run", action="store_true",
                    help="list what would be discarded; change nothing")
     p.add_argument("--yes", action="store_true", help="confirm a bulk discard without asking")

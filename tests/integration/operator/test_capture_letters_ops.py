@@ -170,3 +170,14 @@ def test_redrive_of_a_capture_letter_whose_row_is_gone_says_so(
     with sync_env.crm() as crm:
         assert crm.execute("SELECT count(*) FROM crm_erp_sync.snapshots "
                            "WHERE reason = 'redrive'").fetchone() == (0,)
+
+    # the way out it names: discard the key's letters (by key), then reconcile --repair
+    dry = cli(settings, "dlq", "discard", "--key", str(gone), "--reason", "row deleted",
+              "--dry-run", "--json")
+    assert dry.code == 0, dry.out
+    assert len(dry.json["outcomes"]) == 2
+    assert [state for *_, state in letters_of(sync_env)] == ["failed_again", "open"]
+    done = cli(settings, "dlq", "discard", "--key", str(gone), "--reason", "row deleted",
+               "--yes", "--json")
+    assert done.code == 0, done.out
+    assert [state for *_, state in letters_of(sync_env)] == ["discarded", "discarded"]

@@ -1042,10 +1042,12 @@ class CdcProducer:
         self._record_truncates(conn, [TruncateSeen(t, txn.commit_lsn, txn.xid,
                                                    txn.commit_time, "stopped")
                                       for t in tables])
-        self.stopped_at = CaptureStoppedAtTruncate(tables, pgoutput.lsn_to_str(txn.commit_lsn))
-        self._reset_capture_state()
+        stopped = CaptureStoppedAtTruncate(tables, pgoutput.lsn_to_str(txn.commit_lsn))
+        # /readyz and the metric first: whoever sees stopped_at sees them already
         self.metrics.capture_stopped.set(1)
-        self.health.set_ready(False, "capture_stopped", reason=str(self.stopped_at))
+        self.health.set_ready(False, "capture_stopped", reason=str(stopped))
+        self.stopped_at = stopped
+        self._reset_capture_state()
         log.error("capture_stopped_before_truncate", tables=tables,
                   commit_lsn=pgoutput.lsn_to_str(txn.commit_lsn), xid=txn.xid,
                   setting=Settings.env_var("on_truncate"), value=self.settings.on_truncate,

@@ -19,6 +19,7 @@ from service.cdc.producer import CdcProducer
 from service.cli import main
 from service.consumer.pipeline import ErpConsumer
 from service.settings import Settings
+from tests.conftest import SyncEnv
 from tests.helpers import settings_env
 
 
@@ -110,3 +111,13 @@ def running() -> Iterator[Running]:
         yield r
     finally:
         r.stop_all()
+
+
+def capture_ready(sync_env: SyncEnv) -> bool:
+    """The slot exists and the (empty) initial snapshot is done: what follows is the log's."""
+    with sync_env.crm() as crm:
+        slot = crm.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s",
+                           (sync_env.settings.slot_name,)).fetchone()
+        pending = crm.execute("SELECT count(*) FROM crm_erp_sync.snapshots "
+                              "WHERE state = 'pending'").fetchone()
+    return slot is not None and pending == (0,)

@@ -21,6 +21,7 @@ from service.kafka_io import make_admin
 from service.operator import dlq as operator_dlq
 from tests.conftest import SyncEnv
 from tests.helpers import read_topic, wait_until
+from tests.integration.conftest import capture_ready
 from tests.integration.runtime.test_endpoints import running
 
 
@@ -31,18 +32,9 @@ def pipeline(sync_env: SyncEnv) -> Iterator[CdcProducer]:
     producer = CdcProducer(settings, SchemaRegistry.load(settings.schemas_dir))
     consumer = ErpConsumer(settings)
     with running(producer), running(consumer):
-        wait_until(lambda: _ready(sync_env), timeout=60, message="slot and initial snapshot")
+        wait_until(lambda: capture_ready(sync_env), timeout=60, message="slot and initial snapshot")
         yield producer
 
-
-def _ready(sync_env: SyncEnv) -> bool:
-    """The slot exists and the (empty) initial snapshot is done: what follows is the log's."""
-    with sync_env.crm() as crm:
-        slot = crm.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s",
-                           (sync_env.settings.slot_name,)).fetchone()
-        pending = crm.execute("SELECT count(*) FROM crm_erp_sync.snapshots "
-                              "WHERE state = 'pending'").fetchone()
-    return slot is not None and pending == (0,)
 
 
 def _insert(crm: Any, table: str, **values: Any) -> int:

@@ -19,7 +19,7 @@ from service.consumer.pipeline import ErpConsumer
 from service.settings import Settings
 from tests.conftest import SyncEnv
 from tests.helpers import consume_until_caught_up, decoded_events, wait_until
-from tests.integration.conftest import Cli
+from tests.integration.conftest import Cli, capture_ready
 from tests.integration.runtime.test_endpoints import running
 
 
@@ -77,21 +77,12 @@ def _slot_confirmed(sync_env: SyncEnv) -> int:
     return int(row[0])
 
 
-def _ready(sync_env: SyncEnv) -> bool:
-    """The slot exists and the (empty) initial snapshot is done."""
-    with sync_env.crm() as crm:
-        slot = crm.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s",
-                           (sync_env.settings.slot_name,)).fetchone()
-        pending = crm.execute("SELECT count(*) FROM crm_erp_sync.snapshots "
-                              "WHERE state = 'pending'").fetchone()
-    return slot is not None and pending == (0,)
-
 
 def test_primary_key_update_deletes_the_old_key_and_creates_the_new(
         sync_env: SyncEnv) -> None:
     settings = sync_env.settings
     with producer_running(settings), consumer_running(settings), sync_env.crm() as crm:
-        wait_until(lambda: _ready(sync_env), timeout=60, message="slot and initial snapshot")
+        wait_until(lambda: capture_ready(sync_env), timeout=60, message="slot and initial snapshot")
         _customer(crm, 1102)
         wait_until(lambda: _partners(sync_env).get("1102") is False, timeout=120,
                    message="customer 1102 in the ERP")
@@ -124,7 +115,7 @@ def test_truncate_propagated_soft_deletes_and_later_inserts_stay(
         sync_env: SyncEnv, cli: Cli) -> None:
     settings = sync_env.with_(on_truncate="propagate")
     with producer_running(settings), consumer_running(settings), sync_env.crm() as crm:
-        wait_until(lambda: _ready(sync_env), timeout=60, message="slot and initial snapshot")
+        wait_until(lambda: capture_ready(sync_env), timeout=60, message="slot and initial snapshot")
         old_demands = [_demand(crm), _demand(crm)]
         for cid in (1, 2):
             _customer(crm, cid)
@@ -176,7 +167,7 @@ def test_an_event_older_than_the_truncate_does_not_come_back(
     from a lagging partition), nothing truncated comes back and the truncate applies once."""
     settings = sync_env.with_(on_truncate="propagate")
     with sync_env.crm() as crm, producer_running(settings):
-        wait_until(lambda: _ready(sync_env), timeout=60, message="slot and snapshot")
+        wait_until(lambda: capture_ready(sync_env), timeout=60, message="slot and snapshot")
         before = [_demand(crm) for _ in range(3)]
         crm.execute("TRUNCATE crm.market_demand")
         after = _demand(crm)
@@ -205,7 +196,7 @@ def test_an_event_older_than_the_truncate_does_not_come_back(
 def test_truncate_skipped_keeps_erp_rows_and_is_reported(sync_env: SyncEnv, cli: Cli) -> None:
     settings = sync_env.with_(on_truncate="skip")
     with producer_running(settings), consumer_running(settings), sync_env.crm() as crm:
-        wait_until(lambda: _ready(sync_env), timeout=60, message="slot and initial snapshot")
+        wait_until(lambda: capture_ready(sync_env), timeout=60, message="slot and initial snapshot")
         first = _demand(crm)
         crm.execute("TRUNCATE crm.market_demand")
         second = _demand(crm)
@@ -226,7 +217,7 @@ def test_truncate_stops_capture_until_the_operator_chooses(sync_env: SyncEnv, cl
     settings = sync_env.with_(capture_transport=transport)
     with consumer_running(settings), sync_env.crm() as crm:
         with producer_running(settings) as producer:
-            wait_until(lambda: _ready(sync_env), timeout=60, message="slot and snapshot")
+            wait_until(lambda: capture_ready(sync_env), timeout=60, message="slot and snapshot")
             first = _demand(crm)
             wait_until(lambda: _demands(sync_env) == {first: False}, timeout=120,
                        message="the first demand in the ERP")

@@ -9,8 +9,7 @@ from typing import Any
 
 from tests.conftest import SyncEnv
 from tests.helpers import wait_until
-from tests.integration.cdc.test_capture_dead_letters import _ready
-from tests.integration.conftest import Cli, Running
+from tests.integration.conftest import Cli, Running, capture_ready
 
 
 def letters_of(sync_env: SyncEnv) -> list[tuple[Any, ...]]:
@@ -30,7 +29,7 @@ def test_capture_letters_in_status_dlq_and_reconcile(sync_env: SyncEnv, cli: Cli
     settings = sync_env.settings
     running.start_producer(settings)
     consumer = running.start_consumer(settings)
-    wait_until(lambda: _ready(sync_env), message="slot and initial snapshot")
+    wait_until(lambda: capture_ready(sync_env), message="slot and initial snapshot")
     with sync_env.crm() as crm:
         nan = crm.execute("INSERT INTO crm.customers (family_name, given_name, phone, "
                           "purchase_amount) VALUES ('李', '娜', '13912345678', 'NaN') "
@@ -149,7 +148,7 @@ def test_redrive_of_a_capture_letter_whose_row_is_gone_says_so(
     settings = sync_env.settings
     running.start_producer(settings)
     running.start_consumer(settings)
-    wait_until(lambda: _ready(sync_env), message="slot and initial snapshot")
+    wait_until(lambda: capture_ready(sync_env), message="slot and initial snapshot")
     with sync_env.crm() as crm:
         gone = crm.execute("INSERT INTO crm.customers (family_name, given_name, phone, "
                            "purchase_amount) VALUES ('王', '五', '13912345678', 'NaN') "

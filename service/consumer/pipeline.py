@@ -717,6 +717,52 @@ class ErpApplier:
             log.warning("dead_lettered", topic=d.topic, partition=d.partition, offset=d.offset,
                         key=_key_text(d.key), event_id=self._event_id(d.value),
                         stage=d.error.stage, error=_error_class(d.error), reason=d.error.reason)
+        self._supersede_older_letters(conn, letters)
+
+
+    def _supersede_older_letters(self, conn: PgConn, letters: list[dlq.DeadLetter]) -> None:
+        """A newer failing event of a full-state kind supersedes its key's older unresolved
+        letters of that kind: each re-snapshot (``resync``, ``snapshot``) of a CRM row whose
+        transform fails would otherwise add one more open letter for the same row, and the
+        newest letter carries the row as it is now, so redriving it is what the operator
+        wants. Only letters whose message decoded (stages transform and apply) supersede;
+        letters of other kinds on the key (orders of the customer) stay open, and the key
+        stays held behind the newest letter. The older letters become ``superseded`` (never
+        deleted), audited in ``sync.dead_letter_actions`` naming the letter that replaced
+        them."""
+        newest: dict[tuple[str, bytes, str], dlq.DeadLetter] = {}
+        for d in letters:
+            if d.key is None or d.error.stage not in ("transform", "apply"):
+                continue
+            kind = self._kind_of(d.value)
+            if kind not in FULL_STATE_KINDS:
+                continue
+            seen = newest.get((d.topic, d.key, kind))
+            if seen is None or (seen.partition, seen.offset) < (d.partition, d.offset):
+                newest[(d.topic, d.key, kind)] = d
+        for (topic, key, kind), d in newest.items():
+            rows = conn.execute(
+                "WITH new AS (SELECT dead_letter_id FROM sync.dead_letters WHERE topic = %(t)s "
+                'AND partition = %(p)s AND "offset" = %(o)s) '
+                "UPDATE sync.dead_letters d SET state = 'superseded', "
+                "resolved_at = clock_timestamp() FROM new "
+                "WHERE d.topic = %(t)s AND d.msg_key = %(k)s AND d.event_kind = %(kind)s "
+                "AND d.state IN ('open', 'failed_again') "
+                'AND (d.partition, d."offset") < (%(p)s, %(o)s) '
+                "RETURNING d.dead_letter_id, new.dead_letter_id",
+                {"t": topic, "p": d.partition, "o": d.offset, "k": key, "kind": kind}
+            ).fetchall()
+            if not rows:
+                continue
+            why = (f"a newer {kind} event of the same key failed too: dead letter {rows[0][1]} "
+                   f"({topic}[{d.partition}]@{d.offset}) replaces this one")
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO sync.dead_letter_actions (dead_letter_id, action, actor, "
+                    "reason, outcome) VALUES (%s, 'supersede', 'consumer', %s, 'superseded')",
+                    [(old_id, why) for old_id, _ in rows])
+            log.info("dead_letters_superseded", key=_key_text(key), letters=len(rows),
+                     by_dead_letter=rows[0][1])
 
 
 @dataclass(frozen=True)

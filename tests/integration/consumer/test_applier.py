@@ -213,7 +213,8 @@ def test_a_fix_in_the_same_batch_supersedes_too(sync_env: SyncEnv) -> None:
                             "('张', '三', '138****5678') RETURNING customer_id").fetchone()[0]
         crm.execute("UPDATE crm.customers SET phone = '13812345678' WHERE customer_id = %s",
                     (fixed,))
-        # Fixed, then broken again: a fix older than an open letter does not supersede it.
+        # Fixed, then broken again: a fix older than an open letter does not supersede it
+        # (the newer failure supersedes the first letter instead: one open letter per row).
         again = crm.execute("INSERT INTO crm.customers (family_name, given_name, phone) VALUES "
                             "('李', '四', '139****5678') RETURNING customer_id").fetchone()[0]
         crm.execute("UPDATE crm.customers SET phone = '13912345678' WHERE customer_id = %s",
@@ -230,7 +231,7 @@ def test_a_fix_in_the_same_batch_supersedes_too(sync_env: SyncEnv) -> None:
         assert sorted((int(k), o, state) for k, o, state in letters)[0][2] == "superseded"
         assert [(k, state) for k, _, state in sorted((int(k), o, st) for k, o, st in letters)
                 ] == [
-            (fixed, "superseded"), (again, "open"), (again, "open")]
+            (fixed, "superseded"), (again, "superseded"), (again, "open")]
         assert erp.execute("SELECT msg_key FROM sync.held_events").fetchall() == [
             (str(again).encode(),)]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from datetime import UTC
 from typing import Any
 
 from service import exit_codes
@@ -51,10 +52,13 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     print(f"total lag: {st.total_lag}")
     aw = st.apply_window
     if aw is not None:
+        # The one time not in UTC: the window is wall-clock time in its own zone, so its
+        # edge is shown there (with the offset).
+        until = aw["until"].strftime("%Y-%m-%d %H:%M:%S%z") if aw["until"] else None
         print(f"Apply window {aw['window']}: " + (
-            ("open" + (f" until {render.cell(aw['until'])}" if aw["until"] else ""))
+            ("open" + (f" until {until}" if until else ""))
             if aw["open"] else
-            f"outside apply window until {render.cell(aw['until'])} (consumers keep their "
+            f"outside apply window until {until} (consumers keep their "
             "partitions paused by design; the lag grows meanwhile and is not counted as "
             "stuck)"))
     print()
@@ -63,7 +67,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             ["group member", "host", "pid", "in group", "partitions", "last report",
              "rejoins"],
             [(m.client_id, m.host, m.pid if m.pid is not None else "-",
-              "yes" if m.in_group else "NO" + (f" since {m.out_since:%H:%M:%S}"
+              "yes" if m.in_group else "NO" + (f" since {render.when(m.out_since)}"
                                                 if m.out_since else ""),
               ", ".join(m.partitions) or "-",
               f"{_fmt_s(m.last_seen_s)} ago" if m.last_seen_s is not None else "-",
@@ -219,7 +223,7 @@ def cmd_dlq_list(settings: Settings, args: argparse.Namespace) -> int:
     print(render.table(
         ["id", "state", "created", "topic[partition]@offset", "key", "stage", "error",
          "reason"],
-        [(d.dead_letter_id, d.state, d.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+        [(d.dead_letter_id, d.state, d.created_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
           f"{d.topic}[{d.partition}]@{d.offset}", d.key_text, d.stage, d.error_class,
           d.last_error or d.error_message) for d in letters], max_width=70))
     print(f"{len(letters)} dead letter(s). `crm-erp-sync dlq show ID` for the payload and "

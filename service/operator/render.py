@@ -8,7 +8,7 @@ import sys
 import unicodedata
 from base64 import b64encode
 from collections.abc import Iterable, Sequence
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, TextIO
 
@@ -43,11 +43,20 @@ def _width(text: str) -> int:
     return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
+def when(value: datetime) -> str:
+    """An instant as operators read it: ``2026-11-29 07:30:00+0000``, always in UTC with the
+    offset, whatever zone the database session that read it runs in (a CRM database may be
+    set to Asia/Shanghai, the ERP's to another zone). A naive value is printed as it is."""
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC)
+    return value.strftime("%Y-%m-%d %H:%M:%S%z")
+
+
 def cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%d %H:%M:%S%z")
+        return when(value)
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return str(value)

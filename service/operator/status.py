@@ -53,6 +53,7 @@ from service.errors import StackUnavailable
 from service.kafka_io import make_admin
 from service.operator.breaker import BreakerTrip, open_trips
 from service.operator.common import connect
+from service.operator.render import when
 from service.ops import (
     PartitionLag,
     capture_costs,
@@ -350,23 +351,24 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         shut = [r["window_closed_until"] for r in alive if r["window_closed_until"]]
         if shut:
             status.apply_window = {"window": "set on the consumers", "open": False,
-                                   "until": min(shut), "as_seen_by": "consumers"}
+                                   "until": min(shut).astimezone(UTC),
+                                   "as_seen_by": "consumers"}
             closed = True
     for t in truncates["stopped"]:
         status.attention.append(
             f"capture STOPPED before TRUNCATE of {t['table']} (commit LSN {t['commit_lsn']}, "
-            f"{t['commit_time']:%Y-%m-%d %H:%M:%S%z}) because CRM_ERP_SYNC_ON_TRUNCATE="
+            f"{when(t['commit_time'])}) because CRM_ERP_SYNC_ON_TRUNCATE="
             f"{t['setting']}: set CRM_ERP_SYNC_ON_TRUNCATE=propagate (its ERP rows are marked "
             "deleted) or skip (they stay as they are), then restart the producer")
     for v in violations:
         where = v["table"] if v["column"] == "*" else f"{v['table']}.{v['column']}"
         status.attention.append(
-            f"capture STOPPED since {v['since']:%Y-%m-%d %H:%M:%S%z}: source contract broken: "
+            f"capture STOPPED since {when(v['since'])}: source contract broken: "
             f"{where}: {v['problem']}; fix: {v['fix']} (the producer resumes by itself once "
             "the table is fixed)")
     for trip in breaker:
         status.attention.append(
-            f"circuit breaker open on {trip.name} since {trip.tripped_at:%Y-%m-%d %H:%M:%S%z}:"
+            f"circuit breaker open on {trip.name} since {when(trip.tripped_at)}:"
             f" {trip.message}; look (`crm-erp-sync dlq list --topic {trip.topic}`), then "
             f"`crm-erp-sync resume --partition {trip.topic}:{trip.partition} --reason ...`")
     for m in status.members:
@@ -374,7 +376,7 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
             status.attention.append(
                 f"consumer {m.client_id} (host {m.host}, pid {m.pid}) is running but NOT in "
                 f"group {settings.consumer_group}" + (
-                    f" since {m.out_since:%Y-%m-%d %H:%M:%S%z}" if m.out_since else "")
+                    f" since {when(m.out_since)}" if m.out_since else "")
                 + f" ({m.rejoins} rejoin(s) so far; it rejoins by itself: if it stays out, "
                 "look at its log and restart it)")
     if not any(m.in_group for m in status.members) and status.total_lag > 0:
@@ -382,7 +384,7 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
                                 f"{settings.consumer_group} has no member: start a consumer")
     for p in paused:
         status.attention.append(f"{p['topic']}[{p['partition']}] paused by {p['paused_by']} "
-                                f"since {p['paused_at']:%Y-%m-%d %H:%M:%S%z} ({p['reason']}): "
+                                f"since {when(p['paused_at'])} ({p['reason']}): "
                                 "`crm-erp-sync resume` continues")
     ox = status.oldest_transaction
     if ox and ox["age_s"] > settings.pinning_xact_max_s:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any, cast
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -37,6 +38,16 @@ def test_table_aligns_cjk_and_json_handles_service_types() -> None:
     assert render.jsonable({"d": date(2024, 1, 2), "x": Decimal("1.50"), "b": b"\xff",
                             "k": b"42"}) == {"d": "2024-01-02", "x": "1.50",
                                              "b": "base64:/w==", "k": "42"}
+
+
+def test_times_are_shown_in_utc_with_the_offset_whatever_the_session_zone() -> None:
+    # a CRM session in Asia/Shanghai reads 15:30+08:00; the operator reads 07:30 UTC
+    shanghai = datetime(2026, 11, 29, 15, 30, tzinfo=ZoneInfo("Asia/Shanghai"))
+    assert render.when(shanghai) == "2026-11-29 07:30:00+0000"
+    assert render.cell(shanghai) == "2026-11-29 07:30:00+0000"
+    new_york = datetime(2026, 11, 29, 2, 30, tzinfo=ZoneInfo("America/New_York"))
+    assert render.cell(new_york) == "2026-11-29 07:30:00+0000"
+    assert render.cell(datetime(2026, 11, 29, 7, 30)) == "2026-11-29 07:30:00"  # naive: as is
 
 
 def test_every_operator_command_has_help() -> None:

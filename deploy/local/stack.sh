@@ -3,6 +3,8 @@
 # run from Maven Central jars, and a private PostgreSQL 15 cluster from Debian's packages.
 #
 #   deploy/local/stack.sh up       fetch jars if needed, start what is not running, wait healthy
+#                                  (a healthy stack on these ports that another checkout started
+#                                  is reused, never stopped: same role, databases, wal_level)
 #   deploy/local/stack.sh down     stop what `up` started (pid files); data is kept
 #   deploy/local/stack.sh status   healthy/down, port, version of each; non-zero if one is down
 #   deploy/local/stack.sh restart-pg [fast|immediate]   restart PostgreSQL in place (tests)
@@ -48,6 +50,11 @@ PG_RUN="$PG_DIR/run"
 PG_LOG="$PG_DIR/postgres.log"
 
 VENV_PY="$ROOT/.venv/bin/python"
+
+# Set when `up` found a healthy stack on the ports that this checkout did not start.
+KAFKA_REUSED=""
+PG_REUSED=""
+OTHER_PORTS_HINT="STACK_KAFKA_PORT, STACK_KAFKA_CONTROLLER_PORT, STACK_PG_PORT, and CRM_ERP_SYNC_KAFKA_BOOTSTRAP, CRM_ERP_SYNC_CRM_DSN, CRM_ERP_SYNC_ERP_DSN to match"
 
 log() { printf '[stack %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -167,13 +174,18 @@ kafka_start() {
         log "kafka already running (pid $pid) on 127.0.0.1:$KAFKA_PORT"
         return 0
     fi
+    # Another checkout's stack (or one started by hand) on this port: a broker that answers a
+    # metadata request is all the project needs of it (it never stops what it did not start).
+    if port_open "$KAFKA_PORT"; then
+        kafka_probe || die "port 127.0.0.1:$KAFKA_PORT is taken by a process that is not a Kafka broker answering metadata requests: stop it, or run this stack on other ports ($OTHER_PORTS_HINT)"
+        KAFKA_REUSED=1
+        log "kafka on 127.0.0.1:$KAFKA_PORT was not started by this checkout but answers: reusing it"
+        return 0
+    fi
     rm -f "$KAFKA_PID"
     command -v java >/dev/null || die "java not found: install a JDK 17+ (apt-get install openjdk-17-jdk-headless)"
     ensure_jars
-    local p
-    for p in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"; do
-        port_open "$p" && die "port 127.0.0.1:$p is taken by a process that is not this stack's broker"
-    done
+    port_open "$KAFKA_CONTROLLER_PORT" && die "port 127.0.0.1:$KAFKA_CONTROLLER_PORT (the controller's) is taken by a process that is not this stack's broker: stop it, or set STACK_KAFKA_CONTROLLER_PORT to a free port"
     mkdir -p "$KAFKA_DATA"
     write_kafka_props
     if [[ ! -f "$KAFKA_DATA/meta.properties" ]]; then
@@ -234,6 +246,7 @@ PY
 }
 
 kafka_wait() {
+    [[ -n "$KAFKA_REUSED" ]] && return 0  # answered in kafka_start
     local deadline=$((SECONDS + WAIT_S))
     while ((SECONDS < deadline)); do
         if ! kafka_pid >/dev/null; then
@@ -254,7 +267,11 @@ kafka_stop() {
     local pid deadline
     if ! pid="$(kafka_pid)"; then
         rm -f "$KAFKA_PID"
-        log "kafka not running"
+        if port_open "$KAFKA_PORT"; then
+            log "kafka on 127.0.0.1:$KAFKA_PORT was not started by this checkout: left running"
+        else
+            log "kafka not running"
+        fi
         return 0
     fi
     log "stopping kafka (pid $pid)"
@@ -293,6 +310,12 @@ kafka_status() {
         started="$(grep -ho 'Kafka version: [^ ]*' "$KAFKA_LOG" 2>/dev/null | tail -n 1 | cut -d' ' -f3)"
         printf '%-10s %-8s 127.0.0.1:%-6s version %s (jar %s%s) pid %s\n' kafka healthy \
             "$KAFKA_PORT" "${started:-$ver}" "$ver" "${api:+, ApiVersions ~ $api}" "$pid"
+        return 0
+    fi
+    if port_open "$KAFKA_PORT" && kafka_probe; then
+        api="$(kafka_version_probe)"
+        printf '%-10s %-8s 127.0.0.1:%-6s %s(not started by this checkout)\n' kafka healthy \
+            "$KAFKA_PORT" "${api:+ApiVersions ~ $api }"
         return 0
     fi
     printf '%-10s %-8s 127.0.0.1:%-6s version %s (jar)\n' kafka down "$KAFKA_PORT" "$ver"
@@ -365,8 +388,20 @@ EOF
     if [[ "$(id -u)" == 0 ]]; then chown postgres:postgres "$PG_DATA/stack.conf" "$PG_DATA/pg_hba.conf"; fi
 }
 
+# A PostgreSQL this checkout did not start, serving what the stack serves: role sync/sync,
+# databases crm and erp, wal_level=logical (another checkout's stack).
+pg_serves_stack() {
+    pg_probe && [[ "$(psql -X -q -At "$(pg_dsn crm)" -c 'SHOW wal_level' 2>/dev/null)" == logical ]]
+}
+
 pg_start() {
     pg_check_bin
+    if ! pg_running && port_open "$PG_PORT"; then
+        pg_serves_stack || die "port 127.0.0.1:$PG_PORT is taken by a PostgreSQL (or another process) that is not this checkout's and does not serve the stack (role sync/sync, databases crm and erp, wal_level=logical): stop it, or run this stack on other ports ($OTHER_PORTS_HINT)"
+        PG_REUSED=1
+        log "postgresql on 127.0.0.1:$PG_PORT was not started by this checkout but serves the stack (sync/sync, crm, erp, wal_level=logical): reusing it"
+        return 0
+    fi
     mkdir -p "$PG_DIR"
     pg_make_traversable
     if [[ "$(id -u)" == 0 ]]; then chown postgres:postgres "$PG_DIR"; fi
@@ -376,7 +411,6 @@ pg_start() {
         log "postgresql already running on 127.0.0.1:$PG_PORT"
         return 0
     fi
-    port_open "$PG_PORT" && die "port 127.0.0.1:$PG_PORT is taken by a process that is not this stack's PostgreSQL"
     if [[ ! -f "$PG_DATA/PG_VERSION" ]]; then
         log "initdb $PG_DATA"
         rm -rf "$PG_DATA"
@@ -427,6 +461,7 @@ pg_probe() {
 }
 
 pg_wait() {
+    [[ -n "$PG_REUSED" ]] && return 0  # checked in pg_start
     local deadline=$((SECONDS + WAIT_S))
     while ((SECONDS < deadline)); do
         if pg_isready -q -h 127.0.0.1 -p "$PG_PORT"; then
@@ -448,7 +483,11 @@ pg_wait() {
 
 pg_stop() {
     if [[ ! -x "$PG_BIN/pg_ctl" ]] || ! pg_running; then
-        log "postgresql not running"
+        if port_open "$PG_PORT"; then
+            log "postgresql on 127.0.0.1:$PG_PORT was not started by this checkout: left running"
+        else
+            log "postgresql not running"
+        fi
         return 0
     fi
     log "stopping postgresql"
@@ -460,6 +499,12 @@ pg_status() {
     if pg_running && pg_probe; then
         ver="$(psql -X -At "$(pg_dsn crm)" -c 'SHOW server_version' 2>/dev/null)"
         printf '%-10s %-8s 127.0.0.1:%-6s version %s\n' postgresql healthy "$PG_PORT" "$ver"
+        return 0
+    fi
+    if ! pg_running && port_open "$PG_PORT" && pg_serves_stack; then
+        ver="$(psql -X -At "$(pg_dsn crm)" -c 'SHOW server_version' 2>/dev/null)"
+        printf '%-10s %-8s 127.0.0.1:%-6s version %s (not started by this checkout)\n' \
+            postgresql healthy "$PG_PORT" "$ver"
         return 0
     fi
     printf '%-10s %-8s 127.0.0.1:%-6s version %s\n' postgresql down "$PG_PORT" \
@@ -476,7 +521,9 @@ cmd_up() {
     pg_start
     pg_wait
     kafka_wait
-    log "stack up: kafka 127.0.0.1:$KAFKA_PORT, postgresql 127.0.0.1:$PG_PORT (sync/sync, crm, erp)"
+    local reused=""
+    [[ -n "$KAFKA_REUSED$PG_REUSED" ]] && reused="; reused, not started by this checkout (\`down\` leaves it running):${KAFKA_REUSED:+ kafka}${PG_REUSED:+ postgresql}"
+    log "stack up: kafka 127.0.0.1:$KAFKA_PORT, postgresql 127.0.0.1:$PG_PORT (sync/sync, crm, erp)$reused"
 }
 
 cmd_down() {

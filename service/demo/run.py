@@ -20,6 +20,8 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from service import ops, pg
+from service.cdc import slot_guard
+from service.cdc.capture import OWN_SCHEMA
 from service.demo import bottlecrm
 from service.demo.load import load_demo
 from service.settings import REPO_ROOT, Settings
@@ -81,12 +83,20 @@ def running_pipeline(logs: Path, env: dict[str, str]) -> Iterator[list[subproces
                 p.kill()
 
 
-def run_demo(settings: Settings, *, customers: int, orders: int) -> int:
-    logs = REPO_ROOT / ".stack" / "demo"
+def run_demo(settings: Settings, *, customers: int, orders: int,
+             logs: Path | None = None) -> int:
+    """`make demo` with these settings (the processes get exactly them); logs in ``logs``
+    (default ``.stack/demo``). Returns the exit code."""
+    logs = logs or REPO_ROOT / ".stack" / "demo"
     print(f"setup: topics, CRM capture objects, ERP schema (logs in {logs})")
     run_setup(settings)
-    # A dev stack's slot may have been lost to other work's WAL: start over with a snapshot.
-    resync = {"CRM_ERP_SYNC_ON_SLOT_LOST": "resnapshot"}
+    found = start_capture_over(settings)
+    if found is not None:
+        print(f"capture: {found}; the demo owns its databases: new slot, full snapshot (rows "
+              "deleted in the CRM meanwhile stay live in the ERP: `crm-erp-sync reconcile "
+              "--repair` marks them)")
+    # A slot lost while this run goes on: the producer starts over with a snapshot too.
+    resync = {**_environment(settings), "CRM_ERP_SYNC_ON_SLOT_LOST": "resnapshot"}
     with running_pipeline(logs, resync) as procs:
         # Changes made before the slot exists, or while the initial snapshot still reads,
         # would reach the ERP as snapshot reads (rows deleted meanwhile not at all, and a bad
@@ -106,6 +116,39 @@ def run_demo(settings: Settings, *, customers: int, orders: int) -> int:
         print()
         print_erp_summary(settings)
         return 0
+
+
+def start_capture_over(settings: Settings) -> str | None:
+    """Before the demo's producer starts: when its slot was lost (a shared dev stack's other
+    work pushed it past ``max_slot_wal_keep_size``), dropped or replaced, or its publication
+    replaced, since the demo last ran, start capture over, as on a first run: drop the slot
+    and forget the recorded capture state, so the producer creates a new slot with a full
+    snapshot. A producer would otherwise stop capture until `crm-erp-sync resync` (right
+    for a CRM someone else owns; the demo owns its databases). A slot a running process
+    reads is left alone (its producer is the active one; ours waits as a standby).
+
+    Returns what was found, for the operator (no values), or None when capture is fine."""
+    with pg.connect(settings.crm_dsn, "CRM") as conn:
+        slot = conn.execute("SELECT wal_status, active FROM pg_replication_slots "
+                            "WHERE slot_name = %s", (settings.slot_name,)).fetchone()
+        if slot is not None and slot[1]:
+            return None
+        problem = slot_guard.inspect(conn, settings, slot_guard.load(conn, settings.slot_name))
+        if problem is None and (slot is None or slot[0] != "lost"):
+            return None
+        found = (f"replication slot {settings.slot_name!r} is lost (PostgreSQL removed WAL it "
+                 "needed)" if slot is not None and slot[0] == "lost" and (
+                     problem is None or problem.kind == "slot_lost")
+                 else problem.detail if problem is not None else "")
+        conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                     "WHERE slot_name = %s AND NOT active", (settings.slot_name,))
+        slot_guard.ensure_table(conn)  # a lost slot of a demo older than the table
+        conn.execute(f"DELETE FROM {slot_guard.STATE_TABLE} WHERE slot_name = %s",
+                     (settings.slot_name,))
+        # an initial snapshot the old slot never finished: the new slot requests its own
+        conn.execute(f"UPDATE {OWN_SCHEMA}.snapshots SET state = 'done', finished_at = now() "
+                     "WHERE state = 'pending' AND reason = 'initial'")
+    return found
 
 
 def print_sync_state(conn: pg.PgConn) -> None:
@@ -265,6 +308,10 @@ def wait_for_slot(settings: Settings, procs: list[subprocess.Popen[bytes]], logs
     deadline = time.monotonic() + timeout_s
     while (ops.slot_state(settings) or {}).get("wal_status") in (None, "lost") \
             or (snapshots_done and ops.pending_snapshots(settings)):
+        stopped = _capture_problem(settings)
+        if stopped is not None:  # the producer waits for a person: say what to run now
+            print(f"demo: the producer stopped capture: {stopped}", file=sys.stderr)
+            return False
         if time.monotonic() > deadline or procs[0].poll() is not None:
             print(f"demo: the producer did not create its slot"
                   f"{' or finish its initial snapshot' if snapshots_done else ''}; see {logs}",
@@ -272,6 +319,16 @@ def wait_for_slot(settings: Settings, procs: list[subprocess.Popen[bytes]], logs
             return False
         time.sleep(0.2)
     return True
+
+
+def _capture_problem(settings: Settings) -> str | None:
+    """What the producer recorded as stopping capture (and its recovery), or None."""
+    with pg.connect(settings.crm_dsn, "CRM") as conn:
+        state = slot_guard.load(conn, settings.slot_name)
+    if state is None or state.problem is None:
+        return None
+    return (f"{state.problem_detail or state.problem}; recover with "
+            f"`{slot_guard.RESYNC_COMMAND}`")
 
 
 def wait_caught_up(settings: Settings, procs: list[subprocess.Popen[bytes]], logs: Path,

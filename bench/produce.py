@@ -44,8 +44,12 @@ def _commit(settings: Settings, n: int, txn_size: int) -> None:
         if txn_size == 1:
             conn.execute("SET synchronous_commit TO off")
             with conn.pipeline():
-                for i in range(1, n + 1):
+                for i in range(1, n):
                     conn.execute(INSERT, (i, i))
+            # the last one synchronous: it flushes the WAL of all before it, so the producer
+            # started next sees every change as flushed (its until-idle check)
+            conn.execute("SET synchronous_commit TO on")
+            conn.execute(INSERT, (n, n))
             return
         for lo in range(1, n + 1, txn_size):
             conn.execute(INSERT, (lo, min(n, lo + txn_size - 1)))

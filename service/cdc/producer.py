@@ -742,6 +742,15 @@ class CdcProducer:
                         and not self._has_pending_snapshot(conn)):
                     return
                 self._maybe_heartbeat(conn)  # the source itself waited for changes
+        # stop(): the batch sent last is finished (acks, then confirm) as before pipelining,
+        # so a graceful stop leaves nothing to re-send; a broker that does not answer now
+        # leaves it unconfirmed (re-sent at the next start)
+        last, self._sent = self._sent, None
+        if last is not None and self._source is not None:
+            try:
+                self._finish(conn, self._source, last)
+            except (KafkaError, Retryable) as exc:
+                log.warning("last_batch_unconfirmed_at_stop", error=str(exc))
 
     # ---- source contract ----------------------------------------------------------------
     def _check_relation(self, relation: pgoutput.Relation) -> CaptureRejected | None:

@@ -1026,8 +1026,13 @@ class CdcProducer:
             txns = source.next_transactions(
                 conn, 0.0 if sent is not None else self.settings.producer_poll_ms / 1000)
             stop_at = self._truncate_stop(txns)
+            stopping = txns[stop_at] if stop_at is not None else None
             ready = txns if stop_at is None else txns[:stop_at]
             built = self._prepare(ready) if ready else None
+            read = bool(txns)
+            # the decoded rows are not needed past here: only one batch's worth is held
+            # while the previous batch is finished
+            del txns, ready
         except SourceContractBroken:
             # nothing of the offending transaction was sent; what is in flight before it is
             # finished first, as if it had been published alone
@@ -1042,12 +1047,12 @@ class CdcProducer:
             # (after stop() nothing more goes out: the built batch is never confirmed)
             self._send(built)
             self._sent = built
-        if stop_at is not None:
+        if stopping is not None:
             last, self._sent = self._sent, None
             if last is not None:
                 self._finish(conn, source, last)
-            self._stop_before(conn, txns[stop_at])
-        return bool(txns) or sent is not None
+            self._stop_before(conn, stopping)
+        return read or sent is not None
 
     def _prepare(self, txns: list[CommittedTxn]) -> _Batch:
         """The transactions' events in commit order, encoded (a letter in place of each that

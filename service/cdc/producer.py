@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 import psycopg2.errors
@@ -380,13 +380,26 @@ class TruncateSeen:
     outcome: str
 
 
+class _Wire(NamedTuple):
+    """An event as it goes to Kafka. Its record (the canonical dicts, several times the size
+    of its Avro bytes) is dropped once encoded, unless ``on_acknowledged`` wants it: a built
+    batch waits while the previous one is acknowledged, and memory is what it holds then."""
+
+    topic: str
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    kind: str
+    event: Outgoing | None
+
+
 @dataclass
 class _Batch:
     """One batch of transactions on its way from the source to the broker (see
     :meth:`CdcProducer.step`): built and encoded, then sent, then confirmed once acked."""
 
-    # each item with its Avro bytes (None for a capture dead letter); emptied once sent
-    encoded: list[tuple[Outgoing | CaptureLetter, bytes | None]]
+    # in commit order: each event's record, or a capture dead letter; emptied once sent
+    encoded: list[_Wire | CaptureLetter]
     complete: int  # whole transactions it ends
     last_end: int  # the end LSN of its last whole transaction; 0 when it ends none
     progress: list[tuple[_Chunk, int]]  # snapshot chunks it closes, with their rows
@@ -1062,15 +1075,21 @@ class CdcProducer:
         self._pending_progress.clear()
         for txn in txns:
             outgoing.extend(self._events_for(txn))
-        encoded: list[tuple[Outgoing | CaptureLetter, bytes | None]] = []
+        keep = self.on_acknowledged is not None
+        encoded: list[_Wire | CaptureLetter] = []
         for item in outgoing:
             if isinstance(item, Outgoing):
-                bytes_or_letter = self._encoded(item)
-                encoded.append((bytes_or_letter, None)
-                               if isinstance(bytes_or_letter, CaptureLetter)
-                               else (item, bytes_or_letter))
+                value = self._encoded(item)
+                if isinstance(value, CaptureLetter):
+                    encoded.append(value)
+                    continue
+                encoded.append(_Wire(
+                    self._topic(item), item.key, value,
+                    [("event_id", item.event_id.encode()), ("event_kind", item.kind.encode()),
+                     *item.headers], item.kind, item if keep else None))
             else:
-                encoded.append((item, None))
+                encoded.append(item)
+        outgoing.clear()
         # A piece of a transaction under way is published but never confirmed: the slot moves
         # past a transaction only once its last piece (its Commit) reached the broker.
         complete = [txn for txn in txns if txn.complete]
@@ -1388,27 +1407,23 @@ class CdcProducer:
         encoded, batch.encoded = batch.encoded, []  # kafka-python holds the bytes now
         if not encoded:
             return
-        letters = [i for i, _ in encoded if isinstance(i, CaptureLetter)]
+        letters = [i for i in encoded if isinstance(i, CaptureLetter)]
         producer = self.kafka
         futures = batch.futures
-        keep = self.on_acknowledged is not None
         try:
             places = self._send_letters(producer, letters)
-            for item, value in encoded:
+            for item in encoded:
                 if isinstance(item, CaptureLetter):
                     futures.append(producer.send(
                         item.topic, key=item.key, value=item.marker(*places[id(item)]),
                         headers=[("event_id", item.event_id.encode()),
                                  ("event_kind", b"capture_dead_letter")]))
                     continue
-                topic = self._topic(item)
-                futures.append(producer.send(
-                    topic, key=item.key, value=value,
-                    headers=[("event_id", item.event_id.encode()),
-                             ("event_kind", item.kind.encode()), *item.headers]))
-                batch.published.append((topic, item.kind))
-                if keep:
-                    batch.events.append(item)
+                futures.append(producer.send(item.topic, key=item.key, value=item.value,
+                                             headers=item.headers))
+                batch.published.append((item.topic, item.kind))
+                if item.event is not None:
+                    batch.events.append(item.event)
         except KafkaError as exc:
             raise (transient(exc, "broker")
                    or Retryable(f"publishing failed: {type(exc).__name__}")) from exc

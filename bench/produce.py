@@ -1,8 +1,11 @@
 """Producer benchmark (make bench-produce; or python -m bench.produce from the repo root).
 
-1. Throughput: N CRM changes committed as fast as PostgreSQL takes them, then the producer's
-   rate from the WAL to broker acknowledgement, beside kafka-python alone producing the same
-   number of events of the same bytes (acks=all, idempotent) in the same run.
+1. Throughput: N CRM changes committed as fast as PostgreSQL takes them (``--txn-size`` per
+   transaction, 1,000 by default; 1 is the burst of bench.compare), then the producer's rate
+   from the WAL to broker acknowledgement and its CPU seconds per 1,000 changes (user +
+   system of this process, all its threads, while the producer alone runs in it), beside
+   kafka-python alone producing the same number of events of the same bytes (acks=all,
+   idempotent) in the same run. ``--throughput-only`` skips the latency run.
 2. Latency: commit-to-acknowledgement p50/p99 at a fixed rate of 1,000 changes a second.
 3. With ``--big-txn N`` (make bench-big-txn: N = 1,000,000) instead: the peak RSS (VmHWM, from
    /proc) of a producer process that publishes one transaction of N inserted rows, beside a
@@ -34,18 +37,36 @@ from service.settings import Settings
 from tests.helpers import read_topic, settings_env
 
 
-def throughput(n: int) -> None:
+def _commit(settings: Settings, n: int, txn_size: int) -> None:
+    """n inserts in transactions of txn_size; one-change transactions are pipelined (as the
+    burst of bench.compare) with asynchronous commit, so the load itself is quick."""
+    with psycopg.connect(settings.crm_dsn, autocommit=True) as conn:
+        if txn_size == 1:
+            conn.execute("SET synchronous_commit TO off")
+            with conn.pipeline():
+                for i in range(1, n):
+                    conn.execute(INSERT, (i, i))
+            # the last one synchronous: it flushes the WAL of all before it, so the producer
+            # started next sees every change as flushed (its until-idle check)
+            conn.execute("SET synchronous_commit TO on")
+            conn.execute(INSERT, (n, n))
+            return
+        for lo in range(1, n + 1, txn_size):
+            conn.execute(INSERT, (lo, min(n, lo + txn_size - 1)))
+
+
+def throughput(n: int, txn_size: int) -> None:
     with bench_settings() as settings:
         registry = SchemaRegistry.load(settings.schemas_dir)
         CdcProducer(settings, registry).run(until_idle=True)  # slot + empty snapshot
         started = time.perf_counter()
-        with psycopg.connect(settings.crm_dsn, autocommit=True) as conn:
-            for lo in range(1, n + 1, 1000):  # 1,000-row transactions
-                conn.execute(INSERT, (lo, min(n, lo + 999)))
+        _commit(settings, n, txn_size)
         commit_s = time.perf_counter() - started
         producer = CdcProducer(settings, registry)
         started = time.perf_counter()
+        cpu_started = time.process_time()
         producer.run(until_idle=True)
+        ours_cpu = time.process_time() - cpu_started
         ours_s = time.perf_counter() - started
         assert producer.stats.events == n, producer.stats
         values = [(r.key, r.value) for r in read_topic(settings, settings.sales_topic)]
@@ -58,9 +79,12 @@ def throughput(n: int) -> None:
         raw_s = time.perf_counter() - started
         raw.close()
         size = sum(len(v) for _, v in values) / len(values)
-        print(f"throughput, {n:,} changes of ~{size:.0f} bytes each (1,000 per transaction)")
+        print(f"throughput, {n:,} changes of ~{size:.0f} bytes each "
+              f"({txn_size:,} per transaction)")
         print(f"  CRM commits (PostgreSQL alone)      {n / commit_s:>10,.0f} changes/s")
         print(f"  crm-erp-sync produce (WAL -> acked) {n / ours_s:>10,.0f} events/s")
+        print(f"  producer CPU per 1,000 changes      {ours_cpu * 1000 / n:>10.3f} s "
+              f"({ours_cpu:.1f} s in all)")
         print(f"  kafka-python alone, same bytes      {n / raw_s:>10,.0f} events/s (baseline)")
         print(f"  ratio ours / baseline               {raw_s / ours_s:>10.2f}")
 
@@ -187,14 +211,17 @@ def main() -> None:
     parser.add_argument("--big-txn", type=int, default=0, metavar="ROWS")
     parser.add_argument("--max-rss-mb", type=float, default=300.0)
     parser.add_argument("--transport", choices=("stream", "sql"), default="stream")
+    parser.add_argument("--txn-size", type=int, default=1000)
+    parser.add_argument("--throughput-only", action="store_true")
     big, rest = parser.parse_known_args()
     if big.big_txn:
         big_transaction(big.big_txn, big.max_rss_mb, big.transport)
         return
     sys.argv[1:] = rest
     args = load_arguments(__doc__)
-    throughput(args.changes)
-    latency(args.rate, args.seconds)
+    throughput(args.changes, big.txn_size)
+    if not big.throughput_only:
+        latency(args.rate, args.seconds)
 
 
 if __name__ == "__main__":

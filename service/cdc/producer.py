@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 import psycopg2.errors
@@ -295,6 +295,11 @@ class ChangeDecoder:
         """Changes held of the transaction under way (0 between transactions)."""
         return 0 if self._txn is None else len(self._txn.changes)
 
+    @property
+    def in_transaction(self) -> bool:
+        """True between a Begin and its Commit (pieces cut meanwhile included)."""
+        return self._txn is not None
+
     def cut(self) -> CommittedTxn | None:
         """The transaction under way so far, as a piece (``complete`` False); its next changes
         start a new piece. None between transactions or when nothing is held. This is what
@@ -375,6 +380,36 @@ class TruncateSeen:
     outcome: str
 
 
+class _Wire(NamedTuple):
+    """An event as it goes to Kafka. Its record (the canonical dicts, several times the size
+    of its Avro bytes) is dropped once encoded, unless ``on_acknowledged`` wants it: a built
+    batch waits while the previous one is acknowledged, and memory is what it holds then."""
+
+    topic: str
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    kind: str
+    event: Outgoing | None
+
+
+@dataclass
+class _Batch:
+    """One batch of transactions on its way from the source to the broker (see
+    :meth:`CdcProducer.step`): built and encoded, then sent, then confirmed once acked."""
+
+    # in commit order: each event's record, or a capture dead letter; emptied once sent
+    encoded: list[_Wire | CaptureLetter]
+    complete: int  # whole transactions it ends
+    last_end: int  # the end LSN of its last whole transaction; 0 when it ends none
+    progress: list[tuple[_Chunk, int]]  # snapshot chunks it closes, with their rows
+    truncates: list[TruncateSeen]
+    futures: list[Any] = field(default_factory=list)
+    published: list[tuple[str, str]] = field(default_factory=list)  # (topic, kind) per event
+    events: list[Outgoing] = field(default_factory=list)  # kept for on_acknowledged only
+    letters: int = 0
+
+
 @dataclass
 class ProducerStats:
     transactions: int = 0
@@ -413,7 +448,9 @@ class CdcProducer:
         self._source: ChangeSource | None = None
         self._next_snapshot_poll = 0.0
         self._chunk: _Chunk | None = None
-        self._pending_progress: list[tuple[_Chunk, int]] = []
+        self._pending_progress: list[tuple[_Chunk, int]] = []  # of the batch being built
+        # The batch sent and not yet acknowledged (step: the next one is read meanwhile).
+        self._sent: _Batch | None = None
         # (commit LSN, first change of the next piece) -> its first event seq
         self._piece_seqs: dict[tuple[int, int], int] = {}
         self._costs_table = False  # CAPTURE_COSTS_TABLE created by this process
@@ -718,6 +755,15 @@ class CdcProducer:
                         and not self._has_pending_snapshot(conn)):
                     return
                 self._maybe_heartbeat(conn)  # the source itself waited for changes
+        # stop(): the batch sent last is finished (acks, then confirm) as before pipelining,
+        # so a graceful stop leaves nothing to re-send; a broker that does not answer now
+        # leaves it unconfirmed (re-sent at the next start)
+        last, self._sent = self._sent, None
+        if last is not None and self._source is not None:
+            try:
+                self._finish(conn, self._source, last)
+            except (KafkaError, Retryable) as exc:
+                log.warning("last_batch_unconfirmed_at_stop", error=str(exc))
 
     # ---- source contract ----------------------------------------------------------------
     def _check_relation(self, relation: pgoutput.Relation) -> CaptureRejected | None:
@@ -913,6 +959,7 @@ class CdcProducer:
             self._bound = max(self._bound, source.confirm_bound())
         self._chunk = None  # the chunk's watermarks are re-read; the chunk is redone
         self._pending_progress.clear()
+        self._sent = None  # never confirmed: read again and re-sent
         self._piece_seqs.clear()  # a transaction under way is re-sent from its start
 
     def _abandon_source(self) -> None:
@@ -925,6 +972,7 @@ class CdcProducer:
             self._bound = max(self._bound, source.confirm_bound())
         self._chunk = None
         self._pending_progress.clear()
+        self._sent = None
 
     def _observe_slot(self, conn: PgConn) -> None:
         """The slot's retained WAL, at most every few seconds (one catalog query)."""
@@ -964,54 +1012,107 @@ class CdcProducer:
             (self.settings.slot_name, peek_s, backoff_s))
 
     def step(self, conn: PgConn) -> bool:
-        """One batch: maybe open a snapshot chunk, read whole transactions (waiting up to
-        ``producer_poll_ms`` for the first), publish, wait for acks, confirm."""
+        """One turn of the capture pipeline; False when there was nothing to do.
+
+        Batch N+1 is read, decoded, built and encoded while the broker acknowledges batch N
+        (sent by the previous turn); then N's acknowledgements are awaited and the slot
+        confirmed past N, and only then is N+1 sent. So at most two batches are held (one on
+        the wire, one built), the slot never passes an unacknowledged transaction, and
+        batches are confirmed in order. With nothing in flight the read waits up to
+        ``producer_poll_ms`` for a first transaction; with a batch in flight it does not
+        wait, and finding nothing it finishes that batch (flush, acks, confirm). Snapshot
+        chunks open only with nothing in flight (a chunk's progress is recorded when the
+        batch closing it is acknowledged)."""
         if self._source is None:
             # (re)opening the slot: is it still ours? (a slot dropped and created again
             # while the stream was down would otherwise be read from its new position)
             self._check_capture(conn)
-        if self._chunk is None and time.monotonic() >= self._next_snapshot_poll:
+        sent = self._sent
+        if (sent is None and self._chunk is None
+                and time.monotonic() >= self._next_snapshot_poll):
             with self._reading_tables(conn):
                 opened = self._open_chunk(conn)
             if not opened:
                 self._next_snapshot_poll = time.monotonic() + SNAPSHOT_POLL_S
         source = self._change_source()
-        txns = source.next_transactions(conn, self.settings.producer_poll_ms / 1000)
-        if not txns:
-            return False
-        stop_at = self._truncate_stop(txns)
-        if stop_at is not None:
-            txns, stopping = txns[:stop_at], txns[stop_at]
-            if txns:
-                self._publish_and_confirm(conn, source, txns)
+        try:
+            txns = source.next_transactions(
+                conn, 0.0 if sent is not None else self.settings.producer_poll_ms / 1000)
+            stop_at = self._truncate_stop(txns)
+            stopping = txns[stop_at] if stop_at is not None else None
+            ready = txns if stop_at is None else txns[:stop_at]
+            built = self._prepare(ready) if ready else None
+            read = bool(txns)
+            # the decoded rows are not needed past here: only one batch's worth is held
+            # while the previous batch is finished
+            del txns, ready
+        except SourceContractBroken:
+            # nothing of the offending transaction was sent; what is in flight before it is
+            # finished first, as if it had been published alone
+            if sent is not None:
+                self._sent = None
+                self._finish(conn, source, sent)
+            raise
+        if sent is not None:
+            self._sent = None
+            self._finish(conn, source, sent)
+        if built is not None and not self._stop.is_set():
+            # (after stop() nothing more goes out: the built batch is never confirmed)
+            self._send(built)
+            self._sent = built
+        if stopping is not None:
+            last, self._sent = self._sent, None
+            if last is not None:
+                self._finish(conn, source, last)
             self._stop_before(conn, stopping)
-            return True
-        self._publish_and_confirm(conn, source, txns)
-        return True
+        return read or sent is not None
 
-    def _publish_and_confirm(self, conn: PgConn, source: ChangeSource,
-                             txns: list[CommittedTxn]) -> None:
-        """Publish the transactions' events, wait for every ack, then confirm the slot."""
+    def _prepare(self, txns: list[CommittedTxn]) -> _Batch:
+        """The transactions' events in commit order, encoded (a letter in place of each that
+        cannot be), with what their acknowledgement must record."""
         outgoing: list[Outgoing | CaptureLetter] = []
         self._truncates.clear()
+        self._pending_progress.clear()
         for txn in txns:
             outgoing.extend(self._events_for(txn))
-        self._publish(outgoing)
-        self._commit_progress(conn)
-        self._record_truncates(conn, self._truncates)
+        keep = self.on_acknowledged is not None
+        encoded: list[_Wire | CaptureLetter] = []
+        for item in outgoing:
+            if isinstance(item, Outgoing):
+                value = self._encoded(item)
+                if isinstance(value, CaptureLetter):
+                    encoded.append(value)
+                    continue
+                encoded.append(_Wire(
+                    self._topic(item), item.key, value,
+                    [("event_id", item.event_id.encode()), ("event_kind", item.kind.encode()),
+                     *item.headers], item.kind, item if keep else None))
+            else:
+                encoded.append(item)
+        outgoing.clear()
         # A piece of a transaction under way is published but never confirmed: the slot moves
         # past a transaction only once its last piece (its Commit) reached the broker.
         complete = [txn for txn in txns if txn.complete]
-        last_end = complete[-1].end_lsn if complete else 0
-        if last_end > self._ceiling:  # recorded before the slot may confirm past it
-            self._ceiling = slot_guard.raise_ceiling(conn, self.settings, last_end)
-        source.confirm(conn, last_end)
+        batch = _Batch(encoded, len(complete), complete[-1].end_lsn if complete else 0,
+                       list(self._pending_progress), list(self._truncates))
+        self._pending_progress.clear()
+        self._truncates.clear()
+        return batch
+
+    def _finish(self, conn: PgConn, source: ChangeSource, batch: _Batch) -> None:
+        """Wait for every ack of the batch, record what it did, then confirm the slot."""
+        self._acknowledged(batch)
+        self._commit_progress(conn, batch.progress)
+        self._record_truncates(conn, batch.truncates)
+        if batch.last_end > self._ceiling:  # recorded before the slot may confirm past it
+            self._ceiling = slot_guard.raise_ceiling(conn, self.settings, batch.last_end)
+        source.confirm(conn, batch.last_end)
         self._last_advance = time.monotonic()
-        self.stats.transactions += len(complete)
-        self.metrics.transactions.inc(len(complete))
+        self.stats.transactions += batch.complete
+        self.metrics.transactions.inc(batch.complete)
         self.stats.batches += 1
-        if complete:
-            self.stats.last_commit_lsn = last_end
+        if batch.complete:
+            self.stats.last_commit_lsn = batch.last_end
 
     # ---- TRUNCATE (CRM_ERP_SYNC_ON_TRUNCATE) -------------------------------------------
     def _truncated_tables(self, txn: CommittedTxn) -> list[str]:
@@ -1294,42 +1395,49 @@ class CdcProducer:
                 f"{topic} takes at most {limit + RECORD_OVERHEAD} (max.message.bytes)"))
         return value
 
-    def _publish(self, items: list[Outgoing | CaptureLetter]) -> None:
-        """Send the events in order and wait for the broker to acknowledge all of them.
+    def _send(self, batch: _Batch) -> None:
+        """Send the batch's events in order, without waiting for their acknowledgement
+        (:meth:`_acknowledged` does).
 
-        Capture dead letters go to the dead-letter topic first (their places there are
-        needed for the markers); then events and markers go out in commit order. Raises
-        Retryable (ConnectionLost when the broker is away): nothing was confirmed, the slot
-        does not move, the same events are sent again.
+        Capture dead letters go to the dead-letter topic first, acknowledged (their places
+        there are needed for the markers); then events and markers go out in commit order.
+        Raises Retryable (ConnectionLost when the broker is away): nothing was confirmed, the
+        slot does not move, the same events are sent again.
         """
-        if not items:
+        encoded, batch.encoded = batch.encoded, []  # kafka-python holds the bytes now
+        if not encoded:
             return
-        encoded: list[tuple[Outgoing | CaptureLetter, bytes | None]] = []
-        for item in items:
-            if isinstance(item, Outgoing):
-                bytes_or_letter = self._encoded(item)
-                encoded.append((bytes_or_letter, None)
-                               if isinstance(bytes_or_letter, CaptureLetter)
-                               else (item, bytes_or_letter))
-            else:
-                encoded.append((item, None))
-        letters = [i for i, _ in encoded if isinstance(i, CaptureLetter)]
+        letters = [i for i in encoded if isinstance(i, CaptureLetter)]
         producer = self.kafka
-        futures = []
+        futures = batch.futures
         try:
             places = self._send_letters(producer, letters)
-            for item, value in encoded:
+            for item in encoded:
                 if isinstance(item, CaptureLetter):
                     futures.append(producer.send(
                         item.topic, key=item.key, value=item.marker(*places[id(item)]),
                         headers=[("event_id", item.event_id.encode()),
                                  ("event_kind", b"capture_dead_letter")]))
                     continue
-                futures.append(producer.send(
-                    self._topic(item), key=item.key, value=value,
-                    headers=[("event_id", item.event_id.encode()),
-                             ("event_kind", item.kind.encode()), *item.headers]))
-            self._flush(producer)
+                futures.append(producer.send(item.topic, key=item.key, value=item.value,
+                                             headers=item.headers))
+                batch.published.append((item.topic, item.kind))
+                if item.event is not None:
+                    batch.events.append(item.event)
+        except KafkaError as exc:
+            raise (transient(exc, "broker")
+                   or Retryable(f"publishing failed: {type(exc).__name__}")) from exc
+        batch.letters = len(letters)
+
+    def _acknowledged(self, batch: _Batch) -> None:
+        """Wait until the broker acknowledged every event of the batch (and so of every
+        batch sent before it). Raises Retryable (ConnectionLost when the broker did not
+        answer in time) when one was not."""
+        futures = batch.futures
+        if not futures:
+            return
+        try:
+            self._flush(self.kafka)
         except KafkaError as exc:
             raise (transient(exc, "broker")
                    or Retryable(f"publishing failed: {type(exc).__name__}")) from exc
@@ -1341,12 +1449,11 @@ class CdcProducer:
             error = failed[0].exception
             fault = transient(error, "broker") if error is not None else None
             raise fault or Retryable(f"{what}: {type(error).__name__}")
-        events = [i for i, _ in encoded if isinstance(i, Outgoing)]
-        self.stats.events += len(events)
-        self.stats.dead_letters += len(letters)
-        self.metrics.count_published((self._topic(e), e.kind) for e in events)
+        self.stats.events += len(batch.published)
+        self.stats.dead_letters += batch.letters
+        self.metrics.count_published(batch.published)
         if self.on_acknowledged is not None:
-            self.on_acknowledged(events)
+            self.on_acknowledged(batch.events)
 
     def _flush(self, producer: Any) -> None:
         """``producer.flush`` within ``6 * heartbeat_interval_s``, in one-second waits between
@@ -1460,18 +1567,17 @@ class CdcProducer:
                          for r in cur.execute(lq, lp).fetchall()]
         return head, lines
 
-    def _commit_progress(self, conn: PgConn) -> None:
-        for chunk, emitted in self._pending_progress:
+    def _commit_progress(self, conn: PgConn, progress: list[tuple[_Chunk, int]]) -> None:
+        for chunk, emitted in progress:
             conn.execute(
                 f"UPDATE {OWN_SCHEMA}.snapshots SET last_key = %s, chunks_done = chunks_done + 1,"
                 " rows_emitted = rows_emitted + %s WHERE snapshot_id = %s",
                 (chunk.last_key, emitted, chunk.snapshot_id))
             log.info("snapshot_chunk_published", snapshot_id=chunk.snapshot_id,
                      table=chunk.table, chunk_no=chunk.chunk_no, rows=emitted)
-        if self._pending_progress:
+        if progress:
             conn.execute(f"DELETE FROM {WATERMARK_TABLE} "
                          "WHERE written_at < now() - interval '1 hour'")
-        self._pending_progress.clear()
 
     def _maybe_heartbeat(self, conn: PgConn) -> None:
         """A quiet slot on a busy database retains WAL; a logical message moves it on."""

@@ -14,10 +14,14 @@ Two implementations of :class:`ChangeSource`:
   the baseline of ``bench/capture_cpu.py``.
 
 The delivery rule is the same for both: the producer publishes what ``next_transactions``
-returned, waits for the broker to acknowledge every event, and only then calls
-``confirm(end_lsn)``; the slot's confirmed position never passes an unacknowledged
-transaction, so a crash re-sends and never skips. Transactions returned but not confirmed
-(their publish failed) are returned again by the next call.
+returned and may read the next batch while the broker acknowledges it (a bounded pipeline,
+``CdcProducer``), but calls ``confirm(end_lsn)`` for each batch, in the order they were
+returned, only once the broker acknowledged every event of it and of every batch before it;
+the slot's confirmed position never passes an unacknowledged transaction, so a crash re-sends
+and never skips. Batches returned but not confirmed (their publish failed) are read again
+from the slot after ``close()``, which the producer calls on every failure.
+
+Both sources cut batches the same way (:class:`Batcher`).
 """
 
 from __future__ import annotations
@@ -62,7 +66,43 @@ class TxnDecoder(Protocol):
     @property
     def open_changes(self) -> int: ...
 
+    @property
+    def in_transaction(self) -> bool: ...
+
     def cut(self) -> CommittedTxn | None: ...
+
+
+class Batcher:
+    """One batch, fed message by message: whole transactions until they hold ``limit``
+    changes, or one piece (``decoder.cut()``) of a transaction that reaches ``limit`` changes
+    by itself, so memory stays bounded whatever a transaction's size and the cuts fall at the
+    same changes when a transaction is read again. Our own few lines: both sources read
+    differently (a peek's rows, the stream's messages) but must cut identically."""
+
+    __slots__ = ("_decoder", "_limit", "changes", "ready")
+
+    def __init__(self, decoder: TxnDecoder, limit: int) -> None:
+        self._decoder = decoder
+        self._limit = limit
+        self.ready: list[CommittedTxn] = []  # whole transactions (or the piece), in order
+        self.changes = 0
+
+    def feed(self, data: bytes) -> bool:
+        """Decode one pgoutput message; True when the batch is full (hand ``ready`` out)."""
+        decoder = self._decoder
+        txn = decoder.feed(data)
+        if txn is not None:
+            self.ready.append(txn)
+            self.changes += len(txn.changes)
+            return self.changes >= self._limit
+        if decoder.open_changes >= self._limit:
+            # a big transaction: hand out this piece; the slot is confirmed past it only
+            # after its last piece (events.CommittedTxn)
+            piece = decoder.cut()
+            assert piece is not None
+            self.ready.append(piece)
+            return True
+        return False
 
 
 class DecoderFactory(Protocol):
@@ -78,12 +118,14 @@ class ChangeSource(Protocol):
     backoff_s: float
 
     def next_transactions(self, conn: PgConn, max_wait_s: float) -> list[CommittedTxn]:
-        """Committed transactions in commit order, about ``producer_max_changes`` changes at
-        most; ``[]`` when none was committed within ``max_wait_s`` seconds. A transaction
-        with more changes comes in pieces (``complete`` False but the last) cut every
-        ``producer_max_changes`` changes, so memory stays bounded whatever its size; the
-        cuts fall at the same changes when it is read again. Transactions returned before and
-        not yet confirmed come first again. ``conn`` is the producer's CRM session.
+        """The next batch: committed transactions in commit order, after those of every batch
+        returned before (confirmed or not), about ``producer_max_changes`` changes at most;
+        ``[]`` when none was committed within ``max_wait_s`` seconds, or at once when the
+        source cannot read on before the batches it returned are confirmed (the stream's
+        keepalive rule, the end of a peek). A transaction with more changes comes in pieces
+        (``complete`` False but the last) cut every ``producer_max_changes`` changes
+        (:class:`Batcher`); the cuts fall at the same changes when it is read again.
+        ``conn`` is the producer's CRM session.
 
         Raises :class:`Retryable` when the slot cannot be read for a transient reason
         (connection lost, slot still held by a dead producer's walsender), and the driver's
@@ -91,9 +133,15 @@ class ChangeSource(Protocol):
         ...
 
     def confirm(self, conn: PgConn, end_lsn: int) -> None:
-        """Everything the last ``next_transactions`` returned reached the broker; the slot
-        may forget every transaction ending at or before ``end_lsn`` (an LSN as an int; 0
-        when the batch held only a piece of a transaction under way: nothing to forget)."""
+        """The oldest batch returned and not yet confirmed reached the broker, and so did
+        every batch before it; the slot may forget every transaction ending at or before
+        ``end_lsn`` (an LSN as an int; 0 when the batch held only a piece of a transaction
+        under way: nothing to forget). Called once per non-empty batch, in order."""
+        ...
+
+    @property
+    def unconfirmed(self) -> int:
+        """Batches returned and not confirmed yet."""
         ...
 
     def keep_alive(self) -> None:
@@ -161,7 +209,7 @@ class SqlPeekSource:
         self._cursor: psycopg.ServerCursor[Any] | None = None
         self._rows: Iterator[Any] | None = None
         self._decoder: TxnDecoder | None = None
-        self._handed: list[CommittedTxn] = []
+        self._handed = 0  # batches returned, not confirmed yet
         self._idle_until = 0.0
         self.peek_s: float | None = None  # what the last peek cost the CRM (seconds)
         self.backoff_s = 0.0  # the wait after the last empty peek
@@ -173,10 +221,16 @@ class SqlPeekSource:
     def abandon(self) -> None:
         pass  # nothing is held between peeks
 
+    @property
+    def unconfirmed(self) -> int:
+        return self._handed
+
     def next_transactions(self, conn: PgConn, max_wait_s: float) -> list[CommittedTxn]:
-        if self._handed:  # the last batch was not confirmed: its publish failed
-            return list(self._handed)
         if self._rows is None:
+            if self._handed:
+                # the peek is read to its end: a new one would decode the unconfirmed
+                # transactions again (it starts at the slot's confirmed position)
+                return []
             if time.monotonic() < self._idle_until:
                 self._stop.wait(min(max_wait_s, self._idle_until - time.monotonic()))
                 return []
@@ -188,8 +242,9 @@ class SqlPeekSource:
                                      (self.peek_s or 0.0) * (1 / EMPTY_PEEK_SHARE - 1))
                 self._idle_until = time.monotonic() + max(max_wait_s, self.backoff_s)
             self._stop.wait(max_wait_s)
-        self._handed = batch
-        return list(batch)
+        else:
+            self._handed += 1
+        return batch
 
     def _peek(self, conn: PgConn) -> None:
         started = time.perf_counter()
@@ -212,24 +267,13 @@ class SqlPeekSource:
         when its rows are all read (the next call peeks again, after the confirm)."""
         rows, decoder = self._rows, self._decoder
         assert rows is not None and decoder is not None
-        limit = self._settings.producer_max_changes
-        ready: list[CommittedTxn] = []
-        changes = 0
+        batch = Batcher(decoder, self._settings.producer_max_changes)
         for (data,) in rows:
             self._drained = False
-            txn = decoder.feed(bytes(data))
-            if txn is not None:
-                ready.append(txn)
-                changes += len(txn.changes)
-                if changes >= limit:
-                    return ready
-            elif decoder.open_changes >= limit:
-                piece = decoder.cut()
-                assert piece is not None
-                ready.append(piece)
-                return ready
+            if batch.feed(bytes(data)):
+                return batch.ready
         self._close_cursor()
-        return ready
+        return batch.ready
 
     def _close_cursor(self) -> None:
         cur, self._cursor, self._rows = self._cursor, None, None
@@ -238,7 +282,7 @@ class SqlPeekSource:
                 cur.close()
 
     def confirm(self, conn: PgConn, end_lsn: int) -> None:
-        self._handed = []
+        self._handed = max(0, self._handed - 1)
         if end_lsn:
             conn.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)",
                          (self._settings.slot_name, pgoutput.lsn_to_str(end_lsn)))
@@ -253,7 +297,7 @@ class SqlPeekSource:
 
     def close(self) -> None:
         self._close_cursor()
-        self._handed = []
+        self._handed = 0
 
 
 class StreamSource:
@@ -274,9 +318,12 @@ class StreamSource:
     the last position we confirmed. That is right when everything read has been confirmed (an
     idle slot then follows the WAL without heartbeats), but a Relation message (data start 0)
     or the Begin of a transaction that started before the last confirmed commit can satisfy it
-    while whole transactions read after that commit are still unpublished. So reading stops
-    at such a message while unconfirmed transactions are held; the batch is returned,
-    published and confirmed first, and only then is the stream read again. The same rule
+    while whole transactions read after that commit are still unconfirmed. So reading stops
+    at such a message while unconfirmed transactions are held (in the batch being read, or in
+    batches returned and still in flight); what is whole is returned, and the stream is not
+    read again (``next_transactions`` returns ``[]``) until every batch returned is
+    confirmed. Otherwise each message read starts past the last confirmed position, so
+    reading on while earlier batches are in flight is safe. The same rule
     cannot hold inside a big transaction handed out in pieces (its changes may start below the
     last confirmed commit, and it must be read on): there the walsender's keepalives are kept
     away instead. It sends one mid-stream only after ``wal_sender_timeout / 2`` without a word
@@ -290,8 +337,10 @@ class StreamSource:
         self._conn: psycopg2.extensions.connection | None = None
         self._cur: psycopg2.extras.ReplicationCursor | None = None
         self._decoder: TxnDecoder | None = None
-        self._in_txn = False
-        self._handed: list[CommittedTxn] = []  # returned, not confirmed yet
+        self._handed = 0  # batches returned, not confirmed yet
+        # the last message read starts at or below the confirmed position while unconfirmed
+        # transactions are held: no read_message (a keepalive) until all are confirmed
+        self._held_back = False
         self._confirmed = 0  # the highest end LSN given to send_feedback
         self._idle_target: int | None = None  # WAL flush position caught_up waits for
         self.peek_s: float | None = None  # the walsender decodes each record once: no peeks
@@ -301,14 +350,17 @@ class StreamSource:
         self._bound = 0
 
     # ---- the seam ---------------------------------------------------------------------
+    @property
+    def unconfirmed(self) -> int:
+        return self._handed
+
+    @property
+    def _in_txn(self) -> bool:
+        return self._decoder is not None and self._decoder.in_transaction
+
     def next_transactions(self, conn: PgConn, max_wait_s: float) -> list[CommittedTxn]:
-        if self._handed:  # the last batch was not confirmed: its publish failed
-            if self._cur is not None:
-                # Nothing is read while it is retried; a status update still tells the
-                # walsender we are alive (it drops a client silent for wal_sender_timeout).
-                with contextlib.suppress(psycopg2.OperationalError, psycopg2.InterfaceError):
-                    _send_feedback(self._cur, force=True)
-            return list(self._handed)
+        if self._held_back and self._handed:
+            return []  # see the class docstring: confirm what was returned before reading on
         try:
             if self._cur is None:
                 self._open()
@@ -329,11 +381,14 @@ class StreamSource:
             # way, and the walsender re-sends from the confirmed position on the next open.
             self._reset()
             raise ConnectionLost(f"replication stream lost ({type(exc).__name__})") from exc
-        self._handed = batch
-        return list(batch)
+        if batch:
+            self._handed += 1
+        return batch
 
     def confirm(self, conn: PgConn, end_lsn: int) -> None:
-        self._handed = []
+        self._handed = max(0, self._handed - 1)
+        if not self._handed:
+            self._held_back = False
         if end_lsn <= self._confirmed:
             return
         self._confirmed = end_lsn
@@ -401,7 +456,6 @@ class StreamSource:
             raise
         self._conn, self._cur = conn, cur
         self._decoder = self._new_decoder()  # a new walsender sends every Relation again
-        self._in_txn = False
         self._confirmed = 0
         log.info("replication_stream_started", slot=self._settings.slot_name)
 
@@ -413,40 +467,29 @@ class StreamSource:
                 self._conn.close()
         self._conn = self._cur = None
         self._decoder = None
-        self._handed = []
-        self._in_txn = False
+        self._handed = 0
+        self._held_back = False
         self._idle_target = None
 
     def _read(self, max_wait_s: float) -> list[CommittedTxn]:
         cur, decoder = self._cur, self._decoder
         assert cur is not None and decoder is not None
-        deadline = time.monotonic() + max_wait_s
-        ready: list[CommittedTxn] = []
-        changes = 0
-        limit = self._settings.producer_max_changes
+        now = time.monotonic()
+        deadline = now + max_wait_s
+        # with batches in flight the producer asks without waiting (max_wait_s 0): a
+        # transaction already buffered is still read whole
+        breathe = now + max(max_wait_s, self._settings.producer_poll_ms / 1000)
+        batch = Batcher(decoder, self._settings.producer_max_changes)
+        ready = batch.ready
         while True:
             msg: Any = cur.read_message()
             if msg is not None:
-                payload: bytes = msg.payload
-                if payload[:1] == b"B":
-                    self._in_txn = True
-                txn = decoder.feed(payload)
-                if txn is not None:
-                    self._in_txn = False
-                    ready.append(txn)
-                    changes += len(txn.changes)
-                    if changes >= limit:
-                        return ready
-                elif decoder.open_changes >= limit:
-                    # a big transaction: hand out this piece (bounded memory); the slot is
-                    # confirmed past it only after its last piece (events.CommittedTxn)
-                    piece = decoder.cut()
-                    assert piece is not None
-                    ready.append(piece)
+                if batch.feed(msg.payload):
                     return ready
-                elif ready and msg.data_start <= self._confirmed:
-                    return ready  # see the class docstring: confirm `ready` before reading on
-                if not ready and time.monotonic() > deadline:
+                if (ready or self._handed) and msg.data_start <= self._confirmed:
+                    self._held_back = True  # see the class docstring
+                    return ready
+                if not ready and time.monotonic() > breathe:
                     return ready  # a long transaction under way: let the producer breathe
                 continue
             if ready:

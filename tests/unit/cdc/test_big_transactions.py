@@ -163,3 +163,21 @@ def test_the_backoff_is_capped() -> None:
     source = SqlPeekSource(settings, ChangeDecoder, threading.Event())
     source.next_transactions(PeekConn(PeekCursor([], 0.05)), 0.01)  # type: ignore[arg-type]
     assert source.backoff_s == 0.1
+
+
+def test_sql_peek_reads_on_with_pieces_unconfirmed_but_peeks_again_only_once_all_are() -> None:
+    rows = [m.payload for m in big_txn(1, 100, 0x2710, 7)]
+    conn = PeekConn(PeekCursor(rows, 0.0), PeekCursor([], 0.0))
+    settings = dataclasses.replace(Settings(), producer_max_changes=3)
+    source = SqlPeekSource(settings, ChangeDecoder, threading.Event())
+    batches = [source.next_transactions(conn, 0.0) for _ in range(4)]  # type: ignore[arg-type]
+    # three pieces from the open peek, unconfirmed; then nothing: a new peek would decode
+    # them again
+    assert [[(p.first_change, p.complete) for p in b] for b in batches] == [
+        [(0, False)], [(3, False)], [(6, True)], []]
+    assert conn.declared == 1 and source.unconfirmed == 3
+    for piece in (b[0] for b in batches[:3]):
+        source.confirm(conn, piece.end_lsn if piece.complete else 0)  # type: ignore[arg-type]
+    assert [q for q, _ in conn.executed] == ["SELECT pg_replication_slot_advance(%s, %s::pg_lsn)"]
+    assert source.next_transactions(conn, 0.0) == []  # type: ignore[arg-type]
+    assert conn.declared == 2  # all confirmed: the next peek

@@ -2,8 +2,9 @@
 
 What is checked here is the part no server test can force: reading stops at a message whose
 data start is at or below the last confirmed position while a whole, unconfirmed transaction
-is held (psycopg2 would otherwise move its flush position past it on the next keepalive), a
-batch not confirmed is handed out again without reading, and batches end at a transaction
+is held, in the batch being read or in batches returned and still unconfirmed (psycopg2 would
+otherwise move its flush position past it on the next keepalive); the next batch is read while
+earlier ones are unconfirmed and confirms go in order; and batches end at a transaction
 boundary once ``producer_max_changes`` is reached.
 """
 
@@ -129,17 +130,43 @@ def test_reads_on_past_transactions_when_nothing_is_at_or_below_the_confirmed_po
     assert [t.xid for t in source.next_transactions(conn, 0.01)] == [1, 2, 3]
 
 
-def test_an_unconfirmed_batch_is_handed_out_again_without_reading(conn: Any) -> None:
+def test_the_next_batch_is_read_while_earlier_ones_are_unconfirmed_and_confirmed_in_order(
+        conn: Any) -> None:
     cursor = ScriptedCursor(txn(1, 100, 180, 200, "三", with_relation=True))
     source = Scripted(cursor)
-    first = source.next_transactions(conn, 0.01)
+    assert [t.xid for t in source.next_transactions(conn, 0.01)] == [1]
     cursor.messages += txn(2, 300, 380, 400, "四")
+    assert [t.xid for t in source.next_transactions(conn, 0.0)] == [2]  # 1 in flight
+    cursor.messages += txn(3, 500, 580, 600, "五")
+    assert source.unconfirmed == 2
+    assert all("flush_lsn" not in f for f in cursor.feedback)  # nothing confirmed yet
+    source.confirm(conn, 200)
+    assert cursor.feedback[-1] == {"write_lsn": 200, "flush_lsn": 200}
+    assert source.unconfirmed == 1 and not source.caught_up(conn)
+    source.confirm(conn, 400)
+    assert cursor.feedback[-1] == {"write_lsn": 400, "flush_lsn": 400}
+    assert [t.xid for t in source.next_transactions(conn, 0.0)] == [3]
+
+
+def test_with_a_batch_in_flight_an_old_data_start_holds_reading_until_all_are_confirmed(
+        conn: Any) -> None:
+    t1 = txn(1, 100, 180, 200, "三", with_relation=True)
+    t2 = txn(2, 300, 380, 400, "四")
+    t3 = txn(3, 150, 480, 500, "五")  # began before T1 committed
+    cursor = ScriptedCursor(t1)
+    source = Scripted(cursor)
+    source.confirm(conn, source.next_transactions(conn, 0.01)[-1].end_lsn)  # confirmed 200
+    cursor.messages += t2
+    assert [t.xid for t in source.next_transactions(conn, 0.01)] == [2]  # in flight
+    cursor.messages += t3
+    # T3's Begin starts at 150 <= 200 while T2 is unconfirmed: a keepalive read now could
+    # let psycopg2 confirm past T2, so nothing more is read until T2 is confirmed
+    assert source.next_transactions(conn, 0.0) == []
     read = cursor.read
-    again = source.next_transactions(conn, 0.01)  # the publish of `first` failed
-    assert again == first and cursor.read == read
-    assert all("flush_lsn" not in f for f in cursor.feedback)  # nothing confirmed
-    source.confirm(conn, again[-1].end_lsn)
-    assert [t.xid for t in source.next_transactions(conn, 0.01)] == [2]
+    assert cursor.read == len(t1) + len(t2) + 1
+    assert source.next_transactions(conn, 0.0) == [] and cursor.read == read
+    source.confirm(conn, 400)
+    assert [t.xid for t in source.next_transactions(conn, 0.0)] == [3]
 
 
 def test_a_batch_ends_at_a_transaction_boundary_after_max_changes(conn: Any) -> None:

@@ -1,4 +1,4 @@
-"""What each process imports: issue #13's memory target (the summed peak RSS of 1 producer and
+"""What each process imports and how it allocates: issue #13's memory target (the summed peak
 2 consumers <= 250 MiB) depends on the producer not loading the consumer's libraries and on
 the consumer loading its rare-path ones only when a value needs them.
 
@@ -8,9 +8,13 @@ Each check runs in a fresh interpreter, since this test session imports everythi
 from __future__ import annotations
 
 import json
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -75,3 +79,43 @@ def test_the_rare_paths_still_work() -> None:
     mappings = Mappings.load()
     assert tf.parse_quantity("十台", mappings).value == 10
     assert tf.full_name("Smith, John", None, None, "western") == "John Smith"
+
+
+# Counts glibc's malloc arenas (``malloc_info``'s <heap> elements) after a thread allocated.
+ARENA_PROBE = """
+import ctypes, os, sys, tempfile, threading
+import service.cli
+capped = service.cli.limit_malloc_arenas()
+libc = ctypes.CDLL(None)
+libc.fopen.restype = ctypes.c_void_p
+libc.malloc.restype = ctypes.c_void_p
+def work():
+    for p in [libc.malloc(4096) for _ in range(100)]:
+        libc.free(ctypes.c_void_p(p))
+t = threading.Thread(target=work)
+t.start()
+t.join()
+fd, path = tempfile.mkstemp()
+os.close(fd)
+fp = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, ctypes.c_void_p(fp))
+libc.fclose(ctypes.c_void_p(fp))
+print(capped, open(path).read().count("<heap nr="))
+os.unlink(path)
+"""
+
+
+def _arenas(env: dict[str, str]) -> tuple[str, int]:
+    out = subprocess.run([sys.executable, "-c", ARENA_PROBE], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=True, timeout=60)
+    capped, arenas = out.stdout.split()
+    return capped, int(arenas)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="glibc's malloc arenas")
+def test_the_entry_point_keeps_threads_in_one_malloc_arena() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    assert _arenas(env) == ("True", 1)
+    # an operator's MALLOC_ARENA_MAX rules (glibc read it at start): a thread gets its own
+    assert _arenas({**env, "MALLOC_ARENA_MAX": "4"}) == ("False", 2)

@@ -1,6 +1,7 @@
 """What each process imports and how it allocates: issue #13's memory target (the summed peak
-2 consumers <= 250 MiB) depends on the producer not loading the consumer's libraries and on
-the consumer loading its rare-path ones only when a value needs them.
+RSS of 1 producer and 2 consumers <= 250 MiB) depends on the producer not loading the
+consumer's libraries, on the consumer loading its rare-path ones only when a value needs them,
+and on the entry point keeping glibc's malloc to one arena.
 
 Each check runs in a fresh interpreter, since this test session imports everything.
 """

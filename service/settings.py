@@ -66,7 +66,11 @@ class Settings:
     # acknowledged the batch, so this bounds the producer's memory. Producer alone, 20,000
     # one-change transactions: peak RSS 85 MiB at 5000, 74 at 2000, 70 at 1000; changes/s
     # ~9,750 / ~8,500 / ~9,070 (noisy, shared machine). 2000 keeps the whole system under
-    # its 250 MiB (python -m bench.compare) with the larger batches a burst wants.
+    # its 250 MiB (python -m bench.compare) with the larger batches a burst wants. 1000 was
+    # tried for memory (issue #13): 78 instead of 87 MiB catching up 50,000 one-change
+    # transactions, same CPU per change, but the bulk load's transactions (headers COPYed
+    # before lines) were cut into more pieces: 131,618 events instead of 103,914 for the same
+    # rows (lines published apart from their header), more work for the consumers and ERP.
     producer_max_changes: int = 2000
     capture_transport: str = "stream"
     producer_poll_ms: int = 100

@@ -209,6 +209,15 @@ class SourceProfile:
     def tables(self) -> list[str]:
         return [e.table for e in self.entities.values()]
 
+    @cached_property
+    def lines_need_orders(self) -> bool:
+        """Whether a line's event can need its order's customer key from outside its own
+        transaction: the line table does not carry the customer (BottleCRM's), so the
+        producer remembers each order's customer (``events.References``). The demo's lines
+        carry it, and a producer need not hold 50,000 orders' keys it never reads."""
+        line = self.entities.get("order_line")
+        return line is not None and line.customer_column is None
+
     @property
     def snapshot_entities(self) -> list[EntityMapping]:
         """In snapshot order: reference data first, then customers, orders (with their lines),

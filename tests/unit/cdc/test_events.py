@@ -318,6 +318,43 @@ def test_an_order_seen_before_partitions_its_later_lines_without_a_lookup() -> N
     assert book.asked == []
 
 
+def test_an_order_is_remembered_as_its_customer_key_alone() -> None:
+    refs = References(OrderBook())
+    build([RowChange("crm.sales_orders", CREATE, None, header(9005, 77))], refs,
+          profile=LINES_WITHOUT_CUSTOMER)
+    assert refs.lookup("order", "9005") == {"customer_key": "77"}
+    # a later change of the order moves it to another customer: the newer key wins
+    build([RowChange("crm.sales_orders", UPDATE, header(9005, 77), header(9005, 78))], refs,
+          lsn=LSN + 1, profile=LINES_WITHOUT_CUSTOMER)
+    assert refs.lookup("order", "9005") == {"customer_key": "78"}
+
+
+def test_orders_are_not_remembered_when_every_line_carries_its_customer() -> None:
+    book = OrderBook(header(9005, 77))
+    refs = References(book)
+    assert not DEMO.lines_need_orders and LINES_WITHOUT_CUSTOMER.lines_need_orders
+    build([RowChange("crm.sales_orders", CREATE, None, header(9005, 77))], refs)
+    (event,) = build([RowChange("crm.order_lines", CREATE, None, line(1, 9005, 77))], refs,
+                     lsn=LSN + 1)
+    assert (event.key, book.asked) == (b"77", [])  # the line named its customer itself
+    assert refs.lookup("order", "9005") == {"customer_key": "77"}
+    assert book.asked == [("order", "9005")]  # not remembered: a lookup reads the CRM
+
+
+def test_references_forget_the_oldest_past_capacity_per_entity() -> None:
+    book = OrderBook(header(1, 10), header(2, 20), header(3, 30))
+    refs = References(book, capacity=2)
+    for order_id in (1, 2, 3):
+        refs.remember("order", str(order_id), canonical_header(order_id, order_id * 10))
+    refs.remember("product", "P", {"key": "P", "product_code": "SKU-P"})
+    assert refs.lookup("order", "3") == {"customer_key": "30"}
+    assert refs.lookup("order", "2") == {"customer_key": "20"}
+    assert book.asked == []
+    assert refs.lookup("order", "1") == {"customer_key": "10"}  # forgotten: read again
+    assert book.asked == [("order", "1")]
+    assert refs.lookup("product", "P") == {"key": "P", "product_code": "SKU-P"}
+
+
 def test_lines_of_an_order_the_crm_does_not_have_are_refused() -> None:
     with pytest.raises(UnresolvedReference) as info:
         build([RowChange("crm.order_lines", CREATE, None, line(1, 9999, 42))],

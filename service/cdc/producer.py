@@ -1035,6 +1035,7 @@ class CdcProducer:
             if not opened:
                 self._next_snapshot_poll = time.monotonic() + SNAPSHOT_POLL_S
         source = self._change_source()
+        self._keep_ceiling_ahead(conn, source)
         try:
             txns = source.next_transactions(
                 conn, 0.0 if sent is not None else self.settings.producer_poll_ms / 1000)
@@ -1066,6 +1067,18 @@ class CdcProducer:
                 self._finish(conn, source, last)
             self._stop_before(conn, stopping)
         return read or sent is not None
+
+    def _keep_ceiling_ahead(self, conn: PgConn, source: ChangeSource) -> None:
+        """Raise the recorded ceiling (slot_guard) once the stream has seen WAL within half
+        the slack of it. psycopg2 confirms an idle stream up to a keepalive's WAL end by
+        itself, and on a cluster whose other databases write much WAL that end runs far
+        ahead of our own transactions: a ceiling raised only by our batches and every 5 s
+        (``_observe_slot``) was passed between two raises, and the next start took the slot
+        for a replaced one (``slot_replaced``). Checked every step from what the stream has
+        seen (no query); the UPDATE runs only when the ceiling is near."""
+        seen = source.confirm_bound()
+        if seen + slot_guard.CEILING_SLACK // 2 > self._ceiling:
+            self._ceiling = slot_guard.raise_ceiling(conn, self.settings, seen)
 
     def _prepare(self, txns: list[CommittedTxn]) -> _Batch:
         """The transactions' events in commit order, encoded (a letter in place of each that

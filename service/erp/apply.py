@@ -212,6 +212,9 @@ _INSERT = re.compile(r"INSERT INTO (\S+) \((.*?)\)\s*VALUES \(.*?\)\s*(ON CONFLI
 
 def bulk_upsert(cur: psycopg.Cursor[Any], upsert: str, rows: list[tuple[Any, ...]]) -> None:
     """Run an ``INSERT ... VALUES ... ON CONFLICT`` statement for many rows, the fast way."""
+    if len(rows) == 1:  # a low rate's usual batch: executemany's pipeline costs more
+        cur.execute(upsert, rows[0])
+        return
     if len(rows) < COPY_THRESHOLD:
         cur.executemany(upsert, rows)
         return

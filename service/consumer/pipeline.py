@@ -161,6 +161,9 @@ class Apply:
 # is consumed again, which the position guard, the dead-letter records and the held-event
 # keys make harmless, as for the batch in flight.
 COMMIT_EVERY_S = 1.0
+# The last commit, on stop, waits at most this long for a broker that is away (the stop
+# has a bound, CRM_ERP_SYNC_SHUTDOWN_TIMEOUT_S; what stays uncommitted is re-applied).
+FINAL_COMMIT_TIMEOUT_MS = 5_000
 
 
 class CommitOffsets:
@@ -185,9 +188,10 @@ class CommitOffsets:
         if pending and time.monotonic() - self._last >= self.every_s:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, timeout_ms: int | None = None) -> None:
         """Commit what is pending, for the partitions still assigned (a partition a
-        rebalance took away is its new owner's to commit)."""
+        rebalance took away is its new owner's to commit), waiting at most ``timeout_ms``
+        (None: kafka-python's request timeout). A refused or timed-out commit is logged."""
         if not self.pending or self.consumer is None:
             return
         owned = set(self.consumer.assignment() or ())
@@ -197,7 +201,7 @@ class CommitOffsets:
         if not offsets:
             return
         try:
-            self.consumer.commit(offsets)
+            self.consumer.commit(offsets, timeout_ms=timeout_ms)
         except CommitFailedError as exc:
             # Rebalanced away: the new owner re-applies; positions make that harmless.
             log.warning("commit_failed_after_rebalance", error=str(exc))
@@ -865,9 +869,9 @@ class ErpConsumer:
         return Decode(self.registry, Transform(self.mappings, Breaker(
             self.breaker, self.consumer, Apply(self.applier, self._commits))))
 
-    def _flush_commits(self) -> None:
+    def _flush_commits(self, timeout_ms: int | None = None) -> None:
         if self._commits is not None:
-            self._commits.flush()
+            self._commits.flush(timeout_ms)
 
     def run(self, *, until_idle_s: float | None = None,
             until_caught_up: bool = False) -> ConsumerStats:
@@ -942,8 +946,8 @@ class ErpConsumer:
             self.health.set_ready(False, "stopping")
             if http is not None:
                 http.close()
-            try:  # every pending offset is of an applied batch
-                self._flush_commits()
+            try:  # every pending offset is of an applied batch; a broker away: not for long
+                self._flush_commits(timeout_ms=FINAL_COMMIT_TIMEOUT_MS)
             except KafkaError as exc:  # flush() handles the broker's refusals; not a crash
                 log.warning("offset_commit_failed", error=type(exc).__name__)
             self.consumer.close(autocommit=False)

@@ -28,7 +28,8 @@ class Recorder:
     def assignment(self) -> set[TopicPartition]:
         return self.owned
 
-    def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+    def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata],
+               timeout_ms: int | None = None) -> None:
         self.commits.append({tp: o.offset for tp, o in offsets.items()})
 
 

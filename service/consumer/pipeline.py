@@ -153,22 +153,55 @@ class Apply:
         self.next_step.submit(batch)
 
 
+# How often, at most, the offsets of applied batches are committed to the group while
+# batches keep coming. A commit is a broker round trip on kafka-python's IO thread; at a
+# steady 200 changes/s every poll brings one event, and committing each batch cost about a
+# fifth of a consumer's CPU. Offsets are still committed only after their batch's ERP
+# transaction; what a crash or a rebalance leaves uncommitted (at most this long's batches)
+# is consumed again, which the position guard, the dead-letter records and the held-event
+# keys make harmless, as for the batch in flight.
+COMMIT_EVERY_S = 1.0
+# The last commit, on stop, waits at most this long for a broker that is away (the stop
+# has a bound, CRM_ERP_SYNC_SHUTDOWN_TIMEOUT_S; what stays uncommitted is re-applied).
+FINAL_COMMIT_TIMEOUT_MS = 5_000
+
+
 class CommitOffsets:
-    def __init__(self, consumer: Any) -> None:
+    """Commits the offsets of applied batches: the first batch after a quiet spell at once,
+    then at most every ``every_s`` (pending ones on :meth:`flush`: when a poll comes back
+    empty, before a caught-up check, and on stop)."""
+
+    def __init__(self, consumer: Any, every_s: float = COMMIT_EVERY_S) -> None:
         self.consumer = consumer
+        self.every_s = every_s
+        self.pending: dict[TopicPartition, OffsetAndMetadata] = {}
+        self._last = float("-inf")
 
     def submit(self, batch: Batch) -> None:
-        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        pending = self.pending
         for env in batch.envelopes:
             if env.msg.held_id is not None:
                 continue
             tp = TopicPartition(env.msg.topic, env.msg.partition)
-            if tp not in offsets or offsets[tp].offset <= env.msg.offset:
-                offsets[tp] = OffsetAndMetadata(env.msg.offset + 1, "", -1)
-        if not offsets or self.consumer is None:
+            if tp not in pending or pending[tp].offset <= env.msg.offset:
+                pending[tp] = OffsetAndMetadata(env.msg.offset + 1, "", -1)
+        if pending and time.monotonic() - self._last >= self.every_s:
+            self.flush()
+
+    def flush(self, timeout_ms: int | None = None) -> None:
+        """Commit what is pending, for the partitions still assigned (a partition a
+        rebalance took away is its new owner's to commit), waiting at most ``timeout_ms``
+        (None: kafka-python's request timeout). A refused or timed-out commit is logged."""
+        if not self.pending or self.consumer is None:
+            return
+        owned = set(self.consumer.assignment() or ())
+        offsets = {tp: o for tp, o in self.pending.items() if tp in owned}
+        self.pending = {}
+        self._last = time.monotonic()
+        if not offsets:
             return
         try:
-            self.consumer.commit(offsets)
+            self.consumer.commit(offsets, timeout_ms=timeout_ms)
         except CommitFailedError as exc:
             # Rebalanced away: the new owner re-applies; positions make that harmless.
             log.warning("commit_failed_after_rebalance", error=str(exc))
@@ -364,11 +397,14 @@ class ErpApplier:
                 m.drift.labels(entity, kind).set(n)
 
     def _apply_in_txn(self, conn: PgConn, batch: Batch) -> None:
-        released = self._supersede(conn, batch.envelopes)
+        letters, held = self._key_state(conn, [e.msg for e in batch.envelopes])
+        released, changed = self._supersede(conn, batch.envelopes, set(letters))
         if released:  # older than everything in the batch: they go first
             batch.envelopes[:0] = released
         envs = batch.envelopes
-        blocked = self._blocked_keys(conn, [e.msg for e in envs])
+        if changed:  # letters superseded, held events released: read the keys' state again
+            letters, held = self._key_state(conn, [e.msg for e in envs])
+        blocked = _blocked_from(letters, held)
         # A replayed message that already has its dead letter (open or resolved) is not a new
         # failure: no second record on the dead-letter topic, and an operator's resolution
         # (discard, redrive) stands.
@@ -427,7 +463,9 @@ class ErpApplier:
             elif outcome.status is Status.HELD:
                 env.held = "awaiting_customer"
 
-    def _supersede(self, conn: PgConn, envs: list[Envelope]) -> list[Envelope]:
+    def _supersede(self, conn: PgConn, envs: list[Envelope],
+                   lettered: set[tuple[str, bytes | None]] | None = None
+                   ) -> tuple[list[Envelope], bool]:
         """A fixed CRM row supersedes its dead letter (issue #12 item 7).
 
         When an event of a full-state kind (customer, market_demand: the event carries the
@@ -439,13 +477,18 @@ class ErpApplier:
         repaired by an older fix). Orders are never superseding (an order event carries only
         the lines its transaction changed: a newer one does not repair an older one's line);
         their letters wait for the operator.
+
+        ``lettered``: the (topic, key)s with an unresolved dead letter among these envelopes'
+        keys, when the caller has read them already (:meth:`_key_state`). Returns the
+        released envelopes and whether any letter was superseded.
         """
         released: list[Envelope] = []
-        lettered = self._keys_with_letters(conn, [
-            env.msg for env in envs if env.error is None and env.msg.held_id is None
-            and env.kind in FULL_STATE_KINDS])
+        if lettered is None:
+            lettered = set(self._key_state(conn, [
+                env.msg for env in envs if env.error is None and env.msg.held_id is None
+                and env.kind in FULL_STATE_KINDS])[0])
         if not lettered:
-            return released
+            return released, False
         failed: set[tuple[str, bytes | None]] = set()
         done: set[tuple[str, bytes | None]] = set()
         for env in envs:
@@ -486,24 +529,34 @@ class ErpApplier:
             released += held.envelopes
             log.info("dead_letters_superseded", key=_key_text(env.msg.key), letters=len(ids),
                      released=len(rows))
-        return released
+        return released, bool(done)
 
-    def _keys_with_letters(self, conn: PgConn, msgs: list[Message]
-                           ) -> set[tuple[str, bytes | None]]:
-        """Of these messages' (topic, key)s, those with an unresolved dead letter: one round
-        trip per batch, so that ``_supersede`` looks closer (one query per key) only at
-        those; a round trip per event cost a burst a fifth of the consumer's time."""
-        if not msgs:
-            return set()
+    def _key_state(self, conn: PgConn, msgs: list[Message]
+                   ) -> tuple[dict[tuple[str, bytes | None], tuple[int, int]],
+                              dict[tuple[str, bytes | None], tuple[int, int]]]:
+        """Of these messages' keys, those with an unresolved dead letter and those with
+        events held behind one ('key_blocked'), each with its first (partition, offset):
+        one round trip per batch, read through the partial indexes on msg_key (a key-less
+        letter, a capture letter whose key the row did not give, in its own branch). Only
+        the lettered keys get a closer look (``_supersede``, one query per key); a round
+        trip per event cost a burst a fifth of the consumer's time."""
         keys = sorted({m.key for m in msgs if m.key is not None})
-        # a key-less letter (a capture letter whose key the row did not give) in its own
-        # branch: the common query stays on the partial index on msg_key
-        null_key = " OR msg_key IS NULL" if any(m.key is None for m in msgs) else ""
+        null_key = any(m.key is None for m in msgs)
+        if not keys and not null_key:
+            return {}, {}
         rows = conn.execute(
-            "SELECT DISTINCT topic, msg_key FROM sync.dead_letters "
-            f"WHERE state IN ('open', 'failed_again') AND (msg_key = ANY(%s){null_key})",
-            (keys,)).fetchall()
-        return {(topic, key) for topic, key in rows}
+            'SELECT true, topic, msg_key, min(ARRAY[partition::bigint, "offset"]) '
+            "FROM sync.dead_letters WHERE state IN ('open', 'failed_again') "
+            f"AND (msg_key = ANY(%(keys)s){' OR msg_key IS NULL' if null_key else ''}) "
+            'GROUP BY 2, 3 UNION ALL SELECT false, topic, msg_key, '
+            'min(ARRAY[partition::bigint, "offset"]) FROM sync.held_events '
+            "WHERE reason = 'key_blocked' AND msg_key = ANY(%(keys)s) GROUP BY 2, 3",
+            {"keys": keys}).fetchall()
+        letters: dict[tuple[str, bytes | None], tuple[int, int]] = {}
+        held: dict[tuple[str, bytes | None], tuple[int, int]] = {}
+        for is_letter, topic, key, (partition, offset) in rows:
+            (letters if is_letter else held)[(topic, key)] = (int(partition), int(offset))
+        return letters, held
 
     def _supersede_held(self, conn: PgConn, keys: set[tuple[str, bytes | None]]) -> None:
         """The same, when the fix arrived in the batch that dead-lettered the old state: it
@@ -514,32 +567,11 @@ class ErpApplier:
                 "AND topic = %s AND msg_key IS NOT DISTINCT FROM %s", (topic, key)).fetchall()
             held = self._prepared(sorted((_held_message(r) for r in rows),
                                          key=lambda m: (m.partition, m.offset)))
-            released = self._supersede(conn, held.envelopes)
+            released, _ = self._supersede(conn, held.envelopes)
             if released:
                 batch = Batch(released)
                 self._apply_in_txn(conn, batch)
                 self._publish_dead_letters(conn, batch)
-
-    def _blocked_keys(self, conn: PgConn, msgs: list[Message]
-                      ) -> dict[tuple[str, bytes | None], tuple[int, int]]:
-        """Keys held back, with the (partition, offset) from which they are: the first
-        unresolved dead letter of the key, or its first held event."""
-        keys = sorted({m.key for m in msgs if m.key is not None})
-        if not keys:
-            return {}
-        # One round trip per batch; both sides are read through partial indexes on msg_key.
-        rows = conn.execute(
-            'SELECT topic, msg_key, min(ARRAY[partition::bigint, "offset"]) FROM ('
-            'SELECT topic, msg_key, partition, "offset" FROM sync.dead_letters '
-            "WHERE state IN ('open', 'failed_again') AND msg_key = ANY(%(keys)s) "
-            'UNION ALL SELECT topic, msg_key, partition, "offset" FROM sync.held_events '
-            "WHERE reason = 'key_blocked' AND msg_key = ANY(%(keys)s)) b GROUP BY 1, 2",
-            {"keys": keys}).fetchall()
-        out: dict[tuple[str, bytes | None], tuple[int, int]] = {}
-        for topic, key, (partition, offset) in rows:
-            at = (int(partition), int(offset))
-            out[(topic, key)] = min(out.get((topic, key), at), at)
-        return out
 
     def _lettered(self, conn: PgConn, msgs: list[Message]) -> dict[str, set[tuple[int, int]]]:
         """Of these messages, those that already have a dead letter (any state), by topic."""
@@ -870,13 +902,22 @@ class ErpConsumer:
         self._last_lag_update = 0.0
         self._stop = threading.Event()
         self.consumer: Any = None
+        self._commits: CommitOffsets | None = None
 
     def stop(self) -> None:
         self._stop.set()
 
     def _pipeline(self) -> Stage:
+        # One CommitOffsets for the consumer's life: a pipeline rebuilt for new mappings
+        # keeps the offsets still pending.
+        if self._commits is None or self._commits.consumer is not self.consumer:
+            self._commits = CommitOffsets(self.consumer)
         return Decode(self.registry, Transform(self.mappings, Breaker(
-            self.breaker, self.consumer, Apply(self.applier, CommitOffsets(self.consumer)))))
+            self.breaker, self.consumer, Apply(self.applier, self._commits))))
+
+    def _flush_commits(self, timeout_ms: int | None = None) -> None:
+        if self._commits is not None:
+            self._commits.flush(timeout_ms)
 
     def run(self, *, until_idle_s: float | None = None,
             until_caught_up: bool = False) -> ConsumerStats:
@@ -933,13 +974,16 @@ class ErpConsumer:
                     self._retrying(functools.partial(_submit_fresh, pipeline, msgs), msgs)
                     self.stats.batches += 1
                     self.stats.messages += len(msgs)
-                elif until_idle_s is not None and now - idle_since > until_idle_s:
-                    break
+                else:
+                    self._flush_commits()  # a quiet moment: nothing pending is left behind
+                    if until_idle_s is not None and now - idle_since > until_idle_s:
+                        break
                 if self._stop.is_set():
                     break  # the batch may have been rolled back: positions would overstate
                 # Only after the batch: positions already count what was polled.
                 if until_caught_up and now - last_target_check > (0.5 if not msgs else 1.0):
                     last_target_check = now
+                    self._flush_commits()
                     if self._reached(targets):
                         break
         finally:
@@ -948,6 +992,10 @@ class ErpConsumer:
             self.health.set_ready(False, "stopping")
             if http is not None:
                 http.close()
+            try:  # every pending offset is of an applied batch; a broker away: not for long
+                self._flush_commits(timeout_ms=FINAL_COMMIT_TIMEOUT_MS)
+            except KafkaError as exc:  # flush() handles the broker's refusals; not a crash
+                log.warning("offset_commit_failed", error=type(exc).__name__)
             self.consumer.close(autocommit=False)
             self.watcher.forget(self.applier.conn, self.settings.consumer_group)
             self.applier.target.close()
@@ -1195,6 +1243,18 @@ class ErpConsumer:
         for tp, offset in firsts.items():
             if tp in owned:
                 self.consumer.seek(tp, offset)
+
+
+def _blocked_from(letters: dict[tuple[str, bytes | None], tuple[int, int]],
+                  held: dict[tuple[str, bytes | None], tuple[int, int]]
+                  ) -> dict[tuple[str, bytes | None], tuple[int, int]]:
+    """Keys held back, with the (partition, offset) from which they are: the first
+    unresolved dead letter of the key, or its first held event (key-less messages are never
+    held back)."""
+    out = dict(held)
+    for key, at in letters.items():
+        out[key] = min(out.get(key, at), at)
+    return {k: at for k, at in out.items() if k[1] is not None}
 
 
 def _error_class(error: Permanent) -> str:

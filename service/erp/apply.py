@@ -212,6 +212,9 @@ _INSERT = re.compile(r"INSERT INTO (\S+) \((.*?)\)\s*VALUES \(.*?\)\s*(ON CONFLI
 
 def bulk_upsert(cur: psycopg.Cursor[Any], upsert: str, rows: list[tuple[Any, ...]]) -> None:
     """Run an ``INSERT ... VALUES ... ON CONFLICT`` statement for many rows, the fast way."""
+    if len(rows) == 1:  # a low rate's usual batch: executemany's pipeline costs more
+        cur.execute(upsert, rows[0])
+        return
     if len(rows) < COPY_THRESHOLD:
         cur.executemany(upsert, rows)
         return
@@ -365,6 +368,30 @@ def _watermarks(cur: psycopg.Cursor[Any], entities: set[str]) -> dict[str, tuple
     return {r[0]: (r[1], r[2]) for r in rows.fetchall()}
 
 
+# Every watermark (one row per truncated entity, four at most): no parameters, so it can
+# share the LOCK statement's round trip (several statements are one simple query).
+_ALL_WATERMARKS = ("SELECT entity, source_lsn, source_seq FROM sync.truncations "
+                   "WHERE source_lsn > 0")
+
+
+def _lock_and_read_watermarks(cur: psycopg.Cursor[Any], modes: dict[str, str],
+                              entities: set[str]) -> dict[str, tuple[int, int]]:
+    """``_lock`` then ``_watermarks`` in one round trip (a batch without truncates: at a low
+    rate, one event per batch, each round trip is a noticeable share of its cost). The
+    watermarks are read after the locks are granted, as ``_lock`` needs."""
+    statements = [f"LOCK TABLE {t} IN {modes[t]} MODE" for t in LOCK_ORDER if t in modes]
+    if entities:
+        statements.append(_ALL_WATERMARKS)
+    if not statements:
+        return {}
+    cur.execute("; ".join(statements))
+    if not entities:
+        return {}
+    while cur.nextset():  # the last result is the watermarks'
+        pass
+    return {r[0]: (r[1], r[2]) for r in cur.fetchall() if r[0] in entities}
+
+
 def _after(mark: tuple[int, int] | None, pos: Position) -> bool:
     """Whether an event at ``pos`` is newer than the truncation watermark (or there is none)."""
     return mark is None or (pos.lsn, pos.seq) > mark
@@ -392,13 +419,17 @@ def apply_changes(conn: PgConn, changes: list[ErpChange], *, full_recount: bool 
         (PARTNERS, partners), (ORDERS, headers), (ITEMS, items), (DEMANDS, demands)) if rows}
     for t in truncates:
         modes.update(dict.fromkeys(TRUNCATED_TABLES[t.entity], "SHARE ROW EXCLUSIVE"))
+    entities = {e for e, rows in (
+        ("customer", partners), ("order", headers or items), ("order_line", items),
+        ("market_demand", demands)) if rows}
     with conn.cursor() as cur:
-        _lock(cur, modes)
-        for t in truncates:
-            apply_truncate(cur, t)
-        marks = _watermarks(cur, {e for e, rows in (
-            ("customer", partners), ("order", headers or items), ("order_line", items),
-            ("market_demand", demands)) if rows})
+        if truncates:
+            _lock(cur, modes)
+            for t in truncates:
+                apply_truncate(cur, t)
+            marks = _watermarks(cur, entities)
+        else:
+            marks = _lock_and_read_watermarks(cur, modes, entities)
         partners = [p for p in partners if _after(marks.get("customer"), p.pos)]
         headers = [h for h in headers if _after(marks.get("order"), h.pos)]
         items = [i for i in items if _after(marks.get("order"), i.pos)

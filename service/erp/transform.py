@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
-from functools import cache
+from functools import cache, lru_cache
 from typing import Final, NoReturn, overload
 
 import opencc
@@ -324,9 +324,24 @@ def parse_phones(raw: str | None, mappings: Mappings | None = None, *,
     no number, and numbers libphonenumber finds invalid; the reason never shows the number.
     """
     region = mappings.phone_region if mappings is not None else "CN"
-    no_number = mappings.no_number if mappings is not None else frozenset(DEFAULT_NO_NUMBER)
+    no_number = mappings.no_number if mappings is not None else _DEFAULT_NO_NUMBER
     if raw is None:
         return None
+    return _parse_phones(raw, region, no_number, field)
+
+
+# A customer event carries the whole row, so a customer's phone and address come back with
+# every change of the row, and parsing them (libphonenumber, the division table) was most of
+# a customer event's transform. Both parsers are pure functions of their arguments: their
+# results (immutable) are kept in a bounded LRU; a value that fails is not kept (its
+# MappingError is raised again each time). 1,024 entries each: a few hundred KiB at most.
+PARSE_MEMO_SIZE: Final = 1024
+_DEFAULT_NO_NUMBER: Final = frozenset(DEFAULT_NO_NUMBER)
+
+
+@lru_cache(maxsize=PARSE_MEMO_SIZE)
+def _parse_phones(raw: str, region: str, no_number: frozenset[str], field: str
+                  ) -> Phones | None:
     text = _nfkc(raw).strip()
     if not text or normalise_word(text) in no_number:
         return None
@@ -420,6 +435,11 @@ def parse_cn_address(raw: str, *, field: str = "address") -> Address:
     Raises MappingError when no division starts the text, or when it fits several places
     (the reason names the candidates, e.g. 北京市朝阳区 (110105), 长春市朝阳区 (220104)).
     """
+    return _parse_cn_address(raw, field)
+
+
+@lru_cache(maxsize=PARSE_MEMO_SIZE)  # see _parse_phones
+def _parse_cn_address(raw: str, field: str) -> Address:
     text = " ".join(_nfkc(raw or "").split())
     if not text:
         raise MappingError(field, raw, "address is empty")

@@ -44,3 +44,7 @@ def test_a_capture_batch_is_bounded_to_2000_changes_by_default() -> None:
     assert Settings().producer_max_changes == 2000
     assert Settings.from_env({"CRM_ERP_SYNC_PRODUCER_MAX_CHANGES": "250"}
                              ).producer_max_changes == 250
+
+
+def test_a_consumer_records_no_client_metrics_nobody_reads() -> None:
+    assert consumer_options(Settings())["metrics_enabled"] is False

@@ -352,3 +352,22 @@ def test_sku_for(m: Mappings) -> None:
 def test_unmapped_words_name_the_field(m: Mappings, call: object, word: str, field: str,
                                        reason: str) -> None:
     fails(field, call, word, m, reason=reason)
+
+
+def test_parsed_phones_and_addresses_are_remembered_but_a_refusal_is_raised_every_time(
+) -> None:
+    tf._parse_phones.cache_clear()
+    tf._parse_cn_address.cache_clear()
+    first = tf.parse_phones("138 1234 5678")
+    assert tf.parse_phones("138 1234 5678") == first == tf.Phones("+8613812345678", None)
+    assert tf._parse_phones.cache_info().hits == 1
+    address = "北京市朝阳区建国路88号"
+    assert tf.parse_cn_address(address) is tf.parse_cn_address(address)
+    for _ in range(2):
+        with pytest.raises(MappingError, match="masked"):
+            tf.parse_phones("138xxxx5678")
+    # the field named in a refusal is the caller's, also for a remembered value
+    with pytest.raises(MappingError) as refused:
+        tf.parse_cn_address("朝阳区", field="ship_to")
+    assert refused.value.field == "ship_to"
+    assert tf._parse_phones.cache_info().maxsize == tf.PARSE_MEMO_SIZE

@@ -38,7 +38,7 @@ help:
 	@echo "make bench-capture  CRM CPU of capture: SQL peek vs streaming replication"
 	@echo "make bottlecrm     install BottleCRM (Python 3.12 venv in .stack/bottlecrm) and build its"
 	@echo "                   migrated template database on the local stack (once: ~2-5 min)"
-	@echo "make tryton        Tryton 8.2 in .stack/tryton/venv + template database tryton_template"
+	@echo "make tryton        Tryton 8.2 in .stack/tryton/venv + template database tryton_template_<checkout hash>"
 	@echo "make test-tryton   the tryton target's tests against a real Tryton server"
 	@echo "make bench-tryton  sales/s applied into Tryton beside the sql target"
 

@@ -25,6 +25,7 @@ from importlib import resources
 
 import psycopg
 
+from service.demo.tryton import template_name
 from service.erp.apply import apply_changes, load_status_effects
 from service.erp.changes import ErpChange, OrderHeaderRow, OrderItemRow, PartnerRow, Position
 from service.erp.mappings import Mappings
@@ -101,7 +102,7 @@ def main() -> None:
     tag = uuid.uuid4().hex[:8]
     tryton_db, state_db = f"bench_tryton_{tag}", f"bench_state_{tag}"
     with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{tryton_db}" TEMPLATE tryton_template')
+        conn.execute(f'CREATE DATABASE "{tryton_db}" TEMPLATE "{template_name()}"')
         conn.execute(f'CREATE DATABASE "{state_db}"')
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

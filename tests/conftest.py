@@ -283,7 +283,6 @@ def bottlecrm_db(stack: Stack, bottlecrm_installed: BottleCrmInstall) -> Iterato
 
 # ---- Tryton (the `tryton` ERP target) -------------------------------------------------------
 
-TRYTON_TEMPLATE = "tryton_template"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,9 +337,11 @@ def tryton_server(stack: Stack, tryton_install: Path) -> Iterator[TrytonServer]:
     """trytond on 127.0.0.1 for a database cloned from the template (~1 s) for one module."""
     import subprocess
 
+    from service.demo.tryton import template_name
+
     database = f"tryton_t{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
     with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{database}" TEMPLATE "{TRYTON_TEMPLATE}"')
+        conn.execute(f'CREATE DATABASE "{database}" TEMPLATE "{template_name()}"')
     script = REPO_ROOT / "deploy" / "tryton" / "server.sh"
     port = _free_port()
     try:

@@ -7,9 +7,9 @@
 #   deploy/tryton/install.sh rebuild     drop the template and build it again
 #
 # Idempotent: the venv carries a stamp with the hash of requirements.txt; the template is
-# built under a temporary name and renamed to tryton_template only when its set-up has
-# finished, so an existing tryton_template is always complete (an interrupted build leaves
-# tryton_template_build behind, which the next run drops).
+# built under a temporary name and renamed to the template's name only when its
+# set-up has finished, so an existing template is always complete (an interrupted build
+# leaves <template>_build behind, which the next run drops).
 #
 # State under <repo>/.stack/tryton/: venv/, trytond.conf, admin.pass and sync.pass (the
 # passwords of the Tryton users `admin` and `crm_sync`, generated once, mode 600),
@@ -18,18 +18,22 @@
 #
 # Environment: STACK_PG_PORT (15432), TRYTON_PYTHON (python3.11, else python3; >= 3.10),
 # TRYTON_TEMPLATE_DB
-# (tryton_template).
+# (tryton_template_<8 hex digits of the sha1 of this checkout's path>).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-ROOT="$(cd "$HERE/../.." && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd -P)"
 STATE="$ROOT/.stack/tryton"
 VENV="$STATE/venv"
 CONF="$STATE/trytond.conf"
 LOG="$STATE/install.log"
 PG_PORT="${STACK_PG_PORT:-15432}"
 PY="${TRYTON_PYTHON:-$(command -v python3.11 || command -v python3 || echo python3)}"
-TEMPLATE="${TRYTON_TEMPLATE_DB:-tryton_template}"
+# The template holds this checkout's passwords (above), and the stack's PostgreSQL may be
+# shared by several checkouts (stack.sh reuses another checkout's stack): its name carries
+# the checkout (sha1 of its path), so one checkout's build never replaces another's
+# template under it. service/demo/tryton.py:template_name() computes the same name.
+TEMPLATE="${TRYTON_TEMPLATE_DB:-tryton_template_$(printf '%s' "$ROOT" | sha1sum | cut -c1-8)}"
 BUILD="${TEMPLATE}_build"
 PG_ADMIN_DSN="postgresql://sync:sync@127.0.0.1:${PG_PORT}/postgres"
 

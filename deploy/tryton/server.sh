@@ -6,7 +6,7 @@
 #   deploy/tryton/server.sh stop <db>           stop it (SIGTERM, then SIGKILL after 20 s)
 #   deploy/tryton/server.sh status <db>         exit 0 when its pid is alive
 #
-# The database must exist (clone it: CREATE DATABASE x TEMPLATE tryton_template). Starting
+# The database must exist (clone it: CREATE DATABASE x TEMPLATE <the template install.sh printed>). Starting
 # with -d loads the database's pool before the first call; without it the first login fails
 # with KeyError 'res.user'. State: .stack/tryton/server-<db>.{conf,pid,log}.
 set -euo pipefail

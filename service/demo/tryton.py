@@ -12,6 +12,8 @@ over JSON-RPC.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import socket
 import subprocess
 import sys
@@ -35,7 +37,21 @@ from service.settings import REPO_ROOT, Settings
 from service.setup import run_setup
 
 TRYTON_DB = "tryton_demo"
-TEMPLATE = "tryton_template"
+
+
+def template_name() -> str:
+    """The Tryton template database deploy/tryton/install.sh builds for this checkout:
+    ``TRYTON_TEMPLATE_DB``, else ``tryton_template_`` + the first 8 hex digits of the sha1
+    of the checkout's path. Per checkout because the template holds the checkout's own
+    passwords (``.stack/tryton/*.pass``) and a PostgreSQL may serve several checkouts."""
+    override = os.environ.get("TRYTON_TEMPLATE_DB")
+    if override:
+        return override
+    digest = hashlib.sha1(str(REPO_ROOT).encode(), usedforsecurity=False).hexdigest()
+    return f"tryton_template_{digest[:8]}"
+
+
+TEMPLATE = template_name()
 STATE = REPO_ROOT / ".stack" / "tryton"
 SERVER = REPO_ROOT / "deploy" / "tryton" / "server.sh"
 

@@ -554,10 +554,12 @@ class ErpApplier:
         rows = conn.execute(
             'SELECT true, topic, msg_key, min(ARRAY[partition::bigint, "offset"]) '
             "FROM sync.dead_letters WHERE state IN ('open', 'failed_again') "
-            f"AND (msg_key = ANY(%(keys)s){' OR msg_key IS NULL' if null_key else ''}) "
+            f"AND (msg_key = ANY(%(keys)b){' OR msg_key IS NULL' if null_key else ''}) "
             'GROUP BY 2, 3 UNION ALL SELECT false, topic, msg_key, '
             'min(ARRAY[partition::bigint, "offset"]) FROM sync.held_events '
-            "WHERE reason = 'key_blocked' AND msg_key = ANY(%(keys)s) GROUP BY 2, 3",
+            "WHERE reason = 'key_blocked' AND msg_key = ANY(%(keys)b) GROUP BY 2, 3",
+            # The keys in binary (%b): a bytea[] of hundreds of keys as text is each key
+            # hex-escaped, ~1 us of this process's CPU per key, binary ~0.2.
             {"keys": keys}).fetchall()
         letters: dict[tuple[str, bytes | None], tuple[int, int]] = {}
         held: dict[tuple[str, bytes | None], tuple[int, int]] = {}

@@ -287,8 +287,8 @@ def existing_customers(conn: PgConn, ids: Iterable[str]) -> set[str]:
     if not wanted:
         return set()
     rows = conn.execute(
-        "SELECT crm_customer_id FROM erp.business_partners WHERE crm_customer_id = ANY(%s)",
-        (wanted,),
+        "SELECT crm_customer_id FROM erp.business_partners WHERE crm_customer_id = ANY(%b)",
+        (wanted,),  # binary (%b): no quoting of each id into an array literal
     ).fetchall()
     return {r[0] for r in rows}
 

@@ -325,18 +325,25 @@ class ErpApplier:
         consumed: list[tuple[str, str]] = []
         applied: list[tuple[str, str]] = []
         held: list[tuple[str, str]] = []
+        # The histogram's child per topic is looked up once per batch, not per event
+        # (``labels`` takes a lock and checks the label values each call).
+        delays: dict[str, Any] = {}
         for env in batch.envelopes:
-            labels = (env.msg.topic, env.kind or UNKNOWN_KIND)
-            if env.msg.held_id is None:
+            msg = env.msg
+            labels = (msg.topic, env.kind or UNKNOWN_KIND)
+            if msg.held_id is None:
                 consumed.append(labels)
             if env.held:
                 held.append(labels)
             elif env.error is None:
                 applied.append(labels)
-                commit_time = (env.record or {}).get("source", {}).get("commit_time")
+                source = env.record.get("source") if env.record else None
+                commit_time = source.get("commit_time") if source else None
                 if commit_time is not None:
-                    m.end_to_end.labels(env.msg.topic).observe(
-                        max(0.0, now - commit_time.timestamp()))
+                    child = delays.get(msg.topic)
+                    if child is None:
+                        child = delays[msg.topic] = m.end_to_end.labels(msg.topic)
+                    child.observe(max(0.0, now - commit_time.timestamp()))
         m.count(m.consumed, consumed)
         m.count(m.applied, applied)
         m.count(m.held, held)
@@ -547,10 +554,12 @@ class ErpApplier:
         rows = conn.execute(
             'SELECT true, topic, msg_key, min(ARRAY[partition::bigint, "offset"]) '
             "FROM sync.dead_letters WHERE state IN ('open', 'failed_again') "
-            f"AND (msg_key = ANY(%(keys)s){' OR msg_key IS NULL' if null_key else ''}) "
+            f"AND (msg_key = ANY(%(keys)b){' OR msg_key IS NULL' if null_key else ''}) "
             'GROUP BY 2, 3 UNION ALL SELECT false, topic, msg_key, '
             'min(ARRAY[partition::bigint, "offset"]) FROM sync.held_events '
-            "WHERE reason = 'key_blocked' AND msg_key = ANY(%(keys)s) GROUP BY 2, 3",
+            "WHERE reason = 'key_blocked' AND msg_key = ANY(%(keys)b) GROUP BY 2, 3",
+            # The keys in binary (%b): a bytea[] of hundreds of keys as text is each key
+            # hex-escaped, ~1 us of this process's CPU per key, binary ~0.2.
             {"keys": keys}).fetchall()
         letters: dict[tuple[str, bytes | None], tuple[int, int]] = {}
         held: dict[tuple[str, bytes | None], tuple[int, int]] = {}

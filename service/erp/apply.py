@@ -225,7 +225,13 @@ def bulk_upsert(cur: psycopg.Cursor[Any], upsert: str, rows: list[tuple[Any, ...
     staging = "stage_" + table.replace(".", "_")
     cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS {staging} "
                 f"(LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
-    cur.execute(f"TRUNCATE {staging}")  # a savepoint rollback may have left rows behind
+    # Rows of an earlier bulk upsert in this transaction (held events released after the
+    # batch) are still there; a rolled-back savepoint's are invisible anyway. DELETE, not
+    # TRUNCATE: a TRUNCATE of a table this transaction did not create gives it a new file
+    # (catalog update, file create and unlink at commit), which cost the ERP's backend about
+    # 1-2 ms of CPU per table per batch; the rows DELETE leaves dead go at commit (ON COMMIT
+    # DELETE ROWS empties the file).
+    cur.execute(f"DELETE FROM {staging}")
     with cur.copy(f"COPY {staging} ({columns}) FROM STDIN") as copy:
         for row in rows:
             copy.write_row(row)
@@ -281,8 +287,8 @@ def existing_customers(conn: PgConn, ids: Iterable[str]) -> set[str]:
     if not wanted:
         return set()
     rows = conn.execute(
-        "SELECT crm_customer_id FROM erp.business_partners WHERE crm_customer_id = ANY(%s)",
-        (wanted,),
+        "SELECT crm_customer_id FROM erp.business_partners WHERE crm_customer_id = ANY(%b)",
+        (wanted,),  # binary (%b): no quoting of each id into an array literal
     ).fetchall()
     return {r[0] for r in rows}
 

@@ -90,6 +90,14 @@ class Divisions:
         # By first character: an address without its province is matched against these.
         self._cities_by_first = _by_first(self.cities)
         self._counties_by_first = _by_first(self.counties)
+        # The same for every list parsing scans (provinces, a division's children, its
+        # districts): a customer's address is parsed for each change whose value is not in the
+        # parse cache, and scanning every province and every child with startswith was most of
+        # it. A bucket keeps its list's order, so the readings come out as from the full list.
+        self._provinces_by_first = _by_first(self.provinces)
+        self._children_by_first = {k: _by_first(v) for k, v in self.children.items()}
+        self._districts_by_first = {k: _by_first([d for d in v if d.level == 3])
+                                    for k, v in self.children.items()}
 
     def _add(self, d: Division) -> Division:
         self.all.append(d)
@@ -170,7 +178,8 @@ class Divisions:
         start = _PREFIX.match(text)
         pos = start.end() if start else 0
         found: list[Match] = []
-        for p, end, short in self._names(text, pos, self.provinces):
+        for p, end, short in self._names(text, pos,
+                                         self._provinces_by_first.get(text[pos:pos + 1], [])):
             below = self._below_province(text, end, p)
             if below:
                 found += below
@@ -206,7 +215,8 @@ class Divisions:
                     matches += self._districts(text, _skip(text, pos + len(token)), p)
             return matches
         out: list[Match] = []
-        for c, end, short in self._names(text, pos, self.children.get(_key(p), [])):
+        by_first = self._children_by_first.get(_key(p), {})
+        for c, end, short in self._names(text, pos, by_first.get(text[pos:pos + 1], [])):
             if c.level != 2:
                 continue
             below = self._below_city(text, end, c)
@@ -223,7 +233,7 @@ class Divisions:
         return self._districts(text, _skip(text, pos), c)
 
     def _districts(self, text: str, pos: int, parent: Division) -> list[Match]:
-        kids = [d for d in self.children.get(_key(parent), []) if d.level == 3]
+        kids = self._districts_by_first.get(_key(parent), {}).get(text[pos:pos + 1], [])
         return [Match(d, end) for d, end, _ in self._names(text, pos, kids, abbreviations=False)]
 
     @staticmethod

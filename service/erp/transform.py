@@ -263,6 +263,8 @@ _EXTENSION_WORD = re.compile(r"\s*(?:转|分机号?|分|ext\.?|extn\.?|x)\s*(?=\
                              re.IGNORECASE)
 _CJK_TEXT = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]+")
 _SEPARATOR = re.compile(r"\s*(?:[/、,;|]|或|\bor\b)\s*", re.IGNORECASE)
+# Digits, spaces, dashes and +, with a digit: one number, nothing to clean up.
+_PLAIN_NUMBER = re.compile(r"[\s+\-]*\d[\d\s+\-]*")
 _DASH_EXTENSION = re.compile(r"^(?P<number>.*\d)\s*-\s*(?P<ext>\d{1,5})$")
 
 
@@ -345,6 +347,12 @@ def _parse_phones(raw: str, region: str, no_number: frozenset[str], field: str
     text = _nfkc(raw).strip()
     if not text or normalise_word(text) in no_number:
         return None
+    if _PLAIN_NUMBER.fullmatch(text):
+        # Most fields are one number typed with digits, spaces and dashes (a mobile, a
+        # landline with its area code): none of the clean-up below would change them, and
+        # its dozen regular-expression passes were a quarter of a number's parse.
+        primary, extension = _one_phone(text, region, raw, field)
+        return Phones(primary, extension)
     if _MASKED.search(text) or _MASKED.search(raw):
         raise MappingError(field, raw, "masked or incomplete number (digits replaced by x or *)")
     text = _LABEL.sub("", _NOTE.sub(" ", text))

@@ -172,6 +172,39 @@ def test_phone_field_name_can_be_given(m: Mappings) -> None:
     assert info.value.field == "mobile"
 
 
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("13812345678", tf.Phones("+8613812345678", None)),
+    (" 138 1234 5678 ", tf.Phones("+8613812345678", None)),
+    ("138-1234-5678", tf.Phones("+8613812345678", None)),
+    ("+86 138 1234 5678", tf.Phones("+8613812345678", None)),
+    ("１３８１２３４５６７８", tf.Phones("+8613812345678", None)),  # full-width digits
+    ("0755-12345678-8001", tf.Phones("+8675512345678", "8001")),  # trailing extension
+    ("+44 20 7946 0958", tf.Phones("+442079460958", None)),
+])
+def test_a_number_typed_plainly_is_read_as_with_the_clean_up(m: Mappings, raw: str,
+                                                             expected: tf.Phones) -> None:
+    assert tf.parse_phones(raw, m) == expected
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    ("1381234567", "invalid phone number"),   # one digit short: still validated
+    ("+ -", "contains no phone number"),       # no digit: the clean-up path refuses it
+])
+def test_a_plainly_typed_non_number_is_still_refused(m: Mappings, raw: str, reason: str
+                                                    ) -> None:
+    fails("phone", tf.parse_phones, raw, m, reason=reason)
+
+
+def test_every_division_is_found_by_its_full_path() -> None:
+    """The parser's per-first-character buckets hold every province, city and district."""
+    from service.erp.divisions import divisions
+
+    table = divisions()
+    for d in table.all:
+        found, _ = table.parse(d.path + "中山路1号")
+        assert d.path in {m.division.path for m in found}, d
+
+
 # --- e-mail ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("raw", "expected"), [

@@ -25,6 +25,7 @@ from typing import Any
 from service.cdc.profile import (
     CANONICAL_FIELDS,
     DATE,
+    TEXT,
     TIMESTAMP,
     Const,
     EntityMapping,
@@ -233,9 +234,16 @@ def canonical(ent: EntityMapping, row: Row, refs: References) -> Row:
     """
     try:
         record: Row = {"key": ent.key_text(row)}
+        fields = ent.fields
         for name, kind in CANONICAL_FIELDS[ent.entity].items():
-            source = ent.fields.get(name)
-            if source is None:
+            source = fields.get(name)
+            if type(source) is str:  # a column: most fields; text as it comes, no calls
+                value = row[source]
+                if value is None or (type(value) is str and kind == TEXT):
+                    record[name] = value
+                else:
+                    record[name] = _value(ent, name, kind, value)
+            elif source is None:
                 record[name] = None
             elif isinstance(source, Const):
                 record[name] = source.value

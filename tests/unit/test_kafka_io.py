@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kafka.partitioner.default import DefaultPartitioner
+
 from service.kafka_io import (
     FETCH_MAX_BYTES,
     PARTITION_FETCH_BYTES,
+    KeyedPartitioner,
     consumer_options,
     producer_options,
 )
@@ -48,3 +54,41 @@ def test_a_capture_batch_is_bounded_to_2000_changes_by_default() -> None:
 
 def test_a_consumer_records_no_client_metrics_nobody_reads() -> None:
     assert consumer_options(Settings())["metrics_enabled"] is False
+
+
+class _Cluster:
+    """The two ClusterMetadata calls the partitioners make, for a topic of ``n`` partitions
+    (ids listed in another order than sorted, as a set may give them)."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
+    def topics(self, exclude_internal_topics: bool = True) -> set[str]:
+        return {"t"}
+
+    def partitions_for_topic(self, topic: str) -> set[int] | None:
+        return set(self.ids) if topic == "t" else None
+
+    def available_partitions_for_topic(self, topic: str) -> set[int] | None:
+        return self.partitions_for_topic(topic)
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.binary(max_size=40), n=st.integers(1, 24))
+def test_a_keyed_record_goes_where_kafka_pythons_default_partitioner_sends_it(
+        key: bytes, n: int) -> None:
+    cluster = _Cluster(list(range(n))[::-1])
+    ours = KeyedPartitioner()
+    expected = DefaultPartitioner().partition("t", None, key, None, b"v", cluster)
+    assert ours.partition("t", None, key, None, b"v", cluster) == expected
+    cluster.ids = list(range(n + 2))  # partitions added: the cached ids follow
+    expected = DefaultPartitioner().partition("t", None, key, None, b"v", cluster)
+    assert ours.partition("t", None, key, None, b"v", cluster) == expected
+
+
+def test_the_keyed_partitioner_refuses_an_unknown_topic_and_spreads_unkeyed_records() -> None:
+    cluster = _Cluster([0, 1, 2])
+    with pytest.raises(ValueError):
+        KeyedPartitioner().partition("nope", None, b"k", None, b"v", cluster)
+    assert KeyedPartitioner().partition("t", None, None, None, b"v", cluster) in {0, 1, 2}
+    assert isinstance(producer_options(Settings())["partitioner"], KeyedPartitioner)

@@ -30,8 +30,8 @@ import psycopg
 
 from bench.apply import fill_topic
 from bench.common import bench_settings
-from service.consumer import pipeline
 from service.consumer.pipeline import ErpConsumer
+from service.erp import sql_target
 from service.erp.apply import ORDER_EFFECTS, apply_changes, load_status_effects
 from service.erp.mappings import Mappings
 from service.operator.stock import recount
@@ -133,9 +133,9 @@ def apply_all(settings: Settings, label: str, erp_db: str, *, full_recount: bool
         last_batch[0] = time.perf_counter()
 
     consumer.applier.apply_batch = timed  # type: ignore[method-assign]
-    original = pipeline.apply_changes
+    original = sql_target.apply_changes
     if full_recount:
-        pipeline.apply_changes = functools.partial(apply_changes, full_recount=True)  # type: ignore[assignment]
+        sql_target.apply_changes = functools.partial(apply_changes, full_recount=True)  # type: ignore[assignment]
     thread = threading.Thread(target=consumer.run)
     try:
         thread.start()
@@ -144,7 +144,7 @@ def apply_all(settings: Settings, label: str, erp_db: str, *, full_recount: bool
     finally:
         consumer.stop()
         thread.join()
-        pipeline.apply_changes = original  # type: ignore[assignment]
+        sql_target.apply_changes = original  # type: ignore[assignment]
     stats = consumer.stats
     assert stats.messages == total, (label, stats.messages, total)
     assert consumer.applier.dead_lettered == 0, label

@@ -430,7 +430,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             hint="see `crm-erp-sync config` for every setting")
     try:
         code: int = args.func(settings, args)
+        # Flushed here, not at exit: a reader that went away (`| head`) shows up as
+        # BrokenPipeError inside this try, where it ends the command quietly.
+        sys.stdout.flush()
         return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except ConfigError as exc:
         print(f"crm-erp-sync: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -451,6 +456,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug, not a fault: say where, never what
         _report_bug(exc)
         return EXIT_ATTENTION
+
+
+def _stdout_closed() -> int:
+    """The reader of our stdout went away (``crm-erp-sync dlq list | head``): end quietly, as
+    a Unix tool killed by SIGPIPE does, with its exit code 141 (128 + SIGPIPE). Python ignores
+    SIGPIPE, so this is the "Note on SIGPIPE" of the signal module's documentation: point
+    stdout at devnull so the interpreter's own flush at exit does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout has no file descriptor (replaced in a test)
+        pass
+    finally:
+        os.close(devnull)
+    return exit_codes.BROKEN_PIPE
 
 
 def _report_bug(exc: Exception) -> None:

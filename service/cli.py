@@ -24,6 +24,7 @@ from service.errors import (
     StackUnavailable,
     SyncError,
 )
+from service.operator import argtypes
 from service.settings import Settings, unknown_env_vars
 
 EXIT_OK, EXIT_ATTENTION, EXIT_USAGE, EXIT_UNAVAILABLE = (
@@ -229,21 +230,6 @@ def _existing_keys(conn: Any, profile: Any, entity: str, wanted: list[str]) -> l
     return list(dict.fromkeys(wanted))
 
 
-SNAPSHOT_MAX_CHUNK = 100_000
-
-
-def _chunk_size(text: str) -> int:
-    """Rows per snapshot chunk: 1..SNAPSHOT_MAX_CHUNK (a chunk is one query and one window
-    between watermarks; 0 or less would never finish, a huge one holds a long snapshot)."""
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from exc
-    if not 1 <= value <= SNAPSHOT_MAX_CHUNK:
-        raise argparse.ArgumentTypeError(f"must be 1-{SNAPSHOT_MAX_CHUNK}, got {value}")
-    return value
-
-
 def cmd_demo_load(settings: Settings, args: argparse.Namespace) -> int:
     from service.demo.load import load_demo
 
@@ -334,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("consume", help="apply CRM events to the ERP (a consumer-group member)")
     until = p.add_mutually_exclusive_group()
-    until.add_argument("--until-idle", type=float, metavar="SECONDS",
+    until.add_argument("--until-idle", type=argtypes.seconds(), metavar="SECONDS",
                        help="exit after this many seconds without messages")
     until.add_argument("--until-caught-up", action="store_true",
                        help="apply everything up to the end offsets seen at start, then exit 0 "
@@ -347,35 +333,45 @@ def build_parser() -> argparse.ArgumentParser:
                        "streaming; `snapshot list`, `snapshot cancel ID`")
     p.add_argument("action", nargs="?", choices=["list", "cancel"],
                    help="list the snapshot requests (newest first), or cancel a pending one")
-    p.add_argument("id", nargs="?", type=int, metavar="ID", help="with cancel: the snapshot")
+    p.add_argument("id", nargs="?", type=argtypes.object_id, metavar="ID",
+                   help="with cancel: the snapshot")
     p.add_argument("--json", action="store_true", help="with list: machine-readable output")
     p.add_argument("--table",
                    help="an entity (customer, order, market_demand) or its CRM table")
     p.add_argument("--key", action="append",
                    help="only this key, as text (repeatable; a composite key is a JSON array)")
-    p.add_argument("--chunk-size", type=_chunk_size, default=1000,
-                   help=f"rows per chunk, 1-{SNAPSHOT_MAX_CHUNK} (default 1000)")
+    p.add_argument("--chunk-size", type=argtypes.chunk_size, default=1000,
+                   help=f"rows per chunk, 1-{argtypes.SNAPSHOT_MAX_CHUNK} (default 1000)")
     p.set_defaults(func=cmd_snapshot)
 
     demo = sub.add_parser("demo", help="the demo CRM: load data, or run the whole pipeline")
     demo_sub = demo.add_subparsers(dest="demo_command", required=True, metavar="DEMO_COMMAND")
     p = demo_sub.add_parser("load", help="write realistic CRM data, then a mix of changes")
-    p.add_argument("--customers", type=int, default=1000)
-    p.add_argument("--orders", type=int, default=2000)
-    p.add_argument("--rate", type=float, help="changes per second (default: as fast as possible)")
-    p.add_argument("--changes", type=int, help="follow-up changes (default: about a third)")
-    p.add_argument("--seed", type=int, default=2023)
+    p.add_argument("--customers", type=argtypes.count, default=1000,
+                   help="customers to write (default 1000)")
+    p.add_argument("--orders", type=argtypes.count, default=2000,
+                   help="orders to write, spread over the customers (default 2000)")
+    p.add_argument("--rate", type=argtypes.rate,
+                   help="changes per second (default: as fast as possible)")
+    p.add_argument("--changes", type=argtypes.count,
+                   help="follow-up changes (default: about a third)")
+    p.add_argument("--seed", type=int, default=2023,
+                   help="random seed: the same seed writes the same data (default 2023)")
     p.set_defaults(func=cmd_demo_load)
     p = demo_sub.add_parser("run", help="load, produce, consume with two replicas, report")
-    p.add_argument("--customers", type=int, default=500)
-    p.add_argument("--orders", type=int, default=1000)
+    p.add_argument("--customers", type=argtypes.count, default=500,
+                   help="customers to load (default 500)")
+    p.add_argument("--orders", type=argtypes.count, default=1000,
+                   help="orders to load (default 1000)")
     p.set_defaults(func=cmd_demo_run)
     p = demo_sub.add_parser("bottlecrm", help="the pipeline on a real BottleCRM (installs it)")
     p.set_defaults(func=cmd_demo_bottlecrm)
     p = demo_sub.add_parser("tryton",
                             help="the pipeline with Tryton as the ERP (make tryton first)")
-    p.add_argument("--customers", type=int, default=20)
-    p.add_argument("--orders", type=int, default=30)
+    p.add_argument("--customers", type=argtypes.count, default=20,
+                   help="customers to load (default 20)")
+    p.add_argument("--orders", type=argtypes.count, default=30,
+                   help="orders to load (default 30)")
     p.set_defaults(func=cmd_demo_tryton)
 
     from service.operator.commands import register as register_operator_commands

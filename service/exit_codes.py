@@ -25,4 +25,5 @@ BROKEN_PIPE = 141
 
 EPILOG = ("Exit codes: 0 ok, 1 needs attention (problem found, drift, or refused by state), "
           "2 bad arguments or configuration (also: no such ID, unknown filter value, database "
-          "credentials refused), 3 broker or database unreachable, 130 interrupted, 141 output pipe closed.")
+          "credentials refused), 3 broker or database unreachable, 130 interrupted, 141 "
+          "output pipe closed.")

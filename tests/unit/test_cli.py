@@ -39,3 +39,39 @@ def test_a_closed_output_pipe_ends_the_command_quietly() -> None:
     assert "BrokenPipe" not in done.stderr and "Traceback" not in done.stderr
     assert run("config", "--json").returncode == 0  # an open pipe: as before
     assert json.loads(run("config", "--json").stdout)
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["status", "--max-lag", "-1"], "--max-lag: must be 0 or more"),
+    (["consume", "--until-idle", "-5"], "--until-idle: must be 0 or more seconds"),
+    (["consume", "--until-idle", "nan"], "--until-idle: must be 0 or more seconds"),
+    (["resync", "--wait", "-1"], "--wait: must be 0 or more seconds"),
+    (["resync", "--chunk-size", "0"], "--chunk-size: must be 1-100000"),
+    (["reconcile", "--wait", "-1"], "--wait: must be 0 or more seconds"),
+    (["reconcile", "--chunk-size", "-3"], "--chunk-size: must be 1-100000"),
+    (["reconcile", "--limit", "-1"], "--limit: must be 0 or more"),
+    (["snapshot", "--table", "customer", "--chunk-size", "0"], "--chunk-size: must be 1-"),
+    (["snapshot", "cancel", "0"], "ID: must be 1 or more"),
+    (["replay", "--topic", "crm.sales", "--from-beginning", "--partition", "-1"],
+     "--partition: must be 0 or more"),
+    (["dlq", "show", "-1"], "ID: must be 1 or more"),
+    (["dlq", "redrive", "0"], "ID: must be 1 or more"),
+    (["dlq", "discard", "x", "--reason", "r"], "ID: expected a whole number, got 'x'"),
+    (["demo", "load", "--customers", "-1"], "--customers: must be 0 or more"),
+    (["demo", "load", "--rate", "0"], "--rate: must be above 0"),
+    (["demo", "run", "--orders", "-2"], "--orders: must be 0 or more"),
+])
+def test_a_number_out_of_range_is_refused_naming_the_option(
+        argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+def test_numbers_in_range_are_parsed() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["status", "--max-lag", "0"]).max_lag == 0
+    assert parser.parse_args(["consume", "--until-idle", "0.5"]).until_idle == 0.5
+    assert parser.parse_args(["resync", "--wait", "0"]).wait == 0.0
+    assert parser.parse_args(["dlq", "redrive", "1", "2"]).ids == [1, 2]

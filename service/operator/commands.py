@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import UTC
 from typing import Any
 
 from service import exit_codes
@@ -223,7 +222,7 @@ def cmd_dlq_list(settings: Settings, args: argparse.Namespace) -> int:
     print(render.table(
         ["id", "state", "created", "topic[partition]@offset", "key", "stage", "error",
          "reason"],
-        [(d.dead_letter_id, d.state, d.created_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        [(d.dead_letter_id, d.state, render.when(d.created_at),
           f"{d.topic}[{d.partition}]@{d.offset}", d.key_text, d.stage, d.error_class,
           d.last_error or d.error_message) for d in letters], max_width=70))
     print(f"{len(letters)} dead letter(s). `crm-erp-sync dlq show ID` for the payload and "

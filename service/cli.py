@@ -289,6 +289,21 @@ def _as_jsonable(value: Any) -> Any:
     return value
 
 
+class _Subcommand(argparse.ArgumentParser):
+    """A subcommand's parser that refuses its own unknown arguments with its own usage line.
+
+    Why not plain argparse: a subparser hands what it does not know up to the top-level
+    parser, whose error shows ``usage: crm-erp-sync [-h] [--version] COMMAND ...``, naming
+    none of the subcommand's options (``stock recount --bogus``)."""
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None  # type: ignore[override]
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crm-erp-sync",
@@ -297,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "local stack started by `make up`.",
         epilog=exit_codes.EPILOG)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Subcommand)
 
     p = sub.add_parser("setup", help="create topics, the CRM capture objects and the ERP schema")
     p.add_argument("--no-demo-schema", action="store_true",
@@ -379,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_operator_commands(sub)  # status, replay, dlq, reconcile
 
     p = sub.add_parser("config", help="print the effective configuration, secrets hidden")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--show-origin", action="store_true",
                    help="say where each value comes from: env (a CRM_ERP_SYNC_* variable), "
                         "file PATH (CRM_ERP_SYNC_CONFIG_FILE) or default")

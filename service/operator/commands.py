@@ -660,7 +660,8 @@ def register(sub: Any) -> None:
                "source position of its change and never takes an older one.")
     p.add_argument("--topic", required=True, help="the topic to replay (e.g. crm.sales)")
     start = p.add_mutually_exclusive_group(required=True)
-    start.add_argument("--from-beginning", action="store_true")
+    start.add_argument("--from-beginning", action="store_true",
+                       help="from the oldest event the topic still holds")
     start.add_argument("--from-time", metavar="ISO8601",
                        help="the first event at or after this time (zone-less = UTC)")
     start.add_argument("--from-offset", action="append", metavar="PARTITION:OFFSET",
@@ -682,7 +683,7 @@ def register(sub: Any) -> None:
     p.add_argument("--since", metavar="ISO8601", help="created at or after this time")
     p.add_argument("--error-type", help="error class (MappingError, DecodeError, ...) or stage "
                                         "(capture, decode, transform, apply)")
-    p.add_argument("--topic")
+    p.add_argument("--topic", help="the original topic (crm.sales, crm.market-demand)")
     p.add_argument("--key", help="message key (the customer id for crm.sales)")
     p.add_argument("--state", action="append",
                    help="open, redriven, discarded, failed_again, superseded, or all "
@@ -765,7 +766,8 @@ def register(sub: Any) -> None:
                "if unchanged since compared), then re-checks until converged or --wait.")
     p.add_argument("--entity", action="append", choices=["customers", "orders", "demand"],
                    help="only this entity (repeatable; default all)")
-    p.add_argument("--repair", action="store_true")
+    p.add_argument("--repair", action="store_true",
+                   help="repair the drift found (see above), then re-check")
     p.add_argument("--chunk-size", type=argtypes.chunk_size, default=5000, metavar="N",
                    help=f"keys compared per query, 1-{argtypes.SNAPSHOT_MAX_CHUNK} (default 5000)")
     p.add_argument("--limit", type=argtypes.count, default=20, metavar="N",

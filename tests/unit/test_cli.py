@@ -3,6 +3,7 @@ and help texts, configuration checked by every command."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -75,3 +76,32 @@ def test_numbers_in_range_are_parsed() -> None:
     assert parser.parse_args(["consume", "--until-idle", "0.5"]).until_idle == 0.5
     assert parser.parse_args(["resync", "--wait", "0"]).wait == 0.0
     assert parser.parse_args(["dlq", "redrive", "1", "2"]).ids == [1, 2]
+
+
+@pytest.mark.parametrize(("argv", "usage"), [
+    (["stock", "recount", "--bogus"], "usage: crm-erp-sync stock recount"),
+    (["config", "--bogus"], "usage: crm-erp-sync config"),
+    (["dlq", "list", "--bogus"], "usage: crm-erp-sync dlq list"),
+    (["dlq", "--bogus", "list"], "usage: crm-erp-sync dlq "),
+])
+def test_an_unknown_option_shows_the_subcommands_usage(
+        argv: list[str], usage: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.startswith(usage) and "unrecognized arguments: --bogus" in err
+
+
+def test_every_option_has_help() -> None:
+    def walk(parser: argparse.ArgumentParser, path: str) -> list[str]:
+        missing = []
+        for action in parser._actions:  # argparse has no public walk over its parsers
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    missing += walk(child, f"{path} {name}")
+            elif action.option_strings and not action.help:
+                missing.append(f"{path} {action.option_strings[0]}")
+        return missing
+
+    assert walk(build_parser(), "crm-erp-sync") == []

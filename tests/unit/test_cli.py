@@ -105,3 +105,20 @@ def test_every_option_has_help() -> None:
         return missing
 
     assert walk(build_parser(), "crm-erp-sync") == []
+
+
+@pytest.mark.parametrize(("variable", "value", "says"), [
+    ("CRM_ERP_SYNC_SOURCE_PROFILE", "nosuch", "no shipped profile 'nosuch'"),
+    ("CRM_ERP_SYNC_SOURCE_PROFILE", "/nonexistent/crm.toml", "no such file"),
+    ("CRM_ERP_SYNC_MAPPINGS_FILE", "/nonexistent", "no such file"),
+    ("CRM_ERP_SYNC_APPLY_WINDOW_TZ", "Mars/Base", "unknown time zone"),  # no window set
+])
+@pytest.mark.parametrize("command", [["status"], ["dlq", "list"], ["config"]])
+def test_every_command_refuses_a_missing_file_or_zone_naming_the_variable(
+        command: list[str], variable: str, value: str, says: str) -> None:
+    # exit 2 before any connection: nothing listens at these DSNs
+    done = run(*command, **{variable: value,
+                            "CRM_ERP_SYNC_ERP_DSN": "postgresql://x@127.0.0.1:1/none",
+                            "CRM_ERP_SYNC_CRM_DSN": "postgresql://x@127.0.0.1:1/none"})
+    assert done.returncode == 2, done.stderr
+    assert f"configuration error: {variable}: {says}" in done.stderr

@@ -24,6 +24,7 @@ from service.errors import (
     StackUnavailable,
     SyncError,
 )
+from service.operator import argtypes
 from service.settings import Settings, unknown_env_vars
 
 EXIT_OK, EXIT_ATTENTION, EXIT_USAGE, EXIT_UNAVAILABLE = (
@@ -229,21 +230,6 @@ def _existing_keys(conn: Any, profile: Any, entity: str, wanted: list[str]) -> l
     return list(dict.fromkeys(wanted))
 
 
-SNAPSHOT_MAX_CHUNK = 100_000
-
-
-def _chunk_size(text: str) -> int:
-    """Rows per snapshot chunk: 1..SNAPSHOT_MAX_CHUNK (a chunk is one query and one window
-    between watermarks; 0 or less would never finish, a huge one holds a long snapshot)."""
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from exc
-    if not 1 <= value <= SNAPSHOT_MAX_CHUNK:
-        raise argparse.ArgumentTypeError(f"must be 1-{SNAPSHOT_MAX_CHUNK}, got {value}")
-    return value
-
-
 def cmd_demo_load(settings: Settings, args: argparse.Namespace) -> int:
     from service.demo.load import load_demo
 
@@ -303,6 +289,21 @@ def _as_jsonable(value: Any) -> Any:
     return value
 
 
+class _Subcommand(argparse.ArgumentParser):
+    """A subcommand's parser that refuses its own unknown arguments with its own usage line.
+
+    Why not plain argparse: a subparser hands what it does not know up to the top-level
+    parser, whose error shows ``usage: crm-erp-sync [-h] [--version] COMMAND ...``, naming
+    none of the subcommand's options (``stock recount --bogus``)."""
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None  # type: ignore[override]
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crm-erp-sync",
@@ -311,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "local stack started by `make up`.",
         epilog=exit_codes.EPILOG)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Subcommand)
 
     p = sub.add_parser("setup", help="create topics, the CRM capture objects and the ERP schema")
     p.add_argument("--no-demo-schema", action="store_true",
@@ -334,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("consume", help="apply CRM events to the ERP (a consumer-group member)")
     until = p.add_mutually_exclusive_group()
-    until.add_argument("--until-idle", type=float, metavar="SECONDS",
+    until.add_argument("--until-idle", type=argtypes.seconds(), metavar="SECONDS",
                        help="exit after this many seconds without messages")
     until.add_argument("--until-caught-up", action="store_true",
                        help="apply everything up to the end offsets seen at start, then exit 0 "
@@ -347,35 +349,45 @@ def build_parser() -> argparse.ArgumentParser:
                        "streaming; `snapshot list`, `snapshot cancel ID`")
     p.add_argument("action", nargs="?", choices=["list", "cancel"],
                    help="list the snapshot requests (newest first), or cancel a pending one")
-    p.add_argument("id", nargs="?", type=int, metavar="ID", help="with cancel: the snapshot")
+    p.add_argument("id", nargs="?", type=argtypes.object_id, metavar="ID",
+                   help="with cancel: the snapshot")
     p.add_argument("--json", action="store_true", help="with list: machine-readable output")
     p.add_argument("--table",
                    help="an entity (customer, order, market_demand) or its CRM table")
     p.add_argument("--key", action="append",
                    help="only this key, as text (repeatable; a composite key is a JSON array)")
-    p.add_argument("--chunk-size", type=_chunk_size, default=1000,
-                   help=f"rows per chunk, 1-{SNAPSHOT_MAX_CHUNK} (default 1000)")
+    p.add_argument("--chunk-size", type=argtypes.chunk_size, default=1000,
+                   help=f"rows per chunk, 1-{argtypes.SNAPSHOT_MAX_CHUNK} (default 1000)")
     p.set_defaults(func=cmd_snapshot)
 
     demo = sub.add_parser("demo", help="the demo CRM: load data, or run the whole pipeline")
     demo_sub = demo.add_subparsers(dest="demo_command", required=True, metavar="DEMO_COMMAND")
     p = demo_sub.add_parser("load", help="write realistic CRM data, then a mix of changes")
-    p.add_argument("--customers", type=int, default=1000)
-    p.add_argument("--orders", type=int, default=2000)
-    p.add_argument("--rate", type=float, help="changes per second (default: as fast as possible)")
-    p.add_argument("--changes", type=int, help="follow-up changes (default: about a third)")
-    p.add_argument("--seed", type=int, default=2023)
+    p.add_argument("--customers", type=argtypes.count, default=1000,
+                   help="customers to write (default 1000)")
+    p.add_argument("--orders", type=argtypes.count, default=2000,
+                   help="orders to write, spread over the customers (default 2000)")
+    p.add_argument("--rate", type=argtypes.rate,
+                   help="changes per second (default: as fast as possible)")
+    p.add_argument("--changes", type=argtypes.count,
+                   help="follow-up changes (default: about a third)")
+    p.add_argument("--seed", type=int, default=2023,
+                   help="random seed: the same seed writes the same data (default 2023)")
     p.set_defaults(func=cmd_demo_load)
     p = demo_sub.add_parser("run", help="load, produce, consume with two replicas, report")
-    p.add_argument("--customers", type=int, default=500)
-    p.add_argument("--orders", type=int, default=1000)
+    p.add_argument("--customers", type=argtypes.count, default=500,
+                   help="customers to load (default 500)")
+    p.add_argument("--orders", type=argtypes.count, default=1000,
+                   help="orders to load (default 1000)")
     p.set_defaults(func=cmd_demo_run)
     p = demo_sub.add_parser("bottlecrm", help="the pipeline on a real BottleCRM (installs it)")
     p.set_defaults(func=cmd_demo_bottlecrm)
     p = demo_sub.add_parser("tryton",
                             help="the pipeline with Tryton as the ERP (make tryton first)")
-    p.add_argument("--customers", type=int, default=20)
-    p.add_argument("--orders", type=int, default=30)
+    p.add_argument("--customers", type=argtypes.count, default=20,
+                   help="customers to load (default 20)")
+    p.add_argument("--orders", type=argtypes.count, default=30,
+                   help="orders to load (default 30)")
     p.set_defaults(func=cmd_demo_tryton)
 
     from service.operator.commands import register as register_operator_commands
@@ -383,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_operator_commands(sub)  # status, replay, dlq, reconcile
 
     p = sub.add_parser("config", help="print the effective configuration, secrets hidden")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--show-origin", action="store_true",
                    help="say where each value comes from: env (a CRM_ERP_SYNC_* variable), "
                         "file PATH (CRM_ERP_SYNC_CONFIG_FILE) or default")
@@ -430,7 +442,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             hint="see `crm-erp-sync config` for every setting")
     try:
         code: int = args.func(settings, args)
+        # Flushed here, not at exit: a reader that went away (`| head`) shows up as
+        # BrokenPipeError inside this try, where it ends the command quietly.
+        sys.stdout.flush()
         return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except ConfigError as exc:
         print(f"crm-erp-sync: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -451,6 +468,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug, not a fault: say where, never what
         _report_bug(exc)
         return EXIT_ATTENTION
+
+
+def _stdout_closed() -> int:
+    """The reader of our stdout went away (``crm-erp-sync dlq list | head``): end quietly, as
+    a Unix tool killed by SIGPIPE does, with its exit code 141 (128 + SIGPIPE). Python ignores
+    SIGPIPE, so this is the "Note on SIGPIPE" of the signal module's documentation: point
+    stdout at devnull so the interpreter's own flush at exit does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout has no file descriptor (replaced in a test)
+        pass
+    finally:
+        os.close(devnull)
+    return exit_codes.BROKEN_PIPE
 
 
 def _report_bug(exc: Exception) -> None:

@@ -12,13 +12,18 @@ condition everywhere (documented in README.md, "Exit codes").
   credentials or a database name that the server refuses.
 - 3 UNAVAILABLE: the broker or a database did not answer.
 - 130 INTERRUPTED: Ctrl-C.
+- 141 BROKEN_PIPE: the reader of the output went away (`crm-erp-sync dlq list | head`); the
+  command ends quietly with the code of a Unix tool killed by SIGPIPE (128 + 13), so that
+  `set -o pipefail` still tells a truncated run from a complete one.
 
 Code 4 (the circuit breaker stopped the consumer) is gone: the breaker pauses a partition and
 the consumer keeps running.
 """
 
 OK, ATTENTION, USAGE, UNAVAILABLE, INTERRUPTED = 0, 1, 2, 3, 130
+BROKEN_PIPE = 141
 
 EPILOG = ("Exit codes: 0 ok, 1 needs attention (problem found, drift, or refused by state), "
           "2 bad arguments or configuration (also: no such ID, unknown filter value, database "
-          "credentials refused), 3 broker or database unreachable, 130 interrupted.")
+          "credentials refused), 3 broker or database unreachable, 130 interrupted, 141 "
+          "output pipe closed.")

@@ -182,6 +182,7 @@ class Settings:
         if not self.apply_max_rate >= 0:  # also refuses nan
             raise ConfigError(self.env_var("apply_max_rate"),
                               "must be changes per second per consumer, or 0 for no limit")
+        self._validate_files_and_zone()
         if self.apply_window:
             from service.consumer.throttle import ApplyWindow
 
@@ -244,6 +245,34 @@ class Settings:
         for name in ("crm_dsn", "erp_dsn"):
             if not getattr(self, name).startswith(("postgresql://", "postgres://")):
                 raise ConfigError(self.env_var(name), "must be a postgresql:// URL")
+
+    def _validate_files_and_zone(self) -> None:
+        """The source profile, the mappings file and the apply window's zone exist, whatever
+        the command (README: configuration is validated at start-up). Only existence here:
+        the files' contents are checked by their loaders (the producer, the consumer,
+        `config`), which name the file and key. Raises ConfigError naming the variable."""
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        profile = self.source_profile
+        if not profile.endswith(".toml") and "/" not in profile:  # a shipped profile's name
+            # service.cdc.profile.PROFILES_DIR, not imported: every process validates this
+            shipped_dir = Path(__file__).resolve().parent / "profiles"
+            if not (shipped_dir / f"{profile}.toml").is_file():
+                shipped = sorted(p.stem for p in shipped_dir.glob("*.toml"))
+                raise ConfigError(self.env_var("source_profile"),
+                                  f"no shipped profile {profile!r}; shipped: "
+                                  f"{', '.join(shipped)}, or give a path to a .toml file")
+        elif not Path(profile).is_file():
+            raise ConfigError(self.env_var("source_profile"), f"no such file: {profile}")
+        if not self.mappings_file.is_file():
+            raise ConfigError(self.env_var("mappings_file"),
+                              f"no such file: {self.mappings_file}")
+        try:
+            ZoneInfo(self.apply_window_tz)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ConfigError(self.env_var("apply_window_tz"),
+                              f"unknown time zone {self.apply_window_tz!r} (an IANA zone such "
+                              "as Asia/Shanghai or UTC)") from exc
 
     def apply_window_parsed(self) -> ApplyWindow | None:
         """The apply window (validated at start-up), or None: always apply."""

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import UTC
 from typing import Any
 
 from service import exit_codes
 from service.errors import ConfigError
-from service.operator import render
+from service.operator import argtypes, render
 from service.operator.common import actor, parse_time
 from service.settings import Settings
 
@@ -223,7 +222,7 @@ def cmd_dlq_list(settings: Settings, args: argparse.Namespace) -> int:
     print(render.table(
         ["id", "state", "created", "topic[partition]@offset", "key", "stage", "error",
          "reason"],
-        [(d.dead_letter_id, d.state, d.created_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        [(d.dead_letter_id, d.state, render.when(d.created_at),
           f"{d.topic}[{d.partition}]@{d.offset}", d.key_text, d.stage, d.error_class,
           d.last_error or d.error_message) for d in letters], max_width=70))
     print(f"{len(letters)} dead letter(s). `crm-erp-sync dlq show ID` for the payload and "
@@ -580,13 +579,6 @@ def cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_ATTENTION if not_tripped else EXIT_OK
 
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
 # ---- parsers -------------------------------------------------------------------------------
 def register(sub: Any) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
@@ -609,7 +601,7 @@ def register(sub: Any) -> None:
                "or inactive (no producer), an event is held longer than ORPHAN_HOLD_S, events\n"
                "are held behind a key with no dead letter, a circuit breaker is open, or the\n"
                "total lag exceeds --max-lag.")
-    p.add_argument("--max-lag", type=int, default=10_000, metavar="EVENTS",
+    p.add_argument("--max-lag", type=argtypes.count, default=10_000, metavar="EVENTS",
                    help="total lag above which status needs attention (default 10000)")
     p.set_defaults(func=cmd_status)
 
@@ -668,12 +660,13 @@ def register(sub: Any) -> None:
                "source position of its change and never takes an older one.")
     p.add_argument("--topic", required=True, help="the topic to replay (e.g. crm.sales)")
     start = p.add_mutually_exclusive_group(required=True)
-    start.add_argument("--from-beginning", action="store_true")
+    start.add_argument("--from-beginning", action="store_true",
+                       help="from the oldest event the topic still holds")
     start.add_argument("--from-time", metavar="ISO8601",
                        help="the first event at or after this time (zone-less = UTC)")
     start.add_argument("--from-offset", action="append", metavar="PARTITION:OFFSET",
                        help="an explicit offset per partition (repeatable)")
-    p.add_argument("--partition", type=int, action="append",
+    p.add_argument("--partition", type=argtypes.offset, action="append",
                    help="only this partition (repeatable; default all)")
     p.add_argument("--dry-run", action="store_true",
                    help="show committed -> new offset and what would be reprocessed (allowed "
@@ -690,7 +683,7 @@ def register(sub: Any) -> None:
     p.add_argument("--since", metavar="ISO8601", help="created at or after this time")
     p.add_argument("--error-type", help="error class (MappingError, DecodeError, ...) or stage "
                                         "(capture, decode, transform, apply)")
-    p.add_argument("--topic")
+    p.add_argument("--topic", help="the original topic (crm.sales, crm.market-demand)")
     p.add_argument("--key", help="message key (the customer id for crm.sales)")
     p.add_argument("--state", action="append",
                    help="open, redriven, discarded, failed_again, superseded, or all "
@@ -703,7 +696,7 @@ def register(sub: Any) -> None:
                "from Avro to JSON (read from the dead-letter topic), the error, its trace and\n"
                "the actions taken. The payload holds personal data: it is printed for the\n"
                "operator, never logged; do not paste it into tickets.")
-    p.add_argument("id", type=int, metavar="ID")
+    p.add_argument("id", type=argtypes.object_id, metavar="ID")
     p.set_defaults(func=cmd_dlq_show)
 
     p = parser("redrive", dsub, "re-process dead letters through the apply path",
@@ -713,7 +706,7 @@ def register(sub: Any) -> None:
                "are applied in order. Outcome recorded: redriven, held (its customer is not in\n"
                "the ERP yet), or failed_again (with the new error); every action audited.\n"
                "Already redriven or discarded letters are refused. Exit 1 unless all succeed.")
-    p.add_argument("ids", type=int, nargs="*", metavar="ID")
+    p.add_argument("ids", type=argtypes.object_id, nargs="*", metavar="ID")
     p.add_argument("--error-type", help="all unresolved letters of this error class or stage")
     p.add_argument("--field", help="all unresolved letters whose mapping failed on this CRM "
                                    "field (phone, address, ...)")
@@ -731,7 +724,7 @@ def register(sub: Any) -> None:
                "events held behind their key. Audited with actor and reason. By ID, or in bulk\n"
                "by --error-type, --field and/or --key (asks for confirmation on a terminal;\n"
                "--yes in a script; --dry-run lists what would be discarded, changes nothing).")
-    p.add_argument("ids", type=int, nargs="*", metavar="ID")
+    p.add_argument("ids", type=argtypes.object_id, nargs="*", metavar="ID")
     p.add_argument("--error-type", help="all unresolved letters of this error class or stage")
     p.add_argument("--field", help="all unresolved letters whose mapping failed on this CRM "
                                    "field (phone, address, ...)")
@@ -754,10 +747,12 @@ def register(sub: Any) -> None:
                "CRM row no longer exists (each only if unchanged since compared).\n\n"
                "Exit 0 done (or nothing to do), 1 the consumers did not catch up within --wait\n"
                "(run it again: it does only what is left) or the slot is held by a process.")
-    p.add_argument("--wait", type=float, default=300.0, metavar="SECONDS",
+    p.add_argument("--wait", type=argtypes.seconds(), default=300.0, metavar="SECONDS",
                    help="how long to wait for the consumers before the delete pass "
                         "(default 300)")
-    p.add_argument("--chunk-size", type=int, default=5000, metavar="N")
+    p.add_argument("--chunk-size", type=argtypes.chunk_size, default=5000, metavar="N",
+                   help="keys compared per query in the delete pass, "
+                        f"1-{argtypes.SNAPSHOT_MAX_CHUNK} (default 5000)")
     p.set_defaults(func=cmd_resync)
 
     p = parser("reconcile", sub, "compare CRM and ERP on the mapped fields; --repair drift",
@@ -771,12 +766,14 @@ def register(sub: Any) -> None:
                "if unchanged since compared), then re-checks until converged or --wait.")
     p.add_argument("--entity", action="append", choices=["customers", "orders", "demand"],
                    help="only this entity (repeatable; default all)")
-    p.add_argument("--repair", action="store_true")
-    p.add_argument("--chunk-size", type=int, default=5000, metavar="N")
-    p.add_argument("--limit", type=_non_negative, default=20, metavar="N",
+    p.add_argument("--repair", action="store_true",
+                   help="repair the drift found (see above), then re-check")
+    p.add_argument("--chunk-size", type=argtypes.chunk_size, default=5000, metavar="N",
+                   help=f"keys compared per query, 1-{argtypes.SNAPSHOT_MAX_CHUNK} (default 5000)")
+    p.add_argument("--limit", type=argtypes.count, default=20, metavar="N",
                    help="keys listed per entity and kind in the table (default 20, 0 = all; "
                         "--json always lists all)")
-    p.add_argument("--wait", type=float, default=120.0, metavar="SECONDS",
+    p.add_argument("--wait", type=argtypes.seconds(), default=120.0, metavar="SECONDS",
                    help="with --repair, how long to wait for convergence (default 120)")
     p.set_defaults(func=cmd_reconcile)
 

@@ -132,6 +132,8 @@ def list_letters(settings: Settings, *, since: datetime | None = None,
     with connect(settings, "erp") as conn:
         if error_type:
             check_filter("--error-type", error_type, known_error_types(conn))
+        if field:
+            check_filter("--field", field, known_fields(conn, settings))
         if topic:
             check_filter("--topic", topic, known_topics(conn, settings))
         rows = conn.execute(
@@ -153,6 +155,27 @@ def known_error_types(conn: PgConn) -> list[str]:
                             "SELECT stage FROM sync.dead_letters").fetchall()
     stages = {c.stage for c in (DecodeError, MappingError, ApplyError, CaptureRejected)}
     return sorted(_permanent_classes() | stages | {r[0] for r in recorded})
+
+
+# Fields a MappingError names that are not a profile's canonical field (service.erp.*).
+_OTHER_MAPPING_FIELDS = {"entity", "kind", "full_name", "observed_at", "order_date"}
+
+
+def known_fields(conn: PgConn, settings: Settings) -> list[str]:
+    """Every field a mapping failure can name: the source profile's canonical fields (an
+    order line's as ``lines.<field>``), the transforms' own, and those recorded. Raises
+    ConfigError when the source profile is broken."""
+    from service.cdc.profile import load_profile
+
+    fields = set(_OTHER_MAPPING_FIELDS)
+    for entity in load_profile(settings.source_profile).entities.values():
+        fields |= set(entity.fields)
+        if entity.order_column is not None:  # an order line: named inside its order
+            fields |= {f"lines.{f}" for f in entity.fields}
+    recorded = conn.execute("SELECT DISTINCT split_part(error_message, ': ', 1) "
+                            "FROM sync.dead_letters WHERE error_class = 'MappingError'"
+                            ).fetchall()
+    return sorted(fields | {r[0] for r in recorded})
 
 
 def known_topics(conn: PgConn, settings: Settings) -> list[str]:
@@ -300,6 +323,7 @@ def select_letters(settings: Settings, ids: list[int] | None, error_type: str | 
             where += " AND (error_class = %s OR stage = %s)"
             params += [error_type, error_type]  # type: ignore[list-item]
         if field and not all_open:
+            check_filter("--field", field, known_fields(conn, settings))
             where += " AND " + _FIELD_CLAUSE
             params.append(field + ": ")  # type: ignore[arg-type]
         if key is not None and not all_open:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,9 @@ def test_redrive_after_a_mapping_fix_then_discard(sync_env: SyncEnv, cli: Cli,
     assert "product" in letters[buyer]["error_message"]
     table = cli(s_bad, "dlq", "list", "--key", str(masked))
     assert table.code == 0 and "MappingError" in table.out and "phone" in table.out
+    # the same UTC-with-offset rendering as `status`, `snapshot list` and `dlq show`
+    created = datetime.fromisoformat(letters[masked]["created_at"]).astimezone(UTC)
+    assert f"{created:%Y-%m-%d %H:%M:%S}+0000" in table.out, table.out
     assert cli(s_bad, "dlq", "list", "--error-type", "DecodeError").out.startswith("No dead")
     by_field = cli(s_bad, "dlq", "list", "--field", "phone", "--json")
     assert [d["dead_letter_id"] for d in by_field.json] == [masked_id]
@@ -201,6 +205,12 @@ def test_bulk_discard_by_field_with_confirmation_and_dry_run(
     assert cli(settings, "dlq", "discard", "--reason", "x").code == 2
     assert cli(settings, "dlq", "discard", "--error-type", "MapingError", "--reason",
                "x").code == 2  # a typo is refused
+    for action in (["list"], ["redrive"], ["discard", "--reason", "x", "--yes"]):
+        typo = cli(settings, "dlq", *action, "--field", "phon")  # refused, not "nothing"
+        assert typo.code == 2, (action, typo.out)
+        assert "--field" in typo.err and "did you mean 'phone'?" in typo.err
+    # a field the profile maps but no letter names yet: a real filter, just empty
+    assert cli(settings, "dlq", "list", "--field", "email").out.startswith("No dead letters")
 
     done = cli(settings, "dlq", "discard", "--field", "phone", "--reason", "masked numbers",
                "--yes", "--actor", "ops", "--json")

@@ -1,0 +1,124 @@
+"""The command-line layer without the stack: a closed output pipe, argument ranges, usage
+and help texts, configuration checked by every command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.cli import build_parser
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(*args: str, close_stdout: bool = False, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CRM_ERP_SYNC_")}
+    argv = [sys.executable, "-m", "service.cli", *args]
+    if not close_stdout:
+        return subprocess.run(argv, cwd=REPO, env={**clean, **env}, capture_output=True,
+                              text=True, timeout=60, check=False)
+    # The reader goes away before the command writes (`| head` that already has its lines).
+    with subprocess.Popen(argv, cwd=REPO, env={**clean, **env}, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()
+        err = proc.stderr.read()
+        code = proc.wait(timeout=60)
+    return subprocess.CompletedProcess(argv, code, "", err)
+
+
+def test_a_closed_output_pipe_ends_the_command_quietly() -> None:
+    done = run("config", close_stdout=True)
+    assert done.returncode == 141, done.stderr
+    assert "unexpected_error" not in done.stderr
+    assert "BrokenPipe" not in done.stderr and "Traceback" not in done.stderr
+    assert run("config", "--json").returncode == 0  # an open pipe: as before
+    assert json.loads(run("config", "--json").stdout)
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["status", "--max-lag", "-1"], "--max-lag: must be 0 or more"),
+    (["consume", "--until-idle", "-5"], "--until-idle: must be 0 or more seconds"),
+    (["consume", "--until-idle", "nan"], "--until-idle: must be 0 or more seconds"),
+    (["resync", "--wait", "-1"], "--wait: must be 0 or more seconds"),
+    (["resync", "--chunk-size", "0"], "--chunk-size: must be 1-100000"),
+    (["reconcile", "--wait", "-1"], "--wait: must be 0 or more seconds"),
+    (["reconcile", "--chunk-size", "-3"], "--chunk-size: must be 1-100000"),
+    (["reconcile", "--limit", "-1"], "--limit: must be 0 or more"),
+    (["snapshot", "--table", "customer", "--chunk-size", "0"], "--chunk-size: must be 1-"),
+    (["snapshot", "cancel", "0"], "ID: must be 1 or more"),
+    (["replay", "--topic", "crm.sales", "--from-beginning", "--partition", "-1"],
+     "--partition: must be 0 or more"),
+    (["dlq", "show", "-1"], "ID: must be 1 or more"),
+    (["dlq", "redrive", "0"], "ID: must be 1 or more"),
+    (["dlq", "discard", "x", "--reason", "r"], "ID: expected a whole number, got 'x'"),
+    (["demo", "load", "--customers", "-1"], "--customers: must be 0 or more"),
+    (["demo", "load", "--rate", "0"], "--rate: must be above 0"),
+    (["demo", "run", "--orders", "-2"], "--orders: must be 0 or more"),
+])
+def test_a_number_out_of_range_is_refused_naming_the_option(
+        argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+def test_numbers_in_range_are_parsed() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["status", "--max-lag", "0"]).max_lag == 0
+    assert parser.parse_args(["consume", "--until-idle", "0.5"]).until_idle == 0.5
+    assert parser.parse_args(["resync", "--wait", "0"]).wait == 0.0
+    assert parser.parse_args(["dlq", "redrive", "1", "2"]).ids == [1, 2]
+
+
+@pytest.mark.parametrize(("argv", "usage"), [
+    (["stock", "recount", "--bogus"], "usage: crm-erp-sync stock recount"),
+    (["config", "--bogus"], "usage: crm-erp-sync config"),
+    (["dlq", "list", "--bogus"], "usage: crm-erp-sync dlq list"),
+    (["dlq", "--bogus", "list"], "usage: crm-erp-sync dlq "),
+])
+def test_an_unknown_option_shows_the_subcommands_usage(
+        argv: list[str], usage: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.startswith(usage) and "unrecognized arguments: --bogus" in err
+
+
+def test_every_option_has_help() -> None:
+    def walk(parser: argparse.ArgumentParser, path: str) -> list[str]:
+        missing = []
+        for action in parser._actions:  # argparse has no public walk over its parsers
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    missing += walk(child, f"{path} {name}")
+            elif action.option_strings and not action.help:
+                missing.append(f"{path} {action.option_strings[0]}")
+        return missing
+
+    assert walk(build_parser(), "crm-erp-sync") == []
+
+
+@pytest.mark.parametrize(("variable", "value", "says"), [
+    ("CRM_ERP_SYNC_SOURCE_PROFILE", "nosuch", "no shipped profile 'nosuch'"),
+    ("CRM_ERP_SYNC_SOURCE_PROFILE", "/nonexistent/crm.toml", "no such file"),
+    ("CRM_ERP_SYNC_MAPPINGS_FILE", "/nonexistent", "no such file"),
+    ("CRM_ERP_SYNC_APPLY_WINDOW_TZ", "Mars/Base", "unknown time zone"),  # no window set
+])
+@pytest.mark.parametrize("command", [["status"], ["dlq", "list"], ["config"]])
+def test_every_command_refuses_a_missing_file_or_zone_naming_the_variable(
+        command: list[str], variable: str, value: str, says: str) -> None:
+    # exit 2 before any connection: nothing listens at these DSNs
+    done = run(*command, **{variable: value,
+                            "CRM_ERP_SYNC_ERP_DSN": "postgresql://x@127.0.0.1:1/none",
+                            "CRM_ERP_SYNC_CRM_DSN": "postgresql://x@127.0.0.1:1/none"})
+    assert done.returncode == 2, done.stderr
+    assert f"configuration error: {variable}: {says}" in done.stderr

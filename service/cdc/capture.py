@@ -27,7 +27,7 @@ from psycopg.rows import dict_row
 
 from service.cdc.events import converter_for
 from service.cdc.profile import EntityMapping, SourceProfile, key_values
-from service.errors import SourceContractError
+from service.errors import CaptureRejected, SourceContractError, UnrepresentableValue
 from service.settings import Settings
 
 OWN_SCHEMA = "crm_erp_sync"
@@ -364,22 +364,84 @@ def lines_query(info: TableInfo, parent: TableInfo, order_keys: Sequence[str]
     return query, [list(order_keys)]
 
 
+@dataclass
+class Chunk:
+    """One chunk as ``read_chunk`` reads it: the readable rows (typed) and their lines, the
+    keys (text) of rows that cannot be typed with why (table, column and reason, never a
+    value), and the last key read, readable or not (where the next chunk starts; None for an
+    empty chunk)."""
+
+    head: list[dict[str, Any]]
+    lines: list[dict[str, Any]]
+    unreadable: dict[str, str]
+    last_key: str | None
+
+
 def read_chunk(conn: psycopg.Connection[Any], tables: dict[str, TableInfo], profile: SourceProfile,
                ent: EntityMapping, *, after: str | None, keys: Sequence[str] | None,
-               limit: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+               limit: int) -> Chunk:
     """One chunk of an entity's rows in key order (and, for orders, their lines), typed as
-    the decoder types pgoutput's text: what snapshots and reconcile read."""
+    the decoder types pgoutput's text: what reconcile and resync read.
+
+    A row one of whose values cannot be typed (NaN, infinity, a BC date: the producer makes
+    it a capture dead letter) does not fail the chunk: its key lands in ``unreadable``, the
+    other rows are read. An order with an unreadable line is unreadable itself (its event
+    could not be built either)."""
     info = tables[ent.table]
     query, params = chunk_query(info, after=after, keys=keys, limit=limit)
+    head: list[dict[str, Any]] = []
+    lines: list[dict[str, Any]] = []
+    unreadable: dict[str, str] = {}
+    last_key: str | None = None
     with conn.cursor(row_factory=dict_row) as cur:
-        head = [typed_row(info, r) for r in cur.execute(query, params).fetchall()]
-        lines: list[dict[str, Any]] = []
+        for raw in cur.execute(query, params).fetchall():
+            last_key = ent.key_text(raw)
+            typed = typed_or_rejected(info, raw)
+            if isinstance(typed, UnrepresentableValue):
+                unreadable[last_key] = f"{ent.table}: {typed}"
+            else:
+                head.append(typed)
         line_ent = profile.entity("order_line")
         if ent.entity == "order" and head and line_ent is not None:
             line_info = tables[line_ent.table]
+            assert line_ent.order_column is not None
             lq, lp = lines_query(line_info, info, [ent.key_text(r) for r in head])
-            lines = [typed_row(line_info, r) for r in cur.execute(lq, lp).fetchall()]
-    return head, lines
+            for raw in cur.execute(lq, lp).fetchall():
+                typed = typed_or_rejected(line_info, raw)
+                if isinstance(typed, UnrepresentableValue):
+                    # the order's key as text: the line's order column, read as text
+                    unreadable.setdefault(str(raw[line_ent.order_column]),
+                                          f"{line_ent.table} {line_ent.key_text(raw)}: {typed}")
+                else:
+                    lines.append(typed)
+            if unreadable:
+                head = [r for r in head if ent.key_text(r) not in unreadable]
+                lines = [li for li in lines if str(li[line_ent.order_column]) not in unreadable]
+    return Chunk(head, lines, unreadable, last_key)
+
+
+def typed_or_rejected(info: TableInfo, text_row: dict[str, str | None]
+                      ) -> dict[str, Any] | UnrepresentableValue:
+    """``typed_row``, or why the row cannot be typed: an UnrepresentableValue naming the
+    column (its reason never quotes the value). A try per row costs nothing on
+    the readable path, so a chunk is never re-read row by row."""
+    try:
+        return typed_row(info, text_row)
+    except (CaptureRejected, ValueError, ArithmeticError):
+        pass
+    # which column: convert one by one (the rare path)
+    conv = info.converters
+    for name, text in text_row.items():
+        if text is None:
+            continue
+        try:
+            conv[name](text)
+        except CaptureRejected as exc:
+            return UnrepresentableValue(exc.detail, name)
+        except (ValueError, ArithmeticError) as exc:
+            # the library's message may quote the value: only its class is kept
+            return UnrepresentableValue(f"cannot be read ({type(exc).__name__})", name)
+    return UnrepresentableValue("cannot be read")
 
 
 def typed_row(info: TableInfo, text_row: dict[str, str | None]) -> dict[str, Any]:

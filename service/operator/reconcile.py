@@ -14,7 +14,10 @@ ERP, gone from the CRM), ``differing`` (with the fields that differ), ``unmappab
 CRM row cannot be mapped: its event is a dead letter; fix the mapping or the CRM record) or
 ``held`` (missing, extra or differing only because the sync holds its key: an unresolved
 dead letter of the key, a capture letter too, or events held for it; ``dlq`` resolves it,
-a re-snapshot would only be held as well, so ``--repair`` leaves it).
+a re-snapshot would only be held as well, so ``--repair`` leaves it). A CRM row that cannot
+even be read as the producer reads it (a NaN amount, an ``infinity`` date: the producer made
+it a capture letter) is ``held`` as well, named with its table, column and reason: it is not
+compared, never counted extra (it exists), and the rest of its chunk is checked as usual.
 
 Every run is recorded in ``sync.reconcile_runs`` (counts by entity and kind); consumers
 export the newest as gauges, so a scheduled reconcile can be alerted on (README).
@@ -43,6 +46,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from service.cdc.capture import (
+    Chunk,
     TableInfo,
     chunk_query,
     ensure_capture_objects,
@@ -283,10 +287,12 @@ class Reconciler:
         found: set[str] = set()
         for start in range(0, len(keys), self.chunk_size):
             part = keys[start:start + self.chunk_size]
-            head, _lines = read_chunk(crm, self._tables, self.profile, ent, after=None,
-                                      keys=part, limit=len(part))
-            found |= {ent.key_text(r) for r in head
+            chunk = read_chunk(crm, self._tables, self.profile, ent, after=None,
+                               keys=part, limit=len(part))
+            found |= {ent.key_text(r) for r in chunk.head
                       if ent.deleted_when is None or not ent.deleted_when.matches(r)}
+            # An unreadable row still exists (its soft-delete flag unknown): never "gone".
+            found |= chunk.unreadable.keys()
         return found
 
     def _extra_pass(self, crm: PgConn, erp: PgConn, entity: Entity, ent: EntityMapping,
@@ -333,19 +339,14 @@ class Reconciler:
                 return report  # this CRM has no such entity
             last: str | None = None
             while True:
-                rows, lines = read_chunk(crm, self._tables, self.profile, ent, after=last,
-                                         keys=None, limit=self.chunk_size)
-                if not rows:
+                chunk = read_chunk(crm, self._tables, self.profile, ent, after=last,
+                                   keys=None, limit=self.chunk_size)
+                if chunk.last_key is None:
                     break
-                report.crm_rows += len(rows)
-                expected = _expected(entity, self.profile, self.refs, rows, lines,
-                                     self.mappings, report)
-                self._note_msg_keys(entity, expected)
-                actual = self._actual(erp, entity, [ent.key_text(r) for r in rows])
-                _compare(self._expected_view(erp, entity, expected), actual, report)
+                self._compare_chunk(erp, entity, ent, chunk, report)
                 if progress is not None:
-                    progress(len(rows))
-                last = ent.key_text(rows[-1])
+                    progress(len(chunk.head) + len(chunk.unreadable))
+                last = chunk.last_key
             report.erp_rows = self._extra_pass(crm, erp, entity, ent, report, None)
             self._classify_held(erp, entity, report)
         report.missing.sort()
@@ -362,18 +363,32 @@ class Reconciler:
             ent = self._source(entity)
             if ent is None:
                 return report
-            rows, lines = read_chunk(crm, self._tables, self.profile, ent, after=None,
-                                     keys=keys, limit=len(keys))
-            report.crm_rows = len(rows)
-            expected = _expected(entity, self.profile, self.refs, rows, lines, self.mappings,
-                                 report)
-            self._note_msg_keys(entity, expected)
-            actual = self._actual(erp, entity, keys)
+            chunk = read_chunk(crm, self._tables, self.profile, ent, after=None,
+                               keys=keys, limit=len(keys))
+            actual = self._compare_chunk(erp, entity, ent, chunk, report, keys)
             report.erp_rows = sum(1 for v in actual.values() if not v["deleted"])
-            _compare(self._expected_view(erp, entity, expected), actual, report)
             self._extra_pass(crm, erp, entity, ent, report, keys)
             self._classify_held(erp, entity, report)
         return report
+
+    def _compare_chunk(self, erp: PgConn, entity: Entity, ent: EntityMapping, chunk: Chunk,
+                       report: EntityReport, keys: list[str] | None = None
+                       ) -> dict[str, dict[str, Any]]:
+        """Pass 1 for one chunk (its rows' keys, or ``keys``); returns the ERP rows read.
+        Unreadable rows are ``held`` (the producer made each a capture letter), not
+        compared: there is nothing to compare them with, and a re-snapshot would fail the
+        same way."""
+        report.crm_rows += len(chunk.head) + len(chunk.unreadable)
+        for key, why in chunk.unreadable.items():
+            report.held[key] = f"unreadable in the CRM ({why})"
+        expected = _expected(entity, self.profile, self.refs, chunk.head, chunk.lines,
+                             self.mappings, report)
+        self._note_msg_keys(entity, expected)
+        if keys is None:
+            keys = [ent.key_text(r) for r in chunk.head]
+        actual = self._actual(erp, entity, keys)
+        _compare(self._expected_view(erp, entity, expected), actual, report)
+        return actual
 
     def _note_msg_keys(self, entity: Entity, expected: dict[str, dict[str, Any]]) -> None:
         if entity.name == "orders":
@@ -384,7 +399,7 @@ class Reconciler:
         """Missing, extra or differing keys whose Kafka key the sync holds (an unresolved
         dead letter of any stage, or held events) are ``held``, with what holds them: the
         ERP is behind on purpose there, and a re-snapshot would be held as well."""
-        drifted = [*report.missing, *report.extra, *report.differing]
+        drifted = [*report.missing, *report.extra, *report.differing, *report.held]
         if not drifted:
             return
         topic = (self.settings.market_topic if entity.name == "demand"
@@ -409,7 +424,9 @@ class Reconciler:
             why.setdefault(bytes(msg_key), []).append(text)
         for msg_key, reasons in why.items():
             for key in by_msg.get(msg_key, []):
-                report.held[key] = "held behind " + "; ".join(reasons)
+                behind = "held behind " + "; ".join(reasons)
+                report.held[key] = (f"{report.held[key]}, {behind}" if key in report.held
+                                    else behind)
         if report.held:
             report.missing = [k for k in report.missing if k not in report.held]
             report.extra = [k for k in report.extra if k not in report.held]

@@ -133,7 +133,7 @@ class CaptureDeadLetter(CaptureRejected):
 
     def __init__(self, reason: str, column: str | None, dlq_partition: int,
                  dlq_offset: int, error_class: str, table: str = "",
-                 primary_key: str = "") -> None:
+                 primary_key: str = "", event_id: str = "") -> None:
         super().__init__(reason, column)
         self.dlq_partition = dlq_partition
         self.dlq_offset = dlq_offset
@@ -141,6 +141,8 @@ class CaptureDeadLetter(CaptureRejected):
         # the CRM row it is about (for `status` and `dlq list`): table, primary key as text
         self.table = table
         self.primary_key = primary_key
+        # the event id the change would have had: stable when the producer re-sends it
+        self.event_id = event_id
 
 
 def is_marker(value: bytes | None) -> bool:
@@ -152,7 +154,8 @@ def read_marker(value: bytes) -> CaptureDeadLetter:
     doc = json.loads(value[len(MARKER):])
     return CaptureDeadLetter(str(doc["reason"]), doc.get("column"), int(doc["dlq_partition"]),
                              int(doc["dlq_offset"]), str(doc.get("error_class", "")),
-                             str(doc.get("table") or ""), key_text(doc.get("primary_key")))
+                             str(doc.get("table") or ""), key_text(doc.get("primary_key")),
+                             str(doc.get("event_id") or ""))
 
 
 def key_text(primary_key: Any) -> str:

@@ -37,6 +37,8 @@ class DeadLetter:
     value: bytes | None
     error: Permanent
     attempts: int = 1
+    # the producer's event id when known (stable across the producer's re-sends)
+    event_id: str | None = None
 
     def headers(self, group: str) -> list[tuple[str, bytes]]:
         err = self.error

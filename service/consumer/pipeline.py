@@ -20,7 +20,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -233,9 +233,21 @@ def prepare(registry: SchemaRegistry, mappings: Mappings, msgs: list[Message]) -
     return batch
 
 
-def _dead_letter(msg: Message, error: Permanent) -> dlq.DeadLetter:
+def _dead_letter(msg: Message, error: Permanent, event_id: str | None = None
+                 ) -> dlq.DeadLetter:
     return dlq.DeadLetter(msg.topic, msg.partition, msg.offset, msg.timestamp, msg.key,
-                          msg.value, error)
+                          msg.value, error, event_id=event_id)
+
+
+def _envelope_event_id(env: Envelope) -> str | None:
+    """The producer's event id of a decoded event or of a capture letter's marker; None when
+    the message did not decode."""
+    if env.record is not None:
+        eid = env.record.get("event_id")
+        return str(eid) if eid else None
+    if isinstance(env.error, capture_letters.CaptureDeadLetter):
+        return env.error.event_id or None
+    return None
 
 
 class ErpApplier:
@@ -359,6 +371,13 @@ class ErpApplier:
         except Permanent:
             return UNKNOWN_KIND
 
+    def _letter_event_id(self, d: dlq.DeadLetter) -> str | None:
+        """A letter's event id when its maker did not know it (an expired orphan): a capture
+        letter's from its marker, an event's from its value (a decode: letters are rare)."""
+        if isinstance(d.error, capture_letters.CaptureDeadLetter):
+            return d.error.event_id or None
+        return self._event_id(d.value)
+
     def _event_id(self, value: bytes | None) -> str | None:
         try:
             return str(self.registry.decode(value)[1]["event_id"]) if value else None
@@ -414,8 +433,11 @@ class ErpApplier:
         blocked = _blocked_from(letters, held)
         # A replayed message that already has its dead letter (open or resolved) is not a new
         # failure: no second record on the dead-letter topic, and an operator's resolution
-        # (discard, redrive) stands.
-        known = self._lettered(conn, [e.msg for e in envs if e.error is not None])
+        # (discard, redrive) stands. The same for an event the producer re-sent (after a
+        # crash, at new offsets): known by its event id, in the ERP or earlier in this batch.
+        failing = [e for e in envs if e.error is not None]
+        known = self._lettered(conn, [(e.msg, _envelope_event_id(e)) for e in failing])
+        lettered_here: set[tuple[str, str]] = set()
         # Keys that get a dead letter in this batch block what follows them in it too; what
         # came before a key's first letter (applied already, seen again in a replay) is not
         # held behind it.
@@ -424,9 +446,13 @@ class ErpApplier:
             key = (env.msg.topic, env.msg.key)
             at = (env.msg.partition, env.msg.offset)
             if env.error is not None:
-                if at in known.get(env.msg.topic, ()):
+                eid = _envelope_event_id(env)
+                if ((env.msg.topic, *at) in known
+                        or (eid is not None and (env.msg.topic, eid) in lettered_here)):
                     env.letter_exists = True
                 else:
+                    if eid is not None:
+                        lettered_here.add((env.msg.topic, eid))
                     blocked[key] = min(blocked.get(key, at), at)
             elif key in blocked and at > blocked[key]:
                 env.held = "key_blocked"
@@ -452,7 +478,8 @@ class ErpApplier:
         self._hold(conn, [e for e in envs if e.held and e.msg.held_id is None])
         for env in envs:
             if env.error is not None and not env.letter_exists:
-                batch.dead_letters.append(_dead_letter(env.msg, env.error))
+                batch.dead_letters.append(_dead_letter(env.msg, env.error,
+                                                       _envelope_event_id(env)))
         if customers_here:
             self._release_awaiting(conn, sorted(customers_here), batch)
 
@@ -582,20 +609,23 @@ class ErpApplier:
                 self._apply_in_txn(conn, batch)
                 self._publish_dead_letters(conn, batch)
 
-    def _lettered(self, conn: PgConn, msgs: list[Message]) -> dict[str, set[tuple[int, int]]]:
-        """Of these messages, those that already have a dead letter (any state), by topic."""
+    def _lettered(self, conn: PgConn, msgs: list[tuple[Message, str | None]]
+                  ) -> set[tuple[str, int, int]]:
+        """Of these (message, event id)s, the (topic, partition, offset)s that already have a
+        dead letter (any state): at that position (a replay), or for that event id on that
+        topic (the producer re-sent the event at a new offset)."""
         if not msgs:
-            return {}
+            return set()
         rows = conn.execute(
-            'SELECT topic, partition, "offset" FROM sync.dead_letters d JOIN unnest('
-            '%s::text[], %s::int[], %s::bigint[]) AS m(topic, partition, "offset") '
-            'USING (topic, partition, "offset")',
-            ([m.topic for m in msgs], [m.partition for m in msgs],
-             [m.offset for m in msgs])).fetchall()
-        out: dict[str, set[tuple[int, int]]] = {}
-        for topic, partition, offset in rows:
-            out.setdefault(topic, set()).add((partition, offset))
-        return out
+            'SELECT m.topic, m.partition, m."offset" FROM unnest(%s::text[], %s::int[], '
+            '%s::bigint[], %s::text[]) AS m(topic, partition, "offset", event_id) '
+            "WHERE EXISTS (SELECT 1 FROM sync.dead_letters d WHERE d.topic = m.topic "
+            'AND d.partition = m.partition AND d."offset" = m."offset") '
+            "OR (m.event_id IS NOT NULL AND EXISTS (SELECT 1 FROM sync.dead_letters d "
+            "WHERE d.topic = m.topic AND d.event_id = m.event_id))",
+            ([m.topic for m, _ in msgs], [m.partition for m, _ in msgs],
+             [m.offset for m, _ in msgs], [e for _, e in msgs])).fetchall()
+        return {(topic, int(partition), int(offset)) for topic, partition, offset in rows}
 
     def _hold(self, conn: PgConn, envs: list[Envelope]) -> None:
         if not envs:
@@ -725,11 +755,21 @@ class ErpApplier:
         letters = batch.dead_letters
         if not letters:
             return
-        # Never a second record on the dead-letter topic for a message that has its letter.
-        seen = self._lettered(conn, [Message(d.topic, d.partition, d.offset, 0, None, None)
-                                     for d in letters])
-        letters = [d for d in letters if (d.partition, d.offset) not in seen.get(d.topic, ())]
-        batch.dead_letters = letters
+        # Never a second record on the dead-letter topic for a message, or an event the
+        # producer re-sent, that has its letter (in the ERP, or earlier in this list).
+        letters = [d if d.event_id is not None else replace(d, event_id=self._letter_event_id(d))
+                   for d in letters]
+        seen = self._lettered(conn, [(Message(d.topic, d.partition, d.offset, 0, None, None),
+                                      d.event_id) for d in letters])
+        events: set[tuple[str, str]] = set()
+        kept: list[dlq.DeadLetter] = []
+        for d in letters:
+            if (d.topic, d.partition, d.offset) in seen or (d.topic, d.event_id) in events:
+                continue
+            if d.event_id is not None:
+                events.add((d.topic, d.event_id))
+            kept.append(d)
+        letters = batch.dead_letters = kept
         if not letters:
             return
         # A capture dead letter is on the dead-letter topic already (the producer put it
@@ -745,18 +785,18 @@ class ErpApplier:
             cur.executemany(
                 'INSERT INTO sync.dead_letters (topic, partition, "offset", msg_key, stage, '
                 "error_class, error_message, dlq_partition, dlq_offset, event_kind, "
-                "source_table, source_key) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "source_table, source_key, event_id) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
                 'ON CONFLICT (topic, partition, "offset") DO NOTHING',
                 [(d.topic, d.partition, d.offset, d.key, d.error.stage, _error_class(d.error),
                   d.error.reason, m.partition, m.offset, self._kind_of(d.value),
                   getattr(d.error, "table", None) or None,
-                  getattr(d.error, "primary_key", None) or None)
+                  getattr(d.error, "primary_key", None) or None, d.event_id)
                  for d, m in zip(letters, metas, strict=True)])
         self.dead_lettered += len(letters)
         for d in letters:
             log.warning("dead_lettered", topic=d.topic, partition=d.partition, offset=d.offset,
-                        key=_key_text(d.key), event_id=self._event_id(d.value),
+                        key=_key_text(d.key), event_id=d.event_id,
                         stage=d.error.stage, error=_error_class(d.error), reason=d.error.reason)
         self._supersede_older_letters(conn, letters)
 

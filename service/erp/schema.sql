@@ -216,6 +216,12 @@ ALTER TABLE sync.dead_letters ADD COLUMN IF NOT EXISTS event_kind text;
 -- msg_key is the Kafka key, the customer's for orders and lines), for `status` and `dlq list`.
 ALTER TABLE sync.dead_letters ADD COLUMN IF NOT EXISTS source_table text;
 ALTER TABLE sync.dead_letters ADD COLUMN IF NOT EXISTS source_key text;
+-- The producer's event id (<lsn>/<seq>, stable when it re-sends a transaction after a crash,
+-- at new offsets): a re-sent event that has its letter already is not a new failure. NULL when
+-- the message did not decode, and for letters from before. Not unique: older rows may repeat.
+ALTER TABLE sync.dead_letters ADD COLUMN IF NOT EXISTS event_id text;
+CREATE INDEX IF NOT EXISTS dead_letters_event ON sync.dead_letters (topic, event_id)
+    WHERE event_id IS NOT NULL;
 ALTER TABLE sync.dead_letters DROP CONSTRAINT IF EXISTS dead_letters_state_check;
 ALTER TABLE sync.dead_letters ADD CONSTRAINT dead_letters_state_check
     CHECK (state IN ('open', 'redriven', 'discarded', 'failed_again', 'superseded'));

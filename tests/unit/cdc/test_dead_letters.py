@@ -63,6 +63,8 @@ def test_the_marker_names_the_letter_without_values() -> None:
     assert isinstance(read, CaptureDeadLetter)
     assert (read.dlq_partition, read.dlq_offset, read.column) == (2, 41, "purchase_amount")
     assert read.stage == "capture" and read.error_class == "UnrepresentableValue"
+    # the event id the change would have had: the consumer knows a re-sent letter by it
+    assert read.event_id == "100000ABC/0"
 
 
 def test_values_as_text() -> None:

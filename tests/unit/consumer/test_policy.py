@@ -208,3 +208,12 @@ def test_reconnect_preset_backs_off_exponentially_up_to_its_cap() -> None:
     assert taken[:4] == [0.5, 1.0, 2.0, 4.0]
     assert max(taken) == RetryPolicy.RECONNECT.max_s == 15.0
     assert RetryPolicy() == RetryPolicy.DEFAULT
+
+
+def test_the_default_settings_are_the_near_realtime_preset() -> None:
+    from service.settings import Settings
+
+    settings = Settings()
+    assert (BatchPolicy(settings.batch_max_events, settings.batch_max_wait_ms)
+            == BatchPolicy.NEAR_REALTIME)
+    assert 0 < BatchPolicy.NEAR_REALTIME.max_wait_ms < BatchPolicy.MICRO_BATCH.max_wait_ms

@@ -239,6 +239,15 @@ def _dead_letter(msg: Message, error: Permanent, event_id: str | None = None
                           msg.value, error, event_id=event_id)
 
 
+def _audit_superseded(conn: PgConn, letter_ids: list[int], why: str) -> None:
+    """One ``supersede`` action by the consumer per letter, in sync.dead_letter_actions."""
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO sync.dead_letter_actions (dead_letter_id, action, actor, reason, "
+            "outcome) VALUES (%s, 'supersede', 'consumer', %s, 'superseded')",
+            [(i, why) for i in letter_ids])
+
+
 def _envelope_event_id(env: Envelope) -> str | None:
     """The producer's event id of a decoded event or of a capture letter's marker; None when
     the message did not decode."""
@@ -549,11 +558,7 @@ class ErpApplier:
                          (ids,))
             why = (f"a newer {env.kind} event of the same key maps "
                    f"({env.msg.topic}[{env.msg.partition}]@{env.msg.offset})")
-            with conn.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO sync.dead_letter_actions (dead_letter_id, action, actor, "
-                    "reason, outcome) VALUES (%s, 'supersede', 'consumer', %s, 'superseded')",
-                    [(i, why) for i in ids])
+            _audit_superseded(conn, ids, why)
             rows = conn.execute(
                 "DELETE FROM sync.held_events WHERE reason = 'key_blocked' AND topic = %s "
                 f"AND msg_key IS NOT DISTINCT FROM %s RETURNING {HELD_MESSAGE}",
@@ -837,11 +842,7 @@ class ErpApplier:
                 continue
             why = (f"a newer {kind} event of the same key failed too: dead letter {rows[0][1]} "
                    f"({topic}[{d.partition}]@{d.offset}) replaces this one")
-            with conn.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO sync.dead_letter_actions (dead_letter_id, action, actor, "
-                    "reason, outcome) VALUES (%s, 'supersede', 'consumer', %s, 'superseded')",
-                    [(old_id, why) for old_id, _ in rows])
+            _audit_superseded(conn, [old_id for old_id, _ in rows], why)
             log.info("dead_letters_superseded", key=_key_text(key), letters=len(rows),
                      by_dead_letter=rows[0][1])
 

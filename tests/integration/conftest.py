@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 
-from service import log
+from service import log, ops
 from service.avro import SchemaRegistry
 from service.cdc.producer import CdcProducer
 from service.cli import main
 from service.consumer.pipeline import ErpConsumer
 from service.settings import Settings
 from tests.conftest import SyncEnv
-from tests.helpers import settings_env
+from tests.helpers import settings_env, wait_until
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -121,3 +121,10 @@ def capture_ready(sync_env: SyncEnv) -> bool:
         pending = crm.execute("SELECT count(*) FROM crm_erp_sync.snapshots "
                               "WHERE state = 'pending'").fetchone()
     return slot is not None and pending == (0,)
+
+
+def caught_up(sync_env: SyncEnv) -> None:
+    """Wait until the pipeline applied everything the CRM committed so far (120 s deadline)."""
+    lsn = ops.current_lsn(sync_env.settings)
+    wait_until(lambda: ops.caught_up(sync_env.settings, lsn), timeout=120,
+               message="pipeline caught up")

@@ -10,11 +10,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from service import ops
 from service.cdc.producer import CdcProducer
 from tests.conftest import SyncEnv
 from tests.helpers import wait_until
-from tests.integration.conftest import Cli, Running
+from tests.integration.conftest import Cli, Running, caught_up
 
 NAMES = [("张", "三"), ("李", "四"), ("王", "五")]
 
@@ -28,12 +27,6 @@ def start(sync_env: SyncEnv, running: Running) -> tuple[CdcProducer, dict[str, i
     running.start_consumer(sync_env.settings)
     caught_up(sync_env)
     return producer, ids
-
-
-def caught_up(sync_env: SyncEnv) -> None:
-    lsn = ops.current_lsn(sync_env.settings)
-    wait_until(lambda: ops.caught_up(sync_env.settings, lsn), timeout=120,
-               message="pipeline caught up")
 
 
 def erp_partners(sync_env: SyncEnv) -> dict[str, bool]:

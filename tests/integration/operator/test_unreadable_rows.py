@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from service import ops
 from service.cdc.producer import CdcProducer
 from tests.conftest import SyncEnv
 from tests.helpers import wait_until
 from tests.integration.cdc.test_slot_dropped import drop_slot_under, erp_partners, stopped_with
-from tests.integration.conftest import Cli, Running
+from tests.integration.conftest import Cli, Running, caught_up
 
 NAMES = [("张", "三"), ("李", "四"), ("王", "五"), ("赵", "六"), ("钱", "七")]
 
@@ -28,12 +27,6 @@ def customers(sync_env: SyncEnv, running: Running) -> tuple[CdcProducer, list[st
     running.start_consumer(sync_env.settings)
     caught_up(sync_env)
     return producer, ids
-
-
-def caught_up(sync_env: SyncEnv) -> None:
-    lsn = ops.current_lsn(sync_env.settings)
-    wait_until(lambda: ops.caught_up(sync_env.settings, lsn), timeout=120,
-               message="pipeline caught up")
 
 
 def capture_letters(sync_env: SyncEnv) -> list[tuple[Any, ...]]:

@@ -397,7 +397,7 @@ def read_chunk(conn: psycopg.Connection[Any], tables: dict[str, TableInfo], prof
         for raw in cur.execute(query, params).fetchall():
             last_key = ent.key_text(raw)
             typed = typed_or_rejected(info, raw)
-            if isinstance(typed, UnrepresentableValue):
+            if isinstance(typed, CaptureRejected):
                 unreadable[last_key] = f"{ent.table}: {typed}"
             else:
                 head.append(typed)
@@ -408,7 +408,7 @@ def read_chunk(conn: psycopg.Connection[Any], tables: dict[str, TableInfo], prof
             lq, lp = lines_query(line_info, info, [ent.key_text(r) for r in head])
             for raw in cur.execute(lq, lp).fetchall():
                 typed = typed_or_rejected(line_info, raw)
-                if isinstance(typed, UnrepresentableValue):
+                if isinstance(typed, CaptureRejected):
                     # the order's key as text: the line's order column, read as text
                     unreadable.setdefault(str(raw[line_ent.order_column]),
                                           f"{line_ent.table} {line_ent.key_text(raw)}: {typed}")
@@ -421,14 +421,21 @@ def read_chunk(conn: psycopg.Connection[Any], tables: dict[str, TableInfo], prof
 
 
 def typed_or_rejected(info: TableInfo, text_row: dict[str, str | None]
-                      ) -> dict[str, Any] | UnrepresentableValue:
-    """``typed_row``, or why the row cannot be typed: an UnrepresentableValue naming the
-    column (its reason never quotes the value). A try per row costs nothing on
-    the readable path, so a chunk is never re-read row by row."""
+                      ) -> dict[str, Any] | CaptureRejected:
+    """``typed_row``, or why the row cannot be typed: a CaptureRejected (never raised) whose
+    reason never quotes a value. Normally an UnrepresentableValue naming the failing column;
+    when no single column fails on its own, the whole row's first error (column None).
+
+    The one place a text row (a snapshot's, reconcile's or resync's) is typed or rejected,
+    so the producer's capture letters and reconcile's reasons agree. A try per row costs
+    nothing on the readable path, so a chunk is never re-read row by row."""
     try:
         return typed_row(info, text_row)
-    except (CaptureRejected, ValueError, ArithmeticError):
-        pass
+    except CaptureRejected as exc:
+        first: CaptureRejected = exc
+    except (ValueError, ArithmeticError) as exc:
+        # the library's message may quote the value: only its class is kept
+        first = CaptureRejected(f"cannot be read ({type(exc).__name__})")
     # which column: convert one by one (the rare path)
     conv = info.converters
     for name, text in text_row.items():
@@ -439,9 +446,8 @@ def typed_or_rejected(info: TableInfo, text_row: dict[str, str | None]
         except CaptureRejected as exc:
             return UnrepresentableValue(exc.detail, name)
         except (ValueError, ArithmeticError) as exc:
-            # the library's message may quote the value: only its class is kept
             return UnrepresentableValue(f"cannot be read ({type(exc).__name__})", name)
-    return UnrepresentableValue("cannot be read")
+    return first
 
 
 def typed_row(info: TableInfo, text_row: dict[str, str | None]) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from service.cdc.capture import (
     lines_query,
     read_table_info,
     request_snapshot,
+    typed_or_rejected,
     typed_row,
 )
 from service.cdc.dead_letters import CaptureLetter, TextRow, as_text, text_row
@@ -145,25 +146,12 @@ COMPRESSION = "zstd"
 
 
 def _typed(info: TableInfo, raw: dict[str, Any]) -> tuple[dict[str, Any], Rejection | None]:
-    """A snapshot row (read as text) converted like the log's values, or its Rejection."""
-    try:
-        return typed_row(info, raw), None
-    except CaptureRejected as exc:
-        error = exc
-    except (ValueError, ArithmeticError) as exc:
-        error = CaptureRejected(f"cannot be read ({type(exc).__name__})")
-    # which column: convert one by one (rare path)
-    for name, text in raw.items():
-        try:
-            if text is not None:
-                info.converters[name](text)
-        except CaptureRejected as exc:
-            error = UnrepresentableValue(exc.detail, name)
-            break
-        except (ValueError, ArithmeticError) as exc:
-            error = UnrepresentableValue(f"cannot be read ({type(exc).__name__})", name)
-            break
-    return {}, Rejection(error, None, text_row(raw))
+    """A snapshot row (read as text) converted like the log's values, or its Rejection
+    (capture.typed_or_rejected's error, with the row as text for the dead letter)."""
+    typed = typed_or_rejected(info, raw)
+    if isinstance(typed, CaptureRejected):
+        return {}, Rejection(typed, None, text_row(raw))
+    return typed, None
 
 
 def _rejected(exc: Exception) -> CaptureRejected:

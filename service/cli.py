@@ -9,6 +9,7 @@ import argparse
 import ctypes
 import json
 import os
+import select
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -446,8 +447,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # BrokenPipeError inside this try, where it ends the command quietly.
         sys.stdout.flush()
         return code
-    except BrokenPipeError:
-        return _stdout_closed()
+    except BrokenPipeError as exc:
+        if _stdout_pipe_closed():
+            return _stdout_closed()
+        # a library's socket or pipe (the broker's, a database's, an ERP's): a fault to
+        # report like any other unexpected one, never the quiet end of `| head`
+        _report_bug(exc)
+        return EXIT_ATTENTION
     except ConfigError as exc:
         print(f"crm-erp-sync: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -468,6 +474,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug, not a fault: say where, never what
         _report_bug(exc)
         return EXIT_ATTENTION
+
+
+def _stdout_pipe_closed() -> bool:
+    """Whether our stdout's reader is gone: polling its descriptor reports POLLERR (a pipe
+    whose read end is closed) or POLLHUP (a socket whose peer hung up). A BrokenPipeError
+    says only that *some* pipe or socket broke; this tells ours from a library's. False
+    when stdout has no descriptor (replaced in a test) or is a file or a terminal."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)  # POLLERR and POLLHUP are reported regardless
+    try:
+        events = poller.poll(0)
+    except OSError:
+        return False
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in events)
 
 
 def _stdout_closed() -> int:

@@ -14,7 +14,8 @@ condition everywhere (documented in README.md, "Exit codes").
 - 130 INTERRUPTED: Ctrl-C.
 - 141 BROKEN_PIPE: the reader of the output went away (`crm-erp-sync dlq list | head`); the
   command ends quietly with the code of a Unix tool killed by SIGPIPE (128 + 13), so that
-  `set -o pipefail` still tells a truncated run from a complete one.
+  `set -o pipefail` still tells a truncated run from a complete one. Only stdout's own pipe:
+  another BrokenPipeError (a library's socket) is an unexpected error, code 1.
 
 Code 4 (the circuit breaker stopped the consumer) is gone: the breaker pauses a partition and
 the consumer keeps running.

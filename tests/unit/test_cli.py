@@ -4,6 +4,7 @@ and help texts, configuration checked by every command."""
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
@@ -40,6 +41,44 @@ def test_a_closed_output_pipe_ends_the_command_quietly() -> None:
     assert "BrokenPipe" not in done.stderr and "Traceback" not in done.stderr
     assert run("config", "--json").returncode == 0  # an open pipe: as before
     assert json.loads(run("config", "--json").stdout)
+
+
+def test_a_broken_pipe_that_is_not_stdouts_is_an_internal_error(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A library's socket breaking (the broker's, say) is no `| head`: logged as an
+    unexpected error (class and frames, never the message) with the internal-error code."""
+    from service import cli, exit_codes
+
+    def a_library_socket_breaks(settings: object, args: object) -> int:
+        raise BrokenPipeError(32, "Broken pipe writing 张三 138xxxx5678")
+
+    monkeypatch.setattr(cli, "cmd_config", a_library_socket_breaks)
+    for name in [k for k in os.environ if k.startswith("CRM_ERP_SYNC_")]:
+        monkeypatch.delenv(name)
+    code = cli.main(["config"])
+    err = capsys.readouterr().err
+    assert code == exit_codes.ATTENTION != exit_codes.BROKEN_PIPE
+    line = json.loads(err.strip().splitlines()[-1])
+    assert (line["event"], line["error"]) == ("unexpected_error", "BrokenPipeError")
+    assert any("a_library_socket_breaks" in f for f in line["frames"])
+    assert "张三" not in err and "138xxxx5678" not in err and "Traceback" not in err
+
+
+def test_stdouts_pipe_is_closed_only_when_its_reader_is_gone(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from service.cli import _stdout_pipe_closed
+
+    read_end, write_end = os.pipe()
+    with os.fdopen(write_end, "w") as out:
+        monkeypatch.setattr(sys, "stdout", out)
+        assert not _stdout_pipe_closed()  # a reader is there
+        os.close(read_end)
+        assert _stdout_pipe_closed()  # `| head` went away
+    with open(tmp_path / "out.txt", "w") as out:
+        monkeypatch.setattr(sys, "stdout", out)
+        assert not _stdout_pipe_closed()  # a file never is
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    assert not _stdout_pipe_closed()  # no descriptor at all
 
 
 @pytest.mark.parametrize(("argv", "says"), [

@@ -53,6 +53,8 @@ def test_a_broken_pipe_that_is_not_stdouts_is_an_internal_error(
         raise BrokenPipeError(32, "Broken pipe writing 张三 138xxxx5678")
 
     monkeypatch.setattr(cli, "cmd_config", a_library_socket_breaks)
+    # main() would configure logging onto the captured stderr, outliving this test
+    monkeypatch.setattr("service.log.configure", lambda *args, **kwargs: None)
     for name in [k for k in os.environ if k.startswith("CRM_ERP_SYNC_")]:
         monkeypatch.delenv(name)
     code = cli.main(["config"])

@@ -963,24 +963,22 @@ class CdcProducer:
         self._sent = None
 
     def _observe_slot(self, conn: PgConn) -> None:
-        """The slot's retained WAL, at most every few seconds (one catalog query)."""
+        """The slot's retained and unconfirmed WAL for the metrics, at most every few seconds
+        (one catalog query). The slot guard's ceiling is not raised here: ``_keep_ceiling_ahead``
+        does it every step from the stream's bound, which is at or past the slot's
+        confirmed_flush_lsn."""
         now = time.monotonic()
         if now - self._last_slot_check < 5.0:
             return
         self._last_slot_check = now
         row = conn.execute(
             "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, "
-            "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, "
-            "confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+            "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint "
+            "FROM pg_replication_slots WHERE slot_name = %s",
             (self.settings.slot_name,)).fetchone()
         if row is not None:
             self.metrics.retained_wal.set(row[0] or 0)
             self.metrics.unconfirmed_wal.set(row[1] or 0)
-            # psycopg2 confirms an idle stream up to the server's WAL end by itself: keep
-            # the recorded ceiling ahead of it (slot_guard).
-            flushed = pgoutput.str_to_lsn(row[2]) if row[2] else 0
-            if flushed + slot_guard.CEILING_SLACK // 2 > self._ceiling:
-                self._ceiling = slot_guard.raise_ceiling(conn, self.settings, flushed)
         self.metrics.set_oldest_transaction(oldest_transaction(conn))
         source = self._source
         if source is not None and source.peek_s is not None:
@@ -1061,9 +1059,9 @@ class CdcProducer:
         the slack of it. psycopg2 confirms an idle stream up to a keepalive's WAL end by
         itself, and on a cluster whose other databases write much WAL that end runs far
         ahead of our own transactions: a ceiling raised only by our batches and every 5 s
-        (``_observe_slot``) was passed between two raises, and the next start took the slot
-        for a replaced one (``slot_replaced``). Checked every step from what the stream has
-        seen (no query); the UPDATE runs only when the ceiling is near."""
+        was passed between two raises, and the next start took the slot for a replaced one
+        (``slot_replaced``). Checked every step from what the stream has seen (no query; the
+        only raise besides a batch's); the UPDATE runs only when the ceiling is near."""
         seen = source.confirm_bound()
         if seen + slot_guard.CEILING_SLACK // 2 > self._ceiling:
             self._ceiling = slot_guard.raise_ceiling(conn, self.settings, seen)

@@ -27,7 +27,10 @@ Needs attention (exit 1) when any of:
   the table and the setting to change are named; propagated and skipped truncates are
   reported (count and the last one) without needing attention;
 - a running consumer refused the mappings file on its disk (it keeps the older version), or
-  the running consumers apply different mappings versions (``sync.consumers``).
+  the running consumers apply different mappings versions (``sync.consumers``);
+- this process's source profile or mappings file is invalid (read by the loaders `produce`,
+  `consume` and `config` use; the file and key are named): a producer or consumer started
+  with it would refuse to start.
 Lag alone below that is normal under load and is only reported. Outside the apply window
 (CRM_ERP_SYNC_APPLY_WINDOW, read from this process's settings: give `status` the consumers'
 configuration) the consumers pause by design: status says "outside apply window until ...",
@@ -48,8 +51,10 @@ import psycopg
 from service.cdc import slot_guard
 from service.cdc.capture import CONTRACT_TABLE, OWN_SCHEMA, TRUNCATES_TABLE
 from service.cdc.producer import lock_key
+from service.cdc.profile import load_profile
 from service.consumer.mappings_watch import live_members
-from service.errors import StackUnavailable
+from service.erp.mappings import Mappings
+from service.errors import ConfigError, StackUnavailable
 from service.kafka_io import make_admin
 from service.operator.breaker import BreakerTrip, open_trips
 from service.operator.common import connect
@@ -214,7 +219,27 @@ def _crm_truncates(settings: Settings) -> dict[str, Any]:
     return out
 
 
+def config_file_problems(settings: Settings) -> list[str]:
+    """The source profile and the mappings file read and validated by the very loaders the
+    producer and the consumer start with (``load_profile``, ``Mappings.load``): one line per
+    invalid file, naming the setting, the file and the key (the loader's ConfigError), never
+    a value's traceback. Empty when both are valid."""
+    problems = []
+    try:
+        load_profile(settings.source_profile)
+    except ConfigError as exc:
+        problems.append(f"source profile invalid ({settings.env_var('source_profile')}): "
+                        f"{exc}; a producer would not start")
+    try:
+        Mappings.load(settings.mappings_file)
+    except ConfigError as exc:
+        problems.append(f"mappings file invalid ({settings.env_var('mappings_file')}): "
+                        f"{exc}; a consumer would not start (a running one keeps its version)")
+    return problems
+
+
 def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
+    config_problems = config_file_problems(settings)
     lag = group_lag(settings)
     listed = broker_members(settings)
     try:
@@ -354,6 +379,7 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
                                    "until": min(shut).astimezone(UTC),
                                    "as_seen_by": "consumers"}
             closed = True
+    status.attention.extend(config_problems)
     for t in truncates["stopped"]:
         status.attention.append(
             f"capture STOPPED before TRUNCATE of {t['table']} (commit LSN {t['commit_lsn']}, "

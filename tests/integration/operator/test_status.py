@@ -4,6 +4,8 @@ transaction pinning the slot, and exit 1 for each condition that needs attention
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import psycopg
 import pytest
 
@@ -71,3 +73,29 @@ def test_status_shows_members_letters_by_field_and_what_needs_attention(
         assert any(f"CRM transaction pid {pid}" in a for a in pinned.json["attention"])
         assert "txid_current" not in pinned.out
         idle.rollback()
+
+
+def test_status_names_an_invalid_mappings_file_or_profile(
+        sync_env: SyncEnv, cli: Cli, tmp_path: Path) -> None:
+    """The files' contents, not only their existence: checked by the loaders the producer and
+    consumer start with, named (file and key) among the problems, exit 1, no traceback."""
+    valid = cli(sync_env.settings, "status", "--json")
+    assert not any("invalid" in a for a in valid.json["attention"]), valid.json["attention"]
+
+    mappings = tmp_path / "mappings.toml"
+    mappings.write_text(sync_env.settings.mappings_file.read_text("utf-8").replace(
+        'SHIPPED = "issue"', 'SHIPPED = "ship it"'), "utf-8")
+    profile = tmp_path / "profile.toml"
+    profile.write_text("[source]\nname = 'x'\n[customer]\ntable = 'crm.customers'\n"
+                       "key = 'customer_id'\nbogus = 1\n", "utf-8")
+    broken = sync_env.with_(mappings_file=mappings, source_profile=str(profile))
+    out = cli(broken, "status", "--json")
+    assert out.code == 1
+    [bad_mappings] = [a for a in out.json["attention"] if a.startswith("mappings file invalid")]
+    assert str(mappings) in bad_mappings and "status_stock_effect.SHIPPED" in bad_mappings
+    [bad_profile] = [a for a in out.json["attention"] if a.startswith("source profile invalid")]
+    assert f"{profile} [customer].bogus: unknown setting" in bad_profile
+    text = cli(broken, "status")
+    assert text.code == 1
+    assert "mappings file invalid (CRM_ERP_SYNC_MAPPINGS_FILE)" in text.out
+    assert "Traceback" not in text.out + text.err and "unexpected_error" not in text.err

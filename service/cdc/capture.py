@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, tzinfo
 from functools import cached_property
 from typing import Any
@@ -369,12 +369,15 @@ class Chunk:
     """One chunk as ``read_chunk`` reads it: the readable rows (typed) and their lines, the
     keys (text) of rows that cannot be typed with why (table, column and reason, never a
     value), and the last key read, readable or not (where the next chunk starts; None for an
-    empty chunk)."""
+    empty chunk). ``unreadable_rows`` gives, for each unreadable key, the table and key (text)
+    of the row that could not be read (the row itself, or an order's first unreadable line):
+    what its capture dead letter names (``sync.dead_letters`` source_table, source_key)."""
 
     head: list[dict[str, Any]]
     lines: list[dict[str, Any]]
     unreadable: dict[str, str]
     last_key: str | None
+    unreadable_rows: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def read_chunk(conn: psycopg.Connection[Any], tables: dict[str, TableInfo], profile: SourceProfile,
@@ -392,6 +395,7 @@ def read_chunk(conn: psycopg.Connection[Any], tables: dict[str, TableInfo], prof
     head: list[dict[str, Any]] = []
     lines: list[dict[str, Any]] = []
     unreadable: dict[str, str] = {}
+    rows: dict[str, tuple[str, str]] = {}
     last_key: str | None = None
     with conn.cursor(row_factory=dict_row) as cur:
         for raw in cur.execute(query, params).fetchall():
@@ -399,6 +403,7 @@ def read_chunk(conn: psycopg.Connection[Any], tables: dict[str, TableInfo], prof
             typed = typed_or_rejected(info, raw)
             if isinstance(typed, CaptureRejected):
                 unreadable[last_key] = f"{ent.table}: {typed}"
+                rows[last_key] = (ent.table, last_key)
             else:
                 head.append(typed)
         line_ent = profile.entity("order_line")
@@ -410,14 +415,16 @@ def read_chunk(conn: psycopg.Connection[Any], tables: dict[str, TableInfo], prof
                 typed = typed_or_rejected(line_info, raw)
                 if isinstance(typed, CaptureRejected):
                     # the order's key as text: the line's order column, read as text
-                    unreadable.setdefault(str(raw[line_ent.order_column]),
-                                          f"{line_ent.table} {line_ent.key_text(raw)}: {typed}")
+                    order_key, line_key = str(raw[line_ent.order_column]), line_ent.key_text(raw)
+                    if order_key not in unreadable:
+                        unreadable[order_key] = f"{line_ent.table} {line_key}: {typed}"
+                        rows[order_key] = (line_ent.table, line_key)
                 else:
                     lines.append(typed)
             if unreadable:
                 head = [r for r in head if ent.key_text(r) not in unreadable]
                 lines = [li for li in lines if str(li[line_ent.order_column]) not in unreadable]
-    return Chunk(head, lines, unreadable, last_key)
+    return Chunk(head, lines, unreadable, last_key, rows)
 
 
 def typed_or_rejected(info: TableInfo, text_row: dict[str, str | None]

@@ -16,8 +16,9 @@ CRM row cannot be mapped: its event is a dead letter; fix the mapping or the CRM
 dead letter of the key, a capture letter too, or events held for it; ``dlq`` resolves it,
 a re-snapshot would only be held as well, so ``--repair`` leaves it). A CRM row that cannot
 even be read as the producer reads it (a NaN amount, an ``infinity`` date: the producer made
-it a capture letter) is ``held`` as well, named with its table, column and reason: it is not
-compared, never counted extra (it exists), and the rest of its chunk is checked as usual.
+it a capture letter) is ``held`` as well, named with its table, column and reason, and the
+number of that row's capture letter (an order's header or line alike): it is not compared,
+never counted extra (it exists), and the rest of its chunk is checked as usual.
 
 Every run is recorded in ``sync.reconcile_runs`` (counts by entity and kind); consumers
 export the newest as gauges, so a scheduled reconcile can be alerted on (README).
@@ -235,6 +236,8 @@ class Reconciler:
         self.refs = References(self._load_reference)
         # Orders travel under their customer's key: order key -> Kafka message key.
         self.msg_keys: dict[str, str] = {}
+        # Per entity: unreadable key -> the CRM row its capture dead letter names (table, key)
+        self.unreadable_rows: dict[str, dict[str, tuple[str, str]]] = {}
 
     def _load_reference(self, entity: str, key: str) -> dict[str, Any] | None:
         ent = self.profile.entity(entity)
@@ -381,6 +384,7 @@ class Reconciler:
         report.crm_rows += len(chunk.head) + len(chunk.unreadable)
         for key, why in chunk.unreadable.items():
             report.held[key] = f"unreadable in the CRM ({why})"
+        self.unreadable_rows.setdefault(entity.name, {}).update(chunk.unreadable_rows)
         expected = _expected(entity, self.profile, self.refs, chunk.head, chunk.lines,
                              self.mappings, report)
         self._note_msg_keys(entity, expected)
@@ -398,16 +402,35 @@ class Reconciler:
     def _classify_held(self, erp: PgConn, entity: Entity, report: EntityReport) -> None:
         """Missing, extra or differing keys whose Kafka key the sync holds (an unresolved
         dead letter of any stage, or held events) are ``held``, with what holds them: the
-        ERP is behind on purpose there, and a re-snapshot would be held as well."""
+        ERP is behind on purpose there, and a re-snapshot would be held as well. An
+        unreadable row's own capture dead letter is named by the row it is about (table and
+        key), whatever the entity: an unreadable order's Kafka key (its customer's) is not
+        known, and its own key would name some customer's letters."""
         drifted = [*report.missing, *report.extra, *report.differing, *report.held]
         if not drifted:
             return
         topic = (self.settings.market_topic if entity.name == "demand"
                  else self.settings.sales_topic)
+        unreadable = {k: row for k, row in self.unreadable_rows.get(entity.name, {}).items()
+                      if k in report.held}
         by_msg: dict[bytes, list[str]] = {}
         for key in drifted:
+            if entity.name == "orders" and key in unreadable and key not in self.msg_keys:
+                continue
             by_msg.setdefault(self.msg_keys.get(key, key).encode(), []).append(key)
+        why: dict[str, list[str]] = {}
         try:
+            if unreadable:
+                by_row = {row: key for key, row in unreadable.items()}
+                for table, row_key, text in erp.execute(
+                        "SELECT source_table, source_key, 'dead letter #' || "
+                        "min(dead_letter_id) || ' (' || string_agg(DISTINCT stage || ': ' || "
+                        "error_class, ', ') || ')' FROM sync.dead_letters "
+                        "WHERE stage = 'capture' AND state IN ('open', 'failed_again') "
+                        "AND (source_table, source_key) IN (SELECT * FROM "
+                        "unnest(%s::text[], %s::text[])) GROUP BY 1, 2",
+                        ([t for t, _ in by_row], [k for _, k in by_row])).fetchall():
+                    why.setdefault(by_row[(table, row_key)], []).append(text)
             rows = erp.execute(
                 "SELECT msg_key, 'dead letter #' || min(dead_letter_id) || ' (' || "
                 "string_agg(DISTINCT stage || ': ' || error_class, ', ') || ')' "
@@ -419,14 +442,14 @@ class Reconciler:
                 {"t": topic, "k": list(by_msg)}).fetchall()
         except psycopg.errors.UndefinedTable:  # a target without sync state tables
             return
-        why: dict[bytes, list[str]] = {}
         for msg_key, text in rows:
-            why.setdefault(bytes(msg_key), []).append(text)
-        for msg_key, reasons in why.items():
-            for key in by_msg.get(msg_key, []):
-                behind = "held behind " + "; ".join(reasons)
-                report.held[key] = (f"{report.held[key]}, {behind}" if key in report.held
-                                    else behind)
+            for key in by_msg.get(bytes(msg_key), []):
+                if text not in why.get(key, []):  # a customer's own letter: found both ways
+                    why.setdefault(key, []).append(text)
+        for key, reasons in why.items():
+            behind = "held behind " + "; ".join(reasons)
+            report.held[key] = (f"{report.held[key]}, {behind}" if key in report.held
+                                else behind)
         if report.held:
             report.missing = [k for k in report.missing if k not in report.held]
             report.extra = [k for k in report.extra if k not in report.held]

@@ -127,3 +127,64 @@ def test_resync_delete_pass_finishes_past_an_unreadable_row(
                timeout=90, message="the resync snapshot's capture letters")
     again = cli(settings, "resync")
     assert again.code == 0 and "Nothing to resync" in again.out
+
+
+def letter_of(sync_env: SyncEnv, table: str, key: str) -> int:
+    """The one unresolved capture letter of a CRM row (source_table, source_key)."""
+    with sync_env.erp() as erp:
+        [(letter,)] = erp.execute(
+            "SELECT dead_letter_id FROM sync.dead_letters WHERE stage = 'capture' "
+            "AND state = 'open' AND source_table = %s AND source_key = %s",
+            (table, key)).fetchall()
+    return int(letter)
+
+
+def test_reconcile_names_each_unreadable_rows_own_capture_letter(
+        sync_env: SyncEnv, cli: Cli, running: Running) -> None:
+    """For every entity: an unreadable customer, an unreadable order (its header, or a line),
+    each named with the number of the capture letter of the very row that cannot be read.
+    An order travels under its customer's key: its own key (here equal to an unreadable
+    customer's) must not name that customer's letter."""
+    settings = sync_env.settings
+    _, (a, _b, c, _d, _e) = customers(sync_env, running)
+    header, lined = int(c), 9002  # the header's key is also customer c's
+    with sync_env.crm() as crm:
+        for order_id in (header, lined):
+            with crm.transaction():
+                crm.execute("INSERT INTO crm.sales_orders (order_id, order_no, customer_id, "
+                            "order_date, status, currency) VALUES (%s, %s, %s, '2023-01-01', "
+                            "'已发货', '元')", (order_id, f"X{order_id}", a))
+                crm.execute("INSERT INTO crm.order_lines VALUES (%s, 1, %s, 'P-PHONE-5G', "
+                            "'手机', '10台', 5000)", (order_id, a))
+    caught_up(sync_env)
+    with sync_env.crm() as crm:
+        crm.execute("UPDATE crm.customers SET purchase_amount = 'NaN' WHERE customer_id = %s",
+                    (c,))
+        crm.execute("UPDATE crm.sales_orders SET order_date = 'infinity' WHERE order_id = %s",
+                    (header,))
+        crm.execute("UPDATE crm.order_lines SET unit_price = 'NaN' WHERE order_id = %s",
+                    (lined,))
+    wait_until(lambda: len(capture_letters(sync_env)) == 3, timeout=90,
+               message="the three changes are capture letters")
+    line_key = f'["{lined}","1"]'
+    customer_letter = letter_of(sync_env, "crm.customers", c)
+    header_letter = letter_of(sync_env, "crm.sales_orders", str(header))
+    line_letter = letter_of(sync_env, "crm.order_lines", line_key)
+
+    rec = cli(settings, "reconcile", "--json", "--entity", "customers", "--entity", "orders")
+    assert rec.code == 1, rec.err
+    held = {r["entity"]: r["held"] for r in rec.json["entities"]}
+    behind = "held behind dead letter #{} (capture: UnrepresentableValue)"
+    assert held["customers"] == {
+        c: "unreadable in the CRM (crm.customers: purchase_amount: numeric NaN is not a finite "
+           "number: no event carries it), " + behind.format(customer_letter)}
+    assert set(held["orders"]) == {str(header), str(lined)}
+    assert held["orders"][str(header)].startswith(
+        "unreadable in the CRM (crm.sales_orders: order_date: ")
+    assert held["orders"][str(header)].endswith(", " + behind.format(header_letter))
+    assert f"#{customer_letter} " not in held["orders"][str(header)]
+    assert held["orders"][str(lined)].startswith(
+        f"unreadable in the CRM (crm.order_lines {line_key}: unit_price: numeric NaN")
+    assert held["orders"][str(lined)].endswith(", " + behind.format(line_letter))
+    text = cli(settings, "reconcile", "--entity", "orders")
+    assert f"#{header_letter} (capture" in text.out and f"#{line_letter} (capture" in text.out

@@ -10,8 +10,9 @@ row per slot name):
 - ``confirmed_ceiling``: a position at or past everything it ever let the slot confirm. It is
   raised *before* a confirm would pass it, to the WAL insert position plus
   :data:`CEILING_SLACK` (so one write per 64 MiB of WAL, not one per batch), and while
-  streaming whenever the slot itself gets within half the slack (psycopg2 confirms up to the
-  server's WAL end by itself on an idle stream). A slot whose ``confirmed_flush_lsn`` is past
+  streaming whenever the WAL the stream has seen gets within half the slack (checked every
+  step, ``CdcProducer._keep_ceiling_ahead``: psycopg2 confirms up to the server's WAL end by
+  itself on an idle stream). A slot whose ``confirmed_flush_lsn`` is past
   it was not confirmed by us: it is a new slot of the same name.
 - ``publication_oid``: the publication's identity. Missing: dropped. Another oid: dropped and
   created again (PostgreSQL 15 cannot decode a change made between the two through the old

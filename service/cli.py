@@ -272,12 +272,14 @@ def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
         for name, value in shown.items():
             print(f"{name:<{width}}  {value:<{vwidth}}  {where[name]}".rstrip()
                   if args.show_origin else f"{name:<{width}}  {value}")
-    # The source profile is configuration too: a broken one is named (file and key) here,
-    # not first by a producer that will not start.
-    from service.cdc.profile import load_profile
+    # The source profile and the mappings file are configuration too: a broken one is named
+    # (setting, file and key) here, not first by a producer or consumer that will not start.
+    from service.operator.status import config_file_problems
 
-    load_profile(settings.source_profile)  # raises ConfigError: exit 2
-    return EXIT_OK
+    problems = config_file_problems(settings)
+    for problem in problems:
+        print(f"crm-erp-sync: error: {problem}", file=sys.stderr)
+    return EXIT_USAGE if problems else EXIT_OK
 
 
 def _as_jsonable(value: Any) -> Any:

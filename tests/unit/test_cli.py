@@ -163,3 +163,13 @@ def test_every_command_refuses_a_missing_file_or_zone_naming_the_variable(
                             "CRM_ERP_SYNC_CRM_DSN": "postgresql://x@127.0.0.1:1/none"})
     assert done.returncode == 2, done.stderr
     assert f"configuration error: {variable}: {says}" in done.stderr
+
+
+def test_config_names_an_invalid_mappings_file_and_its_key(tmp_path: Path) -> None:
+    broken = tmp_path / "mappings.toml"
+    broken.write_text('[order_status]\n"已发货" = 42\n', encoding="utf-8")
+    done = run("config", CRM_ERP_SYNC_MAPPINGS_FILE=str(broken))
+    assert done.returncode == 2, done.stderr
+    assert "mappings file invalid (CRM_ERP_SYNC_MAPPINGS_FILE)" in done.stderr
+    assert f'{broken}: order_status."已发货": must be a quoted string' in done.stderr
+    assert run("config").returncode == 0  # the shipped files are valid

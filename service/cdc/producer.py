@@ -396,6 +396,17 @@ class _Batch:
     published: list[tuple[str, str]] = field(default_factory=list)  # (topic, kind) per event
     events: list[Outgoing] = field(default_factory=list)  # kept for on_acknowledged only
     letters: int = 0
+    done: int = 0  # futures[:done] are known complete (acknowledged or failed)
+
+    def in_flight(self) -> bool:
+        """True while some event of the batch awaits the broker's answer (amortized O(1):
+        futures complete roughly in order, and those seen complete are not looked at
+        again)."""
+        futures, done = self.futures, self.done
+        while done < len(futures) and futures[done].is_done:
+            done += 1
+        self.done = done
+        return done < len(futures)
 
 
 @dataclass
@@ -1006,7 +1017,11 @@ class CdcProducer:
         the wire, one built), the slot never passes an unacknowledged transaction, and
         batches are confirmed in order. With nothing in flight the read waits up to
         ``producer_poll_ms`` for a first transaction; with a batch in flight it does not
-        wait, and finding nothing it finishes that batch (flush, acks, confirm). Snapshot
+        wait, and finding nothing it finishes that batch (flush, acks, confirm); finding
+        some, it goes on gathering while that batch is unacknowledged (it could not be sent
+        before anyway): at a steady low rate a batch holds what arrived during one broker
+        round trip, not one transaction, and the broker and this process do a round trip
+        per batch rather than per transaction. Snapshot
         chunks open only with nothing in flight (a chunk's progress is recorded when the
         batch closing it is acknowledged)."""
         if self._source is None:
@@ -1024,7 +1039,8 @@ class CdcProducer:
         self._keep_ceiling_ahead(conn, source)
         try:
             txns = source.next_transactions(
-                conn, 0.0 if sent is not None else self.settings.producer_poll_ms / 1000)
+                conn, 0.0 if sent is not None else self.settings.producer_poll_ms / 1000,
+                gather_while=sent.in_flight if sent is not None else None)
             stop_at = self._truncate_stop(txns)
             stopping = txns[stop_at] if stop_at is not None else None
             ready = txns if stop_at is None else txns[:stop_at]

@@ -154,7 +154,11 @@ class EntityMapping:
 
     def key_text(self, row: Mapping[str, Any]) -> str:
         """The entity's key as text (see module doc). Raises KeyError for a missing column."""
-        return key_text([row[c] for c in self.key])
+        key = self.key
+        if len(key) == 1:  # most keys: no list, no call for a text value
+            value = row[key[0]]
+            return value if type(value) is str else text_of(value)
+        return key_text([row[c] for c in key])
 
     def missing(self) -> list[str]:
         """Canonical fields this CRM does not have (published as null)."""
@@ -163,6 +167,8 @@ class EntityMapping:
 
 def text_of(value: Any) -> str:
     """A Python value converted from PostgreSQL text, back to that text form."""
+    if type(value) is int:  # the usual key (bool is an int too, and is not this)
+        return str(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -175,9 +181,18 @@ def text_of(value: Any) -> str:
 
 
 def key_text(values: list[Any]) -> str:
+    """One value's text, or a JSON array of the values' texts (a composite key).
+
+    A composite key whose texts are all ASCII letters and digits (ids, line numbers) is
+    written without ``json.dumps``: such a text needs no escaping, so the array is the same
+    string, at a tenth of the cost (the capture burst's order lines spent ~3% of the
+    producer's time in ``json.dumps``)."""
     if len(values) == 1:
         return text_of(values[0])
-    return json.dumps([text_of(v) for v in values], ensure_ascii=False, separators=(",", ":"))
+    texts = [text_of(v) for v in values]
+    if all(t.isascii() and t.isalnum() for t in texts):
+        return '["' + '","'.join(texts) + '"]'
+    return json.dumps(texts, ensure_ascii=False, separators=(",", ":"))
 
 
 def key_values(entity: EntityMapping, text: str) -> list[str]:

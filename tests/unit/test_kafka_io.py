@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from kafka.partitioner.default import DefaultPartitioner
 
 from service.kafka_io import (
+    FETCH_GATHER_BYTES,
     FETCH_MAX_BYTES,
     PARTITION_FETCH_BYTES,
     KeyedPartitioner,
@@ -23,6 +24,15 @@ def test_a_consumer_buffers_at_most_a_bounded_fetch_per_partition_and_per_respon
     assert options["max_partition_fetch_bytes"] == PARTITION_FETCH_BYTES <= 256 * 1024
     assert options["fetch_max_bytes"] == FETCH_MAX_BYTES <= 4 * 1024 * 1024
     assert options["max_partition_fetch_bytes"] <= options["fetch_max_bytes"]
+
+
+def test_the_broker_gathers_a_batch_for_as_long_as_the_consumer_would() -> None:
+    options = consumer_options(Settings(batch_max_wait_ms=40))
+    assert options["fetch_max_wait_ms"] == 40
+    assert options["fetch_min_bytes"] == FETCH_GATHER_BYTES > 1
+    realtime = consumer_options(Settings(batch_max_wait_ms=0))
+    assert realtime["fetch_min_bytes"] == 1  # answered as soon as a record is there
+    assert realtime["fetch_max_wait_ms"] == 500  # kafka-python's: a long poll when idle
 
 
 def test_a_consumer_polls_a_batch_of_committed_records_and_commits_itself() -> None:

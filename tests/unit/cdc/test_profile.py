@@ -302,3 +302,13 @@ def test_delete_flag_matches_only_its_value() -> None:
     assert not flag.matches({"is_active": True})
     assert not flag.matches({"is_active": None})
     assert not flag.matches({})
+
+
+@pytest.mark.parametrize("values", [
+    ["9001", "1"], ["A1", "b2", "C3"], ["", "1"], ["1 2", "3"], ["x\"y", "1"], ["a\\b", "c"],
+    ["tab\there", "1"], ["²", "1"], ["北京", "1"], ["-7", "1.5"], ["\u2028", "z"],
+])
+def test_composite_key_text_is_always_what_json_dumps_writes(values: list[str]) -> None:
+    # the plain-text fast path and json.dumps must never disagree: the text is the key
+    assert key_text(values) == json.dumps(values, ensure_ascii=False, separators=(",", ":"))
+    assert json.loads(key_text(values)) == values

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -195,3 +196,42 @@ def test_the_confirm_bound_covers_explicit_confirms_and_the_wal_end_psycopg2_was
     assert source.confirm_bound() == 5000
     source.close()  # the bound outlives the stream (the producer asks after a loss)
     assert source.confirm_bound() == 5000
+
+
+def test_a_batch_gathers_while_the_one_before_is_unacknowledged(conn: Any) -> None:
+    cursor = ScriptedCursor(txn(1, 100, 180, 200, "三", with_relation=True))
+    source = Scripted(cursor)
+    assert [t.xid for t in source.next_transactions(conn, 0.01)] == [1]  # now in flight
+    cursor.messages += txn(2, 300, 380, 400, "四")
+    later = txn(3, 500, 580, 600, "五") + txn(4, 700, 780, 800, "六")
+    checks = 0
+
+    def unacknowledged() -> bool:
+        # T3 and T4 arrive while T1 awaits its acknowledgement, which comes at the 3rd look
+        nonlocal checks
+        checks += 1
+        if checks == 1:
+            cursor.messages += later
+        return checks < 3
+
+    batch = source.next_transactions(conn, 0.0, gather_while=unacknowledged)
+    assert [t.xid for t in batch] == [2, 3, 4]
+    assert checks == 3
+
+
+def test_a_ready_transaction_goes_out_once_the_one_before_is_acknowledged(conn: Any) -> None:
+    cursor = ScriptedCursor(txn(1, 100, 180, 200, "三", with_relation=True))
+    source = Scripted(cursor)
+    looked = []
+    batch = source.next_transactions(conn, 0.01, gather_while=lambda: looked.append(1) or False)
+    assert [t.xid for t in batch] == [1] and looked == [1]
+
+
+def test_gathering_stops_after_producer_poll_ms_however_long_the_acknowledgement_takes(
+        conn: Any) -> None:
+    cursor = ScriptedCursor(txn(1, 100, 180, 200, "三", with_relation=True))
+    source = Scripted(cursor, producer_poll_ms=20)
+    started = time.monotonic()
+    batch = source.next_transactions(conn, 0.0, gather_while=lambda: True)
+    assert [t.xid for t in batch] == [1]
+    assert time.monotonic() - started < 5  # bounded (20 ms), whatever the machine's load

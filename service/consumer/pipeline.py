@@ -1062,6 +1062,9 @@ class ErpConsumer:
         here); when it opens, resume all but those the breaker or an operator keeps
         paused. The consumer keeps polling, so it stays in its group."""
         if self.window is None:
+            # No window set: changes may always be applied (the gauge's documented meaning;
+            # left at its initial 0 it read as "outside the window" for every consumer).
+            self.metrics.apply_window_open.set(1)
             return
         state = self.window.state(self.clock())
         assigned = list(self.consumer.assignment() or ())

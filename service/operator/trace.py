@@ -22,6 +22,7 @@ import psycopg
 from kafka import TopicPartition
 
 from service.avro import SchemaRegistry
+from service.cdc.dead_letters import is_marker, read_marker
 from service.errors import Permanent, StackUnavailable
 from service.kafka_io import make_consumer
 from service.operator.common import connect
@@ -70,6 +71,18 @@ def crm_rows(settings: Settings, key: str) -> list[dict[str, Any]]:
     return out
 
 
+def _marker_row(topic: str, partition: int, offset: int, value: bytes) -> dict[str, Any]:
+    """A capture dead letter's marker (service/cdc/dead_letters.py) where the event would
+    have been: named as such, with the letter's reason, not as an undecodable record."""
+    try:
+        letter = read_marker(value)
+        what = f"capture dead letter ({letter.error_class or 'capture'}): {letter}"
+    except (ValueError, KeyError, TypeError):
+        what = "capture dead letter (marker unreadable)"
+    return {"topic": topic, "partition": partition, "offset": offset, "kind": "capture",
+            "op": "-", "error": what}
+
+
 def kafka_events(settings: Settings, key: str, topics: list[str]) -> tuple[list[dict[str, Any]],
                                                                             int]:
     """Every event of the key on these topics, in (topic, partition, offset) order; and how
@@ -94,6 +107,10 @@ def kafka_events(settings: Settings, key: str, topics: list[str]) -> tuple[list[
             for records in consumer.poll(timeout_ms=500, max_records=10_000).values():
                 for r in records:
                     scanned += 1
+                    if is_marker(r.value):
+                        if r.key == raw:
+                            out.append(_marker_row(r.topic, r.partition, r.offset, r.value))
+                        continue
                     try:
                         kind, ev = registry.decode(r.value) if r.value else ("?", {})
                     except Permanent as exc:

@@ -800,9 +800,12 @@ class ErpApplier:
                  for d, m in zip(letters, metas, strict=True)])
         self.dead_lettered += len(letters)
         for d in letters:
+            # The reason stays in the letter (`dlq show`): it may quote the CRM's word for a
+            # value (an unknown status, a unit), and a status column can hold anything, a
+            # name or an address too; the log names the field and the error class only.
             log.warning("dead_lettered", topic=d.topic, partition=d.partition, offset=d.offset,
-                        key=_key_text(d.key), event_id=d.event_id,
-                        stage=d.error.stage, error=_error_class(d.error), reason=d.error.reason)
+                        key=_key_text(d.key), event_id=d.event_id, stage=d.error.stage,
+                        error=_error_class(d.error), field=getattr(d.error, "field", None))
         self._supersede_older_letters(conn, letters)
 
 

@@ -7,7 +7,8 @@ Every long-running command (``produce``, ``consume``) serves, on CRM_ERP_SYNC_HT
   process (a hung query, a dead lock) fails it and is restarted by its supervisor.
 - ``/readyz`` doing its job:
   - consume: connected to the group with partitions assigned, and not stalled (a transient
-    failure, ERP or broker, has not kept it retrying for CRM_ERP_SYNC_READINESS_STALL_S),
+    failure, ERP or broker, has not kept it retrying for CRM_ERP_SYNC_READINESS_STALL_S, nor
+    has one step of its loop been blocked that long: an ERP lock, a hung query),
     and not degraded (the dead-letter circuit breaker keeps a partition paused: 503 with
     state "degraded" and the breaker's messages, until `crm-erp-sync resume`), and a member
     of its group as the broker sees it (503 "outside_group" while it is not; it rejoins by
@@ -16,9 +17,9 @@ Every long-running command (``produce``, ``consume``) serves, on CRM_ERP_SYNC_HT
     "outside_apply_window" and the time it opens: it is in its group and waits by design;
   - both: not while a connection to the broker or a database is lost and being
     re-established (``state: reconnecting`` with the reason);
-  - produce: the active producer holds the capture lock and is not stalled; a standby that
-    is connected to the CRM and waiting for the lock is ready too (it is doing what a
-    standby must; were it "not ready", every rollout and node drain would wait on it
+  - produce: the active producer holds the capture lock and is not stalled (as above); a
+    standby that is connected to the CRM and waiting for the lock is ready too (it is doing
+    what a standby must; were it "not ready", every rollout and node drain would wait on it
     forever). ``crm_erp_sync_producer_active`` tells the two apart.
 - ``/metrics`` Prometheus text format, from the process's own registry.
 
@@ -114,6 +115,12 @@ class Health:
             if failing_s > self.stall_s:
                 body["state"] = "stalled"
                 return False, body
+        if body["last_loop_s_ago"] > self.stall_s:
+            # one step has not returned for that long: a query waiting on an ERP lock, a hung
+            # call (liveness fails later, at liveness_timeout_s, and restarts the process)
+            body["state"] = "stalled"
+            body["reason"] = "the main loop has not iterated (blocked in a call)"
+            return False, body
         if self._outside_group is not None:
             body["state"] = "outside_group"
             body["outside_group"] = self._outside_group

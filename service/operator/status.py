@@ -13,7 +13,9 @@ Needs attention (exit 1) when any of:
 - the group's total lag exceeds ``--max-lag`` (default 10000 events);
 - a consumer that reported itself recently (``sync.consumer_membership``) is not a member of
   the group as the broker lists it (it rejoins by itself; if it stays out, look at it);
-- events are waiting (lag) but the group has no member;
+- events are waiting (lag) but the group has no member, or the broker lists members but none
+  has reported from its loop for ``STALE_AFTER_S`` (a consumer blocked in a call: an ERP lock,
+  a hung query);
 - capture is stopped because a captured table breaks the source contract (a mapped column
   renamed, dropped or retyped, replica identity not FULL): the producer records it in
   ``crm_erp_sync.contract_violations`` (table, column, problem, the SQL that fixes it);
@@ -52,7 +54,7 @@ from service.cdc import slot_guard
 from service.cdc.capture import CONTRACT_TABLE, OWN_SCHEMA, TRUNCATES_TABLE
 from service.cdc.producer import lock_key
 from service.cdc.profile import load_profile
-from service.consumer.mappings_watch import live_members
+from service.consumer.mappings_watch import STALE_AFTER_S, live_members
 from service.erp.mappings import Mappings
 from service.errors import ConfigError, StackUnavailable
 from service.kafka_io import make_admin
@@ -308,10 +310,11 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
                 "ORDER BY topic, partition", (settings.consumer_group,)).fetchall()]
         except psycopg.errors.UndefinedTable:  # an ERP set up before these tables
             reported, paused = [], []
+        reports_kept = True
         try:
             consumers = live_members(erp, settings.consumer_group)
         except psycopg.errors.UndefinedTable:  # an ERP set up before the table existed
-            consumers = []
+            consumers, reports_kept = [], False
         held = {r[0]: {"count": r[1], "oldest_held_at": r[2], "oldest_age_s": float(r[3])}
                 for r in erp.execute(
                     "SELECT reason, count(*), min(held_at), "
@@ -408,6 +411,14 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
     if not any(m.in_group for m in status.members) and status.total_lag > 0:
         status.attention.append(f"{status.total_lag} event(s) wait but group "
                                 f"{settings.consumer_group} has no member: start a consumer")
+    elif status.total_lag > 0 and listed and reports_kept and not consumers and not closed:
+        # In the group (kafka-python's heartbeat thread keeps it there) but no consumer's loop
+        # has reported: each reports every few seconds between batches.
+        status.attention.append(
+            f"{status.total_lag} event(s) wait and no consumer of group "
+            f"{settings.consumer_group} has reported in {STALE_AFTER_S:g}s although the broker "
+            "lists members: a consumer is blocked in a call (an ERP lock or a hung query: "
+            "look at its /readyz and the ERP's pg_stat_activity)")
     for p in paused:
         status.attention.append(f"{p['topic']}[{p['partition']}] paused by {p['paused_by']} "
                                 f"since {when(p['paused_at'])} ({p['reason']}): "

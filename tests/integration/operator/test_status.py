@@ -11,6 +11,7 @@ import pytest
 
 from service.avro import SchemaRegistry
 from service.cdc.producer import CdcProducer
+from service.kafka_io import make_consumer
 from tests.conftest import SyncEnv
 from tests.helpers import wait_until
 from tests.integration.conftest import Cli, Running
@@ -99,3 +100,38 @@ def test_status_names_an_invalid_mappings_file_or_profile(
     assert text.code == 1
     assert "mappings file invalid (CRM_ERP_SYNC_MAPPINGS_FILE)" in text.out
     assert "Traceback" not in text.out + text.err and "unexpected_error" not in text.err
+
+
+def test_status_names_members_that_stopped_reporting_while_events_wait(
+        sync_env: SyncEnv, cli: Cli, running: Running) -> None:
+    settings = sync_env.with_(membership_check_s=0.5)
+    producer = CdcProducer(settings, SchemaRegistry.load(settings.schemas_dir))
+    with sync_env.crm() as crm:
+        crm.execute("INSERT INTO crm.customers (family_name, given_name, phone) VALUES "
+                    "('王', '五', '13912345678')")
+    producer.run(until_idle=True)
+    consumer = running.start_consumer(settings)
+    with sync_env.erp() as erp:
+        wait_until(lambda: erp.execute("SELECT count(*) FROM erp.business_partners")
+                   .fetchone()[0] == 1 and erp.execute(
+                       "SELECT count(*) FROM sync.consumers").fetchone()[0] == 1,
+                   message="the customer applied, the consumer reporting itself")
+    running.stop(consumer)  # offsets committed; its report stays, then goes stale
+    with sync_env.crm() as crm:
+        crm.execute("INSERT INTO crm.customers (family_name, given_name, phone) VALUES "
+                    "('赵', '六', '13987654321')")
+    producer.run(until_idle=True)
+    # A member whose loop is blocked: kafka-python's heartbeat thread keeps it in the group,
+    # nothing reports. A plain consumer of the group stands in for it.
+    member = make_consumer(settings, settings.sales_topic, settings.market_topic)
+    try:
+        wait_until(lambda: member.poll(timeout_ms=200, max_records=1) is not None
+                   and bool(member.assignment()), message="the stand-in joined the group")
+        with sync_env.erp() as erp:
+            erp.execute("UPDATE sync.consumers SET seen_at = now() - interval '1 hour'")
+        st = cli(settings, "status", "--json")
+        assert st.code == 1, st.out
+        assert any("no consumer of group" in a and "has reported in 60s" in a
+                   for a in st.json["attention"]), st.json["attention"]
+    finally:
+        member.close()

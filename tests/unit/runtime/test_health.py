@@ -41,6 +41,23 @@ def test_liveness_goes_stale_and_readiness_stalls() -> None:
     assert not health.liveness()[0] and not health.readiness()[0]
 
 
+def test_a_loop_blocked_in_a_call_is_not_ready_long_before_it_is_not_alive() -> None:
+    # a batch waiting on an ERP lock: no failure to retry, the loop just does not come back
+    settings = dataclasses.replace(Settings(), liveness_timeout_s=30, readiness_stall_s=0.2)
+    health = Health(settings, ConsumerMetrics())
+    health.set_ready(True, "consuming", assigned_partitions=3)
+    health.beat()
+    assert health.readiness()[0]
+    deadline = time.monotonic() + 10
+    while health.readiness()[0] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ready, body = health.readiness()
+    assert not ready and body["state"] == "stalled" and "blocked" in body["reason"]
+    assert health.liveness()[0]  # not restarted for it yet
+    health.beat()
+    assert health.readiness()[0]
+
+
 def test_a_lost_connection_is_not_ready_at_once_with_its_reason() -> None:
     health = Health(Settings(), ProducerMetrics())  # stall window 60 s: not what decides
     health.set_ready(True, "active", role="active")

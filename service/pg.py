@@ -11,6 +11,12 @@ credentials on its maintenance database, whether our database exists (``pg_datab
 missing database, or else the user was refused (password, pg_hba.conf, CONNECT privilege).
 Should psycopg ever report the SQLSTATE (``InvalidPassword``, ``InvalidAuthorizationSpecification``,
 ``InvalidCatalogName``), its class decides directly.
+
+A refusal the probe cannot tell from bad credentials is also what a server says when the
+role's or the database's connection limit is reached ("too many connections", 53300) or the
+database does not allow connections (55000). So a DSN that has connected before in this
+process is refused transiently (DatabaseUnreachable, retried: a long-running consumer keeps
+going and says why on /readyz); only a DSN that never connected is a configuration error.
 """
 
 from __future__ import annotations
@@ -39,9 +45,15 @@ def connect(dsn: str, what: str, *, autocommit: bool = True,
     Raises DatabaseUnreachable (a StackUnavailable: transient), DatabaseAuthFailed or
     DatabaseMissing (ConfigErrors: permanent until the configuration is fixed)."""
     try:
-        return psycopg.connect(dsn, autocommit=autocommit, connect_timeout=CONNECT_TIMEOUT_S)
+        conn = psycopg.connect(dsn, autocommit=autocommit, connect_timeout=CONNECT_TIMEOUT_S)
     except psycopg.OperationalError as exc:
         raise classify_connect_error(dsn, what, exc, setting) from exc
+    _CONNECTED.add(dsn)
+    return conn
+
+
+# The DSNs this process has connected with (see the module docstring); a handful at most.
+_CONNECTED: set[str] = set()
 
 
 def classify_connect_error(dsn: str, what: str, exc: psycopg.OperationalError,
@@ -54,7 +66,9 @@ def classify_connect_error(dsn: str, what: str, exc: psycopg.OperationalError,
     auth = DatabaseAuthFailed(
         variable, f"{what} database: PostgreSQL at {where} refused user {user!r} for "
                   f"database {dbname!r} (wrong password, pg_hba.conf, or no CONNECT "
-                  "privilege); fix the DSN's credentials or the role's grants")
+                  "privilege; or, for now, the role's or database's connection limit, or "
+                  "the database closed to connections); fix the DSN's credentials or the "
+                  "role's grants, or try again")
     missing = DatabaseMissing(
         variable, f"{what} database {dbname!r} does not exist on PostgreSQL at {where} "
                   f"(user {user!r} could log in); create it or fix the DSN's database name")
@@ -67,6 +81,12 @@ def classify_connect_error(dsn: str, what: str, exc: psycopg.OperationalError,
         f"connections at {where}); is the stack up? (make up)")
     if exc.sqlstate is not None or not _server_answers(dsn):
         return unreachable
+    if dsn in _CONNECTED:
+        return DatabaseUnreachable(
+            f"{what} database: PostgreSQL at {where} refused user {user!r} for database "
+            f"{dbname!r}, which it accepted before in this process (a connection limit "
+            "reached, the database closed to connections or dropped, or the credentials "
+            "changed); retrying")
     exists = _database_exists(dsn, str(params.get("dbname") or ""))
     if exists is False:
         return missing

@@ -105,3 +105,19 @@ def test_filters_ids_and_snapshot_arguments_are_checked(sync_env: SyncEnv, cli: 
     with sync_env.crm() as crm:
         assert crm.execute("SELECT keys::text[], chunk_size FROM crm_erp_sync.snapshots "
                            "WHERE reason = 'ad-hoc'").fetchall() == [([str(cid)], 10)]
+
+
+def test_a_refusal_of_a_dsn_that_connected_before_is_transient(sync_env: SyncEnv) -> None:
+    erp = sync_env.settings.erp_dsn
+    database = urlsplit(erp).path.lstrip("/")
+    pg.connect(erp, "ERP").close()  # these credentials work
+    with pg.connect(with_dsn(erp, database="postgres"), "admin") as admin:
+        admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        try:
+            # what a consumer meets when the database is closed to connections or its
+            # connection limit is reached: retried, not a configuration error
+            with pytest.raises(DatabaseUnreachable, match="accepted before"):
+                pg.connect(erp, "ERP")
+        finally:
+            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+    pg.connect(erp, "ERP").close()

@@ -10,7 +10,8 @@ Every long-running command (``produce``, ``consume``) serves, on CRM_ERP_SYNC_HT
     failure, ERP or broker, has not kept it retrying for CRM_ERP_SYNC_READINESS_STALL_S, nor
     has one step of its loop been blocked that long: an ERP lock, a hung query),
     and not degraded (the dead-letter circuit breaker keeps a partition paused: 503 with
-    state "degraded" and the breaker's messages, until `crm-erp-sync resume`), and a member
+    state "degraded" and the breaker's messages, until `crm-erp-sync resume`; a partition an
+    operator paused is still ready, state "paused_by_operator": planned), and a member
     of its group as the broker sees it (503 "outside_group" while it is not; it rejoins by
     itself, service/consumer/membership.py);
     Outside its apply window (CRM_ERP_SYNC_APPLY_WINDOW) a consumer is ready, with state
@@ -53,6 +54,7 @@ class Health:
         self._failing_since: float | None = None
         self._disconnected: str | None = None
         self._degraded: list[str] = []
+        self._operator_paused: list[str] = []
         self._outside_group: str | None = None
         self._window_closed_until: Any = None
         self._window = ""
@@ -68,6 +70,12 @@ class Health:
     def set_degraded(self, reasons: list[str]) -> None:
         """Partitions paused by the circuit breaker (one message each); [] when none."""
         self._degraded = list(reasons)
+
+    def set_operator_paused(self, reasons: list[str]) -> None:
+        """Partitions an operator paused (`crm-erp-sync pause`; one message each). Still
+        ready, like a closed apply window: a planned pause must not stall every rollout; the
+        body lists them, and `status` names each until `resume`."""
+        self._operator_paused = list(reasons)
 
     def set_membership(self, outside: str | None) -> None:
         """Why this consumer is outside its group (service/consumer/membership.py); None
@@ -129,6 +137,9 @@ class Health:
             body["state"] = "degraded"
             body["breaker_open"] = self._degraded
             return False, body
+        if self._operator_paused:
+            body["state"] = "paused_by_operator"
+            body["operator_paused"] = self._operator_paused
         if self._window_closed_until is not None:
             body["state"] = "outside_apply_window"
             body["apply_window"] = self._window

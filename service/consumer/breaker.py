@@ -200,5 +200,5 @@ class BreakerControl:
             self.metrics.breaker_open.labels(topic, str(partition)).set(1)
         for topic, partition in self.paused:
             self.metrics.paused.labels(topic, str(partition)).set(1)
-        self.health.set_degraded([t.message for t in self.open.values()]
-                                 + list(self.paused.values()))
+        self.health.set_degraded([t.message for t in self.open.values()])
+        self.health.set_operator_paused(list(self.paused.values()))

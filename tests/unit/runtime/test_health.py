@@ -86,6 +86,19 @@ def test_a_tripped_breaker_makes_readiness_degraded() -> None:
     assert health.readiness()[0]
 
 
+def test_an_operator_pause_is_planned_and_stays_ready() -> None:
+    health = Health(Settings(), ConsumerMetrics())
+    health.set_ready(True, "consuming", assigned_partitions=3)
+    health.beat()
+    paused = "crm.sales[2] paused by ops (nightly load)"
+    health.set_operator_paused([paused])
+    ready, body = health.readiness()
+    assert ready and body["state"] == "paused_by_operator"
+    assert body["operator_paused"] == [paused] and "breaker_open" not in body
+    health.set_degraded(["tripped: 62% ..."])  # a tripped breaker still is not ready
+    assert health.readiness()[1]["state"] == "degraded" and not health.readiness()[0]
+
+
 def test_endpoints_over_http() -> None:
     metrics = ConsumerMetrics()
     health = Health(Settings(), metrics)

@@ -464,7 +464,11 @@ def _redrive_one(applier: ErpApplier, conn: PgConn, d: Letter, record: Any, acto
                                                         record.timestamp, d.key, record.value))
             held = env.held
             if env.error is not None:
-                error = f"{type(env.error).__name__}: {env.error.reason}"
+                # A redrive re-runs the event as the CRM sent it then; a fix made in the CRM
+                # since comes as a newer event, held behind this letter.
+                error = (f"{type(env.error).__name__}: {env.error.reason} (the letter holds the "
+                         "event as the CRM sent it; if the CRM row was fixed since, `dlq "
+                         "discard` this letter and the newer events held behind it apply)")
         released = 0
         if error is not None:
             outcome = "failed_again"

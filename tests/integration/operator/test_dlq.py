@@ -99,6 +99,7 @@ def test_redrive_after_a_mapping_fix_then_discard(sync_env: SyncEnv, cli: Cli,
     assert dry.code == 1 and dry.json["outcomes"][0]["outcome"] == "would_fail_again"
     again = cli(s_bad, "dlq", "redrive", str(order_id), "--actor", "ops-1", "--json")
     assert again.code == 1 and again.json["outcomes"][0]["outcome"] == "failed_again"
+    assert "`dlq discard` this letter" in again.json["outcomes"][0]["detail"]
     with sync_env.erp() as erp:
         assert erp.execute("SELECT state, last_error FROM sync.dead_letters "
                            "WHERE dead_letter_id = %s", (order_id,)).fetchone()[0] == \

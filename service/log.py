@@ -63,20 +63,36 @@ def redact_processor(
     return event_dict
 
 
+# The libraries' own loggers (kafka-python, psycopg) go through the same redaction and
+# renderer at WARNING and above: their INFO is chatter, and Python's last-resort handler
+# printed their warnings as plain text lines among the JSON ones.
+LIBRARY_LEVEL = logging.WARNING
+
+
 def configure(level: str = "info", fmt: str = "json") -> None:
     renderer: Any
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=False)
     else:
         renderer = structlog.processors.JSONRenderer(ensure_ascii=False)
+    exceptions = structlog.processors.ExceptionRenderer(
+        structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_log_level, structlog.stdlib.add_logger_name,
+                           timestamper],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, exceptions,
+                    redact_processor, renderer]))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(LIBRARY_LEVEL)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.ExceptionRenderer(
-                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
-            ),
+            timestamper,
+            exceptions,
             redact_processor,
             renderer,
         ],

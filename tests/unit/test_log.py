@@ -193,3 +193,22 @@ def test_console_format_is_redacted_too(capsys: pytest.CaptureFixture[str]) -> N
     err = capsys.readouterr().err
     assert "hello" in err and "crm.sales" in err
     assert "13812345678" not in err
+
+
+def test_a_library_warning_is_one_redacted_json_line_and_its_info_is_dropped(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    configure(level="debug", fmt="json")  # binds the handler to the captured stderr
+    try:
+        lib = logging.getLogger("psycopg")
+        lib.info("chatter")
+        lib.warning("error ignored terminating %s: pipeline aborted", "conn 13912345678")
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        [record] = [json.loads(line) for line in lines]  # every line JSON, INFO dropped
+        assert record["level"] == "warning" and record["logger"] == "psycopg"
+        assert record["event"] == f"error ignored terminating conn {REDACTED}: pipeline aborted"
+        assert "timestamp" in record
+    finally:
+        logging.getLogger().handlers = []
+        structlog.reset_defaults()

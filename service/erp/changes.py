@@ -154,6 +154,18 @@ def _decimal(text: str | None, field: str) -> Decimal | None:
     return value
 
 
+def _purchase_amount(text: str | None) -> Decimal | None:
+    """The customer's purchase amount, exact; one too large for the ERP's amounts (12 digits
+    before the decimal point, ``transform.MAX_AMOUNT``, as order amounts) is refused naming
+    the field, where the ERP refused the whole row at apply ("numeric field overflow", no
+    column named)."""
+    amount = _decimal(text, "purchase_amount")
+    if amount is not None and abs(amount) >= tf.MAX_AMOUNT:
+        raise MappingError("purchase_amount", text, "amount is too large for the ERP (12 "
+                                                    "digits at most before the decimal point)")
+    return amount
+
+
 def _full_name(after: dict[str, Any]) -> str:
     if after.get("family_name") or after.get("given_name"):
         return tf.full_name(after.get("family_name"), after.get("given_name"),
@@ -193,7 +205,7 @@ def partner_row(record: dict[str, Any], mappings: Mappings) -> PartnerRow:
                           None, None, None, None, None, None, None, None, None, pos)
     address = _address(after)
     phones = tf.parse_phones(after.get("phone"), mappings)
-    amount = _decimal(after.get("purchase_amount"), "purchase_amount")
+    amount = _purchase_amount(after.get("purchase_amount"))
     birth_date = after.get("birth_date")
     return PartnerRow(
         crm_customer_id=record["key"],

@@ -472,9 +472,9 @@ def _parse_cn_address(raw: str, field: str) -> Address:
 # --- numbers: money and quantities -------------------------------------------------------
 
 _NUMBER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
-_CENT: Final = Decimal("0.01")
+CENT: Final = Decimal("0.01")
 _MILLI: Final = Decimal("0.001")
-_MAX_AMOUNT: Final = Decimal(10) ** 12    # erp numeric(14, 2)
+MAX_AMOUNT: Final = Decimal(10) ** 12    # erp numeric(14, 2)
 _MAX_QUANTITY: Final = Decimal(10) ** 11  # erp numeric(14, 3)
 _MONEY_TEXT = re.compile(r"(?P<pre>[^\d\s+\-.,]*)\s*(?P<num>[+-]?[\d.,]+)\s*(?P<post>.*)")
 _QUANTITY_TEXT = re.compile(r"(?P<num>[+-]?[\d.,]+)\s*(?P<unit>.*)")
@@ -517,10 +517,10 @@ def parse_money(value: str | Decimal | int, currency_word: str | None, mappings:
         raise MappingError(field, value, "amount is not a finite number")
     if amount < 0:
         raise MappingError(field, value, "amount is negative")
-    if amount >= _MAX_AMOUNT:
+    if amount >= MAX_AMOUNT:
         raise MappingError(field, value, "amount is too large for the ERP (12 digits at most "
                                          "before the decimal point)")
-    exact = amount.quantize(_CENT)
+    exact = amount.quantize(CENT)
     if exact != amount:
         raise MappingError(field, value, "amount has more than two decimal places")
 

@@ -126,7 +126,8 @@ def test_customer_delete_is_a_tombstone(mappings: Mappings) -> None:
 
 @pytest.mark.parametrize(("text", "value"), [("5000.00", Decimal("5000.00")),
                                              (" 0.10 ", Decimal("0.10")),
-                                             ("1E-8", Decimal("0.00000001"))])
+                                             ("1E-8", Decimal("0.00000001")),
+                                             ("999999999999.99", Decimal("999999999999.99"))])
 def test_amount_text_becomes_an_exact_decimal(mappings: Mappings, text: str,
                                               value: Decimal) -> None:
     partner = to_erp("customer", customer_event(customer(purchase_amount=text)),
@@ -134,7 +135,8 @@ def test_amount_text_becomes_an_exact_decimal(mappings: Mappings, text: str,
     assert partner is not None and partner.purchase_amount == value
 
 
-@pytest.mark.parametrize("text", ["NaN", "-Infinity", "12,50", "五千"])
+@pytest.mark.parametrize("text", ["NaN", "-Infinity", "12,50", "五千", "1e400",
+                                  "1000000000000", "-1000000000000.00"])
 def test_amount_that_is_not_a_finite_number_is_refused(mappings: Mappings, text: str) -> None:
     with pytest.raises(MappingError) as info:
         to_erp("customer", customer_event(customer(purchase_amount=text)), mappings)

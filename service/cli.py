@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import json
 import os
 import select
@@ -98,12 +99,28 @@ def _profile_check(conn: Any, profile: Any) -> Any:
                              "tables)")
 
 
+def freeze_startup_heap() -> None:
+    """Move every object alive now (modules, schemas, the consumer's division data) into the
+    garbage collector's permanent generation (``gc.freeze``), called once a long-running
+    process has loaded what it keeps for life.
+
+    Why: CPython's full collections walk every tracked object; a consumer holds ~82,000 from
+    start-up (56,000 of imports, 25,000 of the GB/T 2260 division data), and each full
+    collection took 16-23 ms of its loop (more on a busy machine), landing in the commit ->
+    ERP latency of whatever batch was in flight. Frozen objects are never scanned (and
+    never freed: they live as long as the process anyway). The collector keeps running for
+    everything allocated later."""
+    gc.collect()
+    gc.freeze()
+
+
 def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
     from service.avro import SchemaRegistry
     from service.cdc.producer import CdcProducer
 
     producer = CdcProducer(settings, SchemaRegistry.load(settings.schemas_dir))
     _on_sigterm(producer.stop, settings.shutdown_timeout_s)
+    freeze_startup_heap()
     stats = producer.run(until_idle=args.until_idle)
     structlog.get_logger("cli").info("producer_stopped", transactions=stats.transactions,
                                      events=stats.events, snapshot_rows=stats.snapshot_rows)
@@ -112,9 +129,12 @@ def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_consume(settings: Settings, args: argparse.Namespace) -> int:
     from service.consumer.pipeline import ErpConsumer
+    from service.erp.divisions import divisions
 
     consumer = ErpConsumer(settings)
     _on_sigterm(consumer.stop, settings.shutdown_timeout_s)
+    divisions()  # loaded for life by the first address anyway: loaded now, to be frozen
+    freeze_startup_heap()
     # SIGHUP: re-read the mappings file now (it is also checked every MAPPINGS_CHECK_S).
     signal.signal(signal.SIGHUP, lambda _signum, _frame: consumer.watcher.request_reload())
     stats = consumer.run(until_idle_s=args.until_idle, until_caught_up=args.until_caught_up)

@@ -173,3 +173,15 @@ def test_config_names_an_invalid_mappings_file_and_its_key(tmp_path: Path) -> No
     assert "mappings file invalid (CRM_ERP_SYNC_MAPPINGS_FILE)" in done.stderr
     assert f'{broken}: order_status."已发货": must be a quoted string' in done.stderr
     assert run("config").returncode == 0  # the shipped files are valid
+
+
+def test_a_long_running_process_freezes_what_it_loaded_at_start() -> None:
+    # in a child: gc.freeze is for the process's whole life
+    code = ("import gc, service.consumer.pipeline\n"
+            "from service.erp.divisions import divisions\n"
+            "from service.cli import freeze_startup_heap\n"
+            "divisions(); before = len(gc.get_objects()); freeze_startup_heap()\n"
+            "print(gc.get_freeze_count() >= before * 0.9, len(gc.get_objects()) < 1000)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.stdout.split() == ["True", "True"], done.stderr

@@ -43,10 +43,8 @@ def test_liveness_goes_stale_and_readiness_stalls() -> None:
 
 def test_a_loop_blocked_in_a_call_is_not_ready_long_before_it_is_not_alive() -> None:
     # a batch waiting on an ERP lock: no failure to retry, the loop just does not come back
-    settings = dataclasses.replace(Settings(), liveness_timeout_s=30, readiness_stall_s=0.2)
-    health = Health(settings, ConsumerMetrics())
-    health.set_ready(True, "consuming", assigned_partitions=3)
-    health.beat()
+    health = consuming(dataclasses.replace(Settings(), liveness_timeout_s=30,
+                                           readiness_stall_s=0.2))
     assert health.readiness()[0]
     deadline = time.monotonic() + 10
     while health.readiness()[0] and time.monotonic() < deadline:
@@ -73,10 +71,16 @@ def test_a_lost_connection_is_not_ready_at_once_with_its_reason() -> None:
     assert ready and body["state"] == "active" and "reason" not in body
 
 
-def test_a_tripped_breaker_makes_readiness_degraded() -> None:
-    health = Health(Settings(), ConsumerMetrics())
+def consuming(settings: Settings | None = None) -> Health:
+    """A consumer's health once it is in its group with partitions, its loop just beaten."""
+    health = Health(settings or Settings(), ConsumerMetrics())
     health.set_ready(True, "consuming", assigned_partitions=3)
     health.beat()
+    return health
+
+
+def test_a_tripped_breaker_makes_readiness_degraded() -> None:
+    health = consuming()
     message = "tripped: 62% of the last 200 messages on crm.sales[1] were dead letters"
     health.set_degraded([message])
     ready, body = health.readiness()
@@ -87,9 +91,7 @@ def test_a_tripped_breaker_makes_readiness_degraded() -> None:
 
 
 def test_an_operator_pause_is_planned_and_stays_ready() -> None:
-    health = Health(Settings(), ConsumerMetrics())
-    health.set_ready(True, "consuming", assigned_partitions=3)
-    health.beat()
+    health = consuming()
     paused = "crm.sales[2] paused by ops (nightly load)"
     health.set_operator_paused([paused])
     ready, body = health.readiness()

@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("consume", help="apply CRM events to the ERP (a consumer-group member)")
     until = p.add_mutually_exclusive_group()
-    until.add_argument("--until-idle", type=argtypes.seconds(), metavar="SECONDS",
+    until.add_argument("--until-idle", type=argtypes.seconds, metavar="SECONDS",
                        help="exit after this many seconds without messages")
     until.add_argument("--until-caught-up", action="store_true",
                        help="apply everything up to the end offsets seen at start, then exit 0 "

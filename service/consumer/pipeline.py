@@ -808,7 +808,6 @@ class ErpApplier:
                         error=_error_class(d.error), field=getattr(d.error, "field", None))
         self._supersede_older_letters(conn, letters)
 
-
     def _supersede_older_letters(self, conn: PgConn, letters: list[dlq.DeadLetter]) -> None:
         """A newer failing event of a full-state kind supersedes its key's older unresolved
         letters of that kind: each re-snapshot (``resync``, ``snapshot``) of a CRM row whose

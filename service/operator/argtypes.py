@@ -30,16 +30,16 @@ def whole(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def seconds(*, zero: bool = True) -> Callable[[str], float]:
-    """A finite duration in seconds: 0 or more, or above 0 when ``zero`` is False."""
-    allowed = "0 or more seconds" if zero else "a positive number of seconds"
+def number(expected: str, allowed: str, above_zero: bool) -> Callable[[str], float]:
+    """A finite number, 0 or more (above 0 when ``above_zero``); ``expected`` and
+    ``allowed`` word the two refusals (not a number, out of range)."""
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from exc
-        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from exc
+        if not math.isfinite(value) or value < 0 or (value == 0 and above_zero):
             raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
         return value
 
@@ -47,15 +47,8 @@ def seconds(*, zero: bool = True) -> Callable[[str], float]:
     return parse
 
 
-def rate(text: str) -> float:
-    """Events per second: a finite number above 0."""
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a number per second, got {text!r}") from exc
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be above 0 per second, got {text}")
-    return value
+seconds = number("seconds", "0 or more seconds", above_zero=False)  # a duration
+rate = number("a number per second", "above 0 per second", above_zero=True)  # events/s
 
 
 SNAPSHOT_MAX_CHUNK = 100_000

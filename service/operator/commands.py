@@ -747,7 +747,7 @@ def register(sub: Any) -> None:
                "CRM row no longer exists (each only if unchanged since compared).\n\n"
                "Exit 0 done (or nothing to do), 1 the consumers did not catch up within --wait\n"
                "(run it again: it does only what is left) or the slot is held by a process.")
-    p.add_argument("--wait", type=argtypes.seconds(), default=300.0, metavar="SECONDS",
+    p.add_argument("--wait", type=argtypes.seconds, default=300.0, metavar="SECONDS",
                    help="how long to wait for the consumers before the delete pass "
                         "(default 300)")
     p.add_argument("--chunk-size", type=argtypes.chunk_size, default=5000, metavar="N",
@@ -773,7 +773,7 @@ def register(sub: Any) -> None:
     p.add_argument("--limit", type=argtypes.count, default=20, metavar="N",
                    help="keys listed per entity and kind in the table (default 20, 0 = all; "
                         "--json always lists all)")
-    p.add_argument("--wait", type=argtypes.seconds(), default=120.0, metavar="SECONDS",
+    p.add_argument("--wait", type=argtypes.seconds, default=120.0, metavar="SECONDS",
                    help="with --repair, how long to wait for convergence (default 120)")
     p.set_defaults(func=cmd_reconcile)
 

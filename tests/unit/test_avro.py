@@ -403,8 +403,21 @@ def test_load_refuses_invalid_schema_files(tmp_path: Path, name: str, text: str)
         SchemaRegistry.load(tmp_path)
 
 
+def order_lines_changed() -> dict[str, Any]:
+    """An order event whose lines were updated, deleted and one left empty of both rows."""
+    event = order_event()
+    event["op"], event["before"] = "UPDATE", order_header()
+    event["lines"] = [
+        {"op": "UPDATE", "before": order_line(1, "5000.00"), "after": order_line(1, "4500.00")},
+        {"op": "DELETE", "before": order_line(2, "0.01"), "after": None},
+        {"op": "DELETE", "before": None, "after": None},
+    ]
+    return event
+
+
 @pytest.mark.parametrize("event", [customer_event(), customer_event(before=None),
-                                   order_event()], ids=["update", "create", "order"])
+                                   order_event(), order_lines_changed()],
+                         ids=["update", "create", "order", "order-lines-changed"])
 def test_encode_names_the_record_branch_and_writes_what_fastavro_writes(
         registry: SchemaRegistry, event: dict[str, Any]) -> None:
     kind = "order" if "lines" in event else "customer"
@@ -424,3 +437,15 @@ def test_encode_still_refuses_a_row_that_does_not_fit(registry: SchemaRegistry) 
         registry.encode("customer", customer_event(after=bad))
     with pytest.raises(TypeError):
         registry.encode("customer", customer_event(after=customer(key=None)))
+
+
+def test_encode_still_refuses_a_line_that_does_not_fit(registry: SchemaRegistry) -> None:
+    event = order_lines_changed()
+    kept = json.dumps(event, default=str, sort_keys=True)
+    del event["lines"][0]["after"]["order_key"]
+    with pytest.raises(ValueError):
+        registry.encode("order", event)
+    event = json.loads(kept)
+    event["lines"][1]["before"]["quantity"] = 10
+    with pytest.raises((TypeError, ValueError)):
+        registry.encode("order", order_lines_changed() | {"lines": event["lines"]})

@@ -456,7 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
-        print(f"crm-erp-sync: configuration error: {exc}", file=sys.stderr)
+        for variable, problem in exc.problems:  # every one found, one per line
+            print(f"crm-erp-sync: configuration error: {variable}: {problem}", file=sys.stderr)
         return EXIT_USAGE
     log.configure(settings.log_level, settings.log_format)
     for name, closest in unknown_env_vars():
@@ -477,7 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _report_bug(exc)
         return EXIT_ATTENTION
     except ConfigError as exc:
-        print(f"crm-erp-sync: {exc}", file=sys.stderr)
+        for variable, problem in exc.problems:
+            print(f"crm-erp-sync: {variable}: {problem}", file=sys.stderr)
         return EXIT_USAGE
     except StackUnavailable as exc:
         print(f"crm-erp-sync: {exc}", file=sys.stderr)

@@ -165,6 +165,17 @@ def test_every_command_refuses_a_missing_file_or_zone_naming_the_variable(
     assert f"configuration error: {variable}: {says}" in done.stderr
 
 
+def test_every_configuration_error_is_its_own_line() -> None:
+    done = run("status", CRM_ERP_SYNC_LOG_FORMAT="xml", CRM_ERP_SYNC_TOPIC_PARTITIONS="six",
+               CRM_ERP_SYNC_MAPPINGS_FILE="/nonexistent")
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 3 and all(
+        line.startswith("crm-erp-sync: configuration error: CRM_ERP_SYNC_") for line in lines)
+    for variable in ("LOG_FORMAT", "TOPIC_PARTITIONS", "MAPPINGS_FILE"):
+        assert any(f"CRM_ERP_SYNC_{variable}: " in line for line in lines), variable
+
+
 def test_config_names_an_invalid_mappings_file_and_its_key(tmp_path: Path) -> None:
     broken = tmp_path / "mappings.toml"
     broken.write_text('[order_status]\n"已发货" = 42\n', encoding="utf-8")

@@ -196,3 +196,18 @@ def test_a_long_running_process_freezes_what_it_loaded_at_start() -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                           text=True, timeout=60, check=False)
     assert done.stdout.split() == ["True", "True"], done.stderr
+
+
+def test_setup_says_what_it_created_and_what_was_there() -> None:
+    from service.cli import setup_lines
+    from service.settings import Settings
+    from service.setup import SetupReport
+
+    settings = Settings()
+    created = setup_lines(settings, SetupReport(["crm.sales", "crm.dlq"], True))
+    assert created[:2] == ["topics: created crm.sales, crm.dlq",
+                           "demo CRM tables: created (the CRM had none)"]
+    assert settings.publication_name in created[2] and settings.slot_name in created[2]
+    again = setup_lines(settings, SetupReport([], False))
+    assert again[0] == "topics: all existed already"
+    assert not any("demo CRM" in line or "{" in line for line in again)

@@ -14,7 +14,7 @@ import select
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -28,6 +28,9 @@ from service.errors import (
 )
 from service.operator import argtypes
 from service.settings import Settings, unknown_env_vars
+
+if TYPE_CHECKING:
+    from service.setup import SetupReport
 
 EXIT_OK, EXIT_ATTENTION, EXIT_USAGE, EXIT_UNAVAILABLE = (
     exit_codes.OK, exit_codes.ATTENTION, exit_codes.USAGE, exit_codes.UNAVAILABLE)
@@ -56,9 +59,24 @@ def cmd_setup(settings: Settings, args: argparse.Namespace) -> int:
     if args.check:
         return cmd_setup_check(settings, args)
     report = run_setup(settings, demo_crm=not args.no_demo_schema)
-    print(json.dumps({"topics_created": report.topics_created,
-                      "demo_crm_schema_created": report.demo_crm_schema}, ensure_ascii=False))
+    if args.json:  # kept byte for byte: scripts parse it
+        print(json.dumps({"topics_created": report.topics_created,
+                          "demo_crm_schema_created": report.demo_crm_schema},
+                         ensure_ascii=False))
+        return EXIT_OK
+    print("\n".join(setup_lines(settings, report)))
     return EXIT_OK
+
+
+def setup_lines(settings: Settings, report: SetupReport) -> list[str]:
+    """`setup`'s text output (without --json): what it created, what was there already."""
+    return ["topics: " + (f"created {', '.join(report.topics_created)}"
+                          if report.topics_created else "all existed already"),
+            *(["demo CRM tables: created (the CRM had none)"] if report.demo_crm_schema
+              else []),
+            f"CRM: publication {settings.publication_name} and schema crm_erp_sync in place "
+            f"(the producer creates its slot {settings.slot_name} when it first starts)",
+            "ERP: schema sync in place"]
 
 
 def cmd_setup_check(settings: Settings, args: argparse.Namespace) -> int:
@@ -185,8 +203,14 @@ def cmd_snapshot(settings: Settings, args: argparse.Namespace) -> int:
             snapshot_id = request_snapshot(conn, profile, entity.entity, keys, args.chunk_size)
         except ValueError as exc:
             raise ConfigError("--key" if args.key else "--chunk-size", str(exc)) from exc
-    print(json.dumps({"snapshot_id": snapshot_id, "table": entity.table,
-                      "keys": args.key or "all"}, ensure_ascii=False))
+    if args.json:  # kept byte for byte: scripts parse it
+        print(json.dumps({"snapshot_id": snapshot_id, "table": entity.table,
+                          "keys": args.key or "all"}, ensure_ascii=False))
+        return EXIT_OK
+    rows = f"keys {', '.join(args.key)}" if args.key else "all rows"
+    print(f"requested snapshot {snapshot_id} of {entity.table} ({rows}): the producer "
+          f"publishes it in chunks of {args.chunk_size} rows while streaming; see "
+          "`crm-erp-sync snapshot list`")
     return EXIT_OK
 
 
@@ -350,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: the demo CRM's")
     p.add_argument("--role", metavar="ROLE",
                    help="with --check: the capture role to check (default: the CRM DSN's user)")
+    p.add_argument("--json", action="store_true",
+                   help="machine-readable output (not with --check, which prints its table)")
     p.set_defaults(func=cmd_setup)
 
     p = sub.add_parser("produce", help="capture CRM changes from the WAL and publish them")
@@ -374,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list the snapshot requests (newest first), or cancel a pending one")
     p.add_argument("id", nargs="?", type=argtypes.object_id, metavar="ID",
                    help="with cancel: the snapshot")
-    p.add_argument("--json", action="store_true", help="with list: machine-readable output")
+    p.add_argument("--json", action="store_true",
+                   help="machine-readable output (a new snapshot, or list)")
     p.add_argument("--table",
                    help="an entity (customer, order, market_demand) or its CRM table")
     p.add_argument("--key", action="append",
@@ -456,7 +483,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
-        print(f"crm-erp-sync: configuration error: {exc}", file=sys.stderr)
+        for variable, problem in exc.problems:  # every one found, one per line
+            print(f"crm-erp-sync: configuration error: {variable}: {problem}", file=sys.stderr)
         return EXIT_USAGE
     log.configure(settings.log_level, settings.log_format)
     for name, closest in unknown_env_vars():
@@ -477,7 +505,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _report_bug(exc)
         return EXIT_ATTENTION
     except ConfigError as exc:
-        print(f"crm-erp-sync: {exc}", file=sys.stderr)
+        for variable, problem in exc.problems:
+            print(f"crm-erp-sync: {variable}: {problem}", file=sys.stderr)
         return EXIT_USAGE
     except StackUnavailable as exc:
         print(f"crm-erp-sync: {exc}", file=sys.stderr)

@@ -6,6 +6,8 @@ Library errors (kafka-python, psycopg, fastavro) are translated at the boundary 
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -14,12 +16,47 @@ class SyncError(Exception):
 
 
 class ConfigError(SyncError):
-    """A setting is missing or malformed; the message names the variable."""
+    """A setting is missing or malformed; the message names the variable (or the file and
+    key). ``problems``: every (variable, problem) found in one go, in the order found; the
+    first is also ``variable``/``problem``. With several, str lists them one per line."""
 
-    def __init__(self, variable: str, problem: str) -> None:
-        super().__init__(f"{variable}: {problem}")
+    def __init__(self, variable: str, problem: str,
+                 more: Sequence[tuple[str, str]] = ()) -> None:
+        self.problems: tuple[tuple[str, str], ...] = ((variable, problem), *more)
+        super().__init__("\n".join(f"{v}: {p}" for v, p in self.problems))
         self.variable = variable
         self.problem = problem
+
+
+class ConfigProblems:
+    """Gathers the ConfigErrors of one validation so that a file with several mistakes is
+    reported in one go (one ConfigError listing all) rather than one fix-and-rerun at a
+    time. Checks that depend on an earlier part being valid should be skipped when it was
+    not (``clean_since``), so that one mistake is not reported again as its consequences."""
+
+    def __init__(self) -> None:
+        self.found: list[tuple[str, str]] = []
+
+    def add(self, variable: str, problem: str) -> None:
+        self.found.append((variable, problem))
+
+    @contextmanager
+    def gather(self) -> Iterator[None]:
+        """Runs a check that raises ConfigError; its problems are kept, not raised."""
+        try:
+            yield
+        except ConfigError as exc:
+            self.found.extend(exc.problems)
+
+    def clean_since(self, mark: int) -> bool:
+        """No problem was added since ``mark`` (an earlier ``len(self.found)``)."""
+        return len(self.found) == mark
+
+    def raise_if_any(self) -> None:
+        """Raises one ConfigError listing every problem gathered, if any."""
+        if self.found:
+            (variable, problem), *more = self.found
+            raise ConfigError(variable, problem, more)
 
 
 class StackUnavailable(SyncError):

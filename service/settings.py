@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.errors import ConfigError
+from service.errors import ConfigError, ConfigProblems
 
 if TYPE_CHECKING:
     from service.consumer.throttle import ApplyWindow
@@ -131,7 +131,9 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
-        from_file = _read_config_file(env, {f.name for f in dataclasses.fields(cls)})
+        problems = ConfigProblems()  # every mistake in one go, not one per run
+        from_file = _read_config_file(env, {f.name for f in dataclasses.fields(cls)},
+                                      problems)
         values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
             name = cls.env_var(field.name)
@@ -154,108 +156,114 @@ class Settings:
                     values[field.name] = Path(raw)
                 else:
                     values[field.name] = raw
-            except ValueError as exc:
-                raise ConfigError(
-                    name, f"expected {type(default).__name__}, got {raw!r}"
-                ) from exc
-        settings = cls(**values)
-        settings.validate()
+            except ValueError:
+                problems.add(name, f"expected {type(default).__name__}, got {raw!r}")
+        settings = cls(**values)  # a value that did not parse keeps its (valid) default
+        settings._check(problems)
+        problems.raise_if_any()
         return settings
 
     def validate(self) -> None:
+        """Raises one ConfigError listing every invalid setting (each naming its variable)."""
+        problems = ConfigProblems()
+        self._check(problems)
+        problems.raise_if_any()
+
+    def _check(self, problems: ConfigProblems) -> None:
         for name in ("topic_partitions", "topic_replication", "batch_max_events",
                      "producer_max_changes"):
             if getattr(self, name) < 1:
-                raise ConfigError(self.env_var(name), "must be at least 1")
+                problems.add(self.env_var(name), "must be at least 1")
         for name in ("batch_max_wait_ms", "producer_poll_ms", "orphan_hold_s"):
             if getattr(self, name) < 0:
-                raise ConfigError(self.env_var(name), "must not be negative")
+                problems.add(self.env_var(name), "must not be negative")
         for name in ("heartbeat_interval_s", "shutdown_timeout_s", "liveness_timeout_s",
                      "readiness_stall_s", "breaker_window_s", "breaker_poll_s",
                      "membership_check_s", "mappings_check_s", "pinning_xact_max_s",
                      "sql_peek_max_s", "sql_peek_backoff_max_s"):
             if not getattr(self, name) > 0:  # also refuses nan
-                raise ConfigError(self.env_var(name), "must be a positive number of seconds")
+                problems.add(self.env_var(name), "must be a positive number of seconds")
         if not self.breaker_max_ratio > 0:
-            raise ConfigError(self.env_var("breaker_max_ratio"),
-                              "must be a share of messages above 0 (0.5 = 50%; above 1: the "
-                              "breaker never trips)")
+            problems.add(self.env_var("breaker_max_ratio"),
+                         "must be a share of messages above 0 (0.5 = 50%; above 1: the "
+                         "breaker never trips)")
         if self.retained_wal_max_bytes < 1:
-            raise ConfigError(self.env_var("retained_wal_max_bytes"), "must be at least 1")
+            problems.add(self.env_var("retained_wal_max_bytes"), "must be at least 1")
         if self.breaker_min_messages < 1:
-            raise ConfigError(self.env_var("breaker_min_messages"), "must be at least 1")
+            problems.add(self.env_var("breaker_min_messages"), "must be at least 1")
         if not self.apply_max_rate >= 0:  # also refuses nan
-            raise ConfigError(self.env_var("apply_max_rate"),
-                              "must be changes per second per consumer, or 0 for no limit")
-        self._validate_files_and_zone()
+            problems.add(self.env_var("apply_max_rate"),
+                         "must be changes per second per consumer, or 0 for no limit")
+        self._validate_files_and_zone(problems)
         if self.apply_window:
             from service.consumer.throttle import ApplyWindow
 
             try:
                 ApplyWindow.parse(self.apply_window, self.apply_window_tz)
             except ValueError as exc:
-                zone_problem = str(exc).startswith("unknown time zone")
-                raise ConfigError(self.env_var("apply_window_tz" if zone_problem
-                                               else "apply_window"), str(exc)) from exc
+                # an unknown zone is reported once, by _validate_files_and_zone
+                if not str(exc).startswith("unknown time zone"):
+                    problems.add(self.env_var("apply_window"), str(exc))
         if not 0 <= self.http_port <= 65535:
-            raise ConfigError(self.env_var("http_port"),
-                              "must be a TCP port 1-65535, or 0 for no HTTP endpoints")
+            problems.add(self.env_var("http_port"),
+                         "must be a TCP port 1-65535, or 0 for no HTTP endpoints")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
-            raise ConfigError(self.env_var("log_level"),
-                              "must be one of debug, info, warning, error, critical")
+            problems.add(self.env_var("log_level"),
+                         "must be one of debug, info, warning, error, critical")
         if self.kafka_security_protocol not in KAFKA_SECURITY_PROTOCOLS:
-            raise ConfigError(self.env_var("kafka_security_protocol"),
-                              f"must be one of {', '.join(KAFKA_SECURITY_PROTOCOLS)}")
+            problems.add(self.env_var("kafka_security_protocol"),
+                         f"must be one of {', '.join(KAFKA_SECURITY_PROTOCOLS)}")
         if self.kafka_sasl_mechanism and not self.kafka_security_protocol.startswith("SASL_"):
-            raise ConfigError(self.env_var("kafka_sasl_mechanism"),
-                              "needs CRM_ERP_SYNC_KAFKA_SECURITY_PROTOCOL SASL_SSL or "
-                              "SASL_PLAINTEXT")
+            problems.add(self.env_var("kafka_sasl_mechanism"),
+                         "needs CRM_ERP_SYNC_KAFKA_SECURITY_PROTOCOL SASL_SSL or "
+                         "SASL_PLAINTEXT")
         for address in self.kafka_bootstrap.split(","):
             host, _, port = address.strip().rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ConfigError(self.env_var("kafka_bootstrap"),
-                                  f"expected host:port[,host:port...], got {address!r}")
+                problems.add(self.env_var("kafka_bootstrap"),
+                             f"expected host:port[,host:port...], got {address!r}")
         for name in ("sales_topic", "market_topic", "dlq_topic"):
             if not _KAFKA_TOPIC.fullmatch(getattr(self, name)):
-                raise ConfigError(self.env_var(name),
-                                  "a topic name is 1-249 of a-z A-Z 0-9 . _ -")
+                problems.add(self.env_var(name),
+                             "a topic name is 1-249 of a-z A-Z 0-9 . _ -")
         for name in ("slot_name", "publication_name"):
             if not _PG_NAME.fullmatch(getattr(self, name)):
-                raise ConfigError(self.env_var(name),
-                                  "must be 1-63 of lower-case letters, digits and _")
+                problems.add(self.env_var(name),
+                             "must be 1-63 of lower-case letters, digits and _")
         if self.capture_transport not in CAPTURE_TRANSPORTS:
-            raise ConfigError(self.env_var("capture_transport"),
-                              f"must be one of {', '.join(CAPTURE_TRANSPORTS)}")
+            problems.add(self.env_var("capture_transport"),
+                         f"must be one of {', '.join(CAPTURE_TRANSPORTS)}")
         if self.on_slot_lost not in ("fail", "resnapshot"):
-            raise ConfigError(self.env_var("on_slot_lost"), "must be 'fail' or 'resnapshot'")
+            problems.add(self.env_var("on_slot_lost"), "must be 'fail' or 'resnapshot'")
         if self.on_truncate not in ON_TRUNCATE:
-            raise ConfigError(self.env_var("on_truncate"),
-                              f"must be one of {', '.join(ON_TRUNCATE)}")
+            problems.add(self.env_var("on_truncate"),
+                         f"must be one of {', '.join(ON_TRUNCATE)}")
         if self.crm_timezone:
             from service.cdc.zone import zone_named  # zoneinfo: only when one is set
 
-            zone_named(self.crm_timezone, self.env_var("crm_timezone"))
+            with problems.gather():
+                zone_named(self.crm_timezone, self.env_var("crm_timezone"))
         if self.log_format not in ("json", "console"):
-            raise ConfigError(self.env_var("log_format"), "must be 'json' or 'console'")
+            problems.add(self.env_var("log_format"), "must be 'json' or 'console'")
         if self.erp_target not in ("sql", "tryton"):
-            raise ConfigError(self.env_var("erp_target"), "must be 'sql' or 'tryton'")
+            problems.add(self.env_var("erp_target"), "must be 'sql' or 'tryton'")
         if self.erp_target == "tryton":
             if not self.tryton_url.startswith(("http://", "https://")):
-                raise ConfigError(self.env_var("tryton_url"),
-                                  "must be an http:// or https:// URL of the Tryton server")
+                problems.add(self.env_var("tryton_url"),
+                             "must be an http:// or https:// URL of the Tryton server")
             for name in ("tryton_database", "tryton_user", "tryton_password"):
                 if not getattr(self, name):
-                    raise ConfigError(self.env_var(name),
-                                      "required with CRM_ERP_SYNC_ERP_TARGET=tryton")
+                    problems.add(self.env_var(name),
+                                 "required with CRM_ERP_SYNC_ERP_TARGET=tryton")
         for name in ("crm_dsn", "erp_dsn"):
             if not getattr(self, name).startswith(("postgresql://", "postgres://")):
-                raise ConfigError(self.env_var(name), "must be a postgresql:// URL")
+                problems.add(self.env_var(name), "must be a postgresql:// URL")
 
-    def _validate_files_and_zone(self) -> None:
+    def _validate_files_and_zone(self, problems: ConfigProblems) -> None:
         """The source profile, the mappings file and the apply window's zone exist, whatever
         the command (README: configuration is validated at start-up). Only existence here:
         the files' contents are checked by their loaders (the producer, the consumer,
-        `config`), which name the file and key. Raises ConfigError naming the variable."""
+        `config`), which name the file and key. Adds problems naming the variable."""
         from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
         profile = self.source_profile
@@ -264,20 +272,20 @@ class Settings:
             shipped_dir = Path(__file__).resolve().parent / "profiles"
             if not (shipped_dir / f"{profile}.toml").is_file():
                 shipped = sorted(p.stem for p in shipped_dir.glob("*.toml"))
-                raise ConfigError(self.env_var("source_profile"),
-                                  f"no shipped profile {profile!r}; shipped: "
-                                  f"{', '.join(shipped)}, or give a path to a .toml file")
+                problems.add(self.env_var("source_profile"),
+                             f"no shipped profile {profile!r}; shipped: "
+                             f"{', '.join(shipped)}, or give a path to a .toml file")
         elif not Path(profile).is_file():
-            raise ConfigError(self.env_var("source_profile"), f"no such file: {profile}")
+            problems.add(self.env_var("source_profile"), f"no such file: {profile}")
         if not self.mappings_file.is_file():
-            raise ConfigError(self.env_var("mappings_file"),
-                              f"no such file: {self.mappings_file}")
+            problems.add(self.env_var("mappings_file"),
+                         f"no such file: {self.mappings_file}")
         try:
             ZoneInfo(self.apply_window_tz)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise ConfigError(self.env_var("apply_window_tz"),
-                              f"unknown time zone {self.apply_window_tz!r} (an IANA zone such "
-                              "as Asia/Shanghai or UTC)") from exc
+        except (ZoneInfoNotFoundError, ValueError):
+            problems.add(self.env_var("apply_window_tz"),
+                         f"unknown time zone {self.apply_window_tz!r} (an IANA zone such "
+                         "as Asia/Shanghai or UTC)")
 
     def apply_window_parsed(self) -> ApplyWindow | None:
         """The apply window (validated at start-up), or None: always apply."""
@@ -345,9 +353,12 @@ _KAFKA_TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 _PG_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
-def _read_config_file(env: Mapping[str, str], known: set[str]) -> dict[str, str]:
+def _read_config_file(env: Mapping[str, str], known: set[str],
+                      problems: ConfigProblems | None = None) -> dict[str, str]:
     """The optional TOML file named by CRM_ERP_SYNC_CONFIG_FILE: keys are field names,
-    values as the environment variables would spell them (the environment wins)."""
+    values as the environment variables would spell them (the environment wins). A file
+    that cannot be read or parsed raises ConfigError; a bad key is added to ``problems``
+    and skipped (without ``problems``: ConfigError listing every bad key)."""
     path = env.get(CONFIG_FILE_VAR)
     if not path:
         return {}
@@ -359,17 +370,20 @@ def _read_config_file(env: Mapping[str, str], known: set[str]) -> dict[str, str]
         raise ConfigError(CONFIG_FILE_VAR, f"cannot read {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(CONFIG_FILE_VAR, f"{path} is not valid TOML: {exc}") from exc
+    found = ConfigProblems() if problems is None else problems
     out: dict[str, str] = {}
     for key, value in data.items():
         if key not in known:
-            raise ConfigError(CONFIG_FILE_VAR, f"{path}: unknown setting {key!r}")
-        if isinstance(value, bool):
+            found.add(CONFIG_FILE_VAR, f"{path}: unknown setting {key!r}")
+        elif isinstance(value, bool):
             out[key] = "true" if value else "false"
         elif isinstance(value, str | int | float):
             out[key] = str(value)
         else:
-            raise ConfigError(f"{ENV_PREFIX}{key.upper()} (key {key!r} in {path})",
-                              f"expected a string or a number, got {type(value).__name__}")
+            found.add(f"{ENV_PREFIX}{key.upper()} (key {key!r} in {path})",
+                      f"expected a string or a number, got {type(value).__name__}")
+    if problems is None:
+        found.raise_if_any()
     return out
 
 

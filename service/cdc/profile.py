@@ -41,7 +41,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from service.errors import ConfigError
+from service.errors import ConfigError, ConfigProblems
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
@@ -262,61 +262,50 @@ def _column(path: Path, entity: str, key: str, value: Any) -> str:
     return value
 
 
-def _entity(path: Path, name: str, raw: Any, default_filter: str | None) -> EntityMapping:
-    if not isinstance(raw, dict):
-        raise ConfigError(_where(path, name), "must be a table of settings")
-    allowed = {"table", "key", "fields", "customer", "order", "deleted_when", "row_filter"}
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise ConfigError(_where(path, name, unknown[0]),
-                          f"unknown setting; known: {', '.join(sorted(allowed))}")
-    table = _table_name(path, name, raw.get("table"))
-    key = raw.get("key")
+def _field(path: Path, name: str, canonical: str, source: Any) -> str | Reference | Const:
+    """One ``fields.<canonical>`` line of entity ``name``. Raises ConfigError."""
+    spot = f"fields.{canonical}"
+    known = CANONICAL_FIELDS[name]
+    if canonical not in known:
+        raise ConfigError(_where(path, name, spot),
+                          f"not a canonical {name} field; known: {', '.join(known)}")
+    if isinstance(source, dict) and set(source) == {"const"}:
+        if known[canonical] != TEXT or not isinstance(source["const"], str):
+            raise ConfigError(_where(path, name, spot + ".const"),
+                              "a constant is text, for a text field")
+        return Const(source["const"])
+    if isinstance(source, dict):
+        if set(source) != {"ref", "column"} and set(source) != {"ref", "column", "field"}:
+            raise ConfigError(_where(path, name, spot),
+                              "a reference is { ref = <entity>, column = <column> }")
+        ref = source["ref"]
+        if ref not in CANONICAL_FIELDS or ref == name:
+            raise ConfigError(_where(path, name, spot + ".ref"), f"unknown entity {ref!r}")
+        ref_field = source.get("field", "code" if ref == "product" else canonical)
+        if ref_field not in CANONICAL_FIELDS[ref]:
+            raise ConfigError(_where(path, name, spot + ".field"),
+                              f"not a canonical {ref} field")
+        return Reference(ref, _column(path, name, spot + ".column", source["column"]),
+                         ref_field)
+    return _column(path, name, spot, source)
+
+
+def _key_columns(path: Path, name: str, key: Any) -> tuple[str, ...]:
     if not isinstance(key, list) or not key:
         raise ConfigError(_where(path, name, "key"), "must be a non-empty list of columns")
-    key_cols = tuple(_column(path, name, "key", c) for c in key)
-    raw_fields = raw.get("fields", {})
-    if not isinstance(raw_fields, dict):
-        raise ConfigError(_where(path, name, "fields"), "must be a table of field = column")
-    known = CANONICAL_FIELDS[name]
-    fields: dict[str, str | Reference | Const] = {}
-    for canonical, source in raw_fields.items():
-        spot = f"fields.{canonical}"
-        if canonical not in known:
-            raise ConfigError(_where(path, name, spot),
-                              f"not a canonical {name} field; known: {', '.join(known)}")
-        if isinstance(source, dict) and set(source) == {"const"}:
-            if known[canonical] != TEXT or not isinstance(source["const"], str):
-                raise ConfigError(_where(path, name, spot + ".const"),
-                                  "a constant is text, for a text field")
-            fields[canonical] = Const(source["const"])
-        elif isinstance(source, dict):
-            if set(source) != {"ref", "column"} and set(source) != {"ref", "column", "field"}:
-                raise ConfigError(_where(path, name, spot),
-                                  "a reference is { ref = <entity>, column = <column> }")
-            ref = source["ref"]
-            if ref not in CANONICAL_FIELDS or ref == name:
-                raise ConfigError(_where(path, name, spot + ".ref"),
-                                  f"unknown entity {ref!r}")
-            ref_field = source.get("field", "code" if ref == "product" else canonical)
-            if ref_field not in CANONICAL_FIELDS[ref]:
-                raise ConfigError(_where(path, name, spot + ".field"),
-                                  f"not a canonical {ref} field")
-            fields[canonical] = Reference(ref, _column(path, name, spot + ".column",
-                                                       source["column"]), ref_field)
-        else:
-            fields[canonical] = _column(path, name, spot, source)
-    deleted_when = None
-    if "deleted_when" in raw:
-        flag = raw["deleted_when"]
-        if not isinstance(flag, dict) or set(flag) != {"column", "equals"}:
-            raise ConfigError(_where(path, name, "deleted_when"),
-                              "must be { column = <column>, equals = <value> }")
-        deleted_when = DeleteFlag(_column(path, name, "deleted_when.column", flag["column"]),
-                                  flag["equals"])
-    row_filter = raw.get("row_filter", default_filter)
-    if row_filter is not None and (not isinstance(row_filter, str) or not row_filter.strip()):
-        raise ConfigError(_where(path, name, "row_filter"), "must be a SQL boolean expression")
+    return tuple(_column(path, name, "key", c) for c in key)
+
+
+def _deleted_when(path: Path, name: str, flag: Any) -> DeleteFlag:
+    if not isinstance(flag, dict) or set(flag) != {"column", "equals"}:
+        raise ConfigError(_where(path, name, "deleted_when"),
+                          "must be { column = <column>, equals = <value> }")
+    return DeleteFlag(_column(path, name, "deleted_when.column", flag["column"]),
+                      flag["equals"])
+
+
+def _links(path: Path, name: str, raw: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(customer column, order column) of entity ``name``. Raises ConfigError."""
     customer_col = order_col = None
     if name == "order":
         if "customer" not in raw:
@@ -336,6 +325,48 @@ def _entity(path: Path, name: str, raw: Any, default_filter: str | None) -> Enti
         order_col = _column(path, name, "order", raw["order"])
     elif "order" in raw:
         raise ConfigError(_where(path, name, "order"), "only [order_line] names its order")
+    return customer_col, order_col
+
+
+def _entity(path: Path, name: str, raw: Any, default_filter: str | None,
+            problems: ConfigProblems) -> EntityMapping | None:
+    """Entity ``name``'s section, or None with every problem found in it added to
+    ``problems`` (each setting checked on its own, so that all are named in one go)."""
+    if not isinstance(raw, dict):
+        problems.add(_where(path, name), "must be a table of settings")
+        return None
+    mark = len(problems.found)
+    allowed = {"table", "key", "fields", "customer", "order", "deleted_when", "row_filter"}
+    for unknown in sorted(set(raw) - allowed):
+        problems.add(_where(path, name, unknown),
+                     f"unknown setting; known: {', '.join(sorted(allowed))}")
+    table: str = ""
+    key_cols: tuple[str, ...] = ()
+    with problems.gather():
+        table = _table_name(path, name, raw.get("table"))
+    with problems.gather():
+        key_cols = _key_columns(path, name, raw.get("key"))
+    raw_fields = raw.get("fields", {})
+    fields: dict[str, str | Reference | Const] = {}
+    if not isinstance(raw_fields, dict):
+        problems.add(_where(path, name, "fields"), "must be a table of field = column")
+        raw_fields = {}
+    for canonical, source in raw_fields.items():
+        with problems.gather():
+            fields[canonical] = _field(path, name, canonical, source)
+    deleted_when = None
+    if "deleted_when" in raw:
+        with problems.gather():
+            deleted_when = _deleted_when(path, name, raw["deleted_when"])
+    row_filter = raw.get("row_filter", default_filter)
+    if row_filter is not None and (not isinstance(row_filter, str) or not row_filter.strip()):
+        problems.add(_where(path, name, "row_filter"), "must be a SQL boolean expression")
+    customer_col: str | None = None
+    order_col: str | None = None
+    with problems.gather():
+        customer_col, order_col = _links(path, name, raw)
+    if not problems.clean_since(mark):
+        return None
     return EntityMapping(name, table, key_cols, fields, customer_col, order_col, deleted_when,
                          row_filter)
 
@@ -360,34 +391,43 @@ def load_profile(name_or_path: str | Path) -> SourceProfile:
         raise ConfigError(str(path), f"cannot read the source profile: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), f"not valid TOML: {exc}") from exc
+    problems = ConfigProblems()  # every mistake in one go (each section checked on its own)
     source = raw.get("source", {})
     if not isinstance(source, dict):
-        raise ConfigError(_where(path, "source"), "must be a table")
-    unknown = sorted(set(raw) - {"source", *CANONICAL_FIELDS})
-    if unknown:
-        raise ConfigError(_where(path, unknown[0]),
-                          f"unknown section; known: source, {', '.join(CANONICAL_FIELDS)}")
+        problems.add(_where(path, "source"), "must be a table")
+        source = {}
+    for unknown in sorted(set(raw) - {"source", *CANONICAL_FIELDS}):
+        problems.add(_where(path, unknown),
+                     f"unknown section; known: source, {', '.join(CANONICAL_FIELDS)}")
     default_filter = source.get("row_filter")
     entities: dict[str, EntityMapping] = {}
+    broken: set[str] = set()
     for name in CANONICAL_FIELDS:
         if name in raw:
-            entities[name] = _entity(path, name, raw[name], default_filter)
+            entity = _entity(path, name, raw[name], default_filter, problems)
+            if entity is None:
+                broken.add(name)
+            else:
+                entities[name] = entity
         elif name in REQUIRED_ENTITIES:
-            raise ConfigError(_where(path, name), "required section is missing")
-    customer = entities["customer"]
-    if len(customer.key) != 1:
-        raise ConfigError(_where(path, "customer", "key"),
-                          "one column: orders name their customer by it")
-    if len(entities["order"].key) != 1:
-        raise ConfigError(_where(path, "order", "key"), "one column: lines name their order by it")
+            problems.add(_where(path, name), "required section is missing")
+    customer, order = entities.get("customer"), entities.get("order")
+    if customer is not None and len(customer.key) != 1:
+        problems.add(_where(path, "customer", "key"),
+                     "one column: orders name their customer by it")
+    if order is not None and len(order.key) != 1:
+        problems.add(_where(path, "order", "key"), "one column: lines name their order by it")
     for ent in entities.values():
         for canonical, src in ent.fields.items():
-            if isinstance(src, Reference) and src.entity not in entities:
-                raise ConfigError(_where(path, ent.entity, f"fields.{canonical}.ref"),
-                                  f"refers to [{src.entity}], which this profile lacks")
+            # a reference to a section that is there but broken was reported as that section
+            if isinstance(src, Reference) and src.entity not in entities \
+                    and src.entity not in broken:
+                problems.add(_where(path, ent.entity, f"fields.{canonical}.ref"),
+                             f"refers to [{src.entity}], which this profile lacks")
     tables = [e.table for e in entities.values()]
     if len(set(tables)) != len(tables):
-        raise ConfigError(_where(path, None, "table"), "each entity needs its own table")
+        problems.add(_where(path, None, "table"), "each entity needs its own table")
+    problems.raise_if_any()
     return SourceProfile(str(source.get("name", path.stem)), path, entities,
                          str(source.get("description", "")),
                          {e.table: e for e in entities.values()})

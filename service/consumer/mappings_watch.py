@@ -170,7 +170,8 @@ class MappingsWatcher:
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def _refuse(self, version: str | None, exc: ConfigError, trigger: str) -> None:
-        self.refusal = Refusal(version, str(exc))
+        # one line (status shows it in a row): every problem found, "; "-separated
+        self.refusal = Refusal(version, "; ".join(f"{v}: {p}" for v, p in exc.problems))
         self._report_dirty = True
         if self.metrics is not None:
             self.metrics.mappings_reloads.labels("refused").inc()
@@ -178,7 +179,7 @@ class MappingsWatcher:
         # The error names the file and the section.key; mappings hold no personal data.
         log.error("mappings_reload_refused", file=str(self.path), refused_version=version,
                   where=exc.variable, problem=exc.problem, kept_version=self.version,
-                  trigger=trigger)
+                  trigger=trigger, problems=[f"{v}: {p}" for v, p in exc.problems])
 
     def _clear_refusal(self) -> None:
         if self.refusal is not None:

@@ -22,7 +22,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from service.erp.units import SkuUnits, UnitProblem, decimal_factor, measure_unit, sku_units
-from service.errors import ConfigError
+from service.errors import ConfigError, ConfigProblems
 
 DEFAULT_PATH: Final = Path(__file__).resolve().parent / "mappings.toml"
 
@@ -112,43 +112,65 @@ class Mappings:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<mappings>") -> Mappings:
-        """Validate already-parsed TOML content (``source`` names it in errors)."""
+        """Validate already-parsed TOML content (``source`` names it in errors). Raises one
+        ConfigError listing every problem found (each naming the file and key); a check
+        that compares sections runs only when the sections it reads are valid, so one
+        mistake is not reported again as its consequences."""
+        problems = ConfigProblems()
         for name in data:
             if name not in (*_SECTIONS, *_TABLE_SECTIONS, *_OTHER_SECTIONS):
-                raise ConfigError(f"{source}: [{name}]", "unknown section; expected " + ", ".join(
+                problems.add(f"{source}: [{name}]", "unknown section; expected " + ", ".join(
                     f"[{s}]" for s in (*_SECTIONS, *_TABLE_SECTIONS, *_OTHER_SECTIONS)))
-        tables = {name: _section(source, name, data) for name in _SECTIONS}
+        tables: dict[str, dict[str, str]] = {}
+        valid: set[str] = set()  # the sections without a problem
+        for name in _SECTIONS:
+            mark = len(problems.found)
+            tables[name] = _section(source, name, data, problems)
+            if problems.clean_since(mark):
+                valid.add(name)
 
         effects = tables["status_stock_effect"]
         for status, effect in effects.items():
             if effect not in STOCK_EFFECTS:
-                raise ConfigError(_where(source, "status_stock_effect", status),
-                                  f"must be one of {', '.join(sorted(STOCK_EFFECTS))}")
-        produced = set(tables["order_status"].values())
-        missing = sorted(produced - effects.keys())
-        if missing:
-            raise ConfigError(_where(source, "status_stock_effect", missing[0]),
-                              "missing: every ERP status in [order_status] needs a stock effect")
-        unused = sorted(effects.keys() - produced)
-        if unused:
-            raise ConfigError(_where(source, "status_stock_effect", unused[0]),
-                              "not an ERP status produced by [order_status] (a typo?)")
+                problems.add(_where(source, "status_stock_effect", status),
+                             f"must be one of {', '.join(sorted(STOCK_EFFECTS))}")
+        if {"order_status", "status_stock_effect"} <= valid:
+            produced = set(tables["order_status"].values())
+            for status in sorted(produced - effects.keys()):
+                problems.add(_where(source, "status_stock_effect", status),
+                             "missing: every ERP status in [order_status] needs a stock effect")
+            for status in sorted(effects.keys() - produced):
+                problems.add(_where(source, "status_stock_effect", status),
+                             "not an ERP status produced by [order_status] (a typo?)")
 
         normalised = {
-            name: _normalised_keys(source, name, table)
+            name: _normalised_keys(source, name, table, problems)
             for name, table in tables.items() if name not in ("status_stock_effect", "measures")
         }
         units = set(tables["units"].values())
         measures = tables["measures"]
         for code, name in measures.items():
-            if code not in units:
-                raise ConfigError(_where(source, "measures", code),
-                                  "not an ERP unit code produced by [units]")
+            if "units" in valid and code not in units:
+                problems.add(_where(source, "measures", code),
+                             "not an ERP unit code produced by [units]")
+                continue
             try:
                 measure_unit(name)
             except UnitProblem as exc:
-                raise ConfigError(_where(source, "measures", code), str(exc)) from exc
-        per_sku = _sku_units(source, data, units, set(tables["products"].values()), measures)
+                problems.add(_where(source, "measures", code), str(exc))
+        per_sku: Mapping[str, SkuUnits] = MappingProxyType({})
+        if {"units", "products", "measures"} <= valid:
+            with problems.gather():
+                per_sku = _sku_units(source, data, units, set(tables["products"].values()),
+                                     measures)
+        unit_kind: Mapping[str, str] = MappingProxyType({})
+        if "units" in valid:
+            with problems.gather():
+                unit_kind = _unit_kinds(source, data, units)
+        phone: dict[str, Any] = {}
+        with problems.gather():
+            phone = _phone(source, data)
+        problems.raise_if_any()
         return cls(
             source=source,
             order_status=normalised["order_status"],
@@ -160,8 +182,8 @@ class Mappings:
             demand_kind=normalised["demand_kind"],
             measures=MappingProxyType(dict(measures)),
             sku_units=per_sku,
-            unit_kind=_unit_kinds(source, data, set(tables["units"].values())),
-            **_phone(source, data),
+            unit_kind=unit_kind,
+            **phone,
         )
 
     @staticmethod
@@ -175,23 +197,29 @@ def _where(source: str, section: str, key: str) -> str:
     return f"{source}: {section}.{shown}"
 
 
-def _section(source: str, name: str, data: Mapping[str, Any]) -> dict[str, str]:
+def _section(source: str, name: str, data: Mapping[str, Any],
+             problems: ConfigProblems) -> dict[str, str]:
+    """A ``word = "CODE"`` section's valid lines; each invalid one added to ``problems``."""
     if name not in data:
-        raise ConfigError(f"{source}: [{name}]", "section is missing")
+        problems.add(f"{source}: [{name}]", "section is missing")
+        return {}
     table = data[name]
     if not isinstance(table, dict):
-        raise ConfigError(f"{source}: [{name}]", 'must be a table of  word = "CODE"  lines')
+        problems.add(f"{source}: [{name}]", 'must be a table of  word = "CODE"  lines')
+        return {}
     if not table:
-        raise ConfigError(f"{source}: [{name}]", "section is empty")
+        problems.add(f"{source}: [{name}]", "section is empty")
+        return {}
     pattern, what = _SECTIONS[name]
     out: dict[str, str] = {}
     for key, value in table.items():
         if not isinstance(value, str):
-            raise ConfigError(_where(source, name, key),
-                              f"must be a quoted string ({what}), not {type(value).__name__}")
-        if name != "status_stock_effect" and not pattern.fullmatch(value):
-            raise ConfigError(_where(source, name, key), f"must be {what}")
-        out[key] = value
+            problems.add(_where(source, name, key),
+                         f"must be a quoted string ({what}), not {type(value).__name__}")
+        elif name != "status_stock_effect" and not pattern.fullmatch(value):
+            problems.add(_where(source, name, key), f"must be {what}")
+        else:
+            out[key] = value
     return out
 
 
@@ -236,15 +264,17 @@ def _sku_units(source: str, data: Mapping[str, Any], units: set[str], skus: set[
     return MappingProxyType(out)
 
 
-def _normalised_keys(source: str, name: str, table: dict[str, str]) -> Mapping[str, str]:
+def _normalised_keys(source: str, name: str, table: dict[str, str],
+                     problems: ConfigProblems) -> Mapping[str, str]:
     out: dict[str, str] = {}
     first: dict[str, str] = {}
     for key, value in table.items():
         word = normalise_word(key)
         if word in out and out[word] != value:
-            raise ConfigError(_where(source, name, key),
-                              f"same word as {first[word]!r} (matching ignores case and "
-                              f"spaces) but a different ERP code")
+            problems.add(_where(source, name, key),
+                         f"same word as {first[word]!r} (matching ignores case and "
+                         f"spaces) but a different ERP code")
+            continue
         out[word] = value
         first.setdefault(word, key)
     return MappingProxyType(out)

@@ -548,9 +548,12 @@ def cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
     from service.consumer.policy import percent
     from service.operator.breaker import check_partitions, resume, resume_pauses
 
+    # As Kafka Connect's resume and kafka-consumer-groups: a partition that does not exist is
+    # an error (exit 2), resuming one that is not paused is a no-op that succeeds (exit 0),
+    # the same for --partition as for --all with nothing paused.
     partitions = _named_partitions(args, "resume")
     if partitions is not None:
-        check_partitions(settings, partitions)  # a partition that does not exist: exit 2
+        check_partitions(settings, partitions)
     who = actor(args.actor)
     unpaused = resume_pauses(settings, partitions, actor=who, reason=args.reason)
     resumed, not_tripped = resume(settings, partitions, actor=who, reason=args.reason)
@@ -573,10 +576,10 @@ def cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
                   f"{percent(t.max_ratio)}); running consumers continue from offset "
                   f"{t.from_offset} within {settings.breaker_poll_s:g}s")
         for topic, partition in not_tripped:
-            print(f"refused {topic}[{partition}]: it is neither paused nor tripped")
+            print(f"{topic}[{partition}] was not paused; nothing to resume")
         if not resumed and not not_tripped and not unpaused:
             print("Nothing to resume: nothing is paused and no circuit breaker is open.")
-    return EXIT_ATTENTION if not_tripped else EXIT_OK
+    return EXIT_OK
 
 
 # ---- parsers -------------------------------------------------------------------------------
@@ -642,7 +645,8 @@ def register(sub: Any) -> None:
                "needed, then resume: running consumers continue within\n"
                "CRM_ERP_SYNC_BREAKER_POLL_S, dead-lettering the messages that tripped it.\n"
                "Audited (who, when, why) in sync.breaker_trips / sync.operator_pauses.\n"
-               "Exit 1 if a named partition was neither paused nor tripped.")
+               "A named partition that is not paused is a no-op (exit 0, said so); one the\n"
+               "group does not consume is an error (exit 2).")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--partition", action="append", metavar="TOPIC:N",
                         help="this partition (repeatable), e.g. crm.sales:1")

@@ -224,19 +224,21 @@ def _crm_truncates(settings: Settings) -> dict[str, Any]:
 def config_file_problems(settings: Settings) -> list[str]:
     """The source profile and the mappings file read and validated by the very loaders the
     producer and the consumer start with (``load_profile``, ``Mappings.load``): one line per
-    invalid file, naming the setting, the file and the key (the loader's ConfigError), never
-    a value's traceback. Empty when both are valid."""
+    problem, every one the loader found, each naming the setting, the file and the key (the
+    loader's ConfigError), never a value's traceback. Empty when both are valid."""
     problems = []
     try:
         load_profile(settings.source_profile)
     except ConfigError as exc:
-        problems.append(f"source profile invalid ({settings.env_var('source_profile')}): "
-                        f"{exc}; a producer would not start")
+        problems += [f"source profile invalid ({settings.env_var('source_profile')}): "
+                     f"{where}: {problem}; a producer would not start"
+                     for where, problem in exc.problems]
     try:
         Mappings.load(settings.mappings_file)
     except ConfigError as exc:
-        problems.append(f"mappings file invalid ({settings.env_var('mappings_file')}): "
-                        f"{exc}; a consumer would not start (a running one keeps its version)")
+        problems += [f"mappings file invalid ({settings.env_var('mappings_file')}): "
+                     f"{where}: {problem}; a consumer would not start (a running one keeps "
+                     "its version)" for where, problem in exc.problems]
     return problems
 
 

@@ -165,6 +165,17 @@ def test_every_command_refuses_a_missing_file_or_zone_naming_the_variable(
     assert f"configuration error: {variable}: {says}" in done.stderr
 
 
+def test_every_configuration_error_is_its_own_line() -> None:
+    done = run("status", CRM_ERP_SYNC_LOG_FORMAT="xml", CRM_ERP_SYNC_TOPIC_PARTITIONS="six",
+               CRM_ERP_SYNC_MAPPINGS_FILE="/nonexistent")
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 3 and all(
+        line.startswith("crm-erp-sync: configuration error: CRM_ERP_SYNC_") for line in lines)
+    for variable in ("LOG_FORMAT", "TOPIC_PARTITIONS", "MAPPINGS_FILE"):
+        assert any(f"CRM_ERP_SYNC_{variable}: " in line for line in lines), variable
+
+
 def test_config_names_an_invalid_mappings_file_and_its_key(tmp_path: Path) -> None:
     broken = tmp_path / "mappings.toml"
     broken.write_text('[order_status]\n"已发货" = 42\n', encoding="utf-8")
@@ -185,3 +196,18 @@ def test_a_long_running_process_freezes_what_it_loaded_at_start() -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                           text=True, timeout=60, check=False)
     assert done.stdout.split() == ["True", "True"], done.stderr
+
+
+def test_setup_says_what_it_created_and_what_was_there() -> None:
+    from service.cli import setup_lines
+    from service.settings import Settings
+    from service.setup import SetupReport
+
+    settings = Settings()
+    created = setup_lines(settings, SetupReport(["crm.sales", "crm.dlq"], True))
+    assert created[:2] == ["topics: created crm.sales, crm.dlq",
+                           "demo CRM tables: created (the CRM had none)"]
+    assert settings.publication_name in created[2] and settings.slot_name in created[2]
+    again = setup_lines(settings, SetupReport([], False))
+    assert again[0] == "topics: all existed already"
+    assert not any("demo CRM" in line or "{" in line for line in again)

@@ -111,6 +111,32 @@ def test_invalid_value_names_the_variable(variable: str, raw: str) -> None:
     assert info.value.variable == variable
 
 
+def test_every_invalid_setting_is_named_in_one_go(tmp_path: Path) -> None:
+    from service.settings import CONFIG_FILE_VAR
+
+    cfg = tmp_path / "sync.toml"
+    cfg.write_text('log_format = "xml"\nbatch_max_event = 10\nhttp_port = "eighty"\n',
+                   "utf-8")
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({CONFIG_FILE_VAR: str(cfg), "CRM_ERP_SYNC_TOPIC_PARTITIONS": "six",
+                           "CRM_ERP_SYNC_ON_TRUNCATE": "ignore",
+                           "CRM_ERP_SYNC_MAPPINGS_FILE": "/nonexistent"})
+    named = [where for where, _ in info.value.problems]
+    assert sorted(named) == sorted([
+        CONFIG_FILE_VAR, "CRM_ERP_SYNC_TOPIC_PARTITIONS",
+        f"CRM_ERP_SYNC_HTTP_PORT (key 'http_port' in {cfg})",
+        "CRM_ERP_SYNC_ON_TRUNCATE", "CRM_ERP_SYNC_MAPPINGS_FILE", "CRM_ERP_SYNC_LOG_FORMAT"])
+    assert "unknown setting 'batch_max_event'" in str(info.value)
+    assert str(info.value).splitlines() == [f"{w}: {p}" for w, p in info.value.problems]
+
+
+def test_validate_names_every_invalid_setting() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings(log_format="xml", erp_target="odoo").validate()
+    assert [where for where, _ in info.value.problems] == [
+        "CRM_ERP_SYNC_LOG_FORMAT", "CRM_ERP_SYNC_ERP_TARGET"]
+
+
 def test_settings_are_frozen() -> None:
     settings = Settings()
     with pytest.raises(dataclasses.FrozenInstanceError):

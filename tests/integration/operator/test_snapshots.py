@@ -16,9 +16,11 @@ def test_list_and_cancel_snapshots(sync_env: SyncEnv, cli: Cli) -> None:
         for i in range(5):
             crm.execute("INSERT INTO crm.customers (family_name, given_name, phone) VALUES "
                         "('赵', %s, '13912345678')", (str(i),))
-    first = cli(settings, "snapshot", "--table", "customer", "--chunk-size", "2")
-    second = cli(settings, "snapshot", "--table", "customer")
+    first = cli(settings, "snapshot", "--table", "customer", "--chunk-size", "2", "--json")
+    second = cli(settings, "snapshot", "--table", "customer", "--json")
     assert first.code == second.code == 0, first.err + second.err
+    assert second.out == (f'{{"snapshot_id": {second.json["snapshot_id"]}, '
+                          '"table": "crm.customers", "keys": "all"}\n')  # as scripts read it
     cancel_id, keep_id = first.json["snapshot_id"], second.json["snapshot_id"]
 
     listed = cli(settings, "snapshot", "list", "--json")
@@ -43,3 +45,12 @@ def test_list_and_cancel_snapshots(sync_env: SyncEnv, cli: Cli) -> None:
     assert "cancelled" in text.out and "done" in text.out
     done = cli(settings, "snapshot", "cancel", str(keep_id))
     assert done.code == 1 and "is done" in done.err
+
+    # Without --json: a sentence for the operator, as the other commands print
+    with sync_env.crm() as crm:
+        a, b = (str(r[0]) for r in crm.execute(
+            "SELECT customer_id FROM crm.customers ORDER BY customer_id LIMIT 2").fetchall())
+    said = cli(settings, "snapshot", "--table", "customer", "--key", a, "--key", b)
+    assert said.code == 0, said.err
+    assert said.out.startswith("requested snapshot ") and "{" not in said.out, said.out
+    assert f"of crm.customers (keys {a}, {b})" in said.out and "chunks of 1000 rows" in said.out

@@ -94,8 +94,13 @@ def test_status_names_an_invalid_mappings_file_or_profile(
     assert out.code == 1
     [bad_mappings] = [a for a in out.json["attention"] if a.startswith("mappings file invalid")]
     assert str(mappings) in bad_mappings and "status_stock_effect.SHIPPED" in bad_mappings
-    [bad_profile] = [a for a in out.json["attention"] if a.startswith("source profile invalid")]
-    assert f"{profile} [customer].bogus: unknown setting" in bad_profile
+    # that profile has four mistakes: each is its own problem, named with file and key
+    bad_profile = [a for a in out.json["attention"] if a.startswith("source profile invalid")]
+    for spot in ("[customer].bogus: unknown setting", "[customer].key: must be a non-empty",
+                 "[order]: required section is missing",
+                 "[order_line]: required section is missing"):
+        assert sum(f"{profile} {spot}" in a for a in bad_profile) == 1, (spot, bad_profile)
+    assert len(bad_profile) == 4, bad_profile
     text = cli(broken, "status")
     assert text.code == 1
     assert "mappings file invalid (CRM_ERP_SYNC_MAPPINGS_FILE)" in text.out

@@ -223,6 +223,26 @@ def test_validation_errors_name_file_and_key(tmp_path: Path, edit: Any, spot: st
     assert str(path) in str(error) and spot in str(error)
 
 
+def test_every_mistake_is_named_in_one_go(tmp_path: Path) -> None:
+    text = (MINIMAL.replace('"app.clients"', '"clients"')
+            .replace('key = ["client_id"]', 'key = ["client_id"]\nwhere = "x"')
+            .replace('qty"', 'qty"\nsurcharge = "extra"') + '\n[invoice]\ntable = "app.i"\n')
+    path, error = refused(tmp_path, text)
+    assert sorted(where for where, _ in error.problems) == sorted(
+        f"{path} {spot}" for spot in ("[invoice]", "[customer].where", "[customer].table",
+                                      "[order_line].fields.surcharge"))
+    assert str(error).splitlines() == [f"{w}: {p}" for w, p in error.problems]
+
+
+def test_a_broken_section_is_not_reported_again_as_a_missing_reference(
+        tmp_path: Path) -> None:
+    text = MINIMAL.replace('quantity = "qty"', 'quantity = "qty"\n'
+                           'product_name = { ref = "product", column = "sku_id" }')
+    text += '\n[product]\ntable = "app.products"\nkey = []\n'
+    path, error = refused(tmp_path, text)
+    assert [where for where, _ in error.problems] == [f"{path} [product].key"]
+
+
 def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
     path, error = refused(tmp_path, MINIMAL + "\n[customer\n")
     assert error.variable == str(path) and "not valid TOML" in error.problem

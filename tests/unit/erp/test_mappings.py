@@ -234,3 +234,27 @@ def test_phone_region_must_be_iso_3166(tmp_path: Path) -> None:
 def test_phone_section_unknown_key(tmp_path: Path) -> None:
     err = load_error(broken(tmp_path, 'default_region = "CN"', 'region = "CN"'))
     assert "phone.region" in err.variable
+
+
+def test_every_mistake_is_named_in_one_go(tmp_path: Path) -> None:
+    text = DEFAULT_PATH.read_text(encoding="utf-8")
+    for old, new in [('SHIPPED = "issue"', 'SHIPPED = "ship it"'),
+                     ('"人民币" = "CNY"', '"人民币" = "yuan"'),
+                     ('default_region = "CN"', 'default_region = "China"')]:
+        assert old in text, old
+        text = text.replace(old, new, 1)
+    path = tmp_path / "mappings.toml"
+    path.write_text(text, encoding="utf-8")
+    err = load_error(path)
+    assert {where for where, _ in err.problems} == {
+        f"{path}: status_stock_effect.SHIPPED", f'{path}: currencies."人民币"',
+        f"{path}: phone.default_region"}
+    assert str(err).splitlines() == [f"{where}: {problem}" for where, problem in err.problems]
+    assert (err.variable, err.problem) == err.problems[0]
+
+
+def test_a_broken_section_is_not_reported_again_as_its_consequences(tmp_path: Path) -> None:
+    # [units] without its UNIT line: [unit_kind], [measures] and [sku_units] name UNIT too,
+    # but only the broken line itself is a mistake
+    err = load_error(broken(tmp_path, '"台" = "UNIT"', '"台" = "unit"'))
+    assert [where for where, _ in err.problems] == [f'{tmp_path / "mappings.toml"}: units."台"']

@@ -35,3 +35,15 @@ def test_an_invalid_profile_is_named_with_its_key(tmp_path: Path) -> None:
     assert problems[0].startswith("source profile invalid (CRM_ERP_SYNC_SOURCE_PROFILE): ")
     assert str(bad) in problems[0] and "invoice" in problems[0]
     assert str(not_toml) in problems[1] and "not valid TOML" in problems[1]
+
+
+def test_every_mistake_of_a_file_is_its_own_line(tmp_path: Path) -> None:
+    bad = tmp_path / "mappings.toml"
+    bad.write_text(MAPPINGS.read_text("utf-8").replace('SHIPPED = "issue"', 'SHIPPED = "x"')
+                   .replace('default_region = "CN"', 'default_region = "China"'), "utf-8")
+    problems = config_file_problems(Settings(mappings_file=bad))
+    assert len(problems) == 2
+    assert all(p.startswith("mappings file invalid (CRM_ERP_SYNC_MAPPINGS_FILE): ")
+               and "\n" not in p for p in problems)
+    assert "status_stock_effect.SHIPPED" in problems[0]
+    assert "phone.default_region" in problems[1]

@@ -154,15 +154,22 @@ def _decimal(text: str | None, field: str) -> Decimal | None:
     return value
 
 
-def _purchase_amount(text: str | None) -> Decimal | None:
-    """The customer's purchase amount, exact; one too large for the ERP's amounts (12 digits
-    before the decimal point, ``transform.MAX_AMOUNT``, as order amounts) is refused naming
-    the field, where the ERP refused the whole row at apply ("numeric field overflow", no
-    column named)."""
-    amount = _decimal(text, "purchase_amount")
-    if amount is not None and abs(amount) >= tf.MAX_AMOUNT:
-        raise MappingError("purchase_amount", text, "amount is too large for the ERP (12 "
-                                                    "digits at most before the decimal point)")
+def _cents(text: str | None, field: str) -> Decimal | None:
+    """An amount of money, exact, as the ERP keeps it: 12 digits at most before the decimal
+    point (``transform.MAX_AMOUNT``) and two after (``transform.CENT``), as order totals are
+    (``transform.parse_money``). One too large is refused naming the field, where the ERP
+    refused the whole row at apply ("numeric field overflow", no column named); one with
+    more decimal places is refused too, where the ERP's numeric(14, 2) column rounded it
+    without a word. Raises MappingError."""
+    amount = _decimal(text, field)
+    if amount is None:
+        return None
+    if abs(amount) >= tf.MAX_AMOUNT:
+        raise MappingError(field, text, "amount is too large for the ERP (12 digits at most "
+                                        "before the decimal point)")
+    if amount != amount.quantize(tf.CENT):
+        raise MappingError(field, text, "amount has more than two decimal places (the ERP "
+                                        "keeps cents and would round it)")
     return amount
 
 
@@ -205,7 +212,7 @@ def partner_row(record: dict[str, Any], mappings: Mappings) -> PartnerRow:
                           None, None, None, None, None, None, None, None, None, pos)
     address = _address(after)
     phones = tf.parse_phones(after.get("phone"), mappings)
-    amount = _purchase_amount(after.get("purchase_amount"))
+    amount = _cents(after.get("purchase_amount"), "purchase_amount")
     birth_date = after.get("birth_date")
     return PartnerRow(
         crm_customer_id=record["key"],
@@ -266,7 +273,7 @@ def order_change(record: dict[str, Any], mappings: Mappings) -> ErpChange:
             quantity = "" if number is None else format(number.normalize(), "f")
         qty = tf.parse_quantity(quantity + (la.get("unit") or ""), mappings,
                                 field="lines.quantity")
-        price = _decimal(la.get("unit_price"), "lines.unit_price")
+        price = _cents(la.get("unit_price"), "lines.unit_price")
         if price is None or price < 0:
             raise MappingError("lines.unit_price", price, "missing or negative")
         sku = tf.sku_for(la.get("product_code") or "", mappings)

@@ -126,7 +126,7 @@ def test_customer_delete_is_a_tombstone(mappings: Mappings) -> None:
 
 @pytest.mark.parametrize(("text", "value"), [("5000.00", Decimal("5000.00")),
                                              (" 0.10 ", Decimal("0.10")),
-                                             ("1E-8", Decimal("0.00000001")),
+                                             ("1.500", Decimal("1.5")),
                                              ("999999999999.99", Decimal("999999999999.99"))])
 def test_amount_text_becomes_an_exact_decimal(mappings: Mappings, text: str,
                                               value: Decimal) -> None:
@@ -136,7 +136,7 @@ def test_amount_text_becomes_an_exact_decimal(mappings: Mappings, text: str,
 
 
 @pytest.mark.parametrize("text", ["NaN", "-Infinity", "12,50", "五千", "1e400",
-                                  "1000000000000", "-1000000000000.00"])
+                                  "1000000000000", "-1000000000000.00", "1E-8", "12.345"])
 def test_amount_that_is_not_a_finite_number_is_refused(mappings: Mappings, text: str) -> None:
     with pytest.raises(MappingError) as info:
         to_erp("customer", customer_event(customer(purchase_amount=text)), mappings)
@@ -184,7 +184,7 @@ def test_a_fraction_of_a_countable_unit_is_refused(mappings: Mappings) -> None:
     assert info.value.field == "lines.quantity"
 
 
-@pytest.mark.parametrize("price", ["NaN", "-1.00", None])
+@pytest.mark.parametrize("price", ["NaN", "-1.00", None, "0.125", "1000000000000"])
 def test_line_price_that_is_not_a_finite_non_negative_number_is_refused(
         mappings: Mappings, price: str | None) -> None:
     with pytest.raises(MappingError) as info:
@@ -225,3 +225,14 @@ def test_market_demand(mappings: Mappings) -> None:
     assert demand is not None
     assert (demand.crm_demand_id, demand.signal_type, demand.deleted) == (
         "7", "MARKET_TREND", False)
+
+
+def test_an_amount_the_erp_would_round_is_refused_saying_so(mappings: Mappings) -> None:
+    with pytest.raises(MappingError) as info:
+        to_erp("customer", customer_event(customer(purchase_amount="12.345")), mappings)
+    assert "more than two decimal places" in str(info.value)
+    with pytest.raises(MappingError) as info:
+        to_erp("order", order_event([{"op": "CREATE", "before": None,
+                                      "after": line(1, unit_price="0.125")}]), mappings)
+    assert (info.value.field, "more than two decimal places" in str(info.value)) == (
+        "lines.unit_price", True)

@@ -154,6 +154,27 @@ def test_a_renamed_column_stops_capture_and_never_writes_a_null(sync_env: SyncEn
     _assert_no_values(logs)
 
 
+def test_a_dropped_column_is_not_renamed_from_a_column_added_meanwhile(
+        sync_env: SyncEnv, cli: Cli) -> None:
+    """An unmapped text column added while capture runs, then a mapped text column dropped:
+    the fix adds the dropped column back; renaming the new column would hand its data to
+    the ERP as the dropped column's (the rename is told by attnum, not guessed by type)."""
+    with watched(sync_env) as (producer, logs), sync_env.crm() as crm:
+        kept = _insert(crm, "crm.customers", family_name="张", given_name="三")
+        wait_until(lambda: kept in _partners(sync_env), timeout=60, message="the customer")
+        crm.execute("ALTER TABLE crm.customers ADD COLUMN loyalty text")
+        crm.execute("ALTER TABLE crm.customers DROP COLUMN email")
+        crm.execute("UPDATE crm.customers SET notes = '已发货' WHERE customer_id = %s",
+                    (kept,))
+        _assert_stopped(sync_env, cli, producer, logs, "crm.customers", "email",
+                        'ALTER TABLE "crm"."customers" ADD COLUMN "email" text;')
+        status = cli(sync_env.settings, "status")
+        assert "RENAME" not in status.out, status.out
+        crm.execute("ALTER TABLE crm.customers ADD COLUMN email text")
+        _resumed(sync_env, cli, producer)
+    _assert_no_values(logs)
+
+
 def test_replica_identity_default_stops_capture_until_full(sync_env: SyncEnv,
                                                              cli: Cli) -> None:
     with watched(sync_env) as (producer, logs), sync_env.crm() as crm:

@@ -278,6 +278,25 @@ def test_a_table_dropped_from_the_publication_is_added_back_and_resnapshotted(
     _assert_no_values(logs)
 
 
+def test_a_renamed_table_stops_capture_instead_of_crashing(sync_env: SyncEnv,
+                                                            cli: Cli) -> None:
+    """A captured table renamed while capture runs leaves the publication under its old
+    name; adding it back fails (no such table): that is the source contract (stop, named,
+    resume once renamed back), not a producer crash."""
+    with watched(sync_env) as (producer, logs), sync_env.crm() as crm:
+        crm.execute("ALTER TABLE crm.market_demand RENAME TO market_demand_old")
+        _assert_stopped(sync_env, cli, producer, logs, "crm.market_demand", "*",
+                        "-- restore crm.market_demand")
+        crm.execute("ALTER TABLE crm.market_demand_old RENAME TO market_demand")
+        _resumed(sync_env, cli, producer)
+        later = _insert(crm, "crm.market_demand", kind="市场趋势", product_category="手机",
+                        content="5G手机市场增长迅速", observed_at="2023-01-02T00:00:00Z")
+        wait_until(lambda: later in _demands(sync_env), timeout=60,
+                   message="inserts captured again after the rename back")
+    assert not [e for e in logs if e["event"] == "unexpected_error"]
+    _assert_no_values(logs)
+
+
 def test_a_snapshot_of_a_broken_table_stops_capture_instead_of_crashing(
         sync_env: SyncEnv, cli: Cli) -> None:
     """A snapshot chunk reads the mapped columns by name: after a rename the query fails,

@@ -52,14 +52,16 @@ class Shape:
     """A captured table as a Relation message or the catalog describes it.
 
     ``columns`` maps each column name to its type OID; ``types`` (optional) to its SQL type
-    as ``format_type`` spells it (for the fix SQL); ``replica_identity`` is pg_class's
-    ``relreplident`` letter (d, n, f, i).
+    as ``format_type`` spells it (for the fix SQL); ``attnums`` (optional, the catalog's) to
+    its ``pg_attribute.attnum`` (to tell a rename from a drop); ``replica_identity`` is
+    pg_class's ``relreplident`` letter (d, n, f, i).
     """
 
     table: str
     replica_identity: str
     columns: Mapping[str, int]
     types: Mapping[str, str] | None = None
+    attnums: Mapping[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,7 @@ def check(ent: EntityMapping, shape: Shape | None, *,
     stable order (table, then columns in the profile's order); [] when it keeps it.
 
     ``known`` is the table's last good shape (from start-up), if any: it lets the fix name a
-    rename back (one needed column gone, one new column of its type) and the type to restore.
+    rename back (a new column holding the gone column's attnum) and the type to restore.
     """
     table = ent.table
     quoted = _quoted(table)
@@ -126,11 +128,10 @@ def check(ent: EntityMapping, shape: Shape | None, *,
                           "from the source profile and restart the producer")]
     out: list[Violation] = []
     missing = [c for c in ent.columns if c not in shape.columns]
-    new = [c for c in shape.columns if known is not None and c not in known.columns]
     for column in missing:
         out.append(Violation(table, column, "column is mapped by the source profile but "
                              "missing (renamed or dropped)",
-                             _missing_fix(ent, column, shape, known, missing, new)))
+                             _missing_fix(ent, column, shape, known)))
     for column in ent.columns:
         if column in missing:
             continue
@@ -152,17 +153,33 @@ def check(ent: EntityMapping, shape: Shape | None, *,
     return out
 
 
-def _missing_fix(ent: EntityMapping, column: str, shape: Shape, known: Shape | None,
-                 missing: list[str], new: list[str]) -> str:
+def _missing_fix(ent: EntityMapping, column: str, shape: Shape, known: Shape | None) -> str:
     quoted = _quoted(ent.table)
-    if known is not None and len(missing) == 1 and len(new) == 1 \
-            and known.columns.get(column) == shape.columns[new[0]]:
-        return f"ALTER TABLE {quoted} RENAME COLUMN {_q(new[0])} TO {_q(column)};"
+    renamed = _renamed_to(column, shape, known)
+    if renamed is not None:
+        return f"ALTER TABLE {quoted} RENAME COLUMN {_q(renamed)} TO {_q(column)};"
     had = _type_of(known, column)
     add = f"ALTER TABLE {quoted} ADD COLUMN {_q(column)} {had}; -- and restore its data" \
         if had is not None else f"-- restore column {column} of {ent.table}"
     return (f"{add} (or map the column's new name in the source profile and restart the "
             "producer)")
+
+
+def _renamed_to(column: str, shape: Shape, known: Shape | None) -> str | None:
+    """The name ``column`` was renamed to, or None when it was dropped (or we cannot tell).
+
+    A rename keeps the column's ``attnum``; ``ADD COLUMN`` always takes a new one (attnums
+    are never reused). Guessing from names and types instead would tell the operator to
+    rename an unrelated column that was added meanwhile (dropped ``email``, added
+    ``loyalty``: "RENAME loyalty TO email" would feed loyalty's data to the ERP as e-mails).
+    Shapes without attnums (a Relation message's) give None."""
+    if known is None or known.attnums is None or shape.attnums is None:
+        return None
+    attnum = known.attnums.get(column)
+    for name, number in shape.attnums.items():
+        if number == attnum and name != column:
+            return name
+    return None
 
 
 def _type_of(shape: Shape | None, column: str) -> str | None:
@@ -195,18 +212,19 @@ def read_shapes(conn: psycopg.Connection[Any], tables: list[str]) -> dict[str, S
     Raises psycopg.Error when the query fails (a lost session, say)."""
     rows = conn.execute(
         "SELECT t.name, c.relreplident, a.attname, a.atttypid::int,"
-        "       format_type(a.atttypid, a.atttypmod)"
+        "       format_type(a.atttypid, a.atttypmod), a.attnum::int"
         "  FROM unnest(%s::text[]) AS t(name)"
         "  LEFT JOIN pg_class c ON c.oid = to_regclass(t.name)"
         "  LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0"
         "   AND NOT a.attisdropped"
         " ORDER BY t.name, a.attnum", (tables,)).fetchall()
-    found: dict[str, tuple[str, dict[str, int], dict[str, str]]] = {}
-    for name, identity, column, oid, type_sql in rows:
+    found: dict[str, tuple[str, dict[str, int], dict[str, str], dict[str, int]]] = {}
+    for name, identity, column, oid, type_sql, attnum in rows:
         if identity is None:
             continue
-        entry = found.setdefault(name, (str(identity), {}, {}))
+        entry = found.setdefault(name, (str(identity), {}, {}, {}))
         if column is not None:
             entry[1][column] = int(oid)
             entry[2][column] = str(type_sql)
+            entry[3][column] = int(attnum)
     return {t: Shape(t, *found[t]) if t in found else None for t in tables}

@@ -885,7 +885,10 @@ class CdcProducer:
     def _observe_publication(self, conn: PgConn) -> None:
         """Every few seconds: a captured table dropped from the producer's own publication is
         added back (changes made meanwhile were not decoded: a snapshot of that table is
-        queued; rows deleted meanwhile need `reconcile --repair`)."""
+        queued; rows deleted meanwhile need `reconcile --repair`).
+
+        Raises SourceContractBroken when a captured table left it by being renamed or
+        dropped (it cannot be added back)."""
         now = time.monotonic()
         if now - self._last_publication_check < PUBLICATION_CHECK_S:
             return
@@ -899,6 +902,12 @@ class CdcProducer:
             return  # no publication at all: a lost publication is handled elsewhere
         if not set(self.profile.tables) - set(row[1]):
             return
+        # A table renamed or dropped has left the publication too, and cannot be added back
+        # (UndefinedTable): that is the source contract (capture stops, named), not a crash.
+        violations = contract.check_profile(
+            self.profile, contract.read_shapes(conn, self.profile.tables), known=self._known)
+        if violations:
+            raise SourceContractBroken(violations)
         added = ensure_capture_objects(conn, self.settings, self.profile)
         for table in added:
             ent = self.profile.table(table)

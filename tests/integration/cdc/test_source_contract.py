@@ -154,6 +154,27 @@ def test_a_renamed_column_stops_capture_and_never_writes_a_null(sync_env: SyncEn
     _assert_no_values(logs)
 
 
+def test_a_dropped_column_is_not_renamed_from_a_column_added_meanwhile(
+        sync_env: SyncEnv, cli: Cli) -> None:
+    """An unmapped text column added while capture runs, then a mapped text column dropped:
+    the fix adds the dropped column back; renaming the new column would hand its data to
+    the ERP as the dropped column's (the rename is told by attnum, not guessed by type)."""
+    with watched(sync_env) as (producer, logs), sync_env.crm() as crm:
+        kept = _insert(crm, "crm.customers", family_name="张", given_name="三")
+        wait_until(lambda: kept in _partners(sync_env), timeout=60, message="the customer")
+        crm.execute("ALTER TABLE crm.customers ADD COLUMN loyalty text")
+        crm.execute("ALTER TABLE crm.customers DROP COLUMN email")
+        crm.execute("UPDATE crm.customers SET notes = '已发货' WHERE customer_id = %s",
+                    (kept,))
+        _assert_stopped(sync_env, cli, producer, logs, "crm.customers", "email",
+                        'ALTER TABLE "crm"."customers" ADD COLUMN "email" text;')
+        status = cli(sync_env.settings, "status")
+        assert "RENAME" not in status.out, status.out
+        crm.execute("ALTER TABLE crm.customers ADD COLUMN email text")
+        _resumed(sync_env, cli, producer)
+    _assert_no_values(logs)
+
+
 def test_replica_identity_default_stops_capture_until_full(sync_env: SyncEnv,
                                                              cli: Cli) -> None:
     with watched(sync_env) as (producer, logs), sync_env.crm() as crm:
@@ -254,6 +275,25 @@ def test_a_table_dropped_from_the_publication_is_added_back_and_resnapshotted(
     repaired = [e for e in logs if e["event"] == "publication_repaired"]
     assert [e["table"] for e in repaired] == ["crm.market_demand"]
     assert repaired[0]["snapshot_id"] is not None
+    _assert_no_values(logs)
+
+
+def test_a_renamed_table_stops_capture_instead_of_crashing(sync_env: SyncEnv,
+                                                            cli: Cli) -> None:
+    """A captured table renamed while capture runs leaves the publication under its old
+    name; adding it back fails (no such table): that is the source contract (stop, named,
+    resume once renamed back), not a producer crash."""
+    with watched(sync_env) as (producer, logs), sync_env.crm() as crm:
+        crm.execute("ALTER TABLE crm.market_demand RENAME TO market_demand_old")
+        _assert_stopped(sync_env, cli, producer, logs, "crm.market_demand", "*",
+                        "-- restore crm.market_demand")
+        crm.execute("ALTER TABLE crm.market_demand_old RENAME TO market_demand")
+        _resumed(sync_env, cli, producer)
+        later = _insert(crm, "crm.market_demand", kind="市场趋势", product_category="手机",
+                        content="5G手机市场增长迅速", observed_at="2023-01-02T00:00:00Z")
+        wait_until(lambda: later in _demands(sync_env), timeout=60,
+                   message="inserts captured again after the rename back")
+    assert not [e for e in logs if e["event"] == "unexpected_error"]
     _assert_no_values(logs)
 
 

@@ -17,17 +17,26 @@ BOTTLE = load_profile("bottlecrm")
 TEXT, DATE, TIMESTAMPTZ, BOOL, INT8 = 25, 1082, 1184, 16, 20
 
 
-def _demand(**changes: int | None) -> Shape:
+def _demand(*, renamed: dict[str, str] | None = None, **changes: int | None) -> Shape:
+    """The demo's market_demand as the catalog gives it, after ``changes`` (a column added
+    with its type OID, or dropped: None) and ``renamed`` (old name -> new). Like PostgreSQL,
+    an added column takes a new attnum and a renamed one keeps its own."""
     columns: dict[str, int] = {"demand_id": INT8, "kind": TEXT, "product_category": TEXT,
                                "content": TEXT, "observed_at": TIMESTAMPTZ}
+    attnums = {c: n for n, c in enumerate(columns, start=1)}
+    for old, new in (renamed or {}).items():
+        columns[new] = columns.pop(old)
+        attnums[new] = attnums.pop(old)
     for name, oid in changes.items():
         if oid is None:
             columns.pop(name)
+            attnums.pop(name)
         else:
             columns[name] = oid
+            attnums.setdefault(name, 100 + len(attnums))
     types = {c: {TEXT: "text", INT8: "bigint", TIMESTAMPTZ: "timestamp with time zone"}
              .get(o, "?") for c, o in columns.items()}
-    return Shape("crm.market_demand", "f", columns, types)
+    return Shape("crm.market_demand", "f", columns, types, attnums)
 
 
 DEMAND = DEMO.table("crm.market_demand")
@@ -58,9 +67,26 @@ def test_a_dropped_column_names_it_and_the_type_to_add_back() -> None:
 
 
 def test_a_renamed_column_gets_the_rename_back() -> None:
-    [v] = check(DEMAND, _demand(product_category=None, category=TEXT), known=_demand())
+    [v] = check(DEMAND, _demand(renamed={"product_category": "category"}), known=_demand())
     assert v.fix == ('ALTER TABLE "crm"."market_demand" RENAME COLUMN "category" TO '
                      '"product_category";')
+
+
+def test_a_dropped_column_is_not_renamed_from_an_unrelated_new_one() -> None:
+    """A mapped column dropped after an unmapped one of its type was added: renaming that
+    one back would feed its data to the ERP under the dropped column's meaning."""
+    [v] = check(DEMAND, _demand(product_category=None, scratch=TEXT), known=_demand())
+    assert "RENAME" not in v.fix
+    assert v.fix.startswith('ALTER TABLE "crm"."market_demand" ADD COLUMN "product_category" '
+                            "text;")
+
+
+def test_without_attnums_no_rename_is_guessed() -> None:
+    """A Relation message's shape has no attnums: a rename cannot be told from a drop."""
+    renamed = _demand(renamed={"product_category": "category"})
+    [v] = check(DEMAND, Shape(renamed.table, "f", renamed.columns, renamed.types),
+                known=_demand())
+    assert "RENAME" not in v.fix
 
 
 def test_without_a_known_shape_the_fix_says_what_to_restore() -> None:

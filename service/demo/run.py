@@ -103,6 +103,10 @@ def run_demo(settings: Settings, *, customers: int, orders: int,
         # row dead-lettered twice): load once the snapshot of the (empty) tables is done.
         if not wait_for_slot(settings, procs, logs, snapshots_done=True):
             return 1
+        earlier = _demo_customers(settings)
+        if earlier:
+            print(f"the demo CRM already holds {earlier:,} customers from earlier runs: the "
+                  "ERP's totals below include what they became")
         started = time.monotonic()
         report = load_demo(settings.crm_dsn, customers=customers, orders=orders, rate=None,
                            seed=int(time.time()), changes=None)
@@ -114,8 +118,17 @@ def run_demo(settings: Settings, *, customers: int, orders: int,
         if not wait_caught_up(settings, procs, logs, "the changes", started=started):
             return 1
         print()
-        print_erp_summary(settings)
+        print_erp_summary(settings, earlier_runs=earlier > 0)
         return 0
+
+
+def _demo_customers(settings: Settings) -> int:
+    """Customers in the demo CRM before this run loads (0 when its tables are new): a
+    second `make demo` on the same databases adds to the first's rows."""
+    with pg.connect(settings.crm_dsn, "CRM") as conn:
+        row = conn.execute("SELECT CASE WHEN to_regclass('crm.customers') IS NULL THEN 0 "
+                           "ELSE (SELECT count(*) FROM crm.customers) END").fetchone()
+    return int(row[0]) if row is not None else 0
 
 
 def start_capture_over(settings: Settings) -> str | None:
@@ -167,9 +180,10 @@ def print_sync_state(conn: pg.PgConn) -> None:
         print(f"  held: {count} event(s) {reason}")
 
 
-def print_erp_summary(settings: Settings) -> None:
+def print_erp_summary(settings: Settings, *, earlier_runs: bool = False) -> None:
     with pg.connect(settings.erp_dsn, "ERP") as conn:
-        print("ERP tables (rows live / deleted):")
+        print("ERP tables (rows live / deleted" +
+              ("; earlier demo runs' rows included):" if earlier_runs else "):"))
         for table in ("business_partners", "sales_orders", "sales_order_items",
                       "demand_signals"):
             row = conn.execute(f"SELECT count(*) FILTER (WHERE NOT deleted), "

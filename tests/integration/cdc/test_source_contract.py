@@ -75,6 +75,20 @@ def _resumed(sync_env: SyncEnv, cli: Cli, producer: CdcProducer) -> None:
     assert report.json["contract_violations"] == []
 
 
+def _customer_in_erp(sync_env: SyncEnv, crm: Any, **columns: Any) -> int:
+    """A customer inserted into the CRM, once the ERP has it (capture is running)."""
+    cid = _insert(crm, "crm.customers", **columns)
+    wait_until(lambda: cid in _partners(sync_env), timeout=60, message="the customer")
+    return cid
+
+
+def _ddl_then_change(crm: Any, cid: int, *ddl: str) -> None:
+    """DDL on the CRM while capture runs, then a change of customer ``cid`` under it."""
+    for statement in ddl:
+        crm.execute(statement)
+    crm.execute("UPDATE crm.customers SET notes = '已发货' WHERE customer_id = %s", (cid,))
+
+
 def test_a_dropped_mapped_column_stops_capture_until_it_is_back(sync_env: SyncEnv,
                                                                   cli: Cli) -> None:
     with watched(sync_env) as (producer, logs), sync_env.crm() as crm:
@@ -118,12 +132,9 @@ def test_an_unmapped_column_dropped_does_not_stop_capture(sync_env: SyncEnv) -> 
 def test_a_renamed_column_stops_capture_and_never_writes_a_null(sync_env: SyncEnv,
                                                                  cli: Cli) -> None:
     with watched(sync_env) as (producer, logs), sync_env.crm() as crm:
-        kept = _insert(crm, "crm.customers", family_name="张", given_name="三",
-                       phone="138 1234 5678")
-        wait_until(lambda: kept in _partners(sync_env), timeout=60, message="the customer")
-        crm.execute("ALTER TABLE crm.customers RENAME COLUMN phone TO mobile")
-        crm.execute("UPDATE crm.customers SET notes = '已发货' WHERE customer_id = %s",
-                    (kept,))
+        kept = _customer_in_erp(sync_env, crm, family_name="张", given_name="三",
+                                phone="138 1234 5678")
+        _ddl_then_change(crm, kept, "ALTER TABLE crm.customers RENAME COLUMN phone TO mobile")
         _assert_stopped(sync_env, cli, producer, logs, "crm.customers", "phone",
                         'ALTER TABLE "crm"."customers" RENAME COLUMN "mobile" TO "phone";')
         # reconcile names the problem instead of crashing with KeyError
@@ -160,12 +171,9 @@ def test_a_dropped_column_is_not_renamed_from_a_column_added_meanwhile(
     the fix adds the dropped column back; renaming the new column would hand its data to
     the ERP as the dropped column's (the rename is told by attnum, not guessed by type)."""
     with watched(sync_env) as (producer, logs), sync_env.crm() as crm:
-        kept = _insert(crm, "crm.customers", family_name="张", given_name="三")
-        wait_until(lambda: kept in _partners(sync_env), timeout=60, message="the customer")
-        crm.execute("ALTER TABLE crm.customers ADD COLUMN loyalty text")
-        crm.execute("ALTER TABLE crm.customers DROP COLUMN email")
-        crm.execute("UPDATE crm.customers SET notes = '已发货' WHERE customer_id = %s",
-                    (kept,))
+        kept = _customer_in_erp(sync_env, crm, family_name="张", given_name="三")
+        _ddl_then_change(crm, kept, "ALTER TABLE crm.customers ADD COLUMN loyalty text",
+                         "ALTER TABLE crm.customers DROP COLUMN email")
         _assert_stopped(sync_env, cli, producer, logs, "crm.customers", "email",
                         'ALTER TABLE "crm"."customers" ADD COLUMN "email" text;')
         status = cli(sync_env.settings, "status")
@@ -178,8 +186,7 @@ def test_a_dropped_column_is_not_renamed_from_a_column_added_meanwhile(
 def test_replica_identity_default_stops_capture_until_full(sync_env: SyncEnv,
                                                              cli: Cli) -> None:
     with watched(sync_env) as (producer, logs), sync_env.crm() as crm:
-        gone = _insert(crm, "crm.customers", family_name="张", given_name="三")
-        wait_until(lambda: gone in _partners(sync_env), timeout=60, message="the customer")
+        gone = _customer_in_erp(sync_env, crm, family_name="张", given_name="三")
         crm.execute("ALTER TABLE crm.customers REPLICA IDENTITY DEFAULT")
         crm.execute("DELETE FROM crm.customers WHERE customer_id = %s", (gone,))
         _assert_stopped(sync_env, cli, producer, logs, "crm.customers", "*",
@@ -304,8 +311,7 @@ def test_a_snapshot_of_a_broken_table_stops_capture_instead_of_crashing(
     from service.cdc.capture import request_snapshot
 
     with watched(sync_env) as (producer, logs), sync_env.crm() as crm:
-        cid = _insert(crm, "crm.customers", family_name="张", given_name="三", notes="10台")
-        wait_until(lambda: cid in _partners(sync_env), timeout=60, message="the customer")
+        cid = _customer_in_erp(sync_env, crm, family_name="张", given_name="三", notes="10台")
         crm.execute("ALTER TABLE crm.customers RENAME COLUMN notes TO remarks")
         snapshot = request_snapshot(crm, producer.profile, "customer", [str(cid)])
         _assert_stopped(sync_env, cli, producer, logs, "crm.customers", "notes",

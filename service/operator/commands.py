@@ -470,9 +470,17 @@ def cmd_trace(settings: Settings, args: argparse.Namespace) -> int:
             raise ConfigError("--topic", f"{topic!r} is not a topic of the sync: choose from "
                                          f"{', '.join(known)}")
     t = trace(settings, args.key, topics=args.topic)
+    # A named object that does not exist is exit 2 (README, "Exit codes"): a key found in
+    # neither the CRM, the topics read, the ERP, the held events nor the dead letters.
+    found = bool(t.crm or t.events or t.erp or t.held or t.dead_letters)
+    nowhere = (f"KEY: {t.key!r} found nowhere: no CRM row, no event on "
+               f"{', '.join(args.topic or known)}, no ERP row, no held event and no dead "
+               "letter has this key (a typo, or a key of no captured table?)")
     if args.json:
         print(render.dumps(render.jsonable(t)))
-        return EXIT_OK
+        if not found:
+            print(f"crm-erp-sync: {nowhere}", file=sys.stderr)
+        return EXIT_OK if found else EXIT_USAGE
     print(f"Key {t.key}\n")
     if t.crm:
         for c in t.crm:
@@ -513,6 +521,9 @@ def cmd_trace(settings: Settings, args: argparse.Namespace) -> int:
         for a in d["actions"]:
             print(f"    {render.cell(a['at'])} {a['action']} by {a['actor']}: {a['outcome']}"
                   + (f" ({a['reason']})" if a["reason"] else ""))
+    if not found:
+        print(f"crm-erp-sync: {nowhere}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
 
 

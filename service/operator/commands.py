@@ -89,7 +89,9 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         "LOST (its WAL was removed)" if slot.get("wal_status") == "lost" else
         f"{'reading' if slot['active'] else 'idle'}, retains "
         f"{slot['retained_wal_bytes']} bytes of WAL, {slot['unconfirmed_bytes']} bytes "
-        "not yet confirmed"))
+        f"not yet confirmed, WAL {slot.get('wal_status')}" + (
+            "" if slot.get("safe_wal_bytes") is None else
+            f", {slot['safe_wal_bytes']} bytes more before it is in danger")))
     ox = st.oldest_transaction
     print("Oldest CRM transaction holding the slot: " + (
         "none" if ox is None else

@@ -23,6 +23,9 @@ Needs attention (exit 1) when any of:
   (``CRM_ERP_SYNC_PINNING_XACT_MAX_S``, 600): the slot cannot confirm past it, so the CRM
   keeps its WAL (pid, age and state are shown, never the query text);
 - the slot retains more than ``retained_wal_max_bytes`` of WAL (1 GiB);
+- the slot is about to lose WAL: its ``wal_status`` is 'unreserved' (the CRM removes the WAL
+  it needs at the next checkpoint), or its ``safe_wal_size`` is under
+  ``service.ops.SAFE_WAL_MIN_SHARE`` (20%) of max_slot_wal_keep_size (``slot_wal_danger``);
 - on the SQL transport, the producer's last peek took longer than ``sql_peek_max_s`` (0.2 s):
   each one re-decodes the retained WAL (it backs off, but capture slows down with it);
 - capture is stopped before a TRUNCATE of a captured CRM table (CRM_ERP_SYNC_ON_TRUNCATE=stop):
@@ -67,6 +70,7 @@ from service.ops import (
     group_lag,
     oldest_transaction,
     slot_state,
+    slot_wal_danger,
 )
 from service.settings import Settings
 
@@ -442,6 +446,11 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
             f"replication slot {settings.slot_name} retains {slot['retained_wal_bytes']:,} "
             f"bytes of WAL (over {settings.retained_wal_max_bytes:,}): a long CRM transaction "
             "(above), a stopped producer, or capture behind")
+    danger = None if slot is None else slot_wal_danger(
+        settings.slot_name, slot.get("wal_status"), slot.get("safe_wal_bytes"),
+        slot.get("keep_size_bytes"))
+    if danger is not None:
+        status.attention.append(danger)
     if status.peek is not None and status.peek["peek_s"] > settings.sql_peek_max_s:
         status.attention.append(
             f"each SQL peek of the slot takes {status.peek['peek_s']:.2f}s of the CRM's time "

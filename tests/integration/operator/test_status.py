@@ -42,6 +42,16 @@ def test_status_shows_members_letters_by_field_and_what_needs_attention(
     assert len(member["partitions"]) == 2 * settings.topic_partitions
     assert member["mappings_version"] and member["pid"]
     assert st.json["dead_letters_by_field"] == [["MappingError", "phone", 1]]
+    # The slot's WAL budget as the CRM reports it (the shared stack's setting, not changed
+    # here): a fresh slot has room left, so nothing about losing WAL.
+    with sync_env.crm() as crm:
+        keep_mb = int(crm.execute("SELECT setting FROM pg_settings "
+                                  "WHERE name = 'max_slot_wal_keep_size'").fetchone()[0])
+    slot = st.json["slot"]
+    assert slot["wal_status"] in ("reserved", "extended")
+    assert slot["keep_size_bytes"] == (-1 if keep_mb < 0 else keep_mb * 1048576)
+    assert (slot["safe_wal_bytes"] is None) == (keep_mb < 0)
+    assert not any("UNRESERVED" in a or "safe_wal_size" in a for a in st.json["attention"])
     text = cli(settings, "status")
     assert consumer.membership.client_id in text.out
     assert "MappingError" in text.out and "phone" in text.out

@@ -44,11 +44,15 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
                             "breaker": [{**render.jsonable(t), "partition_name": t.name,
                                          "ratio": t.ratio} for t in st.breaker],
                             "ok": not st.attention}))
-        return EXIT_ATTENTION if st.attention else EXIT_OK
+        return _status_code(st)
     print("Consumer group", settings.consumer_group)
-    print(render.table(["topic", "partition", "committed", "end", "lag"],
-                       [(p.topic, p.partition, p.committed, p.end, p.lag) for p in st.lag]))
-    print(f"total lag: {st.total_lag}")
+    if st.broker_unreachable:
+        print(st.broker_unreachable)
+    else:
+        print(render.table(["topic", "partition", "committed", "end", "lag"],
+                           [(p.topic, p.partition, p.committed, p.end, p.lag)
+                            for p in st.lag]))
+        print(f"total lag: {st.total_lag}")
     aw = st.apply_window
     if aw is not None:
         # The one time not in UTC: the window is wall-clock time in its own zone, so its
@@ -61,7 +65,9 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             "partitions paused by design; the lag grows meanwhile and is not counted as "
             "stuck)"))
     print()
-    if st.members:
+    if st.broker_unreachable:
+        print("Group members: unknown (broker unreachable)")
+    elif st.members:
         print(render.table(
             ["group member", "host", "pid", "in group", "partitions", "last report",
              "rejoins"],
@@ -168,9 +174,17 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         print("\nNEEDS ATTENTION:")
         for item in st.attention:
             print(f"  - {item}")
-        return EXIT_ATTENTION
+        return _status_code(st)
     print("\nOK")
     return EXIT_OK
+
+
+def _status_code(st: Any) -> int:
+    """3 when the broker could not be asked (a part is unchecked: README, "Exit codes"), else
+    1 when something needs attention, else 0."""
+    if st.broker_unreachable:
+        return exit_codes.UNAVAILABLE
+    return EXIT_ATTENTION if st.attention else EXIT_OK
 
 
 # ---- replay --------------------------------------------------------------------------------

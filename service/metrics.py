@@ -149,6 +149,14 @@ class ProducerMetrics(ProcessMetrics):
         self.unconfirmed_wal = Gauge(f"{PREFIX}_slot_unconfirmed_wal_bytes", "WAL not yet "
                                      "published and confirmed (current LSN - "
                                      "confirmed_flush_lsn)", registry=r)
+        self.safe_wal = Gauge(f"{PREFIX}_slot_safe_wal_bytes", "WAL the CRM can still write "
+                              "before the slot is in danger of losing WAL (pg_replication_slots"
+                              ".safe_wal_size); -1 when max_slot_wal_keep_size is unlimited",
+                              registry=r)
+        self.slot_wal_danger = Gauge(
+            f"{PREFIX}_slot_wal_in_danger", "1 while the slot is about to lose WAL: wal_status "
+            "unreserved, or safe_wal_size under 20% of max_slot_wal_keep_size "
+            "(service.ops.slot_wal_danger)", registry=r)
         self.retries = Counter(f"{PREFIX}_transient_failures", "Producer steps retried after "
                                "a transient failure", registry=r)
         self.capture_dead_letters = Counter(

@@ -48,17 +48,59 @@ def group_lag(settings: Settings, topics: list[str] | None = None) -> list[Parti
             for tp in tps]
 
 
+# max_slot_wal_keep_size in bytes (the setting is in MB; -1: unlimited), read in the same
+# query as the slot's row so that watching the slot stays one catalog query.
+KEEP_SIZE_SQL = ("(SELECT CASE WHEN setting::bigint < 0 THEN -1 ELSE setting::bigint * 1048576 "
+                 "END FROM pg_settings WHERE name = 'max_slot_wal_keep_size')")
+
+# Warn when the WAL the CRM may still write before the slot is in danger (safe_wal_size) is
+# below this share of max_slot_wal_keep_size. At 20% there is still the time the CRM needs to
+# write a fifth of the budget (hours on most servers, at least several checkpoints) to let
+# capture catch up or raise the setting; later than that the next burst of writes (a bulk
+# import, a VACUUM) can take the slot to 'unreserved' and then 'lost' (a full resync).
+SAFE_WAL_MIN_SHARE = 0.2
+
+
 def slot_state(settings: Settings) -> dict[str, Any] | None:
-    """The producer's slot: active or not, and how much WAL it keeps and has not confirmed."""
+    """The producer's slot: active or not, how much WAL it keeps and has not confirmed
+    (bytes), its ``wal_status`` (reserved, extended, unreserved, lost), ``safe_wal_bytes``
+    (WAL that can still be written before the slot is in danger; None when
+    max_slot_wal_keep_size is -1) and ``keep_size_bytes`` (max_slot_wal_keep_size in bytes,
+    -1: unlimited). None when the slot does not exist. One query. Raises psycopg.Error."""
     with pg.connect(settings.crm_dsn, "CRM") as conn:
         row = conn.execute(
             "SELECT active, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, "
-            "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, wal_status "
-            "FROM pg_replication_slots WHERE slot_name = %s", (settings.slot_name,)).fetchone()
+            "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, wal_status, "
+            f"safe_wal_size, {KEEP_SIZE_SQL} FROM pg_replication_slots WHERE slot_name = %s",
+            (settings.slot_name,)).fetchone()
     if row is None:
         return None
     return {"active": row[0], "retained_wal_bytes": row[1], "unconfirmed_bytes": row[2],
-            "wal_status": row[3]}
+            "wal_status": row[3], "safe_wal_bytes": row[4], "keep_size_bytes": row[5]}
+
+
+def slot_wal_danger(slot_name: str, wal_status: str | None, safe_wal_bytes: int | None,
+                    keep_size_bytes: int | None) -> str | None:
+    """What an operator must know before the slot loses WAL, from its pg_replication_slots
+    row: None when nothing (a reserved or extended slot with room left, unlimited
+    max_slot_wal_keep_size, or a slot already 'lost', which `status` reports with its own
+    recovery). Otherwise one sentence: what it means and what to do. ``safe_wal_bytes`` and
+    ``keep_size_bytes`` are bytes (None or -1 for keep size: unlimited)."""
+    todo = ("let the slot's consumer catch up (if the producer is down, start it; if a long "
+            "CRM transaction pins the slot, end it) or raise max_slot_wal_keep_size on the CRM")
+    if wal_status == "unreserved":
+        return (f"replication slot {slot_name} is UNRESERVED: it needs WAL beyond "
+                "max_slot_wal_keep_size, which the CRM removes at its next checkpoint, and "
+                "the slot is then LOST (capture stops until a full `crm-erp-sync resync`): "
+                f"now {todo}")
+    if (wal_status in ("reserved", "extended") and safe_wal_bytes is not None
+            and keep_size_bytes is not None and keep_size_bytes > 0
+            and safe_wal_bytes < SAFE_WAL_MIN_SHARE * keep_size_bytes):
+        return (f"replication slot {slot_name} can keep only {max(safe_wal_bytes, 0):,} more "
+                f"bytes of WAL (safe_wal_size, under {SAFE_WAL_MIN_SHARE:.0%} of "
+                f"max_slot_wal_keep_size = {keep_size_bytes:,}): past that the CRM removes "
+                f"the WAL it needs and the slot is lost (a full resync): {todo}")
+    return None
 
 
 # The oldest transaction holding an xid anywhere in the CRM's cluster (logical decoding's

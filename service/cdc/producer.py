@@ -94,7 +94,13 @@ from service.kafka_io import (
     max_message_bytes,
 )
 from service.metrics import ProducerMetrics
-from service.ops import CAPTURE_COSTS_DDL, CAPTURE_COSTS_TABLE, oldest_transaction
+from service.ops import (
+    CAPTURE_COSTS_DDL,
+    CAPTURE_COSTS_TABLE,
+    KEEP_SIZE_SQL,
+    oldest_transaction,
+    slot_wal_danger,
+)
 from service.pg import PgConn
 from service.settings import Settings
 
@@ -444,6 +450,7 @@ class CdcProducer:
         self.metrics = ProducerMetrics()
         self.health = Health(settings, self.metrics)
         self._last_slot_check = 0.0
+        self._warned_wal_danger = False  # logged once per episode, not every check
         self._source: ChangeSource | None = None
         self._next_snapshot_poll = 0.0
         self._chunk: _Chunk | None = None
@@ -983,22 +990,31 @@ class CdcProducer:
         self._sent = None
 
     def _observe_slot(self, conn: PgConn) -> None:
-        """The slot's retained and unconfirmed WAL for the metrics, at most every few seconds
-        (one catalog query). The slot guard's ceiling is not raised here: ``_keep_ceiling_ahead``
-        does it every step from the stream's bound, which is at or past the slot's
-        confirmed_flush_lsn."""
+        """The slot's retained and unconfirmed WAL, and whether it is about to lose WAL
+        (``slot_wal_danger``: logged once when it starts), for the metrics, at most every few
+        seconds (one catalog query). The slot guard's ceiling is not raised here:
+        ``_keep_ceiling_ahead`` does it every step from the stream's bound, which is at or past
+        the slot's confirmed_flush_lsn."""
         now = time.monotonic()
         if now - self._last_slot_check < 5.0:
             return
         self._last_slot_check = now
         row = conn.execute(
             "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, "
-            "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint "
-            "FROM pg_replication_slots WHERE slot_name = %s",
+            "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, wal_status, "
+            f"safe_wal_size, {KEEP_SIZE_SQL} FROM pg_replication_slots WHERE slot_name = %s",
             (self.settings.slot_name,)).fetchone()
         if row is not None:
             self.metrics.retained_wal.set(row[0] or 0)
             self.metrics.unconfirmed_wal.set(row[1] or 0)
+            # -1: unlimited (max_slot_wal_keep_size = -1), so no alert compares against it
+            self.metrics.safe_wal.set(-1 if row[3] is None else row[3])
+            danger = slot_wal_danger(self.settings.slot_name, row[2], row[3], row[4])
+            self.metrics.slot_wal_danger.set(1 if danger is not None else 0)
+            if danger is not None and not self._warned_wal_danger:
+                log.warning("slot_wal_in_danger", slot=self.settings.slot_name,
+                            wal_status=row[2], safe_wal_bytes=row[3], detail=danger)
+            self._warned_wal_danger = danger is not None
         self.metrics.set_oldest_transaction(oldest_transaction(conn))
         source = self._source
         if source is not None and source.peek_s is not None:

@@ -44,11 +44,15 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
                             "breaker": [{**render.jsonable(t), "partition_name": t.name,
                                          "ratio": t.ratio} for t in st.breaker],
                             "ok": not st.attention}))
-        return EXIT_ATTENTION if st.attention else EXIT_OK
+        return _status_code(st)
     print("Consumer group", settings.consumer_group)
-    print(render.table(["topic", "partition", "committed", "end", "lag"],
-                       [(p.topic, p.partition, p.committed, p.end, p.lag) for p in st.lag]))
-    print(f"total lag: {st.total_lag}")
+    if st.broker_unreachable:
+        print(st.broker_unreachable)
+    else:
+        print(render.table(["topic", "partition", "committed", "end", "lag"],
+                           [(p.topic, p.partition, p.committed, p.end, p.lag)
+                            for p in st.lag]))
+        print(f"total lag: {st.total_lag}")
     aw = st.apply_window
     if aw is not None:
         # The one time not in UTC: the window is wall-clock time in its own zone, so its
@@ -61,7 +65,9 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             "partitions paused by design; the lag grows meanwhile and is not counted as "
             "stuck)"))
     print()
-    if st.members:
+    if st.broker_unreachable:
+        print("Group members: unknown (broker unreachable)")
+    elif st.members:
         print(render.table(
             ["group member", "host", "pid", "in group", "partitions", "last report",
              "rejoins"],
@@ -89,7 +95,9 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         "LOST (its WAL was removed)" if slot.get("wal_status") == "lost" else
         f"{'reading' if slot['active'] else 'idle'}, retains "
         f"{slot['retained_wal_bytes']} bytes of WAL, {slot['unconfirmed_bytes']} bytes "
-        "not yet confirmed"))
+        f"not yet confirmed, WAL {slot.get('wal_status')}" + (
+            "" if slot.get("safe_wal_bytes") is None else
+            f", {slot['safe_wal_bytes']} bytes more before it is in danger")))
     ox = st.oldest_transaction
     print("Oldest CRM transaction holding the slot: " + (
         "none" if ox is None else
@@ -166,9 +174,17 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         print("\nNEEDS ATTENTION:")
         for item in st.attention:
             print(f"  - {item}")
-        return EXIT_ATTENTION
+        return _status_code(st)
     print("\nOK")
     return EXIT_OK
+
+
+def _status_code(st: Any) -> int:
+    """3 when the broker could not be asked (a part is unchecked: README, "Exit codes"), else
+    1 when something needs attention, else 0."""
+    if st.broker_unreachable:
+        return exit_codes.UNAVAILABLE
+    return EXIT_ATTENTION if st.attention else EXIT_OK
 
 
 # ---- replay --------------------------------------------------------------------------------
@@ -470,9 +486,17 @@ def cmd_trace(settings: Settings, args: argparse.Namespace) -> int:
             raise ConfigError("--topic", f"{topic!r} is not a topic of the sync: choose from "
                                          f"{', '.join(known)}")
     t = trace(settings, args.key, topics=args.topic)
+    # A named object that does not exist is exit 2 (README, "Exit codes"): a key found in
+    # neither the CRM, the topics read, the ERP, the held events nor the dead letters.
+    found = bool(t.crm or t.events or t.erp or t.held or t.dead_letters)
+    nowhere = (f"KEY: {t.key!r} found nowhere: no CRM row, no event on "
+               f"{', '.join(args.topic or known)}, no ERP row, no held event and no dead "
+               "letter has this key (a typo, or a key of no captured table?)")
     if args.json:
         print(render.dumps(render.jsonable(t)))
-        return EXIT_OK
+        if not found:
+            print(f"crm-erp-sync: {nowhere}", file=sys.stderr)
+        return EXIT_OK if found else EXIT_USAGE
     print(f"Key {t.key}\n")
     if t.crm:
         for c in t.crm:
@@ -513,6 +537,9 @@ def cmd_trace(settings: Settings, args: argparse.Namespace) -> int:
         for a in d["actions"]:
             print(f"    {render.cell(a['at'])} {a['action']} by {a['actor']}: {a['outcome']}"
                   + (f" ({a['reason']})" if a["reason"] else ""))
+    if not found:
+        print(f"crm-erp-sync: {nowhere}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
 
 

@@ -23,6 +23,9 @@ Needs attention (exit 1) when any of:
   (``CRM_ERP_SYNC_PINNING_XACT_MAX_S``, 600): the slot cannot confirm past it, so the CRM
   keeps its WAL (pid, age and state are shown, never the query text);
 - the slot retains more than ``retained_wal_max_bytes`` of WAL (1 GiB);
+- the slot is about to lose WAL: its ``wal_status`` is 'unreserved' (the CRM removes the WAL
+  it needs at the next checkpoint), or its ``safe_wal_size`` is under
+  ``service.ops.SAFE_WAL_MIN_SHARE`` (20%) of max_slot_wal_keep_size (``slot_wal_danger``);
 - on the SQL transport, the producer's last peek took longer than ``sql_peek_max_s`` (0.2 s):
   each one re-decodes the retained WAL (it backs off, but capture slows down with it);
 - capture is stopped before a TRUNCATE of a captured CRM table (CRM_ERP_SYNC_ON_TRUNCATE=stop):
@@ -33,6 +36,9 @@ Needs attention (exit 1) when any of:
 - this process's source profile or mappings file is invalid (read by the loaders `produce`,
   `consume` and `config` use; the file and key are named): a producer or consumer started
   with it would refuse to start.
+- the broker does not answer within ``BROKER_CHECK_S``: lag and members are unknown (one
+  line says so), everything from the databases is still collected; the CLI exits 3
+  (UNAVAILABLE: a part could not be checked) rather than 1.
 Lag alone below that is normal under load and is only reported. Outside the apply window
 (CRM_ERP_SYNC_APPLY_WINDOW, read from this process's settings: give `status` the consumers'
 configuration) the consumers pause by design: status says "outside apply window until ...",
@@ -44,11 +50,15 @@ listed one by one (table, key, reason) apart from the letters of the apply path.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
+from kafka.errors import KafkaError
 
 from service.cdc import slot_guard
 from service.cdc.capture import CONTRACT_TABLE, OWN_SCHEMA, TRUNCATES_TABLE
@@ -57,7 +67,7 @@ from service.cdc.profile import load_profile
 from service.consumer.mappings_watch import STALE_AFTER_S, live_members
 from service.erp.mappings import Mappings
 from service.errors import ConfigError, StackUnavailable
-from service.kafka_io import make_admin
+from service.kafka_io import make_admin, make_consumer
 from service.operator.breaker import BreakerTrip, open_trips
 from service.operator.common import connect
 from service.operator.render import when
@@ -67,11 +77,17 @@ from service.ops import (
     group_lag,
     oldest_transaction,
     slot_state,
+    slot_wal_danger,
 )
 from service.settings import Settings
 
 # A peek report older than this is from a producer that stopped (or switched transport).
 PEEK_REPORT_STALE_S = 60.0
+# How long `status` waits for the broker before it reports it unreachable and shows what the
+# databases say: kafka-python's own bootstrap wait is 30 s, and an operator runs `status`
+# during an outage to see the dead letters, the producer and the slot. A broker that
+# answers at all answers its first request in well under a second.
+BROKER_CHECK_S = 4.0
 CAPTURE_SHOWN = 20
 
 
@@ -127,6 +143,9 @@ class Status:
     # "applied" (sync.truncations in the ERP: per entity, truncates applied, rows marked)
     truncates: dict[str, Any] = field(default_factory=dict)
     attention: list[str] = field(default_factory=list)
+    # Why the broker could not be asked (None: it answered): lag and members are then unknown
+    # (lag [] and members []), everything from the databases is still there.
+    broker_unreachable: str | None = None
 
     @property
     def total_lag(self) -> int:
@@ -150,6 +169,50 @@ def broker_members(settings: Settings) -> list[dict[str, Any]]:
         out.append({"member_id": m["member_id"], "client_id": m["client_id"],
                     "host": str(m["client_host"]).lstrip("/"), "partitions": sorted(parts)})
     return out
+
+
+class _DropKafkaRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith("kafka")
+
+
+@contextlib.contextmanager
+def _quiet_kafka() -> Iterator[None]:
+    """kafka-python's own log records kept off the root logger's handlers meanwhile. Its
+    client logs every refused connection and bootstrap retry (about 25 lines in 30 s);
+    `status` says in one line that the broker is unreachable, so those lines are noise on
+    an operator's terminal. Other libraries' records still pass."""
+    handlers = list(logging.getLogger().handlers)
+    quiet = _DropKafkaRecords()
+    for h in handlers:
+        h.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(quiet)
+
+
+def broker_view(settings: Settings) -> tuple[list[PartitionLag], list[dict[str, Any]],
+                                             str | None]:
+    """The group's lag and members as the broker lists them, or ([], [], why) when no broker
+    answers within ``BROKER_CHECK_S`` (a probe consumer bounds kafka-python's bootstrap wait;
+    the calls after it are made only to a broker that answered)."""
+    unknown = "lag and group members unknown"
+    with _quiet_kafka():
+        try:
+            probe = make_consumer(settings, group_id=None, client_id="crm-erp-sync-status",
+                                  bootstrap_timeout_ms=int(BROKER_CHECK_S * 1000))
+        except StackUnavailable:
+            return [], [], f"broker {settings.kafka_bootstrap} unreachable: {unknown}"
+        probe.close()
+        try:
+            return group_lag(settings), broker_members(settings), None
+        except StackUnavailable as exc:  # it answered the probe, then failed a call
+            return [], [], f"{exc}: {unknown}"
+        except KafkaError as exc:
+            return [], [], (f"broker {settings.kafka_bootstrap} did not answer "
+                            f"({type(exc).__name__}): {unknown}")
 
 
 def merge_members(listed: list[dict[str, Any]], reported: list[dict[str, Any]],
@@ -244,8 +307,7 @@ def config_file_problems(settings: Settings) -> list[str]:
 
 def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
     config_problems = config_file_problems(settings)
-    lag = group_lag(settings)
-    listed = broker_members(settings)
+    lag, listed, broker_down = broker_view(settings)
     try:
         slot = slot_state(settings)
         with connect(settings, "crm") as crm:
@@ -345,8 +407,10 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         lag=lag, slot=slot, pending_snapshots=pending, dead_letters=letters, held=held,
         stuck_keys=int(stuck_row[0]) if stuck_row else 0,
         producer_running=bool(locked and locked[0]), breaker=breaker, consumers=consumers,
-        members=merge_members(listed, reported, alive_s=max(30.0,
-                                                            3 * settings.membership_check_s)),
+        # Without the broker's list, every consumer would look outside the group.
+        members=[] if broker_down else merge_members(
+            listed, reported, alive_s=max(30.0, 3 * settings.membership_check_s)),
+        broker_unreachable=broker_down,
         dead_letters_by_field=by_field, paused=paused, truncates=truncates,
         contract_violations=violations,
         capture_letters=[{k: v for k, v in c.items() if k != "total"} for c in capture],
@@ -384,6 +448,8 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
                                    "until": min(shut).astimezone(UTC),
                                    "as_seen_by": "consumers"}
             closed = True
+    if broker_down:
+        status.attention.append(broker_down)
     status.attention.extend(config_problems)
     for t in truncates["stopped"]:
         status.attention.append(
@@ -410,7 +476,9 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
                     f" since {when(m.out_since)}" if m.out_since else "")
                 + f" ({m.rejoins} rejoin(s) so far; it rejoins by itself: if it stays out, "
                 "look at its log and restart it)")
-    if not any(m.in_group for m in status.members) and status.total_lag > 0:
+    if broker_down:
+        pass  # lag and members unknown: said once above
+    elif not any(m.in_group for m in status.members) and status.total_lag > 0:
         status.attention.append(f"{status.total_lag} event(s) wait but group "
                                 f"{settings.consumer_group} has no member: start a consumer")
     elif status.total_lag > 0 and listed and reports_kept and not consumers and not closed:
@@ -442,6 +510,11 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
             f"replication slot {settings.slot_name} retains {slot['retained_wal_bytes']:,} "
             f"bytes of WAL (over {settings.retained_wal_max_bytes:,}): a long CRM transaction "
             "(above), a stopped producer, or capture behind")
+    danger = None if slot is None else slot_wal_danger(
+        settings.slot_name, slot.get("wal_status"), slot.get("safe_wal_bytes"),
+        slot.get("keep_size_bytes"))
+    if danger is not None:
+        status.attention.append(danger)
     if status.peek is not None and status.peek["peek_s"] > settings.sql_peek_max_s:
         status.attention.append(
             f"each SQL peek of the slot takes {status.peek['peek_s']:.2f}s of the CRM's time "

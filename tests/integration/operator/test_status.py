@@ -4,6 +4,12 @@ transaction pinning the slot, and exit 1 for each condition that needs attention
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
 from pathlib import Path
 
 import psycopg
@@ -13,7 +19,7 @@ from service.avro import SchemaRegistry
 from service.cdc.producer import CdcProducer
 from service.kafka_io import make_consumer
 from tests.conftest import SyncEnv
-from tests.helpers import wait_until
+from tests.helpers import settings_env, wait_until
 from tests.integration.conftest import Cli, Running
 
 
@@ -42,6 +48,16 @@ def test_status_shows_members_letters_by_field_and_what_needs_attention(
     assert len(member["partitions"]) == 2 * settings.topic_partitions
     assert member["mappings_version"] and member["pid"]
     assert st.json["dead_letters_by_field"] == [["MappingError", "phone", 1]]
+    # The slot's WAL budget as the CRM reports it (the shared stack's setting, not changed
+    # here): a fresh slot has room left, so nothing about losing WAL.
+    with sync_env.crm() as crm:
+        keep_mb = int(crm.execute("SELECT setting FROM pg_settings "
+                                  "WHERE name = 'max_slot_wal_keep_size'").fetchone()[0])
+    slot = st.json["slot"]
+    assert slot["wal_status"] in ("reserved", "extended")
+    assert slot["keep_size_bytes"] == (-1 if keep_mb < 0 else keep_mb * 1048576)
+    assert (slot["safe_wal_bytes"] is None) == (keep_mb < 0)
+    assert not any("UNRESERVED" in a or "safe_wal_size" in a for a in st.json["attention"])
     text = cli(settings, "status")
     assert consumer.membership.client_id in text.out
     assert "MappingError" in text.out and "phone" in text.out
@@ -140,3 +156,43 @@ def test_status_names_members_that_stopped_reporting_while_events_wait(
                    for a in st.json["attention"]), st.json["attention"]
     finally:
         member.close()
+
+
+def closed_port() -> int:
+    """A local port nothing listens on: bound (so the system handed it to nobody else), then
+    closed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_status_with_the_broker_down_answers_quickly_with_what_the_databases_say(
+        sync_env: SyncEnv) -> None:
+    producer = CdcProducer(sync_env.settings, SchemaRegistry.load(sync_env.settings.schemas_dir))
+    producer.run(until_idle=True)  # the slot
+    with sync_env.erp() as erp:  # a dead letter, so the DB-side section has a row to show
+        erp.execute("INSERT INTO sync.dead_letters (topic, partition, \"offset\", stage, "
+                    "error_class, error_message) VALUES (%s, 0, 7, 'transform', "
+                    "'MappingError', 'phone: bad')", (sync_env.settings.sales_topic,))
+    bootstrap = f"127.0.0.1:{closed_port()}"
+    env = {**os.environ, **settings_env(sync_env.with_(kafka_bootstrap=bootstrap)),
+           "CRM_ERP_SYNC_LOG_FORMAT": "json"}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "service.cli", "status"], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    took = time.monotonic() - started
+    assert took < 15, f"status took {took:.1f}s with the broker down"
+    # 3: the broker did not answer, so a part is unchecked (README, "Exit codes")
+    assert done.returncode == 3, (done.stdout, done.stderr)
+    out, err = done.stdout, done.stderr
+    assert f"broker {bootstrap} unreachable: lag and group members unknown" in out
+    # everything from the databases is still there
+    assert "Producer: NOT RUNNING" in out and f"slot {sync_env.settings.slot_name}" in out
+    assert "MappingError" in out and "phone" in out
+    assert "Held events: none" in out and "Last applied:" in out
+    assert "1 dead letter(s) unresolved" in out
+    assert "Traceback" not in out + err
+    # no kafka-python retry chatter: no line repeated, nothing from its loggers
+    lines = [line for line in (out + err).splitlines() if line.strip()]
+    assert not [line for line, n in Counter(lines).items() if n > 1], lines
+    assert '"logger": "kafka' not in err and "ECONNREFUSED" not in out + err, err

@@ -70,5 +70,12 @@ def test_trace_shows_create_update_dead_letter_and_redrive(sync_env: SyncEnv, cl
     assert "CRM order" in text.out and "Events on Kafka (3 of" in text.out
     assert "redriven" in text.out and "redrive by ops" in text.out
     assert cli(s_fixed, "trace", "970", "--topic", "crm.salse").code == 2
+    # A key found nowhere is a named object that does not exist: exit 2 (README, "Exit
+    # codes"), saying so.
     nothing = cli(s_fixed, "trace", "no-such-key", "--json")
-    assert nothing.code == 0 and nothing.json["events"] == [] and nothing.json["crm"] == []
+    assert nothing.code == 2 and nothing.json["events"] == [] and nothing.json["crm"] == []
+    assert "'no-such-key' found nowhere" in nothing.err
+    nothing_text = cli(s_fixed, "trace", "no-such-key")
+    assert nothing_text.code == 2, nothing_text.out
+    assert "'no-such-key' found nowhere" in nothing_text.err
+    assert "Traceback" not in nothing_text.err

@@ -173,7 +173,7 @@ def unmappable_text(exc: SyncError) -> str:
     log. The reason is in the dead letter (``dlq show``)."""
     name = type(exc).__name__
     if isinstance(exc, MappingError):
-        return f"{name} in field {exc.field}"
+        return f"{name} in field {exc.field}" + (f" of line {exc.line}" if exc.line else "")
     if isinstance(exc, CaptureRejected) and exc.column:
         return f"{name} in column {exc.column}"
     if isinstance(exc, UnresolvedReference):

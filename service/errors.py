@@ -149,15 +149,30 @@ class UnknownSchema(DecodeError):
 
 
 class MappingError(Permanent):
-    """A value cannot be translated to the ERP's vocabulary; names the field."""
+    """A value cannot be translated to the ERP's vocabulary; names the field.
+
+    The message is ``"<field>: <reason>"``, or ``"<field>: line <line>: <reason>"`` for an
+    order line's field (``lines.<field>``), ``line`` being the line's CRM key as text (an
+    id, as ``trace`` takes it); ``dlq list --field`` matches the ``"<field>: "`` prefix.
+    ``detail`` is the reason alone."""
 
     stage = "transform"
 
-    def __init__(self, field: str, value: object, reason: str) -> None:
+    def __init__(self, field: str, value: object, reason: str, *,
+                 line: str | None = None) -> None:
         # The value is deliberately not rendered: it may be personal data.
-        super().__init__(f"{field}: {reason}")
+        super().__init__(f"{field}: line {line}: {reason}" if line is not None
+                         else f"{field}: {reason}")
         self.field = field
         self.value = value
+        self.detail = reason
+        self.line = line
+
+    def in_line(self, line: str) -> MappingError:
+        """The same failure named inside its order: the field under ``lines.`` (a product
+        code's too, as quantity and unit price are), with the line's CRM key."""
+        field = self.field if self.field.startswith("lines.") else f"lines.{self.field}"
+        return MappingError(field, self.value, self.detail, line=line)
 
 
 class ApplyError(Permanent):

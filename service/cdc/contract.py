@@ -142,7 +142,7 @@ def check(ent: EntityMapping, shape: Shape | None, *,
             fix = (f"ALTER TABLE {quoted} ALTER COLUMN {_q(column)} TYPE {had} USING "
                    f"{_q(column)}::{had};" if had is not None else
                    f"-- give {table}.{column} a type {uses} can take, or map another column")
-            out.append(Violation(table, column, f"type {_type_of(shape, column) or oid} "
+            out.append(Violation(table, column, f"type {_type_of(shape, column) or type_name(oid)} "
                                  f"cannot feed {uses}", fix))
     if shape.replica_identity != "f":
         out.append(Violation(
@@ -180,6 +180,15 @@ def _renamed_to(column: str, shape: Shape, known: Shape | None) -> str | None:
         if number == attnum and name != column:
             return name
     return None
+
+
+def type_name(oid: int) -> str:
+    """A type OID as SQL spells the type (``text``, ``timestamp with time zone``), for a
+    shape from a Relation message, which carries OIDs only: psycopg's registry of
+    PostgreSQL's built-in types (their OIDs are fixed). Any other type (an extension's, a
+    domain, an enum) is its OID as text: naming it would need a catalog query."""
+    info = psycopg.postgres.types.get(oid)
+    return info.regtype if info is not None else str(oid)
 
 
 def _type_of(shape: Shape | None, column: str) -> str | None:

@@ -22,7 +22,7 @@ import structlog
 from kafka import TopicPartition
 
 from service.consumer.policy import CircuitBreaker, DlqLimit, Partition, Trip
-from service.errors import ConfigError, Permanent, Retryable
+from service.errors import CaptureRejected, ConfigError, MappingError, Permanent, Retryable
 from service.health import Health
 from service.metrics import ConsumerMetrics
 from service.pg import PgConn
@@ -43,10 +43,29 @@ class OpenTrip:
 
 
 def last_reasons(errors: Sequence[Permanent], n: int = LAST_REASONS) -> list[str]:
-    """The last n distinct "ErrorClass: reason" of a slice (reasons never carry values)."""
+    """The last n distinct "ErrorClass: reason" of a slice, for the trip's record (the
+    operator's ``status`` screen). A MappingError's reason may name the CRM's word for a
+    value (service.erp.transform): never log these (``last_errors``)."""
     out: list[str] = []
     for err in reversed(errors):
         text = f"{type(err).__name__}: {err.reason}"
+        if text not in out:
+            out.append(text)
+        if len(out) == n:
+            break
+    return out
+
+
+def last_errors(errors: Sequence[Permanent], n: int = LAST_REASONS) -> list[str]:
+    """The last n distinct "ErrorClass" or "ErrorClass: field" of a slice, for the trip's
+    log line: a reason may quote the CRM's word for a value (an unknown status, and a
+    status column can hold a name and a phone), so the log names the field (a MappingError's,
+    a capture letter's column) and the class only; the reasons are in the trip (``status``)."""
+    out: list[str] = []
+    for err in reversed(errors):
+        field = (err.field if isinstance(err, MappingError)
+                 else err.column if isinstance(err, CaptureRejected) else None)
+        text = f"{type(err).__name__}: {field}" if field else type(err).__name__
         if text not in out:
             out.append(text)
         if len(out) == n:
@@ -113,7 +132,8 @@ class BreakerControl:
         log.error("circuit_breaker_tripped", topic=trip.topic, partition=trip.partition,
                   ratio=round(trip.ratio, 4), messages=trip.messages,
                   dead_letters=trip.dead_letters, limit=trip.limit.max_ratio,
-                  from_offset=first_offset, message=message, last_reasons=reasons,
+                  from_offset=first_offset, message=message,
+                  last_errors=last_errors(errors),
                   resume=f"crm-erp-sync resume --partition {trip.topic}:{trip.partition} "
                          "--reason '...'")
 

@@ -266,23 +266,32 @@ def order_change(record: dict[str, Any], mappings: Mappings) -> ErpChange:
             items.append(OrderItemRow(lb.get("order_key", record["key"]), lb.get("key", ""),
                                       "", "", Decimal(1), "", Decimal(0), True, pos))
             continue
-        quantity = la.get("quantity") or ""
-        if la.get("unit"):
-            # A numeric column's scale is not the count's precision: 10.00 个 is 10 个.
-            number = _decimal(quantity, "lines.quantity")
-            quantity = "" if number is None else format(number.normalize(), "f")
-        qty = tf.parse_quantity(quantity + (la.get("unit") or ""), mappings,
-                                field="lines.quantity")
-        price = _cents(la.get("unit_price"), "lines.unit_price")
-        if price is None or price < 0:
-            raise MappingError("lines.unit_price", price, "missing or negative")
-        sku = tf.sku_for(la.get("product_code") or "", mappings)
-        base = units.to_base(sku, qty.value, qty.unit, mappings,
-                             raw=quantity + (la.get("unit") or ""), field="lines.quantity")
-        items.append(OrderItemRow(la["order_key"], la["key"], sku,
-                                  la.get("product_name") or "", qty.value, qty.unit, price,
-                                  False, pos, base, mappings.sku_units[sku].base))
+        try:
+            items.append(_item(la, pos, mappings))
+        except MappingError as exc:
+            # which line of the order: its CRM key (an id, never a value)
+            raise exc.in_line(str(la.get("key", ""))) from None
     return ErpChange("order", record["customer_key"], header=header, items=items)
+
+
+def _item(la: dict[str, Any], pos: Position, mappings: Mappings) -> OrderItemRow:
+    """One live order line (its ``after``); raises MappingError naming a ``lines.`` field."""
+    quantity = la.get("quantity") or ""
+    if la.get("unit"):
+        # A numeric column's scale is not the count's precision: 10.00 个 is 10 个.
+        number = _decimal(quantity, "lines.quantity")
+        quantity = "" if number is None else format(number.normalize(), "f")
+    qty = tf.parse_quantity(quantity + (la.get("unit") or ""), mappings,
+                            field="lines.quantity")
+    price = _cents(la.get("unit_price"), "lines.unit_price")
+    if price is None or price < 0:
+        raise MappingError("lines.unit_price", price, "missing or negative")
+    sku = tf.sku_for(la.get("product_code") or "", mappings)
+    base = units.to_base(sku, qty.value, qty.unit, mappings,
+                         raw=quantity + (la.get("unit") or ""), field="lines.quantity")
+    return OrderItemRow(la["order_key"], la["key"], sku, la.get("product_name") or "",
+                        qty.value, qty.unit, price, False, pos, base,
+                        mappings.sku_units[sku].base)
 
 
 def demand_row(record: dict[str, Any], mappings: Mappings) -> DemandRow:

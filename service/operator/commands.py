@@ -418,7 +418,7 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
         for key, fields in list(e.differing.items())[:shown]:
             print(f"{e.entity} {key} differs in: {', '.join(fields)}")
         for key, why in list(e.unmappable.items())[:shown]:
-            print(f"{e.entity} {key} cannot be mapped (dead letter): {why}")
+            print(f"{e.entity} {key} cannot be mapped: {why}")
         for key, why in list(e.held.items())[:shown]:
             print(f"{e.entity} {key} {why}")
     if result.stock is not None:

@@ -11,7 +11,8 @@ would write.
 
 Each key ends in one of: ``missing`` (in the CRM, not live in the ERP), ``extra`` (live in the
 ERP, gone from the CRM), ``differing`` (with the fields that differ), ``unmappable`` (the
-CRM row cannot be mapped: its event is a dead letter; fix the mapping or the CRM record) or
+CRM row cannot be mapped: its event is a dead letter; fix the mapping or the CRM record; named
+by field, error class and letter id, never by the reason, which may quote a CRM value) or
 ``held`` (missing, extra or differing only because the sync holds its key: an unresolved
 dead letter of the key, a capture letter too, or events held for it; ``dlq`` resolves it,
 a re-snapshot would only be held as well, so ``--repair`` leaves it). A CRM row that cannot
@@ -63,7 +64,13 @@ from service.erp.changes import to_erp
 from service.erp.mappings import Mappings
 from service.erp.sql_target import ITEM_FIELDS as SQL_ITEM_FIELDS
 from service.erp.target import ABSENT_OK, ErpTarget, make_target
-from service.errors import ConfigError, Permanent, SyncError
+from service.errors import (
+    CaptureRejected,
+    ConfigError,
+    MappingError,
+    SyncError,
+    UnresolvedReference,
+)
 from service.operator.common import PgConn, connect
 from service.operator.render import Progress
 from service.operator.stock import StockRecount, recount
@@ -158,10 +165,29 @@ class ReconcileReport:
         return sum(e.drift for e in self.entities) + self.stock_drift
 
 
+def unmappable_text(exc: SyncError) -> str:
+    """What reconcile says of a row that cannot be mapped: the error class and the field
+    (a MappingError's, a capture rejection's column, an unresolved reference's column),
+    never the reason: a reason may quote the CRM's word for a value (an unknown status), a
+    status column can hold a name and a phone, and a scheduled reconcile's output is a pod
+    log. The reason is in the dead letter (``dlq show``)."""
+    name = type(exc).__name__
+    if isinstance(exc, MappingError):
+        return f"{name} in field {exc.field}" + (f" of line {exc.line}" if exc.line else "")
+    if isinstance(exc, CaptureRejected) and exc.column:
+        return f"{name} in column {exc.column}"
+    if isinstance(exc, UnresolvedReference):
+        return f"{name} in column {exc.table}.{exc.column}"
+    return name
+
+
 def _expected(entity: Entity, profile: SourceProfile, refs: References,
               crm_rows: list[dict[str, Any]], lines: list[dict[str, Any]], mappings: Mappings,
-              report: EntityReport) -> dict[str, dict[str, Any]]:
-    """key -> the mapped field values the sync would write for each CRM row."""
+              report: EntityReport, msg_keys: dict[str, str] | None = None
+              ) -> dict[str, dict[str, Any]]:
+    """key -> the mapped field values the sync would write for each CRM row. An unmappable
+    row goes to ``report.unmappable`` (``unmappable_text``) and, when its event was built,
+    its Kafka key (text) to ``msg_keys``: its dead letter is filed under that key."""
     ent = profile.entities[entity.source]
     line_ent = profile.entity("order_line")
     by_order: dict[str, list[dict[str, Any]]] = {}
@@ -176,17 +202,17 @@ def _expected(entity: Entity, profile: SourceProfile, refs: References,
         if line_ent is not None:
             changes += [RowChange(line_ent.table, READ, None, li)
                         for li in by_order.get(key, [])]
+        event = None
         try:
             (event,) = build_events(changes, profile=profile, refs=refs, lsn=0, xid=0,
                                     commit_time=now, snapshot=True)
             if event.record["op"] == "DELETE":
                 continue  # the profile's soft-delete flag: not expected live in the ERP
             change = to_erp(event.kind, event.record, mappings)
-        except Permanent as exc:
-            report.unmappable[key] = f"{type(exc).__name__}: {exc.reason}"
-            continue
         except SyncError as exc:
-            report.unmappable[key] = f"{type(exc).__name__}: {exc}"
+            report.unmappable[key] = unmappable_text(exc)
+            if event is not None and msg_keys is not None:
+                msg_keys[key] = event.key.decode()
             continue
         src = change.partner or change.header or change.demand
         values = {f: getattr(src, f) for f in entity.fields}
@@ -352,6 +378,7 @@ class Reconciler:
                 last = chunk.last_key
             report.erp_rows = self._extra_pass(crm, erp, entity, ent, report, None)
             self._classify_held(erp, entity, report)
+            self._name_letters(erp, entity, report)
         report.missing.sort()
         report.extra.sort()
         report.seconds = round(time.monotonic() - started, 3)
@@ -372,6 +399,7 @@ class Reconciler:
             report.erp_rows = sum(1 for v in actual.values() if not v["deleted"])
             self._extra_pass(crm, erp, entity, ent, report, keys)
             self._classify_held(erp, entity, report)
+            self._name_letters(erp, entity, report)
         return report
 
     def _compare_chunk(self, erp: PgConn, entity: Entity, ent: EntityMapping, chunk: Chunk,
@@ -386,7 +414,7 @@ class Reconciler:
             report.held[key] = f"unreadable in the CRM ({why})"
         self.unreadable_rows.setdefault(entity.name, {}).update(chunk.unreadable_rows)
         expected = _expected(entity, self.profile, self.refs, chunk.head, chunk.lines,
-                             self.mappings, report)
+                             self.mappings, report, self.msg_keys)
         self._note_msg_keys(entity, expected)
         if keys is None:
             keys = [ent.key_text(r) for r in chunk.head]
@@ -455,6 +483,39 @@ class Reconciler:
             report.extra = [k for k in report.extra if k not in report.held]
             report.differing = {k: v for k, v in report.differing.items()
                                 if k not in report.held}
+
+    def _name_letters(self, erp: PgConn, entity: Entity, report: EntityReport) -> None:
+        """Each unmappable key's note gets the unresolved dead letters of its Kafka key and
+        event kind, and the command that shows one: the letter holds the reason, which
+        reconcile does not print. An order's letters are filed under its customer's key, so
+        the letters of that customer's other unmappable orders are named as well."""
+        if not report.unmappable:
+            return
+        topic = (self.settings.market_topic if entity.name == "demand"
+                 else self.settings.sales_topic)
+        msg_key = {k: self.msg_keys.get(k, k) for k in report.unmappable}
+        try:
+            rows = erp.execute(
+                "SELECT convert_from(msg_key, 'UTF8'), array_agg(dead_letter_id "
+                "ORDER BY dead_letter_id) FROM sync.dead_letters WHERE topic = %s "
+                "AND msg_key = ANY(%s) AND event_kind = %s AND state IN ('open', "
+                "'failed_again') GROUP BY msg_key",
+                (topic, [m.encode() for m in set(msg_key.values())], entity.source)
+            ).fetchall()
+        except psycopg.errors.UndefinedTable:  # a target without sync state tables
+            return
+        letters: dict[str, list[int]] = {m: ids for m, ids in rows}
+        for key, text in report.unmappable.items():
+            ids = letters.get(msg_key[key], [])
+            if len(ids) == 1:
+                where = f"dead letter #{ids[0]} (`crm-erp-sync dlq show {ids[0]}`)"
+            elif ids:
+                where = (f"dead letters {', '.join(f'#{i}' for i in ids)} of its Kafka key "
+                         f"{msg_key[key]} (`crm-erp-sync dlq show ID`)")
+            else:
+                where = (f"no unresolved dead letter of its Kafka key {msg_key[key]} yet "
+                         f"(`crm-erp-sync dlq list --key {msg_key[key]}`)")
+            report.unmappable[key] = f"{text}; {where}"
 
     def repair(self, reports: list[EntityReport], *, wait_s: float = 120.0,
                poll_s: float = 1.0) -> RepairReport:

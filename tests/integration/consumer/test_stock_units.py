@@ -93,9 +93,11 @@ def test_stock_is_kept_in_base_units_and_unconvertible_lines_are_dead_lettered(
         ("103", '["103","2"]', 250, "GRM", D("0.25"), "KGM")]
     assert set(keys) == {"101", "103"}
     assert len(letters) == 2
-    reasons = sorted(letters.values())
-    assert "KGM cannot be converted to PCE, the base unit of SKU-100011" in reasons[1]
-    assert "BOX cannot be converted to KGM, the base unit of SKU-100013" in reasons[0]
+    reasons = sorted(letters.values())  # each names its line (the CRM key)
+    assert reasons[0].startswith('lines.quantity: line ["102","1"]: ')
+    assert "KGM cannot be converted to PCE, the base unit of SKU-100011" in reasons[0]
+    assert reasons[1].startswith('lines.quantity: line ["104","1"]: ')
+    assert "BOX cannot be converted to KGM, the base unit of SKU-100013" in reasons[1]
     dlq = read_topic(settings, settings.dlq_topic)
     assert {r.key for r in dlq} == set(letters)
 

@@ -75,7 +75,7 @@ def test_redrive_after_a_mapping_fix_then_discard(sync_env: SyncEnv, cli: Cli,
     assert cli(s_bad, "dlq", "list", "--error-type", "DecodeError").out.startswith("No dead")
     by_field = cli(s_bad, "dlq", "list", "--field", "phone", "--json")
     assert [d["dead_letter_id"] for d in by_field.json] == [masked_id]
-    assert [d["dead_letter_id"] for d in cli(s_bad, "dlq", "list", "--field", "product_code",
+    assert [d["dead_letter_id"] for d in cli(s_bad, "dlq", "list", "--field", "lines.product_code",
                                              "--json").json] == [order_id]
     assert cli(s_bad, "dlq", "redrive", "--field", "phone", "--dry-run").code == 1
     with sync_env.erp() as erp:

@@ -64,6 +64,10 @@ def test_a_real_run_logs_json_lines_without_personal_data(sync_env: SyncEnv) -> 
         crm.execute("INSERT INTO crm.sales_orders (order_id, order_no, customer_id, "
                     "order_date, status, currency) VALUES (990001, 'X990001', %s, "
                     "'2023-01-01', '司马懿 北京市朝阳区建国路99号', '元')", (buyer,))
+        # A value the producer cannot read: a capture letter, whose line names the column.
+        crm.execute("UPDATE crm.customers SET birth_date = 'infinity' WHERE customer_id = "
+                    "(SELECT min(customer_id) FROM crm.customers WHERE customer_id > %s)",
+                    (buyer,))
     env = {**os.environ, **settings_env(settings), "CRM_ERP_SYNC_LOG_FORMAT": "json",
            "CRM_ERP_SYNC_LOG_LEVEL": "debug"}
     logged = run_cli(env, "produce", "--until-idle")
@@ -95,6 +99,8 @@ def test_a_real_run_logs_json_lines_without_personal_data(sync_env: SyncEnv) -> 
         assert {"topic", "partition", "offset", "key", "event_id", "stage", "error"} <= set(r)
         assert "reason" not in r  # it may quote a CRM value: kept in the letter only
     assert any(r.get("field") == "status" for r in letters)
+    assert any(r["stage"] == "capture" and r.get("field") == "birth_date" for r in letters), \
+        [r for r in letters if r["stage"] == "capture"]
     assert "司马懿" not in logged and "建国路" not in logged
     assert any(r["key"] == "424242" and r["event_id"] is None and r["stage"] == "decode"
                for r in letters)

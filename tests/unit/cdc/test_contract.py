@@ -102,6 +102,20 @@ def test_a_date_field_fed_by_a_text_column_is_a_type_violation() -> None:
                      'timestamp with time zone USING "observed_at"::timestamp with time zone;')
 
 
+def test_a_relation_messages_shape_names_built_in_types_not_oids() -> None:
+    # A Relation message carries type OIDs only (no ``types``): a built-in type is named as
+    # SQL spells it, any other by its OID.
+    relation = Shape("crm.market_demand", "f", {**_demand().columns, "observed_at": TEXT})
+    [v] = check(DEMAND, relation)
+    assert v.problem == "type text cannot feed market_demand.observed_at"
+    relation = Shape("crm.market_demand", "f", {**_demand().columns, "observed_at": BOOL})
+    assert check(DEMAND, relation)[0].problem.startswith("type boolean cannot feed")
+    relation = Shape("crm.market_demand", "f", {**_demand().columns, "observed_at": 16401})
+    assert check(DEMAND, relation)[0].problem.startswith("type 16401 cannot feed")
+    assert contract.type_name(1700) == "numeric"
+    assert contract.type_name(TIMESTAMPTZ) == "timestamp with time zone"
+
+
 @pytest.mark.parametrize("oid", [DATE, 1114, TIMESTAMPTZ])
 def test_any_date_or_timestamp_type_feeds_a_timestamp_field(oid: int) -> None:
     assert check(DEMAND, _demand(observed_at=oid)) == []

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.consumer.breaker import last_reasons
-from service.errors import ConfigError, DecodeError, MappingError
+from service.consumer.breaker import last_errors, last_reasons
+from service.errors import CaptureRejected, ConfigError, DecodeError, MappingError
 from service.operator.breaker import parse_partition
 from service.operator.dlq import check_filter
 
@@ -17,6 +17,16 @@ def test_last_reasons_are_the_latest_distinct_ones_without_values() -> None:
     assert reasons == ["DecodeError: bad bytes", "MappingError: phone: not a number"]
     assert not any("138xxxx5678" in r for r in reasons)  # values may be personal data
     assert len(last_reasons([DecodeError(str(i)) for i in range(20)], n=5)) == 5
+
+
+def test_the_trip_log_line_names_classes_and_fields_never_a_reason() -> None:
+    status = MappingError("status", "张三 13812345678", "unknown order status 张三 13812345678")
+    errors = [DecodeError("bad bytes"), status, status,
+              CaptureRejected("numeric NaN is not a finite number", "purchase_amount")]
+    logged = last_errors(errors)
+    assert logged == ["CaptureRejected: purchase_amount", "MappingError: status",
+                      "DecodeError"]
+    assert not any("张三" in t or "13812345678" in t for t in logged)
 
 
 @pytest.mark.parametrize(("text", "parsed"), [

@@ -193,6 +193,23 @@ def test_line_price_that_is_not_a_finite_non_negative_number_is_refused(
     assert info.value.field == "lines.unit_price"
 
 
+@pytest.mark.parametrize(("changed", "field"), [
+    ({"quantity": "台十"}, "lines.quantity"),
+    ({"unit_price": "-1.00"}, "lines.unit_price"),
+    ({"product_code": "P-HOVERBOARD"}, "lines.product_code"),
+])
+def test_a_line_error_names_the_line_and_a_lines_field(
+        mappings: Mappings, changed: dict[str, str], field: str) -> None:
+    record = order_event([{"op": "CREATE", "before": None, "after": line(1)},
+                          {"op": "CREATE", "before": None, "after": line(2, **changed)}])
+    with pytest.raises(MappingError) as info:
+        to_erp("order", record, mappings)
+    assert (info.value.field, info.value.line) == (field, '["9001","2"]')
+    # `dlq list --field` matches the "<field>: " prefix of the letter's message
+    assert info.value.reason.startswith(f'{field}: line ["9001","2"]: ')
+    assert info.value.detail and info.value.detail in info.value.reason
+
+
 def test_lines_only_event_has_no_header(mappings: Mappings) -> None:
     change = to_erp("order", order_event([{"op": "UPDATE", "before": line(1),
                                            "after": line(1, quantity="12台")}], op="UPDATE"),

@@ -13,10 +13,17 @@ from service.cdc.events import References
 from service.cdc.profile import load_profile
 from service.cli import build_parser
 from service.erp.mappings import Mappings
-from service.errors import ConfigError
+from service.errors import ConfigError, MappingError, UnrepresentableValue
 from service.operator import render
 from service.operator.common import parse_time
-from service.operator.reconcile import ENTITIES, EntityReport, Reconciler, _compare, _expected
+from service.operator.reconcile import (
+    ENTITIES,
+    EntityReport,
+    Reconciler,
+    _compare,
+    _expected,
+    unmappable_text,
+)
 from service.operator.replay import parse_offsets
 
 
@@ -124,3 +131,12 @@ def test_reconcile_compares_mapped_fields_with_the_pipeline_transform() -> None:
     assert asked == [["1", "2"], ["3", "4"], ["5"]]
     assert report.extra == ["3", "4"]
     assert rec.positions == {"orders": {"3": (9, 1), "4": (11, 2)}}
+
+
+def test_reconcile_names_an_unmappable_rows_field_and_class_never_its_reason() -> None:
+    status = MappingError("status", "张三 13812345678", "unknown order status 张三 13812345678")
+    assert unmappable_text(status) == "MappingError in field status"
+    line = MappingError("quantity", "台十", "does not start with a number").in_line('["9","2"]')
+    assert unmappable_text(line) == 'MappingError in field lines.quantity of line ["9","2"]'
+    nan = UnrepresentableValue("numeric NaN is not a finite number", "purchase_amount")
+    assert unmappable_text(nan) == "UnrepresentableValue in column purchase_amount"

@@ -200,6 +200,16 @@ class UnrepresentableValue(CaptureRejected):
     raised by the value converters, the column filled in by the decoder."""
 
 
+def field_of(error: Permanent) -> str | None:
+    """The field a failure is about, for log lines: a MappingError's field, a capture
+    letter's column (names, never values); None for the others."""
+    if isinstance(error, MappingError):
+        return error.field
+    if isinstance(error, CaptureRejected):
+        return error.column
+    return None
+
+
 class TargetError(SyncError):
     """An ERP target (Tryton over JSON-RPC, say) failed a call; ``method`` names the call."""
 

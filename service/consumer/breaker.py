@@ -22,7 +22,7 @@ import structlog
 from kafka import TopicPartition
 
 from service.consumer.policy import CircuitBreaker, DlqLimit, Partition, Trip
-from service.errors import CaptureRejected, ConfigError, MappingError, Permanent, Retryable
+from service.errors import ConfigError, Permanent, Retryable, field_of
 from service.health import Health
 from service.metrics import ConsumerMetrics
 from service.pg import PgConn
@@ -63,8 +63,7 @@ def last_errors(errors: Sequence[Permanent], n: int = LAST_REASONS) -> list[str]
     a capture letter's column) and the class only; the reasons are in the trip (``status``)."""
     out: list[str] = []
     for err in reversed(errors):
-        field = (err.field if isinstance(err, MappingError)
-                 else err.column if isinstance(err, CaptureRejected) else None)
+        field = field_of(err)
         text = f"{type(err).__name__}: {field}" if field else type(err).__name__
         if text not in out:
             out.append(text)

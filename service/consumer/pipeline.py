@@ -43,15 +43,14 @@ from service.erp.mappings import Mappings
 from service.erp.target import ErpTarget, Status, make_target
 from service.errors import (
     ApplyError,
-    CaptureRejected,
     ConfigError,
     ConnectionLost,
     DatabaseUnreachable,
     DecodeError,
-    MappingError,
     Permanent,
     Retryable,
     StackUnavailable,
+    field_of,
 )
 from service.faults import transient
 from service.health import Health, serve
@@ -239,16 +238,6 @@ def _dead_letter(msg: Message, error: Permanent, event_id: str | None = None
                  ) -> dlq.DeadLetter:
     return dlq.DeadLetter(msg.topic, msg.partition, msg.offset, msg.timestamp, msg.key,
                           msg.value, error, event_id=event_id)
-
-
-def _error_field(error: Permanent) -> str | None:
-    """The field a letter is about, for its log line: a MappingError's field, a capture
-    letter's column (both name a column, never a value); None for the others."""
-    if isinstance(error, MappingError):
-        return error.field
-    if isinstance(error, CaptureRejected):
-        return error.column
-    return None
 
 
 def _audit_superseded(conn: PgConn, letter_ids: list[int], why: str) -> None:
@@ -817,7 +806,7 @@ class ErpApplier:
             # name or an address too; the log names the field and the error class only.
             log.warning("dead_lettered", topic=d.topic, partition=d.partition, offset=d.offset,
                         key=_key_text(d.key), event_id=d.event_id, stage=d.error.stage,
-                        error=_error_class(d.error), field=_error_field(d.error))
+                        error=_error_class(d.error), field=field_of(d.error))
         self._supersede_older_letters(conn, letters)
 
     def _supersede_older_letters(self, conn: PgConn, letters: list[dlq.DeadLetter]) -> None:

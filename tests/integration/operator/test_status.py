@@ -181,7 +181,7 @@ def test_status_with_the_broker_down_answers_quickly_with_what_the_databases_say
     done = subprocess.run([sys.executable, "-m", "service.cli", "status"], env=env,
                           capture_output=True, text=True, timeout=60, check=False)
     took = time.monotonic() - started
-    assert took < 15, f"status took {took:.1f}s with the broker down"
+    assert took < 20, f"status took {took:.1f}s with the broker down"
     # 3: the broker did not answer, so a part is unchecked (README, "Exit codes")
     assert done.returncode == 3, (done.stdout, done.stderr)
     out, err = done.stdout, done.stderr

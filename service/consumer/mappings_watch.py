@@ -3,8 +3,10 @@
 A running consumer asks its :class:`MappingsWatcher` once per loop iteration (``poll``). Every
 ``mappings_check_s`` (and at once after SIGHUP) the watcher looks at the file's metadata
 (mtime, size, inode: a Kubernetes ConfigMap update swaps a symlink, which changes the inode);
-only when that changed does it read the bytes and hash them, and only a new hash is
-validated with ``Mappings.parse``:
+only when that changed, and then stayed the same until the next check, does it read the bytes
+and hash them (a file written in place, `cat > mappings.toml`, can be caught half-written, and
+a half that parses, a [products] table cut short, would be applied; SIGHUP means "written":
+read at once), and only a new hash is validated with ``Mappings.parse``:
 
 - valid: it becomes the applied version (the caller swaps it into its stages) and is logged
   with the old and new version;
@@ -74,6 +76,7 @@ class Refusal:
 
 
 _Stat = tuple[int, int, int] | None
+_NONE_PENDING: Final[_Stat] = (-1, -1, -1)  # no os.stat result looks like this
 
 
 class MappingsWatcher:
@@ -91,6 +94,7 @@ class MappingsWatcher:
         self.metrics = metrics
         self._clock = clock or time.monotonic
         self._stat = self._stat_now()
+        self._pending = _NONE_PENDING  # metadata seen changed at the last check, not yet read
         content = self._read()
         self.mappings = Mappings.parse(content, str(self.path))
         self.version = mappings_version(content)
@@ -115,7 +119,10 @@ class MappingsWatcher:
     def poll(self) -> Mappings | None:
         """Once per loop iteration; a clock read unless a check is due. Returns the new
         mappings when a changed, valid file was loaded (the caller must apply them), else
-        None (nothing changed, or the file was refused and the old mappings stay)."""
+        None (nothing changed, changed since the last check only, or the file was refused
+        and the old mappings stay). A change is read at the first check that finds the file
+        as the check before it found it (so two checks after the write at most), or at once
+        after ``request_reload``."""
         now = self._clock()
         forced = self._requested
         if not forced and now < self._next_check:
@@ -124,7 +131,12 @@ class MappingsWatcher:
         self._next_check = now + self.check_interval_s
         stat = self._stat_now()
         if not forced and stat == self._stat:
+            self._pending = _NONE_PENDING
             return None
+        if not forced and stat != self._pending:  # changed: read once it stays so a check
+            self._pending = stat
+            return None
+        self._pending = _NONE_PENDING
         self._stat = stat
         trigger = "SIGHUP" if forced else "file_changed"
         try:

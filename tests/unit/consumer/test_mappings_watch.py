@@ -40,6 +40,15 @@ def write(path: Path, text: str | bytes, bump_ns: int = 0) -> None:
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + bump_ns))
 
 
+def check(clock: Clock, watcher: MappingsWatcher) -> Mappings | None:
+    """The checks that read a change: the first sees the file changed (not read yet: it may
+    be half-written), the next finds it as it was and reads it."""
+    clock.now += 5
+    assert watcher.poll() is None
+    clock.now += 5
+    return watcher.poll()
+
+
 @pytest.fixture
 def env(tmp_path: Path) -> tuple[Path, Clock, ConsumerMetrics, MappingsWatcher]:
     path = tmp_path / "mappings.toml"
@@ -63,8 +72,7 @@ def test_a_valid_change_is_applied_after_the_check_interval(env: tuple[
     assert Mappings.lookup(watcher.mappings.order_status, "已出库") is None
     write(path, NEW_WORD, bump_ns=1_000_000)
     assert watcher.poll() is None  # not due yet
-    clock.now += 5
-    fresh = watcher.poll()
+    fresh = check(clock, watcher)
     assert fresh is not None and fresh is watcher.mappings
     assert Mappings.lookup(fresh.order_status, "已出库") == "SHIPPED"
     assert watcher.version == mappings_version(NEW_WORD.encode()) != old
@@ -81,8 +89,7 @@ def test_a_broken_file_is_refused_once_and_the_old_one_kept(env: tuple[
     path, clock, metrics, watcher = env
     kept, version = watcher.mappings, watcher.version
     write(path, BROKEN, bump_ns=1_000_000)
-    clock.now += 5
-    assert watcher.poll() is None
+    assert check(clock, watcher) is None
     assert watcher.mappings is kept and watcher.version == version
     assert watcher.refusal is not None
     assert watcher.refusal.version == mappings_version(BROKEN.encode())
@@ -93,14 +100,12 @@ def test_a_broken_file_is_refused_once_and_the_old_one_kept(env: tuple[
                   outcome="refused") == 1
     # The same bad content, touched again: not counted (nor logged) a second time.
     write(path, BROKEN, bump_ns=2_000_000)
-    clock.now += 5
-    assert watcher.poll() is None
+    assert check(clock, watcher) is None
     assert sample(metrics.registry, "crm_erp_sync_mappings_reloads_total",
                   outcome="refused") == 1
     # Fixed: applied, and the alarm clears.
     write(path, NEW_WORD, bump_ns=3_000_000)
-    clock.now += 5
-    assert watcher.poll() is not None
+    assert check(clock, watcher) is not None
     assert watcher.refusal is None
     assert sample(metrics.registry, "crm_erp_sync_mappings_reload_failing") == 0
 
@@ -109,12 +114,10 @@ def test_put_back_as_it_was_clears_the_refusal_without_a_reload(env: tuple[
         Path, Clock, ConsumerMetrics, MappingsWatcher]) -> None:
     path, clock, metrics, watcher = env
     write(path, b"\xff\xfe not utf-8", bump_ns=1_000_000)
-    clock.now += 5
-    assert watcher.poll() is None
+    assert check(clock, watcher) is None
     assert watcher.refusal is not None and "not UTF-8" in watcher.refusal.error
     write(path, SHIPPED, bump_ns=2_000_000)
-    clock.now += 5
-    assert watcher.poll() is None
+    assert check(clock, watcher) is None
     assert watcher.refusal is None
     assert sample(metrics.registry, "crm_erp_sync_mappings_reload_failing") == 0
     assert sample(metrics.registry, "crm_erp_sync_mappings_reloads_total",
@@ -125,8 +128,7 @@ def test_a_missing_file_is_refused(env: tuple[
         Path, Clock, ConsumerMetrics, MappingsWatcher]) -> None:
     path, clock, _, watcher = env
     path.unlink()
-    clock.now += 5
-    assert watcher.poll() is None
+    assert check(clock, watcher) is None
     assert watcher.refusal is not None and watcher.refusal.version is None
     assert "cannot read" in watcher.refusal.error
 
@@ -139,6 +141,27 @@ def test_sighup_checks_at_once_before_the_interval(env: tuple[
     watcher.request_reload()
     fresh = watcher.poll()
     assert fresh is not None and Mappings.lookup(fresh.order_status, "已出库") == "SHIPPED"
+
+
+def test_a_file_still_changing_is_not_read_until_it_stays_the_same_for_a_check(env: tuple[
+        Path, Clock, ConsumerMetrics, MappingsWatcher]) -> None:
+    """Written in place and caught half-way: a half that parses (the products table cut
+    short) must not be applied, even for a moment."""
+    path, clock, metrics, watcher = env
+    half = NEW_WORD[:NEW_WORD.index("[products]")] + "[products]\n"
+    write(path, half, bump_ns=1_000_000)
+    clock.now += 5
+    assert watcher.poll() is None  # seen changed
+    write(path, NEW_WORD, bump_ns=2_000_000)  # the rest written before the next check
+    clock.now += 5
+    assert watcher.poll() is None  # changed again since: still not read
+    clock.now += 5
+    fresh = watcher.poll()
+    assert fresh is not None and watcher.version == mappings_version(NEW_WORD.encode())
+    assert sample(metrics.registry, "crm_erp_sync_mappings_reloads_total",
+                  outcome="applied") == 1  # the half was never applied
+    assert sample(metrics.registry, "crm_erp_sync_mappings_reloads_total",
+                  outcome="refused") is None
 
 
 def test_a_consumer_does_not_start_on_a_bad_file(tmp_path: Path) -> None:

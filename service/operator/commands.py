@@ -32,6 +32,29 @@ def _fmt_s(value: float | None) -> str:
 
 
 # ---- status --------------------------------------------------------------------------------
+def slot_text(slot: dict[str, Any] | None) -> str:
+    """The slot's part of the ``Producer:`` line, from :func:`service.ops.slot_state`'s dict
+    (bytes). ``safe_wal_bytes`` is PostgreSQL's safe_wal_size: WAL the CRM may still write
+    before it removes WAL the slot needs (the slot is then lost). Named as that, not as
+    "before it is in danger": `status` warns much earlier, once it falls under
+    SAFE_WAL_MIN_SHARE of max_slot_wal_keep_size."""
+    if slot is None:
+        return "MISSING"
+    if slot.get("wal_status") == "lost":
+        return "LOST (its WAL was removed)"
+    text = (f"{'reading' if slot['active'] else 'idle'}, retains "
+            f"{slot['retained_wal_bytes']} bytes of WAL, {slot['unconfirmed_bytes']} bytes "
+            f"not yet confirmed, WAL {slot.get('wal_status')}")
+    safe = slot.get("safe_wal_bytes")
+    if safe is not None:
+        from service.ops import SAFE_WAL_MIN_SHARE
+
+        text += (f", {safe} bytes more before the CRM removes WAL it needs (safe_wal_size; "
+                 "status warns under "
+                 f"{SAFE_WAL_MIN_SHARE:.0%} of max_slot_wal_keep_size)")
+    return text
+
+
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     from service.consumer.mappings_watch import STALE_AFTER_S
     from service.consumer.policy import percent
@@ -89,15 +112,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         state += ", CAPTURE STOPPED (source contract broken, see below)"
     elif st.capture_stopped:
         state += ", CAPTURE STOPPED (slot or publication, see below)"
-    print(f"Producer: {state}; "
-          f"slot {settings.slot_name}: " + (
-        "MISSING" if slot is None else
-        "LOST (its WAL was removed)" if slot.get("wal_status") == "lost" else
-        f"{'reading' if slot['active'] else 'idle'}, retains "
-        f"{slot['retained_wal_bytes']} bytes of WAL, {slot['unconfirmed_bytes']} bytes "
-        f"not yet confirmed, WAL {slot.get('wal_status')}" + (
-            "" if slot.get("safe_wal_bytes") is None else
-            f", {slot['safe_wal_bytes']} bytes more before it is in danger")))
+    print(f"Producer: {state}; slot {settings.slot_name}: {slot_text(slot)}")
     ox = st.oldest_transaction
     print("Oldest CRM transaction holding the slot: " + (
         "none" if ox is None else

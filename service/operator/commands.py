@@ -32,6 +32,11 @@ def _fmt_s(value: float | None) -> str:
 
 
 # ---- status --------------------------------------------------------------------------------
+# A table's last column is not cut to a width: nothing to its right is pushed out of line,
+# and its end can be what the operator must read (a failed redrive's next step).
+UNCUT = 100_000
+
+
 def slot_text(slot: dict[str, Any] | None) -> str:
     """The slot's part of the ``Producer:`` line, from :func:`service.ops.slot_state`'s dict
     (bytes). ``safe_wal_bytes`` is PostgreSQL's safe_wal_size: WAL the CRM may still write
@@ -276,7 +281,9 @@ def cmd_dlq_show(settings: Settings, args: argparse.Namespace) -> int:
         ("dead-letter topic", f"{settings.dlq_topic}[{d.dlq_partition}]@{d.dlq_offset}"),
         ("created", d.created_at), ("stage", d.stage), ("error", d.error_class),
         ("reason", d.error_message), ("redrive attempts", d.redrive_attempts),
-        ("last error", d.last_error)], max_width=100))
+        # Not cut: the value is the last column, and a redrive's last error ends with what
+        # to do next (discard the letter when the CRM row was fixed since).
+        ("last error", d.last_error)], max_width=UNCUT))
     headers = dict(info["headers"])
     trace = headers.pop("kafka_dlt-exception-stacktrace", "")
     print("\nHeaders:")
@@ -312,7 +319,7 @@ def _print_report(report: Any, as_json: bool) -> int:
     else:
         print(render.table(["id", "key", "outcome", "detail"],
                            [(o.dead_letter_id, o.key, o.outcome, o.detail)
-                            for o in report.outcomes], max_width=90))
+                            for o in report.outcomes], max_width=UNCUT))
         counts: dict[str, int] = {}
         for o in report.outcomes:
             counts[o.outcome] = counts.get(o.outcome, 0) + 1

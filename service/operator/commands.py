@@ -37,6 +37,20 @@ def _fmt_s(value: float | None) -> str:
 UNCUT = 100_000
 
 
+def _kafka_quiet(cmd: Any) -> Any:
+    """`cmd` with kafka-python's own log records kept off the terminal, as `status` does
+    (service.operator.status.quiet_kafka): with the broker down its client logs every
+    refused connection and bootstrap retry (about 20 lines in 30 s) before the command
+    says in one line that the broker is unreachable (exit 3)."""
+    def run(settings: Settings, args: argparse.Namespace) -> int:
+        from service.operator.status import quiet_kafka
+
+        with quiet_kafka():
+            code: int = cmd(settings, args)
+            return code
+    return run
+
+
 def slot_text(slot: dict[str, Any] | None) -> str:
     """The slot's part of the ``Producer:`` line, from :func:`service.ops.slot_state`'s dict
     (bytes). ``safe_wal_bytes`` is PostgreSQL's safe_wal_size: WAL the CRM may still write
@@ -667,7 +681,7 @@ def register(sub: Any) -> None:
                "operator's screen, not for tickets.")
     p.add_argument("key", metavar="KEY")
     p.add_argument("--topic", action="append", help="only this topic (repeatable)")
-    p.set_defaults(func=cmd_trace)
+    p.set_defaults(func=_kafka_quiet(cmd_trace))
 
     p = parser("pause", sub, "pause consumption (all or some partitions), audited",
                "Stop applying the named partitions (or --all) in every consumer of the group,\n"
@@ -681,7 +695,7 @@ def register(sub: Any) -> None:
     target.add_argument("--all", action="store_true", help="every partition of the group")
     p.add_argument("--reason", required=True, help="why (required, audited)")
     p.add_argument("--actor", help="who (default: the login name)")
-    p.set_defaults(func=cmd_pause)
+    p.set_defaults(func=_kafka_quiet(cmd_pause))
 
     p = parser("resume", sub, "resume paused partitions (an operator's pause, or the "
                "dead-letter circuit breaker)",
@@ -703,7 +717,7 @@ def register(sub: Any) -> None:
                         help="every paused or tripped partition")
     p.add_argument("--reason", required=True, help="why (required, audited)")
     p.add_argument("--actor", help="who (default: the login name)")
-    p.set_defaults(func=cmd_resume)
+    p.set_defaults(func=_kafka_quiet(cmd_resume))
 
     p = parser("replay", sub, "resync the ERP: rewind the consumer group's offsets",
                "Rewind the consumer group so the ERP is re-applied from what Kafka holds.\n\n"

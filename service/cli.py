@@ -74,8 +74,9 @@ def setup_lines(settings: Settings, report: SetupReport) -> list[str]:
                           if report.topics_created else "all existed already"),
             *(["demo CRM tables: created (the CRM had none)"] if report.demo_crm_schema
               else []),
-            f"CRM: publication {settings.publication_name} and schema crm_erp_sync in place "
-            f"(the producer creates its slot {settings.slot_name} when it first starts)",
+            f"CRM: publication {settings.publication_name} and schema crm_erp_sync in place"
+            + (f"; slot {settings.slot_name} exists" if report.slot_exists else
+               f" (the producer creates its slot {settings.slot_name} when it first starts)"),
             "ERP: schema sync in place"]
 
 

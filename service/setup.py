@@ -14,8 +14,13 @@ from service.settings import Settings
 
 @dataclass(frozen=True)
 class SetupReport:
+    """What `setup` did: the topics it created, whether it created the demo CRM's tables,
+    and whether the producer's replication slot already exists (the producer creates it at
+    its first start; `setup` never does)."""
+
     topics_created: list[str]
     demo_crm_schema: bool
+    slot_exists: bool = False
 
 
 def ensure_erp_schema(settings: Settings) -> None:
@@ -39,5 +44,7 @@ def run_setup(settings: Settings, *, demo_crm: bool = True) -> SetupReport:
     created_demo = ensure_demo_crm_schema(settings) if demo_crm else False
     with connect(settings.crm_dsn, "CRM") as conn:
         ensure_capture_objects(conn, settings, load_profile(settings.source_profile))
+        slot_exists = conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s",
+                                   (settings.slot_name,)).fetchone() is not None
     ensure_erp_schema(settings)
-    return SetupReport(ensure_topics(settings), created_demo)
+    return SetupReport(ensure_topics(settings), created_demo, slot_exists)

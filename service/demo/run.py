@@ -164,10 +164,12 @@ def start_capture_over(settings: Settings) -> str | None:
     return found
 
 
-def print_sync_state(conn: pg.PgConn) -> None:
+def print_sync_state(conn: pg.PgConn, *, earlier_runs: bool = False) -> None:
     """Open dead letters grouped by stage, class and reason, then held events by reason (the
-    sync-state tables, whichever ERP target applied the events)."""
-    print("\ndead letters (open), and why:")
+    sync-state tables, whichever ERP target applied the events). ``earlier_runs``: the
+    header says earlier demo runs' letters are counted too (they stay open)."""
+    print("\ndead letters (open" + ("; earlier demo runs' included" if earlier_runs else "")
+          + "), and why:")
     rows = conn.execute(
         "SELECT stage, error_class, error_message, count(*) FROM sync.dead_letters "
         "WHERE state = 'open' GROUP BY 1, 2, 3 ORDER BY 4 DESC").fetchall()
@@ -215,7 +217,7 @@ def print_erp_summary(settings: Settings, *, earlier_runs: bool = False) -> None
                 "SELECT sku, base_unit, on_hand, reserved FROM erp.stock "
                 "ORDER BY reserved DESC LIMIT 5"):
             print(f"  {sku:<12} on hand {on_hand:>12} {unit:<4} reserved {reserved:>8} {unit}")
-        print_sync_state(conn)
+        print_sync_state(conn, earlier_runs=earlier_runs)
 
 
 # ---- the same pipeline on a real CRM: BottleCRM ------------------------------------------------

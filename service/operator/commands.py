@@ -32,6 +32,48 @@ def _fmt_s(value: float | None) -> str:
 
 
 # ---- status --------------------------------------------------------------------------------
+# A table's last column is not cut to a width: nothing to its right is pushed out of line,
+# and its end can be what the operator must read (a failed redrive's next step).
+UNCUT = 100_000
+
+
+def _kafka_quiet(cmd: Any) -> Any:
+    """`cmd` with kafka-python's own log records kept off the terminal, as `status` does
+    (service.operator.status.quiet_kafka): with the broker down its client logs every
+    refused connection and bootstrap retry (about 20 lines in 30 s) before the command
+    says in one line that the broker is unreachable (exit 3)."""
+    def run(settings: Settings, args: argparse.Namespace) -> int:
+        from service.operator.status import quiet_kafka
+
+        with quiet_kafka():
+            code: int = cmd(settings, args)
+            return code
+    return run
+
+
+def slot_text(slot: dict[str, Any] | None) -> str:
+    """The slot's part of the ``Producer:`` line, from :func:`service.ops.slot_state`'s dict
+    (bytes). ``safe_wal_bytes`` is PostgreSQL's safe_wal_size: WAL the CRM may still write
+    before it removes WAL the slot needs (the slot is then lost). Named as that, not as
+    "before it is in danger": `status` warns much earlier, once it falls under
+    SAFE_WAL_MIN_SHARE of max_slot_wal_keep_size."""
+    if slot is None:
+        return "MISSING"
+    if slot.get("wal_status") == "lost":
+        return "LOST (its WAL was removed)"
+    text = (f"{'reading' if slot['active'] else 'idle'}, retains "
+            f"{slot['retained_wal_bytes']} bytes of WAL, {slot['unconfirmed_bytes']} bytes "
+            f"not yet confirmed, WAL {slot.get('wal_status')}")
+    safe = slot.get("safe_wal_bytes")
+    if safe is not None:
+        from service.ops import SAFE_WAL_MIN_SHARE
+
+        text += (f", {safe} bytes more before the CRM removes WAL it needs (safe_wal_size; "
+                 "status warns under "
+                 f"{SAFE_WAL_MIN_SHARE:.0%} of max_slot_wal_keep_size)")
+    return text
+
+
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     from service.consumer.mappings_watch import STALE_AFTER_S
     from service.consumer.policy import percent
@@ -89,15 +131,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         state += ", CAPTURE STOPPED (source contract broken, see below)"
     elif st.capture_stopped:
         state += ", CAPTURE STOPPED (slot or publication, see below)"
-    print(f"Producer: {state}; "
-          f"slot {settings.slot_name}: " + (
-        "MISSING" if slot is None else
-        "LOST (its WAL was removed)" if slot.get("wal_status") == "lost" else
-        f"{'reading' if slot['active'] else 'idle'}, retains "
-        f"{slot['retained_wal_bytes']} bytes of WAL, {slot['unconfirmed_bytes']} bytes "
-        f"not yet confirmed, WAL {slot.get('wal_status')}" + (
-            "" if slot.get("safe_wal_bytes") is None else
-            f", {slot['safe_wal_bytes']} bytes more before it is in danger")))
+    print(f"Producer: {state}; slot {settings.slot_name}: {slot_text(slot)}")
     ox = st.oldest_transaction
     print("Oldest CRM transaction holding the slot: " + (
         "none" if ox is None else
@@ -261,7 +295,9 @@ def cmd_dlq_show(settings: Settings, args: argparse.Namespace) -> int:
         ("dead-letter topic", f"{settings.dlq_topic}[{d.dlq_partition}]@{d.dlq_offset}"),
         ("created", d.created_at), ("stage", d.stage), ("error", d.error_class),
         ("reason", d.error_message), ("redrive attempts", d.redrive_attempts),
-        ("last error", d.last_error)], max_width=100))
+        # Not cut: the value is the last column, and a redrive's last error ends with what
+        # to do next (discard the letter when the CRM row was fixed since).
+        ("last error", d.last_error)], max_width=UNCUT))
     headers = dict(info["headers"])
     trace = headers.pop("kafka_dlt-exception-stacktrace", "")
     print("\nHeaders:")
@@ -297,7 +333,7 @@ def _print_report(report: Any, as_json: bool) -> int:
     else:
         print(render.table(["id", "key", "outcome", "detail"],
                            [(o.dead_letter_id, o.key, o.outcome, o.detail)
-                            for o in report.outcomes], max_width=90))
+                            for o in report.outcomes], max_width=UNCUT))
         counts: dict[str, int] = {}
         for o in report.outcomes:
             counts[o.outcome] = counts.get(o.outcome, 0) + 1
@@ -645,7 +681,7 @@ def register(sub: Any) -> None:
                "operator's screen, not for tickets.")
     p.add_argument("key", metavar="KEY")
     p.add_argument("--topic", action="append", help="only this topic (repeatable)")
-    p.set_defaults(func=cmd_trace)
+    p.set_defaults(func=_kafka_quiet(cmd_trace))
 
     p = parser("pause", sub, "pause consumption (all or some partitions), audited",
                "Stop applying the named partitions (or --all) in every consumer of the group,\n"
@@ -659,7 +695,7 @@ def register(sub: Any) -> None:
     target.add_argument("--all", action="store_true", help="every partition of the group")
     p.add_argument("--reason", required=True, help="why (required, audited)")
     p.add_argument("--actor", help="who (default: the login name)")
-    p.set_defaults(func=cmd_pause)
+    p.set_defaults(func=_kafka_quiet(cmd_pause))
 
     p = parser("resume", sub, "resume paused partitions (an operator's pause, or the "
                "dead-letter circuit breaker)",
@@ -681,7 +717,7 @@ def register(sub: Any) -> None:
                         help="every paused or tripped partition")
     p.add_argument("--reason", required=True, help="why (required, audited)")
     p.add_argument("--actor", help="who (default: the login name)")
-    p.set_defaults(func=cmd_resume)
+    p.set_defaults(func=_kafka_quiet(cmd_resume))
 
     p = parser("replay", sub, "resync the ERP: rewind the consumer group's offsets",
                "Rewind the consumer group so the ERP is re-applied from what Kafka holds.\n\n"

@@ -178,7 +178,7 @@ class _DropKafkaRecords(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_kafka() -> Iterator[None]:
+def quiet_kafka() -> Iterator[None]:
     """kafka-python's own log records kept off the root logger's handlers meanwhile. Its
     client logs every refused connection and bootstrap retry (about 25 lines in 30 s);
     `status` says in one line that the broker is unreachable, so those lines are noise on
@@ -200,7 +200,7 @@ def broker_view(settings: Settings) -> tuple[list[PartitionLag], list[dict[str, 
     answers within ``BROKER_CHECK_S`` (a probe consumer bounds kafka-python's bootstrap wait;
     the calls after it are made only to a broker that answered)."""
     unknown = "lag and group members unknown"
-    with _quiet_kafka():
+    with quiet_kafka():
         try:
             probe = make_consumer(settings, group_id=None, client_id="crm-erp-sync-status",
                                   bootstrap_timeout_ms=int(BROKER_CHECK_S * 1000))

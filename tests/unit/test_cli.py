@@ -211,3 +211,17 @@ def test_setup_says_what_it_created_and_what_was_there() -> None:
     again = setup_lines(settings, SetupReport([], False))
     assert again[0] == "topics: all existed already"
     assert not any("demo CRM" in line or "{" in line for line in again)
+    assert "creates its slot" in again[1]
+
+
+def test_setup_does_not_promise_a_slot_that_exists() -> None:
+    # A second `setup`, after the producer ran, said "(the producer creates its slot ...
+    # when it first starts)" although the slot was there.
+    from service.cli import setup_lines
+    from service.settings import Settings
+    from service.setup import SetupReport
+
+    settings = Settings()
+    [_, crm, _] = setup_lines(settings, SetupReport([], False, slot_exists=True))
+    assert crm.endswith(f"; slot {settings.slot_name} exists")
+    assert "creates its slot" not in crm

@@ -60,3 +60,6 @@ def test_a_demo_run_again_after_its_slot_was_dropped_recovers_by_itself(
     assert "dropped" in out, out
     # the second run says the ERP's totals include the first run's rows
     assert "already holds" in out and "earlier demo runs' rows included" in out, out
+    # and that its open dead letters count the first run's too (its masked phone is one)
+    assert "dead letters (open; earlier demo runs' included), and why:" in out, out
+    assert "dead letters (open), and why:" in first, first

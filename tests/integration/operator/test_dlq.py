@@ -97,9 +97,14 @@ def test_redrive_after_a_mapping_fix_then_discard(sync_env: SyncEnv, cli: Cli,
     # Still the old mappings: a dry run says it would fail; a redrive fails again.
     dry = cli(s_bad, "dlq", "redrive", str(order_id), "--dry-run", "--json")
     assert dry.code == 1 and dry.json["outcomes"][0]["outcome"] == "would_fail_again"
-    again = cli(s_bad, "dlq", "redrive", str(order_id), "--actor", "ops-1", "--json")
-    assert again.code == 1 and again.json["outcomes"][0]["outcome"] == "failed_again"
-    assert "`dlq discard` this letter" in again.json["outcomes"][0]["detail"]
+    # In text, as an operator reads it: the advice that ends the detail is shown whole (a
+    # table cut to 90 characters for redrive, 100 for show, used to drop it).
+    again = cli(s_bad, "dlq", "redrive", str(order_id), "--actor", "ops-1")
+    assert again.code == 1 and "failed_again" in again.out
+    assert "`dlq discard` this letter and the newer events held behind it apply)" in again.out
+    shown_text = cli(s_bad, "dlq", "show", str(order_id))
+    assert "`dlq discard` this letter and the newer events held behind it apply)" in \
+        shown_text.out
     with sync_env.erp() as erp:
         assert erp.execute("SELECT state, last_error FROM sync.dead_letters "
                            "WHERE dead_letter_id = %s", (order_id,)).fetchone()[0] == \

@@ -196,3 +196,24 @@ def test_status_with_the_broker_down_answers_quickly_with_what_the_databases_say
     lines = [line for line in (out + err).splitlines() if line.strip()]
     assert not [line for line, n in Counter(lines).items() if n > 1], lines
     assert '"logger": "kafka' not in err and "ECONNREFUSED" not in out + err, err
+
+
+def test_trace_pause_and_resume_with_the_broker_down_say_so_in_one_line(
+        sync_env: SyncEnv) -> None:
+    # status was made quiet with the broker down; these three printed kafka-python's ~20
+    # retry lines (ECONNREFUSED, backoff) on the operator's terminal before saying so.
+    bootstrap = f"127.0.0.1:{closed_port()}"
+    env = {**os.environ, **settings_env(sync_env.with_(kafka_bootstrap=bootstrap)),
+           "CRM_ERP_SYNC_LOG_FORMAT": "json"}
+    commands = [["trace", "1"], ["pause", "--all", "--reason", "t"],
+                ["resume", "--partition", f"{sync_env.settings.sales_topic}:0", "--reason",
+                 "t"]]
+    running = [subprocess.Popen([sys.executable, "-m", "service.cli", *argv], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for argv in commands]
+    for argv, proc in zip(commands, running, strict=True):
+        out, err = proc.communicate(timeout=90)
+        assert proc.returncode == 3, (argv, out, err)
+        assert err.splitlines() == [f"crm-erp-sync: Kafka broker at {bootstrap} is "
+                                    "unreachable (KafkaTimeoutError); is the stack up? "
+                                    "(make up)"], (argv, err)

@@ -28,7 +28,7 @@ from kafka import TopicPartition
 from service.avro import SchemaRegistry
 from service.cdc.capture import missing_keys, request_snapshot
 from service.consumer import dlq as dlq_headers
-from service.consumer.pipeline import ErpApplier, Message, prepare
+from service.consumer.pipeline import Envelope, ErpApplier, Message, prepare
 from service.erp.mappings import Mappings
 from service.errors import (
     ApplyError,
@@ -464,11 +464,8 @@ def _redrive_one(applier: ErpApplier, conn: PgConn, d: Letter, record: Any, acto
                                                         record.timestamp, d.key, record.value))
             held = env.held
             if env.error is not None:
-                # A redrive re-runs the event as the CRM sent it then; a fix made in the CRM
-                # since comes as a newer event, held behind this letter.
-                error = (f"{type(env.error).__name__}: {env.error.reason} (the letter holds the "
-                         "event as the CRM sent it; if the CRM row was fixed since, `dlq "
-                         "discard` this letter and the newer events held behind it apply)")
+                error = (f"{type(env.error).__name__}: {env.error.reason} "
+                         f"{_failed_again_advice(env)}")
         released = 0
         if error is not None:
             outcome = "failed_again"
@@ -542,6 +539,24 @@ def _resnapshot(settings: Settings, record: Any, rereads: dict[tuple[str, str], 
               "its current state follows as a READ event")
     rereads[(ent.entity, key)] = detail
     return detail
+
+
+def _failed_again_advice(env: Envelope) -> str:
+    """What to do when a redrive fails again. A redrive re-runs the event as the CRM sent it
+    then; a fix made in the CRM since comes as a newer event, held behind this letter. For a
+    customer or a market demand that newer event is the whole row. An order's event carries
+    only the lines its transaction changed: a line that failed in this event and was not
+    changed since would never reach the ERP once the letter is discarded, so the advice adds
+    a re-read of the order (a snapshot READ of it as the CRM has it now, held behind the
+    letter until the discard, then applied or lettered line by line)."""
+    if env.kind == "order" and env.record is not None:
+        order_key = str(env.record.get("key", ""))
+        return ("(the letter holds the event as the CRM sent it, and an order's event only "
+                "the lines its transaction changed; once the CRM row is fixed, `dlq discard` "
+                "this letter and re-read the order, `crm-erp-sync snapshot --table order "
+                f"--key {order_key}`, so that the ERP gets every line as the CRM has it)")
+    return ("(the letter holds the event as the CRM sent it; if the CRM row was fixed since, "
+            "`dlq discard` this letter and the newer events held behind it apply)")
 
 
 def discard(settings: Settings, letters: list[Letter], *, actor: str,

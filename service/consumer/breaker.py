@@ -22,7 +22,7 @@ import structlog
 from kafka import TopicPartition
 
 from service.consumer.policy import CircuitBreaker, DlqLimit, Partition, Trip
-from service.errors import ConfigError, Permanent, Retryable, field_of
+from service.errors import ConfigError, DecodeError, Permanent, Retryable, field_of
 from service.health import Health
 from service.metrics import ConsumerMetrics
 from service.pg import PgConn
@@ -43,12 +43,18 @@ class OpenTrip:
 
 
 def last_reasons(errors: Sequence[Permanent], n: int = LAST_REASONS) -> list[str]:
-    """The last n distinct "ErrorClass: reason" of a slice, for the trip's record (the
-    operator's ``status`` screen). A MappingError's reason may name the CRM's word for a
-    value (service.erp.transform): never log these (``last_errors``)."""
+    """The last n distinct "ErrorClass: what" of a slice, for the trip's record (the
+    operator's ``status`` screen, which may be pasted or captured anywhere): "what" is the
+    field for a failure about one (``field_of``: a MappingError's reason may quote the
+    CRM's word, and a status column can hold a name and a phone), the reason for a
+    DecodeError (our own text about the bytes), else nothing (an ERP's refusal may quote
+    the value it refused). The reasons are in the dead letters (``dlq show``)."""
     out: list[str] = []
     for err in reversed(errors):
-        text = f"{type(err).__name__}: {err.reason}"
+        field = field_of(err)
+        name = type(err).__name__
+        text = (f"{name}: {field}" if field else f"{name}: {err.reason}"
+                if isinstance(err, DecodeError) else name)
         if text not in out:
             out.append(text)
         if len(out) == n:
@@ -60,7 +66,7 @@ def last_errors(errors: Sequence[Permanent], n: int = LAST_REASONS) -> list[str]
     """The last n distinct "ErrorClass" or "ErrorClass: field" of a slice, for the trip's
     log line: a reason may quote the CRM's word for a value (an unknown status, and a
     status column can hold a name and a phone), so the log names the field (a MappingError's,
-    a capture letter's column) and the class only; the reasons are in the trip (``status``)."""
+    a capture letter's column) and the class only; the reasons are in the dead letters."""
     out: list[str] = []
     for err in reversed(errors):
         field = field_of(err)

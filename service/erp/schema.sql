@@ -248,7 +248,7 @@ CREATE TABLE IF NOT EXISTS sync.breaker_trips (
     from_offset    bigint NOT NULL,            -- the first offset not applied (resumes here)
     through_offset bigint NOT NULL,
     message        text NOT NULL,
-    last_reasons   text[] NOT NULL,            -- error class: reason (no payload values)
+    last_reasons   text[] NOT NULL,            -- error class: field (no values; breaker.last_reasons)
     resumed_at     timestamptz,
     resumed_by     text,
     resume_reason  text

@@ -216,7 +216,7 @@ def cmd_snapshot(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot_manage(settings: Settings, args: argparse.Namespace) -> int:
-    """`snapshot list` and `snapshot cancel ID`."""
+    """`snapshot list [ID]` and `snapshot cancel ID`."""
     import psycopg
 
     from service import pg
@@ -227,6 +227,11 @@ def cmd_snapshot_manage(settings: Settings, args: argparse.Namespace) -> int:
         try:
             if args.action == "list":
                 rows = list_snapshots(conn)
+                if args.id is not None:  # `snapshot list ID`: that one
+                    rows = [r for r in rows if r["snapshot_id"] == args.id]
+                    if not rows:
+                        raise ConfigError("ID", f"no snapshot {args.id} (see `crm-erp-sync "
+                                                "snapshot list`)")
             else:
                 if args.id is None:
                     raise ConfigError("snapshot cancel", "give the snapshot ID (see "
@@ -400,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", choices=["list", "cancel"],
                    help="list the snapshot requests (newest first), or cancel a pending one")
     p.add_argument("id", nargs="?", type=argtypes.object_id, metavar="ID",
-                   help="with cancel: the snapshot")
+                   help="the snapshot: the one to cancel, or the one to list")
     p.add_argument("--json", action="store_true",
                    help="machine-readable output (a new snapshot, or list)")
     p.add_argument("--table",

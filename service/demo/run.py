@@ -209,7 +209,8 @@ def print_erp_summary(settings: Settings, *, earlier_runs: bool = False) -> None
         for order_no, status, items in conn.execute(
                 "SELECT o.order_no, o.status_code, string_agg(i.quantity::text || ' ' || "
                 "i.unit_code || ' ' || i.sku || ' @ ' || i.unit_price || ' ' || o.currency, "
-                "'; ') FROM erp.sales_orders o JOIN erp.sales_order_items i USING (crm_order_id)"
+                "'; ' ORDER BY length(i.crm_line_id), i.crm_line_id) "
+                "FROM erp.sales_orders o JOIN erp.sales_order_items i USING (crm_order_id)"
                 " WHERE NOT o.deleted AND NOT i.deleted GROUP BY 1, 2 ORDER BY 1 LIMIT 5"):
             print(f"  {order_no}  {status:<16} {items}")
         print("\nstock in each SKU's base unit (top reserved):")

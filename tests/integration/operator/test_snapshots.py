@@ -43,6 +43,9 @@ def test_list_and_cancel_snapshots(sync_env: SyncEnv, cli: Cli) -> None:
     assert after[keep_id]["state"] == "done" and after[keep_id]["rows_emitted"] == 5
     text = cli(settings, "snapshot", "list")
     assert "cancelled" in text.out and "done" in text.out
+    one = cli(settings, "snapshot", "list", str(keep_id), "--json")  # that one only
+    assert [r["snapshot_id"] for r in one.json] == [keep_id], one.out
+    assert cli(settings, "snapshot", "list", "99999").code == 2
     done = cli(settings, "snapshot", "cancel", str(keep_id))
     assert done.code == 1 and "is done" in done.err
 

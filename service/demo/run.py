@@ -170,9 +170,12 @@ def print_sync_state(conn: pg.PgConn, *, earlier_runs: bool = False) -> None:
     header says earlier demo runs' letters are counted too (they stay open)."""
     print("\ndead letters (open" + ("; earlier demo runs' included" if earlier_runs else "")
           + "), and why:")
+    # an order line's letter names its line (`lines.quantity: line ["9001","2"]: ...`):
+    # grouped without it, the same reason on many lines is one entry
     rows = conn.execute(
-        "SELECT stage, error_class, error_message, count(*) FROM sync.dead_letters "
-        "WHERE state = 'open' GROUP BY 1, 2, 3 ORDER BY 4 DESC").fetchall()
+        "SELECT stage, error_class, regexp_replace(error_message, ': line \\[[^]]*\\]', ''), "
+        "count(*) FROM sync.dead_letters WHERE state = 'open' GROUP BY 1, 2, 3 "
+        "ORDER BY 4 DESC, 3").fetchall()
     for stage, cls, message, count in rows:
         print(f"  {count:>4} x {stage}/{cls}: {message}")
     if not rows:

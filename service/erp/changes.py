@@ -155,21 +155,12 @@ def _decimal(text: str | None, field: str) -> Decimal | None:
 
 
 def _cents(text: str | None, field: str) -> Decimal | None:
-    """An amount of money, exact, as the ERP keeps it: 12 digits at most before the decimal
-    point (``transform.MAX_AMOUNT``) and two after (``transform.CENT``), as order totals are
-    (``transform.parse_money``). One too large is refused naming the field, where the ERP
-    refused the whole row at apply ("numeric field overflow", no column named); one with
-    more decimal places is refused too, where the ERP's numeric(14, 2) column rounded it
-    without a word. Raises MappingError."""
+    """An amount of money from the CRM's exact decimal text, as the ERP keeps it
+    (``transform.check_cents``, as order totals in ``transform.parse_money``); None for
+    none. Raises MappingError."""
     amount = _decimal(text, field)
-    if amount is None:
-        return None
-    if abs(amount) >= tf.MAX_AMOUNT:
-        raise MappingError(field, text, "amount is too large for the ERP (12 digits at most "
-                                        "before the decimal point)")
-    if amount != amount.quantize(tf.CENT):
-        raise MappingError(field, text, "amount has more than two decimal places (the ERP "
-                                        "keeps cents and would round it)")
+    if amount is not None:
+        tf.check_cents(amount, field, text)
     return amount
 
 

@@ -472,9 +472,9 @@ def _parse_cn_address(raw: str, field: str) -> Address:
 # --- numbers: money and quantities -------------------------------------------------------
 
 _NUMBER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
-CENT: Final = Decimal("0.01")
+_CENT: Final = Decimal("0.01")
 _MILLI: Final = Decimal("0.001")
-MAX_AMOUNT: Final = Decimal(10) ** 12    # erp numeric(14, 2)
+_MAX_AMOUNT: Final = Decimal(10) ** 12    # erp numeric(14, 2)
 _MAX_QUANTITY: Final = Decimal(10) ** 11  # erp numeric(14, 3)
 _MONEY_TEXT = re.compile(r"(?P<pre>[^\d\s+\-.,]*)\s*(?P<num>[+-]?[\d.,]+)\s*(?P<post>.*)")
 _QUANTITY_TEXT = re.compile(r"(?P<num>[+-]?[\d.,]+)\s*(?P<unit>.*)")
@@ -485,6 +485,23 @@ def _decimal(text: str) -> Decimal | None:
     if not _NUMBER.fullmatch(text):
         return None
     return Decimal(text.replace(",", ""))
+
+
+def check_cents(amount: Decimal, field: str, value: object) -> Decimal:
+    """An amount of money as the ERP keeps it, numeric(14, 2): 12 digits at most before the
+    decimal point, two after (order totals, unit prices, purchase amounts alike); returns it
+    at that scale (5000 -> 5000.00). Raises
+    MappingError naming ``field`` for one too large (the ERP refused the whole row,
+    "numeric field overflow", no column named) or with more decimal places (the ERP's column
+    rounded it without a word); ``value`` is what the CRM had, for the letter."""
+    if abs(amount) >= _MAX_AMOUNT:
+        raise MappingError(field, value, "amount is too large for the ERP (12 digits at most "
+                                         "before the decimal point)")
+    exact = amount.quantize(_CENT)
+    if exact != amount:
+        raise MappingError(field, value, "amount has more than two decimal places (the ERP "
+                                         "keeps cents and would round it)")
+    return exact
 
 
 def parse_money(value: str | Decimal | int, currency_word: str | None, mappings: Mappings, *,
@@ -517,12 +534,7 @@ def parse_money(value: str | Decimal | int, currency_word: str | None, mappings:
         raise MappingError(field, value, "amount is not a finite number")
     if amount < 0:
         raise MappingError(field, value, "amount is negative")
-    if amount >= MAX_AMOUNT:
-        raise MappingError(field, value, "amount is too large for the ERP (12 digits at most "
-                                         "before the decimal point)")
-    exact = amount.quantize(CENT)
-    if exact != amount:
-        raise MappingError(field, value, "amount has more than two decimal places")
+    exact = check_cents(amount, field, value)
 
     codes = [_lookup(mappings.currencies, w, "currency", "currency")
              for w in (word_in_text, currency_word) if w is not None]

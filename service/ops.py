@@ -50,7 +50,7 @@ def group_lag(settings: Settings, topics: list[str] | None = None) -> list[Parti
 
 # max_slot_wal_keep_size in bytes (the setting is in MB; -1: unlimited), read in the same
 # query as the slot's row so that watching the slot stays one catalog query.
-KEEP_SIZE_SQL = ("(SELECT CASE WHEN setting::bigint < 0 THEN -1 ELSE setting::bigint * 1048576 "
+_KEEP_SIZE_SQL = ("(SELECT CASE WHEN setting::bigint < 0 THEN -1 ELSE setting::bigint * 1048576 "
                  "END FROM pg_settings WHERE name = 'max_slot_wal_keep_size')")
 
 # Warn when the WAL the CRM may still write before the slot is in danger (safe_wal_size) is
@@ -62,17 +62,23 @@ SAFE_WAL_MIN_SHARE = 0.2
 
 
 def slot_state(settings: Settings) -> dict[str, Any] | None:
-    """The producer's slot: active or not, how much WAL it keeps and has not confirmed
-    (bytes), its ``wal_status`` (reserved, extended, unreserved, lost), ``safe_wal_bytes``
-    (WAL that can still be written before the slot is in danger; None when
-    max_slot_wal_keep_size is -1) and ``keep_size_bytes`` (max_slot_wal_keep_size in bytes,
-    -1: unlimited). None when the slot does not exist. One query. Raises psycopg.Error."""
+    """The producer's slot, read on a connection of its own (``read_slot``)."""
     with pg.connect(settings.crm_dsn, "CRM") as conn:
-        row = conn.execute(
-            "SELECT active, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, "
-            "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, wal_status, "
-            f"safe_wal_size, {KEEP_SIZE_SQL} FROM pg_replication_slots WHERE slot_name = %s",
-            (settings.slot_name,)).fetchone()
+        return read_slot(conn, settings.slot_name)
+
+
+def read_slot(conn: Any, slot_name: str) -> dict[str, Any] | None:
+    """A slot: active or not, how much WAL it keeps and has not confirmed (bytes), its
+    ``wal_status`` (reserved, extended, unreserved, lost), ``safe_wal_bytes`` (WAL that can
+    still be written before the slot is in danger; None when max_slot_wal_keep_size is -1)
+    and ``keep_size_bytes`` (max_slot_wal_keep_size in bytes, -1: unlimited). None when the
+    slot does not exist. One query, on ``conn`` (`status`'s, the producer's own session).
+    Raises psycopg.Error."""
+    row = conn.execute(
+        "SELECT active, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, "
+        "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, wal_status, "
+        f"safe_wal_size, {_KEEP_SIZE_SQL} FROM pg_replication_slots WHERE slot_name = %s",
+        (slot_name,)).fetchone()
     if row is None:
         return None
     return {"active": row[0], "retained_wal_bytes": row[1], "unconfirmed_bytes": row[2],

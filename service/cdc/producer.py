@@ -97,8 +97,8 @@ from service.metrics import ProducerMetrics
 from service.ops import (
     CAPTURE_COSTS_DDL,
     CAPTURE_COSTS_TABLE,
-    KEEP_SIZE_SQL,
     oldest_transaction,
+    read_slot,
     slot_wal_danger,
 )
 from service.pg import PgConn
@@ -999,21 +999,19 @@ class CdcProducer:
         if now - self._last_slot_check < 5.0:
             return
         self._last_slot_check = now
-        row = conn.execute(
-            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, "
-            "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, wal_status, "
-            f"safe_wal_size, {KEEP_SIZE_SQL} FROM pg_replication_slots WHERE slot_name = %s",
-            (self.settings.slot_name,)).fetchone()
-        if row is not None:
-            self.metrics.retained_wal.set(row[0] or 0)
-            self.metrics.unconfirmed_wal.set(row[1] or 0)
+        slot = read_slot(conn, self.settings.slot_name)
+        if slot is not None:
+            self.metrics.retained_wal.set(slot["retained_wal_bytes"] or 0)
+            self.metrics.unconfirmed_wal.set(slot["unconfirmed_bytes"] or 0)
+            safe = slot["safe_wal_bytes"]
             # -1: unlimited (max_slot_wal_keep_size = -1), so no alert compares against it
-            self.metrics.safe_wal.set(-1 if row[3] is None else row[3])
-            danger = slot_wal_danger(self.settings.slot_name, row[2], row[3], row[4])
+            self.metrics.safe_wal.set(-1 if safe is None else safe)
+            danger = slot_wal_danger(self.settings.slot_name, slot["wal_status"], safe,
+                                     slot["keep_size_bytes"])
             self.metrics.slot_wal_danger.set(1 if danger is not None else 0)
             if danger is not None and not self._warned_wal_danger:
                 log.warning("slot_wal_in_danger", slot=self.settings.slot_name,
-                            wal_status=row[2], safe_wal_bytes=row[3], detail=danger)
+                            wal_status=slot["wal_status"], safe_wal_bytes=safe, detail=danger)
             self._warned_wal_danger = danger is not None
         self.metrics.set_oldest_transaction(oldest_transaction(conn))
         source = self._source

@@ -215,6 +215,10 @@ def cmd_snapshot(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _no_snapshot(snapshot_id: int) -> ConfigError:
+    return ConfigError("ID", f"no snapshot {snapshot_id} (see `crm-erp-sync snapshot list`)")
+
+
 def cmd_snapshot_manage(settings: Settings, args: argparse.Namespace) -> int:
     """`snapshot list [ID]` and `snapshot cancel ID`."""
     import psycopg
@@ -230,8 +234,7 @@ def cmd_snapshot_manage(settings: Settings, args: argparse.Namespace) -> int:
                 if args.id is not None:  # `snapshot list ID`: that one
                     rows = [r for r in rows if r["snapshot_id"] == args.id]
                     if not rows:
-                        raise ConfigError("ID", f"no snapshot {args.id} (see `crm-erp-sync "
-                                                "snapshot list`)")
+                        raise _no_snapshot(args.id)
             else:
                 if args.id is None:
                     raise ConfigError("snapshot cancel", "give the snapshot ID (see "
@@ -256,7 +259,7 @@ def cmd_snapshot_manage(settings: Settings, args: argparse.Namespace) -> int:
                                 for r in rows], max_width=50))
         return EXIT_OK
     if was is None:
-        raise ConfigError("ID", f"no snapshot {args.id} (see `crm-erp-sync snapshot list`)")
+        raise _no_snapshot(args.id)
     if was != "pending":
         print(f"crm-erp-sync: snapshot {args.id} is {was}: nothing to cancel", file=sys.stderr)
         return EXIT_ATTENTION

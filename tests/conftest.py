@@ -17,6 +17,7 @@ publication names, so tests never see each other's data.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -25,7 +26,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -172,17 +173,17 @@ class SyncEnv:
         return psycopg.connect(self.settings.erp_dsn, autocommit=True)
 
 
-def _create_database(stack: Stack, name: str) -> None:
-    with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+def _create_database(admin_dsn: str, name: str) -> None:
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
 
 
-def _drop_database(stack: Stack, name: str) -> None:
+def _drop_database(admin_dsn: str, name: str) -> None:
     """Drop a test database, first its logical slots: FORCE ends its sessions but not a
     walsender still streaming from one of its slots (a process the test killed may leave one
     behind for a moment), and PostgreSQL refuses to drop a database with an active slot."""
     deadline = time.monotonic() + 30
-    with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
         while True:
             conn.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
                          "WHERE database = %s AND active_pid IS NOT NULL", (name,))
@@ -197,19 +198,29 @@ def _drop_database(stack: Stack, name: str) -> None:
                 time.sleep(0.2)
 
 
-@pytest.fixture
-def sync_env(stack: Stack) -> Iterator[SyncEnv]:
-    """Fresh CRM and ERP databases and names; `setup` already run."""
+class _PgServer(Protocol):
+    """Where a test's CRM database is created: the shared stack, or a private cluster."""
+
+    @property
+    def admin_dsn(self) -> str: ...
+
+    def dsn_for(self, database: str) -> str: ...
+
+
+@contextlib.contextmanager
+def _sync_env(stack: Stack, crm_server: _PgServer) -> Iterator[SyncEnv]:
+    """A test's CRM database on crm_server, its ERP database, topics and group on stack;
+    `setup` run. Everything is dropped again on exit."""
     from service.setup import run_setup
 
     tag = f"t{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
     crm_db, erp_db = f"crm_{tag}", f"erp_{tag}"
-    _create_database(stack, crm_db)
-    _create_database(stack, erp_db)
+    _create_database(crm_server.admin_dsn, crm_db)
+    _create_database(stack.admin_dsn, erp_db)
     settings = dataclasses.replace(
         Settings(),
         kafka_bootstrap=stack.kafka_bootstrap,
-        crm_dsn=stack.dsn_for(crm_db),
+        crm_dsn=crm_server.dsn_for(crm_db),
         erp_dsn=stack.dsn_for(erp_db),
         sales_topic=f"{tag}.crm.sales",
         market_topic=f"{tag}.crm.market-demand",
@@ -225,12 +236,145 @@ def sync_env(stack: Stack) -> Iterator[SyncEnv]:
     try:
         yield SyncEnv(settings, stack)
     finally:
-        with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+        with psycopg.connect(crm_server.admin_dsn, autocommit=True) as conn:
             conn.execute(
                 "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
                 "WHERE slot_name = %s AND NOT active", (settings.slot_name,))
-        _drop_database(stack, crm_db)
-        _drop_database(stack, erp_db)
+        _drop_database(crm_server.admin_dsn, crm_db)
+        _drop_database(stack.admin_dsn, erp_db)
+
+
+@pytest.fixture
+def sync_env(stack: Stack) -> Iterator[SyncEnv]:
+    """Fresh CRM and ERP databases and names; `setup` already run."""
+    with _sync_env(stack, stack) as env:
+        yield env
+
+
+# ---- a private PostgreSQL for tests that lose a slot on purpose ------------------------------
+#
+# max_slot_wal_keep_size is cluster-wide: a server where it is small invalidates every idle or
+# lagging slot on it at the next checkpoint, whoever owns the slot (another test, a stopped
+# demo, another developer). Tests that must lose their slot therefore never change it on a
+# shared server: their CRM database lives on a throwaway cluster of their own, started once a
+# session from the Debian binaries the local stack uses (deploy/local/stack.sh).
+
+PG_BIN = Path(os.environ.get("STACK_PG_BIN", "/usr/lib/postgresql/15/bin"))
+SMALL_WAL_KEEP = "16MB"  # max_slot_wal_keep_size of the private cluster
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivatePg:
+    """A throwaway PostgreSQL 15 cluster on 127.0.0.1:port, role sync/sync (superuser),
+    wal_level=logical and max_slot_wal_keep_size = SMALL_WAL_KEEP; nobody else uses it."""
+
+    port: int
+    directory: Path  # data/, run/ (unix socket), postgres.log
+
+    @property
+    def admin_dsn(self) -> str:
+        return self.dsn_for("postgres")
+
+    def dsn_for(self, database: str) -> str:
+        return f"postgresql://sync:sync@127.0.0.1:{self.port}/{database}?connect_timeout=5"
+
+
+def _private_pg_missing() -> str | None:
+    """Why no private cluster can be started here, or None."""
+    import shutil
+    import subprocess
+
+    if not (PG_BIN / "initdb").is_file() or not (PG_BIN / "pg_ctl").is_file():
+        return (f"PostgreSQL 15's initdb/pg_ctl not found in {PG_BIN} (apt-get install "
+                "postgresql-15, or set STACK_PG_BIN): this test loses a replication slot on "
+                "purpose and does so only on a private cluster, never on a shared server")
+    if os.geteuid() == 0 and (shutil.which("runuser") is None or subprocess.run(
+            ["id", "postgres"], capture_output=True).returncode != 0):
+        return ("running as root without a `postgres` OS user (or runuser): initdb refuses "
+                "to run as root, so no private cluster can be started for this test")
+    return None
+
+
+def _as_postgres(*args: str | Path, timeout: float = 120) -> None:
+    """Run a PostgreSQL tool; as root, as the `postgres` OS user (as stack.sh's as_pg does):
+    initdb and postgres refuse to run as root."""
+    import subprocess
+
+    cmd = [str(a) for a in args]
+    if os.geteuid() == 0:
+        cmd = ["runuser", "-u", "postgres", "--", *cmd]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n"
+                           f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+
+
+@pytest.fixture(scope="session")
+def small_wal_pg() -> Iterator[PrivatePg]:
+    """A private PostgreSQL 15 cluster whose max_slot_wal_keep_size is SMALL_WAL_KEEP, for the
+    tests that lose a slot on purpose (~2 s to start; stopped with `-m immediate` and deleted
+    at the end of the session). Skips when PostgreSQL 15's binaries are not installed here
+    (e.g. a Docker-only machine)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    missing = _private_pg_missing()
+    if missing:
+        pytest.skip(missing)
+    # Not pytest's tmp_path: it lives under a 0700 directory the postgres user cannot reach.
+    d = Path(tempfile.mkdtemp(prefix="crm-erp-sync-small-wal-"))
+    d.chmod(0o755)
+    data, run, log, pw = d / "data", d / "run", d / "postgres.log", d / "pw"
+    run.mkdir(mode=0o700)
+    pw.write_text("sync\n")
+    pw.chmod(0o600)
+    if os.geteuid() == 0:
+        for p in (d, run, pw):
+            shutil.chown(p, "postgres", "postgres")
+    port = _free_port()
+    try:
+        _as_postgres(PG_BIN / "initdb", "-D", data, "-U", "sync", f"--pwfile={pw}", "-E", "UTF8",
+                     "--locale=C.UTF-8", "--auth-local=trust", "--auth-host=scram-sha-256",
+                     "--no-sync", "--no-instructions")
+        pw.unlink()
+        with (data / "postgresql.conf").open("a") as conf:
+            conf.write(f"""
+# crm-erp-sync tests (tests/conftest.py small_wal_pg): private, throwaway
+listen_addresses = '127.0.0.1'
+port = {port}
+unix_socket_directories = '{run}'
+unix_socket_permissions = 0700
+wal_level = logical
+max_replication_slots = 10
+max_wal_senders = 10
+max_slot_wal_keep_size = {SMALL_WAL_KEEP}
+max_connections = 40
+shared_buffers = 16MB
+fsync = off
+password_encryption = scram-sha-256
+""")
+        try:
+            _as_postgres(PG_BIN / "pg_ctl", "-D", data, "-l", log, "-w", "-t", "60", "start")
+        except RuntimeError as exc:
+            tail = log.read_text("utf-8", "replace")[-2000:] if log.is_file() else ""
+            raise RuntimeError(f"private PostgreSQL did not start: {exc}\n{tail}") from None
+        yield PrivatePg(port, d)
+    finally:
+        if (data / "postmaster.pid").exists():  # also after a start that timed out
+            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+                _as_postgres(PG_BIN / "pg_ctl", "-D", data, "-m", "immediate", "-w", "-t", "30",
+                             "stop", timeout=60)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def small_wal_env(stack: Stack, small_wal_pg: PrivatePg) -> Iterator[SyncEnv]:
+    """sync_env, but its CRM database lives on small_wal_pg (max_slot_wal_keep_size 16MB),
+    so a test can lose its slot without touching a setting of the shared server; the ERP,
+    topics and group are on the shared stack as usual."""
+    with _sync_env(stack, small_wal_pg) as env:
+        yield env
 
 
 # ---- a real CRM: BottleCRM (deploy/bottlecrm) -------------------------------------------------
@@ -279,7 +423,7 @@ def bottlecrm_db(stack: Stack, bottlecrm_installed: BottleCrmInstall) -> Iterato
     finally:
         if writer is not None:
             writer.close()
-        _drop_database(stack, name)
+        _drop_database(stack.admin_dsn, name)
 
 # ---- Tryton (the `tryton` ERP target) -------------------------------------------------------
 
@@ -353,4 +497,4 @@ def tryton_server(stack: Stack, tryton_install: Path) -> Iterator[TrytonServer]:
     finally:
         subprocess.run(["bash", str(script), "stop", database], capture_output=True,
                        timeout=60)
-        _drop_database(stack, database)
+        _drop_database(stack.admin_dsn, database)

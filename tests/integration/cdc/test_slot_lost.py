@@ -1,36 +1,32 @@
-"""A slot whose WAL PostgreSQL removed (max_slot_wal_keep_size): fail loudly, or resync."""
+"""A slot whose WAL PostgreSQL removed (max_slot_wal_keep_size): fail loudly, or resync.
+
+These tests lose their slot on purpose, so their CRM database lives on a private, throwaway
+cluster whose max_slot_wal_keep_size is 16MB (``small_wal_env``, tests/conftest.py): the
+setting is cluster-wide, and shrinking it on a shared server would invalidate everyone else's
+idle or lagging slots there too. The ERP, broker and topics are the shared stack's as usual."""
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import pytest
 
 from service.avro import SchemaRegistry
 from service.cdc.producer import CdcProducer
 from service.errors import SlotLost
-from tests.conftest import SyncEnv
+from tests.conftest import SMALL_WAL_KEEP, SyncEnv
 from tests.helpers import decoded_events, wait_until
 from tests.integration.conftest import Cli, Running
 
 
-@pytest.fixture
-def small_wal_keep(sync_env: SyncEnv) -> Iterator[None]:
-    """Let the server drop WAL a slot needs after 16 MB. Cluster-wide, restored afterwards:
-    the CHECKPOINT also invalidates any other idle slot far behind (e.g. a stopped demo's)."""
-    with sync_env.crm() as crm:
-        crm.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '16MB'")
-        crm.execute("SELECT pg_reload_conf()")
-    try:
-        yield
-    finally:
-        with sync_env.crm() as crm:
-            crm.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
-            crm.execute("SELECT pg_reload_conf()")
-
-
 def lose_the_slot(sync_env: SyncEnv) -> None:
+    """Write ~80 MB of WAL past the test's slot and checkpoint: the server removes WAL the slot
+    still needs and marks it 'lost'. Only on small_wal_env's private cluster: it refuses to run
+    (before writing anything) on a server whose max_slot_wal_keep_size is not SMALL_WAL_KEEP,
+    where its CHECKPOINT would act on slots that are not the test's."""
     with sync_env.crm() as crm:
+        keep = crm.execute("SHOW max_slot_wal_keep_size").fetchone()
+        assert keep == (SMALL_WAL_KEEP,), (
+            f"max_slot_wal_keep_size is {keep and keep[0]}: lose_the_slot runs only on "
+            "small_wal_env's private cluster, never on a shared server")
         crm.execute("CREATE TEMP TABLE pad (t text)")
         for _ in range(4):
             crm.execute("INSERT INTO pad SELECT repeat('x', 1000) FROM generate_series(1, 20000)")
@@ -47,7 +43,8 @@ def producer(sync_env: SyncEnv, **overrides: str) -> CdcProducer:
 
 
 def test_a_lost_slot_fails_loudly_or_resyncs_with_a_new_snapshot(
-        sync_env: SyncEnv, small_wal_keep: None) -> None:
+        small_wal_env: SyncEnv) -> None:
+    sync_env = small_wal_env
     producer(sync_env).run(until_idle=True)
     with sync_env.crm() as crm:
         crm.execute("INSERT INTO crm.customers (family_name, given_name) VALUES ('张', '三')")
@@ -68,7 +65,8 @@ def test_a_lost_slot_fails_loudly_or_resyncs_with_a_new_snapshot(
 
 
 def test_a_lost_slot_stops_an_always_on_producer_until_resync_which_recovers_deletes(
-        sync_env: SyncEnv, small_wal_keep: None, cli: Cli, running: Running) -> None:
+        small_wal_env: SyncEnv, cli: Cli, running: Running) -> None:
+    sync_env = small_wal_env
     settings = sync_env.settings
     with sync_env.crm() as crm:
         ids = [crm.execute("INSERT INTO crm.customers (family_name, given_name) VALUES "

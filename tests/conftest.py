@@ -6,7 +6,9 @@ Order of preference:
 2. the local stack (`make up`) on its default ports;
    (1 or 2 is "local", i.e. restartable by tests through deploy/local/stack.sh, when this
    worktree's .stack/ runs the broker and PostgreSQL on exactly those ports: a second stack
-   started with STACK_KAFKA_PORT/STACK_PG_PORT/STACK_KAFKA_CONTROLLER_PORT qualifies);
+   started with STACK_KAFKA_PORT/STACK_PG_PORT/STACK_KAFKA_CONTROLLER_PORT qualifies; tests
+   actually kill or restart it only with CRM_ERP_SYNC_TESTS_MAY_RESTART_STACK=1, because a
+   local stack may be shared by other checkouts and people: see Stack.why_not_restartable);
 3. a Docker engine: Apache Kafka 4.x (KRaft) and PostgreSQL 15 (wal_level=logical) started
    with testcontainers, once per session;
 4. otherwise integration tests are skipped with a reason that says how to bring the stack up.
@@ -58,6 +60,11 @@ def _docker_answers() -> bool:
         return False
 
 
+# Tests that kill the broker or restart PostgreSQL run only when this is "1" (see
+# Stack.why_not_restartable).
+RESTART_OPT_IN = "CRM_ERP_SYNC_TESTS_MAY_RESTART_STACK"
+
+
 @dataclasses.dataclass(frozen=True)
 class Stack:
     kafka_bootstrap: str
@@ -70,12 +77,30 @@ class Stack:
         parts = urlsplit(self.admin_dsn)
         return urlunsplit(parts._replace(path=f"/{database}"))
 
+    def why_not_restartable(self) -> str | None:
+        """Why tests may not kill or restart this stack's servers (a skip reason), or None.
+
+        Only this worktree's own stack, and only when RESTART_OPT_IN is "1": a restart ends
+        every session, walsender and broker connection on the server, other checkouts' and
+        other people's included, so on a stack anyone else may use it is opt-in (.ci/run,
+        on a machine of its own, opts in)."""
+        if not self.local:
+            return ("kills the broker / restarts PostgreSQL: only on this worktree's local "
+                    "stack (make up, or a second one on STACK_* ports)")
+        if os.environ.get(RESTART_OPT_IN) != "1":
+            return (f"kills the broker / restarts PostgreSQL, which ends everyone's sessions on "
+                    f"it: set {RESTART_OPT_IN}=1 only when nobody else uses this stack (or "
+                    "point the tests at a second stack of your own on STACK_* ports)")
+        return None
+
     def script(self, *args: str, timeout: float = 180.0) -> None:
-        """Run deploy/local/stack.sh on this stack (restart-pg, kill-kafka, start-kafka)."""
+        """Run deploy/local/stack.sh on this stack (restart-pg, kill-kafka, start-kafka).
+        Raises RuntimeError when why_not_restartable() gives a reason."""
         import subprocess
 
-        if not self.local:
-            raise RuntimeError("not the local stack of this worktree: cannot restart it")
+        reason = self.why_not_restartable()
+        if reason:
+            raise RuntimeError(f"not restarting this stack: {reason}")
         subprocess.run(["bash", str(REPO_ROOT / "deploy/local/stack.sh"), *args], check=True,
                        capture_output=True, timeout=timeout,
                        env={**os.environ, **dict(self.script_env)})

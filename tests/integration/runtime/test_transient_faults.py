@@ -1,7 +1,8 @@
 """No process exits on a transient fault: the broker killed and started again, PostgreSQL
 restarted in immediate mode, under running producers (active and standby) and consumers,
 with CRM changes written throughout. Needs the local stack of this worktree (it restarts
-its servers): run your own with STACK_KAFKA_PORT/STACK_PG_PORT and point the tests at it."""
+its servers) and CRM_ERP_SYNC_TESTS_MAY_RESTART_STACK=1 (nobody else uses that stack): run
+your own with STACK_KAFKA_PORT/STACK_PG_PORT and point the tests at it."""
 
 from __future__ import annotations
 
@@ -112,9 +113,9 @@ def _readiness(port: int) -> tuple[int, dict[str, Any]]:
 def test_broker_kill_and_postgres_immediate_restart_end_no_process_and_lose_nothing(
         sync_env: SyncEnv, tmp_path: Any) -> None:
     stack = sync_env.stack
-    if not stack.local:
-        pytest.skip("kills the broker and restarts PostgreSQL: only on this worktree's local "
-                    "stack (make up, or a second one on STACK_* ports)")
+    reason = stack.why_not_restartable()
+    if reason:
+        pytest.skip(reason)
     names = ["producer-a", "producer-b", "consumer-1", "consumer-2"]
     ports = {name: free_port() for name in names}
     log_path = tmp_path / "processes.log"

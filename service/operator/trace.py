@@ -24,8 +24,7 @@ from kafka import TopicPartition
 from service.avro import SchemaRegistry
 from service.cdc.dead_letters import is_marker, read_marker
 from service.errors import Permanent, StackUnavailable
-from service.kafka_io import make_consumer
-from service.operator.common import connect
+from service.operator.common import broker_consumer, connect
 from service.settings import Settings
 
 ERP_TABLES = (  # (ERP table, its CRM key column, what it is)
@@ -89,7 +88,8 @@ def kafka_events(settings: Settings, key: str, topics: list[str]) -> tuple[list[
     many records were decoded."""
     registry = SchemaRegistry.load(settings.schemas_dir)
     raw = key.encode()
-    consumer = make_consumer(settings, group_id=None, enable_auto_commit=False)
+    consumer = broker_consumer(settings, "events on Kafka unknown", group_id=None,
+                               enable_auto_commit=False)
     out: list[dict[str, Any]] = []
     scanned = 0
     try:
@@ -135,7 +135,8 @@ def kafka_events(settings: Settings, key: str, topics: list[str]) -> tuple[list[
 
 
 def trace(settings: Settings, key: str, *, topics: list[str] | None = None) -> Trace:
-    """Raises StackUnavailable when a database or the broker cannot be reached."""
+    """Raises StackUnavailable when a database or the broker cannot be reached (the broker:
+    BrokerUnreachable, within ``BROKER_CHECK_S``)."""
     t = Trace(key)
     t.crm = crm_rows(settings, key)
     t.events, t.scanned = kafka_events(settings, key, topics or [settings.sales_topic,

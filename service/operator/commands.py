@@ -530,9 +530,7 @@ def cmd_trace(settings: Settings, args: argparse.Namespace) -> int:
                "letter has this key (a typo, or a key of no captured table?)")
     if args.json:
         print(render.dumps(render.jsonable(t)))
-        if not found:
-            print(f"crm-erp-sync: {nowhere}", file=sys.stderr)
-        return EXIT_OK if found else EXIT_USAGE
+        return _trace_code(t, found, nowhere)
     print(f"Key {t.key}\n")
     if t.crm:
         for c in t.crm:
@@ -540,7 +538,11 @@ def cmd_trace(settings: Settings, args: argparse.Namespace) -> int:
             print(render.table(["column", "value"], list(c["row"].items()), max_width=80))
     else:
         print("CRM: no row with this key (deleted, or not a key of any captured table)")
-    print(f"\nEvents on Kafka ({len(t.events)} of {t.scanned} read):")
+    if t.broker_unreachable:
+        print(f"\nEvents on Kafka: unknown (broker {settings.kafka_bootstrap} unreachable; "
+              "held events and dead letters below are found by message key only)")
+    else:
+        print(f"\nEvents on Kafka ({len(t.events)} of {t.scanned} read):")
     if t.events:
         print(render.table(["topic[partition]@offset", "kind", "op", "key", "lsn", "seq",
                             "committed in the CRM", "event id"],
@@ -550,7 +552,7 @@ def cmd_trace(settings: Settings, args: argparse.Namespace) -> int:
                              render.cell(e.get("commit_time")),
                              e.get("event_id") or e.get("error", "-"))
                             for e in t.events], max_width=60))
-    else:
+    elif not t.broker_unreachable:
         print("  none")
     print("\nERP:")
     for r in t.erp:
@@ -573,6 +575,15 @@ def cmd_trace(settings: Settings, args: argparse.Namespace) -> int:
         for a in d["actions"]:
             print(f"    {render.cell(a['at'])} {a['action']} by {a['actor']}: {a['outcome']}"
                   + (f" ({a['reason']})" if a["reason"] else ""))
+    return _trace_code(t, found, nowhere)
+
+
+def _trace_code(t: Any, found: bool, nowhere: str) -> int:
+    """3 when the broker did not answer (the events are unknown: README, "Exit codes"), said
+    in one line on stderr; else 2 for a key found nowhere (said so), else 0."""
+    if t.broker_unreachable:
+        print(f"crm-erp-sync: {t.broker_unreachable}", file=sys.stderr)
+        return exit_codes.UNAVAILABLE
     if not found:
         print(f"crm-erp-sync: {nowhere}", file=sys.stderr)
         return EXIT_USAGE

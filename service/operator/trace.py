@@ -23,7 +23,7 @@ from kafka import TopicPartition
 
 from service.avro import SchemaRegistry
 from service.cdc.dead_letters import is_marker, read_marker
-from service.errors import Permanent, StackUnavailable
+from service.errors import BrokerUnreachable, Permanent, StackUnavailable
 from service.operator.common import broker_consumer, connect
 from service.settings import Settings
 
@@ -44,6 +44,9 @@ class Trace:
     held: list[dict[str, Any]] = field(default_factory=list)
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
     scanned: int = 0  # Kafka records decoded
+    # Why the topics could not be read (None: they were): the events are then unknown, and
+    # the held events and dead letters are found by message key only.
+    broker_unreachable: str | None = None
 
 
 def crm_rows(settings: Settings, key: str) -> list[dict[str, Any]]:
@@ -135,12 +138,16 @@ def kafka_events(settings: Settings, key: str, topics: list[str]) -> tuple[list[
 
 
 def trace(settings: Settings, key: str, *, topics: list[str] | None = None) -> Trace:
-    """Raises StackUnavailable when a database or the broker cannot be reached (the broker:
-    BrokerUnreachable, within ``BROKER_CHECK_S``)."""
+    """Raises StackUnavailable when a database cannot be reached. A broker that does not
+    answer within ``BROKER_CHECK_S`` is not an error here: ``broker_unreachable`` says so and
+    everything the databases hold about the key is still collected."""
     t = Trace(key)
     t.crm = crm_rows(settings, key)
-    t.events, t.scanned = kafka_events(settings, key, topics or [settings.sales_topic,
-                                                                 settings.market_topic])
+    try:
+        t.events, t.scanned = kafka_events(settings, key, topics or [settings.sales_topic,
+                                                                     settings.market_topic])
+    except BrokerUnreachable as exc:
+        t.broker_unreachable = str(exc)
     at = [(e["topic"], e["partition"], e["offset"]) for e in t.events]
     with connect(settings, "erp") as erp:
         for table, column, what in ERP_TABLES:

@@ -125,21 +125,10 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         print(f"Paused by an operator: {p['topic']}[{p['partition']}] since "
               f"{render.cell(p['paused_at'])} by {p['paused_by']}: {p['reason']}")
     print()
-    slot = st.slot
-    state = "running" if st.producer_running else "NOT RUNNING"
-    if st.contract_violations:
-        state += ", CAPTURE STOPPED (source contract broken, see below)"
-    elif st.capture_stopped:
-        state += ", CAPTURE STOPPED (slot or publication, see below)"
-    print(f"Producer: {state}; slot {settings.slot_name}: {slot_text(slot)}")
-    ox = st.oldest_transaction
-    print("Oldest CRM transaction holding the slot: " + (
-        "none" if ox is None else
-        f"pid {ox['pid'] if ox['pid'] is not None else '- (prepared)'} ({ox['state']}, "
-        f"database {ox['database']}), open for {_fmt_s(ox['age_s'])}"))
-    if st.peek is not None:
-        print(f"SQL peek: {st.peek['peek_s']:.3f}s each; empty peeks wait "
-              f"{st.peek['backoff_s']:.2f}s (reported {_fmt_s(st.peek['reported_s_ago'])} ago)")
+    if st.crm_unreachable:
+        print(f"Producer and slot {settings.slot_name}: unknown ({st.crm_unreachable})")
+    else:
+        _print_status_crm(settings, st)
     if st.breaker:
         print(render.table(
             ["circuit breaker OPEN", "since", "measured", "limit", "paused at offset",
@@ -162,21 +151,25 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     else:
         print(f"Consumers: none reported in the last {STALE_AFTER_S:g}s")
     tr = st.truncates
-    last = tr.get("last")
-    print("CRM truncates: " + (
-        "none" if not (tr.get("stopped") or last) else
-        f"{tr['propagated']} propagated, {tr['skipped']} skipped" + (
-            f"; last: {last['table']} {last['outcome']} (commit LSN {last['commit_lsn']}, "
-            f"{render.cell(last['commit_time'])})" if last else "") + "".join(
-            f"; capture STOPPED before the truncate of {t['table']} (commit LSN "
-            f"{t['commit_lsn']})" for t in tr.get("stopped", []))))
+    if st.crm_unreachable:
+        print("CRM truncates and pending snapshots: unknown (CRM database unreachable)")
+    else:
+        last = tr.get("last")
+        print("CRM truncates: " + (
+            "none" if not (tr.get("stopped") or last) else
+            f"{tr['propagated']} propagated, {tr['skipped']} skipped" + (
+                f"; last: {last['table']} {last['outcome']} (commit LSN {last['commit_lsn']}, "
+                f"{render.cell(last['commit_time'])})" if last else "") + "".join(
+                f"; capture STOPPED before the truncate of {t['table']} (commit LSN "
+                f"{t['commit_lsn']})" for t in tr.get("stopped", []))))
     for a in tr.get("applied", []):
         print(f"  applied in the ERP: {a['entity']} ({a['crm_table']}): {a['truncates']} "
               f"truncate(s), {a['rows_marked']} row(s) marked deleted, last "
               f"{render.cell(a['applied_at'])}")
-    print(f"Pending snapshots: {len(st.pending_snapshots)}" + "".join(
-        f"\n  #{s['snapshot_id']} {s['table']} ({s['reason']}), {s['rows_emitted']} rows so far"
-        for s in st.pending_snapshots))
+    if not st.crm_unreachable:
+        print(f"Pending snapshots: {len(st.pending_snapshots)}" + "".join(
+            f"\n  #{s['snapshot_id']} {s['table']} ({s['reason']}), {s['rows_emitted']} rows so far"
+            for s in st.pending_snapshots))
     print()
     if st.dead_letters:
         print(render.table(["unresolved dead letters", "field", "count"],
@@ -213,10 +206,29 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _print_status_crm(settings: Settings, st: Any) -> None:
+    """Status's producer, slot, oldest CRM transaction and SQL peek lines (the CRM's part)."""
+    slot = st.slot
+    state = "running" if st.producer_running else "NOT RUNNING"
+    if st.contract_violations:
+        state += ", CAPTURE STOPPED (source contract broken, see below)"
+    elif st.capture_stopped:
+        state += ", CAPTURE STOPPED (slot or publication, see below)"
+    print(f"Producer: {state}; slot {settings.slot_name}: {slot_text(slot)}")
+    ox = st.oldest_transaction
+    print("Oldest CRM transaction holding the slot: " + (
+        "none" if ox is None else
+        f"pid {ox['pid'] if ox['pid'] is not None else '- (prepared)'} ({ox['state']}, "
+        f"database {ox['database']}), open for {_fmt_s(ox['age_s'])}"))
+    if st.peek is not None:
+        print(f"SQL peek: {st.peek['peek_s']:.3f}s each; empty peeks wait "
+              f"{st.peek['backoff_s']:.2f}s (reported {_fmt_s(st.peek['reported_s_ago'])} ago)")
+
+
 def _status_code(st: Any) -> int:
-    """3 when the broker could not be asked (a part is unchecked: README, "Exit codes"), else
-    1 when something needs attention, else 0."""
-    if st.broker_unreachable:
+    """3 when the broker or the CRM database could not be asked (a part is unchecked:
+    README, "Exit codes"), else 1 when something needs attention, else 0."""
+    if st.broker_unreachable or st.crm_unreachable:
         return exit_codes.UNAVAILABLE
     return EXIT_ATTENTION if st.attention else EXIT_OK
 

@@ -550,6 +550,10 @@ def cmd_trace(settings: Settings, args: argparse.Namespace) -> int:
             print(render.table(["column", "value"], list(c["row"].items()), max_width=80))
     else:
         print("CRM: no row with this key (deleted, or not a key of any captured table)")
+    if t.follows:
+        print(f"\nAn order line: followed to its order {', '.join(t.follows)} (a line's "
+              "changes travel in its order's events); the order's events, ERP row, held "
+              "events and dead letters are shown too.")
     if t.broker_unreachable:
         print(f"\nEvents on Kafka: unknown (broker {settings.kafka_bootstrap} unreachable; "
               "held events and dead letters below are found by message key only)")

@@ -68,6 +68,21 @@ def test_trace_shows_create_update_dead_letter_and_redrive(sync_env: SyncEnv, cl
         ("redrive", "ops", "redriven")]
     assert tr["held"] == []
 
+    # An order line's key (its changes travel in its order's events) is followed to its
+    # order: the order's events and its dead letter, found before only through "970".
+    line = cli(s_fixed, "trace", '["970","1"]', "--json")
+    assert line.code == 0, line.err
+    lj = line.json
+    assert lj["follows"] == ["970"]
+    assert [c["entity"] for c in lj["crm"]] == ["order_line", "order"]
+    assert [(e["offset"], e["op"]) for e in lj["events"]] == [
+        (e["offset"], e["op"]) for e in order_events]
+    assert [d["dead_letter_id"] for d in lj["dead_letters"]] == [letter["dead_letter_id"]]
+    assert {r["as"] for r in lj["erp"]} == {"order of the line", "order line"}
+    line_text = cli(s_fixed, "trace", '["970","1"]')
+    assert "followed to its order 970" in line_text.out
+    assert f"#{letter['dead_letter_id']}" in line_text.out
+
     text = cli(s_fixed, "trace", "970")
     assert "CRM order" in text.out and "Events on Kafka (3 of" in text.out
     assert "redriven" in text.out and "redrive by ops" in text.out

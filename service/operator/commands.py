@@ -654,6 +654,8 @@ def cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
                                         for t in resumed],
                             "unpaused": [{**render.jsonable(p), "partition_name": p.name}
                                          for p in unpaused],
+                            "not_paused": [f"{t}[{p}]" for t, p in not_tripped],
+                            # deprecated (README): the old name of not_paused, for scripts
                             "not_tripped": [f"{t}[{p}]" for t, p in not_tripped]}))
     else:
         for p in unpaused:

@@ -126,7 +126,8 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
               f"{render.cell(p['paused_at'])} by {p['paused_by']}: {p['reason']}")
     print()
     if st.crm_unreachable:
-        print(f"Producer and slot {settings.slot_name}: unknown ({st.crm_unreachable})")
+        print(f"Producer and slot {settings.slot_name}: unknown (the CRM database did not "
+              "answer: see below)")
     else:
         _print_status_crm(settings, st)
     if st.breaker:

@@ -254,7 +254,8 @@ def test_status_with_the_crm_database_down_shows_the_erp_broker_and_group_parts(
     text = cli(down, "status")
     assert text.code == 3, (text.out, text.err)
     out = text.out
-    assert f"Producer and slot {sync_env.settings.slot_name}: unknown (CRM database at" in out
+    assert f"Producer and slot {sync_env.settings.slot_name}: unknown (the CRM" in out
+    assert f"  - CRM database at postgresql://sync:***@127.0.0.1:{port}/crm is unreachable" in out
     assert "CRM truncates and pending snapshots: unknown" in out
     assert "total lag: 0" in out and "Group members: none" in out  # the broker's part
     assert "MappingError" in out and "Held events: none" in out  # the ERP's part

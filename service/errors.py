@@ -63,6 +63,11 @@ class StackUnavailable(SyncError):
     """The broker or a database cannot be reached."""
 
 
+class BrokerUnreachable(StackUnavailable):
+    """No Kafka broker answered within an operator command's bound (``BROKER_CHECK_S``): what
+    needs the broker is unknown, what the databases say can still be shown."""
+
+
 class DatabaseUnreachable(StackUnavailable):
     """No PostgreSQL server answered at the DSN's host and port, or it is starting up or
     shutting down: transient, a consumer retries it."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from service.errors import ConfigError
-from service.operator.common import connect
+from service.operator.common import broker_consumer, connect
 from service.pg import PgConn
 from service.settings import Settings
 
@@ -91,10 +91,9 @@ class Pause:
 
 
 def consumed_partitions(settings: Settings) -> list[tuple[str, int]]:
-    """Every partition of the topics the group consumes, as the broker knows them."""
-    from service.kafka_io import make_consumer
-
-    probe = make_consumer(settings, group_id=None)
+    """Every partition of the topics the group consumes, as the broker knows them. Raises
+    BrokerUnreachable (exit 3) when no broker answers within ``BROKER_CHECK_S``."""
+    probe = broker_consumer(settings, "partitions unknown, nothing changed", group_id=None)
     try:
         return [(t, p) for t in (settings.sales_topic, settings.market_topic)
                 for p in sorted(probe.partitions_for_topic(t) or ())]

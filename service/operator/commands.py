@@ -125,21 +125,11 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         print(f"Paused by an operator: {p['topic']}[{p['partition']}] since "
               f"{render.cell(p['paused_at'])} by {p['paused_by']}: {p['reason']}")
     print()
-    slot = st.slot
-    state = "running" if st.producer_running else "NOT RUNNING"
-    if st.contract_violations:
-        state += ", CAPTURE STOPPED (source contract broken, see below)"
-    elif st.capture_stopped:
-        state += ", CAPTURE STOPPED (slot or publication, see below)"
-    print(f"Producer: {state}; slot {settings.slot_name}: {slot_text(slot)}")
-    ox = st.oldest_transaction
-    print("Oldest CRM transaction holding the slot: " + (
-        "none" if ox is None else
-        f"pid {ox['pid'] if ox['pid'] is not None else '- (prepared)'} ({ox['state']}, "
-        f"database {ox['database']}), open for {_fmt_s(ox['age_s'])}"))
-    if st.peek is not None:
-        print(f"SQL peek: {st.peek['peek_s']:.3f}s each; empty peeks wait "
-              f"{st.peek['backoff_s']:.2f}s (reported {_fmt_s(st.peek['reported_s_ago'])} ago)")
+    if st.crm_unreachable:
+        print(f"Producer and slot {settings.slot_name}: unknown (the CRM database did not "
+              "answer: see below)")
+    else:
+        _print_status_crm(settings, st)
     if st.breaker:
         print(render.table(
             ["circuit breaker OPEN", "since", "measured", "limit", "paused at offset",
@@ -162,21 +152,25 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     else:
         print(f"Consumers: none reported in the last {STALE_AFTER_S:g}s")
     tr = st.truncates
-    last = tr.get("last")
-    print("CRM truncates: " + (
-        "none" if not (tr.get("stopped") or last) else
-        f"{tr['propagated']} propagated, {tr['skipped']} skipped" + (
-            f"; last: {last['table']} {last['outcome']} (commit LSN {last['commit_lsn']}, "
-            f"{render.cell(last['commit_time'])})" if last else "") + "".join(
-            f"; capture STOPPED before the truncate of {t['table']} (commit LSN "
-            f"{t['commit_lsn']})" for t in tr.get("stopped", []))))
+    if st.crm_unreachable:
+        print("CRM truncates and pending snapshots: unknown (CRM database unreachable)")
+    else:
+        last = tr.get("last")
+        print("CRM truncates: " + (
+            "none" if not (tr.get("stopped") or last) else
+            f"{tr['propagated']} propagated, {tr['skipped']} skipped" + (
+                f"; last: {last['table']} {last['outcome']} (commit LSN {last['commit_lsn']}, "
+                f"{render.cell(last['commit_time'])})" if last else "") + "".join(
+                f"; capture STOPPED before the truncate of {t['table']} (commit LSN "
+                f"{t['commit_lsn']})" for t in tr.get("stopped", []))))
     for a in tr.get("applied", []):
         print(f"  applied in the ERP: {a['entity']} ({a['crm_table']}): {a['truncates']} "
               f"truncate(s), {a['rows_marked']} row(s) marked deleted, last "
               f"{render.cell(a['applied_at'])}")
-    print(f"Pending snapshots: {len(st.pending_snapshots)}" + "".join(
-        f"\n  #{s['snapshot_id']} {s['table']} ({s['reason']}), {s['rows_emitted']} rows so far"
-        for s in st.pending_snapshots))
+    if not st.crm_unreachable:
+        print(f"Pending snapshots: {len(st.pending_snapshots)}" + "".join(
+            f"\n  #{s['snapshot_id']} {s['table']} ({s['reason']}), {s['rows_emitted']} rows so far"
+            for s in st.pending_snapshots))
     print()
     if st.dead_letters:
         print(render.table(["unresolved dead letters", "field", "count"],
@@ -213,10 +207,29 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _print_status_crm(settings: Settings, st: Any) -> None:
+    """Status's producer, slot, oldest CRM transaction and SQL peek lines (the CRM's part)."""
+    slot = st.slot
+    state = "running" if st.producer_running else "NOT RUNNING"
+    if st.contract_violations:
+        state += ", CAPTURE STOPPED (source contract broken, see below)"
+    elif st.capture_stopped:
+        state += ", CAPTURE STOPPED (slot or publication, see below)"
+    print(f"Producer: {state}; slot {settings.slot_name}: {slot_text(slot)}")
+    ox = st.oldest_transaction
+    print("Oldest CRM transaction holding the slot: " + (
+        "none" if ox is None else
+        f"pid {ox['pid'] if ox['pid'] is not None else '- (prepared)'} ({ox['state']}, "
+        f"database {ox['database']}), open for {_fmt_s(ox['age_s'])}"))
+    if st.peek is not None:
+        print(f"SQL peek: {st.peek['peek_s']:.3f}s each; empty peeks wait "
+              f"{st.peek['backoff_s']:.2f}s (reported {_fmt_s(st.peek['reported_s_ago'])} ago)")
+
+
 def _status_code(st: Any) -> int:
-    """3 when the broker could not be asked (a part is unchecked: README, "Exit codes"), else
-    1 when something needs attention, else 0."""
-    if st.broker_unreachable:
+    """3 when the broker or the CRM database could not be asked (a part is unchecked:
+    README, "Exit codes"), else 1 when something needs attention, else 0."""
+    if st.broker_unreachable or st.crm_unreachable:
         return exit_codes.UNAVAILABLE
     return EXIT_ATTENTION if st.attention else EXIT_OK
 
@@ -530,9 +543,7 @@ def cmd_trace(settings: Settings, args: argparse.Namespace) -> int:
                "letter has this key (a typo, or a key of no captured table?)")
     if args.json:
         print(render.dumps(render.jsonable(t)))
-        if not found:
-            print(f"crm-erp-sync: {nowhere}", file=sys.stderr)
-        return EXIT_OK if found else EXIT_USAGE
+        return _trace_code(t, found, nowhere)
     print(f"Key {t.key}\n")
     if t.crm:
         for c in t.crm:
@@ -540,7 +551,15 @@ def cmd_trace(settings: Settings, args: argparse.Namespace) -> int:
             print(render.table(["column", "value"], list(c["row"].items()), max_width=80))
     else:
         print("CRM: no row with this key (deleted, or not a key of any captured table)")
-    print(f"\nEvents on Kafka ({len(t.events)} of {t.scanned} read):")
+    if t.follows:
+        print(f"\nAn order line: followed to its order {', '.join(t.follows)} (a line's "
+              "changes travel in its order's events); the order's events, ERP row, held "
+              "events and dead letters are shown too.")
+    if t.broker_unreachable:
+        print(f"\nEvents on Kafka: unknown (broker {settings.kafka_bootstrap} unreachable; "
+              "held events and dead letters below are found by message key only)")
+    else:
+        print(f"\nEvents on Kafka ({len(t.events)} of {t.scanned} read):")
     if t.events:
         print(render.table(["topic[partition]@offset", "kind", "op", "key", "lsn", "seq",
                             "committed in the CRM", "event id"],
@@ -550,7 +569,7 @@ def cmd_trace(settings: Settings, args: argparse.Namespace) -> int:
                              render.cell(e.get("commit_time")),
                              e.get("event_id") or e.get("error", "-"))
                             for e in t.events], max_width=60))
-    else:
+    elif not t.broker_unreachable:
         print("  none")
     print("\nERP:")
     for r in t.erp:
@@ -573,6 +592,15 @@ def cmd_trace(settings: Settings, args: argparse.Namespace) -> int:
         for a in d["actions"]:
             print(f"    {render.cell(a['at'])} {a['action']} by {a['actor']}: {a['outcome']}"
                   + (f" ({a['reason']})" if a["reason"] else ""))
+    return _trace_code(t, found, nowhere)
+
+
+def _trace_code(t: Any, found: bool, nowhere: str) -> int:
+    """3 when the broker did not answer (the events are unknown: README, "Exit codes"), said
+    in one line on stderr; else 2 for a key found nowhere (said so), else 0."""
+    if t.broker_unreachable:
+        print(f"crm-erp-sync: {t.broker_unreachable}", file=sys.stderr)
+        return exit_codes.UNAVAILABLE
     if not found:
         print(f"crm-erp-sync: {nowhere}", file=sys.stderr)
         return EXIT_USAGE
@@ -627,6 +655,8 @@ def cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
                                         for t in resumed],
                             "unpaused": [{**render.jsonable(p), "partition_name": p.name}
                                          for p in unpaused],
+                            "not_paused": [f"{t}[{p}]" for t, p in not_tripped],
+                            # deprecated (README): the old name of not_paused, for scripts
                             "not_tripped": [f"{t}[{p}]" for t, p in not_tripped]}))
     else:
         for p in unpaused:

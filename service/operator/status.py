@@ -39,6 +39,9 @@ Needs attention (exit 1) when any of:
 - the broker does not answer within ``BROKER_CHECK_S``: lag and members are unknown (one
   line says so), everything from the databases is still collected; the CLI exits 3
   (UNAVAILABLE: a part could not be checked) rather than 1.
+- the CRM database does not answer: the slot, the producer, pending snapshots, CRM
+  transactions, truncates and the source contract are unknown (one line says so), the ERP's,
+  the broker's and the group's parts are still collected; exit 3 likewise.
 Lag alone below that is normal under load and is only reported. Outside the apply window
 (CRM_ERP_SYNC_APPLY_WINDOW, read from this process's settings: give `status` the consumers'
 configuration) the consumers pause by design: status says "outside apply window until ...",
@@ -66,10 +69,11 @@ from service.cdc.producer import lock_key
 from service.cdc.profile import load_profile
 from service.consumer.mappings_watch import STALE_AFTER_S, live_members
 from service.erp.mappings import Mappings
-from service.errors import ConfigError, StackUnavailable
-from service.kafka_io import make_admin, make_consumer
+from service.errors import BrokerUnreachable, ConfigError, StackUnavailable
+from service.kafka_io import make_admin
 from service.operator.breaker import BreakerTrip, open_trips
-from service.operator.common import connect
+from service.operator.common import BROKER_CHECK_S as BROKER_CHECK_S  # documented here
+from service.operator.common import broker_consumer, connect
 from service.operator.render import when
 from service.ops import (
     PartitionLag,
@@ -83,12 +87,6 @@ from service.settings import Settings
 
 # A peek report older than this is from a producer that stopped (or switched transport).
 PEEK_REPORT_STALE_S = 60.0
-# How long `status` waits for the broker before it reports it unreachable and shows what the
-# databases say: kafka-python's own bootstrap wait is 30 s, and an operator runs `status`
-# during an outage to see the dead letters, the producer and the slot. A broker that
-# answers at all answers its first request in well under a second; the margin is for a
-# machine whose cores are busy (a false "unreachable" would mislead more than a wait).
-BROKER_CHECK_S = 8.0
 CAPTURE_SHOWN = 20
 
 
@@ -147,6 +145,10 @@ class Status:
     # Why the broker could not be asked (None: it answered): lag and members are then unknown
     # (lag [] and members []), everything from the databases is still there.
     broker_unreachable: str | None = None
+    # Why the CRM database could not be asked (None: it answered): the slot, the producer,
+    # pending snapshots, CRM transactions, truncates and the source contract are then
+    # unknown (None / empty); the ERP's, the broker's and the group's parts are still there.
+    crm_unreachable: str | None = None
 
     @property
     def total_lag(self) -> int:
@@ -202,10 +204,10 @@ def broker_view(settings: Settings) -> tuple[list[PartitionLag], list[dict[str, 
     unknown = "lag and group members unknown"
     with quiet_kafka():
         try:
-            probe = make_consumer(settings, group_id=None, client_id="crm-erp-sync-status",
-                                  bootstrap_timeout_ms=int(BROKER_CHECK_S * 1000))
-        except StackUnavailable:
-            return [], [], f"broker {settings.kafka_bootstrap} unreachable: {unknown}"
+            probe = broker_consumer(settings, unknown, group_id=None,
+                                    client_id="crm-erp-sync-status")
+        except BrokerUnreachable as exc:
+            return [], [], str(exc)
         probe.close()
         try:
             return group_lag(settings), broker_members(settings), None
@@ -244,6 +246,14 @@ def _age(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def _crm_unreachable(exc: Exception) -> str:
+    """Status's line for a CRM database that did not answer: the typed error's text (it
+    names the host and port, never the password), then what is therefore unknown."""
+    why = (str(exc) if isinstance(exc, StackUnavailable)
+           else f"CRM database unreachable ({type(exc).__name__})")
+    return f"{why}: replication slot, producer, pending snapshots and capture state unknown"
 
 
 def contract_violations(settings: Settings) -> list[dict[str, Any]]:
@@ -309,6 +319,7 @@ def config_file_problems(settings: Settings) -> list[str]:
 def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
     config_problems = config_file_problems(settings)
     lag, listed, broker_down = broker_view(settings)
+    crm_down: str | None = None
     try:
         slot = slot_state(settings)
         with connect(settings, "crm") as crm:
@@ -328,10 +339,19 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
             peek = capture_costs(crm, settings.slot_name)
     except psycopg.errors.UndefinedTable:
         pending, locked, xact, peek, capture_broken = [], None, None, None, []
-    except psycopg.OperationalError as exc:
-        raise StackUnavailable(f"CRM database unreachable: {type(exc).__name__}") from exc
-    violations = contract_violations(settings)
-    truncates = _crm_truncates(settings)
+    except (StackUnavailable, psycopg.OperationalError) as exc:
+        # Shown, not raised: an operator runs status during a CRM outage to see the rest.
+        crm_down = _crm_unreachable(exc)
+    if crm_down is None:
+        try:
+            violations = contract_violations(settings)
+            truncates = _crm_truncates(settings)
+        except StackUnavailable as exc:  # the CRM went away meanwhile
+            crm_down = _crm_unreachable(exc)
+    if crm_down is not None:
+        slot, pending, locked, xact, peek, capture_broken = None, [], None, None, None, []
+        violations = []
+        truncates = {"stopped": [], "propagated": 0, "skipped": 0, "last": None}
     with connect(settings, "erp") as erp:
         try:
             truncates["applied"] = [dict(zip(
@@ -411,7 +431,7 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         # Without the broker's list, every consumer would look outside the group.
         members=[] if broker_down else merge_members(
             listed, reported, alive_s=max(30.0, 3 * settings.membership_check_s)),
-        broker_unreachable=broker_down,
+        broker_unreachable=broker_down, crm_unreachable=crm_down,
         dead_letters_by_field=by_field, paused=paused, truncates=truncates,
         contract_violations=violations,
         capture_letters=[{k: v for k, v in c.items() if k != "total"} for c in capture],
@@ -451,6 +471,8 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
             closed = True
     if broker_down:
         status.attention.append(broker_down)
+    if crm_down:
+        status.attention.append(crm_down)
     status.attention.extend(config_problems)
     for t in truncates["stopped"]:
         status.attention.append(
@@ -545,8 +567,8 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
                                 "see `crm-erp-sync dlq list`")
     status.capture_stopped = bool(capture_broken)
     status.attention.extend(capture_broken)  # a broken slot or publication, and its recovery
-    if capture_broken:
-        pass  # already named above, with the one recovery command
+    if capture_broken or crm_down:
+        pass  # already named above (the recovery command; the CRM database unreachable)
     elif slot is None:
         status.attention.append(f"replication slot {settings.slot_name} is missing: "
                                 "the producer has never run or the slot was dropped")

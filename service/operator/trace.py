@@ -4,6 +4,11 @@ The CRM row(s) with that key (every entity of the source profile whose key can r
 events on Kafka (topic, partition, offset, kind, op, position), the ERP rows and their
 positions, the events held for it and its dead letters with what was done to them.
 
+An order line has no events of its own: its changes travel in its order's events. A key that
+reads an order line row is followed to its order (the profile's ``[order_line] order``
+column): the order's CRM row, events, ERP row, and the events held and dead letters at those
+events' positions are shown too (``follows`` names the order keys followed).
+
 Keys are text as everywhere (``42``, a UUID, a composite key as a JSON array). An event
 belongs to the key when its message key, its ``key`` or its ``customer_key`` is the key (an
 order's events are keyed by their customer on Kafka). Finding them reads the topics from
@@ -23,9 +28,8 @@ from kafka import TopicPartition
 
 from service.avro import SchemaRegistry
 from service.cdc.dead_letters import is_marker, read_marker
-from service.errors import Permanent, StackUnavailable
-from service.kafka_io import make_consumer
-from service.operator.common import connect
+from service.errors import BrokerUnreachable, Permanent, StackUnavailable
+from service.operator.common import broker_consumer, connect
 from service.settings import Settings
 
 ERP_TABLES = (  # (ERP table, its CRM key column, what it is)
@@ -45,19 +49,26 @@ class Trace:
     held: list[dict[str, Any]] = field(default_factory=list)
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
     scanned: int = 0  # Kafka records decoded
+    follows: list[str] = field(default_factory=list)  # order keys an order line led to
+    # Why the topics could not be read (None: they were): the events are then unknown, and
+    # the held events and dead letters are found by message key only.
+    broker_unreachable: str | None = None
 
 
-def crm_rows(settings: Settings, key: str) -> list[dict[str, Any]]:
-    """The CRM rows whose key is ``key``, through the source profile (columns it maps)."""
+def crm_rows(settings: Settings, key: str, *, entities: tuple[str, ...] | None = None
+             ) -> list[dict[str, Any]]:
+    """The CRM rows whose key is ``key``, through the source profile (columns it maps):
+    {entity, table, row}, and for an order line's row ``order_key``, its order's key as text
+    (the profile's ``[order_line] order`` column). ``entities``: only these (None: all)."""
     from service.cdc.capture import chunk_query, read_table_info
-    from service.cdc.profile import key_values, load_profile
+    from service.cdc.profile import key_values, load_profile, text_of
 
     profile = load_profile(settings.source_profile)
     out: list[dict[str, Any]] = []
     with connect(settings, "crm") as conn:
         info = read_table_info(conn, profile)
         for ent in profile.entities.values():
-            if ent.table not in info:
+            if ent.table not in info or (entities is not None and ent.entity not in entities):
                 continue
             try:
                 key_values(ent, key)
@@ -66,8 +77,11 @@ def crm_rows(settings: Settings, key: str) -> list[dict[str, Any]]:
             except (ValueError, psycopg.errors.DataError):
                 continue  # not a key of this table's type (a UUID is not an integer)
             for r in rows:
-                out.append({"entity": ent.entity, "table": ent.table,
-                            "row": dict(zip(ent.columns, r, strict=False))})
+                row = dict(zip(ent.columns, r, strict=False))
+                found = {"entity": ent.entity, "table": ent.table, "row": row}
+                if ent.order_column and row.get(ent.order_column) is not None:
+                    found["order_key"] = text_of(row[ent.order_column])
+                out.append(found)
     return out
 
 
@@ -83,13 +97,15 @@ def _marker_row(topic: str, partition: int, offset: int, value: bytes) -> dict[s
             "op": "-", "error": what}
 
 
-def kafka_events(settings: Settings, key: str, topics: list[str]) -> tuple[list[dict[str, Any]],
-                                                                            int]:
-    """Every event of the key on these topics, in (topic, partition, offset) order; and how
-    many records were decoded."""
+def kafka_events(settings: Settings, key: str, topics: list[str], *,
+                 orders: tuple[str, ...] = ()) -> tuple[list[dict[str, Any]], int]:
+    """Every event of the key on these topics, and every order event whose ``key`` is one of
+    ``orders`` (an order line's order), in (topic, partition, offset) order; and how many
+    records were decoded."""
     registry = SchemaRegistry.load(settings.schemas_dir)
     raw = key.encode()
-    consumer = make_consumer(settings, group_id=None, enable_auto_commit=False)
+    consumer = broker_consumer(settings, "events on Kafka unknown", group_id=None,
+                               enable_auto_commit=False)
     out: list[dict[str, Any]] = []
     scanned = 0
     try:
@@ -119,7 +135,9 @@ def kafka_events(settings: Settings, key: str, topics: list[str]) -> tuple[list[
                                         "offset": r.offset, "kind": "?", "op": "?",
                                         "error": f"{type(exc).__name__}: {exc}"})
                         continue
-                    if r.key != raw and ev.get("key") != key and ev.get("customer_key") != key:
+                    if (r.key != raw and ev.get("key") != key
+                            and ev.get("customer_key") != key
+                            and not (kind == "order" and ev.get("key") in orders)):
                         continue
                     src = ev.get("source") or {}
                     out.append({"topic": r.topic, "partition": r.partition,
@@ -135,11 +153,21 @@ def kafka_events(settings: Settings, key: str, topics: list[str]) -> tuple[list[
 
 
 def trace(settings: Settings, key: str, *, topics: list[str] | None = None) -> Trace:
-    """Raises StackUnavailable when a database or the broker cannot be reached."""
+    """Raises StackUnavailable when a database cannot be reached. A broker that does not
+    answer within ``BROKER_CHECK_S`` is not an error here: ``broker_unreachable`` says so and
+    everything the databases hold about the key is still collected."""
     t = Trace(key)
     t.crm = crm_rows(settings, key)
-    t.events, t.scanned = kafka_events(settings, key, topics or [settings.sales_topic,
-                                                                 settings.market_topic])
+    t.follows = sorted({c["order_key"] for c in t.crm
+                        if "order_key" in c and c["order_key"] != key})
+    for order in t.follows:  # an order line: its order's row too
+        t.crm += crm_rows(settings, order, entities=("order",))
+    try:
+        t.events, t.scanned = kafka_events(settings, key, topics or [settings.sales_topic,
+                                                                     settings.market_topic],
+                                           orders=tuple(t.follows))
+    except BrokerUnreachable as exc:
+        t.broker_unreachable = str(exc)
     at = [(e["topic"], e["partition"], e["offset"]) for e in t.events]
     with connect(settings, "erp") as erp:
         for table, column, what in ERP_TABLES:
@@ -148,6 +176,16 @@ def trace(settings: Settings, key: str, *, topics: list[str] | None = None) -> T
             for r in cur.fetchall():
                 t.erp.append({"table": table, "as": what, "row": dict(zip(names, r,
                                                                              strict=True))})
+        if t.follows:  # the line's order (by its order key only: not a customer's key)
+            for table, what, cond in (
+                    ("erp.sales_orders", "order of the line", "crm_order_id = ANY(%(orders)s)"),
+                    ("erp.sales_order_items", "order line",
+                     "crm_order_id = ANY(%(orders)s) AND crm_line_id = %(line)s")):
+                cur = erp.execute(f"SELECT * FROM {table} WHERE {cond}",
+                                  {"orders": t.follows, "line": key})
+                names = [d.name for d in cur.description or ()]
+                t.erp += [{"table": table, "as": what,
+                           "row": dict(zip(names, r, strict=True))} for r in cur.fetchall()]
         where = ('(msg_key = %s OR (topic, partition, "offset") IN (SELECT * FROM unnest('
                  '%s::text[], %s::int[], %s::bigint[])))')
         params = (key.encode(), [a[0] for a in at], [a[1] for a in at], [a[2] for a in at])

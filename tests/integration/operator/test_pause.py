@@ -76,3 +76,18 @@ def test_pause_survives_restarts_until_resume(sync_env: SyncEnv, cli: Cli) -> No
     # Resuming what is not paused is a no-op that succeeds and says so (as --all does).
     assert again.code == 0, again.err
     assert again.out.strip() == f"{sales}[0] was not paused; nothing to resume"
+
+
+def test_resume_json_names_partitions_not_paused_as_not_paused(sync_env: SyncEnv,
+                                                                cli: Cli) -> None:
+    # The key was "not_tripped" (the breaker's word) for a partition neither tripped nor
+    # paused: "not_paused" now; the old key stays, deprecated, for scripts reading it.
+    sales = sync_env.settings.sales_topic
+    paused = cli(sync_env.settings, "pause", "--partition", f"{sales}:1", "--reason", "t")
+    assert paused.code == 0, paused.err
+    done = cli(sync_env.settings, "resume", "--partition", f"{sales}:0", "--partition",
+               f"{sales}:1", "--reason", "t", "--json")
+    assert done.code == 0, done.err
+    assert done.json["not_paused"] == [f"{sales}[0]"]
+    assert done.json["not_tripped"] == done.json["not_paused"]
+    assert [p["partition_name"] for p in done.json["unpaused"]] == [f"{sales}[1]"]

@@ -198,22 +198,66 @@ def test_status_with_the_broker_down_answers_quickly_with_what_the_databases_say
     assert '"logger": "kafka' not in err and "ECONNREFUSED" not in out + err, err
 
 
-def test_trace_pause_and_resume_with_the_broker_down_say_so_in_one_line(
+def test_trace_pause_and_resume_with_the_broker_down_say_so_in_one_line_quickly(
         sync_env: SyncEnv) -> None:
     # status was made quiet with the broker down; these three printed kafka-python's ~20
-    # retry lines (ECONNREFUSED, backoff) on the operator's terminal before saying so.
+    # retry lines (ECONNREFUSED, backoff) on the operator's terminal before saying so, and
+    # then waited its 30 s bootstrap: now the same bound as status (BROKER_CHECK_S) and the
+    # same line, exit 3.
     bootstrap = f"127.0.0.1:{closed_port()}"
     env = {**os.environ, **settings_env(sync_env.with_(kafka_bootstrap=bootstrap)),
            "CRM_ERP_SYNC_LOG_FORMAT": "json"}
-    commands = [["trace", "1"], ["pause", "--all", "--reason", "t"],
-                ["resume", "--partition", f"{sync_env.settings.sales_topic}:0", "--reason",
-                 "t"]]
+    nothing = "partitions unknown, nothing changed"
+    commands = {("trace", "1"): "events on Kafka unknown",
+                ("pause", "--all", "--reason", "t"): nothing,
+                ("resume", "--partition", f"{sync_env.settings.sales_topic}:0", "--reason",
+                 "t"): nothing}
+    started = time.monotonic()
     running = [subprocess.Popen([sys.executable, "-m", "service.cli", *argv], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for argv in commands]
-    for argv, proc in zip(commands, running, strict=True):
+    for (argv, unknown), proc in zip(commands.items(), running, strict=True):
         out, err = proc.communicate(timeout=90)
         assert proc.returncode == 3, (argv, out, err)
-        assert err.splitlines() == [f"crm-erp-sync: Kafka broker at {bootstrap} is "
-                                    "unreachable (KafkaTimeoutError); is the stack up? "
-                                    "(make up)"], (argv, err)
+        assert err.splitlines() == [f"crm-erp-sync: broker {bootstrap} unreachable: "
+                                    f"{unknown}"], (argv, err)
+    took = time.monotonic() - started
+    assert took < 20, f"trace, pause and resume took {took:.1f}s with the broker down"
+    with sync_env.erp() as erp:  # nothing was paused
+        assert erp.execute("SELECT count(*) FROM sync.operator_pauses").fetchone()[0] == 0
+
+
+def test_status_with_the_crm_database_down_shows_the_erp_broker_and_group_parts(
+        sync_env: SyncEnv, cli: Cli) -> None:
+    # It printed one line (CRM database unreachable) and nothing else: now the ERP's, the
+    # broker's and the consumer group's parts are shown, the CRM's is named unknown, exit 3.
+    producer = CdcProducer(sync_env.settings, SchemaRegistry.load(sync_env.settings.schemas_dir))
+    producer.run(until_idle=True)  # the slot, the topics
+    with sync_env.erp() as erp:  # a dead letter, so the ERP's part has a row to show
+        erp.execute("INSERT INTO sync.dead_letters (topic, partition, \"offset\", stage, "
+                    "error_class, error_message) VALUES (%s, 0, 7, 'transform', "
+                    "'MappingError', 'phone: bad')", (sync_env.settings.sales_topic,))
+    port = closed_port()
+    down = sync_env.with_(crm_dsn=f"postgresql://sync:sync@127.0.0.1:{port}/crm")
+
+    st = cli(down, "status", "--json")
+    assert st.code == 3, (st.out, st.err)
+    assert st.json["crm_unreachable"].startswith("CRM database at ")
+    assert f"127.0.0.1:{port}" in st.json["crm_unreachable"]
+    assert "sync:sync" not in st.out + st.err  # the password never shown
+    assert st.json["broker_unreachable"] is None
+    assert len(st.json["lag"]) == 2 * sync_env.settings.topic_partitions
+    assert st.json["dead_letters_by_field"] == [["MappingError", "phone", 1]]
+    assert st.json["crm_unreachable"] in st.json["attention"]
+    assert not any("replication slot" in a and "missing" in a for a in st.json["attention"])
+
+    text = cli(down, "status")
+    assert text.code == 3, (text.out, text.err)
+    out = text.out
+    assert f"Producer and slot {sync_env.settings.slot_name}: unknown (the CRM" in out
+    assert f"  - CRM database at postgresql://sync:***@127.0.0.1:{port}/crm is unreachable" in out
+    assert "CRM truncates and pending snapshots: unknown" in out
+    assert "total lag: 0" in out and "Group members: none" in out  # the broker's part
+    assert "MappingError" in out and "Held events: none" in out  # the ERP's part
+    assert "Last applied:" in out and "1 dead letter(s) unresolved" in out
+    assert "NOT RUNNING" not in out and "MISSING" not in out  # unknown, not absent

@@ -3,6 +3,8 @@ dead letter and its redrive shows each step."""
 
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 
 from service.avro import SchemaRegistry
@@ -66,6 +68,21 @@ def test_trace_shows_create_update_dead_letter_and_redrive(sync_env: SyncEnv, cl
         ("redrive", "ops", "redriven")]
     assert tr["held"] == []
 
+    # An order line's key (its changes travel in its order's events) is followed to its
+    # order: the order's events and its dead letter, found before only through "970".
+    line = cli(s_fixed, "trace", '["970","1"]', "--json")
+    assert line.code == 0, line.err
+    lj = line.json
+    assert lj["follows"] == ["970"]
+    assert [c["entity"] for c in lj["crm"]] == ["order_line", "order"]
+    assert [(e["offset"], e["op"]) for e in lj["events"]] == [
+        (e["offset"], e["op"]) for e in order_events]
+    assert [d["dead_letter_id"] for d in lj["dead_letters"]] == [letter["dead_letter_id"]]
+    assert {r["as"] for r in lj["erp"]} == {"order of the line", "order line"}
+    line_text = cli(s_fixed, "trace", '["970","1"]')
+    assert "followed to its order 970" in line_text.out
+    assert f"#{letter['dead_letter_id']}" in line_text.out
+
     text = cli(s_fixed, "trace", "970")
     assert "CRM order" in text.out and "Events on Kafka (3 of" in text.out
     assert "redriven" in text.out and "redrive by ops" in text.out
@@ -79,3 +96,52 @@ def test_trace_shows_create_update_dead_letter_and_redrive(sync_env: SyncEnv, cl
     assert nothing_text.code == 2, nothing_text.out
     assert "'no-such-key' found nowhere" in nothing_text.err
     assert "Traceback" not in nothing_text.err
+
+
+def closed_port() -> int:
+    """A local port nothing listens on: bound (so the system handed it to nobody else), then
+    closed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_trace_with_the_broker_down_shows_what_the_databases_hold(sync_env: SyncEnv,
+                                                                   cli: Cli) -> None:
+    # It printed nothing but the broker's line: now the CRM row, the ERP row and the dead
+    # letter are shown, the events are said to be unknown, and it exits 3 (a part unchecked).
+    produce_all(sync_env)
+    with sync_env.crm() as crm:
+        key = str(crm.execute("INSERT INTO crm.customers (family_name, given_name, phone) "
+                              "VALUES ('李', '四', '13912345678') RETURNING customer_id"
+                              ).fetchone()[0])
+    produce_all(sync_env)
+    consume_until_caught_up(ErpConsumer(sync_env.settings))
+    with sync_env.crm() as crm:  # an update the ERP cannot take: a dead letter of the key
+        crm.execute("UPDATE crm.customers SET phone = '138xxxx5678' WHERE customer_id = %s",
+                    (int(key),))
+    produce_all(sync_env)
+    consume_until_caught_up(ErpConsumer(sync_env.settings))
+    down = sync_env.with_(kafka_bootstrap=f"127.0.0.1:{closed_port()}")
+    line = f"crm-erp-sync: broker {down.kafka_bootstrap} unreachable: events on Kafka unknown"
+
+    started = time.monotonic()
+    t = cli(down, "trace", key, "--json")
+    assert time.monotonic() - started < 20
+    assert t.code == 3, (t.out, t.err)
+    assert t.err.splitlines() == [line]
+    tr = t.json
+    assert [c["entity"] for c in tr["crm"]] == ["customer"]
+    assert [r["as"] for r in tr["erp"]] == ["customer"]
+    [letter] = tr["dead_letters"]
+    assert letter["error_class"] == "MappingError" and letter["state"] == "open"
+    assert tr["events"] == [] and tr["broker_unreachable"] == line.removeprefix(
+        "crm-erp-sync: ")
+
+    text = cli(down, "trace", key)
+    assert text.code == 3 and text.err.splitlines() == [line]
+    assert "CRM customer (crm.customers)" in text.out and "138xxxx5678" in text.out
+    assert (f"Events on Kafka: unknown (broker {down.kafka_bootstrap} unreachable"
+            in text.out)
+    assert "erp.business_partners (customer): position lsn" in text.out
+    assert f"#{letter['dead_letter_id']}" in text.out and "MappingError" in text.out

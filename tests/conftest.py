@@ -153,19 +153,52 @@ def _start_containers() -> tuple[Stack, list[Any]]:
     return Stack("localhost:9092", f"postgresql://sync:sync@{host}:{port}/crm"), [kafka, pg]
 
 
+_test_tags: list[str] = []  # every sync_env's name prefix in this session
+
+
+def _delete_test_topics(bootstrap: str) -> None:
+    """Delete the topics this session's tests made on a broker that outlives it (one admin
+    call at the end; a shared broker otherwise piles up thousands of test topics and starts
+    ever slower). Best effort: a broker gone by now keeps them."""
+    if not _test_tags:
+        return
+    from kafka.admin import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    prefixes = tuple(f"{tag}." for tag in _test_tags)
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=60_000)
+    except KafkaError:
+        return
+    try:
+        doomed = [t for t in admin.list_topics() if t.startswith(prefixes)]
+        for i in range(0, len(doomed), 200):
+            admin.delete_topics(doomed[i:i + 200], timeout_ms=60_000)
+    except KafkaError:
+        pass
+    finally:
+        admin.close()
+
+
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
     env = os.environ
     if "CRM_ERP_SYNC_KAFKA_BOOTSTRAP" in env and "CRM_ERP_SYNC_CRM_DSN" in env:
         bootstrap, dsn = env["CRM_ERP_SYNC_KAFKA_BOOTSTRAP"], env["CRM_ERP_SYNC_CRM_DSN"]
-        yield Stack(bootstrap, dsn, *_local_stack(bootstrap, dsn))
+        try:
+            yield Stack(bootstrap, dsn, *_local_stack(bootstrap, dsn))
+        finally:
+            _delete_test_topics(bootstrap)
         return
     defaults = Settings()
     kafka_host, kafka_port = defaults.kafka_bootstrap.split(":")
     pg = urlsplit(defaults.crm_dsn)
     if _reachable(kafka_host, int(kafka_port)) and _reachable(pg.hostname or "", pg.port or 0):
-        yield Stack(defaults.kafka_bootstrap, defaults.crm_dsn,
-                    *_local_stack(defaults.kafka_bootstrap, defaults.crm_dsn))
+        try:
+            yield Stack(defaults.kafka_bootstrap, defaults.crm_dsn,
+                        *_local_stack(defaults.kafka_bootstrap, defaults.crm_dsn))
+        finally:
+            _delete_test_topics(defaults.kafka_bootstrap)
         return
     if _docker_answers():
         started, containers = _start_containers()
@@ -239,6 +272,7 @@ def _sync_env(stack: Stack, crm_server: _PgServer) -> Iterator[SyncEnv]:
     from service.setup import run_setup
 
     tag = f"t{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
+    _test_tags.append(tag)
     crm_db, erp_db = f"crm_{tag}", f"erp_{tag}"
     _create_database(crm_server.admin_dsn, crm_db)
     _create_database(stack.admin_dsn, erp_db)

@@ -116,9 +116,13 @@ def listening_pid(port: int) -> int | None:
         if not entry.name.isdigit():
             continue
         try:
-            for fd in (entry / "fd").iterdir():
+            fds = list((entry / "fd").iterdir())
+        except OSError:
+            continue  # gone, or another user's
+        for fd in fds:
+            try:
                 if os.readlink(fd) in targets:
                     return int(entry.name)
-        except OSError:
-            continue
+            except OSError:
+                continue  # that descriptor closed meanwhile (a JVM opens and closes many)
     return None

@@ -1375,7 +1375,8 @@ class CdcProducer:
             table=change.table, op=change.op,
             primary_key={c: row.get(c) for c in ent.key}, commit_lsn=at.lsn, xid=at.xid,
             commit_time=at.commit_time, event_id=event_id(at.lsn, seq, at.snapshot),
-            error=rejection.error, before=rejection.before, after=rejection.after)
+            error=rejection.error, before=rejection.before, after=rejection.after,
+            kind=ent.kind)
 
     def _letter_key(self, ent: EntityMapping, row: TextRow) -> bytes | None:
         """The key the change's event would have had (so its partition and its hold): the
@@ -1405,7 +1406,7 @@ class CdcProducer:
             op=record["op"], primary_key={"key": as_text(record.get("key"))},
             commit_lsn=source["lsn"], xid=source["txid"], commit_time=source["commit_time"],
             event_id=event.event_id, error=error, before=text_row(record.get("before")),
-            after=text_row(record.get("after")))
+            after=text_row(record.get("after")), kind=event.kind)
 
     def _topic(self, event: Outgoing) -> str:
         """An event's topic: its kind's, or for a truncate event its entity's kind's."""

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, tzinfo
 from typing import Any, NamedTuple
 
@@ -49,7 +49,7 @@ from service.cdc.capture import (
     typed_or_rejected,
     typed_row,
 )
-from service.cdc.dead_letters import CaptureLetter, TextRow, as_text, text_row
+from service.cdc.dead_letters import CaptureLetter, TextRow, as_text, key_text, text_row
 from service.cdc.events import (
     CREATE,
     DELETE,
@@ -360,6 +360,32 @@ class _Chunk:
     window_open: bool = False
     # rows whose values cannot become an event (NaN, infinity, BC dates): capture letters
     rejected: dict[tuple[str, str], Rejection] = field(default_factory=dict)
+
+
+def snapshot_event_id(snapshot_id: int, chunk_no: int, what: str, key: str) -> str:
+    """A snapshot read's event id: ``snap/<snapshot id>/<chunk no>/<what>/<key>``, ``what``
+    the event kind (or a letter's table). A chunk read again after a crash (published, its
+    progress not recorded) is at a new high watermark, so the position-based id
+    (``snap/<lsn>/<seq>``) would differ; this one names the same read of the same row the
+    same, and the consumer knows the copy by it. The kind (or table) has no ``/``, so the
+    key, however spelled, is the rest: ids of different rows never collide."""
+    return f"snap/{snapshot_id}/{chunk_no}/{what}/{key}"
+
+
+def _chunk_ids(chunk: _Chunk, items: list[Outgoing | CaptureLetter]
+               ) -> list[Outgoing | CaptureLetter]:
+    """The chunk's events and letters with :func:`snapshot_event_id` ids. Their positions
+    (source lsn, seq) stay the high watermark's: ordering against the log is unchanged."""
+    out: list[Outgoing | CaptureLetter] = []
+    for item in items:
+        if isinstance(item, Outgoing):
+            eid = snapshot_event_id(chunk.snapshot_id, chunk.chunk_no, item.kind,
+                                    str(item.record["key"]))
+            out.append(replace(item, event_id=eid, record={**item.record, "event_id": eid}))
+        else:
+            out.append(replace(item, event_id=snapshot_event_id(
+                chunk.snapshot_id, chunk.chunk_no, item.table, key_text(item.primary_key))))
+    return out
 
 
 @dataclass(frozen=True)
@@ -1305,10 +1331,9 @@ class CdcProducer:
             bad_reads = {len(reads) + i: rejection
                          for i, rejection in enumerate(chunk.rejected.values())}
             reads += [RowChange(table, READ, None, None) for table, _key in chunk.rejected]
-            items.extend(self._build(reads, bad_reads,
-                                     _Position(txn.commit_lsn, 0, txn.commit_time,
-                                               snapshot=True,
-                                               first_seq=txn.first_change + len(txn.changes))))
+            items.extend(_chunk_ids(chunk, self._build(
+                reads, bad_reads, _Position(txn.commit_lsn, 0, txn.commit_time, snapshot=True,
+                                            first_seq=txn.first_change + len(txn.changes)))))
             self._pending_progress.append((chunk, len(reads)))
             self.stats.snapshot_rows += len(reads)
             self._chunk = None

@@ -37,6 +37,7 @@ from service.cdc import contract, pgoutput, slot_guard
 from service.cdc.capture import (
     CONTRACT_DDL,
     CONTRACT_TABLE,
+    LETTERS_SENT_TABLE,
     OWN_SCHEMA,
     TRUNCATES_TABLE,
     WATERMARK_TABLE,
@@ -485,6 +486,7 @@ class CdcProducer:
         self._sent: _Batch | None = None
         # (commit LSN, first change of the next piece) -> its first event seq
         self._piece_seqs: dict[tuple[int, int], int] = {}
+        self._letters_resent = 0  # of the last _send_letters: already on the DLQ topic
         self._costs_table = False  # CAPTURE_COSTS_TABLE created by this process
         # TRUNCATEs met in the batch being built, recorded once it is published
         self._truncates: list[TruncateSeen] = []
@@ -1110,7 +1112,7 @@ class CdcProducer:
             self._finish(conn, source, sent)
         if built is not None and not self._stop.is_set():
             # (after stop() nothing more goes out: the built batch is never confirmed)
-            self._send(built)
+            self._send(conn, built)
             self._sent = built
         if stopping is not None:
             last, self._sent = self._sent, None
@@ -1459,7 +1461,7 @@ class CdcProducer:
                 f"{topic} takes at most {limit + RECORD_OVERHEAD} (max.message.bytes)"))
         return value
 
-    def _send(self, batch: _Batch) -> None:
+    def _send(self, conn: PgConn, batch: _Batch) -> None:
         """Send the batch's events in order, without waiting for their acknowledgement
         (:meth:`_acknowledged` does).
 
@@ -1475,7 +1477,7 @@ class CdcProducer:
         producer = self.kafka
         futures = batch.futures
         try:
-            places = self._send_letters(producer, letters)
+            places = self._send_letters(conn, producer, letters)
             for item in encoded:
                 if isinstance(item, CaptureLetter):
                     futures.append(producer.send(
@@ -1491,7 +1493,7 @@ class CdcProducer:
         except KafkaError as exc:
             raise (transient(exc, "broker")
                    or Retryable(f"publishing failed: {type(exc).__name__}")) from exc
-        batch.letters = len(letters)
+        batch.letters = len(letters) - self._letters_resent
 
     def _acknowledged(self, batch: _Batch) -> None:
         """Wait until the broker acknowledged every event of the batch (and so of every
@@ -1535,18 +1537,43 @@ class CdcProducer:
             if self._source is not None:
                 self._source.keep_alive()
 
-    def _send_letters(self, producer: Any,
+    def _send_letters(self, conn: PgConn, producer: Any,
                       letters: list[CaptureLetter]) -> dict[int, tuple[int, int]]:
-        """Capture dead letters onto the dead-letter topic, acknowledged; their places."""
+        """Capture dead letters onto the dead-letter topic, acknowledged; their places.
+
+        A letter already there (its change read again after a crash: the same event id and
+        xid in ``capture_letters_sent``) is not sent again: its recorded place is returned,
+        so its re-sent marker points at the one letter. The place is recorded only once the
+        broker acknowledged the letter, so a crash in between sends a second copy (the
+        consumer records one: it knows the marker's event id), never none."""
+        self._letters_resent = 0
         if not letters:
             return {}
-        futures = [producer.send(self.settings.dlq_topic, key=d.key, value=d.value(),
+        dlq_topic = self.settings.dlq_topic
+        known = {(eid, int(xid)): (int(part), int(off)) for eid, xid, part, off in conn.execute(
+            f"SELECT event_id, xid, dlq_partition, dlq_offset FROM {LETTERS_SENT_TABLE} "
+            "WHERE dlq_topic = %s AND event_id = ANY(%s)",
+            (dlq_topic, [d.event_id for d in letters])).fetchall()}
+        places: dict[int, tuple[int, int]] = {}
+        for letter in letters:
+            place = known.get((letter.event_id, letter.xid))
+            if place is not None:
+                places[id(letter)] = place
+                log.info("capture_dead_letter_resent", table=letter.table,
+                         event_id=letter.event_id, dlq_partition=place[0],
+                         dlq_offset=place[1])
+        self._letters_resent = len(places)
+        letters = [d for d in letters if id(d) not in places]
+        if not letters:
+            return places
+        futures = [producer.send(dlq_topic, key=d.key, value=d.value(),
                                  headers=d.headers()) for d in letters]
         self._flush(producer)
-        places: dict[int, tuple[int, int]] = {}
+        sent: list[tuple[str, str, int, int, int]] = []
         for letter, future in zip(letters, futures, strict=True):
             meta = future.get(timeout=0.1)
             places[id(letter)] = (meta.partition, meta.offset)
+            sent.append((dlq_topic, letter.event_id, letter.xid, meta.partition, meta.offset))
             self.metrics.capture_dead_letters.labels(letter.table,
                                                      type(letter.error).__name__).inc()
             # identity and reason only: the values are in the letter, never in a log line
@@ -1559,6 +1586,13 @@ class CdcProducer:
                       commit_lsn=letter.commit_lsn, xid=letter.xid, event_id=letter.event_id,
                       column=letter.error.column, reason=letter.error.detail,
                       dlq_partition=meta.partition, dlq_offset=meta.offset)
+        with conn.cursor() as cur:
+            cur.executemany(
+                f"INSERT INTO {LETTERS_SENT_TABLE} (dlq_topic, event_id, xid, dlq_partition, "
+                "dlq_offset) VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING", sent)
+            # a re-send follows a crash within the batch in flight: a week is plenty
+            cur.execute(f"DELETE FROM {LETTERS_SENT_TABLE} "
+                        "WHERE sent_at < now() - interval '7 days'")
         return places
 
     # ---- snapshots --------------------------------------------------------------------

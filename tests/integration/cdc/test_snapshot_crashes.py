@@ -12,11 +12,14 @@ from typing import Any
 import pytest
 
 from service.avro import SchemaRegistry
+from service.cdc import dead_letters as capture_letters
 from service.cdc.capture import request_snapshot
 from service.cdc.events import Outgoing
 from service.cdc.producer import CdcProducer
+from service.consumer.pipeline import ErpConsumer
+from service.operator import dlq as operator_dlq
 from tests.conftest import SyncEnv
-from tests.helpers import decoded_events
+from tests.helpers import consume_until_caught_up, decoded_events, read_topic
 
 
 class Crash(BaseException):
@@ -75,3 +78,44 @@ def test_a_snapshot_chunk_redone_after_a_crash_has_the_same_event_ids(
     assert {eid for (_, eid), n in copies.items() if n == 2} == first_chunk
     assert {key for key, _ in copies} == {str(k) for k in keys}
     assert len({eid for _, eid in reads}) == len(keys)  # one id per row
+
+
+def test_a_capture_letter_resent_after_a_crash_is_one_letter(sync_env: SyncEnv) -> None:
+    """The letter is on the dead-letter topic and its marker acknowledged, the slot not yet
+    confirmed: the restarted producer reads the change again. Its letter is the same letter
+    (same event id), on the dead-letter topic once, and `dlq list` shows one."""
+    settings = sync_env.settings
+    registry = SchemaRegistry.load(settings.schemas_dir)
+    CdcProducer(settings, registry).run(until_idle=True)  # the slot, the empty snapshot
+    with sync_env.crm() as crm:
+        nan = crm.execute("INSERT INTO crm.customers (family_name, given_name, phone, "
+                          "purchase_amount) VALUES ('李', '娜', '13912345678', 'NaN') "
+                          "RETURNING customer_id").fetchone()[0]
+
+    crashed = CdcProducer(settings, registry)
+    crashed.on_acknowledged = _crash_always  # the first batch: the NaN's transaction
+    with pytest.raises(Crash):
+        crashed.run(until_idle=True)
+    assert crashed.stats.dead_letters == 1
+    again = CdcProducer(settings, registry)
+    again.run(until_idle=True)
+    assert again.stats.transactions >= 1  # the NaN's transaction was read again
+
+    markers = [r for r in read_topic(settings, settings.sales_topic)
+               if capture_letters.is_marker(r.value)]
+    assert len(markers) == 2  # the marker is re-sent: at-least-once, as every event
+    letters = read_topic(settings, settings.dlq_topic)
+    assert len(letters) == 1, [dict(r.headers) for r in letters]
+    # both markers point at that one letter
+    places = {(m.dlq_partition, m.dlq_offset)
+              for m in (capture_letters.read_marker(r.value) for r in markers)}
+    assert places == {(letters[0].partition, letters[0].offset)}
+    stats = consume_until_caught_up(ErpConsumer(settings))
+    assert stats.caught_up
+    listed = operator_dlq.list_letters(settings, key=str(nan))
+    assert [(d.stage, d.dlq_partition, d.dlq_offset) for d in listed] == [
+        ("capture", letters[0].partition, letters[0].offset)]
+
+
+def _crash_always(events: list[Outgoing]) -> None:
+    raise Crash

@@ -96,6 +96,23 @@ CREATE TABLE IF NOT EXISTS {CONTRACT_TABLE} (
 """
 OWN_DDL += CONTRACT_DDL
 
+# Capture dead letters the producer has on the dead-letter topic (acknowledged), by event id:
+# a change read again after a crash (its letter acknowledged, the slot not yet confirmed past
+# it) gets a marker pointing at the letter already there instead of a second copy of it.
+# Written in the CRM database itself, so a restore of the CRM (LSNs reused) restores it too.
+LETTERS_SENT_TABLE = f"{OWN_SCHEMA}.capture_letters_sent"
+OWN_DDL += f"""
+CREATE TABLE IF NOT EXISTS {LETTERS_SENT_TABLE} (
+    dlq_topic     text NOT NULL,
+    event_id      text NOT NULL,
+    xid           bigint NOT NULL,
+    dlq_partition integer NOT NULL,
+    dlq_offset    bigint NOT NULL,
+    sent_at       timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (dlq_topic, event_id)
+);
+"""
+
 
 @dataclass(frozen=True)
 class Column:

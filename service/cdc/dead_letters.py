@@ -87,12 +87,16 @@ class CaptureLetter:
     error: CaptureRejected
     before: TextRow | None
     after: TextRow | None
+    # the event kind it would have been (customer, order, ...): the consumer records it so
+    # that a later event of that kind and key can supersede the letter like any other
+    kind: str = ""
 
     def _identity(self) -> dict[str, Any]:
         return {"table": self.table, "op": self.op, "primary_key": self.primary_key,
                 "commit_lsn": f"{self.commit_lsn >> 32:X}/{self.commit_lsn & 0xFFFFFFFF:X}",
                 "xid": self.xid, "event_id": self.event_id, "column": self.error.column,
-                "error_class": type(self.error).__name__, "reason": self.error.detail}
+                "error_class": type(self.error).__name__, "reason": self.error.detail,
+                "kind": self.kind}
 
     def value(self) -> bytes:
         """The dead-letter record's value: identity and the row's values as text."""
@@ -133,7 +137,7 @@ class CaptureDeadLetter(CaptureRejected):
 
     def __init__(self, reason: str, column: str | None, dlq_partition: int,
                  dlq_offset: int, error_class: str, table: str = "",
-                 primary_key: str = "", event_id: str = "") -> None:
+                 primary_key: str = "", event_id: str = "", kind: str = "") -> None:
         super().__init__(reason, column)
         self.dlq_partition = dlq_partition
         self.dlq_offset = dlq_offset
@@ -143,6 +147,9 @@ class CaptureDeadLetter(CaptureRejected):
         self.primary_key = primary_key
         # the event id the change would have had: stable when the producer re-sends it
         self.event_id = event_id
+        # the event kind the change would have been; "" in markers written before it was
+        # recorded (such a letter waits for the operator, as it always did)
+        self.kind = kind
 
 
 def is_marker(value: bytes | None) -> bool:
@@ -155,7 +162,7 @@ def read_marker(value: bytes) -> CaptureDeadLetter:
     return CaptureDeadLetter(str(doc["reason"]), doc.get("column"), int(doc["dlq_partition"]),
                              int(doc["dlq_offset"]), str(doc.get("error_class", "")),
                              str(doc.get("table") or ""), key_text(doc.get("primary_key")),
-                             str(doc.get("event_id") or ""))
+                             str(doc.get("event_id") or ""), str(doc.get("kind") or ""))
 
 
 def key_text(primary_key: Any) -> str:

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, tzinfo
 from typing import Any, NamedTuple
 
@@ -37,6 +37,7 @@ from service.cdc import contract, pgoutput, slot_guard
 from service.cdc.capture import (
     CONTRACT_DDL,
     CONTRACT_TABLE,
+    LETTERS_SENT_TABLE,
     OWN_SCHEMA,
     TRUNCATES_TABLE,
     WATERMARK_TABLE,
@@ -49,7 +50,7 @@ from service.cdc.capture import (
     typed_or_rejected,
     typed_row,
 )
-from service.cdc.dead_letters import CaptureLetter, TextRow, as_text, text_row
+from service.cdc.dead_letters import CaptureLetter, TextRow, as_text, key_text, text_row
 from service.cdc.events import (
     CREATE,
     DELETE,
@@ -362,6 +363,32 @@ class _Chunk:
     rejected: dict[tuple[str, str], Rejection] = field(default_factory=dict)
 
 
+def snapshot_event_id(snapshot_id: int, chunk_no: int, what: str, key: str) -> str:
+    """A snapshot read's event id: ``snap/<snapshot id>/<chunk no>/<what>/<key>``, ``what``
+    the event kind (or a letter's table). A chunk read again after a crash (published, its
+    progress not recorded) is at a new high watermark, so the position-based id
+    (``snap/<lsn>/<seq>``) would differ; this one names the same read of the same row the
+    same, and the consumer knows the copy by it. The kind (or table) has no ``/``, so the
+    key, however spelled, is the rest: ids of different rows never collide."""
+    return f"snap/{snapshot_id}/{chunk_no}/{what}/{key}"
+
+
+def _chunk_ids(chunk: _Chunk, items: list[Outgoing | CaptureLetter]
+               ) -> list[Outgoing | CaptureLetter]:
+    """The chunk's events and letters with :func:`snapshot_event_id` ids. Their positions
+    (source lsn, seq) stay the high watermark's: ordering against the log is unchanged."""
+    out: list[Outgoing | CaptureLetter] = []
+    for item in items:
+        if isinstance(item, Outgoing):
+            eid = snapshot_event_id(chunk.snapshot_id, chunk.chunk_no, item.kind,
+                                    str(item.record["key"]))
+            out.append(replace(item, event_id=eid, record={**item.record, "event_id": eid}))
+        else:
+            out.append(replace(item, event_id=snapshot_event_id(
+                chunk.snapshot_id, chunk.chunk_no, item.table, key_text(item.primary_key))))
+    return out
+
+
 @dataclass(frozen=True)
 class TruncateSeen:
     """A TRUNCATE of a captured table and what became of it ('propagated', 'skipped',
@@ -459,6 +486,7 @@ class CdcProducer:
         self._sent: _Batch | None = None
         # (commit LSN, first change of the next piece) -> its first event seq
         self._piece_seqs: dict[tuple[int, int], int] = {}
+        self._letters_resent = 0  # of the last _send_letters: already on the DLQ topic
         self._costs_table = False  # CAPTURE_COSTS_TABLE created by this process
         # TRUNCATEs met in the batch being built, recorded once it is published
         self._truncates: list[TruncateSeen] = []
@@ -1084,7 +1112,7 @@ class CdcProducer:
             self._finish(conn, source, sent)
         if built is not None and not self._stop.is_set():
             # (after stop() nothing more goes out: the built batch is never confirmed)
-            self._send(built)
+            self._send(conn, built)
             self._sent = built
         if stopping is not None:
             last, self._sent = self._sent, None
@@ -1305,10 +1333,9 @@ class CdcProducer:
             bad_reads = {len(reads) + i: rejection
                          for i, rejection in enumerate(chunk.rejected.values())}
             reads += [RowChange(table, READ, None, None) for table, _key in chunk.rejected]
-            items.extend(self._build(reads, bad_reads,
-                                     _Position(txn.commit_lsn, 0, txn.commit_time,
-                                               snapshot=True,
-                                               first_seq=txn.first_change + len(txn.changes))))
+            items.extend(_chunk_ids(chunk, self._build(
+                reads, bad_reads, _Position(txn.commit_lsn, 0, txn.commit_time, snapshot=True,
+                                            first_seq=txn.first_change + len(txn.changes)))))
             self._pending_progress.append((chunk, len(reads)))
             self.stats.snapshot_rows += len(reads)
             self._chunk = None
@@ -1375,7 +1402,8 @@ class CdcProducer:
             table=change.table, op=change.op,
             primary_key={c: row.get(c) for c in ent.key}, commit_lsn=at.lsn, xid=at.xid,
             commit_time=at.commit_time, event_id=event_id(at.lsn, seq, at.snapshot),
-            error=rejection.error, before=rejection.before, after=rejection.after)
+            error=rejection.error, before=rejection.before, after=rejection.after,
+            kind=ent.kind)
 
     def _letter_key(self, ent: EntityMapping, row: TextRow) -> bytes | None:
         """The key the change's event would have had (so its partition and its hold): the
@@ -1405,7 +1433,7 @@ class CdcProducer:
             op=record["op"], primary_key={"key": as_text(record.get("key"))},
             commit_lsn=source["lsn"], xid=source["txid"], commit_time=source["commit_time"],
             event_id=event.event_id, error=error, before=text_row(record.get("before")),
-            after=text_row(record.get("after")))
+            after=text_row(record.get("after")), kind=event.kind)
 
     def _topic(self, event: Outgoing) -> str:
         """An event's topic: its kind's, or for a truncate event its entity's kind's."""
@@ -1433,7 +1461,7 @@ class CdcProducer:
                 f"{topic} takes at most {limit + RECORD_OVERHEAD} (max.message.bytes)"))
         return value
 
-    def _send(self, batch: _Batch) -> None:
+    def _send(self, conn: PgConn, batch: _Batch) -> None:
         """Send the batch's events in order, without waiting for their acknowledgement
         (:meth:`_acknowledged` does).
 
@@ -1449,7 +1477,7 @@ class CdcProducer:
         producer = self.kafka
         futures = batch.futures
         try:
-            places = self._send_letters(producer, letters)
+            places = self._send_letters(conn, producer, letters)
             for item in encoded:
                 if isinstance(item, CaptureLetter):
                     futures.append(producer.send(
@@ -1465,7 +1493,7 @@ class CdcProducer:
         except KafkaError as exc:
             raise (transient(exc, "broker")
                    or Retryable(f"publishing failed: {type(exc).__name__}")) from exc
-        batch.letters = len(letters)
+        batch.letters = len(letters) - self._letters_resent
 
     def _acknowledged(self, batch: _Batch) -> None:
         """Wait until the broker acknowledged every event of the batch (and so of every
@@ -1509,18 +1537,43 @@ class CdcProducer:
             if self._source is not None:
                 self._source.keep_alive()
 
-    def _send_letters(self, producer: Any,
+    def _send_letters(self, conn: PgConn, producer: Any,
                       letters: list[CaptureLetter]) -> dict[int, tuple[int, int]]:
-        """Capture dead letters onto the dead-letter topic, acknowledged; their places."""
+        """Capture dead letters onto the dead-letter topic, acknowledged; their places.
+
+        A letter already there (its change read again after a crash: the same event id and
+        xid in ``capture_letters_sent``) is not sent again: its recorded place is returned,
+        so its re-sent marker points at the one letter. The place is recorded only once the
+        broker acknowledged the letter, so a crash in between sends a second copy (the
+        consumer records one: it knows the marker's event id), never none."""
+        self._letters_resent = 0
         if not letters:
             return {}
-        futures = [producer.send(self.settings.dlq_topic, key=d.key, value=d.value(),
+        dlq_topic = self.settings.dlq_topic
+        known = {(eid, int(xid)): (int(part), int(off)) for eid, xid, part, off in conn.execute(
+            f"SELECT event_id, xid, dlq_partition, dlq_offset FROM {LETTERS_SENT_TABLE} "
+            "WHERE dlq_topic = %s AND event_id = ANY(%s)",
+            (dlq_topic, [d.event_id for d in letters])).fetchall()}
+        places: dict[int, tuple[int, int]] = {}
+        for letter in letters:
+            place = known.get((letter.event_id, letter.xid))
+            if place is not None:
+                places[id(letter)] = place
+                log.info("capture_dead_letter_resent", table=letter.table,
+                         event_id=letter.event_id, dlq_partition=place[0],
+                         dlq_offset=place[1])
+        self._letters_resent = len(places)
+        letters = [d for d in letters if id(d) not in places]
+        if not letters:
+            return places
+        futures = [producer.send(dlq_topic, key=d.key, value=d.value(),
                                  headers=d.headers()) for d in letters]
         self._flush(producer)
-        places: dict[int, tuple[int, int]] = {}
+        sent: list[tuple[str, str, int, int, int]] = []
         for letter, future in zip(letters, futures, strict=True):
             meta = future.get(timeout=0.1)
             places[id(letter)] = (meta.partition, meta.offset)
+            sent.append((dlq_topic, letter.event_id, letter.xid, meta.partition, meta.offset))
             self.metrics.capture_dead_letters.labels(letter.table,
                                                      type(letter.error).__name__).inc()
             # identity and reason only: the values are in the letter, never in a log line
@@ -1533,6 +1586,13 @@ class CdcProducer:
                       commit_lsn=letter.commit_lsn, xid=letter.xid, event_id=letter.event_id,
                       column=letter.error.column, reason=letter.error.detail,
                       dlq_partition=meta.partition, dlq_offset=meta.offset)
+        with conn.cursor() as cur:
+            cur.executemany(
+                f"INSERT INTO {LETTERS_SENT_TABLE} (dlq_topic, event_id, xid, dlq_partition, "
+                "dlq_offset) VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING", sent)
+            # a re-send follows a crash within the batch in flight: a week is plenty
+            cur.execute(f"DELETE FROM {LETTERS_SENT_TABLE} "
+                        "WHERE sent_at < now() - interval '7 days'")
         return places
 
     # ---- snapshots --------------------------------------------------------------------

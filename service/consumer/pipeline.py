@@ -381,6 +381,13 @@ class ErpApplier:
         except Permanent:
             return UNKNOWN_KIND
 
+    def _letter_kind(self, d: dlq.DeadLetter) -> str:
+        """A letter's event kind: a capture letter's from its marker (its value is the
+        marker, not an event), any other's from its value."""
+        if isinstance(d.error, capture_letters.CaptureDeadLetter):
+            return d.error.kind or UNKNOWN_KIND
+        return self._kind_of(d.value)
+
     def _letter_event_id(self, d: dlq.DeadLetter) -> str | None:
         """A letter's event id when its maker did not know it (an expired orphan): a capture
         letter's from its marker, an event's from its value (a decode: letters are rare)."""
@@ -795,7 +802,7 @@ class ErpApplier:
                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
                 'ON CONFLICT (topic, partition, "offset") DO NOTHING',
                 [(d.topic, d.partition, d.offset, d.key, d.error.stage, _error_class(d.error),
-                  d.error.reason, m.partition, m.offset, self._kind_of(d.value),
+                  d.error.reason, m.partition, m.offset, self._letter_kind(d),
                   getattr(d.error, "table", None) or None,
                   getattr(d.error, "primary_key", None) or None, d.event_id)
                  for d, m in zip(letters, metas, strict=True)])

@@ -21,7 +21,7 @@ from service.kafka_io import make_admin
 from service.operator import dlq as operator_dlq
 from tests.conftest import SyncEnv
 from tests.helpers import read_topic, wait_until
-from tests.integration.conftest import capture_ready
+from tests.integration.conftest import Cli, capture_ready
 from tests.integration.runtime.test_endpoints import running
 
 
@@ -216,15 +216,15 @@ def test_a_send_the_broker_refuses_rebuilds_the_producer_and_rereads_the_limit(
 
 def test_redrive_of_capture_letters_rereads_the_fixed_row(sync_env: SyncEnv) -> None:
     """The fix of a NaN row is a letter too (its old row carries the NaN); redriving the
-    key's letters, in order, re-reads the row as it is now and releases what was held."""
+    key's letters, in order, re-reads the row as it is now. (A later change of the row that
+    maps would supersede them instead: test_a_newer_good_change_supersedes_capture_letters.)"""
     with pipeline(sync_env), sync_env.crm() as crm:
         cid = _insert(crm, "crm.customers", family_name="李", given_name="娜",
                       purchase_amount="NaN")
-        crm.execute("UPDATE crm.customers SET purchase_amount = 5000 WHERE customer_id = %s",
-                    (cid,))
-        crm.execute("UPDATE crm.customers SET notes = '已发货' WHERE customer_id = %s", (cid,))
-        wait_until(lambda: _held(sync_env) == 1, timeout=60,
-                   message="the good update held behind the letters")
+        crm.execute("UPDATE crm.customers SET purchase_amount = 5000, notes = '已发货' "
+                    "WHERE customer_id = %s", (cid,))
+        wait_until(lambda: len(operator_dlq.list_letters(sync_env.settings, key=str(cid)))
+                   == 2, timeout=60, message="the two capture letters")
         letters = operator_dlq.list_letters(sync_env.settings, key=str(cid))
         assert [d.stage for d in letters] == ["capture", "capture"]
         report = operator_dlq.redrive(sync_env.settings, letters, actor="test",
@@ -244,3 +244,54 @@ def _held(sync_env: SyncEnv) -> int:
     with sync_env.erp() as erp:
         row = erp.execute("SELECT count(*) FROM sync.held_events").fetchone()
     return int(row[0]) if row else 0
+
+
+def _states(sync_env: SyncEnv, key: int) -> list[tuple[str, str]]:
+    """(stage, state) of every letter of a customer's key, oldest first."""
+    with sync_env.erp() as erp:
+        return [(s, t) for s, t in erp.execute(
+            "SELECT stage, state FROM sync.dead_letters WHERE topic = %s AND msg_key = %s "
+            "ORDER BY dead_letter_id",
+            (sync_env.settings.sales_topic, str(key).encode())).fetchall()]
+
+
+def test_a_resnapshot_of_the_fixed_row_supersedes_its_capture_letters(
+        sync_env: SyncEnv, cli: Cli) -> None:
+    """A capture letter is settled like a consumer-side one: the READ of the fixed row (an
+    ad-hoc snapshot of its key) maps, so the key's older letters become `superseded`, the
+    events held behind them are released, and `dlq list` no longer counts them open."""
+    with pipeline(sync_env), sync_env.crm() as crm:
+        cid = _insert(crm, "crm.customers", family_name="李", given_name="娜",
+                      purchase_amount="NaN")
+        wait_until(lambda: _states(sync_env, cid) == [("capture", "open")], timeout=60,
+                   message="the NaN row's capture letter")
+        # the fix itself is a letter too (REPLICA IDENTITY FULL: its old row has the NaN)
+        crm.execute("UPDATE crm.customers SET purchase_amount = 5000 WHERE customer_id = %s",
+                    (cid,))
+        wait_until(lambda: len(_states(sync_env, cid)) == 2, timeout=60,
+                   message="the fix's capture letter")
+        requested = cli(sync_env.settings, "snapshot", "--table", "customers",
+                        "--key", str(cid))
+        assert requested.code == 0, requested.out + requested.err
+        wait_until(lambda: cid in _partners(sync_env), timeout=90,
+                   message="the re-read row in the ERP")
+        wait_until(lambda: {t for _, t in _states(sync_env, cid)} == {"superseded"},
+                   timeout=30, message="the capture letters superseded")
+        assert operator_dlq.list_letters(sync_env.settings, key=str(cid)) == []
+    assert _held(sync_env) == 0
+
+
+def test_a_newer_good_change_supersedes_capture_letters(sync_env: SyncEnv) -> None:
+    """A newer change of the row whose event maps (the whole row, like a READ) settles the
+    older capture letters too, and the key is not held behind them."""
+    with pipeline(sync_env), sync_env.crm() as crm:
+        cid = _insert(crm, "crm.customers", family_name="李", given_name="娜",
+                      purchase_amount="NaN")
+        crm.execute("UPDATE crm.customers SET purchase_amount = 5000 WHERE customer_id = %s",
+                    (cid,))
+        crm.execute("UPDATE crm.customers SET notes = '已发货' WHERE customer_id = %s", (cid,))
+        wait_until(lambda: _partners(sync_env).get(cid) == "已发货", timeout=90,
+                   message="the good change applied, not held")
+        wait_until(lambda: _states(sync_env, cid) == [("capture", "superseded")] * 2,
+                   timeout=30, message="both capture letters superseded")
+    assert _held(sync_env) == 0

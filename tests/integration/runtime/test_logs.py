@@ -105,5 +105,6 @@ def test_a_real_run_logs_json_lines_without_personal_data(sync_env: SyncEnv) -> 
     assert any(r["key"] == "424242" and r["event_id"] is None and r["stage"] == "decode"
                for r in letters)
     decoded = [r for r in letters if r["event_id"] is not None]
-    assert decoded and all(re.fullmatch(r"[0-9A-F]+/\d+|snap/[0-9A-F]+/\d+", r["event_id"])
-                           for r in decoded), decoded
+    assert decoded and all(
+        re.fullmatch(r"[0-9A-F]+/\d+|snap/\d+/\d+/[a-z_.]+/.+", r["event_id"])
+        for r in decoded), decoded

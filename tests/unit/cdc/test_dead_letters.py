@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime
 
 from service.cdc.dead_letters import (
+    MARKER,
     MAX_VALUE_CHARS,
     CaptureDeadLetter,
     CaptureLetter,
@@ -24,7 +25,8 @@ def letter(**after: str | None) -> CaptureLetter:
         commit_time=datetime(2023, 1, 1, tzinfo=UTC), event_id="100000ABC/0",
         error=UnrepresentableValue("numeric NaN has no counterpart in an Avro decimal",
                                    "purchase_amount"),
-        before=None, after={"customer_id": "1102", "family_name": "张", **after})
+        before=None, after={"customer_id": "1102", "family_name": "张", **after},
+        kind="customer")
 
 
 def test_the_letter_carries_identity_reason_and_the_values_as_text() -> None:
@@ -33,7 +35,8 @@ def test_the_letter_carries_identity_reason_and_the_values_as_text() -> None:
         "table": "crm.customers", "op": "CREATE", "primary_key": {"customer_id": "1102"},
         "commit_lsn": "1/ABC", "xid": 777, "event_id": "100000ABC/0",
         "column": "purchase_amount", "error_class": "UnrepresentableValue",
-        "reason": "numeric NaN has no counterpart in an Avro decimal", "before": None,
+        "reason": "numeric NaN has no counterpart in an Avro decimal", "kind": "customer",
+        "before": None,
         "after": {"customer_id": "1102", "family_name": "张", "purchase_amount": "NaN",
                   "phone": "138xxxx5678"}}
 
@@ -65,6 +68,14 @@ def test_the_marker_names_the_letter_without_values() -> None:
     assert read.stage == "capture" and read.error_class == "UnrepresentableValue"
     # the event id the change would have had: the consumer knows a re-sent letter by it
     assert read.event_id == "100000ABC/0"
+    # the kind its event would have been: a later event of that kind can supersede it
+    assert read.kind == "customer"
+
+
+def test_a_marker_written_before_kinds_reads_without_one() -> None:
+    doc = json.loads(letter().marker(0, 1)[len(MARKER):])
+    del doc["kind"]
+    assert read_marker(MARKER + json.dumps(doc).encode()).kind == ""
 
 
 def test_values_as_text() -> None:

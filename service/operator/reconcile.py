@@ -92,7 +92,8 @@ ENTITIES = {
                 "amount_currency", "product_preference", "notes", "phone_extension",
                 "phone_others", "division_code")),
         Entity("orders", "order",
-               ("order_no", "crm_customer_id", "order_date", "status_code", "currency")),
+               ("order_no", "crm_customer_id", "order_date", "status_code", "currency",
+                "total_amount")),
         Entity("demand", "market_demand",
                ("signal_type", "product_category", "content", "observed_at")),
     )

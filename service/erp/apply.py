@@ -33,7 +33,7 @@ from service.erp.changes import (
     TruncateRow,
 )
 from service.erp.mappings import Mappings
-from service.errors import ConfigError
+from service.errors import ConfigError, ErpNotSetUp
 from service.pg import PgConn
 
 T = TypeVar("T", PartnerRow, OrderHeaderRow, OrderItemRow, DemandRow)
@@ -266,15 +266,17 @@ def load_status_effects(conn: PgConn, mappings: Mappings) -> None:
 
 
 def check_schema(conn: PgConn) -> None:
-    """Refuse an ERP whose ``erp.*`` tables predate a column this version writes (``setup``
-    adds it in place): raises ConfigError naming the column, where every batch would
-    otherwise fail with UndefinedColumn."""
-    row = conn.execute(
-        "SELECT 1 FROM information_schema.columns WHERE table_schema = 'erp' "
-        "AND table_name = 'sales_orders' AND column_name = 'total_amount'").fetchone()
-    if row is None:
-        raise ConfigError("CRM_ERP_SYNC_ERP_DSN", "the ERP has no erp.sales_orders.total_amount "
-                          "column: run `crm-erp-sync setup` (idempotent) after an upgrade")
+    """Refuse an ERP database without the ``erp.*`` tables (nobody ran ``setup`` on it) or
+    whose tables predate a column this version writes (``setup`` adds it in place): raises
+    ErpNotSetUp (a ConfigError) naming what is missing, where every batch would otherwise
+    fail with UndefinedTable or UndefinedColumn."""
+    columns = {r[0] for r in conn.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = 'erp' "
+        "AND table_name = 'sales_orders'").fetchall()}
+    if not columns:
+        raise ErpNotSetUp("erp.sales_orders table")
+    if "total_amount" not in columns:
+        raise ErpNotSetUp("erp.sales_orders.total_amount column")
 
 
 def check_stock_units(conn: PgConn, mappings: Mappings) -> None:

@@ -67,6 +67,7 @@ from service.erp.target import ABSENT_OK, ErpTarget, make_target
 from service.errors import (
     CaptureRejected,
     ConfigError,
+    ErpNotSetUp,
     MappingError,
     SyncError,
     UnresolvedReference,
@@ -614,8 +615,7 @@ def record_run(settings: Settings, result: ReconcileReport, names: list[str]) ->
                         (names, Jsonb(counts), result.drift,
                          result.repair is not None))
     except psycopg.errors.UndefinedTable as exc:
-        raise ConfigError("CRM_ERP_SYNC_ERP_DSN", "the ERP has no sync.reconcile_runs table: "
-                          "run `crm-erp-sync setup` (idempotent) after an upgrade") from exc
+        raise ErpNotSetUp("sync.reconcile_runs table") from exc
 
 
 

@@ -5,7 +5,11 @@ is still reconciled (issue F2: the cast of that key used to fail the whole pass)
 
 from __future__ import annotations
 
+import psycopg
+
 from service import ops
+from service.cdc.capture import read_table_info, typed_keys
+from service.cdc.profile import load_profile
 from service.demo.load import load_demo
 from service.operator.reconcile import ENTITIES, Reconciler
 from tests.conftest import SyncEnv
@@ -66,3 +70,25 @@ def test_a_key_not_of_the_crm_keys_type_is_extra_and_the_rest_is_reconciled(
         assert rec.mark_gone(ENTITIES["customers"]) == ["not-a-number"]
     finally:
         rec.close()
+
+
+def test_typed_keys_lets_postgresql_split_composite_keys_and_keeps_the_connection(
+        sync_env: SyncEnv) -> None:
+    """The demo's order lines are keyed (order_id bigint, line_no integer): a key with a
+    value out of a column's range, one that is not a number, one that is not a JSON array of
+    two strings are not keys; the connection, inside a transaction, is still usable."""
+    settings = sync_env.settings
+    profile = load_profile(settings.source_profile)
+    with psycopg.connect(settings.crm_dsn) as conn:  # not autocommit: a transaction is open
+        conn.execute("SELECT 1")
+        info = read_table_info(conn, profile)["crm.order_lines"]
+        keys = ['["1","2"]', '["x","2"]', "garbage", '["1","99999999999"]', '["7","1"]',
+                '["1"]', '[" 12 ","3"]']
+        good, bad = typed_keys(conn, info, keys)
+        assert good == ['["1","2"]', '["7","1"]', '[" 12 ","3"]']  # PostgreSQL reads " 12 "
+        assert bad == ['["x","2"]', "garbage", '["1","99999999999"]', '["1"]']
+        assert typed_keys(conn, info, []) == ([], [])
+        assert conn.execute("SELECT 2").fetchone() == (2,)
+        orders = read_table_info(conn, profile)["crm.sales_orders"]
+        assert typed_keys(conn, orders, ["5", "-5", "5.0", "1e3", "not-a-number"]) == (
+            ["5", "-5"], ["5.0", "1e3", "not-a-number"])

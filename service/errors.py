@@ -28,6 +28,18 @@ class ConfigError(SyncError):
         self.problem = problem
 
 
+class ErpNotSetUp(ConfigError):
+    """The ERP (sync-state) database lacks a table or column of this version (exit 2): a new
+    database nobody ran ``setup`` on, or one set up by an older version. ``missing`` names
+    the object (``sync.breaker_trips table``); the message says what to run, for both."""
+
+    def __init__(self, missing: str) -> None:
+        super().__init__("CRM_ERP_SYNC_ERP_DSN", f"the ERP database has no {missing}: run "
+                         "`crm-erp-sync setup` (idempotent) against it: a new ERP database "
+                         "needs it before any consumer or command uses it, and one set up "
+                         "by an older version needs it after the upgrade")
+
+
 class ConfigProblems:
     """Gathers the ConfigErrors of one validation so that a file with several mistakes is
     reported in one go (one ConfigError listing all) rather than one fix-and-rerun at a

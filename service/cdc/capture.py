@@ -381,6 +381,57 @@ def lines_query(info: TableInfo, parent: TableInfo, order_keys: Sequence[str]
     return query, [list(order_keys)]
 
 
+def typed_keys(conn: psycopg.Connection[Any], info: TableInfo, keys: Sequence[str]
+               ) -> tuple[list[str], list[str]]:
+    """Split ``keys`` (text, e.g. the keys an ERP holds) into those that are values of the
+    key columns' types, in their order, and those that are not (``'not-a-number'`` for an
+    integer key, ``'nc6-fake'`` for a uuid, a composite key that is not a JSON array of its
+    columns): no row of the table can have the latter, and casting them would fail a whole
+    query with a DataError. PostgreSQL's own input functions decide (a Python imitation of
+    them would disagree at the edges: ranges, spellings); the keys are cast all at once, and
+    only when that raises a DataError are they split in halves to find the bad ones, so a
+    usual chunk costs one small query and each bad key about log2(len(keys)) more. Each cast
+    runs in its own savepoint (or transaction), so a failed one leaves ``conn`` usable."""
+    ent = info.entity
+    casts = info.key_casts()
+    good: list[list[str]] = []
+    shaped: list[str] = []
+    bad: set[str] = set()
+    for key in keys:
+        try:
+            good.append(key_values(ent, key))
+            shaped.append(key)
+        except ValueError:
+            bad.add(key)
+
+    def castable(part: list[list[str]]) -> bool:
+        params = [[v[i] for v in part] for i in range(len(casts))]
+        query = sql.SQL("SELECT count(*) FROM unnest({}) AS k({}) WHERE ({}) IS NOT NULL").format(
+            sql.SQL(", ").join(sql.SQL("%s::text[]") for _ in casts),
+            sql.SQL(", ").join(sql.Identifier(f"k{i}") for i in range(len(casts))),
+            sql.SQL(", ").join(sql.SQL("{}::{}").format(sql.Identifier(f"k{i}"), sql.SQL(t))
+                               for i, t in enumerate(casts)))
+        try:
+            with conn.transaction():
+                conn.execute(query, params)
+        except psycopg.errors.DataError:
+            return False
+        return True
+
+    def split(lo: int, hi: int) -> None:
+        if lo == hi or castable(good[lo:hi]):
+            return
+        if hi - lo == 1:
+            bad.add(shaped[lo])
+            return
+        mid = (lo + hi) // 2
+        split(lo, mid)
+        split(mid, hi)
+
+    split(0, len(good))
+    return [k for k in keys if k not in bad], [k for k in keys if k in bad]
+
+
 @dataclass
 class Chunk:
     """One chunk as ``read_chunk`` reads it: the readable rows (typed) and their lines, the
@@ -406,8 +457,13 @@ def read_chunk(conn: psycopg.Connection[Any], tables: dict[str, TableInfo], prof
     A row one of whose values cannot be typed (NaN, infinity, a BC date: the producer makes
     it a capture dead letter) does not fail the chunk: its key lands in ``unreadable``, the
     other rows are read. An order with an unreadable line is unreadable itself (its event
-    could not be built either)."""
+    could not be built either). A key of ``keys`` that is not a value of the key's type
+    (``typed_keys``: an ERP's key from another CRM) is simply not found."""
     info = tables[ent.table]
+    if keys is not None:
+        keys, _ = typed_keys(conn, info, keys)  # the others have no row here
+        if not keys:
+            return Chunk([], [], {}, None)
     query, params = chunk_query(info, after=after, keys=keys, limit=limit)
     head: list[dict[str, Any]] = []
     lines: list[dict[str, Any]] = []

@@ -22,7 +22,7 @@ import structlog
 from kafka import TopicPartition
 
 from service.consumer.policy import CircuitBreaker, DlqLimit, Partition, Trip
-from service.errors import ConfigError, DecodeError, Permanent, Retryable, field_of
+from service.errors import DecodeError, ErpNotSetUp, Permanent, Retryable, field_of
 from service.health import Health
 from service.metrics import ConsumerMetrics
 from service.pg import PgConn
@@ -163,9 +163,7 @@ class BreakerControl:
                     "WHERE consumer_group = %s AND state = 'paused'",
                     (self.settings.consumer_group,)).fetchall()
         except psycopg.errors.UndefinedTable as exc:
-            raise ConfigError("CRM_ERP_SYNC_ERP_DSN", "the ERP has no sync.breaker_trips "
-                              "table: run `crm-erp-sync setup` (idempotent) after an "
-                              "upgrade") from exc
+            raise ErpNotSetUp("sync.breaker_trips table") from exc
         except psycopg.OperationalError as exc:
             raise Retryable(f"ERP: reading the breaker state: {type(exc).__name__}") from exc
         tripped: dict[Partition, OpenTrip] = {}

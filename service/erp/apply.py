@@ -33,7 +33,7 @@ from service.erp.changes import (
     TruncateRow,
 )
 from service.erp.mappings import Mappings
-from service.errors import ConfigError
+from service.errors import ConfigError, ErpNotSetUp
 from service.pg import PgConn
 
 T = TypeVar("T", PartnerRow, OrderHeaderRow, OrderItemRow, DemandRow)
@@ -68,8 +68,8 @@ WHERE {_GUARD.format(t="erp.business_partners")}
 
 HEADER_UPSERT = f"""
 INSERT INTO erp.sales_orders (crm_order_id, order_no, crm_customer_id, order_date, status_code,
-    currency, deleted, source_lsn, source_seq, event_id, crm_commit_time)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+    currency, deleted, source_lsn, source_seq, event_id, crm_commit_time, total_amount)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (crm_order_id) DO UPDATE SET
     order_no = CASE WHEN EXCLUDED.deleted THEN erp.sales_orders.order_no
                     ELSE EXCLUDED.order_no END,
@@ -79,6 +79,8 @@ ON CONFLICT (crm_order_id) DO UPDATE SET
                        ELSE EXCLUDED.status_code END,
     currency = CASE WHEN EXCLUDED.deleted THEN erp.sales_orders.currency
                     ELSE EXCLUDED.currency END,
+    total_amount = CASE WHEN EXCLUDED.deleted THEN erp.sales_orders.total_amount
+                        ELSE EXCLUDED.total_amount END,
     crm_customer_id = EXCLUDED.crm_customer_id, deleted = EXCLUDED.deleted,
     source_lsn = EXCLUDED.source_lsn, source_seq = EXCLUDED.source_seq,
     event_id = EXCLUDED.event_id, crm_commit_time = EXCLUDED.crm_commit_time,
@@ -261,6 +263,20 @@ def load_status_effects(conn: PgConn, mappings: Mappings) -> None:
             "ON CONFLICT (status_code) DO UPDATE SET effect = EXCLUDED.effect",
             list(mappings.status_stock_effect.items()),
         )
+
+
+def check_schema(conn: PgConn) -> None:
+    """Refuse an ERP database without the ``erp.*`` tables (nobody ran ``setup`` on it) or
+    whose tables predate a column this version writes (``setup`` adds it in place): raises
+    ErpNotSetUp (a ConfigError) naming what is missing, where every batch would otherwise
+    fail with UndefinedTable or UndefinedColumn."""
+    columns = {r[0] for r in conn.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = 'erp' "
+        "AND table_name = 'sales_orders'").fetchall()}
+    if not columns:
+        raise ErpNotSetUp("erp.sales_orders table")
+    if "total_amount" not in columns:
+        raise ErpNotSetUp("erp.sales_orders.total_amount column")
 
 
 def check_stock_units(conn: PgConn, mappings: Mappings) -> None:
@@ -452,7 +468,7 @@ def apply_changes(conn: PgConn, changes: list[ErpChange], *, full_recount: bool 
         if headers:
             bulk_upsert(cur, HEADER_UPSERT, [
                 (h.crm_order_id, h.order_no, h.crm_customer_id, h.order_date, h.status_code,
-                 h.currency, h.deleted, *_pos(h.pos))
+                 h.currency, h.deleted, *_pos(h.pos), h.total_amount)
                 for h in sorted(headers, key=lambda h: h.crm_order_id)])
         if items:
             bulk_upsert(cur, ITEM_UPSERT, [

@@ -67,6 +67,7 @@ class OrderHeaderRow:
     currency: str
     deleted: bool
     pos: Position
+    total_amount: Decimal | None = None  # None: the CRM has no total (the demo CRM)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,12 +157,24 @@ def _decimal(text: str | None, field: str) -> Decimal | None:
 
 def _cents(text: str | None, field: str) -> Decimal | None:
     """An amount of money from the CRM's exact decimal text, as the ERP keeps it
-    (``transform.check_cents``, as order totals in ``transform.parse_money``); None for
+    (``transform.check_cents``, as ``_total`` through ``transform.parse_money``); None for
     none. Raises MappingError."""
     amount = _decimal(text, field)
     if amount is not None:
         tf.check_cents(amount, field, text)
     return amount
+
+
+def _total(after: dict[str, Any], mappings: Mappings) -> Decimal | None:
+    """The order's total (the CRM's exact decimal text) as the ERP keeps it, numeric(14, 2),
+    read by ``transform.parse_money`` with the order's currency: more than two decimal
+    places, more than 12 digits before the point, a negative or non-finite amount raise
+    MappingError naming ``total_amount``. None when the CRM has no total."""
+    text = after.get("total_amount")
+    if text is None:
+        return None
+    return tf.parse_money(text, after.get("currency") or None, mappings,
+                          field="total_amount").amount
 
 
 def _full_name(after: dict[str, Any]) -> str:
@@ -242,7 +255,7 @@ def order_change(record: dict[str, Any], mappings: Mappings) -> ErpChange:
                                 record["customer_key"], after["order_date"],
                                 tf.order_status(after.get("status") or "", mappings),
                                 tf.currency_code(after.get("currency") or "", mappings),
-                                False, pos)
+                                False, pos, _total(after, mappings))
     elif before is not None or record["op"] == "DELETE":
         header = OrderHeaderRow(record["key"], (before or {}).get("order_no") or "",
                                 record["customer_key"], (before or {}).get("order_date")

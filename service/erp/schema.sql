@@ -74,6 +74,9 @@ CREATE TABLE IF NOT EXISTS erp.sales_orders (
     applied_at      timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX IF NOT EXISTS sales_orders_customer ON erp.sales_orders (crm_customer_id);
+-- The order's total as the CRM has it (NULL when the CRM keeps none, as the demo CRM);
+-- added, not recreated, so that an existing ERP database upgrades in place.
+ALTER TABLE erp.sales_orders ADD COLUMN IF NOT EXISTS total_amount numeric(14, 2);
 
 CREATE TABLE IF NOT EXISTS erp.sales_order_items (
     crm_order_id  text NOT NULL,

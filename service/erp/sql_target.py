@@ -16,6 +16,7 @@ import psycopg
 from service.erp.apply import (
     apply_changes,
     apply_stock_delta,
+    check_schema,
     check_stock_units,
     existing_customers,
     load_status_effects,
@@ -37,7 +38,8 @@ TABLES: dict[str, tuple[str, str, tuple[str, ...]]] = {
                   "amount_currency", "product_preference", "notes", "phone_extension",
                   "phone_others", "division_code")),
     "order": ("erp.sales_orders", "crm_order_id",
-              ("order_no", "crm_customer_id", "order_date", "status_code", "currency")),
+              ("order_no", "crm_customer_id", "order_date", "status_code", "currency",
+               "total_amount")),
     "market_demand": ("erp.demand_signals", "crm_demand_id",
                       ("signal_type", "product_category", "content", "observed_at")),
 }
@@ -74,6 +76,7 @@ class SqlTarget:
 
     def attach(self, conn: PgConn) -> None:
         self._conn = conn
+        check_schema(conn)
         load_status_effects(conn, self.mappings)
         check_stock_units(conn, self.mappings)
 

@@ -614,8 +614,15 @@ def order_status(word: str, mappings: Mappings) -> str:
 
 
 def sku_for(product_code: str, mappings: Mappings) -> str:
-    """CRM product code -> ERP SKU (``[products]``)."""
-    return _lookup(mappings.products, product_code, "product_code", "product code (no ERP SKU)")
+    """CRM product code -> ERP SKU (``[products]``). Every code must be listed, even one that
+    already is the ERP's SKU. Raises MappingError naming ``product_code``, whose reason says
+    what to do (the code is a vocabulary word, not personal data: it is quoted)."""
+    sku = _lookup_word(mappings.products, product_code)
+    if sku is None:
+        raise MappingError("product_code", product_code,
+                           f"CRM product code {_shown(product_code)} is not in [products] of "
+                           "the mappings file (map it to its ERP SKU, even to the same code)")
+    return sku
 
 
 def currency_code(word: str, mappings: Mappings) -> str:

@@ -67,6 +67,7 @@ from service.erp.target import ABSENT_OK, ErpTarget, make_target
 from service.errors import (
     CaptureRejected,
     ConfigError,
+    ErpNotSetUp,
     MappingError,
     SyncError,
     UnresolvedReference,
@@ -92,7 +93,8 @@ ENTITIES = {
                 "amount_currency", "product_preference", "notes", "phone_extension",
                 "phone_others", "division_code")),
         Entity("orders", "order",
-               ("order_no", "crm_customer_id", "order_date", "status_code", "currency")),
+               ("order_no", "crm_customer_id", "order_date", "status_code", "currency",
+                "total_amount")),
         Entity("demand", "market_demand",
                ("signal_type", "product_category", "content", "observed_at")),
     )
@@ -613,8 +615,7 @@ def record_run(settings: Settings, result: ReconcileReport, names: list[str]) ->
                         (names, Jsonb(counts), result.drift,
                          result.repair is not None))
     except psycopg.errors.UndefinedTable as exc:
-        raise ConfigError("CRM_ERP_SYNC_ERP_DSN", "the ERP has no sync.reconcile_runs table: "
-                          "run `crm-erp-sync setup` (idempotent) after an upgrade") from exc
+        raise ErpNotSetUp("sync.reconcile_runs table") from exc
 
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from urllib.parse import urlsplit, urlunsplit
 
+import psycopg
 import pytest
 
 from service import pg
@@ -121,3 +122,22 @@ def test_a_refusal_of_a_dsn_that_connected_before_is_transient(sync_env: SyncEnv
         finally:
             admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
     pg.connect(erp, "ERP").close()
+
+
+def test_a_consumer_on_a_new_erp_database_says_to_run_setup_on_it(sync_env: SyncEnv,
+                                                                    cli: Cli) -> None:
+    """A brand-new ERP database (e.g. before a `replay` into it) nobody ran setup on: exit 2
+    naming the missing object and `setup`, not "after an upgrade" alone (issue F5)."""
+    name = f"{urlsplit(sync_env.settings.erp_dsn).path.lstrip('/')}_new"
+    with psycopg.connect(sync_env.stack.admin_dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        fresh = sync_env.with_(erp_dsn=sync_env.stack.dsn_for(name))
+        done = cli(fresh, "consume", "--until-caught-up")
+        assert done.code == 2, (done.out, done.err)
+        assert "the ERP database has no " in done.err and "crm-erp-sync setup" in done.err
+        assert "a new ERP database needs it" in done.err, done.err
+        assert "unexpected_error" not in done.err and "Traceback" not in done.err
+    finally:
+        with psycopg.connect(sync_env.stack.admin_dsn, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

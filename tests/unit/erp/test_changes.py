@@ -253,3 +253,29 @@ def test_an_amount_the_erp_would_round_is_refused_saying_so(mappings: Mappings) 
                                       "after": line(1, unit_price="0.125")}]), mappings)
     assert (info.value.field, "more than two decimal places" in str(info.value)) == (
         "lines.unit_price", True)
+
+
+@pytest.mark.parametrize(("text", "kept"), [("50000.00", Decimal("50000.00")),
+                                            ("5000", Decimal("5000.00")),
+                                            ("12.340", Decimal("12.34")),
+                                            (None, None)])
+def test_an_order_total_is_kept_exact_to_the_cent(mappings: Mappings, text: str | None,
+                                                 kept: Decimal | None) -> None:
+    change = to_erp("order", order_event([], after=header(total_amount=text)), mappings)
+    assert change.header is not None
+    assert change.header.total_amount == kept
+    assert str(change.header.total_amount) == str(kept)
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("50000.125", "more than two decimal places"),
+    ("1000000000000", "too large"),
+    ("-1.00", "negative"),
+    ("NaN", "not an amount"),
+])
+def test_an_order_total_the_erp_cannot_keep_is_refused_naming_total_amount(
+        mappings: Mappings, text: str, why: str) -> None:
+    with pytest.raises(MappingError) as info:
+        to_erp("order", order_event([], after=header(total_amount=text)), mappings)
+    assert info.value.field == "total_amount"
+    assert why in str(info.value)

@@ -378,7 +378,12 @@ def test_sku_for(m: Mappings) -> None:
 @pytest.mark.parametrize(("call", "word", "field", "reason"), [
     (tf.order_status, "已退款", "status", "unknown order status 已退款"),
     (tf.order_status, "", "status", "unknown order status (empty)"),
-    (tf.sku_for, "P-HOVERBOARD", "product_code", "P-HOVERBOARD"),
+    (tf.sku_for, "P-HOVERBOARD", "product_code",
+     "CRM product code P-HOVERBOARD is not in [products] of the mappings file (map it to its "
+     "ERP SKU, even to the same code)"),
+    # the ERP's own SKU, used as the CRM's code: still a code to list, and said so
+    (tf.sku_for, "SKU-100001", "product_code",
+     "CRM product code SKU-100001 is not in [products] of the mappings file"),
     (tf.currency_code, "日元", "currency", "unknown currency 日元"),
     (tf.demand_kind, "供应商评价", "kind", "unknown market-demand kind 供应商评价"),
 ])

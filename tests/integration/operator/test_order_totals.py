@@ -1,0 +1,89 @@
+"""An order's total reaches the sql ERP (``erp.sales_orders.total_amount``, added by `setup` to
+an ERP set up before it), is checked as README "How values are read" says (more than two
+decimals: a dead letter naming ``total_amount``) and is compared by `reconcile` (issue F3:
+the profiles mapped it, the events carried it, the ERP dropped it)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from service import ops
+from service.cdc.profile import PROFILES_DIR
+from service.demo.load import load_demo
+from service.erp.mappings import Mappings
+from service.erp.sql_target import SqlTarget
+from service.errors import ConfigError
+from service.setup import run_setup
+from tests.conftest import SyncEnv
+from tests.helpers import wait_until
+from tests.integration.conftest import Cli, Running
+
+
+def _profile_with_totals(tmp_path: Path) -> Path:
+    """The demo profile, its orders' ``total_amount`` column mapped (BottleCRM's way)."""
+    demo = (PROFILES_DIR / "demo.toml").read_text("utf-8")
+    assert '[order.fields]\n' in demo
+    path = tmp_path / "demo-with-totals.toml"
+    path.write_text(demo.replace('[order.fields]\n',
+                                 '[order.fields]\ntotal_amount = "total_amount"\n', 1), "utf-8")
+    return path
+
+
+def test_order_totals_are_stored_checked_and_reconciled(
+        sync_env: SyncEnv, cli: Cli, running: Running, tmp_path: Path) -> None:
+    # An ERP set up before the column: consumers refuse it by name until setup adds it.
+    with sync_env.erp() as erp:
+        erp.execute("ALTER TABLE erp.sales_orders DROP COLUMN total_amount")
+        target = SqlTarget(sync_env.settings, Mappings.load())
+        with pytest.raises(ConfigError, match=r"total_amount.*crm-erp-sync setup"):
+            target.attach(erp)
+    settings = sync_env.with_(source_profile=str(_profile_with_totals(tmp_path)))
+    run_setup(settings)
+    with sync_env.erp() as erp:
+        SqlTarget(settings, Mappings.load()).attach(erp)  # no error now
+
+    load_demo(settings.crm_dsn, customers=4, orders=6, rate=None, seed=3, changes=0)
+    with sync_env.crm() as crm:
+        crm.execute("ALTER TABLE crm.sales_orders ADD COLUMN total_amount numeric(16, 3)")
+        ids = [r[0] for r in crm.execute(
+            "SELECT order_id FROM crm.sales_orders ORDER BY order_id").fetchall()]
+        crm.execute("UPDATE crm.sales_orders SET total_amount = 50000 WHERE order_id = %s",
+                    (ids[0],))
+        crm.execute("UPDATE crm.sales_orders SET total_amount = 12.345 WHERE order_id = %s",
+                    (ids[1],))
+    good, bad = str(ids[0]), str(ids[1])
+
+    running.start_producer(settings)
+    running.start_consumer(settings)
+    lsn = ops.current_lsn(settings)
+    wait_until(lambda: ops.caught_up(settings, lsn), timeout=120, message="pipeline caught up")
+
+    with sync_env.erp() as erp:
+        totals = dict(erp.execute("SELECT crm_order_id, total_amount FROM erp.sales_orders "
+                                  "WHERE NOT deleted").fetchall())
+        assert totals[good] == Decimal("50000.00")
+        assert bad not in totals  # dead-lettered, not rounded to 12.35
+        assert all(totals[str(i)] is None for i in ids[2:] if str(i) in totals)
+        letters = erp.execute("SELECT error_class, error_message FROM sync.dead_letters "
+                              "WHERE event_kind = 'order'").fetchall()
+    assert len(letters) == 1, letters
+    assert letters[0][0] == "MappingError"
+    assert "total_amount" in letters[0][1] and "two decimal places" in letters[0][1]
+
+    with sync_env.erp() as erp:
+        erp.execute("UPDATE erp.sales_orders SET total_amount = 49999.99 "
+                    "WHERE crm_order_id = %s", (good,))
+    drift = cli(settings, "reconcile", "--json", "--entity", "orders")
+    assert drift.code == 1, drift.out
+    [orders] = drift.json["entities"]
+    assert orders["differing"] == {good: ["total_amount"]}
+    cli(settings, "reconcile", "--repair", "--entity", "orders", "--wait", "60")
+    after = cli(settings, "reconcile", "--json", "--entity", "orders")
+    [orders] = after.json["entities"]
+    assert orders["differing"] == {} and list(orders["unmappable"]) == [bad], after.out
+    with sync_env.erp() as erp:
+        assert erp.execute("SELECT total_amount FROM erp.sales_orders WHERE crm_order_id = %s",
+                           (good,)).fetchone() == (Decimal("50000.00"),)

@@ -512,9 +512,16 @@ def _print_stock(rc: Any, shown: int | None = 20) -> None:
 
 def cmd_stock_recount(settings: Settings, args: argparse.Namespace) -> int:
     from service.erp.mappings import Mappings
+    from service.erp.target import make_target
     from service.operator.common import connect
     from service.operator.stock import recount
 
+    target = make_target(settings, None)
+    target.close()
+    if target.stock_unavailable is not None:
+        print(f"crm-erp-sync: stock recount is not available with the {target.name} target: "
+              f"{target.stock_unavailable}", file=sys.stderr)
+        return EXIT_USAGE
     mappings = Mappings.load(settings.mappings_file)
     with connect(settings, "erp") as erp:
         rc = recount(erp, mappings, repair=not args.check)
@@ -574,12 +581,13 @@ def cmd_trace(settings: Settings, args: argparse.Namespace) -> int:
     print("\nERP:")
     for r in t.erp:
         row = r["row"]
-        print(f"  {r['table']} ({r['as']}): position lsn {row.get('source_lsn')} seq "
+        record = f" {row['record']}" if row.get("record") else ""
+        print(f"  {r['table']} ({r['as']}){record}: position lsn {row.get('source_lsn')} seq "
               f"{row.get('source_seq')}, event {row.get('event_id')}, applied "
               f"{render.cell(row.get('applied_at'))}"
               + (", DELETED" if row.get("deleted") else ""))
     if not t.erp:
-        print("  no row with this key")
+        print(f"  no record with this key (ERP target {settings.erp_target})")
     print("\nHeld events:" + ("" if t.held else " none"))
     for h in t.held:
         print(f"  #{h['held_id']} {h['topic']}[{h['partition']}]@{h['offset']} {h['reason']}"

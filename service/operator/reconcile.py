@@ -288,6 +288,12 @@ class Reconciler:
             self._target = make_target(self.settings, self.mappings)
         return self._target.kinds
 
+    def stock_kept(self) -> bool:
+        """Whether the sync keeps the ERP's stock totals (recounted with orders)."""
+        if self._target is None:
+            self._target = make_target(self.settings, self.mappings)
+        return self._target.stock_unavailable is None
+
     def close(self) -> None:
         if self._target is not None:
             self._target.close()
@@ -587,7 +593,7 @@ def reconcile(settings: Settings, entities: list[str] | None = None, *, repair: 
         result = ReconcileReport(reports)
         if repair and any(r.drift for r in reports):
             result.repair = rec.repair([r for r in reports if r.drift], wait_s=wait_s)
-        if "orders" in names and settings.erp_target == "sql":
+        if "orders" in names and rec.stock_kept():
             # After the order repair (if any): totals are recounted from what the ERP holds.
             with connect(settings, "erp") as erp:
                 result.stock = recount(erp, rec.mappings, repair=repair)

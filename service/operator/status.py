@@ -69,6 +69,7 @@ from service.cdc.producer import lock_key
 from service.cdc.profile import load_profile
 from service.consumer.mappings_watch import STALE_AFTER_S, live_members
 from service.erp.mappings import Mappings
+from service.erp.target import make_target
 from service.errors import BrokerUnreachable, ConfigError, StackUnavailable
 from service.kafka_io import make_admin
 from service.operator.breaker import BreakerTrip, open_trips
@@ -115,6 +116,9 @@ class Status:
     held: dict[str, dict[str, Any]]  # reason -> {count, oldest_held_at, oldest_age_s}
     stuck_keys: int
     producer_running: bool
+    # ErpTarget.last_applied, read through the configured target (the sql target's erp.*
+    # rows, the tryton target's tryton_positions): applied_at, crm_commit_time,
+    # seconds_since_last_apply, end_to_end_delay_s (None until the first change)
     last_applied: dict[str, Any]
     breaker: list[BreakerTrip] = field(default_factory=list)  # partitions paused
     members: list[Member] = field(default_factory=list)
@@ -410,20 +414,11 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
             "WHERE h.reason = 'key_blocked' AND NOT EXISTS (SELECT 1 FROM sync.dead_letters d "
             "WHERE d.topic = h.topic AND d.msg_key IS NOT DISTINCT FROM h.msg_key "
             "AND d.state IN ('open', 'failed_again'))").fetchone()
-        last = erp.execute(
-            "SELECT max(applied_at), max(crm_commit_time), "
-            "extract(epoch FROM clock_timestamp() - max(applied_at)) FROM ("
-            "SELECT applied_at, crm_commit_time FROM erp.business_partners UNION ALL "
-            "SELECT applied_at, crm_commit_time FROM erp.sales_orders UNION ALL "
-            "SELECT applied_at, crm_commit_time FROM erp.demand_signals) t").fetchone()
-        delay = erp.execute(
-            "SELECT extract(epoch FROM applied_at - crm_commit_time) FROM ("
-            "SELECT applied_at, crm_commit_time, event_id FROM erp.business_partners UNION ALL "
-            "SELECT applied_at, crm_commit_time, event_id FROM erp.sales_orders UNION ALL "
-            "SELECT applied_at, crm_commit_time, event_id FROM erp.demand_signals) t "
-            "WHERE event_id NOT LIKE 'snap/%%' ORDER BY applied_at DESC LIMIT 1").fetchone()
-    assert last is not None
-    applied_at: datetime | None = last[0]
+        target = make_target(settings, None)
+        try:
+            last = target.last_applied(erp)
+        finally:
+            target.close()
     status = Status(
         lag=lag, slot=slot, pending_snapshots=pending, dead_letters=letters, held=held,
         stuck_keys=int(stuck_row[0]) if stuck_row else 0,
@@ -439,10 +434,9 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         oldest_transaction=xact,
         peek=peek if peek is not None and peek["reported_s_ago"] < PEEK_REPORT_STALE_S
         else None,
-        last_applied={"applied_at": applied_at, "crm_commit_time": last[1],
-                      "seconds_since_last_apply": float(last[2]) if last[2] is not None
-                      else None,
-                      "end_to_end_delay_s": float(delay[0]) if delay else None})
+        last_applied={"applied_at": last.applied_at, "crm_commit_time": last.crm_commit_time,
+                      "seconds_since_last_apply": last.seconds_since,
+                      "end_to_end_delay_s": last.end_to_end_delay_s})
     window = settings.apply_window_parsed()
     closed = False
     if window is not None:

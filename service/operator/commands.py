@@ -479,18 +479,32 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
         for entity, sid in rep.snapshots.items():
             print(f"  requested snapshot #{sid} of the drifted {entity} keys")
         for entity, keys in rep.marked_deleted.items():
-            print(f"  marked {len(keys)} extra {entity} row(s) deleted in the ERP: "
-                  f"{', '.join(map(str, keys[:shown]))}")
+            print(f"  marked {len(keys)} extra {entity} row(s) deleted in the ERP"
+                  + (f": {_keys_text(keys, shown)}" if keys else
+                     " (each changed since it was compared: run reconcile again)"))
+        for entity, (advice, keys) in rep.not_retired.items():
+            print(f"  {entity} {advice}: {_keys_text(keys, shown)}")
         left = sum(r.drift for r in rep.remaining)
+        waiting = sum(len(r.missing) + len(r.differing)
+                      + (0 if r.entity in rep.not_retired else len(r.extra))
+                      for r in rep.remaining)
         print(f"  {'converged' if rep.converged else 'NOT converged'} after {rep.waited_s}s; "
-              f"{left} key(s) still drifting" + ("" if rep.converged else
-              " (is the producer running? are consumers running? unmappable keys need a "
-              "mapping fix or a CRM correction)"))
+              f"{left} key(s) still drifting" + (
+                  "" if rep.converged else
+                  " (is the producer running? are consumers running? unmappable keys need a "
+                  "mapping fix or a CRM correction)" if waiting else
+                  " (none a repair changes: see above)"))
     if result.drift:
         print(f"\nDRIFT: {result.drift} key(s)")
         return EXIT_ATTENTION
     print("\nNo drift.")
     return EXIT_OK
+
+
+def _keys_text(keys: list[str], shown: int | None) -> str:
+    more = (f" … and {len(keys) - shown} more (--limit 0 shows all)"
+            if shown is not None and len(keys) > shown else "")
+    return ", ".join(map(str, keys[:shown])) + more
 
 
 # ---- stock ---------------------------------------------------------------------------------

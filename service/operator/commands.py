@@ -61,6 +61,12 @@ def slot_text(slot: dict[str, Any] | None) -> str:
         return "MISSING"
     if slot.get("wal_status") == "lost":
         return "LOST (its WAL was removed)"
+    if slot.get("unconfirmed_bytes") is None:  # confirmed_flush_lsn NULL: not created yet
+        since = slot.get("creating_s")
+        return ("being created" + (f" for {_fmt_s(since)}" if since is not None else "")
+                + ": waiting for the transactions open when its creation began to end (the "
+                "oldest is below); nothing is captured until then; retains "
+                f"{slot['retained_wal_bytes']} bytes of WAL")
     text = (f"{'reading' if slot['active'] else 'idle'}, retains "
             f"{slot['retained_wal_bytes']} bytes of WAL, {slot['unconfirmed_bytes']} bytes "
             f"not yet confirmed, WAL {slot.get('wal_status')}")

@@ -22,6 +22,10 @@ Needs attention (exit 1) when any of:
 - a CRM transaction holding an xid has been open longer than ``pinning_xact_max_s``
   (``CRM_ERP_SYNC_PINNING_XACT_MAX_S``, 600): the slot cannot confirm past it, so the CRM
   keeps its WAL (pid, age and state are shown, never the query text);
+- the slot is still being created ``SLOT_CREATING_MAX_S`` (10 s) after its creation began (its
+  confirmed_flush_lsn is NULL until every transaction open at that moment, in any database of
+  the cluster, has ended): the producer captures nothing meanwhile; the oldest transaction is
+  named;
 - the slot retains more than ``retained_wal_max_bytes`` of WAL (1 GiB);
 - the slot is about to lose WAL: its ``wal_status`` is 'unreserved' (the CRM removes the WAL
   it needs at the next checkpoint), or its ``safe_wal_size`` is under
@@ -86,6 +90,9 @@ from service.ops import (
 )
 from service.settings import Settings
 
+# A slot takes milliseconds to create unless a transaction is open somewhere in the CRM's
+# cluster; still being created after this many seconds means the producer is blocked on one.
+SLOT_CREATING_MAX_S = 10.0
 # A peek report older than this is from a producer that stopped (or switched transport).
 PEEK_REPORT_STALE_S = 60.0
 CAPTURE_SHOWN = 20
@@ -573,6 +580,22 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
     elif not status.producer_running:
         status.attention.append(f"no producer is running (nobody holds the capture lock of "
                                 f"slot {settings.slot_name}); WAL is retained meanwhile")
+    creating = slot is not None and slot.get("unconfirmed_bytes") is None
+    if creating and not crm_down and (slot or {}).get("wal_status") != "lost":
+        since = (slot or {}).get("creating_s")
+        if since is None or since > SLOT_CREATING_MAX_S:
+            ox = status.oldest_transaction
+            who = "" if ox is None else (
+                f"pid {ox['pid']}" if ox["pid"] is not None else "a prepared transaction")
+            blocker = ("" if ox is None else
+                       f" (the oldest: {who}, database {ox['database']}, open for "
+                       f"{_age(ox['age_s'])})")
+            status.attention.append(
+                f"replication slot {settings.slot_name} is still being created"
+                + (f" after {_age(since)}" if since is not None else "")
+                + ": PostgreSQL waits for every transaction that was open when its creation "
+                f"began, in any database of the CRM's cluster, to end{blocker}; the producer "
+                "captures nothing until then: end that transaction")
     awaiting = held.get("awaiting_customer")
     if awaiting and awaiting["oldest_age_s"] > settings.orphan_hold_s and not closed:
         status.attention.append(f"events held awaiting their customer for more than "

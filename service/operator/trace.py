@@ -1,8 +1,10 @@
 """`crm-erp-sync trace KEY`: one key through the system.
 
 The CRM row(s) with that key (every entity of the source profile whose key can read it), its
-events on Kafka (topic, partition, offset, kind, op, position), the ERP rows and their
-positions, the events held for it and its dead letters with what was done to them.
+events on Kafka (topic, partition, offset, kind, op, position), the ERP's records and their
+positions (read through the ERP target, ``ErpTarget.key_records``: the ``erp.*`` rows, or
+Tryton's party, sales and sale line with their positions in ``tryton_positions``), the
+events held for it and its dead letters with what was done to them.
 
 An order line has no events of its own: its changes travel in its order's events. A key that
 reads an order line row is followed to its order (the profile's ``[order_line] order``

@@ -102,8 +102,14 @@ CREATE TABLE IF NOT EXISTS tryton_positions (
     crm_commit_time timestamptz,      -- of the event applied (`status`'s end-to-end delay)
     PRIMARY KEY (kind, crm_key)
 );
--- a table created before the column (NULL on its older rows)
-ALTER TABLE tryton_positions ADD COLUMN IF NOT EXISTS crm_commit_time timestamptz
+-- A table created before the column gets it (NULL on its older rows); only then, so a
+-- consumer's start does not take the table's exclusive lock each time.
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'tryton_positions'::regclass
+                   AND attname = 'crm_commit_time' AND NOT attisdropped) THEN
+        ALTER TABLE tryton_positions ADD COLUMN crm_commit_time timestamptz;
+    END IF;
+END $$
 """
 
 

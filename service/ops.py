@@ -73,16 +73,30 @@ def read_slot(conn: Any, slot_name: str) -> dict[str, Any] | None:
     still be written before the slot is in danger; None when max_slot_wal_keep_size is -1)
     and ``keep_size_bytes`` (max_slot_wal_keep_size in bytes, -1: unlimited). None when the
     slot does not exist. One query, on ``conn`` (`status`'s, the producer's own session).
+
+    A logical slot being created (``unconfirmed_bytes`` None: its confirmed_flush_lsn is NULL
+    until PostgreSQL has waited for every transaction open when the creation began, in any
+    database of the cluster) also has ``creating_s``: seconds since its creator's current
+    command began (pg_stat_activity.query_start of the slot's active_pid; None when not
+    visible to this role or no session holds the slot), and ``creating_waits`` (the
+    creator's wait event, ``Lock/transactionid`` while it waits for a transaction).
     Raises psycopg.Error."""
     row = conn.execute(
-        "SELECT active, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, "
-        "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, wal_status, "
-        f"safe_wal_size, {_KEEP_SIZE_SQL} FROM pg_replication_slots WHERE slot_name = %s",
-        (slot_name,)).fetchone()
+        "SELECT s.active, pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint, "
+        "pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint, s.wal_status, "
+        f"s.safe_wal_size, {_KEEP_SIZE_SQL}, "
+        "CASE WHEN s.confirmed_flush_lsn IS NULL "
+        "THEN extract(epoch FROM clock_timestamp() - a.query_start)::float8 END, "
+        "CASE WHEN s.confirmed_flush_lsn IS NULL THEN a.wait_event_type || '/' || a.wait_event "
+        "END FROM pg_replication_slots s LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid "
+        "WHERE s.slot_name = %s", (slot_name,)).fetchone()
     if row is None:
         return None
-    return {"active": row[0], "retained_wal_bytes": row[1], "unconfirmed_bytes": row[2],
-            "wal_status": row[3], "safe_wal_bytes": row[4], "keep_size_bytes": row[5]}
+    out = {"active": row[0], "retained_wal_bytes": row[1], "unconfirmed_bytes": row[2],
+           "wal_status": row[3], "safe_wal_bytes": row[4], "keep_size_bytes": row[5]}
+    if row[2] is None:
+        out.update(creating_s=row[6], creating_waits=row[7])
+    return out
 
 
 def slot_wal_danger(slot_name: str, wal_status: str | None, safe_wal_bytes: int | None,

@@ -23,7 +23,8 @@ from service.erp.apply import (
 )
 from service.erp.changes import ErpChange
 from service.erp.mappings import Mappings
-from service.erp.target import Outcome, Status
+from service.erp.target import LastApplied, Outcome, Status
+from service.errors import ConfigError
 from service.pg import PgConn
 from service.settings import Settings
 
@@ -43,6 +44,17 @@ TABLES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "market_demand": ("erp.demand_signals", "crm_demand_id",
                       ("signal_type", "product_category", "content", "observed_at")),
 }
+# `trace`: (ERP table, its CRM key column, what the row is to the key)
+KEY_TABLES = (
+    ("erp.business_partners", "crm_customer_id", "customer"),
+    ("erp.sales_orders", "crm_order_id", "order"),
+    ("erp.sales_orders", "crm_customer_id", "order of the customer"),
+    ("erp.demand_signals", "crm_demand_id", "market demand"),
+)
+# The tables whose rows carry applied_at and crm_commit_time (`status`'s "last applied").
+_APPLIED = ("SELECT applied_at, crm_commit_time, event_id FROM erp.business_partners UNION ALL "
+            "SELECT applied_at, crm_commit_time, event_id FROM erp.sales_orders UNION ALL "
+            "SELECT applied_at, crm_commit_time, event_id FROM erp.demand_signals")
 ITEM_FIELDS = ("sku", "product_name", "quantity", "unit_code", "unit_price", "base_quantity",
                "base_unit")
 
@@ -62,8 +74,9 @@ class SqlTarget:
 
     name: str = "sql"
     kinds: tuple[str, ...] = ("customer", "order", "market_demand")
+    stock_unavailable: str | None = None  # erp.stock is the sync's: `stock recount` keeps it
 
-    def __init__(self, settings: Settings, mappings: Mappings) -> None:
+    def __init__(self, settings: Settings, mappings: Mappings | None) -> None:
         self.settings = settings
         self.mappings = mappings
         self._conn: PgConn | None = None
@@ -75,6 +88,9 @@ class SqlTarget:
         return self._conn
 
     def attach(self, conn: PgConn) -> None:
+        if self.mappings is None:
+            raise ConfigError(Settings.env_var("mappings_file"),
+                              "the sql target applies and compares only with a mappings file")
         self._conn = conn
         check_schema(conn)
         load_status_effects(conn, self.mappings)
@@ -171,3 +187,43 @@ class SqlTarget:
                 with conn.cursor() as cur:
                     apply_stock_delta(cur, done)
         return done
+
+    def unretired_extra(self, kind: str) -> str | None:
+        return None  # mark_deleted retires every kind
+
+    # ---- operator reads -------------------------------------------------------------------
+    def last_applied(self, conn: PgConn) -> LastApplied:
+        """From the ERP rows' own ``applied_at`` and ``crm_commit_time``."""
+        last = conn.execute("SELECT max(applied_at), max(crm_commit_time), "
+                            "extract(epoch FROM clock_timestamp() - max(applied_at)) "
+                            f"FROM ({_APPLIED}) t").fetchone()
+        delay = conn.execute("SELECT extract(epoch FROM applied_at - crm_commit_time) "
+                             f"FROM ({_APPLIED}) t WHERE event_id NOT LIKE 'snap/%%' "
+                             "ORDER BY applied_at DESC LIMIT 1").fetchone()
+        if last is None:
+            return LastApplied()
+        return LastApplied(last[0], last[1], float(last[2]) if last[2] is not None else None,
+                           float(delay[0]) if delay and delay[0] is not None else None)
+
+    def key_records(self, conn: PgConn, key: str, orders: Sequence[str]
+                    ) -> list[dict[str, Any]]:
+        """Every ``erp.*`` row of the key (whole rows: position, event and ``deleted`` are
+        columns of their own); for ``orders``, their ``erp.sales_orders`` rows and the
+        ``erp.sales_order_items`` row of the line ``key``."""
+        out: list[dict[str, Any]] = []
+        queries: list[tuple[str, str, str, dict[str, Any]]] = [
+            (table, what, f"{column} = %(key)s", {"key": key})
+            for table, column, what in KEY_TABLES]
+        if orders:  # the line's order (by its order key only: not a customer's key)
+            queries += [
+                ("erp.sales_orders", "order of the line", "crm_order_id = ANY(%(orders)s)",
+                 {"orders": list(orders)}),
+                ("erp.sales_order_items", "order line",
+                 "crm_order_id = ANY(%(orders)s) AND crm_line_id = %(key)s",
+                 {"orders": list(orders), "key": key})]
+        for table, what, cond, params in queries:
+            cur = conn.execute(f"SELECT * FROM {table} WHERE {cond}", params)
+            names = [d.name for d in cur.description or ()]
+            out += [{"table": table, "as": what, "row": dict(zip(names, r, strict=True))}
+                    for r in cur.fetchall()]
+        return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
 from service.erp.changes import ErpChange
@@ -53,6 +54,21 @@ ABSENT_OK = "_absent_ok"
 KINDS = ("customer", "order", "market_demand")
 
 
+@dataclass(frozen=True, slots=True)
+class LastApplied:
+    """When the target last applied a change (`status`): all None before the first one.
+
+    ``applied_at``: the newest apply; ``crm_commit_time``: the newest CRM commit applied;
+    ``seconds_since``: seconds from ``applied_at`` to now (the database's clock);
+    ``end_to_end_delay_s``: seconds from CRM commit to apply of the newest change that was
+    not a snapshot row (None when unknown)."""
+
+    applied_at: datetime | None = None
+    crm_commit_time: datetime | None = None
+    seconds_since: float | None = None
+    end_to_end_delay_s: float | None = None
+
+
 class ErpTarget(Protocol):
     """Where the consumer applies changes. Implementations are used by one thread.
 
@@ -68,6 +84,9 @@ class ErpTarget(Protocol):
 
     name: str
     kinds: tuple[str, ...]  # the kinds this target keeps (reconcile checks only these)
+    # Why `stock recount` has nothing to recount with this target (None: the sync keeps the
+    # ERP's stock totals itself and recounts them).
+    stock_unavailable: str | None
 
     def attach(self, conn: PgConn) -> None: ...
 
@@ -105,13 +124,41 @@ class ErpTarget(Protocol):
 
     def close(self) -> None: ...
 
+    # ---- operator reads (`status`, `trace`, `stock recount`, `reconcile --repair`) ---------
+    # ``conn`` is a connection to the sync-state database (autocommit); nothing is written.
+
+    def last_applied(self, conn: PgConn) -> LastApplied:
+        """When this target last applied a change, from where it keeps its positions."""
+        ...
+
+    def key_records(self, conn: PgConn, key: str, orders: Sequence[str]
+                    ) -> list[dict[str, Any]]:
+        """What the ERP holds for the CRM key ``key`` (`trace`): the record keyed by it (a
+        customer, an order, a demand signal), the orders of a customer with that key, and
+        for ``orders`` (the orders an order line ``key`` belongs to) those orders and the
+        line. Each {"table": where it is, "as": what it is to the key, "row": its values
+        with ``source_lsn``, ``source_seq``, ``event_id``, ``applied_at`` (None when no
+        position is stored) and ``deleted``, and ``record`` (a short text naming the
+        record: id, state) where the table alone does not}. The rows hold personal data:
+        for the operator's screen only."""
+        ...
+
+    def unretired_extra(self, kind: str) -> str | None:
+        """None when ``mark_deleted`` retires records of ``kind`` the CRM no longer has;
+        otherwise the sentence `reconcile --repair` prints before such keys (what the
+        operator does about them: the target leaves them by design)."""
+        ...
+
 
 TARGETS = ("sql", "tryton")
 
 
-def make_target(settings: Settings, mappings: Mappings) -> ErpTarget:
-    """The target ``settings.erp_target`` names. Raises ConfigError for an unknown name or
-    missing Tryton settings (``Settings.validate`` checks them too)."""
+def make_target(settings: Settings, mappings: Mappings | None) -> ErpTarget:
+    """The target ``settings.erp_target`` names. ``mappings`` None: a target for the
+    operator reads alone (``last_applied``, ``key_records``, ``stock_unavailable``), which
+    need no mappings file (a broken one must not stop an operator looking); ``attach``
+    then raises ConfigError. Raises ConfigError for an unknown name or missing Tryton
+    settings (``Settings.validate`` checks them too)."""
     if settings.erp_target == "sql":
         from service.erp.sql_target import SqlTarget
 

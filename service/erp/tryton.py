@@ -99,8 +99,17 @@ CREATE TABLE IF NOT EXISTS tryton_positions (
     seq        bigint      NOT NULL,
     event_id   text        NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now(),
+    crm_commit_time timestamptz,      -- of the event applied (`status`'s end-to-end delay)
     PRIMARY KEY (kind, crm_key)
-)
+);
+-- A table created before the column gets it (NULL on its older rows); only then, so a
+-- consumer's start does not take the table's exclusive lock each time.
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'tryton_positions'::regclass
+                   AND attname = 'crm_commit_time' AND NOT attisdropped) THEN
+        ALTER TABLE tryton_positions ADD COLUMN crm_commit_time timestamptz;
+    END IF;
+END $$
 """
 
 
@@ -152,14 +161,16 @@ class PositionStore:
         try:
             with self._db().cursor() as cur:
                 cur.executemany(
-                    "INSERT INTO tryton_positions (kind, crm_key, erp_id, lsn, seq, event_id) "
-                    "VALUES (%s, %s, %s, %s, %s, %s) "
+                    "INSERT INTO tryton_positions (kind, crm_key, erp_id, lsn, seq, event_id, "
+                    "crm_commit_time) VALUES (%s, %s, %s, %s, %s, %s, %s) "
                     "ON CONFLICT (kind, crm_key) DO UPDATE SET erp_id = "
                     "COALESCE(EXCLUDED.erp_id, tryton_positions.erp_id), lsn = EXCLUDED.lsn, "
-                    "seq = EXCLUDED.seq, event_id = EXCLUDED.event_id, applied_at = now() "
+                    "seq = EXCLUDED.seq, event_id = EXCLUDED.event_id, applied_at = now(), "
+                    "crm_commit_time = EXCLUDED.crm_commit_time "
                     "WHERE (tryton_positions.lsn, tryton_positions.seq) "
                     "< (EXCLUDED.lsn, EXCLUDED.seq)",
-                    [(kind, key, erp_id, p.lsn, p.seq, p.event_id) for key, erp_id, p in rows])
+                    [(kind, key, erp_id, p.lsn, p.seq, p.event_id, p.commit_time)
+                     for key, erp_id, p in rows])
         except psycopg.OperationalError as exc:
             self.close()
             raise TargetUnavailable("tryton_positions", "sync-state database lost") from exc

@@ -20,12 +20,15 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import psycopg
+
 from service.erp.changes import ErpChange
 from service.erp.mappings import Mappings
-from service.erp.target import ABSENT_OK, Outcome, Status
+from service.erp.target import ABSENT_OK, LastApplied, Outcome, Status
 from service.erp.tryton import (
     STATUS_TARGET,
     PositionStore,
+    SaleState,
     TrytonTarget,
     line_sequence,
 )
@@ -57,6 +60,9 @@ class TrytonErpTarget:
 
     name: str = "tryton"
     kinds: tuple[str, ...] = ("customer", "order")
+    stock_unavailable: str | None = (
+        "Tryton keeps stock itself (its moves and shipments of confirmed sales; the sync "
+        "never writes stock there): look at stock in Tryton")
 
     def __init__(self, target: TrytonTarget) -> None:
         self.target = target
@@ -209,3 +215,89 @@ class TrytonErpTarget:
         """Not done for Tryton: an extra party or sale is Tryton's record to retire (a sale
         past quotation cannot be cancelled by the sync); reconcile reports it instead."""
         return []
+
+    def unretired_extra(self, kind: str) -> str | None:
+        what = {"customer": "deactivate the party in Tryton",
+                "order": "cancel the sale in Tryton"}.get(kind, "retire it in Tryton")
+        return f"extra in Tryton, not retired by design ({what})"
+
+    # ---- operator reads -------------------------------------------------------------------
+    def last_applied(self, conn: PgConn) -> LastApplied:
+        """From ``tryton_positions`` (a position is stored once Tryton accepted the change);
+        all None before the first change (the table does not exist until then)."""
+        try:
+            last = conn.execute(
+                "SELECT max(applied_at), max(crm_commit_time), "
+                "extract(epoch FROM clock_timestamp() - max(applied_at)) "
+                "FROM tryton_positions").fetchone()
+            delay = conn.execute(
+                "SELECT extract(epoch FROM applied_at - crm_commit_time) FROM tryton_positions "
+                "WHERE event_id NOT LIKE 'snap/%' ORDER BY applied_at DESC LIMIT 1").fetchone()
+        except psycopg.errors.UndefinedTable:  # no consumer has applied to Tryton yet
+            return LastApplied()
+        if last is None:
+            return LastApplied()
+        return LastApplied(last[0], last[1], float(last[2]) if last[2] is not None else None,
+                           float(delay[0]) if delay and delay[0] is not None else None)
+
+    def key_records(self, conn: PgConn, key: str, orders: Sequence[str]
+                    ) -> list[dict[str, Any]]:
+        """The party whose code is the key's, the sale of the CRM web shop whose web id is
+        the key, the sales of that party; for ``orders`` their sales and the sale line whose
+        sequence is the line ``key``'s. Positions from ``tryton_positions``."""
+        t = self.target
+        out: list[dict[str, Any]] = []
+        positions = _positions(conn, [key, *orders])
+        for party_key, p in t.read_parties([key]).items():
+            out.append({"table": "party.party", "as": "customer", "row": {
+                "record": f"id {p.id}, code {p.code}" + ("" if p.active else ", inactive"),
+                "id": p.id, "code": p.code, "name": p.name, "active": p.active,
+                "deleted": not p.active, **positions.get(("customer", party_key), _NO_POS)}})
+        own = t.read_sales([key])
+        party_sales = [str(r["web_id"]) for r in t.rpc.execute(
+            "sale.sale", "search_read", [("web_shop", "=", t.shop_id),
+                                         ("party.code", "=", t.party_code(key))],
+            0, None, [("id", "ASC")], ["web_id"])]
+        by_customer = t.read_sales([k for k in party_sales if k != key])
+        positions.update(_positions(conn, list(by_customer), kinds=("order",)))
+        for what, sales in (("order", own), ("order of the customer", by_customer),
+                            ("order of the line", t.read_sales(orders) if orders else {})):
+            for web_id, sale in sales.items():
+                row = _sale_row(sale, positions.get(("order", web_id), _NO_POS))
+                out.append({"table": "sale.sale", "as": what, "row": row})
+                if what == "order of the line":
+                    seq = line_sequence(key)
+                    out += [{"table": "sale.line", "as": "order line", "row": {
+                        "record": f"sequence {s} of sale id {sale.id}: {sku} x {qty:g}",
+                        "sale": sale.id, "sequence": s, "sku": sku, "quantity": qty,
+                        "unit_price": price, "deleted": False,
+                        **positions.get(("order", web_id), _NO_POS)}}
+                        for s, sku, qty, price in sale.lines if s == seq]
+        return out
+
+
+# A key without a stored position (nothing applied by this sync, or an older table).
+_NO_POS: dict[str, Any] = {"source_lsn": None, "source_seq": None, "event_id": None,
+                           "applied_at": None}
+
+
+def _positions(conn: PgConn, keys: Sequence[str], kinds: tuple[str, ...] = ("customer", "order")
+               ) -> dict[tuple[str, str], dict[str, Any]]:
+    """(kind, key) -> its stored position, as `trace` shows ERP rows' positions."""
+    try:
+        rows = conn.execute(
+            "SELECT kind, crm_key, lsn, seq, event_id, applied_at FROM tryton_positions "
+            "WHERE kind = ANY(%s) AND crm_key = ANY(%s)", (list(kinds), list(keys))).fetchall()
+    except psycopg.errors.UndefinedTable:  # no consumer has applied to Tryton yet
+        return {}
+    return {(kind, key): {"source_lsn": lsn, "source_seq": seq, "event_id": event_id,
+                          "applied_at": applied_at}
+            for kind, key, lsn, seq, event_id, applied_at in rows}
+
+
+def _sale_row(sale: SaleState, position: dict[str, Any]) -> dict[str, Any]:
+    return {"record": f"id {sale.id}, number {sale.number or '-'}, state {sale.state}, "
+                      f"shipment {sale.shipment_state}",
+            "id": sale.id, "number": sale.number, "web_id": sale.web_id, "state": sale.state,
+            "shipment_state": sale.shipment_state, "party_code": sale.party_code,
+            "lines": len(sale.lines), "deleted": False, **position}

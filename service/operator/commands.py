@@ -61,6 +61,12 @@ def slot_text(slot: dict[str, Any] | None) -> str:
         return "MISSING"
     if slot.get("wal_status") == "lost":
         return "LOST (its WAL was removed)"
+    if slot.get("unconfirmed_bytes") is None:  # confirmed_flush_lsn NULL: not created yet
+        since = slot.get("creating_s")
+        return ("being created" + (f" for {_fmt_s(since)}" if since is not None else "")
+                + ": waiting for the transactions open when its creation began to end (the "
+                "oldest is below); nothing is captured until then; retains "
+                f"{slot['retained_wal_bytes']} bytes of WAL")
     text = (f"{'reading' if slot['active'] else 'idle'}, retains "
             f"{slot['retained_wal_bytes']} bytes of WAL, {slot['unconfirmed_bytes']} bytes "
             f"not yet confirmed, WAL {slot.get('wal_status')}")
@@ -479,18 +485,32 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
         for entity, sid in rep.snapshots.items():
             print(f"  requested snapshot #{sid} of the drifted {entity} keys")
         for entity, keys in rep.marked_deleted.items():
-            print(f"  marked {len(keys)} extra {entity} row(s) deleted in the ERP: "
-                  f"{', '.join(map(str, keys[:shown]))}")
+            print(f"  marked {len(keys)} extra {entity} row(s) deleted in the ERP"
+                  + (f": {_keys_text(keys, shown)}" if keys else
+                     " (each changed since it was compared: run reconcile again)"))
+        for entity, (advice, keys) in rep.not_retired.items():
+            print(f"  {entity} {advice}: {_keys_text(keys, shown)}")
         left = sum(r.drift for r in rep.remaining)
+        waiting = sum(len(r.missing) + len(r.differing)
+                      + (0 if r.entity in rep.not_retired else len(r.extra))
+                      for r in rep.remaining)
         print(f"  {'converged' if rep.converged else 'NOT converged'} after {rep.waited_s}s; "
-              f"{left} key(s) still drifting" + ("" if rep.converged else
-              " (is the producer running? are consumers running? unmappable keys need a "
-              "mapping fix or a CRM correction)"))
+              f"{left} key(s) still drifting" + (
+                  "" if rep.converged else
+                  " (is the producer running? are consumers running? unmappable keys need a "
+                  "mapping fix or a CRM correction)" if waiting else
+                  " (none a repair changes: see above)"))
     if result.drift:
         print(f"\nDRIFT: {result.drift} key(s)")
         return EXIT_ATTENTION
     print("\nNo drift.")
     return EXIT_OK
+
+
+def _keys_text(keys: list[str], shown: int | None) -> str:
+    more = (f" … and {len(keys) - shown} more (--limit 0 shows all)"
+            if shown is not None and len(keys) > shown else "")
+    return ", ".join(map(str, keys[:shown])) + more
 
 
 # ---- stock ---------------------------------------------------------------------------------
@@ -512,9 +532,16 @@ def _print_stock(rc: Any, shown: int | None = 20) -> None:
 
 def cmd_stock_recount(settings: Settings, args: argparse.Namespace) -> int:
     from service.erp.mappings import Mappings
+    from service.erp.target import make_target
     from service.operator.common import connect
     from service.operator.stock import recount
 
+    target = make_target(settings, None)
+    target.close()
+    if target.stock_unavailable is not None:
+        print(f"crm-erp-sync: stock recount is not available with the {target.name} target: "
+              f"{target.stock_unavailable}", file=sys.stderr)
+        return EXIT_USAGE
     mappings = Mappings.load(settings.mappings_file)
     with connect(settings, "erp") as erp:
         rc = recount(erp, mappings, repair=not args.check)
@@ -574,12 +601,13 @@ def cmd_trace(settings: Settings, args: argparse.Namespace) -> int:
     print("\nERP:")
     for r in t.erp:
         row = r["row"]
-        print(f"  {r['table']} ({r['as']}): position lsn {row.get('source_lsn')} seq "
+        record = f" {row['record']}" if row.get("record") else ""
+        print(f"  {r['table']} ({r['as']}){record}: position lsn {row.get('source_lsn')} seq "
               f"{row.get('source_seq')}, event {row.get('event_id')}, applied "
               f"{render.cell(row.get('applied_at'))}"
               + (", DELETED" if row.get("deleted") else ""))
     if not t.erp:
-        print("  no row with this key")
+        print(f"  no record with this key (ERP target {settings.erp_target})")
     print("\nHeld events:" + ("" if t.held else " none"))
     for h in t.held:
         print(f"  #{h['held_id']} {h['topic']}[{h['partition']}]@{h['offset']} {h['reason']}"

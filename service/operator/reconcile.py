@@ -30,8 +30,11 @@ SKUs whose totals drift are reported; ``--repair`` corrects them.
 ``--repair`` requests an ad-hoc snapshot of the missing and differing keys (the running
 producer re-emits them, the consumers apply them: the normal path, with its position guard)
 and marks extra rows deleted directly in the ERP, but only if the row still has the position
-that was compared (a newer event wins). It then re-checks the drifted keys until they have
-converged or the deadline passes.
+that was compared (a newer event wins); a target that leaves extra records by design (the
+tryton target: a sale past quotation is Tryton's) has them reported with what to do
+(``ErpTarget.unretired_extra``) instead. It then re-checks the drifted keys until the ones a
+repair can change (missing, differing, extra ones it retires) have converged or the deadline
+passes: unmappable, held and unretired extra keys are not waited for.
 """
 
 from __future__ import annotations
@@ -140,6 +143,8 @@ class EntityReport:
 class RepairReport:
     snapshots: dict[str, int] = field(default_factory=dict)  # entity -> snapshot id
     marked_deleted: dict[str, list[str]] = field(default_factory=dict)
+    # entity -> (what the target says of them, extra keys it does not retire by design)
+    not_retired: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
     converged: bool = False
     waited_s: float = 0.0
     remaining: list[EntityReport] = field(default_factory=list)
@@ -289,6 +294,12 @@ class Reconciler:
         if self._target is None:
             self._target = make_target(self.settings, self.mappings)
         return self._target.kinds
+
+    def stock_kept(self) -> bool:
+        """Whether the sync keeps the ERP's stock totals (recounted with orders)."""
+        if self._target is None:
+            self._target = make_target(self.settings, self.mappings)
+        return self._target.stock_unavailable is None
 
     def close(self) -> None:
         if self._target is not None:
@@ -531,16 +542,23 @@ class Reconciler:
                     out.snapshots[entity.name] = request_snapshot(
                         crm, self.profile, entity.source, keys, self.chunk_size,
                         reason="reconcile")
-                if report.extra:
+                if not report.extra:
+                    continue
+                advice = self.target(erp).unretired_extra(entity.source)
+                if advice is None:
                     out.marked_deleted[entity.name] = self._mark_deleted(erp, entity,
                                                                          report.extra)
+                else:
+                    out.not_retired[entity.name] = (advice, list(report.extra))
         started = time.monotonic()
         while True:
             out.remaining = [self.check_keys(ENTITIES[r.entity],
                                              sorted({*r.missing, *r.extra, *r.differing,
                                                      *r.unmappable, *r.held}))
                              for r in reports]
-            repairable = sum(len(r.missing) + len(r.extra) + len(r.differing)
+            # Extra keys the target leaves by design stay extra: not waited for.
+            repairable = sum(len(r.missing) + len(r.differing)
+                             + (0 if r.entity in out.not_retired else len(r.extra))
                              for r in out.remaining)
             if repairable == 0 or time.monotonic() - started > wait_s:
                 break
@@ -589,7 +607,7 @@ def reconcile(settings: Settings, entities: list[str] | None = None, *, repair: 
         result = ReconcileReport(reports)
         if repair and any(r.drift for r in reports):
             result.repair = rec.repair([r for r in reports if r.drift], wait_s=wait_s)
-        if "orders" in names and settings.erp_target == "sql":
+        if "orders" in names and rec.stock_kept():
             # After the order repair (if any): totals are recounted from what the ERP holds.
             with connect(settings, "erp") as erp:
                 result.stock = recount(erp, rec.mappings, repair=repair)

@@ -22,6 +22,10 @@ Needs attention (exit 1) when any of:
 - a CRM transaction holding an xid has been open longer than ``pinning_xact_max_s``
   (``CRM_ERP_SYNC_PINNING_XACT_MAX_S``, 600): the slot cannot confirm past it, so the CRM
   keeps its WAL (pid, age and state are shown, never the query text);
+- the slot is still being created ``SLOT_CREATING_MAX_S`` (10 s) after its creation began (its
+  confirmed_flush_lsn is NULL until every transaction open at that moment, in any database of
+  the cluster, has ended): the producer captures nothing meanwhile; the oldest transaction is
+  named;
 - the slot retains more than ``retained_wal_max_bytes`` of WAL (1 GiB);
 - the slot is about to lose WAL: its ``wal_status`` is 'unreserved' (the CRM removes the WAL
   it needs at the next checkpoint), or its ``safe_wal_size`` is under
@@ -69,6 +73,7 @@ from service.cdc.producer import lock_key
 from service.cdc.profile import load_profile
 from service.consumer.mappings_watch import STALE_AFTER_S, live_members
 from service.erp.mappings import Mappings
+from service.erp.target import make_target
 from service.errors import BrokerUnreachable, ConfigError, StackUnavailable
 from service.kafka_io import make_admin
 from service.operator.breaker import BreakerTrip, open_trips
@@ -85,6 +90,9 @@ from service.ops import (
 )
 from service.settings import Settings
 
+# A slot takes milliseconds to create unless a transaction is open somewhere in the CRM's
+# cluster; still being created after this many seconds means the producer is blocked on one.
+SLOT_CREATING_MAX_S = 10.0
 # A peek report older than this is from a producer that stopped (or switched transport).
 PEEK_REPORT_STALE_S = 60.0
 CAPTURE_SHOWN = 20
@@ -115,6 +123,9 @@ class Status:
     held: dict[str, dict[str, Any]]  # reason -> {count, oldest_held_at, oldest_age_s}
     stuck_keys: int
     producer_running: bool
+    # ErpTarget.last_applied, read through the configured target (the sql target's erp.*
+    # rows, the tryton target's tryton_positions): applied_at, crm_commit_time,
+    # seconds_since_last_apply, end_to_end_delay_s (None until the first change)
     last_applied: dict[str, Any]
     breaker: list[BreakerTrip] = field(default_factory=list)  # partitions paused
     members: list[Member] = field(default_factory=list)
@@ -410,20 +421,11 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
             "WHERE h.reason = 'key_blocked' AND NOT EXISTS (SELECT 1 FROM sync.dead_letters d "
             "WHERE d.topic = h.topic AND d.msg_key IS NOT DISTINCT FROM h.msg_key "
             "AND d.state IN ('open', 'failed_again'))").fetchone()
-        last = erp.execute(
-            "SELECT max(applied_at), max(crm_commit_time), "
-            "extract(epoch FROM clock_timestamp() - max(applied_at)) FROM ("
-            "SELECT applied_at, crm_commit_time FROM erp.business_partners UNION ALL "
-            "SELECT applied_at, crm_commit_time FROM erp.sales_orders UNION ALL "
-            "SELECT applied_at, crm_commit_time FROM erp.demand_signals) t").fetchone()
-        delay = erp.execute(
-            "SELECT extract(epoch FROM applied_at - crm_commit_time) FROM ("
-            "SELECT applied_at, crm_commit_time, event_id FROM erp.business_partners UNION ALL "
-            "SELECT applied_at, crm_commit_time, event_id FROM erp.sales_orders UNION ALL "
-            "SELECT applied_at, crm_commit_time, event_id FROM erp.demand_signals) t "
-            "WHERE event_id NOT LIKE 'snap/%%' ORDER BY applied_at DESC LIMIT 1").fetchone()
-    assert last is not None
-    applied_at: datetime | None = last[0]
+        target = make_target(settings, None)
+        try:
+            last = target.last_applied(erp)
+        finally:
+            target.close()
     status = Status(
         lag=lag, slot=slot, pending_snapshots=pending, dead_letters=letters, held=held,
         stuck_keys=int(stuck_row[0]) if stuck_row else 0,
@@ -439,10 +441,9 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         oldest_transaction=xact,
         peek=peek if peek is not None and peek["reported_s_ago"] < PEEK_REPORT_STALE_S
         else None,
-        last_applied={"applied_at": applied_at, "crm_commit_time": last[1],
-                      "seconds_since_last_apply": float(last[2]) if last[2] is not None
-                      else None,
-                      "end_to_end_delay_s": float(delay[0]) if delay else None})
+        last_applied={"applied_at": last.applied_at, "crm_commit_time": last.crm_commit_time,
+                      "seconds_since_last_apply": last.seconds_since,
+                      "end_to_end_delay_s": last.end_to_end_delay_s})
     window = settings.apply_window_parsed()
     closed = False
     if window is not None:
@@ -579,6 +580,22 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
     elif not status.producer_running:
         status.attention.append(f"no producer is running (nobody holds the capture lock of "
                                 f"slot {settings.slot_name}); WAL is retained meanwhile")
+    creating = slot is not None and slot.get("unconfirmed_bytes") is None
+    if creating and not crm_down and (slot or {}).get("wal_status") != "lost":
+        since = (slot or {}).get("creating_s")
+        if since is None or since > SLOT_CREATING_MAX_S:
+            ox = status.oldest_transaction
+            who = "" if ox is None else (
+                f"pid {ox['pid']}" if ox["pid"] is not None else "a prepared transaction")
+            blocker = ("" if ox is None else
+                       f" (the oldest: {who}, database {ox['database']}, open for "
+                       f"{_age(ox['age_s'])})")
+            status.attention.append(
+                f"replication slot {settings.slot_name} is still being created"
+                + (f" after {_age(since)}" if since is not None else "")
+                + ": PostgreSQL waits for every transaction that was open when its creation "
+                f"began, in any database of the CRM's cluster, to end{blocker}; the producer "
+                "captures nothing until then: end that transaction")
     awaiting = held.get("awaiting_customer")
     if awaiting and awaiting["oldest_age_s"] > settings.orphan_hold_s and not closed:
         status.attention.append(f"events held awaiting their customer for more than "

@@ -1,8 +1,10 @@
 """`crm-erp-sync trace KEY`: one key through the system.
 
 The CRM row(s) with that key (every entity of the source profile whose key can read it), its
-events on Kafka (topic, partition, offset, kind, op, position), the ERP rows and their
-positions, the events held for it and its dead letters with what was done to them.
+events on Kafka (topic, partition, offset, kind, op, position), the ERP's records and their
+positions (read through the ERP target, ``ErpTarget.key_records``: the ``erp.*`` rows, or
+Tryton's party, sales and sale line with their positions in ``tryton_positions``), the
+events held for it and its dead letters with what was done to them.
 
 An order line has no events of its own: its changes travel in its order's events. A key that
 reads an order line row is followed to its order (the profile's ``[order_line] order``
@@ -28,16 +30,10 @@ from kafka import TopicPartition
 
 from service.avro import SchemaRegistry
 from service.cdc.dead_letters import is_marker, read_marker
+from service.erp.target import make_target
 from service.errors import BrokerUnreachable, Permanent, StackUnavailable
 from service.operator.common import broker_consumer, connect
 from service.settings import Settings
-
-ERP_TABLES = (  # (ERP table, its CRM key column, what it is)
-    ("erp.business_partners", "crm_customer_id", "customer"),
-    ("erp.sales_orders", "crm_order_id", "order"),
-    ("erp.sales_orders", "crm_customer_id", "order of the customer"),
-    ("erp.demand_signals", "crm_demand_id", "market demand"),
-)
 
 
 @dataclass
@@ -45,7 +41,8 @@ class Trace:
     key: str
     crm: list[dict[str, Any]] = field(default_factory=list)  # {entity, table, row}
     events: list[dict[str, Any]] = field(default_factory=list)
-    erp: list[dict[str, Any]] = field(default_factory=list)  # {table, as, row}
+    # What the ERP target holds for the key (ErpTarget.key_records): {table, as, row}
+    erp: list[dict[str, Any]] = field(default_factory=list)
     held: list[dict[str, Any]] = field(default_factory=list)
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
     scanned: int = 0  # Kafka records decoded
@@ -169,23 +166,13 @@ def trace(settings: Settings, key: str, *, topics: list[str] | None = None) -> T
     except BrokerUnreachable as exc:
         t.broker_unreachable = str(exc)
     at = [(e["topic"], e["partition"], e["offset"]) for e in t.events]
+    target = make_target(settings, None)
+    try:
+        with connect(settings, "erp") as erp:
+            t.erp = target.key_records(erp, key, t.follows)
+    finally:
+        target.close()
     with connect(settings, "erp") as erp:
-        for table, column, what in ERP_TABLES:
-            cur = erp.execute(f"SELECT * FROM {table} WHERE {column} = %s", (key,))
-            names = [d.name for d in cur.description or ()]
-            for r in cur.fetchall():
-                t.erp.append({"table": table, "as": what, "row": dict(zip(names, r,
-                                                                             strict=True))})
-        if t.follows:  # the line's order (by its order key only: not a customer's key)
-            for table, what, cond in (
-                    ("erp.sales_orders", "order of the line", "crm_order_id = ANY(%(orders)s)"),
-                    ("erp.sales_order_items", "order line",
-                     "crm_order_id = ANY(%(orders)s) AND crm_line_id = %(line)s")):
-                cur = erp.execute(f"SELECT * FROM {table} WHERE {cond}",
-                                  {"orders": t.follows, "line": key})
-                names = [d.name for d in cur.description or ()]
-                t.erp += [{"table": table, "as": what,
-                           "row": dict(zip(names, r, strict=True))} for r in cur.fetchall()]
         where = ('(msg_key = %s OR (topic, partition, "offset") IN (SELECT * FROM unnest('
                  '%s::text[], %s::int[], %s::bigint[])))')
         params = (key.encode(), [a[0] for a in at], [a[1] for a in at], [a[2] for a in at])

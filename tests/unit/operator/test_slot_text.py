@@ -31,3 +31,15 @@ def test_unlimited_keep_size_prints_no_safe_size() -> None:
 def test_missing_and_lost() -> None:
     assert slot_text(None) == "MISSING"
     assert slot_text(_slot(wal_status="lost")) == "LOST (its WAL was removed)"
+
+
+def test_a_slot_being_created_says_so_not_none_bytes() -> None:
+    # confirmed_flush_lsn is NULL until PostgreSQL has waited for the transactions open when
+    # the creation began: no "None bytes not yet confirmed".
+    text = slot_text(_slot(unconfirmed_bytes=None, creating_s=25.0,
+                           creating_waits="Lock/transactionid"))
+    assert "None" not in text
+    assert text.startswith("being created for 25.0s: waiting for the transactions open when "
+                           "its creation began to end")
+    assert "nothing is captured until then" in text
+    assert "being created:" in slot_text(_slot(unconfirmed_bytes=None, creating_s=None))

@@ -21,6 +21,7 @@ from service.settings import CONFIG_FILE_VAR, ENV_PREFIX, Settings
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s" / "base"
+EXAMPLES = REPO / "deploy" / "k8s" / "examples"
 SETTINGS_VARS = {Settings.env_var(f.name) for f in dataclasses.fields(Settings)}
 SECRET_VARS = {Settings.env_var(f.name) for f in dataclasses.fields(Settings)
                if f.metadata.get("secret")}
@@ -217,6 +218,39 @@ def test_setup_job_runs_setup(manifests: dict[tuple[str, str], dict[str, Any]]) 
     assert template["spec"]["restartPolicy"] in ("OnFailure", "Never")
 
 
+def secret_refs(container: dict[str, Any]) -> set[str]:
+    return {r["secretRef"]["name"] for r in container.get("envFrom", []) if "secretRef" in r}
+
+
+def test_setup_runs_as_administrators_and_only_setup_does(
+        manifests: dict[tuple[str, str], dict[str, Any]], kustomization: dict[str, Any]
+        ) -> None:
+    """`setup` creates the publication and schemas the restricted roles may not (newcomer6
+    F10): its Job has a Secret of its own, with other roles than the pods' Secret, and no
+    long-running pod or example CronJob is given the administrators' one."""
+    _, template = pod_spec(manifests, "Job", "crm-erp-sync-setup")
+    (container,) = template["spec"]["containers"]
+    assert secret_refs(container) == {"crm-erp-sync-setup-secrets"}
+    admin = manifests[("Secret", "crm-erp-sync-setup-secrets")]["stringData"]
+    pods = manifests[("Secret", "crm-erp-sync-secrets")]["stringData"]
+    assert set(admin) <= SECRET_VARS
+    for var in ("CRM_ERP_SYNC_CRM_DSN", "CRM_ERP_SYNC_ERP_DSN"):
+        assert "CHANGE-ME" in admin[var] and "sslmode=verify-full" in admin[var]
+        admin_url, pod_url = urlsplit(admin[var]), urlsplit(pods[var])
+        assert admin_url.username != pod_url.username, var
+        assert (admin_url.hostname, admin_url.path) == (pod_url.hostname, pod_url.path), var
+    (generator,) = kustomization["configMapGenerator"]
+    config = {k: v for f in generator["envs"] for k, v in env_file(K8S / f).items()}
+    assert_known_and_valid({**config, **admin}, "the setup Job")
+    others = [pod_spec(manifests, "Deployment", n)[1] for n in
+              ("crm-erp-sync-producer", "crm-erp-sync-consumer")]
+    others += [yaml.safe_load(p.read_text())["spec"]["jobTemplate"]["spec"]["template"]
+               for p in sorted(EXAMPLES.glob("*.yaml"))]
+    for other in others:
+        for c in other["spec"]["containers"]:
+            assert secret_refs(c) == {"crm-erp-sync-secrets"}, c["name"]
+
+
 def test_the_placeholder_secret_says_so(
         manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
     secret = manifests[("Secret", "crm-erp-sync-secrets")]["stringData"]
@@ -233,13 +267,13 @@ def test_kustomize_builds_when_kubectl_is_here() -> None:
                           check=False)
     assert done.returncode == 0, done.stderr
     kinds = [d["kind"] for d in yaml.safe_load_all(done.stdout)]
-    assert sorted(kinds) == sorted(["Namespace", "ServiceAccount", "ConfigMap", "Secret", "Job",
+    assert sorted(kinds) == sorted(["Namespace", "ServiceAccount", "ConfigMap", "Secret",
+                                    "Secret", "Job",
                                     "Deployment", "Deployment", "PodDisruptionBudget",
                                     "PodDisruptionBudget", "Service"])
 
 
 # ---- deploy/k8s/examples -----------------------------------------------------------------------
-EXAMPLES = REPO / "deploy" / "k8s" / "examples"
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)

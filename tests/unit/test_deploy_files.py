@@ -11,7 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
@@ -259,6 +259,58 @@ def test_the_placeholder_secret_says_so(
         assert "sslmode=verify-full" in secret[var]
 
 
+def all_pods(manifests: dict[tuple[str, str], dict[str, Any]]
+             ) -> list[tuple[str, dict[str, Any]]]:
+    """(name, pod template) of every pod the base and the examples run."""
+    pods = [(n, pod_spec(manifests, k, n)[1]) for k, n in
+            [("Deployment", "crm-erp-sync-producer"), ("Deployment", "crm-erp-sync-consumer"),
+             ("Job", "crm-erp-sync-setup")]]
+    pods += [(p.name, yaml.safe_load(p.read_text())["spec"]["jobTemplate"]["spec"]["template"])
+             for p in sorted(EXAMPLES.glob("*.yaml"))]
+    return pods
+
+
+def mounted(pod: dict[str, Any], container: dict[str, Any], path: str) -> tuple[str, str, str]:
+    """(volume kind, its ConfigMap's or Secret's name, the key) that the file ``path`` of
+    ``container`` comes from: a read-only directory mount (a subPath mount never sees an
+    update). Fails when nothing mounts it."""
+    for mount in container.get("volumeMounts", []):
+        directory = mount["mountPath"].rstrip("/") + "/"
+        if path.startswith(directory):
+            assert "subPath" not in mount, path
+            assert mount.get("readOnly") is True, path
+            (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+            for kind, name in (("configMap", "name"), ("secret", "secretName")):
+                if kind in volume:
+                    return kind, volume[kind][name], path[len(directory):]
+            raise AssertionError(f"{path}: volume {mount['name']} is no ConfigMap or Secret")
+    raise AssertionError(f"{path} is mounted in no volume of {container['name']}")
+
+
+def test_tls_is_verified_against_a_ca_every_pod_mounts(
+        manifests: dict[tuple[str, str], dict[str, Any]], k8s_settings: Settings) -> None:
+    """newcomer6 F11: verify-full needs a CA file (the image's user has no home for libpq's
+    default, the root filesystem is read-only), and the production default talks to Kafka
+    over TLS with SASL, as the Secret's SASL password implies."""
+    assert k8s_settings.kafka_security_protocol == "SASL_SSL"
+    assert k8s_settings.kafka_sasl_mechanism.startswith("SCRAM-")
+    assert k8s_settings.kafka_sasl_username
+    cafile = k8s_settings.kafka_ssl_cafile
+    assert cafile.startswith("/")
+    for name in ("crm-erp-sync-secrets", "crm-erp-sync-setup-secrets"):
+        secret = manifests[("Secret", name)]["stringData"]
+        assert "CHANGE-ME" in secret["CRM_ERP_SYNC_KAFKA_SASL_PASSWORD"], name
+        for var in ("CRM_ERP_SYNC_CRM_DSN", "CRM_ERP_SYNC_ERP_DSN"):
+            query = parse_qs(urlsplit(secret[var]).query)
+            assert query["sslmode"] == ["verify-full"], (name, var)
+            assert query["sslrootcert"] == [cafile], (name, var)
+    for where, pod in all_pods(manifests):
+        (container,) = pod["spec"]["containers"]
+        kind, name, key = mounted(pod["spec"], container, cafile)
+        assert kind == "configMap", where
+        assert key in manifests[("ConfigMap", name)]["data"], where
+
+
 def test_kustomize_builds_when_kubectl_is_here() -> None:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
@@ -267,8 +319,8 @@ def test_kustomize_builds_when_kubectl_is_here() -> None:
                           check=False)
     assert done.returncode == 0, done.stderr
     kinds = [d["kind"] for d in yaml.safe_load_all(done.stdout)]
-    assert sorted(kinds) == sorted(["Namespace", "ServiceAccount", "ConfigMap", "Secret",
-                                    "Secret", "Job",
+    assert sorted(kinds) == sorted(["Namespace", "ServiceAccount", "ConfigMap", "ConfigMap",
+                                    "Secret", "Secret", "Job",
                                     "Deployment", "Deployment", "PodDisruptionBudget",
                                     "PodDisruptionBudget", "Service"])
 

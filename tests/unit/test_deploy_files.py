@@ -141,15 +141,46 @@ def env_file(path: Path) -> dict[str, str]:
     return {k: v for k, v in pairs}
 
 
+CONFIG = "crm-erp-sync-config"
+FILE_VARS = ("CRM_ERP_SYNC_MAPPINGS_FILE", "CRM_ERP_SYNC_SOURCE_PROFILE")
+
+
+def generator(kustomization: dict[str, Any], name: str) -> dict[str, Any]:
+    (found,) = [g for g in kustomization["configMapGenerator"] if g["name"] == name]
+    return found
+
+
+def config_env(kustomization: dict[str, Any]) -> dict[str, str]:
+    """The settings ConfigMap's variables, as sync.env gives them."""
+    return {k: v for f in generator(kustomization, CONFIG)["envs"]
+            for k, v in env_file(K8S / f).items()}
+
+
+def with_local_files(kustomization: dict[str, Any], pod: dict[str, Any],
+                     env: dict[str, str]) -> dict[str, str]:
+    """``env`` with each file a pod reads from a generated ConfigMap (FILE_VARS) replaced by
+    the file in deploy/k8s/base it is generated from: so Settings' start-up check that the
+    files exist checks what the pod would see. Fails when the pod does not mount it."""
+    (container,) = pod["spec"]["containers"]
+    out = dict(env)
+    for var in FILE_VARS:
+        kind, name, key = mounted(pod["spec"], container, env[var])
+        assert kind == "configMap", var
+        assert key in generator(kustomization, name)["files"], (var, name)
+        out[var] = str(K8S / key)
+    return out
+
+
 @pytest.fixture(scope="module")
 def k8s_settings(kustomization: dict[str, Any],
                  manifests: dict[tuple[str, str], dict[str, Any]]) -> Settings:
-    (generator,) = kustomization["configMapGenerator"]
-    config = {k: v for f in generator["envs"] for k, v in env_file(K8S / f).items()}
+    config = config_env(kustomization)
     secret = manifests[("Secret", "crm-erp-sync-secrets")]["stringData"]
     assert set(secret) <= SECRET_VARS, "a Secret key is no secret setting"
     assert not set(config) & SECRET_VARS, "a secret in the ConfigMap"
-    return assert_known_and_valid({**config, **secret}, "deploy/k8s")
+    producer = pod_spec(manifests, "Deployment", "crm-erp-sync-producer")[1]
+    return assert_known_and_valid(with_local_files(kustomization, producer,
+                                                   {**config, **secret}), "deploy/k8s")
 
 
 def test_every_resource_file_is_in_the_kustomization(kustomization: dict[str, Any]) -> None:
@@ -239,9 +270,9 @@ def test_setup_runs_as_administrators_and_only_setup_does(
         admin_url, pod_url = urlsplit(admin[var]), urlsplit(pods[var])
         assert admin_url.username != pod_url.username, var
         assert (admin_url.hostname, admin_url.path) == (pod_url.hostname, pod_url.path), var
-    (generator,) = kustomization["configMapGenerator"]
-    config = {k: v for f in generator["envs"] for k, v in env_file(K8S / f).items()}
-    assert_known_and_valid({**config, **admin}, "the setup Job")
+    assert_known_and_valid(with_local_files(kustomization, template,
+                                            {**config_env(kustomization), **admin}),
+                           "the setup Job")
     others = [pod_spec(manifests, "Deployment", n)[1] for n in
               ("crm-erp-sync-producer", "crm-erp-sync-consumer")]
     others += [yaml.safe_load(p.read_text())["spec"]["jobTemplate"]["spec"]["template"]
@@ -311,6 +342,31 @@ def test_tls_is_verified_against_a_ca_every_pod_mounts(
         assert key in manifests[("ConfigMap", name)]["data"], where
 
 
+def test_every_pod_reads_the_mappings_and_source_profile_from_mounted_configmaps(
+        manifests: dict[tuple[str, str], dict[str, Any]], kustomization: dict[str, Any]
+        ) -> None:
+    """newcomer6 F12: README's live reload edits the mappings file through a ConfigMap
+    mounted as a directory; the producer's profile (BottleCRM's needs its org id) must be
+    the operator's, not the image's. Every process checks both files exist at start, so
+    every pod mounts both; the mappings' ConfigMap keeps its name (no hash), so an update
+    reaches the running consumers instead of rolling them."""
+    from service.cdc.profile import load_profile
+    from service.erp.mappings import Mappings
+
+    config = config_env(kustomization)
+    for where, pod in all_pods(manifests):
+        assert_known_and_valid(with_local_files(kustomization, pod, config), where)
+    mappings = config["CRM_ERP_SYNC_MAPPINGS_FILE"]
+    consumer = pod_spec(manifests, "Deployment", "crm-erp-sync-consumer")[1]
+    (container,) = consumer["spec"]["containers"]
+    _, name, key = mounted(consumer["spec"], container, mappings)
+    assert generator(kustomization, name)["options"]["disableNameSuffixHash"] is True
+    assert Mappings.load(K8S / key).order_status  # the shipped copy is valid
+    _, name, key = mounted(consumer["spec"], container, config["CRM_ERP_SYNC_SOURCE_PROFILE"])
+    assert "disableNameSuffixHash" not in generator(kustomization, name).get("options", {})
+    assert load_profile(K8S / key).tables
+
+
 def test_kustomize_builds_when_kubectl_is_here() -> None:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
@@ -320,7 +376,7 @@ def test_kustomize_builds_when_kubectl_is_here() -> None:
     assert done.returncode == 0, done.stderr
     kinds = [d["kind"] for d in yaml.safe_load_all(done.stdout)]
     assert sorted(kinds) == sorted(["Namespace", "ServiceAccount", "ConfigMap", "ConfigMap",
-                                    "Secret", "Secret", "Job",
+                                    "ConfigMap", "ConfigMap", "Secret", "Secret", "Job",
                                     "Deployment", "Deployment", "PodDisruptionBudget",
                                     "PodDisruptionBudget", "Service"])
 
@@ -346,8 +402,7 @@ def test_example_cronjobs_run_real_commands_with_the_base_config(
     assert_command(container["args"], path.name)
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     refs = {next(iter(r)): next(iter(r.values()))["name"] for r in container["envFrom"]}
-    (generator,) = kustomization["configMapGenerator"]
-    assert refs == {"configMapRef": generator["name"],
+    assert refs == {"configMapRef": CONFIG,
                     "secretRef": manifests[("Secret", "crm-erp-sync-secrets")]["metadata"]
                     ["name"]}
 

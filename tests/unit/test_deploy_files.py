@@ -18,6 +18,7 @@ import yaml
 
 from service.cli import build_parser
 from service.settings import CONFIG_FILE_VAR, ENV_PREFIX, Settings
+from tests.conftest import KAFKA_IMAGE
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s" / "base"
@@ -55,7 +56,7 @@ def test_compose_has_the_whole_sync(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert {"kafka", "crm-db", "erp-db", "setup", "producer", "consumer",
             "crm-writer"} <= set(services)
-    assert services["kafka"]["image"].startswith("apache/kafka:")
+    assert services["kafka"]["image"] == KAFKA_IMAGE
     assert services["crm-db"]["image"] == services["erp-db"]["image"] == "postgres:15"
     assert "wal_level=logical" in services["crm-db"]["command"]
     assert services["consumer"]["deploy"]["replicas"] == 2
@@ -65,6 +66,15 @@ def test_compose_has_the_whole_sync(compose: dict[str, Any]) -> None:
     for name in ("producer", "consumer", "crm-writer"):
         assert services[name]["depends_on"]["setup"]["condition"] == \
             "service_completed_successfully"
+
+
+def test_compose_and_the_docker_tests_run_the_kafka_of_the_local_stack() -> None:
+    """newcomer6 F13: the tests run on the local stack's Kafka (deploy/local/pom.xml); compose
+    and the testcontainers fallback use the official image of that same version."""
+    version = re.search(r"<kafka\.version>([^<]+)</kafka\.version>",
+                        (REPO / "deploy" / "local" / "pom.xml").read_text())
+    assert version is not None
+    assert f"apache/kafka:{version.group(1)}" == KAFKA_IMAGE
 
 
 def test_compose_environment_matches_the_settings(compose: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture
 def cdc_role(sync_env: SyncEnv) -> Iterator[Role]:
     """A LOGIN REPLICATION role with what `setup --check` asked of the newcomer's role before
-    8e39b66 (read the captured tables, CREATE on the database, use and write the producer's
+    96e7fcf (read the captured tables, CREATE on the database, use and write the producer's
     schema's tables) but no CREATE on that schema, which `setup` made as the administrator.
     Roles are cluster-wide: a unique name, dropped again before the test's databases."""
     role = Role(f"priv_{uuid.uuid4().hex[:10]}", uuid.uuid4().hex)

@@ -170,8 +170,8 @@ def cmd_consume(settings: Settings, args: argparse.Namespace) -> int:
               "inside the window", file=sys.stderr)
         return EXIT_ATTENTION
     if stats.blocked:
-        print("crm-erp-sync: not caught up: the circuit breaker keeps "
-              f"{', '.join(stats.blocked)} paused (see `crm-erp-sync status`, then "
+        print(f"crm-erp-sync: not caught up: {', '.join(stats.blocked)} paused, by the "
+              "circuit breaker or an operator's `pause` (see `crm-erp-sync status`, then "
               "`crm-erp-sync resume`)", file=sys.stderr)
         return EXIT_ATTENTION
     return EXIT_OK
@@ -380,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the SQL that fixes each failure; changes nothing; exit 1 if one fails")
     p.add_argument("--tables", metavar="A,B",
                    help="with --check: the captured tables (schema.table, comma-separated); "
-                        "default: the demo CRM's")
+                        "default: the source profile's (CRM_ERP_SYNC_SOURCE_PROFILE), whose "
+                        "columns are then checked too")
     p.add_argument("--role", metavar="ROLE",
                    help="with --check: the capture role to check (default: the CRM DSN's user)")
     p.add_argument("--json", action="store_true",
@@ -399,8 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     until.add_argument("--until-caught-up", action="store_true",
                        help="apply everything up to the end offsets seen at start, then exit 0 "
                             "(for an hourly or daily sync from a scheduler); exit 1 if the "
-                            "circuit breaker keeps a partition paused, or the apply window "
-                            "(CRM_ERP_SYNC_APPLY_WINDOW) is closed")
+                            "circuit breaker or an operator's `pause` keeps a partition "
+                            "paused, or the apply window (CRM_ERP_SYNC_APPLY_WINDOW) is "
+                            "closed")
     p.set_defaults(func=cmd_consume)
 
     p = sub.add_parser("snapshot", help="re-snapshot a CRM table (or some keys) while "

@@ -94,6 +94,20 @@ class DatabaseMissing(ConfigError):
     """The server accepted the credentials but the DSN's database does not exist."""
 
 
+class PrivilegeMissing(ConfigError):
+    """PostgreSQL refused a statement for lack of a privilege (SQLSTATE 42501,
+    ``psycopg.errors.InsufficientPrivilege``): retrying cannot help until someone grants it.
+    ``what``: CRM or ERP; ``role``: the DSN's user; ``action``: what was refused, naming the
+    object; ``fix``: the GRANT to run, or who must run the command instead. ``variable`` is
+    the DSN's setting."""
+
+    def __init__(self, variable: str, what: str, role: str, action: str, fix: str) -> None:
+        super().__init__(variable, f"the {what} role {role} cannot {action}: {fix}")
+        self.role = role
+        self.action = action
+        self.fix = fix
+
+
 class CaptureBroken(SyncError):
     """The slot or publication the producer captured through is gone or was replaced
     (``service.cdc.slot_guard``): changes made meanwhile cannot be read. Capture stops until

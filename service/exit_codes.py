@@ -5,12 +5,14 @@ condition everywhere (documented in README.md, "Exit codes").
 - 1 ATTENTION: done, but something needs an operator: `status` found a problem, `reconcile`
   found drift, a redrive failed again, an action was refused because of the object's state
   (a dead letter already redriven, a replay while the group has members), or `consume
-  --until-caught-up` stopped at partitions the circuit breaker keeps paused. Resuming a
+  --until-caught-up` stopped at partitions the circuit breaker or an operator's `pause`
+  keeps paused. Resuming a
   partition that is not paused is not refused: a no-op, 0.
 - 2 USAGE: bad arguments or configuration, including a named object that does not exist (a
   dead-letter ID, a snapshot key, a partition the group does not consume), a filter value
-  that matches nothing known, and database credentials or a database name that the server
-  refuses.
+  that matches nothing known, database credentials or a database name that the server
+  refuses, and a privilege the DSN's role lacks (``PrivilegeMissing``: the object and the
+  grant named).
 - 3 UNAVAILABLE: the broker or a database did not answer.
 - 130 INTERRUPTED: Ctrl-C.
 - 141 BROKEN_PIPE: the reader of the output went away (`crm-erp-sync dlq list | head`); the

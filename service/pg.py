@@ -21,13 +21,20 @@ going and says why on /readyz); only a DSN that never connected is a configurati
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
-from psycopg import pq
+from psycopg import pq, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from service.errors import DatabaseAuthFailed, DatabaseMissing, DatabaseUnreachable
+from service.errors import (
+    DatabaseAuthFailed,
+    DatabaseMissing,
+    DatabaseUnreachable,
+    PrivilegeMissing,
+)
 from service.settings import ENV_PREFIX, hide_secret
 
 PgConn = psycopg.Connection[Any]
@@ -115,3 +122,33 @@ def _database_exists(dsn: str, dbname: str) -> bool | None:
         except psycopg.OperationalError:
             continue
     return None
+
+
+def privilege_missing(conn: PgConn, what: str, action: str, fix: str,
+                      setting: str | None = None) -> PrivilegeMissing:
+    """The PrivilegeMissing for a statement ``conn``'s role was refused (``what``: CRM or
+    ERP; ``setting``: the DSN's variable, default CRM_ERP_SYNC_<WHAT>_DSN). In ``action``
+    and ``fix``, ``{role}`` becomes the role quoted for SQL a person will paste, and
+    ``{role_name}`` the bare name (for a command line). Reads the
+    role from the connection's parameters, not with a query: the session may be in a failed
+    transaction."""
+    role = conn.info.user
+    quoted = sql.Identifier(role).as_string(None)
+
+    def fill(text: str) -> str:
+        return text.replace("{role}", quoted).replace("{role_name}", role)
+
+    return PrivilegeMissing(setting or f"{ENV_PREFIX}{what.upper()}_DSN", what, role,
+                            fill(action), fill(fix))
+
+
+@contextmanager
+def privileges_needed(conn: PgConn, what: str, action: str, fix: str,
+                      setting: str | None = None) -> Iterator[None]:
+    """Statements run inside that PostgreSQL refuses for lack of a privilege
+    (``InsufficientPrivilege``, SQLSTATE 42501) raise PrivilegeMissing naming ``action`` and
+    ``fix`` instead (see privilege_missing): a configuration error, not a crash."""
+    try:
+        yield
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise privilege_missing(conn, what, action, fix, setting) from exc

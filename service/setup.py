@@ -8,7 +8,7 @@ from importlib import resources
 from service.cdc.capture import ensure_capture_objects
 from service.cdc.profile import load_profile
 from service.kafka_io import ensure_topics
-from service.pg import connect
+from service.pg import connect, privileges_needed
 from service.settings import Settings
 
 
@@ -24,7 +24,11 @@ class SetupReport:
 
 
 def ensure_erp_schema(settings: Settings) -> None:
-    with connect(settings.erp_dsn, "ERP") as conn:
+    """Raises PrivilegeMissing when the ERP role may not create or alter the schema."""
+    with connect(settings.erp_dsn, "ERP") as conn, privileges_needed(
+            conn, "ERP", "create or upgrade the sync state schemas (sync, erp)",
+            "run `crm-erp-sync setup` with an ERP role that owns them, or may create "
+            "schemas in the database (the database's owner or an administrator)"):
         conn.execute(resources.files("service.erp").joinpath("schema.sql").read_text("utf-8"))
 
 

@@ -63,6 +63,9 @@ def _docker_answers() -> bool:
 # Tests that kill the broker or restart PostgreSQL run only when this is "1" (see
 # Stack.why_not_restartable).
 RESTART_OPT_IN = "CRM_ERP_SYNC_TESTS_MAY_RESTART_STACK"
+# The official image of the Kafka version the local stack runs (deploy/local/pom.xml), as
+# docker-compose.yml (tests/unit/test_deploy_files.py keeps the three equal).
+KAFKA_IMAGE = "apache/kafka:4.3.1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +139,7 @@ def _start_containers() -> tuple[Stack, list[Any]]:
     pg.with_command("postgres -c wal_level=logical -c max_replication_slots=20")
     pg.start()
     kafka = (
-        DockerContainer("apache/kafka:4.1.1")
+        DockerContainer(KAFKA_IMAGE)
         .with_bind_ports(9092, 9092)
         .with_env("KAFKA_NODE_ID", "1")
         .with_env("KAFKA_PROCESS_ROLES", "broker,controller")

@@ -28,6 +28,7 @@ from psycopg.rows import dict_row
 from service.cdc.events import converter_for
 from service.cdc.profile import EntityMapping, SourceProfile, key_values
 from service.errors import CaptureRejected, SourceContractError, UnrepresentableValue
+from service.pg import privileges_needed
 from service.settings import Settings
 
 OWN_SCHEMA = "crm_erp_sync"
@@ -194,31 +195,51 @@ def ensure_capture_objects(conn: psycopg.Connection[Any], settings: Settings,
 
     The publication is the producer's own: a captured table missing from it (dropped by
     hand) is added back, with its row filter. The slot is created by the producer itself.
+
+    Raises PrivilegeMissing (a ConfigError) naming the object and the grant, or who must run
+    `setup`, when the DSN's role may not create or alter one of them.
     """
     pub = sql.Identifier(settings.publication_name)
     added: list[str] = []
+    database = sql.Identifier(conn.info.dbname).as_string(None)
+    as_admin = ("`crm-erp-sync setup` as an administrator (PostgreSQL 15 lets only the "
+                "tables' owner or a superuser add them to a publication); the producer and "
+                "consumers then run as restricted roles")
     with conn.transaction():
-        conn.execute(OWN_DDL)
-        conn.execute(TRUNCATES_DDL)
+        with privileges_needed(
+                conn, "CRM", f"create the producer's schema {OWN_SCHEMA} and its tables",
+                f"GRANT CREATE ON DATABASE {database} TO {{role}}; GRANT USAGE, CREATE ON "
+                f"SCHEMA {OWN_SCHEMA} TO {{role}}; or run {as_admin} (`crm-erp-sync setup "
+                "--check --role {role_name}` prints every grant the producer needs)"):
+            conn.execute(OWN_DDL)
+            conn.execute(TRUNCATES_DDL)
         exists = conn.execute(
             "SELECT 1 FROM pg_publication WHERE pubname = %s", (settings.publication_name,)
         ).fetchone()
         members = [_member(e) for e in profile.entities.values()]
         if not exists:
-            conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
-                pub, sql.SQL(", ").join([*members, _ident(WATERMARK_TABLE)])))
+            with privileges_needed(
+                    conn, "CRM", f"create publication {settings.publication_name}",
+                    f"CREATE PUBLICATION needs the tables' owner or a superuser: run {as_admin}"):
+                conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+                    pub, sql.SQL(", ").join([*members, _ident(WATERMARK_TABLE)])))
             return added
         present = {f"{r[0]}.{r[1]}" for r in conn.execute(
             "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s",
             (settings.publication_name,)).fetchall()}
-        for ent, member in zip(profile.entities.values(), members, strict=True):
-            if ent.table not in present:
-                conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(pub, member))
-                added.append(ent.table)
+        missing = [(ent.table, member) for ent, member
+                   in zip(profile.entities.values(), members, strict=True)
+                   if ent.table not in present]
         if WATERMARK_TABLE not in present:
-            conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
-                pub, _ident(WATERMARK_TABLE)))
-            added.append(WATERMARK_TABLE)
+            missing.append((WATERMARK_TABLE, _ident(WATERMARK_TABLE)))
+        for table, member in missing:
+            with privileges_needed(
+                    conn, "CRM", f"add table {table} back to publication "
+                    f"{settings.publication_name}",
+                    "ALTER PUBLICATION ... ADD TABLE needs the publication's and the table's "
+                    f"owner or a superuser: run {as_admin}"):
+                conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(pub, member))
+            added.append(table)
     return added
 
 

@@ -102,7 +102,7 @@ from service.ops import (
     read_slot,
     slot_wal_danger,
 )
-from service.pg import PgConn
+from service.pg import PgConn, privilege_missing
 from service.settings import Settings
 
 log = structlog.get_logger("producer")
@@ -705,10 +705,19 @@ class CdcProducer:
     def _start_capture(self, lock_conn: PgConn, conn: PgConn, until_idle: bool) -> bool:
         """ensure_slot, waiting (not ready, re-checking with backoff) while the source
         contract is broken; False when stop() was called meanwhile. With ``until_idle`` a
-        broken contract raises SourceContractBroken instead (a one-shot run cannot wait)."""
+        broken contract raises SourceContractBroken instead (a one-shot run cannot wait).
+        A privilege the CRM role lacks raises PrivilegeMissing (a ConfigError: exit 2), not
+        retried: only a grant helps."""
         while not self._stop.is_set():
             try:
                 self.ensure_slot(conn)
+            except psycopg.errors.InsufficientPrivilege as exc:
+                # Those ensure_slot's steps do not name themselves (the slot, the snapshot
+                # requests, the state row): PostgreSQL's own words name the object.
+                raise privilege_missing(
+                    conn, "CRM", f"start capturing ({exc.diag.message_primary})",
+                    "run `crm-erp-sync setup --check --role {role_name}` and the SQL it "
+                    "prints") from exc
             except SourceContractBroken as exc:
                 if until_idle:
                     raise

@@ -40,6 +40,7 @@ import psycopg
 from service.cdc import pgoutput
 from service.cdc.capture import OWN_SCHEMA
 from service.errors import CaptureBroken
+from service.pg import privileges_needed
 from service.settings import Settings
 
 STATE_TABLE = f"{OWN_SCHEMA}.capture_state"
@@ -75,7 +76,14 @@ class CaptureState:
 
 
 def ensure_table(conn: psycopg.Connection[Any]) -> None:
-    conn.execute(STATE_DDL)
+    """Creates the state table if missing. Raises PrivilegeMissing when the role may not
+    (``CREATE TABLE IF NOT EXISTS`` needs CREATE on the schema even when the table exists;
+    `setup`, run as an administrator, made the schema the administrator's)."""
+    with privileges_needed(
+            conn, "CRM", f"create table {STATE_TABLE}",
+            f"GRANT USAGE, CREATE ON SCHEMA {OWN_SCHEMA} TO {{role}} (or run "
+            "`crm-erp-sync setup --check --role {role_name}` for every grant the producer needs)"):
+        conn.execute(STATE_DDL)
 
 
 def load(conn: psycopg.Connection[Any], slot: str) -> CaptureState | None:

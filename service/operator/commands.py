@@ -745,8 +745,10 @@ def register(sub: Any) -> None:
                "Stop applying the named partitions (or --all) in every consumer of the group,\n"
                "within CRM_ERP_SYNC_BREAKER_POLL_S; the other partitions go on. The pause is\n"
                "kept in the ERP (sync.operator_pauses: who, when, why), so it survives restarts\n"
-               "and rebalances until `crm-erp-sync resume`. /readyz says \"degraded\" and\n"
-               "`status` lists it meanwhile. Events wait in Kafka: nothing is lost.")
+               "and rebalances until `crm-erp-sync resume`. The consumers stay ready (/readyz\n"
+               "200, state \"paused_by_operator\" with the pauses listed: a planned pause must\n"
+               "not hold up rollouts); `status` lists it meanwhile, and `consume\n"
+               "--until-caught-up` stops at it (exit 1). Events wait in Kafka: nothing is lost.")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--partition", action="append", metavar="TOPIC:N",
                         help="this partition (repeatable), e.g. crm.sales:1")

@@ -11,16 +11,18 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
 
 from service.cli import build_parser
 from service.settings import CONFIG_FILE_VAR, ENV_PREFIX, Settings
+from tests.conftest import KAFKA_IMAGE
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s" / "base"
+EXAMPLES = REPO / "deploy" / "k8s" / "examples"
 SETTINGS_VARS = {Settings.env_var(f.name) for f in dataclasses.fields(Settings)}
 SECRET_VARS = {Settings.env_var(f.name) for f in dataclasses.fields(Settings)
                if f.metadata.get("secret")}
@@ -54,7 +56,7 @@ def test_compose_has_the_whole_sync(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert {"kafka", "crm-db", "erp-db", "setup", "producer", "consumer",
             "crm-writer"} <= set(services)
-    assert services["kafka"]["image"].startswith("apache/kafka:")
+    assert services["kafka"]["image"] == KAFKA_IMAGE
     assert services["crm-db"]["image"] == services["erp-db"]["image"] == "postgres:15"
     assert "wal_level=logical" in services["crm-db"]["command"]
     assert services["consumer"]["deploy"]["replicas"] == 2
@@ -64,6 +66,15 @@ def test_compose_has_the_whole_sync(compose: dict[str, Any]) -> None:
     for name in ("producer", "consumer", "crm-writer"):
         assert services[name]["depends_on"]["setup"]["condition"] == \
             "service_completed_successfully"
+
+
+def test_compose_and_the_docker_tests_run_the_kafka_of_the_local_stack() -> None:
+    """newcomer6 F13: the tests run on the local stack's Kafka (deploy/local/pom.xml); compose
+    and the testcontainers fallback use the official image of that same version."""
+    version = re.search(r"<kafka\.version>([^<]+)</kafka\.version>",
+                        (REPO / "deploy" / "local" / "pom.xml").read_text())
+    assert version is not None
+    assert f"apache/kafka:{version.group(1)}" == KAFKA_IMAGE
 
 
 def test_compose_environment_matches_the_settings(compose: dict[str, Any]) -> None:
@@ -140,15 +151,46 @@ def env_file(path: Path) -> dict[str, str]:
     return {k: v for k, v in pairs}
 
 
+CONFIG = "crm-erp-sync-config"
+FILE_VARS = ("CRM_ERP_SYNC_MAPPINGS_FILE", "CRM_ERP_SYNC_SOURCE_PROFILE")
+
+
+def generator(kustomization: dict[str, Any], name: str) -> dict[str, Any]:
+    (found,) = [g for g in kustomization["configMapGenerator"] if g["name"] == name]
+    return found
+
+
+def config_env(kustomization: dict[str, Any]) -> dict[str, str]:
+    """The settings ConfigMap's variables, as sync.env gives them."""
+    return {k: v for f in generator(kustomization, CONFIG)["envs"]
+            for k, v in env_file(K8S / f).items()}
+
+
+def with_local_files(kustomization: dict[str, Any], pod: dict[str, Any],
+                     env: dict[str, str]) -> dict[str, str]:
+    """``env`` with each file a pod reads from a generated ConfigMap (FILE_VARS) replaced by
+    the file in deploy/k8s/base it is generated from: so Settings' start-up check that the
+    files exist checks what the pod would see. Fails when the pod does not mount it."""
+    (container,) = pod["spec"]["containers"]
+    out = dict(env)
+    for var in FILE_VARS:
+        kind, name, key = mounted(pod["spec"], container, env[var])
+        assert kind == "configMap", var
+        assert key in generator(kustomization, name)["files"], (var, name)
+        out[var] = str(K8S / key)
+    return out
+
+
 @pytest.fixture(scope="module")
 def k8s_settings(kustomization: dict[str, Any],
                  manifests: dict[tuple[str, str], dict[str, Any]]) -> Settings:
-    (generator,) = kustomization["configMapGenerator"]
-    config = {k: v for f in generator["envs"] for k, v in env_file(K8S / f).items()}
+    config = config_env(kustomization)
     secret = manifests[("Secret", "crm-erp-sync-secrets")]["stringData"]
     assert set(secret) <= SECRET_VARS, "a Secret key is no secret setting"
     assert not set(config) & SECRET_VARS, "a secret in the ConfigMap"
-    return assert_known_and_valid({**config, **secret}, "deploy/k8s")
+    producer = pod_spec(manifests, "Deployment", "crm-erp-sync-producer")[1]
+    return assert_known_and_valid(with_local_files(kustomization, producer,
+                                                   {**config, **secret}), "deploy/k8s")
 
 
 def test_every_resource_file_is_in_the_kustomization(kustomization: dict[str, Any]) -> None:
@@ -217,12 +259,122 @@ def test_setup_job_runs_setup(manifests: dict[tuple[str, str], dict[str, Any]]) 
     assert template["spec"]["restartPolicy"] in ("OnFailure", "Never")
 
 
+def secret_refs(container: dict[str, Any]) -> set[str]:
+    return {r["secretRef"]["name"] for r in container.get("envFrom", []) if "secretRef" in r}
+
+
+def test_setup_runs_as_administrators_and_only_setup_does(
+        manifests: dict[tuple[str, str], dict[str, Any]], kustomization: dict[str, Any]
+        ) -> None:
+    """`setup` creates the publication and schemas the restricted roles may not (newcomer6
+    F10): its Job has a Secret of its own, with other roles than the pods' Secret, and no
+    long-running pod or example CronJob is given the administrators' one."""
+    _, template = pod_spec(manifests, "Job", "crm-erp-sync-setup")
+    (container,) = template["spec"]["containers"]
+    assert secret_refs(container) == {"crm-erp-sync-setup-secrets"}
+    admin = manifests[("Secret", "crm-erp-sync-setup-secrets")]["stringData"]
+    pods = manifests[("Secret", "crm-erp-sync-secrets")]["stringData"]
+    assert set(admin) <= SECRET_VARS
+    for var in ("CRM_ERP_SYNC_CRM_DSN", "CRM_ERP_SYNC_ERP_DSN"):
+        assert "CHANGE-ME" in admin[var] and "sslmode=verify-full" in admin[var]
+        admin_url, pod_url = urlsplit(admin[var]), urlsplit(pods[var])
+        assert admin_url.username != pod_url.username, var
+        assert (admin_url.hostname, admin_url.path) == (pod_url.hostname, pod_url.path), var
+    assert_known_and_valid(with_local_files(kustomization, template,
+                                            {**config_env(kustomization), **admin}),
+                           "the setup Job")
+    others = [pod_spec(manifests, "Deployment", n)[1] for n in
+              ("crm-erp-sync-producer", "crm-erp-sync-consumer")]
+    others += [yaml.safe_load(p.read_text())["spec"]["jobTemplate"]["spec"]["template"]
+               for p in sorted(EXAMPLES.glob("*.yaml"))]
+    for other in others:
+        for c in other["spec"]["containers"]:
+            assert secret_refs(c) == {"crm-erp-sync-secrets"}, c["name"]
+
+
 def test_the_placeholder_secret_says_so(
         manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
     secret = manifests[("Secret", "crm-erp-sync-secrets")]["stringData"]
     for var in ("CRM_ERP_SYNC_CRM_DSN", "CRM_ERP_SYNC_ERP_DSN"):
         assert "CHANGE-ME" in secret[var]
         assert "sslmode=verify-full" in secret[var]
+
+
+def all_pods(manifests: dict[tuple[str, str], dict[str, Any]]
+             ) -> list[tuple[str, dict[str, Any]]]:
+    """(name, pod template) of every pod the base and the examples run."""
+    pods = [(n, pod_spec(manifests, k, n)[1]) for k, n in
+            [("Deployment", "crm-erp-sync-producer"), ("Deployment", "crm-erp-sync-consumer"),
+             ("Job", "crm-erp-sync-setup")]]
+    pods += [(p.name, yaml.safe_load(p.read_text())["spec"]["jobTemplate"]["spec"]["template"])
+             for p in sorted(EXAMPLES.glob("*.yaml"))]
+    return pods
+
+
+def mounted(pod: dict[str, Any], container: dict[str, Any], path: str) -> tuple[str, str, str]:
+    """(volume kind, its ConfigMap's or Secret's name, the key) that the file ``path`` of
+    ``container`` comes from: a read-only directory mount (a subPath mount never sees an
+    update). Fails when nothing mounts it."""
+    for mount in container.get("volumeMounts", []):
+        directory = mount["mountPath"].rstrip("/") + "/"
+        if path.startswith(directory):
+            assert "subPath" not in mount, path
+            assert mount.get("readOnly") is True, path
+            (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+            for kind, name in (("configMap", "name"), ("secret", "secretName")):
+                if kind in volume:
+                    return kind, volume[kind][name], path[len(directory):]
+            raise AssertionError(f"{path}: volume {mount['name']} is no ConfigMap or Secret")
+    raise AssertionError(f"{path} is mounted in no volume of {container['name']}")
+
+
+def test_tls_is_verified_against_a_ca_every_pod_mounts(
+        manifests: dict[tuple[str, str], dict[str, Any]], k8s_settings: Settings) -> None:
+    """newcomer6 F11: verify-full needs a CA file (the image's user has no home for libpq's
+    default, the root filesystem is read-only), and the production default talks to Kafka
+    over TLS with SASL, as the Secret's SASL password implies."""
+    assert k8s_settings.kafka_security_protocol == "SASL_SSL"
+    assert k8s_settings.kafka_sasl_mechanism.startswith("SCRAM-")
+    assert k8s_settings.kafka_sasl_username
+    cafile = k8s_settings.kafka_ssl_cafile
+    assert cafile.startswith("/")
+    for name in ("crm-erp-sync-secrets", "crm-erp-sync-setup-secrets"):
+        secret = manifests[("Secret", name)]["stringData"]
+        assert "CHANGE-ME" in secret["CRM_ERP_SYNC_KAFKA_SASL_PASSWORD"], name
+        for var in ("CRM_ERP_SYNC_CRM_DSN", "CRM_ERP_SYNC_ERP_DSN"):
+            query = parse_qs(urlsplit(secret[var]).query)
+            assert query["sslmode"] == ["verify-full"], (name, var)
+            assert query["sslrootcert"] == [cafile], (name, var)
+    for where, pod in all_pods(manifests):
+        (container,) = pod["spec"]["containers"]
+        kind, name, key = mounted(pod["spec"], container, cafile)
+        assert kind == "configMap", where
+        assert key in manifests[("ConfigMap", name)]["data"], where
+
+
+def test_every_pod_reads_the_mappings_and_source_profile_from_mounted_configmaps(
+        manifests: dict[tuple[str, str], dict[str, Any]], kustomization: dict[str, Any]
+        ) -> None:
+    """newcomer6 F12: README's live reload edits the mappings file through a ConfigMap
+    mounted as a directory; the producer's profile (BottleCRM's needs its org id) must be
+    the operator's, not the image's. Every process checks both files exist at start, so
+    every pod mounts both; the mappings' ConfigMap keeps its name (no hash), so an update
+    reaches the running consumers instead of rolling them."""
+    from service.cdc.profile import load_profile
+    from service.erp.mappings import Mappings
+
+    config = config_env(kustomization)
+    for where, pod in all_pods(manifests):
+        assert_known_and_valid(with_local_files(kustomization, pod, config), where)
+    mappings = config["CRM_ERP_SYNC_MAPPINGS_FILE"]
+    consumer = pod_spec(manifests, "Deployment", "crm-erp-sync-consumer")[1]
+    (container,) = consumer["spec"]["containers"]
+    _, name, key = mounted(consumer["spec"], container, mappings)
+    assert generator(kustomization, name)["options"]["disableNameSuffixHash"] is True
+    assert Mappings.load(K8S / key).order_status  # the shipped copy is valid
+    _, name, key = mounted(consumer["spec"], container, config["CRM_ERP_SYNC_SOURCE_PROFILE"])
+    assert "disableNameSuffixHash" not in generator(kustomization, name).get("options", {})
+    assert load_profile(K8S / key).tables
 
 
 def test_kustomize_builds_when_kubectl_is_here() -> None:
@@ -233,13 +385,13 @@ def test_kustomize_builds_when_kubectl_is_here() -> None:
                           check=False)
     assert done.returncode == 0, done.stderr
     kinds = [d["kind"] for d in yaml.safe_load_all(done.stdout)]
-    assert sorted(kinds) == sorted(["Namespace", "ServiceAccount", "ConfigMap", "Secret", "Job",
+    assert sorted(kinds) == sorted(["Namespace", "ServiceAccount", "ConfigMap", "ConfigMap",
+                                    "ConfigMap", "ConfigMap", "Secret", "Secret", "Job",
                                     "Deployment", "Deployment", "PodDisruptionBudget",
                                     "PodDisruptionBudget", "Service"])
 
 
 # ---- deploy/k8s/examples -----------------------------------------------------------------------
-EXAMPLES = REPO / "deploy" / "k8s" / "examples"
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
@@ -260,8 +412,7 @@ def test_example_cronjobs_run_real_commands_with_the_base_config(
     assert_command(container["args"], path.name)
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     refs = {next(iter(r)): next(iter(r.values()))["name"] for r in container["envFrom"]}
-    (generator,) = kustomization["configMapGenerator"]
-    assert refs == {"configMapRef": generator["name"],
+    assert refs == {"configMapRef": CONFIG,
                     "secretRef": manifests[("Secret", "crm-erp-sync-secrets")]["metadata"]
                     ["name"]}
 

@@ -268,26 +268,30 @@ def _check_rls(tables: Sequence[_Table], role: _Role) -> Check:
 def _check_own_schema(conn: psycopg.Connection[Any], role: _Role) -> Check:
     """The producer declares its own schema (watermarks, snapshots) at every start:
     ``CREATE SCHEMA IF NOT EXISTS`` needs CREATE on the database even when the schema exists,
-    and then it writes both tables."""
+    and ``CREATE TABLE IF NOT EXISTS`` needs CREATE on the schema even when the table exists
+    (PostgreSQL checks the privilege before it looks for the table: a schema that `setup`,
+    run as an administrator, created is the administrator's); then it writes the tables."""
     row = conn.execute(
         "SELECT current_database(), has_database_privilege(%(r)s, current_database(), 'CREATE'),"
         " to_regnamespace(%(s)s) IS NOT NULL,"
         " coalesce(has_schema_privilege(%(r)s, to_regnamespace(%(s)s), 'USAGE'), false),"
+        " coalesce(has_schema_privilege(%(r)s, to_regnamespace(%(s)s), 'CREATE'), false),"
         " (SELECT bool_and(has_table_privilege(%(r)s, c.oid, 'SELECT, INSERT, UPDATE'))"
         "    FROM pg_class c WHERE c.relnamespace = to_regnamespace(%(s)s)"
         "     AND c.relkind = 'r')",
         {"r": role.name, "s": OWN_SCHEMA}).fetchone()
     assert row is not None
-    database, create, exists, usage, tables_ok = row
+    database, create, exists, usage, schema_create, tables_ok = row
     name = f"producer schema {OWN_SCHEMA}"
     q = quote_ident(role.name)
+    schema = quote_ident(OWN_SCHEMA)
     fixes = []
     if not create:
         fixes.append(f"GRANT CREATE ON DATABASE {quote_ident(database)} TO {q};")
+    if exists and not (usage and schema_create):
+        fixes.append(f"GRANT USAGE, CREATE ON SCHEMA {schema} TO {q};")
     if exists and not (usage and tables_ok is not False):
-        fixes.append(f"GRANT USAGE ON SCHEMA {quote_ident(OWN_SCHEMA)} TO {q};")
-        fixes.append(f"GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA "
-                     f"{quote_ident(OWN_SCHEMA)} TO {q};")
+        fixes.append(f"GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA {schema} TO {q};")
     if not fixes:
         state = "exists and" if exists else "does not exist yet;"
         return Check(name, True, f"{state} {role.name} can declare it and write its tables")

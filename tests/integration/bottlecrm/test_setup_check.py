@@ -12,6 +12,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from service.cdc import slot_guard
+from service.cdc.capture import ensure_capture_objects
 from service.cdc.prerequisites import Check, check_prerequisites, fix_script
 from service.cdc.profile import load_profile
 from service.demo.bottlecrm import Role
@@ -140,6 +142,55 @@ def test_the_demo_crm_passes(stack: Stack, capture_role: Role) -> None:
         assert [c for c in checks if not c.ok] == []
         assert _by_name(checks)["row-level security"].detail == (
             "no captured table has row-level security enabled")
+    finally:
+        with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_a_producer_schema_made_by_setup_as_admin_needs_create_on_it(
+        stack: Stack, capture_role: Role) -> None:
+    """README's order: `setup` as an administrator (it creates the publication, which only an
+    owner may), then the producer as the capture role. The schema `setup` made is the
+    administrator's, and the producer's `CREATE TABLE IF NOT EXISTS` at every start needs
+    CREATE on it although the tables exist: the check must ask for that, and once its SQL
+    ran, the producer's own start-up DDL must succeed as the role."""
+    tag = f"own_{uuid.uuid4().hex[:8]}"
+    name = f"bottlecrm_t{tag}"  # the capture_role fixture cleans grants in bottlecrm_t*
+    role = f'"{capture_role.name}"'
+    profile = load_profile("demo")
+    with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        settings = dataclasses.replace(Settings(), crm_dsn=stack.dsn_for(name),
+                                       publication_name=f"pub_{tag}", slot_name=f"slot_{tag}")
+        with psycopg.connect(stack.dsn_for(name), autocommit=True) as admin:
+            admin.execute(resources.files("service.demo").joinpath("crm_schema.sql")
+                          .read_text("utf-8"))
+            ensure_capture_objects(admin, settings, profile)  # what `setup` does, as admin
+            slot_guard.ensure_table(admin)
+            admin.execute(f"GRANT USAGE ON SCHEMA crm TO {role}")
+            admin.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA crm TO {role}")
+            admin.execute(f'GRANT CREATE ON DATABASE "{name}" TO {role}')
+            # What the check asked for before: usage and the tables' rights, not CREATE.
+            admin.execute(f"GRANT USAGE ON SCHEMA crm_erp_sync TO {role}")
+            admin.execute(f"GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA crm_erp_sync"
+                          f" TO {role}")
+        role_dsn = capture_role.dsn(stack.dsn_for(name))
+        with psycopg.connect(role_dsn, autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                slot_guard.ensure_table(conn)  # the producer's first DDL, as it failed
+            own = _by_name(_check(conn, profile.tables, {}, tag))["producer schema crm_erp_sync"]
+        assert not own.ok
+        assert own.fix_sql == f'GRANT USAGE, CREATE ON SCHEMA "crm_erp_sync" TO {role};'
+
+        with psycopg.connect(stack.dsn_for(name), autocommit=True) as admin:
+            for statement in own.fix_sql.splitlines():
+                admin.execute(statement)
+        with psycopg.connect(role_dsn, autocommit=True) as conn:
+            assert _by_name(_check(conn, profile.tables, {}, tag))[
+                "producer schema crm_erp_sync"].ok
+            slot_guard.ensure_table(conn)  # the producer's start-up DDL now runs as the role
+            ensure_capture_objects(conn, settings, profile)
     finally:
         with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

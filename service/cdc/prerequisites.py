@@ -21,7 +21,7 @@ from typing import Any, LiteralString
 import psycopg
 from psycopg import sql
 
-from service.cdc.capture import OWN_SCHEMA
+from service.cdc.capture import OWN_SCHEMA, WATERMARK_TABLE
 
 MARK_OK, MARK_FAIL = "✓", "✗"
 
@@ -270,7 +270,8 @@ def _check_own_schema(conn: psycopg.Connection[Any], role: _Role) -> Check:
     ``CREATE SCHEMA IF NOT EXISTS`` needs CREATE on the database even when the schema exists,
     and ``CREATE TABLE IF NOT EXISTS`` needs CREATE on the schema even when the table exists
     (PostgreSQL checks the privilege before it looks for the table: a schema that `setup`,
-    run as an administrator, created is the administrator's); then it writes the tables."""
+    run as an administrator, created is the administrator's); then it writes the tables,
+    and deletes watermarks older than an hour after each snapshot chunk."""
     row = conn.execute(
         "SELECT current_database(), has_database_privilege(%(r)s, current_database(), 'CREATE'),"
         " to_regnamespace(%(s)s) IS NOT NULL,"
@@ -278,10 +279,12 @@ def _check_own_schema(conn: psycopg.Connection[Any], role: _Role) -> Check:
         " coalesce(has_schema_privilege(%(r)s, to_regnamespace(%(s)s), 'CREATE'), false),"
         " (SELECT bool_and(has_table_privilege(%(r)s, c.oid, 'SELECT, INSERT, UPDATE'))"
         "    FROM pg_class c WHERE c.relnamespace = to_regnamespace(%(s)s)"
-        "     AND c.relkind = 'r')",
-        {"r": role.name, "s": OWN_SCHEMA}).fetchone()
+        "     AND c.relkind = 'r'),"
+        " CASE WHEN to_regclass(%(w)s) IS NOT NULL"
+        "      THEN has_table_privilege(%(r)s, to_regclass(%(w)s), 'DELETE') END",
+        {"r": role.name, "s": OWN_SCHEMA, "w": WATERMARK_TABLE}).fetchone()
     assert row is not None
-    database, create, exists, usage, schema_create, tables_ok = row
+    database, create, exists, usage, schema_create, tables_ok, prune_ok = row
     name = f"producer schema {OWN_SCHEMA}"
     q = quote_ident(role.name)
     schema = quote_ident(OWN_SCHEMA)
@@ -292,6 +295,8 @@ def _check_own_schema(conn: psycopg.Connection[Any], role: _Role) -> Check:
         fixes.append(f"GRANT USAGE, CREATE ON SCHEMA {schema} TO {q};")
     if exists and not (usage and tables_ok is not False):
         fixes.append(f"GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA {schema} TO {q};")
+    if prune_ok is False:
+        fixes.append(f"GRANT DELETE ON TABLE {schema}.{quote_ident('watermarks')} TO {q};")
     if not fixes:
         state = "exists and" if exists else "does not exist yet;"
         return Check(name, True, f"{state} {role.name} can declare it and write its tables")

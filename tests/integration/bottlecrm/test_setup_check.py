@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from service.cdc import slot_guard
-from service.cdc.capture import ensure_capture_objects
+from service.cdc.capture import WATERMARK_TABLE, ensure_capture_objects
 from service.cdc.prerequisites import Check, check_prerequisites, fix_script
 from service.cdc.profile import load_profile
 from service.demo.bottlecrm import Role
@@ -147,7 +147,7 @@ def test_the_demo_crm_passes(stack: Stack, capture_role: Role) -> None:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def test_a_producer_schema_made_by_setup_as_admin_needs_create_on_it(
+def test_a_producer_schema_made_by_setup_as_admin_needs_create_and_delete_grants(
         stack: Stack, capture_role: Role) -> None:
     """README's order: `setup` as an administrator (it creates the publication, which only an
     owner may), then the producer as the capture role. The schema `setup` made is the
@@ -181,7 +181,9 @@ def test_a_producer_schema_made_by_setup_as_admin_needs_create_on_it(
                 slot_guard.ensure_table(conn)  # the producer's first DDL, as it failed
             own = _by_name(_check(conn, profile.tables, {}, tag))["producer schema crm_erp_sync"]
         assert not own.ok
-        assert own.fix_sql == f'GRANT USAGE, CREATE ON SCHEMA "crm_erp_sync" TO {role};'
+        assert own.fix_sql == (
+            f'GRANT USAGE, CREATE ON SCHEMA "crm_erp_sync" TO {role};\n'
+            f'GRANT DELETE ON TABLE "crm_erp_sync"."watermarks" TO {role};')
 
         with psycopg.connect(stack.dsn_for(name), autocommit=True) as admin:
             for statement in own.fix_sql.splitlines():
@@ -191,6 +193,9 @@ def test_a_producer_schema_made_by_setup_as_admin_needs_create_on_it(
                 "producer schema crm_erp_sync"].ok
             slot_guard.ensure_table(conn)  # the producer's start-up DDL now runs as the role
             ensure_capture_objects(conn, settings, profile)
+            # ...and, after a snapshot chunk, its pruning of old watermarks
+            conn.execute(f"DELETE FROM {WATERMARK_TABLE}"
+                         " WHERE written_at < now() - interval '1 hour'")
     finally:
         with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

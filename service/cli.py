@@ -534,8 +534,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return exit_codes.INTERRUPTED
     except Exception as exc:  # a bug, not a fault: say where, never what
+        refused = _privilege_refused(exc)
+        if refused is not None:
+            print(refused, file=sys.stderr)
+            return EXIT_USAGE
         _report_bug(exc)
         return EXIT_ATTENTION
+
+
+def _privilege_refused(exc: BaseException) -> str | None:
+    """The line to print when a database refused a privilege the command needs (SQLSTATE
+    42501, ``InsufficientPrivilege``), else None. That is configuration (a grant, an owner),
+    not a bug: exit 2 naming it, not an anonymous ``unexpected_error``. PostgreSQL's primary
+    message names only the object and the privilege ("permission denied for schema
+    crm_erp_sync", "must be owner of table accounts"), never a row's values, so it is
+    printed; nothing else of the exception is."""
+    import psycopg  # every database command has imported it already; `--help` need not
+
+    if not isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        return None
+    primary = exc.diag.message_primary or "permission denied"
+    return (f"crm-erp-sync: a database refused a privilege this command needs: {primary}; "
+            "`crm-erp-sync setup --check --role ROLE` prints the grants the capture role "
+            "needs, and `setup` itself must run as the captured tables' owner or a superuser")
 
 
 def _stdout_pipe_closed() -> bool:

@@ -19,6 +19,7 @@ from service.cdc.profile import load_profile
 from service.demo.bottlecrm import Role
 from service.exit_codes import ATTENTION as EXIT_ATTENTION
 from service.exit_codes import OK as EXIT_OK
+from service.exit_codes import USAGE as EXIT_USAGE
 from service.settings import Settings
 from tests.conftest import BottleCrmDb, Stack
 from tests.integration.conftest import Cli
@@ -196,6 +197,36 @@ def test_a_producer_schema_made_by_setup_as_admin_needs_create_and_delete_grants
             # ...and, after a snapshot chunk, its pruning of old watermarks
             conn.execute(f"DELETE FROM {WATERMARK_TABLE}"
                          " WHERE written_at < now() - interval '1 hour'")
+    finally:
+        with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_a_privilege_the_database_refuses_is_a_configuration_error_naming_it(
+        stack: Stack, capture_role: Role, cli: Cli) -> None:
+    """`setup` run as the least-privilege capture role (as a Kubernetes Job with the
+    producer's Secret would) cannot create the publication: the CLI names what PostgreSQL
+    refused and exits 2, instead of an anonymous `unexpected_error` with exit 1."""
+    tag = f"priv_{uuid.uuid4().hex[:8]}"
+    name = f"bottlecrm_t{tag}"  # the capture_role fixture cleans grants in bottlecrm_t*
+    with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        with psycopg.connect(stack.dsn_for(name), autocommit=True) as admin:
+            admin.execute(resources.files("service.demo").joinpath("crm_schema.sql")
+                          .read_text("utf-8"))
+            admin.execute(f'GRANT USAGE ON SCHEMA crm TO "{capture_role.name}"')
+            admin.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA crm TO "{capture_role.name}"')
+            admin.execute(f'GRANT CREATE ON DATABASE "{name}" TO "{capture_role.name}"')
+        role_dsn = capture_role.dsn(stack.dsn_for(name))
+        as_role = dataclasses.replace(Settings(), crm_dsn=role_dsn, erp_dsn=role_dsn,
+                                      publication_name=f"pub_{tag}", slot_name=f"slot_{tag}")
+        refused = cli(as_role, "setup", "--no-demo-schema")
+        assert refused.code == EXIT_USAGE
+        assert "unexpected_error" not in refused.err
+        assert "crm-erp-sync: a database refused a privilege this command needs: " \
+            "must be owner of table" in refused.err
+        assert capture_role.password not in refused.err
     finally:
         with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

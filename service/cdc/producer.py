@@ -571,7 +571,10 @@ class CdcProducer:
         # table each): what the publication is compared with from now on.
         self._want_filters = normalised_filters(conn, self.profile)
         ensure_capture_objects(conn, self.settings, self.profile, repair=False)
-        self._sync_publication(conn)
+        # Before the slot exists the initial snapshot reads every table anyway.
+        self._sync_publication(conn, resnapshot=conn.execute(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s",
+            (self.settings.slot_name,)).fetchone() is not None)
         self._conn = conn
         exists = conn.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s",
                               (self.settings.slot_name,)).fetchone()
@@ -950,7 +953,7 @@ class CdcProducer:
         self._last_publication_check = now
         self._sync_publication(conn)
 
-    def _sync_publication(self, conn: PgConn) -> None:
+    def _sync_publication(self, conn: PgConn, *, resnapshot: bool = True) -> None:
         """A captured table missing from the publication, or filtered there otherwise than
         the profile says, is brought to the profile and a snapshot of it is queued in the
         same transaction (changes made meanwhile were not decoded, or decoded under the old
@@ -971,7 +974,7 @@ class CdcProducer:
             raise SourceContractBroken(violations)
         try:
             repairs = repair_publication(conn, self.settings, self.profile, drifts,
-                                         resnapshot=True)
+                                         resnapshot=resnapshot)
         except PublicationNotRepaired as exc:
             raise SourceContractBroken([
                 contract.Violation(d.table, contract.TABLE, d.problem, d.fix)

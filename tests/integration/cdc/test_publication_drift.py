@@ -27,7 +27,7 @@ from service.settings import Settings
 from tests.conftest import Stack, SyncEnv
 from tests.helpers import wait_until
 from tests.integration.cdc.test_capture_dead_letters import _insert, _partners
-from tests.integration.conftest import Cli
+from tests.integration.conftest import Cli, capture_ready
 from tests.integration.runtime.test_endpoints import running
 
 OLD_FILTER = "family_name <> '王'"  # 王五 is outside it
@@ -111,8 +111,8 @@ def test_a_restricted_producer_stops_on_a_table_dropped_from_the_publication_unt
     as_role = sync_env.with_(crm_dsn=capture_role.dsn(admin.crm_dsn))
     producer = _producer(as_role)
     with running(producer), running(ErpConsumer(admin)), sync_env.crm() as crm:
-        wait_until(lambda: producer.health.readiness()[1].get("state") == "active",
-                   timeout=60, message="the restricted producer capturing")
+        wait_until(lambda: capture_ready(sync_env), timeout=60,
+                   message="the restricted producer capturing, its initial snapshot done")
         crm.execute(f"ALTER PUBLICATION {sql_ident(publication)} DROP TABLE crm.customers")
         gap = _insert(crm, "crm.customers", family_name="张", given_name="三")
         wait_until(lambda: _stopped_on_publication(producer, "crm.customers"), timeout=60,
@@ -124,6 +124,10 @@ def test_a_restricted_producer_stops_on_a_table_dropped_from_the_publication_unt
         assert crm.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s",
                            (admin.slot_name,)).fetchone() == (1,)  # the slot is kept
         assert gap not in _partners(sync_env)
+        refused = cli(as_role, "setup")  # as the producer's role: refused, named, exit 2
+        assert refused.code == 2, (refused.out, refused.err)
+        assert (f"cannot bring table crm.customers of publication {publication} to the "
+                "source profile") in refused.err, refused.err
 
         done = cli(admin, "setup")
         assert done.code == 0, done.err
@@ -155,8 +159,8 @@ def test_a_changed_row_filter_stops_a_restricted_producer_until_setup_applies_it
         assert _rowfilter(crm, publication, "crm.customers") == "(family_name <> '王'::text)"
         producer = _producer(_with(admin_old, crm_dsn=role_dsn))
         with running(producer), running(ErpConsumer(admin_old)):
-            wait_until(lambda: producer.health.readiness()[1].get("state") == "active",
-                       timeout=60, message="the restricted producer capturing")
+            wait_until(lambda: capture_ready(sync_env), timeout=60,
+                       message="the restricted producer capturing, its initial snapshot done")
             wang = _insert(crm, "crm.customers", family_name="王", given_name="五")
             zhang = _insert(crm, "crm.customers", family_name="张", given_name="三")
             wait_until(lambda: zhang in _partners(sync_env), timeout=60,

@@ -233,3 +233,37 @@ def test_a_producer_owning_the_publication_applies_a_changed_row_filter_and_resn
 
 def _with(settings: Settings, **changes: Any) -> Settings:
     return dataclasses.replace(settings, **changes)
+
+
+@pytest.mark.parametrize("row_filter", [
+    "org_id = '00000000-0000-0000-0000-000000000000'",  # BottleCRM's shipped placeholder
+    "org_id='00000000-0000-0000-0000-000000000000' and status in ('a', 'b')",
+    "(n > 1.5 OR status IS NULL)",
+    "NOT deleted",
+])
+def test_the_profile_filter_and_the_publication_filter_compare_equal_as_postgresql_prints_them(
+        sync_env: SyncEnv, row_filter: str) -> None:
+    """No false drift (it would stop a restricted producer for good): the profile's text and
+    the catalog's normalised form of the same filter compare equal; another filter does not."""
+    from types import SimpleNamespace
+
+    from service.cdc.capture import publication_drift
+
+    settings = sync_env.settings
+    pub = sql_ident(settings.publication_name)
+    with sync_env.crm() as crm:
+        crm.execute("CREATE TABLE crm.tenant_rows (id int PRIMARY KEY, org_id uuid, "
+                    "status text, n numeric(14,2), deleted boolean)")
+        crm.execute(f"ALTER PUBLICATION {pub} ADD TABLE crm.tenant_rows WHERE ({row_filter})")
+        entity = SimpleNamespace(table="crm.tenant_rows", row_filter=row_filter)
+        profile = SimpleNamespace(entities={"tenant": entity})
+        assert publication_drift(crm, settings, profile) == []  # type: ignore[arg-type]
+        other = SimpleNamespace(entities={"tenant": SimpleNamespace(
+            table="crm.tenant_rows", row_filter="org_id IS NULL")})
+        [drift] = publication_drift(crm, settings, other)  # type: ignore[arg-type]
+        assert (drift.table, drift.missing, drift.want) == (
+            "crm.tenant_rows", False, "(org_id IS NULL)")
+        assert drift.have is not None and drift.have.startswith("(")
+        # nothing left behind by the comparison
+        assert crm.execute("SELECT count(*) FROM pg_class WHERE relname = "
+                           "'crm_erp_sync_filter_probe'").fetchone() == (0,)

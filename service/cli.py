@@ -21,6 +21,7 @@ import structlog
 from service import __version__, exit_codes, log
 from service.errors import (
     ConfigError,
+    PrivilegeMissing,
     SourceContractBroken,
     SourceContractError,
     StackUnavailable,
@@ -63,6 +64,8 @@ def cmd_setup(settings: Settings, args: argparse.Namespace) -> int:
         print(json.dumps({"topics_created": report.topics_created,
                           "demo_crm_schema_created": report.demo_crm_schema},
                          ensure_ascii=False))
+        for line in repair_lines(report):  # stdout stays as it was; a repair is still said
+            print(line, file=sys.stderr)
         return EXIT_OK
     print("\n".join(setup_lines(settings, report)))
     return EXIT_OK
@@ -77,7 +80,28 @@ def setup_lines(settings: Settings, report: SetupReport) -> list[str]:
             f"CRM: publication {settings.publication_name} and schema crm_erp_sync in place"
             + (f"; slot {settings.slot_name} exists" if report.slot_exists else
                f" (the producer creates its slot {settings.slot_name} when it first starts)"),
+            *repair_lines(report),
             "ERP: schema sync in place"]
+
+
+def repair_lines(report: SetupReport) -> list[str]:
+    """One line per table `setup` brought back to the profile in the publication, naming
+    the snapshot it requested (or why none)."""
+    out = []
+    for r in report.publication_repaired:
+        d = r.drift
+        what = (f"added {d.table} back to publication {d.publication}" if d.missing else
+                f"changed the row filter of {d.table} in publication {d.publication} from "
+                f"{d.have or 'none'} to {d.want or 'none'}")
+        if r.snapshot_id is not None:
+            then = (f"; requested snapshot {r.snapshot_id} of it (changes made meanwhile "
+                    "were not captured; the producer re-reads the table)")
+        elif not report.slot_exists:
+            then = "; the producer's first start snapshots every table"
+        else:
+            then = ""
+        out.append(f"CRM: {what}{then}")
+    return out
 
 
 def cmd_setup_check(settings: Settings, args: argparse.Namespace) -> int:
@@ -98,6 +122,8 @@ def cmd_setup_check(settings: Settings, args: argparse.Namespace) -> int:
                                      slot=settings.slot_name)
         if not args.tables:  # the profile's own tables: check its columns too
             checks.append(_profile_check(conn, profile))
+            if checks[-1].ok:
+                checks.append(_row_filter_check(conn, settings, profile))
     print(render_checks(checks))
     return EXIT_OK if all(c.ok for c in checks) else EXIT_ATTENTION
 
@@ -116,6 +142,27 @@ def _profile_check(conn: Any, profile: Any) -> Any:
                                   "or map the new name in the profile")
     return Check(name, True, f"every mapped table and column exists ({len(profile.tables)} "
                              "tables)")
+
+
+def _row_filter_check(conn: Any, settings: Settings, profile: Any) -> Any:
+    """The publication filters each captured table with the profile's row_filter, compared
+    as PostgreSQL prints both (service.cdc.capture.normalised_filters). A table missing from
+    the publication is the publication check's."""
+    from service.cdc.capture import publication_drift
+    from service.cdc.prerequisites import Check
+
+    name = f"row filters of publication {settings.publication_name}"
+    try:
+        drifts = [d for d in publication_drift(conn, settings, profile) if not d.missing]
+    except (SourceContractError, PrivilegeMissing) as exc:
+        return Check(name, False, f"cannot compare with the source profile: {exc}")
+    if not drifts:
+        return Check(name, True, "as the source profile says (or the publication is not "
+                                 "created yet)")
+    return Check(name, False, "; ".join(f"{d.table}: {d.problem}" for d in drifts),
+                 "-- as the publication's owner: `crm-erp-sync setup` (it also re-snapshots "
+                 "the tables), or:\n" + "\n".join(d.sql_fix for d in drifts)
+                 + "\n-- then `crm-erp-sync snapshot --table TABLE` for each")
 
 
 def freeze_startup_heap() -> None:
@@ -198,7 +245,9 @@ def cmd_snapshot(settings: Settings, args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise ConfigError("--table", str(exc)) from exc
     with pg.connect(settings.crm_dsn, "CRM") as conn:
-        ensure_capture_objects(conn, settings, profile)
+        # the snapshots table only: a drifted publication is the producer's and setup's
+        # (they re-snapshot what they repair; a repair here would lose changes silently)
+        ensure_capture_objects(conn, settings, profile, repair=False)
         keys = _existing_keys(conn, profile, entity.entity, args.key) if args.key else None
         try:
             snapshot_id = request_snapshot(conn, profile, entity.entity, keys, args.chunk_size)

@@ -108,6 +108,18 @@ class PrivilegeMissing(ConfigError):
         self.fix = fix
 
 
+class PublicationNotRepaired(PrivilegeMissing):
+    """The publication lacks a captured table or filters one otherwise than the source
+    profile, and the role may not alter it (not the publication's and the table's owner,
+    nor a superuser). ``drifts``: ``service.cdc.capture.PublicationDrift`` (table, the two
+    filters as SQL text, the fix; never values). The producer stops capture on it (a source
+    contract problem) instead of exiting; `setup` reports it as the PrivilegeMissing it is."""
+
+    def __init__(self, missing: PrivilegeMissing, drifts: list[Any]) -> None:
+        super().__init__(missing.variable, "CRM", missing.role, missing.action, missing.fix)
+        self.drifts = list(drifts)
+
+
 class CaptureBroken(SyncError):
     """The slot or publication the producer captured through is gone or was replaced
     (``service.cdc.slot_guard``): changes made meanwhile cannot be read. Capture stops until

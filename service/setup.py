@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
-from service.cdc.capture import ensure_capture_objects
+from service.cdc.capture import Repair, ensure_capture_objects
 from service.cdc.profile import load_profile
 from service.kafka_io import ensure_topics
 from service.pg import connect, privileges_needed
@@ -16,11 +16,15 @@ from service.settings import Settings
 class SetupReport:
     """What `setup` did: the topics it created, whether it created the demo CRM's tables,
     and whether the producer's replication slot already exists (the producer creates it at
-    its first start; `setup` never does)."""
+    its first start; `setup` never does). ``publication_repaired``: the captured tables it
+    brought back to the source profile in the publication (re-added, or given the profile's
+    row filter), each with the snapshot it requested (only once the slot exists: before,
+    the producer's first start snapshots everything)."""
 
     topics_created: list[str]
     demo_crm_schema: bool
     slot_exists: bool = False
+    publication_repaired: list[Repair] = field(default_factory=list)
 
 
 def ensure_erp_schema(settings: Settings) -> None:
@@ -44,11 +48,19 @@ def ensure_demo_crm_schema(settings: Settings) -> bool:
 
 
 def run_setup(settings: Settings, *, demo_crm: bool = True) -> SetupReport:
+    """Create or upgrade everything (topics, the CRM's publication and producer schema, the
+    ERP's sync schema). A publication that drifted from the source profile (a table dropped
+    from it, a row filter changed in the profile) is brought to the profile, and each table
+    it repaired is re-snapshotted (its changes meanwhile were never decoded).
+
+    Raises PrivilegeMissing (PublicationNotRepaired for a drifted publication the role may
+    not alter) naming what to grant or who must run it."""
     demo_crm = demo_crm and settings.source_profile == "demo"
     created_demo = ensure_demo_crm_schema(settings) if demo_crm else False
     with connect(settings.crm_dsn, "CRM") as conn:
-        ensure_capture_objects(conn, settings, load_profile(settings.source_profile))
         slot_exists = conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s",
                                    (settings.slot_name,)).fetchone() is not None
+        repaired = ensure_capture_objects(conn, settings, load_profile(settings.source_profile),
+                                          resnapshot=slot_exists)
     ensure_erp_schema(settings)
-    return SetupReport(ensure_topics(settings), created_demo, slot_exists)
+    return SetupReport(ensure_topics(settings), created_demo, slot_exists, repaired)

@@ -27,8 +27,13 @@ from psycopg.rows import dict_row
 
 from service.cdc.events import converter_for
 from service.cdc.profile import EntityMapping, SourceProfile, key_values
-from service.errors import CaptureRejected, SourceContractError, UnrepresentableValue
-from service.pg import privileges_needed
+from service.errors import (
+    CaptureRejected,
+    PublicationNotRepaired,
+    SourceContractError,
+    UnrepresentableValue,
+)
+from service.pg import privilege_missing, privileges_needed
 from service.settings import Settings
 
 OWN_SCHEMA = "crm_erp_sync"
@@ -189,58 +194,232 @@ CREATE TABLE IF NOT EXISTS {TRUNCATES_TABLE} (
 """
 
 
-def ensure_capture_objects(conn: psycopg.Connection[Any], settings: Settings,
-                           profile: SourceProfile) -> list[str]:
-    """Own schema and publication, idempotently; returns the tables it (re)added.
+_AS_ADMIN = ("`crm-erp-sync setup` as an administrator (PostgreSQL 15 lets only the "
+             "tables' owner or a superuser add them to a publication); the producer and "
+             "consumers then run as restricted roles")
 
-    The publication is the producer's own: a captured table missing from it (dropped by
-    hand) is added back, with its row filter. The slot is created by the producer itself.
+
+def ensure_capture_objects(conn: psycopg.Connection[Any], settings: Settings,
+                           profile: SourceProfile, *, repair: bool = True,
+                           resnapshot: bool = False,
+                           filters: dict[str, str | None] | None = None) -> list[Repair]:
+    """Own schema and publication, idempotently; returns what it repaired in the publication.
+
+    A captured table missing from an existing publication (dropped by hand) is added back
+    with its row filter, and a table whose row filter differs from the profile's gets the
+    profile's (see ``publication_drift``); with ``repair`` False the publication is only
+    created when missing, never altered. With ``resnapshot`` a snapshot of each repaired
+    table is requested in the same transaction (changes made while the table was out of the
+    publication, or outside its old filter, were never decoded), so a crash cannot keep
+    the repair without its snapshot. ``filters``: the profile's normalised filters, when the
+    caller has them already (``normalised_filters``). The slot is created by the producer
+    itself.
 
     Raises PrivilegeMissing (a ConfigError) naming the object and the grant, or who must run
-    `setup`, when the DSN's role may not create or alter one of them.
+    `setup`, when the DSN's role may not create or alter one of them (a repair of the
+    publication: PublicationNotRepaired, a PrivilegeMissing carrying the drift).
     """
     pub = sql.Identifier(settings.publication_name)
-    added: list[str] = []
     database = sql.Identifier(conn.info.dbname).as_string(None)
-    as_admin = ("`crm-erp-sync setup` as an administrator (PostgreSQL 15 lets only the "
-                "tables' owner or a superuser add them to a publication); the producer and "
-                "consumers then run as restricted roles")
     with conn.transaction():
         with privileges_needed(
                 conn, "CRM", f"create the producer's schema {OWN_SCHEMA} and its tables",
                 f"GRANT CREATE ON DATABASE {database} TO {{role}}; GRANT USAGE, CREATE ON "
-                f"SCHEMA {OWN_SCHEMA} TO {{role}}; or run {as_admin} (`crm-erp-sync setup "
+                f"SCHEMA {OWN_SCHEMA} TO {{role}}; or run {_AS_ADMIN} (`crm-erp-sync setup "
                 "--check --role {role_name}` prints every grant the producer needs)"):
             conn.execute(OWN_DDL)
             conn.execute(TRUNCATES_DDL)
         exists = conn.execute(
             "SELECT 1 FROM pg_publication WHERE pubname = %s", (settings.publication_name,)
         ).fetchone()
-        members = [_member(e) for e in profile.entities.values()]
         if not exists:
+            members = [_member(e) for e in profile.entities.values()]
             with privileges_needed(
                     conn, "CRM", f"create publication {settings.publication_name}",
-                    f"CREATE PUBLICATION needs the tables' owner or a superuser: run {as_admin}"):
+                    f"CREATE PUBLICATION needs the tables' owner or a superuser: run {_AS_ADMIN}"):
                 conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
                     pub, sql.SQL(", ").join([*members, _ident(WATERMARK_TABLE)])))
-            return added
-        present = {f"{r[0]}.{r[1]}" for r in conn.execute(
-            "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s",
-            (settings.publication_name,)).fetchall()}
-        missing = [(ent.table, member) for ent, member
-                   in zip(profile.entities.values(), members, strict=True)
-                   if ent.table not in present]
-        if WATERMARK_TABLE not in present:
-            missing.append((WATERMARK_TABLE, _ident(WATERMARK_TABLE)))
-        for table, member in missing:
-            with privileges_needed(
-                    conn, "CRM", f"add table {table} back to publication "
-                    f"{settings.publication_name}",
-                    "ALTER PUBLICATION ... ADD TABLE needs the publication's and the table's "
-                    f"owner or a superuser: run {as_admin}"):
+            return []
+        if not repair:
+            return []
+        drifts = publication_drift(conn, settings, profile, filters)
+        if not drifts:
+            return []
+        return repair_publication(conn, settings, profile, drifts, resnapshot=resnapshot)
+
+
+@dataclass(frozen=True)
+class PublicationDrift:
+    """How the publication differs from the source profile for one table: not in it at all
+    (``missing``), or filtered with another row filter. ``have`` is the publication's filter
+    and ``want`` the profile's, both as PostgreSQL prints them (``pg_get_expr``; None: no
+    filter). SQL text from the profile and the catalog: never a row's value."""
+
+    publication: str
+    table: str
+    missing: bool
+    have: str | None
+    want: str | None
+
+    @property
+    def problem(self) -> str:
+        if self.missing:
+            return (f"not in publication {self.publication}: its changes are not captured "
+                    "(they are lost until the table is back and re-snapshotted)")
+        return (f"publication {self.publication} filters it with {self.have or 'no filter'} "
+                f"but the source profile's row_filter is {self.want or 'none'}: changes the "
+                "two filters disagree on are captured wrongly or not at all")
+
+    @property
+    def sql_fix(self) -> str:
+        """The statements that bring the table to the profile (run as the owner)."""
+        table = _quoted_table(self.table)
+        member = table + (f" WHERE {self.want}" if self.want else "")
+        pub = sql.Identifier(self.publication).as_string(None)
+        add = f"ALTER PUBLICATION {pub} ADD TABLE {member};"
+        return add if self.missing else f"ALTER PUBLICATION {pub} DROP TABLE {table}; {add}"
+
+    @property
+    def fix(self) -> str:
+        return (f"run `crm-erp-sync setup` as the publication's owner (it brings the "
+                f"publication to the profile and requests a re-snapshot of {self.table}); "
+                f"or, as the owner, {self.sql_fix} then `crm-erp-sync snapshot --table "
+                f"{self.table}`")
+
+
+@dataclass(frozen=True)
+class Repair:
+    """One table ``repair_publication`` brought to the profile, and the snapshot it requested
+    for it (None: none requested, or the table is not snapshottable)."""
+
+    drift: PublicationDrift
+    snapshot_id: int | None
+
+
+def normalised_filters(conn: psycopg.Connection[Any],
+                       profile: SourceProfile) -> dict[str, str | None]:
+    """Each captured table's row filter from the profile, as PostgreSQL prints it
+    (``pg_get_expr``; None: the table has no filter), by table.
+
+    Why not compare strings: PostgreSQL keeps a publication's row filter parsed and prints it
+    back normalised (``org_id = '…'`` becomes ``(org_id = '…'::uuid)``); imitating its
+    deparser (casts, parentheses, ``IN`` as ``= ANY (ARRAY[…])``, quoting) would disagree at
+    the edges and either miss a change or report one forever. So PostgreSQL parses the
+    profile's filter itself, as a CHECK constraint of a temporary table with the captured
+    table's columns (``LIKE``, so the same types decide the casts), and prints it with the
+    same ``pg_get_expr`` as ``pg_publication_tables.rowfilter``: equal filters print
+    equally. The temporary table lives in a transaction that is rolled back (nothing is
+    left), and needs only TEMP on the database and SELECT on the table (a scratch
+    publication would need the tables' owner).
+
+    Raises SourceContractError naming the table when PostgreSQL cannot parse the filter
+    against the table (a syntax error, an unknown column), PrivilegeMissing when the role
+    may not create temporary tables.
+    """
+    out: dict[str, str | None] = {}
+    for ent in profile.entities.values():
+        if ent.row_filter is None:
+            out[ent.table] = None
+            continue
+        with privileges_needed(
+                conn, "CRM", "create a temporary table (to compare the profile's row filters "
+                "with the publication's)", "GRANT TEMPORARY ON DATABASE "
+                f"{sql.Identifier(conn.info.dbname).as_string(None)} TO {{role}}"):
+            try:
+                with conn.transaction(force_rollback=True):
+                    conn.execute(sql.SQL(
+                        "CREATE TEMPORARY TABLE crm_erp_sync_filter_probe (LIKE {}, "
+                        "CHECK ({}))").format(_ident(ent.table), sql.SQL(ent.row_filter)))
+                    row = conn.execute(
+                        "SELECT pg_get_expr(conbin, conrelid) FROM pg_constraint WHERE "
+                        "conrelid = 'pg_temp.crm_erp_sync_filter_probe'::regclass "
+                        "AND contype = 'c'").fetchone()
+            except psycopg.errors.InsufficientPrivilege:
+                raise
+            except psycopg.errors.UndefinedTable as exc:
+                raise SourceContractError(ent.table, "*", "table does not exist (or is not "
+                                          "visible to the capture role)") from exc
+            except (psycopg.errors.SyntaxErrorOrAccessRuleViolation,
+                    psycopg.errors.DataException) as exc:
+                raise SourceContractError(
+                    ent.table, "*", "the source profile's row_filter is not a valid filter "
+                    f"of the table ({type(exc).__name__})") from exc
+        assert row is not None
+        out[ent.table] = str(row[0])
+    return out
+
+
+def publication_drift(conn: psycopg.Connection[Any], settings: Settings,
+                      profile: SourceProfile,
+                      filters: dict[str, str | None] | None = None) -> list[PublicationDrift]:
+    """Every captured table (and the watermark table) the publication lacks or filters
+    otherwise than the profile, in the profile's order; [] when it matches or does not exist
+    yet. ``filters``: ``normalised_filters(conn, profile)``, computed when not given.
+    Column lists are not compared (the producer never sets one)."""
+    name = settings.publication_name
+    if conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s",
+                    (name,)).fetchone() is None:
+        return []
+    present: dict[str, str | None] = {f"{r[0]}.{r[1]}": r[2] for r in conn.execute(
+        "SELECT schemaname, tablename, rowfilter FROM pg_publication_tables "
+        "WHERE pubname = %s", (name,)).fetchall()}
+    wants = filters if filters is not None else normalised_filters(conn, profile)
+    out: list[PublicationDrift] = []
+    for ent in profile.entities.values():
+        want = wants.get(ent.table)
+        if ent.table not in present:
+            out.append(PublicationDrift(name, ent.table, True, None, want))
+        elif present[ent.table] != want:
+            out.append(PublicationDrift(name, ent.table, False, present[ent.table], want))
+    if WATERMARK_TABLE not in present:
+        out.append(PublicationDrift(name, WATERMARK_TABLE, True, None, None))
+    elif present[WATERMARK_TABLE] is not None:
+        out.append(PublicationDrift(name, WATERMARK_TABLE, False,
+                                    present[WATERMARK_TABLE], None))
+    return out
+
+
+def repair_publication(conn: psycopg.Connection[Any], settings: Settings,
+                       profile: SourceProfile, drifts: Sequence[PublicationDrift], *,
+                       resnapshot: bool) -> list[Repair]:
+    """Bring each drifted table of the publication to the profile, in one transaction:
+    a missing table is added with the profile's filter; a table with another filter is
+    dropped and added again with the profile's (one commit: a change is decoded under the
+    old filter or the new one, never under none). With ``resnapshot`` a snapshot of each
+    (snapshottable) table is requested in the same transaction.
+
+    Raises PublicationNotRepaired (a PrivilegeMissing) when the role is not the
+    publication's and the table's owner (nor a superuser): nothing is changed then.
+    """
+    pub = sql.Identifier(settings.publication_name)
+    out: list[Repair] = []
+    with conn.transaction():
+        for drift in drifts:
+            ent = profile.table(drift.table)
+            member = _member(ent) if ent is not None else _ident(drift.table)
+            try:
+                if not drift.missing:
+                    conn.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
+                        pub, _ident(drift.table)))
                 conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(pub, member))
-            added.append(table)
-    return added
+            except psycopg.errors.InsufficientPrivilege as exc:
+                missing = privilege_missing(
+                    conn, "CRM", f"bring table {drift.table} of publication "
+                    f"{settings.publication_name} to the source profile",
+                    "ALTER PUBLICATION needs the publication's and the table's owner or a "
+                    f"superuser: run {_AS_ADMIN}")
+                raise PublicationNotRepaired(missing, list(drifts)) from exc
+            snapshot_id = None
+            if resnapshot and ent is not None and ent.kind is not None:
+                snapshot_id = request_snapshot(
+                    conn, profile, ent.entity if ent.entity != "order_line" else "order",
+                    reason="publication-repaired")
+            out.append(Repair(drift, snapshot_id))
+    return out
+
+
+def _quoted_table(table: str) -> str:
+    return _ident(table).as_string(None)
 
 
 def _member(ent: EntityMapping) -> sql.Composable:

@@ -11,8 +11,10 @@ A table keeps the contract when
   flag) — a column the profile does not map may come and go freely;
 - each of those columns has a type the canonical field can carry (see :func:`accepts`);
 - its replica identity is FULL (an UPDATE/DELETE then carries the whole old row);
-- it is in the producer's publication (the producer repairs that one itself: it owns the
-  publication).
+- it is in the producer's publication, with the profile's row filter (the producer repairs
+  that itself when it owns the publication, re-snapshotting the table; otherwise it stops
+  capture the same way, naming `crm-erp-sync setup` as the owner: see
+  ``service.cdc.producer.CdcProducer._sync_publication``).
 
 The rule that divides a *contract problem* from a *per-row problem*: a problem with the
 table's shape (the same for every row, visible in the Relation message or the catalog) stops

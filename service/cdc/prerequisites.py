@@ -271,9 +271,13 @@ def _check_own_schema(conn: psycopg.Connection[Any], role: _Role) -> Check:
     and ``CREATE TABLE IF NOT EXISTS`` needs CREATE on the schema even when the table exists
     (PostgreSQL checks the privilege before it looks for the table: a schema that `setup`,
     run as an administrator, created is the administrator's); then it writes the tables,
-    and deletes watermarks older than an hour after each snapshot chunk."""
+    and deletes watermarks older than an hour after each snapshot chunk. It compares the
+    profile's row filters with the publication's through a temporary table
+    (``service.cdc.capture.normalised_filters``): TEMPORARY on the database (PUBLIC has it
+    unless revoked)."""
     row = conn.execute(
         "SELECT current_database(), has_database_privilege(%(r)s, current_database(), 'CREATE'),"
+        " has_database_privilege(%(r)s, current_database(), 'TEMPORARY'),"
         " to_regnamespace(%(s)s) IS NOT NULL,"
         " coalesce(has_schema_privilege(%(r)s, to_regnamespace(%(s)s), 'USAGE'), false),"
         " coalesce(has_schema_privilege(%(r)s, to_regnamespace(%(s)s), 'CREATE'), false),"
@@ -284,13 +288,15 @@ def _check_own_schema(conn: psycopg.Connection[Any], role: _Role) -> Check:
         "      THEN has_table_privilege(%(r)s, to_regclass(%(w)s), 'DELETE') END",
         {"r": role.name, "s": OWN_SCHEMA, "w": WATERMARK_TABLE}).fetchone()
     assert row is not None
-    database, create, exists, usage, schema_create, tables_ok, prune_ok = row
+    database, create, temporary, exists, usage, schema_create, tables_ok, prune_ok = row
     name = f"producer schema {OWN_SCHEMA}"
     q = quote_ident(role.name)
     schema = quote_ident(OWN_SCHEMA)
     fixes = []
     if not create:
         fixes.append(f"GRANT CREATE ON DATABASE {quote_ident(database)} TO {q};")
+    if not temporary:
+        fixes.append(f"GRANT TEMPORARY ON DATABASE {quote_ident(database)} TO {q};")
     if exists and not (usage and schema_create):
         fixes.append(f"GRANT USAGE, CREATE ON SCHEMA {schema} TO {q};")
     if exists and not (usage and tables_ok is not False):

@@ -45,8 +45,10 @@ from service.cdc.capture import (
     chunk_query,
     ensure_capture_objects,
     lines_query,
+    normalised_filters,
+    publication_drift,
     read_table_info,
-    request_snapshot,
+    repair_publication,
     typed_or_rejected,
     typed_row,
 )
@@ -78,6 +80,7 @@ from service.errors import (
     CaptureStoppedAtTruncate,
     ConnectionLost,
     PgOutputError,
+    PublicationNotRepaired,
     Retryable,
     SlotLost,
     SourceContractBroken,
@@ -498,6 +501,8 @@ class CdcProducer:
         # The source contract: each table's last good shape (from the catalog), and what
         # stops capture now (None while capturing).
         self._known: dict[str, contract.Shape] = {}
+        # the profile's row filters as PostgreSQL prints them (set by ensure_slot)
+        self._want_filters: dict[str, str | None] | None = None
         self._broken: list[contract.Violation] | None = None
         self._contract_delays = RetryPolicy.RECONNECT.delays()
         self._last_publication_check = 0.0
@@ -562,10 +567,14 @@ class CdcProducer:
         # Before the publication is (re)created: a dropped one is a gap, not a first start.
         slot_guard.ensure_table(conn)
         self._check_capture(conn)
-        added = ensure_capture_objects(conn, self.settings, self.profile)
-        if added:
-            log.warning("publication_repaired", publication=self.settings.publication_name,
-                        tables_added=added)
+        # The profile's row filters as PostgreSQL prints them, once per start (a temporary
+        # table each): what the publication is compared with from now on.
+        self._want_filters = normalised_filters(conn, self.profile)
+        ensure_capture_objects(conn, self.settings, self.profile, repair=False)
+        # Before the slot exists the initial snapshot reads every table anyway.
+        self._sync_publication(conn, resnapshot=conn.execute(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s",
+            (self.settings.slot_name,)).fetchone() is not None)
         self._conn = conn
         exists = conn.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s",
                               (self.settings.slot_name,)).fetchone()
@@ -879,6 +888,11 @@ class CdcProducer:
         from the slot's confirmed position), else the state is refreshed and False."""
         shapes = contract.read_shapes(conn, self.profile.tables)
         violations = contract.check_profile(self.profile, shapes, known=self._known)
+        if not violations:
+            try:
+                self._sync_publication(conn)
+            except SourceContractBroken as exc:
+                violations = exc.violations
         if violations:
             self._contract_stopped(conn, violations)
             return False
@@ -927,24 +941,30 @@ class CdcProducer:
                              "capture role, so that `status` shows why capture stopped")
 
     def _observe_publication(self, conn: PgConn) -> None:
-        """Every few seconds: a captured table dropped from the producer's own publication is
-        added back (changes made meanwhile were not decoded: a snapshot of that table is
-        queued; rows deleted meanwhile need `reconcile --repair`).
+        """Every few seconds: the publication still matches the profile (every captured
+        table in it, with the profile's row filter); see _sync_publication.
 
         Raises SourceContractBroken when a captured table left it by being renamed or
-        dropped (it cannot be added back)."""
+        dropped (it cannot be added back), or when the publication drifted and this role may
+        not repair it."""
         now = time.monotonic()
         if now - self._last_publication_check < PUBLICATION_CHECK_S:
             return
         self._last_publication_check = now
-        row = conn.execute(
-            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = %s), "
-            "ARRAY(SELECT schemaname || '.' || tablename FROM pg_publication_tables "
-            "WHERE pubname = %s)",
-            (self.settings.publication_name, self.settings.publication_name)).fetchone()
-        if row is None or not row[0]:
-            return  # no publication at all: a lost publication is handled elsewhere
-        if not set(self.profile.tables) - set(row[1]):
+        self._sync_publication(conn)
+
+    def _sync_publication(self, conn: PgConn, *, resnapshot: bool = True) -> None:
+        """A captured table missing from the publication, or filtered there otherwise than
+        the profile says, is brought to the profile and a snapshot of it is queued in the
+        same transaction (changes made meanwhile were not decoded, or decoded under the old
+        filter; rows deleted meanwhile need `reconcile --repair`). Logged, never silent.
+
+        Raises SourceContractBroken (capture stops, the slot kept, nothing skipped) when a
+        captured table is gone or renamed (it cannot be added back), or when this role may
+        not alter the publication (not its and the table's owner): the violations name the
+        table, both filters and `crm-erp-sync setup` as the publication's owner."""
+        drifts = publication_drift(conn, self.settings, self.profile, self._want_filters)
+        if not drifts:
             return
         # A table renamed or dropped has left the publication too, and cannot be added back
         # (UndefinedTable): that is the source contract (capture stops, named), not a crash.
@@ -952,19 +972,21 @@ class CdcProducer:
             self.profile, contract.read_shapes(conn, self.profile.tables), known=self._known)
         if violations:
             raise SourceContractBroken(violations)
-        added = ensure_capture_objects(conn, self.settings, self.profile)
-        for table in added:
-            ent = self.profile.table(table)
-            snapshot_id = None
-            if ent is not None and ent.kind is not None:
-                snapshot_id = request_snapshot(
-                    conn, self.profile, ent.entity if ent.entity != "order_line" else "order",
-                    reason="publication-repaired")
-            log.warning("publication_repaired", publication=self.settings.publication_name,
-                        table=table, snapshot_id=snapshot_id,
-                        hint="changes made while the table was out of the publication are "
-                             "re-read by the snapshot; rows deleted meanwhile need "
-                             "`crm-erp-sync reconcile --repair`")
+        try:
+            repairs = repair_publication(conn, self.settings, self.profile, drifts,
+                                         resnapshot=resnapshot)
+        except PublicationNotRepaired as exc:
+            raise SourceContractBroken([
+                contract.Violation(d.table, contract.TABLE, d.problem, d.fix)
+                for d in exc.drifts]) from None
+        for r in repairs:
+            d = r.drift
+            log.warning("publication_repaired", publication=d.publication, table=d.table,
+                        re_added=d.missing, row_filter_was=d.have, row_filter_now=d.want,
+                        snapshot_id=r.snapshot_id,
+                        hint="changes made while the table was out of the publication (or "
+                             "outside its old filter) are re-read by the snapshot; rows "
+                             "deleted meanwhile need `crm-erp-sync reconcile --repair`")
 
     def _broker_fault(self, fault: Retryable, delay: float) -> None:
         """Publishing failed: drop the Kafka producer (its buffer may hold a poisoned or

@@ -534,7 +534,8 @@ class Reconciler:
                poll_s: float = 1.0) -> RepairReport:
         out = RepairReport()
         with connect(self.settings, "crm") as crm, connect(self.settings, "erp") as erp:
-            ensure_capture_objects(crm, self.settings, self.profile)
+            # the snapshots table only: a drifted publication is the producer's and setup's
+            ensure_capture_objects(crm, self.settings, self.profile, repair=False)
             for report in reports:
                 entity = ENTITIES[report.entity]
                 keys = sorted(set(report.missing) | set(report.differing))  # not held ones

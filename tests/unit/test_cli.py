@@ -225,3 +225,28 @@ def test_setup_does_not_promise_a_slot_that_exists() -> None:
     [_, crm, _] = setup_lines(settings, SetupReport([], False, slot_exists=True))
     assert crm.endswith(f"; slot {settings.slot_name} exists")
     assert "creates its slot" not in crm
+
+
+def test_setup_says_which_publication_tables_it_repaired_and_resnapshotted() -> None:
+    # F14/F15: `setup` re-added a table (or changed its filter) and said only "in place".
+    from service.cdc.capture import PublicationDrift, Repair
+    from service.cli import setup_lines
+    from service.settings import Settings
+    from service.setup import SetupReport
+
+    settings = Settings()
+    gone = PublicationDrift("pub", "public.accounts", True, None, "(org_id = 'x'::uuid)")
+    moved = PublicationDrift("pub", "public.orders", False, "(org_id = 'a'::uuid)",
+                             "(org_id = 'b'::uuid)")
+    lines = setup_lines(settings, SetupReport([], False, True, [Repair(gone, 7),
+                                                                  Repair(moved, 8)]))
+    assert ("CRM: added public.accounts back to publication pub; requested snapshot 7 of it "
+            "(changes made meanwhile were not captured; the producer re-reads the table)"
+            ) in lines
+    assert ("CRM: changed the row filter of public.orders in publication pub from "
+            "(org_id = 'a'::uuid) to (org_id = 'b'::uuid); requested snapshot 8 of it "
+            "(changes made meanwhile were not captured; the producer re-reads the table)"
+            ) in lines
+    before_slot = setup_lines(settings, SetupReport([], False, False, [Repair(gone, None)]))
+    assert ("CRM: added public.accounts back to publication pub; the producer's first start "
+            "snapshots every table") in before_slot

@@ -200,10 +200,7 @@ class SqlTarget:
         delay = conn.execute("SELECT extract(epoch FROM applied_at - crm_commit_time) "
                              f"FROM ({_APPLIED}) t WHERE event_id NOT LIKE 'snap/%%' "
                              "ORDER BY applied_at DESC LIMIT 1").fetchone()
-        if last is None:
-            return LastApplied()
-        return LastApplied(last[0], last[1], float(last[2]) if last[2] is not None else None,
-                           float(delay[0]) if delay and delay[0] is not None else None)
+        return LastApplied.from_rows(last, delay)
 
     def key_records(self, conn: PgConn, key: str, orders: Sequence[str]
                     ) -> list[dict[str, Any]]:

@@ -68,6 +68,17 @@ class LastApplied:
     seconds_since: float | None = None
     end_to_end_delay_s: float | None = None
 
+    @classmethod
+    def from_rows(cls, last: Sequence[Any] | None, delay: Sequence[Any] | None
+                  ) -> LastApplied:
+        """From a target's two queries: ``last`` = (max applied_at, max CRM commit time,
+        seconds since; None when nothing was applied), ``delay`` = (seconds,) of the newest
+        non-snapshot change, or None."""
+        if last is None:
+            return cls()
+        return cls(last[0], last[1], float(last[2]) if last[2] is not None else None,
+                   float(delay[0]) if delay and delay[0] is not None else None)
+
 
 class ErpTarget(Protocol):
     """Where the consumer applies changes. Implementations are used by one thread.

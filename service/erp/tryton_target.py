@@ -235,10 +235,7 @@ class TrytonErpTarget:
                 "WHERE event_id NOT LIKE 'snap/%' ORDER BY applied_at DESC LIMIT 1").fetchone()
         except psycopg.errors.UndefinedTable:  # no consumer has applied to Tryton yet
             return LastApplied()
-        if last is None:
-            return LastApplied()
-        return LastApplied(last[0], last[1], float(last[2]) if last[2] is not None else None,
-                           float(delay[0]) if delay and delay[0] is not None else None)
+        return LastApplied.from_rows(last, delay)
 
     def key_records(self, conn: PgConn, key: str, orders: Sequence[str]
                     ) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ kubeconform against the Kubernetes schemas, and `docker compose config` where it
 from __future__ import annotations
 
 import dataclasses
+import operator
 import re
 import shutil
 import subprocess
@@ -471,6 +472,32 @@ def test_alert_rules_name_only_exported_metrics_and_their_labels() -> None:
                 wanted = {b.strip() for b in by[0].split(",")}
                 assert wanted <= exported[by[1]], f"{rule['alert']}: by {wanted}"
     assert {"CrmErpSyncReconcileDrift", "CrmErpSyncReconcileNotRun"} <= names
+
+
+# `AGG(metric) OP N` (no `by`), optionally with the `or vector(0)` fallback.
+_WHOLE_AGGREGATE = re.compile(r"\(?(sum|max|min|count)\((crm_erp_sync_\w+)\)"
+                              r"(?P<fallback> or vector\(0\)\))? (?P<op>==|!=|<=|>=|<|>) "
+                              r"(?P<n>\d+)")
+_OPS = {"==": operator.eq, "!=": operator.ne, "<=": operator.le, ">=": operator.ge,
+        "<": operator.lt, ">": operator.gt}
+
+
+def test_an_alert_that_fires_on_zero_also_fires_when_nothing_exports_the_metric() -> None:
+    """With no process exporting a metric (all of them down: the case such an alert is for)
+    there is no series, and an aggregate of no series is empty, not 0: the comparison yields
+    nothing and the alert stays silent. So an alert that fires at 0 must fall back to 0."""
+    rules = {rule["alert"]: rule["expr"] for group in yaml.safe_load(ALERTS.read_text())["groups"]
+             for rule in group["rules"]}
+    fires_on_nothing = set()
+    for name, expr in rules.items():
+        whole = _WHOLE_AGGREGATE.fullmatch(expr.strip())
+        if whole is None or not _OPS[whole["op"]](0, int(whole["n"])):
+            continue  # not a whole-fleet aggregate, or 0 is fine: nothing to check
+        assert whole["fallback"], f"{name}: {expr!r} is silent when no process exports it"
+        fires_on_nothing.add(name)
+    assert {"CrmErpSyncNoActiveProducer", "CrmErpSyncNoConsumer"} <= fires_on_nothing
+    producer = _WHOLE_AGGREGATE.fullmatch(rules["CrmErpSyncNoActiveProducer"])
+    assert producer is not None and not _OPS[producer["op"]](1, int(producer["n"]))
 
 
 def test_alert_rules_pass_promtool_when_it_is_here() -> None:

@@ -179,6 +179,15 @@ def with_local_files(kustomization: dict[str, Any], pod: dict[str, Any],
         assert kind == "configMap", var
         assert key in generator(kustomization, name)["files"], (var, name)
         out[var] = str(K8S / key)
+    # The CA the DSNs' sslrootcert= and CRM_ERP_SYNC_KAFKA_SSL_CAFILE name (Settings refuses
+    # one that does not exist): mounted from the ConfigMap in ca.yaml, which stands in here.
+    cafile = env.get("CRM_ERP_SYNC_KAFKA_SSL_CAFILE")
+    if cafile:
+        kind, name, key = mounted(pod["spec"], container, cafile)
+        assert (kind, name) == ("configMap", "crm-erp-sync-ca"), cafile
+        ca_map = yaml.safe_load((K8S / "ca.yaml").read_text())
+        assert key in ca_map["data"], cafile
+        out = {k: v.replace(cafile, str(K8S / "ca.yaml")) for k, v in out.items()}
     return out
 
 
@@ -330,15 +339,16 @@ def mounted(pod: dict[str, Any], container: dict[str, Any], path: str) -> tuple[
 
 
 def test_tls_is_verified_against_a_ca_every_pod_mounts(
-        manifests: dict[tuple[str, str], dict[str, Any]], k8s_settings: Settings) -> None:
+        manifests: dict[tuple[str, str], dict[str, Any]], k8s_settings: Settings,
+        kustomization: dict[str, Any]) -> None:
     """newcomer6 F11: verify-full needs a CA file (the image's user has no home for libpq's
     default, the root filesystem is read-only), and the production default talks to Kafka
     over TLS with SASL, as the Secret's SASL password implies."""
     assert k8s_settings.kafka_security_protocol == "SASL_SSL"
     assert k8s_settings.kafka_sasl_mechanism.startswith("SCRAM-")
     assert k8s_settings.kafka_sasl_username
-    cafile = k8s_settings.kafka_ssl_cafile
-    assert cafile.startswith("/")
+    cafile = config_env(kustomization)["CRM_ERP_SYNC_KAFKA_SSL_CAFILE"]  # as the pods see it
+    assert cafile.startswith("/") and k8s_settings.kafka_ssl_cafile
     for name in ("crm-erp-sync-secrets", "crm-erp-sync-setup-secrets"):
         secret = manifests[("Secret", name)]["stringData"]
         assert "CHANGE-ME" in secret["CRM_ERP_SYNC_KAFKA_SASL_PASSWORD"], name

@@ -90,6 +90,13 @@ class DatabaseAuthFailed(ConfigError):
     privilege on the database): retrying cannot help."""
 
 
+class DatabaseTlsFailed(ConfigError):
+    """The server answers, but not over the TLS the DSN demands: it offers no TLS at all
+    (``sslmode=require`` or stricter against a server with ``ssl=off``), its certificate
+    did not verify against ``sslrootcert`` (``verify-ca``/``verify-full``), or the handshake
+    failed. Retrying cannot help until the DSN or the server is fixed."""
+
+
 class DatabaseMissing(ConfigError):
     """The server accepted the credentials but the DSN's database does not exist."""
 

@@ -11,8 +11,10 @@ condition everywhere (documented in README.md, "Exit codes").
 - 2 USAGE: bad arguments or configuration, including a named object that does not exist (a
   dead-letter ID, a snapshot key, a partition the group does not consume), a filter value
   that matches nothing known, database credentials or a database name that the server
-  refuses, and a privilege the DSN's role lacks (``PrivilegeMissing``: the object and the
-  grant named).
+  refuses, a privilege the DSN's role lacks (``PrivilegeMissing``: the object and the
+  grant named), and a TLS or SASL mistake (a CA file that does not exist, TLS demanded of a
+  server without it, a certificate that does not verify, a protocol the Kafka listener does
+  not speak, a refused SASL login: ``DatabaseTlsFailed``, ``service.kafka_io``).
 - 3 UNAVAILABLE: the broker or a database did not answer.
 - 130 INTERRUPTED: Ctrl-C.
 - 141 BROKEN_PIPE: the reader of the output went away (`crm-erp-sync dlq list | head`); the
@@ -29,5 +31,5 @@ BROKEN_PIPE = 141
 
 EPILOG = ("Exit codes: 0 ok, 1 needs attention (problem found, drift, or refused by state), "
           "2 bad arguments or configuration (also: no such ID, unknown filter value, database "
-          "credentials refused), 3 broker or database unreachable, 130 interrupted, 141 "
-          "output pipe closed.")
+          "credentials refused, TLS/SASL mistakes), 3 broker or database unreachable, "
+          "130 interrupted, 141 output pipe closed.")

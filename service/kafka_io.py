@@ -2,25 +2,71 @@
 
 from __future__ import annotations
 
+import logging
+import socket
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.cluster import ClusterMetadata
 from kafka.errors import (
+    IllegalSaslStateError,
     KafkaConnectionError,
     KafkaError,
     KafkaTimeoutError,
+    SaslAuthenticationFailedError,
     TopicAlreadyExistsError,
+    UnsupportedSaslMechanismError,
 )
 from kafka.partitioner.default import DefaultPartitioner, murmur2
 
-from service.errors import Retryable, StackUnavailable
+from service.errors import ConfigError, Retryable, StackUnavailable, SyncError
 from service.faults import transient
 from service.settings import Settings
 
 # kafka-python 3 raises KafkaTimeoutError("Unable to bootstrap from ...") when no broker
-# answers; we say which broker and what to do.
+# answers; we say which broker and what to do. It raises the same after a TLS handshake that
+# failed or a SASL exchange the listener does not speak (it logs those and retries until the
+# bootstrap timeout), so a timeout is looked at again (``listener_mismatch``) before it is
+# called "unreachable". A refused SASL login it does raise as such (_SASL_REFUSED).
+_SASL_REFUSED = (SaslAuthenticationFailedError, UnsupportedSaslMechanismError,
+                 IllegalSaslStateError)
+_CLIENT_FAILED = (KafkaTimeoutError, KafkaConnectionError, *_SASL_REFUSED)
+PROBE_TIMEOUT_S = 3.0
+
+
+class _ConnectionFailures(logging.Handler):
+    """The exceptions kafka-python 3.0.12 passes as arguments of its "Bootstrap connection
+    to %s failed: %s" log calls (kafka.net.manager): where a refused SASL login
+    (SaslAuthenticationFailedError) ends up; the client then raises only KafkaTimeoutError.
+    Classified by class, never by text. Sees nothing when logging is set above WARNING."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: list[BaseException] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if isinstance(record.args, tuple):
+            self.seen.extend(a for a in record.args if isinstance(a, BaseException))
+
+
+@contextmanager
+def _building(settings: Settings) -> Iterator[None]:
+    """Around the construction of a kafka-python client: its failure becomes ours
+    (``_unreachable``), a SASL refusal it only logged included."""
+    logger = logging.getLogger("kafka.net.manager")
+    failures = _ConnectionFailures()
+    logger.addHandler(failures)
+    try:
+        yield
+    except _CLIENT_FAILED as exc:
+        refused = next((e for e in failures.seen if isinstance(e, _SASL_REFUSED)), exc)
+        raise _unreachable(settings, refused) from exc
+    finally:
+        logger.removeHandler(failures)
 
 
 def security_options(settings: Settings) -> dict[str, Any]:
@@ -37,11 +83,105 @@ def security_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
-def _unreachable(settings: Settings, exc: Exception) -> StackUnavailable:
+def _unreachable(settings: Settings, exc: Exception) -> SyncError:
+    """What a client that could not be built means: a ConfigError (exit 2, not retried) for a
+    refused SASL login or a TLS/SASL setting the listener does not match, else
+    StackUnavailable (exit 3, retried)."""
+    env = Settings.env_var
+    name = type(exc).__name__
+    if isinstance(exc, UnsupportedSaslMechanismError):
+        return ConfigError(env("kafka_sasl_mechanism"),
+                           f"the broker at {settings.kafka_bootstrap} does not offer SASL "
+                           f"mechanism {settings.kafka_sasl_mechanism!r} ({name})")
+    if isinstance(exc, SaslAuthenticationFailedError):
+        return ConfigError(env("kafka_sasl_username"),
+                           f"the broker at {settings.kafka_bootstrap} refused the SASL login "
+                           f"of {settings.kafka_sasl_username!r} with "
+                           f"{settings.kafka_sasl_mechanism} ({name}): check the user name "
+                           f"and {env('kafka_sasl_password')}")
+    if isinstance(exc, IllegalSaslStateError):
+        return ConfigError(env("kafka_security_protocol"),
+                           f"the broker at {settings.kafka_bootstrap} does not expect SASL "
+                           f"there ({name}): {settings.kafka_security_protocol} against a "
+                           "listener without SASL")
+    mismatch = listener_mismatch(settings)
+    if isinstance(mismatch, ConfigError):
+        return mismatch
+    if mismatch == "listening" and settings.kafka_security_protocol != "PLAINTEXT":
+        return StackUnavailable(
+            f"Kafka broker at {settings.kafka_bootstrap} accepts connections but no "
+            f"{settings.kafka_security_protocol} session was made ({name}): the broker may "
+            "be starting, or CRM_ERP_SYNC_KAFKA_SECURITY_PROTOCOL (TLS or SASL) does not "
+            "match its listener there, which looks the same")
     return StackUnavailable(
-        f"Kafka broker at {settings.kafka_bootstrap} is unreachable ({type(exc).__name__}); "
+        f"Kafka broker at {settings.kafka_bootstrap} is unreachable ({name}); "
         "is the stack up? (make up)"
     )
+
+
+def listener_mismatch(settings: Settings) -> ConfigError | str:
+    """Why no client session could be made with a broker, looked at from outside
+    kafka-python (which only times out): a ConfigError naming the setting when the listener
+    does not speak what ``kafka_security_protocol`` says (TLS against a plaintext listener
+    or the reverse, SASL where plain Kafka answers) or its TLS certificate does not verify
+    against ``kafka_ssl_cafile``; else ``"down"`` (no bootstrap address accepts a TCP
+    connection) or ``"listening"`` (one does; nothing more could be told). Takes up to a
+    few ``PROBE_TIMEOUT_S``. Ours because kafka-python 3.0.12 keeps the handshake's error
+    only in its log."""
+    env = Settings.env_var
+    protocol = settings.kafka_security_protocol
+    for address in settings.kafka_bootstrap.split(","):
+        host, _, port = address.strip().rpartition(":")
+        where = f"{host}:{port}"
+        try:
+            raw = socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S)
+        except OSError:
+            continue
+        with raw:
+            wants_tls = protocol in ("SSL", "SASL_SSL")
+            try:
+                if wants_tls:  # verified as kafka-python does (ssl_check_hostname)
+                    context = ssl.create_default_context(
+                        cafile=settings.kafka_ssl_cafile or None)
+                else:  # only: does it speak TLS at all?
+                    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+                with context.wrap_socket(raw, server_hostname=host):
+                    speaks_tls = True
+            except ssl.SSLCertVerificationError as exc:
+                ca = settings.kafka_ssl_cafile or "the system's CAs"
+                return ConfigError(env("kafka_ssl_cafile"),
+                                   f"the TLS certificate of the broker at {where} did not "
+                                   f"verify against {ca} ({exc.verify_message}): name the "
+                                   "CA that signed it, and connect by a name the "
+                                   "certificate holds")
+            except (ssl.SSLError, OSError):
+                speaks_tls = False
+        if speaks_tls and not wants_tls:
+            return ConfigError(env("kafka_security_protocol"),
+                               f"the broker's listener at {where} speaks TLS, but the "
+                               f"security protocol is {protocol}: use SSL or SASL_SSL (with "
+                               f"{env('kafka_ssl_cafile')})")
+        if not speaks_tls and protocol != "PLAINTEXT" and _plain_kafka_answers(address):
+            return ConfigError(env("kafka_security_protocol"),
+                               f"the broker's listener at {where} is PLAINTEXT (no TLS, no "
+                               f"SASL), but the security protocol is {protocol}: use the "
+                               "broker's listener for that protocol (its port), or PLAINTEXT")
+        return "listening"
+    return "down"
+
+
+def _plain_kafka_answers(address: str) -> bool:
+    """A PLAINTEXT kafka-python client bootstraps from ``address`` within PROBE_TIMEOUT_S."""
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=[address.strip()],
+                                 bootstrap_timeout_ms=int(PROBE_TIMEOUT_S * 1000),
+                                 request_timeout_ms=int(PROBE_TIMEOUT_S * 1000),
+                                 client_id="crm-erp-sync-probe")
+    except KafkaError:
+        return False
+    admin.close()
+    return True
 
 
 class KeyedPartitioner(DefaultPartitioner):  # type: ignore[misc]
@@ -99,11 +239,9 @@ def producer_options(settings: Settings, **overrides: Any) -> dict[str, Any]:
 
 def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
     """A producer with :func:`producer_options`. Raises StackUnavailable when no broker
-    answers."""
-    try:
+    answers, ConfigError when the broker refuses our TLS/SASL settings."""
+    with _building(settings):
         return KafkaProducer(**producer_options(settings, **overrides))
-    except (KafkaTimeoutError, KafkaConnectionError) as exc:
-        raise _unreachable(settings, exc) from exc
 
 
 def close_producer(producer: Any, timeout_s: float) -> None:
@@ -175,18 +313,15 @@ def consumer_options(settings: Settings, **overrides: Any) -> dict[str, Any]:
 
 def make_consumer(settings: Settings, *topics: str, **overrides: Any) -> KafkaConsumer:
     """A consumer with :func:`consumer_options`, subscribed to `topics` (none: assign
-    partitions yourself). Raises StackUnavailable when no broker answers."""
-    try:
+    partitions yourself). Raises StackUnavailable when no broker answers, ConfigError when
+    the broker refuses our TLS/SASL settings."""
+    with _building(settings):
         return KafkaConsumer(*topics, **consumer_options(settings, **overrides))
-    except (KafkaTimeoutError, KafkaConnectionError) as exc:
-        raise _unreachable(settings, exc) from exc
 
 
 def make_admin(settings: Settings) -> KafkaAdminClient:
-    try:
+    with _building(settings):
         return KafkaAdminClient(**security_options(settings), client_id="crm-erp-sync-admin")
-    except (KafkaTimeoutError, KafkaConnectionError) as exc:
-        raise _unreachable(settings, exc) from exc
 
 
 def ensure_topics(settings: Settings) -> list[str]:

@@ -12,6 +12,16 @@ missing database, or else the user was refused (password, pg_hba.conf, CONNECT p
 Should psycopg ever report the SQLSTATE (``InvalidPassword``, ``InvalidAuthorizationSpecification``,
 ``InvalidCatalogName``), its class decides directly.
 
+TLS: a server that offers no TLS to a DSN that demands it, or whose certificate does not
+verify, is also "no response" to libpq's ping (no SQLSTATE comes back), and libpq says which
+only in message text. So, after a ping without answer, a DSN that demands TLS is asked
+again at the protocol level (``_offers_tls``: PostgreSQL's SSLRequest, answered by one byte
+``S`` or ``N``): ``N`` = the server is up but offers no TLS, ``S`` = it does, so our side's
+verification or handshake failed: both DatabaseTlsFailed (a ConfigError, exit 2), never
+"unreachable". Mistakes visible in the DSN itself (a missing ``sslrootcert`` file) are
+refused before connecting (``settings.pg_dsn_problems``), and a DSN libpq will not even try
+(``PQping`` NO_ATTEMPT: an invalid option value) is a ConfigError too.
+
 A refusal the probe cannot tell from bad credentials is also what a server says when the
 role's or the database's connection limit is reached ("too many connections", 53300) or the
 database does not allow connections (55000). So a DSN that has connected before in this
@@ -21,6 +31,9 @@ going and says why on /readyz); only a DSN that never connected is a configurati
 
 from __future__ import annotations
 
+import os
+import socket
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -30,12 +43,14 @@ from psycopg import pq, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from service.errors import (
+    ConfigError,
     DatabaseAuthFailed,
     DatabaseMissing,
+    DatabaseTlsFailed,
     DatabaseUnreachable,
     PrivilegeMissing,
 )
-from service.settings import ENV_PREFIX, hide_secret
+from service.settings import ENV_PREFIX, PG_TLS_REQUIRED, hide_secret, pg_dsn_problems
 
 PgConn = psycopg.Connection[Any]
 CONNECT_TIMEOUT_S = 10
@@ -49,8 +64,14 @@ def connect(dsn: str, what: str, *, autocommit: bool = True,
     """Connect to the CRM or ERP database (``what`` names it in errors; ``setting`` is the
     variable that holds the DSN, default CRM_ERP_SYNC_<WHAT>_DSN).
 
-    Raises DatabaseUnreachable (a StackUnavailable: transient), DatabaseAuthFailed or
-    DatabaseMissing (ConfigErrors: permanent until the configuration is fixed)."""
+    Raises DatabaseUnreachable (a StackUnavailable: transient), DatabaseAuthFailed,
+    DatabaseMissing or DatabaseTlsFailed (ConfigErrors: permanent until the configuration is
+    fixed), or a ConfigError for a TLS mistake the DSN itself shows (a missing sslrootcert
+    file), before connecting."""
+    problems = pg_dsn_problems(dsn, setting or f"{ENV_PREFIX}{what.upper()}_DSN")
+    if problems:
+        (variable, problem), *more = problems
+        raise ConfigError(variable, problem, more)
     try:
         conn = psycopg.connect(dsn, autocommit=autocommit, connect_timeout=CONNECT_TIMEOUT_S)
     except psycopg.OperationalError as exc:
@@ -86,8 +107,20 @@ def classify_connect_error(dsn: str, what: str, exc: psycopg.OperationalError,
     unreachable = DatabaseUnreachable(
         f"{what} database at {hide_secret(dsn)} is unreachable (no PostgreSQL accepting "
         f"connections at {where}); is the stack up? (make up)")
-    if exc.sqlstate is not None or not _server_answers(dsn):
+    if exc.sqlstate is not None:
         return unreachable
+    ping = _ping(dsn)
+    if ping == pq.Ping.NO_ATTEMPT:
+        return ConfigError(variable, f"{what} database: libpq refused the DSN's parameters "
+                                     "before connecting (an unknown option or an invalid "
+                                     "value, such as sslmode's)")
+    if ping != pq.Ping.OK:
+        tls = _tls_failure(params, what, where)
+        if tls is None:
+            return unreachable
+        if dsn in _CONNECTED:  # as for a refusal below: it worked before, so retry
+            return DatabaseUnreachable(f"{tls}; it connected before in this process: retrying")
+        return DatabaseTlsFailed(variable, tls)
     if dsn in _CONNECTED:
         return DatabaseUnreachable(
             f"{what} database: PostgreSQL at {where} refused user {user!r} for database "
@@ -102,11 +135,59 @@ def classify_connect_error(dsn: str, what: str, exc: psycopg.OperationalError,
     return auth
 
 
-def _server_answers(dsn: str) -> bool:
+def _ping(dsn: str) -> pq.Ping:
     """libpq's PQping: OK also when it would refuse our credentials; REJECT while starting up
-    or shutting down; NO_RESPONSE when nothing listens."""
+    or shutting down; NO_RESPONSE when nothing listens (or no TLS as the DSN demands it);
+    NO_ATTEMPT when the DSN's options are invalid."""
     conninfo = make_conninfo(dsn, connect_timeout=CONNECT_TIMEOUT_S)
-    return pq.Ping(pq.PGconn.ping(conninfo.encode())) == pq.Ping.OK
+    return pq.Ping(pq.PGconn.ping(conninfo.encode()))
+
+
+def _server_answers(dsn: str) -> bool:
+    return _ping(dsn) == pq.Ping.OK
+
+
+def _tls_failure(params: dict[str, Any], what: str, where: str) -> str | None:
+    """Why a connection that demanded TLS failed though the server is up, or None: it does
+    not demand TLS, or no server answers the SSLRequest (unreachable after all)."""
+    mode = str(params.get("sslmode") or os.environ.get("PGSSLMODE") or "prefer")
+    if mode not in PG_TLS_REQUIRED:
+        return None
+    offers = _offers_tls(params)
+    if offers is None:
+        return None
+    if not offers:
+        return (f"{what} database: PostgreSQL at {where} answers but offers no TLS, and the "
+                f"DSN's sslmode={mode} requires it: turn ssl on in the server, or connect to "
+                "the TLS endpoint meant")
+    if mode == "require":
+        return (f"{what} database: the TLS handshake with PostgreSQL at {where} failed "
+                "(sslmode=require): check ssl_min_protocol_version, sslcert and sslkey")
+    root = (params.get("sslrootcert") or os.environ.get("PGSSLROOTCERT")
+            or "~/.postgresql/root.crt")
+    return (f"{what} database: the TLS certificate of PostgreSQL at {where} did not verify "
+            f"against sslrootcert {root} (sslmode={mode}: signed by that CA"
+            + (", and the DSN's host name in it" if mode == "verify-full" else "")
+            + "): name the CA that signed the server's certificate")
+
+
+def _offers_tls(params: dict[str, Any]) -> bool | None:
+    """Whether the server at the DSN's (first) host and port accepts TLS: PostgreSQL's
+    SSLRequest (a length-8 message with code 80877103, answered by one byte, ``S`` or
+    ``N``; see "Message Flow: SSL Session Encryption" in the PostgreSQL manual). None when
+    nothing answers, or for a Unix socket (no TLS there). Ours because libpq has no call that
+    says it: its failed connection keeps only message text."""
+    host = str(params.get("hostaddr") or params.get("host") or "localhost").split(",")[0]
+    port = int(str(params.get("port") or 5432).split(",")[0] or 5432)
+    if host.startswith("/"):
+        return None
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S) as sock:
+            sock.sendall(struct.pack(">ii", 8, 80877103))
+            answer = sock.recv(1)
+    except OSError:
+        return None
+    return {b"S": True, b"N": False}.get(answer)
 
 
 def _database_exists(dsn: str, dbname: str) -> bool | None:

@@ -258,6 +258,15 @@ class Settings:
         for name in ("crm_dsn", "erp_dsn"):
             if not getattr(self, name).startswith(("postgresql://", "postgres://")):
                 problems.add(self.env_var(name), "must be a postgresql:// URL")
+            else:
+                problems.found.extend(pg_dsn_problems(getattr(self, name),
+                                                      self.env_var(name)))
+        if self.kafka_ssl_cafile and not Path(self.kafka_ssl_cafile).is_file():
+            # kafka-python would log the missing file on every connection attempt and
+            # raise only a bootstrap timeout, which reads as "broker unreachable"
+            problems.add(self.env_var("kafka_ssl_cafile"),
+                         f"no such file: {self.kafka_ssl_cafile} (the CA certificate, PEM, "
+                         "that the broker's certificate is verified against)")
 
     def _validate_files_and_zone(self, problems: ConfigProblems) -> None:
         """The source profile, the mappings file and the apply window's zone exist, whatever
@@ -309,6 +318,50 @@ class Settings:
 
 
 CONFIG_FILE_VAR = ENV_PREFIX + "CONFIG_FILE"
+# libpq's sslmode values that demand TLS; with verify-* the server's certificate is checked.
+PG_TLS_REQUIRED = ("require", "verify-ca", "verify-full")
+
+
+def pg_dsn_problems(dsn: str, variable: str) -> list[tuple[str, str]]:
+    """TLS mistakes a PostgreSQL DSN shows without connecting, as (variable, problem) pairs
+    (none: nothing seen). With an sslmode that demands TLS (``PG_TLS_REQUIRED``, from the DSN
+    or libpq's PGSSLMODE): ``sslrootcert`` (or PGSSLROOTCERT) naming a file that does not
+    exist (libpq fails with verify-ca/verify-full, and with require silently skips the
+    verification the file was named for), and verify-ca/verify-full without sslrootcert
+    while libpq's default ``~/.postgresql/root.crt`` does not exist. Checked here because
+    libpq reports these only as message text, and against a server without TLS not at all
+    (it first says the server does not support SSL). A DSN libpq cannot parse is left to
+    libpq's own error at connect time."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(dsn)
+    except ProgrammingError:
+        return []
+    mode = str(params.get("sslmode") or os.environ.get("PGSSLMODE") or "prefer")
+    if mode not in PG_TLS_REQUIRED:
+        return []
+    root = str(params.get("sslrootcert") or os.environ.get("PGSSLROOTCERT") or "")
+    if root == "system":  # libpq 16+: the system's trusted CAs
+        return []
+    if root and not Path(root).is_file():
+        return [(variable, f"sslrootcert names {root}, which does not exist (the CA "
+                           f"certificate, PEM, that the server's is verified against; with "
+                           f"sslmode={mode} "
+                           + ("libpq refuses to connect without it)" if mode != "require"
+                              else "libpq would not verify the server at all)"))]
+    if not root and mode != "require":
+        try:
+            default = Path.home() / ".postgresql" / "root.crt"
+        except (RuntimeError, KeyError):  # no home directory: libpq finds no default either
+            default = Path("~/.postgresql/root.crt")
+        if not default.is_file():
+            return [(variable, f"sslmode={mode} verifies the server's certificate, but the "
+                               "DSN names no sslrootcert and libpq's default "
+                               f"{default} does not exist: add "
+                               "sslrootcert=/path/to/ca.pem (or sslrootcert=system)")]
+    return []
 
 
 def origins(environ: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -430,6 +430,13 @@ def cmd_resync(settings: Settings, args: argparse.Namespace) -> int:
     if report.done and report.problem is None and not report.caught_up:
         print("Nothing to resync: the slot and the publication are the ones captured "
               "through, and no delete pass is due.")
+        if report.last_delete_pass is not None:
+            # newcomer6 F18: the CRM records that a pass ran, not for which ERP it ran
+            print(f"The last delete pass ({report.last_delete_pass:%Y-%m-%d %H:%M:%S %Z}) "
+                  "reached only the ERP that `resync` ran against. For any other ERP (another "
+                  "consumer group, or one filled by `replay` since the gap), rows deleted in "
+                  "the gap stay live there: run `crm-erp-sync reconcile` with its settings, "
+                  "then `reconcile --repair` (sql target) or mark them in Tryton.")
         return EXIT_OK
     if not report.caught_up:
         print(f"The consumers did not apply the old slot's events within {args.wait:g}s: "

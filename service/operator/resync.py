@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import structlog
 
@@ -48,6 +49,9 @@ class ResyncReport:
     caught_up: bool = False
     marked_deleted: dict[str, list[str]] = field(default_factory=dict)
     done: bool = False  # nothing left to do
+    # When nothing was due: when the CRM's last delete pass finished (None: never). It reached
+    # only the ERP that `resync` ran against; the CRM does not record which one that was.
+    last_delete_pass: datetime | None = None
 
 
 def _rebuild(crm: PgConn, settings: Settings, report: ResyncReport) -> None:
@@ -99,6 +103,9 @@ def resync(settings: Settings, *, wait_s: float = 300.0, poll_s: float = 1.0,
             _rebuild(crm, settings, report)
             state = slot_guard.load(crm, settings.slot_name)
         if state is None or state.resync_started_lsn is None:
+            row = crm.execute(f"SELECT resynced_at FROM {slot_guard.STATE_TABLE} "
+                              "WHERE slot_name = %s", (settings.slot_name,)).fetchone()
+            report.last_delete_pass = row[0] if row else None
             report.done = True
             return report
     # Every event of the old slot is on the topics now: wait until the group applied them.

@@ -6,6 +6,7 @@ kubeconform against the Kubernetes schemas, and `docker compose config` where it
 from __future__ import annotations
 
 import dataclasses
+import operator
 import re
 import shutil
 import subprocess
@@ -178,6 +179,15 @@ def with_local_files(kustomization: dict[str, Any], pod: dict[str, Any],
         assert kind == "configMap", var
         assert key in generator(kustomization, name)["files"], (var, name)
         out[var] = str(K8S / key)
+    # The CA the DSNs' sslrootcert= and CRM_ERP_SYNC_KAFKA_SSL_CAFILE name (Settings refuses
+    # one that does not exist): mounted from the ConfigMap in ca.yaml, which stands in here.
+    cafile = env.get("CRM_ERP_SYNC_KAFKA_SSL_CAFILE")
+    if cafile:
+        kind, name, key = mounted(pod["spec"], container, cafile)
+        assert (kind, name) == ("configMap", "crm-erp-sync-ca"), cafile
+        ca_map = yaml.safe_load((K8S / "ca.yaml").read_text())
+        assert key in ca_map["data"], cafile
+        out = {k: v.replace(cafile, str(K8S / "ca.yaml")) for k, v in out.items()}
     return out
 
 
@@ -329,15 +339,16 @@ def mounted(pod: dict[str, Any], container: dict[str, Any], path: str) -> tuple[
 
 
 def test_tls_is_verified_against_a_ca_every_pod_mounts(
-        manifests: dict[tuple[str, str], dict[str, Any]], k8s_settings: Settings) -> None:
+        manifests: dict[tuple[str, str], dict[str, Any]], k8s_settings: Settings,
+        kustomization: dict[str, Any]) -> None:
     """newcomer6 F11: verify-full needs a CA file (the image's user has no home for libpq's
     default, the root filesystem is read-only), and the production default talks to Kafka
     over TLS with SASL, as the Secret's SASL password implies."""
     assert k8s_settings.kafka_security_protocol == "SASL_SSL"
     assert k8s_settings.kafka_sasl_mechanism.startswith("SCRAM-")
     assert k8s_settings.kafka_sasl_username
-    cafile = k8s_settings.kafka_ssl_cafile
-    assert cafile.startswith("/")
+    cafile = config_env(kustomization)["CRM_ERP_SYNC_KAFKA_SSL_CAFILE"]  # as the pods see it
+    assert cafile.startswith("/") and k8s_settings.kafka_ssl_cafile
     for name in ("crm-erp-sync-secrets", "crm-erp-sync-setup-secrets"):
         secret = manifests[("Secret", name)]["stringData"]
         assert "CHANGE-ME" in secret["CRM_ERP_SYNC_KAFKA_SASL_PASSWORD"], name
@@ -471,6 +482,32 @@ def test_alert_rules_name_only_exported_metrics_and_their_labels() -> None:
                 wanted = {b.strip() for b in by[0].split(",")}
                 assert wanted <= exported[by[1]], f"{rule['alert']}: by {wanted}"
     assert {"CrmErpSyncReconcileDrift", "CrmErpSyncReconcileNotRun"} <= names
+
+
+# `AGG(metric) OP N` (no `by`), optionally with the `or vector(0)` fallback.
+_WHOLE_AGGREGATE = re.compile(r"\(?(sum|max|min|count)\((crm_erp_sync_\w+)\)"
+                              r"(?P<fallback> or vector\(0\)\))? (?P<op>==|!=|<=|>=|<|>) "
+                              r"(?P<n>\d+)")
+_OPS = {"==": operator.eq, "!=": operator.ne, "<=": operator.le, ">=": operator.ge,
+        "<": operator.lt, ">": operator.gt}
+
+
+def test_an_alert_that_fires_on_zero_also_fires_when_nothing_exports_the_metric() -> None:
+    """With no process exporting a metric (all of them down: the case such an alert is for)
+    there is no series, and an aggregate of no series is empty, not 0: the comparison yields
+    nothing and the alert stays silent. So an alert that fires at 0 must fall back to 0."""
+    rules = {rule["alert"]: rule["expr"] for group in yaml.safe_load(ALERTS.read_text())["groups"]
+             for rule in group["rules"]}
+    fires_on_nothing = set()
+    for name, expr in rules.items():
+        whole = _WHOLE_AGGREGATE.fullmatch(expr.strip())
+        if whole is None or not _OPS[whole["op"]](0, int(whole["n"])):
+            continue  # not a whole-fleet aggregate, or 0 is fine: nothing to check
+        assert whole["fallback"], f"{name}: {expr!r} is silent when no process exports it"
+        fires_on_nothing.add(name)
+    assert {"CrmErpSyncNoActiveProducer", "CrmErpSyncNoConsumer"} <= fires_on_nothing
+    producer = _WHOLE_AGGREGATE.fullmatch(rules["CrmErpSyncNoActiveProducer"])
+    assert producer is not None and not _OPS[producer["op"]](1, int(producer["n"]))
 
 
 def test_alert_rules_pass_promtool_when_it_is_here() -> None:

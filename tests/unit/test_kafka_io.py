@@ -102,3 +102,44 @@ def test_the_keyed_partitioner_refuses_an_unknown_topic_and_spreads_unkeyed_reco
         KeyedPartitioner().partition("nope", None, b"k", None, b"v", cluster)
     assert KeyedPartitioner().partition("t", None, None, None, b"v", cluster) in {0, 1, 2}
     assert isinstance(producer_options(Settings())["partitioner"], KeyedPartitioner)
+
+
+# ---- newcomer6 F17: a refused SASL login is a configuration error, not "unreachable" ------
+
+def _sasl_settings() -> Settings:
+    import dataclasses
+
+    return dataclasses.replace(Settings(), kafka_bootstrap="127.0.0.1:1",
+                               kafka_security_protocol="SASL_SSL",
+                               kafka_sasl_mechanism="SCRAM-SHA-512",
+                               kafka_sasl_username="sync", kafka_sasl_password="pw-secret-17")
+
+
+def test_a_sasl_refusal_kafka_python_only_logs_is_a_config_error_naming_the_user() -> None:
+    import logging
+
+    from kafka.errors import KafkaTimeoutError, SaslAuthenticationFailedError
+
+    from service.errors import ConfigError
+    from service.kafka_io import _building
+
+    with pytest.raises(ConfigError) as refused, _building(_sasl_settings()):
+        # what kafka-python 3.0.12 does: log the refusal, retry, then time out
+        logging.getLogger("kafka.net.manager").warning(
+            "Bootstrap connection to %s failed: %s", "bootstrap-0",
+            SaslAuthenticationFailedError("invalid credentials"))
+        raise KafkaTimeoutError("Unable to bootstrap")
+    assert refused.value.variable == "CRM_ERP_SYNC_KAFKA_SASL_USERNAME"
+    assert "refused the SASL login of 'sync' with SCRAM-SHA-512" in refused.value.problem
+    assert "pw-secret-17" not in str(refused.value)
+
+
+def test_a_timeout_with_nothing_listening_is_still_unreachable() -> None:
+    from kafka.errors import KafkaTimeoutError
+
+    from service.errors import StackUnavailable
+    from service.kafka_io import _building
+
+    with pytest.raises(StackUnavailable, match=r"127\.0\.0\.1:1 is unreachable"), \
+            _building(_sasl_settings()):
+        raise KafkaTimeoutError("Unable to bootstrap")

@@ -220,3 +220,53 @@ def test_erp_target_is_sql_by_default_and_tryton_needs_its_settings() -> None:
         Settings.from_env({**env, "CRM_ERP_SYNC_TRYTON_URL": "127.0.0.1:8000"})
     with pytest.raises(ConfigError, match="CRM_ERP_SYNC_ERP_TARGET"):
         Settings.from_env({"CRM_ERP_SYNC_ERP_TARGET": "odoo"})
+
+
+# ---- TLS files (newcomer6 F17): refused at start-up, naming the setting --------------------
+PG = "postgresql://sync:pw-secret-17@db.example:5432/erp"
+
+
+def _problems(**env: str) -> list[tuple[str, str]]:
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env(env)
+    return list(refused.value.problems)
+
+
+def test_a_kafka_ca_file_that_does_not_exist_is_refused(tmp_path: Path) -> None:
+    ((variable, problem),) = _problems(CRM_ERP_SYNC_KAFKA_SECURITY_PROTOCOL="SSL",
+                                       CRM_ERP_SYNC_KAFKA_SSL_CAFILE=str(tmp_path / "ca.pem"))
+    assert variable == "CRM_ERP_SYNC_KAFKA_SSL_CAFILE"
+    assert f"no such file: {tmp_path / 'ca.pem'}" in problem
+    (tmp_path / "ca.pem").write_text("a CA")
+    assert Settings.from_env({"CRM_ERP_SYNC_KAFKA_SSL_CAFILE": str(tmp_path / "ca.pem")})
+
+
+@pytest.mark.parametrize("mode", ["require", "verify-ca", "verify-full"])
+def test_a_dsn_naming_a_root_certificate_that_does_not_exist_is_refused(
+        tmp_path: Path, mode: str) -> None:
+    dsn = f"{PG}?sslmode={mode}&sslrootcert={tmp_path}/nope.pem"
+    ((variable, problem),) = _problems(CRM_ERP_SYNC_ERP_DSN=dsn)
+    assert variable == "CRM_ERP_SYNC_ERP_DSN"
+    assert f"sslrootcert names {tmp_path}/nope.pem, which does not exist" in problem
+    assert "pw-secret-17" not in problem
+
+
+@pytest.mark.parametrize("query", ["sslmode=disable&sslrootcert=/nope.pem",
+                                   "sslmode=prefer&sslrootcert=/nope.pem",
+                                   "sslmode=verify-full&sslrootcert=system",
+                                   "sslmode=require"])
+def test_a_dsn_whose_tls_files_libpq_does_not_need_is_accepted(query: str) -> None:
+    assert Settings.from_env({"CRM_ERP_SYNC_CRM_DSN": f"{PG}?{query}"})
+
+
+def test_verify_full_without_sslrootcert_needs_libpqs_default_root_certificate(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("PGSSLROOTCERT", raising=False)
+    env = {"CRM_ERP_SYNC_CRM_DSN": f"{PG}?sslmode=verify-full"}
+    ((variable, problem),) = _problems(**env)
+    assert variable == "CRM_ERP_SYNC_CRM_DSN"
+    assert f"{tmp_path}/.postgresql/root.crt does not exist" in problem
+    (tmp_path / ".postgresql").mkdir()
+    (tmp_path / ".postgresql" / "root.crt").write_text("a CA")
+    assert Settings.from_env(env)

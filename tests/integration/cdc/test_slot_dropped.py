@@ -77,6 +77,9 @@ def recovers(sync_env: SyncEnv, cli: Cli, ids: dict[str, int], deleted: str, add
     assert healthy.code == 0, healthy.json["attention"]
     again = cli(sync_env.settings, "resync")
     assert again.code == 0 and "Nothing to resync" in again.out
+    # newcomer6 F18: the pass reached only this ERP; another group's ERP needs reconcile
+    assert "reached only the ERP that `resync` ran against" in again.out
+    assert "`reconcile --repair`" in again.out
 
 
 def test_a_slot_dropped_while_running_is_named_and_resync_deletes_what_the_gap_deleted(

@@ -12,7 +12,13 @@ import pytest
 
 from service import pg
 from service.consumer.pipeline import ErpConsumer
-from service.errors import DatabaseAuthFailed, DatabaseMissing, DatabaseUnreachable
+from service.errors import (
+    ConfigError,
+    DatabaseAuthFailed,
+    DatabaseMissing,
+    DatabaseTlsFailed,
+    DatabaseUnreachable,
+)
 from service.kafka_io import make_producer
 from tests.conftest import SyncEnv
 from tests.helpers import consume_until_caught_up
@@ -49,6 +55,33 @@ def test_connect_errors_are_typed_by_what_went_wrong(sync_env: SyncEnv) -> None:
         pg.connect(with_dsn(erp, database="no_such_db_51"), "ERP")
     with pytest.raises(DatabaseUnreachable, match="unreachable"):
         pg.connect(with_dsn(erp, port=free_port()), "ERP")
+
+
+def test_tls_mistakes_are_configuration_errors_not_an_unreachable_server(
+        sync_env: SyncEnv, cli: Cli) -> None:
+    """newcomer6 F17, against the shared stack (PostgreSQL without TLS, a PLAINTEXT broker):
+    exit 2 naming the setting, not "unreachable ... is the stack up?" (exit 3)."""
+    erp = sync_env.settings.erp_dsn
+    with pytest.raises(DatabaseTlsFailed) as tls:
+        pg.connect(f"{erp}?sslmode=require", "ERP")
+    assert tls.value.variable == "CRM_ERP_SYNC_ERP_DSN"
+    assert "answers but offers no TLS" in tls.value.problem and "sslmode=require" in str(
+        tls.value)
+    with pytest.raises(DatabaseUnreachable, match="unreachable"):  # nothing there at all
+        pg.connect(f"{with_dsn(erp, port=free_port())}?sslmode=require", "ERP")
+    with pytest.raises(ConfigError, match="refused the DSN's parameters"):
+        pg.connect(f"{erp}?sslmode=verify-everything", "ERP")
+    done = cli(sync_env.with_(erp_dsn=f"{erp}?sslmode=require"), "status")
+    assert done.code == 2 and "offers no TLS" in done.err, done.err
+    assert "make up" not in done.err
+    done = cli(sync_env.with_(kafka_security_protocol="SASL_SSL",
+                              kafka_sasl_mechanism="SCRAM-SHA-512",
+                              kafka_sasl_username="sync", kafka_sasl_password="pw-secret-17"),
+               "status")
+    assert done.code == 2, done.err
+    assert ("CRM_ERP_SYNC_KAFKA_SECURITY_PROTOCOL: the broker's listener at "
+            f"{sync_env.settings.kafka_bootstrap} is PLAINTEXT") in done.err
+    assert "pw-secret-17" not in done.out + done.err
 
 
 def test_consume_exits_at_once_on_a_wrong_password(sync_env: SyncEnv, cli: Cli) -> None:

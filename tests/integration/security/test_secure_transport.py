@@ -539,3 +539,48 @@ def test_the_crm_role_only_reads_the_crm(secure_world: SecureWorld) -> None:
                           "ALTER TABLE crm.customers ADD COLUMN x int"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 crm.execute(statement)
+
+
+# ---- newcomer6 F17: a TLS or SASL mistake is a configuration error naming the setting ------
+
+@pytest.fixture(scope="session")
+def other_ca(secure_dir: Path) -> Path:
+    """A CA that signed neither server's certificate."""
+    key, ca = secure_dir / "other-ca.key", secure_dir / "other-ca.pem"
+    _run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "2",
+         "-subj", "/CN=some other CA", "-keyout", key, "-out", ca)
+    return ca
+
+
+def test_kafka_tls_and_sasl_mistakes_name_the_setting(secure_world: SecureWorld,
+                                                      other_ca: Path) -> None:
+    from service.errors import ConfigError
+    from service.kafka_io import make_consumer
+
+    good = secure_world.service
+    for wrong, variable, says in (
+            ({"kafka_sasl_password": "wrong-secret-17"}, "CRM_ERP_SYNC_KAFKA_SASL_USERNAME",
+             "refused the SASL login of 'sync'"),
+            ({"kafka_ssl_cafile": str(other_ca)}, "CRM_ERP_SYNC_KAFKA_SSL_CAFILE",
+             "did not verify against"),
+            ({"kafka_security_protocol": "PLAINTEXT", "kafka_sasl_mechanism": ""},
+             "CRM_ERP_SYNC_KAFKA_SECURITY_PROTOCOL", "speaks TLS")):
+        with pytest.raises(ConfigError) as refused:
+            make_consumer(dataclasses.replace(good, **wrong), bootstrap_timeout_ms=5000)
+        assert refused.value.variable == variable, refused.value
+        assert says in refused.value.problem
+        assert "wrong-secret-17" not in str(refused.value)
+
+
+def test_a_certificate_that_does_not_verify_is_a_tls_error_not_unreachable(
+        secure_world: SecureWorld, other_ca: Path) -> None:
+    from service import pg
+    from service.errors import DatabaseTlsFailed
+
+    dsn = secure_world.pg.dsn("erp_writer", WRITER_PASSWORD, "erp").replace(
+        str(secure_world.pg.ca), str(other_ca))
+    with pytest.raises(DatabaseTlsFailed) as refused:
+        pg.connect(dsn, "ERP")
+    assert refused.value.variable == "CRM_ERP_SYNC_ERP_DSN"
+    assert f"did not verify against sslrootcert {other_ca}" in refused.value.problem
+    assert WRITER_PASSWORD not in str(refused.value)

@@ -98,9 +98,11 @@ def test_config_command_hides_every_secret(tmp_path: Path) -> None:
     path = tmp_path / "sync.toml"
     path.write_text('erp_dsn = "postgresql://erp_writer:file-secret-7@erp-db:5432/erp"\n'
                     'topic_partitions = 9\n')
+    (tmp_path / "ca.pem").write_text("a CA")  # verify-full needs one that exists
     done = cli("config", "--json", CRM_ERP_SYNC_CONFIG_FILE=str(path),
                CRM_ERP_SYNC_CRM_DSN="postgresql://crm_reader:env-secret-3@crm-db/crm"
-                                    "?sslmode=verify-full&password=query-secret-5",
+                                    f"?sslmode=verify-full&sslrootcert={tmp_path}/ca.pem"
+                                    "&password=query-secret-5",
                CRM_ERP_SYNC_KAFKA_SECURITY_PROTOCOL="SASL_SSL",
                CRM_ERP_SYNC_KAFKA_SASL_MECHANISM="SCRAM-SHA-512",
                CRM_ERP_SYNC_KAFKA_SASL_USERNAME="sync",

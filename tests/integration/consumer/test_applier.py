@@ -345,7 +345,12 @@ def consumer_riding_out_erp_faults(sync_env: SyncEnv, log: Any,
     try:
         wait_until(lambda: _started(sync_env), timeout=60, message="progress")
         yield
-        wait_until(lambda: _caught_up(sync_env), timeout=180, message="consumer to recover")
+        try:
+            wait_until(lambda: _caught_up(sync_env), timeout=180, message="consumer to recover")
+        except AssertionError as exc:  # what the consumer did meanwhile says why
+            log.flush()
+            tail = log_path.read_bytes()[-4000:].decode("utf-8", "replace")
+            raise AssertionError(f"{exc}; the consumer's log ends:\n{tail}") from None
         assert proc.poll() is None
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -59,7 +59,10 @@ def test_order_totals_are_stored_checked_and_reconciled(
     running.start_producer(settings)
     running.start_consumer(settings)
     lsn = ops.current_lsn(settings)
-    wait_until(lambda: ops.caught_up(settings, lsn), timeout=120, message="pipeline caught up")
+    # the orders were there before the producer: they arrive with its initial snapshot, which
+    # may still be under way when the slot has passed lsn (snapshot finished first, then lag)
+    wait_until(lambda: not ops.pending_snapshots(settings) and ops.caught_up(settings, lsn),
+               timeout=120, message="initial snapshot applied")
 
     with sync_env.erp() as erp:
         totals = dict(erp.execute("SELECT crm_order_id, total_amount FROM erp.sales_orders "

@@ -119,7 +119,11 @@ def cmd_setup_check(settings: Settings, args: argparse.Namespace) -> int:
         checks = check_prerequisites(conn, capture_role=args.role, tables=tables,
                                      row_filter_columns=filters,
                                      publication=settings.publication_name,
-                                     slot=settings.slot_name)
+                                     slot=settings.slot_name,
+                                     row_filters={
+                                         e.table: e.row_filter
+                                         for e in profile.entities.values()
+                                         if e.row_filter is not None and e.table in tables})
         if not args.tables:  # the profile's own tables: check its columns too
             checks.append(_profile_check(conn, profile))
             if checks[-1].ok:

@@ -82,6 +82,7 @@ def test_trace_shows_create_update_dead_letter_and_redrive(sync_env: SyncEnv, cl
     line_text = cli(s_fixed, "trace", '["970","1"]')
     assert "followed to its order 970" in line_text.out
     assert f"#{letter['dead_letter_id']}" in line_text.out
+    assert "event None" not in line_text.out  # a line's row has no event id: '-'
 
     text = cli(s_fixed, "trace", "970")
     assert "CRM order" in text.out and "Events on Kafka (3 of" in text.out

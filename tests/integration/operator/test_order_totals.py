@@ -123,3 +123,18 @@ def test_a_drifted_total_held_behind_another_orders_letter_says_how_it_differs(
     assert orders["held"]["981"].startswith("held behind dead letter #"), orders
     assert orders["held"]["981"].endswith("(differs in: total_amount)"), orders
     assert "differs in" not in orders["held"].get("982", ""), orders
+
+
+def test_setup_says_it_added_the_total_column_and_what_the_old_orders_need(
+        sync_env: SyncEnv, cli: Cli) -> None:
+    # newcomer7 F6: the upgrade printed only "ERP: schema sync in place", and every order
+    # applied before then differed in total_amount at the next reconcile.
+    with sync_env.erp() as erp:
+        erp.execute("ALTER TABLE erp.sales_orders DROP COLUMN total_amount")
+    upgraded = cli(sync_env.settings, "setup")
+    assert upgraded.code == 0, upgraded.err
+    assert ("ERP: added erp.sales_orders.total_amount; orders applied before have none "
+            "(NULL) until re-read") in upgraded.out, upgraded.out
+    assert "reconcile --repair --entity orders" in upgraded.out
+    again = cli(sync_env.settings, "setup")  # nothing added the second time
+    assert again.code == 0 and "added erp.sales_orders" not in again.out, again.out

@@ -64,8 +64,8 @@ def cmd_setup(settings: Settings, args: argparse.Namespace) -> int:
         print(json.dumps({"topics_created": report.topics_created,
                           "demo_crm_schema_created": report.demo_crm_schema},
                          ensure_ascii=False))
-        for line in repair_lines(report):  # stdout stays as it was; a repair is still said
-            print(line, file=sys.stderr)
+        for line in [*repair_lines(report), *erp_upgrade_lines(report)]:  # stdout stays as
+            print(line, file=sys.stderr)  # it was; a repair or an upgrade is still said
         return EXIT_OK
     print("\n".join(setup_lines(settings, report)))
     return EXIT_OK
@@ -81,7 +81,17 @@ def setup_lines(settings: Settings, report: SetupReport) -> list[str]:
             + (f"; slot {settings.slot_name} exists" if report.slot_exists else
                f" (the producer creates its slot {settings.slot_name} when it first starts)"),
             *repair_lines(report),
-            "ERP: schema sync in place"]
+            "ERP: schema sync in place",
+            *erp_upgrade_lines(report)]
+
+
+def erp_upgrade_lines(report: SetupReport) -> list[str]:
+    """What an upgrade of the ERP's schema leaves to do (orders applied before the column)."""
+    if not report.erp_totals_added:
+        return []
+    return ["ERP: added erp.sales_orders.total_amount; orders applied before have none (NULL) "
+            "until re-read: with a source profile that maps total_amount, run `crm-erp-sync "
+            "reconcile --repair --entity orders`"]
 
 
 def repair_lines(report: SetupReport) -> list[str]:
@@ -119,7 +129,11 @@ def cmd_setup_check(settings: Settings, args: argparse.Namespace) -> int:
         checks = check_prerequisites(conn, capture_role=args.role, tables=tables,
                                      row_filter_columns=filters,
                                      publication=settings.publication_name,
-                                     slot=settings.slot_name)
+                                     slot=settings.slot_name,
+                                     row_filters={
+                                         e.table: e.row_filter
+                                         for e in profile.entities.values()
+                                         if e.row_filter is not None and e.table in tables})
         if not args.tables:  # the profile's own tables: check its columns too
             checks.append(_profile_check(conn, profile))
             if checks[-1].ok:

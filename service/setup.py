@@ -19,21 +19,30 @@ class SetupReport:
     its first start; `setup` never does). ``publication_repaired``: the captured tables it
     brought back to the source profile in the publication (re-added, or given the profile's
     row filter), each with the snapshot it requested (only once the slot exists: before,
-    the producer's first start snapshots everything)."""
+    the producer's first start snapshots everything). ``erp_totals_added``: it added
+    ``erp.sales_orders.total_amount`` to an ERP holding orders from before (an upgrade)."""
 
     topics_created: list[str]
     demo_crm_schema: bool
     slot_exists: bool = False
     publication_repaired: list[Repair] = field(default_factory=list)
+    erp_totals_added: bool = False
 
 
-def ensure_erp_schema(settings: Settings) -> None:
-    """Raises PrivilegeMissing when the ERP role may not create or alter the schema."""
+def ensure_erp_schema(settings: Settings) -> bool:
+    """Create or upgrade the ERP's schemas; True when it added ``erp.sales_orders.
+    total_amount`` to orders applied before (an upgrade: their totals are NULL until
+    re-read). Raises PrivilegeMissing when the ERP role may not create or alter them."""
     with connect(settings.erp_dsn, "ERP") as conn, privileges_needed(
             conn, "ERP", "create or upgrade the sync state schemas (sync, erp)",
             "run `crm-erp-sync setup` with an ERP role that owns them, or may create "
             "schemas in the database (the database's owner or an administrator)"):
+        row = conn.execute(
+            "SELECT to_regclass('erp.sales_orders') IS NOT NULL AND NOT EXISTS (SELECT 1 "
+            "FROM pg_attribute WHERE attrelid = to_regclass('erp.sales_orders') AND "
+            "attname = 'total_amount' AND NOT attisdropped)").fetchone()
         conn.execute(resources.files("service.erp").joinpath("schema.sql").read_text("utf-8"))
+    return bool(row and row[0])
 
 
 def ensure_demo_crm_schema(settings: Settings) -> bool:
@@ -62,5 +71,6 @@ def run_setup(settings: Settings, *, demo_crm: bool = True) -> SetupReport:
                                    (settings.slot_name,)).fetchone() is not None
         repaired = ensure_capture_objects(conn, settings, load_profile(settings.source_profile),
                                           resnapshot=slot_exists)
-    ensure_erp_schema(settings)
-    return SetupReport(ensure_topics(settings), created_demo, slot_exists, repaired)
+    totals_added = ensure_erp_schema(settings)
+    return SetupReport(ensure_topics(settings), created_demo, slot_exists, repaired,
+                       totals_added)

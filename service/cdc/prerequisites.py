@@ -93,6 +93,7 @@ def check_prerequisites(
     row_filter_columns: Mapping[str, Sequence[str]],
     publication: str,
     slot: str,
+    row_filters: Mapping[str, str] | None = None,
 ) -> list[Check]:
     """Check the CRM database ``conn`` is connected to; returns checks in a stable order.
 
@@ -100,7 +101,9 @@ def check_prerequisites(
     ``current_user``). ``tables`` are the captured tables as ``schema.table`` (or unqualified,
     resolved through the search path). ``row_filter_columns`` maps a table (as named in
     ``tables``) to the columns its publication row filter uses. ``publication``/``slot`` are
-    the names the producer uses; they need not exist yet.
+    the names the producer uses; they need not exist yet. ``row_filters`` maps a table (as
+    named in ``tables``) to the profile's row filter, so that the SQL adding it back to the
+    publication adds it filtered (without it the next check fails on the filter).
 
     Reads only the catalog. Raises ``psycopg.Error`` if the connection fails mid-way.
     """
@@ -124,7 +127,7 @@ def check_prerequisites(
         if given in by_given:
             checks.append(_check_row_filter(conn, by_given[given], columns))
     absent = [given for given in tables if given not in {t.given for t in found}]
-    checks.append(_check_publication(conn, publication, found, absent))
+    checks.append(_check_publication(conn, publication, found, absent, row_filters or {}))
     return checks
 
 
@@ -345,7 +348,8 @@ def _check_row_filter(conn: psycopg.Connection[Any], table: _Table,
 
 
 def _check_publication(conn: psycopg.Connection[Any], publication: str,
-                       tables: Sequence[_Table], absent: Sequence[str] = ()) -> Check:
+                       tables: Sequence[_Table], absent: Sequence[str] = (),
+                       row_filters: Mapping[str, str] | None = None) -> Check:
     """Every captured table is published. A table that does not exist cannot be: it is
     named here too (never "publishes every captured table" while one is missing)."""
     name = f"publication {publication}"
@@ -363,7 +367,10 @@ def _check_publication(conn: psycopg.Connection[Any], publication: str,
     missing = [t for t in tables if (t.schema, t.name) not in published]
     if not missing:
         return Check(name, True, "publishes every captured table")
-    listed = ", ".join(quote_table(t.schema, t.name) for t in missing)
+    filters = row_filters or {}
+    listed = ", ".join(quote_table(t.schema, t.name)
+                       + (f" WHERE ({filters[t.given]})" if t.given in filters else "")
+                       for t in missing)
     return Check(name, False,
                  f"exists but does not publish {', '.join(t.qualified for t in missing)}",
                  f"ALTER PUBLICATION {quote_ident(publication)} ADD TABLE {listed};")

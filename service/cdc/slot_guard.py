@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from service.cdc import pgoutput
 from service.cdc.capture import OWN_SCHEMA
@@ -76,9 +77,18 @@ class CaptureState:
 
 
 def ensure_table(conn: psycopg.Connection[Any]) -> None:
-    """Creates the state table if missing. Raises PrivilegeMissing when the role may not
-    (``CREATE TABLE IF NOT EXISTS`` needs CREATE on the schema even when the table exists;
-    `setup`, run as an administrator, made the schema the administrator's)."""
+    """Creates the state table if missing. Raises PrivilegeMissing when the role may not,
+    naming the grant that is missing: ``CREATE SCHEMA IF NOT EXISTS`` needs CREATE on the
+    database even when the schema exists (checked before it looks), and ``CREATE TABLE IF
+    NOT EXISTS`` needs CREATE on the schema even when the table exists (`setup`, run as an
+    administrator, made the schema the administrator's)."""
+    database = sql.Identifier(conn.info.dbname).as_string(None)
+    with privileges_needed(
+            conn, "CRM", f"declare the producer's schema {OWN_SCHEMA} (CREATE SCHEMA IF NOT "
+            "EXISTS, at every start)",
+            f"GRANT CREATE ON DATABASE {database} TO {{role}} (or run "
+            "`crm-erp-sync setup --check --role {role_name}` for every grant the producer needs)"):
+        conn.execute(f"CREATE SCHEMA IF NOT EXISTS {OWN_SCHEMA}")
     with privileges_needed(
             conn, "CRM", f"create table {STATE_TABLE}",
             f"GRANT USAGE, CREATE ON SCHEMA {OWN_SCHEMA} TO {{role}} (or run "

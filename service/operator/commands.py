@@ -610,7 +610,7 @@ def cmd_trace(settings: Settings, args: argparse.Namespace) -> int:
         row = r["row"]
         record = f" {row['record']}" if row.get("record") else ""
         print(f"  {r['table']} ({r['as']}){record}: position lsn {row.get('source_lsn')} seq "
-              f"{row.get('source_seq')}, event {row.get('event_id')}, applied "
+              f"{row.get('source_seq')}, event {row.get('event_id') or '-'}, applied "
               f"{render.cell(row.get('applied_at'))}"
               + (", DELETED" if row.get("deleted") else ""))
     if not t.erp:

@@ -489,6 +489,8 @@ class Reconciler:
                     why.setdefault(key, []).append(text)
         for key, reasons in why.items():
             behind = "held behind " + "; ".join(reasons)
+            if report.differing.get(key):  # an applied row that drifted: say how, too
+                behind += f" (differs in: {', '.join(report.differing[key])})"
             report.held[key] = (f"{report.held[key]}, {behind}" if key in report.held
                                 else behind)
         if report.held:

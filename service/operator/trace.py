@@ -181,10 +181,14 @@ def trace(settings: Settings, key: str, *, topics: list[str] | None = None) -> T
             'SELECT held_id, topic, partition, "offset", reason, waits_for, held_at FROM '
             f"sync.held_events WHERE {where} OR waits_for = %s ORDER BY held_id",
             (*params, key)).fetchall()]
+        # A capture letter of an order (or its line) is on its customer's Kafka key at an
+        # offset of its own: found by the CRM row it names (source_key), as the key itself
+        # and an order line's order are.
         for r in erp.execute(
                 'SELECT dead_letter_id, topic, partition, "offset", state, error_class, '
                 f"error_message, created_at, resolved_at FROM sync.dead_letters WHERE {where} "
-                "ORDER BY dead_letter_id", params).fetchall():
+                "OR (stage = 'capture' AND source_key = ANY(%s)) ORDER BY dead_letter_id",
+                (*params, [key, *t.follows])).fetchall():
             letter = dict(zip(("dead_letter_id", "topic", "partition", "offset", "state",
                                "error_class", "reason", "created_at", "resolved_at"), r,
                               strict=True))

@@ -267,3 +267,25 @@ def test_the_profile_filter_and_the_publication_filter_compare_equal_as_postgres
         # nothing left behind by the comparison
         assert crm.execute("SELECT count(*) FROM pg_class WHERE relname = "
                            "'crm_erp_sync_filter_probe'").fetchone() == (0,)
+
+
+def test_setup_check_adds_a_dropped_filtered_table_back_with_its_filter(
+        sync_env: SyncEnv, cli: Cli, tmp_path: Path) -> None:
+    """newcomer7: a filtered table dropped from the publication: `setup --check`'s SQL adds it
+    back with the profile's row filter (its SQL without the filter led a DBA to the next
+    failure, the filter check), and after that SQL every check passes."""
+    admin = sync_env.with_(source_profile=_profile(tmp_path, OLD_FILTER, "filtered"))
+    publication = sql_ident(admin.publication_name)
+    assert cli(admin, "setup").code == 0
+    with sync_env.crm() as crm:
+        crm.execute(f"ALTER PUBLICATION {publication} DROP TABLE crm.customers")
+        check = cli(admin, "setup", "--check")
+        assert check.code == 1, check.out
+        lines = check.out.splitlines()
+        at = next(i for i, x in enumerate(lines) if x.startswith("✗ publication "))
+        fix = lines[at + 1].strip()
+        assert fix == (f'ALTER PUBLICATION {publication} ADD TABLE "crm"."customers" '
+                       f"WHERE ({OLD_FILTER});"), check.out
+        crm.execute(fix)
+    again = cli(admin, "setup", "--check")
+    assert not [x for x in again.out.splitlines() if x.startswith("✗")], again.out

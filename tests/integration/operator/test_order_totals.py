@@ -90,3 +90,54 @@ def test_order_totals_are_stored_checked_and_reconciled(
     with sync_env.erp() as erp:
         assert erp.execute("SELECT total_amount FROM erp.sales_orders WHERE crm_order_id = %s",
                            (good,)).fetchone() == (Decimal("50000.00"),)
+
+
+def test_a_drifted_total_held_behind_another_orders_letter_says_how_it_differs(
+        sync_env: SyncEnv, cli: Cli, tmp_path: Path) -> None:
+    # newcomer7: order A applied, order B of the same customer dead-lettered (12.345); the
+    # ERP's total of A edited. A is `held` (a re-snapshot would be held behind B's letter
+    # too), but that hid its drift: the note now says what differs.
+    from service.avro import SchemaRegistry
+    from service.cdc.producer import CdcProducer
+    from service.consumer.pipeline import ErpConsumer
+    from tests.helpers import consume_until_caught_up
+
+    settings = sync_env.with_(source_profile=str(_profile_with_totals(tmp_path)))
+    with sync_env.crm() as crm:
+        crm.execute("ALTER TABLE crm.sales_orders ADD COLUMN total_amount numeric(16, 3)")
+    run_setup(settings)
+    with sync_env.crm() as crm:
+        buyer = crm.execute("INSERT INTO crm.customers (family_name, given_name, phone) VALUES "
+                            "('张', '三', '13812345678') RETURNING customer_id").fetchone()[0]
+        for order_id, total in ((981, "5000"), (982, "12.345")):
+            crm.execute("INSERT INTO crm.sales_orders (order_id, order_no, customer_id, "
+                        "order_date, status, currency, total_amount) VALUES (%s, %s, %s, "
+                        "'2023-01-01', '已发货', '元', %s)",
+                        (order_id, f"X{order_id}", buyer, total))
+    CdcProducer(settings, SchemaRegistry.load(settings.schemas_dir)).run(until_idle=True)
+    consume_until_caught_up(ErpConsumer(settings))
+    with sync_env.erp() as erp:
+        assert erp.execute("UPDATE erp.sales_orders SET total_amount = 4999.99 "
+                           "WHERE crm_order_id = '981'").rowcount == 1
+
+    drift = cli(settings, "reconcile", "--json", "--entity", "orders")
+    assert drift.code == 1, drift.out
+    [orders] = drift.json["entities"]
+    assert orders["held"]["981"].startswith("held behind dead letter #"), orders
+    assert orders["held"]["981"].endswith("(differs in: total_amount)"), orders
+    assert "differs in" not in orders["held"].get("982", ""), orders
+
+
+def test_setup_says_it_added_the_total_column_and_what_the_old_orders_need(
+        sync_env: SyncEnv, cli: Cli) -> None:
+    # newcomer7 F6: the upgrade printed only "ERP: schema sync in place", and every order
+    # applied before then differed in total_amount at the next reconcile.
+    with sync_env.erp() as erp:
+        erp.execute("ALTER TABLE erp.sales_orders DROP COLUMN total_amount")
+    upgraded = cli(sync_env.settings, "setup")
+    assert upgraded.code == 0, upgraded.err
+    assert ("ERP: added erp.sales_orders.total_amount; orders applied before have none "
+            "(NULL) until re-read") in upgraded.out, upgraded.out
+    assert "reconcile --repair --entity orders" in upgraded.out
+    again = cli(sync_env.settings, "setup")  # nothing added the second time
+    assert again.code == 0 and "added erp.sales_orders" not in again.out, again.out

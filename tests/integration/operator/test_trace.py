@@ -82,6 +82,7 @@ def test_trace_shows_create_update_dead_letter_and_redrive(sync_env: SyncEnv, cl
     line_text = cli(s_fixed, "trace", '["970","1"]')
     assert "followed to its order 970" in line_text.out
     assert f"#{letter['dead_letter_id']}" in line_text.out
+    assert "event None" not in line_text.out  # a line's row has no event id: '-'
 
     text = cli(s_fixed, "trace", "970")
     assert "CRM order" in text.out and "Events on Kafka (3 of" in text.out
@@ -145,3 +146,24 @@ def test_trace_with_the_broker_down_shows_what_the_databases_hold(sync_env: Sync
             in text.out)
     assert "erp.business_partners (customer): position lsn" in text.out
     assert f"#{letter['dead_letter_id']}" in text.out and "MappingError" in text.out
+
+
+def test_trace_of_an_order_shows_its_capture_dead_letter(sync_env: SyncEnv, cli: Cli) -> None:
+    # newcomer7: an order whose row could not be captured (an infinity order date) has its
+    # letter on the customer's Kafka key at an offset of its own; `trace ORDER` said
+    # "Dead letters: none" while it held the customer's key.
+    produce_all(sync_env)
+    with sync_env.crm() as crm:
+        buyer = crm.execute("INSERT INTO crm.customers (family_name, given_name, phone) VALUES "
+                            "('张', '三', '13812345678') RETURNING customer_id").fetchone()[0]
+        crm.execute("INSERT INTO crm.sales_orders (order_id, order_no, customer_id, "
+                    "order_date, status, currency) VALUES (971, 'X971', %s, 'infinity', "
+                    "'已发货', '元')", (buyer,))
+    produce_all(sync_env)
+    consume_until_caught_up(ErpConsumer(sync_env.settings))
+    [letter] = cli(sync_env.settings, "dlq", "list", "--json").json
+    assert letter["stage"] == "capture", letter
+
+    tr = cli(sync_env.settings, "trace", "971", "--json").json
+    assert [d["dead_letter_id"] for d in tr["dead_letters"]] == [letter["dead_letter_id"]]
+    assert tr["dead_letters"][0]["error_class"] == "UnrepresentableValue"

@@ -121,3 +121,26 @@ def test_setup_as_a_role_without_create_on_the_database_names_the_grants(
             f'and its tables: GRANT CREATE ON DATABASE "{database}" TO "{cdc_role.name}"; '
             f'GRANT USAGE, CREATE ON SCHEMA crm_erp_sync TO "{cdc_role.name}"; or run '
             "`crm-erp-sync setup` as an administrator") in refused.err
+
+
+def test_the_producer_without_create_on_the_database_names_that_grant_not_the_schema_one(
+        sync_env: SyncEnv, cdc_role: Role, cli: Cli) -> None:
+    # newcomer7: a role with USAGE, CREATE on the producer's schema but no CREATE on the
+    # database was told to grant what it had (the schema) and failed the same way again.
+    database = psycopg.conninfo.conninfo_to_dict(sync_env.settings.crm_dsn)["dbname"]
+    with sync_env.crm() as admin:
+        admin.execute(f"GRANT USAGE, CREATE ON SCHEMA crm_erp_sync TO {cdc_role.name}")
+        admin.execute(f'REVOKE CREATE ON DATABASE "{database}" FROM {cdc_role.name}')
+    as_role = sync_env.with_(crm_dsn=cdc_role.dsn(sync_env.settings.crm_dsn))
+
+    refused = cli(as_role, "produce", "--until-idle")
+
+    assert refused.code == EXIT_USAGE, refused.err
+    grant = f'GRANT CREATE ON DATABASE "{database}" TO "{cdc_role.name}"'
+    assert (f"the CRM role {cdc_role.name} cannot declare the producer's schema crm_erp_sync "
+            f"(CREATE SCHEMA IF NOT EXISTS, at every start): {grant}") in refused.err
+    assert "ON SCHEMA" not in refused.err
+    with sync_env.crm() as admin:  # exactly the printed grant
+        admin.execute(grant)
+    started = cli(as_role, "produce", "--until-idle")
+    assert started.code == EXIT_OK, started.err

@@ -7,7 +7,7 @@ Order of preference:
    (1 or 2 is "local", i.e. restartable by tests through deploy/local/stack.sh, when this
    worktree's .stack/ runs the broker and PostgreSQL on exactly those ports: a second stack
    started with STACK_KAFKA_PORT/STACK_PG_PORT/STACK_KAFKA_CONTROLLER_PORT qualifies; tests
-   actually kill or restart it only with CRM_ERP_SYNC_TESTS_MAY_RESTART_STACK=1, because a
+   actually kill or restart it only with STACK_TESTS_MAY_RESTART=1, because a
    local stack may be shared by other checkouts and people: see Stack.why_not_restartable);
 3. a Docker engine: Apache Kafka 4.x (KRaft) and PostgreSQL 15 (wal_level=logical) started
    with testcontainers, once per session;
@@ -61,8 +61,10 @@ def _docker_answers() -> bool:
 
 
 # Tests that kill the broker or restart PostgreSQL run only when this is "1" (see
-# Stack.why_not_restartable).
-RESTART_OPT_IN = "CRM_ERP_SYNC_TESTS_MAY_RESTART_STACK"
+# Stack.why_not_restartable). A STACK_* name like the local stack's own variables, not
+# CRM_ERP_SYNC_*: the service reads every CRM_ERP_SYNC_* variable as a setting and warns
+# about an unknown one on stderr, in every command a test runs.
+RESTART_OPT_IN = "STACK_TESTS_MAY_RESTART"
 # The official image of the Kafka version the local stack runs (deploy/local/pom.xml), as
 # docker-compose.yml (tests/unit/test_deploy_files.py keeps the three equal).
 KAFKA_IMAGE = "apache/kafka:4.3.1"

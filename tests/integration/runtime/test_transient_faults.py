@@ -1,7 +1,7 @@
 """No process exits on a transient fault: the broker killed and started again, PostgreSQL
 restarted in immediate mode, under running producers (active and standby) and consumers,
 with CRM changes written throughout. Needs the local stack of this worktree (it restarts
-its servers) and CRM_ERP_SYNC_TESTS_MAY_RESTART_STACK=1 (nobody else uses that stack): run
+its servers) and STACK_TESTS_MAY_RESTART=1 (nobody else uses that stack): run
 your own with STACK_KAFKA_PORT/STACK_PG_PORT and point the tests at it."""
 
 from __future__ import annotations

@@ -408,8 +408,9 @@ def _apply_pipelined(conn: psycopg.Connection[Any], planned: Iterable[Change], t
     `conn` must be idle in autocommit mode (ValueError otherwise). Raises the first failing
     statement's psycopg error once what was sent is drained: the groups before it are
     committed; in its group, the changes before the failing one are committed and the rest
-    were skipped (after an error the server skips everything up to the next Sync), and no
-    later change is sent. `tally.changes` counts the changes of the groups that succeeded.
+    were skipped (after an error the server skips everything up to the next Sync); the one
+    group already sent after it fails whole (its BEGIN meets the aborted transaction), and
+    nothing more is sent. `tally.changes` counts the changes of the groups that succeeded.
 
     Written on psycopg's libpq layer (``psycopg.pq``), not ``Connection.pipeline()``:
     there every change took three cursor ``execute`` calls, about 55 us of Python per

@@ -19,7 +19,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from importlib import resources
 from itertools import islice
@@ -523,7 +523,11 @@ class _PreparedPipeline:
         if self._conn.info.transaction_status != TransactionStatus.IDLE:
             self._conn.execute("ROLLBACK")  # a failed, or never committed, change
         for name, _ in self._names.values():
-            self._conn.execute(sql.SQL("DEALLOCATE {}").format(sql.Identifier(name.decode())))
+            # a statement first prepared after a failure in its group never was (the server
+            # skipped its Parse): nothing to release, and the failure is what is raised
+            with suppress(psycopg.errors.InvalidSqlStatementName):
+                self._conn.execute(sql.SQL("DEALLOCATE {}").format(
+                    sql.Identifier(name.decode())))
 
 
 def _numbered(query: str) -> str:

@@ -93,3 +93,24 @@ def test_a_failing_change_raises_its_class_and_leaves_the_session_idle(
         conn.execute("SELECT 1")
         assert not conn.execute("SELECT count(*) FROM pg_prepared_statements "
                                 "WHERE name LIKE '_demo_load_%'").fetchall()[0][0]
+
+
+def test_a_failure_early_in_a_group_fails_the_next_group_whole_and_is_what_is_raised(
+        sync_env: SyncEnv) -> None:
+    """The failing change in the first of three groups: the statements first prepared after
+    it in that group never were (the server skipped their Parse), the group sent after it
+    meets the aborted transaction, and the original error is raised, not a cleanup's."""
+    conn, workload = _loaded(sync_env)
+    with conn:
+        good = list(workload.changes(PIPELINE_SYNC_EVERY * 3))
+        customer = next(c.customer_id for c in good if isinstance(c, CustomerUpdate))
+        planned = [*good[:100], CustomerUpdate(customer, (("purchase_amount", "x"),)),
+                   *good[100:]]
+        with _decoding(sync_env) as watch:
+            with pytest.raises(psycopg.errors.InvalidTextRepresentation):
+                workload.apply_pipelined(conn, planned, len(planned))
+            assert workload.tally.changes == 0
+            assert _committed(watch) == 100
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            assert not conn.execute("SELECT count(*) FROM pg_prepared_statements "
+                                    "WHERE name LIKE '_demo_load_%'").fetchall()[0][0]

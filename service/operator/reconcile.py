@@ -282,24 +282,25 @@ class Reconciler:
             found = cur.execute(query, params).fetchone()
         return None if found is None else canonical(ent, typed_row(info, found), self.refs)
 
-    def target(self, erp: PgConn) -> ErpTarget:
-        """The ERP target, attached to ``erp`` (the sync-state database) for this pass."""
+    def _made_target(self) -> ErpTarget:
+        """The configured ERP target, made on first use and kept for the run."""
         if self._target is None:
             self._target = make_target(self.settings, self.mappings)
-        self._target.attach(erp)
         return self._target
+
+    def target(self, erp: PgConn) -> ErpTarget:
+        """The ERP target, attached to ``erp`` (the sync-state database) for this pass."""
+        target = self._made_target()
+        target.attach(erp)
+        return target
 
     def kinds(self) -> tuple[str, ...]:
         """The kinds the configured target keeps (the tryton target: no demand signals)."""
-        if self._target is None:
-            self._target = make_target(self.settings, self.mappings)
-        return self._target.kinds
+        return self._made_target().kinds
 
     def stock_kept(self) -> bool:
         """Whether the sync keeps the ERP's stock totals (recounted with orders)."""
-        if self._target is None:
-            self._target = make_target(self.settings, self.mappings)
-        return self._target.stock_unavailable is None
+        return self._made_target().stock_unavailable is None
 
     def close(self) -> None:
         if self._target is not None:

@@ -179,6 +179,10 @@ def _row_filter_check(conn: Any, settings: Settings, profile: Any) -> Any:
                  + "\n-- then `crm-erp-sync snapshot --table TABLE` for each")
 
 
+# net allocations of GC-tracked objects between two collections of the youngest generation
+YOUNG_COLLECTION_THRESHOLD = 10_000
+
+
 def freeze_startup_heap() -> None:
     """Move every object alive now (modules, schemas, the consumer's division data) into the
     garbage collector's permanent generation (``gc.freeze``), called once a long-running
@@ -189,9 +193,20 @@ def freeze_startup_heap() -> None:
     collection took 16-23 ms of its loop (more on a busy machine), landing in the commit ->
     ERP latency of whatever batch was in flight. Frozen objects are never scanned (and
     never freed: they live as long as the process anyway). The collector keeps running for
-    everything allocated later."""
+    everything allocated later.
+
+    The youngest generation is then collected every ``YOUNG_COLLECTION_THRESHOLD`` net
+    allocations instead of CPython's 700. Why: each event allocates a few dozen containers
+    (decoded rows, records, Kafka records) that reference counting frees at once; with 700
+    the collector ran every ~20 events and, through the older generations, walked the batch
+    in flight again and again. Measured over a 20,000-change catch-up (gc callbacks): the
+    producer spent ~0.10 s collecting (588 young, 53 middle, 4 full collections), a consumer
+    0.06 s (2.7% of its CPU); with 10,000, 0.07 s (27 young, 2 middle) and none. Cyclic
+    garbage lives at most that many allocations longer."""
     gc.collect()
     gc.freeze()
+    _, middle, oldest = gc.get_threshold()
+    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, middle, oldest)
 
 
 def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:

@@ -192,10 +192,12 @@ def test_a_long_running_process_freezes_what_it_loaded_at_start() -> None:
             "from service.erp.divisions import divisions\n"
             "from service.cli import freeze_startup_heap\n"
             "divisions(); before = len(gc.get_objects()); freeze_startup_heap()\n"
-            "print(gc.get_freeze_count() >= before * 0.9, len(gc.get_objects()) < 1000)\n")
+            "print(gc.get_freeze_count() >= before * 0.9, len(gc.get_objects()) < 1000,"
+            " gc.get_threshold()[0])\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                           text=True, timeout=60, check=False)
-    assert done.stdout.split() == ["True", "True"], done.stderr
+    from service.cli import YOUNG_COLLECTION_THRESHOLD
+    assert done.stdout.split() == ["True", "True", str(YOUNG_COLLECTION_THRESHOLD)], done.stderr
 
 
 def test_setup_says_what_it_created_and_what_was_there() -> None:

@@ -31,6 +31,7 @@ from service.operator import argtypes
 from service.settings import Settings, unknown_env_vars
 
 if TYPE_CHECKING:
+    from service.cdc.capture import Repair
     from service.setup import SetupReport
 
 EXIT_OK, EXIT_ATTENTION, EXIT_USAGE, EXIT_UNAVAILABLE = (
@@ -110,8 +111,22 @@ def repair_lines(report: SetupReport) -> list[str]:
             then = "; the producer's first start snapshots every table"
         else:
             then = ""
-        out.append(f"CRM: {what}{then}")
+        out.append(f"CRM: {what}{then}{_left_filter_words(r)}")
     return out
+
+
+def _left_filter_words(repair: Repair) -> str:
+    """What a narrower row filter leaves to do: no event retires the rows it now excludes."""
+    d, n = repair.drift, repair.left_filter
+    retire = ("stay live in the ERP until `crm-erp-sync reconcile --repair` marks them "
+              "deleted")
+    if n is None:
+        return (f"; rows of {d.table} applied before that the new filter excludes (if any) "
+                f"{retire} (they could not be counted)")
+    if n == 0:
+        return ""
+    return (f"; {n} row(s) of {d.table} in the CRM pass the old filter but not the new one: "
+            f"those applied before {retire}")
 
 
 def cmd_setup_check(settings: Settings, args: argparse.Namespace) -> int:

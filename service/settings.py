@@ -243,7 +243,7 @@ class Settings:
 
             with problems.gather():
                 zone_named(self.crm_timezone, self.env_var("crm_timezone"))
-        if self.log_format not in ("json", "console"):
+        if self.log_format not in LOG_FORMATS:
             problems.add(self.env_var("log_format"), "must be 'json' or 'console'")
         if self.erp_target not in ("sql", "tryton"):
             problems.add(self.env_var("erp_target"), "must be 'sql' or 'tryton'")
@@ -401,6 +401,8 @@ CAPTURE_TRANSPORTS = ("stream", "sql")
 # stop: capture stops before a TRUNCATE of a captured table until the operator chooses;
 # propagate: a truncate event (soft delete of the entity's ERP rows); skip: logged, counted.
 ON_TRUNCATE = ("stop", "propagate", "skip")
+# CRM_ERP_SYNC_LOG_FORMAT's accepted values (README's Configuration table lists them)
+LOG_FORMATS = ("json", "console")
 KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 _KAFKA_TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 _PG_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")

@@ -290,10 +290,40 @@ class PublicationDrift:
 @dataclass(frozen=True)
 class Repair:
     """One table ``repair_publication`` brought to the profile, and the snapshot it requested
-    for it (None: none requested, or the table is not snapshottable)."""
+    for it (None: none requested, or the table is not snapshottable).
+
+    ``left_filter``: for a changed row filter, how many CRM rows the old filter admitted and
+    the new one excludes (0 for a re-added table, a removed filter, or none such; None: they
+    could not be counted). The snapshot re-reads what the new filter admits, but nothing
+    tells the ERP that these rows left: those applied before stay live there until
+    `crm-erp-sync reconcile --repair` marks them deleted."""
 
     drift: PublicationDrift
     snapshot_id: int | None
+    left_filter: int | None = 0
+
+
+def rows_leaving_filter(conn: psycopg.Connection[Any], drift: PublicationDrift) -> int | None:
+    """How many rows of ``drift.table`` its publication's old row filter (``drift.have``)
+    admits and the profile's new one (``drift.want``) excludes, as PostgreSQL decides a row
+    filter (a NULL result excludes the row); 0 when nothing can be narrower (a table re-added,
+    a filter removed). None when they cannot be counted (no SELECT on the table, a filter
+    that fails on a row): the caller then says the rows may exist. One scan of the table, in
+    a savepoint (a failure leaves the caller's transaction usable). Why count rather than
+    compare the two filters: whether one expression implies another is undecidable in
+    general, and the rows tell exactly what a narrowing leaves behind."""
+    if drift.missing or drift.want is None:
+        return 0
+    old = sql.SQL(drift.have) if drift.have is not None else sql.SQL("true")
+    try:
+        with conn.transaction():
+            row = conn.execute(sql.SQL(
+                "SELECT count(*) FROM {} WHERE coalesce(({}), false) AND NOT coalesce(({}), "
+                "false)").format(_ident(drift.table), old, sql.SQL(drift.want))).fetchone()
+    except (psycopg.errors.SyntaxErrorOrAccessRuleViolation,
+            psycopg.errors.DataException):  # a privilege, a filter that fails on a row
+        return None
+    return int(row[0]) if row is not None else None
 
 
 def normalised_filters(conn: psycopg.Connection[Any],
@@ -397,6 +427,7 @@ def repair_publication(conn: psycopg.Connection[Any], settings: Settings,
         for drift in drifts:
             ent = profile.table(drift.table)
             member = _member(ent) if ent is not None else _ident(drift.table)
+            left = rows_leaving_filter(conn, drift)  # before the filter changes
             try:
                 if not drift.missing:
                     conn.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
@@ -414,7 +445,7 @@ def repair_publication(conn: psycopg.Connection[Any], settings: Settings,
                 snapshot_id = request_snapshot(
                     conn, profile, ent.entity if ent.entity != "order_line" else "order",
                     reason="publication-repaired")
-            out.append(Repair(drift, snapshot_id))
+            out.append(Repair(drift, snapshot_id, left))
     return out
 
 

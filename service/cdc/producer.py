@@ -983,10 +983,13 @@ class CdcProducer:
             d = r.drift
             log.warning("publication_repaired", publication=d.publication, table=d.table,
                         re_added=d.missing, row_filter_was=d.have, row_filter_now=d.want,
-                        snapshot_id=r.snapshot_id,
+                        snapshot_id=r.snapshot_id, rows_leaving_filter=r.left_filter,
                         hint="changes made while the table was out of the publication (or "
                              "outside its old filter) are re-read by the snapshot; rows "
-                             "deleted meanwhile need `crm-erp-sync reconcile --repair`")
+                             "deleted meanwhile, and rows applied before that a narrower "
+                             "filter now excludes (rows_leaving_filter: how many the CRM "
+                             "holds; null: not counted), stay live in the ERP until "
+                             "`crm-erp-sync reconcile --repair`")
 
     def _broker_fault(self, fault: Retryable, delay: float) -> None:
         """Publishing failed: drop the Kafka producer (its buffer may hold a poisoned or

@@ -669,7 +669,12 @@ class CustomerDelete:
 
 @dataclass(frozen=True, slots=True)
 class MarketDemandInsert:
+    """A new market-demand record; ``demand_id`` None leaves its key to the identity
+    default (as the CRM's own inserts do), an int is a key the loader reserved (a table
+    holding explicitly keyed rows ahead of its sequence: see service.demo.load)."""
+
     row: MarketDemand
+    demand_id: int | None = None
 
 
 Change = (CustomerUpdate | OrderStatusChange | LineQuantityChange | OrderDelete

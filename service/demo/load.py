@@ -3,7 +3,8 @@
 1. The schema (crm_schema.sql) is created when a table is missing.
 2. Customers, then orders with their lines, then market-demand records are inserted with
    COPY in transactions of a few thousand rows (ids are reserved from the tables' identity
-   sequences first, so the rows can reference each other without a round trip per row).
+   sequences first, so the rows can reference each other without a round trip per row;
+   ids already held by explicitly keyed rows are skipped: `_reserve_ids`).
 3. A mix of follow-up changes, one CRM transaction each, as users make them: contact edits,
    orders moving 待付款 -> 已付款 -> 已发货 -> 已完成 (or 已取消), quantity corrections, new
    market-demand records, a few deleted orders and customers. `rate` caps the changes per
@@ -155,9 +156,11 @@ class DemoWorkload:
             yield InsertBatch((
                 ("sales_orders", SalesOrder._fields, [o.header for o in batch]),
                 ("order_lines", OrderLine._fields, [line for o in batch for line in o.lines])))
-        demand = (self._gen.market_demand() for _ in range(market_demand))
+        demand_ids = _reserve_ids(conn, "market_demand", "demand_id", market_demand)
+        demand = ((did, *self._gen.market_demand()) for did in demand_ids)
         for records in _chunks(demand, DEMAND_BATCH):
-            yield InsertBatch((("market_demand", MarketDemand._fields, list(records)),))
+            yield InsertBatch((("market_demand", ("demand_id", *MarketDemand._fields),
+                                list(records)),))
 
     def insert(self, conn: psycopg.Connection[Any], batch: InsertBatch) -> None:
         """One transaction: the batch COPYed into the CRM's tables (counted in `tally`)."""
@@ -221,6 +224,9 @@ def load_demo(
     (None: as fast as possible). Deterministic for a seed, given the same starting ids.
 
     `conn_or_dsn`: a DSN, or an idle connection (its autocommit setting is restored after).
+    Rows already in the tables are left alone, explicitly keyed ones too (see
+    `_reserve_ids`). Raises ConfigError for a bad argument, StackUnavailable when the CRM
+    cannot be reached.
     """
     _check_arguments(customers, orders, rate, changes, market_demand)
     n_changes = (customers + orders) // 3 if changes is None else changes
@@ -242,7 +248,7 @@ def load_demo(
                  order_lines=tally.counts["order_lines"][0], market_demand=n_demand,
                  seconds=round(inserted_at - started, 3))
 
-        planned = workload.changes(n_changes)
+        planned = _keyed_demand_inserts(conn, workload.changes(n_changes))
         if rate is None:
             _apply_pipelined(conn, planned, tally, n_changes)
         else:
@@ -317,12 +323,71 @@ def _session(conn_or_dsn: str | psycopg.Connection[Any]) -> Iterator[psycopg.Con
 
 
 def _reserve_ids(conn: psycopg.Connection[Any], table: str, column: str, n: int) -> list[int]:
-    """n fresh values of the table's identity sequence (not necessarily contiguous)."""
-    if n <= 0:
-        return []
-    rows = conn.execute("SELECT nextval(pg_get_serial_sequence(%s, %s)) "
-                        "FROM generate_series(1, %s)", (f"crm.{table}", column, n)).fetchall()
-    return [r[0] for r in rows]
+    """n fresh values of the table's identity sequence (not necessarily contiguous, in
+    increasing order), skipping values a row already holds: an identity ``BY DEFAULT``
+    accepts explicit keys (rows imported with their own ids), which the sequence does not
+    know about. The sequence is only advanced by ``nextval``, as the CRM's own inserts do,
+    never set: its owner decides whether it should jump past the explicit keys (the skipped
+    ones are logged, counted: the CRM's own inserts without a key would meet them too).
+    One round trip per pass; a pass draws as many values as are still needed."""
+    ids: list[int] = []
+    skipped = 0
+    # Only values at or below the table's largest key are looked up (one index probe
+    # each): on a table whose keys all came from the sequence, none is.
+    query = sql.SQL(
+        "WITH drawn AS MATERIALIZED (SELECT nextval(pg_get_serial_sequence(%s, %s)) AS id "
+        "FROM generate_series(1, %s)), top AS (SELECT max({col}) AS id FROM {t}) "
+        "SELECT drawn.id, drawn.id <= top.id AND EXISTS (SELECT 1 FROM {t} t "
+        "WHERE t.{col} = drawn.id) FROM drawn, top ORDER BY drawn.id").format(
+        t=sql.Identifier("crm", table), col=sql.Identifier(column))
+    while len(ids) < n:
+        rows = conn.execute(query, (f"crm.{table}", column, n - len(ids))).fetchall()
+        ids += [r[0] for r in rows if not r[1]]
+        skipped += sum(1 for r in rows if r[1])
+    if skipped:
+        structlog.get_logger().warning(
+            "demo_load_ids_in_use", table=f"crm.{table}", skipped=skipped,
+            hint=f"crm.{table} holds rows with explicit {column} values its identity "
+                 "sequence had not handed out; the loader skipped them (the CRM's own inserts "
+                 "without a key would fail on them: its owner may move the sequence past "
+                 f"them, SELECT setval(pg_get_serial_sequence('crm.{table}', '{column}'), "
+                 f"max({column})) FROM crm.{table})")
+    return ids
+
+
+def _identity_ahead(conn: psycopg.Connection[Any], table: str, column: str) -> bool:
+    """Whether ``crm.table`` holds a key at or past the next value of its identity sequence
+    (rows inserted with explicit keys): a row left to the identity default would then
+    meet one as a UniqueViolation. Two round trips: the sequence's own row (last_value,
+    is_called; the pg_sequences view shows NULL both before the first nextval and after
+    setval(..., false)) and one index probe."""
+    found = conn.execute("SELECT pg_get_serial_sequence(%s, %s)",
+                         (f"crm.{table}", column)).fetchone()
+    if found is None or found[0] is None:
+        return False  # no identity: no default to collide
+    row = conn.execute(sql.SQL(
+        "SELECT EXISTS (SELECT 1 FROM {} t WHERE t.{} >= s.next) FROM (SELECT CASE "
+        "WHEN q.is_called THEN q.last_value + p.seqincrement ELSE q.last_value END AS next "
+        "FROM {} q, pg_sequence p WHERE p.seqrelid = %s::regclass) AS s").format(
+        sql.Identifier("crm", table), sql.Identifier(column), sql.SQL(found[0])),
+        (found[0],)).fetchone()
+    return bool(row and row[0])
+
+
+def _keyed_demand_inserts(conn: psycopg.Connection[Any],
+                          planned: Iterable[Change]) -> Iterable[Change]:
+    """The planned changes, with keys reserved (``_reserve_ids``) for their market-demand
+    inserts when crm.market_demand holds keys ahead of its sequence; else `planned` as it
+    is, still lazy (the usual case: those inserts take the identity default, as the CRM's
+    own do). Per load: the plan is then listed once to count its inserts; nothing is added
+    per change."""
+    if not _identity_ahead(conn, "market_demand", "demand_id"):
+        return planned
+    changes = list(planned)
+    ids = iter(_reserve_ids(conn, "market_demand", "demand_id", sum(
+        1 for c in changes if isinstance(c, MarketDemandInsert))))
+    return [MarketDemandInsert(c.row, next(ids)) if isinstance(c, MarketDemandInsert) else c
+            for c in changes]
 
 
 def _copy(conn: psycopg.Connection[Any], table: str, columns: Sequence[str],
@@ -350,6 +415,8 @@ _DELETE_ORDER = "DELETE FROM crm.sales_orders WHERE order_id = %s"  # lines: ON 
 _DELETE_CUSTOMER = "DELETE FROM crm.customers WHERE customer_id = %s"  # orders too
 _INSERT_DEMAND = ("INSERT INTO crm.market_demand (kind, product_category, content, observed_at) "
                   "VALUES (%s, %s, %s, %s)")
+_INSERT_KEYED_DEMAND = ("INSERT INTO crm.market_demand (demand_id, kind, product_category, "
+                        "content, observed_at) VALUES (%s, %s, %s, %s, %s)")
 _customer_updates: dict[tuple[str, ...], sql.Composed] = {}
 
 
@@ -395,6 +462,8 @@ def _statements(change: Change, tally: _Tally) -> list[Statement]:
         return [(_DELETE_CUSTOMER, (change.customer_id,))]
     if isinstance(change, MarketDemandInsert):
         tally.add("market_demand", inserted=1)
+        if change.demand_id is not None:
+            return [(_INSERT_KEYED_DEMAND, (change.demand_id, *change.row))]
         return [(_INSERT_DEMAND, tuple(change.row))]
     raise TypeError(f"unknown change {type(change).__name__}")
 

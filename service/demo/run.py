@@ -195,13 +195,21 @@ def print_erp_summary(settings: Settings, *, earlier_runs: bool = False) -> None
                                f"count(*) FILTER (WHERE deleted) FROM erp.{table}").fetchone()
             assert row is not None
             print(f"  erp.{table:<20} {row[0]:>7} / {row[1]}")
-        print("\nmapped partners (personal data masked; one with an extension first):")
+        # The generator is seeded: each demo run writes the same people again under new CRM
+        # keys (distinct CRM rows). A sample showing one person five times reads as a
+        # duplication bug, so it shows each person once, under the lowest key.
+        print("\nmapped partners (personal data masked; each person once, under the lowest "
+              "CRM key" + (", as earlier demo runs wrote the same generated people" if
+                           earlier_runs else "") + "; one with an extension first):")
+        shown = ("full_name, gender_code, phone_e164, phone_extension, province, district, "
+                 "division_code, purchase_amount, amount_currency")
         for (key, name, gender, phone, extension, province, district, division, amount,
              ccy) in conn.execute(
-                "SELECT crm_customer_id, full_name, gender_code, phone_e164, phone_extension, "
-                "province, district, division_code, purchase_amount, amount_currency "
-                "FROM erp.business_partners WHERE NOT deleted "
-                "ORDER BY phone_extension IS NULL, crm_customer_id LIMIT 5"):
+                f"SELECT crm_customer_id, {shown} FROM (SELECT DISTINCT ON ({shown}) "
+                f"crm_customer_id, {shown} FROM erp.business_partners WHERE NOT deleted "
+                f"ORDER BY {shown}, length(crm_customer_id), crm_customer_id) AS person "
+                "ORDER BY phone_extension IS NULL, length(crm_customer_id), crm_customer_id "
+                "LIMIT 5"):
             # An extension alone identifies no one (the number is masked); the division code
             # is the district's, already shown by name.
             print(f"  CRM key {key}: {_mask(name)}  gender={gender}  phone={_mask(phone, 4)}"

@@ -8,7 +8,9 @@ code from the one table in service/exit_codes.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from service import exit_codes
@@ -651,14 +653,39 @@ def _named_partitions(args: argparse.Namespace, command: str) -> list[tuple[str,
     return None if args.all else [parse_partition(p) for p in args.partition]
 
 
+def _partition_objects(partitions: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    """``--json``'s shape of a partition the command left as it was: the keys every other
+    list's items have too (``topic``, ``partition``, ``partition_name``)."""
+    return [{"topic": t, "partition": p, "partition_name": f"{t}[{p}]"}
+            for t, p in partitions]
+
+
+@contextlib.contextmanager
+def _json_usage_errors(args: argparse.Namespace) -> Iterator[None]:
+    """With ``--json``, a usage error (ConfigError, exit 2) is also a JSON document on stdout,
+    ``{"error": "ARGUMENT: PROBLEM", "exit_code": 2}``, so that a script parsing stdout gets
+    one instead of nothing; the error is re-raised, so stderr and the exit code stay as
+    without ``--json``."""
+    try:
+        yield
+    except ConfigError as exc:
+        if args.json:
+            print(render.dumps({"error": "; ".join(f"{v}: {p}" for v, p in exc.problems),
+                                "exit_code": EXIT_USAGE}))
+        raise
+
+
 def cmd_pause(settings: Settings, args: argparse.Namespace) -> int:
     from service.operator.breaker import pause
 
-    paused, already = pause(settings, _named_partitions(args, "pause"),
-                            actor=actor(args.actor), reason=args.reason)
+    with _json_usage_errors(args):
+        paused, already = pause(settings, _named_partitions(args, "pause"),
+                                actor=actor(args.actor), reason=args.reason)
     if args.json:
         print(render.dumps({"paused": [{**render.jsonable(p), "partition_name": p.name}
                                        for p in paused],
+                            "unchanged": _partition_objects(already),
+                            # deprecated (README): `unchanged` as strings, for scripts
                             "already_paused": [f"{t}[{p}]" for t, p in already]}))
         return EXIT_OK
     for p in paused:
@@ -677,9 +704,10 @@ def cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
     # As Kafka Connect's resume and kafka-consumer-groups: a partition that does not exist is
     # an error (exit 2), resuming one that is not paused is a no-op that succeeds (exit 0),
     # the same for --partition as for --all with nothing paused.
-    partitions = _named_partitions(args, "resume")
-    if partitions is not None:
-        check_partitions(settings, partitions)
+    with _json_usage_errors(args):
+        partitions = _named_partitions(args, "resume")
+        if partitions is not None:
+            check_partitions(settings, partitions)
     who = actor(args.actor)
     unpaused = resume_pauses(settings, partitions, actor=who, reason=args.reason)
     resumed, not_tripped = resume(settings, partitions, actor=who, reason=args.reason)
@@ -690,8 +718,10 @@ def cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
                                         for t in resumed],
                             "unpaused": [{**render.jsonable(p), "partition_name": p.name}
                                          for p in unpaused],
+                            "unchanged": _partition_objects(not_tripped),
+                            # deprecated (README): `unchanged` as strings, and its older
+                            # name, for scripts
                             "not_paused": [f"{t}[{p}]" for t, p in not_tripped],
-                            # deprecated (README): the old name of not_paused, for scripts
                             "not_tripped": [f"{t}[{p}]" for t, p in not_tripped]}))
     else:
         for p in unpaused:

@@ -270,3 +270,12 @@ def test_verify_full_without_sslrootcert_needs_libpqs_default_root_certificate(
     (tmp_path / ".postgresql").mkdir()
     (tmp_path / ".postgresql" / "root.crt").write_text("a CA")
     assert Settings.from_env(env)
+
+
+def test_readme_configuration_table_lists_the_accepted_log_formats() -> None:
+    # F10 (newcomer7): `text` was refused with no list of the values in README.
+    readme = (Path(__file__).parents[2] / "README.md").read_text("utf-8")
+    row = next((line for line in readme.splitlines()
+                if line.startswith("| `CRM_ERP_SYNC_LOG_FORMAT`")), "")
+    assert row, "README's Configuration table has no CRM_ERP_SYNC_LOG_FORMAT row"
+    assert all(f"`{value}`" in row for value in service.settings.LOG_FORMATS), row

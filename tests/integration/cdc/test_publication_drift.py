@@ -231,6 +231,49 @@ def test_a_producer_owning_the_publication_applies_a_changed_row_filter_and_resn
     assert "publication-repaired" in reasons, reasons
 
 
+def test_setup_narrowing_a_row_filter_says_rows_already_applied_stay_live_until_repair(
+        sync_env: SyncEnv, cli: Cli, tmp_path: Path) -> None:
+    """F7 (newcomer7): a narrower row filter does not retire the rows it now excludes (no
+    event says they left): `setup` says how many CRM rows the old filter admitted and the
+    new one does not, and that they stay live in the ERP until `reconcile --repair`, which
+    then retires them. A wider filter retires nothing and says nothing of it."""
+    admin_old = sync_env.with_(source_profile=_profile(tmp_path, OLD_FILTER, "old"))
+    narrow = "family_name NOT IN ('王', '张')"
+    admin_narrow = sync_env.with_(source_profile=_profile(tmp_path, narrow, "narrow"))
+    first = cli(admin_old, "setup")  # no slot yet: no ERP rows, so nothing to say
+    assert first.code == 0, first.err
+    assert "reconcile --repair" not in first.out, first.out
+    assert cli(admin_old, "produce", "--until-idle").code == 0  # the slot exists from here
+    with sync_env.crm() as crm:
+        zhang = _insert(crm, "crm.customers", family_name="张", given_name="三")
+        li = _insert(crm, "crm.customers", family_name="李", given_name="四")
+        wang = _insert(crm, "crm.customers", family_name="王", given_name="五")
+    assert cli(admin_old, "produce", "--until-idle").code == 0
+    assert cli(admin_old, "consume", "--until-caught-up").code == 0
+    assert {zhang, li} <= set(_partners(sync_env)) and wang not in _partners(sync_env)
+
+    done = cli(admin_narrow, "setup")
+    assert done.code == 0, done.err
+    line = next(x for x in done.out.splitlines() if "changed the row filter" in x)
+    assert ("1 row(s) of crm.customers in the CRM pass the old filter but not the new one: "
+            "those applied before stay live in the ERP until `crm-erp-sync reconcile "
+            "--repair` marks them deleted") in line, line
+    assert cli(admin_narrow, "produce", "--until-idle").code == 0
+    assert cli(admin_narrow, "consume", "--until-caught-up").code == 0
+    assert zhang in _partners(sync_env)  # what setup said: still live
+    repaired = cli(admin_narrow, "reconcile", "--repair")
+    assert repaired.code in (0, 1), (repaired.out, repaired.err)
+    assert set(_partners(sync_env)) == {li}, repaired.out
+
+    wide = cli(admin_old, "setup")  # back to the wider filter: retires nothing
+    assert wide.code == 0, wide.err
+    assert "changed the row filter" in wide.out and "reconcile --repair" not in wide.out, \
+        wide.out
+    json_run = cli(admin_narrow, "setup", "--json")  # the same line on stderr with --json
+    assert json_run.code == 0, json_run.err
+    assert "1 row(s) of crm.customers in the CRM pass the old filter" in json_run.err
+
+
 def _with(settings: Settings, **changes: Any) -> Settings:
     return dataclasses.replace(settings, **changes)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from service.demo.run import run_demo
+from service.demo.run import print_erp_summary, run_demo
 from tests.conftest import SyncEnv
 from tests.integration.cdc.test_slot_lost import lose_the_slot
 
@@ -70,3 +70,29 @@ def test_a_demo_run_again_after_its_slot_was_dropped_recovers_by_itself(
     # and that its open dead letters count the first run's too (its masked phone is one)
     assert "dead letters (open; earlier demo runs' included), and why:" in out, out
     assert "dead letters (open), and why:" in first, first
+
+
+def test_the_mapped_partners_sample_shows_each_generated_person_once(
+        sync_env: SyncEnv, capsys: pytest.CaptureFixture[str]) -> None:
+    # F10 (newcomer7): the generator is seeded, so every demo run writes the same people
+    # again under new CRM keys (1004, 1506, 2008, ...): distinct CRM rows, but a sample of
+    # five that shows one person five times reads as a duplication bug. One row per person.
+    with sync_env.erp() as erp:
+        for key, name, phone, extension in [
+                ("1004", "张三", "+8613812345678", "8001"),
+                ("1506", "张三", "+8613812345678", "8001"),
+                ("2008", "张三", "+8613812345678", "8001"),
+                ("7", "李四", "+8613912345678", None),
+                ("509", "李四", "+8613912345678", None),
+                ("8", "王五", "+8613712345678", None)]:
+            erp.execute(
+                "INSERT INTO erp.business_partners (crm_customer_id, full_name, gender_code, "
+                "phone_e164, phone_extension, province, district, source_lsn, source_seq, "
+                "event_id, crm_commit_time) VALUES (%s, %s, 'M', %s, %s, '北京市', '朝阳区', "
+                "1, 0, %s, now())", (key, name, phone, extension, f"e{key}"))
+    print_erp_summary(sync_env.settings, earlier_runs=True)
+    out = capsys.readouterr().out
+    sample = [line.split(":", 1)[0].strip() for line in out.splitlines()
+              if line.startswith("  CRM key ")]
+    assert sample == ["CRM key 1004", "CRM key 7", "CRM key 8"], out
+    assert "earlier demo runs" in out, out

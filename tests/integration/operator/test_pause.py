@@ -91,3 +91,46 @@ def test_resume_json_names_partitions_not_paused_as_not_paused(sync_env: SyncEnv
     assert done.json["not_paused"] == [f"{sales}[0]"]
     assert done.json["not_tripped"] == done.json["not_paused"]
     assert [p["partition_name"] for p in done.json["unpaused"]] == [f"{sales}[1]"]
+
+
+def test_pause_and_resume_json_list_every_partition_as_an_object(sync_env: SyncEnv,
+                                                                  cli: Cli) -> None:
+    # F10 (newcomer7): `already_paused` / `not_paused` were strings beside lists of objects.
+    # Each list is objects now (`unchanged`); the string lists stay, deprecated, for scripts.
+    sales = sync_env.settings.sales_topic
+    first = cli(sync_env.settings, "pause", "--partition", f"{sales}:1", "--reason", "t",
+                "--json")
+    assert first.code == 0, first.err
+    assert first.json["unchanged"] == []
+    again = cli(sync_env.settings, "pause", "--partition", f"{sales}:0", "--partition",
+                f"{sales}:1", "--reason", "t", "--json")
+    assert again.code == 0, again.err
+    assert [p["partition_name"] for p in again.json["paused"]] == [f"{sales}[0]"]
+    assert again.json["unchanged"] == [
+        {"topic": sales, "partition": 1, "partition_name": f"{sales}[1]"}]
+    assert again.json["already_paused"] == [f"{sales}[1]"]  # deprecated
+    done = cli(sync_env.settings, "resume", "--partition", f"{sales}:1", "--partition",
+               f"{sales}:2", "--reason", "t", "--json")
+    assert done.code == 0, done.err
+    assert done.json["unchanged"] == [
+        {"topic": sales, "partition": 2, "partition_name": f"{sales}[2]"}]
+    assert done.json["not_paused"] == done.json["not_tripped"] == [f"{sales}[2]"]
+    for lists in (again.json, done.json):
+        for name, items in lists.items():
+            if name not in ("already_paused", "not_paused", "not_tripped"):
+                assert all(isinstance(x, dict) for x in items), (name, items)
+
+
+def test_pause_and_resume_json_without_partitions_print_a_json_error(sync_env: SyncEnv,
+                                                                     cli: Cli) -> None:
+    # F10 (newcomer7): a usage error with --json was text on stderr only, stdout empty.
+    for command in ("pause", "resume"):
+        bare = cli(sync_env.settings, command, "--reason", "t", "--json")
+        assert bare.code == 2, (bare.out, bare.err)
+        said = f"{command}: name the partitions: --partition TOPIC:N ... or --all"
+        assert bare.json == {"error": said, "exit_code": 2}, bare.out
+        assert said in bare.err  # as without --json
+        wrong = cli(sync_env.settings, command, "--partition", "nope", "--reason", "t",
+                    "--json")
+        assert wrong.code == 2, (wrong.out, wrong.err)
+        assert wrong.json["error"].startswith("--partition: expected TOPIC:PARTITION"), wrong.out

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from service.erp.changes import ErpChange
 from service.erp.mappings import Mappings
-from service.errors import ConfigError
+from service.errors import ConfigError, ErpNotSetUp
 from service.pg import PgConn
 from service.settings import Settings
 
@@ -152,6 +152,12 @@ class ErpTarget(Protocol):
         position is stored) and ``deleted``, and ``record`` (a short text naming the
         record: id, state) where the table alone does not}. The rows hold personal data:
         for the operator's screen only."""
+        ...
+
+    def not_set_up(self, conn: PgConn) -> ErpNotSetUp | None:
+        """Why a consumer would refuse to start on this ERP (exit 2): a table or column of
+        this version that `setup` creates or adds is missing (an ERP set up by an older
+        version); None when nothing is. `status` names it. Reads only."""
         ...
 
     def unretired_extra(self, kind: str) -> str | None:

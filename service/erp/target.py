@@ -9,7 +9,8 @@ Two targets implement it (``CRM_ERP_SYNC_ERP_TARGET``):
   positions live in the sync-state database (README "Guarantees per target").
 
 The sync-state database is ``CRM_ERP_SYNC_ERP_DSN`` for both: ``sync.*`` (held events, dead
-letters, breaker) lives there; with the ``sql`` target the ``erp.*`` tables too.
+letters, breaker; ``service/erp/sync_schema.sql``) lives there; with the ``sql`` target the
+``erp.*`` tables too (`setup` creates them for that target only).
 """
 
 from __future__ import annotations

@@ -560,8 +560,9 @@ class CdcProducer:
         (a failover failing when it is needed): so it runs the read-only privilege checks
         of `setup --check` (``check_capture_privileges``: REPLICATION, SELECT on the
         captured tables, the producer's schema) before waiting, and raises PrivilegeMissing
-        naming the role, each object and its grant. The active producer needs no such
-        check: its start meets the same refusals at once, each named where it happens."""
+        naming the role, each object and its grant. The active producer is not checked
+        so (its start costs nothing more): it meets each refusal where it needs the grant,
+        named there."""
         failed = [c for c in check_capture_privileges(
             conn, tables=self.profile.tables,
             row_filters=any(e.row_filter is not None for e in self.profile.entities.values()))

@@ -65,8 +65,8 @@ def bench_sql(admin: str, customers: list[PartnerRow], headers: list[OrderHeader
     try:
         dsn = admin.rsplit("/", 1)[0] + f"/{db}"
         with psycopg.connect(dsn) as conn:
-            conn.execute(resources.files("service.erp").joinpath("schema.sql")
-                         .read_text("utf-8"))
+            for name in ("schema.sql", "sync_schema.sql"):  # the sql ERP, the sync state
+                conn.execute(resources.files("service.erp").joinpath(name).read_text("utf-8"))
             load_status_effects(conn, Mappings.load())
             conn.commit()
             with conn.transaction():

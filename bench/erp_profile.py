@@ -52,7 +52,8 @@ def private_erp(settings: Settings, server: str) -> Settings:
         conn.execute(f'CREATE DATABASE "{db}"')
     out = dataclasses.replace(settings, erp_dsn=f"{server.rsplit('/', 1)[0]}/{db}")
     with psycopg.connect(out.erp_dsn, autocommit=True) as conn:
-        conn.execute((REPO_ROOT / "service/erp/schema.sql").read_text(encoding="utf-8"))
+        for name in ("schema.sql", "sync_schema.sql"):  # the sql target's ERP, the sync state
+            conn.execute((REPO_ROOT / "service/erp" / name).read_text(encoding="utf-8"))
         conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
     return out
 

@@ -82,7 +82,9 @@ def setup_lines(settings: Settings, report: SetupReport) -> list[str]:
             + (f"; slot {settings.slot_name} exists" if report.slot_exists else
                f" (the producer creates its slot {settings.slot_name} when it first starts)"),
             *repair_lines(report),
-            "ERP: schema sync in place",
+            "ERP: schema sync in place" + (
+                "" if settings.erp_target == "sql" else
+                f" (ERP target {settings.erp_target}: no erp.* tables, the ERP is Tryton)"),
             *erp_upgrade_lines(report)]
 
 

@@ -30,19 +30,26 @@ class SetupReport:
 
 
 def ensure_erp_schema(settings: Settings) -> bool:
-    """Create or upgrade the ERP's schemas; True when it added ``erp.sales_orders.
-    total_amount`` to orders applied before (an upgrade: their totals are NULL until
-    re-read). Raises PrivilegeMissing when the ERP role may not create or alter them."""
+    """Create or upgrade the schemas in ``CRM_ERP_SYNC_ERP_DSN``: the sync state (``sync.*``,
+    ``sync_schema.sql``) for every target, and with the ``sql`` target its ERP (``erp.*``,
+    ``schema.sql``, first); another target's ERP is elsewhere (Tryton), so no ``erp.*``
+    table is made for it. True when it added ``erp.sales_orders.total_amount`` to orders
+    applied before (an upgrade: their totals are NULL until re-read). Raises
+    PrivilegeMissing when the ERP role may not create or alter them."""
+    sql_erp = settings.erp_target == "sql"
     with connect(settings.erp_dsn, "ERP") as conn, privileges_needed(
-            conn, "ERP", "create or upgrade the sync state schemas (sync, erp)",
+            conn, "ERP", "create or upgrade the sync state schemas (sync"
+            + (", erp)" if sql_erp else ")"),
             "run `crm-erp-sync setup` with an ERP role that owns them, or may create "
             "schemas in the database (the database's owner or an administrator)"):
         row = conn.execute(
             "SELECT to_regclass('erp.sales_orders') IS NOT NULL AND NOT EXISTS (SELECT 1 "
             "FROM pg_attribute WHERE attrelid = to_regclass('erp.sales_orders') AND "
             "attname = 'total_amount' AND NOT attisdropped)").fetchone()
-        conn.execute(resources.files("service.erp").joinpath("schema.sql").read_text("utf-8"))
-    return bool(row and row[0])
+        files = ("schema.sql", "sync_schema.sql") if sql_erp else ("sync_schema.sql",)
+        for name in files:
+            conn.execute(resources.files("service.erp").joinpath(name).read_text("utf-8"))
+    return sql_erp and bool(row and row[0])
 
 
 def ensure_demo_crm_schema(settings: Settings) -> bool:

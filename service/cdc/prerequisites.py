@@ -131,6 +131,33 @@ def check_prerequisites(
     return checks
 
 
+# The producer's own tables it writes whatever happens (its slot's state, snapshot progress,
+# watermarks); the others (contract violations, capture letters sent, truncates) only when
+# such a thing happens, and `setup --check` asks for them.
+CAPTURE_WRITES = (f"{OWN_SCHEMA}.capture_state", f"{OWN_SCHEMA}.snapshots", WATERMARK_TABLE)
+
+
+def check_capture_privileges(conn: psycopg.Connection[Any], *, tables: Sequence[str],
+                             row_filters: bool) -> list[Check]:
+    """The privilege checks of :func:`check_prerequisites` that a producer's start depends
+    on, for the connection's own role (``current_user``): REPLICATION, read access to each of
+    ``tables`` (``schema.table``; one that does not exist is left to the source contract),
+    and the producer's own schema: CREATE on the database and the schema, TEMPORARY only
+    with ``row_filters`` (the profile has some), and the ``CAPTURE_WRITES`` tables. What a
+    producer checks before it waits as a standby (a missing grant would otherwise surface
+    only when it takes over), never stricter than what its start needs. A handful of
+    catalog reads; raises ``psycopg.Error`` if the connection fails."""
+    role = _role(conn, None)
+    checks = [_check_role(role)]
+    for given in tables:
+        table = _table(conn, given)
+        if table is not None and table.kind in ("r", "p"):
+            checks.append(_check_read(conn, table, role))
+    checks.append(_check_own_schema(conn, role, temporary=row_filters,
+                                    writes=CAPTURE_WRITES))
+    return checks
+
+
 # ---- server --------------------------------------------------------------------------------
 def _check_wal_level(conn: psycopg.Connection[Any]) -> Check:
     level = _one(conn, "SELECT current_setting('wal_level')")
@@ -268,7 +295,9 @@ def _check_rls(tables: Sequence[_Table], role: _Role) -> Check:
         f"ALTER ROLE {q} BYPASSRLS;")
 
 
-def _check_own_schema(conn: psycopg.Connection[Any], role: _Role) -> Check:
+def _check_own_schema(conn: psycopg.Connection[Any], role: _Role, *,
+                      temporary: bool = True,
+                      writes: Sequence[str] | None = None) -> Check:
     """The producer declares its own schema (watermarks, snapshots) at every start:
     ``CREATE SCHEMA IF NOT EXISTS`` needs CREATE on the database even when the schema exists,
     and ``CREATE TABLE IF NOT EXISTS`` needs CREATE on the schema even when the table exists
@@ -277,7 +306,11 @@ def _check_own_schema(conn: psycopg.Connection[Any], role: _Role) -> Check:
     and deletes watermarks older than an hour after each snapshot chunk. It compares the
     profile's row filters with the publication's through a temporary table
     (``service.cdc.capture.normalised_filters``): TEMPORARY on the database (PUBLIC has it
-    unless revoked)."""
+    unless revoked).
+
+    ``temporary`` False: TEMPORARY is not asked for (a profile without row filters never
+    compares them). ``writes``: the tables (``schema.table``) the role must read and write
+    (SELECT, INSERT and UPDATE each), where they exist; None: every table of the schema."""
     row = conn.execute(
         "SELECT current_database(), has_database_privilege(%(r)s, current_database(), 'CREATE'),"
         " has_database_privilege(%(r)s, current_database(), 'TEMPORARY'),"
@@ -288,22 +321,33 @@ def _check_own_schema(conn: psycopg.Connection[Any], role: _Role) -> Check:
         "    FROM pg_class c WHERE c.relnamespace = to_regnamespace(%(s)s)"
         "     AND c.relkind = 'r'),"
         " CASE WHEN to_regclass(%(w)s) IS NOT NULL"
-        "      THEN has_table_privilege(%(r)s, to_regclass(%(w)s), 'DELETE') END",
-        {"r": role.name, "s": OWN_SCHEMA, "w": WATERMARK_TABLE}).fetchone()
+        "      THEN has_table_privilege(%(r)s, to_regclass(%(w)s), 'DELETE') END,"
+        # has_table_privilege with a list is true when ANY of them is held: one at a time
+        " ARRAY(SELECT t FROM unnest(%(t)s::text[]) WITH ORDINALITY AS u (t, n)"
+        "        WHERE to_regclass(t) IS NOT NULL AND NOT ("
+        "          has_table_privilege(%(r)s, to_regclass(t), 'SELECT')"
+        "          AND has_table_privilege(%(r)s, to_regclass(t), 'INSERT')"
+        "          AND has_table_privilege(%(r)s, to_regclass(t), 'UPDATE')) ORDER BY n)",
+        {"r": role.name, "s": OWN_SCHEMA, "w": WATERMARK_TABLE,
+         "t": list(writes or [])}).fetchone()
     assert row is not None
-    database, create, temporary, exists, usage, schema_create, tables_ok, prune_ok = row
+    (database, create, has_temporary, exists, usage, schema_create, tables_ok, prune_ok,
+     unwritable) = row
     name = f"producer schema {OWN_SCHEMA}"
     q = quote_ident(role.name)
     schema = quote_ident(OWN_SCHEMA)
     fixes = []
     if not create:
         fixes.append(f"GRANT CREATE ON DATABASE {quote_ident(database)} TO {q};")
-    if not temporary:
+    if temporary and not has_temporary:
         fixes.append(f"GRANT TEMPORARY ON DATABASE {quote_ident(database)} TO {q};")
     if exists and not (usage and schema_create):
         fixes.append(f"GRANT USAGE, CREATE ON SCHEMA {schema} TO {q};")
-    if exists and not (usage and tables_ok is not False):
+    if writes is None and exists and not (usage and tables_ok is not False):
         fixes.append(f"GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA {schema} TO {q};")
+    if writes is not None and unwritable:
+        listed = ", ".join(_regclass_text(t) for t in unwritable)
+        fixes.append(f"GRANT SELECT, INSERT, UPDATE ON TABLE {listed} TO {q};")
     if prune_ok is False:
         fixes.append(f"GRANT DELETE ON TABLE {schema}.{quote_ident('watermarks')} TO {q};")
     if not fixes:

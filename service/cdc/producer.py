@@ -70,6 +70,7 @@ from service.cdc.events import (
     split_key_change,
     truncate_event,
 )
+from service.cdc.prerequisites import check_capture_privileges
 from service.cdc.profile import EVENT_KIND, EntityMapping, SourceProfile, load_profile
 from service.cdc.source import ChangeSource, source_for
 from service.cdc.zone import crm_naive_zone
@@ -527,7 +528,10 @@ class CdcProducer:
 
     # ---- leadership -------------------------------------------------------------------
     def acquire_leadership(self, conn: PgConn, wait: bool = True) -> bool:
-        """Block until this process holds the capture lock (or stop() is called)."""
+        """Block until this process holds the capture lock (or stop() is called).
+
+        Before it waits as a standby, raises PrivilegeMissing (a ConfigError: exit 2) when
+        the CRM role lacks a grant capture needs (``_refuse_standby_without_grants``)."""
         waited = False
         while not self._stop.is_set():
             row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))",
@@ -543,12 +547,36 @@ class CdcProducer:
             if not wait:
                 return False
             if not waited:
+                self._refuse_standby_without_grants(conn)
                 log.info("standby", reason="another producer holds the capture lock")
                 self.metrics.active.set(0)
                 self.health.set_ready(True, "standby", role="standby")
             waited = True
             self._stop.wait(1.0)
         return False
+
+    def _refuse_standby_without_grants(self, conn: PgConn) -> None:
+        """A standby that lacks a grant would wait, ready, and fail only when it takes over
+        (a failover failing when it is needed): so it runs the read-only privilege checks
+        of `setup --check` (``check_capture_privileges``: REPLICATION, SELECT on the
+        captured tables, the producer's schema) before waiting, and raises PrivilegeMissing
+        naming the role, each object and its grant. The active producer is not checked
+        so (its start costs nothing more): it meets each refusal where it needs the grant,
+        named there."""
+        failed = [c for c in check_capture_privileges(
+            conn, tables=self.profile.tables,
+            row_filters=any(e.row_filter is not None for e in self.profile.entities.values()))
+            if not c.ok]
+        if not failed:
+            return
+        fixes = " ".join(line.strip() for c in failed if c.fix_sql
+                         for line in c.fix_sql.splitlines())
+        raise privilege_missing(
+            conn, "CRM", "take over capture from the producer that holds the capture lock "
+            "(checked before waiting as its standby; "
+            + "; ".join(f"{c.name}: {c.detail}" for c in failed) + ")",
+            f"{fixes} (`crm-erp-sync setup --check --role {{role_name}}` prints every "
+            "prerequisite)")
 
     # ---- setup ------------------------------------------------------------------------
     def ensure_slot(self, conn: PgConn) -> bool:

@@ -24,7 +24,7 @@ from service.erp.apply import (
 from service.erp.changes import ErpChange
 from service.erp.mappings import Mappings
 from service.erp.target import LastApplied, Outcome, Status
-from service.errors import ConfigError
+from service.errors import ConfigError, ErpNotSetUp
 from service.pg import PgConn
 from service.settings import Settings
 
@@ -98,6 +98,15 @@ class SqlTarget:
 
     def use_mappings(self, mappings: Mappings) -> None:
         self.mappings = mappings
+
+    def not_set_up(self, conn: PgConn) -> ErpNotSetUp | None:
+        """What ``attach`` refuses (``check_schema``: the ``erp.*`` tables, the columns
+        added since), without a mappings file."""
+        try:
+            check_schema(conn)
+        except ErpNotSetUp as exc:
+            return exc
+        return None
 
     def close(self) -> None:
         self._conn = None  # the connection is the caller's

@@ -9,7 +9,8 @@ Two targets implement it (``CRM_ERP_SYNC_ERP_TARGET``):
   positions live in the sync-state database (README "Guarantees per target").
 
 The sync-state database is ``CRM_ERP_SYNC_ERP_DSN`` for both: ``sync.*`` (held events, dead
-letters, breaker) lives there; with the ``sql`` target the ``erp.*`` tables too.
+letters, breaker; ``service/erp/sync_schema.sql``) lives there; with the ``sql`` target the
+``erp.*`` tables too (`setup` creates them for that target only).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, Protocol
 
 from service.erp.changes import ErpChange
 from service.erp.mappings import Mappings
-from service.errors import ConfigError
+from service.errors import ConfigError, ErpNotSetUp
 from service.pg import PgConn
 from service.settings import Settings
 
@@ -152,6 +153,12 @@ class ErpTarget(Protocol):
         position is stored) and ``deleted``, and ``record`` (a short text naming the
         record: id, state) where the table alone does not}. The rows hold personal data:
         for the operator's screen only."""
+        ...
+
+    def not_set_up(self, conn: PgConn) -> ErpNotSetUp | None:
+        """Why a consumer would refuse to start on this ERP (exit 2): a table or column of
+        this version that `setup` creates or adds is missing (an ERP set up by an older
+        version); None when nothing is. `status` names it. Reads only."""
         ...
 
     def unretired_extra(self, kind: str) -> str | None:

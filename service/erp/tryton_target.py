@@ -33,6 +33,7 @@ from service.erp.tryton import (
     line_sequence,
 )
 from service.erp.tryton_rpc import TrytonRPC
+from service.errors import ErpNotSetUp
 from service.pg import PgConn
 from service.settings import Settings
 
@@ -79,6 +80,11 @@ class TrytonErpTarget:
 
     def use_mappings(self, mappings: Mappings) -> None:
         """Nothing to keep: the changes arrive already mapped (units by UNIT_SYMBOLS)."""
+
+    def not_set_up(self, conn: PgConn) -> ErpNotSetUp | None:
+        """None: nothing of Tryton's is set up by `setup` (the consumer creates
+        ``tryton_positions`` itself)."""
+        return None
 
     def close(self) -> None:
         self.target.close()

@@ -37,6 +37,9 @@ Needs attention (exit 1) when any of:
   reported (count and the last one) without needing attention;
 - a running consumer refused the mappings file on its disk (it keeps the older version), or
   the running consumers apply different mappings versions (``sync.consumers``);
+- the ERP lacks a table or column of this version (``ErpTarget.not_set_up``: an ERP set up
+  before ``erp.sales_orders.total_amount`` existed): consumers refuse to start (exit 2) until
+  `crm-erp-sync setup` adds it; said as the reason when events wait and no consumer runs;
 - this process's source profile or mappings file is invalid (read by the loaders `produce`,
   `consume` and `config` use; the file and key are named): a producer or consumer started
   with it would refuse to start.
@@ -160,6 +163,9 @@ class Status:
     # pending snapshots, CRM transactions, truncates and the source contract are then
     # unknown (None / empty); the ERP's, the broker's and the group's parts are still there.
     crm_unreachable: str | None = None
+    # Why consumers refuse to start on this ERP (ErpTarget.not_set_up: a table or column
+    # `setup` adds is missing), None when nothing is.
+    erp_not_set_up: str | None = None
 
     @property
     def total_lag(self) -> int:
@@ -424,6 +430,7 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         target = make_target(settings, None)
         try:
             last = target.last_applied(erp)
+            not_set_up = target.not_set_up(erp)
         finally:
             target.close()
     status = Status(
@@ -434,6 +441,7 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         members=[] if broker_down else merge_members(
             listed, reported, alive_s=max(30.0, 3 * settings.membership_check_s)),
         broker_unreachable=broker_down, crm_unreachable=crm_down,
+        erp_not_set_up=None if not_set_up is None else not_set_up.problem,
         dead_letters_by_field=by_field, paused=paused, truncates=truncates,
         contract_violations=violations,
         capture_letters=[{k: v for k, v in c.items() if k != "total"} for c in capture],
@@ -475,6 +483,8 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
     if crm_down:
         status.attention.append(crm_down)
     status.attention.extend(config_problems)
+    if status.erp_not_set_up is not None:
+        status.attention.append(f"consumers refuse to start (exit 2): {status.erp_not_set_up}")
     for t in truncates["stopped"]:
         status.attention.append(
             f"capture STOPPED before TRUNCATE of {t['table']} (commit LSN {t['commit_lsn']}, "
@@ -503,8 +513,10 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
     if broker_down:
         pass  # lag and members unknown: said once above
     elif not any(m.in_group for m in status.members) and status.total_lag > 0:
-        status.attention.append(f"{status.total_lag} event(s) wait but group "
-                                f"{settings.consumer_group} has no member: start a consumer")
+        status.attention.append(
+            f"{status.total_lag} event(s) wait but group {settings.consumer_group} has no "
+            "member: " + ("start a consumer" if status.erp_not_set_up is None else
+                          "consumers cannot start until `crm-erp-sync setup` has run (above)"))
     elif status.total_lag > 0 and listed and reports_kept and not consumers and not closed:
         # In the group (kafka-python's heartbeat thread keeps it there) but no consumer's loop
         # has reported: each reports every few seconds between batches.

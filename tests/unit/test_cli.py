@@ -216,6 +216,21 @@ def test_setup_says_what_it_created_and_what_was_there() -> None:
     assert "creates its slot" in again[1]
 
 
+def test_setup_says_the_tryton_target_gets_no_erp_tables() -> None:
+    import dataclasses
+
+    from service.cli import setup_lines
+    from service.settings import Settings
+    from service.setup import SetupReport
+
+    sql = setup_lines(Settings(), SetupReport([], False))
+    assert sql[-1] == "ERP: schema sync in place"
+    tryton = setup_lines(dataclasses.replace(Settings(), erp_target="tryton"),
+                         SetupReport([], False))
+    assert tryton[-1] == ("ERP: schema sync in place (ERP target tryton: no erp.* tables, "
+                          "the ERP is Tryton)")
+
+
 def test_setup_does_not_promise_a_slot_that_exists() -> None:
     # A second `setup`, after the producer ran, said "(the producer creates its slot ...
     # when it first starts)" although the slot was there.

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from service import ops
+from service.avro import SchemaRegistry
+from service.cdc.producer import CdcProducer
 from service.cdc.profile import PROFILES_DIR
 from service.demo.load import load_demo
 from service.erp.mappings import Mappings
@@ -141,3 +143,39 @@ def test_setup_says_it_added_the_total_column_and_what_the_old_orders_need(
     assert "reconcile --repair --entity orders" in upgraded.out
     again = cli(sync_env.settings, "setup")  # nothing added the second time
     assert again.code == 0 and "added erp.sales_orders" not in again.out, again.out
+
+
+def test_status_names_the_missing_total_column_as_why_no_consumer_runs(
+        sync_env: SyncEnv, cli: Cli) -> None:
+    # newcomer7 F6: consumers refused such an ERP (exit 2), and status said only "N event(s)
+    # wait but group G has no member: start a consumer".
+    with sync_env.erp() as erp:
+        erp.execute("ALTER TABLE erp.sales_orders DROP COLUMN total_amount")
+    with sync_env.crm() as crm:
+        crm.execute("INSERT INTO crm.customers (family_name, given_name, phone) VALUES "
+                    "('张', '三', '13800005678')")
+    CdcProducer(sync_env.settings, SchemaRegistry.load(sync_env.settings.schemas_dir)).run(
+        until_idle=True)  # events wait, no consumer can take them
+
+    said = cli(sync_env.settings, "status", "--json")
+    assert said.code == 1, said.out
+    refusal = ("the ERP database has no erp.sales_orders.total_amount column: run "
+               "`crm-erp-sync setup`")
+    assert said.json["erp_not_set_up"].startswith(refusal), said.json
+    attention = said.json["attention"]
+    assert any(a.startswith(f"consumers refuse to start (exit 2): {refusal}")
+               for a in attention), attention
+    assert any("event(s) wait but group" in a and "has no member: consumers cannot start "
+               "until `crm-erp-sync setup` has run" in a for a in attention), attention
+    assert not any("start a consumer" in a for a in attention), attention
+    assert not said.json["ok"]
+    text = cli(sync_env.settings, "status")
+    assert text.code == 1 and text.out.rstrip().splitlines()[-1] != "OK", text.out
+    assert f"consumers refuse to start (exit 2): {refusal}" in text.out
+
+    assert cli(sync_env.settings, "setup").code == 0
+    after = cli(sync_env.settings, "status", "--json")
+    assert after.json["erp_not_set_up"] is None
+    assert not any("consumers" in a and "start" in a and "exit 2" in a
+                   for a in after.json["attention"]), after.json["attention"]
+    assert any("has no member: start a consumer" in a for a in after.json["attention"])

@@ -6,16 +6,23 @@ role whose schema `setup` had made as the administrator."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
 
+from service.cdc.producer import lock_key
 from service.demo.bottlecrm import Role
 from service.exit_codes import OK as EXIT_OK
 from service.exit_codes import USAGE as EXIT_USAGE
 from tests.conftest import SyncEnv
+from tests.helpers import settings_env, wait_until
 from tests.integration.conftest import Cli
 
 pytestmark = pytest.mark.timeout(300)
@@ -144,3 +151,77 @@ def test_the_producer_without_create_on_the_database_names_that_grant_not_the_sc
         admin.execute(grant)
     started = cli(as_role, "produce", "--until-idle")
     assert started.code == EXIT_OK, started.err
+
+
+def test_a_standby_without_a_grant_exits_at_start_naming_it_rather_than_waiting(
+        sync_env: SyncEnv, cdc_role: Role, tmp_path: Path) -> None:
+    # newcomer7 F4: a standby lacking grants logged `standby`, was ready, and failed (exit 2)
+    # only when the active producer stopped: a failover that fails when it is needed.
+    # The active producer's capture lock is held here by a session of its own.
+    database = psycopg.conninfo.conninfo_to_dict(sync_env.settings.crm_dsn)["dbname"]
+    with sync_env.crm() as admin:
+        admin.execute(f"REVOKE SELECT ON crm.order_lines FROM {cdc_role.name}")
+        admin.execute(f'REVOKE CREATE ON DATABASE "{database}" FROM {cdc_role.name}')
+    as_role = sync_env.with_(crm_dsn=cdc_role.dsn(sync_env.settings.crm_dsn))
+    env = {**os.environ, **settings_env(as_role)}
+
+    def produce(name: str) -> tuple[subprocess.Popen[bytes], Path]:
+        out = tmp_path / f"{name}.log"
+        with out.open("wb") as log:
+            return subprocess.Popen([sys.executable, "-m", "service.cli", "produce"], env=env,
+                                    stdout=log, stderr=subprocess.STDOUT), out
+
+    with sync_env.crm() as active:
+        active.execute("SELECT pg_advisory_lock(hashtext(%s))", (lock_key(as_role.slot_name),))
+        refused, out = produce("refused")
+        try:
+            code = refused.wait(timeout=60)  # the old code waited here, ready, for ever
+        except subprocess.TimeoutExpired:
+            refused.kill()
+            refused.wait()
+            raise AssertionError("the standby waited for the lock instead of exiting: "
+                                 + out.read_text("utf-8")[-2000:]) from None
+        said = out.read_text("utf-8")
+        assert code == EXIT_USAGE, said
+        q = f'"{cdc_role.name}"'
+        grants = [f'GRANT SELECT ON TABLE "crm"."order_lines" TO {q};',
+                  f'GRANT CREATE ON DATABASE "{database}" TO {q};',
+                  f'GRANT USAGE, CREATE ON SCHEMA "crm_erp_sync" TO {q};',
+                  f'GRANT DELETE ON TABLE "crm_erp_sync"."watermarks" TO {q};']
+        assert (f"crm-erp-sync: CRM_ERP_SYNC_CRM_DSN: the CRM role {cdc_role.name} cannot take "
+                "over capture from the producer that holds the capture lock (checked before "
+                "waiting as its standby; read access crm.order_lines: ") in said
+        assert f"): {' '.join(grants)} (`crm-erp-sync setup --check --role {cdc_role.name}`" \
+            in said
+        assert '"event": "standby"' not in said and "Traceback" not in said, said
+
+        with sync_env.crm() as admin:  # exactly the printed grants
+            for grant in grants:
+                admin.execute(grant)
+            # and no more than the start needs: TEMPORARY only compares row filters (the
+            # demo profile has none), and tables written only when a contract breaks, a
+            # capture letter is sent or a TRUNCATE is met are `setup --check`'s to ask for
+            admin.execute(f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC')
+            admin.execute(f"REVOKE ALL ON crm_erp_sync.contract_violations, "
+                          f"crm_erp_sync.capture_letters_sent, crm_erp_sync.truncates "
+                          f"FROM {cdc_role.name}")
+        standby, out = produce("standby")
+        try:
+            wait_until(lambda: '"event": "standby"' in out.read_text("utf-8")
+                       or standby.poll() is not None, timeout=60, message="the standby")
+            assert standby.poll() is None, out.read_text("utf-8")
+            active.execute("SELECT pg_advisory_unlock(hashtext(%s))",
+                           (lock_key(as_role.slot_name),))
+            wait_until(lambda: '"event": "capture_lock_acquired"' in out.read_text("utf-8")
+                       or standby.poll() is not None, timeout=60, message="the takeover")
+            wait_until(lambda: '"event": "slot_created"' in out.read_text("utf-8")
+                       or standby.poll() is not None, timeout=60, message="capture started")
+            assert standby.poll() is None, out.read_text("utf-8")
+        finally:
+            standby.send_signal(signal.SIGTERM)
+            try:
+                standby.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                standby.kill()
+                standby.wait()
+        assert standby.returncode == EXIT_OK, out.read_text("utf-8")[-2000:]

@@ -317,12 +317,14 @@ def _check_own_schema(conn: psycopg.Connection[Any], role: _Role, *,
         " to_regnamespace(%(s)s) IS NOT NULL,"
         " coalesce(has_schema_privilege(%(r)s, to_regnamespace(%(s)s), 'USAGE'), false),"
         " coalesce(has_schema_privilege(%(r)s, to_regnamespace(%(s)s), 'CREATE'), false),"
-        " (SELECT bool_and(has_table_privilege(%(r)s, c.oid, 'SELECT, INSERT, UPDATE'))"
+        # has_table_privilege with a list is true when ANY of them is held: one at a time
+        " (SELECT bool_and(has_table_privilege(%(r)s, c.oid, 'SELECT')"
+        "                  AND has_table_privilege(%(r)s, c.oid, 'INSERT')"
+        "                  AND has_table_privilege(%(r)s, c.oid, 'UPDATE'))"
         "    FROM pg_class c WHERE c.relnamespace = to_regnamespace(%(s)s)"
         "     AND c.relkind = 'r'),"
         " CASE WHEN to_regclass(%(w)s) IS NOT NULL"
         "      THEN has_table_privilege(%(r)s, to_regclass(%(w)s), 'DELETE') END,"
-        # has_table_privilege with a list is true when ANY of them is held: one at a time
         " ARRAY(SELECT t FROM unnest(%(t)s::text[]) WITH ORDINALITY AS u (t, n)"
         "        WHERE to_regclass(t) IS NOT NULL AND NOT ("
         "          has_table_privilege(%(r)s, to_regclass(t), 'SELECT')"

@@ -130,6 +130,29 @@ def test_setup_as_a_role_without_create_on_the_database_names_the_grants(
             "`crm-erp-sync setup` as an administrator") in refused.err
 
 
+def test_setup_check_asks_for_each_write_on_the_producers_tables_not_any_one(
+        sync_env: SyncEnv, cdc_role: Role, cli: Cli) -> None:
+    # standbyfix: has_table_privilege(role, table, 'SELECT, INSERT, UPDATE') is true when ANY
+    # of them is held, so a role that could only read the producer's tables passed the check
+    # and the producer then failed on its first write.
+    with sync_env.crm() as admin:
+        admin.execute(f"GRANT USAGE, CREATE ON SCHEMA crm_erp_sync TO {cdc_role.name}")
+        admin.execute(f"GRANT DELETE ON crm_erp_sync.watermarks TO {cdc_role.name}")
+        admin.execute(f"REVOKE INSERT, UPDATE ON ALL TABLES IN SCHEMA crm_erp_sync "
+                      f"FROM {cdc_role.name}")
+
+    found = cli(sync_env.settings, "setup", "--check", "--role", cdc_role.name)
+
+    assert found.code != EXIT_OK, found.out
+    grant = (f'GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA "crm_erp_sync" TO '
+             f'"{cdc_role.name}";')
+    assert grant in found.out, found.out
+    with sync_env.crm() as admin:  # exactly the printed grant
+        admin.execute(grant)
+    again = cli(sync_env.settings, "setup", "--check", "--role", cdc_role.name)
+    assert grant not in again.out and "producer schema crm_erp_sync" in again.out, again.out
+
+
 def test_the_producer_without_create_on_the_database_names_that_grant_not_the_schema_one(
         sync_env: SyncEnv, cdc_role: Role, cli: Cli) -> None:
     # newcomer7: a role with USAGE, CREATE on the producer's schema but no CREATE on the

@@ -324,6 +324,22 @@ def make_admin(settings: Settings) -> KafkaAdminClient:
         return KafkaAdminClient(**security_options(settings), client_id="crm-erp-sync-admin")
 
 
+def missing_topics(settings: Settings, existing: set[str]) -> list[tuple[str, str]]:
+    """(variable, problem) for each topic a consumer needs (sales, market demand, dead
+    letters) that is not in ``existing`` (the broker's topic names): the broker never creates
+    one by itself (``auto.create.topics.enable=false``), so a typo in a topic setting or a
+    deleted topic would otherwise look like an empty topic that is always "caught up" (or,
+    for the dead-letter topic, like a broker that never answers). Empty when all exist."""
+    wanted = (("sales_topic", "the customer and order events"),
+              ("market_topic", "the market-demand events"),
+              ("dlq_topic", "where dead letters are written"))
+    return [(settings.env_var(name),
+             f"topic {getattr(settings, name)!r} ({what}) does not exist on the broker "
+             f"{settings.kafka_bootstrap}: run `crm-erp-sync setup` (it creates the topics), "
+             "or correct the name")
+            for name, what in wanted if getattr(settings, name) not in existing]
+
+
 def ensure_topics(settings: Settings) -> list[str]:
     """Create the service's topics if missing; returns those created. Never auto-created."""
     wanted = {

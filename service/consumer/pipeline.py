@@ -54,7 +54,12 @@ from service.errors import (
 )
 from service.faults import transient
 from service.health import Health, serve
-from service.kafka_io import close_producer, make_consumer, make_producer
+from service.kafka_io import (
+    close_producer,
+    make_consumer,
+    make_producer,
+    missing_topics,
+)
 from service.metrics import UNKNOWN_KIND, ConsumerMetrics
 from service.pg import PgConn
 from service.settings import Settings
@@ -967,6 +972,19 @@ class ErpConsumer:
     def stop(self) -> None:
         self._stop.set()
 
+    def _check_topics(self) -> None:
+        """Raises ConfigError naming each topic setting whose topic the broker does not have.
+        A broker that does not answer the metadata request now is not judged here: the loop
+        retries it as any transient failure."""
+        try:
+            existing = set(self.consumer.topics())
+        except KafkaError:
+            return
+        problems = missing_topics(self.settings, existing)
+        if problems:
+            (variable, problem), *more = problems
+            raise ConfigError(variable, problem, more)
+
     def _pipeline(self) -> Stage:
         # One CommitOffsets for the consumer's life: a pipeline rebuilt for new mappings
         # keeps the offsets still pending.
@@ -986,7 +1004,8 @@ class ErpConsumer:
         end offset as seen at start (``stats.caught_up``), or when only partitions paused by
         the circuit breaker are left (``stats.blocked`` names them).
 
-        Raises ConfigError (bad ERP credentials, missing database) and StackUnavailable
+        Raises ConfigError (bad ERP credentials, missing database, a topic setting naming
+        no topic on the broker) and StackUnavailable
         (broker unreachable at start); transient failures are retried, never raised."""
         http = serve(self.settings, self.health)
         try:
@@ -994,6 +1013,13 @@ class ErpConsumer:
                                           self.settings.market_topic,
                                           client_id=self.membership.client_id)
         except StackUnavailable:
+            if http is not None:
+                http.close()
+            raise
+        try:
+            self._check_topics()
+        except ConfigError:
+            self.consumer.close(autocommit=False)
             if http is not None:
                 http.close()
             raise

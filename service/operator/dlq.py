@@ -169,9 +169,12 @@ def known_fields(conn: PgConn, settings: Settings) -> list[str]:
 
     fields = set(_OTHER_MAPPING_FIELDS)
     for entity in load_profile(settings.source_profile).entities.values():
-        fields |= set(entity.fields)
-        if entity.order_column is not None:  # an order line: named inside its order
+        if entity.order_column is not None:
+            # An order line: its letters name the field inside its order, always as
+            # lines.<field>; the bare name would be accepted and match nothing.
             fields |= {f"lines.{f}" for f in entity.fields}
+        else:
+            fields |= set(entity.fields)
     recorded = conn.execute("SELECT DISTINCT split_part(error_message, ': ', 1) "
                             "FROM sync.dead_letters WHERE error_class = 'MappingError'"
                             ).fetchall()

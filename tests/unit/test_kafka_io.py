@@ -13,6 +13,7 @@ from service.kafka_io import (
     PARTITION_FETCH_BYTES,
     KeyedPartitioner,
     consumer_options,
+    missing_topics,
     producer_options,
 )
 from service.settings import Settings
@@ -143,3 +144,16 @@ def test_a_timeout_with_nothing_listening_is_still_unreachable() -> None:
     with pytest.raises(StackUnavailable, match=r"127\.0\.0\.1:1 is unreachable"), \
             _building(_sasl_settings()):
         raise KafkaTimeoutError("Unable to bootstrap")
+
+
+def test_every_topic_setting_naming_no_topic_on_the_broker_is_named_with_setup_as_the_fix(
+        ) -> None:
+    settings = Settings(sales_topic="s", market_topic="m", dlq_topic="d",
+                        kafka_bootstrap="b:9092")
+    assert missing_topics(settings, {"s", "m", "d", "other"}) == []
+    problems = missing_topics(settings, {"m"})
+    assert [variable for variable, _ in problems] == ["CRM_ERP_SYNC_SALES_TOPIC",
+                                                      "CRM_ERP_SYNC_DLQ_TOPIC"]
+    assert all("does not exist on the broker b:9092" in p and "crm-erp-sync setup" in p
+               for _, p in problems)
+    assert "'s'" in problems[0][1] and "'d'" in problems[1][1]

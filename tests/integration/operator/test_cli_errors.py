@@ -174,3 +174,22 @@ def test_a_consumer_on_a_new_erp_database_says_to_run_setup_on_it(sync_env: Sync
     finally:
         with psycopg.connect(sync_env.stack.admin_dsn, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_consume_refuses_topic_settings_that_name_no_topic(sync_env: SyncEnv, cli: Cli) -> None:
+    """A typo in a topic setting (or a topic deleted) is a configuration error naming the
+    variable, exit 2: before, `consume --until-caught-up` with no sales topic applied nothing
+    and exited 0 "caught up", and with no dead-letter topic it hung on the first letter
+    saying the broker was unreachable (newcomer8)."""
+    typo = sync_env.with_(sales_topic=f"{sync_env.settings.sales_topic}-typo",
+                          dlq_topic=f"{sync_env.settings.dlq_topic}-typo")
+    started = time.monotonic()
+    done = cli(typo, "consume", "--until-caught-up")
+    assert done.code == 2, (done.out, done.err)
+    assert f"CRM_ERP_SYNC_SALES_TOPIC: topic '{typo.sales_topic}'" in done.err, done.err
+    assert f"CRM_ERP_SYNC_DLQ_TOPIC: topic '{typo.dlq_topic}'" in done.err, done.err
+    assert "does not exist on the broker" in done.err and "crm-erp-sync setup" in done.err
+    assert "CRM_ERP_SYNC_MARKET_TOPIC" not in done.err  # that one exists
+    assert "unexpected_error" not in done.err and "Traceback" not in done.err
+    assert time.monotonic() - started < 60
+    assert cli(sync_env.settings, "consume", "--until-caught-up").code == 0  # the real names

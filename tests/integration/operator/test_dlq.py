@@ -78,6 +78,11 @@ def test_redrive_after_a_mapping_fix_then_discard(sync_env: SyncEnv, cli: Cli,
     assert [d["dead_letter_id"] for d in cli(s_bad, "dlq", "list", "--field", "lines.product_code",
                                              "--json").json] == [order_id]
     assert cli(s_bad, "dlq", "redrive", "--field", "phone", "--dry-run").code == 1
+    # a line's field is only ever named inside its order: the bare name is a typo, not an
+    # empty filter ("Nothing to redrive", exit 0, while the letter waits; newcomer8)
+    bare = cli(s_bad, "dlq", "redrive", "--field", "product_code", "--dry-run")
+    assert bare.code == 2, (bare.out, bare.err)
+    assert "did you mean 'lines.product_code'?" in bare.err, bare.err
     with sync_env.erp() as erp:
         assert erp.execute("SELECT count(*) FROM sync.held_events WHERE reason = 'key_blocked'"
                            ).fetchone() == (2,)

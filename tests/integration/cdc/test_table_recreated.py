@@ -125,3 +125,26 @@ def test_reconcile_of_an_entity_the_profile_does_not_capture_counts_the_erp_rows
     report = cli(without, "reconcile", "--entity", "demand", "--json")
     [entity] = report.json["entities"]
     assert (entity["captured"], entity["crm_rows"], entity["erp_rows"]) == (False, 0, 1)
+
+
+def test_a_table_recreated_while_the_producer_was_down_is_named_at_its_next_start(
+        sync_env: SyncEnv, cli: Cli) -> None:
+    """No contract break ever seen: the producer finds the new table (out of the
+    publication) at start, adds it back, re-snapshots it, and records the re-creation."""
+    with watched(sync_env), sync_env.crm() as crm:
+        old = _insert(crm, "crm.market_demand", kind="市场趋势", product_category="手机",
+                      content="5G手机市场增长迅速", observed_at="2023-01-01T00:00:00Z")
+        wait_until(lambda: old in _live_demands(sync_env), timeout=60, message="the demand")
+    with sync_env.crm() as crm:
+        crm.execute("DROP TABLE crm.market_demand")
+        for statement in MARKET_DEMAND_DDL:
+            crm.execute(statement)
+        new = _insert(crm, "crm.market_demand", demand_id=old + 100, kind="市场趋势",
+                      product_category="电子产品", content="x",
+                      observed_at="2023-01-03T00:00:00Z")
+    with watched(sync_env):
+        wait_until(lambda: new in _live_demands(sync_env), timeout=120,
+                   message="the re-created table snapshotted at start")
+        assert old in _live_demands(sync_env)
+        [line] = _recreated_lines(cli, sync_env)
+        assert "`crm-erp-sync reconcile --repair --entity demand`" in line, line

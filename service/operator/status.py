@@ -92,7 +92,7 @@ from service.kafka_io import make_admin
 from service.operator.breaker import BreakerTrip, open_trips
 from service.operator.common import BROKER_CHECK_S as BROKER_CHECK_S  # documented here
 from service.operator.common import broker_consumer, connect
-from service.operator.reconcile import entity_of_table
+from service.operator.reconcile import ENTITIES, entity_of_table
 from service.operator.render import when
 from service.ops import (
     PartitionLag,
@@ -167,7 +167,7 @@ class Status:
     # "applied" (sync.truncations in the ERP: per entity, truncates applied, rows marked)
     truncates: dict[str, Any] = field(default_factory=dict)
     # Captured tables dropped and re-created whose entity no reconcile has checked since:
-    # table, recreated_at, entity (the reconcile entity; None: the table feeds none).
+    # table, recreated_at, entity (the reconcile entity; None: the profile is unreadable).
     recreated_tables: list[dict[str, Any]] = field(default_factory=list)
     attention: list[str] = field(default_factory=list)
     # Why the broker could not be asked (None: it answered): lag and members are then unknown
@@ -344,7 +344,8 @@ def _recreated(settings: Settings) -> list[dict[str, Any]]:
         profile = None
     for row in rows:
         row["entity"] = None if profile is None else entity_of_table(profile, row["table"])
-    return rows
+    # A table that feeds no entity (products: references only) leaves no ERP rows of its own.
+    return [r for r in rows if profile is None or r["entity"] is not None]
 
 
 def unchecked_recreations(recreated: list[dict[str, Any]],
@@ -353,7 +354,7 @@ def unchecked_recreations(recreated: list[dict[str, Any]],
     """The re-created tables (``_recreated``) no reconcile has cleared: a run (``runs``:
     ``sync.reconcile_runs``' finished_at, entities, counts) that finished after the
     re-creation, checked the table's entity and left no extra ERP row of it (after a repair:
-    what remained). A table that feeds no reconcile entity is kept (named without one)."""
+    what remained). A table whose entity is unknown (the profile unreadable) is kept."""
     def cleared(row: dict[str, Any]) -> bool:
         entity = row["entity"]
         return entity is not None and any(
@@ -364,7 +365,8 @@ def unchecked_recreations(recreated: list[dict[str, Any]],
 
 
 def recreated_line(row: dict[str, Any]) -> str:
-    """The NEEDS ATTENTION line of one re-created table (``unchecked_recreations``)."""
+    """The NEEDS ATTENTION line of one re-created table (``unchecked_recreations``; entity
+    None: the profile unreadable, so the whole reconcile is named)."""
     entity = row["entity"]
     how = (f"`crm-erp-sync reconcile --repair --entity {entity}` (this line stays until a "
            f"reconcile of {entity} finds no extra ERP row)" if entity is not None else
@@ -499,6 +501,9 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
             "WHERE d.topic = h.topic AND d.msg_key IS NOT DISTINCT FROM h.msg_key "
             "AND d.state IN ('open', 'failed_again'))").fetchone()
         target = make_target(settings, None)
+        # an entity the ERP target does not keep (tryton: demand) has no rows left live there
+        recreated = [r for r in recreated
+                     if r["entity"] is None or ENTITIES[r["entity"]].source in target.kinds]
         try:
             last = target.last_applied(erp)
             not_set_up = target.not_set_up(erp)

@@ -38,7 +38,7 @@ def test_only_a_later_run_of_the_entity_without_extra_rows_clears_the_line() -> 
     assert unchecked_recreations([_row()], [(later, ["demand"], {})]) == [_row()]
     assert unchecked_recreations([_row()], [(later, ["demand"], {"demand": {"extra": 2}}),
                                             (later, ["demand"], clean)]) == []
-    # a table that feeds no reconcile entity stays named (nothing can say it was checked)
+    # the profile unreadable: the entity unknown, nothing can say it was checked
     assert unchecked_recreations([_row(None)], [(later, ["demand"], clean)]) == [_row(None)]
 
 

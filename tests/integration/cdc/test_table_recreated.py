@@ -148,3 +148,29 @@ def test_a_table_recreated_while_the_producer_was_down_is_named_at_its_next_star
         assert old in _live_demands(sync_env)
         [line] = _recreated_lines(cli, sync_env)
         assert "`crm-erp-sync reconcile --repair --entity demand`" in line, line
+
+
+def test_a_table_dropped_and_recreated_in_one_transaction_is_named_too(
+        sync_env: SyncEnv, cli: Cli) -> None:
+    """A migration script's DROP + CREATE in one transaction: the table is never missing
+    when the producer looks, the contract never breaks; the publication repair that adds
+    the new table back records the re-creation."""
+    with watched(sync_env) as (_producer, logs), sync_env.crm() as crm:
+        old = _insert(crm, "crm.market_demand", kind="市场趋势", product_category="手机",
+                      content="5G手机市场增长迅速", observed_at="2023-01-01T00:00:00Z")
+        wait_until(lambda: old in _live_demands(sync_env), timeout=60, message="the demand")
+        with crm.transaction():
+            crm.execute("DROP TABLE crm.market_demand")
+            for statement in MARKET_DEMAND_DDL:
+                crm.execute(statement)
+        new = _insert(crm, "crm.market_demand", demand_id=old + 100, kind="市场趋势",
+                      product_category="电子产品", content="x",
+                      observed_at="2023-01-03T00:00:00Z")
+        wait_until(lambda: new in _live_demands(sync_env), timeout=120,
+                   message="the re-created table added back and snapshotted")
+        events = [e["event"] for e in logs]
+        assert "source_contract_broken" not in events
+        assert "publication_repaired" in events and "captured_table_recreated" in events
+        assert old in _live_demands(sync_env)
+        [line] = _recreated_lines(cli, sync_env)
+        assert "`crm-erp-sync reconcile --repair --entity demand`" in line, line

@@ -119,6 +119,56 @@ CREATE TABLE IF NOT EXISTS {LETTERS_SENT_TABLE} (
 );
 """
 
+# Which table (by OID) the producer last captured under each captured table's name: a DROP
+# TABLE and a CREATE TABLE of the same name is a new OID. The new table is re-added to the
+# publication and re-snapshotted, but the rows dropped with the old one produced no delete
+# events (a TRUNCATE in effect, without its event): they stay live in the ERP until
+# `crm-erp-sync reconcile --repair`. ``recreated_at`` is when the producer first saw the new
+# table; `status` names it until a reconcile of its entity found no extra ERP row after it.
+# Renames and revoked grants keep the OID: not a re-creation.
+CAPTURED_TABLES = f"{OWN_SCHEMA}.captured_tables"
+OWN_DDL += f"""
+CREATE TABLE IF NOT EXISTS {CAPTURED_TABLES} (
+    slot_name    text NOT NULL,
+    table_name   text NOT NULL,
+    table_oid    oid NOT NULL,
+    seen_at      timestamptz NOT NULL DEFAULT now(),
+    previous_oid oid,
+    recreated_at timestamptz,
+    PRIMARY KEY (slot_name, table_name)
+);
+"""
+
+
+def note_table_identities(conn: psycopg.Connection[Any], slot: str,
+                          tables: Sequence[str]) -> list[str]:
+    """Record the OID of each of ``tables`` (``schema.table``; one that does not exist now
+    is left as it was) for ``slot`` in ``crm_erp_sync.captured_tables``; returns the tables
+    whose OID changed since last recorded (dropped and re-created), in ``tables``' order.
+    A table seen for the first time is recorded, not returned. One statement; raises
+    ``psycopg.Error`` (InsufficientPrivilege without INSERT/UPDATE on the table)."""
+    with conn.transaction():
+        rows = conn.execute(
+            f"INSERT INTO {CAPTURED_TABLES} AS c (slot_name, table_name, table_oid) "
+            "SELECT %s, t, to_regclass(t)::oid FROM unnest(%s::text[]) AS t "
+            "WHERE to_regclass(t) IS NOT NULL "
+            "ON CONFLICT (slot_name, table_name) DO UPDATE SET previous_oid = c.table_oid, "
+            "table_oid = excluded.table_oid, recreated_at = now(), seen_at = now() "
+            "WHERE c.table_oid <> excluded.table_oid "
+            "RETURNING table_name, recreated_at IS NOT NULL", (slot, list(tables))).fetchall()
+    changed = {t for t, recreated in rows if recreated}
+    return [t for t in tables if t in changed]
+
+
+def recreated_tables(conn: psycopg.Connection[Any], slot: str) -> list[dict[str, Any]]:
+    """The captured tables ``slot``'s producer saw dropped and re-created, newest
+    re-creation of each: ``[{"table": "crm.market_demand", "recreated_at": datetime}]``,
+    oldest first. Raises ``psycopg.errors.UndefinedTable`` before a producer of this version
+    declared the table."""
+    return [{"table": t, "recreated_at": at} for t, at in conn.execute(
+        f"SELECT table_name, recreated_at FROM {CAPTURED_TABLES} WHERE slot_name = %s "
+        "AND recreated_at IS NOT NULL ORDER BY recreated_at, table_name", (slot,)).fetchall()]
+
 
 @dataclass(frozen=True)
 class Column:

@@ -35,6 +35,7 @@ from service import pg
 from service.avro import SchemaRegistry
 from service.cdc import contract, pgoutput, slot_guard
 from service.cdc.capture import (
+    CAPTURED_TABLES,
     CONTRACT_DDL,
     CONTRACT_TABLE,
     LETTERS_SENT_TABLE,
@@ -46,6 +47,7 @@ from service.cdc.capture import (
     ensure_capture_objects,
     lines_query,
     normalised_filters,
+    note_table_identities,
     publication_drift,
     read_table_info,
     repair_publication,
@@ -940,6 +942,28 @@ class CdcProducer:
         self._broken = None
         self._contract_delays = RetryPolicy.RECONNECT.delays()
         self._record_violations(conn, [])
+        self._note_recreated(conn)
+
+    def _note_recreated(self, conn: PgConn) -> None:
+        """A captured table dropped and re-created (a new OID under its name; see
+        CAPTURED_TABLES): its old rows left no delete events, so they stay live in the ERP.
+        Recorded for `status` (until a reconcile of the entity) and logged; a refused write
+        is logged, not fatal, like the contract state."""
+        try:
+            recreated = note_table_identities(conn, self.settings.slot_name,
+                                              self.profile.tables)
+        except psycopg.errors.InsufficientPrivilege:
+            log.warning("captured_tables_not_written", table=CAPTURED_TABLES,
+                        hint=f"GRANT SELECT, INSERT, UPDATE ON {CAPTURED_TABLES} to the "
+                             "capture role, so that `status` names a dropped and re-created "
+                             "table")
+            return
+        for table in recreated:
+            log.warning("captured_table_recreated", table=table,
+                        hint="the table was dropped and created again: it is re-snapshotted, "
+                             "but rows dropped with the old table stay live in the ERP until "
+                             "`crm-erp-sync reconcile --repair --entity ENTITY` (`status` "
+                             "names the entity until then)")
 
     def _record_violations(self, conn: PgConn, violations: list[contract.Violation]) -> None:
         """What ``status`` reads (crm_erp_sync.contract_violations): these unresolved, any
@@ -1018,6 +1042,9 @@ class CdcProducer:
                              "filter now excludes (rows_leaving_filter: how many the CRM "
                              "holds; null: not counted), stay live in the ERP until "
                              "`crm-erp-sync reconcile --repair`")
+        if any(r.drift.missing for r in repairs):
+            # a table re-created between two checks never broke the contract
+            self._note_recreated(conn)
 
     def _broker_fault(self, fault: Retryable, delay: float) -> None:
         """Publishing failed: drop the Kafka producer (its buffer may hold a poisoned or

@@ -469,9 +469,15 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_ATTENTION if result.drift else EXIT_OK
     print(render.table(["entity", "crm rows", "erp rows", "missing", "extra", "differing",
                         "unmappable", "held", "seconds"],
-                       [(e.entity, e.crm_rows, e.erp_rows, len(e.missing), len(e.extra),
-                         len(e.differing), len(e.unmappable), len(e.held), e.seconds)
+                       [(e.entity, e.crm_rows if e.captured else "-", e.erp_rows,
+                         len(e.missing), len(e.extra), len(e.differing), len(e.unmappable),
+                         len(e.held), e.seconds)
                         for e in result.entities]))
+    for e in result.entities:
+        if not e.captured:
+            print(f"{e.entity}: not captured by the source profile "
+                  f"(CRM_ERP_SYNC_SOURCE_PROFILE); {e.erp_rows} live row(s) in the ERP, "
+                  "neither compared nor repaired")
     shown = args.limit or None  # 0: all
     for e in result.entities:
         for label, keys in (("missing in the ERP", e.missing), ("extra in the ERP", e.extra)):

@@ -32,6 +32,11 @@ Needs attention (exit 1) when any of:
   ``service.ops.SAFE_WAL_MIN_SHARE`` (20%) of max_slot_wal_keep_size (``slot_wal_danger``);
 - on the SQL transport, the producer's last peek took longer than ``sql_peek_max_s`` (0.2 s):
   each one re-decodes the retained WAL (it backs off, but capture slows down with it);
+- a captured table was dropped and created again (the producer saw a new OID under its name,
+  ``crm_erp_sync.captured_tables``): it was re-snapshotted, but the rows dropped with the old
+  table left no delete events and stay live in the ERP; named with `crm-erp-sync reconcile
+  --repair --entity ENTITY` until a reconcile of that entity finished after the re-creation
+  with no extra ERP row (``sync.reconcile_runs``);
 - capture is stopped before a TRUNCATE of a captured CRM table (CRM_ERP_SYNC_ON_TRUNCATE=stop):
   the table and the setting to change are named; propagated and skipped truncates are
   reported (count and the last one) without needing attention;
@@ -71,7 +76,12 @@ import psycopg
 from kafka.errors import KafkaError
 
 from service.cdc import slot_guard
-from service.cdc.capture import CONTRACT_TABLE, OWN_SCHEMA, TRUNCATES_TABLE
+from service.cdc.capture import (
+    CONTRACT_TABLE,
+    OWN_SCHEMA,
+    TRUNCATES_TABLE,
+    recreated_tables,
+)
 from service.cdc.producer import lock_key
 from service.cdc.profile import load_profile
 from service.consumer.mappings_watch import STALE_AFTER_S, live_members
@@ -82,6 +92,7 @@ from service.kafka_io import make_admin
 from service.operator.breaker import BreakerTrip, open_trips
 from service.operator.common import BROKER_CHECK_S as BROKER_CHECK_S  # documented here
 from service.operator.common import broker_consumer, connect
+from service.operator.reconcile import ENTITIES, entity_of_table
 from service.operator.render import when
 from service.ops import (
     PartitionLag,
@@ -155,6 +166,9 @@ class Status:
     # before), "propagated" and "skipped" (counts), "last" (the newest handled one), and
     # "applied" (sync.truncations in the ERP: per entity, truncates applied, rows marked)
     truncates: dict[str, Any] = field(default_factory=dict)
+    # Captured tables dropped and re-created whose entity no reconcile has checked since:
+    # table, recreated_at, entity (the reconcile entity; None: the profile is unreadable).
+    recreated_tables: list[dict[str, Any]] = field(default_factory=list)
     attention: list[str] = field(default_factory=list)
     # Why the broker could not be asked (None: it answered): lag and members are then unknown
     # (lag [] and members []), everything from the databases is still there.
@@ -312,6 +326,56 @@ def _crm_truncates(settings: Settings) -> dict[str, Any]:
     return out
 
 
+def _recreated(settings: Settings) -> list[dict[str, Any]]:
+    """The captured tables the producer saw dropped and re-created (see CAPTURED_TABLES),
+    each with its reconcile entity (None: the profile unreadable or no such entity)."""
+    try:
+        with connect(settings, "crm") as crm:
+            rows = recreated_tables(crm, settings.slot_name)
+    except psycopg.errors.UndefinedTable:  # no producer of this version has run yet
+        return []
+    except psycopg.OperationalError as exc:
+        raise StackUnavailable(f"CRM database unreachable: {type(exc).__name__}") from exc
+    if not rows:
+        return []
+    try:
+        profile = load_profile(settings.source_profile)
+    except ConfigError:  # named under NEEDS ATTENTION by config_file_problems
+        profile = None
+    for row in rows:
+        row["entity"] = None if profile is None else entity_of_table(profile, row["table"])
+    # A table that feeds no entity (products: references only) leaves no ERP rows of its own.
+    return [r for r in rows if profile is None or r["entity"] is not None]
+
+
+def unchecked_recreations(recreated: list[dict[str, Any]],
+                          runs: list[tuple[datetime, list[str], dict[str, Any]]]
+                          ) -> list[dict[str, Any]]:
+    """The re-created tables (``_recreated``) no reconcile has cleared: a run (``runs``:
+    ``sync.reconcile_runs``' finished_at, entities, counts) that finished after the
+    re-creation, checked the table's entity and left no extra ERP row of it (after a repair:
+    what remained). A table whose entity is unknown (the profile unreadable) is kept."""
+    def cleared(row: dict[str, Any]) -> bool:
+        entity = row["entity"]
+        return entity is not None and any(
+            finished > row["recreated_at"] and entity in entities
+            and (counts.get(entity) or {}).get("extra", 1) == 0
+            for finished, entities, counts in runs)
+    return [r for r in recreated if not cleared(r)]
+
+
+def recreated_line(row: dict[str, Any]) -> str:
+    """The NEEDS ATTENTION line of one re-created table (``unchecked_recreations``; entity
+    None: the profile unreadable, so the whole reconcile is named)."""
+    entity = row["entity"]
+    how = (f"`crm-erp-sync reconcile --repair --entity {entity}` (this line stays until a "
+           f"reconcile of {entity} finds no extra ERP row)" if entity is not None else
+           "`crm-erp-sync reconcile --repair`")
+    return (f"{row['table']} was dropped and created again (seen {when(row['recreated_at'])}): "
+            "it was re-snapshotted, but rows dropped with the old table are still live in "
+            f"the ERP: run {how}")
+
+
 def config_file_problems(settings: Settings) -> list[str]:
     """The source profile and the mappings file read and validated by the very loaders the
     producer and the consumer start with (``load_profile``, ``Mappings.load``): one line per
@@ -363,11 +427,12 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         try:
             violations = contract_violations(settings)
             truncates = _crm_truncates(settings)
+            recreated = _recreated(settings)
         except StackUnavailable as exc:  # the CRM went away meanwhile
             crm_down = _crm_unreachable(exc)
     if crm_down is not None:
         slot, pending, locked, xact, peek, capture_broken = None, [], None, None, None, []
-        violations = []
+        violations, recreated = [], []
         truncates = {"stopped": [], "propagated": 0, "skipped": 0, "last": None}
     with connect(settings, "erp") as erp:
         try:
@@ -378,6 +443,14 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
                 "sync.truncations WHERE truncates > 0 ORDER BY entity").fetchall()]
         except psycopg.errors.UndefinedTable:  # an ERP set up before the table existed
             truncates["applied"] = []
+        if recreated:
+            try:
+                runs = [(f, list(e), dict(c)) for f, e, c in erp.execute(
+                    "SELECT finished_at, entities, counts FROM sync.reconcile_runs "
+                    "WHERE finished_at > %s", (min(r["recreated_at"] for r in recreated),))]
+            except psycopg.errors.UndefinedTable:  # an ERP set up before the table existed
+                runs = []
+            recreated = unchecked_recreations(recreated, runs)
         breaker = open_trips(erp, settings.consumer_group)
         by_field = [(c, f or "", int(n)) for c, f, n in erp.execute(
             "SELECT error_class, CASE WHEN error_class = 'MappingError' "
@@ -428,6 +501,9 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
             "WHERE d.topic = h.topic AND d.msg_key IS NOT DISTINCT FROM h.msg_key "
             "AND d.state IN ('open', 'failed_again'))").fetchone()
         target = make_target(settings, None)
+        # an entity the ERP target does not keep (tryton: demand) has no rows left live there
+        recreated = [r for r in recreated
+                     if r["entity"] is None or ENTITIES[r["entity"]].source in target.kinds]
         try:
             last = target.last_applied(erp)
             not_set_up = target.not_set_up(erp)
@@ -443,7 +519,7 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         broker_unreachable=broker_down, crm_unreachable=crm_down,
         erp_not_set_up=None if not_set_up is None else not_set_up.problem,
         dead_letters_by_field=by_field, paused=paused, truncates=truncates,
-        contract_violations=violations,
+        contract_violations=violations, recreated_tables=recreated,
         capture_letters=[{k: v for k, v in c.items() if k != "total"} for c in capture],
         capture_letters_total=int(capture[0]["total"]) if capture else 0,
         oldest_transaction=xact,
@@ -491,6 +567,7 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
             f"{when(t['commit_time'])}) because CRM_ERP_SYNC_ON_TRUNCATE="
             f"{t['setting']}: set CRM_ERP_SYNC_ON_TRUNCATE=propagate (its ERP rows are marked "
             "deleted) or skip (they stay as they are), then restart the producer")
+    status.attention.extend(recreated_line(r) for r in recreated)
     for v in violations:
         where = v["table"] if v["column"] == "*" else f"{v['table']}.{v['column']}"
         status.attention.append(

@@ -114,6 +114,11 @@ class Divisions:
         # Every county and city by its full name (the check that a written district belongs to
         # the province or city before it) and counties by their stems (朝阳 -> 朝阳区 ...).
         self._named_by_first = _by_first(self.cities + self.counties, shorts=False)
+        # Where each name is (a refusal's reason: 朝阳区 is in 北京市, 吉林省长春市).
+        self.parents_of: dict[str, list[str]] = {}
+        for d in self.all:
+            if d.parent is not None and d.parent.path not in self.parents_of.get(d.name, []):
+                self.parents_of.setdefault(d.name, []).append(d.parent.path)
         self.county_stems: dict[str, list[Division]] = {}
         for d in self.counties:
             stem = _county_stem(d.name)

@@ -17,8 +17,15 @@ installed, a banner printed on import) guesses where it should refuse - it reads
 ``北京东路100号`` as 北京市 and returns a bare county for ``朝阳区建国路`` without saying that
 two cities have one - and gives no code for an ambiguous match; ``cpca`` carries 2021 data
 and pandas. What we need is narrow: match the start of an address against the official names,
-longest first, accept an abbreviation (北京, 广东, 深圳) only when the next level confirms it,
-and refuse with the candidates when the text fits more than one place.
+longest first, accept an abbreviation (北京, 广东, 深圳, 朝阳) only when the next level confirms
+it or nothing but a separator follows it (北京东路 is a street), and refuse with the candidates
+when the text fits more than one place.
+
+Abbreviations are derived from the list's own names, not typed by hand: the GB/T 2260 name
+without its type word (省, 市, 自治区, 特别行政区; 地区, 盟, 市; 区, 新区, 县, 市, 旗) and, for
+the autonomous regions, without the nationality before 自治区 (广西壮族自治区 -> 广西,
+新疆维吾尔自治区 -> 新疆, 宁夏回族自治区 -> 宁夏), which is how the regions are named in
+everyday writing. The one-character 简称 (京, 粤) are not read: 京 starts too many words.
 """
 
 from __future__ import annotations
@@ -70,8 +77,18 @@ _MUNICIPALITY_CITY_TOKENS: Final = ("市辖区", "县")  # NBS names of a munici
 _PROVINCE_SUFFIX = re.compile(r"(?:壮族|回族|维吾尔)?自治区$|特别行政区$|省$|市$")
 # An abbreviation drops the type of the division. Autonomous prefectures get none (where the
 # place name ends and the nationalities begin is not marked: 海南|藏族, 黔东南|苗族侗族) and
-# counties get none (朝阳 alone is a road as often as a district).
+# counties get one only where it stands alone (朝阳 alone is a road as often as a district: see
+# _COUNTY_SUFFIX).
 _CITY_SUFFIX = re.compile(r"地区$|盟$|市$")
+# A county's abbreviation (朝阳 for 朝阳区, 浦东 for 浦东新区, 昆山 for 昆山市) is read only where
+# nothing but the end of the address or a separator follows it, under a province or city written
+# before it, and only when no sibling shares it: 北京市朝阳 is 朝阳区, 北京市朝阳路 is a street.
+# Autonomous counties and banners get none (as autonomous prefectures), nor one-character stems
+# (城区, 矿区, 古县: the stem alone says nothing).
+_COUNTY_SUFFIX = re.compile(r"新区$|区$|县$|市$|旗$")
+# Standalone: where an abbreviation may end without the next level confirming it.
+_STANDALONE_END = re.compile(r"$|[\s,，、]")
+_TOKEN = re.compile(r"[^\s,，、]*")
 _SEPARATORS = re.compile(r"[\s,，、]*")
 _PREFIX = re.compile(r"\s*(?:\d{6}\s*)?(?:中华人民共和国|中国)?[\s,，、]*")
 
@@ -87,6 +104,26 @@ class Divisions:
         self.provinces = [d for d in self.all if d.level == 1]
         self.cities = [d for d in self.all if d.level == 2]
         self.counties = [d for d in self.all if d.level == 3]
+        # Abbreviations read standalone (北京, 广东, 深圳): several places with one (吉林 is a
+        # province and a city; 朝阳 a city and, abbreviated, districts) make the address
+        # ambiguous, never a guess.
+        self.by_short: dict[str, list[Division]] = {}
+        for d in self.provinces + self.cities:
+            if d.short and d.short != d.name:
+                self.by_short.setdefault(d.short, []).append(d)
+        # Every county and city by its full name (the check that a written district belongs to
+        # the province or city before it) and counties by their stems (朝阳 -> 朝阳区 ...).
+        self._named_by_first = _by_first(self.cities + self.counties, shorts=False)
+        # Where each name is (a refusal's reason: 朝阳区 is in 北京市, 吉林省长春市).
+        self.parents_of: dict[str, list[str]] = {}
+        for d in self.all:
+            if d.parent is not None and d.parent.path not in self.parents_of.get(d.name, []):
+                self.parents_of.setdefault(d.name, []).append(d.parent.path)
+        self.county_stems: dict[str, list[Division]] = {}
+        for d in self.counties:
+            stem = _county_stem(d.name)
+            if stem and d.parent is not None and stem not in (d.parent.name, d.parent.short):
+                self.county_stems.setdefault(stem, []).append(d)
         # By first character: an address without its province is matched against these.
         self._cities_by_first = _by_first(self.cities)
         self._counties_by_first = _by_first(self.counties)
@@ -98,6 +135,17 @@ class Divisions:
         self._children_by_first = {k: _by_first(v) for k, v in self.children.items()}
         self._districts_by_first = {k: _by_first([d for d in v if d.level == 3])
                                     for k, v in self.children.items()}
+        # A parent's counties by stem, for the stems no sibling shares.
+        self._district_stems: dict[tuple[str, str], dict[str, Division]] = {}
+        for k, v in self.children.items():
+            stems: dict[str, list[Division]] = {}
+            for d in v:
+                stem = _county_stem(d.name) if d.level == 3 else None
+                if d.parent is not None and stem in (d.parent.name, d.parent.short):
+                    stem = None  # 乌鲁木齐 under 乌鲁木齐市 is the city, not 乌鲁木齐县
+                if stem:
+                    stems.setdefault(stem, []).append(d)
+            self._district_stems[k] = {s: ds[0] for s, ds in stems.items() if len(ds) == 1}
 
     def _add(self, d: Division) -> Division:
         self.all.append(d)
@@ -173,7 +221,11 @@ class Divisions:
 
         A reading is province, then city, then district, each optional below the first one
         written; levels may be separated by spaces or commas. Readings that consume the most
-        text win; the street is what follows.
+        text win; the street is what follows. An abbreviation (北京, 广东, 深圳) is a reading
+        when the next level confirms it (广东深圳南山区) or when it stands alone: nothing, a
+        space or a comma follows (广东, 北京 建国路88号, 浙江杭州); 北京东路 stays unread.
+        An abbreviation standing alone that several places share (吉林: the province and the
+        city) gives all of them.
         """
         start = _PREFIX.match(text)
         pos = start.end() if start else 0
@@ -183,7 +235,7 @@ class Divisions:
             below = self._below_province(text, end, p)
             if below:
                 found += below
-            elif not short:
+            elif not short or self._alone(text, end, p):
                 found.append(Match(p, end))
         if not found:
             # No province written: a city or a county named in full, anywhere in the country.
@@ -192,11 +244,15 @@ class Divisions:
                 below = self._below_city(text, end, c)
                 if below:
                     found += below
-                elif not short:
+                elif not short or self._alone(text, end, c):
                     found.append(Match(c, end))
             for d, end, _ in self._names(text, pos, self._counties_by_first.get(first, []),
                                          abbreviations=False):
                 found.append(Match(d, end))
+        if not found:  # an abbreviation alone that several places share: 吉林, 朝阳
+            token = _token(text, pos)
+            found = [Match(d, pos + len(token))
+                     for d in self.by_short.get(token, []) + self.county_stems.get(token, [])]
         if not found:
             return [], pos
         best = max(m.end for m in found)
@@ -205,6 +261,45 @@ class Divisions:
             if m.end == best:
                 unique.setdefault((m.division.code, m.division.path), m)
         return list(unique.values()), pos
+
+    def _alone(self, text: str, end: int, d: Division) -> bool:
+        """Whether the abbreviation of ``d`` ending at ``end`` stands alone and is d's only.
+
+        A province's abbreviation is what a bare 海南 or 广东 means (乌海市海南区 is written
+        in full or under its city); a city's must not also be a county's (朝阳: 辽宁省朝阳市,
+        北京市朝阳区 ...)."""
+        return (_STANDALONE_END.match(text, end) is not None
+                and len(self.by_short.get(d.short or "", ())) == 1
+                and (d.level == 1 or d.short not in self.county_stems))
+
+    def abbreviation_at(self, text: str, pos: int) -> Division | None:
+        """A province or city whose abbreviation starts ``text[pos:]`` (for a refusal's
+        reason: 北京 in 北京东路100号), or None."""
+        for d in self._provinces_by_first.get(text[pos:pos + 1], []) + \
+                self._cities_by_first.get(text[pos:pos + 1], []):
+            if d.short and text.startswith(d.short, pos):
+                return d
+        return None
+
+    def foreign_at(self, text: str, pos: int, inside: Division) -> Division | None:
+        """A city or district named at ``text[pos:]`` (after separators) that is not below
+        ``inside``: 朝阳区 in 上海市朝阳区. Full names of the list, or a county's or city's
+        abbreviation standing alone (上海市朝阳, 上海市杭州); None when the text starts with
+        neither (朝阳路, 人民路100号).
+
+        Only the text right after a match that stopped above the district level is asked:
+        a match that took the division would have consumed it.
+        """
+        pos = _skip(text, pos)
+        for d in self._named_by_first.get(text[pos:pos + 1], []):
+            if text.startswith(d.name, pos) and not _generic(d.name) \
+                    and not _is_below(d, inside):
+                return d
+        token = _token(text, pos)
+        for d in self.county_stems.get(token, []) + self.by_short.get(token, []):
+            if not _is_below(d, inside) and not _is_below(inside, d):
+                return d
+        return None
 
     def _below_province(self, text: str, pos: int, p: Division) -> list[Match]:
         pos = _skip(text, pos)
@@ -222,7 +317,7 @@ class Divisions:
             below = self._below_city(text, end, c)
             if below:
                 out += below
-            elif not short:
+            elif not short or _STANDALONE_END.match(text, end):  # 浙江杭州: one in 浙江
                 out.append(Match(c, end))
         if not out:  # the city left out: 青海省共和县
             for c in self.children.get(_key(p), []):
@@ -234,7 +329,13 @@ class Divisions:
 
     def _districts(self, text: str, pos: int, parent: Division) -> list[Match]:
         kids = self._districts_by_first.get(_key(parent), {}).get(text[pos:pos + 1], [])
-        return [Match(d, end) for d, end, _ in self._names(text, pos, kids, abbreviations=False)]
+        out = [Match(d, end) for d, end, _ in self._names(text, pos, kids, abbreviations=False)]
+        if not out:
+            token = _token(text, pos)
+            d = self._district_stems.get(_key(parent), {}).get(token)
+            if d is not None:
+                out.append(Match(d, pos + len(token)))
+        return out
 
     @staticmethod
     def _names(text: str, pos: int, candidates: list[Division], abbreviations: bool = True
@@ -248,12 +349,42 @@ class Divisions:
         return out
 
 
-def _by_first(divisions: list[Division]) -> dict[str, list[Division]]:
+def _by_first(divisions: list[Division], shorts: bool = True) -> dict[str, list[Division]]:
     out: dict[str, list[Division]] = {}
     for d in divisions:
-        for form in {d.name[:1], (d.short or d.name)[:1]}:
+        for form in {d.name[:1], (d.short if shorts and d.short else d.name)[:1]}:
             out.setdefault(form, []).append(d)
     return out
+
+
+def _county_stem(name: str) -> str | None:
+    """朝阳区 -> 朝阳, 浦东新区 -> 浦东, 昆山市 -> 昆山; None for autonomous counties and
+    banners and for one-character stems (城区, 古县)."""
+    if "自治" in name:
+        return None
+    stem = _COUNTY_SUFFIX.sub("", name)
+    return stem if len(stem) >= 2 and stem != name else None
+
+
+def _generic(name: str) -> bool:
+    """城区, 郊区, 矿区, 东区 (Hong Kong, Taiwan): names too common in street addresses (an
+    estate's 东区) to say a district was written."""
+    return len(name) == 2 and name.endswith("区")
+
+
+def _is_below(d: Division, inside: Division) -> bool:
+    node: Division | None = d
+    while node is not None:
+        if _key(node) == _key(inside):
+            return True
+        node = node.parent
+    return False
+
+
+def _token(text: str, pos: int) -> str:
+    """The text from ``pos`` to the next separator or the end."""
+    m = _TOKEN.match(text, pos)
+    return m.group() if m else ""
 
 
 def _key(d: Division) -> tuple[str, str]:

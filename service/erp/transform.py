@@ -24,7 +24,7 @@ from typing import Final, NoReturn, overload
 import opencc
 import phonenumbers
 
-from service.erp.divisions import divisions
+from service.erp.divisions import Division, Divisions, divisions
 from service.erp.mappings import DEFAULT_NO_NUMBER, Mappings, normalise_word
 from service.errors import MappingError
 
@@ -431,7 +431,9 @@ def parse_cn_address(raw: str, *, field: str = "address") -> Address:
 
     Matched against the official division list (:mod:`service.erp.divisions`, GB/T 2260
     codes): province, city and district in full (广东省深圳市南山区) or abbreviated where the
-    next level confirms it (广东深圳南山区; 北京东路 is a street, never 北京市); a leading 中国
+    next level confirms it (广东深圳南山区) or where nothing but a space, a comma or the end
+    follows (北京, 广东, 浙江杭州, 上海浦东, 北京朝阳 建国路88号; 北京东路 is a street, never
+    北京市; an abbreviation several places share, 吉林 or 朝阳, is ambiguous); a leading 中国
     or postcode is skipped; a municipality's repeated name or 市辖区 (上海市上海市浦东新区,
     北京市市辖区朝阳区) is its city level; autonomous prefectures, 盟, counties directly under
     a province (仙桃市), Hong Kong, Macao and Taiwan are covered; a province left out is found
@@ -440,8 +442,11 @@ def parse_cn_address(raw: str, *, field: str = "address") -> Address:
     (district, else city, else province; Hong Kong, Macao and Taiwan have codes at the province
     level only). Towns (镇, 街道) stay in ``street``.
 
-    Raises MappingError when no division starts the text, or when it fits several places
-    (the reason names the candidates, e.g. 北京市朝阳区 (110105), 长春市朝阳区 (220104)).
+    Raises MappingError when no division starts the text (saying so when an abbreviation runs
+    into the street: 北京建国路88号), when it fits several places (the reason names the
+    candidates, e.g. 北京市朝阳区 (110105), 长春市朝阳区 (220104)), or when a city or district
+    of the list follows a place it is not in (``朝阳区 is not a district of 上海市``: never kept
+    as street with the province's code).
     """
     return _parse_cn_address(raw, field)
 
@@ -453,20 +458,49 @@ def _parse_cn_address(raw: str, field: str) -> Address:
         raise MappingError(field, raw, "address is empty")
     simplified = _t2s(text)
     matching = simplified if len(simplified) == len(text) else text
-    found, _ = divisions().parse(matching)
+    table = divisions()
+    found, pos = table.parse(matching)
     if not found:
-        raise MappingError(field, raw, "no Chinese province, city or district at the start "
-                                       "of the address")
+        reason = ("no Chinese province, city or district at the start of the address "
+                  "(read against the NBS 2023 division list)")
+        short = table.abbreviation_at(matching, pos)
+        if short is not None:
+            # 北京东路100号: the refusal must not read as if 北京 were unknown.
+            reason = ("no Chinese province, city or district at the start of the address: "
+                      f"an abbreviation ({short.short} for {short.name}) is read only when a "
+                      "city or district written after it confirms it or a space, a comma or "
+                      "nothing follows it, as streets are named after places (北京东路)")
+        raise MappingError(field, raw, reason)
     if len(found) > 1:
         names = ", ".join(sorted(repr(m.division) for m in found))
         raise MappingError(field, raw, f"ambiguous: the place fits {names}")
     match = found[0]
     d = match.division
+    if d.level < 3:
+        # 上海市朝阳区: a district written but not of this place is a typo or a wrong
+        # province, never a street (the code would silently drop to 310000).
+        other = table.foreign_at(matching, match.end, d)
+        if other is not None:
+            kind = "city" if other.level == 2 else "district"
+            token = _token_after(matching, match.end)
+            written = other.name if token.startswith(other.name) else f"{token} ({other.name})"
+            raise MappingError(field, raw, f"{written} is not a {kind} of {d.path} "
+                                           f"(it is in {_places_named(table, other)})")
     street = text[match.end:].strip(" ,，、") or None
     province = d.province
     city = d.city if d.level >= 2 or d.city else None
     district = d.name if d.level == 3 else None
     return Address(province, city, district, street, d.code)
+
+
+def _token_after(text: str, pos: int) -> str:
+    return re.split(r"[\s,，、]", text[pos:].lstrip(" ,，、"), maxsplit=1)[0]
+
+
+def _places_named(table: Divisions, d: Division) -> str:
+    """Where the divisions of ``d``'s name are: 北京市, 吉林省长春市 and 2 more."""
+    same = sorted(table.parents_of.get(d.name, []))
+    return ", ".join(same[:3]) + (f" and {len(same) - 3} more" if len(same) > 3 else "")
 
 
 # --- numbers: money and quantities -------------------------------------------------------

@@ -254,6 +254,90 @@ def test_address_road_named_after_a_place_is_not_a_place() -> None:
           secret="100")
 
 
+def test_address_road_named_after_a_place_says_why_the_place_was_not_read() -> None:
+    err = fails("address", tf.parse_cn_address, "北京东路100号", secret="100")
+    assert "an abbreviation (北京 for 北京市) is read only when" in err.reason
+    err = fails("address", tf.parse_cn_address, "襄樊市人民路1号", secret="人民路")
+    assert "NBS 2023" in err.reason  # the former name is not in the list: said, not implied
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    # province-level abbreviations alone, as most CRM users type them (N8)
+    ("北京", Address("北京市", "北京市", None, None, "110000")),
+    ("上海", Address("上海市", "上海市", None, None, "310000")),
+    ("广东", Address("广东省", None, None, None, "440000")),
+    ("浙江", Address("浙江省", None, None, None, "330000")),
+    ("新疆", Address("新疆维吾尔自治区", None, None, None, "650000")),
+    ("内蒙古", Address("内蒙古自治区", None, None, None, "150000")),
+    ("广西", Address("广西壮族自治区", None, None, None, "450000")),
+    ("宁夏", Address("宁夏回族自治区", None, None, None, "640000")),
+    ("西藏", Address("西藏自治区", None, None, None, "540000")),
+    ("海南", Address("海南省", None, None, None, "460000")),
+    ("香港", Address("香港特别行政区", "香港特别行政区", None, None, "810000")),
+    ("澳门", Address("澳门特别行政区", "澳门特别行政区", None, None, "820000")),
+    ("台湾", Address("台湾省", None, None, None, "710000")),
+    ("北京 建国路88号", Address("北京市", "北京市", None, "建国路88号", "110000")),
+    ("北京，建国路88号", Address("北京市", "北京市", None, "建国路88号", "110000")),
+    # and a city's abbreviation: alone, under its province's, over its district
+    ("深圳", Address("广东省", "深圳市", None, None, "440300")),
+    ("广东深圳", Address("广东省", "深圳市", None, None, "440300")),
+    ("浙江杭州", Address("浙江省", "杭州市", None, None, "330100")),
+    ("新疆乌鲁木齐", Address("新疆维吾尔自治区", "乌鲁木齐市", None, None, "650100")),
+    ("吉林吉林", Address("吉林省", "吉林市", None, None, "220200")),
+    ("广东 深圳 南山区", Address("广东省", "深圳市", "南山区", None, "440305")),
+    # a district's abbreviation where nothing but a separator or the end follows it
+    ("北京朝阳", Address("北京市", "北京市", "朝阳区", None, "110105")),
+    ("北京市朝阳", Address("北京市", "北京市", "朝阳区", None, "110105")),
+    ("上海浦东", Address("上海市", "上海市", "浦东新区", None, "310115")),
+    ("上海浦东 张江路1号", Address("上海市", "上海市", "浦东新区", "张江路1号", "310115")),
+    ("江苏苏州昆山", Address("江苏省", "苏州市", "昆山市", None, "320583")),
+    # the brief's example and street names that start like a place stay streets
+    ("北京市朝阳区", Address("北京市", "北京市", "朝阳区", None, "110105")),
+    ("北京市朝阳路1号", Address("北京市", "北京市", None, "朝阳路1号", "110000")),
+    ("广东省深圳市中山大道1号", Address("广东省", "深圳市", None, "中山大道1号", "440300")),
+    ("上海市人民路100号", Address("上海市", "上海市", None, "人民路100号", "310000")),
+    ("上海市城区路", Address("上海市", "上海市", None, "城区路", "310000")),
+])
+def test_address_abbreviations_map_to_the_full_names_code(raw: str, expected: Address) -> None:
+    assert tf.parse_cn_address(raw) == expected
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    ("上海市朝阳区", "朝阳区 is not a district of 上海市 (it is in 北京市, 吉林省长春市)"),
+    ("上海市朝阳区建国路88号", "朝阳区 is not a district of 上海市"),
+    ("上海市朝阳", "朝阳 (朝阳区) is not a district of 上海市"),
+    ("广东省深圳市朝阳区", "朝阳区 is not a district of 广东省深圳市"),
+    ("北京市滑县", "滑县 is not a district of 北京市 (it is in 河南省安阳市)"),
+    ("广东省杭州市西湖区", "杭州市 is not a city of 广东省 (it is in 浙江省)"),
+    ("上海市 杭州", "杭州 (杭州市) is not a city of 上海市"),
+])
+def test_address_district_not_of_the_place_written_is_refused_not_kept_as_street(
+        raw: str, reason: str) -> None:
+    fails("address", tf.parse_cn_address, raw, reason=reason, secret="建国路")
+
+
+@pytest.mark.parametrize(("raw", "candidates"), [
+    ("吉林", ["220000", "220200"]),                      # the province and the city
+    ("朝阳", ["110105", "220104", "211300"]),            # a city and two districts
+])
+def test_address_abbreviation_several_places_share_is_ambiguous(
+        raw: str, candidates: list[str]) -> None:
+    err = fails("address", tf.parse_cn_address, raw, reason="ambiguous")
+    assert all(code in err.reason for code in candidates)
+
+
+@pytest.mark.parametrize(("raw", "street"), [
+    ("北京建国路88号", "建国路"), ("上海浦东张江路1号", "张江路"), ("南京路100号", "100"),
+    ("江苏苏州工业园区星湖街", "星湖街"),
+])
+def test_address_abbreviation_run_into_the_street_is_refused_with_a_true_reason(
+        raw: str, street: str) -> None:
+    short = raw[:2]
+    err = fails("address", tf.parse_cn_address, raw, secret=street)
+    assert f"an abbreviation ({short} for {short}" in err.reason
+    assert "confirms it or a space, a comma or nothing follows it" in err.reason
+
+
 # --- money -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("value", "word", "expected"), [

@@ -587,7 +587,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     limit_malloc_arenas()
     args = build_parser().parse_args(argv)
     try:
-        settings = Settings.from_env()
+        # `status` names a missing or unreadable profile or mappings file under NEEDS
+        # ATTENTION (config_file_problems) rather than refusing to run.
+        settings = Settings.from_env(
+            files_reported=getattr(args, "reports_config_files", False))
     except ConfigError as exc:
         for variable, problem in exc.problems:  # every one found, one per line
             print(f"crm-erp-sync: configuration error: {variable}: {problem}", file=sys.stderr)

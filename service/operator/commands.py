@@ -770,7 +770,8 @@ def register(sub: Any) -> None:
                "total lag exceeds --max-lag.")
     p.add_argument("--max-lag", type=argtypes.count, default=10_000, metavar="EVENTS",
                    help="total lag above which status needs attention (default 10000)")
-    p.set_defaults(func=cmd_status)
+    # a missing or unreadable source profile or mappings file is reported, not refused
+    p.set_defaults(func=cmd_status, reports_config_files=True)
 
     p = parser("trace", sub, "one key through the system: CRM row, Kafka events, ERP row, "
                "held events, dead letters",

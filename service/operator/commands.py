@@ -487,10 +487,13 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
                 print(f"{e.entity} {label}: {', '.join(map(str, keys[:shown]))}{more}")
         for key, fields in list(e.differing.items())[:shown]:
             print(f"{e.entity} {key} differs in: {', '.join(fields)}")
+        _more_keys(e.entity, "differing", len(e.differing), shown)
         for key, why in list(e.unmappable.items())[:shown]:
             print(f"{e.entity} {key} cannot be mapped: {why}")
+        _more_keys(e.entity, "unmappable", len(e.unmappable), shown)
         for key, why in list(e.held.items())[:shown]:
             print(f"{e.entity} {key} {why}")
+        _more_keys(e.entity, "held", len(e.held), shown)
     if result.stock is not None:
         print()
         _print_stock(result.stock, shown)
@@ -520,6 +523,14 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_ATTENTION
     print("\nNo drift.")
     return EXIT_OK
+
+
+def _more_keys(entity: str, label: str, count: int, shown: int | None) -> None:
+    """The line that says a per-key list was cut at --limit (one key per line above it), so
+    that 20 named of 47 does not read as all of them."""
+    if shown is not None and count > shown:
+        print(f"{entity} … and {count - shown} more {label} key(s) not listed "
+              "(--limit 0 shows all)")
 
 
 def _keys_text(keys: list[str], shown: int | None) -> str:

@@ -899,7 +899,7 @@ def register(sub: Any) -> None:
                    help="only check that each decodes and maps with the current mappings")
     p.add_argument("--actor", help="who (default: the login name)")
     p.add_argument("--reason", help="why (recorded in the audit)")
-    p.set_defaults(func=cmd_dlq_redrive)
+    p.set_defaults(func=cmd_dlq_redrive, prints_its_report=True)  # info logs: cli.main
 
     p = parser("discard", dsub, "give up on dead letters (audited), releasing their key",
                "Mark dead letters discarded (the change will not reach the ERP) and apply the\n"
@@ -917,7 +917,7 @@ def register(sub: Any) -> None:
     p.add_argument("--yes", action="store_true", help="confirm a bulk discard without asking")
     p.add_argument("--reason", required=True, help="why (required, audited)")
     p.add_argument("--actor", help="who (default: the login name)")
-    p.set_defaults(func=cmd_dlq_discard)
+    p.set_defaults(func=cmd_dlq_discard, prints_its_report=True)  # info logs: cli.main
 
     p = parser("resync", sub, "recover from a dropped, replaced or lost slot or a dropped "
                "publication", "The one recovery when `status` says capture stopped because the\n"

@@ -12,7 +12,9 @@ Needs attention (exit 1) when any of:
 - the dead-letter circuit breaker keeps a partition paused (``sync.breaker_trips``);
 - the group's total lag exceeds ``--max-lag`` (default 10000 events);
 - a consumer that reported itself recently (``sync.consumer_membership``) is not a member of
-  the group as the broker lists it (it rejoins by itself; if it stays out, look at it);
+  the group as the broker lists it: said as what is known (``outside_group_line``): its last
+  report's age, "stopped or stuck" once it missed a report, "no longer runs" when its pid is
+  gone on this host (a running one rejoins by itself; if it stays out, look at it);
 - events are waiting (lag) but the group has no member, or the broker lists members but none
   has reported from its loop for ``STALE_AFTER_S`` (a consumer blocked in a call: an ERP lock,
   a hung query);
@@ -67,6 +69,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -269,6 +273,45 @@ def merge_members(listed: list[dict[str, Any]], reported: list[dict[str, Any]],
                           False, r["pid"], r["age_s"], r["out_since"], r["mappings_version"],
                           r["rejoins"]))
     return out
+
+
+def pid_gone_here(host: str, pid: int | None) -> bool:
+    """True when ``host`` is this host (the consumer reports ``socket.gethostname()``; in a
+    container or pod the hostname is its own, so a pid is only looked at in the namespace
+    it was reported from) and no process ``pid`` runs: the consumer is dead. False when
+    unknown (another host, no pid) or alive."""
+    if pid is None or host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only, nothing is sent
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, under another user
+        return False
+    return False
+
+
+def outside_group_line(m: Member, group: str, check_s: float, *, pid_gone: bool) -> str:
+    """Status's line for a consumer whose own recent report (``m.last_seen_s`` seconds ago)
+    names a member id the broker does not list. Only what is known is said: a consumer
+    reports every ``check_s`` seconds, so one that missed a report is stopped (a SIGKILL
+    leaves its last report behind for ``merge_members``' ``alive_s``) or stuck, not
+    "running"; ``pid_gone`` (see pid_gone_here) makes it certain."""
+    who = f"consumer {m.client_id} (host {m.host}, pid {m.pid})"
+    since = f" since {when(m.out_since)}" if m.out_since else ""
+    age = m.last_seen_s or 0.0
+    if pid_gone:
+        return (f"{who} is NOT in group {group} and no longer runs (pid {m.pid} is gone on "
+                f"this host; last report {age:.0f}s ago): it stopped (killed or crashed); the "
+                "broker hands its partitions to the other members once its session times "
+                "out: restart it if it should run")
+    if age > 2 * check_s:
+        return (f"{who} is NOT in group {group}{since} and not seen for {age:.0f}s (it "
+                f"reports every {check_s:g}s): stopped or stuck; look at its log and "
+                "restart it")
+    return (f"{who} reported {age:.0f}s ago that it is NOT in group {group}{since} "
+            f"({m.rejoins} rejoin(s) so far; a running consumer rejoins by itself: if it "
+            "stays out, look at its log and restart it)")
 
 
 def _age(seconds: float) -> str:
@@ -581,12 +624,9 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
             f"`crm-erp-sync resume --partition {trip.topic}:{trip.partition} --reason ...`")
     for m in status.members:
         if not m.in_group:
-            status.attention.append(
-                f"consumer {m.client_id} (host {m.host}, pid {m.pid}) is running but NOT in "
-                f"group {settings.consumer_group}" + (
-                    f" since {when(m.out_since)}" if m.out_since else "")
-                + f" ({m.rejoins} rejoin(s) so far; it rejoins by itself: if it stays out, "
-                "look at its log and restart it)")
+            status.attention.append(outside_group_line(
+                m, settings.consumer_group, settings.membership_check_s,
+                pid_gone=pid_gone_here(m.host, m.pid)))
     if broker_down:
         pass  # lag and members unknown: said once above
     elif not any(m.in_group for m in status.members) and status.total_lag > 0:

@@ -47,6 +47,8 @@ Needs attention (exit 1) when any of:
 - the ERP lacks a table or column of this version (``ErpTarget.not_set_up``: an ERP set up
   before ``erp.sales_orders.total_amount`` existed): consumers refuse to start (exit 2) until
   `crm-erp-sync setup` adds it; said as the reason when events wait and no consumer runs;
+- a topic setting (sales, market demand, dead letters) names no topic on the broker (a typo,
+  or a topic deleted): the variable, the topic and `crm-erp-sync setup` are named;
 - this process's source profile or mappings file is invalid (read by the loaders `produce`,
   `consume` and `config` use; the file and key are named): a producer or consumer started
   with it would refuse to start.
@@ -92,7 +94,7 @@ from service.consumer.mappings_watch import STALE_AFTER_S, live_members
 from service.erp.mappings import Mappings
 from service.erp.target import make_target
 from service.errors import BrokerUnreachable, ConfigError, StackUnavailable
-from service.kafka_io import make_admin
+from service.kafka_io import make_admin, missing_topics
 from service.operator.breaker import BreakerTrip, open_trips
 from service.operator.common import BROKER_CHECK_S as BROKER_CHECK_S  # documented here
 from service.operator.common import broker_consumer, connect
@@ -232,25 +234,35 @@ def quiet_kafka() -> Iterator[None]:
 
 
 def broker_view(settings: Settings) -> tuple[list[PartitionLag], list[dict[str, Any]],
-                                             str | None]:
-    """The group's lag and members as the broker lists them, or ([], [], why) when no broker
-    answers within ``BROKER_CHECK_S`` (a probe consumer bounds kafka-python's bootstrap wait;
-    the calls after it are made only to a broker that answered)."""
+                                             str | None, list[str]]:
+    """The group's lag and members as the broker lists them, and one line per topic setting
+    (sales, market demand, dead letters) that names no topic on the broker
+    (``kafka_io.missing_topics``: a typo or a deleted topic, which would otherwise show only
+    as a missing row); or ([], [], why, []) when no broker answers within ``BROKER_CHECK_S``
+    (a probe consumer bounds kafka-python's bootstrap wait; the calls after it are made only
+    to a broker that answered)."""
     unknown = "lag and group members unknown"
     with quiet_kafka():
         try:
             probe = broker_consumer(settings, unknown, group_id=None,
                                     client_id="crm-erp-sync-status")
         except BrokerUnreachable as exc:
-            return [], [], str(exc)
-        probe.close()
+            return [], [], str(exc), []
         try:
-            return group_lag(settings), broker_members(settings), None
-        except StackUnavailable as exc:  # it answered the probe, then failed a call
-            return [], [], f"{exc}: {unknown}"
+            missing = [f"{variable}: {problem}; a consumer refuses to start with it (exit 2)"
+                       for variable, problem in missing_topics(settings, probe.topics())]
         except KafkaError as exc:
             return [], [], (f"broker {settings.kafka_bootstrap} did not answer "
-                            f"({type(exc).__name__}): {unknown}")
+                            f"({type(exc).__name__}): {unknown}"), []
+        finally:
+            probe.close()
+        try:
+            return group_lag(settings), broker_members(settings), None, missing
+        except StackUnavailable as exc:  # it answered the probe, then failed a call
+            return [], [], f"{exc}: {unknown}", missing
+        except KafkaError as exc:
+            return [], [], (f"broker {settings.kafka_bootstrap} did not answer "
+                            f"({type(exc).__name__}): {unknown}"), missing
 
 
 def merge_members(listed: list[dict[str, Any]], reported: list[dict[str, Any]],
@@ -442,7 +454,7 @@ def config_file_problems(settings: Settings) -> list[str]:
 
 def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
     config_problems = config_file_problems(settings)
-    lag, listed, broker_down = broker_view(settings)
+    lag, listed, broker_down, topics_missing = broker_view(settings)
     crm_down: str | None = None
     try:
         slot = slot_state(settings)
@@ -602,6 +614,7 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
     if crm_down:
         status.attention.append(crm_down)
     status.attention.extend(config_problems)
+    status.attention.extend(topics_missing)
     if status.erp_not_set_up is not None:
         status.attention.append(f"consumers refuse to start (exit 2): {status.erp_not_set_up}")
     for t in truncates["stopped"]:

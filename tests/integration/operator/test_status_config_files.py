@@ -1,6 +1,7 @@
 """`status` when this process's source profile or mappings file is missing or not a file
 (newcomer8 N1/N7): it runs and names the setting and the path under NEEDS ATTENTION (exit 1),
-exactly when the operator needs it; `produce` and `consume` still refuse to start (exit 2)."""
+exactly when the operator needs it; `produce` and `consume` still refuse to start (exit 2).
+And a topic setting that names no topic on the broker (N3)."""
 
 from __future__ import annotations
 
@@ -44,3 +45,22 @@ def test_status_names_a_missing_or_directory_file_and_workers_refuse_it(
             done = cli(settings, *command)
             assert done.code == 2, (command, done.err)
             assert f"configuration error: {variable}: {refused}: {path}" in done.err, done.err
+
+
+def test_status_names_topic_settings_that_name_no_topic(sync_env: SyncEnv, cli: Cli) -> None:
+    """newcomer8 N3: a typo in a topic setting (or a deleted topic) showed only as a missing
+    row; status names each such setting, the topic and `crm-erp-sync setup` (exit 1)."""
+    clean = cli(sync_env.settings, "status", "--json")
+    assert not any("does not exist on the broker" in a for a in clean.json["attention"])
+    typo = sync_env.with_(sales_topic=f"{sync_env.settings.sales_topic}-typo",
+                          dlq_topic=f"{sync_env.settings.dlq_topic}-typo")
+    st = cli(typo, "status", "--json")
+    assert st.code == 1, (st.code, st.err)
+    named = [a for a in st.json["attention"] if "does not exist on the broker" in a]
+    assert len(named) == 2, st.json["attention"]
+    for variable, topic in (("CRM_ERP_SYNC_SALES_TOPIC", typo.sales_topic),
+                            ("CRM_ERP_SYNC_DLQ_TOPIC", typo.dlq_topic)):
+        [line] = [a for a in named if a.startswith(f"{variable}: topic '{topic}'")]
+        assert "crm-erp-sync setup" in line, line
+    text = cli(typo, "status")
+    assert text.code == 1 and "CRM_ERP_SYNC_SALES_TOPIC: topic" in text.out, text.out

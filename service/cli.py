@@ -587,12 +587,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     limit_malloc_arenas()
     args = build_parser().parse_args(argv)
     try:
-        settings = Settings.from_env()
+        # `status` names a missing or unreadable profile or mappings file under NEEDS
+        # ATTENTION (config_file_problems) rather than refusing to run.
+        settings = Settings.from_env(
+            files_reported=getattr(args, "reports_config_files", False))
     except ConfigError as exc:
         for variable, problem in exc.problems:  # every one found, one per line
             print(f"crm-erp-sync: configuration error: {variable}: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    log.configure(settings.log_level, settings.log_format)
+    level = settings.log_level
+    if getattr(args, "prints_its_report", False) and level.lower() == "info":
+        # `dlq redrive`/`discard` run the consumer's apply code in this process: its info
+        # lines (held_events_released, events_held) say what the printed report says, as
+        # JSON objects on the operator's terminal after the table. Warnings still show, and
+        # CRM_ERP_SYNC_LOG_LEVEL=debug still shows everything.
+        level = "warning"
+    log.configure(level, settings.log_format)
     for name, closest in unknown_env_vars():
         structlog.get_logger("cli").warning(
             "unknown_setting_ignored", variable=name, did_you_mean=closest,

@@ -319,9 +319,12 @@ def make_consumer(settings: Settings, *topics: str, **overrides: Any) -> KafkaCo
         return KafkaConsumer(*topics, **consumer_options(settings, **overrides))
 
 
-def make_admin(settings: Settings) -> KafkaAdminClient:
+def make_admin(settings: Settings, **overrides: Any) -> KafkaAdminClient:
+    """An admin client (`overrides` win: a bounded ``bootstrap_timeout_ms``). Raises
+    StackUnavailable when no broker answers."""
     with _building(settings):
-        return KafkaAdminClient(**security_options(settings), client_id="crm-erp-sync-admin")
+        return KafkaAdminClient(**{**security_options(settings),
+                                   "client_id": "crm-erp-sync-admin", **overrides})
 
 
 def missing_topics(settings: Settings, existing: set[str]) -> list[tuple[str, str]]:

@@ -129,7 +129,12 @@ class Settings:
         return ENV_PREFIX + field_name.upper()
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, *,
+                 files_reported: bool = False) -> Settings:
+        """The settings from ``environ`` (default os.environ) and the config file; raises one
+        ConfigError naming every invalid variable. ``files_reported``: the command reports a
+        missing or unreadable source profile or mappings file itself (`status`: an operator
+        runs it exactly when a file went missing), so their existence is not refused here."""
         env = os.environ if environ is None else environ
         problems = ConfigProblems()  # every mistake in one go, not one per run
         from_file = _read_config_file(env, {f.name for f in dataclasses.fields(cls)},
@@ -159,7 +164,7 @@ class Settings:
             except ValueError:
                 problems.add(name, f"expected {type(default).__name__}, got {raw!r}")
         settings = cls(**values)  # a value that did not parse keeps its (valid) default
-        settings._check(problems)
+        settings._check(problems, files=not files_reported)
         problems.raise_if_any()
         return settings
 
@@ -169,7 +174,7 @@ class Settings:
         self._check(problems)
         problems.raise_if_any()
 
-    def _check(self, problems: ConfigProblems) -> None:
+    def _check(self, problems: ConfigProblems, *, files: bool = True) -> None:
         for name in ("topic_partitions", "topic_replication", "batch_max_events",
                      "producer_max_changes"):
             if getattr(self, name) < 1:
@@ -194,7 +199,7 @@ class Settings:
         if not self.apply_max_rate >= 0:  # also refuses nan
             problems.add(self.env_var("apply_max_rate"),
                          "must be changes per second per consumer, or 0 for no limit")
-        self._validate_files_and_zone(problems)
+        self._validate_files_and_zone(problems, files=files)
         if self.apply_window:
             from service.consumer.throttle import ApplyWindow
 
@@ -268,15 +273,19 @@ class Settings:
                          f"no such file: {self.kafka_ssl_cafile} (the CA certificate, PEM, "
                          "that the broker's certificate is verified against)")
 
-    def _validate_files_and_zone(self, problems: ConfigProblems) -> None:
-        """The source profile, the mappings file and the apply window's zone exist, whatever
-        the command (README: configuration is validated at start-up). Only existence here:
-        the files' contents are checked by their loaders (the producer, the consumer,
-        `config`), which name the file and key. Adds problems naming the variable."""
+    def _validate_files_and_zone(self, problems: ConfigProblems, *, files: bool = True
+                                 ) -> None:
+        """The source profile, the mappings file (unless ``files`` is False: the command
+        reports them itself) and the apply window's zone exist (README: configuration is
+        validated at start-up). Only existence here: the files' contents are checked by their
+        loaders (the producer, the consumer, `config`, `status`), which name the file and
+        key. Adds problems naming the variable."""
         from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
         profile = self.source_profile
-        if not profile.endswith(".toml") and "/" not in profile:  # a shipped profile's name
+        if not files:
+            pass
+        elif not profile.endswith(".toml") and "/" not in profile:  # a shipped profile's name
             # service.cdc.profile.PROFILES_DIR, not imported: every process validates this
             shipped_dir = Path(__file__).resolve().parent / "profiles"
             if not (shipped_dir / f"{profile}.toml").is_file():
@@ -285,10 +294,9 @@ class Settings:
                              f"no shipped profile {profile!r}; shipped: "
                              f"{', '.join(shipped)}, or give a path to a .toml file")
         elif not Path(profile).is_file():
-            problems.add(self.env_var("source_profile"), f"no such file: {profile}")
-        if not self.mappings_file.is_file():
-            problems.add(self.env_var("mappings_file"),
-                         f"no such file: {self.mappings_file}")
+            problems.add(self.env_var("source_profile"), _not_a_file(Path(profile)))
+        if files and not self.mappings_file.is_file():
+            problems.add(self.env_var("mappings_file"), _not_a_file(self.mappings_file))
         try:
             ZoneInfo(self.apply_window_tz)
         except (ZoneInfoNotFoundError, ValueError):
@@ -320,6 +328,12 @@ class Settings:
 CONFIG_FILE_VAR = ENV_PREFIX + "CONFIG_FILE"
 # libpq's sslmode values that demand TLS; with verify-* the server's certificate is checked.
 PG_TLS_REQUIRED = ("require", "verify-ca", "verify-full")
+
+
+def _not_a_file(path: Path) -> str:
+    """Why ``path`` (not a regular file) cannot be read as one: a directory there (a
+    ConfigMap mounted as a directory) is not "no such file"."""
+    return f"is a directory: {path}" if path.is_dir() else f"no such file: {path}"
 
 
 def pg_dsn_problems(dsn: str, variable: str) -> list[tuple[str, str]]:

@@ -56,6 +56,7 @@ from service.faults import transient
 from service.health import Health, serve
 from service.kafka_io import (
     close_producer,
+    make_admin,
     make_consumer,
     make_producer,
     missing_topics,
@@ -65,6 +66,10 @@ from service.pg import PgConn
 from service.settings import Settings
 
 log = structlog.get_logger("consumer")
+
+# How long a failed dead-letter send waits for a broker to say whether the dead-letter topic
+# exists (ErpApplier._dlq_send_failed): a broker that is down has already cost max_block_ms.
+DLQ_TOPIC_CHECK_MS = 5_000
 
 # Transient by class: the connection, deadlocks and serialization failures are all
 # OperationalError subclasses in psycopg 3.
@@ -334,9 +339,7 @@ class ErpApplier:
         except TRANSIENT_PG as exc:
             raise Retryable(f"ERP: {type(exc).__name__}: {exc}".strip()) from exc
         except KafkaError as exc:
-            self._drop_dlq_producer()
-            raise (transient(exc, "broker (dead-letter topic)")
-                   or Retryable(f"dead-letter topic: {type(exc).__name__}")) from exc
+            raise self._dlq_send_failed(exc) from exc
         except StackUnavailable as exc:  # the DLQ producer could not be built: broker down
             raise ConnectionLost("broker (dead-letter topic) unreachable") from exc
         self.applied += sum(1 for e in batch.envelopes if e.error is None and not e.held)
@@ -734,11 +737,34 @@ class ErpApplier:
         except TRANSIENT_PG as exc:
             raise Retryable(f"ERP: {type(exc).__name__}") from exc
         except KafkaError as exc:
-            self._drop_dlq_producer()
-            raise (transient(exc, "broker (dead-letter topic)")
-                   or Retryable(f"dead-letter topic: {type(exc).__name__}")) from exc
+            raise self._dlq_send_failed(exc) from exc
         except StackUnavailable as exc:
             raise ConnectionLost("broker (dead-letter topic) unreachable") from exc
+
+    def _dlq_send_failed(self, exc: KafkaError) -> Retryable:
+        """The Retryable for a failed send of dead letters. A send to a topic the broker
+        does not have fails like a broker that never answers (KafkaTimeoutError "Failed to
+        update metadata" after max_block_ms), so the broker is asked once (its bootstrap
+        bounded by DLQ_TOPIC_CHECK_MS) whether the dead-letter topic exists: a topic deleted
+        while consumers run is named with its setting and `crm-erp-sync setup`, not
+        "broker (dead-letter topic) unreachable"."""
+        self._drop_dlq_producer()
+        try:
+            admin = make_admin(self.settings, bootstrap_timeout_ms=DLQ_TOPIC_CHECK_MS,
+                               request_timeout_ms=DLQ_TOPIC_CHECK_MS)
+            try:
+                existing: set[str] | None = set(admin.list_topics())
+            finally:
+                admin.close()
+        except (KafkaError, StackUnavailable):  # no answer: unreachable it is
+            existing = None
+        if existing is not None:
+            dlq_variable = self.settings.env_var("dlq_topic")
+            for variable, problem in missing_topics(self.settings, existing):
+                if variable == dlq_variable:
+                    return Retryable(f"{variable}: {problem}")
+        return (transient(exc, "broker (dead-letter topic)")
+                or Retryable(f"dead-letter topic: {type(exc).__name__}"))
 
     def _drop_dlq_producer(self) -> None:
         """A failed send can leave kafka-python's idempotent producer failing every later

@@ -487,10 +487,13 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
                 print(f"{e.entity} {label}: {', '.join(map(str, keys[:shown]))}{more}")
         for key, fields in list(e.differing.items())[:shown]:
             print(f"{e.entity} {key} differs in: {', '.join(fields)}")
+        _more_keys(e.entity, "differing", len(e.differing), shown)
         for key, why in list(e.unmappable.items())[:shown]:
             print(f"{e.entity} {key} cannot be mapped: {why}")
+        _more_keys(e.entity, "unmappable", len(e.unmappable), shown)
         for key, why in list(e.held.items())[:shown]:
             print(f"{e.entity} {key} {why}")
+        _more_keys(e.entity, "held", len(e.held), shown)
     if result.stock is not None:
         print()
         _print_stock(result.stock, shown)
@@ -520,6 +523,14 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_ATTENTION
     print("\nNo drift.")
     return EXIT_OK
+
+
+def _more_keys(entity: str, label: str, count: int, shown: int | None) -> None:
+    """The line that says a per-key list was cut at --limit (one key per line above it), so
+    that 20 named of 47 does not read as all of them."""
+    if shown is not None and count > shown:
+        print(f"{entity} … and {count - shown} more {label} key(s) not listed "
+              "(--limit 0 shows all)")
 
 
 def _keys_text(keys: list[str], shown: int | None) -> str:
@@ -770,7 +781,8 @@ def register(sub: Any) -> None:
                "total lag exceeds --max-lag.")
     p.add_argument("--max-lag", type=argtypes.count, default=10_000, metavar="EVENTS",
                    help="total lag above which status needs attention (default 10000)")
-    p.set_defaults(func=cmd_status)
+    # a missing or unreadable source profile or mappings file is reported, not refused
+    p.set_defaults(func=cmd_status, reports_config_files=True)
 
     p = parser("trace", sub, "one key through the system: CRM row, Kafka events, ERP row, "
                "held events, dead letters",
@@ -887,7 +899,7 @@ def register(sub: Any) -> None:
                    help="only check that each decodes and maps with the current mappings")
     p.add_argument("--actor", help="who (default: the login name)")
     p.add_argument("--reason", help="why (recorded in the audit)")
-    p.set_defaults(func=cmd_dlq_redrive)
+    p.set_defaults(func=cmd_dlq_redrive, prints_its_report=True)  # info logs: cli.main
 
     p = parser("discard", dsub, "give up on dead letters (audited), releasing their key",
                "Mark dead letters discarded (the change will not reach the ERP) and apply the\n"
@@ -905,7 +917,7 @@ def register(sub: Any) -> None:
     p.add_argument("--yes", action="store_true", help="confirm a bulk discard without asking")
     p.add_argument("--reason", required=True, help="why (required, audited)")
     p.add_argument("--actor", help="who (default: the login name)")
-    p.set_defaults(func=cmd_dlq_discard)
+    p.set_defaults(func=cmd_dlq_discard, prints_its_report=True)  # info logs: cli.main
 
     p = parser("resync", sub, "recover from a dropped, replaced or lost slot or a dropped "
                "publication", "The one recovery when `status` says capture stopped because the\n"

@@ -12,7 +12,9 @@ Needs attention (exit 1) when any of:
 - the dead-letter circuit breaker keeps a partition paused (``sync.breaker_trips``);
 - the group's total lag exceeds ``--max-lag`` (default 10000 events);
 - a consumer that reported itself recently (``sync.consumer_membership``) is not a member of
-  the group as the broker lists it (it rejoins by itself; if it stays out, look at it);
+  the group as the broker lists it: said as what is known (``outside_group_line``): its last
+  report's age, "stopped or stuck" once it missed a report, "no longer runs" when its pid is
+  gone on this host (a running one rejoins by itself; if it stays out, look at it);
 - events are waiting (lag) but the group has no member, or the broker lists members but none
   has reported from its loop for ``STALE_AFTER_S`` (a consumer blocked in a call: an ERP lock,
   a hung query);
@@ -45,6 +47,8 @@ Needs attention (exit 1) when any of:
 - the ERP lacks a table or column of this version (``ErpTarget.not_set_up``: an ERP set up
   before ``erp.sales_orders.total_amount`` existed): consumers refuse to start (exit 2) until
   `crm-erp-sync setup` adds it; said as the reason when events wait and no consumer runs;
+- a topic setting (sales, market demand, dead letters) names no topic on the broker (a typo,
+  or a topic deleted): the variable, the topic and `crm-erp-sync setup` are named;
 - this process's source profile or mappings file is invalid (read by the loaders `produce`,
   `consume` and `config` use; the file and key are named): a producer or consumer started
   with it would refuse to start.
@@ -67,6 +71,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -88,7 +94,7 @@ from service.consumer.mappings_watch import STALE_AFTER_S, live_members
 from service.erp.mappings import Mappings
 from service.erp.target import make_target
 from service.errors import BrokerUnreachable, ConfigError, StackUnavailable
-from service.kafka_io import make_admin
+from service.kafka_io import make_admin, missing_topics
 from service.operator.breaker import BreakerTrip, open_trips
 from service.operator.common import BROKER_CHECK_S as BROKER_CHECK_S  # documented here
 from service.operator.common import broker_consumer, connect
@@ -228,25 +234,35 @@ def quiet_kafka() -> Iterator[None]:
 
 
 def broker_view(settings: Settings) -> tuple[list[PartitionLag], list[dict[str, Any]],
-                                             str | None]:
-    """The group's lag and members as the broker lists them, or ([], [], why) when no broker
-    answers within ``BROKER_CHECK_S`` (a probe consumer bounds kafka-python's bootstrap wait;
-    the calls after it are made only to a broker that answered)."""
+                                             str | None, list[str]]:
+    """The group's lag and members as the broker lists them, and one line per topic setting
+    (sales, market demand, dead letters) that names no topic on the broker
+    (``kafka_io.missing_topics``: a typo or a deleted topic, which would otherwise show only
+    as a missing row); or ([], [], why, []) when no broker answers within ``BROKER_CHECK_S``
+    (a probe consumer bounds kafka-python's bootstrap wait; the calls after it are made only
+    to a broker that answered)."""
     unknown = "lag and group members unknown"
     with quiet_kafka():
         try:
             probe = broker_consumer(settings, unknown, group_id=None,
                                     client_id="crm-erp-sync-status")
         except BrokerUnreachable as exc:
-            return [], [], str(exc)
-        probe.close()
+            return [], [], str(exc), []
         try:
-            return group_lag(settings), broker_members(settings), None
-        except StackUnavailable as exc:  # it answered the probe, then failed a call
-            return [], [], f"{exc}: {unknown}"
+            missing = [f"{variable}: {problem}; a consumer refuses to start with it (exit 2)"
+                       for variable, problem in missing_topics(settings, probe.topics())]
         except KafkaError as exc:
             return [], [], (f"broker {settings.kafka_bootstrap} did not answer "
-                            f"({type(exc).__name__}): {unknown}")
+                            f"({type(exc).__name__}): {unknown}"), []
+        finally:
+            probe.close()
+        try:
+            return group_lag(settings), broker_members(settings), None, missing
+        except StackUnavailable as exc:  # it answered the probe, then failed a call
+            return [], [], f"{exc}: {unknown}", missing
+        except KafkaError as exc:
+            return [], [], (f"broker {settings.kafka_bootstrap} did not answer "
+                            f"({type(exc).__name__}): {unknown}"), missing
 
 
 def merge_members(listed: list[dict[str, Any]], reported: list[dict[str, Any]],
@@ -269,6 +285,45 @@ def merge_members(listed: list[dict[str, Any]], reported: list[dict[str, Any]],
                           False, r["pid"], r["age_s"], r["out_since"], r["mappings_version"],
                           r["rejoins"]))
     return out
+
+
+def pid_gone_here(host: str, pid: int | None) -> bool:
+    """True when ``host`` is this host (the consumer reports ``socket.gethostname()``; in a
+    container or pod the hostname is its own, so a pid is only looked at in the namespace
+    it was reported from) and no process ``pid`` runs: the consumer is dead. False when
+    unknown (another host, no pid) or alive."""
+    if pid is None or host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only, nothing is sent
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, under another user
+        return False
+    return False
+
+
+def outside_group_line(m: Member, group: str, check_s: float, *, pid_gone: bool) -> str:
+    """Status's line for a consumer whose own recent report (``m.last_seen_s`` seconds ago)
+    names a member id the broker does not list. Only what is known is said: a consumer
+    reports every ``check_s`` seconds, so one that missed a report is stopped (a SIGKILL
+    leaves its last report behind for ``merge_members``' ``alive_s``) or stuck, not
+    "running"; ``pid_gone`` (see pid_gone_here) makes it certain."""
+    who = f"consumer {m.client_id} (host {m.host}, pid {m.pid})"
+    since = f" since {when(m.out_since)}" if m.out_since else ""
+    age = m.last_seen_s or 0.0
+    if pid_gone:
+        return (f"{who} is NOT in group {group} and no longer runs (pid {m.pid} is gone on "
+                f"this host; last report {age:.0f}s ago): it stopped (killed or crashed); the "
+                "broker hands its partitions to the other members once its session times "
+                "out: restart it if it should run")
+    if age > 2 * check_s:
+        return (f"{who} is NOT in group {group}{since} and not seen for {age:.0f}s (it "
+                f"reports every {check_s:g}s): stopped or stuck; look at its log and "
+                "restart it")
+    return (f"{who} reported {age:.0f}s ago that it is NOT in group {group}{since} "
+            f"({m.rejoins} rejoin(s) so far; a running consumer rejoins by itself: if it "
+            "stays out, look at its log and restart it)")
 
 
 def _age(seconds: float) -> str:
@@ -399,7 +454,7 @@ def config_file_problems(settings: Settings) -> list[str]:
 
 def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
     config_problems = config_file_problems(settings)
-    lag, listed, broker_down = broker_view(settings)
+    lag, listed, broker_down, topics_missing = broker_view(settings)
     crm_down: str | None = None
     try:
         slot = slot_state(settings)
@@ -559,6 +614,7 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
     if crm_down:
         status.attention.append(crm_down)
     status.attention.extend(config_problems)
+    status.attention.extend(topics_missing)
     if status.erp_not_set_up is not None:
         status.attention.append(f"consumers refuse to start (exit 2): {status.erp_not_set_up}")
     for t in truncates["stopped"]:
@@ -581,12 +637,9 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
             f"`crm-erp-sync resume --partition {trip.topic}:{trip.partition} --reason ...`")
     for m in status.members:
         if not m.in_group:
-            status.attention.append(
-                f"consumer {m.client_id} (host {m.host}, pid {m.pid}) is running but NOT in "
-                f"group {settings.consumer_group}" + (
-                    f" since {when(m.out_since)}" if m.out_since else "")
-                + f" ({m.rejoins} rejoin(s) so far; it rejoins by itself: if it stays out, "
-                "look at its log and restart it)")
+            status.attention.append(outside_group_line(
+                m, settings.consumer_group, settings.membership_check_s,
+                pid_gone=pid_gone_here(m.host, m.pid)))
     if broker_down:
         pass  # lag and members unknown: said once above
     elif not any(m.in_group for m in status.members) and status.total_lag > 0:

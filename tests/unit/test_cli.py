@@ -148,13 +148,21 @@ def test_every_option_has_help() -> None:
     assert walk(build_parser(), "crm-erp-sync") == []
 
 
-@pytest.mark.parametrize(("variable", "value", "says"), [
+_REFUSED = [
     ("CRM_ERP_SYNC_SOURCE_PROFILE", "nosuch", "no shipped profile 'nosuch'"),
     ("CRM_ERP_SYNC_SOURCE_PROFILE", "/nonexistent/crm.toml", "no such file"),
     ("CRM_ERP_SYNC_MAPPINGS_FILE", "/nonexistent", "no such file"),
     ("CRM_ERP_SYNC_APPLY_WINDOW_TZ", "Mars/Base", "unknown time zone"),  # no window set
-])
-@pytest.mark.parametrize("command", [["status"], ["dlq", "list"], ["config"]])
+]
+
+
+# `status` reports a missing profile or mappings file under NEEDS ATTENTION (exit 1) instead
+# of refusing to run (newcomer8 N1/N7): test_status_is_not_refused_for_a_missing_file and
+# tests/integration/operator/test_status_config_files.py. It still refuses an unknown zone.
+@pytest.mark.parametrize(("command", "variable", "value", "says"), [
+    (command, *case) for command in (["status"], ["dlq", "list"], ["config"])
+    for case in _REFUSED
+    if command != ["status"] or case[0] == "CRM_ERP_SYNC_APPLY_WINDOW_TZ"])
 def test_every_command_refuses_a_missing_file_or_zone_naming_the_variable(
         command: list[str], variable: str, value: str, says: str) -> None:
     # exit 2 before any connection: nothing listens at these DSNs
@@ -165,9 +173,23 @@ def test_every_command_refuses_a_missing_file_or_zone_naming_the_variable(
     assert f"configuration error: {variable}: {says}" in done.stderr
 
 
+@pytest.mark.parametrize("variable", ["CRM_ERP_SYNC_MAPPINGS_FILE",
+                                      "CRM_ERP_SYNC_SOURCE_PROFILE"])
+def test_status_is_not_refused_for_a_missing_file(variable: str, tmp_path: Path) -> None:
+    """N1/N7 (newcomer8): the operator needs `status` exactly when a file went missing; it
+    names it under NEEDS ATTENTION (integration test) instead of exit 2 with nothing else.
+    Another invalid setting still refuses it (exit 2) before any connection."""
+    done = run("status", CRM_ERP_SYNC_LOG_FORMAT="xml",
+               **{variable: str(tmp_path / "gone.toml")})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        "crm-erp-sync: configuration error: CRM_ERP_SYNC_LOG_FORMAT: must be 'json' or "
+        "'console'"]
+
+
 def test_every_configuration_error_is_its_own_line() -> None:
-    done = run("status", CRM_ERP_SYNC_LOG_FORMAT="xml", CRM_ERP_SYNC_TOPIC_PARTITIONS="six",
-               CRM_ERP_SYNC_MAPPINGS_FILE="/nonexistent")
+    done = run("dlq", "list", CRM_ERP_SYNC_LOG_FORMAT="xml",
+               CRM_ERP_SYNC_TOPIC_PARTITIONS="six", CRM_ERP_SYNC_MAPPINGS_FILE="/nonexistent")
     assert done.returncode == 2, done.stderr
     lines = done.stderr.splitlines()
     assert len(lines) == 3 and all(

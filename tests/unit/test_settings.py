@@ -279,3 +279,22 @@ def test_readme_configuration_table_lists_the_accepted_log_formats() -> None:
                 if line.startswith("| `CRM_ERP_SYNC_LOG_FORMAT`")), "")
     assert row, "README's Configuration table has no CRM_ERP_SYNC_LOG_FORMAT row"
     assert all(f"`{value}`" in row for value in service.settings.LOG_FORMATS), row
+
+
+@pytest.mark.parametrize(("variable", "name"), [
+    ("CRM_ERP_SYNC_MAPPINGS_FILE", "mappings.toml"),
+    ("CRM_ERP_SYNC_SOURCE_PROFILE", "profile.toml"),
+])
+def test_a_file_setting_naming_a_directory_says_so_and_status_may_run_without_it(
+        tmp_path: Path, variable: str, name: str) -> None:
+    """newcomer8 N1/N11: a directory at the path (a ConfigMap mounted as one) is "is a
+    directory", not "no such file"; with ``files_reported`` (`status`) neither is refused."""
+    (tmp_path / name).mkdir()
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({variable: str(tmp_path / name)})
+    assert list(err.value.problems) == [(variable, f"is a directory: {tmp_path / name}")]
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({variable: str(tmp_path / "gone.toml")})
+    assert list(err.value.problems) == [(variable, f"no such file: {tmp_path / 'gone.toml'}")]
+    for path in (tmp_path / name, tmp_path / "gone.toml"):
+        assert Settings.from_env({variable: str(path)}, files_reported=True)

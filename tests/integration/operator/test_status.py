@@ -70,8 +70,26 @@ def test_status_shows_members_letters_by_field_and_what_needs_attention(
                     "false, now(), '{}', 'abc', now(), now(), 3)", (settings.consumer_group,))
     out = cli(settings, "status", "--json")
     assert out.code == 1
-    assert any("consumer-out (host host-b, pid 4242) is running but NOT in group" in a
-               for a in out.json["attention"])
+    assert any("consumer-out (host host-b, pid 4242) reported 0s ago that it is NOT in group"
+               in a for a in out.json["attention"]), out.json["attention"]
+    # newcomer8 N6: one whose reports stopped (a SIGKILL leaves the last one behind) is not
+    # called running: "stopped or stuck"; on this host with its pid gone: "no longer runs".
+    with sync_env.erp() as erp:
+        erp.execute("UPDATE sync.consumer_membership SET last_seen = now() - interval '20 s' "
+                    "WHERE client_id = 'consumer-out'")
+    quiet = cli(settings, "status", "--json")
+    [line] = [a for a in quiet.json["attention"] if "consumer-out" in a]
+    assert "not seen for 20s (it reports every 0.5s): stopped or stuck" in line, line
+    assert "running" not in line
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True).stdout)
+    with sync_env.erp() as erp:
+        erp.execute("UPDATE sync.consumer_membership SET host = %s, pid = %s, "
+                    "last_seen = now() WHERE client_id = 'consumer-out'",
+                    (socket.gethostname(), dead))
+    killed = cli(settings, "status", "--json")
+    [line] = [a for a in killed.json["attention"] if "consumer-out" in a]
+    assert f"no longer runs (pid {dead} is gone on this host" in line, line
     # ... but not once its reports stopped (the process is gone).
     with sync_env.erp() as erp:
         erp.execute("UPDATE sync.consumer_membership SET last_seen = now() - interval '1 hour' "

@@ -155,14 +155,20 @@ def _decimal(text: str | None, field: str) -> Decimal | None:
     return value
 
 
-def _cents(text: str | None, field: str) -> Decimal | None:
-    """An amount of money from the CRM's exact decimal text, as the ERP keeps it
-    (``transform.check_cents``, as ``_total`` through ``transform.parse_money``); None for
-    none. Raises MappingError."""
-    amount = _decimal(text, field)
-    if amount is not None:
-        tf.check_cents(amount, field, text)
-    return amount
+def _purchase_amount(after: dict[str, Any], mappings: Mappings
+                     ) -> tuple[Decimal | None, str | None]:
+    """A customer's purchase amount and its ISO currency, read like an order's total
+    (``transform.parse_money``: 5000元, ¥5,000.00, 5000.00) with the customer's currency
+    column; when neither names a currency, ``[money] default_currency`` of the mappings
+    (CNY unless configured). ``(None, None)`` when the CRM has no amount (null, or blank
+    text). Raises MappingError naming ``purchase_amount`` (``currency`` for an unknown
+    word of the currency column)."""
+    text = after.get("purchase_amount")
+    if text is None or not text.strip():
+        return None, None
+    money = tf.parse_money(text, after.get("currency") or None, mappings,
+                           field="purchase_amount", default_currency=mappings.default_currency)
+    return money.amount, money.currency
 
 
 def _total(after: dict[str, Any], mappings: Mappings) -> Decimal | None:
@@ -216,7 +222,7 @@ def partner_row(record: dict[str, Any], mappings: Mappings) -> PartnerRow:
                           None, None, None, None, None, None, None, None, None, pos)
     address = _address(after)
     phones = tf.parse_phones(after.get("phone"), mappings)
-    amount = _cents(after.get("purchase_amount"), "purchase_amount")
+    amount, currency = _purchase_amount(after, mappings)
     birth_date = after.get("birth_date")
     return PartnerRow(
         crm_customer_id=record["key"],
@@ -233,8 +239,7 @@ def partner_row(record: dict[str, Any], mappings: Mappings) -> PartnerRow:
         street=address.street if address else None,
         purchase_frequency=after.get("purchase_frequency"),
         purchase_amount=amount,
-        amount_currency=(tf.currency_code(after["currency"], mappings) if after.get("currency")
-                         else "CNY") if amount is not None else None,
+        amount_currency=currency,
         product_preference=after.get("product_preference"),
         notes=after.get("notes"),
         pos=pos,
@@ -271,15 +276,21 @@ def order_change(record: dict[str, Any], mappings: Mappings) -> ErpChange:
                                       "", "", Decimal(1), "", Decimal(0), True, pos))
             continue
         try:
-            items.append(_item(la, pos, mappings))
+            items.append(_item(la, pos, mappings, (after or {}).get("currency") or None))
         except MappingError as exc:
             # which line of the order: its CRM key (an id, never a value)
             raise exc.in_line(str(la.get("key", ""))) from None
     return ErpChange("order", record["customer_key"], header=header, items=items)
 
 
-def _item(la: dict[str, Any], pos: Position, mappings: Mappings) -> OrderItemRow:
-    """One live order line (its ``after``); raises MappingError naming a ``lines.`` field."""
+def _item(la: dict[str, Any], pos: Position, mappings: Mappings,
+          order_currency: str | None = None) -> OrderItemRow:
+    """One live order line (its ``after``); raises MappingError naming a ``lines.`` field.
+
+    The unit price is read by ``transform.parse_amount`` (5000元, ¥5,000.00, 5000.00): a
+    currency written with it must be the order's (``order_currency``, the header's
+    currency word, when the header is in this event). A lines-only event carries no
+    header, so a currency written with a price is then only checked to be a known one."""
     quantity = la.get("quantity") or ""
     if la.get("unit"):
         # A numeric column's scale is not the count's precision: 10.00 个 is 10 个.
@@ -287,9 +298,10 @@ def _item(la: dict[str, Any], pos: Position, mappings: Mappings) -> OrderItemRow
         quantity = "" if number is None else format(number.normalize(), "f")
     qty = tf.parse_quantity(quantity + (la.get("unit") or ""), mappings,
                             field="lines.quantity")
-    price = _cents(la.get("unit_price"), "lines.unit_price")
-    if price is None or price < 0:
-        raise MappingError("lines.unit_price", price, "missing or negative")
+    text = la.get("unit_price")
+    if text is None or not text.strip():
+        raise MappingError("lines.unit_price", text, "the line has no unit price")
+    price, _ = tf.parse_amount(text, order_currency, mappings, field="lines.unit_price")
     sku = tf.sku_for(la.get("product_code") or "", mappings)
     base = units.to_base(sku, qty.value, qty.unit, mappings,
                          raw=quantity + (la.get("unit") or ""), field="lines.quantity")

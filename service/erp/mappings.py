@@ -29,6 +29,7 @@ DEFAULT_PATH: Final = Path(__file__).resolve().parent / "mappings.toml"
 STOCK_EFFECTS: Final = frozenset({"none", "reserve", "issue", "release"})
 UNIT_KINDS: Final = frozenset({"countable", "measured"})
 DEFAULT_PHONE_REGION: Final = "CN"
+DEFAULT_CURRENCY: Final = "CNY"
 DEFAULT_NO_NUMBER: Final = ("无", "暂无", "没有", "-", "—", "/", "n/a", "none")
 
 _CODE = re.compile(r"[A-Z][A-Z0-9_]*")
@@ -49,8 +50,8 @@ _SECTIONS: Final[dict[str, tuple[re.Pattern[str], str]]] = {
 }
 # Sections whose values are tables, not words: checked by _sku_units.
 _TABLE_SECTIONS: Final = ("sku_units",)
-# Optional sections with their own shapes (checked in _phone and _unit_kinds).
-_OTHER_SECTIONS: Final = ("phone", "unit_kind")
+# Optional sections with their own shapes (checked in _phone, _unit_kinds and _money).
+_OTHER_SECTIONS: Final = ("phone", "unit_kind", "money")
 _REGION = re.compile(r"[A-Z]{2}")
 
 
@@ -84,6 +85,9 @@ class Mappings:
     """ISO 3166 region a number without a country code is read in (``[phone]``)"""
     no_number: frozenset[str] = frozenset(DEFAULT_NO_NUMBER)
     """normalised words that mean "no phone number" (``[phone] no_number``)"""
+    default_currency: str = DEFAULT_CURRENCY
+    """ISO 4217 code of a customer's purchase amount when neither the amount's text nor the
+    customer's currency column names one (``[money] default_currency``)"""
 
     @classmethod
     def load(cls, path: str | Path = DEFAULT_PATH) -> Mappings:
@@ -170,6 +174,10 @@ class Mappings:
         phone: dict[str, Any] = {}
         with problems.gather():
             phone = _phone(source, data)
+        money: dict[str, Any] = {}
+        with problems.gather():
+            money = _money(source, data, set(tables["currencies"].values())
+                           if "currencies" in valid else None)
         problems.raise_if_any()
         return cls(
             source=source,
@@ -184,6 +192,7 @@ class Mappings:
             sku_units=per_sku,
             unit_kind=unit_kind,
             **phone,
+            **money,
         )
 
     @staticmethod
@@ -298,6 +307,29 @@ def _phone(source: str, data: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(_where(source, "phone", "no_number"),
                           "must be a list of non-empty quoted words")
     return {"phone_region": region, "no_number": frozenset(normalise_word(w) for w in words)}
+
+
+def _money(source: str, data: Mapping[str, Any], codes: set[str] | None) -> dict[str, Any]:
+    """``[money]``: ``default_currency = "CNY"`` (optional; CNY when absent). ``codes`` are
+    the ISO codes ``[currencies]`` produces (None when that section is invalid: not
+    compared), so a typo (CYN) is caught here rather than stamped on every amount; the
+    default when absent is not compared (a file written before the key existed loads as
+    it did)."""
+    table = data.get("money", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: [money]", "must be a table")
+    for key in table:
+        if key != "default_currency":
+            raise ConfigError(_where(source, "money", key),
+                              "unknown key; expected default_currency")
+    code = table.get("default_currency", DEFAULT_CURRENCY)
+    where = _where(source, "money", "default_currency")
+    if not isinstance(code, str) or not _CURRENCY.fullmatch(code):
+        raise ConfigError(where, 'must be a three-letter ISO 4217 code such as "CNY"')
+    if "default_currency" in table and codes is not None and code not in codes:
+        raise ConfigError(where, f"{code} is not an ISO code produced by [currencies] "
+                                 "(a typo?)")
+    return {"default_currency": code}
 
 
 def _unit_kinds(source: str, data: Mapping[str, Any], units: set[str]) -> Mapping[str, str]:

@@ -59,6 +59,9 @@ CREATE TABLE IF NOT EXISTS sync.dead_letter_actions (
     at             timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX IF NOT EXISTS dead_letter_actions_letter ON sync.dead_letter_actions (dead_letter_id);
+-- Finding N5: the mappings version a redrive mapped with (12 hex digits, as consumers report
+-- theirs in sync.consumers); NULL for a discard, and for actions recorded before the column.
+ALTER TABLE sync.dead_letter_actions ADD COLUMN IF NOT EXISTS mappings_version text;
 
 -- Read by every batch (the blocked keys of its messages, the orders awaiting its customers):
 -- index lookups, not scans of everything held.

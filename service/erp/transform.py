@@ -42,6 +42,7 @@ __all__ = [
     "normalise_email",
     "order_number",
     "order_status",
+    "parse_amount",
     "parse_cn_address",
     "parse_money",
     "parse_phones",
@@ -539,12 +540,37 @@ def check_cents(amount: Decimal, field: str, value: object) -> Decimal:
 
 
 def parse_money(value: str | Decimal | int, currency_word: str | None, mappings: Mappings, *,
-                field: str = "amount") -> Money:
+                field: str = "amount", default_currency: str | None = None) -> Money:
     """An amount (``5000元``, ``¥5,000.00``, ``Decimal('5000')``) -> exact ``Money``.
 
-    The currency comes from the text, from ``currency_word`` (the order's currency column),
-    or both - when both are given they must map to the same ISO code. Negative amounts,
-    more than two decimal places and floats are refused.
+    The currency comes from the text, from ``currency_word`` (the row's currency column),
+    or both - when both are given they must map to the same ISO code; when neither gives
+    one, ``default_currency`` (an ISO code, e.g. ``[money] default_currency``) is taken,
+    and without it the amount is refused. Negative amounts, more than two decimal places
+    and floats are refused. Raises MappingError naming ``field`` (or ``currency`` for an
+    unknown word of the currency column).
+    """
+    amount, code = parse_amount(value, currency_word, mappings, field=field)
+    if code is None:
+        if default_currency is None:
+            raise MappingError(field, value, "no currency: none written with the amount "
+                                             "or given")
+        code = default_currency
+    return Money(amount, code)
+
+
+def parse_amount(value: str | Decimal | int, currency_word: str | None, mappings: Mappings, *,
+                 field: str = "amount") -> tuple[Decimal, str | None]:
+    """An amount of money and its ISO 4217 code when one is known: written with it
+    (``5000元``, ``¥5,000.00``, ``USD 99.90``: a word or sign of ``[currencies]``) or given
+    as ``currency_word`` (the row's currency column); both must agree. ``(5000.00, None)``
+    when none is: for a caller that knows the currency otherwise (an order line's price is
+    in its order's currency). The amount has exactly two decimal places.
+
+    Raises MappingError naming ``field`` for text that is not an amount, a negative or
+    non-finite amount, one the ERP cannot keep (``check_cents``), an unknown currency
+    written with the amount, or one that differs from ``currency_word``'s; naming
+    ``currency`` for an unknown ``currency_word``.
     """
     word_in_text: str | None = None
     if isinstance(value, float):
@@ -558,7 +584,7 @@ def parse_money(value: str | Decimal | int, currency_word: str | None, mappings:
             raise MappingError(field, value, "not an amount (expected e.g. 5000元 or 5,000.00)")
         if m["pre"] and m["post"]:
             raise MappingError(field, value, "currency written both before and after the amount")
-        word_in_text = m["pre"] or m["post"] or None
+        word_in_text = m["pre"] or m["post"].strip() or None
     elif isinstance(value, Decimal | int) and not isinstance(value, bool):
         amount = Decimal(value)
     else:
@@ -570,14 +596,19 @@ def parse_money(value: str | Decimal | int, currency_word: str | None, mappings:
         raise MappingError(field, value, "amount is negative")
     exact = check_cents(amount, field, value)
 
-    codes = [_lookup(mappings.currencies, w, "currency", "currency")
-             for w in (word_in_text, currency_word) if w is not None]
-    if not codes:
-        raise MappingError(field, value, "no currency: none written with the amount or given")
-    if len(codes) == 2 and codes[0] != codes[1]:
-        raise MappingError(field, value, f"currency written with the amount ({codes[0]}) "
-                                         f"differs from the currency field ({codes[1]})")
-    return Money(exact, codes[0])
+    written: str | None = None
+    if word_in_text is not None:
+        written = _lookup_word(mappings.currencies, word_in_text)
+        if written is None:
+            # the word is part of the amount: the amount's field is what to fix
+            raise MappingError(field, value, f"unknown currency {_shown(word_in_text)} written "
+                                             "with the amount (not in [currencies])")
+    given = (_lookup(mappings.currencies, currency_word, "currency", "currency")
+             if currency_word is not None else None)
+    if written is not None and given is not None and written != given:
+        raise MappingError(field, value, f"currency written with the amount ({written}) "
+                                         f"differs from the currency field ({given})")
+    return exact, written or given
 
 
 _CN_NUMERAL = re.compile(r"[零〇一二两三四五六七八九十廿百千万亿壹贰叁肆伍陆柒捌玖拾佰仟点]+")

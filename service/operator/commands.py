@@ -340,9 +340,10 @@ def cmd_dlq_show(settings: Settings, args: argparse.Namespace) -> int:
     print(trace.rstrip() or "  (none recorded)")
     if info["actions"]:
         print("\nActions:")
-        print(render.table(["at", "action", "actor", "outcome", "reason", "detail"],
-                           [(a["at"], a["action"], a["actor"], a["outcome"], a["reason"],
-                             a["detail"]) for a in info["actions"]], max_width=70))
+        print(render.table(["at", "action", "actor", "outcome", "mappings", "reason", "detail"],
+                           [(a["at"], a["action"], a["actor"], a["outcome"], a["mappings"],
+                             a["reason"], a["detail"]) for a in info["actions"]],
+                           max_width=70))
     return EXIT_OK
 
 
@@ -372,8 +373,15 @@ def cmd_dlq_redrive(settings: Settings, args: argparse.Namespace) -> int:
     letters, refused = select_letters(settings, args.ids, args.error_type, args.all,
                                       field=args.field, key=args.key)
     report = redrive(settings, letters, actor=actor(args.actor), reason=args.reason,
-                     dry_run=args.dry_run)
+                     dry_run=args.dry_run, force=args.force)
     report.outcomes[:0] = refused
+    for warning in report.warnings:
+        print(f"crm-erp-sync: warning: {warning}", file=sys.stderr)
+    if not args.json:
+        running = (f"running consumers apply {', '.join(report.consumer_versions)}"
+                   if report.consumer_versions else "no consumer is running to compare with")
+        print(f"Mappings version {report.mappings_version} ({settings.mappings_file}; "
+              f"{running})")
     return _print_report(report, args.json)
 
 
@@ -887,7 +895,9 @@ def register(sub: Any) -> None:
                "redrive). Per key in the original order; then the events held behind the key\n"
                "are applied in order. Outcome recorded: redriven, held (its customer is not in\n"
                "the ERP yet), or failed_again (with the new error); every action audited.\n"
-               "Already redriven or discarded letters are refused. Exit 1 unless all succeed.")
+               "Already redriven or discarded letters are refused. Exit 1 unless all succeed.\n"
+               "Prints the mappings version it maps with (recorded in the audit); refuses\n"
+               "(exit 2) when consumers run and none applies that version, unless --force.")
     p.add_argument("ids", type=argtypes.object_id, nargs="*", metavar="ID")
     p.add_argument("--error-type", help="all unresolved letters of this error class or stage")
     p.add_argument("--field", help="all unresolved letters whose mapping failed on this CRM "
@@ -899,6 +909,9 @@ def register(sub: Any) -> None:
                    help="only check that each decodes and maps with the current mappings")
     p.add_argument("--actor", help="who (default: the login name)")
     p.add_argument("--reason", help="why (recorded in the audit)")
+    p.add_argument("--force", action="store_true",
+                   help="redrive even with a mappings file whose version no running "
+                        "consumer applies (refused without it; a warning is printed)")
     p.set_defaults(func=cmd_dlq_redrive, prints_its_report=True)  # info logs: cli.main
 
     p = parser("discard", dsub, "give up on dead letters (audited), releasing their key",

@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from kafka import TopicPartition
 
 from service.avro import SchemaRegistry
 from service.cdc.capture import missing_keys, request_snapshot
 from service.consumer import dlq as dlq_headers
+from service.consumer.mappings_watch import STALE_AFTER_S, live_members, mappings_version
 from service.consumer.pipeline import Envelope, ErpApplier, Message, prepare
 from service.erp.mappings import Mappings
 from service.errors import (
@@ -88,6 +90,13 @@ class ActionReport:
     action: str
     dry_run: bool
     outcomes: list[Outcome] = field(default_factory=list)
+    mappings_version: str | None = None
+    """redrive: the version of the mappings file it maps with (12 hex digits, as the
+    consumers report theirs: ``mappings_watch.mappings_version``)"""
+    consumer_versions: list[str] = field(default_factory=list)
+    """redrive: the versions the group's running consumers report (``sync.consumers``)"""
+    warnings: list[str] = field(default_factory=list)
+    """redrive: what the operator must know (a version no consumer runs, with --force)"""
 
     @property
     def ok(self) -> bool:
@@ -204,10 +213,12 @@ def get_letters(conn: PgConn, ids: list[int]) -> dict[int, Letter]:
 
 def actions_of(conn: PgConn, letter_id: int) -> list[dict[str, Any]]:
     rows = conn.execute(
-        "SELECT action, actor, reason, outcome, detail, at FROM sync.dead_letter_actions "
+        # to_jsonb: NULL, not an error, on an ERP set up before the column existed
+        "SELECT action, actor, reason, outcome, detail, at, "
+        "to_jsonb(a) ->> 'mappings_version' FROM sync.dead_letter_actions a "
         "WHERE dead_letter_id = %s ORDER BY action_id", (letter_id,)).fetchall()
-    return [dict(zip(("action", "actor", "reason", "outcome", "detail", "at"), r, strict=True))
-            for r in rows]
+    return [dict(zip(("action", "actor", "reason", "outcome", "detail", "at", "mappings"), r,
+                     strict=True)) for r in rows]
 
 
 def fetch_records(settings: Settings, topic: str, wanted: set[tuple[int, int]],
@@ -338,10 +349,15 @@ def select_letters(settings: Settings, ids: list[int] | None, error_type: str | 
 
 
 def _audit(conn: PgConn, letter_id: int, action: str, actor: str, reason: str | None,
-           outcome: str, detail: str | None) -> None:
+           outcome: str, detail: str | None, *, mappings: str | None = None) -> None:
+    if mappings is None:
+        conn.execute("INSERT INTO sync.dead_letter_actions (dead_letter_id, action, actor, "
+                     "reason, outcome, detail) VALUES (%s, %s, %s, %s, %s, %s)",
+                     (letter_id, action, actor, reason, outcome, detail))
+        return
     conn.execute("INSERT INTO sync.dead_letter_actions (dead_letter_id, action, actor, reason, "
-                 "outcome, detail) VALUES (%s, %s, %s, %s, %s, %s)",
-                 (letter_id, action, actor, reason, outcome, detail))
+                 "outcome, detail, mappings_version) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                 (letter_id, action, actor, reason, outcome, detail, mappings))
 
 
 def _lock(conn: PgConn, letter_id: int) -> str | None:
@@ -372,11 +388,55 @@ def _key_groups(letters: list[Letter]) -> list[list[Letter]]:
     return list(groups.values())
 
 
+def mappings_mismatch(version: str, running: list[str], path: str) -> str | None:
+    """Why redriving with mappings ``version`` (of the file at ``path``) is not what the
+    running consumers do, or None: no consumer runs (nothing to compare), or one applies
+    this version. ``running``: the versions the running consumers report."""
+    if not running or version in running:
+        return None
+    return (f"the mappings file {path} is version {version}, which no running consumer "
+            f"applies (consumers that reported in the last {STALE_AFTER_S:g} s apply "
+            f"{', '.join(sorted(running))}): what it redrives, the "
+            "consumers would refuse or map otherwise for the key's next event. Give the "
+            "consumers this file (they re-read it every CRM_ERP_SYNC_MAPPINGS_CHECK_S "
+            "seconds, at once on SIGHUP; `crm-erp-sync status` lists their versions), or "
+            "point CRM_ERP_SYNC_MAPPINGS_FILE at theirs; --force redrives anyway")
+
+
+def _running_versions(settings: Settings) -> list[str]:
+    """The mappings versions the consumer group's running consumers report; none for an
+    ERP set up before ``sync.consumers`` existed (nothing to compare with)."""
+    with connect(settings, "erp") as erp:
+        try:
+            members = live_members(erp, settings.consumer_group)
+        except psycopg.errors.UndefinedTable:
+            return []
+    return sorted({str(m["mappings_version"]) for m in members})
+
+
 def redrive(settings: Settings, letters: list[Letter], *, actor: str, reason: str | None = None,
-            dry_run: bool = False) -> ActionReport:
+            dry_run: bool = False, force: bool = False) -> ActionReport:
+    """Re-process ``letters`` with the mappings file as it is now. Its version is in the
+    report and in each audit row (``sync.dead_letter_actions.mappings_version``). Raises
+    ConfigError naming CRM_ERP_SYNC_MAPPINGS_FILE, before touching anything, when consumers
+    run and none applies that version (a dry run and ``force`` warn in the report
+    instead): a redrive writes to the ERP at once, so a warning afterwards would be late."""
     report = ActionReport("redrive", dry_run)
     registry = SchemaRegistry.load(settings.schemas_dir)
-    mappings = Mappings.load(settings.mappings_file)
+    path = str(settings.mappings_file)
+    try:
+        content = settings.mappings_file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read the mappings file: "
+                                f"{exc.strerror or exc}") from exc
+    mappings = Mappings.parse(content, path)
+    report.mappings_version = version = mappings_version(content)
+    report.consumer_versions = _running_versions(settings)
+    mismatch = mappings_mismatch(version, report.consumer_versions, path)
+    if mismatch is not None:
+        if not (dry_run or force):
+            raise ConfigError(settings.env_var("mappings_file"), mismatch)
+        report.warnings.append(mismatch)
     todo: list[Letter] = []
     for d in letters:
         if d.state in UNRESOLVED:
@@ -396,11 +456,12 @@ def redrive(settings: Settings, letters: list[Letter], *, actor: str, reason: st
     rereads: dict[tuple[str, str], str] = {}
     try:
         conn = applier.connect()
+        audit = _Audit(version, _has_version_column(conn))
         for group in _key_groups(todo):
             for d in group:
                 report.outcomes.append(_redrive_one(applier, conn, d,
                                                     records.get(d.dead_letter_id), actor,
-                                                    reason, rereads))
+                                                    reason, rereads, audit))
         _sweep(applier, conn)
     finally:
         _close(applier)
@@ -431,9 +492,28 @@ def _held_count(conn: PgConn, d: Letter) -> int:
     return int(row[0]) if row else 0
 
 
+@dataclass(frozen=True)
+class _Audit:
+    """The mappings version a redrive records, and where: its own column, or the detail
+    text of an ERP set up before the column (``setup`` adds it)."""
+
+    version: str | None = None
+    column: bool = False
+
+
+def _has_version_column(conn: PgConn) -> bool:
+    # its own transaction: on the applier's connection (not autocommit) a bare query would
+    # leave one open, and every redrive after it would be a savepoint rolled back at close
+    with conn.transaction():
+        row = conn.execute("SELECT 1 FROM information_schema.columns WHERE table_schema = 'sync' "
+                           "AND table_name = 'dead_letter_actions' "
+                           "AND column_name = 'mappings_version'").fetchone()
+    return row is not None
+
+
 def _redrive_one(applier: ErpApplier, conn: PgConn, d: Letter, record: Any, actor: str,
-                 reason: str | None, rereads: dict[tuple[str, str], str] | None = None
-                 ) -> Outcome:
+                 reason: str | None, rereads: dict[tuple[str, str], str] | None = None,
+                 audit: _Audit | None = None) -> Outcome:
     with conn.transaction():
         state = _lock(conn, d.dead_letter_id)
         if state not in UNRESOLVED:
@@ -485,7 +565,14 @@ def _redrive_one(applier: ErpApplier, conn: PgConn, d: Letter, record: Any, acto
         if released:
             detail = (detail + "; " if detail else "") + \
                 f"released {released} held event(s) of the key"
-        _audit(conn, d.dead_letter_id, "redrive", actor, reason, outcome, detail or None)
+        recorded = audit or _Audit()
+        if recorded.version is not None and recorded.column:
+            _audit(conn, d.dead_letter_id, "redrive", actor, reason, outcome, detail or None,
+                   mappings=recorded.version)
+        else:
+            shown = (detail + "; " if detail else "") + (
+                f"mappings {recorded.version}" if recorded.version else "")
+            _audit(conn, d.dead_letter_id, "redrive", actor, reason, outcome, shown or None)
     return Outcome(d.dead_letter_id, d.key_text, outcome, detail, released)
 
 

@@ -279,3 +279,98 @@ def test_an_order_total_the_erp_cannot_keep_is_refused_naming_total_amount(
         to_erp("order", order_event([], after=header(total_amount=text)), mappings)
     assert info.value.field == "total_amount"
     assert why in str(info.value)
+
+
+# --- money written as text (finding N12): read like an order's total -----------------------
+
+@pytest.mark.parametrize(("text", "currency", "amount", "code"), [
+    ("5000元", None, Decimal("5000.00"), "CNY"),
+    ("¥5,000.00", None, Decimal("5000.00"), "CNY"),
+    ("５０００元", None, Decimal("5000.00"), "CNY"),
+    ("5000 人民币", "CNY", Decimal("5000.00"), "CNY"),
+    ("USD 99.90", None, Decimal("99.90"), "USD"),
+    ("99.90", "美元", Decimal("99.90"), "USD"),
+    ("5000.00", None, Decimal("5000.00"), "CNY"),   # no currency anywhere: the default
+])
+def test_purchase_amount_text_is_read_like_an_order_total(
+        mappings: Mappings, text: str, currency: str | None, amount: Decimal,
+        code: str) -> None:
+    partner = to_erp("customer", customer_event(customer(purchase_amount=text,
+                                                         currency=currency)), mappings).partner
+    assert partner is not None
+    assert (partner.purchase_amount, partner.amount_currency) == (amount, code)
+
+
+@pytest.mark.parametrize(("text", "currency", "field", "reason"), [
+    ("5000美元", "元", "purchase_amount", "(USD) differs from the currency field (CNY)"),
+    ("5000日元", None, "purchase_amount", "unknown currency 日元 written with the amount"),
+    ("5000", "日元", "currency", "unknown currency 日元"),
+    ("五千元", None, "purchase_amount", "not an amount"),
+    ("-5000元", None, "purchase_amount", "negative"),
+    ("5000.001元", None, "purchase_amount", "more than two decimal places"),
+])
+def test_purchase_amount_that_is_not_money_is_refused_saying_why(
+        mappings: Mappings, text: str, currency: str | None, field: str, reason: str) -> None:
+    with pytest.raises(MappingError) as info:
+        to_erp("customer", customer_event(customer(purchase_amount=text, currency=currency)),
+               mappings)
+    assert info.value.field == field
+    assert reason in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["", "   "])
+def test_a_blank_purchase_amount_is_no_amount(mappings: Mappings, text: str) -> None:
+    partner = to_erp("customer", customer_event(customer(purchase_amount=text)),
+                     mappings).partner
+    assert partner is not None
+    assert (partner.purchase_amount, partner.amount_currency) == (None, None)
+
+
+def test_purchase_amount_without_a_currency_takes_the_configured_default(
+        mappings: Mappings) -> None:
+    usd = Mappings.parse(_shipped_with('[money]\ndefault_currency = "USD"\n'), "m.toml")
+    partner = to_erp("customer", customer_event(customer(purchase_amount="5000.00")),
+                     usd).partner
+    assert partner is not None and partner.amount_currency == "USD"
+    # a currency written or in the currency column still wins
+    partner = to_erp("customer", customer_event(customer(purchase_amount="5000元")),
+                     usd).partner
+    assert partner is not None and partner.amount_currency == "CNY"
+
+
+def _shipped_with(extra: str) -> bytes:
+    from service.erp.mappings import DEFAULT_PATH
+    text = DEFAULT_PATH.read_text(encoding="utf-8")
+    start = text.find("[money]")
+    if start >= 0:  # replace the shipped section
+        end = text.find("\n[", start + 1)
+        text = text[:start] + (text[end + 1:] if end >= 0 else "")
+    return (text + "\n" + extra).encode()
+
+
+@pytest.mark.parametrize(("price", "expected"), [
+    ("5000元", Decimal("5000.00")), ("¥5,000.00", Decimal("5000.00")),
+    ("5000.00", Decimal("5000.00")), ("0.10 人民币", Decimal("0.10"))])
+def test_line_price_text_is_read_like_an_order_total(mappings: Mappings, price: str,
+                                                      expected: Decimal) -> None:
+    for after in (header(), None):  # with the order's header, and a lines-only event
+        (item,) = to_erp("order", order_event([{"op": "CREATE", "before": None,
+                                                 "after": line(1, unit_price=price)}],
+                                               after=after), mappings).items
+        assert item.unit_price == expected
+
+
+@pytest.mark.parametrize(("price", "after", "reason"), [
+    ("100美元", header(), "(USD) differs from the currency field (CNY)"),
+    ("100欧元", None, "unknown currency 欧元 written with the amount"),
+    ("一百元", None, "not an amount"),
+    ("", None, "no unit price"),
+])
+def test_line_price_that_is_not_the_orders_money_is_refused(
+        mappings: Mappings, price: str, after: dict[str, Any] | None, reason: str) -> None:
+    with pytest.raises(MappingError) as info:
+        to_erp("order", order_event([{"op": "CREATE", "before": None,
+                                      "after": line(1, unit_price=price)}], after=after),
+               mappings)
+    assert (info.value.field, info.value.line) == ("lines.unit_price", '["9001","1"]')
+    assert reason in str(info.value)

@@ -258,3 +258,33 @@ def test_a_broken_section_is_not_reported_again_as_its_consequences(tmp_path: Pa
     # but only the broken line itself is a mistake
     err = load_error(broken(tmp_path, '"台" = "UNIT"', '"台" = "unit"'))
     assert [where for where, _ in err.problems] == [f'{tmp_path / "mappings.toml"}: units."台"']
+
+
+def test_default_currency_is_cny_unless_configured(tmp_path: Path, shipped: Mappings) -> None:
+    assert shipped.default_currency == "CNY"
+    text = DEFAULT_PATH.read_text(encoding="utf-8")
+    start = text.index("[money]")
+    end = text.index("\n[", start)
+    without = tmp_path / "without.toml"
+    without.write_text(text[:start] + text[end + 1:], encoding="utf-8")
+    assert Mappings.load(without).default_currency == "CNY"  # a file from before [money]
+    usd = Mappings.load(broken(tmp_path, 'default_currency = "CNY"', 'default_currency = "USD"'))
+    assert usd.default_currency == "USD"
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    ('"yuan"', "three-letter ISO 4217 code"),
+    ("156", "three-letter ISO 4217 code"),
+    ('"CYN"', "CYN is not an ISO code produced by [currencies]"),
+])
+def test_default_currency_is_checked_naming_file_and_key(tmp_path: Path, value: str,
+                                                         problem: str) -> None:
+    path = broken(tmp_path, 'default_currency = "CNY"', f"default_currency = {value}")
+    err = load_error(path)
+    assert err.variable == f"{path}: money.default_currency"
+    assert problem in err.problem
+
+
+def test_money_section_unknown_key(tmp_path: Path) -> None:
+    err = load_error(broken(tmp_path, 'default_currency = "CNY"', 'currency = "CNY"'))
+    assert "money.currency" in err.variable and "default_currency" in err.problem

@@ -374,7 +374,9 @@ def test_parse_money(m: Mappings, value: str | Decimal | int, word: str | None,
     ("", "元", "amount", "not an amount"),
     ("5000", None, "amount", "no currency"),
     (Decimal("5000"), None, "amount", "no currency"),
-    ("5000日元", None, "currency", "unknown currency 日元"),
+    # the word is part of the amount: the amount's field is what to fix
+    ("5000日元", None, "amount", "unknown currency 日元 written with the amount"),
+    ("€5000", "元", "amount", "unknown currency € written with the amount"),
     ("5000", "日元", "currency", "unknown currency 日元"),
     ("5000美元", "元", "amount", "(USD) differs from the currency field (CNY)"),
     ("¥5000元", None, "amount", "both before and after"),
@@ -385,6 +387,29 @@ def test_parse_money(m: Mappings, value: str | Decimal | int, word: str | None,
 def test_parse_money_rejected(m: Mappings, value: str | Decimal, word: str | None, field: str,
                               reason: str) -> None:
     fails(field, tf.parse_money, value, word, m, reason=reason)
+
+
+def test_parse_money_takes_the_default_only_when_nothing_names_a_currency(m: Mappings) -> None:
+    assert tf.parse_money("5000", None, m, default_currency="USD") == Money(
+        Decimal("5000.00"), "USD")
+    # written or given, the currency wins over the default
+    assert tf.parse_money("5000元", None, m, default_currency="USD").currency == "CNY"
+    assert tf.parse_money("5000", "人民币", m, default_currency="USD").currency == "CNY"
+    with pytest.raises(MappingError) as info:
+        tf.parse_money("5000美元", "元", m, field="purchase_amount", default_currency="USD")
+    assert info.value.field == "purchase_amount"
+    assert "(USD) differs from the currency field (CNY)" in str(info.value)
+
+
+@pytest.mark.parametrize(("value", "word", "expected"), [
+    ("5000元", None, (Decimal("5000.00"), "CNY")),
+    ("5000", None, (Decimal("5000.00"), None)),   # the caller knows the currency otherwise
+    ("5000.00", "元", (Decimal("5000.00"), "CNY")),
+    ("¥ 5,000", "CNY", (Decimal("5000.00"), "CNY")),
+])
+def test_parse_amount_gives_the_currency_when_one_is_known(
+        m: Mappings, value: str, word: str | None, expected: tuple[Decimal, str | None]) -> None:
+    assert tf.parse_amount(value, word, m, field="lines.unit_price") == expected
 
 
 def test_parse_money_refuses_floats(m: Mappings) -> None:

@@ -140,3 +140,15 @@ def test_reconcile_names_an_unmappable_rows_field_and_class_never_its_reason() -
     assert unmappable_text(line) == 'MappingError in field lines.quantity of line ["9","2"]'
     nan = UnrepresentableValue("numeric NaN is not a finite number", "purchase_amount")
     assert unmappable_text(nan) == "UnrepresentableValue in column purchase_amount"
+
+
+def test_a_redrive_mappings_version_no_running_consumer_applies_is_named() -> None:
+    from service.operator.dlq import mappings_mismatch
+
+    assert mappings_mismatch("aaaaaaaaaaaa", [], "/m.toml") is None  # nothing to compare
+    assert mappings_mismatch("aaaaaaaaaaaa", ["aaaaaaaaaaaa", "bbbbbbbbbbbb"], "/m.toml") is None
+    said = mappings_mismatch("aaaaaaaaaaaa", ["cccccccccccc", "bbbbbbbbbbbb"], "/m.toml")
+    assert said is not None
+    assert said.startswith("the mappings file /m.toml is version aaaaaaaaaaaa, which no "
+                           "running consumer applies")
+    assert "apply bbbbbbbbbbbb, cccccccccccc" in said and said.endswith("--force redrives anyway")

@@ -127,7 +127,9 @@ CREATE TABLE IF NOT EXISTS {LETTERS_SENT_TABLE} (
 # events (a TRUNCATE in effect, without its event): they stay live in the ERP until
 # `crm-erp-sync reconcile --repair`. ``recreated_at`` is when the producer first saw the new
 # table; `status` names it until a reconcile of its entity found no extra ERP row after it.
-# Renames and revoked grants keep the OID: not a re-creation.
+# Renames and revoked grants keep the OID: not a re-creation. ``column_types`` (mapped column
+# -> format_type) is what the producer last captured under: a type changed since (a rewrite,
+# invisible to logical decoding) re-snapshots the table (note_column_types).
 CAPTURED_TABLES = f"{OWN_SCHEMA}.captured_tables"
 OWN_DDL += f"""
 CREATE TABLE IF NOT EXISTS {CAPTURED_TABLES} (

@@ -24,6 +24,10 @@ written while the table was broken but decoded after the DBA fixed it (PostgreSQ
 with the table's shape *at that time*) is a per-row problem too: its values cannot be trusted
 to the profile, so it is a capture dead letter whose redrive re-reads the row as it is now.
 
+A retype that keeps the contract (``ALTER COLUMN ... TYPE ... USING``, another type modifier)
+is no violation but still rewrote every row, which logical decoding never shows:
+:func:`retyped` names such columns, and the producer re-snapshots the table.
+
 Everything here but :func:`read_shapes` is pure. Messages name tables, columns and types,
 never a value.
 """

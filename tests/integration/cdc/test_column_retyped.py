@@ -91,3 +91,21 @@ def test_a_retype_while_the_producer_was_down_is_found_at_its_start(sync_env: Sy
         [warning] = [e for e in logs if e["event"] == "captured_column_retyped"]
         assert (warning["table"], warning["columns"]) == ("crm.customers", ["notes"])
     assert len(_retype_snapshots(sync_env)) == 1
+
+
+def test_a_type_modifier_change_alone_is_a_retype(sync_env: SyncEnv) -> None:
+    """varchar(200) -> varchar(300) keeps the type OID: the modifier tells it (here with a
+    USING that rewrites the values)."""
+    with sync_env.crm() as crm:
+        crm.execute("ALTER TABLE crm.customers ALTER COLUMN notes TYPE varchar(200)")
+    with watched(sync_env) as (_producer, logs), sync_env.crm() as crm:
+        keys = _customers(crm, 2)
+        wait_until(lambda: _notes(sync_env, keys) == {OLD}, timeout=60,
+                   message="the customers in the ERP with their old notes")
+        crm.execute("ALTER TABLE crm.customers ALTER COLUMN notes TYPE varchar(300) "
+                    "USING replace(notes, '海淀区', '朝阳区')")
+        wait_until(lambda: _notes(sync_env, keys) == {NEW}, timeout=120,
+                   message="every rewritten value in the ERP")
+        [warning] = [e for e in logs if e["event"] == "captured_column_retyped"]
+        assert warning["columns"] == ["notes"]
+    assert len(_retype_snapshots(sync_env)) == 1

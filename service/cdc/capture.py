@@ -188,7 +188,8 @@ RETYPE_REASON = "column-type-changed"
 
 def note_column_types(conn: psycopg.Connection[Any], slot: str, profile: SourceProfile,
                       shapes: Mapping[str, contract.Shape | None], *,
-                      seen: Mapping[str, list[str]] | None = None) -> list[Retype]:
+                      seen: Mapping[str, list[str]] | None = None,
+                      record_only: bool = False) -> list[Retype]:
     """Record the SQL type of every mapped column of ``shapes``' captured tables (a table
     without a shape, or without a ``captured_tables`` row yet, is left as it was) for
     ``slot``, and request a snapshot of each table one of whose mapped columns has another
@@ -200,7 +201,11 @@ def note_column_types(conn: psycopg.Connection[Any], slot: str, profile: SourceP
     The first record of a table (nothing recorded) requests nothing, unless ``seen`` (tables
     a Relation message showed retyped, and their columns) names it. Returns the retyped
     tables in the profile's order. Raises ``psycopg.Error`` (InsufficientPrivilege without
-    SELECT/UPDATE on ``captured_tables`` or INSERT on ``snapshots``)."""
+    SELECT/UPDATE on ``captured_tables`` or INSERT on ``snapshots``).
+
+    ``record_only``: record, request nothing, return [] (shapes that break the contract: a
+    snapshot could not read them; recorded so that the fix, a second retype that may rewrite
+    the values again, is compared with them and re-snapshots the table)."""
     out: list[Retype] = []
     with conn.transaction():
         stored: dict[str, dict[str, str] | None] = {t: types for t, types in conn.execute(
@@ -222,7 +227,7 @@ def note_column_types(conn: psycopg.Connection[Any], slot: str, profile: SourceP
             else:
                 # not recorded (note_table_identities refused): only what the stream saw
                 changed = list((seen or {}).get(ent.table, []))
-            if not changed:
+            if not changed or record_only:
                 continue
             snapshot_id = None
             if ent.kind is not None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, tzinfo
 from typing import Any, NamedTuple
@@ -511,6 +511,9 @@ class CdcProducer:
         # the profile's row filters as PostgreSQL prints them (set by ensure_slot)
         self._want_filters: dict[str, str | None] | None = None
         self._broken: list[contract.Violation] | None = None
+        # tables whose types were recorded while they broke the contract (see
+        # _record_broken_types): compared with the record again once they keep it
+        self._broken_recorded: set[str] = set()
         self._contract_delays = RetryPolicy.RECONNECT.delays()
         self._last_publication_check = 0.0
         # Called with the events of each batch once the broker acknowledged them all
@@ -932,6 +935,8 @@ class CdcProducer:
             except SourceContractBroken as exc:
                 violations = exc.violations
         if violations:
+            self._record_broken_types(conn, {
+                t: shape for t, shape in shapes.items() if t in {v.table for v in violations}})
             self._contract_stopped(conn, violations)
             return False
         self._known.update({t: shape for t, shape in shapes.items() if shape is not None})
@@ -1008,6 +1013,7 @@ class CdcProducer:
                         conn, self.profile, ent.entity if ent.entity != "order_line"
                         else "order", reason=RETYPE_REASON)))
         self._known.update({t: shape for t, shape in shapes.items() if shape is not None})
+        self._broken_recorded.difference_update(shapes)
         if not retypes:
             return
         self._tables = read_table_info(conn, self.profile, self._naive_zone)
@@ -1068,15 +1074,32 @@ class CdcProducer:
         the contract is left to the stream (its Relation message stops capture first)."""
         shapes = contract.read_shapes(conn, self.profile.tables)
         seen: dict[str, list[str]] = {}
+        broken: dict[str, contract.Shape | None] = {}
         for ent in self.profile.entities.values():
             shape = shapes.get(ent.table)
-            if shape is None or contract.check(ent, shape):
+            if shape is None:
+                continue
+            if contract.check(ent, shape):
+                broken[ent.table] = shape
                 continue
             columns = contract.retyped(ent, self._known.get(ent.table), shape)
-            if columns:
+            if columns or ent.table in self._broken_recorded:
                 seen[ent.table] = columns
         if seen:
             self._note_retyped(conn, seen)
+        if broken:
+            self._record_broken_types(conn, broken)
+
+    def _record_broken_types(self, conn: PgConn, shapes: dict[str, contract.Shape | None]
+                             ) -> None:
+        """Record the types of tables that break the contract now (no snapshot: it could
+        not read them), so that the fix (``TYPE date USING ...`` after a ``TYPE text``: a
+        second rewrite) differs from the record and re-snapshots the table once the contract
+        holds. A refused write is left to ``_note_retyped``'s warning."""
+        with suppress(psycopg.errors.InsufficientPrivilege):
+            note_column_types(conn, self.settings.slot_name, self.profile, shapes,
+                              record_only=True)
+            self._broken_recorded.update(shapes)
 
     def _sync_publication(self, conn: PgConn, *, resnapshot: bool = True) -> None:
         """A captured table missing from the publication, or filtered there otherwise than

@@ -7,6 +7,7 @@ a retype made while the producer was down is found at its next start."""
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Any
 
 from service.cdc import capture
@@ -108,4 +109,42 @@ def test_a_type_modifier_change_alone_is_a_retype(sync_env: SyncEnv) -> None:
                    message="every rewritten value in the ERP")
         [warning] = [e for e in logs if e["event"] == "captured_column_retyped"]
         assert warning["columns"] == ["notes"]
+    assert len(_retype_snapshots(sync_env)) == 1
+
+
+def _birth_dates(sync_env: SyncEnv, keys: list[int]) -> set[Any]:
+    with sync_env.erp() as erp:
+        return {r[0] for r in erp.execute(
+            "SELECT birth_date FROM erp.business_partners WHERE crm_customer_id = ANY(%s::text[])",
+            ([str(k) for k in keys],)).fetchall()}
+
+
+def _recorded_type(sync_env: SyncEnv, column: str) -> Any:
+    with sync_env.crm() as crm:
+        row = crm.execute(
+            f"SELECT column_types->>%s FROM {capture.CAPTURED_TABLES} WHERE slot_name = %s "
+            "AND table_name = 'crm.customers'", (column, sync_env.settings.slot_name)).fetchone()
+    return None if row is None else row[0]
+
+
+def test_a_retype_that_breaks_the_contract_then_a_fix_that_rewrites_again_is_re_snapshot(
+        sync_env: SyncEnv) -> None:
+    """date -> text (breaks the contract; no change of the table follows, so capture never
+    stops), then text -> date USING a conversion that changes the values: the same type as
+    captured under, but rewritten twice. The broken shape is recorded, so the fix differs."""
+    with watched(sync_env) as (_producer, logs), sync_env.crm() as crm:
+        keys = [_insert(crm, "crm.customers", family_name="张", given_name="三",
+                        birth_date="1990-01-01") for _ in range(2)]
+        wait_until(lambda: _birth_dates(sync_env, keys) == {date(1990, 1, 1)}, timeout=60,
+                   message="the customers in the ERP")
+        crm.execute("ALTER TABLE crm.customers ALTER COLUMN birth_date TYPE text")
+        wait_until(lambda: _recorded_type(sync_env, "birth_date") == "text", timeout=60,
+                   message="the broken shape's type recorded")
+        assert _retype_snapshots(sync_env) == []  # a snapshot could not read it
+        crm.execute("ALTER TABLE crm.customers ALTER COLUMN birth_date TYPE date "
+                    "USING (birth_date::date + 1)")
+        wait_until(lambda: _birth_dates(sync_env, keys) == {date(1990, 1, 2)}, timeout=120,
+                   message="the twice rewritten values in the ERP")
+        [warning] = [e for e in logs if e["event"] == "captured_column_retyped"]
+        assert warning["columns"] == ["birth_date"]
     assert len(_retype_snapshots(sync_env)) == 1

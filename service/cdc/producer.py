@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, tzinfo
@@ -993,6 +993,17 @@ class CdcProducer:
         was down is then not found)."""
         if seen:
             shapes = contract.read_shapes(conn, list(seen))
+            # A later DDL may break the table by now: no snapshot of it (it could not be
+            # read), and never its shape as the last good one (the fix SQL restores that).
+            broken = {t: shape for t, shape in shapes.items() if shape is not None
+                      and (ent := self.profile.table(t)) is not None
+                      and contract.check(ent, shape)}
+            if broken:
+                self._record_broken_types(conn, broken)
+                shapes = {t: shape for t, shape in shapes.items() if t not in broken}
+                seen = {t: c for t, c in seen.items() if t not in broken}
+                if not seen:
+                    return
         else:
             shapes = {t: self._known.get(t) for t in self.profile.tables}
         slot = self.settings.slot_name
@@ -1090,8 +1101,8 @@ class CdcProducer:
         if broken:
             self._record_broken_types(conn, broken)
 
-    def _record_broken_types(self, conn: PgConn, shapes: dict[str, contract.Shape | None]
-                             ) -> None:
+    def _record_broken_types(self, conn: PgConn,
+                             shapes: Mapping[str, contract.Shape | None]) -> None:
         """Record the types of tables that break the contract now (no snapshot: it could
         not read them), so that the fix (``TYPE date USING ...`` after a ``TYPE text``: a
         second rewrite) differs from the record and re-snapshots the table once the contract

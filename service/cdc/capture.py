@@ -15,7 +15,7 @@ event), and the source contract checked before anything is published.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, tzinfo
 from functools import cached_property
@@ -24,7 +24,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
+from service.cdc import contract
 from service.cdc.events import converter_for
 from service.cdc.profile import EntityMapping, SourceProfile, key_values
 from service.errors import (
@@ -125,7 +127,9 @@ CREATE TABLE IF NOT EXISTS {LETTERS_SENT_TABLE} (
 # events (a TRUNCATE in effect, without its event): they stay live in the ERP until
 # `crm-erp-sync reconcile --repair`. ``recreated_at`` is when the producer first saw the new
 # table; `status` names it until a reconcile of its entity found no extra ERP row after it.
-# Renames and revoked grants keep the OID: not a re-creation.
+# Renames and revoked grants keep the OID: not a re-creation. ``column_types`` (mapped column
+# -> format_type) is what the producer last captured under: a type changed since (a rewrite,
+# invisible to logical decoding) re-snapshots the table (note_column_types).
 CAPTURED_TABLES = f"{OWN_SCHEMA}.captured_tables"
 OWN_DDL += f"""
 CREATE TABLE IF NOT EXISTS {CAPTURED_TABLES} (
@@ -135,8 +139,16 @@ CREATE TABLE IF NOT EXISTS {CAPTURED_TABLES} (
     seen_at      timestamptz NOT NULL DEFAULT now(),
     previous_oid oid,
     recreated_at timestamptz,
+    column_types jsonb,
     PRIMARY KEY (slot_name, table_name)
 );
+-- A table created before column_types was kept: added once, by its owner (setup).
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = '{OWN_SCHEMA}'
+                   AND table_name = 'captured_tables' AND column_name = 'column_types') THEN
+        ALTER TABLE {CAPTURED_TABLES} ADD COLUMN column_types jsonb;
+    END IF;
+END $$;
 """
 
 
@@ -158,6 +170,72 @@ def note_table_identities(conn: psycopg.Connection[Any], slot: str,
             "RETURNING table_name, recreated_at IS NOT NULL", (slot, list(tables))).fetchall()
     changed = {t for t, recreated in rows if recreated}
     return [t for t in tables if t in changed]
+
+
+@dataclass(frozen=True)
+class Retype:
+    """A captured table whose mapped columns changed type since the producer recorded them
+    (``columns``, in the profile's order), and the snapshot requested for it (None: the
+    table feeds no snapshottable entity)."""
+
+    table: str
+    columns: list[str]
+    snapshot_id: int | None
+
+
+RETYPE_REASON = "column-type-changed"
+
+
+def note_column_types(conn: psycopg.Connection[Any], slot: str, profile: SourceProfile,
+                      shapes: Mapping[str, contract.Shape | None], *,
+                      seen: Mapping[str, list[str]] | None = None,
+                      record_only: bool = False) -> list[Retype]:
+    """Record the SQL type of every mapped column of ``shapes``' captured tables (a table
+    without a shape, or without a ``captured_tables`` row yet, is left as it was) for
+    ``slot``, and request a snapshot of each table one of whose mapped columns has another
+    type than recorded, in the same transaction (a crash keeps both or neither).
+
+    Why: a type change that keeps the source contract (``ALTER COLUMN ... TYPE ... USING``,
+    varchar(100) -> (200), numeric(16,4) -> (14,2)) rewrites the table, and logical decoding
+    emits no row change for a rewrite: without the snapshot the ERP keeps the old values.
+    The first record of a table (nothing recorded) requests nothing, unless ``seen`` (tables
+    a Relation message showed retyped, and their columns) names it. Returns the retyped
+    tables in the profile's order. Raises ``psycopg.Error`` (InsufficientPrivilege without
+    SELECT/UPDATE on ``captured_tables`` or INSERT on ``snapshots``).
+
+    ``record_only``: record, request nothing, return [] (shapes that break the contract: a
+    snapshot could not read them; recorded so that the fix, a second retype that may rewrite
+    the values again, is compared with them and re-snapshots the table)."""
+    out: list[Retype] = []
+    with conn.transaction():
+        stored: dict[str, dict[str, str] | None] = {t: types for t, types in conn.execute(
+            f"SELECT table_name, column_types FROM {CAPTURED_TABLES} WHERE slot_name = %s "
+            "AND table_name = ANY(%s) FOR UPDATE",
+            (slot, [t for t in shapes])).fetchall()}
+        for ent in profile.entities.values():
+            shape = shapes.get(ent.table)
+            if shape is None:
+                continue
+            now = contract.mapped_types(ent, shape)
+            if ent.table in stored:
+                before = stored[ent.table]
+                if before == now:
+                    continue
+                changed = contract.changed_types(before or {}, now)
+                conn.execute(f"UPDATE {CAPTURED_TABLES} SET column_types = %s WHERE "
+                             "slot_name = %s AND table_name = %s", (Jsonb(now), slot, ent.table))
+            else:
+                # not recorded (note_table_identities refused): only what the stream saw
+                changed = list((seen or {}).get(ent.table, []))
+            if not changed or record_only:
+                continue
+            snapshot_id = None
+            if ent.kind is not None:
+                snapshot_id = request_snapshot(
+                    conn, profile, ent.entity if ent.entity != "order_line" else "order",
+                    reason=RETYPE_REASON)
+            out.append(Retype(ent.table, changed, snapshot_id))
+    return out
 
 
 def recreated_tables(conn: psycopg.Connection[Any], slot: str) -> list[dict[str, Any]]:

@@ -24,6 +24,10 @@ written while the table was broken but decoded after the DBA fixed it (PostgreSQ
 with the table's shape *at that time*) is a per-row problem too: its values cannot be trusted
 to the profile, so it is a capture dead letter whose redrive re-reads the row as it is now.
 
+A retype that keeps the contract (``ALTER COLUMN ... TYPE ... USING``, another type modifier)
+is no violation but still rewrote every row, which logical decoding never shows:
+:func:`retyped` names such columns, and the producer re-snapshots the table.
+
 Everything here but :func:`read_shapes` is pure. Messages name tables, columns and types,
 never a value.
 """
@@ -55,8 +59,9 @@ class Shape:
 
     ``columns`` maps each column name to its type OID; ``types`` (optional) to its SQL type
     as ``format_type`` spells it (for the fix SQL); ``attnums`` (optional, the catalog's) to
-    its ``pg_attribute.attnum`` (to tell a rename from a drop); ``replica_identity`` is
-    pg_class's ``relreplident`` letter (d, n, f, i).
+    its ``pg_attribute.attnum`` (to tell a rename from a drop); ``typmods`` (optional) to
+    its ``atttypmod`` (-1: none; a Relation message carries it too: varchar(100) -> (200)
+    keeps the OID); ``replica_identity`` is pg_class's ``relreplident`` letter (d, n, f, i).
     """
 
     table: str
@@ -64,6 +69,7 @@ class Shape:
     columns: Mapping[str, int]
     types: Mapping[str, str] | None = None
     attnums: Mapping[str, int] | None = None
+    typmods: Mapping[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -184,6 +190,40 @@ def _renamed_to(column: str, shape: Shape, known: Shape | None) -> str | None:
     return None
 
 
+def retyped(ent: EntityMapping, known: Shape | None, shape: Shape) -> list[str]:
+    """The columns ``ent`` reads (in the profile's order) whose type differs between
+    ``known`` (the last shape the producer captured under) and ``shape``: another type OID,
+    or another type modifier when both shapes carry them. [] without ``known``.
+
+    Such a change that keeps the contract still rewrote the table (``ALTER COLUMN ... TYPE
+    ... USING``, or a cast that rounds): logical decoding emits no row change for a rewrite,
+    so the rows' new values reach the ERP only by a snapshot of the table."""
+    if known is None:
+        return []
+    out: list[str] = []
+    for column in ent.columns:
+        if column not in known.columns or column not in shape.columns:
+            continue
+        typmod_changed = (known.typmods is not None and shape.typmods is not None
+                          and known.typmods.get(column) != shape.typmods.get(column))
+        if known.columns[column] != shape.columns[column] or typmod_changed:
+            out.append(column)
+    return out
+
+
+def mapped_types(ent: EntityMapping, shape: Shape) -> dict[str, str]:
+    """The SQL type (``format_type``) of each column ``ent`` reads that ``shape`` has and
+    names a type for: what the producer records to see a retype made while it was down."""
+    types = shape.types or {}
+    return {c: types[c] for c in ent.columns if c in types}
+
+
+def changed_types(stored: Mapping[str, str], now: Mapping[str, str]) -> list[str]:
+    """Columns of ``now`` (in its order) whose recorded type in ``stored`` differs; a column
+    not recorded before (newly mapped) is not a change."""
+    return [c for c, t in now.items() if c in stored and stored[c] != t]
+
+
 def type_name(oid: int) -> str:
     """A type OID as SQL spells the type (``text``, ``timestamp with time zone``), for a
     shape from a Relation message, which carries OIDs only: psycopg's registry of
@@ -223,19 +263,21 @@ def read_shapes(conn: psycopg.Connection[Any], tables: list[str]) -> dict[str, S
     Raises psycopg.Error when the query fails (a lost session, say)."""
     rows = conn.execute(
         "SELECT t.name, c.relreplident, a.attname, a.atttypid::int,"
-        "       format_type(a.atttypid, a.atttypmod), a.attnum::int"
+        "       format_type(a.atttypid, a.atttypmod), a.attnum::int, a.atttypmod"
         "  FROM unnest(%s::text[]) AS t(name)"
         "  LEFT JOIN pg_class c ON c.oid = to_regclass(t.name)"
         "  LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0"
         "   AND NOT a.attisdropped"
         " ORDER BY t.name, a.attnum", (tables,)).fetchall()
-    found: dict[str, tuple[str, dict[str, int], dict[str, str], dict[str, int]]] = {}
-    for name, identity, column, oid, type_sql, attnum in rows:
+    found: dict[str, tuple[str, dict[str, int], dict[str, str], dict[str, int],
+                           dict[str, int]]] = {}
+    for name, identity, column, oid, type_sql, attnum, typmod in rows:
         if identity is None:
             continue
-        entry = found.setdefault(name, (str(identity), {}, {}, {}))
+        entry = found.setdefault(name, (str(identity), {}, {}, {}, {}))
         if column is not None:
             entry[1][column] = int(oid)
             entry[2][column] = str(type_sql)
             entry[3][column] = int(attnum)
+            entry[4][column] = int(typmod)
     return {t: Shape(t, *found[t]) if t in found else None for t in tables}

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, tzinfo
 from typing import Any, NamedTuple
@@ -40,17 +40,21 @@ from service.cdc.capture import (
     CONTRACT_TABLE,
     LETTERS_SENT_TABLE,
     OWN_SCHEMA,
+    RETYPE_REASON,
     TRUNCATES_TABLE,
     WATERMARK_TABLE,
+    Retype,
     TableInfo,
     chunk_query,
     ensure_capture_objects,
     lines_query,
     normalised_filters,
+    note_column_types,
     note_table_identities,
     publication_drift,
     read_table_info,
     repair_publication,
+    request_snapshot,
     typed_or_rejected,
     typed_row,
 )
@@ -507,6 +511,9 @@ class CdcProducer:
         # the profile's row filters as PostgreSQL prints them (set by ensure_slot)
         self._want_filters: dict[str, str | None] | None = None
         self._broken: list[contract.Violation] | None = None
+        # tables whose types were recorded while they broke the contract (see
+        # _record_broken_types): compared with the record again once they keep it
+        self._broken_recorded: set[str] = set()
         self._contract_delays = RetryPolicy.RECONNECT.delays()
         self._last_publication_check = 0.0
         # Called with the events of each batch once the broker acknowledged them all
@@ -860,12 +867,16 @@ class CdcProducer:
         if ent is None:
             return None
         shape = contract.Shape(table, relation.replica_identity,
-                               {c.name: c.type_oid for c in relation.columns})
+                               {c.name: c.type_oid for c in relation.columns},
+                               typmods={c.name: c.type_modifier for c in relation.columns})
         then = contract.check(ent, shape, known=self._known.get(table))
-        if not then:
-            return None
         conn = self._conn
         assert conn is not None
+        if not then:
+            seen = contract.retyped(ent, self._known.get(table), shape)
+            if seen:
+                self._note_retyped(conn, {table: seen})
+            return None
         now = contract.check(ent, contract.read_shapes(conn, [table])[table],
                              known=self._known.get(table))
         if now:
@@ -924,6 +935,8 @@ class CdcProducer:
             except SourceContractBroken as exc:
                 violations = exc.violations
         if violations:
+            self._record_broken_types(conn, {
+                t: shape for t, shape in shapes.items() if t in {v.table for v in violations}})
             self._contract_stopped(conn, violations)
             return False
         self._known.update({t: shape for t, shape in shapes.items() if shape is not None})
@@ -943,6 +956,7 @@ class CdcProducer:
         self._contract_delays = RetryPolicy.RECONNECT.delays()
         self._record_violations(conn, [])
         self._note_recreated(conn)
+        self._note_retyped(conn, {})
 
     def _note_recreated(self, conn: PgConn) -> None:
         """A captured table dropped and re-created (a new OID under its name; see
@@ -964,6 +978,63 @@ class CdcProducer:
                              "but rows dropped with the old table stay live in the ERP until "
                              "`crm-erp-sync reconcile --repair --entity ENTITY` (`status` "
                              "names the entity until then)")
+
+    def _note_retyped(self, conn: PgConn, seen: dict[str, list[str]]) -> None:
+        """A mapped column changed type and the contract holds: the table was rewritten
+        (``ALTER COLUMN ... TYPE ... USING``), and a rewrite leaves no row change in the
+        WAL, so a snapshot of the table is requested (``note_column_types``: the types are
+        recorded, so a retype made while the producer was down is found at its start).
+
+        ``seen``: the tables (and columns) a Relation message showed retyped against the
+        shape captured under; {}: every captured table, against the recorded types (at
+        start and after a contract fix, ``self._known`` being the catalog's shapes). Logged
+        by table and column, never a value. Without the grants on ``captured_tables`` the
+        snapshot of each table in ``seen`` is still requested (a retype while the producer
+        was down is then not found)."""
+        if seen:
+            shapes = contract.read_shapes(conn, list(seen))
+            # A later DDL may break the table by now: no snapshot of it (it could not be
+            # read), and never its shape as the last good one (the fix SQL restores that).
+            broken = {t: shape for t, shape in shapes.items() if shape is not None
+                      and (ent := self.profile.table(t)) is not None
+                      and contract.check(ent, shape)}
+            if broken:
+                self._record_broken_types(conn, broken)
+                shapes = {t: shape for t, shape in shapes.items() if t not in broken}
+                seen = {t: c for t, c in seen.items() if t not in broken}
+                if not seen:
+                    return
+        else:
+            shapes = {t: self._known.get(t) for t in self.profile.tables}
+        slot = self.settings.slot_name
+        try:
+            retypes = note_column_types(conn, slot, self.profile, shapes, seen=seen)
+        except psycopg.errors.InsufficientPrivilege:
+            log.warning("captured_tables_not_written", table=CAPTURED_TABLES,
+                        hint=f"GRANT SELECT, INSERT, UPDATE ON {CAPTURED_TABLES} to the "
+                             "capture role, so that a column retyped while the producer was "
+                             "down is re-snapshotted at its start")
+            retypes = []
+            with conn.transaction():
+                for table, columns in seen.items():
+                    ent = self.profile.table(table)
+                    if ent is None or ent.kind is None:
+                        continue
+                    retypes.append(Retype(table, columns, request_snapshot(
+                        conn, self.profile, ent.entity if ent.entity != "order_line"
+                        else "order", reason=RETYPE_REASON)))
+        self._known.update({t: shape for t, shape in shapes.items() if shape is not None})
+        self._broken_recorded.difference_update(shapes)
+        if not retypes:
+            return
+        self._tables = read_table_info(conn, self.profile, self._naive_zone)
+        for r in retypes:
+            log.warning("captured_column_retyped", table=r.table, columns=r.columns,
+                        snapshot_id=r.snapshot_id,
+                        hint="a mapped column changed type: the table was rewritten, and a "
+                             "rewrite (ALTER COLUMN ... TYPE ... USING) leaves no row change "
+                             "in the WAL, so the table is re-snapshotted to bring every row's "
+                             "current values to the ERP (`crm-erp-sync snapshot list`)")
 
     def _record_violations(self, conn: PgConn, violations: list[contract.Violation]) -> None:
         """What ``status`` reads (crm_erp_sync.contract_violations): these unresolved, any
@@ -1004,6 +1075,42 @@ class CdcProducer:
             return
         self._last_publication_check = now
         self._sync_publication(conn)
+        self._observe_types(conn)
+
+    def _observe_types(self, conn: PgConn) -> None:
+        """With the publication check: a mapped column retyped in the catalog (the contract
+        holding) is re-snapshotted now, without waiting for a change of the table (whose
+        Relation message would show it): a rewrite alone (``ALTER COLUMN ... TYPE ...
+        USING``) may be the last thing done to the table for a long time. A shape that breaks
+        the contract is left to the stream (its Relation message stops capture first)."""
+        shapes = contract.read_shapes(conn, self.profile.tables)
+        seen: dict[str, list[str]] = {}
+        broken: dict[str, contract.Shape | None] = {}
+        for ent in self.profile.entities.values():
+            shape = shapes.get(ent.table)
+            if shape is None:
+                continue
+            if contract.check(ent, shape):
+                broken[ent.table] = shape
+                continue
+            columns = contract.retyped(ent, self._known.get(ent.table), shape)
+            if columns or ent.table in self._broken_recorded:
+                seen[ent.table] = columns
+        if seen:
+            self._note_retyped(conn, seen)
+        if broken:
+            self._record_broken_types(conn, broken)
+
+    def _record_broken_types(self, conn: PgConn,
+                             shapes: Mapping[str, contract.Shape | None]) -> None:
+        """Record the types of tables that break the contract now (no snapshot: it could
+        not read them), so that the fix (``TYPE date USING ...`` after a ``TYPE text``: a
+        second rewrite) differs from the record and re-snapshots the table once the contract
+        holds. A refused write is left to ``_note_retyped``'s warning."""
+        with suppress(psycopg.errors.InsufficientPrivilege):
+            note_column_types(conn, self.settings.slot_name, self.profile, shapes,
+                              record_only=True)
+            self._broken_recorded.update(shapes)
 
     def _sync_publication(self, conn: PgConn, *, resnapshot: bool = True) -> None:
         """A captured table missing from the publication, or filtered there otherwise than

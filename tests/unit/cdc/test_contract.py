@@ -202,3 +202,48 @@ def test_changes_under_a_relation_broken_then_are_rejected_with_their_raw_values
     assert txn is not None and len(txn.changes) == 1
     assert txn.rejected[0].error is rejection
     assert txn.rejected[0].after == {"demand_id": "1", "kind": "市场趋势"}
+
+
+# ---- a retype that keeps the contract (the table was rewritten: re-snapshot it) ----------
+
+VARCHAR = 1043
+
+
+def _typmods(shape: Shape, **typmods: int) -> Shape:
+    mods = {c: -1 for c in shape.columns} | typmods
+    return Shape(shape.table, shape.replica_identity, shape.columns, shape.types,
+                 shape.attnums, mods)
+
+
+def test_a_mapped_column_retyped_to_a_type_it_still_takes_is_named() -> None:
+    known = _typmods(_demand())
+    now = _typmods(_demand(content=VARCHAR), content=204)
+    assert check(DEMAND, now) == []  # the contract holds: capture goes on
+    assert contract.retyped(DEMAND, known, now) == ["content"]
+
+
+def test_a_type_modifier_change_alone_is_a_retype() -> None:
+    # varchar(100) -> varchar(200), numeric(16,4) -> numeric(14,2): same OID, a rewrite
+    known = _typmods(_demand(content=VARCHAR), content=104)
+    now = _typmods(_demand(content=VARCHAR), content=204)
+    assert contract.retyped(DEMAND, known, now) == ["content"]
+
+
+def test_no_retype_without_a_known_shape_or_for_unmapped_columns_or_same_types() -> None:
+    known = _typmods(_demand(scratch=TEXT))
+    assert contract.retyped(DEMAND, None, known) == []
+    assert contract.retyped(DEMAND, known, _typmods(_demand(scratch=INT8))) == []
+    assert contract.retyped(DEMAND, known, known) == []
+    # a Relation message's shape without typmods compares OIDs only
+    assert contract.retyped(DEMAND, known, _demand()) == []
+
+
+def test_recorded_types_compare_mapped_columns_only_and_a_new_column_is_no_change() -> None:
+    shape = _demand(scratch=TEXT)
+    recorded = contract.mapped_types(DEMAND, shape)
+    assert "scratch" not in recorded
+    assert recorded["observed_at"] == "timestamp with time zone"
+    now = dict(recorded, content="character varying(200)")
+    assert contract.changed_types(recorded, now) == ["content"]
+    assert contract.changed_types({"demand_id": "bigint"}, recorded) == []
+    assert contract.changed_types(recorded, recorded) == []

@@ -142,10 +142,12 @@ CREATE TABLE IF NOT EXISTS {CAPTURED_TABLES} (
     column_types jsonb,
     PRIMARY KEY (slot_name, table_name)
 );
--- A table created before column_types was kept: added once, by its owner (setup).
+-- A table created before column_types was kept: added once, by its owner (setup). Looked
+-- up in pg_attribute: information_schema.columns shows only the columns the current role
+-- has a privilege on, so a restricted producer saw none and tried the ALTER itself.
 DO $$ BEGIN
-    IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = '{OWN_SCHEMA}'
-                   AND table_name = 'captured_tables' AND column_name = 'column_types') THEN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '{CAPTURED_TABLES}'::regclass
+                   AND attname = 'column_types' AND NOT attisdropped) THEN
         ALTER TABLE {CAPTURED_TABLES} ADD COLUMN column_types jsonb;
     END IF;
 END $$;

@@ -233,9 +233,8 @@ def note_column_types(conn: psycopg.Connection[Any], slot: str, profile: SourceP
                 continue
             snapshot_id = None
             if ent.kind is not None:
-                snapshot_id = request_snapshot(
-                    conn, profile, ent.entity if ent.entity != "order_line" else "order",
-                    reason=RETYPE_REASON)
+                snapshot_id = request_snapshot(conn, profile, snapshot_name(ent),
+                                               reason=RETYPE_REASON)
             out.append(Retype(ent.table, changed, snapshot_id))
     return out
 
@@ -573,7 +572,7 @@ def repair_publication(conn: psycopg.Connection[Any], settings: Settings,
             snapshot_id = None
             if resnapshot and ent is not None and ent.kind is not None:
                 snapshot_id = request_snapshot(
-                    conn, profile, ent.entity if ent.entity != "order_line" else "order",
+                    conn, profile, snapshot_name(ent),
                     reason="publication-repaired")
             out.append(Repair(drift, snapshot_id, left))
     return out
@@ -588,6 +587,12 @@ def _member(ent: EntityMapping) -> sql.Composable:
         return _ident(ent.table)
     # The row filter is the operator's SQL from the profile file (trusted configuration).
     return sql.SQL("{} WHERE ({})").format(_ident(ent.table), sql.SQL(ent.row_filter))
+
+
+def snapshot_name(ent: EntityMapping) -> str:
+    """The entity whose snapshot re-reads ``ent``'s table: its own, or for order lines their
+    order's (lines are read with their order, never alone)."""
+    return "order" if ent.entity == "order_line" else ent.entity
 
 
 def snapshot_entity(profile: SourceProfile, name_or_table: str) -> EntityMapping:

@@ -55,6 +55,7 @@ from service.cdc.capture import (
     read_table_info,
     repair_publication,
     request_snapshot,
+    snapshot_name,
     typed_or_rejected,
     typed_row,
 )
@@ -1021,8 +1022,7 @@ class CdcProducer:
                     if ent is None or ent.kind is None:
                         continue
                     retypes.append(Retype(table, columns, request_snapshot(
-                        conn, self.profile, ent.entity if ent.entity != "order_line"
-                        else "order", reason=RETYPE_REASON)))
+                        conn, self.profile, snapshot_name(ent), reason=RETYPE_REASON)))
         self._known.update({t: shape for t, shape in shapes.items() if shape is not None})
         self._broken_recorded.difference_update(shapes)
         if not retypes:

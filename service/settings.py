@@ -283,20 +283,19 @@ class Settings:
         from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
         profile = self.source_profile
-        if not files:
-            pass
-        elif not profile.endswith(".toml") and "/" not in profile:  # a shipped profile's name
-            # service.cdc.profile.PROFILES_DIR, not imported: every process validates this
-            shipped_dir = Path(__file__).resolve().parent / "profiles"
-            if not (shipped_dir / f"{profile}.toml").is_file():
-                shipped = sorted(p.stem for p in shipped_dir.glob("*.toml"))
-                problems.add(self.env_var("source_profile"),
-                             f"no shipped profile {profile!r}; shipped: "
-                             f"{', '.join(shipped)}, or give a path to a .toml file")
-        elif not Path(profile).is_file():
-            problems.add(self.env_var("source_profile"), _not_a_file(Path(profile)))
-        if files and not self.mappings_file.is_file():
-            problems.add(self.env_var("mappings_file"), _not_a_file(self.mappings_file))
+        if files:
+            if not profile.endswith(".toml") and "/" not in profile:  # a shipped profile's name
+                # service.cdc.profile.PROFILES_DIR, not imported: every process validates this
+                shipped_dir = Path(__file__).resolve().parent / "profiles"
+                if not (shipped_dir / f"{profile}.toml").is_file():
+                    shipped = sorted(p.stem for p in shipped_dir.glob("*.toml"))
+                    problems.add(self.env_var("source_profile"),
+                                 f"no shipped profile {profile!r}; shipped: "
+                                 f"{', '.join(shipped)}, or give a path to a .toml file")
+            elif not Path(profile).is_file():
+                problems.add(self.env_var("source_profile"), _not_a_file(Path(profile)))
+            if not self.mappings_file.is_file():
+                problems.add(self.env_var("mappings_file"), _not_a_file(self.mappings_file))
         try:
             ZoneInfo(self.apply_window_tz)
         except (ZoneInfoNotFoundError, ValueError):

@@ -229,6 +229,19 @@ FULL_STATE_KINDS = frozenset({"customer", "market_demand"})
 # The message columns of sync.held_events, in the order _held_message reads them.
 HELD_MESSAGE = 'topic, partition, "offset", msg_timestamp, msg_key, msg_value'
 
+# True while the held event ``h`` (a sync.held_events row held 'key_blocked') must still wait:
+# its key has a dead letter before it that is unresolved, or superseded by a newer letter of
+# the same row that is (a re-snapshot replaced it; the row's trouble began at the first).
+# What follows a resolved letter but precedes the key's next one is released (newcomer8's
+# N10: it waited for that later letter too). Shared by the release paths and `status`.
+STILL_BLOCKED = (
+    "EXISTS (SELECT 1 FROM sync.dead_letters d WHERE d.topic = h.topic "
+    "AND d.msg_key IS NOT DISTINCT FROM h.msg_key "
+    'AND ARRAY[d.partition::bigint, d."offset"] < ARRAY[h.partition::bigint, h."offset"] '
+    "AND (d.state IN ('open', 'failed_again') OR d.state = 'superseded' AND EXISTS ("
+    "SELECT 1 FROM sync.dead_letters n WHERE n.topic = d.topic AND n.msg_key = d.msg_key "
+    "AND n.event_kind = d.event_kind AND n.state IN ('open', 'failed_again'))))")
+
 
 def _held_message(row: Any, held_id: int | None = None) -> Message:
     """A held (or dead-lettered) message back from a row that starts with HELD_MESSAGE."""
@@ -701,27 +714,25 @@ class ErpApplier:
         return env
 
     def release_key(self, conn: PgConn, topic: str, key: bytes | None) -> int:
-        """Re-apply the events held behind a key ('key_blocked'), in order, once the key has
-        no unresolved dead letter (after a discard); returns how many were released."""
+        """Re-apply the events held behind a key ('key_blocked'), in order, after a discard:
+        those no unresolved letter before them blocks (``STILL_BLOCKED``); returns how many
+        were released."""
         return self._reapply_key(conn, topic, key, None)
 
     def _reapply_key(self, conn: PgConn, topic: str, key: bytes | None,
                      first: Envelope | None) -> int:
-        unresolved = conn.execute(
-            "SELECT 1 FROM sync.dead_letters WHERE topic = %s AND msg_key IS NOT DISTINCT FROM %s"
-            " AND state IN ('open', 'failed_again') LIMIT 1", (topic, key)).fetchone()
-        rows: list[Any] = []
-        if unresolved is None:
-            # Taken out of the hold; whatever still cannot be applied is held again below.
-            rows = conn.execute(
-                "DELETE FROM sync.held_events WHERE reason = 'key_blocked' AND topic = %s "
-                f"AND msg_key IS NOT DISTINCT FROM %s RETURNING {HELD_MESSAGE}",
-                (topic, key)).fetchall()
+        # Taken out of the hold (those no letter before them blocks any more); whatever
+        # still cannot be applied is held again below.
+        rows: list[Any] = conn.execute(
+            "DELETE FROM sync.held_events h WHERE h.reason = 'key_blocked' AND h.topic = %s "
+            f"AND h.msg_key IS NOT DISTINCT FROM %s AND NOT {STILL_BLOCKED} "
+            f"RETURNING {HELD_MESSAGE}", (topic, key)).fetchall()
         if first is None and not rows:
             return 0
-        released = self._prepared(sorted((_held_message(r) for r in rows),
-                                         key=lambda m: (m.partition, m.offset)))
-        batch = Batch(([first] if first is not None else []) + released.envelopes)
+        released = self._prepared([_held_message(r) for r in rows])
+        # In log order: a redriven letter may come after events released with it.
+        batch = Batch(sorted(([first] if first is not None else []) + released.envelopes,
+                             key=lambda e: (e.msg.partition, e.msg.offset)))
         self._apply_in_txn(conn, batch)
         if first is not None and first.error is not None:
             raise _RolledBack

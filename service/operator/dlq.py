@@ -30,7 +30,7 @@ from service.avro import SchemaRegistry
 from service.cdc.capture import missing_keys, request_snapshot
 from service.consumer import dlq as dlq_headers
 from service.consumer.mappings_watch import STALE_AFTER_S, live_members, mappings_version
-from service.consumer.pipeline import Envelope, ErpApplier, Message, prepare
+from service.consumer.pipeline import STILL_BLOCKED, Envelope, ErpApplier, Message, prepare
 from service.erp.mappings import Mappings
 from service.errors import (
     ApplyError,
@@ -692,14 +692,12 @@ def discard(settings: Settings, letters: list[Letter], *, actor: str,
 
 
 def _sweep(applier: ErpApplier, conn: PgConn) -> int:
-    """Release events held behind keys that no longer have an unresolved dead letter (a
+    """Release events held behind keys that have no unresolved dead letter before them (a
     consumer that held one while an operator resolved its letter)."""
     with conn.transaction():
         keys = conn.execute(
             "SELECT DISTINCT h.topic, h.msg_key FROM sync.held_events h "
-            "WHERE h.reason = 'key_blocked' AND NOT EXISTS (SELECT 1 FROM sync.dead_letters d "
-            "WHERE d.topic = h.topic AND d.msg_key IS NOT DISTINCT FROM h.msg_key "
-            "AND d.state IN ('open', 'failed_again'))").fetchall()
+            f"WHERE h.reason = 'key_blocked' AND NOT {STILL_BLOCKED}").fetchall()
         return sum(applier.release_key(conn, t, bytes(k) if k is not None else None)
                    for t, k in keys)
 

@@ -91,6 +91,7 @@ from service.cdc.capture import (
 from service.cdc.producer import lock_key
 from service.cdc.profile import load_profile
 from service.consumer.mappings_watch import STALE_AFTER_S, live_members
+from service.consumer.pipeline import STILL_BLOCKED
 from service.erp.mappings import Mappings
 from service.erp.target import make_target
 from service.errors import BrokerUnreachable, ConfigError, StackUnavailable
@@ -552,9 +553,7 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
                     "FROM sync.held_events GROUP BY 1 ORDER BY 1").fetchall()}
         stuck_row = erp.execute(
             "SELECT count(DISTINCT (h.topic, h.msg_key)) FROM sync.held_events h "
-            "WHERE h.reason = 'key_blocked' AND NOT EXISTS (SELECT 1 FROM sync.dead_letters d "
-            "WHERE d.topic = h.topic AND d.msg_key IS NOT DISTINCT FROM h.msg_key "
-            "AND d.state IN ('open', 'failed_again'))").fetchone()
+            f"WHERE h.reason = 'key_blocked' AND NOT {STILL_BLOCKED}").fetchone()
         target = make_target(settings, None)
         # an entity the ERP target does not keep (tryton: demand) has no rows left live there
         recreated = [r for r in recreated
@@ -743,9 +742,9 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         status.attention.append(f"events held awaiting their customer for more than "
                                 f"{settings.orphan_hold_s:g}s: is a consumer running?")
     if status.stuck_keys:
-        status.attention.append(f"{status.stuck_keys} key(s) have held events but no "
-                                "unresolved dead letter: run `crm-erp-sync dlq redrive --all` "
-                                "to release them")
+        status.attention.append(f"{status.stuck_keys} key(s) have held events with no "
+                                "unresolved dead letter before them: run "
+                                "`crm-erp-sync dlq redrive --all` to release them")
     if status.total_lag > max_lag and not closed:
         status.attention.append(f"consumer lag {status.total_lag} exceeds {max_lag}")
     return status

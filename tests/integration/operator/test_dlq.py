@@ -237,3 +237,52 @@ def test_bulk_discard_by_field_with_confirmation_and_dry_run(
     with sync_env.erp() as erp:
         assert erp.execute("SELECT DISTINCT actor, reason FROM sync.dead_letter_actions "
                            "WHERE action = 'discard'").fetchall() == [("ops", "masked numbers")]
+
+
+def test_a_discard_releases_what_was_held_before_the_keys_next_letter(
+        sync_env: SyncEnv, cli: Cli, running: Running) -> None:
+    """Held behind letter A, followed by letter B of the same key: discarding A releases what
+    came between A and B, not what follows B (newcomer8's N10: it all waited for B)."""
+    produce_all(sync_env)
+    with sync_env.crm() as crm:
+        buyer = crm.execute("INSERT INTO crm.customers (family_name, given_name, phone) VALUES "
+                            "('李', '四', '13912345678') RETURNING customer_id").fetchone()[0]
+        for order_id, product in ((910, "P-NEW"), (911, "P-PHONE-5G"), (912, "P-NEWER"),
+                                  (913, "P-PHONE-5G")):
+            with crm.transaction():
+                crm.execute("INSERT INTO crm.sales_orders (order_id, order_no, customer_id, "
+                            "order_date, status) VALUES (%s, %s, %s, '2023-01-01', '已付款')",
+                            (order_id, f"X{order_id}", buyer))
+                crm.execute("INSERT INTO crm.order_lines VALUES (%s, 1, %s, %s, '手机', "
+                            "'1台', 5000)", (order_id, buyer, product))
+    produce_all(sync_env)
+    consumer = running.start_consumer(sync_env.settings)
+    with sync_env.erp() as erp:
+        wait_until(lambda: erp.execute("SELECT count(*) FROM sync.held_events").fetchone()[0]
+                   == 2, message="two order letters and two orders held behind them")
+    running.stop(consumer)
+    in_log_order = sorted(cli(sync_env.settings, "dlq", "list", "--json").json,
+                          key=lambda d: (d["partition"], d["offset"]))
+    letters = {cli(sync_env.settings, "dlq", "show", str(d["dead_letter_id"]), "--json"
+                   ).json["payload"]["key"]: d["dead_letter_id"] for d in in_log_order}
+    assert list(letters) == ["910", "912"], letters
+
+    gone = cli(sync_env.settings, "dlq", "discard", str(letters["910"]), "--reason", "test")
+    assert gone.code == 0, gone.out + gone.err
+    with sync_env.erp() as erp:
+        assert erp.execute("SELECT crm_order_id FROM erp.sales_orders").fetchall() == [("911",)]
+        held = erp.execute('SELECT reason, "offset" FROM sync.held_events').fetchall()
+        assert [reason for reason, _ in held] == ["key_blocked"]
+        assert erp.execute("SELECT state FROM sync.dead_letters WHERE dead_letter_id = %s",
+                           (letters["912"],)).fetchone() == ("open",)
+        letter_offset = erp.execute('SELECT "offset" FROM sync.dead_letters '
+                                    "WHERE dead_letter_id = %s", (letters["912"],)).fetchone()[0]
+        assert held[0][1] > letter_offset  # 913 still waits for 912's letter
+
+    # Discarding the second letter releases the rest.
+    assert cli(sync_env.settings, "dlq", "discard", str(letters["912"]), "--reason",
+               "test").code == 0
+    with sync_env.erp() as erp:
+        assert erp.execute("SELECT crm_order_id FROM erp.sales_orders ORDER BY 1").fetchall() == [
+            ("911",), ("913",)]
+        assert erp.execute("SELECT count(*) FROM sync.held_events").fetchone() == (0,)

@@ -315,6 +315,18 @@ def existing_customers(conn: PgConn, ids: Iterable[str]) -> set[str]:
     return {r[0] for r in rows}
 
 
+def stored_order_currencies(conn: PgConn, ids: Iterable[str]) -> dict[str, str]:
+    """CRM order key -> ``erp.sales_orders.currency`` (an ISO code), for the orders the ERP
+    holds with one (a delete that arrived before its order stores none): one query."""
+    wanted = sorted(set(ids))
+    if not wanted:
+        return {}
+    rows = conn.execute(
+        "SELECT crm_order_id, currency FROM erp.sales_orders "
+        "WHERE crm_order_id = ANY(%b) AND currency <> ''", (wanted,)).fetchall()
+    return {r[0]: r[1] for r in rows}
+
+
 # ---- TRUNCATE: position-guarded soft delete + per-entity watermark -----------------------
 PARTNERS, ORDERS, ITEMS, DEMANDS = ("erp.business_partners", "erp.sales_orders",
                                     "erp.sales_order_items", "erp.demand_signals")

@@ -115,6 +115,13 @@ class ErpTarget(Protocol):
         """The CRM customer keys the ERP holds (deleted/inactive included)."""
         ...
 
+    def order_currencies(self, keys: Iterable[str]) -> dict[str, str]:
+        """CRM order key -> the ISO 4217 code of the order's currency as the ERP holds it,
+        for the orders it holds (deleted/cancelled included; an order it does not hold is
+        absent). One round trip for all the keys, inside the consumer's open transaction
+        (the lines-only events of a batch are checked against it). Raises as ``apply``."""
+        ...
+
     def read(self, kind: str, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
         """key -> what the ERP holds for it, as ``view(kind, mapped)`` spells it, plus
         ``deleted`` (bool) and ``position`` ((lsn, seq) or None when unknown)."""

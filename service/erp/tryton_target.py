@@ -135,6 +135,10 @@ class TrytonErpTarget:
             None, None, ["code"], context={"active_test": False})
         return {str(r["code"])[len(prefix):] for r in rows}
 
+    def order_currencies(self, keys: Iterable[str]) -> dict[str, str]:
+        """The currency of each sale of the CRM web shop (one ``search_read``)."""
+        return self.target.sale_currencies(keys)
+
     # ---- reconcile ----------------------------------------------------------------------------
     def view(self, kind: str, values: dict[str, Any]) -> dict[str, Any]:
         """What Tryton keeps of the mapped values: for a customer the name, the address

@@ -319,6 +319,18 @@ def _item(la: dict[str, Any], pos: Position, mappings: Mappings,
                         code if order_currency is None else None)
 
 
+@dataclass(frozen=True, slots=True)
+class OrderCurrency:
+    """An order's currency as the ERP holds it (``ErpTarget.order_currencies``): ``code``
+    an ISO 4217 code; ``position`` the (lsn, seq) of the newest change the ERP applied to
+    what holds it (the sql target's order header, the tryton target's order), None when
+    unknown. An event at or before ``position`` may predate the currency (a replay after
+    the order's currency changed): it is not checked against it."""
+
+    code: str
+    position: tuple[int, int] | None = None
+
+
 def _written_currencies(change: ErpChange | None) -> list[OrderItemRow]:
     """The live lines of a lines-only order event that have a currency written with their
     unit price (the only lines whose currency can differ from their order's)."""
@@ -342,25 +354,30 @@ def line_currency_lookups(changes: Sequence[ErpChange | None]) -> list[str]:
     return sorted(wanted)
 
 
-def line_currency_errors(changes: Sequence[ErpChange | None], stored: Mapping[str, str]
-                         ) -> dict[int, MappingError]:
+def line_currency_errors(changes: Sequence[ErpChange | None],
+                         stored: Mapping[str, OrderCurrency]) -> dict[int, MappingError]:
     """Which lines-only events price a line in another currency than its order's.
 
     ``changes`` in batch order (None: an event that failed already); ``stored``: CRM order
-    key -> the ISO 4217 code of the order's currency as the ERP holds it
-    (``ErpTarget.order_currencies`` of ``line_currency_lookups``). The order's currency at
-    an event is that of the newest live header before it in the batch, else the ERP's; an
-    order the ERP does not hold yet is not checked (its lines are applied or held as
-    without this check). A line without a written currency is in its order's currency.
+    key -> the order's currency as the ERP holds it (``ErpTarget.order_currencies`` of
+    ``line_currency_lookups``). The order's currency at an event is that of the newest live
+    header before it in the batch, else the ERP's when the event is newer than what the
+    ERP holds; otherwise (an order the ERP does not hold yet: its lines are applied or held
+    as without this check; an older event, replayed) the event is not checked. A line
+    without a written currency is in its order's currency.
     Returns index in ``changes`` -> MappingError naming ``lines.unit_price``, the line's
     CRM key and both codes (no row value), for the first differing line of each event."""
-    current = {k: v for k, v in stored.items() if v}
+    in_batch: dict[str, str] = {}
     out: dict[int, MappingError] = {}
     for n, change in enumerate(changes):
         if change is not None and change.header is not None and not change.header.deleted:
-            current[change.header.crm_order_id] = change.header.currency
+            in_batch[change.header.crm_order_id] = change.header.currency
         for item in _written_currencies(change):
-            order = current.get(item.crm_order_id)
+            order = in_batch.get(item.crm_order_id)
+            erp = stored.get(item.crm_order_id)
+            if (order is None and erp is not None and erp.code
+                    and (erp.position is None or (item.pos.lsn, item.pos.seq) > erp.position)):
+                order = erp.code
             if order is not None and order != item.price_currency:
                 out[n] = MappingError(
                     "lines.unit_price", item.price_currency,

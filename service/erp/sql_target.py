@@ -22,7 +22,7 @@ from service.erp.apply import (
     load_status_effects,
     stored_order_currencies,
 )
-from service.erp.changes import ErpChange
+from service.erp.changes import ErpChange, OrderCurrency
 from service.erp.mappings import Mappings
 from service.erp.target import LastApplied, Outcome, Status
 from service.errors import ConfigError, ErpNotSetUp
@@ -142,7 +142,7 @@ class SqlTarget:
     def present_customers(self, keys: Iterable[str]) -> set[str]:
         return existing_customers(self.conn, keys)
 
-    def order_currencies(self, keys: Iterable[str]) -> dict[str, str]:
+    def order_currencies(self, keys: Iterable[str]) -> dict[str, OrderCurrency]:
         return stored_order_currencies(self.conn, keys)
 
     # ---- reconcile ----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from service.erp.changes import ErpChange
+from service.erp.changes import ErpChange, OrderCurrency
 from service.erp.mappings import Mappings
 from service.errors import ConfigError, ErpNotSetUp
 from service.pg import PgConn
@@ -115,11 +115,12 @@ class ErpTarget(Protocol):
         """The CRM customer keys the ERP holds (deleted/inactive included)."""
         ...
 
-    def order_currencies(self, keys: Iterable[str]) -> dict[str, str]:
-        """CRM order key -> the ISO 4217 code of the order's currency as the ERP holds it,
-        for the orders it holds (deleted/cancelled included; an order it does not hold is
-        absent). One round trip for all the keys, inside the consumer's open transaction
-        (the lines-only events of a batch are checked against it). Raises as ``apply``."""
+    def order_currencies(self, keys: Iterable[str]) -> dict[str, OrderCurrency]:
+        """CRM order key -> the order's currency as the ERP holds it (ISO 4217 code, and
+        the position of the newest change applied to it), for the orders it holds
+        (deleted/cancelled included; an order it does not hold is absent). One round trip
+        to the ERP for all the keys, inside the consumer's open transaction (the lines-only
+        events of a batch are checked against it). Raises as ``apply``."""
         ...
 
     def read(self, kind: str, keys: Sequence[str]) -> dict[str, dict[str, Any]]:

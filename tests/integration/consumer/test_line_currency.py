@@ -6,6 +6,7 @@ just before, is applied."""
 
 from __future__ import annotations
 
+import dataclasses
 from decimal import Decimal
 from typing import Any
 
@@ -70,3 +71,20 @@ def test_a_lines_only_price_in_another_currency_than_the_erps_order_is_a_letter(
     assert prices == {781: Decimal("5000.00"),  # the letter's line is not applied
                       782: Decimal("6000.00"), 783: Decimal("120.00")}
     assert currency == "USD"
+
+    # 782 becomes a dollar order, lines and all; then every event again from the start (a new
+    # group: a replay), one event per batch (no header before a line in its batch). The yuan
+    # price of 782 is older than its dollar header in the ERP: not compared with it, so no
+    # new letter; the old letter is not written twice.
+    with sync_env.crm() as crm:
+        crm.execute("UPDATE crm.sales_orders SET currency = '美元' WHERE order_id = 782")
+        crm.execute("UPDATE crm.order_lines SET unit_price = 'USD 60' WHERE order_id = 782")
+    _sync(sync_env.settings)
+    CdcProducer(sync_env.settings, SchemaRegistry.load(sync_env.settings.schemas_dir)).run(
+        until_idle=True)
+    consume_until_caught_up(ErpConsumer(dataclasses.replace(
+        sync_env.settings, consumer_group=sync_env.settings.consumer_group + ".replay",
+        batch_max_events=1)))
+    with sync_env.erp() as erp:
+        assert erp.execute("SELECT count(*) FROM sync.dead_letters").fetchone()[0] == 1
+        assert _price(erp, 782) == Decimal("60.00")

@@ -19,7 +19,10 @@ def test_a_lines_only_dollar_price_under_a_yuan_sale_is_a_letter(world: World) -
     world.consume()
     target = TrytonErpTarget(world.tryton)
     missing = str(world.base + 99)
-    assert target.order_currencies([*orders, missing]) == dict.fromkeys(orders, "CNY")
+    stored = target.order_currencies([*orders, missing])
+    assert {k: c.code for k, c in stored.items()} == dict.fromkeys(orders, "CNY")
+    positions = world.tryton.positions.get("order", list(orders))
+    assert {k: c.position for k, c in stored.items()} == positions
 
     pending = next(k for k, s in orders.items() if s == "pending")  # a quotation: editable
     with world.env.crm() as crm:

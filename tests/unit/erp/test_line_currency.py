@@ -13,6 +13,7 @@ import pytest
 
 from service.erp.changes import (
     ErpChange,
+    OrderCurrency,
     line_currency_errors,
     line_currency_lookups,
     to_erp,
@@ -20,8 +21,13 @@ from service.erp.changes import (
 from service.erp.mappings import Mappings
 from service.erp.tryton import PositionStore, TrytonTarget
 from service.erp.tryton_rpc import TrytonRPC
+from service.erp.tryton_target import TrytonErpTarget
 
 COMMIT = datetime(2026, 11, 29, 9, 0, tzinfo=UTC)
+
+
+def erp_has(code: str, position: tuple[int, int] | None = (0, 0)) -> OrderCurrency:
+    return OrderCurrency(code, position)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +62,7 @@ def test_a_dollar_line_under_a_yuan_order_in_the_erp_is_refused(mappings: Mappin
     changes: list[ErpChange | None] = [_event(mappings, "9001", 1, ["5000元", "100美元"])]
     assert line_currency_lookups(changes) == ["9001"]
 
-    errors = line_currency_errors(changes, {"9001": "CNY"})
+    errors = line_currency_errors(changes, {"9001": erp_has("CNY")})
 
     error = errors[0]
     assert (error.field, error.line) == ("lines.unit_price", '["9001","2"]')
@@ -64,21 +70,21 @@ def test_a_dollar_line_under_a_yuan_order_in_the_erp_is_refused(mappings: Mappin
                           "amount (USD) differs from the order's currency in the ERP (CNY)")
     assert "100" not in str(error).replace('["9001","2"]', "")  # no price in the reason
     # The same line under a dollar order is fine; the yuan line then is not.
-    again = line_currency_errors(changes, {"9001": "USD"})
+    again = line_currency_errors(changes, {"9001": erp_has("USD")})
     assert [(e.line, "(CNY)" in str(e)) for e in again.values()] == [('["9001","1"]', True)]
 
 
 def test_prices_without_a_written_currency_need_no_lookup(mappings: Mappings) -> None:
     changes: list[ErpChange | None] = [_event(mappings, "9001", 1, ["5000.00", "5000"])]
     assert line_currency_lookups(changes) == []
-    assert line_currency_errors(changes, {"9001": "USD"}) == {}  # the order's currency
+    assert line_currency_errors(changes, {"9001": erp_has("USD")}) == {}  # the order's currency
 
 
 def test_an_order_the_erp_does_not_hold_is_not_checked(mappings: Mappings) -> None:
     changes: list[ErpChange | None] = [_event(mappings, "9001", 1, ["100美元"])]
     assert line_currency_lookups(changes) == ["9001"]
     assert line_currency_errors(changes, {}) == {}  # applied or held as before the check
-    assert line_currency_errors(changes, {"9001": ""}) == {}  # a delete stored no currency
+    assert line_currency_errors(changes, {"9001": erp_has("")}) == {}  # a delete stored no currency
 
 
 def test_a_header_earlier_in_the_batch_gives_the_currency(mappings: Mappings) -> None:
@@ -90,9 +96,18 @@ def test_a_header_earlier_in_the_batch_gives_the_currency(mappings: Mappings) ->
 
     assert line_currency_lookups(changes) == ["9001", "9002"]
     assert line_currency_lookups(changes[1:]) == ["9002"]  # 9001's header is in the batch
-    errors = line_currency_errors(changes, {"9001": "CNY", "9002": "CNY"})
+    errors = line_currency_errors(changes, {"9001": erp_has("CNY"), "9002": erp_has("CNY")})
     assert list(errors) == [0]
     assert "(USD) differs from the order's currency in the ERP (CNY)" in str(errors[0])
+
+
+def test_an_event_older_than_what_the_erp_holds_is_not_checked(mappings: Mappings) -> None:
+    """A replay: the order's currency may have changed since the event (USD now, CNY then)."""
+    changes: list[ErpChange | None] = [_event(mappings, "9001", 5, ["100元"])]
+    assert list(line_currency_errors(changes, {"9001": erp_has("USD", (5, 0))})) == []
+    assert list(line_currency_errors(changes, {"9001": erp_has("USD", (6, 0))})) == []
+    assert list(line_currency_errors(changes, {"9001": erp_has("USD", (4, 9))})) == [0]
+    assert list(line_currency_errors(changes, {"9001": erp_has("USD", None)})) == [0]
 
 
 def test_a_deleted_header_keeps_the_currency_the_erp_keeps(mappings: Mappings) -> None:
@@ -101,7 +116,7 @@ def test_a_deleted_header_keeps_the_currency_the_erp_keeps(mappings: Mappings) -
     assert deleted.header is not None and deleted.header.deleted
     changes: list[ErpChange | None] = [deleted, lines]
     assert line_currency_lookups(changes) == ["9001"]
-    assert list(line_currency_errors(changes, {"9001": "CNY"})) == [1]
+    assert list(line_currency_errors(changes, {"9001": erp_has("CNY")})) == [1]
 
 
 def test_a_deleted_line_is_not_checked(mappings: Mappings) -> None:
@@ -132,3 +147,19 @@ def test_tryton_reads_the_sales_currencies_in_one_call() -> None:
                           [("web_shop", "=", 3), ("web_id", "in", ["9001", "9002"])],
                           0, None, [("id", "ASC")], ["web_id", "currency.code"])]
     assert t.sale_currencies([]) == {} and len(rpc.calls) == 1
+
+
+class _Positions:
+    def get(self, kind: str, keys: list[str]) -> dict[str, tuple[int, int]]:
+        assert (kind, keys) == ("order", ["9001"])
+        return {"9001": (7, 2)}
+
+
+def test_the_tryton_target_adds_the_orders_positions() -> None:
+    t = TrytonTarget(TrytonRPC("http://127.0.0.1:9", "db", "u", "p"), PositionStore("unused"))
+    t.rpc = _Rpc()  # type: ignore[assignment]
+    t.positions = _Positions()  # type: ignore[assignment]
+    t._shop = {"id": 3}
+
+    assert TrytonErpTarget(t).order_currencies(["9001", "9002"]) == {
+        "9001": OrderCurrency("CNY", (7, 2))}

@@ -346,11 +346,17 @@ def line_currency_lookups(changes: Sequence[ErpChange | None]) -> list[str]:
     Sorted, each once; empty when there is nothing to check (no ERP read at all)."""
     known: set[str] = set()
     wanted: set[str] = set()
-    for change in changes:
-        if change is not None and change.header is not None and not change.header.deleted:
-            known.add(change.header.crm_order_id)
-        wanted.update(i.crm_order_id for i in _written_currencies(change)
-                      if i.crm_order_id not in known)
+    for change in changes:  # every event of every batch: kept to attribute reads
+        if change is None:
+            continue
+        header = change.header
+        if header is not None:
+            if not header.deleted:
+                known.add(header.crm_order_id)
+            continue
+        for i in change.items:
+            if i.price_currency is not None and not i.deleted and i.crm_order_id not in known:
+                wanted.add(i.crm_order_id)
     return sorted(wanted)
 
 

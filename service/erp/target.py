@@ -85,9 +85,10 @@ class ErpTarget(Protocol):
     """Where the consumer applies changes. Implementations are used by one thread.
 
     Transaction hooks: ``attach`` is called (inside a transaction on ``conn``) whenever the
-    consumer (re)connects to the sync-state database; ``apply`` and ``present_customers`` are
-    called inside the consumer's open transaction on that connection. The ``sql`` target
-    writes through it (atomic with the sync state); others ignore it.
+    consumer (re)connects to the sync-state database; ``apply``, ``present_customers`` and
+    ``order_currencies`` are called inside the consumer's open transaction on that
+    connection. The ``sql`` target writes through it (atomic with the sync state); others
+    ignore it.
 
     Errors: ``apply`` and ``read`` raise ``Retryable`` subclasses (TargetUnavailable,
     psycopg's transient errors) when the whole batch should be retried, and ``SyncError``

@@ -38,7 +38,12 @@ from service.consumer.mappings_watch import MappingsWatcher
 from service.consumer.membership import Membership
 from service.consumer.policy import BatchPolicy, DlqLimit, RetryPolicy
 from service.consumer.throttle import RateLimit
-from service.erp.changes import ErpChange, to_erp
+from service.erp.changes import (
+    ErpChange,
+    line_currency_errors,
+    line_currency_lookups,
+    to_erp,
+)
 from service.erp.mappings import Mappings
 from service.erp.target import ErpTarget, Status, make_target
 from service.errors import (
@@ -469,6 +474,7 @@ class ErpApplier:
         if changed:  # letters superseded, held events released: read the keys' state again
             letters, held = self._key_state(conn, [e.msg for e in envs])
         blocked = _blocked_from(letters, held)
+        self._check_line_currencies(envs)
         # A replayed message that already has its dead letter (open or resolved) is not a new
         # failure: no second record on the dead-letter topic, and an operator's resolution
         # (discard, redrive) stands. The same for an event the producer re-sent (after a
@@ -520,6 +526,20 @@ class ErpApplier:
                                                        _envelope_event_id(env)))
         if customers_here:
             self._release_awaiting(conn, sorted(customers_here), batch)
+
+    def _check_line_currencies(self, envs: list[Envelope]) -> None:
+        """A line of a lines-only order event priced in another currency than its order's
+        (``changes.line_currency_errors``) fails like a transform error: a MappingError on
+        its envelope, dead-lettered and holding its key. The orders' currencies come from
+        the target in one round trip per batch, and only when some line has a currency
+        written with its price (none otherwise)."""
+        changes = [e.change if e.error is None else None for e in envs]
+        wanted = line_currency_lookups(changes)
+        if not wanted:
+            return
+        stored = self.target.order_currencies(wanted)
+        for n, error in line_currency_errors(changes, stored).items():
+            envs[n].error = error
 
     def _apply_or_isolate(self, conn: PgConn, envs: list[Envelope]) -> None:
         """Apply through the target (the sql target isolates a refused row itself): a

@@ -26,6 +26,7 @@ import psycopg
 from service.erp.changes import (
     DemandRow,
     ErpChange,
+    OrderCurrency,
     OrderHeaderRow,
     OrderItemRow,
     PartnerRow,
@@ -313,6 +314,19 @@ def existing_customers(conn: PgConn, ids: Iterable[str]) -> set[str]:
         (wanted,),  # binary (%b): no quoting of each id into an array literal
     ).fetchall()
     return {r[0] for r in rows}
+
+
+def stored_order_currencies(conn: PgConn, ids: Iterable[str]) -> dict[str, OrderCurrency]:
+    """CRM order key -> ``erp.sales_orders.currency`` (an ISO code) with the header's
+    position, for the orders the ERP holds with one (a delete that arrived before its
+    order stores none): one query."""
+    wanted = sorted(set(ids))
+    if not wanted:
+        return {}
+    rows = conn.execute(
+        "SELECT crm_order_id, currency, source_lsn, source_seq FROM erp.sales_orders "
+        "WHERE crm_order_id = ANY(%b) AND currency <> ''", (wanted,)).fetchall()
+    return {r[0]: OrderCurrency(r[1], (r[2], r[3])) for r in rows}
 
 
 # ---- TRUNCATE: position-guarded soft delete + per-entity watermark -----------------------

@@ -13,6 +13,7 @@ that arrives later (a replay, a rebalance overlap) cannot bring the row back.
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
@@ -83,6 +84,11 @@ class OrderItemRow:
     pos: Position
     base_quantity: Decimal = Decimal(1)  # quantity in the SKU's base unit (units.to_base)
     base_unit: str = ""
+    # The ISO code written with the unit price (100美元 -> USD) of a line in a lines-only
+    # event, to be checked against its order's currency in the ERP
+    # (``line_currency_errors``); None when none was written, or when the event's header
+    # was there to check it against already.
+    price_currency: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +296,9 @@ def _item(la: dict[str, Any], pos: Position, mappings: Mappings,
     The unit price is read by ``transform.parse_amount`` (5000元, ¥5,000.00, 5000.00): a
     currency written with it must be the order's (``order_currency``, the header's
     currency word, when the header is in this event). A lines-only event carries no
-    header, so a currency written with a price is then only checked to be a known one."""
+    header: a currency written with a price is then checked to be a known one here and
+    kept (``price_currency``) for ``line_currency_errors`` to compare with the order's
+    currency in the ERP."""
     quantity = la.get("quantity") or ""
     if la.get("unit"):
         # A numeric column's scale is not the count's precision: 10.00 个 is 10 个.
@@ -301,13 +309,88 @@ def _item(la: dict[str, Any], pos: Position, mappings: Mappings,
     text = la.get("unit_price")
     if text is None or not text.strip():
         raise MappingError("lines.unit_price", text, "the line has no unit price")
-    price, _ = tf.parse_amount(text, order_currency, mappings, field="lines.unit_price")
+    price, code = tf.parse_amount(text, order_currency, mappings, field="lines.unit_price")
     sku = tf.sku_for(la.get("product_code") or "", mappings)
     base = units.to_base(sku, qty.value, qty.unit, mappings,
                          raw=quantity + (la.get("unit") or ""), field="lines.quantity")
     return OrderItemRow(la["order_key"], la["key"], sku, la.get("product_name") or "",
                         qty.value, qty.unit, price, False, pos, base,
-                        mappings.sku_units[sku].base)
+                        mappings.sku_units[sku].base,
+                        code if order_currency is None else None)
+
+
+@dataclass(frozen=True, slots=True)
+class OrderCurrency:
+    """An order's currency as the ERP holds it (``ErpTarget.order_currencies``): ``code``
+    an ISO 4217 code; ``position`` the (lsn, seq) of the newest change the ERP applied to
+    what holds it (the sql target's order header, the tryton target's order), None when
+    unknown. An event at or before ``position`` may predate the currency (a replay after
+    the order's currency changed): it is not checked against it."""
+
+    code: str
+    position: tuple[int, int] | None = None
+
+
+def _written_currencies(change: ErpChange | None) -> list[OrderItemRow]:
+    """The live lines of a lines-only order event that have a currency written with their
+    unit price (the only lines whose currency can differ from their order's)."""
+    if change is None or change.kind != "order" or change.header is not None:
+        return []
+    return [i for i in change.items if not i.deleted and i.price_currency is not None]
+
+
+def line_currency_lookups(changes: Sequence[ErpChange | None]) -> list[str]:
+    """The orders whose currency the ERP must tell for ``line_currency_errors``: those of
+    lines-only events (in batch order; None: an event that failed already) with a currency
+    written with a line's price, and no live header earlier in the batch to say it.
+    Sorted, each once; empty when there is nothing to check (no ERP read at all)."""
+    known: set[str] = set()
+    wanted: set[str] = set()
+    for change in changes:  # every event of every batch: kept to attribute reads
+        if change is None:
+            continue
+        header = change.header
+        if header is not None:
+            if not header.deleted:
+                known.add(header.crm_order_id)
+            continue
+        for i in change.items:
+            if i.price_currency is not None and not i.deleted and i.crm_order_id not in known:
+                wanted.add(i.crm_order_id)
+    return sorted(wanted)
+
+
+def line_currency_errors(changes: Sequence[ErpChange | None],
+                         stored: Mapping[str, OrderCurrency]) -> dict[int, MappingError]:
+    """Which lines-only events price a line in another currency than its order's.
+
+    ``changes`` in batch order (None: an event that failed already); ``stored``: CRM order
+    key -> the order's currency as the ERP holds it (``ErpTarget.order_currencies`` of
+    ``line_currency_lookups``). The order's currency at an event is that of the newest live
+    header before it in the batch, else the ERP's when the event is newer than what the
+    ERP holds; otherwise (an order the ERP does not hold yet: its lines are applied or held
+    as without this check; an older event, replayed) the event is not checked. A line
+    without a written currency is in its order's currency.
+    Returns index in ``changes`` -> MappingError naming ``lines.unit_price``, the line's
+    CRM key and both codes (no row value), for the first differing line of each event."""
+    in_batch: dict[str, str] = {}
+    out: dict[int, MappingError] = {}
+    for n, change in enumerate(changes):
+        if change is not None and change.header is not None and not change.header.deleted:
+            in_batch[change.header.crm_order_id] = change.header.currency
+        for item in _written_currencies(change):
+            order = in_batch.get(item.crm_order_id)
+            erp = stored.get(item.crm_order_id)
+            if (order is None and erp is not None and erp.code
+                    and (erp.position is None or (item.pos.lsn, item.pos.seq) > erp.position)):
+                order = erp.code
+            if order is not None and order != item.price_currency:
+                out[n] = MappingError(
+                    "lines.unit_price", item.price_currency,
+                    f"currency written with the amount ({item.price_currency}) differs from "
+                    f"the order's currency in the ERP ({order})", line=item.crm_line_id)
+                break
+    return out
 
 
 def demand_row(record: dict[str, Any], mappings: Mappings) -> DemandRow:

@@ -20,8 +20,9 @@ from service.erp.apply import (
     check_stock_units,
     existing_customers,
     load_status_effects,
+    stored_order_currencies,
 )
-from service.erp.changes import ErpChange
+from service.erp.changes import ErpChange, OrderCurrency
 from service.erp.mappings import Mappings
 from service.erp.target import LastApplied, Outcome, Status
 from service.errors import ConfigError, ErpNotSetUp
@@ -140,6 +141,9 @@ class SqlTarget:
 
     def present_customers(self, keys: Iterable[str]) -> set[str]:
         return existing_customers(self.conn, keys)
+
+    def order_currencies(self, keys: Iterable[str]) -> dict[str, OrderCurrency]:
+        return stored_order_currencies(self.conn, keys)
 
     # ---- reconcile ----------------------------------------------------------------------------
     def view(self, kind: str, values: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from service.erp.changes import ErpChange
+from service.erp.changes import ErpChange, OrderCurrency
 from service.erp.mappings import Mappings
 from service.errors import ConfigError, ErpNotSetUp
 from service.pg import PgConn
@@ -85,9 +85,10 @@ class ErpTarget(Protocol):
     """Where the consumer applies changes. Implementations are used by one thread.
 
     Transaction hooks: ``attach`` is called (inside a transaction on ``conn``) whenever the
-    consumer (re)connects to the sync-state database; ``apply`` and ``present_customers`` are
-    called inside the consumer's open transaction on that connection. The ``sql`` target
-    writes through it (atomic with the sync state); others ignore it.
+    consumer (re)connects to the sync-state database; ``apply``, ``present_customers`` and
+    ``order_currencies`` are called inside the consumer's open transaction on that
+    connection. The ``sql`` target writes through it (atomic with the sync state); others
+    ignore it.
 
     Errors: ``apply`` and ``read`` raise ``Retryable`` subclasses (TargetUnavailable,
     psycopg's transient errors) when the whole batch should be retried, and ``SyncError``
@@ -113,6 +114,14 @@ class ErpTarget(Protocol):
 
     def present_customers(self, keys: Iterable[str]) -> set[str]:
         """The CRM customer keys the ERP holds (deleted/inactive included)."""
+        ...
+
+    def order_currencies(self, keys: Iterable[str]) -> dict[str, OrderCurrency]:
+        """CRM order key -> the order's currency as the ERP holds it (ISO 4217 code, and
+        the position of the newest change applied to it), for the orders it holds
+        (deleted/cancelled included; an order it does not hold is absent). One round trip
+        to the ERP for all the keys, inside the consumer's open transaction (the lines-only
+        events of a batch are checked against it). Raises as ``apply``."""
         ...
 
     def read(self, kind: str, keys: Sequence[str]) -> dict[str, dict[str, Any]]:

@@ -810,6 +810,17 @@ class TrytonTarget:
                 write_date=p["write_date"])
         return result
 
+    def sale_currencies(self, web_ids: Iterable[str]) -> dict[str, str]:
+        """CRM order key -> the ISO code of its sale's currency (``currency.code``: the web
+        shop's when the sync created the sale), cancelled sales included; one call."""
+        keys = sorted({str(k) for k in web_ids})
+        if not keys:
+            return {}
+        rows = self._search_read(
+            "sale.sale", [("web_shop", "=", self.shop_id), ("web_id", "in", keys)],
+            ["web_id", "currency.code"])
+        return {str(r["web_id"]): code for r in rows if (code := _code(r, "currency"))}
+
     def read_sales(self, web_ids: Iterable[str]) -> dict[str, SaleState]:
         """CRM order key -> the Tryton sale: state, lines, shipments and outgoing moves."""
         self._load_reference()

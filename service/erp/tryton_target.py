@@ -22,7 +22,7 @@ from typing import Any
 
 import psycopg
 
-from service.erp.changes import ErpChange
+from service.erp.changes import ErpChange, OrderCurrency
 from service.erp.mappings import Mappings
 from service.erp.target import ABSENT_OK, LastApplied, Outcome, Status
 from service.erp.tryton import (
@@ -134,6 +134,17 @@ class TrytonErpTarget:
             "party.party", "search_read", [("code", "in", [prefix + k for k in wanted])], 0,
             None, None, ["code"], context={"active_test": False})
         return {str(r["code"])[len(prefix):] for r in rows}
+
+    def order_currencies(self, keys: Iterable[str]) -> dict[str, OrderCurrency]:
+        """The currency of each sale of the CRM web shop (one ``search_read``) with the
+        order's position from ``tryton_positions`` (one query of the sync-state database;
+        None for a sale the sync has no position of)."""
+        wanted = sorted({str(k) for k in keys})
+        codes = self.target.sale_currencies(wanted)
+        if not codes:
+            return {}
+        positions = self.target.positions.get("order", sorted(codes))
+        return {k: OrderCurrency(code, positions.get(k)) for k, code in codes.items()}
 
     # ---- reconcile ----------------------------------------------------------------------------
     def view(self, kind: str, values: dict[str, Any]) -> dict[str, Any]:

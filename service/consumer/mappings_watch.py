@@ -42,6 +42,7 @@ import psycopg
 import structlog
 
 from service.erp.mappings import Mappings
+from service.erp.units import release_registry
 from service.errors import ConfigError, Retryable
 from service.metrics import ConsumerMetrics
 from service.pg import PgConn
@@ -96,7 +97,7 @@ class MappingsWatcher:
         self._stat = self._stat_now()
         self._pending = _NONE_PENDING  # metadata seen changed at the last check, not yet read
         content = self._read()
-        self.mappings = Mappings.parse(content, str(self.path))
+        self.mappings = self._parse(content)
         self.version = mappings_version(content)
         self.loaded_at = datetime.now(UTC)
         self.refusal: Refusal | None = None
@@ -151,7 +152,7 @@ class MappingsWatcher:
         if not forced and self.refusal is not None and self.refusal.version == version:
             return None  # the same bad content: refused and logged already
         try:
-            mappings = Mappings.parse(content, str(self.path))
+            mappings = self._parse(content)
         except ConfigError as exc:
             self._refuse(version, exc, trigger)
             return None
@@ -166,6 +167,15 @@ class MappingsWatcher:
         log.info("mappings_reloaded", file=str(self.path), old_version=old, version=version,
                  trigger=trigger)
         return mappings
+
+    def _parse(self, content: bytes) -> Mappings:
+        """``Mappings.parse`` of the file, then pint's unit registry released: it is needed
+        only while a file is read and held ~2.6 MiB of the consumer for life (see
+        :func:`service.erp.units.release_registry`). Raises what ``Mappings.parse`` raises."""
+        try:
+            return Mappings.parse(content, str(self.path))
+        finally:
+            release_registry()
 
     def _read(self) -> bytes:
         try:

@@ -114,11 +114,6 @@ class Divisions:
         # Every county and city by its full name (the check that a written district belongs to
         # the province or city before it) and counties by their stems (朝阳 -> 朝阳区 ...).
         self._named_by_first = _by_first(self.cities + self.counties, shorts=False)
-        # Where each name is (a refusal's reason: 朝阳区 is in 北京市, 吉林省长春市).
-        self.parents_of: dict[str, list[str]] = {}
-        for d in self.all:
-            if d.parent is not None and d.parent.path not in self.parents_of.get(d.name, []):
-                self.parents_of.setdefault(d.name, []).append(d.parent.path)
         self.county_stems: dict[str, list[Division]] = {}
         for d in self.counties:
             stem = _county_stem(d.name)
@@ -154,6 +149,18 @@ class Divisions:
         if d.code not in self.by_code or d.level < self.by_code[d.code].level:
             self.by_code[d.code] = d
         return d
+
+    def parents_of(self, name: str) -> list[str]:
+        """Where the divisions named ``name`` are (a refusal's reason: 朝阳区 is in 北京市,
+        吉林省长春市), each parent's path once, in table order.
+
+        Computed when asked, not kept: a refused address is rare, and a table of every
+        name's parent paths held ~0.7 MiB of each consumer for life."""
+        out: list[str] = []
+        for d in self.all:
+            if d.name == name and d.parent is not None and d.parent.path not in out:
+                out.append(d.parent.path)
+        return out
 
     def _load(self, data_dir: Path) -> None:
         def rows(name: str) -> list[dict[str, str]]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-from service.erp.units import SkuUnits, UnitProblem, decimal_factor, measure_unit, sku_units
+from service.erp.units import SkuUnits, UnitProblem, check_measure, decimal_factor, sku_units
 from service.errors import ConfigError, ConfigProblems
 
 DEFAULT_PATH: Final = Path(__file__).resolve().parent / "mappings.toml"
@@ -159,7 +159,7 @@ class Mappings:
                              "not an ERP unit code produced by [units]")
                 continue
             try:
-                measure_unit(name)
+                check_measure(name)
             except UnitProblem as exc:
                 problems.add(_where(source, "measures", code), str(exc))
         per_sku: Mapping[str, SkuUnits] = MappingProxyType({})

@@ -500,7 +500,7 @@ def _token_after(text: str, pos: int) -> str:
 
 def _places_named(table: Divisions, d: Division) -> str:
     """Where the divisions of ``d``'s name are: 北京市, 吉林省长春市 and 2 more."""
-    same = sorted(table.parents_of.get(d.name, []))
+    same = sorted(table.parents_of(d.name))
     return ", ".join(same[:3]) + (f" and {len(same) - 3} more" if len(same) > 3 else "")
 
 

@@ -174,3 +174,13 @@ def test_a_consumer_does_not_start_on_a_bad_file(tmp_path: Path) -> None:
 def test_parse_names_the_source_for_bytes_that_are_not_toml() -> None:
     with pytest.raises(ConfigError, match=r"^x\.toml: not valid TOML"):
         Mappings.parse(b"[order_status\n", "x.toml")
+
+
+def test_the_unit_registry_is_not_held_once_the_file_is_read(tmp_path: Path) -> None:
+    from service.erp import units
+
+    path = tmp_path / "mappings.toml"
+    write(path, SHIPPED)
+    watcher = MappingsWatcher(path, check_interval_s=0)
+    assert units._registry.cache_info().currsize == 0
+    assert watcher.mappings.sku_units == Mappings.parse(SHIPPED.encode(), "x").sku_units

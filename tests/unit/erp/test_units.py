@@ -167,3 +167,17 @@ def test_every_unit_the_demo_crm_types_converts_for_its_sku(m: Mappings) -> None
         for word in product.units:
             qty = tf.parse_quantity(f"3{word}", m)
             assert units.to_base(sku, qty.value, qty.unit, m) == 3, (product.code, word)
+
+
+def test_answers_are_kept_when_the_registry_is_released() -> None:
+    measures = {"KGM": "kilogram", "TNE": "metric_ton", "GRM": "gram"}
+    first = units.sku_units("PCE", {"KGM": D(8)}, measures)
+    with pytest.raises(units.UnitProblem) as refused:
+        units.check_measure("degC")
+    units.release_registry()
+    again = units.sku_units("PCE", {"KGM": D(8)}, measures)
+    with pytest.raises(units.UnitProblem) as refused_again:
+        units.check_measure("degC")
+    assert again == first and again.factors["GRM"] == D("0.008")
+    assert str(refused_again.value) == str(refused.value)
+    assert units._registry.cache_info().currsize == 0  # answered without loading pint again

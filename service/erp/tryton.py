@@ -82,6 +82,14 @@ EDIT_ACTION = (
 BACK_ACTION = (
     "Tryton does not move a confirmed sale back: decide in Tryton whether to cancel it (cancel "
     "its shipment, Handle Shipment Exception) or correct the order in the CRM")
+CURRENCY_ACTION = (
+    "create the currency in Tryton (Currency > Currencies, its ISO code as Code; or with "
+    "proteus, or the currency module's trytond_import_currencies script), then redrive this "
+    "letter")
+CURRENCY_CHANGE_ACTION = (
+    "Tryton keeps the currency of a sale past quotation: correct the order's currency in the "
+    "CRM, or cancel the sale in Tryton (see the cancel procedure) and let the CRM enter a new "
+    "order")
 
 
 def _pos(p: Position) -> tuple[int, int]:
@@ -281,6 +289,7 @@ class TrytonTarget:
         self._subdivisions: dict[str, int] = {}
         self._subdivision_codes: dict[int, str] = {}
         self._uoms: dict[str, int] = {}
+        self._currencies: dict[str, int] = {}  # ISO code -> currency.currency id (active)
 
     def close(self) -> None:
         self.rpc.close()
@@ -310,7 +319,15 @@ class TrytonTarget:
             self._subdivision_codes[s["id"]] = s["code"]
         for u in self._search_read("product.uom", [], ["id", "symbol"]):
             self._uoms[u["symbol"]] = u["id"]
+        self._read_currencies(None)
         self._shop = shops[0]
+
+    def _read_currencies(self, codes: Sequence[str] | None) -> None:
+        """Add the active ``currency.currency`` records (only ``codes`` when given) to the
+        ISO code -> id cache; one call."""
+        domain: list[Any] = [] if codes is None else [("code", "in", list(codes))]
+        for c in self._search_read("currency.currency", domain, ["id", "code"]):
+            self._currencies[str(c["code"])] = int(c["id"])
 
     @property
     def shop_id(self) -> int:
@@ -522,7 +539,8 @@ class TrytonTarget:
             return {}
         sales = self._search_read(
             "sale.sale", [("web_shop", "=", self.shop_id), ("web_id", "in", list(web_ids))],
-            ["id", "web_id", "state", "party", "sale_date", "reference", "write_date"])
+            ["id", "web_id", "state", "party", "currency", "currency.code", "sale_date",
+             "reference", "write_date"])
         by_id = {s["id"]: s for s in sales}
         for s in sales:
             s["lines"] = {}
@@ -570,6 +588,13 @@ class TrytonTarget:
                        if not it.deleted})
         products = {p["code"]: p for p in self._search_read(
             "product.product", [("code", "in", skus)], ["id", "code"])} if skus else {}
+        # A currency not seen yet is looked up (one call): one created in Tryton since the
+        # consumer started is found without a restart. Known ones cost no call.
+        unknown = sorted({o.header.currency for o in orders.values()
+                          if o.header is not None and not o.header.deleted}
+                         - set(self._currencies))
+        if unknown:
+            self._read_currencies(unknown)
 
         creates: dict[str, dict[str, Any]] = {}
         writes: dict[str, tuple[int, dict[str, Any]]] = {}
@@ -642,6 +667,13 @@ class TrytonTarget:
 
         if h is not None and not h.deleted and h.status_code not in STATUS_TARGET:
             return refuse(f"ERP status {h.status_code} has no Tryton sale state (STATUS_TARGET)")
+        currency = None
+        if h is not None and not h.deleted:
+            # Never the web shop's currency by default: USD amounts would become yuan.
+            currency = self._currencies.get(h.currency)
+            if currency is None:
+                return refuse(f"currency {h.currency or '(none)'} is not in Tryton: "
+                              f"{CURRENCY_ACTION}")
         want = "cancelled" if h is not None and h.deleted else (
             STATUS_TARGET[h.status_code] if h is not None else None)
         party = None
@@ -670,6 +702,7 @@ class TrytonTarget:
             address = party["address"]["id"] if party["address"] else None
             return _Plan(want, create={
                 "web_shop": self.shop_id, "web_id": key, "party": party["id"],
+                "currency": currency,
                 "invoice_address": address, "shipment_address": address,
                 "sale_date": h.order_date, "reference": h.order_no,
                 "lines": [["create", [op[1] for op in line_ops]]],
@@ -681,6 +714,8 @@ class TrytonTarget:
                 address = party["address"]["id"] if party["address"] else None
                 values.update(party=party["id"], invoice_address=address,
                               shipment_address=address)
+            if sale["currency"] != currency:
+                values["currency"] = currency
             if sale["reference"] != h.order_no:
                 values["reference"] = h.order_no
             if sale["sale_date"] != h.order_date:
@@ -699,6 +734,11 @@ class TrytonTarget:
                 return refuse("changed in the CRM but the Tryton sale is cancelled: reset it "
                               "to draft in Tryton (Draft button) if the order is live again")
             return Outcome("order", key, Status.APPLIED)
+        if "currency" in values and state not in _EDITABLE:
+            assert h is not None
+            return refuse(f"currency changed to {h.currency} in the CRM but the Tryton sale "
+                          f"is {state} in {_code(sale, 'currency') or '?'}: "
+                          f"{CURRENCY_CHANGE_ACTION}")
         if values and state not in _EDITABLE:
             return refuse(f"lines or customer changed in the CRM but the Tryton sale is "
                           f"{state}: {EDIT_ACTION}")

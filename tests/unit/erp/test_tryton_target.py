@@ -19,6 +19,7 @@ ROW = PartnerRow("42", False, "张三", "M", None, None, "+8613800005678", "z@ex
 def target() -> TrytonTarget:
     t = TrytonTarget(TrytonRPC("http://127.0.0.1:9", "db", "u", "p"), PositionStore("unused"))
     t._country_cn, t._subdivisions, t._uoms = 7, {"北京市": 3}, {"u": 1}
+    t._currencies = {"CNY": 2}
     return t
 
 
@@ -69,13 +70,18 @@ def test_line_changes_are_keyed_by_line_number_and_only_real_differences_count()
 
 
 def plan(state: str | None, status: str = "PAID", *, deleted: bool = False,
-         items: dict[int, OrderItemRow] | None = None) -> Any:
+         items: dict[int, OrderItemRow] | None = None, currency: str = "CNY",
+         currencies: dict[str, int] | None = None) -> Any:
     from service.erp.changes import OrderHeaderRow
 
     t = target()
     t._shop = {"id": 1}
-    header = OrderHeaderRow("5", "SO-5", "42", POS.commit_time.date(), status, "CNY", deleted, POS)
-    sale = None if state is None else {"id": 8, "state": state, "party": 9,
+    if currencies is not None:
+        t._currencies = currencies
+    header = OrderHeaderRow("5", "SO-5", "42", POS.commit_time.date(), status, currency, deleted,
+                            POS)
+    sale = None if state is None else {"id": 8, "state": state, "party": 9, "currency": 2,
+                                       "currency.": {"code": "CNY"},
                                        "reference": "SO-5", "sale_date": header.order_date,
                                        "lines": {}}
     parties = {"CRM-42": {"id": 9, "address": {"id": 11}}}
@@ -118,3 +124,35 @@ def test_a_paid_order_without_lines_stays_a_draft_until_its_lines_arrive() -> No
                         POS)
     assert plan("draft", items={1: item}).target == "confirmed"
     assert plan(None, items={1: item}).target == "confirmed"
+
+
+def test_the_sale_takes_the_orders_currency_never_the_shops_by_default() -> None:
+    from service.erp.tryton import Outcome, Status, _Plan
+
+    both = {"CNY": 2, "USD": 3}
+    assert plan(None, currency="USD", currencies=both).create["currency"] == 3
+    assert plan(None).create["currency"] == 2
+    assert plan("processing") == _Plan("processing")  # same currency: nothing to write
+
+    missing = plan(None, currency="USD")
+    assert isinstance(missing, Outcome) and missing.status is Status.REFUSED
+    assert missing.reason is not None
+    assert missing.reason.startswith("currency USD is not in Tryton: ")
+    assert "Currency > Currencies" in missing.reason
+    assert isinstance(plan("quotation", currency="USD"), Outcome)  # an existing sale too
+
+    # A currency change: written while the CRM owns the sale, else refused with the action.
+    changed = plan("quotation", "PENDING_PAYMENT", currency="USD", currencies=both)
+    assert changed == _Plan("quotation", write={"currency": 3}, draft_first=True)
+    assert plan("draft", "PENDING_PAYMENT", currency="USD", currencies=both).write == \
+        {"currency": 3}
+    refused = plan("processing", currency="USD", currencies=both)
+    assert isinstance(refused, Outcome) and refused.status is Status.REFUSED
+    assert refused.reason is not None
+    assert refused.reason.startswith(
+        "currency changed to USD in the CRM but the Tryton sale is processing in CNY: ")
+    assert "correct the order's currency in the CRM" in refused.reason
+
+    # A cancellation carries no currency to check.
+    gone = plan("quotation", "CANCELLED", deleted=True, currency="")
+    assert gone == _Plan("cancelled")

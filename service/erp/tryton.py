@@ -6,7 +6,9 @@ Keys (all enforced by Tryton's own constraints, so a race cannot duplicate a rec
   gives other parties (the company's party is ``1``).
 - order -> ``sale.sale`` under the web shop ``CRM`` with ``web_id`` = the CRM order key
   (``Exclude(web_shop, web_id)``); a line is the sale line whose ``sequence`` = the CRM
-  line number; products by ``product.product.code`` = SKU.
+  line number; products by ``product.product.code`` = SKU; the sale's ``currency`` by
+  ``currency.currency.code`` = the order's ISO currency (none in Tryton: refused, never the
+  web shop's currency by default).
 
 Ownership (what the sync may write): the CRM owns the customer master data, the order intake
 (quotation, confirmation), the lines and cancellation while the sale is draft or quotation.

@@ -225,6 +225,7 @@ class SaleState:
     shipments: tuple[tuple[int, str], ...]  # (id, state)
     moves: tuple[MoveState, ...]  # outgoing moves, one per line
     write_date: datetime | None
+    currency: str = ""  # ISO code of the sale's currency.currency
 
 
 # ---- the target ---------------------------------------------------------------------------
@@ -872,7 +873,7 @@ class TrytonTarget:
         sales = self._search_read(
             "sale.sale", [("web_shop", "=", self.shop_id), ("web_id", "in", keys)],
             ["id", "web_id", "number", "state", "shipment_state", "party", "shipments",
-             "write_date"])
+             "write_date", "currency.code"])
         if not sales:
             return {}
         sale_ids = [s["id"] for s in sales]
@@ -909,7 +910,7 @@ class TrytonTarget:
                 moves=tuple(MoveState(skus.get(m["product"], ""), m["quantity"], m["state"],
                                       _code(m, "from_location"), _code(m, "to_location"))
                             for m in moves if m["id"] in line_moves),
-                write_date=s["write_date"])
+                write_date=s["write_date"], currency=_code(s, "currency"))
         return result
 
 

@@ -151,7 +151,7 @@ class TrytonErpTarget:
         """What Tryton keeps of the mapped values: for a customer the name, the address
         (district and street in one line, city, province as its ISO subdivision) and the
         phone and e-mail; for an order its customer, the sale state the CRM status asks for,
-        and its lines by sequence (SKU, quantity, unit price)."""
+        its currency (ISO code), and its lines by sequence (SKU, quantity, unit price)."""
         t = self.target
         if kind == "customer":
             t._load_reference()
@@ -172,6 +172,7 @@ class TrytonErpTarget:
                 ABSENT_OK: state == "cancelled",  # the target creates no cancelled sale
                 "crm_customer_id": values["crm_customer_id"],
                 "state": state,
+                "currency": values.get("currency"),
                 "items": {line_sequence(line_id): (item[0], float(item[2]), item[4])
                           for line_id, item in values.get("items", {}).items()},
             }
@@ -186,7 +187,7 @@ class TrytonErpTarget:
         if kind == "order":
             prefix = self.target.code_prefix
             return {key: {"crm_customer_id": (s.party_code or "")[len(prefix):],
-                          "state": _sale_state(s.state),
+                          "state": _sale_state(s.state), "currency": s.currency,
                           "items": {seq: (sku, qty, price) for seq, sku, qty, price in s.lines},
                           "deleted": False, "position": None}
                     for key, s in self.target.read_sales(keys).items()}

@@ -19,6 +19,7 @@ from service.erp.changes import OrderHeaderRow, Position
 from service.erp.tryton import Status
 from service.erp.tryton_rpc import TrytonRPC
 from service.operator.dlq import get_letters, redrive
+from service.operator.reconcile import reconcile
 from tests.integration.erp.conftest import World, load_crm
 
 ADMIN_PASS = Path(__file__).resolve().parents[3] / ".stack" / "tryton" / "admin.pass"
@@ -101,3 +102,14 @@ def test_an_order_becomes_a_sale_in_its_own_currency_or_a_letter_naming_it(
     assert message.startswith("currency changed to USD in the CRM but the Tryton sale is "
                               "processing in CNY: "), message
     assert sale_currency(world, shipped) == "CNY"
+
+    # reconcile compares the sale's currency: a quotation put back in CNY by hand is found
+    # (the processing sale's key is held by its letter, not compared).
+    sale_id = world.tryton.read_sales([pending])[pending].id
+    cny = world.rpc.execute("currency.currency", "search", [("code", "=", "CNY")])
+    world.rpc.execute("sale.sale", "draft", [sale_id])
+    world.rpc.execute("sale.sale", "write", [sale_id], {"currency": cny[0]})
+    world.rpc.execute("sale.sale", "quote", [sale_id])
+    report, = reconcile(world.settings, ["orders"]).entities
+    assert report.differing == {pending: ["currency"]}
+    assert report.missing == [] and report.extra == [probe.crm_order_id]

@@ -108,9 +108,9 @@ def test_view_keeps_what_tryton_holds_of_the_mapped_values() -> None:
 
     items = {'["10","1"]': ("SKU-100001", "5G手机", Decimal(10), "UNIT", Decimal(5000))}
     view = target.view("order", {"crm_customer_id": "1", "status_code": "SHIPPED",
-                                 "items": items})
+                                 "currency": "USD", "items": items})
     assert view == {"_absent_ok": False, "crm_customer_id": "1", "state": "confirmed",
-                    "items": {1: ("SKU-100001", 10.0, Decimal(5000))}}
+                    "currency": "USD", "items": {1: ("SKU-100001", 10.0, Decimal(5000))}}
     unknown = target.view("order", {"crm_customer_id": "1", "status_code": "ON_HOLD"})
     assert unknown["state"] == "(no Tryton state for ON_HOLD)"
     # An order cancelled before it reached Tryton has no sale there, as the CRM asks.

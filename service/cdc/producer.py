@@ -826,7 +826,12 @@ class CdcProducer:
                 continue
             except (psycopg.errors.UndefinedObject, psycopg2.errors.UndefinedObject) as exc:
                 # "replication slot ... does not exist", "publication ... does not exist":
-                # named and recorded by _check_capture; anything else is retried.
+                # named and recorded by _check_capture; anything else is retried. The
+                # stream's last keepalive first: psycopg2 confirmed an idle slot up to its WAL
+                # end, and a bound older than that took our own slot for a replaced one
+                # (newcomer9's F5: a dropped publication named "slot replaced").
+                if self._source is not None:
+                    self._bound = max(self._bound, self._source.confirm_bound())
                 self._check_capture(conn)
                 self._broker_fault(ConnectionLost(
                     f"replication slot not readable ({type(exc).__name__})"), next(backoff))

@@ -168,6 +168,13 @@ def inspect(conn: psycopg.Connection[Any], settings: Settings, state: CaptureSta
                         f"replication slot {name!r} was dropped: changes made since it "
                         "was dropped cannot be read, and rows deleted meanwhile would stay "
                         "live in the ERP")
+    # A fact from the catalog before the heuristic below: the stream ends on a dropped
+    # publication too, and an idle slot may be confirmed past our bound by then (F5).
+    oid = _publication_oid(conn, pub)
+    if oid is None:
+        return _problem("publication_dropped",
+                        f"publication {pub!r} was dropped: the slot cannot decode changes "
+                        "made without it (PostgreSQL: 'publication does not exist')")
     confirmed = pgoutput.str_to_lsn(slot[2]) if slot[2] is not None else 0
     restart = pgoutput.str_to_lsn(slot[3]) if slot[3] is not None else 0
     # psycopg2 may report a keepalive's WAL end as flushed on its own, so a slot we read can
@@ -181,11 +188,6 @@ def inspect(conn: psycopg.Connection[Any], settings: Settings, state: CaptureSta
                         "through (dropped and created again: its confirmed position is past "
                         "anything the producer confirmed, or another plugin or database); "
                         "changes made in between were never read")
-    oid = _publication_oid(conn, pub)
-    if oid is None:
-        return _problem("publication_dropped",
-                        f"publication {pub!r} was dropped: the slot cannot decode changes "
-                        "made without it (PostgreSQL: 'publication does not exist')")
     if state.publication_oid is not None and oid != state.publication_oid:
         return _problem("publication_replaced",
                         f"publication {pub!r} was dropped and created again: the slot cannot "

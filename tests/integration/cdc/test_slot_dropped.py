@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from service.cdc import pgoutput
 from service.cdc.producer import CdcProducer
 from tests.conftest import SyncEnv
 from tests.helpers import wait_until
@@ -138,3 +139,45 @@ def test_a_slot_replaced_under_a_lost_stream_is_named_not_read_from_its_new_posi
                       message="producer stopped capture, named")
     assert body["state"] == "capture_stopped"
     recovers(sync_env, cli, ids, "张三", added, "slot")
+
+
+def _slot_positions(sync_env: SyncEnv) -> tuple[int, int, int | None]:
+    """The slot's confirmed_flush_lsn, restart_lsn and walsender pid."""
+    with sync_env.crm() as crm:
+        row = crm.execute("SELECT confirmed_flush_lsn::text, restart_lsn::text, active_pid "
+                          "FROM pg_replication_slots WHERE slot_name = %s",
+                          (sync_env.settings.slot_name,)).fetchone()
+    assert row is not None
+    return pgoutput.str_to_lsn(row[0]), pgoutput.str_to_lsn(row[1]), row[2]
+
+
+def test_a_publication_dropped_after_an_idle_reconnect_is_not_taken_for_a_replaced_slot(
+        sync_env: SyncEnv, cli: Cli, running: Running) -> None:
+    """newcomer9's F5: after the stream was lost and opened again, psycopg2 confirmed the idle
+    slot up to keepalives' WAL end (restart_lsn following), past the bound the producer kept
+    from the reconnect; a DROP PUBLICATION then ended the stream and was named slot_replaced."""
+    producer, ids = start(sync_env, running)
+    _, _, walsender = _slot_positions(sync_env)
+    with sync_env.crm() as crm:  # the stream is lost; the producer opens it again
+        crm.execute("SELECT pg_terminate_backend(%s)", (walsender,))
+    wait_until(lambda: (p := _slot_positions(sync_env)[2]) is not None and p != walsender,
+               timeout=60, message="the stream opened again")
+    confirmed_then, _, _ = _slot_positions(sync_env)
+    # Idle CRM; another database of the cluster writes WAL: keepalives move the slot.
+    with sync_env.erp() as erp:
+        erp.execute("CREATE TABLE wal_filler (pad text)")
+        erp.execute("INSERT INTO wal_filler SELECT repeat(md5(i::text), 32) "
+                    "FROM generate_series(1, 20000) i")
+        erp.execute("DROP TABLE wal_filler")
+    wait_until(lambda: _slot_positions(sync_env)[1] > confirmed_then, timeout=120,
+               message="the idle slot's restart_lsn moved past the reconnect's position")
+    with sync_env.crm() as crm:
+        crm.execute(sql.SQL("DROP PUBLICATION {}").format(
+            sql.Identifier(sync_env.settings.publication_name)))
+        crm.execute("DELETE FROM crm.customers WHERE customer_id = %s", (ids["王五"],))
+        (added,) = crm.execute("INSERT INTO crm.customers (family_name, given_name) "
+                               "VALUES ('赵', '六') RETURNING customer_id").fetchone()
+
+    wait_until(lambda: stopped_with(producer, "publication_dropped"), timeout=60,
+               message="producer stopped capture, named publication_dropped")
+    recovers(sync_env, cli, ids, "王五", added, "publication")

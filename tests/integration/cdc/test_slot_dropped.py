@@ -59,6 +59,17 @@ def drop_slot_under(sync_env: SyncEnv) -> None:
                 time.sleep(0.05)
 
 
+def drop_publication_then_change(sync_env: SyncEnv, ids: dict[str, int]) -> int:
+    """DROP PUBLICATION, then a delete (王五) and an insert nobody captures; the insert's id."""
+    with sync_env.crm() as crm:
+        crm.execute(sql.SQL("DROP PUBLICATION {}").format(
+            sql.Identifier(sync_env.settings.publication_name)))
+        crm.execute("DELETE FROM crm.customers WHERE customer_id = %s", (ids["王五"],))
+        (added,) = crm.execute("INSERT INTO crm.customers (family_name, given_name) "
+                               "VALUES ('赵', '六') RETURNING customer_id").fetchone()
+    return int(added)
+
+
 def recovers(sync_env: SyncEnv, cli: Cli, ids: dict[str, int], deleted: str, added: int,
              named: str) -> None:
     status = cli(sync_env.settings, "status", "--json")
@@ -102,12 +113,7 @@ def test_a_slot_dropped_while_running_is_named_and_resync_deletes_what_the_gap_d
 def test_a_publication_dropped_while_running_is_named_and_recovered_by_resync(
         sync_env: SyncEnv, cli: Cli, running: Running) -> None:
     producer, ids = start(sync_env, running)
-    with sync_env.crm() as crm:
-        crm.execute(sql.SQL("DROP PUBLICATION {}").format(
-            sql.Identifier(sync_env.settings.publication_name)))
-        crm.execute("DELETE FROM crm.customers WHERE customer_id = %s", (ids["王五"],))
-        (added,) = crm.execute("INSERT INTO crm.customers (family_name, given_name) "
-                               "VALUES ('赵', '六') RETURNING customer_id").fetchone()
+    added = drop_publication_then_change(sync_env, ids)
 
     wait_until(lambda: stopped_with(producer, "publication_dropped"), timeout=60,
                message="producer stopped capture, named")
@@ -171,12 +177,7 @@ def test_a_publication_dropped_after_an_idle_reconnect_is_not_taken_for_a_replac
         erp.execute("DROP TABLE wal_filler")
     wait_until(lambda: _slot_positions(sync_env)[1] > confirmed_then, timeout=120,
                message="the idle slot's restart_lsn moved past the reconnect's position")
-    with sync_env.crm() as crm:
-        crm.execute(sql.SQL("DROP PUBLICATION {}").format(
-            sql.Identifier(sync_env.settings.publication_name)))
-        crm.execute("DELETE FROM crm.customers WHERE customer_id = %s", (ids["王五"],))
-        (added,) = crm.execute("INSERT INTO crm.customers (family_name, given_name) "
-                               "VALUES ('赵', '六') RETURNING customer_id").fetchone()
+    added = drop_publication_then_change(sync_env, ids)
 
     wait_until(lambda: stopped_with(producer, "publication_dropped"), timeout=60,
                message="producer stopped capture, named publication_dropped")

@@ -13,9 +13,9 @@ from typing import Any
 from service.avro import SchemaRegistry
 from service.cdc.producer import CdcProducer
 from service.consumer.pipeline import ErpConsumer
-from service.settings import Settings
 from tests.conftest import SyncEnv
 from tests.helpers import consume_until_caught_up
+from tests.integration.consumer.test_money_text import sync_once, yuan_order
 
 
 def _order(crm: Any, order_id: int, price: str) -> None:
@@ -23,17 +23,7 @@ def _order(crm: Any, order_id: int, price: str) -> None:
     customer = crm.execute("INSERT INTO crm.customers (family_name, given_name, phone) "
                            "VALUES ('张', '三', '13812345678') RETURNING customer_id"
                            ).fetchone()[0]
-    crm.execute("INSERT INTO crm.sales_orders (order_id, order_no, customer_id, order_date, "
-                "status, currency) VALUES (%s, %s, %s, '2023-01-01', '已发货', '元')",
-                (order_id, f"L{order_id}", customer))
-    crm.execute("INSERT INTO crm.order_lines (order_id, line_no, customer_id, product_code, "
-                "product_name, quantity, unit_price) VALUES (%s, 1, %s, 'P-PHONE-5G', '手机', "
-                "'10台', %s)", (order_id, customer, price))
-
-
-def _sync(settings: Settings) -> None:
-    CdcProducer(settings, SchemaRegistry.load(settings.schemas_dir)).run(until_idle=True)
-    consume_until_caught_up(ErpConsumer(settings))
+    yuan_order(crm, order_id, customer, price)
 
 
 def _price(erp: Any, order_id: int) -> Decimal:
@@ -48,14 +38,14 @@ def test_a_lines_only_price_in_another_currency_than_the_erps_order_is_a_letter(
         crm.execute("ALTER TABLE crm.order_lines ALTER COLUMN unit_price TYPE text")
         for order_id in (781, 782, 783):
             _order(crm, order_id, "5000元")
-    _sync(sync_env.settings)
+    sync_once(sync_env.settings)
 
     with sync_env.crm() as crm:  # each statement its own transaction: lines-only events
         crm.execute("UPDATE crm.order_lines SET unit_price = '100美元' WHERE order_id = 781")
         crm.execute("UPDATE crm.order_lines SET unit_price = '¥6,000.00' WHERE order_id = 782")
         crm.execute("UPDATE crm.sales_orders SET currency = '美元' WHERE order_id = 783")
         crm.execute("UPDATE crm.order_lines SET unit_price = 'USD 120' WHERE order_id = 783")
-    _sync(sync_env.settings)
+    sync_once(sync_env.settings)
 
     with sync_env.erp() as erp:
         letters = erp.execute(
@@ -79,7 +69,7 @@ def test_a_lines_only_price_in_another_currency_than_the_erps_order_is_a_letter(
     with sync_env.crm() as crm:
         crm.execute("UPDATE crm.sales_orders SET currency = '美元' WHERE order_id = 782")
         crm.execute("UPDATE crm.order_lines SET unit_price = 'USD 60' WHERE order_id = 782")
-    _sync(sync_env.settings)
+    sync_once(sync_env.settings)
     CdcProducer(sync_env.settings, SchemaRegistry.load(sync_env.settings.schemas_dir)).run(
         until_idle=True)
     consume_until_caught_up(ErpConsumer(dataclasses.replace(

@@ -36,7 +36,8 @@ def _customer(crm: Any, amount: str) -> str:
     return str(row[0])
 
 
-def _order(crm: Any, order_id: int, customer: str, price: str) -> None:
+def yuan_order(crm: Any, order_id: int, customer: str, price: str) -> None:
+    """A shipped yuan order of one line (a phone) at ``price`` as the CRM writes it."""
     crm.execute("INSERT INTO crm.sales_orders (order_id, order_no, customer_id, order_date, "
                 "status, currency) VALUES (%s, %s, %s, '2023-01-01', '已发货', '元')",
                 (order_id, f"M{order_id}", customer))
@@ -45,7 +46,8 @@ def _order(crm: Any, order_id: int, customer: str, price: str) -> None:
                 "'10台', %s)", (order_id, customer, price))
 
 
-def _sync(settings: Settings) -> None:
+def sync_once(settings: Settings) -> None:
+    """Produce, then apply, everything the CRM holds now."""
     CdcProducer(settings, SchemaRegistry.load(settings.schemas_dir)).run(until_idle=True)
     consume_until_caught_up(ErpConsumer(settings))
 
@@ -55,9 +57,9 @@ def test_text_amounts_are_read_like_an_order_total(sync_env: SyncEnv) -> None:
     with sync_env.crm() as crm:
         ids = {text: _customer(crm, text)
                for text in ("5000元", "¥5,000.00", "USD 99.90", "5000.00", "五千元")}
-        _order(crm, 771, ids["5000元"], "5000元")
-        _order(crm, 772, ids["¥5,000.00"], "100美元")  # a dollar price on a yuan order
-    _sync(sync_env.settings)
+        yuan_order(crm, 771, ids["5000元"], "5000元")
+        yuan_order(crm, 772, ids["¥5,000.00"], "100美元")  # a dollar price on a yuan order
+    sync_once(sync_env.settings)
 
     with sync_env.erp() as erp:
         partners = {r[0]: (r[1], r[2]) for r in erp.execute(
@@ -97,7 +99,7 @@ def test_the_default_currency_of_a_purchase_amount_is_configured(
     _text_money(sync_env)
     with sync_env.crm() as crm:
         plain, yuan = _customer(crm, "5000"), _customer(crm, "5000元")
-    _sync(sync_env.with_(mappings_file=usd))
+    sync_once(sync_env.with_(mappings_file=usd))
     with sync_env.erp() as erp:
         partners = dict(erp.execute("SELECT crm_customer_id, amount_currency "
                                     "FROM erp.business_partners").fetchall())

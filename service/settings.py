@@ -44,7 +44,9 @@ class Settings:
     erp_dsn: str = _secret(f"postgresql://sync:sync@127.0.0.1:{DEFAULT_PG_PORT}/erp")
     # Where changes are applied: `sql` (erp.* in erp_dsn) or `tryton` (over JSON-RPC).
     erp_target: str = "sql"
-    tryton_url: str = "http://127.0.0.1:8000"
+    # A secret for display only: a URL may carry user:password@ (a Tryton behind a basic-auth
+    # proxy); `config` shows it with the password hidden, as the DSNs (newcomer9 F9).
+    tryton_url: str = _secret("http://127.0.0.1:8000")
     tryton_database: str = "tryton"
     tryton_user: str = "crm_sync"
     tryton_password: str = _secret()

@@ -165,6 +165,14 @@ def test_redacted_hides_passwords_and_keeps_the_rest() -> None:
         assert secret not in text
 
 
+def test_a_password_in_the_tryton_url_is_hidden_and_the_rest_shown() -> None:
+    # newcomer9 F9: `config` printed CRM_ERP_SYNC_TRYTON_URL's password in clear
+    shown = Settings.from_env({"CRM_ERP_SYNC_TRYTON_URL": "http://admin:UPASSzz@127.0.0.1:8000"}
+                              ).redacted()
+    assert shown["CRM_ERP_SYNC_TRYTON_URL"] == "http://admin:***@127.0.0.1:8000"
+    assert Settings().redacted()["CRM_ERP_SYNC_TRYTON_URL"] == "http://127.0.0.1:8000"
+
+
 def test_default_dsns_are_shown_without_password() -> None:
     shown = Settings().redacted()
     assert shown["CRM_ERP_SYNC_CRM_DSN"].startswith("postgresql://sync:***@127.0.0.1:")

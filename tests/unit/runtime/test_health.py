@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
 
-from service.health import Health, HealthServer
+import pytest
+
+from service.errors import ConfigError
+from service.health import Health, HealthServer, serve
 from service.metrics import ConsumerMetrics, ProducerMetrics
 from service.settings import Settings
 
@@ -131,3 +135,24 @@ def test_registries_are_per_process_object() -> None:
     assert b'kind="customer"' not in second.exposition()
     assert b"events_published_total" not in first.exposition()
     assert b"slot_retained_wal_bytes" in producer.exposition()
+
+
+def test_a_port_in_use_is_a_config_error_naming_the_setting_and_the_port() -> None:
+    # newcomer9 F7: `unexpected_error OSError`, frames only: no port, no setting
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = dataclasses.replace(Settings(), http_host="127.0.0.1", http_port=port)
+        with pytest.raises(ConfigError) as info:
+            serve(settings, Health(settings, ConsumerMetrics()))
+    assert info.value.variable == "CRM_ERP_SYNC_HTTP_PORT"
+    assert info.value.problem.startswith(f"127.0.0.1:{port} is in use")
+
+
+def test_an_address_not_of_this_machine_names_the_host_setting() -> None:
+    settings = dataclasses.replace(Settings(), http_host="192.0.2.1", http_port=18080)
+    with pytest.raises(ConfigError) as info:
+        serve(settings, Health(settings, ConsumerMetrics()))
+    assert info.value.variable == "CRM_ERP_SYNC_HTTP_HOST"
+

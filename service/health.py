@@ -183,6 +183,21 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     health: Health
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """One JSON log line instead of socketserver's multi-line traceback on stderr
+        (newcomer9 F3: a probe that gave up, its timeout shorter than our answer, left 20
+        lines of ``BrokenPipeError`` in the JSON log). A client gone before the answer is
+        routine (``http_client_gone``, info); anything else is named by its class alone
+        (``http_request_failed``): never a traceback, a request line or a value."""
+        import structlog
+
+        error = sys.exc_info()[1]
+        log = structlog.get_logger("http")
+        if isinstance(error, (BrokenPipeError, ConnectionResetError, TimeoutError)):
+            log.info("http_client_gone", error=type(error).__name__)
+        else:
+            log.error("http_request_failed", error=type(error).__name__)
+
 
 class HealthServer:
     """The endpoints, served from a daemon thread until close()."""

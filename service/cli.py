@@ -659,9 +659,13 @@ def _privilege_refused(exc: BaseException) -> str | None:
     if not isinstance(exc, psycopg.errors.InsufficientPrivilege):
         return None
     primary = exc.diag.message_primary or "permission denied"
+    # Either database: the CRM's capture role or the consumer's ERP role (newcomer9 F6: an
+    # ERP refusal was given the CRM's advice alone).
     return (f"crm-erp-sync: a database refused a privilege this command needs: {primary}; "
-            "`crm-erp-sync setup --check --role ROLE` prints the grants the capture role "
-            "needs, and `setup` itself must run as the captured tables' owner or a superuser")
+            "for the CRM, `crm-erp-sync setup --check --role ROLE` prints the grants the "
+            "capture role needs, and `setup` itself must run as the captured tables' owner "
+            "or a superuser; for the ERP, README (Deployment, \"Secure transport and least "
+            "privilege\") lists the consumer's ERP grants")
 
 
 def _stdout_pipe_closed() -> bool:

@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from service.errors import ConfigError
 from service.metrics import CONTENT_TYPE, ProcessMetrics
 from service.settings import Settings
 
@@ -181,6 +183,21 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     health: Health
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """One JSON log line instead of socketserver's multi-line traceback on stderr
+        (newcomer9 F3: a probe that gave up, its timeout shorter than our answer, left 20
+        lines of ``BrokenPipeError`` in the JSON log). A client gone before the answer is
+        routine (``http_client_gone``, info); anything else is named by its class alone
+        (``http_request_failed``): never a traceback, a request line or a value."""
+        import structlog
+
+        error = sys.exc_info()[1]
+        log = structlog.get_logger("http")
+        if isinstance(error, (BrokenPipeError, ConnectionResetError, TimeoutError)):
+            log.info("http_client_gone", error=type(error).__name__)
+        else:
+            log.error("http_request_failed", error=type(error).__name__)
+
 
 class HealthServer:
     """The endpoints, served from a daemon thread until close()."""
@@ -206,12 +223,39 @@ class HealthServer:
 
 
 def serve(settings: Settings, health: Health) -> HealthServer | None:
-    """Start the endpoints when CRM_ERP_SYNC_HTTP_PORT is set; None when it is 0."""
+    """Start the endpoints when CRM_ERP_SYNC_HTTP_PORT is set; None when it is 0.
+
+    Raises ConfigError (exit 2) naming CRM_ERP_SYNC_HTTP_PORT when the port cannot be bound
+    (in use, or below 1024 without the privilege), or CRM_ERP_SYNC_HTTP_HOST when the
+    address is not this machine's (newcomer9 F7: it was an anonymous ``OSError``)."""
     if not settings.http_port:
         return None
+    import errno
+
     import structlog
 
-    server = HealthServer(health, settings.http_host, settings.http_port).start()
+    host, port = settings.http_host, settings.http_port
+    try:
+        server = HealthServer(health, host, port).start()
+    except OSError as exc:
+        where = f"{host}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(Settings.env_var("http_port"),
+                              f"{where} is in use (another crm-erp-sync process, or another "
+                              "program): choose a free port, or 0 for no HTTP "
+                              "endpoints") from exc
+        if exc.errno == errno.EACCES:
+            raise ConfigError(Settings.env_var("http_port"),
+                              f"{where}: permission denied (a port below 1024 needs "
+                              "privileges): choose a port from 1024") from exc
+        if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) or isinstance(
+                exc, socket.gaierror):
+            raise ConfigError(Settings.env_var("http_host"),
+                              f"{host!r} is not an address of this machine "
+                              f"({exc.strerror or type(exc).__name__})") from exc
+        raise ConfigError(Settings.env_var("http_port"),
+                          f"{where} cannot be served: {exc.strerror or type(exc).__name__}"
+                          ) from exc
     structlog.get_logger("http").info("http_endpoints", host=settings.http_host,
                                       port=server.port)
     return server

@@ -44,7 +44,9 @@ class Settings:
     erp_dsn: str = _secret(f"postgresql://sync:sync@127.0.0.1:{DEFAULT_PG_PORT}/erp")
     # Where changes are applied: `sql` (erp.* in erp_dsn) or `tryton` (over JSON-RPC).
     erp_target: str = "sql"
-    tryton_url: str = "http://127.0.0.1:8000"
+    # A secret for display only: a URL may carry user:password@ (a Tryton behind a basic-auth
+    # proxy); `config` shows it with the password hidden, as the DSNs (newcomer9 F9).
+    tryton_url: str = _secret("http://127.0.0.1:8000")
     tryton_database: str = "tryton"
     tryton_user: str = "crm_sync"
     tryton_password: str = _secret()
@@ -140,13 +142,17 @@ class Settings:
         from_file = _read_config_file(env, {f.name for f in dataclasses.fields(cls)},
                                       problems)
         values: dict[str, Any] = {}
+        # A value from the file is named with its key and file in every problem: the
+        # operator would look for the variable in the environment and not find it.
+        in_file: dict[str, str] = {}
         for field in dataclasses.fields(cls):
             name = cls.env_var(field.name)
             if name in env:  # the environment wins over the config file
                 raw = env[name]
             elif field.name in from_file:
                 raw = from_file[field.name]
-                name = f"{name} (key {field.name!r} in {env[CONFIG_FILE_VAR]})"
+                in_file[name] = f"{name} (key {field.name!r} in {env[CONFIG_FILE_VAR]})"
+                name = in_file[name]
             else:
                 continue
             default = field.default
@@ -164,7 +170,10 @@ class Settings:
             except ValueError:
                 problems.add(name, f"expected {type(default).__name__}, got {raw!r}")
         settings = cls(**values)  # a value that did not parse keeps its (valid) default
+        checked = len(problems.found)
         settings._check(problems, files=not files_reported)
+        problems.found[checked:] = [(in_file.get(variable, variable), problem)
+                                    for variable, problem in problems.found[checked:]]
         problems.raise_if_any()
         return settings
 

@@ -30,6 +30,7 @@ import psycopg2.errors
 import structlog
 from kafka.codec import zstd_encode
 from kafka.errors import KafkaError, KafkaTimeoutError
+from psycopg import sql
 
 from service import pg
 from service.avro import SchemaRegistry
@@ -541,7 +542,8 @@ class CdcProducer:
         """Block until this process holds the capture lock (or stop() is called).
 
         Before it waits as a standby, raises PrivilegeMissing (a ConfigError: exit 2) when
-        the CRM role lacks a grant capture needs (``_refuse_standby_without_grants``)."""
+        the CRM role lacks a grant capture needs, and so does the active producer before it
+        reads anything (``_refuse_without_grants``)."""
         waited = False
         while not self._stop.is_set():
             row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))",
@@ -549,6 +551,9 @@ class CdcProducer:
             self.health.beat()
             self.health.recovered()  # the CRM answered: connected (again)
             if row and row[0]:
+                if not waited:  # a standby checked before it waited
+                    self._refuse_without_grants(conn, "start capturing",
+                                                "checked at start, before anything is read")
                 log.info("capture_lock_acquired", slot=self.settings.slot_name,
                          after_standby=waited)
                 self.metrics.active.set(1)
@@ -557,7 +562,9 @@ class CdcProducer:
             if not wait:
                 return False
             if not waited:
-                self._refuse_standby_without_grants(conn)
+                self._refuse_without_grants(
+                    conn, "take over capture from the producer that holds the capture lock",
+                    "checked before waiting as its standby")
                 log.info("standby", reason="another producer holds the capture lock")
                 self.metrics.active.set(0)
                 self.health.set_ready(True, "standby", role="standby")
@@ -565,14 +572,19 @@ class CdcProducer:
             self._stop.wait(1.0)
         return False
 
-    def _refuse_standby_without_grants(self, conn: PgConn) -> None:
-        """A standby that lacks a grant would wait, ready, and fail only when it takes over
-        (a failover failing when it is needed): so it runs the read-only privilege checks
-        of `setup --check` (``check_capture_privileges``: REPLICATION, SELECT on the
-        captured tables, the producer's schema) before waiting, and raises PrivilegeMissing
-        naming the role, each object and its grant. The active producer is not checked
-        so (its start costs nothing more): it meets each refusal where it needs the grant,
-        named there."""
+    def _refuse_without_grants(self, conn: PgConn, action: str, when: str) -> None:
+        """Runs the read-only privilege checks of `setup --check` that a producer's start
+        depends on (``check_capture_privileges``: REPLICATION, SELECT on the captured tables,
+        the producer's schema) and raises PrivilegeMissing (a ConfigError: exit 2) naming
+        the role, each object and its grant: "cannot ``action`` (``when``; the failed
+        checks): the grants".
+
+        Once per start (or reconnect), before the active producer reads anything, and
+        before a standby waits: a standby lacking a grant would wait, ready, and fail only
+        when it takes over (a failover failing when it is needed); an active producer that
+        cannot read a captured table would run, healthy, until the next snapshot of it, and
+        then exit at every start (newcomer9 F11). The cost is a few catalog reads per
+        captured table, once."""
         failed = [c for c in check_capture_privileges(
             conn, tables=self.profile.tables,
             row_filters=any(e.row_filter is not None for e in self.profile.entities.values()))
@@ -581,10 +593,9 @@ class CdcProducer:
             return
         fixes = " ".join(line.strip() for c in failed if c.fix_sql
                          for line in c.fix_sql.splitlines())
+        listed = "; ".join(f"{c.name}: {c.detail}" for c in failed)
         raise privilege_missing(
-            conn, "CRM", "take over capture from the producer that holds the capture lock "
-            "(checked before waiting as its standby; "
-            + "; ".join(f"{c.name}: {c.detail}" for c in failed) + ")",
+            conn, "CRM", f"{action} ({when}; {listed})",
             f"{fixes} (`crm-erp-sync setup --check --role {{role_name}}` prints every "
             "prerequisite)")
 
@@ -1857,15 +1868,36 @@ class CdcProducer:
         ent = info.entity
         query, params = chunk_query(info, after=after, keys=keys, limit=limit)
         with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-            head = [(ent, r, *_typed(info, r)) for r in cur.execute(query, params).fetchall()]
+            with self._snapshot_read(conn, ent.table):
+                head = [(ent, r, *_typed(info, r))
+                        for r in cur.execute(query, params).fetchall()]
             lines: list[_Read] = []
             line_ent = self.profile.entity("order_line")
             if ent.entity == "order" and head and line_ent is not None:
                 line_info = self._tables[line_ent.table]
                 lq, lp = lines_query(line_info, info, [ent.key_text(r[1]) for r in head])
-                lines = [(line_ent, r, *_typed(line_info, r))
-                         for r in cur.execute(lq, lp).fetchall()]
+                with self._snapshot_read(conn, line_ent.table):
+                    lines = [(line_ent, r, *_typed(line_info, r))
+                             for r in cur.execute(lq, lp).fetchall()]
         return head, lines
+
+    @staticmethod
+    @contextmanager
+    def _snapshot_read(conn: PgConn, table: str) -> Iterator[None]:
+        """A snapshot's read of ``table`` (``schema.table``) that PostgreSQL refuses for lack
+        of SELECT (a grant revoked while the producer ran: the start checks them) raises
+        PrivilegeMissing (exit 2) naming the role, the table and the GRANT, instead of
+        PostgreSQL's bare "permission denied for table". The snapshot stays pending: it runs
+        once the grant is given and the producer restarted."""
+        try:
+            yield
+        except psycopg.errors.InsufficientPrivilege as exc:
+            quoted = sql.Identifier(*table.split(".", 1)).as_string(None)
+            raise privilege_missing(
+                conn, "CRM", f"read {table} for a snapshot (SELECT refused)",
+                f"GRANT SELECT ON TABLE {quoted} TO {{role}}; (and USAGE on its schema if "
+                "that is missing too: `crm-erp-sync setup --check --role {role_name}` "
+                "prints every grant)") from exc
 
     def _commit_progress(self, conn: PgConn, progress: list[tuple[_Chunk, int]]) -> None:
         for chunk, emitted in progress:

@@ -45,6 +45,13 @@ from service.erp.changes import (
     to_erp,
 )
 from service.erp.mappings import Mappings
+from service.erp.privileges import (
+    README_GRANTS,
+    Missing,
+    describe,
+    grant_sql,
+    missing_erp_grants,
+)
 from service.erp.target import ErpTarget, Status, make_target
 from service.errors import (
     ApplyError,
@@ -53,6 +60,7 @@ from service.errors import (
     DatabaseUnreachable,
     DecodeError,
     Permanent,
+    PrivilegeMissing,
     Retryable,
     StackUnavailable,
     field_of,
@@ -315,18 +323,68 @@ class ErpApplier:
         return self._dlq_producer
 
     def connect(self) -> PgConn:
+        """The ERP session, opened if there is none (or it broke). A new session first
+        asks the catalog whether the role holds the grants the configured target writes
+        with (``service.erp.privileges``: one query), then attaches the target.
+
+        Raises PrivilegeMissing (a ConfigError: exit 2) naming the ERP role, every table
+        and privilege it lacks and the GRANTs (newcomer9 F6: rather than failing on the
+        first batch at every restart, with advice about the CRM's capture role), other
+        ConfigErrors (credentials, a missing database), and Retryable when the ERP cannot
+        be reached."""
         if self.conn is None or self.conn.closed or self.conn.broken:
             try:
                 # Wrong credentials or a missing database (ConfigError) are not retried.
                 self.conn = pg.connect(self.settings.erp_dsn, "ERP", autocommit=False)
             except DatabaseUnreachable as exc:
                 raise Retryable(str(exc)) from exc
+            conn = self.conn
             try:
-                with self.conn.transaction():
-                    self.target.attach(self.conn)
-            except TRANSIENT_PG as exc:
-                raise Retryable(f"ERP: {type(exc).__name__}") from exc
+                self._attach(conn)
+            except PrivilegeMissing:
+                self.conn = None  # checked again at the next connect
+                conn.close()
+                raise
         return self.conn
+
+    def _attach(self, conn: PgConn) -> None:
+        try:
+            missing = missing_erp_grants(conn, target=self.settings.erp_target)
+            conn.rollback()  # the query's implicit transaction (autocommit is off)
+            if missing:
+                raise self._grants_missing(
+                    conn, missing, "apply changes (checked when connecting, before anything "
+                    "is applied)")
+            with conn.transaction():
+                self.target.attach(conn)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise self._refused(conn, exc, "attach the ERP target") from exc
+        except TRANSIENT_PG as exc:
+            raise Retryable(f"ERP: {type(exc).__name__}") from exc
+
+    def _grants_missing(self, conn: PgConn, missing: list[Missing],
+                        action: str) -> PrivilegeMissing:
+        return pg.privilege_missing(
+            conn, "ERP", f"{action}: it lacks {describe(missing)}",
+            f"{' '.join(grant_sql(missing, conn.info.user))} ({README_GRANTS})")
+
+    def _refused(self, conn: PgConn, exc: psycopg.errors.InsufficientPrivilege,
+                 action: str) -> PrivilegeMissing:
+        """A statement PostgreSQL refused for lack of a privilege (a grant revoked since
+        the session's check): the PrivilegeMissing naming the ERP role and, asked of the
+        catalog again, each table and privilege it lacks now; else PostgreSQL's own words
+        ("permission denied for table t": an object, never a value)."""
+        primary = exc.diag.message_primary or "permission denied"
+        try:
+            conn.rollback()  # a refused statement outside conn.transaction() fails it
+            missing = missing_erp_grants(conn, target=self.settings.erp_target)
+            conn.rollback()
+        except psycopg.Error:
+            missing = []
+        if missing:
+            return self._grants_missing(conn, missing, f"{action} ({primary})")
+        return pg.privilege_missing(conn, "ERP", f"{action} ({primary})",
+                                    f"grant it to {{role}} ({README_GRANTS})")
 
     def use_mappings(self, mappings: Mappings) -> None:
         """Map with a reloaded mappings file from now on (held and redriven events too) and
@@ -354,6 +412,9 @@ class ErpApplier:
                 self._publish_dead_letters(conn, batch)
                 self._supersede_held(conn, {(e.msg.topic, e.msg.key) for e in batch.envelopes
                                             if e.held == "key_blocked"})
+        except psycopg.errors.InsufficientPrivilege as exc:
+            assert self.conn is not None  # connect() names its own refusals
+            raise self._refused(self.conn, exc, "apply a batch") from exc
         except TRANSIENT_PG as exc:
             raise Retryable(f"ERP: {type(exc).__name__}: {exc}".strip()) from exc
         except KafkaError as exc:
@@ -1075,6 +1136,14 @@ class ErpConsumer:
             raise
         try:
             self._check_topics()
+        except ConfigError:
+            self.consumer.close(autocommit=False)
+            if http is not None:
+                http.close()
+            raise
+        try:
+            # The ERP role's grants (connect checks them): exit 2 before joining the group.
+            self._retrying(self.applier.connect)
         except ConfigError:
             self.consumer.close(autocommit=False)
             if http is not None:

@@ -289,3 +289,15 @@ def test_setup_says_which_publication_tables_it_repaired_and_resnapshotted() -> 
     before_slot = setup_lines(settings, SetupReport([], False, False, [Repair(gone, None)]))
     assert ("CRM: added public.accounts back to publication pub; the producer's first start "
             "snapshots every table") in before_slot
+
+
+def test_a_refused_privilege_not_caught_by_name_gives_the_erp_advice_too() -> None:
+    # newcomer9 F6: an ERP refusal got the CRM capture role's advice alone
+    import psycopg
+
+    from service.cli import _privilege_refused
+
+    line = _privilege_refused(psycopg.errors.InsufficientPrivilege())
+    assert line is not None
+    assert "setup --check --role ROLE" in line and "the consumer's ERP grants" in line
+    assert _privilege_refused(ValueError("x")) is None

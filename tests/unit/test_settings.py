@@ -125,9 +125,28 @@ def test_every_invalid_setting_is_named_in_one_go(tmp_path: Path) -> None:
     assert sorted(named) == sorted([
         CONFIG_FILE_VAR, "CRM_ERP_SYNC_TOPIC_PARTITIONS",
         f"CRM_ERP_SYNC_HTTP_PORT (key 'http_port' in {cfg})",
-        "CRM_ERP_SYNC_ON_TRUNCATE", "CRM_ERP_SYNC_MAPPINGS_FILE", "CRM_ERP_SYNC_LOG_FORMAT"])
+        "CRM_ERP_SYNC_ON_TRUNCATE", "CRM_ERP_SYNC_MAPPINGS_FILE",
+        f"CRM_ERP_SYNC_LOG_FORMAT (key 'log_format' in {cfg})"])
     assert "unknown setting 'batch_max_event'" in str(info.value)
     assert str(info.value).splitlines() == [f"{w}: {p}" for w, p in info.value.problems]
+
+
+def test_a_bad_value_from_the_config_file_names_its_key_and_file(tmp_path: Path) -> None:
+    # newcomer9 F4: a value error from the file was named as an environment variable that
+    # was not set; only type errors named the key and the file.
+    from service.settings import CONFIG_FILE_VAR
+
+    cfg = tmp_path / "bad5.toml"
+    cfg.write_text('batch_max_events = -5\nkafka_bootstrap = "19092"\n'
+                   'breaker_max_ratio = -1\napply_window = "9-5"\n', "utf-8")
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({CONFIG_FILE_VAR: str(cfg), "CRM_ERP_SYNC_TOPIC_PARTITIONS": "0"})
+    named = {where for where, _ in info.value.problems}
+    assert named == {f"CRM_ERP_SYNC_{key.upper()} (key {key!r} in {cfg})"
+                     for key in ("batch_max_events", "kafka_bootstrap", "breaker_max_ratio",
+                                 "apply_window")} | {"CRM_ERP_SYNC_TOPIC_PARTITIONS"}
+    assert (f"CRM_ERP_SYNC_BATCH_MAX_EVENTS (key 'batch_max_events' in {cfg}): must be at "
+            "least 1") in str(info.value).splitlines()
 
 
 def test_validate_names_every_invalid_setting() -> None:
@@ -163,6 +182,14 @@ def test_redacted_hides_passwords_and_keeps_the_rest() -> None:
     text = repr(shown)
     for secret in ("s3cr3t-crm", "p4ss", "word/x", "hunter2-sasl"):
         assert secret not in text
+
+
+def test_a_password_in_the_tryton_url_is_hidden_and_the_rest_shown() -> None:
+    # newcomer9 F9: `config` printed CRM_ERP_SYNC_TRYTON_URL's password in clear
+    shown = Settings.from_env({"CRM_ERP_SYNC_TRYTON_URL": "http://admin:UPASSzz@127.0.0.1:8000"}
+                              ).redacted()
+    assert shown["CRM_ERP_SYNC_TRYTON_URL"] == "http://admin:***@127.0.0.1:8000"
+    assert Settings().redacted()["CRM_ERP_SYNC_TRYTON_URL"] == "http://127.0.0.1:8000"
 
 
 def test_default_dsns_are_shown_without_password() -> None:

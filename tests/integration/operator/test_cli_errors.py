@@ -4,6 +4,7 @@ arguments; IDs that do not exist; `dlq list` oldest first."""
 
 from __future__ import annotations
 
+import socket
 import time
 from urllib.parse import urlsplit, urlunsplit
 
@@ -93,6 +94,20 @@ def test_consume_exits_at_once_on_a_wrong_password(sync_env: SyncEnv, cli: Cli) 
     missing = sync_env.with_(crm_dsn=with_dsn(sync_env.settings.crm_dsn, database="nope_52"))
     done = cli(missing, "status")
     assert done.code == 2 and "'nope_52' does not exist" in done.err
+
+
+@pytest.mark.parametrize("command", ["consume", "produce"])
+def test_an_http_port_in_use_names_the_setting_and_exits_2(sync_env: SyncEnv, cli: Cli,
+                                                          command: str) -> None:
+    # newcomer9 F7: `unexpected_error OSError` with frames only, no port, no setting
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = cli(sync_env.with_(http_host="127.0.0.1", http_port=port), command)
+    assert done.code == 2, done.err
+    assert (f"crm-erp-sync: CRM_ERP_SYNC_HTTP_PORT: 127.0.0.1:{port} is in use") in done.err
+    assert "unexpected_error" not in done.err and "Traceback" not in done.err
 
 
 def test_filters_ids_and_snapshot_arguments_are_checked(sync_env: SyncEnv, cli: Cli) -> None:

@@ -21,6 +21,7 @@ from service.cdc.producer import lock_key
 from service.demo.bottlecrm import Role
 from service.exit_codes import OK as EXIT_OK
 from service.exit_codes import USAGE as EXIT_USAGE
+from service.settings import Settings
 from tests.conftest import SyncEnv
 from tests.helpers import settings_env, wait_until
 from tests.integration.conftest import Cli
@@ -57,17 +58,23 @@ def test_the_producer_names_the_schema_grant_it_lacks_and_starts_once_it_is_give
     refused = cli(as_role, "produce", "--until-idle")
 
     assert refused.code == EXIT_USAGE, refused.err
-    grant = f'GRANT USAGE, CREATE ON SCHEMA crm_erp_sync TO "{cdc_role.name}"'
-    assert (f"crm-erp-sync: CRM_ERP_SYNC_CRM_DSN: the CRM role {cdc_role.name} cannot create "
-            f"table crm_erp_sync.capture_state: {grant} (or run `crm-erp-sync setup --check "
-            f"--role {cdc_role.name}` for every grant the producer needs)") in refused.err
+    # privfix (newcomer9 F11): the start checks every grant at once, as a standby's does
+    q = f'"{cdc_role.name}"'
+    grants = [f'GRANT USAGE, CREATE ON SCHEMA "crm_erp_sync" TO {q};',
+              f'GRANT DELETE ON TABLE "crm_erp_sync"."watermarks" TO {q};']
+    assert (f"crm-erp-sync: CRM_ERP_SYNC_CRM_DSN: the CRM role {cdc_role.name} cannot start "
+            "capturing (checked at start, before anything is read; producer schema "
+            "crm_erp_sync: ") in refused.err
+    assert (f"): {' '.join(grants)} (`crm-erp-sync setup --check --role {cdc_role.name}` "
+            "prints every prerequisite)") in refused.err
     assert "unexpected_error" not in refused.err and "Traceback" not in refused.err
     with sync_env.crm() as admin:  # nothing was created meanwhile
         assert admin.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s",
                              (as_role.slot_name,)).fetchone() == (0,)
 
-    with sync_env.crm() as admin:  # exactly the printed grant
-        admin.execute(grant)
+    with sync_env.crm() as admin:  # exactly the printed grants
+        for grant in grants:
+            admin.execute(grant)
     started = cli(as_role, "produce", "--until-idle")
     assert started.code == EXIT_OK, started.err
     with sync_env.crm() as admin:
@@ -75,10 +82,11 @@ def test_the_producer_names_the_schema_grant_it_lacks_and_starts_once_it_is_give
                              (as_role.slot_name,)).fetchone() == (1,)
 
 
-def test_a_slot_the_role_may_not_create_is_named_by_postgresql_not_a_traceback(
+def test_a_role_without_replication_is_named_at_start_not_a_traceback(
         sync_env: SyncEnv, cdc_role: Role, cli: Cli) -> None:
     with sync_env.crm() as admin:
         admin.execute(f"GRANT USAGE, CREATE ON SCHEMA crm_erp_sync TO {cdc_role.name}")
+        admin.execute(f"GRANT DELETE ON crm_erp_sync.watermarks TO {cdc_role.name}")
         admin.execute(f"ALTER ROLE {cdc_role.name} NOREPLICATION")
     as_role = sync_env.with_(crm_dsn=cdc_role.dsn(sync_env.settings.crm_dsn))
 
@@ -86,10 +94,10 @@ def test_a_slot_the_role_may_not_create_is_named_by_postgresql_not_a_traceback(
 
     assert refused.code == EXIT_USAGE, refused.err
     assert (f"crm-erp-sync: CRM_ERP_SYNC_CRM_DSN: the CRM role {cdc_role.name} cannot start "
-            "capturing (") in refused.err
-    assert (f"): run `crm-erp-sync setup --check --role {cdc_role.name}` and the SQL it "
-            "prints") in refused.err
-    assert "replication" in refused.err  # PostgreSQL's words about the slot
+            f"capturing (checked at start, before anything is read; capture role "
+            f"{cdc_role.name}: lacks REPLICATION: it cannot create or read a replication "
+            f'slot): ALTER ROLE "{cdc_role.name}" REPLICATION; (`crm-erp-sync setup --check '
+            f"--role {cdc_role.name}` prints every prerequisite)") in refused.err
     assert "Traceback" not in refused.err
 
 
@@ -160,6 +168,7 @@ def test_the_producer_without_create_on_the_database_names_that_grant_not_the_sc
     database = psycopg.conninfo.conninfo_to_dict(sync_env.settings.crm_dsn)["dbname"]
     with sync_env.crm() as admin:
         admin.execute(f"GRANT USAGE, CREATE ON SCHEMA crm_erp_sync TO {cdc_role.name}")
+        admin.execute(f"GRANT DELETE ON crm_erp_sync.watermarks TO {cdc_role.name}")
         admin.execute(f'REVOKE CREATE ON DATABASE "{database}" FROM {cdc_role.name}')
     as_role = sync_env.with_(crm_dsn=cdc_role.dsn(sync_env.settings.crm_dsn))
 
@@ -167,8 +176,9 @@ def test_the_producer_without_create_on_the_database_names_that_grant_not_the_sc
 
     assert refused.code == EXIT_USAGE, refused.err
     grant = f'GRANT CREATE ON DATABASE "{database}" TO "{cdc_role.name}"'
-    assert (f"the CRM role {cdc_role.name} cannot declare the producer's schema crm_erp_sync "
-            f"(CREATE SCHEMA IF NOT EXISTS, at every start): {grant}") in refused.err
+    assert (f"the CRM role {cdc_role.name} cannot start capturing (checked at start, before "
+            "anything is read; producer schema crm_erp_sync: ") in refused.err
+    assert f"): {grant}; (`crm-erp-sync setup --check" in refused.err
     assert "ON SCHEMA" not in refused.err
     with sync_env.crm() as admin:  # exactly the printed grant
         admin.execute(grant)
@@ -248,3 +258,80 @@ def test_a_standby_without_a_grant_exits_at_start_naming_it_rather_than_waiting(
                 standby.kill()
                 standby.wait()
         assert standby.returncode == EXIT_OK, out.read_text("utf-8")[-2000:]
+
+
+def _produce(as_role: Settings, out: Path) -> subprocess.Popen[bytes]:
+    with out.open("wb") as log:
+        return subprocess.Popen([sys.executable, "-m", "service.cli", "produce"],
+                                env={**os.environ, **settings_env(as_role)},
+                                stdout=log, stderr=subprocess.STDOUT)
+
+
+def _exit_code(proc: subprocess.Popen[bytes], out: Path, what: str) -> int:
+    try:
+        return proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"{what}: " + out.read_text("utf-8")[-2000:]) from None
+
+
+def _all_grants(sync_env: SyncEnv, role: Role) -> None:
+    with sync_env.crm() as admin:
+        admin.execute(f"GRANT USAGE, CREATE ON SCHEMA crm_erp_sync TO {role.name}")
+        admin.execute(f"GRANT DELETE ON crm_erp_sync.watermarks TO {role.name}")
+
+
+def test_an_active_producer_without_select_on_a_captured_table_exits_at_start_naming_it(
+        sync_env: SyncEnv, cdc_role: Role, tmp_path: Path) -> None:
+    # newcomer9 F11: the active producer started without complaint although it could not
+    # read crm.customers, and failed at the next snapshot of it (at every start after).
+    _all_grants(sync_env, cdc_role)
+    with sync_env.crm() as admin:
+        admin.execute(f"REVOKE SELECT ON crm.customers FROM {cdc_role.name}")
+    as_role = sync_env.with_(crm_dsn=cdc_role.dsn(sync_env.settings.crm_dsn))
+    out = tmp_path / "producer.log"
+
+    code = _exit_code(_produce(as_role, out), out, "the producer started without the grant")
+
+    said = out.read_text("utf-8")
+    assert code == EXIT_USAGE, said
+    grant = f'GRANT SELECT ON TABLE "crm"."customers" TO "{cdc_role.name}";'
+    assert (f"crm-erp-sync: CRM_ERP_SYNC_CRM_DSN: the CRM role {cdc_role.name} cannot start "
+            "capturing (checked at start, before anything is read; read access crm.customers: "
+            f"{cdc_role.name} cannot read it, so the snapshot cannot): {grant} "
+            f"(`crm-erp-sync setup --check --role {cdc_role.name}`") in said
+    assert '"event": "capture_lock_acquired"' not in said and "Traceback" not in said, said
+    with sync_env.crm() as admin:  # nothing was created: the check comes first
+        assert admin.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s",
+                             (as_role.slot_name,)).fetchone() == (0,)
+
+
+def test_a_select_revoked_while_running_is_named_with_its_grant_at_the_next_snapshot(
+        sync_env: SyncEnv, cdc_role: Role, cli: Cli, tmp_path: Path) -> None:
+    # newcomer9 F11: the snapshot's refusal was PostgreSQL's bare "permission denied for
+    # table customers" with advice about `setup --check` for some ROLE
+    _all_grants(sync_env, cdc_role)
+    as_role = sync_env.with_(crm_dsn=cdc_role.dsn(sync_env.settings.crm_dsn))
+    out = tmp_path / "producer.log"
+    producer = _produce(as_role, out)
+    try:
+        wait_until(lambda: '"event": "snapshot_done"' in out.read_text("utf-8")
+                   or producer.poll() is not None, timeout=90, message="the initial snapshot")
+        assert producer.poll() is None, out.read_text("utf-8")[-2000:]
+        with sync_env.crm() as admin:
+            admin.execute(f"REVOKE SELECT ON crm.customers FROM {cdc_role.name}")
+        requested = cli(sync_env.settings, "snapshot", "--table", "customer")
+        assert requested.code == EXIT_OK, requested.err
+        code = _exit_code(producer, out, "the producer went on without reading the table")
+    finally:
+        if producer.poll() is None:
+            producer.kill()
+            producer.wait()
+
+    said = out.read_text("utf-8")
+    assert code == EXIT_USAGE, said[-2000:]
+    assert (f"crm-erp-sync: CRM_ERP_SYNC_CRM_DSN: the CRM role {cdc_role.name} cannot read "
+            "crm.customers for a snapshot (SELECT refused): GRANT SELECT ON TABLE "
+            f'"crm"."customers" TO "{cdc_role.name}";') in said, said[-2000:]
+    assert "Traceback" not in said

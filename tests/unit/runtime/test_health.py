@@ -4,12 +4,19 @@ server, and registries that do not clash when several processes' metrics share o
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
+from typing import Any, cast
 
-from service.health import Health, HealthServer
+import pytest
+import structlog
+
+from service.errors import ConfigError
+from service.health import Health, HealthServer, serve
 from service.metrics import ConsumerMetrics, ProducerMetrics
 from service.settings import Settings
 
@@ -131,3 +138,57 @@ def test_registries_are_per_process_object() -> None:
     assert b'kind="customer"' not in second.exposition()
     assert b"events_published_total" not in first.exposition()
     assert b"slot_retained_wal_bytes" in producer.exposition()
+
+
+def test_a_port_in_use_is_a_config_error_naming_the_setting_and_the_port() -> None:
+    # newcomer9 F7: `unexpected_error OSError`, frames only: no port, no setting
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = dataclasses.replace(Settings(), http_host="127.0.0.1", http_port=port)
+        with pytest.raises(ConfigError) as info:
+            serve(settings, Health(settings, ConsumerMetrics()))
+    assert info.value.variable == "CRM_ERP_SYNC_HTTP_PORT"
+    assert info.value.problem.startswith(f"127.0.0.1:{port} is in use")
+
+
+def test_an_address_not_of_this_machine_names_the_host_setting() -> None:
+    settings = dataclasses.replace(Settings(), http_host="192.0.2.1", http_port=18080)
+    with pytest.raises(ConfigError) as info:
+        serve(settings, Health(settings, ConsumerMetrics()))
+    assert info.value.variable == "CRM_ERP_SYNC_HTTP_HOST"
+
+
+class _FailingHealth:
+    """Answers /readyz as a probe that already gave up sees it (the write fails), and
+    /healthz with a bug; /metrics works."""
+
+    metrics = ConsumerMetrics()
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def liveness(self) -> tuple[bool, dict[str, Any]]:
+        raise RuntimeError("a row value 张三 138xxxx5678")
+
+
+def test_a_request_that_fails_is_one_log_line_without_traceback(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # newcomer9 F3: a probe that gave up left socketserver's 20-line traceback in the log
+    server = HealthServer(cast(Health, _FailingHealth()), "127.0.0.1", 0).start()
+    try:
+        with structlog.testing.capture_logs() as logged:
+            for path in ("/readyz", "/healthz"):
+                # the server closes the connection once handle_error is done
+                with pytest.raises((http.client.RemoteDisconnected, ConnectionError,
+                                    urllib.error.URLError)):
+                    fetch(server.port, path)
+            assert fetch(server.port, "/metrics")[0] == 200  # still serving
+    finally:
+        server.close()
+    assert [(r["event"], r["error"], r["log_level"]) for r in logged] == [
+        ("http_client_gone", "BrokenPipeError", "info"),
+        ("http_request_failed", "RuntimeError", "error")]
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Exception occurred" not in err and "张三" not in err

@@ -27,12 +27,18 @@ from typing import Any, Protocol
 import psycopg
 import structlog
 from kafka import OffsetAndMetadata, TopicPartition
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import (
+    CommitFailedError,
+    KafkaError,
+    LogTruncationError,
+    NoOffsetForPartitionError,
+    OffsetOutOfRangeError,
+)
 
 from service import pg
 from service.avro import SchemaRegistry
 from service.cdc import dead_letters as capture_letters
-from service.consumer import dlq
+from service.consumer import dlq, gaps
 from service.consumer.breaker import BreakerControl
 from service.consumer.mappings_watch import MappingsWatcher
 from service.consumer.membership import Membership
@@ -52,6 +58,7 @@ from service.errors import (
     ConnectionLost,
     DatabaseUnreachable,
     DecodeError,
+    ErpNotSetUp,
     Permanent,
     Retryable,
     StackUnavailable,
@@ -1066,9 +1073,12 @@ class ErpConsumer:
         (broker unreachable at start); transient failures are retried, never raised."""
         http = serve(self.settings, self.health)
         try:
+            # 'none': an out-of-range position is raised to us, not skipped silently
+            # (_poll_records: a gap is recorded, then the consumer goes on; F12).
             self.consumer = make_consumer(self.settings, self.settings.sales_topic,
                                           self.settings.market_topic,
-                                          client_id=self.membership.client_id)
+                                          client_id=self.membership.client_id,
+                                          auto_offset_reset="none")
         except StackUnavailable:
             if http is not None:
                 http.close()
@@ -1295,8 +1305,8 @@ class ErpConsumer:
         out: list[Message] = []
         while True:
             remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
-            polled = self.consumer.poll(timeout_ms=remaining_ms if out else max(remaining_ms, 200),
-                                        max_records=most - len(out))
+            polled = self._poll_records(remaining_ms if out else max(remaining_ms, 200),
+                                        most - len(out))
             out.extend(_messages(polled.values()))
             if len(out) >= most or time.monotonic() >= deadline or (
                     not out and policy.max_wait_ms == 0):
@@ -1305,6 +1315,101 @@ class ErpConsumer:
                 break
         out.sort(key=lambda m: (m.topic, m.partition, m.offset))
         return out
+
+    def _poll_records(self, timeout_ms: int, max_records: int) -> dict[Any, list[Any]]:
+        """``consumer.poll``, handling what ``auto_offset_reset='none'`` raises (kafka-python
+        3.0.12 raises only when the poll drained no records, keeping the error for the next
+        poll otherwise; a seek clears it): a partition without a committed offset (a new
+        group, or one that never applied an event there) starts at its beginning, as
+        'earliest' did, after :meth:`_lost` recorded offsets ``[0, beginning)`` if a log
+        start above 0 says events were deleted before the group read any; an out-of-range
+        position is
+        checked by :meth:`_out_of_range`; a truncated log (KIP-320, an unclean leader
+        election) goes on from the divergent offset, or the beginning when none is known.
+        Those polls return nothing; the caller polls again."""
+        try:
+            polled: dict[Any, list[Any]] = self.consumer.poll(timeout_ms=timeout_ms,
+                                                             max_records=max_records)
+            return polled
+        except NoOffsetForPartitionError as exc:
+            owned = set(self.consumer.assignment() or ())
+            fresh = sorted(tp for tp in (exc.args[0] if exc.args else ()) if tp in owned)
+            starts = self.consumer.beginning_offsets(fresh) if fresh else {}
+            for tp in fresh:
+                gap = gaps.lost_range(tp.topic, tp.partition, 0, starts[tp])
+                if gap is not None and not self._lost(gap, committed=False):
+                    return {}
+                self.consumer.seek(tp, starts[tp])
+        except OffsetOutOfRangeError as exc:
+            self._out_of_range(exc.args[0] if exc.args and isinstance(exc.args[0], dict)
+                               else {})
+        except LogTruncationError as exc:
+            owned = set(self.consumer.assignment() or ())
+            for tp, at in exc.divergent_offsets.items():
+                if tp not in owned:
+                    continue
+                log.warning("log_truncated", topic=tp.topic, partition=tp.partition,
+                            resume_at=None if at is None else at.offset)
+                if at is None:
+                    self.consumer.seek_to_beginning(tp)
+                else:
+                    self.consumer.seek(tp, at.offset)
+        return {}
+
+    def _out_of_range(self, positions: dict[TopicPartition, int]) -> None:
+        """The broker no longer has the offset a partition's position names. Below the log
+        start: the records between were deleted before this group applied them; the gap is
+        recorded in ``sync.offset_gaps`` (before moving on, so a stop or crash meanwhile
+        detects it again from the committed offset), logged as ``records_lost`` and counted,
+        then the partition goes on from the log start. Past the end (a topic re-created):
+        from the beginning, as 'earliest' did, with a warning. Inside the range (a follower
+        behind): fetched again. Raises KafkaError when the broker does not answer the
+        offsets request (the poll loop retries)."""
+        owned = set(self.consumer.assignment() or ())
+        tps = sorted(tp for tp in positions if tp in owned)
+        if not tps:
+            return
+        starts = self.consumer.beginning_offsets(tps)
+        ends = self.consumer.end_offsets(tps)
+        for tp in tps:
+            position, start = positions[tp], starts[tp]
+            gap = gaps.lost_range(tp.topic, tp.partition, position, start)
+            if gap is not None:
+                if not self._lost(gap, committed=True):
+                    return
+                self.consumer.seek(tp, start)
+            elif position > ends[tp]:
+                log.warning("offset_beyond_end_restarting_at_beginning", topic=tp.topic,
+                            partition=tp.partition, position=position, end=ends[tp],
+                            log_start=start)
+                self.consumer.seek(tp, start)
+
+    def _lost(self, gap: gaps.OffsetGap, *, committed: bool) -> bool:
+        """Record ``gap`` in the ERP (retried like any transient failure), then log it as
+        ``records_lost`` (offsets and count, no event content) and count it. False when
+        stopping before it was recorded: the caller must not move past it, so the next
+        start detects it again. ``committed``: the group had a position there (False: it
+        never committed one for this partition)."""
+        recorded: list[bool] = []
+        self._retrying(functools.partial(self._record_gap, gap, recorded))
+        if not recorded:
+            return False
+        log.error("records_lost", topic=gap.topic, partition=gap.partition,
+                  first_lost=gap.first_lost, next_kept=gap.next_kept, count=gap.count,
+                  group_had_offset=committed, consumer_group=self.settings.consumer_group,
+                  fix=gaps.FIX)
+        self.metrics.events_lost.labels(gap.topic, str(gap.partition)).inc(gap.count)
+        return True
+
+    def _record_gap(self, gap: gaps.OffsetGap, recorded: list[bool]) -> None:
+        conn = self.applier.connect()
+        try:
+            gaps.record(conn, self.settings.consumer_group, gap)
+        except psycopg.errors.UndefinedTable as exc:  # an ERP set up by an older version
+            raise ErpNotSetUp("sync.offset_gaps table") from exc
+        except TRANSIENT_PG as exc:
+            raise Retryable(f"ERP: {type(exc).__name__}") from exc
+        recorded.append(True)
 
     def _observe_assignment(self) -> None:
         """Readiness (partitions assigned) every loop; lag at most once a second."""

@@ -58,7 +58,6 @@ from service.errors import (
     ConnectionLost,
     DatabaseUnreachable,
     DecodeError,
-    ErpNotSetUp,
     Permanent,
     Retryable,
     StackUnavailable,
@@ -1389,15 +1388,20 @@ class ErpConsumer:
         ``records_lost`` (offsets and count, no event content) and count it. False when
         stopping before it was recorded: the caller must not move past it, so the next
         start detects it again. ``committed``: the group had a position there (False: it
-        never committed one for this partition)."""
+        never committed one for this partition). An ERP set up by an older version (no
+        sync.offset_gaps) does not stop the stream: the log line says it was not recorded
+        and that `setup` adds the table."""
         recorded: list[bool] = []
         self._retrying(functools.partial(self._record_gap, gap, recorded))
         if not recorded:
             return False
+        extra = {} if recorded[0] else {
+            "recorded": False, "setup_needed": "the ERP has no sync.offset_gaps table: run "
+            "`crm-erp-sync setup` so that `status` names such gaps"}
         log.error("records_lost", topic=gap.topic, partition=gap.partition,
                   first_lost=gap.first_lost, next_kept=gap.next_kept, count=gap.count,
                   group_had_offset=committed, consumer_group=self.settings.consumer_group,
-                  fix=gaps.FIX)
+                  fix=gaps.FIX, **extra)
         self.metrics.events_lost.labels(gap.topic, str(gap.partition)).inc(gap.count)
         return True
 
@@ -1405,8 +1409,9 @@ class ErpConsumer:
         conn = self.applier.connect()
         try:
             gaps.record(conn, self.settings.consumer_group, gap)
-        except psycopg.errors.UndefinedTable as exc:  # an ERP set up by an older version
-            raise ErpNotSetUp("sync.offset_gaps table") from exc
+        except psycopg.errors.UndefinedTable:  # an ERP set up by an older version
+            recorded.append(False)
+            return
         except TRANSIENT_PG as exc:
             raise Retryable(f"ERP: {type(exc).__name__}") from exc
         recorded.append(True)

@@ -189,3 +189,26 @@ def test_a_running_consumer_that_falls_behind_the_log_start_records_the_gap(
     assert not set(lost) & _in_erp(sync_env)
     code, lines = _status_lines(cli, settings)
     assert code == 1 and len(lines) == len(found), lines
+
+
+def test_an_erp_without_the_gaps_table_still_hears_of_the_loss_and_the_stream_goes_on(
+        sync_env: SyncEnv, running: Running) -> None:
+    settings = sync_env.settings
+    with sync_env.erp() as erp:  # an ERP set up by an older version
+        erp.execute("DROP TABLE sync.offset_gaps")
+    running.start_producer(settings)
+    lost = _insert_demands(sync_env, 5)
+    wait_until(lambda: _published(settings, lost), timeout=60, message="lost ones published")
+    _committed, ends = _offsets(settings)
+    _delete_up_to(settings, ends)
+    with structlog.testing.capture_logs() as logs:
+        consumer = running.start_consumer(settings)
+        later = _insert_demands(sync_env, 2)
+        wait_until(lambda: set(later) <= _in_erp(sync_env), timeout=120,
+                   message="later events applied")
+    errors = [e for e in logs if e["event"] == "records_lost"]
+    assert sorted((e["partition"], e["first_lost"], e["next_kept"]) for e in errors) == sorted(
+        (tp.partition, 0, end) for tp, end in ends.items() if end > 0)
+    assert all(e["recorded"] is False and "crm-erp-sync setup" in e["setup_needed"]
+               for e in errors)
+    assert _lost_metric(consumer) == sum(ends.values())

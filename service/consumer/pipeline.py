@@ -1389,15 +1389,13 @@ class ErpConsumer:
         stopping before it was recorded: the caller must not move past it, so the next
         start detects it again. ``committed``: the group had a position there (False: it
         never committed one for this partition). An ERP set up by an older version (no
-        sync.offset_gaps) does not stop the stream: the log line says it was not recorded
-        and that `setup` adds the table."""
-        recorded: list[bool] = []
+        sync.offset_gaps), or a role granted its tables before `setup` made this one, does
+        not stop the stream: the log line says it was not recorded and what fixes that."""
+        recorded: list[str | None] = []
         self._retrying(functools.partial(self._record_gap, gap, recorded))
         if not recorded:
             return False
-        extra = {} if recorded[0] else {
-            "recorded": False, "setup_needed": "the ERP has no sync.offset_gaps table: run "
-            "`crm-erp-sync setup` so that `status` names such gaps"}
+        extra = {} if recorded[0] is None else {"recorded": False, "setup_needed": recorded[0]}
         log.error("records_lost", topic=gap.topic, partition=gap.partition,
                   first_lost=gap.first_lost, next_kept=gap.next_kept, count=gap.count,
                   group_had_offset=committed, consumer_group=self.settings.consumer_group,
@@ -1405,16 +1403,22 @@ class ErpConsumer:
         self.metrics.events_lost.labels(gap.topic, str(gap.partition)).inc(gap.count)
         return True
 
-    def _record_gap(self, gap: gaps.OffsetGap, recorded: list[bool]) -> None:
+    def _record_gap(self, gap: gaps.OffsetGap, recorded: list[str | None]) -> None:
+        """Appends None once recorded, or why it cannot be (the fix, for the log line)."""
         conn = self.applier.connect()
         try:
             gaps.record(conn, self.settings.consumer_group, gap)
         except psycopg.errors.UndefinedTable:  # an ERP set up by an older version
-            recorded.append(False)
+            recorded.append("the ERP has no sync.offset_gaps table: run `crm-erp-sync setup` "
+                            "so that `status` names such gaps")
+            return
+        except psycopg.errors.InsufficientPrivilege:  # granted before setup made the table
+            recorded.append("the consumer's ERP role may not write sync.offset_gaps: GRANT "
+                            "SELECT, INSERT, UPDATE ON sync.offset_gaps TO it")
             return
         except TRANSIENT_PG as exc:
             raise Retryable(f"ERP: {type(exc).__name__}") from exc
-        recorded.append(True)
+        recorded.append(None)
 
     def _observe_assignment(self) -> None:
         """Readiness (partitions assigned) every loop; lag at most once a second."""

@@ -210,6 +210,13 @@ class CommitOffsets:
         if pending and time.monotonic() - self._last >= self.every_s:
             self.flush()
 
+    def skip_to(self, tp: TopicPartition, offset: int) -> None:
+        """Commit ``offset`` for ``tp`` with the next flush (unless a later one is pending):
+        the records below it were deleted from the topic and their gap recorded, so the
+        group's offset (and the lag `status` shows) moves past them without an event."""
+        if tp not in self.pending or self.pending[tp].offset < offset:
+            self.pending[tp] = OffsetAndMetadata(offset, "", -1)
+
     def flush(self, timeout_ms: int | None = None) -> None:
         """Commit what is pending, for the partitions still assigned (a partition a
         rebalance took away is its new owner's to commit), waiting at most ``timeout_ms``
@@ -1031,6 +1038,9 @@ class ErpConsumer:
         self._stop = threading.Event()
         self.consumer: Any = None
         self._commits: CommitOffsets | None = None
+        # Partitions moved past a recorded gap by the current _poll: their new position is
+        # committed unless the poll returned records of theirs (those commit it when applied).
+        self._moved: dict[TopicPartition, int] = {}
 
     def stop(self) -> None:
         self._stop.set()
@@ -1312,6 +1322,14 @@ class ErpConsumer:
                 break
             if self._stop.is_set():
                 break
+        if self._moved:
+            # Not for a partition with records in `out`: committing past them before they
+            # are applied (a stop during their retry flushes pending offsets) would skip them.
+            taken = {(m.topic, m.partition) for m in out}
+            for tp, offset in self._moved.items():
+                if (tp.topic, tp.partition) not in taken and self._commits is not None:
+                    self._commits.skip_to(tp, offset)
+            self._moved = {}
         out.sort(key=lambda m: (m.topic, m.partition, m.offset))
         return out
 
@@ -1339,6 +1357,8 @@ class ErpConsumer:
                 if gap is not None and not self._lost(gap, committed=False):
                     return {}
                 self.consumer.seek(tp, starts[tp])
+                if gap is not None:
+                    self._moved[tp] = starts[tp]
         except OffsetOutOfRangeError as exc:
             self._out_of_range(exc.args[0] if exc.args and isinstance(exc.args[0], dict)
                                else {})
@@ -1377,6 +1397,7 @@ class ErpConsumer:
                 if not self._lost(gap, committed=True):
                     return
                 self.consumer.seek(tp, start)
+                self._moved[tp] = start
             elif position > ends[tp]:
                 log.warning("offset_beyond_end_restarting_at_beginning", topic=tp.topic,
                             partition=tp.partition, position=position, end=ends[tp],

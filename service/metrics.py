@@ -69,6 +69,11 @@ class ConsumerMetrics(ProcessMetrics):
                                        registry=r)
         self.retries = Counter(f"{PREFIX}_transient_failures", "Batches retried after a "
                                "transient failure", registry=r)
+        self.events_lost = Counter(f"{PREFIX}_events_lost", "Offsets deleted from the topic "
+                                   "(retention, delete-records) before the group applied "
+                                   "them: skipped, recorded in sync.offset_gaps until "
+                                   "`crm-erp-sync reconcile --repair`", ["topic", "partition"],
+                                   registry=r)
         self.breaker_open = Gauge(f"{PREFIX}_breaker_open", "1 while the dead-letter circuit "
                                   "breaker keeps this partition paused (until `crm-erp-sync "
                                   "resume`)", ["topic", "partition"], registry=r)

@@ -27,12 +27,18 @@ from typing import Any, Protocol
 import psycopg
 import structlog
 from kafka import OffsetAndMetadata, TopicPartition
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import (
+    CommitFailedError,
+    KafkaError,
+    LogTruncationError,
+    NoOffsetForPartitionError,
+    OffsetOutOfRangeError,
+)
 
 from service import pg
 from service.avro import SchemaRegistry
 from service.cdc import dead_letters as capture_letters
-from service.consumer import dlq
+from service.consumer import dlq, gaps
 from service.consumer.breaker import BreakerControl
 from service.consumer.mappings_watch import MappingsWatcher
 from service.consumer.membership import Membership
@@ -211,6 +217,13 @@ class CommitOffsets:
                 pending[tp] = OffsetAndMetadata(env.msg.offset + 1, "", -1)
         if pending and time.monotonic() - self._last >= self.every_s:
             self.flush()
+
+    def skip_to(self, tp: TopicPartition, offset: int) -> None:
+        """Commit ``offset`` for ``tp`` with the next flush (unless a later one is pending):
+        the records below it were deleted from the topic and their gap recorded, so the
+        group's offset (and the lag `status` shows) moves past them without an event."""
+        if tp not in self.pending or self.pending[tp].offset < offset:
+            self.pending[tp] = OffsetAndMetadata(offset, "", -1)
 
     def flush(self, timeout_ms: int | None = None) -> None:
         """Commit what is pending, for the partitions still assigned (a partition a
@@ -1086,6 +1099,9 @@ class ErpConsumer:
         self._stop = threading.Event()
         self.consumer: Any = None
         self._commits: CommitOffsets | None = None
+        # Partitions moved past a recorded gap by the current _poll: their new position is
+        # committed unless the poll returned records of theirs (those commit it when applied).
+        self._moved: dict[TopicPartition, int] = {}
 
     def stop(self) -> None:
         self._stop.set()
@@ -1127,9 +1143,12 @@ class ErpConsumer:
         (broker unreachable at start); transient failures are retried, never raised."""
         http = serve(self.settings, self.health)
         try:
+            # 'none': an out-of-range position is raised to us, not skipped silently
+            # (_poll_records: a gap is recorded, then the consumer goes on; F12).
             self.consumer = make_consumer(self.settings, self.settings.sales_topic,
                                           self.settings.market_topic,
-                                          client_id=self.membership.client_id)
+                                          client_id=self.membership.client_id,
+                                          auto_offset_reset="none")
         except StackUnavailable:
             if http is not None:
                 http.close()
@@ -1364,16 +1383,132 @@ class ErpConsumer:
         out: list[Message] = []
         while True:
             remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
-            polled = self.consumer.poll(timeout_ms=remaining_ms if out else max(remaining_ms, 200),
-                                        max_records=most - len(out))
+            polled = self._poll_records(remaining_ms if out else max(remaining_ms, 200),
+                                        most - len(out))
             out.extend(_messages(polled.values()))
             if len(out) >= most or time.monotonic() >= deadline or (
                     not out and policy.max_wait_ms == 0):
                 break
             if self._stop.is_set():
                 break
+        if self._moved:
+            # Not for a partition with records in `out`: committing past them before they
+            # are applied (a stop during their retry flushes pending offsets) would skip them.
+            taken = {(m.topic, m.partition) for m in out}
+            for tp, offset in self._moved.items():
+                if (tp.topic, tp.partition) not in taken and self._commits is not None:
+                    self._commits.skip_to(tp, offset)
+            self._moved = {}
         out.sort(key=lambda m: (m.topic, m.partition, m.offset))
         return out
+
+    def _poll_records(self, timeout_ms: int, max_records: int) -> dict[Any, list[Any]]:
+        """``consumer.poll``, handling what ``auto_offset_reset='none'`` raises (kafka-python
+        3.0.12 raises only when the poll drained no records, keeping the error for the next
+        poll otherwise; a seek clears it): a partition without a committed offset (a new
+        group, or one that never applied an event there) starts at its beginning, as
+        'earliest' did, after :meth:`_lost` recorded offsets ``[0, beginning)`` if a log
+        start above 0 says events were deleted before the group read any; an out-of-range
+        position is
+        checked by :meth:`_out_of_range`; a truncated log (KIP-320, an unclean leader
+        election) goes on from the divergent offset, or the beginning when none is known.
+        Those polls return nothing; the caller polls again."""
+        try:
+            polled: dict[Any, list[Any]] = self.consumer.poll(timeout_ms=timeout_ms,
+                                                             max_records=max_records)
+            return polled
+        except NoOffsetForPartitionError as exc:
+            owned = set(self.consumer.assignment() or ())
+            fresh = sorted(tp for tp in (exc.args[0] if exc.args else ()) if tp in owned)
+            starts = self.consumer.beginning_offsets(fresh) if fresh else {}
+            for tp in fresh:
+                gap = gaps.lost_range(tp.topic, tp.partition, 0, starts[tp])
+                if gap is not None and not self._lost(gap, committed=False):
+                    return {}
+                self.consumer.seek(tp, starts[tp])
+                if gap is not None:
+                    self._moved[tp] = starts[tp]
+        except OffsetOutOfRangeError as exc:
+            self._out_of_range(exc.args[0] if exc.args and isinstance(exc.args[0], dict)
+                               else {})
+        except LogTruncationError as exc:
+            owned = set(self.consumer.assignment() or ())
+            for tp, at in exc.divergent_offsets.items():
+                if tp not in owned:
+                    continue
+                log.warning("log_truncated", topic=tp.topic, partition=tp.partition,
+                            resume_at=None if at is None else at.offset)
+                if at is None:
+                    self.consumer.seek_to_beginning(tp)
+                else:
+                    self.consumer.seek(tp, at.offset)
+        return {}
+
+    def _out_of_range(self, positions: dict[TopicPartition, int]) -> None:
+        """The broker no longer has the offset a partition's position names. Below the log
+        start: the records between were deleted before this group applied them; the gap is
+        recorded in ``sync.offset_gaps`` (before moving on, so a stop or crash meanwhile
+        detects it again from the committed offset), logged as ``records_lost`` and counted,
+        then the partition goes on from the log start. Past the end (a topic re-created):
+        from the beginning, as 'earliest' did, with a warning. Inside the range (a follower
+        behind): fetched again. Raises KafkaError when the broker does not answer the
+        offsets request (the poll loop retries)."""
+        owned = set(self.consumer.assignment() or ())
+        tps = sorted(tp for tp in positions if tp in owned)
+        if not tps:
+            return
+        starts = self.consumer.beginning_offsets(tps)
+        ends = self.consumer.end_offsets(tps)
+        for tp in tps:
+            position, start = positions[tp], starts[tp]
+            gap = gaps.lost_range(tp.topic, tp.partition, position, start)
+            if gap is not None:
+                if not self._lost(gap, committed=True):
+                    return
+                self.consumer.seek(tp, start)
+                self._moved[tp] = start
+            elif position > ends[tp]:
+                log.warning("offset_beyond_end_restarting_at_beginning", topic=tp.topic,
+                            partition=tp.partition, position=position, end=ends[tp],
+                            log_start=start)
+                self.consumer.seek(tp, start)
+
+    def _lost(self, gap: gaps.OffsetGap, *, committed: bool) -> bool:
+        """Record ``gap`` in the ERP (retried like any transient failure), then log it as
+        ``records_lost`` (offsets and count, no event content) and count it. False when
+        stopping before it was recorded: the caller must not move past it, so the next
+        start detects it again. ``committed``: the group had a position there (False: it
+        never committed one for this partition). An ERP set up by an older version (no
+        sync.offset_gaps), or a role granted its tables before `setup` made this one, does
+        not stop the stream: the log line says it was not recorded and what fixes that."""
+        recorded: list[str | None] = []
+        self._retrying(functools.partial(self._record_gap, gap, recorded))
+        if not recorded:
+            return False
+        extra = {} if recorded[0] is None else {"recorded": False, "setup_needed": recorded[0]}
+        log.error("records_lost", topic=gap.topic, partition=gap.partition,
+                  first_lost=gap.first_lost, next_kept=gap.next_kept, count=gap.count,
+                  group_had_offset=committed, consumer_group=self.settings.consumer_group,
+                  fix=gaps.FIX, **extra)
+        self.metrics.events_lost.labels(gap.topic, str(gap.partition)).inc(gap.count)
+        return True
+
+    def _record_gap(self, gap: gaps.OffsetGap, recorded: list[str | None]) -> None:
+        """Appends None once recorded, or why it cannot be (the fix, for the log line)."""
+        conn = self.applier.connect()
+        try:
+            gaps.record(conn, self.settings.consumer_group, gap)
+        except psycopg.errors.UndefinedTable:  # an ERP set up by an older version
+            recorded.append("the ERP has no sync.offset_gaps table: run `crm-erp-sync setup` "
+                            "so that `status` names such gaps")
+            return
+        except psycopg.errors.InsufficientPrivilege:  # granted before setup made the table
+            recorded.append("the consumer's ERP role may not write sync.offset_gaps: GRANT "
+                            "SELECT, INSERT, UPDATE ON sync.offset_gaps TO it")
+            return
+        except TRANSIENT_PG as exc:
+            raise Retryable(f"ERP: {type(exc).__name__}") from exc
+        recorded.append(None)
 
     def _observe_assignment(self) -> None:
         """Readiness (partitions assigned) every loop; lag at most once a second."""

@@ -213,3 +213,19 @@ CREATE TABLE IF NOT EXISTS sync.truncations (
 );
 INSERT INTO sync.truncations (entity)
 VALUES ('customer'), ('order'), ('order_line'), ('market_demand') ON CONFLICT DO NOTHING;
+
+-- Finding F12: offsets a consumer found deleted from a topic before the group applied them
+-- (retention, delete-records: the log start moved past its position), written by the
+-- consumer on its ERP connection when it detects them (service/consumer/gaps.py); `status`
+-- names each until a `reconcile` over every entity started after it finds the ERP matching
+-- (that run sets resolved_at). No sequence: the consumer role's grants suffice.
+CREATE TABLE IF NOT EXISTS sync.offset_gaps (
+    consumer_group text NOT NULL,
+    topic          text NOT NULL,
+    partition      integer NOT NULL,
+    first_lost     bigint NOT NULL,      -- the first offset deleted unapplied
+    next_kept      bigint NOT NULL,      -- the log start the consumer went on from
+    detected_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
+    resolved_at    timestamptz,
+    PRIMARY KEY (consumer_group, topic, partition, first_lost)
+);

@@ -526,6 +526,9 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
                   " (is the producer running? are consumers running? unmappable keys need a "
                   "mapping fix or a CRM correction)" if waiting else
                   " (none a repair changes: see above)"))
+    if result.gaps_resolved:
+        print(f"\nmarked {result.gaps_resolved} Kafka offset gap(s) resolved (events deleted "
+              "from a topic before they were applied: the ERP matches the CRM again)")
     if result.drift:
         print(f"\nDRIFT: {result.drift} key(s)")
         return EXIT_ATTENTION

@@ -39,6 +39,7 @@ passes: unmappable, held and unretired extra keys are not waited for.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ from service.cdc.capture import (
 from service.cdc.events import READ, References, RowChange, build_events, canonical
 from service.cdc.profile import EVENT_KIND, EntityMapping, SourceProfile, load_profile
 from service.cdc.zone import crm_naive_zone
+from service.consumer import gaps
 from service.erp.changes import to_erp
 from service.erp.mappings import Mappings
 from service.erp.sql_target import ITEM_FIELDS as SQL_ITEM_FIELDS
@@ -168,6 +170,9 @@ class ReconcileReport:
     entities: list[EntityReport]
     repair: RepairReport | None = None
     stock: StockRecount | None = None
+    # Kafka offset gaps (sync.offset_gaps) this run marked resolved: it covered every entity,
+    # began after they were detected and left nothing missing, extra or differing.
+    gaps_resolved: int = 0
     """the stock recount, with orders: SKU totals against the ERP's own orders"""
 
     @property
@@ -622,8 +627,11 @@ def reconcile(settings: Settings, entities: list[str] | None = None, *, repair: 
                                       f"{', '.join(ENTITIES)}")
     rec = Reconciler(settings, chunk_size)
     try:
+        with connect(settings, "erp") as erp:  # the ERP's clock, as the gaps' detected_at
+            started = erp.execute("SELECT clock_timestamp()").fetchone()
         kept = rec.kinds()
         names = [n for n in (entities or list(ENTITIES)) if ENTITIES[n].source in kept]
+        every = set(names) >= {n for n in ENTITIES if ENTITIES[n].source in kept}
         reports: list[EntityReport] = []
         for name in names:
             entity = ENTITIES[name]
@@ -640,15 +648,22 @@ def reconcile(settings: Settings, entities: list[str] | None = None, *, repair: 
             # After the order repair (if any): totals are recounted from what the ERP holds.
             with connect(settings, "erp") as erp:
                 result.stock = recount(erp, rec.mappings, repair=repair)
-        record_run(settings, result, names)
+        record_run(settings, result, names,
+                   gaps_before=started[0] if started is not None and every else None)
         return result
     finally:
         rec.close()
 
 
-def record_run(settings: Settings, result: ReconcileReport, names: list[str]) -> None:
+def record_run(settings: Settings, result: ReconcileReport, names: list[str], *,
+               gaps_before: datetime | None = None) -> None:
     """Keep the run's counts in ``sync.reconcile_runs`` (after a repair: what remained), for
-    the consumers' gauges. An ERP set up before the table existed is told to run setup."""
+    the consumers' gauges. An ERP set up before the table existed is told to run setup.
+
+    ``gaps_before`` (a run over every entity: when it began): when nothing is left missing,
+    extra or differing, the Kafka offset gaps detected before then are marked resolved
+    (``result.gaps_resolved`` counts them): the rows their lost events changed were compared
+    as the CRM has them now (service/consumer/gaps.py)."""
     final = result.repair.remaining if result.repair is not None else result.entities
     remaining = {r.entity: r for r in final}
     # An entity the profile does not capture was not compared: no counts (`status` reads a
@@ -666,6 +681,11 @@ def record_run(settings: Settings, result: ReconcileReport, names: list[str]) ->
                         "VALUES (%s, %s, %s, %s)",
                         (names, Jsonb(counts), result.drift,
                          result.repair is not None))
+            if gaps_before is not None and not any(
+                    r.missing or r.extra or r.differing for r in final):
+                # an ERP set up before the table: no gap was ever recorded there
+                with contextlib.suppress(psycopg.errors.UndefinedTable):
+                    result.gaps_resolved = gaps.resolve_before(erp, gaps_before)
     except psycopg.errors.UndefinedTable as exc:
         raise ErpNotSetUp("sync.reconcile_runs table") from exc
 

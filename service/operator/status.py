@@ -2,6 +2,10 @@
 
 Needs attention (exit 1) when any of:
 - a dead letter is unresolved (open or failed again);
+- events were deleted from a topic before the group applied them (retention, delete-records:
+  ``sync.offset_gaps``, recorded by the consumer that found its position below the log start):
+  topic, partition and offsets are named with the fix, until a reconcile over every entity
+  finds the ERP matching (``service.consumer.gaps``);
 - capture stopped because the slot or the publication was dropped, replaced or lost
   (``service.cdc.slot_guard``: until `crm-erp-sync resync` ran, and until its delete pass ran);
 - the producer's replication slot is missing, or no producer holds the capture lock (the
@@ -90,6 +94,7 @@ from service.cdc.capture import (
 )
 from service.cdc.producer import lock_key
 from service.cdc.profile import load_profile
+from service.consumer import gaps
 from service.consumer.mappings_watch import STALE_AFTER_S, live_members
 from service.consumer.pipeline import STILL_BLOCKED
 from service.erp.mappings import Mappings
@@ -176,6 +181,9 @@ class Status:
     # Captured tables dropped and re-created whose entity no reconcile has checked since:
     # table, recreated_at, entity (the reconcile entity; None: the profile is unreadable).
     recreated_tables: list[dict[str, Any]] = field(default_factory=list)
+    # Offsets deleted from Kafka before the group applied them (service/consumer/gaps.py),
+    # unresolved: topic, partition, first_lost, next_kept, count, detected_at.
+    offset_gaps: list[dict[str, Any]] = field(default_factory=list)
     attention: list[str] = field(default_factory=list)
     # Why the broker could not be asked (None: it answered): lag and members are then unknown
     # (lag [] and members []), everything from the databases is still there.
@@ -508,6 +516,10 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
                 runs = []
             recreated = unchecked_recreations(recreated, runs)
         breaker = open_trips(erp, settings.consumer_group)
+        try:
+            lost = gaps.unresolved(erp, settings.consumer_group)
+        except psycopg.errors.UndefinedTable:  # an ERP set up before the table existed
+            lost = []
         by_field = [(c, f or "", int(n)) for c, f, n in erp.execute(
             "SELECT error_class, CASE WHEN error_class = 'MappingError' "
             "THEN split_part(error_message, ': ', 1) END, count(*) FROM sync.dead_letters "
@@ -576,6 +588,7 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         contract_violations=violations, recreated_tables=recreated,
         capture_letters=[{k: v for k, v in c.items() if k != "total"} for c in capture],
         capture_letters_total=int(capture[0]["total"]) if capture else 0,
+        offset_gaps=lost,
         oldest_transaction=xact,
         peek=peek if peek is not None and peek["reported_s_ago"] < PEEK_REPORT_STALE_S
         else None,
@@ -623,6 +636,7 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
             f"{t['setting']}: set CRM_ERP_SYNC_ON_TRUNCATE=propagate (its ERP rows are marked "
             "deleted) or skip (they stay as they are), then restart the producer")
     status.attention.extend(recreated_line(r) for r in recreated)
+    status.attention.extend(gaps.attention_line(g) for g in status.offset_gaps)
     for v in violations:
         where = v["table"] if v["column"] == "*" else f"{v['table']}.{v['column']}"
         status.attention.append(

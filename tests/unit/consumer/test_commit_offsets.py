@@ -87,3 +87,14 @@ def test_a_key_is_blocked_from_its_first_letter_or_held_event_and_a_keyless_one_
                                         ("b", b"3"): (1, 5)}
     assert _blocked_from(letters, held) == {("a", b"1"): (0, 9), ("a", b"2"): (0, 2),
                                             ("b", b"3"): (1, 5)}
+
+
+def test_a_partition_moved_past_a_gap_commits_the_log_start_never_backwards() -> None:
+    consumer = Recorder({A0, A1})
+    commits = CommitOffsets(consumer, every_s=3600)
+    commits.skip_to(A0, 64)
+    commits.submit(batch((0, 60)))  # an older applied record does not pull it back
+    commits.skip_to(A1, 3)
+    commits.submit(batch((1, 9)))  # a later applied one wins
+    commits.flush()
+    assert consumer.commits == [{A0: 64}, {A1: 10}]  # the first batch at once

@@ -1,0 +1,33 @@
+"""service/consumer/gaps.py: which positions mean events were lost, and the status line."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from service.consumer.gaps import OffsetGap, attention_line, lost_range
+
+
+def test_a_position_below_the_log_start_loses_the_offsets_in_between() -> None:
+    gap = lost_range("crm.market-demand", 2, 56, 64)
+    assert gap == OffsetGap("crm.market-demand", 2, 56, 64)
+    assert gap is not None and gap.count == 8
+
+
+def test_a_new_partition_whose_log_start_moved_lost_everything_before_it() -> None:
+    assert lost_range("crm.sales", 0, 0, 126) == OffsetGap("crm.sales", 0, 0, 126)
+
+
+def test_a_position_at_or_past_the_log_start_loses_nothing() -> None:
+    assert lost_range("crm.sales", 0, 64, 64) is None
+    assert lost_range("crm.sales", 0, 0, 0) is None
+    assert lost_range("crm.sales", 0, 900, 64) is None  # beyond the end: not a loss here
+    assert lost_range("crm.sales", 0, -1, 64) is None  # kafka-python's "no position"
+
+
+def test_the_status_line_names_topic_partition_range_count_and_fix() -> None:
+    line = attention_line({"topic": "crm.market-demand", "partition": 1, "first_lost": 94,
+                           "next_kept": 97, "count": 3,
+                           "detected_at": datetime(2026, 11, 30, 6, 1, 2, tzinfo=UTC)})
+    assert "crm.market-demand[1] offsets 94..96 (3 offset(s)" in line
+    assert "detected 2026-11-30 06:01:02 UTC" in line
+    assert "`crm-erp-sync reconcile --repair`" in line

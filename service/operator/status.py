@@ -7,6 +7,9 @@ Needs attention (exit 1) when any of:
 - the producer's replication slot is missing, or no producer holds the capture lock (the
   producer reads its slot in short SQL calls, so "slot active" is not a liveness signal; the
   advisory lock every active producer holds is);
+- the producer holding the capture lock is hung: the lock's session has not run a query for
+  ``producer_silent_after_s`` (an active producer runs one there every second; a frozen or
+  blocked one keeps the lock through its idle session, so no standby takes over);
 - an event has been held longer than ``orphan_hold_s`` (awaiting its customer), or events are
   held behind a key that has no unresolved dead letter (stuck);
 - the dead-letter circuit breaker keeps a partition paused (``sync.breaker_trips``);
@@ -15,6 +18,10 @@ Needs attention (exit 1) when any of:
   the group as the broker lists it: said as what is known (``outside_group_line``): its last
   report's age, "stopped or stuck" once it missed a report, "no longer runs" when its pid is
   gone on this host (a running one rejoins by itself; if it stays out, look at it);
+- a member the broker lists has not reported from its loop (``sync.consumer_membership``) for
+  max(30 s, 3 x membership_check_s): blocked in a call (an ERP lock, a hung query) while
+  kafka-python's heartbeat thread keeps it in the group, so nobody applies its partitions,
+  even with healthy members beside it (``silent_member_line``);
 - events are waiting (lag) but the group has no member, or the broker lists members but none
   has reported from its loop for ``STALE_AFTER_S`` (a consumer blocked in a call: an ERP lock,
   a hung query);

@@ -129,3 +129,53 @@ def test_status_calls_a_frozen_producer_holding_the_capture_lock_hung(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=30)
+
+
+def test_status_says_a_frozen_consumer_stopped_reporting_not_that_it_reported_being_out(
+        sync_env: SyncEnv, cli: Cli, running: Running, tmp_path: Path) -> None:
+    """newcomer9 nit: a SIGSTOPped consumer, dropped by the broker after its session timeout,
+    was said to have "reported … that it is NOT in group": its last report said "in"."""
+    # reports every 10 s (the default): the broker drops it (10 s session) before it has
+    # missed two reports, where the wrong wording was
+    settings = sync_env.with_(membership_check_s=10.0, http_port=0)
+    running.start_producer(settings)
+    env = {**os.environ, **settings_env(settings), "CRM_ERP_SYNC_LOG_FORMAT": "json"}
+    with (tmp_path / "consumer.log").open("ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "consume"], env=env,
+                                stdout=log, stderr=log)
+    stopped = False
+    try:
+        with sync_env.erp() as erp:
+            wait_until(lambda: erp.execute(
+                "SELECT count(*) FROM sync.consumer_membership WHERE pid = %s AND in_group "
+                "AND cardinality(assigned) > 0", (proc.pid,)).fetchone()[0] == 1,
+                timeout=90, message="the consumer reporting itself in the group")
+        wait_until(lambda: _status(cli, settings).code == 0, timeout=60, interval=1.0,
+                   message="status OK with the consumer running")
+        proc.send_signal(signal.SIGSTOP)
+        stopped = True
+
+        def named() -> Any:
+            st = _status(cli, settings)
+            lines = [a for a in st.json["attention"] if f"pid {proc.pid})" in a]
+            return (st, lines) if lines else None
+
+        # before the session timeout: a silent member; after it: dropped by the broker
+        st, [line] = wait_until(named, timeout=90, interval=1.0,
+                                message="status to name the frozen consumer")
+        assert st.code == 1
+        assert "that it is NOT in group" not in line, line
+        assert "stopped reporting" in line or "stopped or stuck" in line, line
+        proc.send_signal(signal.SIGCONT)
+        stopped = False
+        wait_until(lambda: _status(cli, settings).code == 0, timeout=90, interval=1.0,
+                   message="status OK once the consumer rejoined")
+    finally:
+        if stopped:
+            proc.send_signal(signal.SIGCONT)
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)

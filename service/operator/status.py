@@ -362,8 +362,9 @@ def silent_member_line(m: Member, group: str, alive_s: float, check_s: float,
             f" is in group {group} but has not reported from its loop for "
             f"{_age(m.last_seen_s or 0.0)} (over {alive_s:g}s; it reports every {check_s:g}s)"
             f": nobody applies its partitions meanwhile: {parts}. It is blocked in a call "
-            "(an ERP lock: look for a wait in the ERP's pg_stat_activity; a hung query) or "
-            "the process is frozen: look at its /readyz (stalled) and its log")
+            "(an ERP lock: look for a wait in the ERP's pg_stat_activity; a hung query), "
+            "retrying a failing one (its log says which), or the process is frozen: look at "
+            "its /readyz (stalled, reconnecting) and its log")
 
 
 def producer_silent_after_s(settings: Settings) -> float:

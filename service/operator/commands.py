@@ -219,6 +219,9 @@ def _print_status_crm(settings: Settings, st: Any) -> None:
     """Status's producer, slot, oldest CRM transaction and SQL peek lines (the CRM's part)."""
     slot = st.slot
     state = "running" if st.producer_running else "NOT RUNNING"
+    if st.producer_hung and st.producer is not None:
+        state = (f"HUNG (holds the capture lock, session pid {st.producer['pid']} silent for "
+                 f"{_fmt_s(st.producer['silent_s'])}: see below)")
     if st.contract_violations:
         state += ", CAPTURE STOPPED (source contract broken, see below)"
     elif st.capture_stopped:

@@ -11,6 +11,9 @@ Needs attention (exit 1) when any of:
 - the producer's replication slot is missing, or no producer holds the capture lock (the
   producer reads its slot in short SQL calls, so "slot active" is not a liveness signal; the
   advisory lock every active producer holds is);
+- the producer holding the capture lock is hung: the lock's session has not run a query for
+  ``producer_silent_after_s`` (an active producer runs one there every second; a frozen or
+  blocked one keeps the lock through its idle session, so no standby takes over);
 - an event has been held longer than ``orphan_hold_s`` (awaiting its customer), or events are
   held behind a key that has no unresolved dead letter (stuck);
 - the dead-letter circuit breaker keeps a partition paused (``sync.breaker_trips``);
@@ -19,6 +22,10 @@ Needs attention (exit 1) when any of:
   the group as the broker lists it: said as what is known (``outside_group_line``): its last
   report's age, "stopped or stuck" once it missed a report, "no longer runs" when its pid is
   gone on this host (a running one rejoins by itself; if it stays out, look at it);
+- a member the broker lists has not reported from its loop (``sync.consumer_membership``) for
+  max(30 s, 3 x membership_check_s): blocked in a call (an ERP lock, a hung query) while
+  kafka-python's heartbeat thread keeps it in the group, so nobody applies its partitions,
+  even with healthy members beside it (``silent_member_line``);
 - events are waiting (lag) but the group has no member, or the broker lists members but none
   has reported from its loop for ``STALE_AFTER_S`` (a consumer blocked in a call: an ERP lock,
   a hung query);
@@ -92,7 +99,7 @@ from service.cdc.capture import (
     TRUNCATES_TABLE,
     recreated_tables,
 )
-from service.cdc.producer import lock_key
+from service.cdc.producer import LOCK_CHECK_S, lock_key
 from service.cdc.profile import load_profile
 from service.consumer import gaps
 from service.consumer.mappings_watch import STALE_AFTER_S, live_members
@@ -138,6 +145,10 @@ class Member:
     out_since: datetime | None = None
     mappings_version: str | None = None
     rejoins: int = 0
+    # What its own last report said (None: no report): True while it believed itself a
+    # member, so a broker that no longer lists it means it stopped reporting, not that it
+    # "reported" being out (a SIGSTOPped consumer: the broker drops it after its session).
+    reported_in_group: bool | None = None
 
 
 @dataclass
@@ -184,6 +195,11 @@ class Status:
     # Offsets deleted from Kafka before the group applied them (service/consumer/gaps.py),
     # unresolved: topic, partition, first_lost, next_kept, count, detected_at.
     offset_gaps: list[dict[str, Any]] = field(default_factory=list)
+    # The session holding the capture lock (``lock_holder``: pid, application_name, client,
+    # backend_start, state, wait_event_type, wait_event, silent_s) and whether it has been
+    # silent past ``producer_silent_after_s`` (a frozen or blocked producer); None: no holder.
+    producer: dict[str, Any] | None = None
+    producer_hung: bool = False
     attention: list[str] = field(default_factory=list)
     # Why the broker could not be asked (None: it answered): lag and members are then unknown
     # (lag [] and members []), everything from the databases is still there.
@@ -285,14 +301,14 @@ def merge_members(listed: list[dict[str, Any]], reported: list[dict[str, Any]],
         r = by_member.get(m["member_id"]) or {}
         out.append(Member(m["client_id"], m["host"], m["partitions"], m["member_id"], True,
                           r.get("pid"), r.get("age_s"), None, r.get("mappings_version"),
-                          r.get("rejoins", 0)))
+                          r.get("rejoins", 0), r.get("in_group")))
     seen = {m["member_id"] for m in listed}
     for r in reported:
         if r["member_id"] in seen or r["age_s"] > alive_s:
             continue
         out.append(Member(r["client_id"], r["host"], list(r["assigned"]), r["member_id"],
                           False, r["pid"], r["age_s"], r["out_since"], r["mappings_version"],
-                          r["rejoins"]))
+                          r["rejoins"], r["in_group"]))
     return out
 
 
@@ -330,9 +346,66 @@ def outside_group_line(m: Member, group: str, check_s: float, *, pid_gone: bool)
         return (f"{who} is NOT in group {group}{since} and not seen for {age:.0f}s (it "
                 f"reports every {check_s:g}s): stopped or stuck; look at its log and "
                 "restart it")
+    if m.reported_in_group:
+        return (f"{who} is NOT in group {group} as the broker lists it, but its last report "
+                f"({age:.0f}s ago; it reports every {check_s:g}s) said it was: it has "
+                "stopped reporting (stopped, frozen or blocked in a call) or the broker just "
+                "dropped it; if this stays, look at its /readyz and log and restart it")
     return (f"{who} reported {age:.0f}s ago that it is NOT in group {group}{since} "
             f"({m.rejoins} rejoin(s) so far; a running consumer rejoins by itself: if it "
             "stays out, look at its log and restart it)")
+
+
+def silent_member_line(m: Member, group: str, alive_s: float, check_s: float,
+                       lag: dict[str, int]) -> str:
+    """Status's line for a member the broker lists whose own loop has not reported for
+    ``m.last_seen_s`` > ``alive_s`` seconds (it reports every ``check_s`` from its loop,
+    between batches; kafka-python's heartbeat thread keeps a blocked one in the group, so
+    its partitions stay assigned to it and are applied by nobody). ``lag`` maps
+    "topic[p]" to the events waiting there (from the broker's offsets: a blocked consumer
+    cannot publish its own lag gauge)."""
+    parts = ", ".join(f"{p} (lag {lag[p]})" if p in lag else p for p in m.partitions) or \
+        "no partitions"
+    return (f"consumer {m.client_id} (host {m.host}, pid {m.pid if m.pid is not None else '-'})"
+            f" is in group {group} but has not reported from its loop for "
+            f"{_age(m.last_seen_s or 0.0)} (over {alive_s:g}s; it reports every {check_s:g}s)"
+            f": nobody applies its partitions meanwhile: {parts}. It is blocked in a call "
+            "(an ERP lock: look for a wait in the ERP's pg_stat_activity; a hung query), "
+            "retrying a failing one (its log says which), or the process is frozen: look at "
+            "its /readyz (stalled, reconnecting) and its log")
+
+
+def producer_silent_after_s(settings: Settings) -> float:
+    """Seconds the capture lock's session may go without a query before `status` calls the
+    producer holding it hung. The active producer runs ``SELECT 1`` on that session every
+    ``LOCK_CHECK_S`` (1 s) in each turn of its loop (every ``BLOCKED_POLL_S`` while capture
+    is stopped, at least every 15 s while the source contract is broken); its longest turn
+    that is not a hang waits for the broker's acknowledgements, bounded by 6 x
+    ``heartbeat_interval_s`` (``CdcProducer._flush``). A reconnect opens a new session
+    (fresh). At least 30 s, the consumers' own bound."""
+    return max(30.0, 6 * settings.heartbeat_interval_s + LOCK_CHECK_S)
+
+
+def hung_producer_line(holder: dict[str, Any], slot_name: str, slot_active: bool | None,
+                       bound_s: float) -> str:
+    """Status's line for a capture lock held by a session silent for ``holder["silent_s"]``
+    > ``bound_s`` seconds (``producer_silent_after_s``): the process holding it is frozen or
+    blocked, captures nothing, and its session keeps a standby from taking over."""
+    client = holder.get("client") or "local socket"
+    app = f", application {holder['application_name']!r}" if holder.get("application_name") \
+        else ""
+    wait = (f", waiting on {holder['wait_event_type']}/{holder['wait_event']}"
+            if holder.get("wait_event") and holder.get("state") != "idle" else "")
+    reader = ("" if slot_active is None else
+              f"; slot {slot_name} has {'an' if slot_active else 'no'} active reader")
+    return (f"the producer holding the capture lock of slot {slot_name} (CRM backend pid "
+            f"{holder['pid']}, client {client}{app}, connected {when(holder['backend_start'])})"
+            f" has not used its session for {_age(holder['silent_s'])} ({holder['state']}"
+            f"{wait}; an active producer does every second; over {bound_s:g}s): it is frozen "
+            f"or blocked and captures nothing{reader}; CRM changes wait in the slot and a "
+            "standby cannot take over while that session holds the lock. Look at that "
+            "process (its /readyz, its log); if it does not recover, kill it (or SELECT "
+            f"pg_terminate_backend({holder['pid']}) in the CRM) so a standby takes over")
 
 
 def _age(seconds: float) -> str:
@@ -440,6 +513,29 @@ def recreated_line(row: dict[str, Any]) -> str:
             f"the ERP: run {how}")
 
 
+def lock_holder(crm: Any, slot_name: str) -> dict[str, Any] | None:
+    """The CRM session holding the capture lock of ``slot_name`` (``producer.lock_key``; the
+    key of ``pg_try_advisory_lock(hashtext(..))`` is split over classid/objid): pid,
+    application_name, client ("addr:port", None for a local socket), backend_start, state,
+    wait_event_type, wait_event, and silent_s: seconds since its state last changed (every
+    query changes it twice), None when this role may not read another role's session
+    (grant pg_read_all_stats). None when nobody holds the lock."""
+    row = crm.execute(
+        "SELECT l.pid, a.application_name, host(a.client_addr) || ':' || a.client_port, "
+        "a.backend_start, a.state, a.wait_event_type, a.wait_event, "
+        "extract(epoch FROM clock_timestamp() - a.state_change)::float8 "
+        "FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+        "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+        "AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtext(%s)::bigint LIMIT 1",
+        (lock_key(slot_name),)).fetchone()
+    if row is None:
+        return None
+    names = ("pid", "application_name", "client", "backend_start", "state",
+             "wait_event_type", "wait_event", "silent_s")
+    return dict(zip(names, row, strict=True))
+
+
 def config_file_problems(settings: Settings) -> list[str]:
     """The source profile and the mappings file read and validated by the very loaders the
     producer and the consumer start with (``load_profile``, ``Mappings.load``): one line per
@@ -473,17 +569,14 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
                 f"SELECT snapshot_id, table_name, reason, chunks_done, rows_emitted, "
                 f"requested_at FROM {OWN_SCHEMA}.snapshots WHERE state = 'pending' "
                 "ORDER BY snapshot_id").fetchall()]
-            locked = crm.execute(
-                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                "AND objsubid = 1 AND database = (SELECT oid FROM pg_database "
-                "WHERE datname = current_database()) "
-                "AND ((classid::bigint << 32) | objid::bigint) = hashtext(%s)::bigint)",
-                (lock_key(settings.slot_name),)).fetchone()
+            holder = lock_holder(crm, settings.slot_name)
+            locked = (holder is not None,)
             capture_broken = slot_guard.problems(crm, settings)
             xact = oldest_transaction(crm)
             peek = capture_costs(crm, settings.slot_name)
     except psycopg.errors.UndefinedTable:
         pending, locked, xact, peek, capture_broken = [], None, None, None, []
+        holder = None
     except (StackUnavailable, psycopg.OperationalError) as exc:
         # Shown, not raised: an operator runs status during a CRM outage to see the rest.
         crm_down = _crm_unreachable(exc)
@@ -496,6 +589,7 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
             crm_down = _crm_unreachable(exc)
     if crm_down is not None:
         slot, pending, locked, xact, peek, capture_broken = None, [], None, None, None, []
+        holder = None
         violations, recreated = [], []
         truncates = {"stopped": [], "propagated": 0, "skipped": 0, "last": None}
     with connect(settings, "erp") as erp:
@@ -579,6 +673,7 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         lag=lag, slot=slot, pending_snapshots=pending, dead_letters=letters, held=held,
         stuck_keys=int(stuck_row[0]) if stuck_row else 0,
         producer_running=bool(locked and locked[0]), breaker=breaker, consumers=consumers,
+        producer=holder,
         # Without the broker's list, every consumer would look outside the group.
         members=[] if broker_down else merge_members(
             listed, reported, alive_s=max(30.0, 3 * settings.membership_check_s)),
@@ -648,11 +743,19 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
             f"circuit breaker open on {trip.name} since {when(trip.tripped_at)}:"
             f" {trip.message}; look (`crm-erp-sync dlq list --topic {trip.topic}`), then "
             f"`crm-erp-sync resume --partition {trip.topic}:{trip.partition} --reason ...`")
+    alive_s = max(30.0, 3 * settings.membership_check_s)
+    lag_at = {f"{p.topic}[{p.partition}]": p.lag for p in status.lag}
+    silent = 0
     for m in status.members:
         if not m.in_group:
             status.attention.append(outside_group_line(
                 m, settings.consumer_group, settings.membership_check_s,
                 pid_gone=pid_gone_here(m.host, m.pid)))
+        elif m.last_seen_s is not None and m.last_seen_s > alive_s:
+            # One blocked member among healthy ones: its partitions are applied by nobody.
+            silent += 1
+            status.attention.append(silent_member_line(
+                m, settings.consumer_group, alive_s, settings.membership_check_s, lag_at))
     if broker_down:
         pass  # lag and members unknown: said once above
     elif not any(m.in_group for m in status.members) and status.total_lag > 0:
@@ -660,7 +763,8 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
             f"{status.total_lag} event(s) wait but group {settings.consumer_group} has no "
             "member: " + ("start a consumer" if status.erp_not_set_up is None else
                           "consumers cannot start until `crm-erp-sync setup` has run (above)"))
-    elif status.total_lag > 0 and listed and reports_kept and not consumers and not closed:
+    elif (status.total_lag > 0 and listed and reports_kept and not consumers and not closed
+          and not silent):  # (each silent member is named above)
         # In the group (kafka-python's heartbeat thread keeps it there) but no consumer's loop
         # has reported: each reports every few seconds between batches.
         status.attention.append(
@@ -736,6 +840,12 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
         status.attention.append(f"no producer is running (nobody holds the capture lock of "
                                 f"slot {settings.slot_name}); WAL is retained meanwhile")
     creating = slot is not None and slot.get("unconfirmed_bytes") is None
+    bound = producer_silent_after_s(settings)
+    if (holder is not None and holder["silent_s"] is not None and holder["silent_s"] > bound
+            and not creating):  # a slot being created is named below (the session waits)
+        status.producer_hung = True
+        status.attention.append(hung_producer_line(
+            holder, settings.slot_name, None if slot is None else slot.get("active"), bound))
     if creating and not crm_down and (slot or {}).get("wal_status") != "lost":
         since = (slot or {}).get("creating_s")
         if since is None or since > SLOT_CREATING_MAX_S:

@@ -468,7 +468,7 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:  # complete: every key, whatever --limit says
         def entity_json(e: Any) -> dict[str, Any]:
             return {**render.jsonable(e), "drift": e.drift, "counts": e.counts()}
-        out = {**render.jsonable(result), "drift": result.drift,
+        out = {**render.jsonable(result), "drift": result.drift, "held": result.held,
                "entities": [entity_json(e) for e in result.entities]}
         if result.repair is not None:
             out["repair"]["remaining"] = [entity_json(e) for e in result.repair.remaining]
@@ -526,10 +526,13 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
                   " (is the producer running? are consumers running? unmappable keys need a "
                   "mapping fix or a CRM correction)" if waiting else
                   " (none a repair changes: see above)"))
+    held = (f"{result.held} key(s) held behind dead letters or held events (listed above; "
+            "not drift: `crm-erp-sync dlq list`, then `dlq redrive` or `dlq discard`)"
+            if result.held else "")
     if result.drift:
-        print(f"\nDRIFT: {result.drift} key(s)")
+        print(f"\nDRIFT: {result.drift} key(s)" + (f"; {held}" if held else ""))
         return EXIT_ATTENTION
-    print("\nNo drift.")
+    print("\nNo drift." + (f" {held}." if held else ""))
     return EXIT_OK
 
 

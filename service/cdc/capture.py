@@ -657,6 +657,29 @@ def snapshot_entity(profile: SourceProfile, name_or_table: str) -> EntityMapping
     raise ValueError(f"cannot snapshot {name_or_table!r}: choose one of {names}")
 
 
+def snapshot_entity_named(profile: SourceProfile, name: str) -> EntityMapping:
+    """The snapshottable entity an operator named (`snapshot --table`): an entity, its
+    table (``crm.customers``), or a table without its schema (``customers``: the demo
+    profile's tables were once named so). Raises ValueError quoting ``name`` as given (never
+    a guessed ``crm.`` prefix on a schema-qualified name) and, for order lines, saying that
+    they are re-read with their order (``--table order --key ORDER``)."""
+    try:
+        return snapshot_entity(profile, name)
+    except ValueError as exc:
+        error = exc
+    if "." not in name:
+        try:
+            return snapshot_entity(profile, f"crm.{name}")
+        except ValueError:
+            pass
+    lines = next((e for e in profile.entities.values() if e.entity == "order_line"
+                  and name in (e.entity, e.table, e.table.split(".", 1)[-1])), None)
+    if lines is not None:
+        raise ValueError(f"cannot snapshot {name!r} alone: order lines are re-read with their "
+                         "order: `--table order --key ORDER_ID` (the order's key)") from None
+    raise error
+
+
 def request_snapshot(
     conn: psycopg.Connection[Any],
     profile: SourceProfile,

@@ -272,7 +272,11 @@ def cmd_consume(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_snapshot(settings: Settings, args: argparse.Namespace) -> int:
     from service import pg
-    from service.cdc.capture import ensure_capture_objects, request_snapshot, snapshot_entity
+    from service.cdc.capture import (
+        ensure_capture_objects,
+        request_snapshot,
+        snapshot_entity_named,
+    )
     from service.cdc.profile import load_profile
 
     if args.action is not None:
@@ -283,13 +287,9 @@ def cmd_snapshot(settings: Settings, args: argparse.Namespace) -> int:
 
     profile = load_profile(settings.source_profile)
     try:
-        entity = snapshot_entity(profile, args.table)
-    except ValueError:
-        # The demo profile's tables were once named without their schema (customers).
-        try:
-            entity = snapshot_entity(profile, f"crm.{args.table}")
-        except ValueError as exc:
-            raise ConfigError("--table", str(exc)) from exc
+        entity = snapshot_entity_named(profile, args.table)
+    except ValueError as exc:
+        raise ConfigError("--table", str(exc)) from exc
     with pg.connect(settings.crm_dsn, "CRM") as conn:
         # the snapshots table only: a drifted publication is the producer's and setup's
         # (they re-snapshot what they repair; a repair here would lose changes silently)

@@ -14,6 +14,7 @@ event), and the source contract checked before anything is published.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -130,6 +131,11 @@ CREATE TABLE IF NOT EXISTS {LETTERS_SENT_TABLE} (
 # Renames and revoked grants keep the OID: not a re-creation. ``column_types`` (mapped column
 # -> format_type) is what the producer last captured under: a type changed since (a rewrite,
 # invisible to logical decoding) re-snapshots the table (note_column_types).
+# A table the producer (or setup) put back into the publication, or whose row filter it
+# narrowed, has the same gap without a new OID: the deletes made while it was out were never
+# decoded. ``note_publication_gap`` records it in the same columns, ``previous_oid`` equal to
+# ``table_oid`` telling the two causes apart (no second mechanism, no new column), so that
+# `status` names it, and a reconcile clears it, exactly as a re-created table.
 CAPTURED_TABLES = f"{OWN_SCHEMA}.captured_tables"
 OWN_DDL += f"""
 CREATE TABLE IF NOT EXISTS {CAPTURED_TABLES} (
@@ -239,13 +245,43 @@ def note_column_types(conn: psycopg.Connection[Any], slot: str, profile: SourceP
     return out
 
 
+def note_publication_gap(conn: psycopg.Connection[Any], slot: str, table: str) -> bool:
+    """Record that ``table`` (``schema.table``) was brought back into the publication (or its
+    row filter narrowed) now, for ``slot``: rows deleted while it was out left no delete
+    events (see CAPTURED_TABLES). Marked as a re-creation with ``previous_oid = table_oid``;
+    a table not recorded yet is recorded. In a savepoint of the caller's transaction (the
+    repair's, so both commit or neither): returns False, nothing written, when the role may
+    not write ``captured_tables`` or it does not exist yet (the caller logs it); a table
+    that does not exist is not recorded (True: nothing to record)."""
+    try:
+        with conn.transaction():
+            conn.execute(
+                f"INSERT INTO {CAPTURED_TABLES} AS c (slot_name, table_name, table_oid, "
+                "previous_oid, recreated_at) SELECT %s, %s, to_regclass(%s)::oid, "
+                "to_regclass(%s)::oid, now() WHERE to_regclass(%s) IS NOT NULL "
+                "ON CONFLICT (slot_name, table_name) DO UPDATE SET previous_oid = "
+                "c.table_oid, recreated_at = now(), seen_at = now() "
+                # another OID: re-created too, which note_table_identities records and logs
+                "WHERE c.table_oid = excluded.table_oid", (slot, table, table, table, table))
+    except (psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedTable):
+        return False
+    return True
+
+
+RECREATED = "recreated"  # dropped and created again: a new OID under the name
+UNPUBLISHED = "publication"  # out of the publication (or filtered narrower) for a while
+
+
 def recreated_tables(conn: psycopg.Connection[Any], slot: str) -> list[dict[str, Any]]:
-    """The captured tables ``slot``'s producer saw dropped and re-created, newest
-    re-creation of each: ``[{"table": "crm.market_demand", "recreated_at": datetime}]``,
-    oldest first. Raises ``psycopg.errors.UndefinedTable`` before a producer of this version
-    declared the table."""
-    return [{"table": t, "recreated_at": at} for t, at in conn.execute(
-        f"SELECT table_name, recreated_at FROM {CAPTURED_TABLES} WHERE slot_name = %s "
+    """The captured tables ``slot``'s producer saw dropped and re-created, or brought back
+    into the publication (``note_publication_gap``), newest event of each:
+    ``[{"table": "crm.market_demand", "recreated_at": datetime, "cause": RECREATED |
+    UNPUBLISHED}]``, oldest first. Raises ``psycopg.errors.UndefinedTable`` before a
+    producer of this version declared the table."""
+    return [{"table": t, "recreated_at": at, "cause": UNPUBLISHED if same else RECREATED}
+            for t, at, same in conn.execute(
+        f"SELECT table_name, recreated_at, previous_oid IS NOT DISTINCT FROM table_oid "
+        f"FROM {CAPTURED_TABLES} WHERE slot_name = %s "
         "AND recreated_at IS NOT NULL ORDER BY recreated_at, table_name", (slot,)).fetchall()]
 
 
@@ -430,6 +466,15 @@ class Repair:
     drift: PublicationDrift
     snapshot_id: int | None
     left_filter: int | None = 0
+    # The gap recorded for `status` (note_publication_gap); False: not needed (a widened
+    # filter, the watermark table) or refused (no grant on captured_tables).
+    gap_noted: bool = False
+
+    @property
+    def leaves_rows(self) -> bool:
+        """Rows may be live in the ERP that the CRM no longer has or the filter excludes:
+        the table was out of the publication, or its filter narrowed (or not counted)."""
+        return self.drift.missing or self.left_filter != 0
 
 
 def rows_leaving_filter(conn: psycopg.Connection[Any], drift: PublicationDrift) -> int | None:
@@ -574,7 +619,11 @@ def repair_publication(conn: psycopg.Connection[Any], settings: Settings,
                 snapshot_id = request_snapshot(
                     conn, profile, snapshot_name(ent),
                     reason="publication-repaired")
-            out.append(Repair(drift, snapshot_id, left))
+            repair = Repair(drift, snapshot_id, left)
+            if ent is not None and repair.leaves_rows:
+                repair = dataclasses.replace(repair, gap_noted=note_publication_gap(
+                    conn, settings.slot_name, drift.table))
+            out.append(repair)
     return out
 
 
@@ -606,6 +655,29 @@ def snapshot_entity(profile: SourceProfile, name_or_table: str) -> EntityMapping
             return ent
     names = ", ".join(f"{e.entity} ({e.table})" for e in choices)
     raise ValueError(f"cannot snapshot {name_or_table!r}: choose one of {names}")
+
+
+def snapshot_entity_named(profile: SourceProfile, name: str) -> EntityMapping:
+    """The snapshottable entity an operator named (`snapshot --table`): an entity, its
+    table (``crm.customers``), or a table without its schema (``customers``: the demo
+    profile's tables were once named so). Raises ValueError quoting ``name`` as given (never
+    a guessed ``crm.`` prefix on a schema-qualified name) and, for order lines, saying that
+    they are re-read with their order (``--table order --key ORDER``)."""
+    try:
+        return snapshot_entity(profile, name)
+    except ValueError as exc:
+        error = exc
+    if "." not in name:
+        try:
+            return snapshot_entity(profile, f"crm.{name}")
+        except ValueError:
+            pass
+    lines = next((e for e in profile.entities.values() if e.entity == "order_line"
+                  and name in (e.entity, e.table, e.table.split(".", 1)[-1])), None)
+    if lines is not None:
+        raise ValueError(f"cannot snapshot {name!r} alone: order lines are re-read with their "
+                         "order: `--table order --key ORDER_ID` (the order's key)") from None
+    raise error
 
 
 def request_snapshot(

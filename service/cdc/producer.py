@@ -1159,12 +1159,19 @@ class CdcProducer:
             log.warning("publication_repaired", publication=d.publication, table=d.table,
                         re_added=d.missing, row_filter_was=d.have, row_filter_now=d.want,
                         snapshot_id=r.snapshot_id, rows_leaving_filter=r.left_filter,
+                        named_by_status=r.gap_noted,
                         hint="changes made while the table was out of the publication (or "
                              "outside its old filter) are re-read by the snapshot; rows "
                              "deleted meanwhile, and rows applied before that a narrower "
                              "filter now excludes (rows_leaving_filter: how many the CRM "
                              "holds; null: not counted), stay live in the ERP until "
-                             "`crm-erp-sync reconcile --repair`")
+                             "`crm-erp-sync reconcile --repair` (`status` names the entity "
+                             "until then)")
+            if r.leaves_rows and not r.gap_noted and self.profile.table(d.table) is not None:
+                log.warning("captured_tables_not_written", table=CAPTURED_TABLES,
+                            hint=f"GRANT SELECT, INSERT, UPDATE ON {CAPTURED_TABLES} to the "
+                                 "capture role, so that `status` names a table repaired into "
+                                 "the publication until it is reconciled")
         if any(r.drift.missing for r in repairs):
             # a table re-created between two checks never broke the contract
             self._note_recreated(conn)

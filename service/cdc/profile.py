@@ -241,6 +241,13 @@ class SourceProfile:
         return [self.entities[n] for n in order if n in self.entities]
 
 
+FILTER_PROBLEM = "must be a SQL boolean expression"
+
+
+def _is_filter(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and bool(value.strip()))
+
+
 def _where(path: Path, entity: str | None, key: str | None = None) -> str:
     spot = f"[{entity}]" if entity else ""
     if key:
@@ -359,8 +366,9 @@ def _entity(path: Path, name: str, raw: Any, default_filter: str | None,
         with problems.gather():
             deleted_when = _deleted_when(path, name, raw["deleted_when"])
     row_filter = raw.get("row_filter", default_filter)
-    if row_filter is not None and (not isinstance(row_filter, str) or not row_filter.strip()):
-        problems.add(_where(path, name, "row_filter"), "must be a SQL boolean expression")
+    # the [source] default is checked (and named) once by the caller
+    if "row_filter" in raw and not _is_filter(row_filter):
+        problems.add(_where(path, name, "row_filter"), FILTER_PROBLEM)
     customer_col: str | None = None
     order_col: str | None = None
     with problems.gather():
@@ -400,6 +408,9 @@ def load_profile(name_or_path: str | Path) -> SourceProfile:
         problems.add(_where(path, unknown),
                      f"unknown section; known: source, {', '.join(CANONICAL_FIELDS)}")
     default_filter = source.get("row_filter")
+    if "row_filter" in source and not _is_filter(default_filter):
+        problems.add(_where(path, "source", "row_filter"), FILTER_PROBLEM)
+        default_filter = None  # named once, where it was written, not under each section
     entities: dict[str, EntityMapping] = {}
     broken: set[str] = set()
     for name in CANONICAL_FIELDS:

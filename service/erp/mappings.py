@@ -166,7 +166,7 @@ class Mappings:
         if {"units", "products", "measures"} <= valid:
             with problems.gather():
                 per_sku = _sku_units(source, data, units, set(tables["products"].values()),
-                                     measures)
+                                     measures, problems)
         unit_kind: Mapping[str, str] = MappingProxyType({})
         if "units" in valid:
             with problems.gather():
@@ -233,8 +233,13 @@ def _section(source: str, name: str, data: Mapping[str, Any],
 
 
 def _sku_units(source: str, data: Mapping[str, Any], units: set[str], skus: set[str],
-               measures: Mapping[str, str]) -> Mapping[str, SkuUnits]:
-    """``[sku_units]``: every SKU of ``[products]`` has ``{ base = "CODE", OTHER = factor }``."""
+               measures: Mapping[str, str],
+               problems: ConfigProblems | None = None) -> Mapping[str, SkuUnits]:
+    """``[sku_units]``: every SKU of ``[products]`` has ``{ base = "CODE", OTHER = factor }``.
+    Every mistake is added to ``problems`` (each unit of each SKU on its own: all named in
+    one go, newcomer9); without ``problems`` the first raises ConfigError."""
+    found = problems if problems is not None else ConfigProblems()
+    mark = len(found.found)
     if "sku_units" not in data:
         raise ConfigError(f"{source}: [sku_units]", "section is missing")
     table = data["sku_units"]
@@ -245,31 +250,39 @@ def _sku_units(source: str, data: Mapping[str, Any], units: set[str], skus: set[
     for sku, entry in table.items():
         where = _where(source, "sku_units", sku)
         if sku not in skus:
-            raise ConfigError(where, "not an ERP SKU produced by [products] (a typo?)")
+            found.add(where, "not an ERP SKU produced by [products] (a typo?)")
+            continue
         if not isinstance(entry, dict) or not isinstance(entry.get("base"), str):
-            raise ConfigError(where, 'must be { base = "UNIT", OTHER = factor, ... }')
+            found.add(where, 'must be { base = "UNIT", OTHER = factor, ... }')
+            continue
+        entry_mark = len(found.found)
         base = entry["base"]
         if base not in units:
-            raise ConfigError(f"{where}.base", f"{base!r} is not an ERP unit code produced by "
-                              "[units]")
+            found.add(f"{where}.base", f"{base!r} is not an ERP unit code produced by [units]")
         declared: dict[str, Decimal] = {}
         for code, value in entry.items():
             if code == "base":
                 continue
             if code not in units:
-                raise ConfigError(f"{where}.{code}", "not an ERP unit code produced by [units]")
+                found.add(f"{where}.{code}", "not an ERP unit code produced by [units]")
+                continue
             try:
                 declared[code] = decimal_factor(value)
             except UnitProblem as exc:
-                raise ConfigError(f"{where}.{code}", str(exc)) from exc
+                found.add(f"{where}.{code}", str(exc))
+        if not found.clean_since(entry_mark):
+            continue
         try:
             out[sku] = sku_units(base, declared, measures)
         except UnitProblem as exc:
-            raise ConfigError(where, str(exc)) from exc
-    missing = sorted(skus - out.keys())
-    if missing:
-        raise ConfigError(_where(source, "sku_units", missing[0]),
-                          "missing: every SKU in [products] needs a base unit")
+            found.add(where, str(exc))
+    for missing in sorted(skus - out.keys() - set(table)):
+        found.add(_where(source, "sku_units", missing),
+                  "missing: every SKU in [products] needs a base unit")
+    if problems is None:
+        found.raise_if_any()
+    elif not found.clean_since(mark):
+        return MappingProxyType({})
     return MappingProxyType(out)
 
 

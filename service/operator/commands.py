@@ -471,7 +471,7 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:  # complete: every key, whatever --limit says
         def entity_json(e: Any) -> dict[str, Any]:
             return {**render.jsonable(e), "drift": e.drift, "counts": e.counts()}
-        out = {**render.jsonable(result), "drift": result.drift,
+        out = {**render.jsonable(result), "drift": result.drift, "held": result.held,
                "entities": [entity_json(e) for e in result.entities]}
         if result.repair is not None:
             out["repair"]["remaining"] = [entity_json(e) for e in result.repair.remaining]
@@ -532,10 +532,13 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     if result.gaps_resolved:
         print(f"\nmarked {result.gaps_resolved} Kafka offset gap(s) resolved (events deleted "
               "from a topic before they were applied: the ERP matches the CRM again)")
+    held = (f"{result.held} key(s) held behind dead letters or held events (listed above; "
+            "not drift: `crm-erp-sync dlq list`, then `dlq redrive` or `dlq discard`)"
+            if result.held else "")
     if result.drift:
-        print(f"\nDRIFT: {result.drift} key(s)")
+        print(f"\nDRIFT: {result.drift} key(s)" + (f"; {held}" if held else ""))
         return EXIT_ATTENTION
-    print("\nNo drift.")
+    print("\nNo drift." + (f" {held}." if held else ""))
     return EXIT_OK
 
 

@@ -49,7 +49,9 @@ Needs attention (exit 1) when any of:
   ``crm_erp_sync.captured_tables``): it was re-snapshotted, but the rows dropped with the old
   table left no delete events and stay live in the ERP; named with `crm-erp-sync reconcile
   --repair --entity ENTITY` until a reconcile of that entity finished after the re-creation
-  with no extra ERP row (``sync.reconcile_runs``);
+  with no extra ERP row (``sync.reconcile_runs``); the same for a table the producer (or
+  `setup`) put back into the publication or whose row filter it narrowed (deletes made
+  while it was out were never decoded);
 - capture is stopped before a TRUNCATE of a captured CRM table (CRM_ERP_SYNC_ON_TRUNCATE=stop):
   the table and the setting to change are named; propagated and skipped truncates are
   reported (count and the last one) without needing attention;
@@ -97,6 +99,7 @@ from service.cdc.capture import (
     CONTRACT_TABLE,
     OWN_SCHEMA,
     TRUNCATES_TABLE,
+    UNPUBLISHED,
     recreated_tables,
 )
 from service.cdc.producer import LOCK_CHECK_S, lock_key
@@ -508,6 +511,11 @@ def recreated_line(row: dict[str, Any]) -> str:
     how = (f"`crm-erp-sync reconcile --repair --entity {entity}` (this line stays until a "
            f"reconcile of {entity} finds no extra ERP row)" if entity is not None else
            "`crm-erp-sync reconcile --repair`")
+    if row.get("cause") == UNPUBLISHED:
+        return (f"{row['table']} was out of the publication (or its row filter narrowed) until "
+                f"the producer repaired it {when(row['recreated_at'])}: it was re-snapshotted, "
+                "but rows deleted meanwhile (or now outside the filter) may still be live in "
+                f"the ERP: run {how}")
     return (f"{row['table']} was dropped and created again (seen {when(row['recreated_at'])}): "
             "it was re-snapshotted, but rows dropped with the old table are still live in "
             f"the ERP: run {how}")

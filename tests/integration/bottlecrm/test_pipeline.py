@@ -146,7 +146,8 @@ def test_bottlecrm_to_the_erp(sync_env: SyncEnv, bottlecrm_db: BottleCrmDb, tmp_
 
     running.stop_all()
     report = reconcile(settings)
-    drift = {r.entity: (r.missing, r.extra, r.differing, sorted(r.unmappable))
+    # an unmappable row behind its open letter is held (newcomer9 F10): both kinds here
+    drift = {r.entity: (r.missing, r.extra, r.differing, sorted({*r.unmappable, *r.held}))
              for r in report.entities}
     # Only the dead-lettered order is out of step, and reconcile says why.
     assert drift["customers"] == ([], [], {}, [])

@@ -174,3 +174,52 @@ def test_a_table_dropped_and_recreated_in_one_transaction_is_named_too(
         assert old in _live_demands(sync_env)
         [line] = _recreated_lines(cli, sync_env)
         assert "`crm-erp-sync reconcile --repair --entity demand`" in line, line
+
+
+def _unpublished_lines(cli: Cli, sync_env: SyncEnv) -> list[str]:
+    status = cli(sync_env.settings, "status")
+    return [x for x in status.out.splitlines() if "was out of the publication" in x]
+
+
+def test_a_table_repaired_into_the_publication_is_named_by_status_until_reconciled(
+        sync_env: SyncEnv, cli: Cli) -> None:
+    """F8 (newcomer9): ALTER PUBLICATION ... DROP TABLE, a delete meanwhile: the producer
+    re-adds and re-snapshots the table, but the delete was never decoded. `status` names the
+    table and the reconcile to run (the re-created table's mechanism) until it ran."""
+    publication = sync_env.settings.publication_name
+    with watched(sync_env) as (_producer, logs), sync_env.crm() as crm:
+        old = [_insert(crm, "crm.market_demand", kind="市场趋势", product_category="手机",
+                       content="5G手机市场增长迅速", observed_at=f"2023-01-0{d}T00:00:00Z")
+               for d in (1, 2)]
+        wait_until(lambda: set(old) <= _live_demands(sync_env), timeout=60,
+                   message="the first demands in the ERP")
+        crm.execute(f'ALTER PUBLICATION "{publication}" DROP TABLE crm.market_demand')
+        crm.execute("DELETE FROM crm.market_demand WHERE demand_id = %s", (old[0],))
+        new = _insert(crm, "crm.market_demand", kind="市场趋势", product_category="电子产品",
+                      content="x", observed_at="2023-01-03T00:00:00Z")
+        wait_until(lambda: new in _live_demands(sync_env), timeout=120,
+                   message="the table repaired into the publication and re-snapshotted")
+        assert old[0] in _live_demands(sync_env)  # the delete made while it was out
+        [repaired] = [e for e in logs if e["event"] == "publication_repaired"]
+        assert repaired["table"] == "crm.market_demand" and repaired["named_by_status"]
+        assert not [e for e in logs if e["event"] == "captured_table_recreated"]
+
+        status = cli(sync_env.settings, "status")
+        assert status.code == 1, status.out
+        [line] = _unpublished_lines(cli, sync_env)
+        assert line.lstrip("- ").startswith("crm.market_demand was out of the publication"), line
+        assert "`crm-erp-sync reconcile --repair --entity demand`" in line, line
+        assert _recreated_lines(cli, sync_env) == []
+        [row] = cli(sync_env.settings, "status", "--json").json["recreated_tables"]
+        assert (row["table"], row["entity"], row["cause"]) == (
+            "crm.market_demand", "demand", "publication")
+
+        checked = cli(sync_env.settings, "reconcile", "--entity", "demand")
+        assert checked.code == 1, checked.out
+        assert len(_unpublished_lines(cli, sync_env)) == 1
+        repaired_run = cli(sync_env.settings, "reconcile", "--repair", "--entity", "demand")
+        assert repaired_run.code == 0, repaired_run.out
+        assert old[0] not in _live_demands(sync_env)
+        assert {old[1], new} <= _live_demands(sync_env)
+        assert _unpublished_lines(cli, sync_env) == []
+    assert cli(sync_env.settings, "status", "--json").json["recreated_tables"] == []

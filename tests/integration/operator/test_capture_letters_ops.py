@@ -63,20 +63,21 @@ def test_capture_letters_in_status_dlq_and_reconcile(sync_env: SyncEnv, cli: Cli
 
     # reconcile: the row maps now (5000), the ERP lacks it because the key is held
     rec = cli(settings, "reconcile", "--json", "--entity", "customers")
-    assert rec.code == 1
+    assert rec.code == 0  # both keys are held behind their letters: not drift (F10)
     (customers,) = rec.json["entities"]
     assert str(nan) not in customers["missing"] and str(nan) not in customers["differing"]
     assert customers["held"][str(nan)].startswith("held behind dead letter #")
     assert "capture: UnrepresentableValue" in customers["held"][str(nan)]
-    assert str(masked) in customers["unmappable"]
+    assert customers["held"][str(masked)].startswith("cannot be mapped: MappingError")
     assert customers["counts"] == {"missing": 0, "extra": 0, "differing": 0,
-                                   "unmappable": 1, "held": 1}
+                                   "unmappable": 0, "held": 2}
     # every consumer exports the newest run (read with its maintenance, every 5 s)
-    wait_until(lambda: consumer.metrics.drift.labels("customers", "held")._value.get() == 1,
+    wait_until(lambda: consumer.metrics.drift.labels("customers", "held")._value.get() == 2,
                timeout=30, message="the run's counts on the consumer's /metrics")
-    assert consumer.metrics.drift.labels("customers", "unmappable")._value.get() == 1
+    assert consumer.metrics.drift.labels("customers", "unmappable")._value.get() == 0
+    assert consumer.metrics.reconcile_last_drift._value.get() == 0
     assert consumer.metrics.reconcile_last._value.get() > 0
-    assert b"crm_erp_sync_reconcile_drift{entity=\"customers\",kind=\"held\"} 1.0" in \
+    assert b"crm_erp_sync_reconcile_drift{entity=\"customers\",kind=\"held\"} 2.0" in \
         consumer.metrics.exposition()
 
     # redrive by key: both letters of the row, one re-read of it
@@ -93,13 +94,13 @@ def test_capture_letters_in_status_dlq_and_reconcile(sync_env: SyncEnv, cli: Cli
                message="the re-read row applied")
     assert partner(sync_env, nan)[0] == 5000
     after = cli(settings, "reconcile", "--json", "--entity", "customers")
-    assert after.json["entities"][0]["counts"]["held"] == 0
-    wait_until(lambda: consumer.metrics.drift.labels("customers", "held")._value.get() == 0,
+    assert list(after.json["entities"][0]["held"]) == [str(masked)]  # its letter is open
+    wait_until(lambda: consumer.metrics.drift.labels("customers", "held")._value.get() == 1,
                timeout=30, message="the newer run exported")
     with sync_env.erp() as erp:
         runs = erp.execute("SELECT entities, counts -> 'customers' ->> 'held', drift "
                            "FROM sync.reconcile_runs ORDER BY run_id").fetchall()
-    assert runs == [(["customers"], "1", 2), (["customers"], "0", 1)]
+    assert runs == [(["customers"], "2", 0), (["customers"], "1", 0)]  # held: not drift
 
 
 def test_small_leftovers(sync_env: SyncEnv, cli: Cli, tmp_path: Any) -> None:

@@ -332,3 +332,12 @@ def test_composite_key_text_is_always_what_json_dumps_writes(values: list[str]) 
     # the plain-text fast path and json.dumps must never disagree: the text is the key
     assert key_text(values) == json.dumps(values, ensure_ascii=False, separators=(",", ":"))
     assert json.loads(key_text(values)) == values
+
+
+def test_a_bad_default_row_filter_is_named_once_where_it_was_written(tmp_path: Path) -> None:
+    """newcomer9 nit: `[source] row_filter = 5` was reported as `[customer].row_filter` and
+    `[order].row_filter`, keys the user never wrote."""
+    text = MINIMAL.replace('name = "mini"', 'name = "mini"\nrow_filter = 5')
+    path, error = refused(tmp_path, text)
+    assert [where for where, _ in error.problems] == [f"{path} [source].row_filter"]
+    assert "SQL boolean expression" in error.problems[0][1]

@@ -134,6 +134,22 @@ def test_broken_unit_sections_name_the_key(tmp_path: Path, old: str, new: str, w
     assert problem in info.value.problem
 
 
+def test_every_mistake_in_one_sku_entry_is_named_at_once(tmp_path: Path) -> None:
+    """newcomer9 nit: `{ base = "UNIT", PCE = -1, SET = "one" }` named only PCE; SET came
+    after fixing it. Every unit of every entry is checked on its own."""
+    path = broken(tmp_path, 'SKU-100009 = { base = "UNIT", PCE = 1, SET = 1 }',
+                  'SKU-100009 = { base = "UNIT", PCE = -1, SET = "one", CASE = 2 }')
+    text = path.read_text(encoding="utf-8").replace(
+        'SKU-100011 = { base = "PCE", BOX = 12 }', 'SKU-100011 = { base = "PCE", BOX = 0 }', 1)
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        Mappings.load(path)
+    spots = [where.rsplit(" ", 1)[-1] for where, _ in info.value.problems]
+    assert [s for s in spots if "sku_units" in s] == [
+        "sku_units.SKU-100009.PCE", "sku_units.SKU-100009.SET",
+        "sku_units.SKU-100009.CASE", "sku_units.SKU-100011.BOX"], info.value.problems
+
+
 # --- an order event: each line as typed and in its SKU's base unit -------------------------
 
 def _order(lines: list[tuple[int, str, str]]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from service.operator.reconcile import (
     ENTITIES,
     EntityReport,
     Reconciler,
+    ReconcileReport,
     _compare,
     _expected,
     unmappable_text,
@@ -152,3 +153,18 @@ def test_a_redrive_mappings_version_no_running_consumer_applies_is_named() -> No
     assert said.startswith("the mappings file /m.toml is version aaaaaaaaaaaa, which no "
                            "running consumer applies")
     assert "apply bbbbbbbbbbbb, cccccccccccc" in said and said.endswith("--force redrives anyway")
+
+
+def test_held_keys_are_listed_and_counted_but_are_not_drift() -> None:
+    """F10 (newcomer9): a key held behind an open dead letter (an unmappable row's too) is
+    not drift: the nightly run stays green while only letters are open, real drift shows."""
+    held = EntityReport("customers", held={"5": "cannot be mapped: MappingError: phone; held "
+                                                  "behind dead letter #3"})
+    assert held.drift == 0 and held.counts()["held"] == 1
+    result = ReconcileReport([held])
+    assert (result.drift, result.held) == (0, 1)
+    drifted = EntityReport("customers", missing=["7"], unmappable={"8": "MappingError: x"},
+                           held={"5": "held behind dead letter #3"})
+    assert drifted.drift == 2
+    assert (ReconcileReport([held, drifted]).drift, ReconcileReport([held, drifted]).held) == (
+        2, 2)

@@ -48,3 +48,14 @@ def test_the_line_names_table_time_and_the_reconcile_to_run() -> None:
     assert "rows dropped with the old table are still live in the ERP" in line
     assert "`crm-erp-sync reconcile --repair --entity demand`" in line
     assert "`crm-erp-sync reconcile --repair`" in recreated_line(_row(None))
+
+
+def test_a_table_repaired_into_the_publication_has_its_own_line() -> None:
+    """F8 (newcomer9): same mechanism, a wording that does not send the operator hunting
+    for a DROP TABLE."""
+    line = recreated_line({**_row(), "cause": "publication"})
+    assert line.startswith("crm.market_demand was out of the publication (or its row filter "
+                           "narrowed) until the producer repaired it 2026-11-30")
+    assert "rows deleted meanwhile" in line
+    assert "`crm-erp-sync reconcile --repair --entity demand`" in line
+    assert "dropped and created again" in recreated_line({**_row(), "cause": "recreated"})

@@ -28,7 +28,7 @@ SENSITIVE_KEYS = frozenset(
 REDACTED = "***"
 _MOBILE = re.compile(r"(?<!\d)(?:\+?86[- ]?)?1[3-9]\d[- ]?\d{4}[- ]?\d{4}(?!\d)")
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
-_URL_PASSWORD = re.compile(r"://[^:/@\s]+:[^@\s]+@")
+_URL_PASSWORD = re.compile(r"://[^:/@\s]*:\S*?@")  # settings.hide_secret hides it
 
 
 def is_sensitive(key: object) -> bool:

@@ -464,7 +464,11 @@ def _read_config_file(env: Mapping[str, str], known: set[str],
     return out
 
 
-_URL_PASSWORD = re.compile(r"(://[^:/@]+:)([^@]+)(@)")
+# The user information's password: after the user name (empty too) up to the "@" that
+# has no other "@" after it in the authority (as urllib.parse.urlsplit splits at the last
+# one), so an unescaped "@", ":" or "/" in the password is hidden whole (newcomer10: `:pw@`
+# and `p@ss:w@rd@` showed in `config`).
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)(\S*?)(@)(?=[^@\s/?#]*(?:[/?#\s]|$))")
 _QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*")
 
 

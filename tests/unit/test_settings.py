@@ -212,6 +212,13 @@ def test_hide_secret() -> None:
     assert hide_secret("plain-token") == "***"
     assert hide_secret("postgresql://u:pw@h:1/d") == "postgresql://u:***@h:1/d"
     assert hide_secret("postgresql://u@h:1/d") == "postgresql://u@h:1/d"
+    # newcomer10: an empty user name, and "@"/":" unescaped in the password
+    assert hide_secret("http://:onlypw@127.0.0.1:8000") == "http://:***@127.0.0.1:8000"
+    assert hide_secret("http://admin:p@ss:w@rd@127.0.0.1:8000") == \
+        "http://admin:***@127.0.0.1:8000"
+    # inside a longer text (a log message): every URL's password, the rest kept
+    assert hide_secret("from postgresql://u:pw@h/d to http://a:b@c:1 now") == \
+        "from postgresql://u:***@h/d to http://a:***@c:1 now"
 
 
 def test_redacted_hides_a_password_given_as_query_parameter() -> None:

@@ -95,10 +95,18 @@ def attention_line(gap: dict[str, Any]) -> str:
     detected = gap["detected_at"]
     when = detected.strftime("%Y-%m-%d %H:%M:%S %Z") if isinstance(detected, datetime) \
         else str(detected)
+    if gap["first_lost"] == 0:
+        # recorded for a partition the group had no position on (newcomer10: a group renamed
+        # or switched blue/green over an ERP another group keeps complete was told "missing")
+        cause = ("the group had no position there (a new group, or one that never applied an "
+                 "event of this partition) and the log no longer starts at 0")
+        effect = ("unless another consumer group fed this ERP, the CRM changes they carried "
+                  "are missing in it")
+    else:
+        cause = "retention or delete-records moved the log start past the group's position"
+        effect = "the CRM changes they carried are missing in the ERP"
     return (f"events deleted from Kafka before they were applied: "
             f"{gap['topic']}[{gap['partition']}] offsets {gap['first_lost']}.."
             f"{gap['next_kept'] - 1} ({gap['count']} offset(s), transaction markers "
-            f"included; detected {when}: retention or delete-records moved the log start "
-            f"past the group's position); the CRM changes they carried are missing in the "
-            f"ERP: run `{FIX}` (over all entities: it marks the gap resolved once the ERP "
-            f"matches)")
+            f"included; detected {when}: {cause}); {effect}: run `{FIX}` (over all entities: "
+            f"it marks the gap resolved once the ERP matches)")

@@ -31,3 +31,16 @@ def test_the_status_line_names_topic_partition_range_count_and_fix() -> None:
     assert "crm.market-demand[1] offsets 94..96 (3 offset(s)" in line
     assert "detected 2026-11-30 06:01:02 UTC" in line
     assert "`crm-erp-sync reconcile --repair`" in line
+    assert "moved the log start past the group's position" in line
+    assert "are missing in the ERP" in line
+
+
+def test_a_gap_from_offset_0_says_the_group_had_no_position_there() -> None:
+    """newcomer10: a new group over an ERP another group keeps complete was told the
+    changes are missing; its line says why it may not be so."""
+    line = attention_line({"topic": "crm.sales", "partition": 0, "first_lost": 0,
+                           "next_kept": 475, "count": 475,
+                           "detected_at": datetime(2026, 11, 30, 6, 1, 2, tzinfo=UTC)})
+    assert "the group had no position there (a new group" in line
+    assert "unless another consumer group fed this ERP" in line
+    assert "`crm-erp-sync reconcile --repair`" in line

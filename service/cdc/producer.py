@@ -591,8 +591,9 @@ class CdcProducer:
             if not c.ok]
         if not failed:
             return
-        fixes = " ".join(line.strip() for c in failed if c.fix_sql
-                         for line in c.fix_sql.splitlines())
+        # each once: a schema's missing USAGE is the fix of every captured table in it
+        fixes = " ".join(dict.fromkeys(line.strip() for c in failed if c.fix_sql
+                                       for line in c.fix_sql.splitlines()))
         listed = "; ".join(f"{c.name}: {c.detail}" for c in failed)
         raise privilege_missing(
             conn, "CRM", f"{action} ({when}; {listed})",

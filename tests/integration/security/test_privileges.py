@@ -307,6 +307,58 @@ def test_an_active_producer_without_select_on_a_captured_table_exits_at_start_na
                              (as_role.slot_name,)).fetchone() == (0,)
 
 
+def test_an_active_producer_without_usage_on_the_captured_schema_names_that_grant(
+        sync_env: SyncEnv, cdc_role: Role, cli: Cli, tmp_path: Path) -> None:
+    # newcomer10 F11-b: without USAGE ON SCHEMA crm the start-up check itself was refused
+    # (to_regclass of crm.customers: "permission denied for schema crm") and the producer
+    # exited with the generic line naming no role and no grant.
+    _all_grants(sync_env, cdc_role)
+    with sync_env.crm() as admin:
+        admin.execute(f"REVOKE USAGE ON SCHEMA crm FROM {cdc_role.name}")
+    as_role = sync_env.with_(crm_dsn=cdc_role.dsn(sync_env.settings.crm_dsn))
+    out = tmp_path / "producer.log"
+
+    code = _exit_code(_produce(as_role, out), out, "the producer started without the grant")
+
+    said = out.read_text("utf-8")
+    assert code == EXIT_USAGE, said
+    grant = f'GRANT USAGE ON SCHEMA "crm" TO "{cdc_role.name}";'
+    assert (f"crm-erp-sync: CRM_ERP_SYNC_CRM_DSN: the CRM role {cdc_role.name} cannot start "
+            "capturing (checked at start, before anything is read; read access crm.") in said
+    assert f"): {grant} (`crm-erp-sync setup --check --role {cdc_role.name}`" in said, said
+    assert said.count(grant) == 1, said  # once, not once per captured table
+    assert '"event": "capture_lock_acquired"' not in said and "Traceback" not in said, said
+    with sync_env.crm() as admin:  # nothing was created: the check comes first
+        assert admin.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s",
+                             (as_role.slot_name,)).fetchone() == (0,)
+        admin.execute(grant)  # exactly the printed grant
+    started = cli(as_role, "produce", "--until-idle")
+    assert started.code == EXIT_OK, started.err
+
+
+def test_a_producer_without_usage_on_its_own_schema_names_that_grant(
+        sync_env: SyncEnv, cdc_role: Role, cli: Cli) -> None:
+    # The same refusal one schema over: the check of the producer's own tables resolved
+    # crm_erp_sync.watermarks with to_regclass, which a role without USAGE cannot.
+    _all_grants(sync_env, cdc_role)
+    with sync_env.crm() as admin:
+        admin.execute(f"REVOKE USAGE ON SCHEMA crm_erp_sync FROM {cdc_role.name}")
+    as_role = sync_env.with_(crm_dsn=cdc_role.dsn(sync_env.settings.crm_dsn))
+
+    refused = cli(as_role, "produce", "--until-idle")
+
+    assert refused.code == EXIT_USAGE, refused.err
+    grant = f'GRANT USAGE, CREATE ON SCHEMA "crm_erp_sync" TO "{cdc_role.name}";'
+    assert (f"the CRM role {cdc_role.name} cannot start capturing (checked at start, before "
+            "anything is read; producer schema crm_erp_sync: ") in refused.err
+    assert f"): {grant} (`crm-erp-sync setup --check" in refused.err, refused.err
+    assert "Traceback" not in refused.err
+    with sync_env.crm() as admin:  # exactly the printed grant
+        admin.execute(grant)
+    started = cli(as_role, "produce", "--until-idle")
+    assert started.code == EXIT_OK, started.err
+
+
 def test_a_select_revoked_while_running_is_named_with_its_grant_at_the_next_snapshot(
         sync_env: SyncEnv, cdc_role: Role, cli: Cli, tmp_path: Path) -> None:
     # newcomer9 F11: the snapshot's refusal was PostgreSQL's bare "permission denied for

@@ -554,7 +554,7 @@ def other_ca(secure_dir: Path) -> Path:
 
 def test_kafka_tls_and_sasl_mistakes_name_the_setting(secure_world: SecureWorld,
                                                       other_ca: Path) -> None:
-    from service.errors import ConfigError
+    from service.errors import ConfigError, StackUnavailable
     from service.kafka_io import make_consumer
 
     good = secure_world.service
@@ -566,7 +566,16 @@ def test_kafka_tls_and_sasl_mistakes_name_the_setting(secure_world: SecureWorld,
             ({"kafka_security_protocol": "PLAINTEXT", "kafka_sasl_mechanism": ""},
              "CRM_ERP_SYNC_KAFKA_SECURITY_PROTOCOL", "speaks TLS")):
         with pytest.raises(ConfigError) as refused:
-            make_consumer(dataclasses.replace(good, **wrong), bootstrap_timeout_ms=5000)
+            # kafka-python 3.0.12 sometimes reads the broker closing the connection before
+            # its answer to a failed SASL login (seen in 2 of 8 runs on a busy machine):
+            # nothing then says why, and the client is StackUnavailable (exit 3, retried,
+            # as a process start is); a second try names the refusal.
+            for attempt in range(3):
+                try:
+                    make_consumer(dataclasses.replace(good, **wrong), bootstrap_timeout_ms=5000)
+                except StackUnavailable:
+                    if attempt == 2:
+                        raise
         assert refused.value.variable == variable, refused.value
         assert says in refused.value.problem
         assert "wrong-secret-17" not in str(refused.value)

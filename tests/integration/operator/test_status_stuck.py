@@ -26,6 +26,18 @@ def _status(cli: Cli, settings: Any) -> Any:
     return cli(settings, "status", "--json")
 
 
+def _end(proc: subprocess.Popen[bytes], *, frozen: bool) -> None:
+    """Resume a process left SIGSTOPped by a failed assertion, then stop it."""
+    if frozen:
+        proc.send_signal(signal.SIGCONT)
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
 def test_status_names_a_consumer_blocked_on_an_erp_lock_beside_a_healthy_one(
         sync_env: SyncEnv, cli: Cli, running: Running) -> None:
     settings = sync_env.with_(membership_check_s=0.5)  # silent after max(30 s, 3 x 0.5 s)
@@ -121,14 +133,7 @@ def test_status_calls_a_frozen_producer_holding_the_capture_lock_hung(
         wait_until(lambda: _status(cli, settings).code == 0, timeout=60, interval=1.0,
                    message="status OK once the producer runs again")
     finally:
-        if stopped:
-            proc.send_signal(signal.SIGCONT)
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
+        _end(proc, frozen=stopped)
 
 
 def test_status_says_a_frozen_consumer_stopped_reporting_not_that_it_reported_being_out(
@@ -171,11 +176,4 @@ def test_status_says_a_frozen_consumer_stopped_reporting_not_that_it_reported_be
         wait_until(lambda: _status(cli, settings).code == 0, timeout=90, interval=1.0,
                    message="status OK once the consumer rejoined")
     finally:
-        if stopped:
-            proc.send_signal(signal.SIGCONT)
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
+        _end(proc, frozen=stopped)

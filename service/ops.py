@@ -16,14 +16,27 @@ from service.settings import Settings
 
 @dataclass(frozen=True)
 class PartitionLag:
+    """A partition's offsets for the group: ``committed`` (None: the group has none there),
+    the log's ``end`` and ``start`` (its beginning offset: records below it were deleted)."""
+
     topic: str
     partition: int
     committed: int | None
     end: int
+    start: int = 0
 
     @property
     def lag(self) -> int:
         return self.end - (self.committed or 0)
+
+    @property
+    def deleted_unapplied(self) -> int:
+        """Offsets below the log start that the group had not applied (its committed offset,
+        0 without one, is below ``start``): retention or delete-records removed them before
+        a consumer reached them. The consumer records such a gap when it reaches the
+        partition (``service.consumer.gaps``) and commits past it; until then only this
+        tells."""
+        return max(0, self.start - (self.committed or 0))
 
 
 def group_lag(settings: Settings, topics: list[str] | None = None) -> list[PartitionLag]:
@@ -36,6 +49,7 @@ def group_lag(settings: Settings, topics: list[str] | None = None) -> list[Parti
         tps = [TopicPartition(t, p) for t in topics
                for p in sorted(probe.partitions_for_topic(t) or ())]
         ends = probe.end_offsets(tps)
+        starts = probe.beginning_offsets(tps)
     except KafkaError as exc:  # e.g. NotCoordinatorError while a restarted broker loads
         raise StackUnavailable(
             f"Kafka broker at {settings.kafka_bootstrap} cannot answer for the consumer "
@@ -44,7 +58,8 @@ def group_lag(settings: Settings, topics: list[str] | None = None) -> list[Parti
         probe.close()
         admin.close()
     return [PartitionLag(tp.topic, tp.partition,
-                         committed[tp].offset if tp in committed else None, ends[tp])
+                         committed[tp].offset if tp in committed else None, ends[tp],
+                         starts[tp])
             for tp in tps]
 
 

@@ -378,6 +378,20 @@ def silent_member_line(m: Member, group: str, alive_s: float, check_s: float,
             "its /readyz (stalled, reconnecting) and its log")
 
 
+def unreached_gap_line(p: PartitionLag, group: str) -> str:
+    """Status's line for a partition whose log start is past the group's position, before a
+    consumer reached it and recorded the gap (newcomer10: a stopped or paused group's lag
+    counted events that no longer exist, and nothing said so)."""
+    first = p.committed or 0
+    had = (f"its committed offset {first}" if p.committed is not None
+           else "no position (a new group, or one that never applied an event there)")
+    return (f"events deleted from Kafka before group {group} applied them: "
+            f"{p.topic}[{p.partition}] offsets {first}..{p.start - 1} "
+            f"({p.deleted_unapplied} offset(s); the log starts at {p.start}, the group has "
+            f"{had}); no consumer has reached the partition since (stopped or paused): the "
+            f"one that does records the gap and goes on; then run `{gaps.FIX}`")
+
+
 def producer_silent_after_s(settings: Settings) -> float:
     """Seconds the capture lock's session may go without a query before `status` calls the
     producer holding it hung. The active producer runs ``SELECT 1`` on that session every
@@ -740,6 +754,11 @@ def collect(settings: Settings, *, max_lag: int = 10_000) -> Status:
             "deleted) or skip (they stay as they are), then restart the producer")
     status.attention.extend(recreated_line(r) for r in recreated)
     status.attention.extend(gaps.attention_line(g) for g in status.offset_gaps)
+    # (a recorded gap whose offsets the group has not committed past yet is named above)
+    recorded = {(g["topic"], g["partition"]) for g in status.offset_gaps}
+    status.attention.extend(unreached_gap_line(p, settings.consumer_group)
+                            for p in status.lag if p.deleted_unapplied
+                            and (p.topic, p.partition) not in recorded)
     for v in violations:
         where = v["table"] if v["column"] == "*" else f"{v['table']}.{v['column']}"
         status.attention.append(

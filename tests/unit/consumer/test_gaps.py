@@ -44,3 +44,19 @@ def test_a_gap_from_offset_0_says_the_group_had_no_position_there() -> None:
     assert "the group had no position there (a new group" in line
     assert "unless another consumer group fed this ERP" in line
     assert "`crm-erp-sync reconcile --repair`" in line
+
+
+def test_offsets_deleted_below_the_groups_position_before_a_consumer_reached_them() -> None:
+    from service.operator.status import unreached_gap_line
+    from service.ops import PartitionLag
+
+    assert PartitionLag("crm.sales", 0, 10, 50, start=10).deleted_unapplied == 0
+    assert PartitionLag("crm.sales", 0, 50, 50, start=40).deleted_unapplied == 0
+    behind = PartitionLag("crm.sales", 1, 10, 50, start=25)
+    assert behind.deleted_unapplied == 15
+    line = unreached_gap_line(behind, "g")
+    assert "crm.sales[1] offsets 10..24 (15 offset(s); the log starts at 25" in line
+    assert "its committed offset 10" in line and "`crm-erp-sync reconcile --repair`" in line
+    fresh = PartitionLag("crm.sales", 2, None, 50, start=7)
+    assert fresh.deleted_unapplied == 7
+    assert "no position (a new group" in unreached_gap_line(fresh, "g")

@@ -39,7 +39,13 @@ class PartitionLag:
         return max(0, self.start - (self.committed or 0))
 
 
-def group_lag(settings: Settings, topics: list[str] | None = None) -> list[PartitionLag]:
+def group_lag(settings: Settings, topics: list[str] | None = None, *,
+              log_start: bool = False) -> list[PartitionLag]:
+    """The group's offsets on ``topics`` (the sales and market topics by default), one
+    ``PartitionLag`` per partition. ``log_start``: also each partition's beginning offset
+    (``PartitionLag.start``, else 0), one more ListOffsets request that only `status` needs,
+    not the wait loops that poll this. Raises StackUnavailable when the broker cannot answer
+    for the group."""
     topics = topics or [settings.sales_topic, settings.market_topic]
     admin = make_admin(settings)
     probe = make_consumer(settings, group_id=None)
@@ -49,7 +55,7 @@ def group_lag(settings: Settings, topics: list[str] | None = None) -> list[Parti
         tps = [TopicPartition(t, p) for t in topics
                for p in sorted(probe.partitions_for_topic(t) or ())]
         ends = probe.end_offsets(tps)
-        starts = probe.beginning_offsets(tps)
+        starts = probe.beginning_offsets(tps) if log_start else {}
     except KafkaError as exc:  # e.g. NotCoordinatorError while a restarted broker loads
         raise StackUnavailable(
             f"Kafka broker at {settings.kafka_bootstrap} cannot answer for the consumer "
@@ -59,7 +65,7 @@ def group_lag(settings: Settings, topics: list[str] | None = None) -> list[Parti
         admin.close()
     return [PartitionLag(tp.topic, tp.partition,
                          committed[tp].offset if tp in committed else None, ends[tp],
-                         starts[tp])
+                         starts.get(tp, 0))
             for tp in tps]
 
 

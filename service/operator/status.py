@@ -285,7 +285,8 @@ def broker_view(settings: Settings) -> tuple[list[PartitionLag], list[dict[str, 
         finally:
             probe.close()
         try:
-            return group_lag(settings), broker_members(settings), None, missing
+            return (group_lag(settings, log_start=True), broker_members(settings), None,
+                    missing)
         except StackUnavailable as exc:  # it answered the probe, then failed a call
             return [], [], f"{exc}: {unknown}", missing
         except KafkaError as exc:

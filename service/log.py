@@ -28,7 +28,6 @@ SENSITIVE_KEYS = frozenset(
 REDACTED = "***"
 _MOBILE = re.compile(r"(?<!\d)(?:\+?86[- ]?)?1[3-9]\d[- ]?\d{4}[- ]?\d{4}(?!\d)")
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
-_URL_PASSWORD = re.compile(r"://[^:/@\s]*:\S*?@")  # settings.hide_secret hides it
 
 
 def is_sensitive(key: object) -> bool:
@@ -38,7 +37,7 @@ def is_sensitive(key: object) -> bool:
 
 def redact_value(value: Any) -> Any:
     if isinstance(value, str):
-        if "://" in value and _URL_PASSWORD.search(value):
+        if "://" in value:  # a URL's password (userinfo or query): settings' one pattern
             value = hide_secret(value)
         return _EMAIL.sub(REDACTED, _MOBILE.sub(REDACTED, value))
     if isinstance(value, dict):

@@ -72,11 +72,8 @@ def grant_sql(missing: Sequence[Missing], role: str) -> list[str]:
     """The GRANT statements that give ``role`` what ``missing`` lists: one per object, its
     privileges in ``TABLE_PRIVILEGES`` order, identifiers quoted for pasting into psql."""
     q = sql.Identifier(role).as_string(None)
-    by_object: dict[tuple[str, str], list[str]] = {}
-    for m in missing:
-        by_object.setdefault((m.kind, m.name), []).append(m.privilege)
     grants = []
-    for (kind, name), privileges in by_object.items():
+    for (kind, name), privileges in _by_object(missing).items():
         if kind == "table":
             target = "TABLE " + sql.Identifier(*name.split(".", 1)).as_string(None)
         else:
@@ -88,11 +85,16 @@ def grant_sql(missing: Sequence[Missing], role: str) -> list[str]:
 def describe(missing: Sequence[Missing]) -> str:
     """``missing`` as the objects and privileges, one object at a time:
     ``UPDATE on table erp.business_partners; USAGE on schema sync``."""
+    return "; ".join(f"{', '.join(p)} on {kind} {name}"
+                     for (kind, name), p in _by_object(missing).items())
+
+
+def _by_object(missing: Sequence[Missing]) -> dict[tuple[str, str], list[str]]:
+    """(kind, name) -> the privileges lacking on it, in ``missing``'s order."""
     by_object: dict[tuple[str, str], list[str]] = {}
     for m in missing:
         by_object.setdefault((m.kind, m.name), []).append(m.privilege)
-    return "; ".join(f"{', '.join(p)} on {kind} {name}"
-                     for (kind, name), p in by_object.items())
+    return by_object
 
 
 # Where the consumer's grants are written down, for the messages.
